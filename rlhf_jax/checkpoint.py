@@ -226,7 +226,10 @@ class Checkpointer:
         step = self._resolve_step(step)
         _require_shardings("abstract_state", abstract_state)
         args = ocp.args.Composite(
-            **{_STATE: ocp.args.StandardRestore(abstract_state), _DATA_STATE: ocp.args.JsonRestore()}
+            **{
+                _STATE: ocp.args.StandardRestore(abstract_state),
+                _DATA_STATE: ocp.args.JsonRestore(),
+            }
         )
         try:
             restored = self._manager.restore(step, args=args)
@@ -298,7 +301,9 @@ def export_params(
     path = _as_path(directory)
     _require_json_dict("metadata", metadata)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"params export {path} already exists; pass overwrite=True to replace it")
+        raise FileExistsError(
+            f"params export {path} already exists; pass overwrite=True to replace it"
+        )
     check_workdir_writable(path.parent)
     args = ocp.args.Composite(
         **{_PARAMS: ocp.args.StandardSave(params), _METADATA: ocp.args.JsonSave(metadata)}

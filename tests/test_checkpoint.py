@@ -63,7 +63,7 @@ def _abstract(state, mesh):
 
 
 def _to_host(tree):
-    """NumPy copy of `tree`; a typed key becomes {"typed_key": key_data}, unlike a raw uint32 key."""
+    """NumPy copy of `tree`; a typed key becomes {"typed_key": key_data} (unlike a raw key)."""
 
     def leaf(x):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -76,7 +76,7 @@ def _to_host(tree):
 def _assert_trees_equal(actual, expected):
     actual, expected = _to_host(actual), _to_host(expected)
     assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
         assert a.dtype == e.dtype and a.shape == e.shape
         np.testing.assert_array_equal(a, e)
 
@@ -97,7 +97,9 @@ def test_round_trip_onto_a_different_mesh_layout(tmp_path):
     assert w.sharding == NamedSharding(target_mesh, P("model", "data"))
     assert w.addressable_shards[0].data.shape == (2, 4)  # 8x8 split 4 ways by rows, 2 by cols
     # The restored arrays are usable in a jitted computation on the new mesh.
-    np.testing.assert_allclose(jax.jit(lambda x: x.sum())(w), np.asarray(state.params["layer"]["w"]).sum())
+    np.testing.assert_allclose(
+        jax.jit(lambda x: x.sum())(w), np.asarray(state.params["layer"]["w"]).sum()
+    )
     # Typed keys still draw the same numbers.
     np.testing.assert_array_equal(
         jax.random.normal(restored.rng, (3,)), jax.random.normal(state.rng, (3,))
@@ -138,7 +140,9 @@ def test_data_state_and_config_round_trip_per_step(tmp_path):
     mesh = _mesh((8, 1))
     config = {"lr": 1e-4, "model": {"layers": 2, "name": "toy"}, "seeds": [1, 2]}
     with Checkpointer(tmp_path, async_save=False) as ckpt:
-        ckpt.save(1, _state(mesh, 1), data_state={"offset": 10, "files": ["a.jsonl"]}, config=config)
+        ckpt.save(
+            1, _state(mesh, 1), data_state={"offset": 10, "files": ["a.jsonl"]}, config=config
+        )
         ckpt.save(2, _state(mesh, 2), data_state={"offset": 20, "files": ["b.jsonl"]})
     with Checkpointer(tmp_path) as ckpt:
         state1, data1 = ckpt.restore(_abstract(_state(mesh), mesh), step=1)
