@@ -1,0 +1,302 @@
+"""Data records: load JSONL files or HF `datasets`, validate every record, return plain dicts.
+
+Kinds and their fields (DESIGN.md):
+
+    text      text
+    sft       prompt, completion  -- or messages: [{role: system|user|assistant, content}, ...]
+    pairwise  prompt, chosen, rejected, optional margin (int 0..3), optional labeler
+    ranking   prompt, responses (4..9 strings, best first)
+    kto       prompt, completion, label (bool: true = desirable)
+    safety    prompt, response, safe (bool)
+
+`prompt` is a string or, for multi-turn contexts, a list of chat messages. An `sft` messages record
+must end with an assistant turn (the text the model learns to write).
+
+Normalisation: known fields are type-checked (an integral float margin such as 2.0 becomes 2),
+messages keep only `role` and `content`, optional fields that are absent or None are left out
+(HF datasets fill a column missing from a row with None), and unknown fields are kept unchanged
+as metadata (e.g. `family`, `answer`, `id`).
+
+Every problem raises `RecordError` naming `source:line: field 'name'`, what is wrong and the fix.
+For HF datasets, `line` is the 1-based row number.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import numbers
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+ROLES = ("system", "user", "assistant")
+MAX_MARGIN = 3
+MIN_RANKED, MAX_RANKED = 4, 9
+# Local files that `datasets.load_dataset` reads with a packaged builder (no hub access).
+_DATASETS_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class RecordError(ValueError):
+    """A record that does not match its kind; the message says where, what and how to fix it."""
+
+    def __init__(self, source: str, line: int, field: str | None, problem: str):
+        self.source, self.line, self.field, self.problem = source, line, field, problem
+        where = f"{source}:{line}"
+        super().__init__(f"{where}: field '{field}': {problem}" if field else f"{where}: {problem}")
+
+    def __reduce__(self):  # multiprocessing (e.g. datasets.map) pickles errors via these args
+        return RecordError, (self.source, self.line, self.field, self.problem)
+
+
+class _Invalid(Exception):
+    """A field check failed; `subfield` refines the field name, e.g. '[2].role'."""
+
+    def __init__(self, problem: str, subfield: str = ""):
+        super().__init__(problem)
+        self.problem, self.subfield = problem, subfield
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {_show(value)}")
+    if not value.strip():
+        raise _Invalid("is empty; fill in the text or remove the record")
+    return value
+
+
+def _messages(value: Any) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise _Invalid(
+            f"expected a non-empty list of {{'role': ..., 'content': ...}} messages, got {_show(value)}"
+        )
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise _Invalid(f"expected a {{'role', 'content'}} object, got {_show(message)}", f"[{i}]")
+        role = message.get("role")
+        if role not in ROLES:
+            raise _Invalid(f"expected one of {', '.join(ROLES)}, got {_show(role)}", f"[{i}].role")
+        try:
+            content = _text(message.get("content"))
+        except _Invalid as err:
+            raise _Invalid(err.problem, f"[{i}].content") from None
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _chat(value: Any) -> list[dict]:
+    messages = _messages(value)
+    if messages[-1]["role"] != "assistant":
+        raise _Invalid(
+            f"the last message is from '{messages[-1]['role']}'; an sft conversation must end with "
+            "an assistant turn (drop the trailing turns or use kind 'text')"
+        )
+    return messages
+
+
+def _prompt(value: Any) -> str | list[dict]:
+    if isinstance(value, list):
+        return _messages(value)
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string or a list of chat messages, got {_show(value)}")
+    return _text(value)
+
+
+def _margin(value: Any) -> int:
+    # JSON writers (pandas) sometimes emit integers as 2.0; those are unambiguous.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _Invalid(f"expected an integer 0..{MAX_MARGIN}, got {_show(value)}")
+    if not 0 <= value <= MAX_MARGIN:
+        raise _Invalid(
+            f"expected an integer 0..{MAX_MARGIN} (0 negligibly ... 3 significantly better), got {value}"
+        )
+    return int(value)
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected a boolean (JSON true/false), got {_show(value)}")
+    return value
+
+
+def _responses(value: Any) -> list[str]:
+    if not isinstance(value, list):
+        raise _Invalid(f"expected a list of {MIN_RANKED}..{MAX_RANKED} strings, got {_show(value)}")
+    if not MIN_RANKED <= len(value) <= MAX_RANKED:
+        raise _Invalid(
+            f"expected {MIN_RANKED}..{MAX_RANKED} responses (best first), got {len(value)}; "
+            "for fewer, write pairwise records (prompt, chosen, rejected)"
+        )
+    responses = []
+    for i, response in enumerate(value):
+        try:
+            responses.append(_text(response))
+        except _Invalid as err:
+            raise _Invalid(err.problem, f"[{i}]") from None
+    return responses
+
+
+# kind -> alternative schemas; each schema maps field -> (check, required).
+_Schema = dict[str, tuple[Callable[[Any], Any], bool]]
+KINDS: dict[str, tuple[_Schema, ...]] = {
+    "text": ({"text": (_text, True)},),
+    "sft": (
+        {"prompt": (_prompt, True), "completion": (_text, True)},
+        {"messages": (_chat, True)},
+    ),
+    "pairwise": (
+        {
+            "prompt": (_prompt, True),
+            "chosen": (_text, True),
+            "rejected": (_text, True),
+            "margin": (_margin, False),
+            "labeler": (_text, False),
+        },
+    ),
+    "ranking": ({"prompt": (_prompt, True), "responses": (_responses, True)},),
+    "kto": ({"prompt": (_prompt, True), "completion": (_text, True), "label": (_flag, True)},),
+    "safety": ({"prompt": (_prompt, True), "response": (_text, True), "safe": (_flag, True)},),
+}
+
+
+def _describe(kind: str) -> str:
+    def fields(schema: _Schema) -> str:
+        return ", ".join(name if required else f"optional {name}" for name, (_, required) in schema.items())
+
+    return " or ".join(f"({fields(schema)})" for schema in KINDS[kind])
+
+
+def _pick_schema(record: dict, kind: str, source: str, line: int) -> _Schema:
+    """The schema whose fields the record uses; sft is the only kind with alternatives."""
+    present = [s for s in KINDS[kind] if any(record.get(name) is not None for name in s)]
+    if len(present) > 1:
+        raise RecordError(
+            source, line, None,
+            f"a record of kind '{kind}' has either {_describe(kind)}, not both; keep one form",
+        )
+    return present[0] if present else KINDS[kind][0]
+
+
+def validate_record(record: Any, kind: str, *, source: str, line: int) -> dict:
+    """Checks one record of `kind` and returns it normalised (see module docstring).
+
+    `source` and `line` only locate errors, e.g. source='data/train.jsonl', line=17.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if not isinstance(record, dict):
+        raise RecordError(
+            source, line, None,
+            f"expected a JSON object with fields {_describe(kind)}, got {_show(record)}",
+        )
+    schema = _pick_schema(record, kind, source, line)
+    result = {key: value for key, value in record.items() if key not in schema}
+    for name, (check, required) in schema.items():
+        value = record.get(name)
+        if value is None:
+            if required:
+                raise RecordError(source, line, name, _missing(record, name, kind))
+            continue
+        try:
+            result[name] = check(value)
+        except _Invalid as err:
+            raise RecordError(source, line, name + err.subfield, err.problem) from None
+    return result
+
+
+def _missing(record: dict, name: str, kind: str) -> str:
+    problem = f"missing; a record of kind '{kind}' needs {_describe(kind)}"
+    typo = difflib.get_close_matches(name, [str(key) for key in record], n=1, cutoff=0.75)
+    return problem + (f" (found '{typo[0]}': rename it to '{name}'?)" if typo else "")
+
+
+def load_records(path_or_dataset: Any, kind: str, *, split: str | None = None) -> list[dict]:
+    """Loads and validates all records of `kind`; returns plain dicts.
+
+    `path_or_dataset` is one of:
+      - a `.jsonl` file, one JSON object per line (blank lines skipped; errors give the line);
+      - a `.json` (JSON array or JSON lines), `.csv` or `.parquet` file, read with
+        `datasets.load_dataset(builder, data_files=path, split=split or 'train')`;
+      - a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
+      - a `datasets.Dataset` or `datasets.DatasetDict` object (e.g. from `load_dataset(name)`;
+        this function itself never downloads).
+    `split` selects a split of a DatasetDict (optional when it has exactly one).
+    """
+    if not isinstance(path_or_dataset, (str, os.PathLike)):
+        rows, source = _select_split(path_or_dataset, split, _dataset_name(path_or_dataset))
+        return _validate_all(enumerate(rows, start=1), kind, source)
+    path = Path(path_or_dataset)
+    source = str(path_or_dataset)
+    if not path.exists():
+        raise FileNotFoundError(f"{source}: no such file or directory")
+    if path.suffix == ".jsonl":
+        if split is not None:
+            raise ValueError(f"{source}: split={split!r} applies to HF datasets only, not to .jsonl files")
+        return _validate_all(_read_jsonl(path, source), kind, source)
+    import datasets  # imported here: it costs ~1.5 s and JSONL loading does not need it
+
+    if path.is_dir():
+        rows, source = _select_split(datasets.load_from_disk(str(path)), split, source)
+    elif path.suffix in _DATASETS_BUILDERS:
+        builder = _DATASETS_BUILDERS[path.suffix]
+        rows = datasets.load_dataset(builder, data_files=str(path), split=split or "train")
+    else:
+        raise ValueError(
+            f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv, .parquet "
+            "or a directory written by datasets' save_to_disk"
+        )
+    return _validate_all(enumerate(rows, start=1), kind, source)
+
+
+def _dataset_name(dataset: Any) -> str:
+    info = getattr(dataset, "info", None)
+    name = getattr(info, "dataset_name", None) if info is not None else None
+    return name or f"<{type(dataset).__name__}>"
+
+
+def _select_split(dataset: Any, split: str | None, source: str) -> tuple[Any, str]:
+    """(rows of the chosen split, source name); a plain Dataset is its own single split."""
+    if not hasattr(dataset, "keys"):  # datasets.Dataset
+        if split is not None:
+            raise ValueError(f"{source}: split={split!r} given, but this is a single Dataset without splits")
+        return dataset, source
+    splits = list(dataset.keys())
+    if split is None and len(splits) == 1:
+        split = splits[0]
+    if split not in splits:
+        raise ValueError(f"{source}: choose a split with split=..., one of {', '.join(map(repr, splits))}")
+    return dataset[split], f"{source}[{split}]"
+
+
+def _read_jsonl(path: Path, source: str) -> Iterable[tuple[int, Any]]:
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                problem = f"not UTF-8 ({err.reason}); re-encode the file as UTF-8"
+                raise RecordError(source, line_number, None, problem) from None
+            if not text.strip():
+                continue
+            try:
+                yield line_number, json.loads(text)
+            except json.JSONDecodeError as err:
+                raise RecordError(
+                    source, line_number, None,
+                    f"invalid JSON ({err.msg} at column {err.colno}); each line must hold one JSON object",
+                ) from None
+
+
+def _validate_all(numbered_rows: Iterable[tuple[int, Any]], kind: str, source: str) -> list[dict]:
+    records = [validate_record(row, kind, source=source, line=line) for line, row in numbered_rows]
+    if not records:
+        raise ValueError(f"{source}: no records found")
+    return records

@@ -1,0 +1,172 @@
+"""SFT examples: chat-formatted token ids with a mask of the supervised tokens, and fixed-shape batches.
+
+An `Example` is one document:
+
+    tokens    int32[n]  BOS + rendered conversation + EOS
+    loss_mask bool[n]   True exactly at target tokens: all the template renders for an assistant turn
+                        after its `<|assistant|>\\n` header (content, `<|end|>`, `\\n`), and the final EOS
+
+A prompt/completion record is the conversation [user: prompt, assistant: completion]; a messages record
+supervises all its assistant turns. The mask marks targets, not inputs: the model's logits at t-1
+predict token t, and the loss code does the shift. The first token (BOS) is never a target, so a
+shifted loss never reaches across a document boundary in a packed row.
+
+Every piece of the conversation (context up to the assistant header, assistant turn) is tokenised on
+its own, exactly as at generation time, when the prompt is encoded alone and the model continues it.
+
+Batch dict (from `pad_batch` and `pack_examples`; numpy, fixed shapes so a jitted step never recompiles):
+
+    tokens      [B, T] int32  token ids; 0 on padding (whatever the tokenizer's pad id)
+    loss_mask   [B, T] bool   target tokens (see above); False on padding
+    segment_ids [B, T] int32  1, 2, 3, ... for the documents of a row, in order; 0 on padding
+    positions   [B, T] int32  0, 1, 2, ... restarting at every document; 0 on padding
+
+Attention must stay within a segment (segment_ids equal and non-zero), which makes padded and packed
+batches compute the same per-document log-probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from rlhf_jax.data.tokenizer import render_chat
+
+_log = logging.getLogger(__name__)
+
+
+class Example(NamedTuple):
+    tokens: np.ndarray  # int32[n]
+    loss_mask: np.ndarray  # bool[n]
+
+
+def _conversation(record: dict) -> list[dict]:
+    if "messages" in record:
+        return record["messages"]
+    if "prompt" in record and "completion" in record:
+        prompt = record["prompt"]
+        context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return context + [{"role": "assistant", "content": record["completion"]}]
+    raise ValueError(f"not an sft record (needs prompt+completion or messages): keys {sorted(record)}")
+
+
+def _pieces(tokenizer: Any, messages: list[dict]) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, supervised) pieces, up to the last assistant turn."""
+    pieces, rendered = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        context = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        turn = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (context.startswith(rendered) and turn.startswith(context)):
+            raise ValueError(
+                "the tokenizer's chat template does not render conversations as growing prefixes, so "
+                "assistant turns cannot be located; use a template where each turn only appends text"
+            )
+        pieces += [(context[len(rendered):], False), (turn[len(context):], True)]
+        rendered = turn
+    return pieces
+
+
+def tokenize_sft(records: Sequence[dict], tokenizer: Any, *, max_len: int) -> tuple[list[Example], dict]:
+    """Validated sft records -> (examples, stats), each example at most `max_len` tokens.
+
+    A record whose prompt alone (the tokens before its first target) fills max_len is dropped; a
+    longer one is cut at max_len (losing its tail, EOS included). stats = {"examples", "dropped",
+    "truncated"}; one warning is logged when anything was dropped or cut.
+    """
+    all_pieces = [_pieces(tokenizer, _conversation(record)) for record in records]
+    texts = [text for pieces in all_pieces for text, _ in pieces]
+    # One batched call: the Rust tokenizer encodes the whole list in parallel.
+    ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+    bos_text, bos_id, eos_id = tokenizer.bos_token, tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    examples, dropped, truncated = [], 0, 0
+    for pieces in all_pieces:
+        tokens, mask = [], []
+        # Some templates (Llama 3) write BOS themselves; a second one would be out of distribution.
+        if bos_id is not None and not (bos_text and pieces[0][0].startswith(bos_text)):
+            tokens, mask = [bos_id], [False]
+        for _, supervised in pieces:
+            piece_ids = next(ids)
+            tokens += piece_ids
+            mask += [supervised] * len(piece_ids)
+        if eos_id is not None and tokens[-1] != eos_id:
+            tokens, mask = tokens + [eos_id], mask + [True]
+        prompt_len = mask.index(True) if True in mask else len(mask)
+        if prompt_len >= max_len:
+            dropped += 1
+            continue
+        if len(tokens) > max_len:
+            truncated += 1
+            tokens, mask = tokens[:max_len], mask[:max_len]
+        examples.append(Example(np.asarray(tokens, np.int32), np.asarray(mask, np.bool_)))
+
+    stats = {"examples": len(examples), "dropped": dropped, "truncated": truncated}
+    if dropped or truncated:
+        _log.warning(
+            "tokenize_sft(max_len=%d): dropped %d of %d records whose prompt fills max_len, cut %d "
+            "longer ones; raise max_len to keep them", max_len, dropped, len(records), truncated,
+        )
+    return examples, stats
+
+
+def _empty_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
+    return {
+        "tokens": np.zeros((rows, seq_len), np.int32),
+        "loss_mask": np.zeros((rows, seq_len), np.bool_),
+        "segment_ids": np.zeros((rows, seq_len), np.int32),
+        "positions": np.zeros((rows, seq_len), np.int32),
+    }
+
+
+def _check_fits(example: Example, seq_len: int, index: int) -> int:
+    n = len(example.tokens)
+    if n > seq_len:
+        raise ValueError(
+            f"example {index} has {n} tokens > seq_len={seq_len}; tokenize with max_len <= seq_len"
+        )
+    if n == 0 or example.loss_mask[0]:
+        raise ValueError(f"example {index}: must be non-empty and its first token must not be a target")
+    return n
+
+
+def _place(batch: dict, row: int, start: int, example: Example, segment: int) -> None:
+    stop = start + len(example.tokens)
+    batch["tokens"][row, start:stop] = example.tokens
+    batch["loss_mask"][row, start:stop] = example.loss_mask
+    batch["segment_ids"][row, start:stop] = segment
+    batch["positions"][row, start:stop] = np.arange(stop - start)
+
+
+def pad_batch(examples: Sequence[Example], seq_len: int) -> dict[str, np.ndarray]:
+    """One example per row, right-padded to seq_len: a [len(examples), seq_len] batch dict."""
+    batch = _empty_batch(len(examples), seq_len)
+    for row, example in enumerate(examples):
+        _check_fits(example, seq_len, row)
+        _place(batch, row, 0, example, segment=1)
+    return batch
+
+
+def pack_examples(examples: Sequence[Example], seq_len: int, rows: int) -> tuple[dict[str, np.ndarray], int]:
+    """Greedy first-fit packing of a prefix of `examples` into a [rows, seq_len] batch dict.
+
+    Examples are taken in order, each into the first row with room, until one fits in no row.
+    Returns (batch, number of examples packed); the packed ones are exactly examples[:count], so a
+    caller's position in its example stream stays a single index.
+    """
+    batch = _empty_batch(rows, seq_len)
+    used = np.zeros(rows, np.int64)  # tokens filled per row
+    documents = np.zeros(rows, np.int64)  # documents per row, i.e. the last segment id
+    for count, example in enumerate(examples):
+        n = _check_fits(example, seq_len, count)
+        free = np.flatnonzero(used + n <= seq_len)
+        if free.size == 0:
+            return batch, count
+        row = int(free[0])
+        documents[row] += 1
+        _place(batch, row, int(used[row]), example, segment=int(documents[row]))
+        used[row] += n
+    return batch, len(examples)

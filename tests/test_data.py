@@ -1,0 +1,329 @@
+"""Data layer: record validation, HF datasets loading, SFT masking, padding vs packing, loader resume,
+toy instruction generator."""
+
+import collections
+import json
+import pickle
+import re
+
+import datasets
+import numpy as np
+import pytest
+
+from rlhf_jax.data import (
+    BatchIterator,
+    Example,
+    RecordError,
+    load_records,
+    num_tokens,
+    pack_examples,
+    pad_batch,
+    tokenize_sft,
+    train_tokenizer,
+    validate_record,
+)
+from rlhf_jax.toyworld import FAMILIES, corpus_texts, generate_sft_records, score
+
+# ---------------------------------------------------------------- records
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join(line if isinstance(line, str) else json.dumps(line) for line in lines))
+    return path
+
+
+GOOD_PAIR = {"prompt": "p", "chosen": "a", "rejected": "b"}
+
+
+GOOD = {
+    "pairwise": GOOD_PAIR,
+    "ranking": {"prompt": "p", "responses": list("abcd")},
+    "kto": {"prompt": "p", "completion": "c", "label": True},
+    "safety": {"prompt": "p", "response": "r", "safe": False},
+    "sft": {"prompt": "p", "completion": "c"},
+}
+CHAT_BAD_ROLE = [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]
+
+# (kind, bad line 3, regex its message must match after "path:3: ")
+MALFORMED = [
+    ("pairwise", '{"prompt": "p", "chosen": \n', r"invalid JSON \(.*\); each line must hold one JSON"),
+    ("pairwise", {"prompt": "p", "chosen": "a"}, r"field 'rejected': missing; .*needs \(prompt, chosen"),
+    ("pairwise", {"prompt": "p", "choosen": "a", "rejected": "b"}, r"'chosen': missing.*rename it"),
+    ("pairwise", {**GOOD_PAIR, "margin": "big"}, r"field 'margin': expected an integer 0\.\.3, got 'big'$"),
+    ("pairwise", {**GOOD_PAIR, "margin": 5}, r"field 'margin': expected an integer 0\.\.3 .*got 5"),
+    ("pairwise", {**GOOD_PAIR, "chosen": "  "}, r"field 'chosen': is empty"),
+    ("pairwise", {**GOOD_PAIR, "prompt": 7}, r"field 'prompt': expected a string or a list of chat"),
+    ("pairwise", [1, 2], r"expected a JSON object with fields \(prompt, chosen, rejected, optional"),
+    ("ranking", {"prompt": "p", "responses": ["a", "b", "c"]}, r"'responses': expected 4\.\.9 .*got 3; for"),
+    ("ranking", {"prompt": "p", "responses": ["a", "b", "c", 4]}, r"field 'responses\[3\]': expected a str"),
+    ("kto", {"prompt": "p", "completion": "c", "label": "yes"}, r"'label': expected a boolean \(JSON true"),
+    ("safety", {"prompt": "p", "response": "r", "safe": 1}, r"field 'safe': expected a boolean"),
+    ("sft", {"messages": CHAT_BAD_ROLE}, r"'messages\[1\]\.role': expected one of system, user, .*'bot'"),
+    ("sft", {"messages": CHAT_BAD_ROLE[:1]}, r"field 'messages': the last message .*'user'"),
+    ("sft", {"prompt": "p", "completion": "c", "messages": []}, r"kind 'sft' has either .* not both"),
+]
+
+
+@pytest.mark.parametrize("kind, bad_line, expected", MALFORMED)
+def test_malformed_lines_name_file_line_and_field(tmp_path, kind, bad_line, expected):
+    # Line 2 is blank and skipped, so the bad record is on line 3.
+    path = write_jsonl(tmp_path / "train.jsonl", [json.dumps(GOOD[kind]) + "\n", "\n", bad_line])
+    with pytest.raises(RecordError) as info:
+        load_records(path, kind)
+    message = str(info.value)
+    assert message.startswith(f"{path}:3: ")
+    assert re.search(expected, message), message
+
+
+def test_record_error_carries_location_and_pickles():
+    with pytest.raises(ValueError) as info:  # a RecordError is a ValueError
+        validate_record({"text": 3}, "text", source="data/x.jsonl", line=17)
+    err = info.value
+    assert (err.source, err.line, err.field) == ("data/x.jsonl", 17, "text")
+    assert str(pickle.loads(pickle.dumps(err))) == str(err)
+    with pytest.raises(ValueError, match="unknown record kind 'dpo'"):
+        validate_record({}, "dpo", source="x", line=1)
+
+
+def test_valid_records_are_normalised(tmp_path):
+    lines = [
+        {**GOOD_PAIR, "margin": 2.0, "labeler": "ann", "id": 7},
+        {**GOOD_PAIR, "margin": None},
+        {"prompt": [{"role": "user", "content": "hi", "name": None}], "chosen": "a", "rejected": "b"},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", [json.dumps(line) + "\n" for line in lines])
+    records = load_records(path, "pairwise")
+    assert records[0] == {**GOOD_PAIR, "margin": 2, "labeler": "ann", "id": 7}
+    assert isinstance(records[0]["margin"], int)
+    assert records[1] == GOOD_PAIR  # None means absent (HF datasets fill missing columns with None)
+    assert records[2]["prompt"] == [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="no records found"):
+        load_records(write_jsonl(tmp_path / "empty.jsonl", ["\n"]), "text")
+
+
+def test_hf_json_file_via_load_dataset(tmp_path):
+    path = tmp_path / "pairs.json"  # a JSON array: read by datasets.load_dataset("json", ...)
+    rows = [{**GOOD_PAIR, "margin": 3}, {"prompt": "q", "chosen": "c", "rejected": "d"}]
+    path.write_text(json.dumps(rows))
+    assert load_records(path, "pairwise") == rows  # the missing margin (None in the dataset) stays absent
+    path.write_text(json.dumps([GOOD_PAIR, {**GOOD_PAIR, "margin": 9}]))
+    with pytest.raises(RecordError, match=rf"^{re.escape(str(path))}:2: field 'margin'"):
+        load_records(path, "pairwise")
+
+
+def test_hf_save_to_disk_and_objects(tmp_path):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    train = datasets.Dataset.from_list([{"messages": chat}, {"messages": chat + chat}])
+    test = datasets.Dataset.from_list([{"messages": chat[:1]}])  # ends with a user turn: invalid
+    train.save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "splits"))
+
+    assert load_records(tmp_path / "single", "sft") == [{"messages": chat}, {"messages": chat + chat}]
+    assert load_records(train, "sft")[1] == {"messages": chat + chat}
+    assert len(load_records(tmp_path / "splits", "sft", split="train")) == 2
+    with pytest.raises(ValueError, match="choose a split with split=..., one of 'train', 'test'"):
+        load_records(tmp_path / "splits", "sft")
+    with pytest.raises(RecordError, match=r"splits\[test\]:1: field 'messages': the last message"):
+        load_records(tmp_path / "splits", "sft", split="test")
+
+
+# ---------------------------------------------------------------- SFT tokenisation
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = corpus_texts(generate_sft_records(200, seed=0))
+    return train_tokenizer(texts, 512, tmp_path_factory.mktemp("tok"))
+
+
+def encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_sft_prompt_completion_mask_is_exact(tokenizer):
+    record = {"prompt": "What is 7 + 5?", "completion": "12"}
+    (example,), stats = tokenize_sft([record], tokenizer, max_len=64)
+    prompt = [1] + encode(tokenizer, "<|user|>\nWhat is 7 + 5?<|end|>\n<|assistant|>\n")
+    target = encode(tokenizer, "12<|end|>\n") + [2]
+    assert example.tokens.dtype == np.int32 and example.loss_mask.dtype == np.bool_
+    assert example.tokens.tolist() == prompt + target
+    assert example.loss_mask.tolist() == [False] * len(prompt) + [True] * len(target)
+    # Hand check of the boundary: the last input is the "\n" after <|assistant|> (id 5), then the
+    # targets are "12", <|end|> (id 6), "\n", <eos> (id 2).
+    first = len(prompt)
+    assert example.tokens[first - 2] == 5 and not example.loss_mask[first - 1]
+    assert tokenizer.decode(example.tokens[example.loss_mask]) == "12<|end|>\n<eos>"
+    assert stats == {"examples": 1, "dropped": 0, "truncated": 0}
+
+
+def test_sft_messages_supervise_every_assistant_turn(tokenizer):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Repeat: sun"},
+        {"role": "assistant", "content": "sun"},
+        {"role": "user", "content": "Repeat: moon"},
+        {"role": "assistant", "content": "moon"},
+    ]
+    (example,), _ = tokenize_sft([{"messages": messages}], tokenizer, max_len=128)
+    mask = example.loss_mask
+    spans = np.split(example.tokens, np.flatnonzero(np.diff(mask)) + 1)
+    texts = [tokenizer.decode(span) for span in spans]
+    assert texts == [
+        "<bos><|system|>\nBe brief.<|end|>\n<|user|>\nRepeat: sun<|end|>\n<|assistant|>\n",
+        "sun<|end|>\n",
+        "<|user|>\nRepeat: moon<|end|>\n<|assistant|>\n",
+        "moon<|end|>\n<eos>",
+    ]
+    span_is_target = [bool(span[0]) for span in np.split(mask, np.flatnonzero(np.diff(mask)) + 1)]
+    assert span_is_target == [False, True, False, True]
+
+
+def test_sft_drops_long_prompts_and_cuts_long_completions(tokenizer):
+    short = {"prompt": "Repeat: sun", "completion": "sun"}
+    long_answer = {"prompt": "Repeat: sun", "completion": " ".join(["sun"] * 40)}
+    long_prompt = {"prompt": " ".join(["moon"] * 40), "completion": "moon"}
+    full, _ = tokenize_sft([long_answer], tokenizer, max_len=1000)
+    examples, stats = tokenize_sft([short, long_answer, long_prompt], tokenizer, max_len=20)
+    assert stats == {"examples": 2, "dropped": 1, "truncated": 1}
+    cut = examples[1]
+    assert len(cut.tokens) == 20
+    np.testing.assert_array_equal(cut.tokens, full[0].tokens[:20])
+    np.testing.assert_array_equal(cut.loss_mask, full[0].loss_mask[:20])
+
+
+# ---------------------------------------------------------------- batching
+
+
+def make_example(length, first_id):
+    """Distinct ids per example; the first token is never a target (as after tokenize_sft)."""
+    mask = np.arange(length) >= length // 2
+    mask[0] = False
+    return Example(np.arange(first_id, first_id + length, dtype=np.int32), mask)
+
+
+def test_pack_first_fit_segments_and_positions():
+    examples = [make_example(3, 10), make_example(4, 20), make_example(2, 30), make_example(3, 40)]
+    batch, count = pack_examples(examples, seq_len=6, rows=2)
+    # 3 -> row 0; 4 does not fit row 0 -> row 1; 2 -> row 0 (first fit); 3 fits nowhere: stop.
+    assert count == 3
+    assert batch["segment_ids"].tolist() == [[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0]]
+    assert batch["positions"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 0]]
+    assert batch["tokens"].tolist() == [[10, 11, 12, 30, 31, 0], [20, 21, 22, 23, 0, 0]]
+    assert batch["loss_mask"].tolist() == [[False, True, True, False, True, False], [False, False, True, True,
+                                                                                     False, False]]
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+        "tokens": ((2, 6), np.int32), "loss_mask": ((2, 6), np.bool_),
+        "segment_ids": ((2, 6), np.int32), "positions": ((2, 6), np.int32)}
+    padded = pad_batch(examples[:2], seq_len=6)
+    assert padded["segment_ids"].tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]]
+    assert padded["positions"].tolist() == [[0, 1, 2, 0, 0, 0], [0, 1, 2, 3, 0, 0]]
+    assert num_tokens(padded) == 7
+    with pytest.raises(ValueError, match="7 tokens > seq_len=6"):
+        pad_batch([make_example(7, 0)], seq_len=6)
+
+
+def triples(batch):
+    """Multiset of (input token, target token, target is supervised) within documents."""
+    seg, tok, mask = batch["segment_ids"], batch["tokens"], batch["loss_mask"]
+    same_doc = (seg[:, :-1] == seg[:, 1:]) & (seg[:, 1:] != 0)
+    return collections.Counter(zip(tok[:, :-1][same_doc].tolist(), tok[:, 1:][same_doc].tolist(),
+                                   mask[:, 1:][same_doc].tolist()))
+
+
+def test_pad_and_pack_give_the_same_training_signal(tokenizer):
+    examples, _ = tokenize_sft(generate_sft_records(40, seed=3), tokenizer, max_len=64)
+    padded = pad_batch(examples, seq_len=64)
+    packed, count = pack_examples(examples, seq_len=64, rows=len(examples))
+    assert count == len(examples)
+    assert triples(padded) == triples(packed)
+    assert sum(triples(packed).values()) == sum(len(e.tokens) - 1 for e in examples)
+    assert num_tokens(packed) == num_tokens(padded) == sum(len(e.tokens) for e in examples)
+    assert packed["loss_mask"].sum() == padded["loss_mask"].sum()
+    used_rows = np.count_nonzero(packed["segment_ids"].any(axis=1))
+    assert used_rows <= len(examples) // 2  # toy examples are short; packing must actually pack
+    # Every packed document, read back by its segment id, is one of the examples, whole.
+    docs = sorted(tuple(row[seg == s]) for row, seg in zip(packed["tokens"], packed["segment_ids"])
+                  for s in range(1, seg.max() + 1))
+    assert docs == sorted(tuple(e.tokens) for e in examples)
+
+
+# ---------------------------------------------------------------- loader
+
+
+def ids_in(batch):
+    return batch["tokens"][:, 0].tolist()  # make_example(length, first_id) starts with its id
+
+
+def test_loader_epochs_are_permutations():
+    examples = [make_example(3, 100 * i) for i in range(10)]
+    it = BatchIterator(examples, batch_size=4, seq_len=5, seed=1, packing=False)
+    stream = [i for _ in range(5) for i in ids_in(next(it))]  # 20 rows = 2 epochs exactly
+    assert sorted(stream[:10]) == sorted(stream[10:]) == [100 * i for i in range(10)]
+    assert stream[:10] != stream[10:]  # each epoch reshuffles
+    assert it.state() == {"epoch": 2, "index": 0}
+    ordered = BatchIterator(examples, batch_size=4, seq_len=5, seed=1, packing=False, shuffle=False)
+    assert ids_in(next(ordered)) == [0, 100, 200, 300]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_loader_resume_gives_identical_batches(packing):
+    rng = np.random.default_rng(0)
+    examples = [make_example(int(n), 100 * i) for i, n in enumerate(rng.integers(2, 9, size=13))]
+    kwargs = dict(batch_size=3, seq_len=10, seed=5, packing=packing)
+    reference = BatchIterator(examples, **kwargs)
+    batches = [next(reference) for _ in range(12)]  # several epochs
+    assert all(b["tokens"].shape == (3, 10) for b in batches)
+
+    first = BatchIterator(examples, **kwargs)
+    for _ in range(5):
+        next(first)
+    saved = json.loads(json.dumps(first.state()))
+    resumed = BatchIterator(examples, **kwargs)
+    resumed.restore(saved)
+    for expected in batches[5:]:
+        got = next(resumed)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])
+    assert resumed.state() == reference.state()
+    with pytest.raises(ValueError, match="bad data iterator state"):
+        resumed.restore({"epoch": 0, "index": 13})
+
+
+# ---------------------------------------------------------------- toy instructions
+
+
+def reference_answer(prompt):
+    """Solves a toy prompt independently of the generator."""
+    if m := re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", prompt):
+        return str(eval(f"{m[1]} {m[2]} {m[3]}"))  # noqa: S307 -- digits and one operator only
+    head, _, tail = prompt.partition(": ")
+    words = tail.split(", ")
+    return {"Repeat": tail, "Reverse the list": ", ".join(words[::-1]),
+            "Sort the list alphabetically": ", ".join(sorted(words)),
+            "Count the words in the list": str(len(words)), "Give the first word of the list": words[0],
+            "Give the last word of the list": words[-1]}[head]
+
+
+def test_toy_generator_is_deterministic_and_correct():
+    records = generate_sft_records(200, seed=7)
+    assert records == generate_sft_records(200, seed=7)
+    assert records[:50] == generate_sft_records(50, seed=7)
+    assert records != generate_sft_records(200, seed=8)
+    assert {r["family"] for r in records} == set(FAMILIES) == {"arithmetic", "word_list", "copy"}
+    ops = {r["prompt"].split(":")[0] for r in records if r["family"] == "word_list"}
+    assert len(ops) == 5
+    for record in records:
+        assert validate_record(record, "sft", source="toy", line=1) == record
+        assert record["completion"] == record["answer"] == reference_answer(record["prompt"])
+    assert {r["family"] for r in generate_sft_records(30, seed=1, families=["copy"])} == {"copy"}
+    with pytest.raises(ValueError, match="not all registered"):
+        generate_sft_records(3, seed=1, families=["chess"])
+
+
+def test_toy_score():
+    for record in generate_sft_records(30, seed=2):
+        assert score(record, record["answer"]) == 1.0
+        assert score(record, f"  {record['answer']}\n") == 1.0
+        assert score(record, record["answer"] + "0") == 0.0
+        assert score(record, "") == 0.0
+    assert score({"family": "arithmetic", "answer": "12"}, "13") == 0.0
