@@ -1,0 +1,29 @@
+# Two entry points, each self-contained on a fresh machine: they create .venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: quickstart test test-fast bench clean
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(PY) -m rlhf_jax.run --config=experiments/toy_sft.py --workdir=runs/quickstart
+
+# The whole suite (what CI runs). `make test-fast` skips the slow end-to-end tests.
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(PY) -m rlhf_jax.bench
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Method drivers: each a thin loop around the shared train step."""

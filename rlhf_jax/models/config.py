@@ -1,0 +1,145 @@
+"""Model configuration: one dataclass covers the Llama family and the GPT-2 family.
+
+The config is plain data (hashable, JSON-serialisable via `to_dict`), so it can sit in the static part of
+a jitted function and be written next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+FAMILIES = ("llama", "gpt2")
+HEADS = ("lm", "scalar")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ROPE_SCALING_TYPES = ("llama3",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a decoder-only transformer.
+
+  family: "llama" (RMSNorm, RoPE, SwiGLU, GQA; Qwen2 = llama + qkv_bias; Mistral = llama) or
+    "gpt2" (learned positions, LayerNorm, GELU, biases everywhere, tied embeddings).
+  head: "lm" (logits over the vocabulary) or "scalar" (one score per position: reward/value models).
+  rope_scaling: None or a dict like HF's `{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}`; stored as a sorted tuple of
+    items so the config stays hashable.
+  dtype: compute dtype ("float32" or "bfloat16"); param_dtype: storage dtype of the parameters.
+  remat: rematerialisation policy of each layer ("none", "full", "dots", "dots_no_batch").
+  scan_layers: run the layers with `lax.scan` (fast compile, one layer's code) instead of unrolled.
+    The parameter layout is the same either way (layers stacked on a leading axis), so a checkpoint
+    does not depend on this choice.
+  """
+
+  vocab_size: int = 4096
+  num_layers: int = 2
+  embed_dim: int = 128
+  num_heads: int = 4
+  num_kv_heads: int | None = None  # None: = num_heads (no grouping)
+  head_dim: int | None = None  # None: embed_dim // num_heads
+  mlp_dim: int = 344
+  max_seq_len: int = 2048
+  family: str = "llama"
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  head: str = "lm"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = True
+  init_std: float = 0.02
+  scalar_head_init_std: float = 1e-3
+
+  def __post_init__(self):
+    if isinstance(self.rope_scaling, Mapping):
+      object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+    errors = []
+    if self.family not in FAMILIES:
+      errors.append(f"family={self.family!r} must be one of {FAMILIES}")
+    if self.head not in HEADS:
+      errors.append(f"head={self.head!r} must be one of {HEADS}")
+    if self.remat not in REMAT_POLICIES:
+      errors.append(f"remat={self.remat!r} must be one of {REMAT_POLICIES}")
+    if self.num_heads % self.kv_heads:
+      errors.append(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.kv_heads}")
+    if self.head_dim is None and self.embed_dim % self.num_heads:
+      errors.append(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
+                    "set head_dim explicitly")
+    if self.family == "llama" and self.dim_per_head % 2:
+      errors.append(f"head_dim={self.dim_per_head} must be even for RoPE")
+    if self.rope_scaling is not None:
+      kind = dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type"))
+      if kind not in ROPE_SCALING_TYPES:
+        errors.append(f"rope_scaling type {kind!r} is not supported (supported: {ROPE_SCALING_TYPES})")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+        errors.append(f"{name}={getattr(self, name)!r} must be float32, bfloat16 or float16")
+    if errors:
+      raise ValueError("Invalid model config: " + "; ".join(errors))
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.embed_dim // self.num_heads
+
+  def replace(self, **kwargs) -> "ModelConfig":
+    return dataclasses.replace(self, **kwargs)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    if self.rope_scaling is not None:
+      d["rope_scaling"] = dict(self.rope_scaling)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"Unknown model config fields {unknown}; valid fields: {sorted(known)}")
+    return cls(**dict(d))
+
+  def num_params(self) -> int:
+    """Parameter count (embeddings included)."""
+    e, h, kv, d, m, l = (self.embed_dim, self.num_heads, self.kv_heads, self.dim_per_head,
+                         self.mlp_dim, self.num_layers)
+    attn = e * h * d + 2 * e * kv * d + h * d * e
+    if self.family == "llama":
+      mlp, norms = 3 * e * m, 2 * e
+      attn += (h + 2 * kv) * d if self.qkv_bias else 0
+    else:
+      mlp, norms = 2 * e * m + m + e, 4 * e
+      attn += (h + 2 * kv) * d + e
+    total = l * (attn + mlp + norms) + self.vocab_size * e + (2 * e if self.family == "gpt2" else e)
+    if self.family == "gpt2":
+      total += self.max_seq_len * e
+    if self.head == "scalar":
+      total += e
+    elif not self.tie_embeddings:
+      total += e * self.vocab_size
+    return total
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention only."""
+    e, h, kv, d, m, l = (self.embed_dim, self.num_heads, self.kv_heads, self.dim_per_head,
+                         self.mlp_dim, self.num_layers)
+    n_mlp = 3 if self.family == "llama" else 2
+    per_layer = 2 * (e * h * d + 2 * e * kv * d + h * d * e + n_mlp * e * m)
+    per_layer += 2 * 2 * h * d * seq_len / 2  # causal attention scores + weighted sum, half masked
+    head = 2 * e * (self.vocab_size if self.head == "lm" else 1)
+    return 3.0 * (l * per_layer + head)
+
+
+def llama_bench_config(**overrides) -> ModelConfig:
+  """The benchmark model: Llama-style, 6 layers, d512, 8 heads, MLP 1344, vocab 4096."""
+  base = dict(vocab_size=4096, num_layers=6, embed_dim=512, num_heads=8, num_kv_heads=8,
+              mlp_dim=1344, max_seq_len=2048, family="llama")
+  base.update(overrides)
+  return ModelConfig(**base)

@@ -1,0 +1,200 @@
+"""Building blocks of the decoder: norms, rotary embeddings, attention, MLPs, one transformer block.
+
+Every parameter is an `nnx.Param` carrying `axes`: its logical axis names (`vocab`, `embed`, `mlp`,
+`heads`, `kv_heads`, `head_dim`, `norm`, `layers`), which `rlhf_jax.sharding` maps to mesh axes.
+Parameters are stored in `param_dtype` and cast to the compute `dtype` where they are used; norms,
+softmax and RoPE are computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax import sharding
+from rlhf_jax.models.config import ModelConfig
+
+Array = jax.Array
+# Large negative instead of -inf: rows whose every key is masked (pad queries) stay finite.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def param(rngs: nnx.Rngs, shape, axes, *, std: float | None, dtype) -> nnx.Param:
+  """A parameter initialised N(0, std^2) (std None: zeros), tagged with logical `axes`."""
+  assert len(shape) == len(axes), (shape, axes)
+  if std is None:
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, axes=tuple(axes))
+
+
+def ones_param(shape, axes, dtype) -> nnx.Param:
+  return nnx.Param(jnp.ones(shape, dtype), axes=tuple(axes))
+
+
+class Norm(nnx.Module):
+  """RMSNorm (llama) or LayerNorm with bias (gpt2), computed in float32."""
+
+  def __init__(self, cfg: ModelConfig):
+    self.kind = "rms" if cfg.family == "llama" else "layer"
+    self.eps = cfg.norm_eps
+    self.scale = ones_param((cfg.embed_dim,), ("norm",), cfg.param_dtype)
+    if self.kind == "layer":
+      self.bias = nnx.Param(jnp.zeros((cfg.embed_dim,), cfg.param_dtype), axes=("norm",))
+
+  def __call__(self, x: Array) -> Array:
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    if self.kind == "rms":
+      x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+      return (x * self.scale[...].astype(jnp.float32)).astype(dtype)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return (x * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> jnp.ndarray:
+  """Inverse frequencies [head_dim // 2], with Llama-3 style scaling when configured."""
+  dim = cfg.dim_per_head
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  if cfg.rope_scaling is None:
+    return inv_freq
+  s = dict(cfg.rope_scaling)
+  factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+  old_ctx = s["original_max_position_embeddings"]
+  # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate smoothly between.
+  wavelen = 2 * math.pi / inv_freq
+  low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+  smooth = (old_ctx / wavelen - low) / (high - low)
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+  mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+  return jnp.where(is_mid, mid, scaled)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+  """Rotary embedding, HF "rotate_half" layout. x: [B, T, H, D], positions: [B, T] int."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(q_slots: Array, q_segments: Array, k_segments: Array) -> Array:
+  """Which keys each query may attend to: [B, 1, 1, T, S] bool.
+
+  q_slots: [T] int, the key-slot index of each query (keys live in slots 0..S-1).
+  q_segments: [B, T], k_segments: [B, S]: 0 marks padding; a query attends to keys of its own
+  segment at slots <= its own (causal). This one rule covers right/left padding, packed documents
+  and the KV cache.
+  """
+  k_slots = jnp.arange(k_segments.shape[1])
+  causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+  same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+  return (causal[None] & same)[:, None, None]
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with grouped KV heads (GQA); RoPE for llama, none for gpt2."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    e, h, kv, d = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    pd, std = cfg.param_dtype, cfg.init_std
+    out_std = std / math.sqrt(2 * cfg.num_layers)
+    self.cfg = cfg
+    self.q = param(rngs, (e, h, d), ("embed", "heads", "head_dim"), std=std, dtype=pd)
+    self.k = param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), std=std, dtype=pd)
+    self.v = param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), std=std, dtype=pd)
+    self.o = param(rngs, (h, d, e), ("heads", "head_dim", "embed"), std=out_std, dtype=pd)
+    self.use_bias = cfg.qkv_bias or cfg.family == "gpt2"
+    if self.use_bias:
+      self.q_bias = param(rngs, (h, d), ("heads", "head_dim"), std=None, dtype=pd)
+      self.k_bias = param(rngs, (kv, d), ("kv_heads", "head_dim"), std=None, dtype=pd)
+      self.v_bias = param(rngs, (kv, d), ("kv_heads", "head_dim"), std=None, dtype=pd)
+    if cfg.family == "gpt2":
+      self.o_bias = param(rngs, (e,), ("norm",), std=None, dtype=pd)
+
+  def __call__(self, x: Array, positions: Array, mask: Array,
+               cache: tuple[Array, Array] | None, write_at: Array | None):
+    """x: [B, T, E]; positions: [B, T]; mask: [B, 1, 1, T, S] from `attention_mask`.
+
+    cache: None, or (k, v) each [B, S, KV, D] to which this call's keys/values are written at slot
+    `write_at` (scalar int) before attending over all S slots. Returns (out [B, T, E], new cache or
+    None).
+    """
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    q = jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dt))
+    k = jnp.einsum("bte,ehd->bthd", x, self.k[...].astype(dt))
+    v = jnp.einsum("bte,ehd->bthd", x, self.v[...].astype(dt))
+    if self.use_bias:
+      q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
+                 v + self.v_bias[...].astype(dt))
+    if cfg.family == "llama":
+      inv_freq = rope_frequencies(cfg)
+      q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    new_cache = None
+    if cache is not None:
+      k_cache, v_cache = cache
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_at, 0, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_at, 0, 0))
+      new_cache = (k, v)
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt)).astype(jnp.float32) / math.sqrt(d)
+    scores = jnp.where(mask, scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(b, t, h, d)
+    out = jnp.einsum("bthd,hde->bte", out, self.o[...].astype(dt))
+    if cfg.family == "gpt2":
+      out = out + self.o_bias[...].astype(dt)
+    return out, new_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU (llama) or GELU-tanh with biases (gpt2)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    e, m, pd, std = cfg.embed_dim, cfg.mlp_dim, cfg.param_dtype, cfg.init_std
+    out_std = std / math.sqrt(2 * cfg.num_layers)
+    self.cfg = cfg
+    self.up = param(rngs, (e, m), ("embed", "mlp"), std=std, dtype=pd)
+    self.down = param(rngs, (m, e), ("mlp", "embed"), std=out_std, dtype=pd)
+    if cfg.family == "llama":
+      self.gate = param(rngs, (e, m), ("embed", "mlp"), std=std, dtype=pd)
+    else:
+      self.up_bias = param(rngs, (m,), ("mlp",), std=None, dtype=pd)
+      self.down_bias = param(rngs, (e,), ("norm",), std=None, dtype=pd)
+
+  def __call__(self, x: Array) -> Array:
+    dt = jnp.dtype(self.cfg.dtype)
+    up = x @ self.up[...].astype(dt)
+    if self.cfg.family == "llama":
+      hidden = jax.nn.silu(x @ self.gate[...].astype(dt)) * up
+      hidden = sharding.constrain(hidden, ("batch", "length", "mlp"))
+      return hidden @ self.down[...].astype(dt)
+    hidden = jax.nn.gelu(up + self.up_bias[...].astype(dt), approximate=True)
+    hidden = sharding.constrain(hidden, ("batch", "length", "mlp"))
+    return hidden @ self.down[...].astype(dt) + self.down_bias[...].astype(dt)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = Norm(cfg)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = Norm(cfg)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, mask, cache=None, write_at=None):
+    h, new_cache = self.attn(self.attn_norm(x), positions, mask, cache, write_at)
+    x = sharding.constrain(x + h, ("batch", "length", "act_embed"))
+    x = x + self.mlp(self.mlp_norm(x))
+    return sharding.constrain(x, ("batch", "length", "act_embed")), new_cache

@@ -1,0 +1,178 @@
+"""The decoder-only transformer (Llama family and GPT-2 family) with an LM or a scalar head.
+
+Used functionally: `graphdef, params = split_model(model)` once; inside jitted code
+`apply(graphdef, params, tokens, ...)` merges and runs it. Layers are stacked on a leading `layers`
+axis and run with `lax.scan` (or unrolled, by config): the parameter layout is the same either way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from rlhf_jax import sharding
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.layers import Block, Norm, attention_mask, param
+
+Array = jax.Array
+Params = dict[str, Any]
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class KVCache(NamedTuple):
+  """Decoding state. k, v: [L, B, S, KV, D]; segment_ids: [B, S] (0 = empty/pad slot);
+  end: scalar int32, the number of slots written so far (the next write goes there)."""
+
+  k: Array
+  v: Array
+  segment_ids: Array
+  end: Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+  shape = (cfg.num_layers, batch, max_len, cfg.kv_heads, cfg.dim_per_head)
+  dtype = dtype or cfg.dtype
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                 jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+class Transformer(nnx.Module):
+  """Decoder LM. `__call__(tokens [B,T], positions [B,T], segment_ids [B,T], cache=None)`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = cfg.param_dtype
+    self.embed = param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), std=cfg.init_std,
+                       dtype=pd)
+    if cfg.family == "gpt2":
+      self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.embed_dim), ("positions", "embed"),
+                             std=cfg.init_std / 2, dtype=pd)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})
+    def make_blocks(rngs):
+      return Block(cfg, rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = Norm(cfg)
+    if cfg.head == "scalar":
+      self.score = param(rngs, (cfg.embed_dim,), ("embed",), std=cfg.scalar_head_init_std, dtype=pd)
+    elif not cfg.tie_embeddings:
+      self.lm_head = param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"),
+                           std=cfg.init_std, dtype=pd)
+
+  def hidden_states(self, tokens: Array, positions: Array, segment_ids: Array,
+                    cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+    """Final-norm hidden states [B, T, E] (and the updated cache)."""
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    if cfg.family == "gpt2":
+      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+    x = sharding.constrain(x, ("batch", "length", "act_embed"))
+
+    t = tokens.shape[1]
+    if cache is None:
+      write_at = None
+      q_slots = jnp.arange(t)
+      mask = attention_mask(q_slots, segment_ids, segment_ids)
+    else:
+      write_at = cache.end
+      k_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
+                                                (0, cache.end))
+      q_slots = cache.end + jnp.arange(t)
+      mask = attention_mask(q_slots, segment_ids, k_segments)
+
+    block_def, block_params = nnx.split(self.blocks)
+
+    def layer(x, layer_params, layer_cache):
+      block = nnx.merge(block_def, layer_params)
+      return block(x, positions, mask, layer_cache, write_at)
+
+    if cfg.remat != "none":
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
+
+    kv = None if cache is None else (cache.k, cache.v)
+    if cfg.scan_layers:
+      def body(x, xs):
+        layer_params, layer_cache = xs
+        x, new_cache = layer(x, layer_params, layer_cache)
+        return x, new_cache
+      x, new_kv = jax.lax.scan(body, x, (block_params, kv))
+    else:
+      outs = []
+      for i in range(cfg.num_layers):
+        layer_params = jax.tree.map(lambda a: a[i], block_params)
+        layer_cache = None if kv is None else (kv[0][i], kv[1][i])
+        x, new_cache = layer(x, layer_params, layer_cache)
+        outs.append(new_cache)
+      new_kv = None if kv is None else tuple(jnp.stack(c) for c in zip(*outs))
+
+    x = self.final_norm(x)
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(new_kv[0], new_kv[1], k_segments, cache.end + t)
+    return x, new_cache
+
+  def head(self, x: Array) -> Array:
+    """LM logits [B, T, V] float32, or scalar scores [B, T] float32."""
+    dt = jnp.dtype(self.cfg.dtype)
+    if self.cfg.head == "scalar":
+      return jnp.einsum("bte,e->bt", x, self.score[...].astype(dt)).astype(jnp.float32)
+    w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum("bte,ev->btv", x, w.astype(dt))
+    return sharding.constrain(logits, ("batch", "length", "vocab")).astype(jnp.float32)
+
+  def __call__(self, tokens: Array, positions: Array, segment_ids: Array,
+               cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+    """tokens, positions, segment_ids: [B, T] int (segment 0 = padding).
+
+    Returns (logits [B, T, V] or scores [B, T], float32; the updated cache or None). Logits at
+    position t predict token t+1.
+    """
+    x, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+    return self.head(x), cache
+
+
+def create_model(cfg: ModelConfig, seed: int | jax.Array = 0) -> Transformer:
+  key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+  return Transformer(cfg, rngs=nnx.Rngs(params=key))
+
+
+def split_model(model: Transformer) -> tuple[nnx.GraphDef, Params]:
+  """(static graph definition, parameters as a plain nested dict of arrays)."""
+  graphdef, state = nnx.split(model, nnx.Param)
+  return graphdef, state.to_pure_dict()
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params, Params]:
+  """(graphdef, abstract params [ShapeDtypeStruct], logical axes per param) without allocating."""
+  model = nnx.eval_shape(lambda: create_model(cfg, 0))
+  graphdef, state = nnx.split(model, nnx.Param)
+  # PartitionSpec (of logical names) is a pytree leaf, unlike a plain tuple.
+  axes = jax.tree.map(lambda v: P(*v.get_metadata()["axes"]), state,
+                      is_leaf=lambda v: isinstance(v, nnx.Variable))
+  shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state,
+                        is_leaf=lambda v: isinstance(v, nnx.Variable))
+  return graphdef, nnx.State(shapes).to_pure_dict(), nnx.State(axes).to_pure_dict()
+
+
+def apply(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
+          segment_ids: Array, cache: KVCache | None = None):
+  """Pure forward: see `Transformer.__call__`."""
+  return nnx.merge(graphdef, params)(tokens, positions, segment_ids, cache)
+
+
+def positions_from_mask(mask: Array) -> Array:
+  """Positions [B, T] for a left- or right-padded batch: count of real tokens before t."""
+  mask = mask.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0) * mask

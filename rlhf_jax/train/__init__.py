@@ -1,0 +1,8 @@
+"""Train state, optimiser, and the one train-step factory."""
+
+from rlhf_jax.train.optim import make_optimizer, make_schedule
+from rlhf_jax.train.state import TrainState, create_train_state, state_shardings
+from rlhf_jax.train.step import accumulate_gradients, make_eval_step, make_train_step
+
+__all__ = ["make_optimizer", "make_schedule", "TrainState", "create_train_state", "state_shardings",
+           "accumulate_gradients", "make_eval_step", "make_train_step"]

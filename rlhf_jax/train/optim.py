@@ -1,0 +1,58 @@
+"""Optimiser and learning-rate schedule from config (optax)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+
+NO_DECAY_NAMES = ("embed", "pos_embed")  # embedding tables
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[[Any], Any]:
+  """Linear warm-up to `lr`, then cosine / linear decay to `lr * min_lr_ratio`, or constant."""
+  warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
+  end = cfg.lr * cfg.min_lr_ratio
+  decay_steps = max(total_steps - warmup, 1)
+  if cfg.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
+  elif cfg.schedule == "linear":
+    decay = optax.linear_schedule(cfg.lr, end, decay_steps)
+  elif cfg.schedule == "constant":
+    decay = optax.constant_schedule(cfg.lr)
+  else:
+    raise ValueError(f"config.optim.schedule={cfg.schedule!r}: use 'cosine', 'linear' or 'constant'")
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+
+
+def decay_mask(params, *, decay_norms_biases_embeddings: bool):
+  """True where weight decay applies: matrices, not norms/biases (1-D per layer) nor embeddings."""
+  if decay_norms_biases_embeddings:
+    return jax.tree.map(lambda _: True, params)
+
+  def is_decayed(path, x):
+    name = str(getattr(path[-1], "key", path[-1]))
+    per_layer_ndim = x.ndim - (1 if any(getattr(k, "key", None) == "blocks" for k in path) else 0)
+    return per_layer_ndim >= 2 and name not in NO_DECAY_NAMES
+  return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
+  """(optax transformation, schedule). cfg = config.optim."""
+  schedule = make_schedule(cfg, total_steps)
+  chain = []
+  if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+  if cfg.name == "adamw":
+    chain.append(optax.adamw(
+        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        mask=lambda p: decay_mask(p, decay_norms_biases_embeddings=cfg.decay_norms_biases_embeddings)))
+  elif cfg.name == "sgd":
+    chain.append(optax.sgd(schedule))
+  else:
+    raise ValueError(f"config.optim.name={cfg.name!r}: use 'adamw' or 'sgd'")
+  return optax.chain(*chain), schedule

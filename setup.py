@@ -1,0 +1,39 @@
+"""rlhf_jax: aligning language models with human and AI feedback, in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# Lower bounds are the versions the test suite runs with (see constraints.txt).
+INSTALL_REQUIRES = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "chex>=0.1.92",
+    "ml_collections>=1.1.0",
+    "absl-py>=2.5.1",
+    "numpy>=2.4",
+    "transformers>=5.24.0",
+    "tokenizers>=0.23.3",
+    "datasets>=5.2.0",
+    "safetensors>=0.8.0",
+    "jinja2>=3.1.6",  # chat templates in transformers
+    "tqdm>=4.70.1",
+    "tensorboardX>=2.6.5",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0"],
+    "gpu": ["jax[cuda12]>=0.10.2"],
+    "tpu": ["jax[tpu]>=0.10.2"],
+    "notebooks": ["jupyter", "nbconvert", "matplotlib"],
+}
+
+setup(
+    name="rlhf_jax",
+    version="0.1.0",
+    description="RLHF and its alternatives (SFT, reward models, PPO, DPO family, ...) in JAX/Flax.",
+    packages=find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
