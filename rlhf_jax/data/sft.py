@@ -170,3 +170,15 @@ def pack_examples(examples: Sequence[Example], seq_len: int, rows: int) -> tuple
         _place(batch, row, int(used[row]), example, segment=int(documents[row]))
         used[row] += n
     return batch, len(examples)
+
+
+def encode_prompt(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
+    """Token ids a model is sampled from for `prompt`: BOS + the rendered context up to and including
+    the assistant header, tokenised exactly as the context piece of a training example."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos_text, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    if bos_id is not None and not (bos_text and text.startswith(bos_text)):
+        ids = [bos_id] + ids
+    return ids

@@ -1,0 +1,126 @@
+"""What every driver shares: mesh + model + state set-up, and the train loop with its side effects
+(checkpoints, metrics, progress, resume). Methods differ only in their loss_fn and their data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+import ml_collections
+
+from rlhf_jax import checkpoint, metrics, sharding
+from rlhf_jax.models import ModelConfig, abstract_model, create_model, split_model
+from rlhf_jax.train import TrainState, create_train_state, make_optimizer, make_train_step, state_shardings
+
+_log = logging.getLogger(__name__)
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
+  """ModelConfig from `config.model`; vocab_size 0 in the config = take the tokenizer's (rounded up
+  to a multiple of 128 so tensor parallelism and matmul tiles divide it)."""
+  d = config.model.to_dict()
+  if not d.get("vocab_size"):
+    if vocab_size is None:
+      raise ValueError("config.model.vocab_size is 0 (auto) but no tokenizer size is known")
+    d["vocab_size"] = -(-vocab_size // 128) * 128
+  elif vocab_size is not None and d["vocab_size"] < vocab_size:
+    raise ValueError(f"the tokenizer has {vocab_size} tokens but config.model.vocab_size = "
+                     f"{d['vocab_size']}; raise config.model.vocab_size (or set it to 0 = auto)")
+  return ModelConfig.from_dict(d)
+
+
+@dataclasses.dataclass
+class Setup:
+  """A mesh-placed model and train state, and the jitted step."""
+
+  mesh: Any
+  model_cfg: ModelConfig
+  graphdef: Any
+  param_shardings: Any
+  shardings: TrainState
+  state: TrainState
+  step: Callable
+  schedule: Callable
+
+
+def make_mesh(config: ml_collections.ConfigDict):
+  """The mesh, checked against the batch settings: call first, so a bad config fails at once."""
+  mesh = sharding.make_mesh(config.mesh.shape)
+  t = config.train
+  if t.accum_steps < 1 or t.batch_size % t.accum_steps:
+    raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by "
+                     f"config.train.accum_steps={t.accum_steps}")
+  sharding.check_batch_size(t.batch_size // t.accum_steps, mesh)
+  return mesh
+
+
+def setup_training(config: ml_collections.ConfigDict, mesh, model_cfg: ModelConfig,
+                   make_loss_fn: Callable[[Any], Callable]) -> Setup:
+  """Params (random or `config.init_from`), optimiser, sharded TrainState and jitted step."""
+  sharding.validate_model_mesh(model_cfg, mesh)
+  graphdef, abstract, axes = abstract_model(model_cfg)
+  psh = sharding.param_shardings(abstract, axes, mesh)
+  if config.init_from:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, psh)
+    params, meta = checkpoint.load_params(config.init_from, target)
+    _log.info("initialised params from %s (%s)", config.init_from, meta.get("model", {}))
+  else:
+    params = jax.jit(lambda: split_model(create_model(model_cfg, config.seed))[1], out_shardings=psh)()
+  optimizer, schedule = make_optimizer(config.optim, config.train.steps)
+  shardings = state_shardings(optimizer, psh, abstract, mesh)
+  state = create_train_state(params, optimizer, shardings, seed=config.seed)
+  step = make_train_step(make_loss_fn(graphdef), optimizer, mesh=mesh, state_shardings=shardings,
+                         accum_steps=config.train.accum_steps, schedule=schedule)
+  return Setup(mesh, model_cfg, graphdef, psh, shardings, state, step, schedule)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config.to_dict(), f, indent=2, default=str)
+
+
+def train_loop(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
+               batches: Iterator[dict], *, data_state: Callable[[], dict],
+               restore_data: Callable[[dict], None],
+               evaluate: Callable[[TrainState], dict] | None = None,
+               count_tokens: Callable[[dict], int] | None = None) -> TrainState:
+  """Runs `setup.step` over `batches` to `config.train.steps`, resuming from the latest checkpoint.
+
+  Side effects: WORKDIR/checkpoints (every `checkpoint_every` steps and at the end),
+  WORKDIR/metrics.jsonl + WORKDIR/tb (train metrics every `log_every`, eval every `eval_every`),
+  a progress bar. `stop_after_steps` > 0 ends this invocation early (the next one resumes).
+  """
+  t = config.train
+  state = setup.state
+  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
+                               save_interval_steps=t.checkpoint_every,
+                               async_save=t.async_checkpoint) as ckpt, \
+       metrics.MetricsWriter(workdir) as writer:
+    latest = ckpt.latest_step()
+    if latest is not None:
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              state, setup.shardings)
+      state, saved_data_state = ckpt.restore(abstract, latest)
+      restore_data(saved_data_state)
+      _log.info("resumed from step %d", latest)
+    start = int(state.step)
+    end = t.steps if not t.stop_after_steps else min(t.steps, start + t.stop_after_steps)
+    progress = metrics.Progress(t.steps, initial=start, desc=config.algorithm, show=("loss",))
+    for step in range(start, end):
+      host_batch = next(batches)
+      batch = sharding.put_batch(host_batch, setup.mesh)
+      state, step_metrics = setup.step(state, batch)
+      progress.update(1, tokens=count_tokens(host_batch) if count_tokens else None,
+                      metrics=step_metrics)
+      done = step + 1
+      if done % t.log_every == 0 or done == end:
+        writer.write(done, jax.device_get(step_metrics), prefix="train")
+      if evaluate is not None and (done % t.eval_every == 0 or done == t.steps):
+        writer.write(done, evaluate(state), prefix="eval")
+      ckpt.save(done, state, data_state=data_state(), config=config.to_dict(), force=done == end)
+    progress.close()
+  return state

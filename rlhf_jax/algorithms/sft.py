@@ -1,0 +1,141 @@
+"""Supervised fine-tuning driver: data -> tokenizer -> sharded training -> params export.
+
+WORKDIR after a run: config.json, tokenizer/ (toy data), checkpoints/, metrics.jsonl, tb/,
+export/ (params + {"model": ..., "tokenizer": ...}, what later stages initialise from),
+samples.json (generations before/after training with their scores).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from rlhf_jax import checkpoint, data, sharding
+from rlhf_jax.algorithms import common
+from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
+from rlhf_jax.metrics import format_table
+from rlhf_jax.toyworld import instructions
+from rlhf_jax.train import make_eval_step
+
+_log = logging.getLogger(__name__)
+
+
+def load_tokenizer_and_records(config: ml_collections.ConfigDict, workdir: str):
+  """(tokenizer, train records, eval records) for `config.data`."""
+  d = config.data
+  if d.source == "toy":
+    families = list(d.toy_families) or None
+    records = instructions.generate_sft_records(d.toy_num_records, config.seed, families)
+  else:
+    records = data.load_records(d.source, "sft", split=d.split or None)
+  if d.eval_source:
+    train_records, eval_records = records, data.load_records(d.eval_source, "sft", split=d.split or None)
+  else:
+    n_eval = max(1, int(len(records) * d.eval_fraction))
+    train_records, eval_records = records[:-n_eval], records[-n_eval:]
+
+  if d.tokenizer:
+    tokenizer = data.load_tokenizer(d.tokenizer)
+  elif d.source == "toy":
+    tok_dir = os.path.join(workdir, "tokenizer")
+    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):  # a resumed run keeps its tokenizer
+      tokenizer = data.load_tokenizer(tok_dir)
+    else:
+      tokenizer = data.train_tokenizer(instructions.corpus_texts(records), d.tokenizer_vocab_size,
+                                       tok_dir)
+  else:
+    raise ValueError("config.data.tokenizer is empty: give a tokenizer directory for non-toy data")
+  return tokenizer, train_records, eval_records
+
+
+def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return config.data.tokenizer or os.path.abspath(os.path.join(workdir, "tokenizer"))
+
+
+def sample_table(setup: common.Setup, params, tokenizer, records, config, rng) -> list[dict]:
+  """Generates for `records` and scores toy records (exact match). Returns rows for a table."""
+  if not records:
+    return []
+  from rlhf_jax import generate  # local: only drivers that sample pay for its import
+
+  prompts = [data.encode_prompt(tokenizer, r["prompt"]) for r in records]
+  tokens, mask = generate.prompt_batch(prompts, pad_id=tokenizer.pad_token_id)
+  s = config.sample
+  out = generate.generate(setup.graphdef, params, tokens, mask, rng,
+                          max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                          top_k=s.top_k, top_p=s.top_p, eos_id=tokenizer.eos_token_id,
+                          pad_id=tokenizer.pad_token_id, mesh=setup.mesh)
+  out_tokens, out_mask = jax.device_get((out.tokens, out.mask))
+  rows = []
+  for r, toks, m in zip(records, out_tokens, out_mask):
+    text = tokenizer.decode(toks[m.astype(bool)], skip_special_tokens=True).strip()
+    row = {"prompt": r["prompt"], "response": text}
+    if "family" in r:
+      row["reference"] = r["completion"]
+      row["correct"] = instructions.score(r, text)
+    rows.append(row)
+  return rows
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  checkpoint.check_workdir_writable(workdir)
+  sharding.maybe_initialize_distributed()
+  common.write_config(config, workdir)
+  mesh = common.make_mesh(config)
+  tokenizer, train_records, eval_records = load_tokenizer_and_records(config, workdir)
+  t = config.train
+  train_examples, stats = data.tokenize_sft(train_records, tokenizer, max_len=t.seq_len)
+  eval_examples, _ = data.tokenize_sft(eval_records, tokenizer, max_len=t.seq_len)
+  _log.info("SFT data: %s train, %d eval examples", stats, len(eval_examples))
+
+  model_cfg = common.model_config(config, vocab_size=len(tokenizer))
+  setup = common.setup_training(config, mesh, model_cfg, make_sft_loss_fn)
+  batches = data.BatchIterator(train_examples, batch_size=t.batch_size, seq_len=t.seq_len,
+                               seed=config.seed, packing=config.data.packing)
+
+  eval_step = make_eval_step(make_sft_loss_fn(setup.graphdef), mesh=setup.mesh,
+                             param_shardings=setup.param_shardings)
+  eval_iter = data.BatchIterator(eval_examples, batch_size=t.batch_size, seq_len=t.seq_len,
+                                 seed=0, packing=False, shuffle=False)
+  eval_batches = [sharding.put_batch(next(eval_iter), setup.mesh) for _ in range(t.eval_batches)]
+
+  def evaluate(state) -> dict:
+    rng = jax.random.key(0)
+    results = [jax.device_get(eval_step(state.params, b, rng)) for b in eval_batches]
+    weights = np.array([r["loss_weight"] for r in results])
+    return {k: float(np.sum([r[k] for r in results] * weights) / weights.sum())
+            for k in results[0] if k != "loss_weight"}
+
+  sample_records = eval_records[:config.sample.num_examples]
+  rng = jax.random.key(config.seed)
+  resumed = os.path.exists(os.path.join(workdir, "checkpoints")) and any(
+      name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
+  before = None if resumed else sample_table(setup, setup.state.params, tokenizer, sample_records,
+                                             config, rng)
+
+  state = common.train_loop(config, workdir, setup, batches, data_state=batches.state,
+                            restore_data=batches.restore, evaluate=evaluate,
+                            count_tokens=data.num_tokens)
+
+  final = evaluate(state)
+  after = sample_table(setup, state.params, tokenizer, sample_records, config, rng)
+  if int(state.step) >= t.steps:
+    checkpoint.export_params(os.path.join(workdir, "export"), state.params, overwrite=True,
+                             metadata={"model": model_cfg.to_dict(),
+                                       "tokenizer": tokenizer_path(config, workdir),
+                                       "step": int(state.step)})
+  with open(os.path.join(workdir, "samples.json"), "w") as f:
+    json.dump({"before": before, "after": after}, f, indent=1)
+  if jax.process_index() == 0 and after:
+    if before is not None:
+      print("\nGenerations before training:\n" + format_table(before))
+    print("\nGenerations after training:\n" + format_table(after))
+  result = {"step": int(state.step), **{f"eval/{k}": v for k, v in final.items()}}
+  if after and "correct" in after[0]:
+    result["samples/exact_match"] = float(np.mean([r["correct"] for r in after]))
+  return result

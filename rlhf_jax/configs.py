@@ -1,0 +1,66 @@
+"""The base experiment config. Experiments (`experiments/*.py`) start from it and override fields.
+
+Every field is overridable on the command line: `--config.train.steps=500`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from rlhf_jax.models.config import ModelConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.algorithm = "sft"  # which driver in rlhf_jax.algorithms runs this config
+  c.seed = 0
+
+  model = ModelConfig().to_dict()
+  model["rope_scaling"] = ml_collections.FieldReference(None, field_type=dict)
+  c.model = ml_collections.ConfigDict(model)
+  c.init_from = ""  # a params export directory (e.g. another run's workdir/export); "" = random init
+
+  # (data, fsdp, tensor); one entry may be -1 = all remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+      decay_norms_biases_embeddings=False, schedule="cosine", warmup_steps=20, min_lr_ratio=0.1,
+      grad_clip_norm=1.0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000,
+      batch_size=32,  # global, in sequences (rows) per optimiser step
+      accum_steps=1,  # micro-batches per step: batch_size / accum_steps rows each
+      seq_len=128,
+      log_every=10,
+      eval_every=100,
+      eval_batches=4,
+      checkpoint_every=100,
+      keep_checkpoints=3,
+      async_checkpoint=True,
+      stop_after_steps=0,  # >0: stop this invocation after that many steps (preemptible jobs);
+                           # rerunning the same command resumes
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="toy",  # "toy" (generated instructions) | a path to JSONL / json / parquet / a
+                     # save_to_disk directory with SFT records
+      eval_source="",  # same forms; "" = hold out `eval_fraction` of the training records
+      eval_fraction=0.05,
+      split="",  # split name for HF datasets ("" = the only / 'train' split)
+      tokenizer="",  # a tokenizer directory; "" with source=toy: train one into workdir/tokenizer
+      tokenizer_vocab_size=512,
+      packing=False,
+      toy_num_records=4000,
+      toy_families=(),  # () = all families
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      num_examples=6,  # generations printed before and after training
+      max_new_tokens=32,
+      temperature=0.0,
+      top_k=0,
+      top_p=1.0,
+  ))
+  return c
