@@ -151,7 +151,7 @@ def create_model(cfg: ModelConfig, seed: int | jax.Array = 0) -> Transformer:
 def split_model(model: Transformer) -> tuple[nnx.GraphDef, Params]:
   """(static graph definition, parameters as a plain nested dict of arrays)."""
   graphdef, state = nnx.split(model, nnx.Param)
-  return graphdef, state.to_pure_dict()
+  return graphdef, nnx.to_pure_dict(state)
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params, Params]:
@@ -163,7 +163,7 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params, Params]:
                       is_leaf=lambda v: isinstance(v, nnx.Variable))
   shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state,
                         is_leaf=lambda v: isinstance(v, nnx.Variable))
-  return graphdef, nnx.State(shapes).to_pure_dict(), nnx.State(axes).to_pure_dict()
+  return graphdef, nnx.to_pure_dict(shapes), nnx.to_pure_dict(axes)
 
 
 def apply(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import optax
 
-NO_DECAY_NAMES = ("embed", "pos_embed")  # embedding tables
+NO_DECAY_NAMES = ("embed", "pos_embed")  # embedding tables; biases and norm scales by suffix
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[[Any], Any]:
@@ -36,8 +36,11 @@ def decay_mask(params, *, decay_norms_biases_embeddings: bool):
 
   def is_decayed(path, x):
     name = str(getattr(path[-1], "key", path[-1]))
+    # By name: a per-head bias is 2-D ([heads, head_dim]) but still a bias.
+    if name in NO_DECAY_NAMES or name.endswith("bias") or name == "scale":
+      return False
     per_layer_ndim = x.ndim - (1 if any(getattr(k, "key", None) == "blocks" for k in path) else 0)
-    return per_layer_ndim >= 2 and name not in NO_DECAY_NAMES
+    return per_layer_ndim >= 2
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 

@@ -1,0 +1,147 @@
+"""Throughput benchmarks, printed as one JSON record per line.
+
+  python -m rlhf_jax.bench                      # all benchmarks on the default model
+  python -m rlhf_jax.bench --only=sft_step --sft_batch=16 --out=bench.jsonl
+
+Every figure that should be compared is measured in the same run: MFU divides the achieved model
+FLOP/s by the fp32 (or bf16) matmul peak measured here, first, on the same devices. Records:
+  matmul_peak  {gflops}                                  square matmul, the peak MFU refers to
+  sft_step     {tokens_per_s, step_s, model_gflops, mfu}  full train step (fwd+bwd+AdamW)
+  generate     {batch, new_tokens_per_s, ...}            KV-cache sampling, batch 8 and 64
+The model is the Llama-style L6 d512 h8 MLP1344 vocab4096 config unless flags change it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from rlhf_jax import sharding
+from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
+from rlhf_jax.configs import base_config
+from rlhf_jax.models import ModelConfig, abstract_model, create_model, llama_bench_config, split_model
+from rlhf_jax.train import create_train_state, make_optimizer, make_train_step, state_shardings
+
+_ONLY = flags.DEFINE_list("only", ["matmul_peak", "sft_step", "generate"], "Benchmarks to run.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_SFT_BATCH = flags.DEFINE_integer("sft_batch", 8, "Sequences per SFT step.")
+_SFT_SEQ = flags.DEFINE_integer("sft_seq_len", 512, "Tokens per sequence in the SFT step.")
+_GEN_BATCHES = flags.DEFINE_list("gen_batch", ["8", "64"], "Batch sizes for generation.")
+_PROMPT = flags.DEFINE_integer("prompt_len", 64, "Prompt length for generation.")
+_NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens per generation.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (after one warm-up).")
+_OUT = flags.DEFINE_string("out", "", "Also append the records to this JSONL file.")
+
+
+def timed(fn, repeats: int) -> float:
+  """Median wall time of `fn()` (which must block) after one warm-up call (compilation)."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def matmul_peak(dtype: str, repeats: int, n: int = 2048) -> dict:
+  """Best-case matmul throughput on all devices: [n*D, n] @ [n, n], rows sharded over devices."""
+  mesh = sharding.make_mesh((-1, 1, 1))
+  d = mesh.size
+  a = jax.device_put(jnp.ones((n * d, n), dtype), sharding.batch_sharding(mesh))
+  b = jax.device_put(jnp.ones((n, n), dtype), sharding.replicated(mesh))
+  f = jax.jit(lambda a, b: a @ b)
+  seconds = timed(lambda: f(a, b).block_until_ready(), repeats)
+  return {"gflops": 2 * n * n * n * d / seconds / 1e9, "n": n}
+
+
+def sft_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflops: float | None):
+  mesh = sharding.make_mesh((-1, 1, 1))
+  graphdef, abstract, axes = abstract_model(cfg)
+  psh = sharding.param_shardings(abstract, axes, mesh)
+  params = jax.jit(lambda: split_model(create_model(cfg, 0))[1], out_shardings=psh)()
+  config = base_config()
+  optimizer, schedule = make_optimizer(config.optim, 1000)
+  shardings = state_shardings(optimizer, psh, abstract, mesh)
+  state = create_train_state(params, optimizer, shardings, seed=0)
+  step = make_train_step(make_sft_loss_fn(graphdef), optimizer, mesh=mesh,
+                         state_shardings=shardings)
+  rs = np.random.RandomState(0)
+  host = dict(tokens=rs.randint(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32),
+              loss_mask=np.ones((batch, seq_len), bool),
+              segment_ids=np.ones((batch, seq_len), np.int32),
+              positions=np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)))
+  data = sharding.put_batch(host, mesh)
+  holder = [state]
+
+  def run():
+    holder[0], metrics = step(holder[0], data)
+    jax.block_until_ready(metrics)
+
+  seconds = timed(run, repeats)
+  tokens = batch * seq_len
+  gflops = cfg.flops_per_token(seq_len) * tokens / seconds / 1e9
+  record = {"batch": batch, "seq_len": seq_len, "step_s": seconds, "tokens_per_s": tokens / seconds,
+            "model_gflops": gflops}
+  if peak_gflops:
+    record["mfu"] = gflops / peak_gflops
+  return record
+
+
+def generate_bench(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int):
+  from rlhf_jax import generate
+
+  mesh = sharding.make_mesh((-1, 1, 1))
+  graphdef, abstract, axes = abstract_model(cfg)
+  psh = sharding.param_shardings(abstract, axes, mesh)
+  params = jax.jit(lambda: split_model(create_model(cfg, 0))[1], out_shardings=psh)()
+  sampler = generate.Sampler(graphdef, cfg, mesh=mesh, param_shardings=psh)
+  rs = np.random.RandomState(0)
+  prompts = rs.randint(3, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
+  mask = np.ones_like(prompts, bool)
+  # No EOS can stop a row early (id -1 never sampled), so every call makes exactly new_tokens.
+  run = lambda: jax.block_until_ready(sampler(params, prompts, mask, jax.random.key(0),
+                                              max_new_tokens=new_tokens, temperature=1.0,
+                                              eos_id=-1, pad_id=0))
+  seconds = timed(run, repeats)
+  return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "seconds": seconds,
+          "new_tokens_per_s": batch * new_tokens / seconds}
+
+
+def main(argv):
+  del argv
+  cfg = llama_bench_config(dtype=_DTYPE.value)
+  env = {"backend": jax.default_backend(), "devices": jax.device_count(),
+         "device_kind": jax.devices()[0].device_kind, "machine": platform.machine(),
+         "jax": jax.__version__, "model": "llama L6 d512 h8 mlp1344 v4096", "dtype": _DTYPE.value}
+  records = []
+
+  def emit(name, record):
+    record = {"bench": name, **record, **env}
+    records.append(record)
+    print(json.dumps(record), flush=True)
+
+  peak = None
+  if "matmul_peak" in _ONLY.value:
+    peak = matmul_peak(_DTYPE.value, _REPEATS.value)
+    emit("matmul_peak", peak)
+    peak = peak["gflops"]
+  if "sft_step" in _ONLY.value:
+    emit("sft_step", sft_step(cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak))
+  if "generate" in _ONLY.value:
+    for b in _GEN_BATCHES.value:
+      emit("generate", generate_bench(cfg, int(b), _PROMPT.value, _NEW.value, _REPEATS.value))
+  if _OUT.value:
+    with open(_OUT.value, "a") as f:
+      for r in records:
+        f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,110 @@
+"""Optimiser, schedule, SFT loss and mixed precision: compared with plain references."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import sharding
+from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
+from rlhf_jax.configs import base_config
+from rlhf_jax.losses.common import shift_for_next_token, token_logprobs
+from rlhf_jax.losses.sft import sft_loss
+from rlhf_jax.models import ModelConfig, abstract_model, create_model, split_model
+from rlhf_jax.train import create_train_state, make_optimizer, make_schedule, make_train_step
+from rlhf_jax.train import state_shardings
+from rlhf_jax.train.optim import decay_mask
+
+
+def test_sft_loss_matches_numpy():
+  rs = np.random.RandomState(0)
+  logits = rs.randn(3, 5, 7).astype(np.float32)
+  targets = rs.randint(0, 7, (3, 5))
+  mask = rs.rand(3, 5) > 0.4
+  loss, metrics = sft_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  expected = (nll * mask).sum() / mask.sum()  # per token over the whole batch
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  assert metrics["loss_weight"] == mask.sum()
+  acc = ((logits.argmax(-1) == targets) * mask).sum() / mask.sum()
+  np.testing.assert_allclose(metrics["token_accuracy"], acc, rtol=1e-6)
+
+
+def test_token_logprobs_with_temperature():
+  logits = jnp.array([[[1.0, 2.0, 3.0]]])
+  out = token_logprobs(logits, jnp.array([[2]]), temperature=0.5)
+  expected = 6.0 - np.log(np.exp([2.0, 4.0, 6.0]).sum())
+  np.testing.assert_allclose(out[0, 0], expected, rtol=1e-5)
+
+
+def test_shift_stays_inside_documents():
+  tokens = jnp.array([[1, 5, 6, 1, 7, 8, 0]])
+  segments = jnp.array([[1, 1, 1, 2, 2, 2, 0]])
+  loss_mask = jnp.array([[0, 1, 1, 0, 1, 1, 0]], bool)
+  targets, mask = shift_for_next_token(tokens, loss_mask, segments)
+  np.testing.assert_array_equal(targets, [[5, 6, 1, 7, 8, 0]])
+  # The BOS of document 2 is never a target; padding never is.
+  np.testing.assert_array_equal(mask, [[1, 1, 0, 1, 1, 0]])
+
+
+def _optim_cfg(**kw):
+  c = base_config().optim
+  c.update(**kw)
+  return c
+
+
+def test_schedule_warmup_then_cosine():
+  sched = make_schedule(_optim_cfg(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine"), 110)
+  np.testing.assert_allclose([sched(0), sched(5), sched(10)], [0.0, 0.5, 1.0], atol=1e-6)
+  np.testing.assert_allclose(sched(60), 0.1 + 0.9 * 0.5, atol=1e-6)  # half way through the decay
+  np.testing.assert_allclose(sched(110), 0.1, atol=1e-6)
+  lin = make_schedule(_optim_cfg(lr=1.0, warmup_steps=0, min_lr_ratio=0.0, schedule="linear"), 100)
+  np.testing.assert_allclose(lin(50), 0.5, atol=1e-6)
+  with pytest.raises(ValueError, match="schedule"):
+    make_schedule(_optim_cfg(schedule="exp"), 10)
+
+
+def test_weight_decay_skips_norms_biases_embeddings():
+  cfg = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64,
+                    family="gpt2", tie_embeddings=True)
+  _, params = split_model(create_model(cfg, 0))
+  mask = decay_mask(params, decay_norms_biases_embeddings=False)
+  assert mask["blocks"]["attn"]["q"] and mask["blocks"]["mlp"]["up"]
+  assert not mask["blocks"]["attn"]["q_bias"]  # [layers, heads, head_dim] is a bias, not a matrix
+  assert not mask["blocks"]["attn_norm"]["scale"] and not mask["blocks"]["mlp"]["up_bias"]
+  assert not mask["embed"] and not mask["pos_embed"] and not mask["final_norm"]["scale"]
+  everything = decay_mask(params, decay_norms_biases_embeddings=True)
+  assert all(jax.tree.leaves(everything))
+
+  # And AdamW really leaves the masked leaves alone when their gradient is zero.
+  opt, _ = make_optimizer(_optim_cfg(lr=0.1, weight_decay=0.5, warmup_steps=0, grad_clip_norm=0.0), 10)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = opt.update(zero, opt.init(params), params)
+  assert float(jnp.abs(updates["embed"]).max()) == 0.0
+  assert float(jnp.abs(updates["blocks"]["mlp"]["up"]).max()) > 0.0
+
+
+def test_bf16_compute_keeps_fp32_master_params():
+  cfg = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64,
+                    dtype="bfloat16", param_dtype="float32")
+  mesh = sharding.make_mesh((2, 1, 1), devices=jax.devices()[:2])
+  graphdef, abstract, axes = abstract_model(cfg)
+  psh = sharding.param_shardings(abstract, axes, mesh)
+  _, params = split_model(create_model(cfg, 0))
+  opt = optax.adam(1e-2)
+  shardings = state_shardings(opt, psh, abstract, mesh)
+  state = create_train_state(params, opt, shardings, seed=0)
+  step = make_train_step(make_sft_loss_fn(graphdef), opt, mesh=mesh, state_shardings=shardings)
+  rs = np.random.RandomState(0)
+  batch = dict(tokens=rs.randint(1, 64, (4, 16)).astype(np.int32), loss_mask=np.ones((4, 16), bool),
+               segment_ids=np.ones((4, 16), np.int32),
+               positions=np.tile(np.arange(16, dtype=np.int32), (4, 1)))
+  losses = []
+  for _ in range(5):
+    state, metrics = step(state, sharding.put_batch(batch, mesh))
+    losses.append(float(metrics["loss"]))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+  assert np.isfinite(losses).all() and losses[-1] < losses[0]
