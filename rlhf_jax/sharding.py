@@ -146,9 +146,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, jax.Array]:
-  """Host-local numpy batch -> global arrays sharded over the batch axes (multi-host safe)."""
+  """Global host batch (numpy, [B, ...]) -> arrays sharded over the batch axes.
+
+  Multi-host: every process passes the same global batch (the loaders are deterministic) and each
+  copies only the rows its own devices hold, whatever the device order of the mesh.
+  """
   sharding = batch_sharding(mesh, rules)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return {k: put(v) for k, v in batch.items()}
 
 
 # --- activation constraints -----------------------------------------------------------------------

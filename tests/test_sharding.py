@@ -1,8 +1,13 @@
 """One train step gives the same loss, gradients and update on every mesh layout."""
 
+import json
+import os
+import socket
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -12,6 +17,7 @@ from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, split_model
 from rlhf_jax.train import accumulate_gradients, create_train_state, make_train_step, state_shardings
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig(vocab_size=128, num_layers=2, embed_dim=64, num_heads=8, num_kv_heads=4,
                   mlp_dim=128, max_seq_len=32)
 
@@ -86,6 +92,45 @@ def test_gradient_accumulation_equals_full_batch(reference, accum_steps):
   ref_grads, ref_metrics, _, _ = reference
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), grads, ref_grads)
+
+
+def one_train_step(mesh_shape):
+  """(loss, sum of updated params) after one step; shared with the multi-process worker."""
+  mesh, graphdef, psh, optimizer, shardings, state = _setup(mesh_shape)
+  step = make_train_step(make_sft_loss_fn(graphdef), optimizer, mesh=mesh, state_shardings=shardings)
+  state, metrics = step(state, sharding.put_batch(_batch(), mesh))
+  total = jax.jit(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(p)),
+                  out_shardings=sharding.replicated(mesh))(state.params)
+  return float(metrics["loss"]), float(total)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(reference):
+  """2 processes x 4 CPU devices (gloo), as on a 2-host slice: same step as one process."""
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid), PYTHONPATH=ROOT)
+    env.pop("XLA_FLAGS", None)
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "tests", "multiprocess_worker.py"), "2,2,2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  result = json.loads(outs[0][0].strip().splitlines()[-1])
+  assert result["devices"] == 8 and result["processes"] == 2
+  loss, checksum = one_train_step((2, 2, 2))
+  np.testing.assert_allclose(result["loss"], loss, rtol=1e-5)
+  np.testing.assert_allclose(result["checksum"], checksum, rtol=1e-5)
+  np.testing.assert_allclose(loss, reference[3]["loss"], rtol=1e-5)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def test_bad_mesh_messages():
