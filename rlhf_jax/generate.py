@@ -1,0 +1,365 @@
+"""Jitted KV-cache sampling: greedy / temperature / top-k / top-p, per-row EOS, left-padded prompts.
+
+One prefill call writes the (left-padded) prompt into the cache; a `lax.while_loop` then decodes one
+token per step and stops as soon as every row has emitted EOS. Two entry points:
+
+- `generate(graphdef, params, ...)`: a pure jitted function, also callable inside other jitted code.
+  It compiles once per prompt shape.
+- `Sampler(graphdef, config, mesh=..., param_shardings=...)`: for driver loops. It pads prompts to
+  length and batch buckets so that a stream of differently sized prompt batches compiles a handful
+  of times, places prompts on the mesh, and keeps its compiled functions.
+
+Log-probs (`GenerateOutput.logprobs`) are `log_softmax(logits / T)` of the sampled token, T the
+sampling temperature (T = 1 for greedy). Top-k/top-p truncation is NOT renormalised into them: PPO
+needs log-probs that a plain forward pass over prompt+response at the same temperature reproduces
+(`full_sequence` builds that pass's inputs), and a forward pass knows nothing about truncation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from rlhf_jax import sharding
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import KVCache, apply, init_cache, positions_from_mask
+
+Array = jax.Array
+_CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+class GenerateOutput(NamedTuple):
+  """tokens: [B, N] int32 new tokens (pad_id after EOS and for rows that never started);
+  logprobs: [B, N] float32, log_softmax(logits / T) of each sampled token (T = 1 when greedy), 0
+  where masked; mask: [B, N] bool, True on real response tokens including EOS;
+  lengths: [B] int32 = mask.sum(1)."""
+
+  tokens: Array
+  logprobs: Array
+  mask: Array
+  lengths: Array
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+def sample_token(logits: Array, rng: Array, *, temperature, top_k: int = 0,
+                 top_p: float = 1.0) -> Array:
+  """Draws one token per row. logits: [B, V]; returns tokens [B] int32.
+
+  temperature: scalar, may be traced; 0 means greedy (argmax), so greedy and sampling share one
+  compiled function. top_k (static, 0 = off) keeps the k largest logits; top_p (static, 1.0 = off)
+  then keeps the smallest prefix of the (top-k renormalised) sorted distribution whose mass reaches
+  top_p, as HF does: temperature first, then top-k, then top-p. Row b's draw depends only on
+  (rng, b, logits[b]), so padding the batch with extra rows does not change other rows' samples.
+  """
+  chex.assert_rank(logits, 2)
+  if top_k < 0 or not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1]")
+  batch, vocab = logits.shape
+  logits = logits.astype(jnp.float32)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+
+  indices = None
+  if top_k or top_p < 1.0:
+    # Sorted descending; with top-k only the k survivors are kept, so sampling costs O(k).
+    scaled, indices = jax.lax.top_k(scaled, min(top_k, vocab) if top_k else vocab)
+  if top_p < 1.0:
+    probs = jax.nn.softmax(scaled, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # exactly 0 for the top token: always kept
+    scaled = jnp.where(mass_before < top_p, scaled, -jnp.inf)
+
+  row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(batch))
+  choice = jax.vmap(jax.random.categorical)(row_keys, scaled)
+  if indices is not None:
+    choice = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
+  return jnp.where(temperature > 0, choice.astype(jnp.int32), greedy)
+
+
+def _token_logprobs(logits: Array, tokens: Array, temperature: Array) -> Array:
+  """log_softmax(logits / T)[token] (T = 1 when T == 0). logits [B, V], tokens [B] -> [B] f32."""
+  t = jnp.where(temperature > 0, temperature, 1.0)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
+  return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+# --- the decode loop (pure, traced) ---------------------------------------------------------------
+
+class _LoopState(NamedTuple):
+  step: Array        # [] int32, the number of tokens sampled so far
+  last: Array        # [B] int32, the token to feed next (last prompt token at step 0)
+  cache: KVCache
+  tokens: Array      # [B, N] int32
+  logprobs: Array    # [B, N] float32
+  lengths: Array     # [B] int32, tokens emitted while live
+  done: Array        # [B] bool
+
+
+def _constrain_cache(cache: KVCache) -> KVCache:
+  return cache._replace(k=sharding.constrain(cache.k, _CACHE_AXES),
+                        v=sharding.constrain(cache.v, _CACHE_AXES),
+                        segment_ids=sharding.constrain(cache.segment_ids, ("batch", "length")))
+
+
+def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: Array, rng: Array,
+            temperature: Array, eos_ids: Array, pad_id: Array, *, max_new_tokens: int, top_k: int,
+            top_p: float) -> GenerateOutput:
+  """The traced body shared by `generate` and `Sampler`: prefill, then a while-loop decode.
+
+  prompt_tokens, prompt_mask: [B, P] left-padded; temperature, pad_id: scalars; eos_ids: [E] int32.
+  The KV cache holds P + N - 1 slots.
+  """
+  batch, prompt_len = prompt_tokens.shape
+  n = max_new_tokens
+  prompt_tokens = sharding.constrain(prompt_tokens.astype(jnp.int32), ("batch", "length"))
+  prompt_mask = sharding.constrain(prompt_mask.astype(bool), ("batch", "length"))
+  temperature = jnp.asarray(temperature, jnp.float32)
+  pad_id = jnp.asarray(pad_id, jnp.int32)
+
+  # Prefill all prompt columns but the last; the loop feeds the last one like a sampled token.
+  # One body (forward one token, then sample) thus serves every step: sampling is traced once
+  # (compile time) and no forward pass is wasted on a token that is never fed back.
+  # Slots: P-1 prefilled + N fed tokens (the last prompt token and N-1 sampled ones).
+  model = nnx.merge(graphdef, params)
+  cache = _constrain_cache(init_cache(model.cfg, batch, prompt_len + n - 1))
+  if prompt_len > 1:
+    context = prompt_mask[:, :-1]
+    _, cache = model.hidden_states(prompt_tokens[:, :-1], positions_from_mask(context),
+                                   context.astype(jnp.int32), cache)
+  last_position = prompt_mask.sum(axis=1).astype(jnp.int32) - 1  # of the last prompt token
+
+  def body(state: _LoopState) -> _LoopState:
+    positions = jnp.maximum(last_position + state.step, 0)[:, None]
+    # Finished rows keep decoding pad tokens (outputs discarded): the batch moves in lock step.
+    logits, cache = apply(graphdef, params, state.last[:, None], positions,
+                          jnp.ones((batch, 1), jnp.int32), state.cache)
+    logits = logits[:, 0]
+    token = sample_token(logits, jax.random.fold_in(rng, state.step), temperature=temperature,
+                         top_k=top_k, top_p=top_p)
+    logprob = _token_logprobs(logits, token, temperature)
+    live = ~state.done
+    token = jnp.where(live, token, pad_id)
+    column = (0, state.step)
+    return _LoopState(
+        step=state.step + 1, last=token, cache=_constrain_cache(cache),
+        tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], column),
+        logprobs=jax.lax.dynamic_update_slice(
+            state.logprobs, jnp.where(live, logprob, 0.0)[:, None], column),
+        lengths=state.lengths + live.astype(jnp.int32),
+        done=state.done | (live & jnp.isin(token, eos_ids)))
+
+  def cond(state: _LoopState) -> Array:
+    return (state.step < n) & ~jnp.all(state.done)
+
+  state = _LoopState(
+      step=jnp.zeros((), jnp.int32), last=prompt_tokens[:, -1], cache=cache,
+      tokens=jnp.full((batch, n), pad_id, jnp.int32),
+      logprobs=jnp.zeros((batch, n), jnp.float32),
+      lengths=jnp.zeros((batch,), jnp.int32),
+      done=last_position < 0)  # an empty prompt (a bucket's dummy row) generates nothing
+  state = jax.lax.while_loop(cond, body, state)
+  mask = jnp.arange(n)[None, :] < state.lengths[:, None]
+  return GenerateOutput(state.tokens, state.logprobs, mask, state.lengths)
+
+
+# --- public entry points --------------------------------------------------------------------------
+
+def _eos_array(eos_id: int | Sequence[int]) -> np.ndarray:
+  """EOS ids as data [E] int32: changing them does not recompile (changing E does)."""
+  return np.atleast_1d(np.asarray(eos_id, np.int32))
+
+
+def _check_inputs(prompt_tokens, prompt_mask, *, max_new_tokens: int, top_k: int, top_p: float,
+                  temperature, cfg: ModelConfig | None) -> None:
+  """User-facing errors; array checks only run on concrete (host or device) values."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  if top_k < 0 or (cfg is not None and top_k > cfg.vocab_size):
+    raise ValueError(f"top_k={top_k} must be in [0, vocab_size] (0 = off)")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p={top_p} must be in (0, 1] (1.0 = off)")
+  if isinstance(temperature, (int, float)) and temperature < 0:
+    raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+  chex.assert_rank(prompt_tokens, 2)
+  chex.assert_equal_shape([prompt_tokens, prompt_mask])
+  if isinstance(prompt_mask, jax.core.Tracer):
+    return
+  mask = np.asarray(prompt_mask, bool)
+  # Left padding: once a row's prompt starts it runs to the last column.
+  bad = np.nonzero(mask.any(1) & (mask.sum(1) != mask[:, ::-1].cumprod(1).sum(1)))[0]
+  if bad.size:
+    raise ValueError(f"prompt_mask rows {bad.tolist()} are not left-padded: real tokens must be "
+                     "contiguous and end at the last column (build prompts with `prompt_batch`)")
+  if cfg is not None and cfg.family == "gpt2":
+    longest = int(mask.sum(1).max(initial=0)) + max_new_tokens
+    if longest > cfg.max_seq_len:
+      raise ValueError(f"longest prompt + max_new_tokens = {longest} exceeds the GPT-2 model's "
+                       f"max_seq_len={cfg.max_seq_len} (learned positions); shorten the prompts or "
+                       "max_new_tokens")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "top_p",
+                                             "mesh"))
+def _generate_jit(graphdef, params, prompt_tokens, prompt_mask, rng, temperature, eos_ids, pad_id,
+                  *, max_new_tokens, top_k, top_p, mesh):
+  with sharding.activation_sharding(mesh):
+    return _decode(graphdef, params, prompt_tokens, prompt_mask, rng, temperature, eos_ids, pad_id,
+                   max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p)
+
+
+def generate(graphdef: nnx.GraphDef, params, prompt_tokens, prompt_mask, rng: Array, *,
+             max_new_tokens: int, temperature=1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: int | Sequence[int], pad_id: int = 0, mesh: Mesh | None = None
+             ) -> GenerateOutput:
+  """Samples up to `max_new_tokens` tokens after each left-padded prompt.
+
+  prompt_tokens: [B, P] int32; prompt_mask: [B, P] bool, True on real tokens, padding on the left
+  (see `prompt_batch`); a row with no real token generates nothing. rng: a PRNG key.
+  temperature: 0 = greedy. eos_id: one id or a sequence (EOS is part of the response).
+  Traced, so changing them does not recompile: temperature, eos_id values, pad_id. Static:
+  max_new_tokens, top_k (0 = off), top_p (1.0 = off), the number of EOS ids, mesh.
+  mesh: when given, activations are constrained to it and prompts sharded over its batch axes;
+  params should already be placed (e.g. with `sharding.param_shardings`). Compiles once per
+  prompt shape; `Sampler` buckets shapes.
+  """
+  _check_inputs(prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens, top_k=top_k,
+                top_p=top_p, temperature=temperature, cfg=nnx.merge(graphdef, params).cfg)
+  return _generate_jit(graphdef, params, prompt_tokens, prompt_mask, rng, temperature,
+                       _eos_array(eos_id), pad_id, max_new_tokens=max_new_tokens, top_k=top_k,
+                       top_p=float(top_p), mesh=mesh)
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+class Sampler:
+  """Bucketed, cached `generate` for driver loops.
+
+  Prompts are left-padded to a multiple of `length_bucket` and the batch is filled with empty
+  dummy rows up to a power of two (and a multiple of the mesh's batch shards); dummy rows are
+  done from the start and dropped from the output. One compiled function exists per
+  (batch bucket, length bucket, max_new_tokens, top_k, top_p, number of EOS ids); temperature,
+  EOS ids and pad_id are traced. `trace_count` counts traces (= compilations), for tests and logs.
+
+  Single-controller: with several processes every process must pass prompts that land in the
+  same buckets.
+  """
+
+  def __init__(self, graphdef: nnx.GraphDef, config: ModelConfig, *, mesh: Mesh | None = None,
+               param_shardings=None, length_bucket: int = 32, rules=sharding.DEFAULT_RULES):
+    if config.head != "lm":
+      raise ValueError(f"Sampler needs an LM head, got config.head={config.head!r}")
+    if length_bucket < 1:
+      raise ValueError(f"length_bucket={length_bucket} must be >= 1")
+    self.graphdef, self.config, self.mesh = graphdef, config, mesh
+    self.length_bucket, self.rules = length_bucket, rules
+    if mesh is not None and param_shardings is None:
+      param_shardings = sharding.replicated(mesh)  # a prefix: every parameter replicated
+    self.param_shardings = param_shardings
+    self.trace_count = 0
+    self._compiled: dict[tuple, Callable] = {}
+    self._batch_shards = 1
+    if mesh is not None:
+      spec = sharding.logical_to_spec(("batch",), rules)[0]
+      parts = (spec,) if isinstance(spec, str) else tuple(spec or ())
+      self._batch_shards = math.prod(mesh.shape[p] for p in parts)
+
+  def buckets(self, batch: int, prompt_len: int) -> tuple[int, int]:
+    """(bucketed batch size, bucketed prompt length) for a [batch, prompt_len] prompt array."""
+    b = _round_up(1 << max(batch - 1, 0).bit_length(), self._batch_shards)
+    return b, _round_up(prompt_len, self.length_bucket)
+
+  def _function(self, static: tuple):
+    if static in self._compiled:
+      return self._compiled[static]
+    max_new_tokens, top_k, top_p = static
+
+    def run(params, prompt_tokens, prompt_mask, rng, temperature, eos_ids, pad_id):
+      self.trace_count += 1  # runs at trace time only: counts compilations
+      with sharding.activation_sharding(self.mesh, self.rules):
+        return _decode(self.graphdef, params, prompt_tokens, prompt_mask, rng, temperature,
+                       eos_ids, pad_id, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p)
+
+    if self.mesh is None:
+      fn = jax.jit(run)
+    else:
+      rows = sharding.batch_sharding(self.mesh, self.rules)
+      rep = sharding.replicated(self.mesh)
+      fn = jax.jit(run, in_shardings=(self.param_shardings, rows, rows, rep, rep, rep, rep),
+                   out_shardings=GenerateOutput(rows, rows, rows, rows))
+    self._compiled[static] = fn
+    return fn
+
+  def __call__(self, params, prompt_tokens, prompt_mask, rng: Array, *, max_new_tokens: int,
+               temperature=1.0, top_k: int = 0, top_p: float = 1.0,
+               eos_id: int | Sequence[int], pad_id: int = 0) -> GenerateOutput:
+    """Same contract as `generate`; prompts are host arrays [B, P]. Returns [B, N] outputs."""
+    prompt_tokens = np.asarray(prompt_tokens, np.int32)
+    prompt_mask = np.asarray(prompt_mask, bool)
+    _check_inputs(prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens, top_k=top_k,
+                  top_p=top_p, temperature=temperature, cfg=self.config)
+    batch, prompt_len = prompt_tokens.shape
+    b_bucket, p_bucket = self.buckets(batch, prompt_len)
+    pad = ((0, b_bucket - batch), (p_bucket - prompt_len, 0))  # dummy rows below, padding left
+    tokens = np.pad(prompt_tokens, pad, constant_values=pad_id)
+    mask = np.pad(prompt_mask, pad, constant_values=False)
+    temperature = np.float32(temperature)
+    if self.mesh is not None:
+      placed = sharding.put_batch({"tokens": tokens, "mask": mask}, self.mesh, self.rules)
+      tokens, mask = placed["tokens"], placed["mask"]
+      params = jax.device_put(params, self.param_shardings)  # no-op when already placed
+    fn = self._function((max_new_tokens, top_k, float(top_p)))
+    out = fn(params, tokens, mask, rng, temperature, _eos_array(eos_id), np.int32(pad_id))
+    if b_bucket != batch:
+      out = GenerateOutput(*(x[:batch] for x in out))
+    return out
+
+
+# --- host-side helpers ----------------------------------------------------------------------------
+
+def prompt_batch(prompts: Sequence[Sequence[int]],
+                 pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token-id lists to (tokens [B, P] int32, mask [B, P] bool), P = the longest prompt."""
+  if not prompts:
+    raise ValueError("prompt_batch needs at least one prompt")
+  empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+  if empty:
+    raise ValueError(f"prompts {empty} are empty; every prompt needs at least one token (e.g. BOS)")
+  width = max(len(p) for p in prompts)
+  tokens = np.full((len(prompts), width), pad_id, np.int32)
+  mask = np.zeros((len(prompts), width), bool)
+  for row, p in enumerate(prompts):
+    tokens[row, width - len(p):] = np.asarray(p, np.int32)
+    mask[row, width - len(p):] = True
+  return tokens, mask
+
+
+def full_sequence(prompt_tokens, prompt_mask, out: GenerateOutput
+                  ) -> tuple[Array, Array, Array, Array]:
+  """Prompt + response as one sequence, to rescore it with a single forward pass.
+
+  prompt_tokens, prompt_mask: [B, P] left-padded; out: `GenerateOutput` with [B, N] fields.
+  Returns (tokens, segment_ids, positions, response_mask), each [B, P+N]: the plain concatenation,
+  so padding sits on both sides (left of the prompt, right of the response) and response column j
+  is P+j for every row; `segment_ids` (0 = padding) give the attention mask and `positions` restart
+  at 0 on each row's first real token, as during generation. Logits at column t predict column
+  t+1, so the response log-probs are `log_softmax(logits[:, P-1:-1] / T)` gathered at
+  `tokens[:, P:]`, masked with `response_mask[:, P:]` (== out.mask).
+  """
+  chex.assert_equal_shape([prompt_tokens, prompt_mask])
+  chex.assert_equal_shape([out.tokens, out.logprobs, out.mask])
+  chex.assert_equal_shape_prefix([prompt_tokens, out.tokens], 1)
+  tokens = jnp.concatenate([jnp.asarray(prompt_tokens, jnp.int32), out.tokens], axis=1)
+  mask = jnp.concatenate([jnp.asarray(prompt_mask, bool), out.mask], axis=1)
+  response_mask = jnp.concatenate([jnp.zeros_like(prompt_mask, bool), out.mask], axis=1)
+  return tokens, mask.astype(jnp.int32), positions_from_mask(mask), response_mask

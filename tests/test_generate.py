@@ -1,0 +1,232 @@
+"""The KV-cache sampler against plain references: cache-free greedy, one-pass log-probs, softmax."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import sharding
+from rlhf_jax.generate import Sampler, full_sequence, generate, prompt_batch, sample_token
+from rlhf_jax.models import ModelConfig, abstract_model, apply
+
+# init_std well above the default so logits are peaked: argmax never hinges on a rounding error.
+LLAMA = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
+                    mlp_dim=64, max_seq_len=64, family="llama", init_std=0.2)
+GPT2 = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64,
+                   max_seq_len=64, family="gpt2", tie_embeddings=True, init_std=0.2)
+PROMPTS = [[5, 9, 3], [7], [11, 2, 60, 8, 4, 30], [1, 1, 2, 3, 5]]
+LONG = PROMPTS + [[(7 * i) % 64 for i in range(17)]]  # batch 5, prompt length 17
+N = 8
+NEVER = -1  # an eos id no model can emit
+
+
+@functools.lru_cache(maxsize=None)
+def _model(cfg):
+  """(graphdef, params) with NumPy-drawn weights: the model's own eager init costs ~10 s of CPU
+  compiles here. Norm scales near 1, everything else (biases too) N(0, init_std^2)."""
+  graphdef, abstract, _ = abstract_model(cfg)
+  rs = np.random.RandomState(0)
+
+  def draw(path, leaf):
+    noise = rs.randn(*leaf.shape).astype(np.float32)
+    if "scale" in jax.tree_util.keystr(path):
+      return jnp.asarray(1.0 + 0.1 * noise)
+    return jnp.asarray(cfg.init_std * noise)
+  return graphdef, jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def _positions(mask):
+  """Reference positions: the count of real tokens before each one."""
+  return np.maximum(np.cumsum(mask, 1) - 1, 0) * mask
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, params, tokens, segment_ids, positions):
+  """Cache-free forward over a whole (both-sides padded) sequence: logits [B, T, V]."""
+  return apply(graphdef, params, tokens, positions, segment_ids)[0]
+
+
+def _reference_greedy(graphdef, params, tokens, mask, n):
+  """Argmax decoding with a full forward over the growing sequence at every step (no cache)."""
+  b, p = tokens.shape
+  seq = np.concatenate([tokens, np.zeros((b, n), np.int32)], 1)
+  seq_mask = np.concatenate([mask, np.zeros((b, n), bool)], 1)
+  for j in range(n):
+    # Unwritten slots are padding on the right: causal attention never sees them.
+    logits = _forward(graphdef, params, seq, seq_mask.astype(np.int32), _positions(seq_mask))
+    seq[:, p + j] = np.asarray(logits[:, p + j - 1]).argmax(-1)
+    seq_mask[:, p + j] = True
+  return seq[:, p:]
+
+
+def _generate(cfg, prompts=PROMPTS, **kw):
+  graphdef, params = _model(cfg)
+  kw = dict(dict(rng=jax.random.key(0), max_new_tokens=N, temperature=0.0, eos_id=NEVER), **kw)
+  return generate(graphdef, params, *prompt_batch(prompts), **kw)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama_gqa", "gpt2"])
+def test_greedy_matches_cache_free_reference(cfg):
+  graphdef, params = _model(cfg)
+  tokens, mask = prompt_batch(PROMPTS)
+  out = _generate(cfg)
+  np.testing.assert_array_equal(out.tokens, _reference_greedy(graphdef, params, tokens, mask, N))
+  assert np.asarray(out.mask).all() and (np.asarray(out.lengths) == N).all()
+  assert len(set(map(tuple, np.asarray(out.tokens)))) > 1  # rows really differ
+
+
+def test_sampled_logprobs_match_one_forward_pass():
+  graphdef, params = _model(LLAMA)
+  tokens, mask = prompt_batch(PROMPTS)
+  t, p = 0.7, tokens.shape[1]
+  sample = functools.partial(_generate, LLAMA, rng=jax.random.key(1), temperature=t, top_k=20,
+                             top_p=0.9)
+  free = np.asarray(sample(eos_id=(NEVER, NEVER)).tokens)
+  eos = (int(free[0, 2]), int(free[1, 4]))  # same rng, same draws: rows 0 and 1 stop early
+  out = sample(eos_id=eos)
+  seq, segments, positions, response_mask = map(np.asarray, full_sequence(tokens, mask, out))
+  np.testing.assert_array_equal(response_mask[:, p:], out.mask)
+  assert not response_mask[:, :p].any()
+  np.testing.assert_array_equal(positions, _positions(segments > 0))
+  logits = np.asarray(_forward(graphdef, params, seq, segments, positions), np.float64) / t
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # log_softmax(logits / T)
+  # Logits at column t predict column t+1: response column P+j is scored by logits at P+j-1.
+  want = np.take_along_axis(logp[:, p - 1:-1], seq[:, p:, None], -1)[..., 0]
+  m, got = np.asarray(out.mask), np.asarray(out.logprobs)
+  assert out.lengths[0] <= 3 and out.lengths[1] <= 5  # EOS really stopped them
+  np.testing.assert_allclose(got[m], want[m], atol=1e-5)
+  assert (got[~m] == 0).all()
+  assert not np.array_equal(out.tokens, _generate(LLAMA).tokens)  # it really sampled
+
+
+def test_uniform_model_draws_fresh_noise_every_step_and_row():
+  graphdef, params = _model(LLAMA)
+  zeros = jax.tree.map(jnp.zeros_like, params)  # logits all 0: every token has p = 1/V
+  out = generate(graphdef, zeros, *prompt_batch(PROMPTS), jax.random.key(0), max_new_tokens=N,
+                 temperature=1.0, eos_id=NEVER)
+  tokens = np.asarray(out.tokens)
+  assert all(len(set(row)) > N // 2 for row in tokens.tolist())  # not one key reused per step
+  assert len(set(map(tuple, tokens.tolist()))) == len(PROMPTS)  # nor one key for all rows
+  np.testing.assert_allclose(out.logprobs, -np.log(LLAMA.vocab_size), rtol=1e-6)
+
+
+def test_per_row_eos_stops_rows_and_pads_the_rest():
+  free = np.asarray(_generate(LLAMA).tokens)
+  # An EOS that some row emits mid-way (first occurrence at step >= 1), others later or never.
+  eos = next(int(free[r, k]) for r in range(len(PROMPTS)) for k in range(1, N - 1)
+             if free[r, k] not in free[r, :k])
+  out = _generate(LLAMA, eos_id=eos, pad_id=63)
+  hits = free == eos
+  want_len = np.where(hits.any(1), hits.argmax(1) + 1, N)
+  assert 1 < want_len.min() < N
+  np.testing.assert_array_equal(out.lengths, want_len)
+  want_mask = np.arange(N)[None] < want_len[:, None]
+  np.testing.assert_array_equal(out.mask, want_mask)
+  np.testing.assert_array_equal(out.tokens, np.where(want_mask, free, 63))
+  assert (np.asarray(out.logprobs)[~want_mask] == 0).all()
+  assert (np.asarray(out.logprobs)[want_mask] < 0).all()
+
+  # EOS ids covering every row's first token: all rows stop at once and the loop exits.
+  firsts = sorted(set(free[:, 0].tolist()))
+  out = _generate(LLAMA, eos_id=firsts + [NEVER] * (len(PROMPTS) - len(firsts)))
+  np.testing.assert_array_equal(out.lengths, 1)
+  np.testing.assert_array_equal(np.asarray(out.tokens)[:, 0], free[:, 0])
+  assert (np.asarray(out.tokens)[:, 1:] == 0).all()
+
+
+def test_sampler_compiles_once_per_bucket_and_matches_generate():
+  graphdef, params = _model(LLAMA)
+  sampler = Sampler(graphdef, LLAMA, length_bucket=16)
+  assert sampler.buckets(3, 6) == (4, 16) and sampler.buckets(5, 17) == (8, 32)
+
+  def check(prompts, temperature, eos_id=3):
+    rng = jax.random.key(len(prompts))
+    got = sampler(params, *prompt_batch(prompts), rng, max_new_tokens=N, temperature=temperature,
+                  eos_id=eos_id)
+    want = _generate(LLAMA, prompts, rng=rng, temperature=temperature, eos_id=eos_id)
+    # Bucket padding changes neither greedy nor sampled tokens (per-row random streams).
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.mask, want.mask)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+  # Batch 3..4 and prompt length 6..16 share bucket (4, 16); temperature and EOS are traced.
+  for temperature, eos_id in ((0.0, 3), (1.0, 4)):
+    check(PROMPTS, temperature, eos_id)
+  for prompts in (PROMPTS[:3], [[4] * 16, [9, 8], [1]], [[2] * 10, [3], [5, 6], [7]]):
+    sampler(params, *prompt_batch(prompts), jax.random.key(0), max_new_tokens=N, eos_id=3)
+  assert sampler.trace_count == 1
+  check(LONG, 1.0)  # batch 5, length 17: a new bucket (8, 32), 3 dummy rows
+  assert sampler.trace_count == 2
+
+
+def test_sharded_params_give_the_same_tokens():
+  mesh = sharding.make_mesh((2, 2, 2))
+  _, abstract, axes = abstract_model(LLAMA)
+  shardings = sharding.param_shardings(abstract, axes, mesh)
+  graphdef, params = _model(LLAMA)
+  placed = jax.device_put(params, shardings)
+  assert placed["blocks"]["attn"]["q"].sharding.spec == jax.sharding.PartitionSpec(
+      None, "fsdp", "tensor", None)
+  prompts = LONG  # 5 rows: bucketed to 8 over 4 batch shards
+  sampler = Sampler(graphdef, LLAMA, mesh=mesh, param_shardings=shardings)
+  for temperature in (0.0, 1.0):
+    rng = jax.random.key(len(prompts))
+    want = _generate(LLAMA, prompts, rng=rng, temperature=temperature, eos_id=3)
+    got = sampler(placed, *prompt_batch(prompts), rng, max_new_tokens=N, temperature=temperature,
+                  eos_id=3)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+  # The pure entry point on the mesh: 4 rows = the batch shards, no bucketing.
+  want = _generate(LLAMA, eos_id=3)
+  got = generate(graphdef, placed, *prompt_batch(PROMPTS), jax.random.key(0), max_new_tokens=N,
+                 temperature=0.0, eos_id=3, mesh=mesh)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+_sample = jax.jit(sample_token, static_argnames=("top_k", "top_p"))
+
+
+def test_sample_token_truncation_and_distribution():
+  draws, rng = 40_000, jax.random.key(3)
+  logits = np.random.RandomState(0).randn(draws, 8).astype(np.float32) * 3
+  greedy = logits.argmax(-1)
+  np.testing.assert_array_equal(_sample(logits, rng, temperature=1.0, top_k=1), greedy)
+  np.testing.assert_array_equal(_sample(logits, rng, temperature=1.0, top_p=1e-6), greedy)
+  np.testing.assert_array_equal(_sample(logits, rng, temperature=0.0, top_k=3), greedy)
+
+  row = np.array([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2], np.float32)
+  many = np.broadcast_to(row, (draws, row.shape[0]))  # one distribution, many independent rows
+
+  def chi2(probs, **kw):
+    counts = np.bincount(np.asarray(_sample(many, rng, **kw)), minlength=row.shape[0])
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, (counts, probs)  # truncated tokens are never drawn
+    expected = draws * probs[keep]
+    return float(((counts[keep] - expected) ** 2 / expected).sum())
+
+  t = 0.7
+  probs = np.exp(row / t) / np.exp(row / t).sum()
+  assert chi2(probs, temperature=t) < 25  # 7 dof: p ~ 1e-3
+  assert chi2(probs, temperature=1.0) > 100  # ...and ignoring the temperature would be caught
+  top3 = np.where(np.argsort(-probs).argsort() < 3, probs, 0)
+  assert chi2(top3 / top3.sum(), temperature=t, top_k=3) < 16  # 2 dof, renormalised over 3
+  # Top-p 0.8 keeps the shortest prefix of the sorted probabilities that reaches 0.8.
+  order = np.argsort(-probs)
+  kept = order[np.cumsum(probs[order]) - probs[order] < 0.8]
+  nucleus = np.zeros_like(probs)
+  nucleus[kept] = probs[kept]
+  assert 1 < len(kept) < len(probs)
+  assert chi2(nucleus / nucleus.sum(), temperature=t, top_p=0.8) < 25
+
+
+def test_bad_inputs_get_clear_errors():
+  graphdef, params = _model(GPT2)
+  tokens, mask = prompt_batch(PROMPTS)
+  with pytest.raises(ValueError, match="left-padded"):
+    generate(graphdef, params, tokens, mask[:, ::-1], jax.random.key(0), max_new_tokens=2, eos_id=3)
+  with pytest.raises(ValueError, match="max_seq_len"):
+    Sampler(graphdef, GPT2)(params, tokens, mask, jax.random.key(0), max_new_tokens=60, eos_id=3)
+  with pytest.raises(ValueError, match="empty"):
+    prompt_batch([[1], []])
