@@ -251,8 +251,7 @@ class Sampler:
   (batch bucket, length bucket, max_new_tokens, top_k, top_p, number of EOS ids); temperature,
   EOS ids and pad_id are traced. `trace_count` counts traces (= compilations), for tests and logs.
 
-  Single-controller: with several processes every process must pass prompts that land in the
-  same buckets.
+  Multi-host: as with `sharding.put_batch`, every process passes the same global prompt batch.
   """
 
   def __init__(self, graphdef: nnx.GraphDef, config: ModelConfig, *, mesh: Mesh | None = None,
