@@ -467,19 +467,12 @@ def test_invalid_configs_raise_value_error(overrides, match):
     ModelConfig(**{**dict(vocab_size=64, embed_dim=32, num_heads=4, mlp_dim=48), **overrides})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "config.py:74-77 checks only the rope type; a rope_scaling without 'factor' or "
-    "'original_max_position_embeddings' is accepted and fails later with KeyError in "
-    "layers.py:68-69 (rope_frequencies), inside the first traced forward"))
 def test_incomplete_rope_scaling_raises_value_error():
   with pytest.raises(ValueError, match="factor"):
     ModelConfig(vocab_size=64, embed_dim=32, num_heads=4, mlp_dim=48,
                 rope_scaling={"rope_type": "llama3", "original_max_position_embeddings": 8192})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "config.py:86 `num_kv_heads or num_heads` turns num_kv_heads=0 into plain MHA; config.py:67 "
-    "accepts num_kv_heads=-2 (4 % -2 == 0) and raises ZeroDivisionError for num_heads=0"))
 @pytest.mark.parametrize("overrides", [dict(num_kv_heads=0), dict(num_kv_heads=-2),
                                        dict(num_heads=0)], ids=["kv0", "kv_negative", "heads0"])
 def test_non_positive_head_counts_raise_value_error(overrides):

@@ -23,7 +23,7 @@ def tiny_config(steps=40):
   c.optim.update(lr=3e-3, warmup_steps=5)
   c.train.update(steps=steps, batch_size=16, seq_len=64, log_every=5, eval_every=steps,
                  eval_batches=2, checkpoint_every=steps // 2, async_checkpoint=True)
-  c.data.update(source="toy", toy_num_records=600, tokenizer_vocab_size=256, packing=True)
+  c.data.update(source="toy", toy_num_records=600, tokenizer_vocab_size=384, packing=True)
   c.sample.update(num_examples=0)
   return c
 

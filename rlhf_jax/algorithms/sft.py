@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, data, sharding
+from rlhf_jax import checkpoint, data, generate, sharding
 from rlhf_jax.algorithms import common
 from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
 from rlhf_jax.metrics import format_table
@@ -57,19 +57,16 @@ def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.data.tokenizer or os.path.abspath(os.path.join(workdir, "tokenizer"))
 
 
-def sample_table(setup: common.Setup, params, tokenizer, records, config, rng) -> list[dict]:
+def sample_table(sampler, params, tokenizer, records, config, rng) -> list[dict]:
   """Generates for `records` and scores toy records (exact match). Returns rows for a table."""
   if not records:
     return []
-  from rlhf_jax import generate  # local: only drivers that sample pay for its import
-
   prompts = [data.encode_prompt(tokenizer, r["prompt"]) for r in records]
   tokens, mask = generate.prompt_batch(prompts, pad_id=tokenizer.pad_token_id)
   s = config.sample
-  out = generate.generate(setup.graphdef, params, tokens, mask, rng,
-                          max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                          top_k=s.top_k, top_p=s.top_p, eos_id=tokenizer.eos_token_id,
-                          pad_id=tokenizer.pad_token_id, mesh=setup.mesh)
+  out = sampler(params, tokens, mask, rng, max_new_tokens=s.max_new_tokens,
+                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
   out_tokens, out_mask = jax.device_get((out.tokens, out.mask))
   rows = []
   for r, toks, m in zip(records, out_tokens, out_mask):
@@ -115,15 +112,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rng = jax.random.key(config.seed)
   resumed = os.path.exists(os.path.join(workdir, "checkpoints")) and any(
       name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
-  before = None if resumed else sample_table(setup, setup.state.params, tokenizer, sample_records,
-                                             config, rng)
+  sampler = generate.Sampler(setup.graphdef, model_cfg, mesh=setup.mesh,
+                             param_shardings=setup.param_shardings)
+  before = None if resumed else sample_table(sampler, setup.state.params, tokenizer,
+                                             sample_records, config, rng)
 
   state = common.train_loop(config, workdir, setup, batches, data_state=batches.state,
                             restore_data=batches.restore, evaluate=evaluate,
                             count_tokens=data.num_tokens)
 
   final = evaluate(state)
-  after = sample_table(setup, state.params, tokenizer, sample_records, config, rng)
+  after = sample_table(sampler, state.params, tokenizer, sample_records, config, rng)
   if int(state.step) >= t.steps:
     checkpoint.export_params(os.path.join(workdir, "export"), state.params, overwrite=True,
                              metadata={"model": model_cfg.to_dict(),

@@ -58,6 +58,12 @@ class ModelConfig:
     if isinstance(self.rope_scaling, Mapping):
       object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
     errors = []
+    sizes = dict(vocab_size=self.vocab_size, num_layers=self.num_layers, embed_dim=self.embed_dim,
+                 num_heads=self.num_heads, mlp_dim=self.mlp_dim, max_seq_len=self.max_seq_len,
+                 num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+    bad = [f"{k}={v}" for k, v in sizes.items() if v is not None and v < 1]
+    if bad:
+      raise ValueError(f"Invalid model config: sizes must be positive, got {', '.join(bad)}")
     if self.family not in FAMILIES:
       errors.append(f"family={self.family!r} must be one of {FAMILIES}")
     if self.head not in HEADS:
@@ -75,6 +81,13 @@ class ModelConfig:
       kind = dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type"))
       if kind not in ROPE_SCALING_TYPES:
         errors.append(f"rope_scaling type {kind!r} is not supported (supported: {ROPE_SCALING_TYPES})")
+      else:
+        scaling = dict(self.rope_scaling)
+        missing = {"factor", "original_max_position_embeddings"} - set(scaling)
+        if missing:
+          errors.append(f"rope_scaling is missing {sorted(missing)}")
+        if scaling.get("high_freq_factor", 4.0) <= scaling.get("low_freq_factor", 1.0):
+          errors.append("rope_scaling needs high_freq_factor > low_freq_factor")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         errors.append(f"{name}={getattr(self, name)!r} must be float32, bfloat16 or float16")
@@ -83,7 +96,7 @@ class ModelConfig:
 
   @property
   def kv_heads(self) -> int:
-    return self.num_kv_heads or self.num_heads
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
   @property
   def dim_per_head(self) -> int:

@@ -75,7 +75,10 @@ class Transformer(nnx.Module):
                     cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
     """Final-norm hidden states [B, T, E] (and the updated cache)."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    # Gather from a table replicated over `vocab` (still sharded over `embed`): a gather from a
+    # vocab-sharded table makes XLA rematerialise the whole table on every device.
+    table = sharding.constrain(self.embed[...], (None, "embed"))
+    x = jnp.take(table, tokens, axis=0).astype(dt)
     if cfg.family == "gpt2":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
     x = sharding.constrain(x, ("batch", "length", "act_embed"))
