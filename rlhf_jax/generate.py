@@ -33,7 +33,7 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import KVCache, apply, init_cache, positions_from_mask
 
 Array = jax.Array
-_CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+_CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 
 
 class GenerateOutput(NamedTuple):

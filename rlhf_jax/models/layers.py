@@ -124,33 +124,43 @@ class Attention(nnx.Module):
                cache: tuple[Array, Array] | None, write_at: Array | None):
     """x: [B, T, E]; positions: [B, T]; mask: [B, 1, 1, T, S] from `attention_mask`.
 
-    cache: None, or (k, v) each [B, S, KV, D] to which this call's keys/values are written at slot
-    `write_at` (scalar int) before attending over all S slots. Returns (out [B, T, E], new cache or
-    None).
+    cache: None, or (k, v, layer) with k, v the caches of ALL layers, [L, B, KV, S, D], and `layer`
+    this layer's index: this call's keys/values are written into slot `write_at` (scalar int) of
+    layer `layer`, then the query attends over all S slots of that layer. The whole stacked cache
+    is passed (and returned) so that it can be a loop carry that XLA updates in place; slicing it
+    into per-layer scan inputs/outputs would copy the whole cache at every decoding step. Write
+    first, then read: reading the carry before writing it makes XLA copy the buffer.
+    Keys/values are laid out [B, KV, S, D] (heads before slots): the score and value contractions
+    then need no transpose of the cache, ~5x faster decoding on CPU than [B, S, KV, D].
+    Returns (out [B, T, E], (k, v) updated, or None).
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     q = jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dt))
     k = jnp.einsum("bte,ehd->bthd", x, self.k[...].astype(dt))
-    v = jnp.einsum("bte,ehd->bthd", x, self.v[...].astype(dt))
+    v = jnp.einsum("bte,ehd->bhtd", x, self.v[...].astype(dt))
     if self.use_bias:
-      q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
-                 v + self.v_bias[...].astype(dt))
+      q, k = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)[None, :, None, :]
     if cfg.family == "llama":
       inv_freq = rope_frequencies(cfg)
       q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    k = jnp.swapaxes(k, 1, 2)  # [B, KV, T, D]
     new_cache = None
     if cache is not None:
-      k_cache, v_cache = cache
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_at, 0, 0))
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_at, 0, 0))
-      new_cache = (k, v)
+      k_all, v_all, layer = cache
+      at = (layer, 0, 0, write_at, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+      k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False)
+      new_cache = (k_all, v_all)
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1]
     q = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt)).astype(jnp.float32) / math.sqrt(d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(dt)).astype(jnp.float32) / math.sqrt(d)
     scores = jnp.where(mask, scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(b, t, h, d)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt)).reshape(b, t, h, d)
     out = jnp.einsum("bthd,hde->bte", out, self.o[...].astype(dt))
     if cfg.family == "gpt2":
       out = out + self.o_bias[...].astype(dt)

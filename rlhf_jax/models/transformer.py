@@ -29,7 +29,7 @@ _REMAT_POLICIES = {
 
 
 class KVCache(NamedTuple):
-  """Decoding state. k, v: [L, B, S, KV, D]; segment_ids: [B, S] (0 = empty/pad slot);
+  """Decoding state. k, v: [L, B, KV, S, D]; segment_ids: [B, S] (0 = empty/pad slot);
   end: scalar int32, the number of slots written so far (the next write goes there)."""
 
   k: Array
@@ -39,7 +39,7 @@ class KVCache(NamedTuple):
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-  shape = (cfg.num_layers, batch, max_len, cfg.kv_heads, cfg.dim_per_head)
+  shape = (cfg.num_layers, batch, cfg.kv_heads, max_len, cfg.dim_per_head)
   dtype = dtype or cfg.dtype
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                  jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
@@ -97,33 +97,29 @@ class Transformer(nnx.Module):
 
     block_def, block_params = nnx.split(self.blocks)
 
-    def layer(x, layer_params, layer_cache):
+    def layer(x, layer_params, kv, index):
       block = nnx.merge(block_def, layer_params)
-      return block(x, positions, mask, layer_cache, write_at)
+      return block(x, positions, mask, None if kv is None else (*kv, index), write_at)
 
     if cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
 
     kv = None if cache is None else (cache.k, cache.v)
     if cfg.scan_layers:
-      def body(x, xs):
-        layer_params, layer_cache = xs
-        x, new_cache = layer(x, layer_params, layer_cache)
-        return x, new_cache
-      x, new_kv = jax.lax.scan(body, x, (block_params, kv))
+      # The stacked cache is a carry (updated in place), not a per-layer input/output.
+      def body(carry, xs):
+        x, kv = carry
+        layer_params, index = xs
+        return layer(x, layer_params, kv, index), None
+      (x, kv), _ = jax.lax.scan(body, (x, kv), (block_params, jnp.arange(cfg.num_layers)))
     else:
-      outs = []
       for i in range(cfg.num_layers):
-        layer_params = jax.tree.map(lambda a: a[i], block_params)
-        layer_cache = None if kv is None else (kv[0][i], kv[1][i])
-        x, new_cache = layer(x, layer_params, layer_cache)
-        outs.append(new_cache)
-      new_kv = None if kv is None else tuple(jnp.stack(c) for c in zip(*outs))
+        x, kv = layer(x, jax.tree.map(lambda a: a[i], block_params), kv, i)
 
     x = self.final_norm(x)
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(new_kv[0], new_kv[1], k_segments, cache.end + t)
+      new_cache = KVCache(kv[0], kv[1], k_segments, cache.end + t)
     return x, new_cache
 
   def head(self, x: Array) -> Array:
