@@ -44,8 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.data = ml_collections.ConfigDict(dict(
+      kind="sft",  # record kind: "sft" (prompt/completion or messages) | "text" (pretraining)
       source="toy",  # "toy" (generated instructions) | a path to JSONL / json / parquet / a
-                     # save_to_disk directory with SFT records
+                     # save_to_disk directory of `kind` records
       eval_source="",  # same forms; "" = hold out `eval_fraction` of the training records
       eval_fraction=0.05,
       split="",  # split name for HF datasets ("" = the only / 'train' split)

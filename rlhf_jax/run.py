@@ -27,6 +27,7 @@ from rlhf_jax.data.records import RecordError
 # Drivers by `config.algorithm`: "module:function(config, workdir) -> dict of final metrics".
 ALGORITHMS = {
     "sft": "rlhf_jax.algorithms.sft:train",
+    "pretrain": "rlhf_jax.algorithms.sft:train",  # same driver, config.data.kind="text"
 }
 
 # Errors caused by the user's config or data, shown as one message without a traceback.

@@ -1,4 +1,7 @@
-"""Supervised fine-tuning driver: data -> tokenizer -> sharded training -> params export.
+"""Language-model training driver: SFT (`config.data.kind="sft"`, prompt tokens masked) and
+pretraining (`kind="text"`, every token a target; `config.algorithm="pretrain"`) share it.
+
+data -> tokenizer -> sharded training -> params export.
 
 WORKDIR after a run: config.json, tokenizer/ (toy data), checkpoints/, metrics.jsonl, tb/,
 export/ (params + {"model": ..., "tokenizer": ...}, what later stages initialise from),
@@ -18,6 +21,7 @@ import numpy as np
 from rlhf_jax import checkpoint, data, generate, sharding
 from rlhf_jax.algorithms import common
 from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
+from rlhf_jax.data.text import tokenize_text
 from rlhf_jax.metrics import format_table
 from rlhf_jax.toyworld import instructions
 from rlhf_jax.train import make_eval_step
@@ -32,9 +36,10 @@ def load_tokenizer_and_records(config: ml_collections.ConfigDict, workdir: str):
     families = list(d.toy_families) or None
     records = instructions.generate_sft_records(d.toy_num_records, config.seed, families)
   else:
-    records = data.load_records(d.source, "sft", split=d.split or None)
+    records = data.load_records(d.source, d.kind, split=d.split or None)
   if d.eval_source:
-    train_records, eval_records = records, data.load_records(d.eval_source, "sft", split=d.split or None)
+    train_records = records
+    eval_records = data.load_records(d.eval_source, d.kind, split=d.split or None)
   else:
     n_eval = max(1, int(len(records) * d.eval_fraction))
     train_records, eval_records = records[:-n_eval], records[-n_eval:]
@@ -86,9 +91,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = common.make_mesh(config)
   tokenizer, train_records, eval_records = load_tokenizer_and_records(config, workdir)
   t = config.train
-  train_examples, stats = data.tokenize_sft(train_records, tokenizer, max_len=t.seq_len)
-  eval_examples, _ = data.tokenize_sft(eval_records, tokenizer, max_len=t.seq_len)
-  _log.info("SFT data: %s train, %d eval examples", stats, len(eval_examples))
+  tokenize = tokenize_text if config.data.kind == "text" else data.tokenize_sft
+  train_examples, stats = tokenize(train_records, tokenizer, max_len=t.seq_len)
+  eval_examples, _ = tokenize(eval_records, tokenizer, max_len=t.seq_len)
+  _log.info("%s data: %s train, %d eval examples", config.data.kind, stats, len(eval_examples))
 
   model_cfg = common.model_config(config, vocab_size=len(tokenizer))
   setup = common.setup_training(config, mesh, model_cfg, make_sft_loss_fn)
@@ -108,7 +114,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {k: float(np.sum([r[k] for r in results] * weights) / weights.sum())
             for k in results[0] if k != "loss_weight"}
 
-  sample_records = eval_records[:config.sample.num_examples]
+  sample_records = eval_records[:config.sample.num_examples] if config.data.kind == "sft" else []
   rng = jax.random.key(config.seed)
   resumed = os.path.exists(os.path.join(workdir, "checkpoints")) and any(
       name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))

@@ -1,0 +1,46 @@
+"""Scoring sequences with a model (no gradients): per-token log-probs of responses under a policy or
+a reference, and scalar scores from a reward/value model. PPO, DPO and the evaluations use these."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.losses.common import token_logprobs
+from rlhf_jax.models import apply
+
+Array = jax.Array
+
+
+def response_logprobs(graphdef: nnx.GraphDef, params, tokens: Array, segment_ids: Array,
+                      positions: Array, response_mask: Array, *, temperature: float = 1.0) -> Array:
+  """log pi(token_t | tokens_<t) / T-scaled, at response positions: [B, T] float32, 0 elsewhere.
+
+  tokens, segment_ids, positions, response_mask: [B, T] (e.g. from `generate.full_sequence`).
+  Column t holds the log-prob of tokens[:, t] (from the logits at t-1), so it lines up with
+  `response_mask`; the first column is never a response token.
+  """
+  logits, _ = apply(graphdef, params, tokens, positions, segment_ids)
+  logp = token_logprobs(logits[:, :-1], tokens[:, 1:], temperature=temperature)
+  logp = jnp.concatenate([jnp.zeros_like(logp[:, :1]), logp], axis=1)
+  return jnp.where(response_mask, logp, 0.0)
+
+
+def last_token_scores(graphdef: nnx.GraphDef, params, tokens: Array, segment_ids: Array,
+                      positions: Array) -> Array:
+  """A scalar-head model's score at each row's last real token: [B] float32."""
+  scores, _ = apply(graphdef, params, tokens, positions, segment_ids)
+  last = jnp.max(jnp.where(segment_ids > 0, jnp.arange(tokens.shape[1])[None], -1), axis=1)
+  return jnp.take_along_axis(scores, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature"))
+def sequence_logprob_sums(graphdef: nnx.GraphDef, params, tokens, segment_ids, positions,
+                          response_mask, temperature: float = 1.0) -> Array:
+  """Sum of response log-probs per row: [B] float32 (jitted)."""
+  lp = response_logprobs(graphdef, params, tokens, segment_ids, positions, response_mask,
+                         temperature=temperature)
+  return jnp.sum(lp, axis=1)

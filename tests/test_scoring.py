@@ -1,0 +1,54 @@
+"""Scoring helpers and plain-text tokenisation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import generate, scoring
+from rlhf_jax.data.text import tokenize_text
+from rlhf_jax.models import ModelConfig, create_model, split_model
+
+CFG = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64)
+
+
+def test_response_logprobs_match_sampler():
+  graphdef, params = split_model(create_model(CFG, 0))
+  tokens, mask = generate.prompt_batch([[1, 5, 6], [1, 7]], pad_id=0)
+  out = generate.generate(graphdef, params, tokens, mask, jax.random.key(1), max_new_tokens=6,
+                          temperature=0.8, eos_id=2)
+  seq = generate.full_sequence(tokens, mask, out)
+  lp = scoring.response_logprobs(graphdef, params, *seq, temperature=0.8)
+  np.testing.assert_allclose(lp[:, tokens.shape[1]:], np.where(out.mask, out.logprobs, 0.0),
+                             atol=1e-5)
+  sums = scoring.sequence_logprob_sums(graphdef, params, *seq, temperature=0.8)
+  np.testing.assert_allclose(sums, jnp.sum(out.logprobs * out.mask, axis=1), atol=1e-4)
+
+
+def test_last_token_scores_reads_last_real_token():
+  cfg = CFG.replace(head="scalar")
+  graphdef, params = split_model(create_model(cfg, 0))
+  tokens = jnp.array([[1, 5, 6, 0], [1, 7, 0, 0]])
+  seg = (tokens > 0).astype(jnp.int32)
+  pos = jnp.array([[0, 1, 2, 0], [0, 1, 0, 0]])
+  scores = scoring.last_token_scores(graphdef, params, tokens, seg, pos)
+  alone = [scoring.last_token_scores(graphdef, params, tokens[i:i + 1, :n], seg[i:i + 1, :n],
+                                     pos[i:i + 1, :n])[0] for i, n in ((0, 3), (1, 2))]
+  np.testing.assert_allclose(scores, alone, atol=1e-6)
+
+
+class _Tok:
+  bos_token_id, eos_token_id = 1, 2
+
+  def __call__(self, texts, add_special_tokens=False):
+    return {"input_ids": [[10 + len(w) for w in t.split()] for t in texts]}
+
+
+def test_tokenize_text_chunks_long_documents_without_loss():
+  records = [{"text": "a bb ccc"}, {"text": " ".join(["w"] * 9)}]
+  examples, stats = tokenize_text(records, _Tok(), max_len=6)
+  assert stats == {"examples": 3, "documents": 2, "chunked": 1}
+  np.testing.assert_array_equal(examples[0].tokens, [1, 11, 12, 13, 2])
+  np.testing.assert_array_equal(examples[0].loss_mask, [0, 1, 1, 1, 1])  # BOS is never a target
+  # 1 + 9 + 1 = 11 tokens -> chunks of 6 and 5; the second chunk has no BOS, all targets.
+  assert [len(e.tokens) for e in examples[1:]] == [6, 5]
+  assert examples[2].loss_mask.all() and examples[2].tokens[-1] == 2
