@@ -3,6 +3,7 @@ toy instruction generator."""
 
 import collections
 import json
+import logging
 import pickle
 import re
 
@@ -12,9 +13,13 @@ import pytest
 
 from rlhf_jax.data import (
     BatchIterator,
+    ChatTemplateError,
     Example,
     RecordError,
+    check_chat_template,
+    encode_prompt,
     load_records,
+    load_tokenizer,
     num_tokens,
     pack_examples,
     pad_batch,
@@ -41,6 +46,7 @@ GOOD = {
     "kto": {"prompt": "p", "completion": "c", "label": True},
     "safety": {"prompt": "p", "response": "r", "safe": False},
     "sft": {"prompt": "p", "completion": "c"},
+    "text": {"text": "t"},
 }
 CHAT_BAD_ROLE = [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]
 
@@ -54,8 +60,29 @@ MALFORMED = [
     ("pairwise", {**GOOD_PAIR, "chosen": "  "}, r"field 'chosen': is empty"),
     ("pairwise", {**GOOD_PAIR, "prompt": 7}, r"field 'prompt': expected a string or a list of chat"),
     ("pairwise", [1, 2], r"expected a JSON object with fields \(prompt, chosen, rejected, optional"),
-    ("ranking", {"prompt": "p", "responses": ["a", "b", "c"]}, r"'responses': expected 4\.\.9 .*got 3; for"),
     ("ranking", {"prompt": "p", "responses": ["a", "b", "c", 4]}, r"field 'responses\[3\]': expected a str"),
+    # Empty texts: whitespace-only counts as empty, in every kind and position.
+    ("sft", {"prompt": "p", "completion": ""}, r"field 'completion': is empty; fill in the text"),
+    ("sft", {"prompt": "p", "completion": " \n\t"}, r"field 'completion': is empty"),
+    ("sft", {"prompt": " ", "completion": "c"}, r"field 'prompt': is empty"),
+    ("sft", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+     r"field 'messages\[1\]\.content': is empty"),
+    ("kto", {"prompt": "p", "completion": "\n", "label": True}, r"field 'completion': is empty"),
+    ("safety", {"prompt": "p", "response": "", "safe": True}, r"field 'response': is empty"),
+    ("ranking", {"prompt": "p", "responses": ["a", "b", "\t "]}, r"field 'responses\[2\]': is empty"),
+    # Missing or mistyped fields.
+    ("sft", {"prompt": "p", "completion": 3}, r"field 'completion': expected a string, got 3$"),
+    ("sft", {"prompt": "p"}, r"field 'completion': missing; a record of kind 'sft' needs \(prompt, completion"),
+    ("text", {"txt": "hello"}, r"field 'text': missing; .*\(found 'txt': rename it to 'text'\?\)"),
+    ("ranking", {"prompt": "p", "responses": "a, b"}, r"field 'responses': expected a list of 2\.\.9 str"),
+    # Rankings: 2..9 distinct responses.
+    ("ranking", {"prompt": "p", "responses": ["a"]}, r"'responses': expected 2\.\.9 .*got 1; K-choose-2 need"),
+    ("ranking", {"prompt": "p", "responses": []}, r"'responses': expected 2\.\.9 .*got 0"),
+    ("ranking", {"prompt": "p", "responses": list("abcdefghij")}, r"'responses': expected 2\.\.9 .*got 10; "),
+    ("ranking", {"prompt": "p", "responses": ["a", "b", "a ", "c", "b"]},
+     r"field 'responses': responses \[0, 2\] are identical \('a'\); a ranking orders distinct"),
+    ("pairwise", {"prompt": "p", "chosen": "same", "rejected": " same\n"},
+     r"field 'rejected': is identical to 'chosen'; a preference pair needs two different responses$"),
     ("kto", {"prompt": "p", "completion": "c", "label": "yes"}, r"'label': expected a boolean \(JSON true"),
     ("safety", {"prompt": "p", "response": "r", "safe": 1}, r"field 'safe': expected a boolean"),
     ("sft", {"messages": CHAT_BAD_ROLE}, r"'messages\[1\]\.role': expected one of system, user, .*'bot'"),
@@ -75,12 +102,28 @@ def test_malformed_lines_name_file_line_and_field(tmp_path, kind, bad_line, expe
     assert re.search(expected, message), message
 
 
+def test_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(GOOD_PAIR).encode() + b"\n" + '{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(RecordError, match=rf"^{re.escape(str(path))}:2: not UTF-8 .*re-encode"):
+        load_records(path, "pairwise")
+
+
+def test_rankings_of_two_to_nine_are_valid():
+    for k in (2, 9):
+        record = {"prompt": "p", "responses": [f"r{i}" for i in range(k)]}
+        assert validate_record(record, "ranking", source="x", line=1) == record
+
+
 def test_record_error_carries_location_and_pickles():
     with pytest.raises(ValueError) as info:  # a RecordError is a ValueError
         validate_record({"text": 3}, "text", source="data/x.jsonl", line=17)
     err = info.value
     assert (err.source, err.line, err.field) == ("data/x.jsonl", 17, "text")
     assert str(pickle.loads(pickle.dumps(err))) == str(err)
+    in_memory = RecordError("records[3]", None, "prompt", "too long")
+    assert str(in_memory) == "records[3]: field 'prompt': too long"
+    assert str(pickle.loads(pickle.dumps(in_memory))) == str(in_memory)
     with pytest.raises(ValueError, match="unknown record kind 'dpo'"):
         validate_record({}, "dpo", source="x", line=1)
 
@@ -131,9 +174,16 @@ def test_hf_save_to_disk_and_objects(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
+def tokenizer_dir(tmp_path_factory):
     texts = corpus_texts(generate_sft_records(200, seed=0))
-    return train_tokenizer(texts, 512, tmp_path_factory.mktemp("tok"))
+    out_dir = tmp_path_factory.mktemp("tok")
+    train_tokenizer(texts, 512, out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
 
 
 def encode(tokenizer, text):
@@ -153,7 +203,7 @@ def test_sft_prompt_completion_mask_is_exact(tokenizer):
     first = len(prompt)
     assert example.tokens[first - 2] == 5 and not example.loss_mask[first - 1]
     assert tokenizer.decode(example.tokens[example.loss_mask]) == "12<|end|>\n<eos>"
-    assert stats == {"examples": 1, "dropped": 0, "truncated": 0}
+    assert stats == {"examples": 1, "dropped": 0, "truncated": 0, "left_truncated": 0}
 
 
 def test_sft_messages_supervise_every_assistant_turn(tokenizer):
@@ -178,17 +228,148 @@ def test_sft_messages_supervise_every_assistant_turn(tokenizer):
     assert span_is_target == [False, True, False, True]
 
 
-def test_sft_drops_long_prompts_and_cuts_long_completions(tokenizer):
-    short = {"prompt": "Repeat: sun", "completion": "sun"}
-    long_answer = {"prompt": "Repeat: sun", "completion": " ".join(["sun"] * 40)}
-    long_prompt = {"prompt": " ".join(["moon"] * 40), "completion": "moon"}
-    full, _ = tokenize_sft([long_answer], tokenizer, max_len=1000)
-    examples, stats = tokenize_sft([short, long_answer, long_prompt], tokenizer, max_len=20)
-    assert stats == {"examples": 2, "dropped": 1, "truncated": 1}
+SHORT = {"prompt": "Repeat: sun", "completion": "sun"}
+LONG_ANSWER = {"prompt": "Repeat: sun", "completion": " ".join(["sun"] * 40)}
+LONG_PROMPT = {"prompt": " ".join(["moon"] * 40), "completion": "moon"}
+# A prompt that fits max_len=20 on its own, with a response that does not.
+LONG_BOTH = {"prompt": "Repeat: sun, sun, sun", "completion": " ".join(["sun"] * 40)}
+
+
+def prompt_length(tokenizer, prompt):
+    """BOS + the rendered context up to the assistant header, counted independently of tokenize_sft."""
+    return 1 + len(encode(tokenizer, f"<|user|>\n{prompt}<|end|>\n<|assistant|>\n"))
+
+
+def test_sft_skips_long_prompts_by_default_and_cuts_long_completions(tokenizer, caplog):
+    full, _ = tokenize_sft([LONG_ANSWER], tokenizer, max_len=1000)
+    with caplog.at_level(logging.WARNING, logger="rlhf_jax.data.sft"):
+        examples, stats = tokenize_sft([SHORT, LONG_ANSWER, LONG_PROMPT], tokenizer, max_len=20)
+    assert stats == {"examples": 2, "dropped": 1, "truncated": 1, "left_truncated": 0}
+    assert "of 3 records, dropped 1 whose prompt fills max_len" in caplog.text
+    assert "response end of 1" in caplog.text
     cut = examples[1]
     assert len(cut.tokens) == 20
     np.testing.assert_array_equal(cut.tokens, full[0].tokens[:20])
     np.testing.assert_array_equal(cut.loss_mask, full[0].loss_mask[:20])
+    explicit, explicit_stats = tokenize_sft([SHORT, LONG_ANSWER, LONG_PROMPT], tokenizer, max_len=20,
+                                            prompt_overflow="skip")
+    assert explicit_stats == stats
+    assert [e.tokens.tolist() for e in explicit] == [e.tokens.tolist() for e in examples]
+
+
+def test_sft_prompt_overflow_error_names_record_and_lengths(tokenizer):
+    n_prompt = prompt_length(tokenizer, LONG_PROMPT["prompt"])
+    n_response = len(encode(tokenizer, "moon<|end|>\n")) + 1  # + EOS
+    assert n_prompt >= 20
+    with pytest.raises(RecordError) as info:
+        tokenize_sft([SHORT, LONG_ANSWER, LONG_PROMPT], tokenizer, max_len=20, prompt_overflow="error")
+    assert str(info.value).startswith(
+        f"records[2]: field 'prompt': {n_prompt} prompt tokens (BOS and chat template included) >= "
+        f"max_len=20, leaving no room for its {n_response} response tokens; raise max_len")
+    # A prompt one token short of max_len still leaves room for a target: not an overflow.
+    _, stats = tokenize_sft([LONG_PROMPT], tokenizer, max_len=n_prompt + 1, prompt_overflow="error")
+    assert stats == {"examples": 1, "dropped": 0, "truncated": 1, "left_truncated": 0}
+
+
+def test_sft_prompt_overflow_truncate_left_keeps_bos_and_prompt_end(tokenizer):
+    max_len = 20
+    (full_prompt,), _ = tokenize_sft([LONG_PROMPT], tokenizer, max_len=1000)
+    (full_answer,), _ = tokenize_sft([LONG_BOTH], tokenizer, max_len=1000)
+    examples, stats = tokenize_sft([SHORT, LONG_PROMPT, LONG_BOTH], tokenizer, max_len=max_len,
+                                   prompt_overflow="truncate_left")
+    assert stats == {"examples": 3, "dropped": 0, "truncated": 1, "left_truncated": 2}
+    short, cut_prompt, cut_answer = examples
+    assert short.tokens.tolist() == tokenize_sft([SHORT], tokenizer, max_len=max_len)[0][0].tokens.tolist()
+
+    # Long prompt, short response: the whole response fits; the prompt keeps max_len - response tokens.
+    n_prompt = prompt_length(tokenizer, LONG_PROMPT["prompt"])
+    n_response = len(full_prompt.tokens) - n_prompt
+    keep = max_len - n_response
+    expected = np.concatenate([full_prompt.tokens[:1], full_prompt.tokens[n_prompt - (keep - 1):]])
+    assert cut_prompt.tokens.tolist() == expected.tolist() and len(expected) == max_len
+    assert cut_prompt.loss_mask.tolist() == [False] * keep + [True] * n_response
+    assert tokenizer.decode(cut_prompt.tokens[:keep]).startswith("<bos>")
+    assert tokenizer.decode(cut_prompt.tokens[:keep]).endswith(" moon<|end|>\n<|assistant|>\n")
+    assert tokenizer.decode(cut_prompt.tokens[keep:]) == "moon<|end|>\n<eos>"
+
+    # Short-enough prompt but a response longer than max_len: the prompt is cut to max_len // 2 (it
+    # cannot be crowded out), then the response loses its end.
+    n_prompt = prompt_length(tokenizer, LONG_BOTH["prompt"])
+    keep = max_len // 2
+    assert keep < n_prompt < max_len
+    expected = np.concatenate([full_answer.tokens[:1], full_answer.tokens[n_prompt - (keep - 1):n_prompt],
+                               full_answer.tokens[n_prompt:n_prompt + max_len - keep]])
+    assert cut_answer.tokens.tolist() == expected.tolist()
+    assert cut_answer.loss_mask.tolist() == [False] * keep + [True] * (max_len - keep)
+
+
+def test_sft_rejects_empty_completion_and_bad_policy(tokenizer):
+    with pytest.raises(RecordError, match=r"^records\[1\]: field 'completion': is empty"):
+        tokenize_sft([SHORT, {"prompt": "Repeat: sun", "completion": "  "}], tokenizer, max_len=64)
+    with pytest.raises(ValueError, match=r"prompt_overflow='truncate'; expected one of 'skip', 'error', "):
+        tokenize_sft([SHORT], tokenizer, max_len=64, prompt_overflow="truncate")
+    with pytest.raises(ValueError, match=r"max_len=1: an example needs at least 2 tokens"):
+        tokenize_sft([SHORT], tokenizer, max_len=1)
+
+
+# ---------------------------------------------------------------- chat template vs tokenizer
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def with_template(tokenizer_dir, tmp_path, template):
+    """A copy of the toy tokenizer directory whose tokenizer_config.json carries `template`."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tokenizer_dir / name).read_bytes())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_template_tokens_missing_from_tokenizer_fail_at_load(tokenizer_dir, tmp_path):
+    with pytest.raises(ChatTemplateError) as info:
+        load_tokenizer(with_template(tokenizer_dir, tmp_path, CHATML))
+    message = str(info.value)
+    assert re.search(r"its chat_template writes <\|im_start\|>, <\|im_end\|>, which the tokenizer does not "
+                     r"have as special tokens, so each would be split", message), message
+    assert str(tmp_path) in message
+
+
+def test_template_check_names_only_the_missing_tokens(tokenizer_dir, tmp_path):
+    # <|user|> and <|end|> exist in the toy tokenizer; <|human|> does not.
+    template = ("{% for m in messages %}{{ '<|user|>' if m['role'] == 'user' else '<|human|>' }}\n"
+                "{{ m['content'] }}<|end|>\n{% endfor %}")
+    with pytest.raises(ChatTemplateError, match=r"writes <\|human\|>, which the tokenizer"):
+        load_tokenizer(with_template(tokenizer_dir, tmp_path, template))
+
+
+def test_template_check_at_first_use(tokenizer_dir):
+    tokenizer = load_tokenizer(tokenizer_dir)  # a private copy: the template is changed below
+    check_chat_template(tokenizer)  # the toy template passes
+    tokenize_sft([SHORT], tokenizer, max_len=64)
+    tokenizer.chat_template = CHATML
+    with pytest.raises(ChatTemplateError, match=r"writes <\|im_start\|>, <\|im_end\|>"):
+        tokenize_sft([SHORT], tokenizer, max_len=64)
+    with pytest.raises(ChatTemplateError, match=r"writes <\|im_start\|>"):
+        encode_prompt(tokenizer, "Repeat: sun")
+    tokenizer.chat_template = None
+    with pytest.raises(ChatTemplateError, match=r"has no chat_template; add one"):
+        encode_prompt(tokenizer, "Repeat: sun")
+
+
+def test_template_check_accepts_plain_text_markers_and_special_tokens(tokenizer_dir):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    # Llama 2 style: [INST] and <<SYS>> are plain text on purpose; BOS/EOS come from the tokenizer.
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}<<SYS>>\n{{ m['content'] }}"
+        "\n<</SYS>>\n{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %} "
+        "{{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
+    check_chat_template(tokenizer)
+    tokenizer.chat_template = "{{ raise_exception('no chat here') }}"
+    with pytest.raises(ChatTemplateError, match=r"cannot render a user/assistant conversation \(no chat"):
+        check_chat_template(tokenizer)
 
 
 # ---------------------------------------------------------------- batching

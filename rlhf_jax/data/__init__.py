@@ -1,23 +1,47 @@
-"""Records, tokenizer, SFT tokenisation and batching. See each module's docstring for formats."""
+"""Records, public preference data sets, tokenizer, SFT tokenisation and batching. See each module's
+docstring for formats."""
 
 from rlhf_jax.data.loader import BatchIterator, num_tokens
-from rlhf_jax.data.records import KINDS, RecordError, load_records, validate_record
-from rlhf_jax.data.sft import Example, encode_prompt, pack_examples, pad_batch, tokenize_sft
-from rlhf_jax.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, render_prompt, train_tokenizer
+from rlhf_jax.data.public import SCHEMAS, detect_schema, load_preferences, shp_margin
+from rlhf_jax.data.records import KINDS, RecordError, load_records, read_rows, validate_record
+from rlhf_jax.data.sft import (
+    PROMPT_OVERFLOW_POLICIES,
+    Example,
+    encode_prompt,
+    pack_examples,
+    pad_batch,
+    tokenize_sft,
+)
+from rlhf_jax.data.tokenizer import (
+    SPECIAL_TOKENS,
+    ChatTemplateError,
+    check_chat_template,
+    load_tokenizer,
+    render_prompt,
+    train_tokenizer,
+)
 
 __all__ = [
     "BatchIterator",
+    "ChatTemplateError",
     "Example",
-    "encode_prompt",
     "KINDS",
+    "PROMPT_OVERFLOW_POLICIES",
     "RecordError",
+    "SCHEMAS",
     "SPECIAL_TOKENS",
+    "check_chat_template",
+    "detect_schema",
+    "encode_prompt",
+    "load_preferences",
     "load_records",
     "load_tokenizer",
     "num_tokens",
     "pack_examples",
     "pad_batch",
+    "read_rows",
     "render_prompt",
+    "shp_margin",
     "tokenize_sft",
     "train_tokenizer",
     "validate_record",

@@ -5,12 +5,18 @@ Kinds and their fields (DESIGN.md):
     text      text
     sft       prompt, completion  -- or messages: [{role: system|user|assistant, content}, ...]
     pairwise  prompt, chosen, rejected, optional margin (int 0..3), optional labeler
-    ranking   prompt, responses (4..9 strings, best first)
+    ranking   prompt, responses (2..9 distinct strings, best first)
     kto       prompt, completion, label (bool: true = desirable)
     safety    prompt, response, safe (bool)
 
 `prompt` is a string or, for multi-turn contexts, a list of chat messages. An `sft` messages record
 must end with an assistant turn (the text the model learns to write).
+
+Texts (prompts, completions, responses, message contents) must be non-empty; whitespace-only counts as
+empty. The two responses of a pair, and the responses of a ranking, must differ (compared without
+surrounding whitespace): a tie gives a pair with no preference in it. A ranking has 2..9 responses:
+K-choose-2 needs two, and InstructGPT ranked K = 4..9; more than 9 (over 36 pairs from one prompt)
+is refused so that one prompt cannot dominate a batch -- split such a ranking.
 
 Normalisation: known fields are type-checked (an integral float margin such as 2.0 becomes 2),
 messages keep only `role` and `content`, optional fields that are absent or None are left out
@@ -18,7 +24,7 @@ messages keep only `role` and `content`, optional fields that are absent or None
 as metadata (e.g. `family`, `answer`, `id`).
 
 Every problem raises `RecordError` naming `source:line: field 'name'`, what is wrong and the fix.
-For HF datasets, `line` is the 1-based row number.
+For HF datasets, `line` is the 1-based row number; records already in memory are named `records[i]`.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Any, Callable, Iterable
 
 ROLES = ("system", "user", "assistant")
 MAX_MARGIN = 3
-MIN_RANKED, MAX_RANKED = 4, 9
+MIN_RANKED, MAX_RANKED = 2, 9
 # Local files that `datasets.load_dataset` reads with a packaged builder (no hub access).
 _DATASETS_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -40,9 +46,10 @@ _DATASETS_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
 class RecordError(ValueError):
     """A record that does not match its kind; the message says where, what and how to fix it."""
 
-    def __init__(self, source: str, line: int, field: str | None, problem: str):
+    def __init__(self, source: str, line: int | None, field: str | None, problem: str):
+        """`line` None: `source` alone names the place (e.g. 'records[3]' for an in-memory list)."""
         self.source, self.line, self.field, self.problem = source, line, field, problem
-        where = f"{source}:{line}"
+        where = source if line is None else f"{source}:{line}"
         super().__init__(f"{where}: field '{field}': {problem}" if field else f"{where}: {problem}")
 
     def __reduce__(self):  # multiprocessing (e.g. datasets.map) pickles errors via these args
@@ -130,10 +137,15 @@ def _flag(value: Any) -> bool:
 def _responses(value: Any) -> list[str]:
     if not isinstance(value, list):
         raise _Invalid(f"expected a list of {MIN_RANKED}..{MAX_RANKED} strings, got {_show(value)}")
-    if not MIN_RANKED <= len(value) <= MAX_RANKED:
+    if len(value) < MIN_RANKED:
         raise _Invalid(
             f"expected {MIN_RANKED}..{MAX_RANKED} responses (best first), got {len(value)}; "
-            "for fewer, write pairwise records (prompt, chosen, rejected)"
+            "K-choose-2 needs at least 2 responses to make a pair"
+        )
+    if len(value) > MAX_RANKED:
+        raise _Invalid(
+            f"expected {MIN_RANKED}..{MAX_RANKED} responses (best first), got {len(value)}; more would "
+            f"give over {MAX_RANKED * (MAX_RANKED - 1) // 2} pairs from one prompt: split the ranking"
         )
     responses = []
     for i, response in enumerate(value):
@@ -141,6 +153,14 @@ def _responses(value: Any) -> list[str]:
             responses.append(_text(response))
         except _Invalid as err:
             raise _Invalid(err.problem, f"[{i}]") from None
+    keys = [response.strip() for response in responses]
+    for key in keys:
+        same = [j for j, other in enumerate(keys) if other == key]
+        if len(same) > 1:
+            raise _Invalid(
+                f"responses {same} are identical ({_show(key)}); a ranking orders distinct responses, "
+                "so keep one of them"
+            )
     return responses
 
 
@@ -167,6 +187,16 @@ KINDS: dict[str, tuple[_Schema, ...]] = {
 }
 
 
+def _distinct_pair(record: dict) -> tuple[str, str] | None:
+    if record["chosen"].strip() == record["rejected"].strip():
+        return "rejected", "is identical to 'chosen'; a preference pair needs two different responses"
+    return None
+
+
+# kind -> check of the normalised record across fields: None, or (field, problem).
+_RECORD_CHECKS: dict[str, Callable[[dict], tuple[str, str] | None]] = {"pairwise": _distinct_pair}
+
+
 def _describe(kind: str) -> str:
     def fields(schema: _Schema) -> str:
         return ", ".join(name if required else f"optional {name}" for name, (_, required) in schema.items())
@@ -174,7 +204,7 @@ def _describe(kind: str) -> str:
     return " or ".join(f"({fields(schema)})" for schema in KINDS[kind])
 
 
-def _pick_schema(record: dict, kind: str, source: str, line: int) -> _Schema:
+def _pick_schema(record: dict, kind: str, source: str, line: int | None) -> _Schema:
     """The schema whose fields the record uses; sft is the only kind with alternatives."""
     present = [s for s in KINDS[kind] if any(record.get(name) is not None for name in s)]
     if len(present) > 1:
@@ -185,10 +215,11 @@ def _pick_schema(record: dict, kind: str, source: str, line: int) -> _Schema:
     return present[0] if present else KINDS[kind][0]
 
 
-def validate_record(record: Any, kind: str, *, source: str, line: int) -> dict:
+def validate_record(record: Any, kind: str, *, source: str, line: int | None) -> dict:
     """Checks one record of `kind` and returns it normalised (see module docstring).
 
-    `source` and `line` only locate errors, e.g. source='data/train.jsonl', line=17.
+    `source` and `line` only locate errors, e.g. source='data/train.jsonl', line=17, or
+    source='records[3]', line=None for a record that has no file.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -209,6 +240,9 @@ def validate_record(record: Any, kind: str, *, source: str, line: int) -> dict:
             result[name] = check(value)
         except _Invalid as err:
             raise RecordError(source, line, name + err.subfield, err.problem) from None
+    problem = _RECORD_CHECKS[kind](result) if kind in _RECORD_CHECKS else None
+    if problem is not None:
+        raise RecordError(source, line, *problem)
     return result
 
 
@@ -230,9 +264,16 @@ def load_records(path_or_dataset: Any, kind: str, *, split: str | None = None) -
         this function itself never downloads).
     `split` selects a split of a DatasetDict (optional when it has exactly one).
     """
+    numbered_rows, source = read_rows(path_or_dataset, split=split)
+    return _validate_all(numbered_rows, kind, source)
+
+
+def read_rows(path_or_dataset: Any, *, split: str | None = None) -> tuple[Iterable[tuple[int, Any]], str]:
+    """(iterable of (line or 1-based row number, raw row), source name) for what `load_records`
+    accepts; rows are not validated. Malformed JSONL raises `RecordError` while iterating."""
     if not isinstance(path_or_dataset, (str, os.PathLike)):
         rows, source = _select_split(path_or_dataset, split, _dataset_name(path_or_dataset))
-        return _validate_all(enumerate(rows, start=1), kind, source)
+        return enumerate(rows, start=1), source
     path = Path(path_or_dataset)
     source = str(path_or_dataset)
     if not path.exists():
@@ -240,7 +281,7 @@ def load_records(path_or_dataset: Any, kind: str, *, split: str | None = None) -
     if path.suffix == ".jsonl":
         if split is not None:
             raise ValueError(f"{source}: split={split!r} applies to HF datasets only, not to .jsonl files")
-        return _validate_all(_read_jsonl(path, source), kind, source)
+        return _read_jsonl(path, source), source
     import datasets  # imported here: it costs ~1.5 s and JSONL loading does not need it
 
     if path.is_dir():
@@ -253,7 +294,7 @@ def load_records(path_or_dataset: Any, kind: str, *, split: str | None = None) -
             f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv, .parquet "
             "or a directory written by datasets' save_to_disk"
         )
-    return _validate_all(enumerate(rows, start=1), kind, source)
+    return enumerate(rows, start=1), source
 
 
 def _dataset_name(dataset: Any) -> str:

@@ -14,6 +14,23 @@ shifted loss never reaches across a document boundary in a packed row.
 Every piece of the conversation (context up to the assistant header, assistant turn) is tokenised on
 its own, exactly as at generation time, when the prompt is encoded alone and the model continues it.
 
+Lengths. The *prompt* of an example is everything before its first target (BOS, the chat template's
+headers and the context); the *response* is the rest (for a multi-turn record, later user turns too).
+`tokenize_sft(..., max_len, prompt_overflow=...)` treats a prompt of max_len tokens or more, which
+leaves no room for a single target, by policy:
+
+    "skip" (default)  drop the record; counted in stats["dropped"] and logged
+    "error"           raise RecordError naming records[i], the prompt and response lengths and max_len
+    "truncate_left"   cut the prompt from the left, keeping BOS and its last tokens (so the assistant
+                      header stays), so that the example fits: the prompt keeps
+                      max(max_len - response_len, max_len // 2) tokens, BOS included -- the response
+                      fits whole when it can, and a long response cannot crowd its prompt out below
+                      half of max_len. This applies to *every* example longer than max_len, not only
+                      to overflowing prompts; counted in stats["left_truncated"].
+
+Whatever the policy, an example still longer than max_len then loses the end of its response (EOS
+included), counted in stats["truncated"].
+
 Batch dict (from `pad_batch` and `pack_examples`; numpy, fixed shapes so a jitted step never recompiles):
 
     tokens      [B, T] int32  token ids; 0 on padding (whatever the tokenizer's pad id)
@@ -32,9 +49,12 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from rlhf_jax.data.records import RecordError, validate_record
 from rlhf_jax.data.tokenizer import render_chat
 
 _log = logging.getLogger(__name__)
+
+PROMPT_OVERFLOW_POLICIES = ("skip", "error", "truncate_left")
 
 
 class Example(NamedTuple):
@@ -70,21 +90,31 @@ def _pieces(tokenizer: Any, messages: list[dict]) -> list[tuple[str, bool]]:
     return pieces
 
 
-def tokenize_sft(records: Sequence[dict], tokenizer: Any, *, max_len: int) -> tuple[list[Example], dict]:
-    """Validated sft records -> (examples, stats), each example at most `max_len` tokens.
+def tokenize_sft(
+    records: Sequence[dict], tokenizer: Any, *, max_len: int, prompt_overflow: str = "skip"
+) -> tuple[list[Example], dict]:
+    """sft records -> (examples, stats), each example at most `max_len` tokens.
 
-    A record whose prompt alone (the tokens before its first target) fills max_len is dropped; a
-    longer one is cut at max_len (losing its tail, EOS included). stats = {"examples", "dropped",
-    "truncated"}; one warning is logged when anything was dropped or cut.
+    Records are validated first (`validate_record(kind='sft')`; errors name `records[i]`), so an empty
+    completion is an error, never an example that teaches an empty answer. `prompt_overflow` is the
+    policy for prompts of max_len tokens or more (module docstring): "skip", "error" or
+    "truncate_left". stats = {"examples", "dropped", "truncated", "left_truncated"}; one warning is
+    logged when anything was dropped or cut.
     """
+    if prompt_overflow not in PROMPT_OVERFLOW_POLICIES:
+        policies = ", ".join(map(repr, PROMPT_OVERFLOW_POLICIES))
+        raise ValueError(f"prompt_overflow={prompt_overflow!r}; expected one of {policies}")
+    if max_len < 2:
+        raise ValueError(f"max_len={max_len}: an example needs at least 2 tokens (a BOS/prompt and a target)")
+    records = [validate_record(r, "sft", source=f"records[{i}]", line=None) for i, r in enumerate(records)]
     all_pieces = [_pieces(tokenizer, _conversation(record)) for record in records]
     texts = [text for pieces in all_pieces for text, _ in pieces]
     # One batched call: the Rust tokenizer encodes the whole list in parallel.
     ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
     bos_text, bos_id, eos_id = tokenizer.bos_token, tokenizer.bos_token_id, tokenizer.eos_token_id
 
-    examples, dropped, truncated = [], 0, 0
-    for pieces in all_pieces:
+    examples, dropped, truncated, left_truncated = [], 0, 0, 0
+    for index, pieces in enumerate(all_pieces):
         tokens, mask = [], []
         # Some templates (Llama 3) write BOS themselves; a second one would be out of distribution.
         if bos_id is not None and not (bos_text and pieces[0][0].startswith(bos_text)):
@@ -95,20 +125,37 @@ def tokenize_sft(records: Sequence[dict], tokenizer: Any, *, max_len: int) -> tu
             mask += [supervised] * len(piece_ids)
         if eos_id is not None and tokens[-1] != eos_id:
             tokens, mask = tokens + [eos_id], mask + [True]
-        prompt_len = mask.index(True) if True in mask else len(mask)
-        if prompt_len >= max_len:
+        prompt_len = mask.index(True)  # validation guarantees a non-empty assistant turn
+        response_len = len(tokens) - prompt_len
+        if prompt_len >= max_len and prompt_overflow == "error":
+            raise RecordError(
+                f"records[{index}]", None, "prompt",
+                f"{prompt_len} prompt tokens (BOS and chat template included) >= max_len={max_len}, "
+                f"leaving no room for its {response_len} response tokens; raise max_len, shorten the "
+                "prompt, or pass prompt_overflow='truncate_left' (keep its end) or 'skip'",
+            )
+        if prompt_len >= max_len and prompt_overflow == "skip":
             dropped += 1
             continue
+        if prompt_overflow == "truncate_left" and len(tokens) > max_len:
+            keep = max(max_len - response_len, max_len // 2)  # prompt tokens kept, BOS included
+            if keep < prompt_len:
+                head = 1 if bos_id is not None and tokens[0] == bos_id else 0
+                cut = slice(head, prompt_len - (keep - head))
+                del tokens[cut], mask[cut]
+                left_truncated += 1
         if len(tokens) > max_len:
             truncated += 1
             tokens, mask = tokens[:max_len], mask[:max_len]
         examples.append(Example(np.asarray(tokens, np.int32), np.asarray(mask, np.bool_)))
 
-    stats = {"examples": len(examples), "dropped": dropped, "truncated": truncated}
-    if dropped or truncated:
+    stats = {"examples": len(examples), "dropped": dropped, "truncated": truncated,
+             "left_truncated": left_truncated}
+    if dropped or truncated or left_truncated:
         _log.warning(
-            "tokenize_sft(max_len=%d): dropped %d of %d records whose prompt fills max_len, cut %d "
-            "longer ones; raise max_len to keep them", max_len, dropped, len(records), truncated,
+            "tokenize_sft(max_len=%d, prompt_overflow=%r): of %d records, dropped %d whose prompt fills "
+            "max_len, cut the prompt start of %d and the response end of %d; raise max_len to keep them",
+            max_len, prompt_overflow, len(records), dropped, left_truncated, truncated,
         )
     return examples, stats
 

@@ -10,11 +10,18 @@ Special tokens and ids: <pad>=0, <bos>=1, <eos>=2, <|system|>=3, <|user|>=4, <|a
 Chat format, one line per turn header:
 
     <|user|>\\nWhat is 7 + 5?<|end|>\\n<|assistant|>\\n12<|end|>\\n
+
+Any tokenizer's chat template is checked before use (`check_chat_template`, run by `load_tokenizer`
+and on the first render with each template): every special-looking marker the template writes
+(`<|user|>`, `<start_of_turn>`, `<s>`, ...) must be one token of the tokenizer. Otherwise the marker
+would be split into ordinary pieces and every example would silently teach a different format.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -35,6 +42,24 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
 )
+
+
+# `<|name|>` (ChatML, Llama 3, Phi, ours) and `<name>` / `</name>` (Gemma, Llama 2's `<s>`) markers,
+# but not `<<SYS>>` (Llama 2 writes that as plain text on purpose).
+_MARKER = re.compile(r"(?<!<)<(?:\|[^<>|\s]+\||/?[A-Za-z_][^<>\s]*)>(?!>)")
+# Probe conversations, most complete first: some templates refuse a system turn.
+_PROBES = (
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+     {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}],
+    [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"},
+     {"role": "user", "content": "V"}],
+)
+# tokenizer -> the chat template that passed check_chat_template (re-checked if the template changes).
+_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer has no chat template, or one that writes markers the tokenizer cannot encode."""
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerBase:
@@ -88,7 +113,51 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         )
     from transformers import AutoTokenizer  # imported here: ~1.5 s, and batching code never needs it
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    if getattr(tokenizer, "chat_template", None):  # a pretraining-only tokenizer needs none
+        check_chat_template(tokenizer)
+    return tokenizer
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Raises `ChatTemplateError` unless the tokenizer has a chat template whose special markers
+    (see module docstring) are each a single token: an added/special token, or a vocabulary entry
+    that encodes to exactly its own id. The error names every missing marker."""
+    template = getattr(tokenizer, "chat_template", None)
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if not template:
+        raise ChatTemplateError(
+            f"tokenizer {name!r} has no chat_template; add one to its tokenizer_config.json "
+            "(train_tokenizer writes one)"
+        )
+    rendered, failure = None, None
+    for probe in _PROBES:
+        try:
+            rendered = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+            break
+        except Exception as err:  # noqa: BLE001 -- templates raise whatever they like
+            failure = err
+    if rendered is None:
+        raise ChatTemplateError(
+            f"tokenizer {name!r}: its chat_template cannot render a user/assistant conversation ({failure})"
+        )
+    added = tokenizer.get_added_vocab()
+    vocab = tokenizer.get_vocab()
+    missing = []
+    for marker in dict.fromkeys(_MARKER.findall(rendered)):  # unique, in order of appearance
+        if marker in added:
+            continue
+        ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if marker in vocab and ids == [vocab[marker]]:
+            continue
+        missing.append(marker)
+    if missing:
+        raise ChatTemplateError(
+            f"tokenizer {name!r}: its chat_template writes {', '.join(missing)}, which the tokenizer does "
+            "not have as special tokens, so each would be split into ordinary pieces; use the tokenizer "
+            "that belongs to this template, or add them (tokenizer.add_special_tokens("
+            "{'additional_special_tokens': [...]}) and resize the model's embeddings)"
+        )
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt_or_messages: str | list[dict]) -> str:
@@ -106,12 +175,14 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt_or_messages: str | 
 def render_chat(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, add_generation_prompt: bool
 ) -> str:
-    """`messages` rendered with the tokenizer's chat template (as text, not ids)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template; add one to its "
-            "tokenizer_config.json (train_tokenizer writes one)"
-        )
+    """`messages` rendered with the tokenizer's chat template (as text, not ids).
+
+    The first render with a template checks it (`check_chat_template`); later ones reuse the result.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template or _checked.get(tokenizer) is not template:
+        check_chat_template(tokenizer)
+        _checked[tokenizer] = template
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
