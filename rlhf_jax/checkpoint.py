@@ -362,3 +362,15 @@ def load_params(
     finally:
         checkpointer.close()
     return restored[_PARAMS], restored[_METADATA]
+
+
+def read_export_metadata(directory: str | os.PathLike) -> dict:
+    """The JSON metadata of a params export, without reading the params (cheap: no arrays)."""
+    path = _as_path(directory)
+    file = path / _METADATA / _METADATA
+    if not file.exists():
+        raise FileNotFoundError(
+            f"{path} is not a params export (no {_METADATA}/{_METADATA}); point config.init_from at "
+            "a run's WORKDIR/export"
+        )
+    return json.loads(file.read_text())

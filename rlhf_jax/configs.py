@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
       tokenizer="",  # a tokenizer directory; "" with source=toy: train one into workdir/tokenizer
       tokenizer_vocab_size=512,
       packing=False,
+      prompt_overflow="skip",  # prompts >= seq_len: "skip" (counted, logged) | "error" |
+                               # "truncate_left" (keep BOS + the prompt's end)
       toy_num_records=4000,
       toy_families=(),  # () = all families
   ))

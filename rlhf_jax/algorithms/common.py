@@ -20,9 +20,15 @@ _log = logging.getLogger(__name__)
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
-  """ModelConfig from `config.model`; vocab_size 0 in the config = take the tokenizer's (rounded up
-  to a multiple of 128 so tensor parallelism and matmul tiles divide it)."""
+  """ModelConfig from `config.model`, or from the export metadata when `config.init_from` is set
+  (the architecture is the checkpoint's; `config.model.dtype`/`param_dtype`/`remat`/`scan_layers`
+  still apply). vocab_size 0 in the config = the tokenizer's, rounded up to a multiple of 128 so
+  tensor parallelism and matmul tiles divide it."""
   d = config.model.to_dict()
+  if config.init_from:
+    saved = checkpoint.read_export_metadata(config.init_from)["model"]
+    runtime = ("dtype", "param_dtype", "remat", "scan_layers")
+    d = {**saved, **{k: d[k] for k in runtime}}
   if not d.get("vocab_size"):
     if vocab_size is None:
       raise ValueError("config.model.vocab_size is 0 (auto) but no tokenizer size is known")

@@ -10,6 +10,7 @@ samples.json (generations before/after training with their scores).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -91,7 +92,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = common.make_mesh(config)
   tokenizer, train_records, eval_records = load_tokenizer_and_records(config, workdir)
   t = config.train
-  tokenize = tokenize_text if config.data.kind == "text" else data.tokenize_sft
+  if config.data.kind == "text":
+    tokenize = tokenize_text
+  else:
+    tokenize = functools.partial(data.tokenize_sft, prompt_overflow=config.data.prompt_overflow)
   train_examples, stats = tokenize(train_records, tokenizer, max_len=t.seq_len)
   eval_examples, _ = tokenize(eval_records, tokenizer, max_len=t.seq_len)
   _log.info("%s data: %s train, %d eval examples", config.data.kind, stats, len(eval_examples))
