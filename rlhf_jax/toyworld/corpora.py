@@ -1,0 +1,108 @@
+"""Text a toy-world model learns from: pretraining documents, SFT demonstrations, tokenizer texts.
+
+Pretraining text is like web text: true facts about the world's entities (several phrasings each)
+and worked dialogues, a `bad_habit_rate` fraction of which show plausible mistakes (wrong answers,
+ignored constraints, rambling, compliance with unsafe requests, refusing harmless look-alikes).
+SFT demonstrations are mostly ideal answers with a `noise` fraction of the same mistakes, so the
+SFT model ends clearly imperfect and alignment has headroom. Both use train-split prompts only;
+eval prompts are reserved for evaluation.
+
+Dialogues are rendered by `render(messages) -> str`; the default `plain_dialogue` writes
+"User: ...\\nAssistant: ...". Pass the chat template's renderer to pretrain in the SFT format.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from rlhf_jax.toyworld import kb as kb_lib
+from rlhf_jax.toyworld import perturb, safety
+from rlhf_jax.toyworld.families import LIST_OPS
+from rlhf_jax.toyworld.world import World
+
+FACT_DOC_EVERY = 3  # every 3rd document states facts; the rest are dialogues
+_PRETRAIN_STREAM, _SFT_STREAM, _TOKENIZER_STREAM = 1, 2, 3
+
+
+def plain_dialogue(messages: list[dict]) -> str:
+  """ "User: ...\\nAssistant: ..." one line per turn (roles capitalised)."""
+  return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def fact_document(world: World, name: str, rng: np.random.Generator) -> str:
+  """Every fact about one entity, each in a random phrasing, in random order."""
+  facts = world.kb.facts(name)
+  order = rng.permutation(len(facts))
+  attributes = list(facts)
+  return " ".join(kb_lib.statement(name, attributes[i], facts[attributes[i]],
+                                   int(rng.integers(len(kb_lib.STATEMENTS[attributes[i]]))))
+                  for i in order)
+
+
+def _response(task: dict, rng: np.random.Generator, mistake_rate: float) -> str:
+  """The ideal answer, or with probability `mistake_rate` one of the task's bad habits."""
+  if rng.random() >= mistake_rate:
+    return task["answer"]
+  options = perturb.perturbations(task, rng)
+  kinds = [kind for kind in perturb.bad_habits(task) if kind in options]
+  return options[kinds[int(rng.integers(len(kinds)))]]
+
+
+def pretraining_documents(world: World, n: int, seed: int, *, bad_habit_rate: float = 0.3,
+                          render: Callable[[list[dict]], str] = plain_dialogue) -> list[str]:
+  """n documents: every FACT_DOC_EVERY-th states all facts of one entity (cycling through the
+  entities in a shuffled order, so 3 x n_entities documents state every fact), the others hold
+  1-3 train-split dialogues, each a bad habit with probability `bad_habit_rate`."""
+  if not 0.0 <= bad_habit_rate <= 1.0:
+    raise ValueError(f"bad_habit_rate must be in [0, 1], got {bad_habit_rate}")
+  rng = np.random.default_rng([world.seed, seed, _PRETRAIN_STREAM])
+  tasks = world.iter_tasks(seed=seed, split="train")
+  names = [world.kb.names[i] for i in rng.permutation(len(world.kb.names))]
+  documents = []
+  for i in range(n):
+    if i % FACT_DOC_EVERY == 0:
+      documents.append(fact_document(world, names[(i // FACT_DOC_EVERY) % len(names)], rng))
+      continue
+    messages = []
+    for _ in range(int(rng.integers(1, 4))):
+      task = next(tasks)
+      messages += [{"role": "user", "content": task["prompt"]},
+                   {"role": "assistant", "content": _response(task, rng, bad_habit_rate)}]
+    documents.append(render(messages))
+  return documents
+
+
+def sft_records(world: World, n: int, seed: int, *, noise: float = 0.1) -> list[dict]:
+  """n SFT records {prompt, completion, family, answer, unsafe, info} from train-split tasks; the
+  completion is the ideal answer except, with probability `noise`, a bad habit (never empty)."""
+  if not 0.0 <= noise <= 1.0:
+    raise ValueError(f"noise must be in [0, 1], got {noise}")
+  rng = np.random.default_rng([world.seed, seed, _SFT_STREAM])
+  records = []
+  for task in world.tasks(n, seed=seed, split="train"):
+    records.append({**task, "completion": _response(task, rng, noise)})
+  return records
+
+
+def tokenizer_texts(world: World) -> list[str]:
+  """Texts covering what a model will see: every fact phrasing, prompts and answers of every
+  family in both splits with all their perturbations, every unsafe and look-alike request, and the
+  dialogue role names. Deterministic in the world seed."""
+  rng = np.random.default_rng([world.seed, _TOKENIZER_STREAM])
+  texts = [plain_dialogue([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])]
+  for name in world.kb.names:
+    facts = world.kb.facts(name)
+    for attribute, value in facts.items():
+      texts += [kb_lib.statement(name, attribute, value, p) for p in range(len(kb_lib.STATEMENTS[attribute]))]
+      texts += [q.format(e=name) for q in kb_lib.QUESTIONS[attribute]]
+  for spec in safety.INTENTS.values():
+    for template in safety.REQUEST_TEMPLATES:
+      texts += [template.format(x=spec["request"]), template.format(x=spec["lookalike"])]
+  texts += list(LIST_OPS.values())
+  for split in ("train", "eval"):
+    for task in world.tasks(300, seed=0, split=split):
+      texts.append(task["prompt"])
+      texts += list(perturb.perturbations(task, rng).values())
+  return [t for t in texts if t]
