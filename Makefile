@@ -13,7 +13,7 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(PY) -m rlhf_jax.run --config=experiments/toy_sft.py --workdir=runs/quickstart
+	$(PY) -m rlhf_jax.run --config=experiments/toy_quickstart.py --workdir=runs/quickstart
 
 # The whole suite (what CI runs). `make test-fast` skips the slow end-to-end tests.
 test: $(STAMP)

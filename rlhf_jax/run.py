@@ -23,15 +23,17 @@ from ml_collections import config_flags
 from rlhf_jax import sharding
 from rlhf_jax.checkpoint import WorkdirError
 from rlhf_jax.data.records import RecordError
+from rlhf_jax.data.tokenizer import ChatTemplateError
 
 # Drivers by `config.algorithm`: "module:function(config, workdir) -> dict of final metrics".
 ALGORITHMS = {
     "sft": "rlhf_jax.algorithms.sft:train",
     "pretrain": "rlhf_jax.algorithms.sft:train",  # same driver, config.data.kind="text"
+    "pipeline": "rlhf_jax.algorithms.pipeline:run",  # toy world -> pretrain -> SFT -> gold eval
 }
 
 # Errors caused by the user's config or data, shown as one message without a traceback.
-USER_ERRORS = (sharding.ShardingConfigError, RecordError, WorkdirError)
+USER_ERRORS = (sharding.ShardingConfigError, RecordError, ChatTemplateError, WorkdirError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/NAME.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")

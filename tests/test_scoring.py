@@ -49,6 +49,7 @@ def test_tokenize_text_chunks_long_documents_without_loss():
   assert stats == {"examples": 3, "documents": 2, "chunked": 1}
   np.testing.assert_array_equal(examples[0].tokens, [1, 11, 12, 13, 2])
   np.testing.assert_array_equal(examples[0].loss_mask, [0, 1, 1, 1, 1])  # BOS is never a target
-  # 1 + 9 + 1 = 11 tokens -> chunks of 6 and 5; the second chunk has no BOS, all targets.
+  # 1 + 9 + 1 = 11 tokens -> chunks of 6 and 5; the second chunk has no BOS.
   assert [len(e.tokens) for e in examples[1:]] == [6, 5]
-  assert examples[2].loss_mask.all() and examples[2].tokens[-1] == 2
+  assert not examples[2].loss_mask[0] and examples[2].loss_mask[1:].all()
+  assert examples[2].tokens[-1] == 2

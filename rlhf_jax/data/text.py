@@ -16,7 +16,7 @@ def tokenize_text(records: Sequence[dict], tokenizer: Any, *, max_len: int) -> t
   """`text` records -> examples of at most `max_len` tokens: BOS + text + EOS, all but BOS targets.
 
   A document longer than max_len is cut into consecutive chunks of max_len tokens (each but the
-  first starting without BOS), so no text is lost. stats = {"examples", "documents", "chunked"}.
+  first starting without BOS; a chunk's first token is an input only), so little text is lost. stats = {"examples", "documents", "chunked"}.
   """
   texts = [r["text"] for r in records]
   ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
@@ -31,8 +31,7 @@ def tokenize_text(records: Sequence[dict], tokenizer: Any, *, max_len: int) -> t
       if len(chunk) < 2:
         continue  # a lone token predicts nothing
       mask = np.ones(len(chunk), np.bool_)
-      if start == 0 and bos is not None:
-        mask[0] = False  # BOS is an input, never a target
+      mask[0] = False  # a document's first token (BOS, or a chunk's first) has nothing before it
       examples.append(Example(chunk, mask))
   if chunked:
     _log.info("tokenize_text(max_len=%d): split %d long documents into chunks", max_len, chunked)

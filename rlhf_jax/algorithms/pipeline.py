@@ -1,0 +1,156 @@
+"""The toy-world pipeline: world -> pretrain -> SFT -> gold evaluation, one stage after another.
+
+Each stage works in WORKDIR/<stage> and is skipped when its output exists (a finished training
+stage has WORKDIR/<stage>/export), so rerunning the command skips finished stages and resumes an
+interrupted one from its last checkpoint. Stage configs are full experiment configs nested in the
+pipeline config (`config.pretrain`, `config.sft`), overridable as `--config.sft.train.steps=...`;
+the pipeline fills in their data paths, tokenizer, `init_from` chain, seed and mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+
+from rlhf_jax import checkpoint, data, generate, sharding
+from rlhf_jax.algorithms import sft
+from rlhf_jax.metrics import format_table
+from rlhf_jax.models import ModelConfig, abstract_model
+from rlhf_jax.toyworld import annotators, corpora
+from rlhf_jax.toyworld import evaluate as gold_eval
+from rlhf_jax.toyworld import world as world_lib
+
+_log = logging.getLogger(__name__)
+TRAINING_STAGES = ("pretrain", "sft")
+
+
+def _write_jsonl(path: str, records) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)  # atomic: a killed run never leaves a half-written data file
+
+
+def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
+  """Writes the world's data sets and tokenizer to `out_dir`; returns their paths."""
+  w = config.world
+  paths = {name: os.path.join(out_dir, f"{name}.jsonl")
+           for name in ("pretrain", "sft", "eval_tasks", *annotators.DATASET_KINDS)}
+  paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
+  done = os.path.join(out_dir, "done.json")
+  if os.path.exists(done):
+    return paths
+  os.makedirs(out_dir, exist_ok=True)
+  world = world_lib.World(w.seed)
+  tokenizer = data.train_tokenizer(corpora.tokenizer_texts(world), w.tokenizer_vocab_size,
+                                   paths["tokenizer"])
+  # Dialogues in pretraining text use the chat template, so SFT starts from a model that already
+  # knows the format (and its bad habits).
+  render = lambda messages: data.tokenizer.render_chat(tokenizer, messages,
+                                                       add_generation_prompt=False)
+  docs = corpora.pretraining_documents(world, w.pretrain_documents, w.seed,
+                                       bad_habit_rate=w.bad_habit_rate, render=render)
+  _write_jsonl(paths["pretrain"], [{"text": d} for d in docs])
+  _write_jsonl(paths["sft"], corpora.sft_records(world, w.sft_records, w.seed + 1, noise=w.sft_noise))
+  _write_jsonl(paths["eval_tasks"], world.tasks(w.eval_prompts, seed=w.seed + 2, split="eval"))
+  # Simulated human feedback for the reward-model and preference stages (later issues).
+  feedback = annotators.build_preference_datasets(world, n_prompts=w.preference_prompts,
+                                                  seed=w.seed + 3, noise=w.annotator_noise)
+  for name, records in feedback.items():
+    annotators.write_jsonl(records, paths[name])
+  with open(done, "w") as f:
+    json.dump({"pretrain_documents": len(docs), "sft_records": w.sft_records,
+               "eval_prompts": w.eval_prompts,
+               **{name: len(records) for name, records in feedback.items()}}, f)
+  return paths
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str, paths: dict,
+                 init_from: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(config[stage].to_dict())
+  c.seed, c.mesh.shape = config.seed, config.mesh.shape
+  c.data.kind = "text" if stage == "pretrain" else "sft"
+  c.data.source = paths[stage]
+  c.data.tokenizer = paths["tokenizer"]
+  c.init_from = init_from
+  return c
+
+
+def load_policy(export_dir: str, mesh) -> gold_eval.Policy:
+  meta = checkpoint.read_export_metadata(export_dir)
+  model_cfg = ModelConfig.from_dict(meta["model"])
+  graphdef, abstract, axes = abstract_model(model_cfg)
+  psh = sharding.param_shardings(abstract, axes, mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, psh)
+  params, _ = checkpoint.load_params(export_dir, target)
+  sampler = generate.Sampler(graphdef, model_cfg, mesh=mesh, param_shardings=psh)
+  return gold_eval.Policy(graphdef, params, sampler)
+
+
+def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict,
+                    stages: list[str]) -> dict:
+  """Gold table for every trained stage; each later stage is compared with the one before it."""
+  out_path = os.path.join(workdir, "eval", "gold.json")
+  os.makedirs(os.path.dirname(out_path), exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh.shape)
+  tokenizer = data.load_tokenizer(paths["tokenizer"])
+  tasks = _read_jsonl(paths["eval_tasks"])
+  e = config.eval
+  results, previous = {}, None
+  for stage in stages:
+    policy = load_policy(os.path.join(workdir, stage, "export"), mesh)
+    results[stage] = gold_eval.evaluate(policy, tokenizer, tasks, jax.random.key(config.seed),
+                                        reference=previous, max_new_tokens=e.max_new_tokens,
+                                        temperature=e.temperature, batch_size=e.batch_size)
+    previous = policy
+  with open(out_path, "w") as f:
+    json.dump(results, f, indent=1)
+  if jax.process_index() == 0:
+    print("\nGold evaluation on held-out prompts (win rate and KL against the previous stage):")
+    print(format_table(gold_eval.table_rows(results)))
+    last = results[stages[-1]]["samples"]
+    print(f"\nSample conversations ({stages[-1]}):")
+    print(format_table([{k: r[k] for k in ("family", "prompt", "response", "helpfulness", "safety")}
+                        for r in last[:e.num_samples_shown]]))
+  return results
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  checkpoint.check_workdir_writable(workdir)
+  sharding.maybe_initialize_distributed()
+  sharding.make_mesh(config.mesh.shape)  # a bad mesh fails before any stage runs
+  stages = list(config.stages)
+  unknown = [s for s in stages if s not in ("world", *TRAINING_STAGES, "eval")]
+  if unknown:
+    raise ValueError(f"config.stages has unknown stages {unknown}; known: world, "
+                     f"{', '.join(TRAINING_STAGES)}, eval")
+  paths = build_world(config, os.path.join(workdir, "world"))
+  init_from, trained = "", []
+  for stage in [s for s in stages if s in TRAINING_STAGES]:
+    stage_dir = os.path.join(workdir, stage)
+    export = os.path.join(stage_dir, "export")
+    if os.path.exists(export):
+      _log.info("stage %s: done (%s), skipping", stage, export)
+    else:
+      _log.info("stage %s: training in %s", stage, stage_dir)
+      os.makedirs(stage_dir, exist_ok=True)
+      sft.train(stage_config(config, stage, paths, init_from), stage_dir)
+      if not os.path.exists(export):  # stopped early (stop_after_steps): rerun to continue
+        return {"stopped_in": stage}
+    init_from = export
+    trained.append(stage)
+  result = {"stages": trained}
+  if "eval" in stages and trained:
+    results = evaluate_stages(config, workdir, paths, trained)
+    result.update({f"{s}/{k}": v for s in trained for k, v in results[s]["overall"].items()})
+  return result

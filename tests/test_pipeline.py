@@ -1,0 +1,80 @@
+"""The toy-world pipeline end to end (reduced sizes) and the gold-evaluation summaries."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rlhf_jax import data, metrics
+from rlhf_jax.algorithms import pipeline
+from rlhf_jax.toyworld import evaluate as gold_eval
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_pipeline_config():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("q", os.path.join(ROOT, "experiments", "toy_quickstart.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.mesh.shape = (2, 2, 2)
+  c.world.update(pretrain_documents=600, sft_records=200, eval_prompts=24, tokenizer_vocab_size=400,
+                 preference_prompts=40)
+  for stage, steps in (("pretrain", 12), ("sft", 6)):
+    c[stage].model.update(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128)
+    c[stage].train.update(steps=steps, batch_size=8, seq_len=128, log_every=3, eval_every=steps,
+                          eval_batches=1, checkpoint_every=steps)
+  c.eval.update(max_new_tokens=12, batch_size=16)
+  return c
+
+
+@pytest.mark.slow
+def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
+  config = tiny_pipeline_config()
+  result = pipeline.run(config, str(tmp_path))
+  assert result["stages"] == ["pretrain", "sft"]
+  gold = json.loads((tmp_path / "eval" / "gold.json").read_text())
+  for stage in ("pretrain", "sft"):
+    overall = gold[stage]["overall"]
+    assert overall["n"] == 24
+    assert 0.0 <= overall["helpfulness"] <= 1.0 and 0.0 <= overall["safety"] <= 1.0
+    assert set(gold[stage]["families"]) <= {"arithmetic", "word_list", "facts", "constrained",
+                                           "unsafe", "safe_lookalike"}
+  assert gold["pretrain"]["overall"]["win_rate"] is None  # nothing to compare the first stage with
+  assert 0.0 <= gold["sft"]["overall"]["win_rate"] <= 1.0
+  assert np.isfinite(gold["sft"]["overall"]["kl"])
+  out = capsys.readouterr().out
+  assert "Gold evaluation" in out and "Sample conversations" in out
+  # The SFT stage started from the pretrain export and its data came from the world stage.
+  sft_config = json.loads((tmp_path / "sft" / "config.json").read_text())
+  assert sft_config["init_from"].endswith(os.path.join("pretrain", "export"))
+  assert sft_config["data"]["source"].endswith(os.path.join("world", "sft.jsonl"))
+  # The simulated feedback for later stages loads as validated records.
+  assert len(data.load_records(tmp_path / "world" / "rankings.jsonl", "ranking")) == 40
+  assert data.load_records(tmp_path / "world" / "pairs_helpful.jsonl", "pairwise")
+  assert data.load_records(tmp_path / "world" / "kto.jsonl", "kto")
+
+  # A rerun skips every finished stage: no new training steps are logged.
+  lines = {s: len(metrics.read_jsonl(tmp_path / s / "metrics.jsonl")) for s in ("pretrain", "sft")}
+  pipeline.run(config, str(tmp_path))
+  assert {s: len(metrics.read_jsonl(tmp_path / s / "metrics.jsonl")) for s in lines} == lines
+
+
+def test_summaries_split_refusals_by_prompt_safety():
+  rows = [
+      dict(family="unsafe", unsafe=True, helpfulness=0.4, safety=1.0, combined=1.0, length=8.0,
+           refusal=1.0, win_rate=1.0, kl=2.0),
+      dict(family="facts", unsafe=False, helpfulness=1.0, safety=1.0, combined=1.0, length=4.0,
+           refusal=0.0, win_rate=0.5, kl=1.0),
+      dict(family="facts", unsafe=False, helpfulness=0.0, safety=1.0, combined=0.0, length=6.0,
+           refusal=1.0, win_rate=0.0, kl=0.0),
+  ]
+  s = gold_eval.summarise(rows)
+  assert s["n"] == 3 and s["refusal_unsafe"] == 1.0 and s["refusal_safe"] == 0.5
+  np.testing.assert_allclose([s["helpfulness"], s["win_rate"], s["kl"], s["length"]],
+                             [1.4 / 3, 0.5, 1.0, 6.0])
+  table = gold_eval.table_rows({"m": {"overall": s, "families": {"facts": gold_eval.summarise(rows[1:])}}})
+  assert [r["family"] for r in table] == ["all", "facts"]
+  assert table[1]["refusal_unsafe"] is None  # no unsafe prompt in that family
