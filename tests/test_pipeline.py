@@ -22,9 +22,11 @@ def tiny_pipeline_config():
   c.mesh.shape = (2, 2, 2)
   c.world.update(pretrain_documents=600, sft_records=200, eval_prompts=24, tokenizer_vocab_size=400,
                  preference_prompts=40)
-  for stage, steps in (("pretrain", 12), ("sft", 6)):
+  c.world.update(judge_comparisons=40, judge_eval_comparisons=16)
+  for stage, steps in (("pretrain", 12), ("sft", 6), ("judge", 4)):
     c[stage].model.update(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128)
-    c[stage].train.update(steps=steps, batch_size=8, seq_len=128, log_every=3, eval_every=steps,
+    c[stage].train.update(steps=steps, batch_size=8, seq_len=256 if stage == "judge" else 128,
+                          log_every=2, eval_every=steps,
                           eval_batches=1, checkpoint_every=steps)
   c.eval.update(max_new_tokens=12, batch_size=16)
   return c
@@ -33,6 +35,7 @@ def tiny_pipeline_config():
 @pytest.mark.slow
 def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   config = tiny_pipeline_config()
+  config.stages = ("world", "pretrain", "sft", "judge", "eval")
   result = pipeline.run(config, str(tmp_path))
   assert result["stages"] == ["pretrain", "sft"]
   gold = json.loads((tmp_path / "eval" / "gold.json").read_text())
@@ -47,6 +50,13 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   assert np.isfinite(gold["sft"]["overall"]["kl"])
   out = capsys.readouterr().out
   assert "Gold evaluation" in out and "Sample conversations" in out
+  # The judge branched off the SFT model and was scored against gold, before and after swapping.
+  judge_config = json.loads((tmp_path / "judge" / "config.json").read_text())
+  assert judge_config["init_from"].endswith(os.path.join("sft", "export"))
+  agreement = json.loads((tmp_path / "eval" / "judge.json").read_text())["overall"]
+  assert agreement["n"] == 16
+  assert 0.0 <= agreement["agreement_single"] <= 1.0 and 0.0 <= agreement["agreement_swapped"] <= 1.0
+  assert "AI judge vs gold" in out and 0.0 <= result["judge/position_bias"] <= 1.0
   # The SFT stage started from the pretrain export and its data came from the world stage.
   sft_config = json.loads((tmp_path / "sft" / "config.json").read_text())
   assert sft_config["init_from"].endswith(os.path.join("pretrain", "export"))
@@ -57,7 +67,8 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   assert data.load_records(tmp_path / "world" / "kto.jsonl", "kto")
 
   # A rerun skips every finished stage: no new training steps are logged.
-  lines = {s: len(metrics.read_jsonl(tmp_path / s / "metrics.jsonl")) for s in ("pretrain", "sft")}
+  lines = {s: len(metrics.read_jsonl(tmp_path / s / "metrics.jsonl"))
+           for s in ("pretrain", "sft", "judge")}
   pipeline.run(config, str(tmp_path))
   assert {s: len(metrics.read_jsonl(tmp_path / s / "metrics.jsonl")) for s in lines} == lines
 

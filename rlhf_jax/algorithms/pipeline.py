@@ -1,4 +1,8 @@
-"""The toy-world pipeline: world -> pretrain -> SFT -> gold evaluation, one stage after another.
+"""The toy-world pipeline: world -> pretrain -> SFT [-> judge] -> gold evaluation.
+
+The optional "judge" stage fine-tunes the SFT model into the AI judge (toyworld/judge.py) on a
+limited number of gold-labelled comparisons, critiques and revisions, and reports its agreement
+with gold on held-out comparisons before and after position-swap debiasing.
 
 Each stage works in WORKDIR/<stage> and is skipped when its output exists (a finished training
 stage has WORKDIR/<stage>/export), so rerunning the command skips finished stages and resumes an
@@ -9,6 +13,7 @@ the pipeline fills in their data paths, tokenizer, `init_from` chain, seed and m
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,12 +25,13 @@ from rlhf_jax import checkpoint, data, generate, sharding
 from rlhf_jax.algorithms import sft
 from rlhf_jax.metrics import format_table
 from rlhf_jax.models import ModelConfig, abstract_model
-from rlhf_jax.toyworld import annotators, corpora
+from rlhf_jax.toyworld import annotators, corpora, judge
 from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
 
 _log = logging.getLogger(__name__)
-TRAINING_STAGES = ("pretrain", "sft")
+POLICY_STAGES = ("pretrain", "sft")
+TRAINING_STAGES = (*POLICY_STAGES, "judge")
 
 
 def _write_jsonl(path: str, records) -> None:
@@ -40,15 +46,16 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
   """Writes the world's data sets and tokenizer to `out_dir`; returns their paths."""
   w = config.world
   paths = {name: os.path.join(out_dir, f"{name}.jsonl")
-           for name in ("pretrain", "sft", "eval_tasks", *annotators.DATASET_KINDS)}
+           for name in ("pretrain", "sft", "eval_tasks", "judge", "judge_eval",
+                        *annotators.DATASET_KINDS)}
   paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
   done = os.path.join(out_dir, "done.json")
   if os.path.exists(done):
     return paths
   os.makedirs(out_dir, exist_ok=True)
   world = world_lib.World(w.seed)
-  tokenizer = data.train_tokenizer(corpora.tokenizer_texts(world), w.tokenizer_vocab_size,
-                                   paths["tokenizer"])
+  tokenizer = data.train_tokenizer(corpora.tokenizer_texts(world) + judge.tokenizer_texts(world),
+                                   w.tokenizer_vocab_size, paths["tokenizer"])
   # Dialogues in pretraining text use the chat template, so SFT starts from a model that already
   # knows the format (and its bad habits).
   render = lambda messages: data.tokenizer.render_chat(tokenizer, messages,
@@ -63,6 +70,10 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
                                                   seed=w.seed + 3, noise=w.annotator_noise)
   for name, records in feedback.items():
     annotators.write_jsonl(records, paths[name])
+  # AI-judge training data (a limited number of gold labels) and held-out comparisons.
+  _write_jsonl(paths["judge"], judge.judge_sft_records(world, w.judge_comparisons, w.seed + 4))
+  _write_jsonl(paths["judge_eval"],
+               judge.comparisons(world, w.judge_eval_comparisons, w.seed + 5, split="eval"))
   with open(done, "w") as f:
     json.dump({"pretrain_documents": len(docs), "sft_records": w.sft_records,
                "eval_prompts": w.eval_prompts,
@@ -74,7 +85,7 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, paths: dict,
                  init_from: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(config[stage].to_dict())
   c.seed, c.mesh.shape = config.seed, config.mesh.shape
-  c.data.kind = "text" if stage == "pretrain" else "sft"
+  c.data.kind = "text" if stage == "pretrain" else "sft"  # the judge is SFT on judge records
   c.data.source = paths[stage]
   c.data.tokenizer = paths["tokenizer"]
   c.init_from = init_from
@@ -147,10 +158,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       sft.train(stage_config(config, stage, paths, init_from), stage_dir)
       if not os.path.exists(export):  # stopped early (stop_after_steps): rerun to continue
         return {"stopped_in": stage}
-    init_from = export
-    trained.append(stage)
+    if stage in POLICY_STAGES:  # the judge branches off; policies chain
+      init_from = export
+      trained.append(stage)
   result = {"stages": trained}
   if "eval" in stages and trained:
     results = evaluate_stages(config, workdir, paths, trained)
-    result.update({f"{s}/{k}": v for s in trained for k, v in results[s]["overall"].items()})
+    result.update({f"{s}/{k}": v for s, r in results.items() for k, v in r["overall"].items()})
+  if "eval" in stages and "judge" in stages:
+    agreement = evaluate_judge(config, workdir, paths)
+    result.update({f"judge/{k}": v for k, v in agreement["overall"].items()})
   return result
+
+
+def evaluate_judge(config: ml_collections.ConfigDict, workdir: str, paths: dict) -> dict:
+  """The judge's agreement with gold on held-out comparisons, before and after swapping."""
+  mesh = sharding.make_mesh(config.mesh.shape)
+  tokenizer = data.load_tokenizer(paths["tokenizer"])
+  policy = load_policy(os.path.join(workdir, "judge", "export"), mesh)
+  prefer = functools.partial(judge.judge_preferences, policy.graphdef, policy.params, tokenizer,
+                             swap=False)
+  agreement = judge.judge_agreement(prefer, _read_jsonl(paths["judge_eval"]))
+  with open(os.path.join(workdir, "eval", "judge.json"), "w") as f:
+    json.dump(agreement, f, indent=1)
+  if jax.process_index() == 0:
+    rows = [{"principle": p, **m} for p, m in [("all", agreement["overall"]),
+                                               *agreement["principles"].items()]]
+    print("\nAI judge vs gold on held-out comparisons (agreement before/after position swap):")
+    print(format_table(rows))
+  return agreement
