@@ -24,33 +24,22 @@ def get_config():
   model = dict(vocab_size=0, num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=2, mlp_dim=384,
                max_seq_len=256, family="llama")
 
-  c.pretrain = base_config()
-  c.pretrain.algorithm = "pretrain"
-  c.pretrain.model.update(**model)
-  c.pretrain.optim.update(lr=3e-3, warmup_steps=30, weight_decay=0.01)
-  c.pretrain.train.update(steps=300, batch_size=32, seq_len=128, log_every=20, eval_every=150,
-                          checkpoint_every=100)
-  c.pretrain.data.update(packing=True)
-  c.pretrain.sample.update(num_examples=0)
+  def stage(algorithm, *, lr, warmup, steps, seq_len, log_every):
+    # Later stages take the architecture from the previous export; dtypes etc. come from `model`.
+    s = base_config()
+    s.algorithm = algorithm
+    s.model.update(**model)
+    s.optim.update(lr=lr, warmup_steps=warmup, weight_decay=0.01)
+    s.train.update(steps=steps, batch_size=32, seq_len=seq_len, log_every=log_every,
+                   eval_every=steps // 2, checkpoint_every=100)
+    s.data.update(packing=True)
+    s.sample.update(num_examples=0)
+    return s
 
-  c.sft = base_config()
-  c.sft.algorithm = "sft"
-  c.sft.model.update(**model)  # the architecture comes from the pretrain export; dtypes from here
-  c.sft.optim.update(lr=1e-3, warmup_steps=10, weight_decay=0.01)
-  c.sft.train.update(steps=150, batch_size=32, seq_len=128, log_every=10, eval_every=75,
-                     checkpoint_every=100)
-  c.sft.data.update(packing=True)
-  c.sft.sample.update(num_examples=0)
-
+  c.pretrain = stage("pretrain", lr=3e-3, warmup=30, steps=300, seq_len=128, log_every=20)
+  c.sft = stage("sft", lr=1e-3, warmup=10, steps=150, seq_len=128, log_every=10)
   # The AI judge (add "judge" to c.stages): SFT from the SFT model on judge records.
-  c.judge = base_config()
-  c.judge.algorithm = "sft"
-  c.judge.model.update(**model)
-  c.judge.optim.update(lr=1e-3, warmup_steps=10, weight_decay=0.01)
-  c.judge.train.update(steps=200, batch_size=32, seq_len=256, log_every=20, eval_every=100,
-                       checkpoint_every=100)
-  c.judge.data.update(packing=True)
-  c.judge.sample.update(num_examples=0)
+  c.judge = stage("sft", lr=1e-3, warmup=10, steps=200, seq_len=256, log_every=20)
 
   c.eval = ml_collections.ConfigDict(dict(max_new_tokens=48, temperature=1.0, batch_size=64,
                                           num_samples_shown=8))
