@@ -34,14 +34,6 @@ POLICY_STAGES = ("pretrain", "sft")
 TRAINING_STAGES = (*POLICY_STAGES, "judge")
 
 
-def _write_jsonl(path: str, records) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)  # atomic: a killed run never leaves a half-written data file
-
-
 def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
   """Writes the world's data sets and tokenizer to `out_dir`; returns their paths."""
   w = config.world
@@ -62,18 +54,19 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
                                                        add_generation_prompt=False)
   docs = corpora.pretraining_documents(world, w.pretrain_documents, w.seed,
                                        bad_habit_rate=w.bad_habit_rate, render=render)
-  _write_jsonl(paths["pretrain"], [{"text": d} for d in docs])
-  _write_jsonl(paths["sft"], corpora.sft_records(world, w.sft_records, w.seed + 1, noise=w.sft_noise))
-  _write_jsonl(paths["eval_tasks"], world.tasks(w.eval_prompts, seed=w.seed + 2, split="eval"))
+  write = annotators.write_jsonl  # atomic: a killed run never leaves a half-written data file
+  write([{"text": d} for d in docs], paths["pretrain"])
+  write(corpora.sft_records(world, w.sft_records, w.seed + 1, noise=w.sft_noise), paths["sft"])
+  write(world.tasks(w.eval_prompts, seed=w.seed + 2, split="eval"), paths["eval_tasks"])
   # Simulated human feedback for the reward-model and preference stages (later issues).
   feedback = annotators.build_preference_datasets(world, n_prompts=w.preference_prompts,
                                                   seed=w.seed + 3, noise=w.annotator_noise)
   for name, records in feedback.items():
-    annotators.write_jsonl(records, paths[name])
+    write(records, paths[name])
   # AI-judge training data (a limited number of gold labels) and held-out comparisons.
-  _write_jsonl(paths["judge"], judge.judge_sft_records(world, w.judge_comparisons, w.seed + 4))
-  _write_jsonl(paths["judge_eval"],
-               judge.comparisons(world, w.judge_eval_comparisons, w.seed + 5, split="eval"))
+  write(judge.judge_sft_records(world, w.judge_comparisons, w.seed + 4), paths["judge"])
+  write(judge.comparisons(world, w.judge_eval_comparisons, w.seed + 5, split="eval"),
+        paths["judge_eval"])
   with open(done, "w") as f:
     json.dump({"pretrain_documents": len(docs), "sft_records": w.sft_records,
                "eval_prompts": w.eval_prompts,
