@@ -120,8 +120,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   sample_records = eval_records[:config.sample.num_examples] if config.data.kind == "sft" else []
   rng = jax.random.key(config.seed)
-  resumed = os.path.exists(os.path.join(workdir, "checkpoints")) and any(
-      name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
+  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    resumed = ckpt.latest_step() is not None  # orbax's view: unfinished saves do not count
   sampler = generate.Sampler(setup.graphdef, model_cfg, mesh=setup.mesh,
                              param_shardings=setup.param_shardings)
   before = None if resumed else sample_table(sampler, setup.state.params, tokenizer,
