@@ -44,3 +44,15 @@ def sequence_logprob_sums(graphdef: nnx.GraphDef, params, tokens, segment_ids, p
   lp = response_logprobs(graphdef, params, tokens, segment_ids, positions, response_mask,
                          temperature=temperature)
   return jnp.sum(lp, axis=1)
+
+
+def comparison_scores(graphdef: nnx.GraphDef, params, batch: dict) -> Array:
+  """Scores of every response slot of a comparison batch (data/preference.py): [R, P, K] float32.
+
+  batch["tokens"|"segment_ids"|"positions"]: [R, T]; batch["score_index"]: [R, P, K], the row
+  position of each response's last token. Unused slots score garbage: mask with batch["valid"].
+  """
+  scores, _ = apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+  r, p, k = batch["score_index"].shape
+  picked = jnp.take_along_axis(scores, batch["score_index"].reshape(r, p * k), axis=1)
+  return picked.reshape(r, p, k)

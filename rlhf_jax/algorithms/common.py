@@ -19,16 +19,20 @@ from rlhf_jax.train import TrainState, create_train_state, make_optimizer, make_
 _log = logging.getLogger(__name__)
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
+def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None,
+                 head: str | None = None) -> ModelConfig:
   """ModelConfig from `config.model`, or from the export metadata when `config.init_from` is set
   (the architecture is the checkpoint's; `config.model.dtype`/`param_dtype`/`remat`/`scan_layers`
   still apply). vocab_size 0 in the config = the tokenizer's, rounded up to a multiple of 128 so
-  tensor parallelism and matmul tiles divide it."""
+  tensor parallelism and matmul tiles divide it. `head` ("lm" | "scalar") overrides both: a reward
+  model is an SFT export with its LM head replaced (`setup_training` swaps the params)."""
   d = config.model.to_dict()
   if config.init_from:
     saved = checkpoint.read_export_metadata(config.init_from)["model"]
-    runtime = ("dtype", "param_dtype", "remat", "scan_layers")
-    d = {**saved, **{k: d[k] for k in runtime}}
+    runtime = ("dtype", "param_dtype", "remat", "scan_layers", "scalar_head_init_std")
+    d = {**saved, **{k: d[k] for k in runtime if k in d}}
+  if head is not None:
+    d["head"] = head
   if not d.get("vocab_size"):
     if vocab_size is None:
       raise ValueError("config.model.vocab_size is 0 (auto) but no tokenizer size is known")
@@ -70,18 +74,42 @@ def setup_training(config: ml_collections.ConfigDict, mesh, model_cfg: ModelConf
   sharding.validate_model_mesh(model_cfg, mesh)
   graphdef, abstract, axes = abstract_model(model_cfg)
   psh = sharding.param_shardings(abstract, axes, mesh)
-  if config.init_from:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, psh)
-    params, meta = checkpoint.load_params(config.init_from, target)
-    _log.info("initialised params from %s (%s)", config.init_from, meta.get("model", {}))
-  else:
-    params = jax.jit(lambda: split_model(create_model(model_cfg, config.seed))[1], out_shardings=psh)()
+  params = initial_params(config, model_cfg, mesh, psh)
   optimizer, schedule = make_optimizer(config.optim, config.train.steps)
   shardings = state_shardings(optimizer, psh, abstract, mesh)
   state = create_train_state(params, optimizer, shardings, seed=config.seed)
   step = make_train_step(make_loss_fn(graphdef), optimizer, mesh=mesh, state_shardings=shardings,
                          accum_steps=config.train.accum_steps, schedule=schedule)
   return Setup(mesh, model_cfg, graphdef, psh, shardings, state, step, schedule)
+
+
+def initial_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh, psh) -> dict:
+  """Random params (seed `config.seed`), or `config.init_from`'s restored into the shardings `psh`.
+
+  An export whose head differs from `model_cfg.head` (an LM export under a reward or value model)
+  keeps its backbone; the new head is initialised as `create_model` would (scalar head: N(0,
+  scalar_head_init_std)) and the old head's params are dropped.
+  """
+  fresh = lambda names: jax.jit(
+      lambda: {k: v for k, v in split_model(create_model(model_cfg, config.seed))[1].items()
+               if k in names},  # jit drops the init of every param not returned
+      out_shardings={k: psh[k] for k in names})()
+  if not config.init_from:
+    return fresh(set(psh))
+  saved_cfg = ModelConfig.from_dict(checkpoint.read_export_metadata(config.init_from)["model"])
+  load_cfg = dataclasses.replace(model_cfg, head=saved_cfg.head)
+  _, abstract, axes = abstract_model(load_cfg)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                        sharding.param_shardings(abstract, axes, mesh))
+  params, _ = checkpoint.load_params(config.init_from, target)
+  new = set(psh) - set(params)
+  if new or set(params) - set(psh):
+    _log.info("init_from %s (head %s -> %s): new params %s, dropped %s", config.init_from,
+              saved_cfg.head, model_cfg.head, sorted(new), sorted(set(params) - set(psh)))
+    params = {**{k: v for k, v in params.items() if k in psh}, **(fresh(new) if new else {})}
+  else:
+    _log.info("initialised params from %s", config.init_from)
+  return params
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

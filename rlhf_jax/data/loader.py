@@ -9,11 +9,26 @@ would have produced. Batches are the dicts of data/sft.py (`pad_batch` / `pack_e
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from rlhf_jax.data.sft import Example, pack_examples, pad_batch
+
+
+class Batching(NamedTuple):
+    """How examples become batches: `pad(examples)` one per row, `pack(examples) -> (batch, count)`
+    first-fit of a prefix, `length(example)` tokens it takes in a row."""
+
+    pad: Callable[[list[Any]], dict[str, np.ndarray]]
+    pack: Callable[[list[Any]], tuple[dict[str, np.ndarray], int]]
+    length: Callable[[Any], int]
+
+
+def sft_batching(batch_size: int, seq_len: int) -> Batching:
+    return Batching(pad=lambda examples: pad_batch(examples, seq_len),
+                    pack=lambda examples: pack_examples(examples, seq_len, batch_size),
+                    length=lambda example: len(example.tokens))
 
 
 class BatchIterator:
@@ -22,6 +37,8 @@ class BatchIterator:
     Without packing, each row holds one example. With packing, rows are filled first-fit from the
     upcoming examples of the stream, stopping at the first one that fits nowhere (it opens the next
     batch), so the consumed examples are always a contiguous stretch of the stream.
+    `batching` turns examples into batches (default: SFT `Example`s, data/sft.py; reward-model
+    comparisons bring their own, data/preference.py).
     """
 
     def __init__(
@@ -33,12 +50,14 @@ class BatchIterator:
         seed: int,
         packing: bool,
         shuffle: bool = True,
+        batching: Batching | None = None,
     ):
         if not examples:
             raise ValueError("BatchIterator needs at least one example")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        longest = max(len(example.tokens) for example in examples)
+        self._batching = batching or sft_batching(batch_size, seq_len)
+        longest = max(self._batching.length(example) for example in examples)
         if longest > seq_len:
             raise ValueError(
                 f"an example has {longest} tokens > seq_len={seq_len}; tokenize with max_len <= seq_len"
@@ -78,7 +97,7 @@ class BatchIterator:
         stream = self._upcoming()
         if not self._packing:
             examples = [next(stream) for _ in range(self._batch_size)]
-            batch = pad_batch(examples, self._seq_len)
+            batch = self._batching.pad(examples)
             self._advance(len(examples))
             return batch
         # Every example has >= 1 token, so no more than rows * seq_len of them can be packed; one
@@ -86,8 +105,8 @@ class BatchIterator:
         budget, candidates = self._batch_size * self._seq_len, []
         while budget >= 0:
             candidates.append(next(stream))
-            budget -= len(candidates[-1].tokens)
-        batch, count = pack_examples(candidates, self._seq_len, self._batch_size)
+            budget -= self._batching.length(candidates[-1])
+        batch, count = self._batching.pack(candidates)
         self._advance(count)
         return batch
 

@@ -1,0 +1,228 @@
+"""Reward-model examples: the responses to one prompt, each tokenised as a full sequence, with their order.
+
+A `Comparison` is one prompt (one batch element) and its K responses:
+
+    sequences  K x int32[n_k]  BOS + rendered prompt + assistant header + response + <|end|> ... EOS,
+                               exactly the tokens of the SFT example {prompt, completion: response}
+                               (data/sft.py), i.e. what a policy generates and PPO scores
+    ranks      int32[K]        0 = best; a pairwise record is (chosen 0, rejected 1), a ranking record
+                               is 0, 1, ..., K-1 in its (best-first) order
+    margin     int             the pair's preference level 0..3 (Llama 2), -1 when the record has none
+    index      int             the record's position in the list given to `tokenize_comparisons`
+
+Scores are read at each sequence's last token (EOS), so every response must fit whole: a sequence
+longer than `max_len` is handled by `overflow` ("skip": drop the record, counted and logged;
+"error": raise RecordError naming the record and the lengths; "truncate_left": cut the shared prompt
+from the left, keeping BOS, until every response fits, else drop).
+
+Batch dict (numpy, fixed shapes so a jitted step never recompiles). A row holds whole comparisons,
+each response a segment of its own (attention stays inside it, positions restart), so a response's
+score does not depend on what shares its row; `comparison_batch` puts one comparison in each row,
+`pack_comparisons` fills rows first-fit with up to `per_row` comparisons:
+
+    tokens      [R, T] int32        0 on padding
+    segment_ids [R, T] int32        1, 2, ... one per response in the row; 0 on padding
+    positions   [R, T] int32        0, 1, 2, ... restarting at every response
+    score_index [R, P, K] int32     position in the row of each response's last token (0 if unused)
+    ranks       [R, P, K] int32     0 = best; unused slots hold K
+    valid       [R, P, K] bool      the slot holds a response
+    margin      [R, P] int32        preference level, -1 = none (or an unused comparison slot)
+
+P = comparisons per row, K = responses per comparison (2 for pairs).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from rlhf_jax.data.loader import Batching
+from rlhf_jax.data.records import RecordError, validate_record
+from rlhf_jax.data.sft import tokenize_sft
+
+_log = logging.getLogger(__name__)
+
+OVERFLOW_POLICIES = ("skip", "error", "truncate_left")
+COMPARISON_KINDS = ("pairwise", "ranking")
+
+
+class Comparison(NamedTuple):
+    sequences: list[np.ndarray]
+    ranks: np.ndarray
+    margin: int
+    index: int
+
+
+def responses_of(record: dict, kind: str) -> list[str]:
+    """The record's responses, best first: [chosen, rejected] or the ranking's list."""
+    return [record["chosen"], record["rejected"]] if kind == "pairwise" else list(record["responses"])
+
+
+def _fit(sequences: list[np.ndarray], prompt_len: int, max_len: int, max_total: int,
+         overflow: str) -> list[np.ndarray] | None:
+    longest, total = max(len(s) for s in sequences), sum(len(s) for s in sequences)
+    if longest <= max_len and total <= max_total:
+        return sequences
+    if overflow == "truncate_left":
+        # The prompt is shared, so cutting `cut` of its tokens shortens every response's sequence.
+        cut = max(longest - max_len, -(-(total - max_total) // len(sequences)))
+        if prompt_len - cut >= 2:  # keep BOS and at least the end of the assistant header
+            return [np.concatenate([s[:1], s[1 + cut:]]) for s in sequences]
+    return None
+
+
+def tokenize_comparisons(
+    records: Sequence[dict],
+    kind: str,
+    tokenizer,
+    *,
+    max_len: int,
+    max_total: int | None = None,
+    max_responses: int = 9,
+    overflow: str = "skip",
+    source: str = "records",
+) -> tuple[list[Comparison], dict]:
+    """pairwise or ranking records -> (comparisons, stats).
+
+    Each response's sequence must fit `max_len` (the model's positions) and all of a record's
+    responses together `max_total` (the row length; default: unbounded), else `overflow` applies.
+    Records are validated first (errors name `{source}[i]`). A ranking with more than
+    `max_responses` responses raises (raise the limit or split it). stats = {"comparisons",
+    "dropped", "left_truncated", "responses"}; one warning is logged when anything was dropped.
+    """
+    if kind not in COMPARISON_KINDS:
+        raise ValueError(f"reward-model data must be of kind {' or '.join(COMPARISON_KINDS)}, got {kind!r}")
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"overflow={overflow!r}; expected one of {', '.join(OVERFLOW_POLICIES)}")
+    records = [validate_record(r, kind, source=f"{source}[{i}]", line=None) for i, r in enumerate(records)]
+    sft_records, owners = [], []
+    for i, record in enumerate(records):
+        responses = responses_of(record, kind)
+        if len(responses) > max_responses:
+            raise RecordError(
+                f"{source}[{i}]", None, "responses",
+                f"{len(responses)} responses > max_responses={max_responses}; raise "
+                "config.reward.max_responses (every batch element is padded to it) or split the ranking",
+            )
+        sft_records += [{"prompt": record["prompt"], "completion": r} for r in responses]
+        owners += [i] * len(responses)
+    # No length limit here: overflow is decided per record, on all its responses together.
+    examples, _ = tokenize_sft(sft_records, tokenizer, max_len=1 << 30, prompt_overflow="error")
+    grouped: dict[int, list] = {}
+    for owner, example in zip(owners, examples):
+        grouped.setdefault(owner, []).append(example)
+
+    comparisons, dropped, left_truncated = [], 0, 0
+    for i, record in enumerate(records):
+        group = grouped[i]
+        prompt_len = int(np.argmax(group[0].loss_mask))  # tokens before the first target
+        sequences = [e.tokens for e in group]
+        fitted = _fit(sequences, prompt_len, max_len, max_total or 1 << 62, overflow)
+        if fitted is None:
+            if overflow == "error":
+                raise RecordError(
+                    f"{source}[{i}]", None, None,
+                    f"its longest response needs {max(len(s) for s in sequences)} tokens (prompt "
+                    f"{prompt_len}) and all {len(sequences)} together {sum(len(s) for s in sequences)}, "
+                    f"over max_len={max_len} per response or {max_total} per row; raise "
+                    "config.train.seq_len (and the model's max_seq_len), or set "
+                    "config.data.prompt_overflow to 'skip' or 'truncate_left'",
+                )
+            dropped += 1
+            continue
+        left_truncated += fitted is not sequences
+        comparisons.append(Comparison(fitted, np.arange(len(fitted), dtype=np.int32),
+                                      int(record.get("margin", -1)), i))
+    stats = {"comparisons": len(comparisons), "dropped": dropped, "left_truncated": left_truncated,
+             "responses": sum(len(c.sequences) for c in comparisons)}
+    if dropped or left_truncated:
+        _log.warning("tokenize_comparisons(max_len=%d, overflow=%r): of %d %s records, dropped %d and "
+                     "cut the prompt start of %d; raise max_len to keep them",
+                     max_len, overflow, len(records), kind, dropped, left_truncated)
+    return comparisons, stats
+
+
+def _empty(rows: int, seq_len: int, per_row: int, num_responses: int) -> dict[str, np.ndarray]:
+    r, p, k = rows, per_row, num_responses
+    return {
+        "tokens": np.zeros((r, seq_len), np.int32),
+        "segment_ids": np.zeros((r, seq_len), np.int32),
+        "positions": np.zeros((r, seq_len), np.int32),
+        "score_index": np.zeros((r, p, k), np.int32),
+        "ranks": np.full((r, p, k), k, np.int32),
+        "valid": np.zeros((r, p, k), np.bool_),
+        "margin": np.full((r, p), -1, np.int32),
+    }
+
+
+def comparison_length(comparison: Comparison) -> int:
+    return sum(len(s) for s in comparison.sequences)
+
+
+def _check(comparison: Comparison, seq_len: int, num_responses: int) -> int:
+    if len(comparison.sequences) > num_responses:
+        raise ValueError(f"comparison {comparison.index} has {len(comparison.sequences)} responses > "
+                         f"num_responses={num_responses}")
+    n = comparison_length(comparison)
+    if n > seq_len:
+        raise ValueError(f"comparison {comparison.index} needs {n} tokens (all its responses) > "
+                         f"seq_len={seq_len}; tokenize with a smaller max_len or raise seq_len")
+    return n
+
+
+def _place(batch: dict, row: int, slot: int, start: int, first_segment: int, comparison: Comparison) -> None:
+    for k, sequence in enumerate(comparison.sequences):
+        stop = start + len(sequence)
+        batch["tokens"][row, start:stop] = sequence
+        batch["segment_ids"][row, start:stop] = first_segment + k
+        batch["positions"][row, start:stop] = np.arange(len(sequence))
+        batch["score_index"][row, slot, k] = stop - 1
+        start = stop
+    n = len(comparison.sequences)
+    batch["ranks"][row, slot, :n] = comparison.ranks
+    batch["valid"][row, slot, :n] = True
+    batch["margin"][row, slot] = comparison.margin
+
+
+def comparison_batch(comparisons: Sequence[Comparison], seq_len: int, num_responses: int) -> dict[str, np.ndarray]:
+    """One comparison per row: a batch dict with R = len(comparisons), P = 1 (module docstring)."""
+    batch = _empty(len(comparisons), seq_len, 1, num_responses)
+    for row, comparison in enumerate(comparisons):
+        _check(comparison, seq_len, num_responses)
+        _place(batch, row, 0, 0, 1, comparison)
+    return batch
+
+
+def pack_comparisons(comparisons: Sequence[Comparison], seq_len: int, rows: int, per_row: int,
+                     num_responses: int) -> tuple[dict[str, np.ndarray], int]:
+    """Greedy first-fit packing of a prefix of `comparisons` into `rows` rows of `seq_len` tokens,
+    at most `per_row` comparisons each. Returns (batch, number packed = comparisons[:count])."""
+    batch = _empty(rows, seq_len, per_row, num_responses)
+    used = np.zeros(rows, np.int64)
+    slots = np.zeros(rows, np.int64)
+    segments = np.zeros(rows, np.int64)
+    for count, comparison in enumerate(comparisons):
+        n = _check(comparison, seq_len, num_responses)
+        free = np.flatnonzero((used + n <= seq_len) & (slots < per_row))
+        if free.size == 0:
+            return batch, count
+        row = int(free[0])
+        _place(batch, row, int(slots[row]), int(used[row]), int(segments[row]) + 1, comparison)
+        used[row] += n
+        slots[row] += 1
+        segments[row] += len(comparison.sequences)
+    return batch, len(comparisons)
+
+
+def num_tokens(batch: dict[str, np.ndarray]) -> int:
+    return int(np.count_nonzero(batch["segment_ids"]))
+
+
+def comparison_batching(rows: int, seq_len: int, per_row: int, num_responses: int) -> Batching:
+    """The `data.BatchIterator` batching of comparisons (pack: up to `per_row` per row)."""
+    return Batching(pad=lambda comparisons: comparison_batch(comparisons, seq_len, num_responses),
+                    pack=lambda comparisons: pack_comparisons(comparisons, seq_len, rows, per_row,
+                                                              num_responses),
+                    length=comparison_length)
