@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      kind="sft",  # record kind: "sft" (prompt/completion or messages) | "text" (pretraining)
+      kind="sft",  # record kind: "sft" (prompt/completion or messages) | "text" (pretraining) |
+                   # "pairwise" | "ranking" (reward models)
       source="toy",  # "toy" (generated instructions) | a path to JSONL / json / parquet / a
                      # save_to_disk directory of `kind` records
       eval_source="",  # same forms; "" = hold out `eval_fraction` of the training records
@@ -54,9 +55,20 @@ def base_config() -> ml_collections.ConfigDict:
       tokenizer_vocab_size=512,
       packing=False,
       prompt_overflow="skip",  # prompts >= seq_len: "skip" (counted, logged) | "error" |
-                               # "truncate_left" (keep BOS + the prompt's end)
+                               # "truncate_left" (keep BOS + the prompt's end); for reward data,
+                               # any response that does not fit whole
+
       toy_num_records=4000,
       toy_families=(),  # () = all families
+  ))
+
+  # Reward models (algorithm "reward", data.kind "pairwise" | "ranking"; ALGORITHMS.md).
+  c.reward = ml_collections.ConfigDict(dict(
+      margins="none",  # Llama 2 margin by preference level: "none" | "small" | "large" | 4 floats
+      center_coef=0.0,  # + coef * mean((r_c + r_r)^2): keeps rewards near zero mean (TRL ~1e-2)
+      max_responses=9,  # ranking data: responses per comparison (K); longer rankings are errors
+      comparisons_per_row=4,  # with data.packing: comparisons packed into one row of train.seq_len
+                              # tokens (train.batch_size counts rows)
   ))
 
   c.sample = ml_collections.ConfigDict(dict(

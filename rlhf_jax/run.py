@@ -29,6 +29,7 @@ from rlhf_jax.data.tokenizer import ChatTemplateError
 ALGORITHMS = {
     "sft": "rlhf_jax.algorithms.sft:train",
     "pretrain": "rlhf_jax.algorithms.sft:train",  # same driver, config.data.kind="text"
+    "reward": "rlhf_jax.algorithms.reward:train",  # pairwise / ranking reward models
     "pipeline": "rlhf_jax.algorithms.pipeline:run",  # toy world -> pretrain -> SFT -> gold eval
 }
 

@@ -21,11 +21,12 @@ def tiny_pipeline_config():
   c = module.get_config()
   c.mesh.shape = (2, 2, 2)
   c.world.update(pretrain_documents=600, sft_records=200, eval_prompts=24, tokenizer_vocab_size=400,
-                 preference_prompts=40)
+                 preference_prompts=40, preference_eval_prompts=24)
   c.world.update(judge_comparisons=40, judge_eval_comparisons=16)
-  for stage, steps in (("pretrain", 12), ("sft", 6), ("judge", 4)):
+  for stage, steps in (("pretrain", 12), ("sft", 6), ("judge", 4), ("rm_helpful", 4),
+                       ("rm_safety", 4)):
     c[stage].model.update(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128)
-    c[stage].train.update(steps=steps, batch_size=8, seq_len=256 if stage == "judge" else 128,
+    c[stage].train.update(steps=steps, batch_size=8, seq_len=128 if stage in ("pretrain", "sft") else 256,
                           log_every=2, eval_every=steps,
                           eval_batches=1, checkpoint_every=steps)
   c.eval.update(max_new_tokens=12, batch_size=16)
@@ -35,7 +36,7 @@ def tiny_pipeline_config():
 @pytest.mark.slow
 def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   config = tiny_pipeline_config()
-  config.stages = ("world", "pretrain", "sft", "judge", "eval")
+  config.stages = ("world", "pretrain", "sft", "judge", "rm_helpful", "rm_safety", "eval")
   result = pipeline.run(config, str(tmp_path))
   assert result["stages"] == ["pretrain", "sft"]
   gold = json.loads((tmp_path / "eval" / "gold.json").read_text())
@@ -66,9 +67,27 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   assert data.load_records(tmp_path / "world" / "pairs_helpful.jsonl", "pairwise")
   assert data.load_records(tmp_path / "world" / "kto.jsonl", "kto")
 
+  # The reward models branched off the SFT model, trained on the world's pairs, and were scored
+  # alone and combined on held-out rankings and safety-critical pairs.
+  for stage, source in (("rm_helpful", "pairs_helpful"), ("rm_safety", "pairs_safety")):
+    rm_config = json.loads((tmp_path / stage / "config.json").read_text())
+    assert rm_config["init_from"].endswith(os.path.join("sft", "export"))
+    assert rm_config["data"]["source"].endswith(os.path.join("world", f"{source}.jsonl"))
+    assert rm_config["data"]["eval_source"].endswith(os.path.join("world", f"{source}_eval.jsonl"))
+    meta = json.loads((tmp_path / stage / "export" / "metadata" / "metadata").read_text())
+    assert meta["model"]["head"] == "scalar" and meta["reward"]["stats"]["std"] > 0
+  rewards = json.loads((tmp_path / "eval" / "reward.json").read_text())
+  assert set(rewards) == {"rm_helpful", "rm_safety", "combined (llama2)"}
+  for name, report in rewards.items():
+    assert 0 < report["rankings"]["overall"]["n"] <= 24  # records longer than the model are dropped
+    assert -1.0 <= report["rankings"]["overall"]["kendall_tau_gold"] <= 1.0
+    assert 0.0 <= report["safety_critical"]["overall"]["gold_accuracy"] <= 1.0
+  assert 0.0 <= result["rm_helpful/held_out_accuracy"] <= 1.0
+  assert "Safety-critical pairs" in out and "combined" in out
+
   # A rerun skips every finished stage: no new training steps are logged.
   lines = {s: len(metrics.read_jsonl(tmp_path / s / "metrics.jsonl"))
-           for s in ("pretrain", "sft", "judge")}
+           for s in ("pretrain", "sft", "judge", "rm_helpful", "rm_safety")}
   pipeline.run(config, str(tmp_path))
   assert {s: len(metrics.read_jsonl(tmp_path / s / "metrics.jsonl")) for s in lines} == lines
 

@@ -1,4 +1,16 @@
-"""The toy-world pipeline: world -> pretrain -> SFT [-> judge] -> gold evaluation.
+"""The toy-world pipeline: world -> pretrain -> SFT [-> judge] [-> reward models] -> gold evaluation.
+
+Training stages are named in `config.stages`, each with its experiment config `config.<stage>`,
+whose `algorithm` says which driver trains it (pretrain, sft, reward). "pretrain" and "sft" chain
+(each initialises from the previous one's export); every other stage branches from the last of
+them, e.g. reward models (`rm_helpful`, `rm_safety`, ...) and the AI judge start from the SFT model.
+A stage's `data.source` / `data.eval_source` may name a data set of the world stage
+("pairs_helpful", "rankings_eval", ...); "" / "toy" means the data set named like the stage.
+
+Reward stages are evaluated on held-out preference data (their own eval set by margin level and
+family, Kendall tau on held-out rankings, accuracy on gold-labelled safety-critical pairs), and
+`config.combine` names a helpfulness and a safety stage whose scores are combined (Llama 2 rule or
+linear) and evaluated the same way.
 
 The optional "judge" stage fine-tunes the SFT model into the AI judge (toyworld/judge.py) on a
 limited number of gold-labelled comparisons, critiques and revisions, and reports its agreement
@@ -22,7 +34,7 @@ import jax
 import ml_collections
 
 from rlhf_jax import checkpoint, data, generate, sharding
-from rlhf_jax.algorithms import sft
+from rlhf_jax.algorithms import reward, reward_eval, sft
 from rlhf_jax.metrics import format_table
 from rlhf_jax.models import ModelConfig, abstract_model
 from rlhf_jax.toyworld import annotators, corpora, judge
@@ -30,8 +42,11 @@ from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
 
 _log = logging.getLogger(__name__)
-POLICY_STAGES = ("pretrain", "sft")
-TRAINING_STAGES = (*POLICY_STAGES, "judge")
+POLICY_STAGES = ("pretrain", "sft")  # these chain; every other training stage branches off
+DRIVERS = {"pretrain": sft.train, "sft": sft.train, "reward": reward.train}
+# Held-out copies of the feedback data sets ("<name>_eval") and gold-labelled pairs on the prompts
+# where safety decides (for the combined reward).
+EVAL_FEEDBACK = tuple(f"{name}_eval" for name in annotators.DATASET_KINDS)
 
 
 def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
@@ -39,7 +54,7 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
   w = config.world
   paths = {name: os.path.join(out_dir, f"{name}.jsonl")
            for name in ("pretrain", "sft", "eval_tasks", "judge", "judge_eval",
-                        *annotators.DATASET_KINDS)}
+                        *annotators.DATASET_KINDS, *EVAL_FEEDBACK, "safety_critical_eval")}
   paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
   done = os.path.join(out_dir, "done.json")
   if os.path.exists(done):
@@ -63,6 +78,13 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
                                                   seed=w.seed + 3, noise=w.annotator_noise)
   for name, records in feedback.items():
     write(records, paths[name])
+  held_out = annotators.build_preference_datasets(world, n_prompts=w.preference_eval_prompts,
+                                                  seed=w.seed + 6, noise=w.annotator_noise,
+                                                  split="eval")
+  for name, records in held_out.items():
+    write(records, paths[f"{name}_eval"])
+  write(annotators.gold_pairs(world, n_prompts=w.preference_eval_prompts, seed=w.seed + 7,
+                              families=annotators.SAFETY_FAMILIES), paths["safety_critical_eval"])
   # AI-judge training data (a limited number of gold labels) and held-out comparisons.
   write(judge.judge_sft_records(world, w.judge_comparisons, w.seed + 4), paths["judge"])
   write(judge.comparisons(world, w.judge_eval_comparisons, w.seed + 5, split="eval"),
@@ -78,11 +100,31 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, paths: dict,
                  init_from: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(config[stage].to_dict())
   c.seed, c.mesh.shape = config.seed, config.mesh.shape
-  c.data.kind = "text" if stage == "pretrain" else "sft"  # the judge is SFT on judge records
-  c.data.source = paths[stage]
+  if c.algorithm == "pretrain":
+    c.data.kind = "text"
+  source = c.data.source if c.data.source not in ("", "toy") else stage
+  if source not in paths:
+    raise ValueError(f"config.{stage}.data.source={source!r} names no world data set; choose one of "
+                     f"{', '.join(sorted(p for p in paths if p != 'tokenizer'))}")
+  c.data.source = paths[source]
+  if c.data.eval_source in paths:
+    c.data.eval_source = paths[c.data.eval_source]
   c.data.tokenizer = paths["tokenizer"]
   c.init_from = init_from
   return c
+
+
+def training_stages(config: ml_collections.ConfigDict) -> list[str]:
+  """The training stages of `config.stages` in order; checks each names a known driver."""
+  stages = [s for s in config.stages if s not in ("world", "eval")]
+  for stage in stages:
+    if stage not in config or "algorithm" not in config[stage]:
+      raise ValueError(f"config.stages names {stage!r} but config.{stage} is not an experiment config; "
+                       "known stages: world, eval and the experiment configs in the pipeline config")
+    if config[stage].algorithm not in DRIVERS:
+      raise ValueError(f"config.{stage}.algorithm={config[stage].algorithm!r}; a pipeline stage "
+                       f"runs one of {', '.join(DRIVERS)}")
+  return stages
 
 
 def load_policy(export_dir: str, mesh) -> gold_eval.Policy:
@@ -134,13 +176,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.maybe_initialize_distributed()
   sharding.make_mesh(config.mesh.shape)  # a bad mesh fails before any stage runs
   stages = list(config.stages)
-  unknown = [s for s in stages if s not in ("world", *TRAINING_STAGES, "eval")]
-  if unknown:
-    raise ValueError(f"config.stages has unknown stages {unknown}; known: world, "
-                     f"{', '.join(TRAINING_STAGES)}, eval")
+  training = training_stages(config)
   paths = build_world(config, os.path.join(workdir, "world"))
-  init_from, trained = "", []
-  for stage in [s for s in stages if s in TRAINING_STAGES]:
+  init_from, trained, rewards = "", [], []
+  for stage in training:
     stage_dir = os.path.join(workdir, stage)
     export = os.path.join(stage_dir, "export")
     if os.path.exists(export):
@@ -148,12 +187,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
       _log.info("stage %s: training in %s", stage, stage_dir)
       os.makedirs(stage_dir, exist_ok=True)
-      sft.train(stage_config(config, stage, paths, init_from), stage_dir)
+      stage_cfg = stage_config(config, stage, paths, init_from)
+      DRIVERS[stage_cfg.algorithm](stage_cfg, stage_dir)
       if not os.path.exists(export):  # stopped early (stop_after_steps): rerun to continue
         return {"stopped_in": stage}
-    if stage in POLICY_STAGES:  # the judge branches off; policies chain
+    if stage in POLICY_STAGES:  # the judge and reward models branch off; policies chain
       init_from = export
       trained.append(stage)
+    elif config[stage].algorithm == "reward":
+      rewards.append(stage)
   result = {"stages": trained}
   if "eval" in stages and trained:
     results = evaluate_stages(config, workdir, paths, trained)
@@ -161,6 +203,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "eval" in stages and "judge" in stages:
     agreement = evaluate_judge(config, workdir, paths)
     result.update({f"judge/{k}": v for k, v in agreement["overall"].items()})
+  if "eval" in stages and rewards:
+    summary = reward_eval.evaluate_reward_stages(config, workdir, paths, rewards)
+    result.update(summary)
   return result
 
 

@@ -314,6 +314,23 @@ def build_preference_datasets(world: World, *, n_prompts: int, seed: int,
                   safety_threshold=safety_threshold, kto_threshold=kto_threshold)
 
 
+def gold_pairs(world: World, *, n_prompts: int, seed: int, criterion: str = "combined",
+               families: Sequence[str] | None = None, split: str = "eval") -> list[dict]:
+  """Pairwise records labelled by gold itself (a noiseless, unbiased annotator), one per prompt:
+  {prompt, chosen, rejected, margin, gold_chosen, gold_rejected, family, unsafe, criterion}, for
+  measuring what a reward model (or a combination of them) really prefers. Prompts whose two
+  candidates tie on gold are left out."""
+  gold = Annotator(name="gold", temperature=0.0)
+  out = []
+  for index, task in enumerate(world.tasks(n_prompts, seed=seed, families=families, split=split)):
+    rng = np.random.default_rng([seed, _CANDIDATES, index])
+    a, b = draw_candidates(task, rng, 2)
+    record = compare(gold, task, a, b, rng, criterion=criterion)
+    if record["gold_chosen"] != record["gold_rejected"]:
+      out.append(record)
+  return out
+
+
 def write_jsonl(records: Sequence[dict], path: str | os.PathLike) -> Path:
   """Writes one JSON object per line, atomically (a temporary file renamed over `path`), so a
   killed run never leaves a half-written dataset. A `.json` name is read by `datasets`' json
@@ -335,6 +352,7 @@ def write_jsonl(records: Sequence[dict], path: str | os.PathLike) -> Path:
 
 __all__ = ["Annotator", "make_annotator_pool", "perceived", "length_feature", "plackett_luce",
            "margin_level", "distinct_responses", "rank", "compare", "label_safety", "label_kto",
-           "annotate", "draw_candidates", "build_preference_datasets", "write_jsonl", "CRITERIA",
+           "annotate", "draw_candidates", "build_preference_datasets", "gold_pairs", "write_jsonl",
+           "CRITERIA",
            "BIAS_KINDS", "MARGIN_THRESHOLDS", "SAFETY_THRESHOLD", "KTO_THRESHOLD",
            "SAFETY_FAMILIES", "DATASET_KINDS"]

@@ -1,0 +1,221 @@
+"""Reward-model driver: pairwise (Bradley-Terry, optional Llama 2 margin) or InstructGPT K-choose-2
+ranking loss on a scalar-head model initialised from an SFT export.
+
+data (pairwise | ranking records) -> comparisons [B, K, T] -> sharded training -> held-out report
+-> export with reward statistics.
+
+WORKDIR after a run: config.json, checkpoints/, metrics.jsonl, tb/, eval.json (the held-out report:
+accuracy overall / by margin level / by family, or Kendall tau for rankings), export/ (params +
+{"model", "tokenizer", "step", "reward": {"kind", "margins", "stats": {"mean", "std", "n"}}}).
+The statistics are the mean and std of the model's scores over the held-out responses, so a later
+stage (PPO) can whiten rewards without rescoring a reference set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlhf_jax import checkpoint, data, reward_metrics, scoring, sharding
+from rlhf_jax.algorithms import common
+from rlhf_jax.data.preference import (comparison_batch, comparison_batching, comparison_length,
+                                      responses_of, tokenize_comparisons)
+from rlhf_jax.losses import reward as reward_losses
+from rlhf_jax.metrics import format_table
+from rlhf_jax.models import ModelConfig, abstract_model
+from rlhf_jax.train import make_eval_step
+
+_log = logging.getLogger(__name__)
+
+
+def make_reward_loss_fn(graphdef, *, kind: str, margins: Sequence[float], center_coef: float):
+  """loss_fn(params, batch, rng) for comparison batches: pairwise_loss (with the margin table
+  looked up by each pair's level) for kind "pairwise", ranking_loss for "ranking"."""
+  table = jnp.asarray(margins, jnp.float32)
+  use_margin = any(margins)
+
+  def loss_fn(params, batch, rng):
+    del rng
+    scores = scoring.comparison_scores(graphdef, params, batch)  # [R, P, K]
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])  # comparisons [R * P, ...]
+    scores, valid, ranks, level = (flat(scores), flat(batch["valid"]), flat(batch["ranks"]),
+                                   flat(batch["margin"]))
+    if kind == "pairwise":
+      margin = table[jnp.clip(level, 0, len(margins) - 1)] if use_margin else None
+      return reward_losses.pairwise_loss(scores[:, 0], scores[:, 1], margin, weight=valid[:, 1],
+                                         center_coef=center_coef)
+    return reward_losses.ranking_loss(scores, ranks, valid, center_coef=center_coef)
+
+  return loss_fn
+
+
+@dataclasses.dataclass
+class RewardModel:
+  """A loaded reward model: score token sequences with `score_records`."""
+
+  graphdef: Any
+  params: Any
+  model_cfg: ModelConfig
+  mesh: Any
+  stats: dict  # {"mean", "std", "n"} of held-out scores (export metadata), for whitening
+
+  def __post_init__(self):
+    self._score = jax.jit(functools.partial(scoring.comparison_scores, self.graphdef))
+
+  def score_batch(self, batch: dict) -> np.ndarray:
+    """[R, P, K] scores of a host comparison batch (R divisible by the mesh's batch shards)."""
+    return np.asarray(jax.device_get(self._score(self.params, sharding.put_batch(batch, self.mesh))))
+
+
+def load_reward_model(export_dir: str, mesh) -> RewardModel:
+  meta = checkpoint.read_export_metadata(export_dir)
+  model_cfg = ModelConfig.from_dict(meta["model"])
+  if model_cfg.head != "scalar":
+    raise ValueError(f"{export_dir} is a model with head={model_cfg.head!r}, not a reward model "
+                     "(head 'scalar'); give the export of a reward-model run")
+  graphdef, abstract, axes = abstract_model(model_cfg)
+  psh = sharding.param_shardings(abstract, axes, mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, psh)
+  params, _ = checkpoint.load_params(export_dir, target)
+  stats = meta.get("reward", {}).get("stats", {"mean": 0.0, "std": 1.0, "n": 0})
+  return RewardModel(graphdef, params, model_cfg, mesh, stats)
+
+
+def score_comparisons(rm: RewardModel, comparisons, seq_len: int, num_responses: int,
+                      batch_size: int) -> list[np.ndarray]:
+  """Scores of every comparison's responses, in order: one float array per comparison. Rows hold
+  one comparison each, `seq_len` tokens (>= every comparison's total length)."""
+  shards = math.prod(rm.mesh.shape[a] for a in ("data", "fsdp"))
+  batch_size = -(-batch_size // shards) * shards
+  out = []
+  for start in range(0, len(comparisons), batch_size):
+    chunk = list(comparisons[start:start + batch_size])
+    padded = chunk + [chunk[0]] * (batch_size - len(chunk))  # fixed shape: one compilation
+    scores = rm.score_batch(comparison_batch(padded, seq_len, num_responses))
+    out += [scores[i, 0, :len(c.sequences)] for i, c in enumerate(chunk)]
+  return out
+
+
+def score_records(rm: RewardModel, tokenizer, records: Sequence[dict], kind: str, *,
+                  seq_len: int | None = None, batch_size: int = 64) -> tuple[list[dict], list[np.ndarray]]:
+  """(records kept, their responses' scores). Responses longer than `seq_len` (default: the model's
+  max_seq_len) have their prompt cut from the left; records that still do not fit are dropped."""
+  seq_len = seq_len or rm.model_cfg.max_seq_len
+  k = max(len(responses_of(r, kind)) for r in records)
+  comparisons, _ = tokenize_comparisons(records, kind, tokenizer, max_len=seq_len, max_responses=k,
+                                        overflow="truncate_left")
+  row_len = -(-max(comparison_length(c) for c in comparisons) // 128) * 128
+  scores = score_comparisons(rm, comparisons, row_len, k, batch_size)
+  return [records[c.index] for c in comparisons], scores
+
+
+def report(kind: str, records: Sequence[dict], scores: Sequence[np.ndarray]) -> dict:
+  if kind == "pairwise":
+    return reward_metrics.preference_report(records, np.array([s[0] for s in scores]),
+                                            np.array([s[1] for s in scores]))
+  return reward_metrics.ranking_report(records, scores)
+
+
+def _require_margins(records: Sequence[dict], source: str) -> None:
+  for i, record in enumerate(records):
+    if "margin" not in record:
+      raise data.RecordError(
+          f"{source}[{i}]", None, "margin",
+          "missing, but config.reward.margins asks for the Llama 2 margin loss, which needs every "
+          "pair's preference level 0..3; add the levels, or set config.reward.margins='none'")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  checkpoint.check_workdir_writable(workdir)
+  sharding.maybe_initialize_distributed()
+  common.write_config(config, workdir)
+  mesh = common.make_mesh(config)
+  d, t, r = config.data, config.train, config.reward
+  kind = d.kind
+  if kind not in ("pairwise", "ranking"):
+    raise ValueError(f"config.data.kind={kind!r}: a reward model trains on 'pairwise' or 'ranking' records")
+  margins = reward_losses.margin_table(r.margins)
+  if kind == "ranking" and any(margins):
+    raise ValueError("config.reward.margins applies to pairwise data (Llama 2); rankings have no "
+                     "preference levels: set config.reward.margins='none'")
+  tokenizer_dir = d.tokenizer or (config.init_from and
+                                  checkpoint.read_export_metadata(config.init_from).get("tokenizer"))
+  if not tokenizer_dir:
+    raise ValueError("config.data.tokenizer is empty and config.init_from names no tokenizer")
+  tokenizer = data.load_tokenizer(tokenizer_dir)
+
+  records = data.load_records(d.source, kind, split=d.split or None)
+  if d.eval_source:
+    train_records, eval_records = records, data.load_records(d.eval_source, kind, split=d.split or None)
+  else:
+    n_eval = max(1, int(len(records) * d.eval_fraction))
+    train_records, eval_records = records[:-n_eval], records[-n_eval:]
+  if any(margins):
+    _require_margins(train_records, d.source)
+  num_responses = 2 if kind == "pairwise" else r.max_responses
+  model_cfg = common.model_config(config, vocab_size=len(tokenizer), head="scalar")
+  # A row (train.seq_len tokens) holds whole comparisons; each response must also fit the model.
+  tokenize = functools.partial(tokenize_comparisons, kind=kind, tokenizer=tokenizer,
+                               max_len=min(t.seq_len, model_cfg.max_seq_len), max_total=t.seq_len,
+                               max_responses=num_responses, overflow=d.prompt_overflow)
+  train_cmp, stats = tokenize(train_records, source=d.source)
+  eval_cmp, eval_stats = tokenize(eval_records, source=d.eval_source or d.source)
+  if not train_cmp or not eval_cmp:
+    raise ValueError(f"no {kind} comparisons left after tokenisation (train {stats}, eval {eval_stats}); "
+                     "raise config.train.seq_len")
+  _log.info("%s data: train %s, eval %s", kind, stats, eval_stats)
+
+  make_loss = functools.partial(make_reward_loss_fn, kind=kind, margins=margins, center_coef=r.center_coef)
+  setup = common.setup_training(config, mesh, model_cfg, make_loss)
+  per_row = r.comparisons_per_row if d.packing else 1
+  batching = comparison_batching(t.batch_size, t.seq_len, per_row, num_responses)
+  batches = data.BatchIterator(train_cmp, batch_size=t.batch_size, seq_len=t.seq_len, seed=config.seed,
+                               packing=d.packing, batching=batching)
+  eval_step = make_eval_step(make_loss(setup.graphdef), mesh=setup.mesh,
+                             param_shardings=setup.param_shardings)
+  eval_iter = data.BatchIterator(eval_cmp, batch_size=t.batch_size, seq_len=t.seq_len, seed=0,
+                                 packing=False, shuffle=False, batching=batching)
+  eval_batches = [sharding.put_batch(next(eval_iter), setup.mesh) for _ in range(t.eval_batches)]
+
+  def evaluate(state) -> dict:
+    results = [jax.device_get(eval_step(state.params, b, jax.random.key(0))) for b in eval_batches]
+    weights = np.array([res["loss_weight"] for res in results])
+    return {k: float(np.sum([res[k] for res in results] * weights) / weights.sum())
+            for k in results[0] if k != "loss_weight"}
+
+  state = common.train_loop(config, workdir, setup, batches, data_state=batches.state,
+                            restore_data=batches.restore, evaluate=evaluate,
+                            count_tokens=lambda b: int(np.count_nonzero(b["segment_ids"])))
+  if int(state.step) < t.steps:  # stopped early (stop_after_steps): the rerun finishes
+    return {"step": int(state.step)}
+
+  rm = RewardModel(setup.graphdef, state.params, model_cfg, setup.mesh, {})
+  scores = score_comparisons(rm, eval_cmp, t.seq_len, num_responses, t.batch_size)
+  kept = [eval_records[c.index] for c in eval_cmp]
+  result_report = report(kind, kept, scores)
+  flat = np.concatenate(scores)
+  rm.stats = {"mean": float(flat.mean()), "std": float(flat.std()), "n": int(flat.size)}
+  checkpoint.export_params(
+      os.path.join(workdir, "export"), state.params, overwrite=True,
+      metadata={"model": model_cfg.to_dict(), "tokenizer": os.path.abspath(tokenizer_dir),
+                "step": int(state.step),
+                "reward": {"kind": kind, "margins": list(margins), "stats": rm.stats}})
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump({"report": result_report, "stats": rm.stats, "data": {"train": stats, "eval": eval_stats}},
+              f, indent=1)
+  if jax.process_index() == 0:
+    print(f"\nReward model on {len(kept)} held-out {kind} records:")
+    print(format_table(reward_metrics.report_rows(result_report, os.path.basename(workdir.rstrip("/")))))
+  overall = result_report["overall"]
+  return {"step": int(state.step), **{f"eval/{k}": v for k, v in overall.items() if v is not None},
+          "reward_mean": rm.stats["mean"], "reward_std": rm.stats["std"]}
