@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "ml_collections>=1.1.0",
     "absl-py>=2.5.1",
     "numpy>=2.4",
+    "scipy>=1.17.1",  # Kendall tau for reward-model evaluation
     "transformers>=5.24.0",
     "tokenizers>=0.23.3",
     "datasets>=5.2.0",

@@ -7,12 +7,15 @@ Every figure that should be compared is measured in the same run: MFU divides th
 FLOP/s by the fp32 (or bf16) matmul peak measured here, first, on the same devices. Records:
   matmul_peak  {gflops}                                  square matmul, the peak MFU refers to
   sft_step     {tokens_per_s, step_s, model_gflops, mfu}  full train step (fwd+bwd+AdamW)
+  rm_step      {tokens_per_s, pairs_per_s, ..., mfu}      reward-model step: scalar head, rows of
+                                                          packed pairs, Llama 2 margin loss
   generate     {batch, new_tokens_per_s, ...}            KV-cache sampling, batch 8 and 64
 The model is the Llama-style L6 d512 h8 MLP1344 vocab4096 config unless flags change it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -23,12 +26,15 @@ import numpy as np
 from absl import app, flags
 
 from rlhf_jax import sharding
+from rlhf_jax.algorithms.reward import make_reward_loss_fn
 from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
+from rlhf_jax.losses.reward import margin_table
 from rlhf_jax.configs import base_config
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, llama_bench_config, split_model
 from rlhf_jax.train import create_train_state, make_optimizer, make_train_step, state_shardings
 
-_ONLY = flags.DEFINE_list("only", ["matmul_peak", "sft_step", "generate"], "Benchmarks to run.")
+_ONLY = flags.DEFINE_list("only", ["matmul_peak", "sft_step", "rm_step", "generate"],
+                          "Benchmarks to run.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _SFT_BATCH = flags.DEFINE_integer("sft_batch", 8, "Sequences per SFT step.")
 _SFT_SEQ = flags.DEFINE_integer("sft_seq_len", 512, "Tokens per sequence in the SFT step.")
@@ -63,7 +69,9 @@ def matmul_peak(dtype: str, repeats: int, n: int = 2048) -> dict:
   return {"gflops": 2 * n * n * n * d / seconds / 1e9, "n": n}
 
 
-def sft_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflops: float | None):
+def train_step_bench(cfg: ModelConfig, make_loss_fn, host: dict, repeats: int,
+                     peak_gflops: float | None) -> dict:
+  """Times the shared train step on `host` (a [B, T] batch of real tokens, no padding)."""
   mesh = sharding.make_mesh((-1, 1, 1))
   graphdef, abstract, axes = abstract_model(cfg)
   psh = sharding.param_shardings(abstract, axes, mesh)
@@ -72,13 +80,7 @@ def sft_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflo
   optimizer, schedule = make_optimizer(config.optim, 1000)
   shardings = state_shardings(optimizer, psh, abstract, mesh)
   state = create_train_state(params, optimizer, shardings, seed=0)
-  step = make_train_step(make_sft_loss_fn(graphdef), optimizer, mesh=mesh,
-                         state_shardings=shardings)
-  rs = np.random.RandomState(0)
-  host = dict(tokens=rs.randint(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32),
-              loss_mask=np.ones((batch, seq_len), bool),
-              segment_ids=np.ones((batch, seq_len), np.int32),
-              positions=np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)))
+  step = make_train_step(make_loss_fn(graphdef), optimizer, mesh=mesh, state_shardings=shardings)
   data = sharding.put_batch(host, mesh)
   holder = [state]
 
@@ -87,12 +89,45 @@ def sft_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflo
     jax.block_until_ready(metrics)
 
   seconds = timed(run, repeats)
+  batch, seq_len = host["tokens"].shape
   tokens = batch * seq_len
   gflops = cfg.flops_per_token(seq_len) * tokens / seconds / 1e9
   record = {"batch": batch, "seq_len": seq_len, "step_s": seconds, "tokens_per_s": tokens / seconds,
             "model_gflops": gflops}
   if peak_gflops:
     record["mfu"] = gflops / peak_gflops
+  return record
+
+
+def sft_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflops: float | None):
+  rs = np.random.RandomState(0)
+  host = dict(tokens=rs.randint(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32),
+              loss_mask=np.ones((batch, seq_len), bool),
+              segment_ids=np.ones((batch, seq_len), np.int32),
+              positions=np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)))
+  return train_step_bench(cfg, make_sft_loss_fn, host, repeats, peak_gflops)
+
+
+def rm_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflops: float | None,
+            response_len: int = 128) -> dict:
+  """Rows of `seq_len` tokens, each packed with pairs of `response_len`-token sequences (the
+  layout of data/preference.py), Bradley-Terry loss with the Llama 2 "small" margins."""
+  cfg = dataclasses.replace(cfg, head="scalar")
+  per_row = seq_len // (2 * response_len)
+  rs = np.random.RandomState(0)
+  segment = np.repeat(np.arange(1, 2 * per_row + 1, dtype=np.int32), response_len)
+  host = dict(tokens=rs.randint(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32),
+              segment_ids=np.tile(segment, (batch, 1)),
+              positions=np.tile(np.tile(np.arange(response_len, dtype=np.int32), 2 * per_row), (batch, 1)),
+              score_index=np.tile((np.arange(1, 2 * per_row + 1, dtype=np.int32) * response_len - 1)
+                                  .reshape(per_row, 2), (batch, 1, 1)),
+              ranks=np.tile(np.array([0, 1], np.int32), (batch, per_row, 1)),
+              valid=np.ones((batch, per_row, 2), bool),
+              margin=rs.randint(0, 4, (batch, per_row)).astype(np.int32))
+  make = lambda graphdef: make_reward_loss_fn(graphdef, kind="pairwise", margins=margin_table("small"),
+                                              center_coef=0.01)
+  record = train_step_bench(cfg, make, host, repeats, peak_gflops)
+  record.update(response_len=response_len, pairs_per_s=batch * per_row / record["step_s"])
   return record
 
 
@@ -136,6 +171,8 @@ def main(argv):
     peak = peak["gflops"]
   if "sft_step" in _ONLY.value:
     emit("sft_step", sft_step(cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak))
+  if "rm_step" in _ONLY.value:
+    emit("rm_step", rm_step(cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak))
   if "generate" in _ONLY.value:
     for b in _GEN_BATCHES.value:
       emit("generate", generate_bench(cfg, int(b), _PROMPT.value, _NEW.value, _REPEATS.value))

@@ -13,22 +13,29 @@ from rlhf_jax.toyworld import evaluate as gold_eval
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_pipeline_config():
+def experiment_config(name: str):
   import importlib.util
-  spec = importlib.util.spec_from_file_location("q", os.path.join(ROOT, "experiments", "toy_quickstart.py"))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config()
+  return module.get_config()
+
+
+def shrink(c, stage: str, steps: int, seq_len: int) -> None:
+  c[stage].model.update(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128)
+  c[stage].train.update(steps=steps, batch_size=8, seq_len=seq_len, log_every=2, eval_every=steps,
+                        eval_batches=1, checkpoint_every=steps)
+
+
+def tiny_pipeline_config(name: str = "toy_quickstart"):
+  c = experiment_config(name)
   c.mesh.shape = (2, 2, 2)
   c.world.update(pretrain_documents=600, sft_records=200, eval_prompts=24, tokenizer_vocab_size=400,
                  preference_prompts=40, preference_eval_prompts=24)
   c.world.update(judge_comparisons=40, judge_eval_comparisons=16)
   for stage, steps in (("pretrain", 12), ("sft", 6), ("judge", 4), ("rm_helpful", 4),
                        ("rm_safety", 4)):
-    c[stage].model.update(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128)
-    c[stage].train.update(steps=steps, batch_size=8, seq_len=128 if stage in ("pretrain", "sft") else 256,
-                          log_every=2, eval_every=steps,
-                          eval_batches=1, checkpoint_every=steps)
+    shrink(c, stage, steps, 128 if stage in ("pretrain", "sft") else 256)
   c.eval.update(max_new_tokens=12, batch_size=16)
   return c
 
@@ -77,7 +84,8 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
     meta = json.loads((tmp_path / stage / "export" / "metadata" / "metadata").read_text())
     assert meta["model"]["head"] == "scalar" and meta["reward"]["stats"]["std"] > 0
   rewards = json.loads((tmp_path / "eval" / "reward.json").read_text())
-  assert set(rewards) == {"rm_helpful", "rm_safety", "combined (llama2)"}
+  assert set(rewards) == {"rm_helpful", "rm_safety", "combined (llama2)",
+                          "combined (linear) [not selected]"}
   for name, report in rewards.items():
     assert 0 < report["rankings"]["overall"]["n"] <= 24  # records longer than the model are dropped
     assert -1.0 <= report["rankings"]["overall"]["kendall_tau_gold"] <= 1.0
@@ -90,6 +98,28 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
            for s in ("pretrain", "sft", "judge", "rm_helpful", "rm_safety")}
   pipeline.run(config, str(tmp_path))
   assert {s: len(metrics.read_jsonl(tmp_path / s / "metrics.jsonl")) for s in lines} == lines
+
+  # The InstructGPT experiment in the same workdir reuses world, pretrain and SFT, and trains only
+  # its ranking reward model (K-choose-2 over whole rankings packed into 1024-token rows).
+  instructgpt = tiny_pipeline_config("toy_rm_instructgpt")
+  shrink(instructgpt, "rm_ranking", 3, 1024)
+  result = pipeline.run(instructgpt, str(tmp_path))
+  assert {s: len(metrics.read_jsonl(tmp_path / s / "metrics.jsonl")) for s in lines} == lines
+  held_out = json.loads((tmp_path / "rm_ranking" / "eval.json").read_text())["report"]["overall"]
+  assert held_out["n"] > 0 and -1.0 <= held_out["kendall_tau_labels"] <= 1.0
+  assert -1.0 <= result["rm_ranking/kendall_tau_gold"] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["toy_quickstart", "toy_rm_instructgpt", "toy_rm_llama2_margin",
+                                  "toy_rm_safety"])
+def test_toy_experiments_name_known_stages_and_data(name):
+  config = experiment_config(name)
+  world_data = {"pretrain", "sft", "judge", *pipeline.EVAL_FEEDBACK, "safety_critical_eval",
+                "rankings", "pairs_helpful", "pairs_safety", "safety_labels", "kto"}
+  for stage in pipeline.training_stages(config):
+    source = config[stage].data.source
+    assert (source if source not in ("", "toy") else stage) in world_data
+    assert config[stage].data.eval_source in ("", *world_data)
 
 
 def test_summaries_split_refusals_by_prompt_safety():

@@ -7,7 +7,8 @@ them, e.g. reward models (`rm_helpful`, `rm_safety`, ...) and the AI judge start
 A stage's `data.source` / `data.eval_source` may name a data set of the world stage
 ("pairs_helpful", "rankings_eval", ...); "" / "toy" means the data set named like the stage.
 
-Reward stages are evaluated on held-out preference data (their own eval set by margin level and
+The "eval" stage evaluates everything trained, "eval_rewards" the reward stages alone. Reward
+stages are evaluated on held-out preference data (their own eval set by margin level and
 family, Kendall tau on held-out rankings, accuracy on gold-labelled safety-critical pairs), and
 `config.combine` names a helpfulness and a safety stage whose scores are combined (Llama 2 rule or
 linear) and evaluated the same way.
@@ -43,6 +44,8 @@ from rlhf_jax.toyworld import world as world_lib
 
 _log = logging.getLogger(__name__)
 POLICY_STAGES = ("pretrain", "sft")  # these chain; every other training stage branches off
+# "eval": everything trained; "eval_rewards": the reward models only (no policy sampling).
+EVAL_STAGES = ("eval", "eval_rewards")
 DRIVERS = {"pretrain": sft.train, "sft": sft.train, "reward": reward.train}
 # Held-out copies of the feedback data sets ("<name>_eval") and gold-labelled pairs on the prompts
 # where safety decides (for the combined reward).
@@ -56,43 +59,49 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
            for name in ("pretrain", "sft", "eval_tasks", "judge", "judge_eval",
                         *annotators.DATASET_KINDS, *EVAL_FEEDBACK, "safety_critical_eval")}
   paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
-  done = os.path.join(out_dir, "done.json")
-  if os.path.exists(done):
-    return paths
   os.makedirs(out_dir, exist_ok=True)
   world = world_lib.World(w.seed)
-  tokenizer = data.train_tokenizer(corpora.tokenizer_texts(world) + judge.tokenizer_texts(world),
-                                   w.tokenizer_vocab_size, paths["tokenizer"])
+  if os.path.exists(os.path.join(paths["tokenizer"], "tokenizer.json")):
+    tokenizer = data.load_tokenizer(paths["tokenizer"])
+  else:
+    tokenizer = data.train_tokenizer(corpora.tokenizer_texts(world) + judge.tokenizer_texts(world),
+                                     w.tokenizer_vocab_size, paths["tokenizer"])
   # Dialogues in pretraining text use the chat template, so SFT starts from a model that already
   # knows the format (and its bad habits).
   render = lambda messages: data.tokenizer.render_chat(tokenizer, messages,
                                                        add_generation_prompt=False)
-  docs = corpora.pretraining_documents(world, w.pretrain_documents, w.seed,
-                                       bad_habit_rate=w.bad_habit_rate, render=render)
-  write = annotators.write_jsonl  # atomic: a killed run never leaves a half-written data file
-  write([{"text": d} for d in docs], paths["pretrain"])
-  write(corpora.sft_records(world, w.sft_records, w.seed + 1, noise=w.sft_noise), paths["sft"])
-  write(world.tasks(w.eval_prompts, seed=w.seed + 2, split="eval"), paths["eval_tasks"])
-  # Simulated human feedback for the reward-model and preference stages (later issues).
-  feedback = annotators.build_preference_datasets(world, n_prompts=w.preference_prompts,
-                                                  seed=w.seed + 3, noise=w.annotator_noise)
-  for name, records in feedback.items():
-    write(records, paths[name])
-  held_out = annotators.build_preference_datasets(world, n_prompts=w.preference_eval_prompts,
-                                                  seed=w.seed + 6, noise=w.annotator_noise,
-                                                  split="eval")
-  for name, records in held_out.items():
-    write(records, paths[f"{name}_eval"])
-  write(annotators.gold_pairs(world, n_prompts=w.preference_eval_prompts, seed=w.seed + 7,
-                              families=annotators.SAFETY_FAMILIES), paths["safety_critical_eval"])
-  # AI-judge training data (a limited number of gold labels) and held-out comparisons.
-  write(judge.judge_sft_records(world, w.judge_comparisons, w.seed + 4), paths["judge"])
-  write(judge.comparisons(world, w.judge_eval_comparisons, w.seed + 5, split="eval"),
-        paths["judge_eval"])
-  with open(done, "w") as f:
-    json.dump({"pretrain_documents": len(docs), "sft_records": w.sft_records,
-               "eval_prompts": w.eval_prompts,
-               **{name: len(records) for name, records in feedback.items()}}, f)
+  feedback = lambda n, seed, split: annotators.build_preference_datasets(
+      world, n_prompts=n, seed=seed, noise=w.annotator_noise, split=split)
+  # Data set groups, each built only when one of its files is missing: a world written by an older
+  # version gains the new data sets without rewriting (or re-tokenising) what stages trained on.
+  groups = [
+      (("pretrain",), lambda: {"pretrain": [{"text": d} for d in corpora.pretraining_documents(
+          world, w.pretrain_documents, w.seed, bad_habit_rate=w.bad_habit_rate, render=render)]}),
+      (("sft",), lambda: {"sft": corpora.sft_records(world, w.sft_records, w.seed + 1,
+                                                     noise=w.sft_noise)}),
+      (("eval_tasks",), lambda: {"eval_tasks": world.tasks(w.eval_prompts, seed=w.seed + 2,
+                                                           split="eval")}),
+      # Simulated human feedback for reward models and preference methods, and held-out copies.
+      (tuple(annotators.DATASET_KINDS), lambda: feedback(w.preference_prompts, w.seed + 3, "train")),
+      (EVAL_FEEDBACK, lambda: {f"{name}_eval": records for name, records in
+                               feedback(w.preference_eval_prompts, w.seed + 6, "eval").items()}),
+      (("safety_critical_eval",), lambda: {"safety_critical_eval": annotators.gold_pairs(
+          world, n_prompts=w.preference_eval_prompts, seed=w.seed + 7,
+          families=annotators.SAFETY_FAMILIES)}),
+      # AI-judge training data (a limited number of gold labels) and held-out comparisons.
+      (("judge",), lambda: {"judge": judge.judge_sft_records(world, w.judge_comparisons, w.seed + 4)}),
+      (("judge_eval",), lambda: {"judge_eval": judge.comparisons(world, w.judge_eval_comparisons,
+                                                                 w.seed + 5, split="eval")}),
+  ]
+  counts = {}
+  for names, build in groups:
+    if all(os.path.exists(paths[name]) for name in names):
+      continue
+    for name, records in build().items():
+      annotators.write_jsonl(records, paths[name])  # atomic: never a half-written data file
+      counts[name] = len(records)
+  if counts:
+    _log.info("world: wrote %s", counts)
   return paths
 
 
@@ -116,11 +125,12 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, paths: dict,
 
 def training_stages(config: ml_collections.ConfigDict) -> list[str]:
   """The training stages of `config.stages` in order; checks each names a known driver."""
-  stages = [s for s in config.stages if s not in ("world", "eval")]
+  stages = [s for s in config.stages if s not in ("world", *EVAL_STAGES)]
   for stage in stages:
     if stage not in config or "algorithm" not in config[stage]:
-      raise ValueError(f"config.stages names {stage!r} but config.{stage} is not an experiment config; "
-                       "known stages: world, eval and the experiment configs in the pipeline config")
+      raise ValueError(f"config.stages names {stage!r} but config.{stage} is not an experiment "
+                       "config; known stages: world, eval, eval_rewards and the experiment configs "
+                       "in the pipeline config")
     if config[stage].algorithm not in DRIVERS:
       raise ValueError(f"config.{stage}.algorithm={config[stage].algorithm!r}; a pipeline stage "
                        f"runs one of {', '.join(DRIVERS)}")
@@ -203,7 +213,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "eval" in stages and "judge" in stages:
     agreement = evaluate_judge(config, workdir, paths)
     result.update({f"judge/{k}": v for k, v in agreement["overall"].items()})
-  if "eval" in stages and rewards:
+  if ("eval" in stages or "eval_rewards" in stages) and rewards:
     summary = reward_eval.evaluate_reward_stages(config, workdir, paths, rewards)
     result.update(summary)
   return result

@@ -4,7 +4,8 @@ For each reward stage: its own held-out report (written by the reward driver: ac
 annotators' labels and against gold, by margin level and family), Kendall tau against gold on the
 held-out rankings (`rankings_eval`, all families, combined gold), and accuracy on gold-labelled
 pairs of the prompts where safety decides (`safety_critical_eval`). `config.combine` names a
-helpfulness and a safety stage; their combination is scored on the same rankings and pairs.
+helpfulness and a safety stage; their combination, by the configured rule and by the other one
+for comparison, is scored on the same rankings and pairs.
 Whitening is an increasing map, so it changes none of these orderings and is left out here.
 """
 
@@ -64,12 +65,14 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
     (h_ranked, h_pairs), (s_ranked, s_pairs) = scored[combine.helpful], scored[combine.safety]
     # Both models read the same records at the same length, so they keep the same ones.
     assert [r["prompt"] for r in h_ranked[0]] == [r["prompt"] for r in s_ranked[0]]
-    name = f"combined ({combine.kind})"
-    results[name] = {
-        "rankings": reward.report("ranking", h_ranked[0],
-                                  combine_scores(h_ranked[1], s_ranked[1], h_ranked[0], combine)),
-        "safety_critical": reward.report("pairwise", h_pairs[0],
-                                         combine_scores(h_pairs[1], s_pairs[1], h_pairs[0], combine))}
+    for kind in reward_losses.COMBINED_REWARD_KINDS:  # the configured one, and the other to compare
+      rule = ml_collections.ConfigDict({**combine.to_dict(), "kind": kind})
+      selected = "" if kind == combine.kind else " [not selected]"
+      results[f"combined ({kind}){selected}"] = {
+          "rankings": reward.report("ranking", h_ranked[0],
+                                    combine_scores(h_ranked[1], s_ranked[1], h_ranked[0], rule)),
+          "safety_critical": reward.report("pairwise", h_pairs[0],
+                                           combine_scores(h_pairs[1], s_pairs[1], h_pairs[0], rule))}
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "reward.json"), "w") as f:
@@ -80,13 +83,20 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
 
 
 def _print_tables(results: dict) -> None:
-  keep = lambda rows, keys: [{k: row[k] for k in ("model", "slice", *keys)} for row in rows]
-  held = [row for name, r in results.items() if "held_out" in r
-          for row in keep(reward_metrics.report_rows(r["held_out"], name),
-                          ("n", "accuracy", "gold_accuracy"))
-          if not row["slice"].startswith("family")]
-  print("\nReward models on their held-out preference pairs (accuracy vs annotator labels / gold):")
-  print(format_table(held))
+  keep = lambda rows, keys: [{k: row.get(k) for k in ("model", "slice", *keys)} for row in rows]
+  held = {name: r["held_out"] for name, r in results.items() if "held_out" in r}
+  pairs = [row for name, report in held.items() if "by_margin" in report
+           for row in keep(reward_metrics.report_rows(report, name), ("n", "accuracy", "gold_accuracy"))
+           if not row["slice"].startswith("family")]
+  rankings = [row for name, report in held.items() if "by_margin" not in report
+              for row in keep(reward_metrics.report_rows(report, name),
+                              ("n", "kendall_tau_labels", "kendall_tau_gold", "pair_accuracy_labels"))]
+  if pairs:
+    print("\nReward models on their held-out preference pairs (accuracy vs annotator labels / gold):")
+    print(format_table(pairs))
+  if rankings:
+    print("\nReward models on their held-out rankings (Kendall tau vs annotator order / gold):")
+    print(format_table(rankings))
   ranked = [keep(reward_metrics.report_rows(r["rankings"], name),
                  ("n", "kendall_tau_gold", "top1_gold", "pair_accuracy_labels"))[0]
             for name, r in results.items()]
@@ -102,6 +112,8 @@ def _print_tables(results: dict) -> None:
 def summarise(results: dict) -> dict:
   summary = {}
   for name, r in results.items():
+    if name.endswith("[not selected]"):
+      continue
     key = name.split(" ")[0]
     overall = r.get("held_out", {}).get("overall", {})
     for metric in ("accuracy", "gold_accuracy", "pair_accuracy_labels"):

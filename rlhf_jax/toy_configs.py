@@ -1,0 +1,77 @@
+"""The toy-world pipeline config that the toy experiments (`experiments/toy_*.py`) start from.
+
+Every stage is a full experiment config (`base_config()`), nested in the pipeline config; an
+experiment picks `stages` and overrides fields. Stages cache in WORKDIR/<stage>, so experiments run
+with the quickstart's workdir reuse its world, pretrained and SFT models.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from rlhf_jax.configs import base_config
+
+MODEL = dict(vocab_size=0, num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=2, mlp_dim=384,
+             max_seq_len=256, family="llama")
+
+
+def stage(algorithm: str, *, lr: float, warmup: int, steps: int, seq_len: int,
+          log_every: int) -> ml_collections.ConfigDict:
+  """A training stage on the toy model. Later stages take the architecture from the previous export;
+  dtypes, remat etc. come from `model`."""
+  s = base_config()
+  s.algorithm = algorithm
+  s.model.update(**MODEL)
+  s.optim.update(lr=lr, warmup_steps=warmup, weight_decay=0.01)
+  s.train.update(steps=steps, batch_size=32, seq_len=seq_len, log_every=log_every,
+                 eval_every=max(1, steps // 2), checkpoint_every=100)
+  s.data.update(packing=True)
+  s.sample.update(num_examples=0)
+  return s
+
+
+def reward_stage(source: str, *, kind: str = "pairwise", steps: int = 150, margins: str = "small",
+                 seq_len: int = 512, batch_size: int = 8) -> ml_collections.ConfigDict:
+  """A reward model on the world data set `source` (held out: `<source>_eval`), from the SFT model.
+
+  Rows of `seq_len` tokens are packed with whole comparisons (up to 6 pairs; a pair takes ~100
+  tokens on average, ~400 at most). The small centring term pins the scores' offset, which the
+  Llama 2 combination reads (its safety threshold is an absolute score).
+  """
+  s = stage("reward", lr=1e-4, warmup=10, steps=steps, seq_len=seq_len, log_every=10)
+  s.data.update(kind=kind, source=source, eval_source=f"{source}_eval")
+  s.train.update(batch_size=batch_size)
+  s.reward.update(margins=margins if kind == "pairwise" else "none", center_coef=0.01,
+                  comparisons_per_row=6)
+  return s
+
+
+def toy_pipeline_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.algorithm = "pipeline"
+  c.seed = 0
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+  c.stages = ("world", "pretrain", "sft", "eval")
+
+  c.world = ml_collections.ConfigDict(dict(
+      seed=0, pretrain_documents=20000, bad_habit_rate=0.3, sft_records=4000, sft_noise=0.15,
+      eval_prompts=256, tokenizer_vocab_size=1024, preference_prompts=4000,
+      preference_eval_prompts=400, annotator_noise=0.1, judge_comparisons=600,
+      judge_eval_comparisons=200))
+
+  c.pretrain = stage("pretrain", lr=3e-3, warmup=30, steps=300, seq_len=128, log_every=20)
+  c.sft = stage("sft", lr=1e-3, warmup=10, steps=150, seq_len=128, log_every=10)
+  # The AI judge (add "judge" to stages): SFT from the SFT model on judge records.
+  c.judge = stage("sft", lr=1e-3, warmup=10, steps=200, seq_len=256, log_every=20)
+  # Llama 2's two reward models, each on its own annotators' pairs, with the margin loss.
+  c.rm_helpful = reward_stage("pairs_helpful", steps=150)
+  c.rm_safety = reward_stage("pairs_safety", steps=100)
+  # How the pipeline's evaluation (and later PPO) combines them: "llama2" (safety score where the
+  # prompt is flagged unsafe or sigmoid(safety) < safety_threshold, else helpfulness) | "linear".
+  c.combine = ml_collections.ConfigDict(dict(helpful="rm_helpful", safety="rm_safety", kind="llama2",
+                                             safety_threshold=0.15, helpful_weight=1.0,
+                                             safety_weight=1.0))
+
+  c.eval = ml_collections.ConfigDict(dict(max_new_tokens=48, temperature=1.0, batch_size=64,
+                                          num_samples_shown=8))
+  return c
