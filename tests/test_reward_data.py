@@ -141,11 +141,6 @@ def test_integral_float_margin_is_accepted(tokenizer):
     assert comparison.margin == 3 and isinstance(comparison.margin, int)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tokenize_comparisons reads int(record.get('margin', -1)) for ranking records too, where "
-    "'margin' is not a field of the kind but unvalidated metadata (records.py keeps unknown fields "
-    "as they are): None (an HF column missing from a row) raises TypeError and 'big' ValueError, "
-    "neither naming the record, and 2.5 silently becomes level 2"))
 @pytest.mark.parametrize("margin", [None, "big", 2.5])
 def test_ranking_metadata_named_margin_is_not_a_preference_level(tokenizer, margin):
     record = {**RANKINGS[1], "margin": margin}

@@ -118,11 +118,6 @@ def test_pairwise_loss_on_packed_batch_equals_direct_computation(tokenizer, scal
     assert len({round(float(loss), 6) for loss, _ in results}) == len(SETTINGS)  # the settings matter
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "make_reward_loss_fn looks a pair's margin up at jnp.clip(level, 0, 3), so a pair without a "
-    "preference level (margin -1 = none, data/preference.py) gets table[0] instead of no margin; "
-    "invisible with the Llama 2 tables (table[0] == 0), wrong for a custom table with table[0] > 0, "
-    "e.g. held-out pairs without levels in the eval loss (_require_margins checks only train records)"))
 def test_a_pair_without_a_level_gets_no_margin(monkeypatch):
     # One pair scored (1.0, 0.0), without a preference level; the scores stand in for a model's.
     monkeypatch.setattr(scoring, "comparison_scores", lambda graphdef, params, batch: jnp.array([[[1.0, 0.0]]]))

@@ -29,7 +29,8 @@ import numpy as np
 from rlhf_jax import checkpoint, data, reward_metrics, scoring, sharding
 from rlhf_jax.algorithms import common
 from rlhf_jax.data.preference import (comparison_batch, comparison_batching, comparison_length,
-                                      responses_of, tokenize_comparisons)
+                                      tokenize_comparisons)
+from rlhf_jax.data.records import MAX_RANKED
 from rlhf_jax.losses import reward as reward_losses
 from rlhf_jax.metrics import format_table
 from rlhf_jax.models import ModelConfig, abstract_model
@@ -51,7 +52,9 @@ def make_reward_loss_fn(graphdef, *, kind: str, margins: Sequence[float], center
     scores, valid, ranks, level = (flat(scores), flat(batch["valid"]), flat(batch["ranks"]),
                                    flat(batch["margin"]))
     if kind == "pairwise":
-      margin = table[jnp.clip(level, 0, len(margins) - 1)] if use_margin else None
+      # Level -1 (a pair without one, e.g. held-out data) gets no margin.
+      margin = (jnp.where(level >= 0, table[jnp.clip(level, 0, len(margins) - 1)], 0.0)
+                if use_margin else None)
       return reward_losses.pairwise_loss(scores[:, 0], scores[:, 1], margin, weight=valid[:, 1],
                                          center_coef=center_coef)
     return reward_losses.ranking_loss(scores, ranks, valid, center_coef=center_coef)
@@ -111,9 +114,11 @@ def score_records(rm: RewardModel, tokenizer, records: Sequence[dict], kind: str
   """(records kept, their responses' scores). Responses longer than `seq_len` (default: the model's
   max_seq_len) have their prompt cut from the left; records that still do not fit are dropped."""
   seq_len = seq_len or rm.model_cfg.max_seq_len
-  k = max(len(responses_of(r, kind)) for r in records)
+  k = 2 if kind == "pairwise" else MAX_RANKED
   comparisons, _ = tokenize_comparisons(records, kind, tokenizer, max_len=seq_len, max_responses=k,
                                         overflow="truncate_left")
+  if not comparisons:
+    return [], []
   row_len = -(-max(comparison_length(c) for c in comparisons) // 128) * 128
   scores = score_comparisons(rm, comparisons, row_len, k, batch_size)
   return [records[c.index] for c in comparisons], scores

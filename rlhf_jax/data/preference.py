@@ -13,7 +13,7 @@ A `Comparison` is one prompt (one batch element) and its K responses:
 Scores are read at each sequence's last token (EOS), so every response must fit whole: a sequence
 longer than `max_len` is handled by `overflow` ("skip": drop the record, counted and logged;
 "error": raise RecordError naming the record and the lengths; "truncate_left": cut the shared prompt
-from the left, keeping BOS, until every response fits, else drop).
+from the left, keeping BOS and at least half of it, until every response fits, else drop).
 
 Batch dict (numpy, fixed shapes so a jitted step never recompiles). A row holds whole comparisons,
 each response a segment of its own (attention stays inside it, positions restart), so a response's
@@ -68,7 +68,9 @@ def _fit(sequences: list[np.ndarray], prompt_len: int, max_len: int, max_total: 
     if overflow == "truncate_left":
         # The prompt is shared, so cutting `cut` of its tokens shortens every response's sequence.
         cut = max(longest - max_len, -(-(total - max_total) // len(sequences)))
-        if prompt_len - cut >= 2:  # keep BOS and at least the end of the assistant header
+        # Keep BOS and at least half the prompt: its end holds the assistant header, and a prompt
+        # cut into its header is a sequence no policy ever produces.
+        if cut <= (prompt_len - 1) // 2:
             return [np.concatenate([s[:1], s[1 + cut:]]) for s in sequences]
     return None
 
@@ -133,8 +135,9 @@ def tokenize_comparisons(
             dropped += 1
             continue
         left_truncated += fitted is not sequences
-        comparisons.append(Comparison(fitted, np.arange(len(fitted), dtype=np.int32),
-                                      int(record.get("margin", -1)), i))
+        # "margin" is a validated field of pairwise records only (metadata elsewhere).
+        margin = record.get("margin", -1) if kind == "pairwise" else -1
+        comparisons.append(Comparison(fitted, np.arange(len(fitted), dtype=np.int32), margin, i))
     stats = {"comparisons": len(comparisons), "dropped": dropped, "left_truncated": left_truncated,
              "responses": sum(len(c.sequences) for c in comparisons)}
     if dropped or left_truncated:
