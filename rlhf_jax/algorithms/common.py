@@ -11,10 +11,12 @@ from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
+import numpy as np
 
 from rlhf_jax import checkpoint, metrics, sharding
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, split_model
-from rlhf_jax.train import TrainState, create_train_state, make_optimizer, make_train_step, state_shardings
+from rlhf_jax.train import (TrainState, create_train_state, make_eval_step, make_optimizer,
+                            make_train_step, state_shardings)
 
 _log = logging.getLogger(__name__)
 
@@ -110,6 +112,22 @@ def initial_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig, me
   else:
     _log.info("initialised params from %s", config.init_from)
   return params
+
+
+def make_evaluate(loss_fn: Callable, setup: Setup, host_batches: Iterator[dict],
+                  num_batches: int) -> Callable[[TrainState], dict]:
+  """evaluate(state) -> the loss_fn's metrics over `num_batches` fixed batches, combined by each
+  batch's `loss_weight` (as the train step combines micro-batches)."""
+  eval_step = make_eval_step(loss_fn, mesh=setup.mesh, param_shardings=setup.param_shardings)
+  batches = [sharding.put_batch(next(host_batches), setup.mesh) for _ in range(num_batches)]
+
+  def evaluate(state: TrainState) -> dict:
+    results = [jax.device_get(eval_step(state.params, b, jax.random.key(0))) for b in batches]
+    weights = np.array([r["loss_weight"] for r in results])
+    return {k: float(np.sum([r[k] for r in results] * weights) / weights.sum())
+            for k in results[0] if k != "loss_weight"}
+
+  return evaluate
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

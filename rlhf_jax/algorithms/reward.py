@@ -34,7 +34,6 @@ from rlhf_jax.data.records import MAX_RANKED
 from rlhf_jax.losses import reward as reward_losses
 from rlhf_jax.metrics import format_table
 from rlhf_jax.models import ModelConfig, abstract_model
-from rlhf_jax.train import make_eval_step
 
 _log = logging.getLogger(__name__)
 
@@ -186,17 +185,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batching = comparison_batching(t.batch_size, t.seq_len, per_row, num_responses)
   batches = data.BatchIterator(train_cmp, batch_size=t.batch_size, seq_len=t.seq_len, seed=config.seed,
                                packing=d.packing, batching=batching)
-  eval_step = make_eval_step(make_loss(setup.graphdef), mesh=setup.mesh,
-                             param_shardings=setup.param_shardings)
   eval_iter = data.BatchIterator(eval_cmp, batch_size=t.batch_size, seq_len=t.seq_len, seed=0,
                                  packing=False, shuffle=False, batching=batching)
-  eval_batches = [sharding.put_batch(next(eval_iter), setup.mesh) for _ in range(t.eval_batches)]
-
-  def evaluate(state) -> dict:
-    results = [jax.device_get(eval_step(state.params, b, jax.random.key(0))) for b in eval_batches]
-    weights = np.array([res["loss_weight"] for res in results])
-    return {k: float(np.sum([res[k] for res in results] * weights) / weights.sum())
-            for k in results[0] if k != "loss_weight"}
+  evaluate = common.make_evaluate(make_loss(setup.graphdef), setup, eval_iter, t.eval_batches)
 
   state = common.train_loop(config, workdir, setup, batches, data_state=batches.state,
                             restore_data=batches.restore, evaluate=evaluate,

@@ -25,7 +25,6 @@ from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
 from rlhf_jax.data.text import tokenize_text
 from rlhf_jax.metrics import format_table
 from rlhf_jax.toyworld import instructions
-from rlhf_jax.train import make_eval_step
 
 _log = logging.getLogger(__name__)
 
@@ -105,18 +104,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batches = data.BatchIterator(train_examples, batch_size=t.batch_size, seq_len=t.seq_len,
                                seed=config.seed, packing=config.data.packing)
 
-  eval_step = make_eval_step(make_sft_loss_fn(setup.graphdef), mesh=setup.mesh,
-                             param_shardings=setup.param_shardings)
   eval_iter = data.BatchIterator(eval_examples, batch_size=t.batch_size, seq_len=t.seq_len,
                                  seed=0, packing=False, shuffle=False)
-  eval_batches = [sharding.put_batch(next(eval_iter), setup.mesh) for _ in range(t.eval_batches)]
-
-  def evaluate(state) -> dict:
-    rng = jax.random.key(0)
-    results = [jax.device_get(eval_step(state.params, b, rng)) for b in eval_batches]
-    weights = np.array([r["loss_weight"] for r in results])
-    return {k: float(np.sum([r[k] for r in results] * weights) / weights.sum())
-            for k in results[0] if k != "loss_weight"}
+  evaluate = common.make_evaluate(make_sft_loss_fn(setup.graphdef), setup, eval_iter, t.eval_batches)
 
   sample_records = eval_records[:config.sample.num_examples] if config.data.kind == "sft" else []
   rng = jax.random.key(config.seed)
