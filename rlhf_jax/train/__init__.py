@@ -2,7 +2,7 @@
 
 from rlhf_jax.train.optim import make_optimizer, make_schedule
 from rlhf_jax.train.state import TrainState, create_train_state, state_shardings
-from rlhf_jax.train.step import accumulate_gradients, make_eval_step, make_train_step
+from rlhf_jax.train.step import accumulate_gradients, make_eval_step, make_train_step, make_update
 
 __all__ = ["make_optimizer", "make_schedule", "TrainState", "create_train_state", "state_shardings",
-           "accumulate_gradients", "make_eval_step", "make_train_step"]
+           "accumulate_gradients", "make_eval_step", "make_train_step", "make_update"]

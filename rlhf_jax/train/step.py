@@ -70,6 +70,27 @@ def accumulate_gradients(loss_fn: LossFn, params, batch: dict, rng: jax.Array, a
   return grads, jax.tree.map(lambda m: m / denom, metric_sum)
 
 
+def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
+                schedule: Callable | None = None):
+  """The un-jitted optimiser step `update(state, batch) -> (state, metrics)`: gradients (accumulated
+  over `accum_steps` micro-batches), the optimiser update and the metrics. `make_train_step` jits
+  it; a method that takes several optimiser steps inside one jitted call (PPO epochs over
+  mini-batches) scans it. Call it inside `sharding.activation_sharding`."""
+  def update(state: TrainState, batch: dict):
+    rng, step_rng = jax.random.split(state.key())
+    grads, metrics = accumulate_gradients(loss_fn, state.params, batch, step_rng, accum_steps)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
+    if schedule is not None:
+      metrics["lr"] = schedule(state.step)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           rng=jax.random.key_data(rng))
+    return new_state, metrics
+
+  return update
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, mesh: Mesh,
                     state_shardings: TrainState, accum_steps: int = 1,
                     schedule: Callable | None = None, rules=sharding.DEFAULT_RULES,
@@ -79,18 +100,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
   batch: dict of [B, ...] arrays sharded over the batch axes; B must be divisible by accum_steps
   and B / accum_steps by the number of batch shards. Metrics are replicated scalars.
   """
+  update = make_update(loss_fn, optimizer, accum_steps=accum_steps, schedule=schedule)
+
   def step(state: TrainState, batch: dict):
     with sharding.activation_sharding(mesh, rules):
-      rng, step_rng = jax.random.split(state.key())
-      grads, metrics = accumulate_gradients(loss_fn, state.params, batch, step_rng, accum_steps)
-      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
-    if schedule is not None:
-      metrics["lr"] = schedule(state.step)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           rng=jax.random.key_data(rng))
-    return new_state, metrics
+      return update(state, batch)
 
   return jax.jit(step,
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules)),
