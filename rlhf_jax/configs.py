@@ -71,6 +71,33 @@ def base_config() -> ml_collections.ConfigDict:
                               # tokens (train.batch_size counts rows)
   ))
 
+  # PPO (algorithm "ppo"; ALGORITHMS.md). data.source = prompt records ({"prompt", "unsafe"?}).
+  c.ppo = ml_collections.ConfigDict(dict(
+      iterations=100,
+      prompts_per_iteration=32,  # rollout batch: one response per prompt
+      max_prompt_len=64,  # prompts are left-padded to this (fixed shapes: nothing recompiles)
+      max_new_tokens=48,
+      temperature=1.0,  # sampling temperature; log-probs in the loss use the same
+      epochs=4,  # passes over each rollout
+      minibatches=4,  # optimiser steps per pass
+      accum_steps=1,  # micro-batches per mini-batch
+      clip_eps=0.2,
+      value_clip_eps=0.2,
+      vf_coef=0.1,
+      entropy_coef=0.0,
+      gamma=1.0,
+      lam=0.95,
+      whiten_advantages=True,
+      kl_kind="k1",  # per-token KL estimator in the reward: k1 | k2 | k3
+      missing_eos_penalty=-1.0,  # added to the score of a response that never emitted EOS
+      score_clip=0.0,  # > 0: clip the (whitened) sequence reward to [-score_clip, score_clip]
+      kl=dict(beta=0.05, adaptive=False, target=6.0, horizon=10000),  # Ziegler et al.
+      # Reward-model exports; with both, `combine` = "llama2" | "linear" (losses/reward.py).
+      reward=dict(helpful="", safety="", combine="llama2", safety_threshold=0.15,
+                  helpful_weight=1.0, safety_weight=1.0, whiten=True),
+      value_init_from="",  # the value model's export ("" = the policy's, head replaced)
+  ))
+
   c.sample = ml_collections.ConfigDict(dict(
       num_examples=6,  # generations printed before and after training
       max_new_tokens=32,

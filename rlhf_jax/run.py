@@ -30,6 +30,7 @@ ALGORITHMS = {
     "sft": "rlhf_jax.algorithms.sft:train",
     "pretrain": "rlhf_jax.algorithms.sft:train",  # same driver, config.data.kind="text"
     "reward": "rlhf_jax.algorithms.reward:train",  # pairwise / ranking reward models
+    "ppo": "rlhf_jax.algorithms.ppo:train",  # PPO against reward models
     "pipeline": "rlhf_jax.algorithms.pipeline:run",  # toy world -> pretrain -> SFT -> gold eval
 }
 

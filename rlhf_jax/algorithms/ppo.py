@@ -1,0 +1,261 @@
+"""PPO against reward models (InstructGPT / Ziegler et al. / Llama 2's final stage).
+
+One iteration: sample `prompts_per_iteration` responses from the policy (jitted KV-cache sampler),
+score them without gradients (policy and reference log-probs, values, reward-model scores), make
+per-token rewards (-beta KL + the sequence reward at the last token) and GAE advantages, then run
+`epochs` passes of `minibatches` shuffled mini-batches **inside one jitted update** (a scan over
+the shared optimiser step), and update beta (fixed or adaptive KL controller).
+
+Models: the policy (from `config.init_from`, an SFT export), a frozen reference (the same export),
+a separate value model (scalar head, from `config.ppo.value_init_from`: a reward-model export as
+in InstructGPT, or any LM export whose head is then replaced), and one or two reward models
+(`config.ppo.reward.helpful` / `.safety` exports) combined by the Llama 2 rule or linearly.
+The optimiser state covers {"policy", "value"}: one TrainState, checkpointed whole.
+
+WORKDIR: checkpoints/ (state + prompt-stream position, iteration's beta), metrics.jsonl + tb/ (per
+iteration: reward, gold helpfulness/safety/combined on toy prompts, KL, length, entropy, clip
+fraction, beta, ...), export/ (the policy: what the next stage and the gold evaluation load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlhf_jax import checkpoint, data, generate, metrics, sharding
+from rlhf_jax.algorithms import common, ppo_rollout
+from rlhf_jax.algorithms.reward import load_reward_model
+from rlhf_jax.data.loader import Batching
+from rlhf_jax.losses import kl as kl_losses
+from rlhf_jax.losses import ppo as ppo_losses
+from rlhf_jax.losses.common import token_logprobs
+from rlhf_jax.models import ModelConfig, abstract_model, apply
+from rlhf_jax.toyworld import world as world_lib
+from rlhf_jax.train import create_train_state, make_optimizer, make_update, state_shardings
+
+_log = logging.getLogger(__name__)
+
+
+def make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg: ml_collections.ConfigDict):
+  """loss_fn(params {"policy", "value"}, rollout mini-batch, rng): clipped policy loss +
+  vf_coef x clipped value loss - entropy_coef x entropy; per-token means (loss_weight = tokens)."""
+  def loss_fn(params, batch, rng):
+    del rng
+    mask = batch["response_mask"]
+    logits, _ = apply(policy_graphdef, params["policy"], batch["tokens"], batch["positions"],
+                      batch["segment_ids"])
+    scaled = logits[:, :-1] / cfg.temperature  # log-probs of the distribution that was sampled
+    logp = token_logprobs(scaled, batch["tokens"][:, 1:])
+    logp = jnp.concatenate([jnp.zeros_like(logp[:, :1]), logp], axis=1)
+    policy_loss, policy_metrics = ppo_losses.ppo_policy_loss(
+        logp, batch["old_logp"], batch["advantages"], mask, clip_eps=cfg.clip_eps)
+    values = ppo_rollout.token_values(value_graphdef, params["value"], batch["tokens"],
+                                      batch["segment_ids"], batch["positions"], mask)
+    value_loss, value_metrics = ppo_losses.ppo_value_loss(
+        values, batch["old_values"], batch["returns"], mask, clip_eps=cfg.value_clip_eps)
+    entropy = ppo_losses.entropy_from_logits(scaled, mask[:, 1:])
+    loss = policy_loss + cfg.vf_coef * value_loss - cfg.entropy_coef * entropy
+    out = {**value_metrics, **policy_metrics, "entropy": entropy, "loss": loss}
+    return loss, out
+
+  return loss_fn
+
+
+def make_ppo_update(loss_fn, optimizer, *, mesh, shardings, cfg: ml_collections.ConfigDict):
+  """Jitted `update(state, rollout) -> (state, metrics)`: `cfg.epochs` passes over the rollout,
+  each a fresh shuffle cut into `cfg.minibatches` mini-batches, one optimiser step each (a nested
+  `lax.scan`, so a whole PPO phase is one XLA program). Metrics: means over all steps, and the
+  first mini-batch's approx_kl / clip_fraction (which should be ~0 when rollout and update
+  numerics agree)."""
+  step = make_update(loss_fn, optimizer, accum_steps=cfg.accum_steps)
+
+  def update(state, rollout):
+    with sharding.activation_sharding(mesh):
+      rows = rollout["tokens"].shape[0]
+      size = rows // cfg.minibatches
+
+      def epoch(state, key):
+        order = jax.random.permutation(key, rows)
+        minibatches = jax.tree.map(
+            lambda x: x[order].reshape((cfg.minibatches, size) + x.shape[1:]), rollout)
+
+        def one(state, minibatch):
+          minibatch = jax.tree.map(
+              lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), minibatch)
+          return step(state, minibatch)
+        return jax.lax.scan(one, state, minibatches)
+
+      keys = jax.random.split(jax.random.fold_in(state.key(), 1), cfg.epochs)
+      state, history = jax.lax.scan(epoch, state, keys)  # leaves [epochs, minibatches]
+    out = jax.tree.map(jnp.mean, history)
+    out["first_approx_kl"] = history["approx_kl"][0, 0]
+    out["first_clip_fraction"] = history["clip_fraction"][0, 0]
+    return state, out
+
+  return jax.jit(update, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def load_prompts(source: str) -> list[dict]:
+  """Prompt records: JSON objects with "prompt" (string or chat messages) and optional "unsafe"
+  (bool: the prompt is flagged safety-critical, for the Llama 2 reward rule). Toy-world task
+  records also carry what gold scoring needs."""
+  rows, name = data.read_rows(source)
+  out = []
+  for line, row in rows:
+    record = data.validate_record({"prompt": row.get("prompt") if isinstance(row, dict) else row,
+                                   "completion": "-"}, "sft", source=name, line=line)
+    if "unsafe" in row and not isinstance(row["unsafe"], bool):
+      raise data.RecordError(name, line, "unsafe", f"expected true/false, got {row['unsafe']!r}")
+    out.append({**row, "prompt": record["prompt"]})
+  if not out:
+    raise ValueError(f"{name}: no prompts")
+  return out
+
+
+@dataclasses.dataclass
+class Models:
+  policy_graphdef: object
+  value_graphdef: object
+  reward_graphdefs: dict
+  reference: dict
+  rewards: dict
+  spec: ppo_rollout.RewardSpec
+  model_cfg: ModelConfig
+
+
+def _value_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.init_from = config.ppo.value_init_from or config.init_from
+  return c
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  checkpoint.check_workdir_writable(workdir)
+  sharding.maybe_initialize_distributed()
+  common.write_config(config, workdir)
+  p = config.ppo
+  mesh = sharding.make_mesh(config.mesh.shape)
+  if p.prompts_per_iteration % p.minibatches:
+    raise ValueError(f"config.ppo.prompts_per_iteration={p.prompts_per_iteration} is not divisible "
+                     f"by config.ppo.minibatches={p.minibatches}")
+  sharding.check_batch_size(p.prompts_per_iteration // p.minibatches // p.accum_steps, mesh)
+  if not config.init_from:
+    raise ValueError("config.init_from is empty: PPO starts from a policy export (e.g. the SFT run's)")
+  tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")
+  tokenizer = data.load_tokenizer(tokenizer_dir)
+  prompts = load_prompts(config.data.source)
+
+  # Policy + value in one state; reference and reward models frozen beside it.
+  policy_cfg = common.model_config(config, vocab_size=len(tokenizer), head="lm")
+  value_config = _value_config(config)
+  value_cfg = common.model_config(value_config, vocab_size=len(tokenizer), head="scalar")
+  for cfg in (policy_cfg, value_cfg):
+    sharding.validate_model_mesh(cfg, mesh)
+  policy_gd, policy_abs, policy_axes = abstract_model(policy_cfg)
+  value_gd, value_abs, value_axes = abstract_model(value_cfg)
+  psh = {"policy": sharding.param_shardings(policy_abs, policy_axes, mesh),
+         "value": sharding.param_shardings(value_abs, value_axes, mesh)}
+  params = {"policy": common.initial_params(config, policy_cfg, mesh, psh["policy"]),
+            "value": common.initial_params(value_config, value_cfg, mesh, psh["value"])}
+  reference = jax.tree.map(jnp.copy, params["policy"])
+  reward_exports = {name: p.reward[name] for name in ("helpful", "safety") if p.reward[name]}
+  if "helpful" not in reward_exports:
+    raise ValueError("config.ppo.reward.helpful is empty: give a reward-model export")
+  rms = {name: load_reward_model(path, mesh) for name, path in reward_exports.items()}
+  spec = ppo_rollout.RewardSpec(
+      names=tuple(rms), stats={name: rm.stats for name, rm in rms.items()},
+      combine=p.reward.combine, safety_threshold=p.reward.safety_threshold,
+      helpful_weight=p.reward.helpful_weight, safety_weight=p.reward.safety_weight,
+      whiten=p.reward.whiten)
+
+  total_steps = p.iterations * p.epochs * p.minibatches
+  optimizer, schedule = make_optimizer(config.optim, total_steps)
+  abstract = {"policy": policy_abs, "value": value_abs}
+  shardings = state_shardings(optimizer, psh, abstract, mesh)
+  state = create_train_state(params, optimizer, shardings, seed=config.seed)
+  update = make_ppo_update(make_ppo_loss_fn(policy_gd, value_gd, p), optimizer, mesh=mesh,
+                           shardings=shardings, cfg=p)
+  score = jax.jit(ppo_rollout.make_score_fn(policy_gd, value_gd,
+                                            {n: rm.graphdef for n, rm in rms.items()},
+                                            temperature=p.temperature))
+  advantages = jax.jit(lambda *args: ppo_rollout.advantages_fn(*args, cfg=p))
+  reward_fn = jax.jit(spec.__call__)
+  sampler = generate.Sampler(policy_gd, policy_cfg, mesh=mesh, param_shardings=psh["policy"])
+  stream = data.BatchIterator(prompts, batch_size=p.prompts_per_iteration, seq_len=1,
+                              seed=config.seed, packing=False,
+                              batching=Batching(pad=list, pack=None, length=lambda _: 1))
+  beta = float(p.kl.beta)
+  t = config.train
+  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
+                               save_interval_steps=t.checkpoint_every,
+                               async_save=t.async_checkpoint) as ckpt, \
+       metrics.MetricsWriter(workdir) as writer:
+    start = 0
+    if ckpt.latest_step() is not None:
+      target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            state, shardings)
+      state, saved = ckpt.restore(target)
+      stream.restore(saved["prompts"])
+      start, beta = saved["iteration"], saved["beta"]
+      _log.info("resumed PPO at iteration %d (beta %.4f)", start, beta)
+    end = p.iterations if not t.stop_after_steps else min(p.iterations, start + t.stop_after_steps)
+    progress = metrics.Progress(p.iterations, initial=start, desc="ppo", show=("reward", "gold", "kl"))
+    for iteration in range(start, end):
+      records = next(stream)
+      rng = jax.random.fold_in(jax.random.key(config.seed), iteration)
+      prompt_tokens, prompt_mask = ppo_rollout.encode_prompts(tokenizer, records, p.max_prompt_len)
+      out = sampler(state.params["policy"], prompt_tokens, prompt_mask, rng,
+                    max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+      tokens, segment_ids, positions, response_mask = generate.full_sequence(prompt_tokens,
+                                                                             prompt_mask, out)
+      batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
+               "response_mask": response_mask}
+      old_logp, ref_logp, values, scores = score(state.params["policy"], reference,
+                                                 state.params["value"],
+                                                 {n: rm.params for n, rm in rms.items()}, batch)
+      unsafe = jnp.asarray([bool(r.get("unsafe", False)) for r in records])
+      reward = reward_fn(scores, unsafe)
+      found = ppo_rollout.eos_found(out, tokenizer.eos_token_id)
+      adv = advantages(old_logp, ref_logp, values, reward, response_mask, found, jnp.float32(beta))
+      rollout = {**batch, "old_logp": old_logp, "old_values": values,
+                 "advantages": adv["advantages"], "returns": adv["returns"]}
+      state, update_metrics = update(state, rollout)
+      observed_kl = float(jnp.mean(adv["sequence_kl"]))
+      if p.kl.adaptive:
+        beta = float(kl_losses.adaptive_kl_update(beta, observed_kl, p.prompts_per_iteration,
+                                                  target=p.kl.target, horizon=p.kl.horizon))
+      row = {"reward": float(jnp.mean(reward)), "kl": observed_kl, "beta": beta,
+             "length": float(jnp.mean(out.lengths)), "eos_rate": float(jnp.mean(found)),
+             **{f"score_{n}": float(jnp.mean(s)) for n, s in scores.items()},
+             **{k: float(v) for k, v in jax.device_get(update_metrics).items()},
+             **gold_metrics(records, ppo_rollout.decode_responses(tokenizer, out))}
+      writer.write(iteration + 1, row, prefix="ppo")
+      progress.update(1, metrics={"reward": row["reward"], "gold": row.get("gold_combined", 0.0),
+                                  "kl": observed_kl})
+      ckpt.save(iteration + 1, state, data_state={"prompts": stream.state(), "iteration": iteration + 1,
+                                                  "beta": beta},
+                config=config.to_dict(), force=iteration + 1 == end)
+    progress.close()
+  done = end >= p.iterations
+  if done:
+    checkpoint.export_params(os.path.join(workdir, "export"), state.params["policy"], overwrite=True,
+                             metadata={"model": policy_cfg.to_dict(),
+                                       "tokenizer": os.path.abspath(tokenizer_dir),
+                                       "step": int(state.step)})
+  return {"iterations": end, "beta": beta}
+
+
+def gold_metrics(records: list[dict], responses: list[str]) -> dict:
+  """Mean gold helpfulness / safety / combined of toy-world responses ({} for other prompts)."""
+  if not all("family" in r and "answer" in r for r in records):
+    return {}
+  gold = [world_lib.gold_scores(r, text) for r, text in zip(records, responses)]
+  return {f"gold_{k}": float(np.mean([g[k] for g in gold])) for k in gold[0]}

@@ -1,0 +1,136 @@
+"""PPO rollouts: sample responses, score them (policy and reference log-probs, values, rewards),
+and turn scores into advantages. No gradients here; `algorithms/ppo.py` runs the updates.
+
+A rollout is a dict of [B, S] arrays over the whole sequence (prompt left-padded to a fixed
+length P, then N generated tokens), so every iteration has the same shapes and nothing recompiles:
+
+    tokens, segment_ids, positions   the sequence (generate.full_sequence)
+    response_mask                    True on generated tokens up to and including EOS
+    old_logp                         log pi_old(token_t), column t from the logits at t-1
+    ref_logp                         log pi_ref(token_t)
+    old_values                       V(state before token_t): the value model's output at t-1
+    advantages, returns              GAE over the response (whitened advantages)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlhf_jax import data, generate, scoring
+from rlhf_jax.losses import kl as kl_losses
+from rlhf_jax.losses import ppo as ppo_losses
+from rlhf_jax.losses import reward as reward_losses
+from rlhf_jax.models import apply
+
+Array = jax.Array
+
+
+def token_values(graphdef, params, tokens: Array, segment_ids: Array, positions: Array,
+                 response_mask: Array) -> Array:
+  """V for each response token: [B, S] float32, the value model's output at the position before
+  the token (the state in which the token is chosen), 0 off the response."""
+  values, _ = apply(graphdef, params, tokens, positions, segment_ids)
+  values = jnp.concatenate([jnp.zeros_like(values[:, :1]), values[:, :-1]], axis=1)
+  return jnp.where(response_mask, values, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+  """How sequence rewards are made from one or two reward models (config.ppo.reward).
+
+  names: ("helpful",) or ("helpful", "safety"); stats: per model {"mean", "std"} (export metadata);
+  combine: "llama2" | "linear" (two models); whiten: divide each model's score by its own
+  statistics before use (for Llama 2, the selected model's statistics).
+  """
+
+  names: tuple[str, ...]
+  stats: dict
+  combine: str = "llama2"
+  safety_threshold: float = 0.15
+  helpful_weight: float = 1.0
+  safety_weight: float = 1.0
+  whiten: bool = True
+
+  def __call__(self, scores: dict, unsafe: Array) -> Array:
+    """Raw model scores {name: [B]} and prompt flags [B] -> the sequence reward [B]."""
+    norm = lambda name, x: ((x - self.stats[name]["mean"]) / max(self.stats[name]["std"], 1e-6)
+                            if self.whiten else x)
+    if len(self.names) == 1:
+      return norm(self.names[0], scores[self.names[0]])
+    helpful, safety = scores["helpful"], scores["safety"]
+    if self.combine == "linear":
+      return reward_losses.linear_combined_reward(
+          norm("helpful", helpful), norm("safety", safety),
+          helpful_weight=self.helpful_weight, safety_weight=self.safety_weight)
+    # Llama 2: the rule reads raw scores (its threshold is on sigmoid(safety)); whitening then
+    # uses the statistics of whichever model was selected.
+    use_safety = unsafe | (jax.nn.sigmoid(safety) < self.safety_threshold)
+    return jnp.where(use_safety, norm("safety", safety), norm("helpful", helpful))
+
+
+def make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs: dict, *, temperature: float):
+  """score(policy, reference, value, rewards: {name: params}, batch) -> (old_logp, ref_logp,
+  values, {name: scores [B]}); all [B, S] but the scores. Pure; the caller jits it."""
+  def score(policy_params, ref_params, value_params, reward_params: dict, batch: dict):
+    args = (batch["tokens"], batch["segment_ids"], batch["positions"])
+    old_logp = scoring.response_logprobs(policy_graphdef, policy_params, *args, batch["response_mask"],
+                                         temperature=temperature)
+    ref_logp = scoring.response_logprobs(policy_graphdef, ref_params, *args, batch["response_mask"],
+                                         temperature=temperature)
+    values = token_values(value_graphdef, value_params, *args, batch["response_mask"])
+    scores = {name: scoring.last_token_scores(reward_graphdefs[name], p, *args)
+              for name, p in reward_params.items()}
+    return old_logp, ref_logp, values, scores
+  return score
+
+
+def advantages_fn(old_logp: Array, ref_logp: Array, values: Array, reward: Array, mask: Array,
+                  eos_found: Array, beta: Array, cfg: ml_collections.ConfigDict) -> dict:
+  """Per-token KL penalty + sequence reward -> GAE (whitened advantages). Pure; jit it.
+
+  cfg = config.ppo (kl_kind, missing_eos_penalty, score_clip, gamma, lam, whiten_advantages).
+  """
+  kl = kl_losses.kl_penalty(old_logp, ref_logp, mask, kind=cfg.kl_kind)
+  rewards = ppo_losses.token_rewards(reward, kl, mask, beta=beta, eos_found=eos_found,
+                                     missing_eos_penalty=cfg.missing_eos_penalty,
+                                     score_clip=cfg.score_clip or None)
+  advantages, returns = ppo_losses.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+  if cfg.whiten_advantages:
+    advantages = jnp.where(mask, ppo_losses.whiten(advantages, mask), 0.0)
+  return {"advantages": advantages, "returns": returns, "kl": kl,
+          "sequence_kl": kl_losses.sequence_kl(kl, mask)}
+
+
+def encode_prompts(tokenizer, records: Sequence[dict], max_prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded prompt ids [B, max_prompt_len] and mask; a longer prompt is an error naming it."""
+  ids = [data.encode_prompt(tokenizer, r["prompt"]) for r in records]
+  for record, prompt in zip(records, ids):
+    if len(prompt) > max_prompt_len:
+      raise ValueError(f"prompt {record['prompt']!r} has {len(prompt)} tokens > "
+                       f"config.ppo.max_prompt_len={max_prompt_len}; raise it")
+  tokens, mask = generate.prompt_batch(ids, pad_id=tokenizer.pad_token_id)
+  pad = max_prompt_len - tokens.shape[1]
+  return (np.pad(tokens, ((0, 0), (pad, 0)), constant_values=tokenizer.pad_token_id),
+          np.pad(mask, ((0, 0), (pad, 0)), constant_values=False))
+
+
+def eos_found(out: generate.GenerateOutput, eos_id: int) -> Array:
+  """[B] bool: the response ends with EOS (else it ran out of max_new_tokens)."""
+  last = jnp.maximum(out.lengths - 1, 0)
+  return jnp.take_along_axis(out.tokens, last[:, None], axis=1)[:, 0] == eos_id
+
+
+def decode_responses(tokenizer, out: generate.GenerateOutput) -> list[str]:
+  tokens, mask = jax.device_get((out.tokens, out.mask))
+  return [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
+          for t, m in zip(tokens, mask)]
+
+
+__all__ = ["token_values", "RewardSpec", "make_score_fn", "advantages_fn", "encode_prompts",
+           "eos_found", "decode_responses"]
