@@ -46,6 +46,22 @@ def reward_stage(source: str, *, kind: str = "pairwise", steps: int = 150, margi
   return s
 
 
+def ppo_stage(*, iterations: int = 60, beta: float = 0.05, lr: float = 1e-4,
+              init_from: str = "") -> ml_collections.ConfigDict:
+  """PPO from the latest policy (or the stage `init_from` names) against the Llama 2 combination
+  of the two reward models; the value model starts from the helpfulness RM (InstructGPT)."""
+  s = stage("ppo", lr=lr, warmup=0, steps=iterations, seq_len=128, log_every=1)
+  s.init_from = init_from  # a stage name in the pipeline ("" = the latest policy stage)
+  s.optim.update(schedule="constant", grad_clip_norm=1.0)
+  s.data.update(source="rl_prompts")
+  s.train.update(checkpoint_every=10)
+  s.ppo.update(iterations=iterations, prompts_per_iteration=32, max_prompt_len=64,
+               max_new_tokens=48, epochs=4, minibatches=4, value_init_from="rm_helpful")
+  s.ppo.kl.update(beta=beta)
+  s.ppo.reward.update(helpful="rm_helpful", safety="rm_safety", combine="llama2")
+  return s
+
+
 def toy_pipeline_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.algorithm = "pipeline"
@@ -57,7 +73,7 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
       seed=0, pretrain_documents=20000, bad_habit_rate=0.3, sft_records=4000, sft_noise=0.15,
       eval_prompts=256, tokenizer_vocab_size=1024, preference_prompts=4000,
       preference_eval_prompts=400, annotator_noise=0.1, judge_comparisons=600,
-      judge_eval_comparisons=200))
+      judge_eval_comparisons=200, rl_prompts=4000))
 
   c.pretrain = stage("pretrain", lr=3e-3, warmup=30, steps=300, seq_len=128, log_every=20)
   c.sft = stage("sft", lr=1e-3, warmup=10, steps=150, seq_len=128, log_every=10)
@@ -71,6 +87,8 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   c.combine = ml_collections.ConfigDict(dict(helpful="rm_helpful", safety="rm_safety", kind="llama2",
                                              safety_threshold=0.15, helpful_weight=1.0,
                                              safety_weight=1.0))
+  # PPO against the combination (add "ppo" to stages after the reward models).
+  c.ppo = ppo_stage()
 
   c.eval = ml_collections.ConfigDict(dict(max_new_tokens=48, temperature=1.0, batch_size=64,
                                           num_samples_shown=8))

@@ -36,6 +36,11 @@ def tiny_pipeline_config(name: str = "toy_quickstart"):
   for stage, steps in (("pretrain", 12), ("sft", 6), ("judge", 4), ("rm_helpful", 4),
                        ("rm_safety", 4)):
     shrink(c, stage, steps, 128 if stage in ("pretrain", "sft") else 256)
+  c.world.update(rl_prompts=64)
+  c.ppo.model.update(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128)
+  c.ppo.ppo.update(iterations=2, prompts_per_iteration=8, minibatches=2, epochs=1, max_new_tokens=8,
+                   max_prompt_len=128)
+  c.ppo.train.update(checkpoint_every=2)
   c.eval.update(max_new_tokens=12, batch_size=16)
   return c
 
@@ -43,11 +48,11 @@ def tiny_pipeline_config(name: str = "toy_quickstart"):
 @pytest.mark.slow
 def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   config = tiny_pipeline_config()
-  config.stages = ("world", "pretrain", "sft", "judge", "rm_helpful", "rm_safety", "eval")
+  config.stages = ("world", "pretrain", "sft", "judge", "rm_helpful", "rm_safety", "ppo", "eval")
   result = pipeline.run(config, str(tmp_path))
-  assert result["stages"] == ["pretrain", "sft"]
+  assert result["stages"] == ["pretrain", "sft", "ppo"]
   gold = json.loads((tmp_path / "eval" / "gold.json").read_text())
-  for stage in ("pretrain", "sft"):
+  for stage in ("pretrain", "sft", "ppo"):
     overall = gold[stage]["overall"]
     assert overall["n"] == 24
     assert 0.0 <= overall["helpfulness"] <= 1.0 and 0.0 <= overall["safety"] <= 1.0
@@ -56,6 +61,14 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   assert gold["pretrain"]["overall"]["win_rate"] is None  # nothing to compare the first stage with
   assert 0.0 <= gold["sft"]["overall"]["win_rate"] <= 1.0
   assert np.isfinite(gold["sft"]["overall"]["kl"])
+  # PPO started from SFT, against both reward models, its value model from the helpfulness RM.
+  assert gold["ppo"]["reference"] == "sft" and np.isfinite(gold["ppo"]["overall"]["kl"])
+  ppo_config = json.loads((tmp_path / "ppo" / "config.json").read_text())
+  assert ppo_config["init_from"].endswith(os.path.join("sft", "export"))
+  assert ppo_config["ppo"]["reward"]["safety"].endswith(os.path.join("rm_safety", "export"))
+  assert ppo_config["ppo"]["value_init_from"].endswith(os.path.join("rm_helpful", "export"))
+  ppo_rows = metrics.read_jsonl(tmp_path / "ppo" / "metrics.jsonl")
+  assert len(ppo_rows) == 2 and all(np.isfinite(r["ppo/gold_combined"]) for r in ppo_rows)
   out = capsys.readouterr().out
   assert "Gold evaluation" in out and "Sample conversations" in out
   # The judge branched off the SFT model and was scored against gold, before and after swapping.
@@ -95,7 +108,7 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
 
   # A rerun skips every finished stage: no new training steps are logged.
   lines = {s: len(metrics.read_jsonl(tmp_path / s / "metrics.jsonl"))
-           for s in ("pretrain", "sft", "judge", "rm_helpful", "rm_safety")}
+           for s in ("pretrain", "sft", "judge", "rm_helpful", "rm_safety", "ppo")}
   pipeline.run(config, str(tmp_path))
   assert {s: len(metrics.read_jsonl(tmp_path / s / "metrics.jsonl")) for s in lines} == lines
 
@@ -111,11 +124,11 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["toy_quickstart", "toy_rm_instructgpt", "toy_rm_llama2_margin",
-                                  "toy_rm_safety"])
+                                  "toy_rm_safety", "toy_ppo"])
 def test_toy_experiments_name_known_stages_and_data(name):
   config = experiment_config(name)
   world_data = {"pretrain", "sft", "judge", *pipeline.EVAL_FEEDBACK, "safety_critical_eval",
-                "rankings", "pairs_helpful", "pairs_safety", "safety_labels", "kto"}
+                "rankings", "pairs_helpful", "pairs_safety", "safety_labels", "kto", "rl_prompts"}
   for stage in pipeline.training_stages(config):
     source = config[stage].data.source
     assert (source if source not in ("", "toy") else stage) in world_data

@@ -1,11 +1,14 @@
-"""The toy-world pipeline: world -> pretrain -> SFT [-> judge] [-> reward models] -> gold evaluation.
+"""The toy-world pipeline: world -> pretrain -> SFT [-> judge] [-> reward models] [-> PPO] -> gold
+evaluation.
 
 Training stages are named in `config.stages`, each with its experiment config `config.<stage>`,
-whose `algorithm` says which driver trains it (pretrain, sft, reward). "pretrain" and "sft" chain
-(each initialises from the previous one's export); every other stage branches from the last of
-them, e.g. reward models (`rm_helpful`, `rm_safety`, ...) and the AI judge start from the SFT model.
-A stage's `data.source` / `data.eval_source` may name a data set of the world stage
-("pairs_helpful", "rankings_eval", ...); "" / "toy" means the data set named like the stage.
+whose `algorithm` says which driver trains it (pretrain, sft, reward, ppo). A stage starts from the
+export of the stage its `init_from` names, by default the latest *policy* stage before it (pretrain,
+sft, ppo; not the judge): so pretrain -> sft -> ppo chain, while reward models, the AI judge and
+sweep variants (`init_from="sft"`) branch off. A PPO stage names its reward and value models by
+their stages (`ppo.reward.helpful="rm_helpful"`). A stage's `data.source` / `data.eval_source`
+may name a data set of the world stage ("pairs_helpful", "rankings_eval", "rl_prompts", ...);
+"" / "toy" means the data set named like the stage.
 
 The "eval" stage evaluates everything trained, "eval_rewards" the reward stages alone. Reward
 stages are evaluated on held-out preference data (their own eval set by margin level and
@@ -35,7 +38,7 @@ import jax
 import ml_collections
 
 from rlhf_jax import checkpoint, data, generate, sharding
-from rlhf_jax.algorithms import reward, reward_eval, sft
+from rlhf_jax.algorithms import ppo, reward, reward_eval, sft
 from rlhf_jax.metrics import format_table
 from rlhf_jax.models import ModelConfig, abstract_model
 from rlhf_jax.toyworld import annotators, corpora, judge
@@ -43,10 +46,12 @@ from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
 
 _log = logging.getLogger(__name__)
-POLICY_STAGES = ("pretrain", "sft")  # these chain; every other training stage branches off
+# Stages whose output is a policy (gold-evaluated, and what the next stage starts from by default).
+POLICY_ALGORITHMS = ("pretrain", "sft", "ppo")
+NOT_POLICIES = ("judge",)  # an SFT-trained model that is not a policy
 # "eval": everything trained; "eval_rewards": the reward models only (no policy sampling).
 EVAL_STAGES = ("eval", "eval_rewards")
-DRIVERS = {"pretrain": sft.train, "sft": sft.train, "reward": reward.train}
+DRIVERS = {"pretrain": sft.train, "sft": sft.train, "reward": reward.train, "ppo": ppo.train}
 # Held-out copies of the feedback data sets ("<name>_eval") and gold-labelled pairs on the prompts
 # where safety decides (for the combined reward).
 EVAL_FEEDBACK = tuple(f"{name}_eval" for name in annotators.DATASET_KINDS)
@@ -57,7 +62,8 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
   w = config.world
   paths = {name: os.path.join(out_dir, f"{name}.jsonl")
            for name in ("pretrain", "sft", "eval_tasks", "judge", "judge_eval",
-                        *annotators.DATASET_KINDS, *EVAL_FEEDBACK, "safety_critical_eval")}
+                        *annotators.DATASET_KINDS, *EVAL_FEEDBACK, "safety_critical_eval",
+                        "rl_prompts")}
   paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
   os.makedirs(out_dir, exist_ok=True)
   world = world_lib.World(w.seed)
@@ -92,6 +98,9 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
       (("judge",), lambda: {"judge": judge.judge_sft_records(world, w.judge_comparisons, w.seed + 4)}),
       (("judge_eval",), lambda: {"judge_eval": judge.comparisons(world, w.judge_eval_comparisons,
                                                                  w.seed + 5, split="eval")}),
+      # Prompts for online methods (PPO, rejection sampling): training-split tasks.
+      (("rl_prompts",), lambda: {"rl_prompts": world.tasks(w.rl_prompts, seed=w.seed + 8,
+                                                           split="train")}),
   ]
   counts = {}
   for names, build in groups:
@@ -106,7 +115,7 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
 
 
 def stage_config(config: ml_collections.ConfigDict, stage: str, paths: dict,
-                 init_from: str) -> ml_collections.ConfigDict:
+                 init_from: str, exports_dir: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(config[stage].to_dict())
   c.seed, c.mesh.shape = config.seed, config.mesh.shape
   if c.algorithm == "pretrain":
@@ -120,7 +129,26 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, paths: dict,
     c.data.eval_source = paths[c.data.eval_source]
   c.data.tokenizer = paths["tokenizer"]
   c.init_from = init_from
+  if c.algorithm == "ppo":  # reward and value models are named by their stages
+    export = lambda name: os.path.join(exports_dir, name, "export") if name else ""
+    c.ppo.reward.helpful, c.ppo.reward.safety = export(c.ppo.reward.helpful), export(c.ppo.reward.safety)
+    c.ppo.value_init_from = export(c.ppo.value_init_from)
   return c
+
+
+def is_policy(config: ml_collections.ConfigDict, stage: str) -> bool:
+  return config[stage].algorithm in POLICY_ALGORITHMS and stage not in NOT_POLICIES
+
+
+def parent_stage(config: ml_collections.ConfigDict, stage: str, previous_policy: str | None) -> str | None:
+  """The stage whose export `stage` starts from: `config.<stage>.init_from` when it names a stage,
+  else the latest policy stage before it (None for the first)."""
+  named = config[stage].get("init_from", "")
+  if named:
+    if named not in config.stages:
+      raise ValueError(f"config.{stage}.init_from={named!r} names no stage of config.stages")
+    return named
+  return previous_policy
 
 
 def training_stages(config: ml_collections.ConfigDict) -> list[str]:
@@ -149,25 +177,33 @@ def load_policy(export_dir: str, mesh) -> gold_eval.Policy:
 
 
 def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict,
-                    stages: list[str]) -> dict:
-  """Gold table for every trained stage; each later stage is compared with the one before it."""
+                    stages: list[str], parents: dict | None = None) -> dict:
+  """Gold table for every policy stage; each is compared with the stage it started from (win rate
+  and KL), default the one before it."""
   out_path = os.path.join(workdir, "eval", "gold.json")
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape)
   tokenizer = data.load_tokenizer(paths["tokenizer"])
   tasks = _read_jsonl(paths["eval_tasks"])
   e = config.eval
-  results, previous = {}, None
+  parents = parents or {stage: prev for prev, stage in zip([None, *stages], stages)}
+  results, policies = {}, {}
   for stage in stages:
-    policy = load_policy(os.path.join(workdir, stage, "export"), mesh)
-    results[stage] = gold_eval.evaluate(policy, tokenizer, tasks, jax.random.key(config.seed),
-                                        reference=previous, max_new_tokens=e.max_new_tokens,
+    policies[stage] = load_policy(os.path.join(workdir, stage, "export"), mesh)
+    parent = parents.get(stage)
+    reference = policies.get(parent) if parent else None
+    if parent and reference is None:  # a parent trained in an earlier run but not listed here
+      reference = load_policy(os.path.join(workdir, parent, "export"), mesh)
+    results[stage] = gold_eval.evaluate(policies[stage], tokenizer, tasks, jax.random.key(config.seed),
+                                        reference=reference, max_new_tokens=e.max_new_tokens,
                                         temperature=e.temperature, batch_size=e.batch_size)
-    previous = policy
+    if parent:
+      results[stage]["reference"] = parent
   with open(out_path, "w") as f:
     json.dump(results, f, indent=1)
   if jax.process_index() == 0:
-    print("\nGold evaluation on held-out prompts (win rate and KL against the previous stage):")
+    print("\nGold evaluation on held-out prompts (win rate and KL against the stage each started "
+          "from):")
     print(format_table(gold_eval.table_rows(results)))
     last = results[stages[-1]]["samples"]
     print(f"\nSample conversations ({stages[-1]}):")
@@ -188,27 +224,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stages = list(config.stages)
   training = training_stages(config)
   paths = build_world(config, os.path.join(workdir, "world"))
-  init_from, trained, rewards = "", [], []
+  previous, parents, rewards = None, {}, []
   for stage in training:
     stage_dir = os.path.join(workdir, stage)
     export = os.path.join(stage_dir, "export")
+    parent = parent_stage(config, stage, previous)
     if os.path.exists(export):
       _log.info("stage %s: done (%s), skipping", stage, export)
     else:
-      _log.info("stage %s: training in %s", stage, stage_dir)
+      _log.info("stage %s: training in %s (from %s)", stage, stage_dir, parent or "scratch")
       os.makedirs(stage_dir, exist_ok=True)
-      stage_cfg = stage_config(config, stage, paths, init_from)
+      init_from = os.path.join(workdir, parent, "export") if parent else ""
+      stage_cfg = stage_config(config, stage, paths, init_from, exports_dir=workdir)
       DRIVERS[stage_cfg.algorithm](stage_cfg, stage_dir)
       if not os.path.exists(export):  # stopped early (stop_after_steps): rerun to continue
         return {"stopped_in": stage}
-    if stage in POLICY_STAGES:  # the judge and reward models branch off; policies chain
-      init_from = export
-      trained.append(stage)
+    if is_policy(config, stage):
+      previous = stage
+      parents[stage] = parent
     elif config[stage].algorithm == "reward":
       rewards.append(stage)
+  trained = list(parents)
   result = {"stages": trained}
   if "eval" in stages and trained:
-    results = evaluate_stages(config, workdir, paths, trained)
+    results = evaluate_stages(config, workdir, paths, trained, parents)
     result.update({f"{s}/{k}": v for s, r in results.items() for k, v in r["overall"].items()})
   if "eval" in stages and "judge" in stages:
     agreement = evaluate_judge(config, workdir, paths)
