@@ -98,6 +98,21 @@ def base_config() -> ml_collections.ConfigDict:
       value_init_from="",  # the value model's export ("" = the policy's, head replaced)
   ))
 
+  # Rejection sampling (algorithm "rejection_sampling", Llama 2). data.source = prompt records;
+  # each round's fine-tuning uses train / optim / data.packing as SFT does.
+  c.rejection_sampling = ml_collections.ConfigDict(dict(
+      rounds=3,
+      samples_per_prompt=8,  # K
+      prompts_per_round=512,  # the first N prompts, the same every round
+      temperatures=(1.0, 1.0, 1.0),  # one per round (Llama 2 raised it over rounds)
+      keep_best_across_rounds=True,  # a prompt keeps the best response of any round so far
+      max_prompt_len=64,
+      max_new_tokens=48,
+      batch_prompts=8,  # prompts per sampler call (x K sequences)
+      reward=dict(helpful="", safety="", combine="llama2", safety_threshold=0.15,
+                  helpful_weight=1.0, safety_weight=1.0, whiten=True),
+  ))
+
   c.sample = ml_collections.ConfigDict(dict(
       num_examples=6,  # generations printed before and after training
       max_new_tokens=32,

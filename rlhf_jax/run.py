@@ -31,6 +31,7 @@ ALGORITHMS = {
     "pretrain": "rlhf_jax.algorithms.sft:train",  # same driver, config.data.kind="text"
     "reward": "rlhf_jax.algorithms.reward:train",  # pairwise / ranking reward models
     "ppo": "rlhf_jax.algorithms.ppo:train",  # PPO against reward models
+    "rejection_sampling": "rlhf_jax.algorithms.rejection_sampling:train",  # Llama 2 best-of-K + SFT
     "pipeline": "rlhf_jax.algorithms.pipeline:run",  # toy world -> pretrain -> SFT -> gold eval
 }
 

@@ -38,7 +38,7 @@ import jax
 import ml_collections
 
 from rlhf_jax import checkpoint, data, generate, sharding
-from rlhf_jax.algorithms import ppo, reward, reward_eval, sft
+from rlhf_jax.algorithms import ppo, rejection_sampling, reward, reward_eval, sft
 from rlhf_jax.metrics import format_table
 from rlhf_jax.models import ModelConfig, abstract_model
 from rlhf_jax.toyworld import annotators, corpora, judge
@@ -47,11 +47,12 @@ from rlhf_jax.toyworld import world as world_lib
 
 _log = logging.getLogger(__name__)
 # Stages whose output is a policy (gold-evaluated, and what the next stage starts from by default).
-POLICY_ALGORITHMS = ("pretrain", "sft", "ppo")
+POLICY_ALGORITHMS = ("pretrain", "sft", "ppo", "rejection_sampling")
 NOT_POLICIES = ("judge",)  # an SFT-trained model that is not a policy
 # "eval": everything trained; "eval_rewards": the reward models only (no policy sampling).
 EVAL_STAGES = ("eval", "eval_rewards")
-DRIVERS = {"pretrain": sft.train, "sft": sft.train, "reward": reward.train, "ppo": ppo.train}
+DRIVERS = {"pretrain": sft.train, "sft": sft.train, "reward": reward.train, "ppo": ppo.train,
+           "rejection_sampling": rejection_sampling.train}
 # Held-out copies of the feedback data sets ("<name>_eval") and gold-labelled pairs on the prompts
 # where safety decides (for the combined reward).
 EVAL_FEEDBACK = tuple(f"{name}_eval" for name in annotators.DATASET_KINDS)
@@ -129,10 +130,14 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, paths: dict,
     c.data.eval_source = paths[c.data.eval_source]
   c.data.tokenizer = paths["tokenizer"]
   c.init_from = init_from
-  if c.algorithm == "ppo":  # reward and value models are named by their stages
-    export = lambda name: os.path.join(exports_dir, name, "export") if name else ""
+  # Reward and value models are named by their stages.
+  export = lambda name: os.path.join(exports_dir, name, "export") if name else ""
+  if c.algorithm == "ppo":
     c.ppo.reward.helpful, c.ppo.reward.safety = export(c.ppo.reward.helpful), export(c.ppo.reward.safety)
     c.ppo.value_init_from = export(c.ppo.value_init_from)
+  if c.algorithm == "rejection_sampling":
+    rs = c.rejection_sampling.reward
+    rs.helpful, rs.safety = export(rs.helpful), export(rs.safety)
   return c
 
 

@@ -6,7 +6,8 @@ held-out rankings (`rankings_eval`, all families, combined gold), and accuracy o
 pairs of the prompts where safety decides (`safety_critical_eval`). `config.combine` names a
 helpfulness and a safety stage; their combination, by the configured rule and by the other one
 for comparison, is scored on the same rankings and pairs.
-Whitening is an increasing map, so it changes none of these orderings and is left out here.
+The combination is computed as PPO computes its reward (`ppo_rollout.RewardSpec`: each model's
+score whitened by its own held-out statistics, then the Llama 2 rule or the weighted sum).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import data, reward_metrics, sharding
-from rlhf_jax.algorithms import reward
+from rlhf_jax.algorithms import ppo_rollout, reward
 from rlhf_jax.losses import reward as reward_losses
 from rlhf_jax.metrics import format_table
 
@@ -31,14 +32,13 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def combine_scores(helpful: Sequence[np.ndarray], safety: Sequence[np.ndarray],
-                   records: Sequence[dict], combine: ml_collections.ConfigDict) -> list[np.ndarray]:
-  """Per-record combined scores; a record's `unsafe` flag marks its prompt as safety-critical."""
+                   records: Sequence[dict], spec: ppo_rollout.RewardSpec) -> list[np.ndarray]:
+  """Per-record combined rewards, exactly as PPO makes them (`RewardSpec`: each model's score
+  whitened by its own statistics); a record's `unsafe` flag marks a safety-critical prompt."""
   out = []
   for h, s, record in zip(helpful, safety, records):
     unsafe = np.full(h.shape, bool(record.get("unsafe", False)))
-    out.append(np.asarray(reward_losses.combined_reward(
-        h, s, unsafe, kind=combine.kind, safety_threshold=combine.safety_threshold,
-        helpful_weight=combine.helpful_weight, safety_weight=combine.safety_weight)))
+    out.append(np.asarray(spec({"helpful": h, "safety": s}, unsafe)))
   return out
 
 
@@ -50,7 +50,7 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
   tokenizer = data.load_tokenizer(paths["tokenizer"])
   rankings = _read_jsonl(paths["rankings_eval"])
   critical = _read_jsonl(paths["safety_critical_eval"])
-  results, scored = {}, {}
+  results, scored, stats = {}, {}, {}
   for stage in stages:
     rm = reward.load_reward_model(os.path.join(workdir, stage, "export"), mesh)
     with open(os.path.join(workdir, stage, "eval.json")) as f:
@@ -58,6 +58,7 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
     ranked = reward.score_records(rm, tokenizer, rankings, "ranking")
     pairs = reward.score_records(rm, tokenizer, critical, "pairwise")
     scored[stage] = (ranked, pairs)
+    stats[stage] = rm.stats
     results[stage] = {"held_out": own, "rankings": reward.report("ranking", *ranked),
                       "safety_critical": reward.report("pairwise", *pairs)}
   combine = config.get("combine")
@@ -66,13 +67,17 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
     # Both models read the same records at the same length, so they keep the same ones.
     assert [r["prompt"] for r in h_ranked[0]] == [r["prompt"] for r in s_ranked[0]]
     for kind in reward_losses.COMBINED_REWARD_KINDS:  # the configured one, and the other to compare
-      rule = ml_collections.ConfigDict({**combine.to_dict(), "kind": kind})
+      spec = ppo_rollout.RewardSpec(
+          names=("helpful", "safety"),
+          stats={"helpful": stats[combine.helpful], "safety": stats[combine.safety]}, combine=kind,
+          safety_threshold=combine.safety_threshold, helpful_weight=combine.helpful_weight,
+          safety_weight=combine.safety_weight)
       selected = "" if kind == combine.kind else " [not selected]"
       results[f"combined ({kind}){selected}"] = {
           "rankings": reward.report("ranking", h_ranked[0],
-                                    combine_scores(h_ranked[1], s_ranked[1], h_ranked[0], rule)),
+                                    combine_scores(h_ranked[1], s_ranked[1], h_ranked[0], spec)),
           "safety_critical": reward.report("pairwise", h_pairs[0],
-                                           combine_scores(h_pairs[1], s_pairs[1], h_pairs[0], rule))}
+                                           combine_scores(h_pairs[1], s_pairs[1], h_pairs[0], spec))}
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "reward.json"), "w") as f:

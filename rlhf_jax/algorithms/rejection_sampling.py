@@ -1,0 +1,177 @@
+"""Llama 2's iterated rejection sampling: best-of-K under the reward model, then SFT on the best.
+
+Round r (r = 1..rounds): for the same `prompts_per_round` prompts every round (the first ones of
+`config.data.source`), sample K responses per prompt from the current policy at temperature
+`temperatures[r-1]`, score them with the reward model(s) (the same `RewardSpec` as PPO, e.g. the
+Llama 2 combination of helpfulness and safety), keep the best response per prompt -- with
+`keep_best_across_rounds`, the best one seen for that prompt in any round so far, so a worse round
+cannot undo an earlier one -- and fine-tune the current policy on the kept set with the SFT driver
+(`config.train`, `config.optim`, `config.data.packing`). The next round samples from the result.
+
+WORKDIR/round_<r>/: kept.jsonl (prompt, completion, reward, round, gold on toy prompts),
+the SFT run (checkpoints, metrics, export); WORKDIR/rounds.json: per round the mean reward and gold
+of the policy's own first sample and of the kept best-of-K set; WORKDIR/export: the last round's
+policy. A rerun skips finished rounds and resumes an interrupted SFT from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlhf_jax import checkpoint, data, generate, scoring, sharding
+from rlhf_jax.algorithms import ppo_rollout, sft
+from rlhf_jax.algorithms.ppo import load_prompts
+from rlhf_jax.algorithms.reward import load_reward_model
+from rlhf_jax.models import ModelConfig, abstract_model
+from rlhf_jax.toyworld import annotators
+from rlhf_jax.toyworld import world as world_lib
+
+_log = logging.getLogger(__name__)
+
+
+def reward_spec(cfg: ml_collections.ConfigDict, rms: dict) -> ppo_rollout.RewardSpec:
+  return ppo_rollout.RewardSpec(
+      names=tuple(rms), stats={name: rm.stats for name, rm in rms.items()}, combine=cfg.combine,
+      safety_threshold=cfg.safety_threshold, helpful_weight=cfg.helpful_weight,
+      safety_weight=cfg.safety_weight, whiten=cfg.whiten)
+
+
+def load_reward_models(cfg: ml_collections.ConfigDict, mesh) -> dict:
+  exports = {name: cfg[name] for name in ("helpful", "safety") if cfg[name]}
+  if "helpful" not in exports:
+    raise ValueError("no helpfulness reward model: set the reward config's `helpful` export")
+  return {name: load_reward_model(path, mesh) for name, path in exports.items()}
+
+
+def best_of_k(policy_params, sampler, rms: dict, spec, tokenizer, prompts: list[dict], *, k: int,
+              temperature: float, max_new_tokens: int, max_prompt_len: int, batch_prompts: int,
+              rng) -> list[dict]:
+  """For each prompt, K samples scored by `spec`: [{"record", "texts" [K], "rewards" [K]}]."""
+  score = jax.jit(lambda params, batch: {
+      name: scoring.last_token_scores(rm.graphdef, params[name], batch["tokens"],
+                                      batch["segment_ids"], batch["positions"])
+      for name, rm in rms.items()})
+  reward_fn = jax.jit(spec.__call__)
+  out = []
+  for start in range(0, len(prompts), batch_prompts):
+    chunk = prompts[start:start + batch_prompts]
+    repeated = [r for r in chunk for _ in range(k)]
+    tokens, mask = ppo_rollout.encode_prompts(tokenizer, repeated, max_prompt_len)
+    gen = sampler(policy_params, tokens, mask, jax.random.fold_in(rng, start),
+                  max_new_tokens=max_new_tokens, temperature=temperature,
+                  eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    seq, segment_ids, positions, _ = generate.full_sequence(tokens, mask, gen)
+    scores = score({name: rm.params for name, rm in rms.items()},
+                   {"tokens": seq, "segment_ids": segment_ids, "positions": positions})
+    unsafe = jnp.asarray([bool(r.get("unsafe", False)) for r in repeated])
+    rewards = np.asarray(reward_fn(scores, unsafe)).reshape(len(chunk), k)
+    texts = ppo_rollout.decode_responses(tokenizer, gen)
+    for i, record in enumerate(chunk):
+      out.append({"record": record, "texts": texts[i * k:(i + 1) * k], "rewards": rewards[i]})
+  return out
+
+
+def _gold(record: dict, text: str) -> dict | None:
+  if "family" in record and "answer" in record:
+    return world_lib.gold_scores(record, text)
+  return None
+
+
+def _mean(values) -> float | None:
+  values = [v for v in values if v is not None]
+  return float(np.mean(values)) if values else None
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  checkpoint.check_workdir_writable(workdir)
+  sharding.maybe_initialize_distributed()
+  rs = config.rejection_sampling
+  if not config.init_from:
+    raise ValueError("config.init_from is empty: rejection sampling starts from a policy export")
+  if len(rs.temperatures) != rs.rounds:
+    raise ValueError(f"config.rejection_sampling.temperatures has {len(rs.temperatures)} entries for "
+                     f"rounds={rs.rounds}; give one temperature per round")
+  mesh = sharding.make_mesh(config.mesh.shape)
+  tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")
+  tokenizer = data.load_tokenizer(tokenizer_dir)
+  prompts = load_prompts(config.data.source)
+  rms = load_reward_models(rs.reward, mesh)
+  spec = reward_spec(rs.reward, rms)
+
+  summary_path = os.path.join(workdir, "rounds.json")
+  summary = json.load(open(summary_path)) if os.path.exists(summary_path) else []
+  best: dict[str, dict] = {}  # prompt -> the best kept record so far (across rounds)
+  policy_export = config.init_from
+  for r in range(1, rs.rounds + 1):
+    round_dir = os.path.join(workdir, f"round_{r}")
+    kept_path = os.path.join(round_dir, "kept.jsonl")
+    if not os.path.exists(kept_path):
+      meta = checkpoint.read_export_metadata(policy_export)
+      model_cfg = ModelConfig.from_dict(meta["model"])
+      graphdef, abstract, axes = abstract_model(model_cfg)
+      psh = sharding.param_shardings(abstract, axes, mesh)
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, psh)
+      params, _ = checkpoint.load_params(policy_export, target)
+      sampler = generate.Sampler(graphdef, model_cfg, mesh=mesh, param_shardings=psh)
+      samples = best_of_k(params, sampler, rms, spec, tokenizer, prompts[:rs.prompts_per_round],
+                          k=rs.samples_per_prompt, temperature=rs.temperatures[r - 1],
+                          max_new_tokens=rs.max_new_tokens, max_prompt_len=rs.max_prompt_len,
+                          batch_prompts=rs.batch_prompts, rng=jax.random.key(config.seed + r))
+      kept, row = [], {"round": r, "temperature": rs.temperatures[r - 1]}
+      first_gold, best_gold = [], []
+      for sample in samples:
+        record, i = sample["record"], int(np.argmax(sample["rewards"]))
+        candidate = {"prompt": record["prompt"], "completion": sample["texts"][i],
+                     "reward": float(sample["rewards"][i]), "round": r}
+        previous = best.get(_key(record["prompt"]))
+        if rs.keep_best_across_rounds and previous and previous["reward"] >= candidate["reward"]:
+          candidate = previous
+        if rs.keep_best_across_rounds:
+          best[_key(record["prompt"])] = candidate
+        gold = _gold(record, candidate["completion"])
+        if gold is not None:
+          candidate = {**candidate, "gold_combined": gold["combined"]}
+        first = _gold(record, sample["texts"][0])
+        first_gold.append(None if first is None else first["combined"])
+        best_gold.append(None if gold is None else gold["combined"])
+        kept.append(candidate)
+      row.update(sample_reward=float(np.mean([s["rewards"][0] for s in samples])),
+                 best_reward=float(np.mean([k["reward"] for k in kept])),
+                 sample_gold=_mean(first_gold), best_gold=_mean(best_gold),
+                 from_earlier_rounds=sum(k["round"] < r for k in kept))
+      annotators.write_jsonl([k for k in kept if k["completion"]], kept_path)
+      summary = [s for s in summary if s["round"] != r] + [row]
+      with open(summary_path, "w") as f:
+        json.dump(summary, f, indent=1)
+      _log.info("rejection sampling round %d: %s", r, row)
+    else:
+      kept = [json.loads(line) for line in open(kept_path) if line.strip()]
+      if rs.keep_best_across_rounds:
+        best.update({_key(k["prompt"]): k for k in kept})
+    export = os.path.join(round_dir, "export")
+    if not os.path.exists(export):
+      round_cfg = ml_collections.ConfigDict(config.to_dict())
+      round_cfg.algorithm, round_cfg.init_from = "sft", policy_export
+      round_cfg.data.update(kind="sft", source=kept_path, tokenizer=tokenizer_dir)
+      sft.train(round_cfg, round_dir)
+      if not os.path.exists(export):  # stopped early (stop_after_steps): rerun to continue
+        return {"stopped_in_round": r}
+    policy_export = export
+  final = os.path.join(workdir, "export")
+  if os.path.exists(final):
+    shutil.rmtree(final)
+  shutil.copytree(policy_export, final)
+  return {"rounds": rs.rounds, **{f"round_{s['round']}/{k}": v for s in summary for k, v in s.items()
+                                  if k != "round" and v is not None}}
+
+
+def _key(prompt) -> str:
+  return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
