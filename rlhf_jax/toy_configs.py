@@ -62,6 +62,19 @@ def ppo_stage(*, iterations: int = 60, beta: float = 0.05, lr: float = 1e-4,
   return s
 
 
+def rejection_sampling_stage(*, rounds: int = 3, samples: int = 8, prompts: int = 512,
+                             steps: int = 40) -> ml_collections.ConfigDict:
+  """Llama 2 rejection sampling from the latest policy: best of `samples` per prompt under the
+  Llama 2 combination of the two reward models, `steps` SFT steps on the kept set per round."""
+  s = stage("rejection_sampling", lr=3e-4, warmup=5, steps=steps, seq_len=128, log_every=10)
+  s.data.update(source="rl_prompts")
+  s.train.update(eval_batches=1)
+  s.rejection_sampling.update(rounds=rounds, samples_per_prompt=samples, prompts_per_round=prompts,
+                              temperatures=(1.0,) * rounds)
+  s.rejection_sampling.reward.update(helpful="rm_helpful", safety="rm_safety", combine="llama2")
+  return s
+
+
 def toy_pipeline_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.algorithm = "pipeline"
@@ -87,8 +100,9 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   c.combine = ml_collections.ConfigDict(dict(helpful="rm_helpful", safety="rm_safety", kind="llama2",
                                              safety_threshold=0.15, helpful_weight=1.0,
                                              safety_weight=1.0))
-  # PPO against the combination (add "ppo" to stages after the reward models).
+  # PPO and rejection sampling against the combination (add them to stages after the RMs).
   c.ppo = ppo_stage()
+  c.rejection_sampling = rejection_sampling_stage()
 
   c.eval = ml_collections.ConfigDict(dict(max_new_tokens=48, temperature=1.0, batch_size=64,
                                           num_samples_shown=8))
