@@ -1,0 +1,439 @@
+"""PPO: values and rewards line up with the models, the update sees exactly the rollout's numerics
+(ratio 1 at the rollout params), one PPO phase is the plain train step when it has one mini-batch
+and is the same on every mesh, prompt files are validated, and the driver runs, logs, exports and
+resumes to the same params as an uninterrupted run."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import checkpoint, generate, metrics, sharding
+from rlhf_jax.algorithms import ppo, ppo_rollout
+from rlhf_jax.configs import base_config
+from rlhf_jax.data import RecordError, encode_prompt, load_tokenizer, train_tokenizer
+from rlhf_jax.models import ModelConfig, abstract_model, apply, create_model, split_model
+from rlhf_jax.toyworld import corpus_texts, generate_sft_records
+from rlhf_jax.toyworld import world as world_lib
+from rlhf_jax.train import create_train_state, make_train_step, state_shardings
+
+TINY = dict(vocab_size=384, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128,
+            max_seq_len=128)
+MAX_PROMPT_LEN = 96  # the longest toy task prompt is ~80 tokens with this tokenizer
+
+
+def masked_mean(x, mask):
+  mask = np.asarray(mask, bool)
+  return np.asarray(x, np.float64)[mask].mean()
+
+
+# ---------------------------------------------------------------- models and rollouts
+
+
+@pytest.fixture(scope="module")
+def tasks():
+  return world_lib.World(0).tasks(16, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, tasks):
+  out_dir = tmp_path_factory.mktemp("tok")
+  texts = corpus_texts(generate_sft_records(200, seed=0)) + [t["prompt"] for t in tasks]
+  train_tokenizer(texts, 384, out_dir)
+  return out_dir
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+  return load_tokenizer(tokenizer_dir)
+
+
+_INIT_FNS = {}  # config -> jitted init (the key traced: one compilation per config)
+
+
+def init_params(cfg, seed):
+  if cfg not in _INIT_FNS:
+    _INIT_FNS[cfg] = jax.jit(lambda key: split_model(create_model(cfg, key))[1])
+  graphdef, _, _ = abstract_model(cfg)
+  return graphdef, _INIT_FNS[cfg](jax.random.key(seed))  # = create_model(cfg, seed)
+
+
+POLICY_CFG = ModelConfig(**TINY)
+VALUE_CFG = ModelConfig(**TINY, head="scalar", scalar_head_init_std=1.0)  # O(1) values
+
+
+@pytest.fixture(scope="module")
+def models():
+  """(policy graphdef, value graphdef, {"policy": LM params, "value": scalar-head params})."""
+  policy_gd, policy = init_params(POLICY_CFG, 0)
+  value_gd, value = init_params(VALUE_CFG, 1)
+  return policy_gd, value_gd, jax.device_get({"policy": policy, "value": value})
+
+
+def fake_rollout(seed=0, rows=8, prompt_len=8, new_tokens=8):
+  """A batch as the driver builds it (generate.full_sequence): prompts of 1..P tokens left-padded,
+  responses of 1..N tokens right-padded, so padding sits at both ends of every row."""
+  rs = np.random.RandomState(seed)
+  prompt_lens = rs.randint(1, prompt_len + 1, rows)
+  lengths = rs.randint(1, new_tokens + 1, rows)
+  lengths[0], lengths[1] = 1, new_tokens  # the extremes
+  prompt_mask = np.arange(prompt_len)[None] >= (prompt_len - prompt_lens)[:, None]
+  prompt_tokens = np.where(prompt_mask, rs.randint(3, 384, (rows, prompt_len)), 0).astype(np.int32)
+  mask = np.arange(new_tokens)[None] < lengths[:, None]
+  tokens = np.where(mask, rs.randint(3, 384, (rows, new_tokens)), 0).astype(np.int32)
+  out = generate.GenerateOutput(tokens=jnp.asarray(tokens), logprobs=jnp.zeros(tokens.shape),
+                                mask=jnp.asarray(mask), lengths=jnp.asarray(lengths, jnp.int32))
+  tokens, segment_ids, positions, response_mask = generate.full_sequence(prompt_tokens, prompt_mask, out)
+  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
+          "response_mask": response_mask}
+
+
+def ppo_cfg(**overrides):
+  cfg = base_config().ppo
+  cfg.update(overrides)
+  return cfg
+
+
+_SCORE_FNS = {}  # temperature -> jitted score function (one compilation each)
+
+
+def scored_rollout(models, temperature=1.0, seed=0, rows=8):
+  """fake_rollout scored at `models`' params (old_logp, old_values) with random advantages and
+  returns: the numpy rollout an update receives."""
+  policy_gd, value_gd, params = models
+  if temperature not in _SCORE_FNS:
+    _SCORE_FNS[temperature] = jax.jit(ppo_rollout.make_score_fn(policy_gd, value_gd, {},
+                                                                temperature=temperature))
+  batch = fake_rollout(seed, rows=rows)
+  old_logp, _, values, _ = _SCORE_FNS[temperature](params["policy"], params["policy"],
+                                                   params["value"], {}, batch)
+  mask = np.asarray(batch["response_mask"])
+  rs = np.random.RandomState(seed + 100)
+  rollout = {**batch, "old_logp": old_logp, "old_values": values,
+             "advantages": np.where(mask, rs.normal(size=mask.shape), 0.0).astype(np.float32),
+             "returns": np.where(mask, rs.normal(size=mask.shape), 0.0).astype(np.float32)}
+  return jax.device_get(rollout)
+
+
+# ---------------------------------------------------------------- token values
+
+
+def test_token_values_are_the_value_models_output_one_position_earlier(models):
+  _, value_gd, params = models
+  batch = fake_rollout(1)
+  values = jax.jit(ppo_rollout.token_values, static_argnums=0)(
+      value_gd, params["value"], batch["tokens"], batch["segment_ids"], batch["positions"],
+      batch["response_mask"])
+  raw, _ = jax.jit(apply, static_argnums=0)(value_gd, params["value"], batch["tokens"],
+                                            batch["positions"], batch["segment_ids"])
+  values, raw, mask = np.asarray(values), np.asarray(raw), np.asarray(batch["response_mask"])
+  assert values.shape == mask.shape and values.dtype == np.float32
+  assert not mask[:, 0].any() and mask.sum() > 0
+  rows, cols = np.nonzero(mask)
+  np.testing.assert_allclose(values[rows, cols], raw[rows, cols - 1], atol=1e-5, rtol=1e-5)
+  assert np.all(values[~mask] == 0.0)
+  assert np.abs(values[mask]).min() > 0  # real values, not zeros, on the response
+
+
+# ---------------------------------------------------------------- reward combination
+
+
+STATS = {"helpful": {"mean": 0.5, "std": 2.0, "n": 10}, "safety": {"mean": -1.0, "std": 0.5, "n": 10}}
+
+
+def test_single_reward_model_is_whitened_by_its_own_stats():
+  scores = {"helpful": jnp.asarray([-1.0, 0.0, 0.5, 3.0])}
+  unsafe = jnp.asarray([False, True, False, True])
+  spec = ppo_rollout.RewardSpec(names=("helpful",), stats={"helpful": STATS["helpful"]})
+  np.testing.assert_allclose(spec(scores, unsafe), (np.array([-1.0, 0.0, 0.5, 3.0]) - 0.5) / 2.0,
+                             rtol=1e-6)
+  raw = ppo_rollout.RewardSpec(names=("helpful",), stats={"helpful": STATS["helpful"]}, whiten=False)
+  np.testing.assert_allclose(raw(scores, unsafe), [-1.0, 0.0, 0.5, 3.0])
+
+
+def test_llama2_reward_picks_safety_where_unsafe_or_unlikely_safe_each_whitened_by_its_stats():
+  helpful = np.array([1.0, 2.0, -0.5, 0.3, 4.0, -2.0], np.float32)
+  safety = np.array([3.0, -3.0, 0.0, -1.7, -1.8, 2.0], np.float32)  # sigmoid: .95 .05 .5 .154 .142 .88
+  unsafe = np.array([False, False, True, False, False, True])
+  spec = ppo_rollout.RewardSpec(names=("helpful", "safety"), stats=STATS, combine="llama2",
+                                safety_threshold=0.15)
+  got = np.asarray(jax.jit(spec.__call__)({"helpful": helpful, "safety": safety}, unsafe))
+  use_safety = unsafe | (1 / (1 + np.exp(-safety.astype(np.float64))) < 0.15)
+  assert use_safety.tolist() == [False, True, True, False, True, True]
+  expected = np.where(use_safety, (safety - -1.0) / 0.5, (helpful - 0.5) / 2.0)
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_linear_reward_is_the_weighted_sum_of_whitened_scores():
+  helpful = np.array([1.0, 2.0, -0.5], np.float32)
+  safety = np.array([3.0, -3.0, 0.0], np.float32)
+  spec = ppo_rollout.RewardSpec(names=("helpful", "safety"), stats=STATS, combine="linear",
+                                helpful_weight=0.7, safety_weight=0.3)
+  got = spec({"helpful": helpful, "safety": safety}, np.array([True, False, False]))
+  np.testing.assert_allclose(got, 0.7 * (helpful - 0.5) / 2.0 + 0.3 * (safety + 1.0) / 0.5,
+                             rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the loss at the rollout params
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_loss_at_rollout_params_has_ratio_one(models, temperature):
+  """Rollout (make_score_fn) and update (make_ppo_loss_fn) compute the same log-probs: at the
+  rollout params the ratio is 1, nothing is clipped, and the policy loss is -mean(A)."""
+  policy_gd, value_gd, params = models
+  rollout = scored_rollout(models, temperature)
+  mask = rollout["response_mask"]
+  loss_fn = ppo.make_ppo_loss_fn(policy_gd, value_gd, ppo_cfg(temperature=temperature))
+  # Under the gradient, as in the update.
+  (loss, m), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, rollout, None)
+  assert abs(float(m["approx_kl"])) < 1e-6, m["approx_kl"]
+  assert float(m["clip_fraction"]) == 0.0
+  np.testing.assert_allclose(m["ratio_mean"], 1.0, atol=1e-6)
+  np.testing.assert_allclose(m["policy_loss"], -masked_mean(rollout["advantages"], mask),
+                             atol=1e-6, rtol=1e-6)
+  assert float(m["value_clip_fraction"]) == 0.0  # values == old values too
+  assert float(m["loss_weight"]) == mask.sum()
+  np.testing.assert_allclose(loss, m["policy_loss"] + 0.1 * m["value_loss"], rtol=1e-6)  # vf_coef 0.1
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  assert float(optax.tree.norm(grads["policy"])) > 0
+
+
+# ---------------------------------------------------------------- the update
+
+
+def setup_update(models, mesh_shape, cfg, lr=0.5):
+  """(mesh, shardings, optimizer, state, loss_fn) for models' params on a mesh of mesh_shape."""
+  policy_gd, value_gd, params = models
+  mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+  psh, abstract = {}, {}
+  for name, cfg_model in (("policy", POLICY_CFG), ("value", VALUE_CFG)):
+    _, abstract[name], axes = abstract_model(cfg_model)
+    psh[name] = sharding.param_shardings(abstract[name], axes, mesh)
+  # SGD: a plain function of the gradients, so comparisons are of the losses and gradients, not of
+  # Adam's g / sqrt(v) blowing rounding noise on near-zero gradients up to ~lr.
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(lr))
+  shardings = state_shardings(optimizer, psh, abstract, mesh)
+  state = create_train_state(jax.tree.map(jnp.copy, params), optimizer, shardings, seed=0)
+  loss_fn = ppo.make_ppo_loss_fn(policy_gd, value_gd, cfg)
+  return mesh, shardings, optimizer, state, loss_fn
+
+
+def run_update(models, mesh_shape, cfg, rollout):
+  mesh, shardings, optimizer, state, loss_fn = setup_update(models, mesh_shape, cfg)
+  update = ppo.make_ppo_update(loss_fn, optimizer, mesh=mesh, shardings=shardings, cfg=cfg)
+  state, out = update(state, sharding.put_batch(rollout, mesh))
+  return jax.device_get((state, out))
+
+
+def test_one_epoch_of_one_minibatch_is_one_train_step(models):
+  cfg = ppo_cfg(epochs=1, minibatches=1)
+  rollout = scored_rollout(models)
+  state, out = run_update(models, (1, 1, 1), cfg, rollout)
+
+  mesh, shardings, optimizer, ref_state, loss_fn = setup_update(models, (1, 1, 1), cfg)
+  step = make_train_step(loss_fn, optimizer, mesh=mesh, state_shardings=shardings)
+  ref_state, ref_out = jax.device_get(step(ref_state, sharding.put_batch(rollout, mesh)))
+
+  assert int(state.step) == int(ref_state.step) == 1
+  np.testing.assert_array_equal(state.rng, ref_state.rng)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), state.params,
+               ref_state.params)
+  for name in ("loss", "policy_loss", "value_loss", "entropy", "grad_norm"):
+    np.testing.assert_allclose(out[name], ref_out[name], rtol=1e-5, err_msg=name)
+  assert float(out["first_approx_kl"]) < 1e-6 and float(out["first_clip_fraction"]) == 0.0
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state.params),
+                                                         jax.tree.leaves(models[2])))
+  assert moved > 1e-3  # the step did something
+
+
+def test_sharded_update_equals_unsharded(models):
+  """A whole PPO phase (2 epochs x 2 shuffled mini-batches) on a (data 2, fsdp 2, tensor 2) mesh
+  == on one device. (Short rows: at the driver's ~100 tokens XLA:CPU deadlocks on this mesh.)"""
+  cfg = ppo_cfg(epochs=2, minibatches=2)
+  rollout = scored_rollout(models)
+  ref_state, ref_out = run_update(models, (1, 1, 1), cfg, rollout)
+  state, out = run_update(models, (2, 2, 2), cfg, rollout)
+  assert int(state.step) == int(ref_state.step) == 4  # epochs x mini-batches optimiser steps
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), state.params,
+               ref_state.params)
+  assert all(np.ndim(v) == 0 for v in out.values())
+  assert float(out["first_approx_kl"]) < 1e-6 and float(out["first_clip_fraction"]) == 0.0
+  assert float(out["approx_kl"]) > 1e-6  # later mini-batches see a policy that moved
+  assert set(out) == set(ref_out)
+  for name in out:
+    np.testing.assert_allclose(out[name], ref_out[name], atol=1e-5, rtol=1e-4, err_msg=name)
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def write_jsonl(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return str(path)
+
+
+def test_load_prompts_reads_prompts_and_unsafe_flags(tmp_path):
+  messages = [{"role": "user", "content": "Hi there"}]
+  source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Name a colour.", "id": 7},
+                                              {"prompt": "Do harm.", "unsafe": True},
+                                              {"prompt": messages, "unsafe": False}])
+  records = ppo.load_prompts(source)
+  assert [r["prompt"] for r in records[:2]] == ["Name a colour.", "Do harm."]
+  assert records[0]["id"] == 7 and "unsafe" not in records[0]
+  assert records[1]["unsafe"] is True and records[2]["unsafe"] is False
+  assert isinstance(records[2]["prompt"], list)
+
+
+@pytest.mark.parametrize("bad, field", [({"text": "no prompt"}, "prompt"),
+                                        ({"prompt": "Hi", "unsafe": "yes"}, "unsafe"),
+                                        ({"prompt": "Hi", "unsafe": 1}, "unsafe")])
+def test_load_prompts_names_file_line_and_field(tmp_path, bad, field):
+  source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Fine."}, bad])
+  with pytest.raises(RecordError) as info:
+    ppo.load_prompts(source)
+  assert (info.value.source, info.value.line, info.value.field) == (source, 2, field)
+  assert str(info.value).startswith(f"{source}:2: field '{field}'")
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
+    "library bug: load_prompts wraps a non-object row as the prompt before validating, so a JSONL "
+    "line holding a bare string (or a list of chat messages) passes validation and then fails in "
+    "{**row, ...} with TypeError: 'str' object is not a mapping, naming neither file nor line"))
+@pytest.mark.parametrize("line", ['"Name a colour."', '[{"role": "user", "content": "Hi"}]'])
+def test_load_prompts_rejects_a_row_that_is_not_an_object(tmp_path, line):
+  (tmp_path / "p.jsonl").write_text('{"prompt": "Fine."}\n' + line + "\n")
+  source = str(tmp_path / "p.jsonl")
+  with pytest.raises(RecordError) as info:
+    ppo.load_prompts(source)
+  assert (info.value.source, info.value.line) == (source, 2)
+
+
+def test_load_prompts_rejects_an_empty_file(tmp_path):
+  (tmp_path / "p.jsonl").write_text("\n")
+  with pytest.raises(ValueError, match="no prompts"):
+    ppo.load_prompts(str(tmp_path / "p.jsonl"))
+
+
+# ---------------------------------------------------------------- driver
+
+
+def export_model(path, tokenizer_dir, *, head="lm", seed=0, stats=None):
+  """A random model exported as the drivers export theirs (a scalar head = a reward model)."""
+  cfg = POLICY_CFG if head == "lm" else VALUE_CFG
+  _, params = init_params(cfg, seed)
+  metadata = {"model": cfg.to_dict(), "tokenizer": str(tokenizer_dir)}
+  if head == "scalar":
+    metadata["reward"] = {"stats": stats or {"mean": 0.0, "std": 1.0, "n": 1}}
+  checkpoint.export_params(path, jax.device_get(params), metadata=metadata)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tokenizer_dir, tasks):
+  root = tmp_path_factory.mktemp("exports")
+  return {"lm": export_model(root / "lm", tokenizer_dir, seed=3),
+          "helpful": export_model(root / "helpful", tokenizer_dir, head="scalar", seed=4,
+                                  stats={"mean": 0.2, "std": 1.5, "n": 8}),
+          "safety": export_model(root / "safety", tokenizer_dir, head="scalar", seed=5),
+          "prompts": write_jsonl(root / "prompts.jsonl", tasks)}  # toy tasks: gold metrics
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """Every driver run below compiles the same programs (sampler, scoring, update); a persistent
+  compilation cache, for this module's driver tests only, compiles each once."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  saved = {name: getattr(jax.config, name) for name in names}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  cc.reset_cache()
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  cc.reset_cache()
+
+
+# Not (2, 2, 2): there, on the 8 fake CPU devices, XLA deadlocks in the PPO update (2 epochs x 2
+# mini-batches of 4 rows of 104 tokens): devices wait in different collectives of one program until
+# the rendezvous times out and the process aborts. (4, 1, 2) still shards the batch and the heads.
+DRIVER_MESH = (4, 1, 2)
+
+
+def driver_config(exports, tokenizer_dir, iterations=3):
+  c = base_config()
+  c.algorithm = "ppo"
+  c.init_from = exports["lm"]
+  c.model.vocab_size = 0
+  c.mesh.shape = DRIVER_MESH
+  c.optim.update(lr=1e-3, warmup_steps=1)
+  c.data.update(source=exports["prompts"], tokenizer=str(tokenizer_dir))
+  c.train.update(checkpoint_every=1, async_checkpoint=False)
+  c.ppo.update(iterations=iterations, prompts_per_iteration=8, minibatches=2, epochs=2,
+               max_new_tokens=8, max_prompt_len=MAX_PROMPT_LEN, value_init_from=exports["helpful"])
+  c.ppo.reward.helpful = exports["helpful"]
+  return c
+
+
+def test_toy_prompts_fit_the_driver_config(tokenizer, tasks):
+  assert max(len(encode_prompt(tokenizer, t["prompt"])) for t in tasks) <= MAX_PROMPT_LEN
+  assert MAX_PROMPT_LEN + 8 <= TINY["max_seq_len"]
+
+
+@pytest.mark.slow
+def test_driver_logs_exports_and_resumes_to_the_same_params(tmp_path, exports, tokenizer_dir,
+                                                            compilation_cache):
+  workdir = tmp_path / "full"
+  result = ppo.train(driver_config(exports, tokenizer_dir), str(workdir))
+  assert result["iterations"] == 3
+  rows = metrics.read_jsonl(workdir / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  for row in rows:
+    for name in ("reward", "kl", "gold_combined", "gold_helpfulness", "gold_safety", "loss",
+                 "score_helpful", "length", "entropy", "beta"):
+      assert row.get(f"ppo/{name}") is not None and np.isfinite(row[f"ppo/{name}"]), (name, row)
+    assert row["ppo/first_approx_kl"] < 1e-4, row  # rollout and update numerics agree
+    assert row["ppo/first_clip_fraction"] == 0.0, row
+    assert 1 <= row["ppo/length"] <= 8
+    # One reward model: the reward is its score whitened by the export's stats (mean 0.2, std 1.5).
+    assert row["ppo/reward"] == pytest.approx((row["ppo/score_helpful"] - 0.2) / 1.5, abs=1e-5)
+  assert rows[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at iteration 1
+  assert rows[2]["ppo/kl"] != rows[0]["ppo/kl"]  # ... and it moved
+  params, meta = checkpoint.load_params(workdir / "export")
+  assert meta["model"]["head"] == "lm" and meta["step"] == 3 * 2 * 2
+  assert "lm_head" in params and "score" not in params
+
+  # Preempted after 2 iterations, then rerun: the same final policy.
+  resumed = tmp_path / "resumed"
+  config = driver_config(exports, tokenizer_dir)
+  config.train.stop_after_steps = 2
+  assert ppo.train(config, str(resumed))["iterations"] == 2
+  assert not (resumed / "export").exists()
+  config.train.stop_after_steps = 0
+  assert ppo.train(config, str(resumed))["iterations"] == 3
+  resumed_params, resumed_meta = checkpoint.load_params(resumed / "export")
+  assert resumed_meta["step"] == meta["step"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), resumed_params, params)
+  resumed_rows = metrics.read_jsonl(resumed / "metrics.jsonl")
+  assert [r["step"] for r in resumed_rows] == [1, 2, 3]
+  for got, expected in zip(resumed_rows, rows):
+    for name in ("ppo/reward", "ppo/kl", "ppo/loss", "ppo/gold_combined"):
+      np.testing.assert_allclose(got[name], expected[name], atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_driver_with_helpful_and_safety_models_llama2(tmp_path, exports, tokenizer_dir,
+                                                      compilation_cache):
+  config = driver_config(exports, tokenizer_dir, iterations=1)
+  config.ppo.reward.update(safety=exports["safety"], combine="llama2")
+  workdir = tmp_path / "llama2"
+  assert ppo.train(config, str(workdir))["iterations"] == 1
+  (row,) = metrics.read_jsonl(workdir / "metrics.jsonl")
+  for name in ("score_helpful", "score_safety", "reward", "kl", "gold_combined"):
+    assert row.get(f"ppo/{name}") is not None and np.isfinite(row[f"ppo/{name}"]), (name, row)
+  assert row["ppo/score_helpful"] != row["ppo/score_safety"]  # two different models
+  assert checkpoint.read_export_metadata(workdir / "export")["model"]["head"] == "lm"
