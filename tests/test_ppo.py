@@ -299,10 +299,6 @@ def test_load_prompts_names_file_line_and_field(tmp_path, bad, field):
   assert str(info.value).startswith(f"{source}:2: field '{field}'")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "library bug: load_prompts wraps a non-object row as the prompt before validating, so a JSONL "
-    "line holding a bare string (or a list of chat messages) passes validation and then fails in "
-    "{**row, ...} with TypeError: 'str' object is not a mapping, naming neither file nor line"))
 @pytest.mark.parametrize("line", ['"Name a colour."', '[{"role": "user", "content": "Hi"}]'])
 def test_load_prompts_rejects_a_row_that_is_not_an_object(tmp_path, line):
   (tmp_path / "p.jsonl").write_text('{"prompt": "Fine."}\n' + line + "\n")

@@ -109,8 +109,11 @@ def load_prompts(source: str) -> list[dict]:
   rows, name = data.read_rows(source)
   out = []
   for line, row in rows:
-    record = data.validate_record({"prompt": row.get("prompt") if isinstance(row, dict) else row,
-                                   "completion": "-"}, "sft", source=name, line=line)
+    if not isinstance(row, dict):
+      raise data.RecordError(name, line, None, f"expected a JSON object with a 'prompt' field, got "
+                             f"{type(row).__name__}")
+    record = data.validate_record({"prompt": row.get("prompt"), "completion": "-"}, "sft",
+                                  source=name, line=line)
     if "unsafe" in row and not isinstance(row["unsafe"], bool):
       raise data.RecordError(name, line, "unsafe", f"expected true/false, got {row['unsafe']!r}")
     out.append({**row, "prompt": record["prompt"]})
