@@ -13,8 +13,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, metrics, sharding
+from rlhf_jax import checkpoint, generate, metrics, sharding
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, split_model
+from rlhf_jax.toyworld.evaluate import Policy
 from rlhf_jax.train import (TrainState, create_train_state, make_eval_step, make_optimizer,
                             make_train_step, state_shardings)
 
@@ -128,6 +129,18 @@ def make_evaluate(loss_fn: Callable, setup: Setup, host_batches: Iterator[dict],
             for k in results[0] if k != "loss_weight"}
 
   return evaluate
+
+
+def load_policy(export_dir: str, mesh) -> Policy:
+  """A policy export restored into its shardings on `mesh`, with a Sampler for it."""
+  meta = checkpoint.read_export_metadata(export_dir)
+  model_cfg = ModelConfig.from_dict(meta["model"])
+  graphdef, abstract, axes = abstract_model(model_cfg)
+  psh = sharding.param_shardings(abstract, axes, mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, psh)
+  params, _ = checkpoint.load_params(export_dir, target)
+  sampler = generate.Sampler(graphdef, model_cfg, mesh=mesh, param_shardings=psh)
+  return Policy(graphdef, params, sampler)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -37,10 +37,9 @@ import os
 import jax
 import ml_collections
 
-from rlhf_jax import checkpoint, data, generate, sharding
-from rlhf_jax.algorithms import ppo, rejection_sampling, reward, reward_eval, sft
+from rlhf_jax import checkpoint, data, sharding
+from rlhf_jax.algorithms import common, ppo, rejection_sampling, reward, reward_eval, sft
 from rlhf_jax.metrics import format_table
-from rlhf_jax.models import ModelConfig, abstract_model
 from rlhf_jax.toyworld import annotators, corpora, judge
 from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
@@ -170,15 +169,7 @@ def training_stages(config: ml_collections.ConfigDict) -> list[str]:
   return stages
 
 
-def load_policy(export_dir: str, mesh) -> gold_eval.Policy:
-  meta = checkpoint.read_export_metadata(export_dir)
-  model_cfg = ModelConfig.from_dict(meta["model"])
-  graphdef, abstract, axes = abstract_model(model_cfg)
-  psh = sharding.param_shardings(abstract, axes, mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, psh)
-  params, _ = checkpoint.load_params(export_dir, target)
-  sampler = generate.Sampler(graphdef, model_cfg, mesh=mesh, param_shardings=psh)
-  return gold_eval.Policy(graphdef, params, sampler)
+load_policy = common.load_policy  # the gold evaluation's policies and the judge
 
 
 def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict,

@@ -27,10 +27,9 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import checkpoint, data, generate, scoring, sharding
-from rlhf_jax.algorithms import ppo_rollout, sft
+from rlhf_jax.algorithms import common, ppo_rollout, sft
 from rlhf_jax.algorithms.ppo import load_prompts
 from rlhf_jax.algorithms.reward import load_reward_model
-from rlhf_jax.models import ModelConfig, abstract_model
 from rlhf_jax.toyworld import annotators
 from rlhf_jax.toyworld import world as world_lib
 
@@ -114,14 +113,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     round_dir = os.path.join(workdir, f"round_{r}")
     kept_path = os.path.join(round_dir, "kept.jsonl")
     if not os.path.exists(kept_path):
-      meta = checkpoint.read_export_metadata(policy_export)
-      model_cfg = ModelConfig.from_dict(meta["model"])
-      graphdef, abstract, axes = abstract_model(model_cfg)
-      psh = sharding.param_shardings(abstract, axes, mesh)
-      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, psh)
-      params, _ = checkpoint.load_params(policy_export, target)
-      sampler = generate.Sampler(graphdef, model_cfg, mesh=mesh, param_shardings=psh)
-      samples = best_of_k(params, sampler, rms, spec, tokenizer, prompts[:rs.prompts_per_round],
+      policy = common.load_policy(policy_export, mesh)
+      samples = best_of_k(policy.params, policy.sampler, rms, spec, tokenizer, prompts[:rs.prompts_per_round],
                           k=rs.samples_per_prompt, temperature=rs.temperatures[r - 1],
                           max_new_tokens=rs.max_new_tokens, max_prompt_len=rs.max_prompt_len,
                           batch_prompts=rs.batch_prompts, rng=jax.random.key(config.seed + r))
