@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from rlhf_jax import checkpoint, generate, metrics, sharding
-from rlhf_jax.algorithms import ppo, ppo_rollout
+from rlhf_jax.algorithms import ppo, ppo_rollout, rejection_sampling
 from rlhf_jax.configs import base_config
 from rlhf_jax.data import RecordError, encode_prompt, load_tokenizer, train_tokenizer
 from rlhf_jax.models import ModelConfig, abstract_model, apply, create_model, split_model
@@ -433,3 +433,51 @@ def test_driver_with_helpful_and_safety_models_llama2(tmp_path, exports, tokeniz
     assert row.get(f"ppo/{name}") is not None and np.isfinite(row[f"ppo/{name}"]), (name, row)
   assert row["ppo/score_helpful"] != row["ppo/score_safety"]  # two different models
   assert checkpoint.read_export_metadata(workdir / "export")["model"]["head"] == "lm"
+
+
+def rejection_sampling_config(exports, tokenizer_dir, rounds=2):
+  c = base_config()
+  c.algorithm = "rejection_sampling"
+  c.init_from = exports["lm"]
+  c.model.vocab_size = 0
+  c.mesh.shape = DRIVER_MESH
+  c.optim.update(lr=1e-3, warmup_steps=1)
+  c.data.update(source=exports["prompts"], tokenizer=str(tokenizer_dir), packing=True)
+  c.train.update(steps=2, batch_size=8, seq_len=TINY["max_seq_len"], checkpoint_every=2,
+                 eval_every=2, eval_batches=1, log_every=1, async_checkpoint=False)
+  c.sample.num_examples = 0
+  c.rejection_sampling.update(rounds=rounds, temperatures=(1.0,) * rounds, prompts_per_round=8,
+                              samples_per_prompt=3, max_new_tokens=8, max_prompt_len=MAX_PROMPT_LEN,
+                              batch_prompts=8)
+  c.rejection_sampling.reward.helpful = exports["helpful"]
+  return c
+
+
+@pytest.mark.slow
+def test_rejection_sampling_keeps_the_best_of_k_across_rounds(tmp_path, exports, tokenizer_dir,
+                                                              compilation_cache):
+  workdir = tmp_path / "rs"
+  result = rejection_sampling.train(rejection_sampling_config(exports, tokenizer_dir), str(workdir))
+  assert result["rounds"] == 2
+  rounds = json.loads((workdir / "rounds.json").read_text())
+  assert [r["round"] for r in rounds] == [1, 2]
+  for row in rounds:
+    # The kept response is the reward model's argmax over K samples, so never worse than sample 0.
+    assert row["best_reward"] >= row["sample_reward"] - 1e-6
+    assert np.isfinite(row["best_gold"]) and np.isfinite(row["sample_gold"])
+  round1 = [json.loads(line) for line in (workdir / "round_1" / "kept.jsonl").read_text().splitlines()]
+  round2 = [json.loads(line) for line in (workdir / "round_2" / "kept.jsonl").read_text().splitlines()]
+  best1 = {r["prompt"]: r["reward"] for r in round1}
+  for record in round2:  # the same prompts every round; a prompt never keeps a worse response
+    if record["prompt"] in best1:
+      assert record["reward"] >= best1[record["prompt"]] - 1e-6
+  assert rounds[1]["from_earlier_rounds"] == sum(r["round"] == 1 for r in round2)
+  # Round 2 fine-tuned round 1's policy; the final export is round 2's.
+  round2_config = json.loads((workdir / "round_2" / "config.json").read_text())
+  assert round2_config["init_from"] == str(workdir / "round_1" / "export")
+  final, _ = checkpoint.load_params(workdir / "export")
+  last, _ = checkpoint.load_params(workdir / "round_2" / "export")
+  jax.tree.map(np.testing.assert_array_equal, final, last)
+  # A rerun skips both finished rounds.
+  assert rejection_sampling.train(rejection_sampling_config(exports, tokenizer_dir),
+                                  str(workdir))["rounds"] == 2
