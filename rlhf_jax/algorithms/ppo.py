@@ -30,7 +30,6 @@ import numpy as np
 
 from rlhf_jax import checkpoint, data, generate, metrics, sharding
 from rlhf_jax.algorithms import common, ppo_rollout
-from rlhf_jax.algorithms.reward import load_reward_model
 from rlhf_jax.data.loader import Batching
 from rlhf_jax.losses import kl as kl_losses
 from rlhf_jax.losses import ppo as ppo_losses
@@ -168,15 +167,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   params = {"policy": common.initial_params(config, policy_cfg, mesh, psh["policy"]),
             "value": common.initial_params(value_config, value_cfg, mesh, psh["value"])}
   reference = jax.tree.map(jnp.copy, params["policy"])
-  reward_exports = {name: p.reward[name] for name in ("helpful", "safety") if p.reward[name]}
-  if "helpful" not in reward_exports:
-    raise ValueError("config.ppo.reward.helpful is empty: give a reward-model export")
-  rms = {name: load_reward_model(path, mesh) for name, path in reward_exports.items()}
-  spec = ppo_rollout.RewardSpec(
-      names=tuple(rms), stats={name: rm.stats for name, rm in rms.items()},
-      combine=p.reward.combine, safety_threshold=p.reward.safety_threshold,
-      helpful_weight=p.reward.helpful_weight, safety_weight=p.reward.safety_weight,
-      whiten=p.reward.whiten)
+  rms = ppo_rollout.load_reward_models(p.reward, mesh, key="config.ppo.reward")
+  spec = ppo_rollout.reward_spec(p.reward, rms)
 
   total_steps = p.iterations * p.epochs * p.minibatches
   optimizer, schedule = make_optimizer(config.optim, total_steps)

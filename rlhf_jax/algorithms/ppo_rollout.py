@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import data, generate, scoring
+from rlhf_jax.algorithms.reward import load_reward_model
 from rlhf_jax.losses import kl as kl_losses
 from rlhf_jax.losses import ppo as ppo_losses
 from rlhf_jax.losses import reward as reward_losses
@@ -72,6 +73,23 @@ class RewardSpec:
     # uses the statistics of whichever model was selected.
     use_safety = unsafe | (jax.nn.sigmoid(safety) < self.safety_threshold)
     return jnp.where(use_safety, norm("safety", safety), norm("helpful", helpful))
+
+
+def load_reward_models(cfg: ml_collections.ConfigDict, mesh, *, key: str) -> dict:
+  """{name: RewardModel} for the exports `cfg.helpful` (required) and `cfg.safety` (optional);
+  `key` names the config block in the error, e.g. "config.ppo.reward"."""
+  exports = {name: cfg[name] for name in ("helpful", "safety") if cfg[name]}
+  if "helpful" not in exports:
+    raise ValueError(f"{key}.helpful is empty: give a reward-model export")
+  return {name: load_reward_model(path, mesh) for name, path in exports.items()}
+
+
+def reward_spec(cfg: ml_collections.ConfigDict, rms: dict) -> RewardSpec:
+  """The RewardSpec of a reward config block and its loaded models (their export statistics)."""
+  return RewardSpec(names=tuple(rms), stats={name: rm.stats for name, rm in rms.items()},
+                    combine=cfg.combine, safety_threshold=cfg.safety_threshold,
+                    helpful_weight=cfg.helpful_weight, safety_weight=cfg.safety_weight,
+                    whiten=cfg.whiten)
 
 
 def make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs: dict, *, temperature: float):
@@ -132,5 +150,5 @@ def decode_responses(tokenizer, out: generate.GenerateOutput) -> list[str]:
           for t, m in zip(tokens, mask)]
 
 
-__all__ = ["token_values", "RewardSpec", "make_score_fn", "advantages_fn", "encode_prompts",
+__all__ = ["token_values", "RewardSpec", "load_reward_models", "reward_spec", "make_score_fn", "advantages_fn", "encode_prompts",
            "eos_found", "decode_responses"]

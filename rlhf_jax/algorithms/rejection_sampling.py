@@ -29,25 +29,10 @@ import numpy as np
 from rlhf_jax import checkpoint, data, generate, scoring, sharding
 from rlhf_jax.algorithms import common, ppo_rollout, sft
 from rlhf_jax.algorithms.ppo import load_prompts
-from rlhf_jax.algorithms.reward import load_reward_model
 from rlhf_jax.toyworld import annotators
 from rlhf_jax.toyworld import world as world_lib
 
 _log = logging.getLogger(__name__)
-
-
-def reward_spec(cfg: ml_collections.ConfigDict, rms: dict) -> ppo_rollout.RewardSpec:
-  return ppo_rollout.RewardSpec(
-      names=tuple(rms), stats={name: rm.stats for name, rm in rms.items()}, combine=cfg.combine,
-      safety_threshold=cfg.safety_threshold, helpful_weight=cfg.helpful_weight,
-      safety_weight=cfg.safety_weight, whiten=cfg.whiten)
-
-
-def load_reward_models(cfg: ml_collections.ConfigDict, mesh) -> dict:
-  exports = {name: cfg[name] for name in ("helpful", "safety") if cfg[name]}
-  if "helpful" not in exports:
-    raise ValueError("no helpfulness reward model: set the reward config's `helpful` export")
-  return {name: load_reward_model(path, mesh) for name, path in exports.items()}
 
 
 def best_of_k(policy_params, sampler, rms: dict, spec, tokenizer, prompts: list[dict], *, k: int,
@@ -102,8 +87,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")
   tokenizer = data.load_tokenizer(tokenizer_dir)
   prompts = load_prompts(config.data.source)
-  rms = load_reward_models(rs.reward, mesh)
-  spec = reward_spec(rs.reward, rms)
+  rms = ppo_rollout.load_reward_models(rs.reward, mesh, key="config.rejection_sampling.reward")
+  spec = ppo_rollout.reward_spec(rs.reward, rms)
 
   summary_path = os.path.join(workdir, "rounds.json")
   summary = json.load(open(summary_path)) if os.path.exists(summary_path) else []
