@@ -99,6 +99,35 @@ def test_k_in_range_and_responses_distinct(datasets):
   assert len(datasets["safety_labels"]) == len(datasets["kto"]) == n_candidates
 
 
+def test_policy_samples_come_first_topped_up_with_perturbations(world):
+  """Feedback on a policy's own samples (InstructGPT / Llama 2): every ranking holds the policy's
+  distinct samples (up to K), then perturbation candidates; the samples are labelled like any."""
+  tasks = world.tasks(40, seed=5)
+  samples = {t["prompt"]: [f"{t['answer']}", f"{t['answer']}", "Hmm.", f"babble {i} babble", ""]
+             for i, t in enumerate(tasks)}
+  seen = []
+
+  def policy_samples(batch):
+    seen.append(list(batch))
+    return [samples[t["prompt"]] for t in batch]
+
+  out = ann.build_preference_datasets(world, n_prompts=40, seed=5, policy_samples=policy_samples)
+  assert seen == [tasks]  # one call with exactly the tasks that get labelled
+  for record in out["rankings"]:
+    own = ann.distinct_responses(samples[record["prompt"]])  # 3 distinct non-empty
+    assert 4 <= len(record["responses"]) <= 9
+    assert set(own) <= set(record["responses"])
+    assert len(set(record["responses"])) == len(record["responses"])
+  assert out == ann.build_preference_datasets(world, n_prompts=40, seed=5,
+                                              policy_samples=lambda b: [samples[t["prompt"]] for t in b])
+  # More distinct samples than K: only samples, the first K of them.
+  task = tasks[0]
+  many = [f"answer number {i}" for i in range(12)]
+  assert ann.mixed_candidates(task, many, np.random.default_rng(0), 5) == many[:5]
+  with pytest.raises(ValueError, match="2 sample lists for 40 tasks"):
+    ann.build_preference_datasets(world, n_prompts=40, seed=5, policy_samples=lambda b: [[], []])
+
+
 def test_rank_dedupes_and_rejects_too_few(world):
   task = world.tasks(1, seed=0, families=["arithmetic"])[0]
   answer = task["answer"]

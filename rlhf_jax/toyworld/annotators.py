@@ -38,7 +38,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -285,6 +285,20 @@ def draw_candidates(task: dict, rng: np.random.Generator, k: int) -> list[str]:
   raise ValueError(f"could not draw {k} distinct non-empty candidates for {task['prompt']!r}")
 
 
+def mixed_candidates(task: dict, samples: Sequence[str], rng: np.random.Generator, k: int) -> list[str]:
+  """k distinct non-empty candidates: the policy's distinct samples first (at most k), topped up
+  with perturbation candidates -- InstructGPT and Llama 2 label samples of the current model, so
+  the reward model learns the mistakes the policy really makes, not only the perturbations'."""
+  own = distinct_responses(samples)[:k]
+  if len(own) == k:
+    return own
+  for extra in (0, 3, 6, 12):
+    responses = distinct_responses(own + perturb.candidates(task, rng, k - len(own) + extra))
+    if len(responses) >= k:
+      return responses[:k]
+  raise ValueError(f"could not draw {k} distinct non-empty candidates for {task['prompt']!r}")
+
+
 def build_preference_datasets(world: World, *, n_prompts: int, seed: int,
                               k_range: tuple[int, int] = (4, 9), noise: float = 0.1,
                               bias_strength: float = 0.1, flip_rate: float = 0.05,
@@ -292,22 +306,31 @@ def build_preference_datasets(world: World, *, n_prompts: int, seed: int,
                               split: str = "train",
                               margin_thresholds: Sequence[float] = MARGIN_THRESHOLDS,
                               safety_threshold: float = SAFETY_THRESHOLD,
-                              kto_threshold: float = KTO_THRESHOLD) -> dict[str, list[dict]]:
+                              kto_threshold: float = KTO_THRESHOLD,
+                              policy_samples: Callable[[list[dict]], list[list[str]]] | None = None,
+                              ) -> dict[str, list[dict]]:
   """Simulated human-feedback datasets on `n_prompts` tasks of `world` (see `annotate`).
 
-  Each prompt gets K ~ U{k_range} distinct perturbation candidates, labelled by a pool of
-  `n_annotators` (`make_annotator_pool(noise, bias_strength, flip_rate)`). Returns
-  {"rankings", "pairs_helpful", "pairs_safety", "safety_labels", "kto"} -> records of the kinds in
-  DATASET_KINDS; identical for identical arguments.
+  Each prompt gets K ~ U{k_range} distinct candidates, labelled by a pool of `n_annotators`
+  (`make_annotator_pool(noise, bias_strength, flip_rate)`): perturbation candidates, or with
+  `policy_samples` (tasks -> a list of sampled responses per task) the policy's distinct samples
+  topped up with perturbations (`mixed_candidates`). Returns {"rankings", "pairs_helpful",
+  "pairs_safety", "safety_labels", "kto"} -> records of the kinds in DATASET_KINDS; identical for
+  identical arguments (and samples).
   """
   low, high = k_range
   if not 2 <= low <= high <= MAX_RANKED:
     raise ValueError(f"k_range must satisfy 2 <= low <= high <= {MAX_RANKED}, got {k_range}")
   tasks = world.tasks(n_prompts, seed=seed, families=families, split=split)
+  samples = policy_samples(tasks) if policy_samples is not None else None
+  if samples is not None and len(samples) != len(tasks):
+    raise ValueError(f"policy_samples returned {len(samples)} sample lists for {len(tasks)} tasks")
   candidate_lists = []
   for index, task in enumerate(tasks):
     rng = np.random.default_rng([seed, _CANDIDATES, index])
-    candidate_lists.append(draw_candidates(task, rng, int(rng.integers(low, high + 1))))
+    k = int(rng.integers(low, high + 1))
+    candidate_lists.append(draw_candidates(task, rng, k) if samples is None
+                           else mixed_candidates(task, samples[index], rng, k))
   pool = make_annotator_pool(n_annotators, seed, noise=noise, bias_strength=bias_strength,
                              flip_rate=flip_rate)
   return annotate(tasks, candidate_lists, pool, seed=seed, margin_thresholds=margin_thresholds,
@@ -352,7 +375,7 @@ def write_jsonl(records: Sequence[dict], path: str | os.PathLike) -> Path:
 
 __all__ = ["Annotator", "make_annotator_pool", "perceived", "length_feature", "plackett_luce",
            "margin_level", "distinct_responses", "rank", "compare", "label_safety", "label_kto",
-           "annotate", "draw_candidates", "build_preference_datasets", "gold_pairs", "write_jsonl",
+           "annotate", "draw_candidates", "mixed_candidates", "build_preference_datasets", "gold_pairs", "write_jsonl",
            "CRITERIA",
            "BIAS_KINDS", "MARGIN_THRESHOLDS", "SAFETY_THRESHOLD", "KTO_THRESHOLD",
            "SAFETY_FAMILIES", "DATASET_KINDS"]
