@@ -10,6 +10,10 @@ FLOP/s by the fp32 (or bf16) matmul peak measured here, first, on the same devic
   rm_step      {tokens_per_s, pairs_per_s, ..., mfu}      reward-model step: scalar head, rows of
                                                           packed pairs, Llama 2 margin loss
   generate     {batch, new_tokens_per_s, ...}            KV-cache sampling, batch 8 and 64
+  ppo_iteration {completions_per_s, iteration_s, ...}    one whole PPO iteration: sample prompts x
+                                                          samples, score (policy, reference, value,
+                                                          reward model), GAE, epochs x minibatches
+                                                          of updates of policy and value
 The model is the Llama-style L6 d512 h8 MLP1344 vocab4096 config unless flags change it.
 """
 
@@ -32,7 +36,7 @@ from rlhf_jax.configs import base_config
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, llama_bench_config, split_model
 from rlhf_jax.train import create_train_state, make_optimizer, make_train_step, state_shardings
 
-_ONLY = flags.DEFINE_list("only", ["matmul_peak", "sft_step", "rm_step", "generate"],
+_ONLY = flags.DEFINE_list("only", ["matmul_peak", "sft_step", "rm_step", "generate", "ppo_iteration"],
                           "Benchmarks to run.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _SFT_BATCH = flags.DEFINE_integer("sft_batch", 8, "Sequences per SFT step.")
@@ -40,6 +44,10 @@ _SFT_SEQ = flags.DEFINE_integer("sft_seq_len", 512, "Tokens per sequence in the 
 _GEN_BATCHES = flags.DEFINE_list("gen_batch", ["8", "64"], "Batch sizes for generation.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 64, "Prompt length for generation.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens per generation.")
+_RL_PROMPTS = flags.DEFINE_integer("rl_prompts", 2, "Prompts per PPO iteration.")
+_RL_SAMPLES = flags.DEFINE_integer("rl_samples", 4, "Samples per prompt in a PPO iteration.")
+_RL_NEW = flags.DEFINE_integer("rl_new_tokens", 64, "New tokens per PPO sample.")
+_RL_EPOCHS = flags.DEFINE_integer("rl_epochs", 1, "PPO epochs per iteration (x 1 mini-batch).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (after one warm-up).")
 _OUT = flags.DEFINE_string("out", "", "Also append the records to this JSONL file.")
 
@@ -150,6 +158,56 @@ def generate_bench(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: in
           "new_tokens_per_s": batch * new_tokens / seconds}
 
 
+def ppo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int, new_tokens: int,
+                  epochs: int, repeats: int) -> dict:
+  """A whole PPO iteration (algorithms/ppo.make_iteration, as the trainer runs it) on random
+  models of the bench shape: policy, frozen reference, value model and one reward model."""
+  from rlhf_jax.algorithms import ppo, ppo_rollout
+
+  mesh = sharding.make_mesh((-1, 1, 1))
+  value_cfg = dataclasses.replace(cfg, head="scalar")
+  (policy_gd, policy_abs, policy_axes), (value_gd, value_abs, value_axes) = (
+      abstract_model(cfg), abstract_model(value_cfg))
+  psh = {"policy": sharding.param_shardings(policy_abs, policy_axes, mesh),
+         "value": sharding.param_shardings(value_abs, value_axes, mesh)}
+  init = lambda c, seed, sh: jax.jit(lambda: split_model(create_model(c, seed))[1], out_shardings=sh)()
+  params = {"policy": init(cfg, 0, psh["policy"]), "value": init(value_cfg, 1, psh["value"])}
+  reference = init(cfg, 0, psh["policy"])
+  reward_params = {"helpful": init(value_cfg, 2, psh["value"])}
+  config = base_config()
+  p = config.ppo
+  p.update(prompts_per_iteration=prompts * samples, max_new_tokens=new_tokens, epochs=epochs,
+           minibatches=1)
+  optimizer, _ = make_optimizer(config.optim, 1000)
+  abstract = {"policy": policy_abs, "value": value_abs}
+  shardings = state_shardings(optimizer, psh, abstract, mesh)
+  holder = [create_train_state(params, optimizer, shardings, seed=0)]
+  spec = ppo_rollout.RewardSpec(names=("helpful",), stats={"helpful": {"mean": 0.0, "std": 1.0}})
+  iterate = ppo.make_iteration(policy_gd, value_gd, {"helpful": value_gd}, cfg, spec, optimizer,
+                               mesh=mesh, policy_shardings=psh["policy"], shardings=shardings,
+                               cfg=p, eos_id=-1, pad_id=0)  # no EOS: every sample is full length
+  rs = np.random.RandomState(0)
+  prompt = np.repeat(rs.randint(3, cfg.vocab_size, (prompts, prompt_len)).astype(np.int32), samples, 0)
+  mask, unsafe = np.ones_like(prompt, bool), np.zeros(len(prompt), bool)
+  calls = [0]
+
+  def run():
+    calls[0] += 1
+    holder[0], info = iterate(holder[0], reference, reward_params, prompt, mask, unsafe,
+                              jax.random.key(calls[0]), 0.05)
+    jax.block_until_ready((holder[0].params, info))
+
+  start = time.perf_counter()
+  run()  # the first call compiles sampler, scoring, advantages and update
+  first = time.perf_counter() - start
+  seconds = timed(run, repeats)
+  completions = prompts * samples
+  return {"prompts": prompts, "samples_per_prompt": samples, "prompt_len": prompt_len,
+          "new_tokens": new_tokens, "epochs": epochs, "minibatches": 1, "iteration_s": seconds,
+          "first_iteration_s": first, "completions_per_s": completions / seconds,
+          "new_tokens_per_s": completions * new_tokens / seconds}
+
+
 def main(argv):
   del argv
   cfg = llama_bench_config(dtype=_DTYPE.value)
@@ -175,6 +233,9 @@ def main(argv):
   if "generate" in _ONLY.value:
     for b in _GEN_BATCHES.value:
       emit("generate", generate_bench(cfg, int(b), _PROMPT.value, _NEW.value, _REPEATS.value))
+  if "ppo_iteration" in _ONLY.value:
+    emit("ppo_iteration", ppo_iteration(cfg, _RL_PROMPTS.value, _RL_SAMPLES.value, _PROMPT.value,
+                                        _RL_NEW.value, _RL_EPOCHS.value, _REPEATS.value))
   if _OUT.value:
     with open(_OUT.value, "a") as f:
       for r in records:

@@ -19,7 +19,6 @@ fraction, beta, ...), export/ (the policy: what the next stage and the gold eval
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 
@@ -121,15 +120,47 @@ def load_prompts(source: str) -> list[dict]:
   return out
 
 
-@dataclasses.dataclass
-class Models:
-  policy_graphdef: object
-  value_graphdef: object
-  reward_graphdefs: dict
-  reference: dict
-  rewards: dict
-  spec: ppo_rollout.RewardSpec
-  model_cfg: ModelConfig
+def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, policy_cfg: ModelConfig,
+                   spec: ppo_rollout.RewardSpec, optimizer, *, mesh, policy_shardings, shardings,
+                   cfg: ml_collections.ConfigDict, eos_id: int, pad_id: int):
+  """One PPO iteration as a function (the trainer's loop body and the `ppo_iteration` benchmark):
+
+    iteration(state, reference, reward_params {name: params}, prompt_tokens [B, P],
+              prompt_mask [B, P], unsafe [B], rng, beta) -> (state, info)
+
+  sample (jitted sampler) -> score without gradients (jitted) -> rewards and GAE (jitted) ->
+  `cfg.epochs` x `cfg.minibatches` optimiser steps (one jitted scan). info: "out" (the sampler's
+  GenerateOutput), "reward" [B], "scores" {name: [B]}, "eos_found" [B], "sequence_kl" [B] and
+  "update" (the update's metrics); all device arrays, nothing is read back here.
+  """
+  sampler = generate.Sampler(policy_graphdef, policy_cfg, mesh=mesh, param_shardings=policy_shardings)
+  score = jax.jit(ppo_rollout.make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs,
+                                            temperature=cfg.temperature))
+  advantages = jax.jit(lambda *args: ppo_rollout.advantages_fn(*args, cfg=cfg))
+  reward_fn = jax.jit(spec.__call__)
+  update = make_ppo_update(make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg), optimizer,
+                           mesh=mesh, shardings=shardings, cfg=cfg)
+
+  def iteration(state, reference, reward_params, prompt_tokens, prompt_mask, unsafe, rng, beta):
+    out = sampler(state.params["policy"], prompt_tokens, prompt_mask, rng,
+                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                  eos_id=eos_id, pad_id=pad_id)
+    tokens, segment_ids, positions, response_mask = generate.full_sequence(prompt_tokens,
+                                                                           prompt_mask, out)
+    batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
+             "response_mask": response_mask}
+    old_logp, ref_logp, values, scores = score(state.params["policy"], reference,
+                                               state.params["value"], reward_params, batch)
+    reward = reward_fn(scores, jnp.asarray(unsafe))
+    found = ppo_rollout.eos_found(out, eos_id)
+    adv = advantages(old_logp, ref_logp, values, reward, response_mask, found, jnp.float32(beta))
+    rollout = {**batch, "old_logp": old_logp, "old_values": values,
+               "advantages": adv["advantages"], "returns": adv["returns"]}
+    state, update_metrics = update(state, rollout)
+    return state, {"out": out, "reward": reward, "scores": scores, "eos_found": found,
+                   "sequence_kl": adv["sequence_kl"], "update": update_metrics}
+
+  return iteration
 
 
 def _value_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -175,14 +206,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   abstract = {"policy": policy_abs, "value": value_abs}
   shardings = state_shardings(optimizer, psh, abstract, mesh)
   state = create_train_state(params, optimizer, shardings, seed=config.seed)
-  update = make_ppo_update(make_ppo_loss_fn(policy_gd, value_gd, p), optimizer, mesh=mesh,
-                           shardings=shardings, cfg=p)
-  score = jax.jit(ppo_rollout.make_score_fn(policy_gd, value_gd,
-                                            {n: rm.graphdef for n, rm in rms.items()},
-                                            temperature=p.temperature))
-  advantages = jax.jit(lambda *args: ppo_rollout.advantages_fn(*args, cfg=p))
-  reward_fn = jax.jit(spec.__call__)
-  sampler = generate.Sampler(policy_gd, policy_cfg, mesh=mesh, param_shardings=psh["policy"])
+  iterate = make_iteration(policy_gd, value_gd, {n: rm.graphdef for n, rm in rms.items()}, policy_cfg,
+                           spec, optimizer, mesh=mesh, policy_shardings=psh["policy"],
+                           shardings=shardings, cfg=p, eos_id=tokenizer.eos_token_id,
+                           pad_id=tokenizer.pad_token_id)
+  reward_params = {n: rm.params for n, rm in rms.items()}
   stream = data.BatchIterator(prompts, batch_size=p.prompts_per_iteration, seq_len=1,
                               seed=config.seed, packing=False,
                               batching=Batching(pad=list, pack=None, length=lambda _: 1))
@@ -206,24 +234,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       records = next(stream)
       rng = jax.random.fold_in(jax.random.key(config.seed), iteration)
       prompt_tokens, prompt_mask = ppo_rollout.encode_prompts(tokenizer, records, p.max_prompt_len)
-      out = sampler(state.params["policy"], prompt_tokens, prompt_mask, rng,
-                    max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
-      tokens, segment_ids, positions, response_mask = generate.full_sequence(prompt_tokens,
-                                                                             prompt_mask, out)
-      batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
-               "response_mask": response_mask}
-      old_logp, ref_logp, values, scores = score(state.params["policy"], reference,
-                                                 state.params["value"],
-                                                 {n: rm.params for n, rm in rms.items()}, batch)
-      unsafe = jnp.asarray([bool(r.get("unsafe", False)) for r in records])
-      reward = reward_fn(scores, unsafe)
-      found = ppo_rollout.eos_found(out, tokenizer.eos_token_id)
-      adv = advantages(old_logp, ref_logp, values, reward, response_mask, found, jnp.float32(beta))
-      rollout = {**batch, "old_logp": old_logp, "old_values": values,
-                 "advantages": adv["advantages"], "returns": adv["returns"]}
-      state, update_metrics = update(state, rollout)
-      observed_kl = float(jnp.mean(adv["sequence_kl"]))
+      unsafe = np.asarray([bool(r.get("unsafe", False)) for r in records])
+      state, info = iterate(state, reference, reward_params, prompt_tokens, prompt_mask, unsafe,
+                            rng, beta)
+      out, reward, scores, found = info["out"], info["reward"], info["scores"], info["eos_found"]
+      update_metrics = info["update"]
+      observed_kl = float(jnp.mean(info["sequence_kl"]))
       if p.kl.adaptive:
         beta = float(kl_losses.adaptive_kl_update(beta, observed_kl, p.prompts_per_iteration,
                                                   target=p.kl.target, horizon=p.kl.horizon))
