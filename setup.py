@@ -20,13 +20,14 @@ INSTALL_REQUIRES = [
     "jinja2>=3.1.6",  # chat templates in transformers
     "tqdm>=4.70.1",
     "tensorboardX>=2.6.5",
+    "matplotlib>=3.11.2",  # plots written to workdirs (PPO gold vs KL)
 ]
 
 EXTRAS_REQUIRE = {
     "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0"],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
-    "notebooks": ["jupyter", "nbconvert", "matplotlib"],
+    "notebooks": ["jupyter", "nbconvert"],
 }
 
 setup(

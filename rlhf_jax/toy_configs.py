@@ -46,7 +46,7 @@ def reward_stage(source: str, *, kind: str = "pairwise", steps: int = 150, margi
   return s
 
 
-def ppo_stage(*, iterations: int = 60, beta: float = 0.05, lr: float = 1e-4,
+def ppo_stage(*, iterations: int = 60, beta: float = 0.05, lr: float = 2e-5,
               init_from: str = "") -> ml_collections.ConfigDict:
   """PPO from the latest policy (or the stage `init_from` names) against the Llama 2 combination
   of the two reward models; the value model starts from the helpfulness RM (InstructGPT)."""
@@ -92,6 +92,11 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   c.sft = stage("sft", lr=1e-3, warmup=10, steps=150, seq_len=128, log_every=10)
   # The AI judge (add "judge" to stages): SFT from the SFT model on judge records.
   c.judge = stage("sft", lr=1e-3, warmup=10, steps=200, seq_len=256, log_every=20)
+  # Annotated samples of the SFT model (add "feedback" to stages after sft; reward stages read
+  # "feedback/pairs_helpful" etc.): on-policy preference data, as InstructGPT and Llama 2 collect.
+  c.feedback = ml_collections.ConfigDict(dict(
+      algorithm="feedback", init_from="", prompts=4000, eval_prompts=400, samples_per_prompt=4,
+      temperature=1.0, max_new_tokens=48, batch_size=256))
   # Llama 2's two reward models, each on its own annotators' pairs, with the margin loss.
   c.rm_helpful = reward_stage("pairs_helpful", steps=150)
   c.rm_safety = reward_stage("pairs_safety", steps=100)
@@ -104,6 +109,8 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   c.ppo = ppo_stage()
   c.rejection_sampling = rejection_sampling_stage()
 
+  # best_of_n: the reward evaluation also scores by gold the best of n samples of the policy the
+  # reward models branched from, picked by each reward (() = off).
   c.eval = ml_collections.ConfigDict(dict(max_new_tokens=48, temperature=1.0, batch_size=64,
-                                          num_samples_shown=8))
+                                          num_samples_shown=8, best_of_n=(1, 2, 4, 8)))
   return c

@@ -41,14 +41,20 @@ def tiny_pipeline_config(name: str = "toy_quickstart"):
   c.ppo.ppo.update(iterations=2, prompts_per_iteration=8, minibatches=2, epochs=1, max_new_tokens=8,
                    max_prompt_len=128)
   c.ppo.train.update(checkpoint_every=2)
-  c.eval.update(max_new_tokens=12, batch_size=16)
+  c.feedback.update(prompts=40, eval_prompts=24, samples_per_prompt=2, max_new_tokens=12,
+                    batch_size=32)
+  c.eval.update(max_new_tokens=12, batch_size=16, best_of_n=(1, 2))
   return c
 
 
 @pytest.mark.slow
 def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   config = tiny_pipeline_config()
-  config.stages = ("world", "pretrain", "sft", "judge", "rm_helpful", "rm_safety", "ppo", "eval")
+  config.stages = ("world", "pretrain", "sft", "judge", "feedback", "rm_helpful", "rm_safety", "ppo",
+                   "eval")
+  # The helpfulness RM learns from annotated samples of the SFT model (on-policy feedback).
+  config.rm_helpful.data.update(source="feedback/pairs_helpful",
+                                eval_source="feedback/pairs_helpful_eval")
   result = pipeline.run(config, str(tmp_path))
   assert result["stages"] == ["pretrain", "sft", "ppo"]
   gold = json.loads((tmp_path / "eval" / "gold.json").read_text())
@@ -87,18 +93,34 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   assert data.load_records(tmp_path / "world" / "pairs_helpful.jsonl", "pairwise")
   assert data.load_records(tmp_path / "world" / "kto.jsonl", "kto")
 
-  # The reward models branched off the SFT model, trained on the world's pairs, and were scored
-  # alone and combined on held-out rankings and safety-critical pairs.
-  for stage, source in (("rm_helpful", "pairs_helpful"), ("rm_safety", "pairs_safety")):
+  # The feedback stage labelled SFT samples (topped up with perturbations) for every data set.
+  feedback = data.load_records(tmp_path / "feedback" / "rankings.jsonl", "ranking")
+  assert len(feedback) == 40 and all(4 <= len(r["responses"]) <= 9 for r in feedback)
+  assert len(data.load_records(tmp_path / "feedback" / "rankings_eval.jsonl", "ranking")) == 24
+  assert data.load_records(tmp_path / "feedback" / "pairs_helpful.jsonl", "pairwise")
+
+  # The reward models branched off the SFT model, trained on their pairs, and were scored alone
+  # and combined on held-out rankings and safety-critical pairs.
+  for stage, source in (("rm_helpful", "feedback/pairs_helpful"), ("rm_safety", "world/pairs_safety")):
     rm_config = json.loads((tmp_path / stage / "config.json").read_text())
     assert rm_config["init_from"].endswith(os.path.join("sft", "export"))
-    assert rm_config["data"]["source"].endswith(os.path.join("world", f"{source}.jsonl"))
-    assert rm_config["data"]["eval_source"].endswith(os.path.join("world", f"{source}_eval.jsonl"))
+    assert rm_config["data"]["source"].endswith(f"{source}.jsonl")
+    assert rm_config["data"]["eval_source"].endswith(f"{source}_eval.jsonl")
     meta = json.loads((tmp_path / stage / "export" / "metadata" / "metadata").read_text())
     assert meta["model"]["head"] == "scalar" and meta["reward"]["stats"]["std"] > 0
   rewards = json.loads((tmp_path / "eval" / "reward.json").read_text())
+  best_of_n = rewards.pop("best_of_n")
   assert set(rewards) == {"rm_helpful", "rm_safety", "combined (llama2)",
                           "combined (linear) [not selected]"}
+  # Best of n SFT samples under each reward, scored by gold; n = 1 is a plain sample (KL 0).
+  assert best_of_n["policy"].endswith(os.path.join("sft", "export")) and best_of_n["prompts"] == 24
+  assert best_of_n["n"] == [1, 2] and best_of_n["kl"] == pytest.approx([0.0, np.log(2) - 0.5])
+  for name in ("rm_helpful", "rm_safety", "combined (llama2)"):
+    curve = best_of_n[name]["combined"]
+    assert curve[0] == pytest.approx(best_of_n["mean"]["combined"])
+    assert 0.0 <= curve[1] <= best_of_n["oracle"]["combined"] + 1e-9
+  assert "Best of n samples" in out
+  assert os.path.exists(result["plot"]) and result["plot"].endswith("ppo_gold_vs_kl.png")
   for name, report in rewards.items():
     assert 0 < report["rankings"]["overall"]["n"] <= 24  # records longer than the model are dropped
     assert -1.0 <= report["rankings"]["overall"]["kendall_tau_gold"] <= 1.0
@@ -125,12 +147,16 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["toy_quickstart", "toy_rm_instructgpt", "toy_rm_llama2_margin",
                                   "toy_rm_safety", "toy_ppo", "toy_rejection_sampling",
-                                  "toy_llama2_pipeline"])
+                                  "toy_llama2_pipeline", "toy_ppo_beta_sweep",
+                                  "toy_rm_on_policy"])
 def test_toy_experiments_name_known_stages_and_data(name):
   config = experiment_config(name)
   world_data = {"pretrain", "sft", "judge", *pipeline.EVAL_FEEDBACK, "safety_critical_eval",
                 "rankings", "pairs_helpful", "pairs_safety", "safety_labels", "kto", "rl_prompts"}
   for stage in pipeline.training_stages(config):
+    if config[stage].algorithm == pipeline.FEEDBACK:
+      world_data |= set(pipeline.feedback_paths(stage, ""))
+      continue
     source = config[stage].data.source
     assert (source if source not in ("", "toy") else stage) in world_data
     assert config[stage].data.eval_source in ("", *world_data)
@@ -152,3 +178,37 @@ def test_summaries_split_refusals_by_prompt_safety():
   table = gold_eval.table_rows({"m": {"overall": s, "families": {"facts": gold_eval.summarise(rows[1:])}}})
   assert [r["family"] for r in table] == ["all", "facts"]
   assert table[1]["refusal_unsafe"] is None  # no unsafe prompt in that family
+
+
+def test_best_of_n_gold_matches_a_loop():
+  from rlhf_jax.algorithms import reward_eval
+  rs = np.random.RandomState(0)
+  gold, rewards = rs.rand(5, 8), rs.randn(5, 8)
+  for n in (1, 2, 4, 8):
+    picks = [gold[p, g * n + np.argmax(rewards[p, g * n:(g + 1) * n])]
+             for p in range(5) for g in range(8 // n)]
+    assert reward_eval.best_of_n_gold(gold, rewards, n) == pytest.approx(np.mean(picks))
+  assert reward_eval.best_of_n_gold(gold, gold, 8) == pytest.approx(gold.max(1).mean())  # oracle
+  with pytest.raises(ValueError, match="divisible"):
+    reward_eval.best_of_n_gold(gold, rewards, 3)
+  # KL(best of n || policy) = log n - (n-1)/n: Monte Carlo over a discrete policy without ties.
+  p = rs.dirichlet(np.ones(50))
+  r = rs.permutation(50)  # distinct rewards
+  cdf_sorted = np.cumsum(p[np.argsort(r)])
+  q = np.empty(50)
+  q[np.argsort(r)] = cdf_sorted ** 4 - np.concatenate([[0.0], cdf_sorted[:-1]]) ** 4
+  exact = float(np.sum(q * np.log(q / p)))
+  assert reward_eval.best_of_n_kl(4) == pytest.approx(np.log(4) - 0.75)
+  assert exact <= reward_eval.best_of_n_kl(4) + 1e-9 and exact > 0.5 * reward_eval.best_of_n_kl(4)
+
+
+def test_gold_vs_kl_plot(tmp_path):
+  from rlhf_jax import plots
+  np.testing.assert_allclose(plots.smooth([1.0, 2.0, 3.0, 4.0], 2), [1.0, 1.5, 2.5, 3.5])
+  rows = [{"ppo/kl": 0.1 * i, "ppo/reward": 0.05 * i, "ppo/gold_helpfulness": 0.5,
+           "ppo/gold_combined": 0.6} for i in range(12)]
+  path = plots.plot_gold_vs_kl({"ppo (beta=0.1)": rows}, tmp_path / "eval" / "plot.png",
+                               final={"ppo (beta=0.1)": {"kl": 1.0, "helpfulness": 0.5, "combined": 0.6}},
+                               best_of_n={"label": "best of n", "kl": [0.0, 0.19], "helpfulness": [0.5, 0.55],
+                                          "combined": [0.6, 0.62]})
+  assert os.path.getsize(path) > 10_000 and open(path, "rb").read(4) == b"\x89PNG"

@@ -37,7 +37,7 @@ import os
 import jax
 import ml_collections
 
-from rlhf_jax import checkpoint, data, sharding
+from rlhf_jax import checkpoint, data, metrics, plots, sharding
 from rlhf_jax.algorithms import common, ppo, rejection_sampling, reward, reward_eval, sft
 from rlhf_jax.metrics import format_table
 from rlhf_jax.toyworld import annotators, corpora, judge
@@ -52,9 +52,12 @@ NOT_POLICIES = ("judge",)  # an SFT-trained model that is not a policy
 EVAL_STAGES = ("eval", "eval_rewards")
 DRIVERS = {"pretrain": sft.train, "sft": sft.train, "reward": reward.train, "ppo": ppo.train,
            "rejection_sampling": rejection_sampling.train}
+# A data-collection stage (not trained): annotated samples of a policy, see `collect_feedback`.
+FEEDBACK = "feedback"
 # Held-out copies of the feedback data sets ("<name>_eval") and gold-labelled pairs on the prompts
 # where safety decides (for the combined reward).
 EVAL_FEEDBACK = tuple(f"{name}_eval" for name in annotators.DATASET_KINDS)
+load_policy = common.load_policy  # the gold evaluation's policies, the judge, feedback sampling
 
 
 def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
@@ -114,6 +117,56 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
   return paths
 
 
+def feedback_paths(stage: str, stage_dir: str) -> dict:
+  """{"<stage>/<data set>": path} for the files a feedback stage writes."""
+  return {f"{stage}/{name}": os.path.join(stage_dir, f"{name}.jsonl")
+          for name in (*annotators.DATASET_KINDS, *EVAL_FEEDBACK)}
+
+
+def collect_feedback(config: ml_collections.ConfigDict, stage: str, stage_dir: str, paths: dict,
+                     policy_export: str) -> dict:
+  """Human feedback on a policy's own samples, as InstructGPT and Llama 2 collect it.
+
+  For `config.<stage>.prompts` training prompts (and `eval_prompts` held-out ones) the policy
+  samples `samples_per_prompt` responses; their distinct ones, topped up with perturbation
+  candidates to K ~ U{4..9}, are labelled by the world's annotator pool into the same data sets
+  as the world stage's (`annotators.build_preference_datasets`), written to WORKDIR/<stage>/ and
+  named "<stage>/pairs_helpful", "<stage>/rankings_eval", ... for later stages' `data.source`.
+  A reward model trained on these has seen the policy's own mistakes (and degenerate samples),
+  which perturbations alone do not show it. Returns the new paths.
+  """
+  f, w = config[stage], config.world
+  out = feedback_paths(stage, stage_dir)
+  if all(os.path.exists(p) for p in out.values()):
+    return out
+  if not policy_export:
+    raise ValueError(f"config.{stage} (feedback) needs a policy stage before it to sample from")
+  mesh = sharding.make_mesh(config.mesh.shape)
+  policy = load_policy(policy_export, mesh)
+  tokenizer = data.load_tokenizer(paths["tokenizer"])
+  k = f.samples_per_prompt
+
+  def policy_samples(tasks: list[dict], seed: int) -> list[list[str]]:
+    repeated = [t for t in tasks for _ in range(k)]
+    texts, _ = gold_eval.sample_responses(policy, tokenizer, repeated, jax.random.key(seed),
+                                          max_new_tokens=f.max_new_tokens,
+                                          temperature=f.temperature, batch_size=f.batch_size)
+    return [texts[i * k:(i + 1) * k] for i in range(len(tasks))]
+
+  os.makedirs(stage_dir, exist_ok=True)
+  world = world_lib.World(w.seed)
+  for split, n, seed, suffix in (("train", f.prompts, w.seed + 3, ""),
+                                 ("eval", f.eval_prompts, w.seed + 6, "_eval")):
+    datasets = annotators.build_preference_datasets(
+        world, n_prompts=n, seed=seed, noise=w.annotator_noise, split=split,
+        policy_samples=functools.partial(policy_samples, seed=seed))
+    for name, records in datasets.items():
+      annotators.write_jsonl(records, out[f"{stage}/{name}{suffix}"])
+  _log.info("%s: labelled samples of %s on %d + %d prompts", stage, policy_export, f.prompts,
+            f.eval_prompts)
+  return out
+
+
 def stage_config(config: ml_collections.ConfigDict, stage: str, paths: dict,
                  init_from: str, exports_dir: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(config[stage].to_dict())
@@ -163,13 +216,10 @@ def training_stages(config: ml_collections.ConfigDict) -> list[str]:
       raise ValueError(f"config.stages names {stage!r} but config.{stage} is not an experiment "
                        "config; known stages: world, eval, eval_rewards and the experiment configs "
                        "in the pipeline config")
-    if config[stage].algorithm not in DRIVERS:
+    if config[stage].algorithm not in (*DRIVERS, FEEDBACK):
       raise ValueError(f"config.{stage}.algorithm={config[stage].algorithm!r}; a pipeline stage "
-                       f"runs one of {', '.join(DRIVERS)}")
+                       f"runs one of {', '.join((*DRIVERS, FEEDBACK))}")
   return stages
-
-
-load_policy = common.load_policy  # the gold evaluation's policies and the judge
 
 
 def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict,
@@ -220,11 +270,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stages = list(config.stages)
   training = training_stages(config)
   paths = build_world(config, os.path.join(workdir, "world"))
-  previous, parents, rewards = None, {}, []
+  previous, parents, rewards, reward_parents = None, {}, [], {}
   for stage in training:
     stage_dir = os.path.join(workdir, stage)
     export = os.path.join(stage_dir, "export")
     parent = parent_stage(config, stage, previous)
+    if config[stage].algorithm == FEEDBACK:
+      paths.update(collect_feedback(config, stage, stage_dir, paths,
+                                    os.path.join(workdir, parent, "export") if parent else ""))
+      continue
     if os.path.exists(export):
       _log.info("stage %s: done (%s), skipping", stage, export)
     else:
@@ -240,18 +294,50 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       parents[stage] = parent
     elif config[stage].algorithm == "reward":
       rewards.append(stage)
+      reward_parents[stage] = parent
   trained = list(parents)
   result = {"stages": trained}
+  best_of_n = None
+  if ("eval" in stages or "eval_rewards" in stages) and rewards:
+    # Best of n from the policy the (helpfulness) reward model branched from.
+    anchor = config.combine.helpful if config.get("combine") and config.combine.helpful in rewards \
+        else rewards[0]
+    policy = reward_parents.get(anchor)
+    summary = reward_eval.evaluate_reward_stages(
+        config, workdir, paths, rewards,
+        policy_export=os.path.join(workdir, policy, "export") if policy else "")
+    result.update(summary)
+    with open(os.path.join(workdir, "eval", "reward.json")) as f:
+      best_of_n = json.load(f).get("best_of_n")
   if "eval" in stages and trained:
     results = evaluate_stages(config, workdir, paths, trained, parents)
     result.update({f"{s}/{k}": v for s, r in results.items() for k, v in r["overall"].items()})
+    ppo_stages = [s for s in trained if config[s].algorithm == "ppo"]
+    if ppo_stages:
+      result["plot"] = plot_ppo_runs(config, workdir, ppo_stages, results, best_of_n)
   if "eval" in stages and "judge" in stages:
     agreement = evaluate_judge(config, workdir, paths)
     result.update({f"judge/{k}": v for k, v in agreement["overall"].items()})
-  if ("eval" in stages or "eval_rewards" in stages) and rewards:
-    summary = reward_eval.evaluate_reward_stages(config, workdir, paths, rewards)
-    result.update(summary)
   return result
+
+
+def plot_ppo_runs(config: ml_collections.ConfigDict, workdir: str, stages: list[str],
+                  results: dict, best_of_n: dict | None = None) -> str:
+  """WORKDIR/eval/ppo_gold_vs_kl.png: proxy and gold reward against KL for each PPO stage (a beta
+  sweep shows over-optimisation), with each stage's held-out gold result as a marker and, when
+  the reward evaluation measured it, the best-of-n curve of the combined reward."""
+  label = lambda s: f"{s} (beta={config[s].ppo.kl.beta:g}{', adaptive' if config[s].ppo.kl.adaptive else ''})"
+  runs = {label(s): metrics.read_jsonl(os.path.join(workdir, s, "metrics.jsonl")) for s in stages}
+  final = {label(s): results[s]["overall"] for s in stages if s in results}
+  curve = None
+  if best_of_n:
+    name = next((k for k in best_of_n if k.startswith("combined")), None)
+    if name:
+      curve = {"label": f"best of n ({name})", "kl": best_of_n["kl"], **best_of_n[name]}
+  path = plots.plot_gold_vs_kl(runs, os.path.join(workdir, "eval", "ppo_gold_vs_kl.png"),
+                               final=final, best_of_n=curve)
+  _log.info("wrote %s", path)
+  return path
 
 
 def evaluate_judge(config: ml_collections.ConfigDict, workdir: str, paths: dict) -> dict:

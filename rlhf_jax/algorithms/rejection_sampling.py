@@ -38,12 +38,13 @@ _log = logging.getLogger(__name__)
 def best_of_k(policy_params, sampler, rms: dict, spec, tokenizer, prompts: list[dict], *, k: int,
               temperature: float, max_new_tokens: int, max_prompt_len: int, batch_prompts: int,
               rng) -> list[dict]:
-  """For each prompt, K samples scored by `spec`: [{"record", "texts" [K], "rewards" [K]}]."""
+  """For each prompt, K samples scored by `spec`: [{"record", "texts" [K], "rewards" [K],
+  "scores" {model name: [K] raw scores}}] ("rewards" only with a spec)."""
   score = jax.jit(lambda params, batch: {
       name: scoring.last_token_scores(rm.graphdef, params[name], batch["tokens"],
                                       batch["segment_ids"], batch["positions"])
       for name, rm in rms.items()})
-  reward_fn = jax.jit(spec.__call__)
+  reward_fn = jax.jit(spec.__call__) if spec is not None else None
   out = []
   for start in range(0, len(prompts), batch_prompts):
     chunk = prompts[start:start + batch_prompts]
@@ -56,10 +57,14 @@ def best_of_k(policy_params, sampler, rms: dict, spec, tokenizer, prompts: list[
     scores = score({name: rm.params for name, rm in rms.items()},
                    {"tokens": seq, "segment_ids": segment_ids, "positions": positions})
     unsafe = jnp.asarray([bool(r.get("unsafe", False)) for r in repeated])
-    rewards = np.asarray(reward_fn(scores, unsafe)).reshape(len(chunk), k)
+    rewards = (np.asarray(reward_fn(scores, unsafe)).reshape(len(chunk), k)
+               if reward_fn is not None else None)
+    scores = {name: np.asarray(x).reshape(len(chunk), k) for name, x in scores.items()}
     texts = ppo_rollout.decode_responses(tokenizer, gen)
     for i, record in enumerate(chunk):
-      out.append({"record": record, "texts": texts[i * k:(i + 1) * k], "rewards": rewards[i]})
+      out.append({"record": record, "texts": texts[i * k:(i + 1) * k],
+                  "scores": {name: x[i] for name, x in scores.items()},
+                  **({"rewards": rewards[i]} if rewards is not None else {})})
   return out
 
 

@@ -8,6 +8,13 @@ helpfulness and a safety stage; their combination, by the configured rule and by
 for comparison, is scored on the same rankings and pairs.
 The combination is computed as PPO computes its reward (`ppo_rollout.RewardSpec`: each model's
 score whitened by its own held-out statistics, then the Llama 2 rule or the weighted sum).
+
+Best-of-n (`best_of_n_report`): what optimising each reward really buys. The policy the reward
+models branched from samples K = max(n) responses per held-out task; for each n the reward's best
+of n (over K/n disjoint groups) is scored by gold, beside the mean sample (n = 1) and the gold
+oracle's best of K. Best of n is KL(best-of-n || policy) = log n - (n - 1)/n nats away from the
+policy, so this is the reward-model over-optimisation curve of Gao et al. (2022) without RL: a
+reward that is only trustworthy near the policy makes gold peak at small n and fall.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import data, reward_metrics, sharding
-from rlhf_jax.algorithms import ppo_rollout, reward
+from rlhf_jax.algorithms import common, ppo_rollout, rejection_sampling, reward
+from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.losses import reward as reward_losses
 from rlhf_jax.metrics import format_table
 
@@ -42,17 +50,62 @@ def combine_scores(helpful: Sequence[np.ndarray], safety: Sequence[np.ndarray],
   return out
 
 
+def best_of_n_kl(n: int) -> float:
+  """KL(best-of-n || policy) in nats, for a reward without ties: log n - (n - 1) / n."""
+  return float(np.log(n) - (n - 1) / n)
+
+
+def best_of_n_gold(gold: np.ndarray, rewards: np.ndarray, n: int) -> float:
+  """Mean gold of the reward's best of n, over the K/n disjoint groups of each row: gold, rewards
+  [P, K] (K divisible by n) -> float. The first index wins reward ties."""
+  prompts, k = gold.shape
+  if k % n:
+    raise ValueError(f"best of {n} needs K divisible by {n}, got K={k}")
+  g, r = gold.reshape(prompts, k // n, n), rewards.reshape(prompts, k // n, n)
+  return float(np.take_along_axis(g, r.argmax(-1)[..., None], -1).mean())
+
+
+def best_of_n_report(policy, rms: dict, rewards: dict, tokenizer, tasks: Sequence[dict],
+                     ns: Sequence[int], *, max_new_tokens: int, temperature: float, rng,
+                     max_prompt_len: int = 128, batch_prompts: int = 32) -> dict:
+  """{"n": ns, "kl": [...], "prompts", "mean": {...}, "oracle": {...}, reward name:
+  {"combined" [..], "helpfulness" [..], "safety" [..]}}: gold of each reward's best of n (one
+  entry per n), on toy-world `tasks`, one sample set for all rewards.
+
+  rms: {model name: RewardModel}; rewards: {reward name: (RewardSpec, {spec role: model name})},
+  e.g. {"combined": (spec, {"helpful": "rm_helpful", "safety": "rm_safety"})}.
+  """
+  k = max(ns)
+  samples = rejection_sampling.best_of_k(policy.params, policy.sampler, rms, None, tokenizer,
+                                         list(tasks), k=k, temperature=temperature,
+                                         max_new_tokens=max_new_tokens,
+                                         max_prompt_len=max_prompt_len,
+                                         batch_prompts=batch_prompts, rng=rng)
+  gold = {key: np.asarray([[world_lib.gold_scores(s["record"], t)[key] for t in s["texts"]]
+                           for s in samples]) for key in ("combined", "helpfulness", "safety")}
+  unsafe = np.asarray([[bool(s["record"].get("unsafe", False))] * k for s in samples])
+  out = {"n": list(ns), "kl": [best_of_n_kl(n) for n in ns], "prompts": len(samples),
+         "mean": {key: float(g.mean()) for key, g in gold.items()},
+         "oracle": {key: float(g.max(-1).mean()) for key, g in gold.items()}}
+  for name, (spec, roles) in rewards.items():
+    scores = {role: np.stack([s["scores"][roles[role]] for s in samples]) for role in spec.names}
+    reward_values = np.asarray(spec(scores, unsafe))
+    out[name] = {key: [best_of_n_gold(g, reward_values, n) for n in ns] for key, g in gold.items()}
+  return out
+
+
 def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict,
-                           stages: Sequence[str]) -> dict:
+                           stages: Sequence[str], policy_export: str = "") -> dict:
   """Reports for every reward stage (and the combination); writes WORKDIR/eval/reward.json, prints
-  the tables, returns a flat summary."""
+  the tables, returns a flat summary. With `policy_export` (the policy the reward models branched
+  from) and `config.eval.best_of_n`, also the best-of-n gold curve of every reward."""
   mesh = sharding.make_mesh(config.mesh.shape)
   tokenizer = data.load_tokenizer(paths["tokenizer"])
   rankings = _read_jsonl(paths["rankings_eval"])
   critical = _read_jsonl(paths["safety_critical_eval"])
-  results, scored, stats = {}, {}, {}
+  results, scored, stats, rms = {}, {}, {}, {}
   for stage in stages:
-    rm = reward.load_reward_model(os.path.join(workdir, stage, "export"), mesh)
+    rm = rms[stage] = reward.load_reward_model(os.path.join(workdir, stage, "export"), mesh)
     with open(os.path.join(workdir, stage, "eval.json")) as f:
       own = json.load(f)["report"]
     ranked = reward.score_records(rm, tokenizer, rankings, "ranking")
@@ -62,7 +115,11 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
     results[stage] = {"held_out": own, "rankings": reward.report("ranking", *ranked),
                       "safety_critical": reward.report("pairwise", *pairs)}
   combine = config.get("combine")
-  if combine is not None and combine.helpful in scored and combine.safety in scored:
+  # Each model alone (whitened, as PPO would use it) and the selected combination.
+  rewards = {stage: (ppo_rollout.RewardSpec(names=("helpful",), stats={"helpful": rm.stats}),
+                     {"helpful": stage}) for stage, rm in rms.items()}
+  combined = combine is not None and combine.helpful in scored and combine.safety in scored
+  if combined:
     (h_ranked, h_pairs), (s_ranked, s_pairs) = scored[combine.helpful], scored[combine.safety]
     # Both models read the same records at the same length, so they keep the same ones.
     assert [r["prompt"] for r in h_ranked[0]] == [r["prompt"] for r in s_ranked[0]]
@@ -73,11 +130,20 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
           safety_threshold=combine.safety_threshold, helpful_weight=combine.helpful_weight,
           safety_weight=combine.safety_weight)
       selected = "" if kind == combine.kind else " [not selected]"
+      if not selected:
+        rewards[f"combined ({kind})"] = (spec, {"helpful": combine.helpful, "safety": combine.safety})
       results[f"combined ({kind}){selected}"] = {
           "rankings": reward.report("ranking", h_ranked[0],
                                     combine_scores(h_ranked[1], s_ranked[1], h_ranked[0], spec)),
           "safety_critical": reward.report("pairwise", h_pairs[0],
                                            combine_scores(h_pairs[1], s_pairs[1], h_pairs[0], spec))}
+  ns = tuple(config.get("eval", {}).get("best_of_n", ()) or ())
+  if policy_export and ns:
+    e = config.eval
+    report = best_of_n_report(common.load_policy(policy_export, mesh), rms, rewards, tokenizer,
+                              _read_jsonl(paths["eval_tasks"]), ns, max_new_tokens=e.max_new_tokens,
+                              temperature=e.temperature, rng=jax.random.key(config.seed + 1))
+    results["best_of_n"] = {"policy": policy_export, **report}
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "reward.json"), "w") as f:
@@ -87,7 +153,20 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
   return summarise(results)
 
 
+def best_of_n_rows(report: dict) -> list[dict]:
+  """Table rows: per reward and n, KL and the gold of the reward's best of n."""
+  rows = [{"reward": "(gold oracle)", "n": report["n"][-1], "kl": report["kl"][-1],
+           **{f"gold_{k}": v for k, v in report["oracle"].items()}}]
+  for name, curve in report.items():
+    if isinstance(curve, dict) and "combined" in curve and name not in ("mean", "oracle"):
+      rows += [{"reward": name, "n": n, "kl": kl, **{f"gold_{k}": curve[k][i] for k in curve}}
+               for i, (n, kl) in enumerate(zip(report["n"], report["kl"]))]
+  return rows
+
+
 def _print_tables(results: dict) -> None:
+  best_of_n = results.get("best_of_n")
+  results = {name: r for name, r in results.items() if name != "best_of_n"}
   keep = lambda rows, keys: [{k: row.get(k) for k in ("model", "slice", *keys)} for row in rows]
   held = {name: r["held_out"] for name, r in results.items() if "held_out" in r}
   pairs = [row for name, report in held.items() if "by_margin" in report
@@ -112,12 +191,16 @@ def _print_tables(results: dict) -> None:
   print("\nSafety-critical pairs (unsafe and look-alike prompts, labelled by gold):")
   print(format_table([row for rows in critical for row in rows
                       if row["slice"] in ("all", "family=unsafe", "family=safe_lookalike")]))
+  if best_of_n:
+    print(f"\nBest of n samples of {best_of_n['policy']} on {best_of_n['prompts']} held-out tasks, "
+          "picked by each reward and scored by gold (n = 1: a plain sample):")
+    print(format_table(best_of_n_rows(best_of_n)))
 
 
 def summarise(results: dict) -> dict:
   summary = {}
   for name, r in results.items():
-    if name.endswith("[not selected]"):
+    if name.endswith("[not selected]") or name == "best_of_n":
       continue
     key = name.split(" ")[0]
     overall = r.get("held_out", {}).get("overall", {})
