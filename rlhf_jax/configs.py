@@ -93,9 +93,12 @@ def base_config() -> ml_collections.ConfigDict:
       score_clip=0.0,  # > 0: clip the (whitened) sequence reward to [-score_clip, score_clip]
       kl=dict(beta=0.05, adaptive=False, target=6.0, horizon=10000),  # Ziegler et al.
       # Reward-model exports; with both, `combine` = "llama2" | "linear" (losses/reward.py).
+      # gold=True: no reward model, the toy world's gold combined reward of each response (an
+      # oracle: the upper bound for what PPO can do with a perfect reward model).
       reward=dict(helpful="", safety="", combine="llama2", safety_threshold=0.15,
-                  helpful_weight=1.0, safety_weight=1.0, whiten=True),
-      value_init_from="",  # the value model's export ("" = the policy's, head replaced)
+                  helpful_weight=1.0, safety_weight=1.0, whiten=True, gold=False),
+      value_model="separate",  # "separate" (a scalar-head model) | "policy_head" (head on the policy)
+      value_init_from="",  # separate: the value model's export ("" = the policy's, head replaced)
   ))
 
   # Rejection sampling (algorithm "rejection_sampling", Llama 2). data.source = prompt records;

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 import pytest
 
-from rlhf_jax import checkpoint, generate, metrics, sharding
+from rlhf_jax import checkpoint, generate, metrics, scoring, sharding
 from rlhf_jax.algorithms import ppo, ppo_rollout, rejection_sampling
 from rlhf_jax.configs import base_config
 from rlhf_jax.data import RecordError, encode_prompt, load_tokenizer, train_tokenizer
@@ -136,6 +137,52 @@ def test_token_values_are_the_value_models_output_one_position_earlier(models):
   np.testing.assert_allclose(values[rows, cols], raw[rows, cols - 1], atol=1e-5, rtol=1e-5)
   assert np.all(values[~mask] == 0.0)
   assert np.abs(values[mask]).min() > 0  # real values, not zeros, on the response
+
+
+def test_value_head_on_the_policy_reads_its_hidden_states_one_position_earlier(models):
+  """value_model="policy_head": one forward pass gives the policy's log-probs (as
+  scoring.response_logprobs) and values = hidden state at t-1 . score."""
+  policy_gd, _, params = models
+  batch = fake_rollout(2)
+  score = np.random.RandomState(0).normal(size=(TINY["embed_dim"],)).astype(np.float32)
+  forward = jax.jit(ppo_rollout.policy_forward, static_argnums=(0, 1),
+                    static_argnames=("temperature",))
+  scaled, logp, values = forward(policy_gd, None, params["policy"], {"score": score}, batch,
+                                 temperature=0.7)
+  mask = np.asarray(batch["response_mask"])
+  model = nnx.merge(policy_gd, params["policy"])
+  hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+  raw = np.einsum("bte,e->bt", np.asarray(hidden), score)
+  rows, cols = np.nonzero(mask)
+  np.testing.assert_allclose(np.asarray(values)[rows, cols], raw[rows, cols - 1], atol=1e-4, rtol=1e-4)
+  assert np.all(np.asarray(values)[~mask] == 0.0)
+  expected = jax.jit(scoring.response_logprobs, static_argnums=0, static_argnames=("temperature",))(
+      policy_gd, params["policy"], batch["tokens"], batch["segment_ids"], batch["positions"],
+      batch["response_mask"], temperature=0.7)
+  np.testing.assert_allclose(np.where(mask, logp, 0.0), expected, atol=1e-5, rtol=1e-5)
+  assert scaled.shape[1] == mask.shape[1] - 1
+
+
+def test_loss_with_value_head_has_ratio_one_and_value_gradients_reach_the_trunk(models):
+  policy_gd, _, params = models
+  head = {"score": np.random.RandomState(1).normal(size=(TINY["embed_dim"],)).astype(np.float32)}
+  score_fn = jax.jit(ppo_rollout.make_score_fn(policy_gd, None, {}, temperature=1.0))
+  batch = fake_rollout(3)
+  old_logp, _, values, _ = score_fn(params["policy"], params["policy"], head, {}, batch)
+  mask = np.asarray(batch["response_mask"])
+  rollout = {**batch, "old_logp": old_logp, "old_values": values,
+             "advantages": np.where(mask, 1.0, 0.0).astype(np.float32),
+             "returns": np.where(mask, values + 1.0, 0.0).astype(np.float32)}
+  both = {"policy": params["policy"], "value": head}
+  loss_fn = ppo.make_ppo_loss_fn(policy_gd, None, ppo_cfg(vf_coef=1.0))
+  (_, m), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(both, rollout, None)
+  assert abs(float(m["approx_kl"])) < 1e-6 and float(m["clip_fraction"]) == 0.0
+  assert float(optax.tree.norm(grads["value"])) > 0
+  # The value loss alone moves the shared trunk (a separate value model would leave it alone).
+  value_only = ppo.make_ppo_loss_fn(policy_gd, None, ppo_cfg(vf_coef=1.0))
+  rollout0 = {**rollout, "advantages": np.zeros_like(rollout["advantages"])}
+  _, g0 = jax.jit(jax.value_and_grad(value_only, has_aux=True))(both, rollout0, None)
+  assert float(optax.tree.norm(g0["policy"]["blocks"])) > 0
 
 
 # ---------------------------------------------------------------- reward combination
@@ -433,6 +480,37 @@ def test_driver_with_helpful_and_safety_models_llama2(tmp_path, exports, tokeniz
     assert row.get(f"ppo/{name}") is not None and np.isfinite(row[f"ppo/{name}"]), (name, row)
   assert row["ppo/score_helpful"] != row["ppo/score_safety"]  # two different models
   assert checkpoint.read_export_metadata(workdir / "export")["model"]["head"] == "lm"
+
+
+@pytest.mark.slow
+def test_driver_with_value_head_on_the_policy_and_the_gold_reward(tmp_path, exports, tokenizer_dir,
+                                                                  compilation_cache):
+  config = driver_config(exports, tokenizer_dir, iterations=2)
+  config.ppo.update(value_model="policy_head", value_init_from="")
+  config.ppo.reward.update(helpful="", gold=True)  # the toy world's gold reward, no reward model
+  workdir = tmp_path / "head"
+  assert ppo.train(config, str(workdir))["iterations"] == 2
+  rows = metrics.read_jsonl(workdir / "metrics.jsonl")
+  for row in rows:
+    assert row["ppo/reward"] == pytest.approx(row["ppo/gold_combined"], abs=1e-6)  # gold is the reward
+    assert row["ppo/first_approx_kl"] < 1e-4 and np.isfinite(row["ppo/value_loss"])
+    assert not any(k.startswith("ppo/score_") for k in row)
+  params, meta = checkpoint.load_params(workdir / "export")
+  assert "score" not in params and meta["model"]["head"] == "lm"  # the export is the policy alone
+  # Resume: the checkpoint holds the value head beside the policy.
+  config.ppo.iterations = 3
+  assert ppo.train(config, str(workdir))["iterations"] == 3
+
+  config.ppo.value_model = "shared"
+  with pytest.raises(ValueError, match="value_model='shared'"):
+    ppo.train(config, str(tmp_path / "bad"))
+  gold_on_plain = driver_config(exports, tokenizer_dir, iterations=1)
+  gold_on_plain.ppo.reward.gold = True
+  plain = tmp_path / "plain.jsonl"
+  plain.write_text(json.dumps({"prompt": "Hello there"}) + "\n")
+  gold_on_plain.data.source = str(plain)
+  with pytest.raises(ValueError, match="toy-world task records"):
+    ppo.train(gold_on_plain, str(tmp_path / "plain"))
 
 
 def rejection_sampling_config(exports, tokenizer_dir, rounds=2):

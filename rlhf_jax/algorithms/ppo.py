@@ -7,8 +7,10 @@ per-token rewards (-beta KL + the sequence reward at the last token) and GAE adv
 the shared optimiser step), and update beta (fixed or adaptive KL controller).
 
 Models: the policy (from `config.init_from`, an SFT export), a frozen reference (the same export),
-a separate value model (scalar head, from `config.ppo.value_init_from`: a reward-model export as
-in InstructGPT, or any LM export whose head is then replaced), and one or two reward models
+a value model: separate (`config.ppo.value_model="separate"`: scalar head, from
+`config.ppo.value_init_from`, a reward-model export as in InstructGPT, or any LM export whose head
+is then replaced) or a scalar value head on the policy's own trunk ("policy_head": one forward
+pass for log-probs and values, the value loss also shapes the shared trunk), and one or two reward models
 (`config.ppo.reward.helpful` / `.safety` exports) combined by the Llama 2 rule or linearly.
 The optimiser state covers {"policy", "value"}: one TrainState, checkpointed whole.
 
@@ -26,14 +28,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import checkpoint, data, generate, metrics, sharding
 from rlhf_jax.algorithms import common, ppo_rollout
 from rlhf_jax.data.loader import Batching
 from rlhf_jax.losses import kl as kl_losses
 from rlhf_jax.losses import ppo as ppo_losses
-from rlhf_jax.losses.common import token_logprobs
-from rlhf_jax.models import ModelConfig, abstract_model, apply
+from rlhf_jax.models import ModelConfig, abstract_model
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.train import create_train_state, make_optimizer, make_update, state_shardings
 
@@ -46,15 +48,13 @@ def make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg: ml_collections.Config
   def loss_fn(params, batch, rng):
     del rng
     mask = batch["response_mask"]
-    logits, _ = apply(policy_graphdef, params["policy"], batch["tokens"], batch["positions"],
-                      batch["segment_ids"])
-    scaled = logits[:, :-1] / cfg.temperature  # log-probs of the distribution that was sampled
-    logp = token_logprobs(scaled, batch["tokens"][:, 1:])
-    logp = jnp.concatenate([jnp.zeros_like(logp[:, :1]), logp], axis=1)
+    # Log-probs of the distribution that was sampled (T-scaled logits); values from the separate
+    # value model or the value head on the policy's trunk (value_graphdef None).
+    scaled, logp, values = ppo_rollout.policy_forward(policy_graphdef, value_graphdef,
+                                                      params["policy"], params["value"], batch,
+                                                      temperature=cfg.temperature)
     policy_loss, policy_metrics = ppo_losses.ppo_policy_loss(
         logp, batch["old_logp"], batch["advantages"], mask, clip_eps=cfg.clip_eps)
-    values = ppo_rollout.token_values(value_graphdef, params["value"], batch["tokens"],
-                                      batch["segment_ids"], batch["positions"], mask)
     value_loss, value_metrics = ppo_losses.ppo_value_loss(
         values, batch["old_values"], batch["returns"], mask, clip_eps=cfg.value_clip_eps)
     entropy = ppo_losses.entropy_from_logits(scaled, mask[:, 1:])
@@ -126,22 +126,25 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
   """One PPO iteration as a function (the trainer's loop body and the `ppo_iteration` benchmark):
 
     iteration(state, reference, reward_params {name: params}, prompt_tokens [B, P],
-              prompt_mask [B, P], unsafe [B], rng, beta) -> (state, info)
+              prompt_mask [B, P], unsafe [B], rng, beta, text_reward=None) -> (state, info)
 
   sample (jitted sampler) -> score without gradients (jitted) -> rewards and GAE (jitted) ->
   `cfg.epochs` x `cfg.minibatches` optimiser steps (one jitted scan). info: "out" (the sampler's
   GenerateOutput), "reward" [B], "scores" {name: [B]}, "eos_found" [B], "sequence_kl" [B] and
   "update" (the update's metrics); all device arrays, nothing is read back here.
+  `text_reward(out) -> [B]`, when given, replaces the reward models (e.g. the toy world's gold
+  reward of the decoded responses); `spec` may then be None.
   """
   sampler = generate.Sampler(policy_graphdef, policy_cfg, mesh=mesh, param_shardings=policy_shardings)
   score = jax.jit(ppo_rollout.make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs,
                                             temperature=cfg.temperature))
   advantages = jax.jit(lambda *args: ppo_rollout.advantages_fn(*args, cfg=cfg))
-  reward_fn = jax.jit(spec.__call__)
+  reward_fn = jax.jit(spec.__call__) if spec is not None else None
   update = make_ppo_update(make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg), optimizer,
                            mesh=mesh, shardings=shardings, cfg=cfg)
 
-  def iteration(state, reference, reward_params, prompt_tokens, prompt_mask, unsafe, rng, beta):
+  def iteration(state, reference, reward_params, prompt_tokens, prompt_mask, unsafe, rng, beta,
+                text_reward=None):
     out = sampler(state.params["policy"], prompt_tokens, prompt_mask, rng,
                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                   eos_id=eos_id, pad_id=pad_id)
@@ -151,7 +154,10 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
              "response_mask": response_mask}
     old_logp, ref_logp, values, scores = score(state.params["policy"], reference,
                                                state.params["value"], reward_params, batch)
-    reward = reward_fn(scores, jnp.asarray(unsafe))
+    if text_reward is not None:
+      reward = jnp.asarray(text_reward(out), jnp.float32)
+    else:
+      reward = reward_fn(scores, jnp.asarray(unsafe))
     found = ppo_rollout.eos_found(out, eos_id)
     adv = advantages(old_logp, ref_logp, values, reward, response_mask, found, jnp.float32(beta))
     rollout = {**batch, "old_logp": old_logp, "old_values": values,
@@ -187,19 +193,37 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Policy + value in one state; reference and reward models frozen beside it.
   policy_cfg = common.model_config(config, vocab_size=len(tokenizer), head="lm")
-  value_config = _value_config(config)
-  value_cfg = common.model_config(value_config, vocab_size=len(tokenizer), head="scalar")
-  for cfg in (policy_cfg, value_cfg):
-    sharding.validate_model_mesh(cfg, mesh)
+  sharding.validate_model_mesh(policy_cfg, mesh)
   policy_gd, policy_abs, policy_axes = abstract_model(policy_cfg)
-  value_gd, value_abs, value_axes = abstract_model(value_cfg)
-  psh = {"policy": sharding.param_shardings(policy_abs, policy_axes, mesh),
-         "value": sharding.param_shardings(value_abs, value_axes, mesh)}
-  params = {"policy": common.initial_params(config, policy_cfg, mesh, psh["policy"]),
-            "value": common.initial_params(value_config, value_cfg, mesh, psh["value"])}
+  psh = {"policy": sharding.param_shardings(policy_abs, policy_axes, mesh)}
+  params = {"policy": common.initial_params(config, policy_cfg, mesh, psh["policy"])}
+  if p.value_model == "separate":
+    value_config = _value_config(config)
+    value_cfg = common.model_config(value_config, vocab_size=len(tokenizer), head="scalar")
+    sharding.validate_model_mesh(value_cfg, mesh)
+    value_gd, value_abs, value_axes = abstract_model(value_cfg)
+    psh["value"] = sharding.param_shardings(value_abs, value_axes, mesh)
+    params["value"] = common.initial_params(value_config, value_cfg, mesh, psh["value"])
+  elif p.value_model == "policy_head":  # one trunk, a scalar value head beside the LM head
+    value_gd = None
+    value_abs = {"score": jax.ShapeDtypeStruct((policy_cfg.embed_dim,), jnp.dtype(policy_cfg.param_dtype))}
+    psh["value"] = sharding.param_shardings(value_abs, {"score": P("embed")}, mesh)
+    params["value"] = {"score": jax.device_put(
+        policy_cfg.scalar_head_init_std * jax.random.normal(jax.random.key(config.seed + 1),
+                                                            (policy_cfg.embed_dim,), value_abs["score"].dtype),
+        psh["value"]["score"])}
+  else:
+    raise ValueError(f"config.ppo.value_model={p.value_model!r}; choose 'separate' (a value model "
+                     "from value_init_from) or 'policy_head' (a value head on the policy)")
   reference = jax.tree.map(jnp.copy, params["policy"])
-  rms = ppo_rollout.load_reward_models(p.reward, mesh, key="config.ppo.reward")
-  spec = ppo_rollout.reward_spec(p.reward, rms)
+  if p.reward.gold:  # the toy world's gold reward instead of reward models
+    if not all("family" in r and "answer" in r for r in prompts):
+      raise ValueError(f"config.ppo.reward.gold=True needs toy-world task records in "
+                       f"{config.data.source} (with 'family' and 'answer'); these prompts have none")
+    rms, spec = {}, None
+  else:
+    rms = ppo_rollout.load_reward_models(p.reward, mesh, key="config.ppo.reward")
+    spec = ppo_rollout.reward_spec(p.reward, rms)
 
   total_steps = p.iterations * p.epochs * p.minibatches
   optimizer, schedule = make_optimizer(config.optim, total_steps)
@@ -235,8 +259,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       rng = jax.random.fold_in(jax.random.key(config.seed), iteration)
       prompt_tokens, prompt_mask = ppo_rollout.encode_prompts(tokenizer, records, p.max_prompt_len)
       unsafe = np.asarray([bool(r.get("unsafe", False)) for r in records])
+      gold_reward = None
+      if p.reward.gold:
+        gold_reward = lambda out: np.asarray([world_lib.gold_scores(r, text)["combined"] for r, text in
+                                              zip(records, ppo_rollout.decode_responses(tokenizer, out))])
       state, info = iterate(state, reference, reward_params, prompt_tokens, prompt_mask, unsafe,
-                            rng, beta)
+                            rng, beta, text_reward=gold_reward)
       out, reward, scores, found = info["out"], info["reward"], info["scores"], info["eos_found"]
       update_metrics = info["update"]
       observed_kl = float(jnp.mean(info["sequence_kl"]))

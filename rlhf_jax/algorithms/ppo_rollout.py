@@ -9,6 +9,7 @@ length P, then N generated tokens), so every iteration has the same shapes and n
     old_logp                         log pi_old(token_t), column t from the logits at t-1
     ref_logp                         log pi_ref(token_t)
     old_values                       V(state before token_t): the value model's output at t-1
+                                     (or the value head's on the policy's hidden state at t-1)
     advantages, returns              GAE over the response (whitened advantages)
 """
 
@@ -27,7 +28,8 @@ from rlhf_jax.algorithms.reward import load_reward_model
 from rlhf_jax.losses import kl as kl_losses
 from rlhf_jax.losses import ppo as ppo_losses
 from rlhf_jax.losses import reward as reward_losses
-from rlhf_jax.models import apply
+from rlhf_jax.losses.common import token_logprobs
+from rlhf_jax.models import apply, apply_with_hidden
 
 Array = jax.Array
 
@@ -39,6 +41,37 @@ def token_values(graphdef, params, tokens: Array, segment_ids: Array, positions:
   values, _ = apply(graphdef, params, tokens, positions, segment_ids)
   values = jnp.concatenate([jnp.zeros_like(values[:, :1]), values[:, :-1]], axis=1)
   return jnp.where(response_mask, values, 0.0)
+
+
+def head_values(hidden: Array, score: Array, response_mask: Array) -> Array:
+  """Values from a value head on the policy's trunk: hidden [B, S, E] (final-norm states) x
+  score [E] -> [B, S] float32, the value at the position before each response token, 0 elsewhere
+  (as `token_values`)."""
+  values = jnp.einsum("bse,e->bs", hidden, score.astype(hidden.dtype)).astype(jnp.float32)
+  values = jnp.concatenate([jnp.zeros_like(values[:, :1]), values[:, :-1]], axis=1)
+  return jnp.where(response_mask, values, 0.0)
+
+
+def policy_forward(policy_graphdef, value_graphdef, policy_params, value_params, batch: dict, *,
+                   temperature: float) -> tuple[Array, Array, Array]:
+  """-> (T-scaled logits [B, S-1, V] predicting tokens 1.., log pi(token_t) [B, S] (column t from
+  the logits at t-1, 0 in column 0), values [B, S]).
+
+  value_graphdef None: `value_params` = {"score": [E]}, a value head on the policy's own final
+  hidden states (one forward pass for both); else a separate scalar-head value model.
+  """
+  args = (batch["tokens"], batch["positions"], batch["segment_ids"])
+  mask = batch["response_mask"]
+  if value_graphdef is None:
+    logits, hidden = apply_with_hidden(policy_graphdef, policy_params, *args)
+    values = head_values(hidden, value_params["score"], mask)
+  else:
+    logits, _ = apply(policy_graphdef, policy_params, *args)
+    values = token_values(value_graphdef, value_params, batch["tokens"], batch["segment_ids"],
+                          batch["positions"], mask)
+  scaled = logits[:, :-1] / temperature
+  logp = token_logprobs(scaled, batch["tokens"][:, 1:])
+  return scaled, jnp.concatenate([jnp.zeros_like(logp[:, :1]), logp], axis=1), values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,14 +127,15 @@ def reward_spec(cfg: ml_collections.ConfigDict, rms: dict) -> RewardSpec:
 
 def make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs: dict, *, temperature: float):
   """score(policy, reference, value, rewards: {name: params}, batch) -> (old_logp, ref_logp,
-  values, {name: scores [B]}); all [B, S] but the scores. Pure; the caller jits it."""
+  values, {name: scores [B]}); all [B, S] but the scores. value_graphdef None: `value` is a value
+  head on the policy (`policy_forward`). Pure; the caller jits it."""
   def score(policy_params, ref_params, value_params, reward_params: dict, batch: dict):
     args = (batch["tokens"], batch["segment_ids"], batch["positions"])
-    old_logp = scoring.response_logprobs(policy_graphdef, policy_params, *args, batch["response_mask"],
-                                         temperature=temperature)
+    _, old_logp, values = policy_forward(policy_graphdef, value_graphdef, policy_params,
+                                         value_params, batch, temperature=temperature)
+    old_logp = jnp.where(batch["response_mask"], old_logp, 0.0)
     ref_logp = scoring.response_logprobs(policy_graphdef, ref_params, *args, batch["response_mask"],
                                          temperature=temperature)
-    values = token_values(value_graphdef, value_params, *args, batch["response_mask"])
     scores = {name: scoring.last_token_scores(reward_graphdefs[name], p, *args)
               for name, p in reward_params.items()}
     return old_logp, ref_logp, values, scores
@@ -150,5 +184,5 @@ def decode_responses(tokenizer, out: generate.GenerateOutput) -> list[str]:
           for t, m in zip(tokens, mask)]
 
 
-__all__ = ["token_values", "RewardSpec", "load_reward_models", "reward_spec", "make_score_fn", "advantages_fn", "encode_prompts",
+__all__ = ["token_values", "head_values", "policy_forward", "RewardSpec", "load_reward_models", "reward_spec", "make_score_fn", "advantages_fn", "encode_prompts",
            "eos_found", "decode_responses"]

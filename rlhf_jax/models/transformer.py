@@ -171,6 +171,15 @@ def apply(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Arra
   return nnx.merge(graphdef, params)(tokens, positions, segment_ids, cache)
 
 
+def apply_with_hidden(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
+                      segment_ids: Array) -> tuple[Array, Array]:
+  """One forward pass -> (head output as `apply`, final-norm hidden states [B, T, E]): for a
+  second head on the same trunk (PPO's value head on the policy)."""
+  model = nnx.merge(graphdef, params)
+  hidden, _ = model.hidden_states(tokens, positions, segment_ids)
+  return model.head(hidden), hidden
+
+
 def positions_from_mask(mask: Array) -> Array:
   """Positions [B, T] for a left- or right-padded batch: count of real tokens before t."""
   mask = mask.astype(jnp.int32)
