@@ -1,7 +1,9 @@
 """The main job (`make quickstart`): build the toy world, pretrain a small model on its text,
 fine-tune it on demonstrations (SFT), train a helpfulness and a safety reward model from the SFT
-model on simulated annotators' pairs (Llama 2 margin loss), and print the gold table for both
-policies, sample conversations, and the reward models' held-out accuracy alone and combined.
+model on simulated annotators' pairs (Llama 2 margin loss), run PPO from the SFT model against
+their Llama 2 combination, and print the reward models' held-out accuracy alone and combined (and
+the gold of their best-of-n picks), then the gold table for every policy (SFT and PPO side by
+side), sample conversations, and the proxy/gold-vs-KL plot (WORKDIR/eval/ppo_gold_vs_kl.png).
 
 Stages cache their outputs in WORKDIR/<stage>: a rerun skips finished stages.
 """
@@ -11,5 +13,5 @@ from rlhf_jax.toy_configs import toy_pipeline_config
 
 def get_config():
   c = toy_pipeline_config()
-  c.stages = ("world", "pretrain", "sft", "rm_helpful", "rm_safety", "eval")
+  c.stages = ("world", "pretrain", "sft", "rm_helpful", "rm_safety", "ppo", "eval")
   return c

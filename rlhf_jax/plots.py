@@ -30,29 +30,37 @@ def plot_gold_vs_kl(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLi
                     prefix: str = "ppo/") -> str:
   """Proxy and gold reward against KL, one line per run; writes a PNG to `path` and returns it.
 
-  runs: {label: per-iteration metric rows with "<prefix>kl", "<prefix>reward",
-  "<prefix>gold_helpfulness", "<prefix>gold_combined"} (a PPO run's metrics.jsonl); each series is
-  smoothed with a trailing moving average of `window` iterations (the per-iteration gold is
-  measured on that iteration's prompts only). final: {label: {"kl", "helpfulness", "combined"}}
-  from the held-out gold evaluation, drawn as markers at the run's final KL. best_of_n:
-  {"label", "kl" [..], "helpfulness" [..], "combined" [..]}, the gold of best-of-n sampling under
-  the same reward (a dashed line: the over-optimisation curve without RL).
+  runs: {label: metric rows of a PPO run's metrics.jsonl}. The proxy panel reads the training
+  rows ("<prefix>kl", "<prefix>reward"), smoothed with a trailing moving average of `window`
+  iterations. The gold panels read the held-out rows ("eval/kl", "eval/helpfulness",
+  "eval/combined": the same held-out tasks at every evaluation) when the run has them, else the
+  smoothed training rows ("<prefix>gold_helpfulness", "<prefix>gold_combined", measured on each
+  iteration's own prompts). final: {label: {"kl", "helpfulness", "combined"}} from the pipeline's
+  gold evaluation, drawn as stars. best_of_n: {"label", "kl" [..], "helpfulness" [..],
+  "combined" [..]}, the gold of best-of-n sampling under the same reward (dashed: over-optimisation
+  without RL).
   """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-  panels = (("reward", "proxy reward (reward model, whitened)"),
-            ("gold_helpfulness", "gold helpfulness"), ("gold_combined", "gold combined (h x s)"))
+  held_out_any = False
   for i, (label, rows) in enumerate(runs.items()):
-    rows = [r for r in rows if f"{prefix}kl" in r]
-    if not rows:
-      continue
     color = f"C{i}"
-    kl = smooth([r[f"{prefix}kl"] for r in rows], window)
-    for ax, (key, _) in zip(axes, panels):
-      ax.plot(kl, smooth([r[f"{prefix}{key}"] for r in rows], window), color=color, label=label)
+    train = [r for r in rows if f"{prefix}kl" in r]
+    if train:
+      axes[0].plot(smooth([r[f"{prefix}kl"] for r in train], window),
+                   smooth([r[f"{prefix}reward"] for r in train], window), color=color, label=label)
+    held_out = [r for r in rows if "eval/kl" in r and r["eval/kl"] is not None]
+    for ax, key in ((axes[1], "helpfulness"), (axes[2], "combined")):
+      if held_out:
+        ax.plot([r["eval/kl"] for r in held_out], [r[f"eval/{key}"] for r in held_out], "-o",
+                color=color, markersize=3, label=label)
+      elif train:
+        ax.plot(smooth([r[f"{prefix}kl"] for r in train], window),
+                smooth([r[f"{prefix}gold_{key}"] for r in train], window), color=color, label=label)
+    held_out_any |= bool(held_out)
     point = (final or {}).get(label)
     if point and point.get("kl") is not None:
       for ax, key in ((axes[1], "helpfulness"), (axes[2], "combined")):
@@ -61,17 +69,18 @@ def plot_gold_vs_kl(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLi
   if best_of_n:
     for ax, key in ((axes[1], "helpfulness"), (axes[2], "combined")):
       ax.plot(best_of_n["kl"], best_of_n[key], "k--o", markersize=4, label=best_of_n["label"])
-    axes[1].legend(fontsize=8)
-  for ax, (_, title) in zip(axes, panels):
+  source = "held-out tasks" if held_out_any else f"training prompts, moving average of {window}"
+  titles = (f"proxy reward (reward model; training prompts, moving average of {window})",
+            f"gold helpfulness ({source})", f"gold combined, h x s ({source})")
+  for ax, title in zip(axes, titles):
     ax.set_xlabel("KL(policy || reference), nats per response")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=8)
+  axes[0].legend(fontsize=7)
+  axes[2].legend(fontsize=7)
   if final:
-    axes[1].annotate("* held-out gold evaluation", xy=(0.02, 0.02), xycoords="axes fraction",
-                     fontsize=8)
-  fig.suptitle(f"Reward over-optimisation: proxy vs gold reward against KL "
-               f"(moving average of {window} iterations)")
+    axes[1].annotate("* final gold evaluation", xy=(0.02, 0.02), xycoords="axes fraction", fontsize=8)
+  fig.suptitle("Reward over-optimisation: proxy vs gold reward against KL to the reference")
   fig.tight_layout()
   path = os.fspath(path)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -53,9 +53,9 @@ def ppo_stage(*, iterations: int = 60, beta: float = 0.05, lr: float = 2e-5,
   s = stage("ppo", lr=lr, warmup=0, steps=iterations, seq_len=128, log_every=1)
   s.init_from = init_from  # a stage name in the pipeline ("" = the latest policy stage)
   s.optim.update(schedule="constant", grad_clip_norm=1.0)
-  s.data.update(source="rl_prompts")
+  s.data.update(source="rl_prompts", eval_source="eval_tasks")
   s.train.update(checkpoint_every=10)
-  s.ppo.update(iterations=iterations, prompts_per_iteration=32, max_prompt_len=64,
+  s.ppo.update(eval_every=10, iterations=iterations, prompts_per_iteration=32, max_prompt_len=64,
                max_new_tokens=48, epochs=4, minibatches=4, value_init_from="rm_helpful")
   s.ppo.kl.update(beta=beta)
   s.ppo.reward.update(helpful="rm_helpful", safety="rm_safety", combine="llama2")

@@ -151,7 +151,7 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
                                   "toy_rm_on_policy"])
 def test_toy_experiments_name_known_stages_and_data(name):
   config = experiment_config(name)
-  world_data = {"pretrain", "sft", "judge", *pipeline.EVAL_FEEDBACK, "safety_critical_eval",
+  world_data = {"pretrain", "sft", "judge", *pipeline.EVAL_FEEDBACK, "safety_critical_eval", "eval_tasks",
                 "rankings", "pairs_helpful", "pairs_safety", "safety_labels", "kto", "rl_prompts"}
   for stage in pipeline.training_stages(config):
     if config[stage].algorithm == pipeline.FEEDBACK:
@@ -207,6 +207,7 @@ def test_gold_vs_kl_plot(tmp_path):
   np.testing.assert_allclose(plots.smooth([1.0, 2.0, 3.0, 4.0], 2), [1.0, 1.5, 2.5, 3.5])
   rows = [{"ppo/kl": 0.1 * i, "ppo/reward": 0.05 * i, "ppo/gold_helpfulness": 0.5,
            "ppo/gold_combined": 0.6} for i in range(12)]
+  rows += [{"eval/kl": 0.2 * i, "eval/helpfulness": 0.5, "eval/combined": 0.6} for i in range(3)]
   path = plots.plot_gold_vs_kl({"ppo (beta=0.1)": rows}, tmp_path / "eval" / "plot.png",
                                final={"ppo (beta=0.1)": {"kl": 1.0, "helpfulness": 0.5, "combined": 0.6}},
                                best_of_n={"label": "best of n", "kl": [0.0, 0.19], "helpfulness": [0.5, 0.55],

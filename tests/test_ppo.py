@@ -488,9 +488,17 @@ def test_driver_with_value_head_on_the_policy_and_the_gold_reward(tmp_path, expo
   config = driver_config(exports, tokenizer_dir, iterations=2)
   config.ppo.update(value_model="policy_head", value_init_from="")
   config.ppo.reward.update(helpful="", gold=True)  # the toy world's gold reward, no reward model
+  config.ppo.update(eval_every=2, eval_prompts=8)  # held-out gold + KL at iterations 0 and 2
+  config.data.eval_source = exports["prompts"]
   workdir = tmp_path / "head"
   assert ppo.train(config, str(workdir))["iterations"] == 2
   rows = metrics.read_jsonl(workdir / "metrics.jsonl")
+  evals = [r for r in rows if "eval/kl" in r]
+  rows = [r for r in rows if "ppo/reward" in r]
+  assert [r["step"] for r in evals] == [0, 2]
+  assert evals[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4)  # the policy is the reference
+  for row in evals:
+    assert 0.0 <= row["eval/combined"] <= 1.0 and row["eval/length"] >= 1
   for row in rows:
     assert row["ppo/reward"] == pytest.approx(row["ppo/gold_combined"], abs=1e-6)  # gold is the reward
     assert row["ppo/first_approx_kl"] < 1e-4 and np.isfinite(row["ppo/value_loss"])
@@ -500,6 +508,8 @@ def test_driver_with_value_head_on_the_policy_and_the_gold_reward(tmp_path, expo
   # Resume: the checkpoint holds the value head beside the policy.
   config.ppo.iterations = 3
   assert ppo.train(config, str(workdir))["iterations"] == 3
+  steps = [r["step"] for r in metrics.read_jsonl(workdir / "metrics.jsonl") if "eval/kl" in r]
+  assert steps == [0, 2, 3]  # no second evaluation at 0 on resume; the last iteration is evaluated
 
   config.ppo.value_model = "shared"
   with pytest.raises(ValueError, match="value_model='shared'"):

@@ -16,7 +16,9 @@ The optimiser state covers {"policy", "value"}: one TrainState, checkpointed who
 
 WORKDIR: checkpoints/ (state + prompt-stream position, iteration's beta), metrics.jsonl + tb/ (per
 iteration: reward, gold helpfulness/safety/combined on toy prompts, KL, length, entropy, clip
-fraction, beta, ...), export/ (the policy: what the next stage and the gold evaluation load).
+fraction, beta, ...; with `ppo.eval_every`, "eval/" rows every that many iterations and at 0:
+held-out gold and KL to the reference on `data.eval_source` tasks, the over-optimisation curve),
+export/ (the policy: what the next stage and the gold evaluation load).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from rlhf_jax.data.loader import Batching
 from rlhf_jax.losses import kl as kl_losses
 from rlhf_jax.losses import ppo as ppo_losses
 from rlhf_jax.models import ModelConfig, abstract_model
+from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.train import create_train_state, make_optimizer, make_update, state_shardings
 
@@ -190,6 +193,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")
   tokenizer = data.load_tokenizer(tokenizer_dir)
   prompts = load_prompts(config.data.source)
+  eval_tasks = None
+  if p.eval_every:
+    if not config.data.eval_source:
+      raise ValueError("config.ppo.eval_every > 0 needs config.data.eval_source: held-out toy-world "
+                       "tasks (e.g. the world's eval_tasks.jsonl)")
+    eval_tasks = load_prompts(config.data.eval_source)[:p.eval_prompts or None]
+    if not all("family" in r and "answer" in r for r in eval_tasks):
+      raise ValueError(f"config.data.eval_source={config.data.eval_source}: the held-out gold "
+                       "evaluation needs toy-world task records (with 'family' and 'answer')")
 
   # Policy + value in one state; reference and reward models frozen beside it.
   policy_cfg = common.model_config(config, vocab_size=len(tokenizer), head="lm")
@@ -235,6 +247,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            shardings=shardings, cfg=p, eos_id=tokenizer.eos_token_id,
                            pad_id=tokenizer.pad_token_id)
   reward_params = {n: rm.params for n, rm in rms.items()}
+  eval_sampler = generate.Sampler(policy_gd, policy_cfg, mesh=mesh, param_shardings=psh["policy"])
+
+  def held_out(params) -> dict:
+    """Gold of the policy on the held-out tasks and its KL to the reference; the same sampling
+    key every time, so successive evaluations are paired (common random numbers)."""
+    result = gold_eval.evaluate(
+        gold_eval.Policy(policy_gd, params, eval_sampler), tokenizer, eval_tasks,
+        jax.random.key(config.seed + 7), reference=gold_eval.Policy(policy_gd, reference, eval_sampler),
+        max_new_tokens=p.max_new_tokens, temperature=p.temperature, win_rate=False)
+    return {k: result["overall"][k] for k in ("combined", "helpfulness", "safety", "kl", "length")}
   stream = data.BatchIterator(prompts, batch_size=p.prompts_per_iteration, seq_len=1,
                               seed=config.seed, packing=False,
                               batching=Batching(pad=list, pack=None, length=lambda _: 1))
@@ -254,6 +276,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       _log.info("resumed PPO at iteration %d (beta %.4f)", start, beta)
     end = p.iterations if not t.stop_after_steps else min(p.iterations, start + t.stop_after_steps)
     progress = metrics.Progress(p.iterations, initial=start, desc="ppo", show=("reward", "gold", "kl"))
+    if eval_tasks and start == 0:
+      writer.write(0, held_out(state.params["policy"]), prefix="eval")
     for iteration in range(start, end):
       records = next(stream)
       rng = jax.random.fold_in(jax.random.key(config.seed), iteration)
@@ -277,6 +301,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
              **{k: float(v) for k, v in jax.device_get(update_metrics).items()},
              **gold_metrics(records, ppo_rollout.decode_responses(tokenizer, out))}
       writer.write(iteration + 1, row, prefix="ppo")
+      if eval_tasks and ((iteration + 1) % p.eval_every == 0 or iteration + 1 == p.iterations):
+        writer.write(iteration + 1, held_out(state.params["policy"]), prefix="eval")
       progress.update(1, metrics={"reward": row["reward"], "gold": row.get("gold_combined", 0.0),
                                   "kl": observed_kl})
       ckpt.save(iteration + 1, state, data_state={"prompts": stream.state(), "iteration": iteration + 1,

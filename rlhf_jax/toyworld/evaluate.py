@@ -70,9 +70,10 @@ def _kl_per_prompt(policy: Policy, reference: Policy, batches) -> np.ndarray:
 
 def evaluate(policy: Policy, tokenizer, tasks: Sequence[dict], rng: jax.Array, *,
              reference: Policy | None = None, max_new_tokens: int = 32, temperature: float = 1.0,
-             batch_size: int = 64) -> dict:
+             batch_size: int = 64, win_rate: bool = True) -> dict:
   """Gold metrics of `policy` on `tasks` (toy-world task dicts). Returns
-  {"overall": {metric: value}, "families": {family: {metric: value}}, "samples": [...]}."""
+  {"overall": {metric: value}, "families": {family: {metric: value}}, "samples": [...]}.
+  With a `reference`: KL to it, and (win_rate=True) the win rate against its own samples."""
   policy_rng, ref_rng = jax.random.split(rng)
   texts, batches = sample_responses(policy, tokenizer, tasks, policy_rng,
                                     max_new_tokens=max_new_tokens, temperature=temperature,
@@ -84,7 +85,7 @@ def evaluate(policy: Policy, tokenizer, tasks: Sequence[dict], rng: jax.Array, *
     rows.append({"family": task["family"], "unsafe": bool(task["unsafe"]), "prompt": task["prompt"],
                  "response": text, **gold,
                  "length": float(length), "refusal": float(world_lib.is_refusal(text))})
-  if reference is not None:
+  if reference is not None and win_rate:
     ref_texts, _ = sample_responses(reference, tokenizer, tasks, ref_rng,
                                     max_new_tokens=max_new_tokens, temperature=temperature,
                                     batch_size=batch_size)
@@ -92,6 +93,7 @@ def evaluate(policy: Policy, tokenizer, tasks: Sequence[dict], rng: jax.Array, *
       ref = world_lib.gold_scores(task, ref_text)
       mine, theirs = row["combined"], ref["combined"]
       row["win_rate"] = 1.0 if mine > theirs else 0.5 if mine == theirs else 0.0
+  if reference is not None:
     if temperature == 1.0:  # k1 is an unbiased KL estimate only on samples from pi itself
       for row, kl in zip(rows, _kl_per_prompt(policy, reference, batches)):
         row["kl"] = float(kl)
