@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
                   helpful_weight=1.0, safety_weight=1.0, whiten=True, gold=False),
       eval_every=0,  # held-out gold + KL every N iterations on data.eval_source toy tasks (0 = off)
       eval_prompts=256,  # at most this many held-out tasks
+      frozen_dtype="",  # "bfloat16": hold and run the reference and reward models in bf16
       value_model="separate",  # "separate" (a scalar-head model) | "policy_head" (head on the policy)
       value_init_from="",  # separate: the value model's export ("" = the policy's, head replaced)
   ))

@@ -46,7 +46,7 @@ def reward_stage(source: str, *, kind: str = "pairwise", steps: int = 150, margi
   return s
 
 
-def ppo_stage(*, iterations: int = 60, beta: float = 0.05, lr: float = 2e-5,
+def ppo_stage(*, iterations: int = 60, beta: float = 0.3, lr: float = 2e-5,
               init_from: str = "") -> ml_collections.ConfigDict:
   """PPO from the latest policy (or the stage `init_from` names) against the Llama 2 combination
   of the two reward models; the value model starts from the helpfulness RM (InstructGPT)."""

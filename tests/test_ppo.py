@@ -3,6 +3,7 @@
 and is the same on every mesh, prompt files are validated, and the driver runs, logs, exports and
 resumes to the same params as an uninterrupted run."""
 
+import dataclasses
 import json
 
 import jax
@@ -13,7 +14,7 @@ from flax import nnx
 import pytest
 
 from rlhf_jax import checkpoint, generate, metrics, scoring, sharding
-from rlhf_jax.algorithms import ppo, ppo_rollout, rejection_sampling
+from rlhf_jax.algorithms import ppo, ppo_rollout, rejection_sampling, reward
 from rlhf_jax.configs import base_config
 from rlhf_jax.data import RecordError, encode_prompt, load_tokenizer, train_tokenizer
 from rlhf_jax.models import ModelConfig, abstract_model, apply, create_model, split_model
@@ -468,11 +469,35 @@ def test_driver_logs_exports_and_resumes_to_the_same_params(tmp_path, exports, t
       np.testing.assert_allclose(got[name], expected[name], atol=1e-5, err_msg=name)
 
 
+def test_frozen_models_in_bfloat16_score_close_to_float32(exports, models):
+  """config.ppo.frozen_dtype="bfloat16": reward models and the reference are held and run in
+  bf16; their scores / log-probs stay within bf16 rounding of the fp32 ones."""
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  fp32 = reward.load_reward_model(exports["helpful"], mesh)
+  bf16 = reward.load_reward_model(exports["helpful"], mesh, dtype="bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(bf16.params)} == {jnp.dtype("bfloat16")}
+  batch = fake_rollout(4)
+  args = (batch["tokens"], batch["segment_ids"], batch["positions"])
+  score = jax.jit(scoring.last_token_scores, static_argnums=0)
+  a, b = np.asarray(score(fp32.graphdef, fp32.params, *args)), np.asarray(score(bf16.graphdef, bf16.params, *args))
+  assert b.dtype == np.float32
+  np.testing.assert_allclose(b, a, atol=0.05 * np.abs(a).max() + 1e-3)
+  policy_gd, _, params = models
+  ref_gd = abstract_model(dataclasses.replace(POLICY_CFG, dtype="bfloat16", param_dtype="bfloat16"))[0]
+  logp = jax.jit(scoring.response_logprobs, static_argnums=0)
+  full = np.asarray(logp(policy_gd, params["policy"], *args, batch["response_mask"]))
+  half = np.asarray(logp(ref_gd, reward.cast_params(params["policy"], "bfloat16"), *args,
+                         batch["response_mask"]))
+  mask = np.asarray(batch["response_mask"])
+  assert np.abs(half - full)[mask].mean() < 0.05 and np.all(half[~mask] == 0.0)
+
+
 @pytest.mark.slow
 def test_driver_with_helpful_and_safety_models_llama2(tmp_path, exports, tokenizer_dir,
                                                       compilation_cache):
   config = driver_config(exports, tokenizer_dir, iterations=1)
   config.ppo.reward.update(safety=exports["safety"], combine="llama2")
+  config.ppo.frozen_dtype = "bfloat16"  # reward models and reference in bf16
   workdir = tmp_path / "llama2"
   assert ppo.train(config, str(workdir))["iterations"] == 1
   (row,) = metrics.read_jsonl(workdir / "metrics.jsonl")

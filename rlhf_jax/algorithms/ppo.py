@@ -23,6 +23,7 @@ export/ (the policy: what the next stage and the gold evaluation load).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -34,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import checkpoint, data, generate, metrics, sharding
 from rlhf_jax.algorithms import common, ppo_rollout
+from rlhf_jax.algorithms.reward import cast_params
 from rlhf_jax.data.loader import Batching
 from rlhf_jax.losses import kl as kl_losses
 from rlhf_jax.losses import ppo as ppo_losses
@@ -125,7 +127,8 @@ def load_prompts(source: str) -> list[dict]:
 
 def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, policy_cfg: ModelConfig,
                    spec: ppo_rollout.RewardSpec, optimizer, *, mesh, policy_shardings, shardings,
-                   cfg: ml_collections.ConfigDict, eos_id: int, pad_id: int):
+                   cfg: ml_collections.ConfigDict, eos_id: int, pad_id: int,
+                   reference_graphdef=None):
   """One PPO iteration as a function (the trainer's loop body and the `ppo_iteration` benchmark):
 
     iteration(state, reference, reward_params {name: params}, prompt_tokens [B, P],
@@ -136,11 +139,13 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
   GenerateOutput), "reward" [B], "scores" {name: [B]}, "eos_found" [B], "sequence_kl" [B] and
   "update" (the update's metrics); all device arrays, nothing is read back here.
   `text_reward(out) -> [B]`, when given, replaces the reward models (e.g. the toy world's gold
-  reward of the decoded responses); `spec` may then be None.
+  reward of the decoded responses); `spec` may then be None. reference_graphdef: the frozen
+  reference's graph (e.g. bfloat16, `config.ppo.frozen_dtype`), default the policy's.
   """
   sampler = generate.Sampler(policy_graphdef, policy_cfg, mesh=mesh, param_shardings=policy_shardings)
   score = jax.jit(ppo_rollout.make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs,
-                                            temperature=cfg.temperature))
+                                            temperature=cfg.temperature,
+                                            reference_graphdef=reference_graphdef))
   advantages = jax.jit(lambda *args: ppo_rollout.advantages_fn(*args, cfg=cfg))
   reward_fn = jax.jit(spec.__call__) if spec is not None else None
   update = make_ppo_update(make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg), optimizer,
@@ -227,14 +232,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     raise ValueError(f"config.ppo.value_model={p.value_model!r}; choose 'separate' (a value model "
                      "from value_init_from) or 'policy_head' (a value head on the policy)")
-  reference = jax.tree.map(jnp.copy, params["policy"])
+  reference, reference_gd = jax.tree.map(jnp.copy, params["policy"]), policy_gd
+  if p.frozen_dtype:  # reference (and reward models) held and run in e.g. bfloat16
+    reference = cast_params(reference, p.frozen_dtype)
+    reference_gd = abstract_model(dataclasses.replace(policy_cfg, dtype=p.frozen_dtype,
+                                                      param_dtype=p.frozen_dtype))[0]
   if p.reward.gold:  # the toy world's gold reward instead of reward models
     if not all("family" in r and "answer" in r for r in prompts):
       raise ValueError(f"config.ppo.reward.gold=True needs toy-world task records in "
                        f"{config.data.source} (with 'family' and 'answer'); these prompts have none")
     rms, spec = {}, None
   else:
-    rms = ppo_rollout.load_reward_models(p.reward, mesh, key="config.ppo.reward")
+    rms = ppo_rollout.load_reward_models(p.reward, mesh, key="config.ppo.reward",
+                                         dtype=p.frozen_dtype)
     spec = ppo_rollout.reward_spec(p.reward, rms)
 
   total_steps = p.iterations * p.epochs * p.minibatches
@@ -245,7 +255,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   iterate = make_iteration(policy_gd, value_gd, {n: rm.graphdef for n, rm in rms.items()}, policy_cfg,
                            spec, optimizer, mesh=mesh, policy_shardings=psh["policy"],
                            shardings=shardings, cfg=p, eos_id=tokenizer.eos_token_id,
-                           pad_id=tokenizer.pad_token_id)
+                           pad_id=tokenizer.pad_token_id, reference_graphdef=reference_gd)
   reward_params = {n: rm.params for n, rm in rms.items()}
   eval_sampler = generate.Sampler(policy_gd, policy_cfg, mesh=mesh, param_shardings=psh["policy"])
 
@@ -254,7 +264,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     key every time, so successive evaluations are paired (common random numbers)."""
     result = gold_eval.evaluate(
         gold_eval.Policy(policy_gd, params, eval_sampler), tokenizer, eval_tasks,
-        jax.random.key(config.seed + 7), reference=gold_eval.Policy(policy_gd, reference, eval_sampler),
+        jax.random.key(config.seed + 7), reference=gold_eval.Policy(reference_gd, reference, eval_sampler),
         max_new_tokens=p.max_new_tokens, temperature=p.temperature, win_rate=False)
     return {k: result["overall"][k] for k in ("combined", "helpfulness", "safety", "kl", "length")}
   stream = data.BatchIterator(prompts, batch_size=p.prompts_per_iteration, seq_len=1,

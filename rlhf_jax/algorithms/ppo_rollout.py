@@ -108,13 +108,14 @@ class RewardSpec:
     return jnp.where(use_safety, norm("safety", safety), norm("helpful", helpful))
 
 
-def load_reward_models(cfg: ml_collections.ConfigDict, mesh, *, key: str) -> dict:
+def load_reward_models(cfg: ml_collections.ConfigDict, mesh, *, key: str, dtype: str = "") -> dict:
   """{name: RewardModel} for the exports `cfg.helpful` (required) and `cfg.safety` (optional);
-  `key` names the config block in the error, e.g. "config.ppo.reward"."""
+  `key` names the config block in the error, e.g. "config.ppo.reward"; `dtype` ("bfloat16")
+  holds them in that dtype."""
   exports = {name: cfg[name] for name in ("helpful", "safety") if cfg[name]}
   if "helpful" not in exports:
     raise ValueError(f"{key}.helpful is empty: give a reward-model export")
-  return {name: load_reward_model(path, mesh) for name, path in exports.items()}
+  return {name: load_reward_model(path, mesh, dtype=dtype) for name, path in exports.items()}
 
 
 def reward_spec(cfg: ml_collections.ConfigDict, rms: dict) -> RewardSpec:
@@ -125,16 +126,19 @@ def reward_spec(cfg: ml_collections.ConfigDict, rms: dict) -> RewardSpec:
                     whiten=cfg.whiten)
 
 
-def make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs: dict, *, temperature: float):
+def make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs: dict, *, temperature: float,
+                  reference_graphdef=None):
   """score(policy, reference, value, rewards: {name: params}, batch) -> (old_logp, ref_logp,
   values, {name: scores [B]}); all [B, S] but the scores. value_graphdef None: `value` is a value
-  head on the policy (`policy_forward`). Pure; the caller jits it."""
+  head on the policy (`policy_forward`). reference_graphdef: the reference's (e.g. held in
+  bfloat16), default the policy's. Pure; the caller jits it."""
+  reference_graphdef = reference_graphdef or policy_graphdef
   def score(policy_params, ref_params, value_params, reward_params: dict, batch: dict):
     args = (batch["tokens"], batch["segment_ids"], batch["positions"])
     _, old_logp, values = policy_forward(policy_graphdef, value_graphdef, policy_params,
                                          value_params, batch, temperature=temperature)
     old_logp = jnp.where(batch["response_mask"], old_logp, 0.0)
-    ref_logp = scoring.response_logprobs(policy_graphdef, ref_params, *args, batch["response_mask"],
+    ref_logp = scoring.response_logprobs(reference_graphdef, ref_params, *args, batch["response_mask"],
                                          temperature=temperature)
     scores = {name: scoring.last_token_scores(reward_graphdefs[name], p, *args)
               for name, p in reward_params.items()}

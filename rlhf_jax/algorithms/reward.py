@@ -79,16 +79,30 @@ class RewardModel:
     return np.asarray(jax.device_get(self._score(self.params, sharding.put_batch(batch, self.mesh))))
 
 
-def load_reward_model(export_dir: str, mesh) -> RewardModel:
+def cast_params(params, dtype: str):
+  """Floating-point leaves cast to `dtype`, in place of their shardings (one jitted cast)."""
+  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.jit(lambda p: jax.tree.map(cast, p))(params)
+
+
+def load_reward_model(export_dir: str, mesh, *, dtype: str = "") -> RewardModel:
+  """A reward-model export, restored into its shardings; `dtype` ("bfloat16") holds its params and
+  computes in that dtype (scores stay float32), e.g. for PPO's frozen models."""
   meta = checkpoint.read_export_metadata(export_dir)
   model_cfg = ModelConfig.from_dict(meta["model"])
   if model_cfg.head != "scalar":
     raise ValueError(f"{export_dir} is a model with head={model_cfg.head!r}, not a reward model "
                      "(head 'scalar'); give the export of a reward-model run")
-  graphdef, abstract, axes = abstract_model(model_cfg)
+  saved_cfg = model_cfg
+  if dtype:
+    model_cfg = dataclasses.replace(model_cfg, dtype=dtype, param_dtype=dtype)
+  _, abstract, axes = abstract_model(saved_cfg)
+  graphdef = abstract_model(model_cfg)[0]
   psh = sharding.param_shardings(abstract, axes, mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, psh)
   params, _ = checkpoint.load_params(export_dir, target)
+  if dtype:
+    params = cast_params(params, dtype)
   stats = meta.get("reward", {}).get("stats", {"mean": 0.0, "std": 1.0, "n": 0})
   return RewardModel(graphdef, params, model_cfg, mesh, stats)
 
