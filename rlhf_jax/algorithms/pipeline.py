@@ -230,7 +230,7 @@ def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape)
   tokenizer = data.load_tokenizer(paths["tokenizer"])
-  tasks = _read_jsonl(paths["eval_tasks"])
+  tasks = metrics.read_jsonl(paths["eval_tasks"])
   e = config.eval
   parents = parents or {stage: prev for prev, stage in zip([None, *stages], stages)}
   results, policies = {}, {}
@@ -257,10 +257,6 @@ def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict
                         for r in last[:e.num_samples_shown]]))
   return results
 
-
-def _read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -347,7 +343,7 @@ def evaluate_judge(config: ml_collections.ConfigDict, workdir: str, paths: dict)
   policy = load_policy(os.path.join(workdir, "judge", "export"), mesh)
   prefer = functools.partial(judge.judge_preferences, policy.graphdef, policy.params, tokenizer,
                              swap=False)
-  agreement = judge.judge_agreement(prefer, _read_jsonl(paths["judge_eval"]))
+  agreement = judge.judge_agreement(prefer, metrics.read_jsonl(paths["judge_eval"]))
   with open(os.path.join(workdir, "eval", "judge.json"), "w") as f:
     json.dump(agreement, f, indent=1)
   if jax.process_index() == 0:

@@ -31,12 +31,8 @@ from rlhf_jax import data, reward_metrics, sharding
 from rlhf_jax.algorithms import common, ppo_rollout, rejection_sampling, reward
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.losses import reward as reward_losses
-from rlhf_jax.metrics import format_table
+from rlhf_jax.metrics import format_table, read_jsonl
 
-
-def _read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def combine_scores(helpful: Sequence[np.ndarray], safety: Sequence[np.ndarray],
@@ -101,8 +97,8 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
   from) and `config.eval.best_of_n`, also the best-of-n gold curve of every reward."""
   mesh = sharding.make_mesh(config.mesh.shape)
   tokenizer = data.load_tokenizer(paths["tokenizer"])
-  rankings = _read_jsonl(paths["rankings_eval"])
-  critical = _read_jsonl(paths["safety_critical_eval"])
+  rankings = read_jsonl(paths["rankings_eval"])
+  critical = read_jsonl(paths["safety_critical_eval"])
   results, scored, stats, rms = {}, {}, {}, {}
   for stage in stages:
     rm = rms[stage] = reward.load_reward_model(os.path.join(workdir, stage, "export"), mesh)
@@ -141,7 +137,7 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
   if policy_export and ns:
     e = config.eval
     report = best_of_n_report(common.load_policy(policy_export, mesh), rms, rewards, tokenizer,
-                              _read_jsonl(paths["eval_tasks"]), ns, max_new_tokens=e.max_new_tokens,
+                              read_jsonl(paths["eval_tasks"]), ns, max_new_tokens=e.max_new_tokens,
                               temperature=e.temperature, rng=jax.random.key(config.seed + 1))
     results["best_of_n"] = {"policy": policy_export, **report}
   out_dir = os.path.join(workdir, "eval")
