@@ -102,6 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
       frozen_dtype="",  # "bfloat16": hold and run the reference and reward models in bf16
       value_model="separate",  # "separate" (a scalar-head model) | "policy_head" (head on the policy)
       value_init_from="",  # separate: the value model's export ("" = the policy's, head replaced)
+      # separate: "fresh" re-initialises the exported scalar head (values ~0 at the start: the
+      # advantages are then the rewards, not the noise of a reward head read at every token);
+      # "export" keeps it (InstructGPT's value-from-RM, head included).
+      value_head="fresh",
   ))
 
   # Rejection sampling (algorithm "rejection_sampling", Llama 2). data.source = prompt records;

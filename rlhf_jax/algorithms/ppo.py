@@ -195,6 +195,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.check_batch_size(p.prompts_per_iteration // p.minibatches // p.accum_steps, mesh)
   if not config.init_from:
     raise ValueError("config.init_from is empty: PPO starts from a policy export (e.g. the SFT run's)")
+  if p.value_model not in ("separate", "policy_head"):
+    raise ValueError(f"config.ppo.value_model={p.value_model!r}; choose 'separate' (a value model "
+                     "from value_init_from) or 'policy_head' (a value head on the policy)")
+  if p.value_head not in ("fresh", "export"):
+    raise ValueError(f"config.ppo.value_head={p.value_head!r}; choose 'fresh' (re-initialise the "
+                     "value model's head) or 'export' (keep the exported one)")
   tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")
   tokenizer = data.load_tokenizer(tokenizer_dir)
   prompts = load_prompts(config.data.source)
@@ -214,6 +220,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   policy_gd, policy_abs, policy_axes = abstract_model(policy_cfg)
   psh = {"policy": sharding.param_shardings(policy_abs, policy_axes, mesh)}
   params = {"policy": common.initial_params(config, policy_cfg, mesh, psh["policy"])}
+  def fresh_head(cfg: ModelConfig, head_sharding):
+    """A scalar head [E] ~ N(0, scalar_head_init_std): values ~0 at the start."""
+    return jax.jit(lambda key: cfg.scalar_head_init_std * jax.random.normal(
+        key, (cfg.embed_dim,), jnp.dtype(cfg.param_dtype)), out_shardings=head_sharding)(
+            jax.random.key(config.seed + 1))
+
   if p.value_model == "separate":
     value_config = _value_config(config)
     value_cfg = common.model_config(value_config, vocab_size=len(tokenizer), head="scalar")
@@ -221,17 +233,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     value_gd, value_abs, value_axes = abstract_model(value_cfg)
     psh["value"] = sharding.param_shardings(value_abs, value_axes, mesh)
     params["value"] = common.initial_params(value_config, value_cfg, mesh, psh["value"])
-  elif p.value_model == "policy_head":  # one trunk, a scalar value head beside the LM head
+    if p.value_head == "fresh":  # keep the export's trunk, not its head
+      params["value"]["score"] = fresh_head(value_cfg, psh["value"]["score"])
+  else:  # "policy_head": one trunk, a scalar value head beside the LM head
     value_gd = None
     value_abs = {"score": jax.ShapeDtypeStruct((policy_cfg.embed_dim,), jnp.dtype(policy_cfg.param_dtype))}
     psh["value"] = sharding.param_shardings(value_abs, {"score": P("embed")}, mesh)
-    params["value"] = {"score": jax.device_put(
-        policy_cfg.scalar_head_init_std * jax.random.normal(jax.random.key(config.seed + 1),
-                                                            (policy_cfg.embed_dim,), value_abs["score"].dtype),
-        psh["value"]["score"])}
-  else:
-    raise ValueError(f"config.ppo.value_model={p.value_model!r}; choose 'separate' (a value model "
-                     "from value_init_from) or 'policy_head' (a value head on the policy)")
+    params["value"] = {"score": fresh_head(policy_cfg, psh["value"]["score"])}
   reference, reference_gd = jax.tree.map(jnp.copy, params["policy"]), policy_gd
   if p.frozen_dtype:  # reference (and reward models) held and run in e.g. bfloat16
     reference = cast_params(reference, p.frozen_dtype)
