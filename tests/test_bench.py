@@ -24,6 +24,7 @@ def test_train_step_and_generate_records(tiny):
   assert gen["new_tokens_per_s"] == pytest.approx(64 / gen["seconds"])
 
 
+@pytest.mark.slow  # compiles sampler, scoring and update (~40 s)
 def test_ppo_iteration_record(tiny):
   record = bench.ppo_iteration(tiny, prompts=2, samples=4, prompt_len=8, new_tokens=8, epochs=2,
                                repeats=1)

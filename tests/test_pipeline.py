@@ -74,7 +74,10 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   assert ppo_config["ppo"]["reward"]["safety"].endswith(os.path.join("rm_safety", "export"))
   assert ppo_config["ppo"]["value_init_from"].endswith(os.path.join("rm_helpful", "export"))
   ppo_rows = metrics.read_jsonl(tmp_path / "ppo" / "metrics.jsonl")
+  held_out = [r for r in ppo_rows if "eval/kl" in r]  # at iteration 0 and the last one
+  ppo_rows = [r for r in ppo_rows if "ppo/reward" in r]
   assert len(ppo_rows) == 2 and all(np.isfinite(r["ppo/gold_combined"]) for r in ppo_rows)
+  assert [r["step"] for r in held_out] == [0, 2] and held_out[0]["eval/kl"] == pytest.approx(0, abs=1e-3)
   out = capsys.readouterr().out
   assert "Gold evaluation" in out and "Sample conversations" in out
   # The judge branched off the SFT model and was scored against gold, before and after swapping.
