@@ -293,18 +293,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       reward_parents[stage] = parent
   trained = list(parents)
   result = {"stages": trained}
-  best_of_n = None
+  best_of_n = None  # the reward evaluation's best-of-n curve, drawn on the PPO plot
   if ("eval" in stages or "eval_rewards" in stages) and rewards:
     # Best of n from the policy the (helpfulness) reward model branched from.
     anchor = config.combine.helpful if config.get("combine") and config.combine.helpful in rewards \
         else rewards[0]
     policy = reward_parents.get(anchor)
-    summary = reward_eval.evaluate_reward_stages(
+    summary, best_of_n = reward_eval.evaluate_reward_stages(
         config, workdir, paths, rewards,
         policy_export=os.path.join(workdir, policy, "export") if policy else "")
     result.update(summary)
-    with open(os.path.join(workdir, "eval", "reward.json")) as f:
-      best_of_n = json.load(f).get("best_of_n")
   if "eval" in stages and trained:
     results = evaluate_stages(config, workdir, paths, trained, parents)
     result.update({f"{s}/{k}": v for s, r in results.items() for k, v in r["overall"].items()})

@@ -93,8 +93,9 @@ def best_of_n_report(policy, rms: dict, rewards: dict, tokenizer, tasks: Sequenc
 def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict,
                            stages: Sequence[str], policy_export: str = "") -> dict:
   """Reports for every reward stage (and the combination); writes WORKDIR/eval/reward.json, prints
-  the tables, returns a flat summary. With `policy_export` (the policy the reward models branched
-  from) and `config.eval.best_of_n`, also the best-of-n gold curve of every reward."""
+  the tables. With `policy_export` (the policy the reward models branched from) and
+  `config.eval.best_of_n`, also measures the best-of-n gold curve of every reward. Returns (a flat
+  summary, the best-of-n report or None)."""
   mesh = sharding.make_mesh(config.mesh.shape)
   tokenizer = data.load_tokenizer(paths["tokenizer"])
   rankings = read_jsonl(paths["rankings_eval"])
@@ -146,7 +147,7 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
     json.dump(results, f, indent=1)
   if jax.process_index() == 0:
     _print_tables(results)
-  return summarise(results)
+  return summarise(results), results.get("best_of_n")
 
 
 def best_of_n_rows(report: dict) -> list[dict]:
