@@ -25,6 +25,7 @@ import platform
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -76,13 +77,20 @@ def matmul_peak(dtype: str, repeats: int, n: int = 2048) -> dict:
   return {"gflops": 2 * n * n * n * d / seconds / 1e9, "n": n}
 
 
+def random_model(cfg: ModelConfig, mesh, seed: int = 0):
+  """(graphdef, abstract params, param shardings, params): a random model of `cfg`, its params
+  initialised directly into their shardings on `mesh`."""
+  graphdef, abstract, axes = abstract_model(cfg)
+  psh = sharding.param_shardings(abstract, axes, mesh)
+  params = jax.jit(lambda: split_model(create_model(cfg, seed))[1], out_shardings=psh)()
+  return graphdef, abstract, psh, params
+
+
 def train_step_bench(cfg: ModelConfig, make_loss_fn, host: dict, repeats: int,
                      peak_gflops: float | None) -> dict:
   """Times the shared train step on `host` (a [B, T] batch of real tokens, no padding)."""
   mesh = sharding.make_mesh((-1, 1, 1))
-  graphdef, abstract, axes = abstract_model(cfg)
-  psh = sharding.param_shardings(abstract, axes, mesh)
-  params = jax.jit(lambda: split_model(create_model(cfg, 0))[1], out_shardings=psh)()
+  graphdef, abstract, psh, params = random_model(cfg, mesh)
   config = base_config()
   optimizer, schedule = make_optimizer(config.optim, 1000)
   shardings = state_shardings(optimizer, psh, abstract, mesh)
@@ -142,9 +150,7 @@ def generate_bench(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: in
   from rlhf_jax import generate
 
   mesh = sharding.make_mesh((-1, 1, 1))
-  graphdef, abstract, axes = abstract_model(cfg)
-  psh = sharding.param_shardings(abstract, axes, mesh)
-  params = jax.jit(lambda: split_model(create_model(cfg, 0))[1], out_shardings=psh)()
+  graphdef, _, psh, params = random_model(cfg, mesh)
   sampler = generate.Sampler(graphdef, cfg, mesh=mesh, param_shardings=psh)
   rs = np.random.RandomState(0)
   prompts = rs.randint(3, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
@@ -166,14 +172,11 @@ def ppo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int,
 
   mesh = sharding.make_mesh((-1, 1, 1))
   value_cfg = dataclasses.replace(cfg, head="scalar")
-  (policy_gd, policy_abs, policy_axes), (value_gd, value_abs, value_axes) = (
-      abstract_model(cfg), abstract_model(value_cfg))
-  psh = {"policy": sharding.param_shardings(policy_abs, policy_axes, mesh),
-         "value": sharding.param_shardings(value_abs, value_axes, mesh)}
-  init = lambda c, seed, sh: jax.jit(lambda: split_model(create_model(c, seed))[1], out_shardings=sh)()
-  params = {"policy": init(cfg, 0, psh["policy"]), "value": init(value_cfg, 1, psh["value"])}
-  reference = init(cfg, 0, psh["policy"])
-  reward_params = {"helpful": init(value_cfg, 2, psh["value"])}
+  policy_gd, policy_abs, policy_psh, policy = random_model(cfg, mesh, seed=0)
+  value_gd, value_abs, value_psh, value = random_model(value_cfg, mesh, seed=1)
+  psh, params = {"policy": policy_psh, "value": value_psh}, {"policy": policy, "value": value}
+  reference = jax.tree.map(jnp.copy, policy)  # the policy's start, as in the trainer
+  reward_params = {"helpful": random_model(value_cfg, mesh, seed=2)[3]}
   config = base_config()
   p = config.ppo
   p.update(prompts_per_iteration=prompts * samples, max_new_tokens=new_tokens, epochs=epochs,
