@@ -408,14 +408,20 @@ def compilation_cache(tmp_path_factory):
 DRIVER_MESH = (4, 1, 2)
 
 
-def driver_config(exports, tokenizer_dir, iterations=3):
+def base_driver_config(algorithm, exports, tokenizer_dir):
+  """What every driver test starts from: the tiny LM export, the toy prompts, the driver mesh."""
   c = base_config()
-  c.algorithm = "ppo"
+  c.algorithm = algorithm
   c.init_from = exports["lm"]
   c.model.vocab_size = 0
   c.mesh.shape = DRIVER_MESH
   c.optim.update(lr=1e-3, warmup_steps=1)
   c.data.update(source=exports["prompts"], tokenizer=str(tokenizer_dir))
+  return c
+
+
+def driver_config(exports, tokenizer_dir, iterations=3):
+  c = base_driver_config("ppo", exports, tokenizer_dir)
   c.train.update(checkpoint_every=1, async_checkpoint=False)
   c.ppo.update(iterations=iterations, prompts_per_iteration=8, minibatches=2, epochs=2,
                max_new_tokens=8, max_prompt_len=MAX_PROMPT_LEN, value_init_from=exports["helpful"])
@@ -596,13 +602,8 @@ def test_driver_with_value_head_on_the_policy_and_the_gold_reward(tmp_path, expo
 
 
 def rejection_sampling_config(exports, tokenizer_dir, rounds=2):
-  c = base_config()
-  c.algorithm = "rejection_sampling"
-  c.init_from = exports["lm"]
-  c.model.vocab_size = 0
-  c.mesh.shape = DRIVER_MESH
-  c.optim.update(lr=1e-3, warmup_steps=1)
-  c.data.update(source=exports["prompts"], tokenizer=str(tokenizer_dir), packing=True)
+  c = base_driver_config("rejection_sampling", exports, tokenizer_dir)
+  c.data.packing = True
   c.train.update(steps=2, batch_size=8, seq_len=TINY["max_seq_len"], checkpoint_every=2,
                  eval_every=2, eval_batches=1, log_every=1, async_checkpoint=False)
   c.sample.num_examples = 0

@@ -93,11 +93,10 @@ def load_reward_model(export_dir: str, mesh, *, dtype: str = "") -> RewardModel:
   if model_cfg.head != "scalar":
     raise ValueError(f"{export_dir} is a model with head={model_cfg.head!r}, not a reward model "
                      "(head 'scalar'); give the export of a reward-model run")
-  saved_cfg = model_cfg
+  graphdef, abstract, axes = abstract_model(model_cfg)  # the saved params' shapes and dtypes
   if dtype:
     model_cfg = dataclasses.replace(model_cfg, dtype=dtype, param_dtype=dtype)
-  _, abstract, axes = abstract_model(saved_cfg)
-  graphdef = abstract_model(model_cfg)[0]
+    graphdef = abstract_model(model_cfg)[0]
   psh = sharding.param_shardings(abstract, axes, mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, psh)
   params, _ = checkpoint.load_params(export_dir, target)
