@@ -179,7 +179,7 @@ def ppo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int,
   reward_params = {"helpful": random_model(value_cfg, mesh, seed=2)[3]}
   config = base_config()
   p = config.ppo
-  p.update(prompts_per_iteration=prompts * samples, max_new_tokens=new_tokens, epochs=epochs,
+  p.update(prompts_per_iteration=prompts, samples_per_prompt=samples, max_new_tokens=new_tokens, epochs=epochs,
            minibatches=1)
   optimizer, _ = make_optimizer(config.optim, 1000)
   abstract = {"policy": policy_abs, "value": value_abs}
@@ -190,7 +190,7 @@ def ppo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int,
                                mesh=mesh, policy_shardings=psh["policy"], shardings=shardings,
                                cfg=p, eos_id=-1, pad_id=0)  # no EOS: every sample is full length
   rs = np.random.RandomState(0)
-  prompt = np.repeat(rs.randint(3, cfg.vocab_size, (prompts, prompt_len)).astype(np.int32), samples, 0)
+  prompt = rs.randint(3, cfg.vocab_size, (prompts, prompt_len)).astype(np.int32)
   mask, unsafe = np.ones_like(prompt, bool), np.zeros(len(prompt), bool)
   calls = [0]
 

@@ -74,12 +74,17 @@ def base_config() -> ml_collections.ConfigDict:
   # PPO (algorithm "ppo"; ALGORITHMS.md). data.source = prompt records ({"prompt", "unsafe"?}).
   c.ppo = ml_collections.ConfigDict(dict(
       iterations=100,
-      prompts_per_iteration=32,  # rollout batch: one response per prompt
+      prompts_per_iteration=32,  # distinct prompts per rollout
+      samples_per_prompt=1,  # responses per prompt: the rollout has prompts x samples rows
+      # The sequence reward's baseline across one prompt's samples (needs samples_per_prompt >= 2):
+      # "none" | "rloo" (minus the mean of the prompt's other samples: removes how hard the prompt
+      # is from the signal, which a value model otherwise has to learn first).
+      reward_baseline="none",
       max_prompt_len=64,  # prompts are left-padded to this (fixed shapes: nothing recompiles)
       max_new_tokens=48,
       temperature=1.0,  # sampling temperature; log-probs in the loss use the same
       epochs=4,  # passes over each rollout
-      minibatches=4,  # optimiser steps per pass
+      minibatches=4,  # optimiser steps per pass (divides prompts x samples)
       accum_steps=1,  # micro-batches per mini-batch
       clip_eps=0.2,
       value_clip_eps=0.2,

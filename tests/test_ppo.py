@@ -475,15 +475,31 @@ def test_driver_logs_exports_and_resumes_to_the_same_params(tmp_path, exports, t
       np.testing.assert_allclose(got[name], expected[name], atol=1e-5, err_msg=name)
 
 
+def test_baselined_reward_subtracts_the_mean_of_the_prompts_other_samples():
+  reward = np.random.RandomState(0).randn(12).astype(np.float32)  # 3 prompts x 4 samples
+  got = np.asarray(jax.jit(ppo_rollout.baselined_reward, static_argnums=(1, 2))(reward, 4, "rloo"))
+  expected = [reward[i] - np.mean([reward[j] for j in range(4 * (i // 4), 4 * (i // 4) + 4) if j != i])
+              for i in range(12)]
+  np.testing.assert_allclose(got, expected, atol=1e-6)
+  np.testing.assert_allclose(got.reshape(3, 4).sum(axis=1), 0.0, atol=1e-5)  # per prompt
+  assert ppo_rollout.baselined_reward(reward, 4, "none") is reward
+  with pytest.raises(ValueError, match="reward_baseline='mean'"):
+    ppo_rollout.baselined_reward(reward, 4, "mean")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("value_model", ["separate", "policy_head"])
-def test_ppo_iterations_raise_a_simple_reward(models, value_model):
+@pytest.mark.parametrize("value_model, samples", [("separate", 1), ("policy_head", 1),
+                                                  ("separate", 4)])
+def test_ppo_iterations_raise_a_simple_reward(models, value_model, samples):
   """The sign check of the whole loop: with reward = the fraction of response tokens from the
   lower half of the vocabulary (0.5 for the random policy), a few PPO iterations (sample, score,
-  GAE, clipped updates, KL to the frozen start) must raise it clearly."""
+  GAE, clipped updates, KL to the frozen start) must raise it clearly; also with 4 samples of
+  each of 8 prompts and the leave-one-out baseline (the same 32 responses per iteration)."""
   policy_gd, value_gd, params = models
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  cfg = ppo_cfg(prompts_per_iteration=32, max_new_tokens=8, epochs=2, minibatches=1, vf_coef=0.5)
+  cfg = ppo_cfg(prompts_per_iteration=32 // samples, samples_per_prompt=samples, max_new_tokens=8,
+                epochs=2, minibatches=1, vf_coef=0.5,
+                reward_baseline="rloo" if samples > 1 else "none")
   cfg.kl.beta = 0.01
   psh, abstract = {}, {}
   _, abstract["policy"], axes = abstract_model(POLICY_CFG)
@@ -508,13 +524,17 @@ def test_ppo_iterations_raise_a_simple_reward(models, value_model):
                                eos_id=-1, pad_id=0)
   low = TINY["vocab_size"] // 2
   text_reward = lambda out: np.asarray((np.asarray(out.tokens) < low).mean(axis=1), np.float32)
-  prompts = np.random.RandomState(0).randint(3, low, (32, 4)).astype(np.int32)
-  mask, unsafe = np.ones_like(prompts, bool), np.zeros(32, bool)
+  prompts = np.random.RandomState(0).randint(3, low, (32 // samples, 4)).astype(np.int32)
+  mask, unsafe = np.ones_like(prompts, bool), np.zeros(len(prompts), bool)
   rewards = []
   for i in range(20):
     state, info = iterate(state, params["policy"], {}, prompts, mask, unsafe, jax.random.key(i), 0.01,
                           text_reward=text_reward)
     rewards.append(float(np.mean(info["reward"])))
+    if i == 0:  # each prompt sampled `samples` times, its rows contiguous, each its own sample
+      assert info["out"].tokens.shape[0] == 32
+      if samples > 1:
+        assert len({tuple(t) for t in np.asarray(info["out"].tokens)[:samples]}) > 1
   assert np.mean(rewards[:2]) < 0.65, rewards
   assert np.mean(rewards[-3:]) > np.mean(rewards[:2]) + 0.25, rewards
 
@@ -563,6 +583,8 @@ def test_driver_with_value_head_on_the_policy_and_the_gold_reward(tmp_path, expo
   config = driver_config(exports, tokenizer_dir, iterations=2)
   config.ppo.update(value_model="policy_head", value_init_from="")
   config.ppo.reward.update(helpful="", gold=True)  # the toy world's gold reward, no reward model
+  # 2 samples of each of 4 prompts, rewards relative to the other sample (8 rows, as before).
+  config.ppo.update(prompts_per_iteration=4, samples_per_prompt=2, reward_baseline="rloo")
   config.ppo.update(eval_every=2, eval_prompts=8)  # held-out gold + KL at iterations 0 and 2
   config.data.eval_source = exports["prompts"]
   workdir = tmp_path / "head"
@@ -586,6 +608,13 @@ def test_driver_with_value_head_on_the_policy_and_the_gold_reward(tmp_path, expo
   steps = [r["step"] for r in metrics.read_jsonl(workdir / "metrics.jsonl") if "eval/kl" in r]
   assert steps == [0, 2, 3]  # no second evaluation at 0 on resume; the last iteration is evaluated
 
+  for update, match in [(dict(reward_baseline="rloo"), "samples_per_prompt >= 2"),
+                        (dict(reward_baseline="mean", samples_per_prompt=2), "reward_baseline='mean'"),
+                        (dict(samples_per_prompt=2, minibatches=3), "not a positive multiple")]:
+    bad = driver_config(exports, tokenizer_dir, iterations=1)
+    bad.ppo.update(**update)
+    with pytest.raises(ValueError, match=match):
+      ppo.train(bad, str(tmp_path / "bad"))
   config.ppo.value_model = "shared"
   with pytest.raises(ValueError, match="value_model='shared'"):
     ppo.train(config, str(tmp_path / "bad"))

@@ -1,8 +1,9 @@
 """PPO against reward models (InstructGPT / Ziegler et al. / Llama 2's final stage).
 
-One iteration: sample `prompts_per_iteration` responses from the policy (jitted KV-cache sampler),
-score them without gradients (policy and reference log-probs, values, reward-model scores), make
-per-token rewards (-beta KL + the sequence reward at the last token) and GAE advantages, then run
+One iteration: sample `samples_per_prompt` responses to each of `prompts_per_iteration` prompts
+from the policy (jitted KV-cache sampler), score them without gradients (policy and reference
+log-probs, values, reward-model scores), make per-token rewards (-beta KL + the sequence reward at the last token, optionally relative to the
+prompt's other samples: `reward_baseline="rloo"`) and GAE advantages, then run
 `epochs` passes of `minibatches` shuffled mini-batches **inside one jitted update** (a scan over
 the shared optimiser step), and update beta (fixed or adaptive KL controller).
 
@@ -131,12 +132,15 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
                    reference_graphdef=None):
   """One PPO iteration as a function (the trainer's loop body and the `ppo_iteration` benchmark):
 
-    iteration(state, reference, reward_params {name: params}, prompt_tokens [B, P],
-              prompt_mask [B, P], unsafe [B], rng, beta, text_reward=None) -> (state, info)
+    iteration(state, reference, reward_params {name: params}, prompt_tokens [N, P],
+              prompt_mask [N, P], unsafe [N], rng, beta, text_reward=None) -> (state, info)
 
+  Each of the N prompts is sampled `cfg.samples_per_prompt` = K times (rows B = N x K, a prompt's
+  samples contiguous); with `cfg.reward_baseline="rloo"` each sequence reward is taken relative to
+  the mean of its prompt's other samples before the per-token rewards are made.
   sample (jitted sampler) -> score without gradients (jitted) -> rewards and GAE (jitted) ->
   `cfg.epochs` x `cfg.minibatches` optimiser steps (one jitted scan). info: "out" (the sampler's
-  GenerateOutput), "reward" [B], "scores" {name: [B]}, "eos_found" [B], "sequence_kl" [B] and
+  GenerateOutput), "reward" [B] (before the baseline), "scores" {name: [B]}, "eos_found" [B], "sequence_kl" [B] and
   "update" (the update's metrics); all device arrays, nothing is read back here.
   `text_reward(out) -> [B]`, when given, replaces the reward models (e.g. the toy world's gold
   reward of the decoded responses); `spec` may then be None. reference_graphdef: the frozen
@@ -148,11 +152,17 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
                                             reference_graphdef=reference_graphdef))
   advantages = jax.jit(lambda *args: ppo_rollout.advantages_fn(*args, cfg=cfg))
   reward_fn = jax.jit(spec.__call__) if spec is not None else None
+  baseline = jax.jit(lambda r: ppo_rollout.baselined_reward(r, cfg.samples_per_prompt,
+                                                            cfg.reward_baseline))
+  rollout_sharding = sharding.batch_sharding(mesh)
   update = make_ppo_update(make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg), optimizer,
                            mesh=mesh, shardings=shardings, cfg=cfg)
 
   def iteration(state, reference, reward_params, prompt_tokens, prompt_mask, unsafe, rng, beta,
                 text_reward=None):
+    k = cfg.samples_per_prompt
+    prompt_tokens, prompt_mask, unsafe = (jnp.repeat(jnp.asarray(x), k, axis=0)
+                                          for x in (prompt_tokens, prompt_mask, unsafe))
     out = sampler(state.params["policy"], prompt_tokens, prompt_mask, rng,
                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                   eos_id=eos_id, pad_id=pad_id)
@@ -165,11 +175,15 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
     if text_reward is not None:
       reward = jnp.asarray(text_reward(out), jnp.float32)
     else:
-      reward = reward_fn(scores, jnp.asarray(unsafe))
+      reward = reward_fn(scores, unsafe)
     found = ppo_rollout.eos_found(out, eos_id)
-    adv = advantages(old_logp, ref_logp, values, reward, response_mask, found, jnp.float32(beta))
-    rollout = {**batch, "old_logp": old_logp, "old_values": values,
-               "advantages": adv["advantages"], "returns": adv["returns"]}
+    adv = advantages(old_logp, ref_logp, values, baseline(reward), response_mask, found,
+                     jnp.float32(beta))
+    # Batch-sharded as the update expects (XLA may leave a scoring output replicated, e.g. for
+    # 24 rows on a (4, 1, 2) mesh); a no-op when it already is.
+    rollout = jax.device_put({**batch, "old_logp": old_logp, "old_values": values,
+                              "advantages": adv["advantages"], "returns": adv["returns"]},
+                             rollout_sharding)
     state, update_metrics = update(state, rollout)
     return state, {"out": out, "reward": reward, "scores": scores, "eos_found": found,
                    "sequence_kl": adv["sequence_kl"], "update": update_metrics}
@@ -189,10 +203,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.write_config(config, workdir)
   p = config.ppo
   mesh = sharding.make_mesh(config.mesh.shape)
-  if p.prompts_per_iteration % p.minibatches:
-    raise ValueError(f"config.ppo.prompts_per_iteration={p.prompts_per_iteration} is not divisible "
-                     f"by config.ppo.minibatches={p.minibatches}")
-  sharding.check_batch_size(p.prompts_per_iteration // p.minibatches // p.accum_steps, mesh)
+  rows = p.prompts_per_iteration * p.samples_per_prompt
+  if p.samples_per_prompt < 1 or rows % p.minibatches:
+    raise ValueError(f"config.ppo.prompts_per_iteration x samples_per_prompt = "
+                     f"{p.prompts_per_iteration} x {p.samples_per_prompt} is not a positive "
+                     f"multiple of config.ppo.minibatches={p.minibatches}")
+  if p.reward_baseline not in ("none", "rloo"):
+    raise ValueError(f"config.ppo.reward_baseline={p.reward_baseline!r}; choose 'none' or 'rloo'")
+  if p.reward_baseline != "none" and p.samples_per_prompt < 2:
+    raise ValueError(f"config.ppo.reward_baseline={p.reward_baseline!r} compares a prompt's "
+                     f"samples: set config.ppo.samples_per_prompt >= 2 (it is "
+                     f"{p.samples_per_prompt})")
+  sharding.check_batch_size(rows // p.minibatches // p.accum_steps, mesh)
   if not config.init_from:
     raise ValueError("config.init_from is empty: PPO starts from a policy export (e.g. the SFT run's)")
   if p.value_model not in ("separate", "policy_head"):
@@ -301,23 +323,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       rng = jax.random.fold_in(jax.random.key(config.seed), iteration)
       prompt_tokens, prompt_mask = ppo_rollout.encode_prompts(tokenizer, records, p.max_prompt_len)
       unsafe = np.asarray([bool(r.get("unsafe", False)) for r in records])
+      rows_records = [r for r in records for _ in range(p.samples_per_prompt)]  # as the rollout
       gold_reward = None
       if p.reward.gold:
         gold_reward = lambda out: np.asarray([world_lib.gold_scores(r, text)["combined"] for r, text in
-                                              zip(records, ppo_rollout.decode_responses(tokenizer, out))])
+                                              zip(rows_records, ppo_rollout.decode_responses(tokenizer, out))])
       state, info = iterate(state, reference, reward_params, prompt_tokens, prompt_mask, unsafe,
                             rng, beta, text_reward=gold_reward)
       out, reward, scores, found = info["out"], info["reward"], info["scores"], info["eos_found"]
       update_metrics = info["update"]
       observed_kl = float(jnp.mean(info["sequence_kl"]))
       if p.kl.adaptive:
-        beta = float(kl_losses.adaptive_kl_update(beta, observed_kl, p.prompts_per_iteration,
+        beta = float(kl_losses.adaptive_kl_update(beta, observed_kl, rows,
                                                   target=p.kl.target, horizon=p.kl.horizon))
       row = {"reward": float(jnp.mean(reward)), "kl": observed_kl, "beta": beta,
              "length": float(jnp.mean(out.lengths)), "eos_rate": float(jnp.mean(found)),
              **{f"score_{n}": float(jnp.mean(s)) for n, s in scores.items()},
              **{k: float(v) for k, v in jax.device_get(update_metrics).items()},
-             **gold_metrics(records, ppo_rollout.decode_responses(tokenizer, out))}
+             **gold_metrics(rows_records, ppo_rollout.decode_responses(tokenizer, out))}
       writer.write(iteration + 1, row, prefix="ppo")
       if eval_tasks and ((iteration + 1) % p.eval_every == 0 or iteration + 1 == p.iterations):
         writer.write(iteration + 1, held_out(state.params["policy"]), prefix="eval")

@@ -163,6 +163,17 @@ def advantages_fn(old_logp: Array, ref_logp: Array, values: Array, reward: Array
           "sequence_kl": kl_losses.sequence_kl(kl, mask)}
 
 
+def baselined_reward(reward: Array, samples_per_prompt: int, kind: str) -> Array:
+  """The sequence reward [B * K] (K samples of each prompt contiguous) minus its baseline:
+  kind "none" -> unchanged; "rloo" -> minus the mean reward of the same prompt's other samples
+  (Ahmadian et al. 2024's leave-one-out baseline, here inside PPO's per-token reward)."""
+  if kind == "none":
+    return reward
+  if kind == "rloo":
+    return ppo_losses.rloo_advantages(reward.reshape(-1, samples_per_prompt)).reshape(-1)
+  raise ValueError(f"config.ppo.reward_baseline={kind!r}; choose 'none' or 'rloo'")
+
+
 def encode_prompts(tokenizer, records: Sequence[dict], max_prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded prompt ids [B, max_prompt_len] and mask; a longer prompt is an error naming it."""
   ids = [data.encode_prompt(tokenizer, r["prompt"]) for r in records]
@@ -188,5 +199,6 @@ def decode_responses(tokenizer, out: generate.GenerateOutput) -> list[str]:
           for t, m in zip(tokens, mask)]
 
 
-__all__ = ["token_values", "head_values", "policy_forward", "RewardSpec", "load_reward_models", "reward_spec", "make_score_fn", "advantages_fn", "encode_prompts",
+__all__ = ["token_values", "head_values", "policy_forward", "RewardSpec", "load_reward_models",
+           "reward_spec", "make_score_fn", "advantages_fn", "baselined_reward", "encode_prompts",
            "eos_found", "decode_responses"]
