@@ -26,7 +26,7 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
 
 def plot_gold_vs_kl(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike, *,
                     final: Mapping[str, Mapping] | None = None,
-                    best_of_n: Mapping | None = None, window: int = 5,
+                    baselines: Sequence[Mapping] = (), window: int = 5,
                     prefix: str = "ppo/") -> str:
   """Proxy and gold reward against KL, one line per run; writes a PNG to `path` and returns it.
 
@@ -36,9 +36,9 @@ def plot_gold_vs_kl(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLi
   "eval/combined": the same held-out tasks at every evaluation) when the run has them, else the
   smoothed training rows ("<prefix>gold_helpfulness", "<prefix>gold_combined", measured on each
   iteration's own prompts). final: {label: {"kl", "helpfulness", "combined"}} from the pipeline's
-  gold evaluation, drawn as stars. best_of_n: {"label", "kl" [..], "helpfulness" [..],
-  "combined" [..]}, the gold of best-of-n sampling under the same reward (dashed: over-optimisation
-  without RL).
+  gold evaluation, drawn as stars. baselines: curves without RL, each {"label", "kl" [..],
+  "helpfulness" [..], "combined" [..]}, drawn dashed: e.g. the gold of best-of-n sampling under
+  the same reward (over-optimisation without RL) and the reference sampled at lower temperatures.
   """
   import matplotlib
   matplotlib.use("Agg")
@@ -66,9 +66,10 @@ def plot_gold_vs_kl(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLi
       for ax, key in ((axes[1], "helpfulness"), (axes[2], "combined")):
         ax.scatter([point["kl"]], [point[key]], color=color, marker="*", s=140, zorder=3,
                    edgecolors="black")
-  if best_of_n:
+  for curve, style in zip(baselines, ("k--o", "--s", "--^", "--v")):
     for ax, key in ((axes[1], "helpfulness"), (axes[2], "combined")):
-      ax.plot(best_of_n["kl"], best_of_n[key], "k--o", markersize=4, label=best_of_n["label"])
+      ax.plot(curve["kl"], curve[key], style, color="gray" if style != "k--o" else None,
+              markersize=4, label=curve["label"])
   source = "held-out tasks" if held_out_any else f"training prompts, moving average of {window}"
   titles = (f"proxy reward (reward model; training prompts, moving average of {window})",
             f"gold helpfulness ({source})", f"gold combined, h x s ({source})")

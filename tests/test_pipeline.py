@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -43,7 +44,7 @@ def tiny_pipeline_config(name: str = "toy_quickstart"):
   c.ppo.train.update(checkpoint_every=2)
   c.feedback.update(prompts=40, eval_prompts=24, samples_per_prompt=2, max_new_tokens=12,
                     batch_size=32)
-  c.eval.update(max_new_tokens=12, batch_size=16, best_of_n=(1, 2))
+  c.eval.update(max_new_tokens=12, batch_size=16, best_of_n=(1, 2), temperatures=(1.0, 0.5))
   return c
 
 
@@ -124,6 +125,12 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
     assert 0.0 <= curve[1] <= best_of_n["oracle"]["combined"] + 1e-9
   assert "Best of n samples" in out
   assert os.path.exists(result["plot"]) and result["plot"].endswith("ppo_gold_vs_kl.png")
+  # The PPO start (SFT) sampled at T = 1 and 0.5: KL to itself ~0 at T = 1, > 0 when sharpened.
+  curve = json.loads((tmp_path / "eval" / "temperature.json").read_text())
+  assert curve == result["temperature_curve"] and curve["policy"] == "sft"
+  assert curve["temperature"] == [1.0, 0.5] and curve["kl"][0] == pytest.approx(0.0, abs=1e-3)
+  assert curve["kl"][1] > 0.01 and all(0.0 <= c <= 1.0 for c in curve["combined"])
+  assert "lower temperatures" in out
   for name, report in rewards.items():
     assert 0 < report["rankings"]["overall"]["n"] <= 24  # records longer than the model are dropped
     assert -1.0 <= report["rankings"]["overall"]["kendall_tau_gold"] <= 1.0
@@ -151,7 +158,7 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["toy_quickstart", "toy_rm_instructgpt", "toy_rm_llama2_margin",
                                   "toy_rm_safety", "toy_ppo", "toy_rejection_sampling",
                                   "toy_llama2_pipeline", "toy_ppo_beta_sweep",
-                                  "toy_rm_on_policy"])
+                                  "toy_rm_on_policy", "toy_ppo_gold_variants"])
 def test_toy_experiments_name_known_stages_and_data(name):
   config = experiment_config(name)
   world_data = {"pretrain", "sft", "judge", *pipeline.EVAL_FEEDBACK, "safety_critical_eval", "eval_tasks",
@@ -205,6 +212,12 @@ def test_best_of_n_gold_matches_a_loop():
   assert exact <= reward_eval.best_of_n_kl(4) + 1e-9 and exact > 0.5 * reward_eval.best_of_n_kl(4)
 
 
+def test_temperature_curve_needs_positive_temperatures():
+  for bad in ((), (1.0, 0.0)):
+    with pytest.raises(ValueError, match="temperatures > 0"):
+      gold_eval.temperature_curve(None, None, [], jax.random.key(0), bad)
+
+
 def test_gold_vs_kl_plot(tmp_path):
   from rlhf_jax import plots
   np.testing.assert_allclose(plots.smooth([1.0, 2.0, 3.0, 4.0], 2), [1.0, 1.5, 2.5, 3.5])
@@ -213,6 +226,8 @@ def test_gold_vs_kl_plot(tmp_path):
   rows += [{"eval/kl": 0.2 * i, "eval/helpfulness": 0.5, "eval/combined": 0.6} for i in range(3)]
   path = plots.plot_gold_vs_kl({"ppo (beta=0.1)": rows}, tmp_path / "eval" / "plot.png",
                                final={"ppo (beta=0.1)": {"kl": 1.0, "helpfulness": 0.5, "combined": 0.6}},
-                               best_of_n={"label": "best of n", "kl": [0.0, 0.19], "helpfulness": [0.5, 0.55],
-                                          "combined": [0.6, 0.62]})
+                               baselines=[{"label": "best of n", "kl": [0.0, 0.19],
+                                           "helpfulness": [0.5, 0.55], "combined": [0.6, 0.62]},
+                                          {"label": "temperature", "kl": [0.0, 0.3],
+                                           "helpfulness": [0.5, 0.56], "combined": [0.6, 0.64]}])
   assert os.path.getsize(path) > 10_000 and open(path, "rb").read(4) == b"\x89PNG"

@@ -308,28 +308,58 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     result.update({f"{s}/{k}": v for s, r in results.items() for k, v in r["overall"].items()})
     ppo_stages = [s for s in trained if config[s].algorithm == "ppo"]
     if ppo_stages:
-      result["plot"] = plot_ppo_runs(config, workdir, ppo_stages, results, best_of_n)
+      baselines = []
+      if best_of_n:
+        name = next((k for k in best_of_n if k.startswith("combined")), None)
+        if name:
+          baselines.append({"label": f"best of n ({name})", "kl": best_of_n["kl"], **best_of_n[name]})
+      if config.eval.get("temperatures") and parents.get(ppo_stages[0]):
+        curve = temperature_baseline(config, workdir, paths, parents[ppo_stages[0]])
+        result["temperature_curve"] = curve
+        baselines.append({**curve, "label": f"{curve['policy']} at T = "
+                          + ", ".join(f"{t:g}" for t in curve["temperature"])})
+      result["plot"] = plot_ppo_runs(config, workdir, ppo_stages, results, baselines)
   if "eval" in stages and "judge" in stages:
     agreement = evaluate_judge(config, workdir, paths)
     result.update({f"judge/{k}": v for k, v in agreement["overall"].items()})
   return result
 
 
+def temperature_baseline(config: ml_collections.ConfigDict, workdir: str, paths: dict,
+                         stage: str) -> dict:
+  """Gold and KL of `stage`'s policy (the PPO stages' start) sampled at `config.eval.temperatures`
+  on the held-out tasks (`gold_eval.temperature_curve`): what sharpening the start policy buys
+  without a reward model, the baseline PPO must beat at equal KL. Writes
+  WORKDIR/eval/temperature.json."""
+  mesh = sharding.make_mesh(config.mesh.shape)
+  e = config.eval
+  curve = gold_eval.temperature_curve(
+      load_policy(os.path.join(workdir, stage, "export"), mesh), data.load_tokenizer(paths["tokenizer"]),
+      metrics.read_jsonl(paths["eval_tasks"]), jax.random.key(config.seed), e.temperatures,
+      max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+  curve["policy"] = stage
+  path = os.path.join(workdir, "eval", "temperature.json")
+  with open(path, "w") as f:
+    json.dump(curve, f, indent=1)
+  if jax.process_index() == 0:
+    print(f"\nGold of {stage} sampled at lower temperatures (KL to itself at T = 1):")
+    print(format_table([{"temperature": t, "kl": k, "helpfulness": h, "combined": c}
+                        for t, k, h, c in zip(curve["temperature"], curve["kl"],
+                                              curve["helpfulness"], curve["combined"])]))
+  return curve
+
+
 def plot_ppo_runs(config: ml_collections.ConfigDict, workdir: str, stages: list[str],
-                  results: dict, best_of_n: dict | None = None) -> str:
+                  results: dict, baselines: list[dict] = ()) -> str:
   """WORKDIR/eval/ppo_gold_vs_kl.png: proxy and gold reward against KL for each PPO stage (a beta
-  sweep shows over-optimisation), with each stage's held-out gold result as a marker and, when
-  the reward evaluation measured it, the best-of-n curve of the combined reward."""
+  sweep shows over-optimisation), with each stage's held-out gold result as a marker and the
+  curves without RL (`baselines`: best of n under the combined reward, the start policy at lower
+  temperatures)."""
   label = lambda s: f"{s} (beta={config[s].ppo.kl.beta:g}{', adaptive' if config[s].ppo.kl.adaptive else ''})"
   runs = {label(s): metrics.read_jsonl(os.path.join(workdir, s, "metrics.jsonl")) for s in stages}
   final = {label(s): results[s]["overall"] for s in stages if s in results}
-  curve = None
-  if best_of_n:
-    name = next((k for k in best_of_n if k.startswith("combined")), None)
-    if name:
-      curve = {"label": f"best of n ({name})", "kl": best_of_n["kl"], **best_of_n[name]}
   path = plots.plot_gold_vs_kl(runs, os.path.join(workdir, "eval", "ppo_gold_vs_kl.png"),
-                               final=final, best_of_n=curve)
+                               final=final, baselines=baselines)
   _log.info("wrote %s", path)
   return path
 

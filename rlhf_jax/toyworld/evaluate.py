@@ -6,8 +6,9 @@ given), scores both with the gold functions and returns, overall and per task fa
   helpfulness, safety   mean gold scores in [0, 1]
   combined              mean gold combined score (safety on unsafe prompts, else help x safety)
   win_rate              P(combined(policy) > combined(reference)) + 0.5 P(tie)
-  kl                    mean over prompts of sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's
-                        samples (the k1 estimate of KL(pi || pi_ref); only when sampling at T = 1)
+  kl                    mean over prompts of sum_t [log pi_T(y_t) - log pi_ref(y_t)] on the policy's
+                        samples at temperature T > 0 (the k1 estimate of KL(pi_T || pi_ref), the
+                        reference at T = 1: how far what is sampled is from the reference)
   length                mean response length in tokens
   refusal_safe          refusal rate on prompts that should be answered (over-refusal)
   refusal_unsafe        refusal rate on unsafe prompts (higher is better)
@@ -94,11 +95,29 @@ def evaluate(policy: Policy, tokenizer, tasks: Sequence[dict], rng: jax.Array, *
       mine, theirs = row["combined"], ref["combined"]
       row["win_rate"] = 1.0 if mine > theirs else 0.5 if mine == theirs else 0.0
   if reference is not None:
-    if temperature == 1.0:  # k1 is an unbiased KL estimate only on samples from pi itself
+    if temperature > 0:  # the sampler's log-probs are pi_T's, the distribution sampled from
       for row, kl in zip(rows, _kl_per_prompt(policy, reference, batches)):
         row["kl"] = float(kl)
   return {"overall": summarise(rows), "families": {f: summarise(r) for f, r in _by_family(rows).items()},
           "samples": rows}
+
+
+def temperature_curve(policy: Policy, tokenizer, tasks: Sequence[dict], rng: jax.Array,
+                      temperatures: Sequence[float], *, max_new_tokens: int = 32,
+                      batch_size: int = 64) -> dict:
+  """Gold of the policy itself sampled at lower temperatures, against KL(pi_T || pi): the
+  cheapest way to trade diversity for gold, with no reward model and no training, and so the
+  baseline an RLHF method must beat at equal KL. -> {"temperature", "kl", "helpfulness",
+  "combined", "safety"}, lists in the order of `temperatures` (each > 0)."""
+  if not temperatures or min(temperatures) <= 0:
+    raise ValueError(f"temperatures={tuple(temperatures)}: give one or more temperatures > 0")
+  curve = {"temperature": [float(t) for t in temperatures]}
+  for t in temperatures:
+    overall = evaluate(policy, tokenizer, tasks, rng, reference=policy, max_new_tokens=max_new_tokens,
+                       temperature=float(t), batch_size=batch_size, win_rate=False)["overall"]
+    for key in ("kl", "helpfulness", "combined", "safety"):
+      curve.setdefault(key, []).append(overall[key])
+  return curve
 
 
 def _by_family(rows):
