@@ -118,7 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.rejection_sampling = ml_collections.ConfigDict(dict(
       rounds=3,
       samples_per_prompt=8,  # K
-      prompts_per_round=512,  # the first N prompts, the same every round
+      prompts_per_round=512,  # the first N prompts, the same every round (Llama 2) ...
+      fresh_prompts=False,  # ... or the next N unseen prompts each round (no refitting the same ones)
       temperatures=(1.0, 1.0, 1.0),  # one per round (Llama 2 raised it over rounds)
       keep_best_across_rounds=True,  # a prompt keeps the best response of any round so far
       max_prompt_len=64,

@@ -671,3 +671,25 @@ def test_rejection_sampling_keeps_the_best_of_k_across_rounds(tmp_path, exports,
   # A rerun skips both finished rounds.
   assert rejection_sampling.train(rejection_sampling_config(exports, tokenizer_dir),
                                   str(workdir))["rounds"] == 2
+
+
+@pytest.mark.slow
+def test_rejection_sampling_with_fresh_prompts_each_round(tmp_path, exports, tokenizer_dir,
+                                                          compilation_cache):
+  config = rejection_sampling_config(exports, tokenizer_dir)
+  config.rejection_sampling.update(fresh_prompts=True, prompts_per_round=4)
+  workdir = tmp_path / "fresh"
+  assert rejection_sampling.train(config, str(workdir))["rounds"] == 2
+  prompts = [r["prompt"] for r in ppo.load_prompts(exports["prompts"])]
+  for r, expected in ((1, prompts[:4]), (2, prompts[4:8])):  # the next unseen prompts each round
+    kept = [json.loads(line) for line in (workdir / f"round_{r}" / "kept.jsonl").read_text().splitlines()]
+    assert [k["prompt"] for k in kept] == [p for p in expected if p in {k["prompt"] for k in kept}]
+    assert all(k["round"] == r for k in kept) and len(kept) >= 3
+
+
+def test_rejection_sampling_fresh_prompts_must_fit_the_prompt_set(tmp_path, exports, tokenizer_dir):
+  config = rejection_sampling_config(exports, tokenizer_dir)
+  n = len(ppo.load_prompts(exports["prompts"]))
+  config.rejection_sampling.update(fresh_prompts=True, prompts_per_round=n)
+  with pytest.raises(ValueError, match=f"need {2 * n} prompts"):
+    rejection_sampling.train(config, str(tmp_path / "rs"))

@@ -1,7 +1,7 @@
 """Llama 2's iterated rejection sampling: best-of-K under the reward model, then SFT on the best.
 
 Round r (r = 1..rounds): for the same `prompts_per_round` prompts every round (the first ones of
-`config.data.source`), sample K responses per prompt from the current policy at temperature
+`config.data.source`; with `fresh_prompts`, the next `prompts_per_round` unseen ones), sample K responses per prompt from the current policy at temperature
 `temperatures[r-1]`, score them with the reward model(s) (the same `RewardSpec` as PPO, e.g. the
 Llama 2 combination of helpfulness and safety), keep the best response per prompt -- with
 `keep_best_across_rounds`, the best one seen for that prompt in any round so far, so a worse round
@@ -92,6 +92,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")
   tokenizer = data.load_tokenizer(tokenizer_dir)
   prompts = load_prompts(config.data.source)
+  if rs.fresh_prompts and rs.rounds * rs.prompts_per_round > len(prompts):
+    raise ValueError(f"config.rejection_sampling.fresh_prompts: {rs.rounds} rounds x "
+                     f"prompts_per_round={rs.prompts_per_round} need {rs.rounds * rs.prompts_per_round} "
+                     f"prompts; {config.data.source} has {len(prompts)}")
   rms = ppo_rollout.load_reward_models(rs.reward, mesh, key="config.rejection_sampling.reward")
   spec = ppo_rollout.reward_spec(rs.reward, rms)
 
@@ -104,7 +108,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     kept_path = os.path.join(round_dir, "kept.jsonl")
     if not os.path.exists(kept_path):
       policy = common.load_policy(policy_export, mesh)
-      samples = best_of_k(policy.params, policy.sampler, rms, spec, tokenizer, prompts[:rs.prompts_per_round],
+      start = (r - 1) * rs.prompts_per_round if rs.fresh_prompts else 0
+      round_prompts = prompts[start:start + rs.prompts_per_round]
+      samples = best_of_k(policy.params, policy.sampler, rms, spec, tokenizer, round_prompts,
                           k=rs.samples_per_prompt, temperature=rs.temperatures[r - 1],
                           max_new_tokens=rs.max_new_tokens, max_prompt_len=rs.max_prompt_len,
                           batch_prompts=rs.batch_prompts, rng=jax.random.key(config.seed + r))
