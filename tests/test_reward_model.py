@@ -107,13 +107,13 @@ def test_pairwise_loss_on_packed_batch_equals_direct_computation(tokenizer, scal
     chosen, rejected = jnp.asarray(scores[0::2]), jnp.asarray(scores[1::2])
     levels = np.array([c.margin for c in comparisons])
     assert set(levels.tolist()) == {-1, 0, 1, 2, 3}
-    for (margins, center_coef), table, (loss, metrics) in zip(SETTINGS, tables, results):
+    for (margins, center_coef), table, (loss, got) in zip(SETTINGS, tables, results):
         margin = None if margins == "none" else jnp.asarray(
             [table[level] if level >= 0 else 0.0 for level in levels], jnp.float32)  # no level: no margin
         ref_loss, ref_metrics = pairwise_loss(chosen, rejected, margin, center_coef=center_coef)
         np.testing.assert_allclose(loss, ref_loss, atol=1e-5, rtol=1e-5, err_msg=str(margins))
-        assert_metrics_close(metrics, ref_metrics)
-        assert float(metrics["loss_weight"]) == 20
+        assert_metrics_close(got, ref_metrics)
+        assert float(got["loss_weight"]) == 20
     assert 0.0 < float(results[0][1]["accuracy"]) < 1.0  # random scores: both kinds of pairs present
     assert len({round(float(loss), 6) for loss, _ in results}) == len(SETTINGS)  # the settings matter
 
