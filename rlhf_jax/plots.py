@@ -66,10 +66,9 @@ def plot_gold_vs_kl(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLi
       for ax, key in ((axes[1], "helpfulness"), (axes[2], "combined")):
         ax.scatter([point["kl"]], [point[key]], color=color, marker="*", s=140, zorder=3,
                    edgecolors="black")
-  for curve, style in zip(baselines, ("k--o", "--s", "--^", "--v")):
+  for curve, (style, color) in zip(baselines, (("--o", "black"), ("--s", "gray"), ("--^", "gray"))):
     for ax, key in ((axes[1], "helpfulness"), (axes[2], "combined")):
-      ax.plot(curve["kl"], curve[key], style, color="gray" if style != "k--o" else None,
-              markersize=4, label=curve["label"])
+      ax.plot(curve["kl"], curve[key], style, color=color, markersize=4, label=curve["label"])
   source = "held-out tasks" if held_out_any else f"training prompts, moving average of {window}"
   titles = (f"proxy reward (reward model; training prompts, moving average of {window})",
             f"gold helpfulness ({source})", f"gold combined, h x s ({source})")
