@@ -71,6 +71,16 @@ def base_config() -> ml_collections.ConfigDict:
                               # tokens (train.batch_size counts rows)
   ))
 
+  # DPO and relatives (algorithm "dpo"; data.kind "pairwise"; losses/preference.py).
+  c.dpo = ml_collections.ConfigDict(dict(
+      beta=0.1,
+      loss_type="sigmoid",  # "sigmoid" (DPO; cDPO with label_smoothing) | "ipo" | "hinge"
+      label_smoothing=0.0,  # cDPO: the assumed fraction of flipped labels, in [0, 0.5)
+      reference_free=False,  # True: no reference model (its log-probs taken as 0)
+      reference="precompute",  # "precompute": reference log-probs once over the data before
+                               # training | "per_batch": a reference forward pass every batch
+  ))
+
   # PPO (algorithm "ppo"; ALGORITHMS.md). data.source = prompt records ({"prompt", "unsafe"?}).
   c.ppo = ml_collections.ConfigDict(dict(
       iterations=100,

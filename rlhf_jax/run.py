@@ -30,6 +30,7 @@ ALGORITHMS = {
     "sft": "rlhf_jax.algorithms.sft:train",
     "pretrain": "rlhf_jax.algorithms.sft:train",  # same driver, config.data.kind="text"
     "reward": "rlhf_jax.algorithms.reward:train",  # pairwise / ranking reward models
+    "dpo": "rlhf_jax.algorithms.dpo:train",  # DPO / IPO / cDPO / hinge on preference pairs
     "ppo": "rlhf_jax.algorithms.ppo:train",  # PPO against reward models
     "rejection_sampling": "rlhf_jax.algorithms.rejection_sampling:train",  # Llama 2 best-of-K + SFT
     "pipeline": "rlhf_jax.algorithms.pipeline:run",  # toy world -> pretrain -> SFT -> gold eval

@@ -37,6 +37,22 @@ def last_token_scores(graphdef: nnx.GraphDef, params, tokens: Array, segment_ids
   return jnp.take_along_axis(scores, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
 
 
+def comparison_logps(graphdef: nnx.GraphDef, params, batch: dict) -> tuple[Array, Array]:
+  """Summed log-probs of every response slot of a comparison batch (data/preference.py) under an
+  LM: ([R, P, K] float32 sums of log pi(y_t | ...) over each response's tokens
+  `response_start..score_index`, [R, P, K] int32 response lengths). One forward pass per row;
+  the span sums are differences of a running sum, so packed responses cost nothing extra. Unused
+  slots give 0 (mask with batch["valid"])."""
+  logits, _ = apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+  logp = token_logprobs(logits[:, :-1], batch["tokens"][:, 1:])
+  running = jnp.cumsum(jnp.concatenate([jnp.zeros_like(logp[:, :1]), logp], axis=1), axis=1)
+  r, p, k = batch["score_index"].shape
+  take = lambda index: jnp.take_along_axis(running, index.reshape(r, p * k), axis=1).reshape(r, p, k)
+  start, end = batch["response_start"], batch["score_index"]
+  sums = take(end) - take(jnp.maximum(start - 1, 0))
+  return jnp.where(batch["valid"], sums, 0.0), jnp.where(batch["valid"], end - start + 1, 0)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature"))
 def sequence_logprob_sums(graphdef: nnx.GraphDef, params, tokens, segment_ids, positions,
                           response_mask, temperature: float = 1.0) -> Array:

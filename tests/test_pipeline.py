@@ -158,7 +158,7 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["toy_quickstart", "toy_rm_instructgpt", "toy_rm_llama2_margin",
                                   "toy_rm_safety", "toy_ppo", "toy_rejection_sampling",
                                   "toy_llama2_pipeline", "toy_ppo_beta_sweep",
-                                  "toy_rm_on_policy", "toy_ppo_gold_variants"])
+                                  "toy_rm_on_policy", "toy_ppo_gold_variants", "toy_dpo"])
 def test_toy_experiments_name_known_stages_and_data(name):
   config = experiment_config(name)
   world_data = {"pretrain", "sft", "judge", *pipeline.EVAL_FEEDBACK, "safety_critical_eval", "eval_tasks",

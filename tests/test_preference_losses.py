@@ -592,3 +592,16 @@ def test_sharded_equals_unsharded():
   for a, b in zip(g_sh, g_ref):
     assert np.all(np.isfinite(np.asarray(a)))
     np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-7)
+
+
+def test_dpo_weights_drop_the_empty_slots_of_a_packed_batch():
+  rng = np.random.default_rng(5)
+  logps = [jnp.asarray(rng.normal(-20, 5, 8), jnp.float32) for _ in range(4)]
+  weight = jnp.asarray([1, 1, 0, 1, 0, 1, 1, 0], bool)
+  keep = np.asarray(weight)
+  loss, got = pref.dpo_loss(*logps, beta=0.3, weight=weight)
+  ref_loss, expected = pref.dpo_loss(*[x[keep] for x in logps], beta=0.3)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for key in expected:
+    np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, err_msg=key)
+  assert float(got["loss_weight"]) == 5

@@ -210,6 +210,7 @@ def test_overflow_error_names_the_record(tokenizer):
 def test_overflow_truncate_left_cuts_the_shared_prompt_only(tokenizer, caplog, limit):
     full = full_sequences(tokenizer, LONG_PROMPT)
     n_prompt = prompt_len(tokenizer, LONG_PROMPT)
+    n_prompt0 = prompt_len(tokenizer, PAIRS[0])
     longest, total = max(len(s) for s in full), sum(len(s) for s in full)
     max_len, max_total = (longest - 10, None) if limit == "max_len" else (1000, total - 15)
     with caplog.at_level("WARNING"):
@@ -233,6 +234,9 @@ def test_overflow_truncate_left_cuts_the_shared_prompt_only(tokenizer, caplog, l
         assert s[-1] == EOS
         assert len(s) - 1 - (len(f) - n_prompt) >= 1  # some of the prompt (assistant header) stays
     assert comparisons[1].margin == 1 and comparisons[1].index == 1
+    # The response starts where it did, less the prompt tokens cut (DPO sums log-probs from there).
+    assert comparisons[0].prompt_len == n_prompt0 and comparisons[1].prompt_len == n_prompt - (len(full[0]) - len(cut[0]))
+    assert cut[0][comparisons[1].prompt_len:].tolist() == full[0][n_prompt:].tolist()
     # Minimal cut: one token fewer would not fit.
     if limit == "max_len":
         assert max(len(s) for s in cut) == max_len
@@ -304,7 +308,8 @@ def test_comparison_batch_one_per_row(mixed):
     assert shapes == {"tokens": ((6, 128), np.int32), "segment_ids": ((6, 128), np.int32),
                       "positions": ((6, 128), np.int32), "score_index": ((6, 1, 4), np.int32),
                       "ranks": ((6, 1, 4), np.int32), "valid": ((6, 1, 4), np.bool_),
-                      "margin": ((6, 1), np.int32)}
+                      "margin": ((6, 1), np.int32), "response_start": ((6, 1, 4), np.int32),
+                      "ref_logps": ((6, 1, 4), np.float32)}
     slots = read_back(batch)
     assert [s[0] for s in slots] == list(range(6))
     for (_, sequences, ranks, margin), c in zip(slots, mixed):

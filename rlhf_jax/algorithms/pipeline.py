@@ -38,7 +38,7 @@ import jax
 import ml_collections
 
 from rlhf_jax import checkpoint, data, metrics, plots, sharding
-from rlhf_jax.algorithms import common, ppo, rejection_sampling, reward, reward_eval, sft
+from rlhf_jax.algorithms import common, dpo, ppo, rejection_sampling, reward, reward_eval, sft
 from rlhf_jax.metrics import format_table
 from rlhf_jax.toyworld import annotators, corpora, judge
 from rlhf_jax.toyworld import evaluate as gold_eval
@@ -46,12 +46,12 @@ from rlhf_jax.toyworld import world as world_lib
 
 _log = logging.getLogger(__name__)
 # Stages whose output is a policy (gold-evaluated, and what the next stage starts from by default).
-POLICY_ALGORITHMS = ("pretrain", "sft", "ppo", "rejection_sampling")
+POLICY_ALGORITHMS = ("pretrain", "sft", "dpo", "ppo", "rejection_sampling")
 NOT_POLICIES = ("judge",)  # an SFT-trained model that is not a policy
 # "eval": everything trained; "eval_rewards": the reward models only (no policy sampling).
 EVAL_STAGES = ("eval", "eval_rewards")
-DRIVERS = {"pretrain": sft.train, "sft": sft.train, "reward": reward.train, "ppo": ppo.train,
-           "rejection_sampling": rejection_sampling.train}
+DRIVERS = {"pretrain": sft.train, "sft": sft.train, "reward": reward.train, "dpo": dpo.train,
+           "ppo": ppo.train, "rejection_sampling": rejection_sampling.train}
 # A data-collection stage (not trained): annotated samples of a policy, see `collect_feedback`.
 FEEDBACK = "feedback"
 # Held-out copies of the feedback data sets ("<name>_eval") and gold-labelled pairs on the prompts

@@ -152,6 +152,43 @@ def _require_margins(records: Sequence[dict], source: str) -> None:
           "pair's preference level 0..3; add the levels, or set config.reward.margins='none'")
 
 
+@dataclasses.dataclass
+class Comparisons:
+  """Tokenised comparison data of a config: records and comparisons, train and held-out."""
+
+  train_records: list
+  eval_records: list
+  train: list
+  eval: list
+  stats: dict
+  eval_stats: dict
+
+
+def load_comparisons(config: ml_collections.ConfigDict, tokenizer, model_cfg: ModelConfig,
+                     num_responses: int) -> Comparisons:
+  """`config.data.source` (and `eval_source`, else the last `eval_fraction`) as comparisons of
+  kind `config.data.kind`, each fitting the model and a row of `config.train.seq_len` tokens
+  (`data.prompt_overflow` otherwise). Shared by reward models and DPO."""
+  d, t = config.data, config.train
+  records = data.load_records(d.source, d.kind, split=d.split or None)
+  if d.eval_source:
+    train_records, eval_records = records, data.load_records(d.eval_source, d.kind, split=d.split or None)
+  else:
+    n_eval = max(1, int(len(records) * d.eval_fraction))
+    train_records, eval_records = records[:-n_eval], records[-n_eval:]
+  # A row (train.seq_len tokens) holds whole comparisons; each response must also fit the model.
+  tokenize = functools.partial(tokenize_comparisons, kind=d.kind, tokenizer=tokenizer,
+                               max_len=min(t.seq_len, model_cfg.max_seq_len), max_total=t.seq_len,
+                               max_responses=num_responses, overflow=d.prompt_overflow)
+  train_cmp, stats = tokenize(train_records, source=d.source)
+  eval_cmp, eval_stats = tokenize(eval_records, source=d.eval_source or d.source)
+  if not train_cmp or not eval_cmp:
+    raise ValueError(f"no {d.kind} comparisons left after tokenisation (train {stats}, eval "
+                     f"{eval_stats}); raise config.train.seq_len")
+  _log.info("%s data: train %s, eval %s", d.kind, stats, eval_stats)
+  return Comparisons(train_records, eval_records, train_cmp, eval_cmp, stats, eval_stats)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint.check_workdir_writable(workdir)
   sharding.maybe_initialize_distributed()
@@ -171,26 +208,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError("config.data.tokenizer is empty and config.init_from names no tokenizer")
   tokenizer = data.load_tokenizer(tokenizer_dir)
 
-  records = data.load_records(d.source, kind, split=d.split or None)
-  if d.eval_source:
-    train_records, eval_records = records, data.load_records(d.eval_source, kind, split=d.split or None)
-  else:
-    n_eval = max(1, int(len(records) * d.eval_fraction))
-    train_records, eval_records = records[:-n_eval], records[-n_eval:]
-  if any(margins):
-    _require_margins(train_records, d.source)
   num_responses = 2 if kind == "pairwise" else r.max_responses
   model_cfg = common.model_config(config, vocab_size=len(tokenizer), head="scalar")
-  # A row (train.seq_len tokens) holds whole comparisons; each response must also fit the model.
-  tokenize = functools.partial(tokenize_comparisons, kind=kind, tokenizer=tokenizer,
-                               max_len=min(t.seq_len, model_cfg.max_seq_len), max_total=t.seq_len,
-                               max_responses=num_responses, overflow=d.prompt_overflow)
-  train_cmp, stats = tokenize(train_records, source=d.source)
-  eval_cmp, eval_stats = tokenize(eval_records, source=d.eval_source or d.source)
-  if not train_cmp or not eval_cmp:
-    raise ValueError(f"no {kind} comparisons left after tokenisation (train {stats}, eval {eval_stats}); "
-                     "raise config.train.seq_len")
-  _log.info("%s data: train %s, eval %s", kind, stats, eval_stats)
+  comparisons = load_comparisons(config, tokenizer, model_cfg, num_responses)
+  train_records, eval_records = comparisons.train_records, comparisons.eval_records
+  train_cmp, eval_cmp, stats, eval_stats = (comparisons.train, comparisons.eval, comparisons.stats,
+                                            comparisons.eval_stats)
+  if any(margins):
+    _require_margins(train_records, d.source)
 
   make_loss = functools.partial(make_reward_loss_fn, kind=kind, margins=margins, center_coef=r.center_coef)
   setup = common.setup_training(config, mesh, model_cfg, make_loss)

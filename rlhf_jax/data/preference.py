@@ -9,6 +9,10 @@ A `Comparison` is one prompt (one batch element) and its K responses:
                                is 0, 1, ..., K-1 in its (best-first) order
     margin     int             the pair's preference level 0..3 (Llama 2), -1 when the record has none
     index      int             the record's position in the list given to `tokenize_comparisons`
+    prompt_len int             tokens before the first response token (BOS + prompt + header; the
+                               same in every sequence of the comparison)
+    ref_logps  float32[K]|None the reference model's summed response log-probs (DPO's precomputed
+                               reference), None when not computed
 
 Scores are read at each sequence's last token (EOS), so every response must fit whole: a sequence
 longer than `max_len` is handled by `overflow` ("skip": drop the record, counted and logged;
@@ -27,6 +31,9 @@ score does not depend on what shares its row; `comparison_batch` puts one compar
     ranks       [R, P, K] int32     0 = best; unused slots hold K
     valid       [R, P, K] bool      the slot holds a response
     margin      [R, P] int32        preference level, -1 = none (or an unused comparison slot)
+    response_start [R, P, K] int32  position in the row of each response's first token: the
+                                    response spans response_start..score_index (0 if unused)
+    ref_logps   [R, P, K] float32   the comparisons' `ref_logps` (0 where absent)
 
 P = comparisons per row, K = responses per comparison (2 for pairs).
 """
@@ -53,6 +60,8 @@ class Comparison(NamedTuple):
     ranks: np.ndarray
     margin: int
     index: int
+    prompt_len: int = 1
+    ref_logps: np.ndarray | None = None
 
 
 def responses_of(record: dict, kind: str) -> list[str]:
@@ -137,7 +146,9 @@ def tokenize_comparisons(
         left_truncated += fitted is not sequences
         # "margin" is a validated field of pairwise records only (metadata elsewhere).
         margin = record.get("margin", -1) if kind == "pairwise" else -1
-        comparisons.append(Comparison(fitted, np.arange(len(fitted), dtype=np.int32), margin, i))
+        cut = len(sequences[0]) - len(fitted[0])  # prompt tokens truncate_left removed
+        comparisons.append(Comparison(fitted, np.arange(len(fitted), dtype=np.int32), margin, i,
+                                      prompt_len - cut))
     stats = {"comparisons": len(comparisons), "dropped": dropped, "left_truncated": left_truncated,
              "responses": sum(len(c.sequences) for c in comparisons)}
     if dropped or left_truncated:
@@ -157,6 +168,8 @@ def _empty(rows: int, seq_len: int, per_row: int, num_responses: int) -> dict[st
         "ranks": np.full((r, p, k), k, np.int32),
         "valid": np.zeros((r, p, k), np.bool_),
         "margin": np.full((r, p), -1, np.int32),
+        "response_start": np.zeros((r, p, k), np.int32),
+        "ref_logps": np.zeros((r, p, k), np.float32),
     }
 
 
@@ -182,11 +195,14 @@ def _place(batch: dict, row: int, slot: int, start: int, first_segment: int, com
         batch["segment_ids"][row, start:stop] = first_segment + k
         batch["positions"][row, start:stop] = np.arange(len(sequence))
         batch["score_index"][row, slot, k] = stop - 1
+        batch["response_start"][row, slot, k] = start + comparison.prompt_len
         start = stop
     n = len(comparison.sequences)
     batch["ranks"][row, slot, :n] = comparison.ranks
     batch["valid"][row, slot, :n] = True
     batch["margin"][row, slot] = comparison.margin
+    if comparison.ref_logps is not None:
+        batch["ref_logps"][row, slot, :n] = comparison.ref_logps
 
 
 def comparison_batch(comparisons: Sequence[Comparison], seq_len: int, num_responses: int) -> dict[str, np.ndarray]:

@@ -80,6 +80,7 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: Array | float = 0.0,
     reference_free: bool = False,
+    weight: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
   """DPO and its IPO / hinge variants on (chosen, rejected) pairs; mean over the batch.
 
@@ -90,6 +91,8 @@ def dpo_loss(
   loss_type: "sigmoid", "ipo" or "hinge" (static). ValueError otherwise.
   label_smoothing: eps in [0, 0.5), "sigmoid" only (cDPO); nonzero with "ipo" / "hinge" raises.
   reference_free: if True the reference log-probs are treated as 0 (static); they are not read.
+  weight: [B] (bool or float) or None: per-pair weights, e.g. 0 for the empty slots of a packed
+    batch; the loss and metrics are then weighted means and "loss_weight" is their sum.
 
   With `h = (pi_c - ref_c) - (pi_r - ref_r)` the per-pair loss is
     sigmoid: `-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)`,
@@ -124,8 +127,19 @@ def dpo_loss(
     losses = jnp.square(h - 1.0 / (2.0 * beta))
   else:
     losses = jax.nn.relu(1.0 - beta * h)
-  loss = jnp.mean(losses)
-  return loss, _pair_metrics(loss, beta * chosen_logratios, beta * rejected_logratios)
+  if weight is None:
+    loss = jnp.mean(losses)
+    return loss, _pair_metrics(loss, beta * chosen_logratios, beta * rejected_logratios)
+  chex.assert_equal_shape([policy_chosen_logps, weight])
+  w = _f32(weight)
+  total = jnp.sum(w)
+  mean = lambda x: jnp.sum(w * x) / jnp.maximum(total, 1e-8)
+  loss = mean(losses)
+  chosen, rejected = beta * chosen_logratios, beta * rejected_logratios
+  return loss, {"loss": loss, "rewards/chosen": mean(chosen), "rewards/rejected": mean(rejected),
+                "rewards/margin": mean(chosen - rejected),
+                "rewards/accuracy": mean((chosen > rejected).astype(jnp.float32)),
+                "loss_weight": total}
 
 
 def cpl_loss(

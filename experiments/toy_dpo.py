@@ -1,0 +1,18 @@
+"""DPO from the SFT model on the simulated annotators' helpfulness pairs (the reward models' data),
+then the gold evaluation: the offline alternative to RLHF's reward model + PPO.
+
+  python -m rlhf_jax.run --config=experiments/toy_dpo.py --workdir=runs/quickstart
+
+Reuses the quickstart's world, pretrain and SFT stages. Variants by override, e.g.
+`--config.dpo.dpo.loss_type=ipo`, `--config.dpo.dpo.label_smoothing=0.1` (cDPO),
+`--config.dpo.dpo.beta=0.3`, `--config.dpo.dpo.reference=per_batch`.
+"""
+
+from rlhf_jax.toy_configs import dpo_stage, toy_pipeline_config
+
+
+def get_config():
+  c = toy_pipeline_config()
+  c.dpo = dpo_stage("pairs_helpful")
+  c.stages = ("world", "pretrain", "sft", "dpo", "eval")
+  return c

@@ -1,0 +1,144 @@
+"""DPO and its relatives (IPO, cDPO, hinge) on preference pairs, from an SFT export.
+
+data (pairwise records) -> comparisons (data/preference.py: chosen and rejected responses as
+segments of packed rows) -> the reference's summed response log-probs -> sharded training of the
+policy with `losses.preference.dpo_loss` on the shared train step -> export (an LM, what the next
+stage and the gold evaluation load).
+
+The reference is the policy's starting point (`config.init_from`). Its log-probs are either
+precomputed once over the whole data set before training (`config.dpo.reference="precompute"`,
+the default: one forward pass per comparison in all, and no reference model in memory during
+training) or computed for every batch by a separate jitted forward pass ("per_batch": the
+reference is held beside the policy, as TRL does without `precompute_ref_log_probs`). Both give
+the same loss; `reference_free=True` needs neither.
+
+WORKDIR: config.json, checkpoints/, metrics.jsonl + tb/ (train and held-out loss, implicit
+rewards, preference accuracy), eval.json (held-out metrics), export/.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlhf_jax import checkpoint, data, scoring, sharding
+from rlhf_jax.algorithms import common
+from rlhf_jax.algorithms.reward import load_comparisons
+from rlhf_jax.data.preference import comparison_batch, comparison_batching
+from rlhf_jax.losses import preference
+
+_log = logging.getLogger(__name__)
+
+REFERENCE_MODES = ("precompute", "per_batch")
+
+
+def make_dpo_loss_fn(graphdef, cfg: ml_collections.ConfigDict):
+  """loss_fn(params, batch, rng) on comparison batches of pairs: the policy's summed response
+  log-probs against batch["ref_logps"] [R, P, 2], each pair weighted by whether its slot is used."""
+  def loss_fn(params, batch, rng):
+    del rng
+    logps, _ = scoring.comparison_logps(graphdef, params, batch)  # [R, P, 2]
+    flat = lambda x: x.reshape(-1, 2)
+    logps, ref, valid = flat(logps), flat(batch["ref_logps"]), flat(batch["valid"])
+    return preference.dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=cfg.beta,
+                               loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                               reference_free=cfg.reference_free, weight=valid[:, 1])
+  return loss_fn
+
+
+def precompute_reference(logps_fn, comparisons: list, *, seq_len: int, rows: int, mesh) -> list:
+  """Each comparison with its `ref_logps` [2] filled in: `rows` comparisons per forward pass (the
+  last chunk padded by repeating its final comparison, so every call has the same shape)."""
+  out = []
+  for start in range(0, len(comparisons), rows):
+    chunk = comparisons[start:start + rows]
+    batch = comparison_batch(chunk + [chunk[-1]] * (rows - len(chunk)), seq_len, 2)
+    sums = np.asarray(jax.device_get(logps_fn(sharding.put_batch(batch, mesh))))[:, 0]  # [rows, 2]
+    out += [c._replace(ref_logps=sums[i].astype(np.float32)) for i, c in enumerate(chunk)]
+  return out
+
+
+class _WithReference:
+  """A batch iterator whose batches get the reference's log-probs (`per_batch` mode); state() and
+  restore() are the wrapped iterator's."""
+
+  def __init__(self, batches, logps_fn, mesh):
+    self.batches, self.logps_fn, self.mesh = batches, logps_fn, mesh
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self.batches)
+    ref = self.logps_fn(sharding.put_batch(batch, self.mesh))
+    return {**batch, "ref_logps": np.asarray(jax.device_get(ref), np.float32)}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  checkpoint.check_workdir_writable(workdir)
+  sharding.maybe_initialize_distributed()
+  common.write_config(config, workdir)
+  mesh = common.make_mesh(config)
+  d, t, p = config.data, config.train, config.dpo
+  if d.kind != "pairwise":
+    raise ValueError(f"config.data.kind={d.kind!r}: DPO trains on 'pairwise' records "
+                     "(prompt, chosen, rejected)")
+  if p.reference not in REFERENCE_MODES:
+    raise ValueError(f"config.dpo.reference={p.reference!r}; choose one of {REFERENCE_MODES}")
+  if p.loss_type not in preference.DPO_LOSS_TYPES:
+    raise ValueError(f"config.dpo.loss_type={p.loss_type!r}; choose one of "
+                     f"{preference.DPO_LOSS_TYPES}")
+  if not config.init_from:
+    raise ValueError("config.init_from is empty: DPO starts from a policy export (e.g. the SFT "
+                     "run's), which is also its reference")
+  tokenizer_dir = d.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")
+  tokenizer = data.load_tokenizer(tokenizer_dir)
+  model_cfg = common.model_config(config, vocab_size=len(tokenizer), head="lm")
+  comparisons = load_comparisons(config, tokenizer, model_cfg, num_responses=2)
+
+  make_loss = lambda graphdef: make_dpo_loss_fn(graphdef, p)
+  setup = common.setup_training(config, mesh, model_cfg, make_loss)
+  train_cmp, eval_cmp = comparisons.train, comparisons.eval
+  wrap = lambda batches: batches
+  if not p.reference_free:
+    # The reference: the starting params (restoring a checkpoint later replaces the state only).
+    reference = jax.tree.map(jnp.copy, setup.state.params)
+    scores = jax.jit(functools.partial(scoring.comparison_logps, setup.graphdef))
+    logps_fn = lambda batch: scores(reference, batch)[0]  # params as an argument, not a constant
+    if p.reference == "precompute":
+      _log.info("precomputing reference log-probs of %d + %d comparisons", len(train_cmp),
+                len(eval_cmp))
+      fill = lambda cmp: precompute_reference(logps_fn, cmp, seq_len=t.seq_len, rows=t.batch_size,
+                                              mesh=mesh)
+      train_cmp, eval_cmp = fill(train_cmp), fill(eval_cmp)
+      del reference, logps_fn
+    else:
+      wrap = lambda batches: _WithReference(batches, logps_fn, mesh)
+  per_row = config.reward.comparisons_per_row if d.packing else 1
+  batching = comparison_batching(t.batch_size, t.seq_len, per_row, 2)
+  batches = data.BatchIterator(train_cmp, batch_size=t.batch_size, seq_len=t.seq_len,
+                               seed=config.seed, packing=d.packing, batching=batching)
+  eval_iter = data.BatchIterator(eval_cmp, batch_size=t.batch_size, seq_len=t.seq_len, seed=0,
+                                 packing=False, shuffle=False, batching=batching)
+  evaluate = common.make_evaluate(make_loss(setup.graphdef), setup, wrap(eval_iter), t.eval_batches)
+  state = common.train_loop(config, workdir, setup, wrap(batches), data_state=batches.state,
+                            restore_data=batches.restore, evaluate=evaluate,
+                            count_tokens=lambda b: int(np.count_nonzero(b["segment_ids"])))
+  if int(state.step) < t.steps:  # stopped early (stop_after_steps): the rerun finishes
+    return {"step": int(state.step)}
+  held_out = {k: float(v) for k, v in jax.device_get(evaluate(state)).items()}
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump({"held_out": held_out, "data": {"train": comparisons.stats,
+                                              "eval": comparisons.eval_stats}}, f, indent=1)
+  checkpoint.export_params(os.path.join(workdir, "export"), state.params, overwrite=True,
+                           metadata={"model": model_cfg.to_dict(),
+                                     "tokenizer": os.path.abspath(tokenizer_dir),
+                                     "step": int(state.step)})
+  return {"step": int(state.step), **{f"eval/{k}": v for k, v in held_out.items()}}
