@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, metrics, scoring
+from rlhf_jax import checkpoint, metrics, scoring, sharding
 from rlhf_jax.algorithms import dpo
 from rlhf_jax.configs import base_config
-from rlhf_jax.data.preference import pack_comparisons, tokenize_comparisons
+from rlhf_jax.data.preference import comparison_batch, pack_comparisons, tokenize_comparisons
 from rlhf_jax.models import ModelConfig, create_model, split_model
 
 from rlhf_jax.data import load_tokenizer, train_tokenizer
@@ -61,6 +61,21 @@ def test_comparison_logps_equal_each_response_scored_alone(tokenizer):
       np.testing.assert_allclose(got, float(alone[0]), atol=1e-4, rtol=1e-5)
       assert length == len(seq) - c.prompt_len > 0
   assert np.all(sums[~batch["valid"]] == 0) and np.all(lengths[~batch["valid"]] == 0)
+
+
+def test_precomputed_reference_logps_follow_each_comparison_through_packing(tokenizer):
+  graphdef, params = split_model(create_model(ModelConfig(**TINY), 1))
+  comparisons, _ = tokenize_comparisons(pair_records(11), "pairwise", tokenizer, max_len=64)
+  logps = jax.jit(lambda batch: scoring.comparison_logps(graphdef, params, batch)[0])
+  mesh = sharding.make_mesh((2, 1, 1), devices=jax.devices()[:2])
+  # 2 rows x up to 2 pairs per pass: the 11 comparisons take 3 passes, the last one part-filled.
+  filled = dpo.precompute_reference(logps, comparisons, seq_len=256, rows=2, per_row=2, mesh=mesh)
+  assert [c.index for c in filled] == [c.index for c in comparisons]
+  one_per_row = comparison_batch(comparisons, 128, 2)
+  expected = np.asarray(logps(one_per_row))[:, 0]  # [11, 2]
+  np.testing.assert_allclose(np.stack([c.ref_logps for c in filled]), expected, atol=1e-4)
+  with pytest.raises(ValueError, match="not unique"):
+    dpo.precompute_reference(logps, comparisons[:2] * 2, seq_len=256, rows=2, per_row=2, mesh=mesh)
 
 
 def dpo_config(tmp_path, tokenizer_dir, source, steps=30, reference="precompute"):

@@ -309,7 +309,7 @@ def test_comparison_batch_one_per_row(mixed):
                       "positions": ((6, 128), np.int32), "score_index": ((6, 1, 4), np.int32),
                       "ranks": ((6, 1, 4), np.int32), "valid": ((6, 1, 4), np.bool_),
                       "margin": ((6, 1), np.int32), "response_start": ((6, 1, 4), np.int32),
-                      "ref_logps": ((6, 1, 4), np.float32)}
+                      "ref_logps": ((6, 1, 4), np.float32), "comparison": ((6, 1), np.int32)}
     slots = read_back(batch)
     assert [s[0] for s in slots] == list(range(6))
     for (_, sequences, ranks, margin), c in zip(slots, mixed):

@@ -31,7 +31,7 @@ import numpy as np
 from rlhf_jax import checkpoint, data, scoring, sharding
 from rlhf_jax.algorithms import common
 from rlhf_jax.algorithms.reward import load_comparisons
-from rlhf_jax.data.preference import comparison_batch, comparison_batching
+from rlhf_jax.data.preference import comparison_batching, pack_comparisons
 from rlhf_jax.losses import preference
 
 _log = logging.getLogger(__name__)
@@ -53,16 +53,21 @@ def make_dpo_loss_fn(graphdef, cfg: ml_collections.ConfigDict):
   return loss_fn
 
 
-def precompute_reference(logps_fn, comparisons: list, *, seq_len: int, rows: int, mesh) -> list:
-  """Each comparison with its `ref_logps` [2] filled in: `rows` comparisons per forward pass (the
-  last chunk padded by repeating its final comparison, so every call has the same shape)."""
-  out = []
-  for start in range(0, len(comparisons), rows):
-    chunk = comparisons[start:start + rows]
-    batch = comparison_batch(chunk + [chunk[-1]] * (rows - len(chunk)), seq_len, 2)
-    sums = np.asarray(jax.device_get(logps_fn(sharding.put_batch(batch, mesh))))[:, 0]  # [rows, 2]
-    out += [c._replace(ref_logps=sums[i].astype(np.float32)) for i, c in enumerate(chunk)]
-  return out
+def precompute_reference(logps_fn, comparisons: list, *, seq_len: int, rows: int, per_row: int,
+                         mesh) -> list:
+  """Each comparison with its `ref_logps` [2] filled in, from forward passes over rows packed with
+  up to `per_row` comparisons (as training packs them: a pair is ~100 tokens of a 512-token row).
+  Comparisons are told apart by their `index`, which must be unique in the list."""
+  if len({c.index for c in comparisons}) != len(comparisons):
+    raise ValueError("precompute_reference: comparison indices are not unique")
+  found, rest = {}, list(comparisons)
+  while rest:
+    batch, count = pack_comparisons(rest, seq_len, rows, per_row, 2)
+    sums = np.asarray(jax.device_get(logps_fn(sharding.put_batch(batch, mesh))))  # [R, P, 2]
+    for r, p in zip(*np.nonzero(batch["comparison"] >= 0)):
+      found[int(batch["comparison"][r, p])] = sums[r, p].astype(np.float32)
+    rest = rest[count:]
+  return [c._replace(ref_logps=found[c.index]) for c in comparisons]
 
 
 class _WithReference:
@@ -116,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       _log.info("precomputing reference log-probs of %d + %d comparisons", len(train_cmp),
                 len(eval_cmp))
       fill = lambda cmp: precompute_reference(logps_fn, cmp, seq_len=t.seq_len, rows=t.batch_size,
-                                              mesh=mesh)
+                                              per_row=config.reward.comparisons_per_row, mesh=mesh)
       train_cmp, eval_cmp = fill(train_cmp), fill(eval_cmp)
       del reference, logps_fn
     else:

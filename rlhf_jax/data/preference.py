@@ -34,6 +34,7 @@ score does not depend on what shares its row; `comparison_batch` puts one compar
     response_start [R, P, K] int32  position in the row of each response's first token: the
                                     response spans response_start..score_index (0 if unused)
     ref_logps   [R, P, K] float32   the comparisons' `ref_logps` (0 where absent)
+    comparison  [R, P] int32        the comparison's `index` (-1 = unused slot)
 
 P = comparisons per row, K = responses per comparison (2 for pairs).
 """
@@ -170,6 +171,7 @@ def _empty(rows: int, seq_len: int, per_row: int, num_responses: int) -> dict[st
         "margin": np.full((r, p), -1, np.int32),
         "response_start": np.zeros((r, p, k), np.int32),
         "ref_logps": np.zeros((r, p, k), np.float32),
+        "comparison": np.full((r, p), -1, np.int32),
     }
 
 
@@ -201,6 +203,7 @@ def _place(batch: dict, row: int, slot: int, start: int, first_segment: int, com
     batch["ranks"][row, slot, :n] = comparison.ranks
     batch["valid"][row, slot, :n] = True
     batch["margin"][row, slot] = comparison.margin
+    batch["comparison"][row, slot] = comparison.index
     if comparison.ref_logps is not None:
         batch["ref_logps"][row, slot, :n] = comparison.ref_logps
 
