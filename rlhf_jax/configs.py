@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
       reference_free=False,  # True: no reference model (its log-probs taken as 0)
       reference="precompute",  # "precompute": reference log-probs once over the data before
                                # training | "per_batch": a reference forward pass every batch
+      ranking_pairs="best_vs_rest",  # data.kind "ranking": "best_vs_rest" (K - 1 pairs) | "all"
   ))
 
   # PPO (algorithm "ppo"; ALGORITHMS.md). data.source = prompt records ({"prompt", "unsafe"?}).

@@ -2,6 +2,8 @@
 the driver learns an easy preference, and precomputed and per-batch reference log-probs train
 the same policy."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -115,18 +117,37 @@ def test_dpo_learns_an_easy_preference_with_either_reference_mode(tmp_path, toke
                params["precompute"], params["per_batch"])
   np.testing.assert_allclose(results["precompute"]["eval/loss"], results["per_batch"]["eval/loss"],
                              rtol=1e-3)
+  # Rankings of 3 (great > fine > awful) train as their best-vs-rest pairs.
+  rankings = [{"prompt": r["prompt"], "responses": [r["chosen"], r["chosen"].replace("great", "fine"),
+                                                    r["rejected"]]} for r in learnable_pairs(32)]
+  config = dpo_config(tmp_path, tokenizer_dir, write_jsonl(tmp_path / "rankings.jsonl", rankings),
+                      steps=10)
+  config.data.kind = "ranking"
+  result = dpo.train(config, str(tmp_path / "ranking"))
+  data_stats = json.loads((tmp_path / "ranking" / "eval.json").read_text())["data"]
+  assert data_stats["train"]["comparisons"] == 2 * 24 and data_stats["eval"]["comparisons"] == 2 * 8
+  assert result["step"] == 10 and np.isfinite(result["eval/loss"])
 
 
 @pytest.mark.parametrize("update, match", [
-    (dict(kind="ranking"), "DPO trains on 'pairwise'"),
+    (dict(kind="sft"), "DPO trains on 'pairwise'"),
+    (dict(kind="ranking", ranking_pairs="worst"), "config.dpo.ranking_pairs='worst'"),
     (dict(reference="cached"), "config.dpo.reference='cached'"),
     (dict(loss_type="kto"), "config.dpo.loss_type='kto'"),
 ])
 def test_dpo_driver_rejects_bad_configs(tmp_path, tokenizer_dir, update, match):
   config = dpo_config(tmp_path, tokenizer_dir, write_jsonl(tmp_path / "p.jsonl", learnable_pairs(8)))
-  if "kind" in update:
-    config.data.kind = update["kind"]
-  else:
-    config.dpo.update(**update)
+  update = dict(update)
+  config.data.kind = update.pop("kind", "pairwise")
+  config.dpo.update(**update)
   with pytest.raises(ValueError, match=match):
     dpo.train(config, str(tmp_path / "w"))
+
+
+def test_rankings_become_pairs_best_first():
+  record = {"prompt": "p", "responses": ["a", "b", "c", "d"], "family": "facts"}
+  best = dpo.ranking_to_pairs([record], "best_vs_rest")
+  assert [(r["chosen"], r["rejected"]) for r in best] == [("a", "b"), ("a", "c"), ("a", "d")]
+  assert all(r["prompt"] == "p" and r["family"] == "facts" and "responses" not in r for r in best)
+  pairs = [(r["chosen"], r["rejected"]) for r in dpo.ranking_to_pairs([record], "all")]
+  assert pairs == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")]

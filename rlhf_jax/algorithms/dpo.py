@@ -1,6 +1,6 @@
 """DPO and its relatives (IPO, cDPO, hinge) on preference pairs, from an SFT export.
 
-data (pairwise records) -> comparisons (data/preference.py: chosen and rejected responses as
+data (pairwise records, or rankings turned into pairs) -> comparisons (data/preference.py: chosen and rejected responses as
 segments of packed rows) -> the reference's summed response log-probs -> sharded training of the
 policy with `losses.preference.dpo_loss` on the shared train step -> export (an LM, what the next
 stage and the gold evaluation load).
@@ -53,6 +53,23 @@ def make_dpo_loss_fn(graphdef, cfg: ml_collections.ConfigDict):
   return loss_fn
 
 
+RANKING_PAIRS = ("best_vs_rest", "all")
+
+
+def ranking_to_pairs(records: list, mode: str) -> list:
+  """Ranking records (responses best first) -> pairwise records: "best_vs_rest" pairs the best
+  response with each other one (K - 1 pairs), "all" makes every ordered pair (K choose 2, as
+  InstructGPT's reward model sees a ranking). Other fields (e.g. "family") are kept."""
+  out = []
+  for record in records:
+    responses = record["responses"]
+    rest = {k: v for k, v in record.items() if k not in ("responses", "chosen", "rejected")}
+    pairs = ([(0, j) for j in range(1, len(responses))] if mode == "best_vs_rest" else
+             [(i, j) for i in range(len(responses)) for j in range(i + 1, len(responses))])
+    out += [{**rest, "chosen": responses[i], "rejected": responses[j]} for i, j in pairs]
+  return out
+
+
 def precompute_reference(logps_fn, comparisons: list, *, seq_len: int, rows: int, per_row: int,
                          mesh) -> list:
   """Each comparison with its `ref_logps` [2] filled in, from forward passes over rows packed with
@@ -92,9 +109,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.write_config(config, workdir)
   mesh = common.make_mesh(config)
   d, t, p = config.data, config.train, config.dpo
-  if d.kind != "pairwise":
-    raise ValueError(f"config.data.kind={d.kind!r}: DPO trains on 'pairwise' records "
-                     "(prompt, chosen, rejected)")
+  if d.kind not in ("pairwise", "ranking"):
+    raise ValueError(f"config.data.kind={d.kind!r}: DPO trains on 'pairwise' records (prompt, "
+                     "chosen, rejected) or 'ranking' records (turned into pairs)")
+  if d.kind == "ranking" and p.ranking_pairs not in RANKING_PAIRS:
+    raise ValueError(f"config.dpo.ranking_pairs={p.ranking_pairs!r}; choose one of {RANKING_PAIRS}")
   if p.reference not in REFERENCE_MODES:
     raise ValueError(f"config.dpo.reference={p.reference!r}; choose one of {REFERENCE_MODES}")
   if p.loss_type not in preference.DPO_LOSS_TYPES:
@@ -106,7 +125,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer_dir = d.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")
   tokenizer = data.load_tokenizer(tokenizer_dir)
   model_cfg = common.model_config(config, vocab_size=len(tokenizer), head="lm")
-  comparisons = load_comparisons(config, tokenizer, model_cfg, num_responses=2)
+  to_pairs = (functools.partial(ranking_to_pairs, mode=p.ranking_pairs) if d.kind == "ranking"
+              else None)
+  comparisons = load_comparisons(config, tokenizer, model_cfg, num_responses=2, to_pairs=to_pairs)
 
   make_loss = lambda graphdef: make_dpo_loss_fn(graphdef, p)
   setup = common.setup_training(config, mesh, model_cfg, make_loss)

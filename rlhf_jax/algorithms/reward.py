@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -165,10 +165,11 @@ class Comparisons:
 
 
 def load_comparisons(config: ml_collections.ConfigDict, tokenizer, model_cfg: ModelConfig,
-                     num_responses: int) -> Comparisons:
+                     num_responses: int, to_pairs: Callable[[list], list] | None = None) -> Comparisons:
   """`config.data.source` (and `eval_source`, else the last `eval_fraction`) as comparisons of
   kind `config.data.kind`, each fitting the model and a row of `config.train.seq_len` tokens
-  (`data.prompt_overflow` otherwise). Shared by reward models and DPO."""
+  (`data.prompt_overflow` otherwise). `to_pairs`, when given, turns the loaded records into
+  pairwise ones first (e.g. DPO on rankings). Shared by reward models and DPO."""
   d, t = config.data, config.train
   records = data.load_records(d.source, d.kind, split=d.split or None)
   if d.eval_source:
@@ -176,16 +177,19 @@ def load_comparisons(config: ml_collections.ConfigDict, tokenizer, model_cfg: Mo
   else:
     n_eval = max(1, int(len(records) * d.eval_fraction))
     train_records, eval_records = records[:-n_eval], records[-n_eval:]
+  kind = d.kind
+  if to_pairs is not None:
+    train_records, eval_records, kind = to_pairs(train_records), to_pairs(eval_records), "pairwise"
   # A row (train.seq_len tokens) holds whole comparisons; each response must also fit the model.
-  tokenize = functools.partial(tokenize_comparisons, kind=d.kind, tokenizer=tokenizer,
+  tokenize = functools.partial(tokenize_comparisons, kind=kind, tokenizer=tokenizer,
                                max_len=min(t.seq_len, model_cfg.max_seq_len), max_total=t.seq_len,
                                max_responses=num_responses, overflow=d.prompt_overflow)
   train_cmp, stats = tokenize(train_records, source=d.source)
   eval_cmp, eval_stats = tokenize(eval_records, source=d.eval_source or d.source)
   if not train_cmp or not eval_cmp:
-    raise ValueError(f"no {d.kind} comparisons left after tokenisation (train {stats}, eval "
+    raise ValueError(f"no {kind} comparisons left after tokenisation (train {stats}, eval "
                      f"{eval_stats}); raise config.train.seq_len")
-  _log.info("%s data: train %s, eval %s", d.kind, stats, eval_stats)
+  _log.info("%s data: train %s, eval %s", kind, stats, eval_stats)
   return Comparisons(train_records, eval_records, train_cmp, eval_cmp, stats, eval_stats)
 
 
