@@ -14,29 +14,14 @@ from rlhf_jax.configs import base_config
 from rlhf_jax.data.preference import comparison_batch, pack_comparisons, tokenize_comparisons
 from rlhf_jax.models import ModelConfig, create_model, split_model
 
-from rlhf_jax.data import load_tokenizer, train_tokenizer
-from rlhf_jax.toyworld import corpus_texts, generate_sft_records
-from tests.test_reward_model import TINY, WORDS, export_lm, learnable_pairs, pair_records, write_jsonl
+from tests.test_reward_model import TINY, export_lm, learnable_pairs, pair_records, write_jsonl
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-  out_dir = tmp_path_factory.mktemp("tok")
-  texts = corpus_texts(generate_sft_records(200, seed=0)) + [" ".join(WORDS + ["great", "awful"])] * 5
-  train_tokenizer(texts, 384, out_dir)
-  return out_dir
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-  return load_tokenizer(tokenizer_dir)
-
-
-def test_comparison_logps_equal_each_response_scored_alone(tokenizer):
+def test_comparison_logps_equal_each_response_scored_alone(words_tokenizer):
   """Packed rows (several pairs per row, each response its own segment): every slot's sum is the
   sum of log pi over exactly that response's SFT targets, as if it were scored alone."""
   graphdef, params = split_model(create_model(ModelConfig(**TINY), 0))
-  comparisons, _ = tokenize_comparisons(pair_records(10), "pairwise", tokenizer, max_len=64)
+  comparisons, _ = tokenize_comparisons(pair_records(10), "pairwise", words_tokenizer, max_len=64)
   batch, count = pack_comparisons(comparisons, 256, rows=4, per_row=3, num_responses=2)
   assert count == len(comparisons) and batch["valid"].sum() == 2 * count
   sums, lengths = jax.jit(scoring.comparison_logps, static_argnums=0)(graphdef, params, batch)
@@ -65,9 +50,9 @@ def test_comparison_logps_equal_each_response_scored_alone(tokenizer):
   assert np.all(sums[~batch["valid"]] == 0) and np.all(lengths[~batch["valid"]] == 0)
 
 
-def test_precomputed_reference_logps_follow_each_comparison_through_packing(tokenizer):
+def test_precomputed_reference_logps_follow_each_comparison_through_packing(words_tokenizer):
   graphdef, params = split_model(create_model(ModelConfig(**TINY), 1))
-  comparisons, _ = tokenize_comparisons(pair_records(11), "pairwise", tokenizer, max_len=64)
+  comparisons, _ = tokenize_comparisons(pair_records(11), "pairwise", words_tokenizer, max_len=64)
   logps = jax.jit(lambda batch: scoring.comparison_logps(graphdef, params, batch)[0])
   mesh = sharding.make_mesh((2, 1, 1), devices=jax.devices()[:2])
   # 2 rows x up to 2 pairs per pass: the 11 comparisons take 3 passes, the last one part-filled.
@@ -80,7 +65,7 @@ def test_precomputed_reference_logps_follow_each_comparison_through_packing(toke
     dpo.precompute_reference(logps, comparisons[:2] * 2, seq_len=256, rows=2, per_row=2, mesh=mesh)
 
 
-def dpo_config(tmp_path, tokenizer_dir, source, steps=30, reference="precompute"):
+def dpo_config(tmp_path, words_tokenizer_dir, source, steps=30, reference="precompute"):
   c = base_config()
   c.algorithm = "dpo"
   c.init_from = str(tmp_path / "lm")
@@ -89,7 +74,7 @@ def dpo_config(tmp_path, tokenizer_dir, source, steps=30, reference="precompute"
   c.optim.update(lr=3e-3, warmup_steps=3)
   c.train.update(steps=steps, batch_size=8, seq_len=128, log_every=10, eval_every=steps,
                  eval_batches=1, checkpoint_every=steps, async_checkpoint=False)
-  c.data.update(kind="pairwise", source=source, tokenizer=str(tokenizer_dir), eval_fraction=0.25,
+  c.data.update(kind="pairwise", source=source, tokenizer=str(words_tokenizer_dir), eval_fraction=0.25,
                 packing=True, prompt_overflow="skip")
   c.reward.comparisons_per_row = 3
   c.dpo.update(beta=0.5, reference=reference)
@@ -97,13 +82,13 @@ def dpo_config(tmp_path, tokenizer_dir, source, steps=30, reference="precompute"
 
 
 @pytest.mark.slow
-def test_dpo_learns_an_easy_preference_with_either_reference_mode(tmp_path, tokenizer_dir):
-  export_lm(tmp_path / "lm", tokenizer_dir)
+def test_dpo_learns_an_easy_preference_with_either_reference_mode(tmp_path, words_tokenizer_dir):
+  export_lm(tmp_path / "lm", words_tokenizer_dir)
   source = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(64))
   results, params = {}, {}
   for mode in ("precompute", "per_batch"):
     workdir = tmp_path / mode
-    results[mode] = dpo.train(dpo_config(tmp_path, tokenizer_dir, source, reference=mode), str(workdir))
+    results[mode] = dpo.train(dpo_config(tmp_path, words_tokenizer_dir, source, reference=mode), str(workdir))
     params[mode], meta = checkpoint.load_params(workdir / "export")
     assert meta["model"]["head"] == "lm" and meta["step"] == 30
     logged = metrics.read_jsonl(workdir / "metrics.jsonl")
@@ -120,7 +105,7 @@ def test_dpo_learns_an_easy_preference_with_either_reference_mode(tmp_path, toke
   # Rankings of 3 (great > fine > awful) train as their best-vs-rest pairs.
   rankings = [{"prompt": r["prompt"], "responses": [r["chosen"], r["chosen"].replace("great", "fine"),
                                                     r["rejected"]]} for r in learnable_pairs(32)]
-  config = dpo_config(tmp_path, tokenizer_dir, write_jsonl(tmp_path / "rankings.jsonl", rankings),
+  config = dpo_config(tmp_path, words_tokenizer_dir, write_jsonl(tmp_path / "rankings.jsonl", rankings),
                       steps=10)
   config.data.kind = "ranking"
   result = dpo.train(config, str(tmp_path / "ranking"))
@@ -135,8 +120,8 @@ def test_dpo_learns_an_easy_preference_with_either_reference_mode(tmp_path, toke
     (dict(reference="cached"), "config.dpo.reference='cached'"),
     (dict(loss_type="kto"), "config.dpo.loss_type='kto'"),
 ])
-def test_dpo_driver_rejects_bad_configs(tmp_path, tokenizer_dir, update, match):
-  config = dpo_config(tmp_path, tokenizer_dir, write_jsonl(tmp_path / "p.jsonl", learnable_pairs(8)))
+def test_dpo_driver_rejects_bad_configs(tmp_path, words_tokenizer_dir, update, match):
+  config = dpo_config(tmp_path, words_tokenizer_dir, write_jsonl(tmp_path / "p.jsonl", learnable_pairs(8)))
   update = dict(update)
   config.data.kind = update.pop("kind", "pairwise")
   config.dpo.update(**update)

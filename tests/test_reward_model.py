@@ -13,28 +13,14 @@ import pytest
 from rlhf_jax import checkpoint, metrics, scoring, sharding
 from rlhf_jax.algorithms import common, reward
 from rlhf_jax.configs import base_config
-from rlhf_jax.data import BatchIterator, RecordError, load_tokenizer, train_tokenizer
+from rlhf_jax.data import BatchIterator, RecordError
 from rlhf_jax.data.preference import comparison_batching, pack_comparisons, tokenize_comparisons
 from rlhf_jax.losses.reward import margin_table, pairwise_loss, ranking_loss
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, split_model
-from rlhf_jax.toyworld import corpus_texts, generate_sft_records
 
 TINY = dict(vocab_size=384, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128,
             max_seq_len=64)
 WORDS = ["sun", "moon", "star", "red", "blue", "cat", "dog", "tree", "rain", "snow", "fish", "bird"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("tok")
-    texts = corpus_texts(generate_sft_records(200, seed=0)) + [" ".join(WORDS + ["great", "awful"])] * 5
-    train_tokenizer(texts, 384, out_dir)
-    return out_dir
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
 
 
 def pair_records(n, seed=0):
@@ -91,9 +77,9 @@ def scalar_model():
 SETTINGS = [("none", 0.0), ("small", 0.0), ("large", 0.01), ((0.0, 1.5, 0.5, 2.0), 0.0)]
 
 
-def test_pairwise_loss_on_packed_batch_equals_direct_computation(tokenizer, scalar_model):
+def test_pairwise_loss_on_packed_batch_equals_direct_computation(words_tokenizer, scalar_model):
     graphdef, params = scalar_model
-    comparisons, _ = tokenize_comparisons(pair_records(20), "pairwise", tokenizer, max_len=64)
+    comparisons, _ = tokenize_comparisons(pair_records(20), "pairwise", words_tokenizer, max_len=64)
     batch, count = pack_comparisons(comparisons, seq_len=192, rows=12, per_row=4, num_responses=2)
     assert count == len(comparisons) == 20
     assert not batch["valid"].all()  # unused comparison slots are in the batch and must not count
@@ -128,9 +114,9 @@ def test_a_pair_without_a_level_gets_no_margin(monkeypatch):
     np.testing.assert_allclose(loss, -np.log(1 / (1 + np.exp(-1.0))), rtol=1e-6)  # no margin
 
 
-def test_ranking_loss_on_packed_batch_equals_direct_computation(tokenizer, scalar_model):
+def test_ranking_loss_on_packed_batch_equals_direct_computation(words_tokenizer, scalar_model):
     graphdef, params = scalar_model
-    comparisons, _ = tokenize_comparisons(ranking_records(12), "ranking", tokenizer, max_len=64,
+    comparisons, _ = tokenize_comparisons(ranking_records(12), "ranking", words_tokenizer, max_len=64,
                                           max_responses=4)
     assert {len(c.sequences) for c in comparisons} == {2, 3, 4}
     batch, count = pack_comparisons(comparisons, seq_len=192, rows=12, per_row=3, num_responses=4)
@@ -158,9 +144,9 @@ def test_ranking_loss_on_packed_batch_equals_direct_computation(tokenizer, scala
 
 
 @pytest.fixture(scope="module")
-def lm_export(tmp_path_factory, tokenizer_dir):
+def lm_export(tmp_path_factory, words_tokenizer_dir):
     path = tmp_path_factory.mktemp("lm") / "export"
-    export_lm(path, tokenizer_dir)
+    export_lm(path, words_tokenizer_dir)
     return path
 
 
@@ -176,11 +162,11 @@ def train_config(init_from, accum_steps=1):
 
 
 @pytest.fixture(scope="module")
-def sharding_batches(tokenizer):
+def sharding_batches(words_tokenizer):
     records = pair_records(40, seed=1)
     for i, record in enumerate(records[::3]):  # uneven lengths: rows hold 2 or 3 comparisons
         record["chosen"] += ", " + ", ".join(WORDS[:i % 6 + 3])
-    comparisons, _ = tokenize_comparisons(records, "pairwise", tokenizer, max_len=64)
+    comparisons, _ = tokenize_comparisons(records, "pairwise", words_tokenizer, max_len=64)
     batches = BatchIterator(comparisons, batch_size=8, seq_len=192, seed=0, packing=True,
                             batching=comparison_batching(8, 192, 3, 2))
     return [next(batches) for _ in range(2)]
@@ -218,12 +204,12 @@ def test_sharded_steps_equal_unsharded(lm_export, sharding_batches):
 # ---------------------------------------------------------------- init from an LM export
 
 
-def export_lm(path, tokenizer_dir=None, seed=3):
+def export_lm(path, words_tokenizer_dir=None, seed=3):
     cfg = ModelConfig(**TINY)
     _, params = split_model(create_model(cfg, seed))
     metadata = {"model": cfg.to_dict()}
-    if tokenizer_dir is not None:
-        metadata["tokenizer"] = str(tokenizer_dir)
+    if words_tokenizer_dir is not None:
+        metadata["words_tokenizer"] = str(words_tokenizer_dir)
     checkpoint.export_params(path, params, metadata=metadata)
     return params
 
@@ -260,7 +246,7 @@ def write_jsonl(path, records):
     return str(path)
 
 
-def rm_config(tmp_path, tokenizer_dir, source, kind="pairwise", steps=30):
+def rm_config(tmp_path, words_tokenizer_dir, source, kind="pairwise", steps=30):
     c = base_config()
     c.algorithm = "reward"
     c.init_from = str(tmp_path / "lm")
@@ -269,7 +255,7 @@ def rm_config(tmp_path, tokenizer_dir, source, kind="pairwise", steps=30):
     c.optim.update(lr=3e-3, warmup_steps=3)
     c.train.update(steps=steps, batch_size=8, seq_len=128, log_every=10, eval_every=steps, eval_batches=1,
                    checkpoint_every=steps, async_checkpoint=False)
-    c.data.update(kind=kind, source=source, tokenizer=str(tokenizer_dir), eval_fraction=0.25,
+    c.data.update(kind=kind, source=source, tokenizer=str(words_tokenizer_dir), eval_fraction=0.25,
                   packing=True, prompt_overflow="skip")
     c.reward.update(margins="small" if kind == "pairwise" else "none", center_coef=0.01, max_responses=4,
                     comparisons_per_row=3)
@@ -290,11 +276,11 @@ def learnable_pairs(n, seed=0):
 
 
 @pytest.mark.slow
-def test_reward_driver_learns_an_easy_rule_and_exports_scores(tmp_path, tokenizer_dir, tokenizer):
-    export_lm(tmp_path / "lm", tokenizer_dir)
+def test_reward_driver_learns_an_easy_rule_and_exports_scores(tmp_path, words_tokenizer_dir, words_tokenizer):
+    export_lm(tmp_path / "lm", words_tokenizer_dir)
     records = learnable_pairs(64)
     source = write_jsonl(tmp_path / "pairs.jsonl", records)
-    config = rm_config(tmp_path, tokenizer_dir, source)
+    config = rm_config(tmp_path, words_tokenizer_dir, source)
     workdir = tmp_path / "rm"
     result = reward.train(config, str(workdir))
 
@@ -320,41 +306,41 @@ def test_reward_driver_learns_an_easy_rule_and_exports_scores(tmp_path, tokenize
     rm = reward.load_reward_model(str(workdir / "export"), mesh)
     assert rm.stats == stats and rm.model_cfg.head == "scalar"
     held_out = records[-16:]
-    kept, scores = reward.score_records(rm, tokenizer, held_out, "pairwise", batch_size=8)
+    kept, scores = reward.score_records(rm, words_tokenizer, held_out, "pairwise", batch_size=8)
     assert kept == held_out
     flat = np.concatenate(scores)
     np.testing.assert_allclose([flat.mean(), flat.std()], [stats["mean"], stats["std"]], atol=1e-4)
     accuracy = np.mean([s[0] > s[1] for s in scores])
     np.testing.assert_allclose(accuracy, overall["accuracy"])
     # And each score is the loaded model's score at the response's EOS, scored alone.
-    comparisons, _ = tokenize_comparisons(held_out, "pairwise", tokenizer, max_len=64)
+    comparisons, _ = tokenize_comparisons(held_out, "pairwise", words_tokenizer, max_len=64)
     alone = alone_scores(rm.graphdef, jax.device_get(rm.params), [s for c in comparisons for s in c.sequences])
     np.testing.assert_allclose(flat, alone, atol=1e-4)
     assert result["reward_std"] == stats["std"] > 0
 
 
-def test_driver_rejects_sft_data(tmp_path, tokenizer_dir):
-    config = rm_config(tmp_path, tokenizer_dir, "toy")
+def test_driver_rejects_sft_data(tmp_path, words_tokenizer_dir):
+    config = rm_config(tmp_path, words_tokenizer_dir, "toy")
     config.data.kind = "sft"
     with pytest.raises(ValueError, match=r"config\.data\.kind='sft': a reward model trains on 'pairwise' or "
                                          r"'ranking' records"):
         reward.train(config, str(tmp_path / "rm"))
 
 
-def test_driver_rejects_margins_on_rankings(tmp_path, tokenizer_dir):
+def test_driver_rejects_margins_on_rankings(tmp_path, words_tokenizer_dir):
     source = write_jsonl(tmp_path / "ranked.jsonl", ranking_records(8))
-    config = rm_config(tmp_path, tokenizer_dir, source, kind="ranking")
+    config = rm_config(tmp_path, words_tokenizer_dir, source, kind="ranking")
     config.reward.margins = "small"
     with pytest.raises(ValueError, match=r"margins applies to pairwise data .* set config\.reward\.margins='none'"):
         reward.train(config, str(tmp_path / "rm"))
 
 
-def test_driver_needs_a_margin_on_every_pair_for_the_margin_loss(tmp_path, tokenizer_dir):
-    export_lm(tmp_path / "lm", tokenizer_dir)
+def test_driver_needs_a_margin_on_every_pair_for_the_margin_loss(tmp_path, words_tokenizer_dir):
+    export_lm(tmp_path / "lm", words_tokenizer_dir)
     records = learnable_pairs(12)
     del records[3]["margin"]
     source = write_jsonl(tmp_path / "pairs.jsonl", records)
-    config = rm_config(tmp_path, tokenizer_dir, source)
+    config = rm_config(tmp_path, words_tokenizer_dir, source)
     with pytest.raises(RecordError) as info:
         reward.train(config, str(tmp_path / "rm"))
     assert info.value.field == "margin"

@@ -58,15 +58,21 @@ def _smoothed_logistic_loss(logits: Array, label_smoothing) -> Array:
           + label_smoothing * -jax.nn.log_sigmoid(-logits))
 
 
-def _pair_metrics(loss: Array, chosen_rewards: Array, rejected_rewards: Array) -> dict[str, Array]:
-  """Batch means of the implicit rewards of a pair loss; accuracy is strict (ties count 0)."""
+def _pair_metrics(loss: Array, chosen_rewards: Array, rejected_rewards: Array,
+                  weight: Array | None = None) -> dict[str, Array]:
+  """Batch means (weighted by `weight` [B] when given) of the implicit rewards of a pair loss;
+  accuracy is strict (ties count 0); loss_weight = B, or the weights' sum."""
+  if weight is None:
+    weight = jnp.ones_like(chosen_rewards)
+  total = jnp.sum(weight)
+  mean = lambda x: jnp.sum(weight * x) / jnp.maximum(total, 1e-8)
   return {
       "loss": loss,
-      "rewards/chosen": jnp.mean(chosen_rewards),
-      "rewards/rejected": jnp.mean(rejected_rewards),
-      "rewards/margin": jnp.mean(chosen_rewards - rejected_rewards),
-      "rewards/accuracy": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-      "loss_weight": jnp.float32(chosen_rewards.shape[0]),
+      "rewards/chosen": mean(chosen_rewards),
+      "rewards/rejected": mean(rejected_rewards),
+      "rewards/margin": mean(chosen_rewards - rejected_rewards),
+      "rewards/accuracy": mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+      "loss_weight": total,
   }
 
 
@@ -129,17 +135,11 @@ def dpo_loss(
     losses = jax.nn.relu(1.0 - beta * h)
   if weight is None:
     loss = jnp.mean(losses)
-    return loss, _pair_metrics(loss, beta * chosen_logratios, beta * rejected_logratios)
-  chex.assert_equal_shape([policy_chosen_logps, weight])
-  w = _f32(weight)
-  total = jnp.sum(w)
-  mean = lambda x: jnp.sum(w * x) / jnp.maximum(total, 1e-8)
-  loss = mean(losses)
-  chosen, rejected = beta * chosen_logratios, beta * rejected_logratios
-  return loss, {"loss": loss, "rewards/chosen": mean(chosen), "rewards/rejected": mean(rejected),
-                "rewards/margin": mean(chosen - rejected),
-                "rewards/accuracy": mean((chosen > rejected).astype(jnp.float32)),
-                "loss_weight": total}
+  else:
+    chex.assert_equal_shape([policy_chosen_logps, weight])
+    weight = _f32(weight)
+    loss = jnp.sum(weight * losses) / jnp.maximum(jnp.sum(weight), 1e-8)
+  return loss, _pair_metrics(loss, beta * chosen_logratios, beta * rejected_logratios, weight)
 
 
 def cpl_loss(
