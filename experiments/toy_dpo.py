@@ -1,5 +1,6 @@
-"""DPO from the SFT model on the simulated annotators' helpfulness pairs (the reward models' data),
-then the gold evaluation: the offline alternative to RLHF's reward model + PPO.
+"""DPO from the SFT model on the simulated annotators' rankings (helpfulness and safety in one
+criterion), each ranking as its best-vs-rest pairs, then the gold evaluation: the offline
+alternative to RLHF's reward models + PPO.
 
   python -m rlhf_jax.run --config=experiments/toy_dpo.py --workdir=runs/quickstart
 
@@ -13,6 +14,6 @@ from rlhf_jax.toy_configs import dpo_stage, toy_pipeline_config
 
 def get_config():
   c = toy_pipeline_config()
-  c.dpo = dpo_stage("pairs_helpful")
+  c.dpo = dpo_stage()  # `dpo_stage("pairs_helpful", kind="pairwise")`: helpfulness pairs only
   c.stages = ("world", "pretrain", "sft", "dpo", "eval")
   return c

@@ -46,15 +46,16 @@ def reward_stage(source: str, *, kind: str = "pairwise", steps: int = 150, margi
   return s
 
 
-def dpo_stage(source: str = "pairs_helpful", *, steps: int = 150, beta: float = 0.1,
-              lr: float = 5e-6, loss_type: str = "sigmoid", init_from: str = "sft",
-              seq_len: int = 512, batch_size: int = 8) -> ml_collections.ConfigDict:
+def dpo_stage(source: str = "rankings", *, kind: str = "ranking", steps: int = 150,
+              beta: float = 0.1, lr: float = 5e-5, loss_type: str = "sigmoid",
+              init_from: str = "sft", seq_len: int = 512,
+              batch_size: int = 8) -> ml_collections.ConfigDict:
   """DPO (or IPO / cDPO / hinge) from the SFT model on a world preference set (held out:
-  `<source>_eval`), rows packed with whole pairs as for the reward models; the reference's
-  log-probs are precomputed once."""
+  `<source>_eval`; default the combined-criterion rankings as best-vs-rest pairs), rows packed
+  with whole pairs as for the reward models; the reference's log-probs are precomputed once."""
   s = stage("dpo", lr=lr, warmup=10, steps=steps, seq_len=seq_len, log_every=10)
   s.init_from = init_from
-  s.data.update(kind="pairwise", source=source, eval_source=f"{source}_eval")
+  s.data.update(kind=kind, source=source, eval_source=f"{source}_eval")
   s.train.update(batch_size=batch_size)
   s.reward.update(comparisons_per_row=6)  # pairs per packed row
   s.dpo.update(beta=beta, loss_type=loss_type)

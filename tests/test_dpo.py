@@ -50,6 +50,7 @@ def test_comparison_logps_equal_each_response_scored_alone(words_tokenizer):
   assert np.all(sums[~batch["valid"]] == 0) and np.all(lengths[~batch["valid"]] == 0)
 
 
+@pytest.mark.slow
 def test_precomputed_reference_logps_follow_each_comparison_through_packing(words_tokenizer):
   graphdef, params = split_model(create_model(ModelConfig(**TINY), 1))
   comparisons, _ = tokenize_comparisons(pair_records(11), "pairwise", words_tokenizer, max_len=64)
