@@ -14,6 +14,7 @@ def tiny():
                             mlp_dim=128, max_seq_len=256)
 
 
+@pytest.mark.slow  # compiles a whole update / benchmark: minutes of the fast set
 def test_train_step_and_generate_records(tiny):
   sft = bench.sft_step(tiny, batch=8, seq_len=32, repeats=1, peak_gflops=100.0)
   assert sft["tokens_per_s"] == pytest.approx(8 * 32 / sft["step_s"])

@@ -276,6 +276,7 @@ def _loss_logits_grads(cfg, params, tokens, positions, segments):
   return jax.device_get((loss, logits, grads))
 
 
+@pytest.mark.slow  # compiles several train steps: keeps the fast set under 5 minutes
 def test_scan_and_remat_do_not_change_logits_or_gradients():
   base = LLAMA.replace(scan_layers=False, remat="none")
   _, params = random_params(base, seed=7)

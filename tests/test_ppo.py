@@ -277,6 +277,7 @@ def run_update(models, mesh_shape, cfg, rollout):
   return jax.device_get((state, out))
 
 
+@pytest.mark.slow  # compiles a whole update / benchmark: minutes of the fast set
 def test_one_epoch_of_one_minibatch_is_one_train_step(models):
   cfg = ppo_cfg(epochs=1, minibatches=1)
   rollout = scored_rollout(models)
@@ -298,6 +299,7 @@ def test_one_epoch_of_one_minibatch_is_one_train_step(models):
   assert moved > 1e-3  # the step did something
 
 
+@pytest.mark.slow  # compiles a whole update / benchmark: minutes of the fast set
 def test_sharded_update_equals_unsharded(models):
   """A whole PPO phase (2 epochs x 2 shuffled mini-batches) on a (data 2, fsdp 2, tensor 2) mesh
   == on one device. (Short rows: at the driver's ~100 tokens XLA:CPU deadlocks on this mesh.)"""

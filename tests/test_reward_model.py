@@ -187,6 +187,7 @@ def two_steps(init_from, batches, mesh_shape, accum_steps=1):
     return jax.device_get(state.params), metrics
 
 
+@pytest.mark.slow  # compiles several train steps: keeps the fast set under 5 minutes
 def test_sharded_steps_equal_unsharded(lm_export, sharding_batches):
     """2 steps on one device == 2 steps on a (data 2, fsdp 2, tensor 2) mesh in 2 micro-batches each
     (weighted by their number of pairs, which packing makes unequal)."""

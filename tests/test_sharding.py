@@ -85,6 +85,7 @@ def test_params_are_sharded_as_the_rules_say():
   assert mu.sharding.spec == q.sharding.spec  # optimiser moments follow their parameter
 
 
+@pytest.mark.slow  # compiles several train steps: keeps the fast set under 5 minutes
 @pytest.mark.parametrize("accum_steps", [2, 4])
 def test_gradient_accumulation_equals_full_batch(reference, accum_steps):
   """Per-token normalisation over the global batch: any micro-batch split gives the same loss."""
