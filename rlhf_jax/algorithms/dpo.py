@@ -1,9 +1,9 @@
 """DPO and its relatives (IPO, cDPO, hinge) on preference pairs, from an SFT export.
 
-data (pairwise records, or rankings turned into pairs) -> comparisons (data/preference.py: chosen and rejected responses as
-segments of packed rows) -> the reference's summed response log-probs -> sharded training of the
-policy with `losses.preference.dpo_loss` on the shared train step -> export (an LM, what the next
-stage and the gold evaluation load).
+data (pairwise records, or rankings turned into pairs) -> comparisons (data/preference.py: chosen
+and rejected responses as segments of packed rows) -> the reference's summed response log-probs
+-> sharded training of the policy with `losses.preference.dpo_loss` on the shared train step ->
+export (an LM, what the next stage and the gold evaluation load).
 
 The reference is the policy's starting point (`config.init_from`). Its log-probs are either
 precomputed once over the whole data set before training (`config.dpo.reference="precompute"`,
@@ -30,8 +30,8 @@ import numpy as np
 
 from rlhf_jax import checkpoint, data, scoring, sharding
 from rlhf_jax.algorithms import common
-from rlhf_jax.algorithms.reward import load_comparisons
-from rlhf_jax.data.preference import comparison_batching, pack_comparisons
+from rlhf_jax.algorithms.reward import comparison_iterators, load_comparisons
+from rlhf_jax.data.preference import num_tokens, pack_comparisons
 from rlhf_jax.losses import preference
 
 _log = logging.getLogger(__name__)
@@ -147,16 +147,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       del reference, logps_fn
     else:
       wrap = lambda batches: _WithReference(batches, logps_fn, mesh)
-  per_row = config.reward.comparisons_per_row if d.packing else 1
-  batching = comparison_batching(t.batch_size, t.seq_len, per_row, 2)
-  batches = data.BatchIterator(train_cmp, batch_size=t.batch_size, seq_len=t.seq_len,
-                               seed=config.seed, packing=d.packing, batching=batching)
-  eval_iter = data.BatchIterator(eval_cmp, batch_size=t.batch_size, seq_len=t.seq_len, seed=0,
-                                 packing=False, shuffle=False, batching=batching)
+  batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses=2)
   evaluate = common.make_evaluate(make_loss(setup.graphdef), setup, wrap(eval_iter), t.eval_batches)
   state = common.train_loop(config, workdir, setup, wrap(batches), data_state=batches.state,
-                            restore_data=batches.restore, evaluate=evaluate,
-                            count_tokens=lambda b: int(np.count_nonzero(b["segment_ids"])))
+                            restore_data=batches.restore, evaluate=evaluate, count_tokens=num_tokens)
   if int(state.step) < t.steps:  # stopped early (stop_after_steps): the rerun finishes
     return {"step": int(state.step)}
   held_out = {k: float(v) for k, v in jax.device_get(evaluate(state)).items()}

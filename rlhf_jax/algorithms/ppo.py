@@ -2,8 +2,9 @@
 
 One iteration: sample `samples_per_prompt` responses to each of `prompts_per_iteration` prompts
 from the policy (jitted KV-cache sampler), score them without gradients (policy and reference
-log-probs, values, reward-model scores), make per-token rewards (-beta KL + the sequence reward at the last token, optionally relative to the
-prompt's other samples: `reward_baseline="rloo"`) and GAE advantages, then run
+log-probs, values, reward-model scores), make per-token rewards (-beta KL + the sequence reward at
+the last token, optionally relative to the prompt's other samples: `reward_baseline="rloo"`) and
+GAE advantages, then run
 `epochs` passes of `minibatches` shuffled mini-batches **inside one jitted update** (a scan over
 the shared optimiser step), and update beta (fixed or adaptive KL controller).
 
@@ -140,8 +141,9 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
   the mean of its prompt's other samples before the per-token rewards are made.
   sample (jitted sampler) -> score without gradients (jitted) -> rewards and GAE (jitted) ->
   `cfg.epochs` x `cfg.minibatches` optimiser steps (one jitted scan). info: "out" (the sampler's
-  GenerateOutput), "reward" [B] (before the baseline), "scores" {name: [B]}, "eos_found" [B], "sequence_kl" [B] and
-  "update" (the update's metrics); all device arrays, nothing is read back here.
+  GenerateOutput), "reward" [B] (before the baseline), "scores" {name: [B]}, "eos_found" [B],
+  "sequence_kl" [B] and "update" (the update's metrics); all device arrays, nothing is read back
+  here.
   `text_reward(out) -> [B]`, when given, replaces the reward models (e.g. the toy world's gold
   reward of the decoded responses); `spec` may then be None. reference_graphdef: the frozen
   reference's graph (e.g. bfloat16, `config.ppo.frozen_dtype`), default the policy's.
@@ -208,8 +210,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"config.ppo.prompts_per_iteration x samples_per_prompt = "
                      f"{p.prompts_per_iteration} x {p.samples_per_prompt} is not a positive "
                      f"multiple of config.ppo.minibatches={p.minibatches}")
-  if p.reward_baseline not in ("none", "rloo"):
-    raise ValueError(f"config.ppo.reward_baseline={p.reward_baseline!r}; choose 'none' or 'rloo'")
+  if p.reward_baseline not in ppo_rollout.REWARD_BASELINES:  # fail before any model loads
+    raise ValueError(f"config.ppo.reward_baseline={p.reward_baseline!r}; choose one of "
+                     f"{ppo_rollout.REWARD_BASELINES}")
   if p.reward_baseline != "none" and p.samples_per_prompt < 2:
     raise ValueError(f"config.ppo.reward_baseline={p.reward_baseline!r} compares a prompt's "
                      f"samples: set config.ppo.samples_per_prompt >= 2 (it is "

@@ -163,6 +163,9 @@ def advantages_fn(old_logp: Array, ref_logp: Array, values: Array, reward: Array
           "sequence_kl": kl_losses.sequence_kl(kl, mask)}
 
 
+REWARD_BASELINES = ("none", "rloo")  # config.ppo.reward_baseline
+
+
 def baselined_reward(reward: Array, samples_per_prompt: int, kind: str) -> Array:
   """The sequence reward [B * K] (K samples of each prompt contiguous) minus its baseline:
   kind "none" -> unchanged; "rloo" -> minus the mean reward of the same prompt's other samples
@@ -171,7 +174,7 @@ def baselined_reward(reward: Array, samples_per_prompt: int, kind: str) -> Array
     return reward
   if kind == "rloo":
     return ppo_losses.rloo_advantages(reward.reshape(-1, samples_per_prompt)).reshape(-1)
-  raise ValueError(f"config.ppo.reward_baseline={kind!r}; choose 'none' or 'rloo'")
+  raise ValueError(f"config.ppo.reward_baseline={kind!r}; choose one of {REWARD_BASELINES}")
 
 
 def encode_prompts(tokenizer, records: Sequence[dict], max_prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -200,5 +203,6 @@ def decode_responses(tokenizer, out: generate.GenerateOutput) -> list[str]:
 
 
 __all__ = ["token_values", "head_values", "policy_forward", "RewardSpec", "load_reward_models",
-           "reward_spec", "make_score_fn", "advantages_fn", "baselined_reward", "encode_prompts",
+           "reward_spec", "make_score_fn", "advantages_fn", "REWARD_BASELINES", "baselined_reward",
+           "encode_prompts",
            "eos_found", "decode_responses"]

@@ -1,8 +1,8 @@
 """Llama 2's iterated rejection sampling: best-of-K under the reward model, then SFT on the best.
 
 Round r (r = 1..rounds): for the same `prompts_per_round` prompts every round (the first ones of
-`config.data.source`; with `fresh_prompts`, the next `prompts_per_round` unseen ones), sample K responses per prompt from the current policy at temperature
-`temperatures[r-1]`, score them with the reward model(s) (the same `RewardSpec` as PPO, e.g. the
+`config.data.source`; with `fresh_prompts`, the next `prompts_per_round` unseen ones), sample K
+responses per prompt from the current policy at temperature `temperatures[r-1]`, score them with the reward model(s) (the same `RewardSpec` as PPO, e.g. the
 Llama 2 combination of helpfulness and safety), keep the best response per prompt -- with
 `keep_best_across_rounds`, the best one seen for that prompt in any round so far, so a worse round
 cannot undo an earlier one -- and fine-tune the current policy on the kept set with the SFT driver

@@ -29,7 +29,7 @@ import numpy as np
 from rlhf_jax import checkpoint, data, reward_metrics, scoring, sharding
 from rlhf_jax.algorithms import common
 from rlhf_jax.data.preference import (comparison_batch, comparison_batching, comparison_length,
-                                      tokenize_comparisons)
+                                      num_tokens, tokenize_comparisons)
 from rlhf_jax.data.records import MAX_RANKED
 from rlhf_jax.losses import reward as reward_losses
 from rlhf_jax.metrics import format_table
@@ -193,6 +193,22 @@ def load_comparisons(config: ml_collections.ConfigDict, tokenizer, model_cfg: Mo
   return Comparisons(train_records, eval_records, train_cmp, eval_cmp, stats, eval_stats)
 
 
+def comparison_iterators(config: ml_collections.ConfigDict, train: list, held_out: list,
+                         num_responses: int) -> tuple[data.BatchIterator, data.BatchIterator]:
+  """(train batches: shuffled by `config.seed`, rows packed with up to
+  `config.reward.comparisons_per_row` comparisons when `config.data.packing`; held-out batches:
+  in order, one comparison per row) of `config.train.batch_size` rows of `seq_len` tokens.
+  Shared by reward models and DPO."""
+  d, t = config.data, config.train
+  per_row = config.reward.comparisons_per_row if d.packing else 1
+  batching = comparison_batching(t.batch_size, t.seq_len, per_row, num_responses)
+  batches = data.BatchIterator(train, batch_size=t.batch_size, seq_len=t.seq_len, seed=config.seed,
+                               packing=d.packing, batching=batching)
+  eval_iter = data.BatchIterator(held_out, batch_size=t.batch_size, seq_len=t.seq_len, seed=0,
+                                 packing=False, shuffle=False, batching=batching)
+  return batches, eval_iter
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint.check_workdir_writable(workdir)
   sharding.maybe_initialize_distributed()
@@ -223,17 +239,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   make_loss = functools.partial(make_reward_loss_fn, kind=kind, margins=margins, center_coef=r.center_coef)
   setup = common.setup_training(config, mesh, model_cfg, make_loss)
-  per_row = r.comparisons_per_row if d.packing else 1
-  batching = comparison_batching(t.batch_size, t.seq_len, per_row, num_responses)
-  batches = data.BatchIterator(train_cmp, batch_size=t.batch_size, seq_len=t.seq_len, seed=config.seed,
-                               packing=d.packing, batching=batching)
-  eval_iter = data.BatchIterator(eval_cmp, batch_size=t.batch_size, seq_len=t.seq_len, seed=0,
-                                 packing=False, shuffle=False, batching=batching)
+  batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses)
   evaluate = common.make_evaluate(make_loss(setup.graphdef), setup, eval_iter, t.eval_batches)
 
   state = common.train_loop(config, workdir, setup, batches, data_state=batches.state,
-                            restore_data=batches.restore, evaluate=evaluate,
-                            count_tokens=lambda b: int(np.count_nonzero(b["segment_ids"])))
+                            restore_data=batches.restore, evaluate=evaluate, count_tokens=num_tokens)
   if int(state.step) < t.steps:  # stopped early (stop_after_steps): the rerun finishes
     return {"step": int(state.step)}
 
