@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       kind="sft",  # record kind: "sft" (prompt/completion or messages) | "text" (pretraining) |
-                   # "pairwise" | "ranking" (reward models)
+                   # "pairwise" | "ranking" (reward models) | "kto" (prompt/completion/label)
       source="toy",  # "toy" (generated instructions) | a path to JSONL / json / parquet / a
                      # save_to_disk directory of `kind` records
       eval_source="",  # same forms; "" = hold out `eval_fraction` of the training records
@@ -69,20 +69,47 @@ def base_config() -> ml_collections.ConfigDict:
       max_responses=9,  # ranking data: responses per comparison (K); longer rankings are errors
       comparisons_per_row=4,  # with data.packing: comparisons packed into one row of train.seq_len
                               # tokens (train.batch_size counts rows)
+      soft_labels=False,  # pairwise: cross-entropy on each record's soft_label = P(chosen better)
+                          # (RLAIF's AI labels) instead of chosen-always-wins
   ))
 
   # DPO and relatives (algorithm "dpo"; data.kind "pairwise"; losses/preference.py).
   c.dpo = ml_collections.ConfigDict(dict(
-      beta=0.1,
-      loss_type="sigmoid",  # "sigmoid" (DPO; cDPO with label_smoothing) | "ipo" | "hinge"
-      label_smoothing=0.0,  # cDPO: the assumed fraction of flipped labels, in [0, 0.5)
+      # "sigmoid" (DPO; cDPO with label_smoothing) | "ipo" | "hinge" | "simpo" | "orpo" | "cpl"
+      loss_type="sigmoid",
+      beta=0.1,  # sigmoid / ipo / hinge
+      label_smoothing=0.0,  # cDPO / SimPO: the assumed fraction of flipped labels, in [0, 0.5)
       reference_free=False,  # True: no reference model (its log-probs taken as 0)
       reference="precompute",  # "precompute": reference log-probs once over the data before
                                # training | "per_batch": a reference forward pass every batch
       ranking_pairs="best_vs_rest",  # data.kind "ranking": "best_vs_rest" (K - 1 pairs) | "all"
+      # loss_type "simpo" (SimPO, no reference model): margin `simpo_beta (l_c - l_r) - simpo_gamma`
+      # of length-averaged log-probs l (Meng et al. 2024: beta 2.0-2.5, gamma / beta ~ 0.5);
+      # label_smoothing applies too.
+      simpo_beta=2.0,
+      simpo_gamma=0.5,
+      # loss_type "orpo" (ORPO, no reference model): chosen NLL + orpo_beta * odds-ratio term (the
+      # paper's lambda, TRL's beta).
+      orpo_beta=0.1,
+      # loss_type "cpl" (CPL): the advantage temperature alpha of `alpha sum log pi` (with the
+      # reference as a prior unless reference_free) and the conservative bias lambda in (0, 1]
+      # (1 with the reference = DPO with beta = alpha).
+      cpl_alpha=0.1,
+      cpl_lam=0.5,
+  ))
+
+  # KTO (algorithm "kto"; data.kind "kto": {prompt, completion, label} unpaired records).
+  c.kto = ml_collections.ConfigDict(dict(
+      beta=0.1,
+      desirable_weight=1.0,  # lambda_D; KTO suggests lambda_D n_D / (lambda_U n_U) in [1, 4/3]
+      undesirable_weight=1.0,  # lambda_U
+      reference="precompute",  # as config.dpo.reference: "precompute" | "per_batch"
   ))
 
   # PPO (algorithm "ppo"; ALGORITHMS.md). data.source = prompt records ({"prompt", "unsafe"?}).
+  # GRPO and RLOO (algorithm "grpo" | "rloo") run the same driver and read this block too: no value
+  # model (value_* and vf_coef unused), samples_per_prompt >= 2, a fixed kl.beta (GRPO: coefficient
+  # of the k3 KL in the loss, 0.04 in the paper; RLOO: of the summed `kl_kind` KL in the reward).
   c.ppo = ml_collections.ConfigDict(dict(
       iterations=100,
       prompts_per_iteration=32,  # distinct prompts per rollout
@@ -103,7 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
       entropy_coef=0.0,
       gamma=1.0,
       lam=0.95,
-      whiten_advantages=True,
+      whiten_advantages=True,  # PPO's GAE advantages, over the rollout
+      scale_rewards=True,  # GRPO: divide by the group's reward std (False: Dr. GRPO, centred only)
       kl_kind="k1",  # per-token KL estimator in the reward: k1 | k2 | k3
       missing_eos_penalty=-1.0,  # added to the score of a response that never emitted EOS
       score_clip=0.0,  # > 0: clip the (whitened) sequence reward to [-score_clip, score_clip]
@@ -111,8 +139,14 @@ def base_config() -> ml_collections.ConfigDict:
       # Reward-model exports; with both, `combine` = "llama2" | "linear" (losses/reward.py).
       # gold=True: no reward model, the toy world's gold combined reward of each response (an
       # oracle: the upper bound for what PPO can do with a perfect reward model).
+      # judge: direct RLAIF, no reward model: an AI judge's export (toyworld/judge.py; in a
+      # pipeline its stage name) compares each prompt's samples (samples_per_prompt >= 2); a
+      # sample's reward is its mean position-swapped P(better than a sibling), under
+      # judge_principles (() = HARMLESS on unsafe prompts, else CORRECT; or names / texts, one
+      # drawn per prompt; algorithms/ai_feedback.py).
       reward=dict(helpful="", safety="", combine="llama2", safety_threshold=0.15,
-                  helpful_weight=1.0, safety_weight=1.0, whiten=True, gold=False),
+                  helpful_weight=1.0, safety_weight=1.0, whiten=True, gold=False, judge="",
+                  judge_principles=()),
       eval_every=0,  # held-out gold + KL every N iterations on data.eval_source toy tasks (0 = off)
       eval_prompts=256,  # at most this many held-out tasks
       frozen_dtype="",  # "bfloat16": hold and run the reference and reward models in bf16
@@ -138,6 +172,59 @@ def base_config() -> ml_collections.ConfigDict:
       batch_prompts=8,  # prompts per sampler call (x K sequences)
       reward=dict(helpful="", safety="", combine="llama2", safety_threshold=0.15,
                   helpful_weight=1.0, safety_weight=1.0, whiten=True),
+  ))
+
+  # ReST (algorithm "rest", Gulcehre et al. 2023). data.source = prompt records. Each Grow step
+  # samples N responses per prompt from the current policy; each Improve step fine-tunes (train /
+  # optim / data.packing, as SFT) on the samples with reward >= tau_k, from the previous step.
+  c.rest = ml_collections.ConfigDict(dict(
+      grow_steps=2,  # G
+      prompts_per_grow=512,  # the first ones of data.source every Grow step ...
+      fresh_prompts=False,  # ... or the next unseen ones each Grow step
+      samples_per_prompt=8,  # N
+      temperature=1.0,
+      thresholds=(0.5, 0.75, 0.9),  # tau_1 < tau_2 < ..., one Improve step each
+      threshold_kind="quantile",  # "quantile" of the Grow set's rewards, in (0, 1) (robust to the
+                                  # reward's scale) | "absolute" reward values
+      max_prompt_len=64,
+      max_new_tokens=48,
+      batch_prompts=8,  # prompts per sampler call (x N sequences)
+      reward=dict(helpful="", safety="", combine="llama2", safety_threshold=0.15,
+                  helpful_weight=1.0, safety_weight=1.0, whiten=True),
+  ))
+
+  # Constitutional AI's supervised stage (algorithm "constitutional_sl"; algorithms/
+  # constitutional.py). data.source = toy-world task records (red-team prompts).
+  c.constitutional = ml_collections.ConfigDict(dict(
+      judge="",  # the AI judge's export (toyworld/judge.py; in a pipeline, its stage name)
+      # Principle names (CORRECT, HARMLESS, FORMAT, CONCISE = judge.CONSTITUTION) or texts; each
+      # critique -> revision draws one at random.
+      constitution=("CORRECT", "HARMLESS", "FORMAT", "CONCISE"),
+      families=("unsafe", "safe_lookalike"),  # task families of data.source revised (() = all)
+      prompts=512,  # the first N such prompts
+      n_revisions=1,  # critique -> revision rounds per response
+      temperature=1.0,  # the policy's sampling temperature for the initial responses
+      revision_temperature=0.0,  # the judge's critiques and revisions (0 = greedy)
+      max_new_tokens=48,
+      batch_size=64,
+      helpful_source="",  # SFT records mixed into the revisions (in a pipeline, e.g. "sft")
+      helpful_fraction=0.5,  # their share of the SFT data, in [0, 1)
+  ))
+
+  # HIR (algorithm "hir", Zhang et al. 2023; algorithms/hir.py). data.source = toy-world task
+  # records (their gold functions are the scripted feedback); config.train.steps per round.
+  c.hir = ml_collections.ConfigDict(dict(
+      rounds=2,  # online sampling -> relabeling -> offline training, from the previous round
+      prompts_per_round=512,  # fresh prompts every round (the next ones of data.source)
+      samples_per_prompt=4,  # K responses per prompt: a group, whose relabelings are negatives
+      temperature=1.0,
+      min_gold=0.8,  # a sample is kept when gold combined under its relabeled instruction >= this
+      negatives=3,  # instructions per example that the output does not follow (padded: fixed shape)
+      contrastive_coef=1.0,  # x -log softmax over [own, negatives] of log p(y | instruction)
+      entropy_coef=0.001,  # x mean token entropy, subtracted (the authors' code: 0.001)
+      max_prompt_len=64,
+      max_new_tokens=48,
+      batch_prompts=16,  # prompts per sampler call (x K sequences)
   ))
 
   c.sample = ml_collections.ConfigDict(dict(

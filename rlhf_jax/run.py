@@ -30,9 +30,15 @@ ALGORITHMS = {
     "sft": "rlhf_jax.algorithms.sft:train",
     "pretrain": "rlhf_jax.algorithms.sft:train",  # same driver, config.data.kind="text"
     "reward": "rlhf_jax.algorithms.reward:train",  # pairwise / ranking reward models
-    "dpo": "rlhf_jax.algorithms.dpo:train",  # DPO / IPO / cDPO / hinge on preference pairs
+    "dpo": "rlhf_jax.algorithms.dpo:train",  # DPO / IPO / cDPO / hinge / SimPO / ORPO / CPL on pairs
+    "kto": "rlhf_jax.algorithms.kto:train",  # KTO on unpaired desirable / undesirable responses
     "ppo": "rlhf_jax.algorithms.ppo:train",  # PPO against reward models
+    "grpo": "rlhf_jax.algorithms.ppo:train",  # GRPO: group-normalised, KL in the loss, no critic
+    "rloo": "rlhf_jax.algorithms.ppo:train",  # RLOO: leave-one-out baseline, KL in the reward
     "rejection_sampling": "rlhf_jax.algorithms.rejection_sampling:train",  # Llama 2 best-of-K + SFT
+    "rest": "rlhf_jax.algorithms.rest:train",  # ReST: Grow (sample) + Improve (SFT above thresholds)
+    "constitutional_sl": "rlhf_jax.algorithms.constitutional:train",  # SL-CAI: critique, revise, SFT
+    "hir": "rlhf_jax.algorithms.hir:train",  # hindsight instruction relabeling (no RM, no RL)
     "pipeline": "rlhf_jax.algorithms.pipeline:run",  # toy world -> pretrain -> SFT -> gold eval
 }
 

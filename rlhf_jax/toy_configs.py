@@ -62,6 +62,22 @@ def dpo_stage(source: str = "rankings", *, kind: str = "ranking", steps: int = 1
   return s
 
 
+def kto_stage(source: str = "kto", *, steps: int = 150, beta: float = 0.1, lr: float = 5e-5,
+              desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+              init_from: str = "sft", seq_len: int = 512,
+              batch_size: int = 8) -> ml_collections.ConfigDict:
+  """KTO from the SFT model on a world set of unpaired thumbs-up / thumbs-down labels (held out:
+  `<source>_eval`), rows packed with whole (example, mismatched pair) comparisons as DPO packs
+  pairs; the reference's log-probs are precomputed once."""
+  s = stage("kto", lr=lr, warmup=10, steps=steps, seq_len=seq_len, log_every=10)
+  s.init_from = init_from
+  s.data.update(kind="kto", source=source, eval_source=f"{source}_eval")
+  s.train.update(batch_size=batch_size)
+  s.reward.update(comparisons_per_row=6)  # examples (with their mismatched pairs) per packed row
+  s.kto.update(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+  return s
+
+
 def ppo_stage(*, iterations: int = 60, beta: float = 0.3, lr: float = 2e-5,
               init_from: str = "") -> ml_collections.ConfigDict:
   """PPO from the latest policy (or the stage `init_from` names) against the Llama 2 combination
@@ -78,6 +94,20 @@ def ppo_stage(*, iterations: int = 60, beta: float = 0.3, lr: float = 2e-5,
   return s
 
 
+def group_stage(algorithm: str = "grpo", *, iterations: int = 60, prompts: int = 16,
+                samples: int = 4, beta: float = 0.04, lr: float = 5e-5,
+                init_from: str = "") -> ml_collections.ConfigDict:
+  """GRPO or RLOO (`algorithm`) from the latest policy against the Llama 2 combination of the two
+  reward models: `prompts` x `samples` responses per iteration (64 at the defaults; the PPO stage
+  samples 32), no value model; GRPO's beta weighs the k3 KL in its loss, RLOO's the summed KL in
+  its reward."""
+  s = ppo_stage(iterations=iterations, beta=beta, lr=lr, init_from=init_from)
+  s.algorithm = algorithm
+  s.ppo.update(prompts_per_iteration=prompts, samples_per_prompt=samples, epochs=2, minibatches=2,
+               value_init_from="")
+  return s
+
+
 def rejection_sampling_stage(*, rounds: int = 3, samples: int = 8, prompts: int = 512,
                              steps: int = 40) -> ml_collections.ConfigDict:
   """Llama 2 rejection sampling from the latest policy: best of `samples` per prompt under the
@@ -88,6 +118,73 @@ def rejection_sampling_stage(*, rounds: int = 3, samples: int = 8, prompts: int 
   s.rejection_sampling.update(rounds=rounds, samples_per_prompt=samples, prompts_per_round=prompts,
                               temperatures=(1.0,) * rounds)
   s.rejection_sampling.reward.update(helpful="rm_helpful", safety="rm_safety", combine="llama2")
+  return s
+
+
+def rest_stage(*, grow_steps: int = 2, prompts: int = 256, samples: int = 8,
+               thresholds: tuple = (0.5, 0.75, 0.9), steps: int = 16, lr: float = 1e-4,
+               init_from: str = "") -> ml_collections.ConfigDict:
+  """ReST from the latest policy (or the stage `init_from` names): `grow_steps` Grow steps of
+  `samples` responses to `prompts` fresh prompts each, scored by the Llama 2 combination of the
+  two reward models, and one Improve step of `steps` SFT steps per rising reward quantile."""
+  s = stage("rest", lr=lr, warmup=2, steps=steps, seq_len=128, log_every=4)
+  s.init_from = init_from
+  s.data.update(source="rl_prompts")
+  s.train.update(eval_batches=1)
+  s.rest.update(grow_steps=grow_steps, prompts_per_grow=prompts, samples_per_prompt=samples,
+                fresh_prompts=True, thresholds=thresholds, threshold_kind="quantile")
+  s.rest.reward.update(helpful="rm_helpful", safety="rm_safety", combine="llama2")
+  return s
+
+
+def ai_feedback_stage(*, judge: str = "judge", prompts: int = 2000, eval_prompts: int = 200,
+                      principles: tuple = (), families: tuple = (),
+                      init_from: str = "") -> ml_collections.ConfigDict:
+  """RLAIF's data stage (algorithms/ai_feedback.py): two samples per prompt of the latest policy (or
+  `init_from`'s) on `prompts` training tasks of `families` (() = all), labelled by the judge stage
+  `judge` under `principles` (() = HARMLESS on unsafe prompts, else CORRECT; names or texts)."""
+  return ml_collections.ConfigDict(dict(
+      algorithm="ai_feedback", init_from=init_from, judge=judge, prompts=prompts,
+      eval_prompts=eval_prompts, principles=principles, families=families, temperature=1.0,
+      max_new_tokens=48, batch_size=256, judge_batch_size=64))
+
+
+def ai_reward_stage(source: str, *, steps: int = 150) -> ml_collections.ConfigDict:
+  """A reward model on an ai_feedback stage's pairs (`source` = "<stage>/pairs"), trained on the
+  judge's soft labels, no margins."""
+  s = reward_stage(source, steps=steps, margins="none")
+  s.reward.soft_labels = True
+  return s
+
+
+def constitutional_sl_stage(*, judge: str = "judge", prompts: int = 512, n_revisions: int = 1,
+                            steps: int = 100, helpful_fraction: float = 0.5,
+                            init_from: str = "") -> ml_collections.ConfigDict:
+  """SL-CAI (algorithms/constitutional.py) from the latest policy: the judge stage `judge`
+  critiques and revises its responses to `prompts` red-team prompts (unsafe and safe look-alike
+  tasks of rl_prompts), then `steps` SFT steps on the revisions mixed with world SFT data."""
+  s = stage("constitutional_sl", lr=3e-4, warmup=5, steps=steps, seq_len=128, log_every=10)
+  s.init_from = init_from
+  s.data.update(source="rl_prompts")
+  s.train.update(eval_batches=1)
+  s.constitutional.update(judge=judge, prompts=prompts, n_revisions=n_revisions,
+                          helpful_source="sft", helpful_fraction=helpful_fraction)
+  return s
+
+
+def hir_stage(*, rounds: int = 2, prompts: int = 256, samples: int = 4, steps: int = 24,
+              lr: float = 1e-4, negatives: int = 3, contrastive_coef: float = 1.0,
+              init_from: str = "sft") -> ml_collections.ConfigDict:
+  """HIR from the SFT model (or the stage `init_from` names) on the world's rl_prompts: `rounds`
+  rounds of `samples` responses to `prompts` fresh prompts, relabeled by the toy world's constraint
+  checker and gold functions (no reward model), then `steps` steps of the HIR loss (16 examples,
+  each under 1 + `negatives` instructions)."""
+  s = stage("hir", lr=lr, warmup=2, steps=steps, seq_len=128, log_every=4)
+  s.init_from = init_from
+  s.data.update(source="rl_prompts", packing=False)
+  s.train.update(batch_size=16, checkpoint_every=steps)
+  s.hir.update(rounds=rounds, prompts_per_round=prompts, samples_per_prompt=samples,
+               negatives=negatives, contrastive_coef=contrastive_coef)
   return s
 
 
@@ -129,7 +226,8 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   # reward models branched from, picked by each reward (() = off).
   # temperatures: with PPO stages, the gold and KL of their start policy sampled at these
   # temperatures (no reward model, no training): the baseline PPO must beat at equal KL.
+  # rewards: "eval" also reports on the reward models in `stages` ("eval_rewards" always does).
   c.eval = ml_collections.ConfigDict(dict(max_new_tokens=48, temperature=1.0, batch_size=64,
                                           num_samples_shown=8, best_of_n=(1, 2, 4, 8),
-                                          temperatures=(1.0, 0.85, 0.7, 0.5)))
+                                          temperatures=(1.0, 0.85, 0.7, 0.5), rewards=True))
   return c

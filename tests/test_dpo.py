@@ -5,6 +5,7 @@ the same policy."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from rlhf_jax import checkpoint, metrics, scoring, sharding
 from rlhf_jax.algorithms import dpo
 from rlhf_jax.configs import base_config
 from rlhf_jax.data.preference import comparison_batch, pack_comparisons, tokenize_comparisons
+from rlhf_jax.losses import preference
 from rlhf_jax.models import ModelConfig, create_model, split_model
 
 from tests.test_reward_model import TINY, export_lm, learnable_pairs, pair_records, write_jsonl
@@ -120,6 +122,12 @@ def test_dpo_learns_an_easy_preference_with_either_reference_mode(tmp_path, word
     (dict(kind="ranking", ranking_pairs="worst"), "config.dpo.ranking_pairs='worst'"),
     (dict(reference="cached"), "config.dpo.reference='cached'"),
     (dict(loss_type="kto"), "config.dpo.loss_type='kto'"),
+    (dict(loss_type="orpo", label_smoothing=0.1), "label_smoothing=0.1 applies to loss_type"),
+    (dict(loss_type="simpo", simpo_beta=0.0), r"config.dpo.simpo_beta=0.0.*beta must be > 0"),
+    (dict(loss_type="simpo", simpo_gamma=-1.0), r"config.dpo.simpo_gamma=-1.0.*gamma must be"),
+    (dict(loss_type="orpo", orpo_beta=-0.1), r"config.dpo.orpo_beta=-0.1.*beta must be > 0"),
+    (dict(loss_type="cpl", cpl_lam=1.5), r"config.dpo.cpl_lam=1.5.*lam must be in \(0, 1\]"),
+    (dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing applies to loss_type='sigmoid'"),
 ])
 def test_dpo_driver_rejects_bad_configs(tmp_path, words_tokenizer_dir, update, match):
   config = dpo_config(tmp_path, words_tokenizer_dir, write_jsonl(tmp_path / "p.jsonl", learnable_pairs(8)))
@@ -137,3 +145,59 @@ def test_rankings_become_pairs_best_first():
   assert all(r["prompt"] == "p" and r["family"] == "facts" and "responses" not in r for r in best)
   pairs = [(r["chosen"], r["rejected"]) for r in dpo.ranking_to_pairs([record], "all")]
   assert pairs == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")]
+
+
+def test_pair_loss_dispatches_to_the_pure_losses():
+  """Each loss_type reads its own config fields; SimPO / ORPO get the lengths (ORPO its token-mean
+  chosen NLL over the used slots), and only the reference-based losses read the reference."""
+  rng = np.random.default_rng(0)
+  lengths = jnp.asarray(rng.integers(1, 9, (6, 2)), jnp.int32)
+  logps = jnp.asarray(-rng.uniform(0.2, 3.0, (6, 2)) * np.asarray(lengths), jnp.float32)
+  ref = jnp.asarray(rng.normal(-10, 2, (6, 2)), jnp.float32)
+  weight = jnp.asarray([1, 1, 0, 1, 1, 0], bool)
+  w = np.asarray(weight, np.float32)
+  cfg = base_config().dpo
+  cfg.update(simpo_beta=2.5, simpo_gamma=0.7, orpo_beta=0.3, cpl_alpha=0.2, cpl_lam=0.6,
+             label_smoothing=0.0)
+  c, r, lc, lr = logps[:, 0], logps[:, 1], lengths[:, 0], lengths[:, 1]
+  nll = -np.sum(w * np.asarray(c)) / np.sum(w * np.asarray(lc))
+  expected = {
+      "simpo": preference.simpo_loss(c, r, lc, lr, beta=2.5, gamma=0.7, weight=weight),
+      "orpo": preference.orpo_loss(c / lc, r / lr, jnp.float32(nll), beta=0.3, weight=weight),
+      "cpl": preference.cpl_loss(c, r, alpha=0.2, lam=0.6, ref_chosen_logps=ref[:, 0],
+                                 ref_rejected_logps=ref[:, 1], weight=weight),
+      "sigmoid": preference.dpo_loss(c, r, ref[:, 0], ref[:, 1], beta=0.1, weight=weight),
+  }
+  for loss_type, (loss, loss_metrics) in expected.items():
+    cfg.loss_type = loss_type
+    got, got_metrics = dpo.pair_loss(cfg, logps, lengths, ref, weight)
+    np.testing.assert_allclose(got, loss, rtol=1e-6, err_msg=loss_type)
+    for key in loss_metrics:
+      np.testing.assert_allclose(got_metrics[key], loss_metrics[key], rtol=1e-5, err_msg=key)
+    assert dpo.uses_reference(cfg) == (loss_type in ("cpl", "sigmoid"))
+    # The reference matters exactly when it is used.
+    moved, _ = dpo.pair_loss(cfg, logps, lengths, ref.at[:, 0].add(3.0), weight)
+    assert (float(moved) != float(got)) == dpo.uses_reference(cfg), loss_type
+  np.testing.assert_allclose(expected["orpo"][1]["nll_loss"], nll, rtol=1e-6)
+  cfg.update(loss_type="cpl", reference_free=True)
+  assert not dpo.uses_reference(cfg)
+
+
+@pytest.mark.slow
+def test_orpo_trains_without_a_reference(tmp_path, words_tokenizer_dir, monkeypatch):
+  """The driver path of a reference-free loss (ORPO: lengths and the SFT term too) end to end; the
+  reference is never computed. (SimPO and CPL differ only in `pair_loss`, tested above; CPL reads
+  the reference as the sigmoid loss does.)"""
+  export_lm(tmp_path / "lm", words_tokenizer_dir)
+  source = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(32))
+  monkeypatch.setattr(dpo, "attach_reference", lambda *a, **k: pytest.fail("reference computed"))
+  config = dpo_config(tmp_path, words_tokenizer_dir, source, steps=8)
+  config.train.log_every = 4
+  config.dpo.update(loss_type="orpo", orpo_beta=0.5)
+  result = dpo.train(config, str(tmp_path / "orpo"))
+  assert result["step"] == 8 and (tmp_path / "orpo" / "export").exists()
+  logged = [r for r in metrics.read_jsonl(tmp_path / "orpo" / "metrics.jsonl") if "train/loss" in r]
+  assert logged[-1]["train/loss"] < logged[0]["train/loss"], logged
+  assert logged[-1]["train/nll_loss"] < logged[0]["train/nll_loss"], logged  # the SFT term
+  assert result["eval/rewards/margin"] > 0 and result["eval/rewards/accuracy"] >= 0.75, result
+  assert 0 < result["eval/nll_loss"] < result["eval/loss"]

@@ -605,3 +605,65 @@ def test_dpo_weights_drop_the_empty_slots_of_a_packed_batch():
   for key in expected:
     np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, err_msg=key)
   assert float(got["loss_weight"]) == 5
+
+
+# --- per-pair weights (empty slots of packed batches) --------------------------------------------
+
+
+def _weighted_losses(name, seed, b=8):
+  """(jitted fn(*arrays, weight), its per-example arrays, NumPy per-example losses, nll or None):
+  the per-example terms whose weighted mean the loss is."""
+  pi_c, pi_r, ref_c, ref_r = _dpo_inputs(seed, b)
+  if name == "cpl":
+    fn = lambda c, r, rc, rr, weight: pref.cpl_loss(c, r, alpha=0.3, lam=0.7, ref_chosen_logps=rc,
+                                                    ref_rejected_logps=rr, weight=weight)
+    s_c, s_r = 0.3 * (pi_c.astype(np.float64) - ref_c), 0.3 * (pi_r.astype(np.float64) - ref_r)
+    return fn, [pi_c, pi_r, ref_c, ref_r], -_log_sigmoid(s_c - 0.7 * s_r)
+  if name == "simpo":
+    lp_c, lp_r, len_c, len_r = _simpo_inputs(seed, b)
+    fn = lambda c, r, lc, lr, weight: pref.simpo_loss(c, r, lc, lr, beta=2.0, gamma=0.5,
+                                                      label_smoothing=0.1, weight=weight)
+    z = 2.0 * (lp_c.astype(np.float64) / len_c - lp_r.astype(np.float64) / len_r) - 0.5
+    return fn, [lp_c, lp_r, len_c, len_r], -0.9 * _log_sigmoid(z) - 0.1 * _log_sigmoid(-z)
+  if name == "orpo":
+    lp_c, lp_r, _ = _orpo_inputs(seed, b)
+    fn = lambda c, r, weight: pref.orpo_loss(c, r, jnp.float32(1.5), beta=0.2, weight=weight)
+    p_c, p_r = np.exp(lp_c.astype(np.float64)), np.exp(lp_r.astype(np.float64))
+    log_or = np.log(p_c / (1 - p_c)) - np.log(p_r / (1 - p_r))
+    return fn, [lp_c, lp_r], 1.5 - 0.2 * _log_sigmoid(log_or)  # nll + per-pair term
+  pi, ref, desirable = _kto_inputs(seed, b)
+  fn = lambda p, r, d, weight: pref.kto_loss(p, r, d, jnp.float32(0.4), beta=0.1,
+                                             desirable_weight=1.3, weight=weight)
+  logratio = pi.astype(np.float64) - ref
+  per = np.where(desirable, 1.3 * _sigmoid(0.1 * (0.4 - logratio)),
+                 _sigmoid(0.1 * (logratio - 0.4)))
+  return fn, [pi, ref, desirable], per
+
+
+@pytest.mark.parametrize("name", ["cpl", "simpo", "orpo", "kto"])
+def test_weights_match_numpy_and_zero_slots_change_nothing(name):
+  fn, arrays, per_example = _weighted_losses(name, seed=11)
+  fn = jax.jit(fn)
+  rng = np.random.default_rng(12)
+  # Float weights: the loss is the weighted mean of the per-example terms (NumPy).
+  weight = rng.uniform(0.2, 2.0, size=8).astype(np.float32)
+  loss, metrics = fn(*arrays, weight)
+  np.testing.assert_allclose(loss, np.sum(weight * per_example) / weight.sum(), rtol=RTOL,
+                             atol=ATOL)
+  np.testing.assert_allclose(metrics["loss_weight"], weight.sum(), rtol=1e-6)
+  # 0/1 weights: the same loss and metrics as the batch without the empty slots, whatever the
+  # empty slots hold.
+  keep = np.asarray([1, 1, 0, 1, 0, 1, 1, 0], bool)
+  garbage = [np.where(keep, a, a[::-1]) if a.dtype != bool else a for a in arrays]
+  loss, got = fn(*garbage, keep)
+  ref_loss, expected = fn(*[a[keep] for a in arrays], None)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, atol=1e-7)
+  assert set(got) == set(expected)
+  for key in expected:
+    if key != "loss_weight":
+      np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, atol=1e-7, err_msg=key)
+  assert float(got["loss_weight"]) == keep.sum() == float(expected["loss_weight"])
+  # The empty slots get no gradient.
+  grads = jax.grad(lambda a: fn(a, *[jnp.asarray(x) for x in garbage[1:]], keep)[0])(
+      jnp.asarray(garbage[0], jnp.float32))
+  assert np.all(np.asarray(grads)[~keep] == 0) and np.any(np.asarray(grads)[keep] != 0)

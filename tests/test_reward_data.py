@@ -308,7 +308,8 @@ def test_comparison_batch_one_per_row(mixed):
     assert shapes == {"tokens": ((6, 128), np.int32), "segment_ids": ((6, 128), np.int32),
                       "positions": ((6, 128), np.int32), "score_index": ((6, 1, 4), np.int32),
                       "ranks": ((6, 1, 4), np.int32), "valid": ((6, 1, 4), np.bool_),
-                      "margin": ((6, 1), np.int32), "response_start": ((6, 1, 4), np.int32),
+                      "margin": ((6, 1), np.int32), "soft_label": ((6, 1), np.float32),
+                      "response_start": ((6, 1, 4), np.int32),
                       "ref_logps": ((6, 1, 4), np.float32), "comparison": ((6, 1), np.int32)}
     slots = read_back(batch)
     assert [s[0] for s in slots] == list(range(6))

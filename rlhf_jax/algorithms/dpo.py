@@ -1,9 +1,16 @@
-"""DPO and its relatives (IPO, cDPO, hinge) on preference pairs, from an SFT export.
+"""DPO and its relatives (IPO, cDPO, hinge, SimPO, ORPO, CPL) on preference pairs, from an SFT
+export.
 
 data (pairwise records, or rankings turned into pairs) -> comparisons (data/preference.py: chosen
 and rejected responses as segments of packed rows) -> the reference's summed response log-probs
--> sharded training of the policy with `losses.preference.dpo_loss` on the shared train step ->
-export (an LM, what the next stage and the gold evaluation load).
+-> sharded training of the policy with a pair loss of `losses.preference` (`config.dpo.loss_type`:
+`dpo_loss`'s sigmoid / ipo / hinge, or `simpo_loss`, `orpo_loss`, `cpl_loss`) on the shared train
+step -> export (an LM, what the next stage and the gold evaluation load).
+
+SimPO and ORPO have no reference model (nothing is precomputed or held for them); they read the
+responses' lengths (length-averaged log-probs) and ORPO the chosen responses' token-mean NLL, its
+SFT term, all from the same forward pass. CPL uses the reference as a prior unless
+`reference_free`.
 
 The reference is the policy's starting point (`config.init_from`). Its log-probs are either
 precomputed once over the whole data set before training (`config.dpo.reference="precompute"`,
@@ -13,7 +20,8 @@ reference is held beside the policy, as TRL does without `precompute_ref_log_pro
 the same loss; `reference_free=True` needs neither.
 
 WORKDIR: config.json, checkpoints/, metrics.jsonl + tb/ (train and held-out loss, implicit
-rewards, preference accuracy), eval.json (held-out metrics), export/.
+rewards, preference accuracy), eval.json (held-out metrics), export/. `attach_reference` and
+`finish` are shared with the KTO driver (kto.py).
 """
 
 from __future__ import annotations
@@ -37,19 +45,74 @@ from rlhf_jax.losses import preference
 _log = logging.getLogger(__name__)
 
 REFERENCE_MODES = ("precompute", "per_batch")
+LOSS_TYPES = (*preference.DPO_LOSS_TYPES, "simpo", "orpo", "cpl")
+NO_REFERENCE_LOSSES = ("simpo", "orpo")  # never read a reference model
+# The pure loss's hyper-parameters of each loss type: {loss argument: config.dpo field}.
+LOSS_FIELDS = {
+    **{t: {"beta": "beta", "label_smoothing": "label_smoothing"}
+       for t in preference.DPO_LOSS_TYPES},
+    "simpo": {"beta": "simpo_beta", "gamma": "simpo_gamma", "label_smoothing": "label_smoothing"},
+    "orpo": {"beta": "orpo_beta"},
+    "cpl": {"alpha": "cpl_alpha", "lam": "cpl_lam"},
+}
+
+
+def uses_reference(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether `config.dpo` needs the reference's log-probs (precomputed or per batch)."""
+  return not cfg.reference_free and cfg.loss_type not in NO_REFERENCE_LOSSES
+
+
+def pair_loss(cfg: ml_collections.ConfigDict, logps, lengths, ref_logps, weight):
+  """The loss `cfg.loss_type` on pairs. logps, ref_logps: [N, 2] summed response log-probs
+  (chosen, rejected) of the policy and the reference (read only if `uses_reference(cfg)`);
+  lengths: [N, 2] response token counts; weight: [N] 0/1 (empty slots 0). -> (loss, metrics)."""
+  args = {arg: cfg[field] for arg, field in LOSS_FIELDS[cfg.loss_type].items()}
+  chosen, rejected = logps[:, 0], logps[:, 1]
+  if cfg.loss_type == "simpo":
+    return preference.simpo_loss(chosen, rejected, lengths[:, 0], lengths[:, 1], weight=weight,
+                                 **args)
+  if cfg.loss_type == "orpo":
+    w = weight.astype(jnp.float32)
+    length = jnp.maximum(lengths, 1).astype(jnp.float32)  # empty slots: length 0, sum 0
+    # The SFT term: token-mean NLL of the chosen responses of the pairs that count.
+    nll = -jnp.sum(w * chosen) / jnp.maximum(jnp.sum(w * length[:, 0]), 1.0)
+    return preference.orpo_loss(chosen / length[:, 0], rejected / length[:, 1], nll, weight=weight,
+                                **args)
+  if cfg.loss_type == "cpl":
+    refs = ({} if cfg.reference_free else
+            dict(ref_chosen_logps=ref_logps[:, 0], ref_rejected_logps=ref_logps[:, 1]))
+    return preference.cpl_loss(chosen, rejected, weight=weight, **args, **refs)
+  return preference.dpo_loss(chosen, rejected, ref_logps[:, 0], ref_logps[:, 1],
+                             loss_type=cfg.loss_type, reference_free=cfg.reference_free,
+                             weight=weight, **args)
+
+
+def check_loss_config(cfg: ml_collections.ConfigDict) -> None:
+  """ValueError naming the `config.dpo` fields when the loss type or its hyper-parameters are
+  invalid: the pure loss checks them on a one-pair batch, before any model loads."""
+  if cfg.loss_type not in LOSS_TYPES:
+    raise ValueError(f"config.dpo.loss_type={cfg.loss_type!r}; choose one of {LOSS_TYPES}")
+  if cfg.label_smoothing and "label_smoothing" not in LOSS_FIELDS[cfg.loss_type]:
+    raise ValueError(f"config.dpo.label_smoothing={cfg.label_smoothing!r} applies to loss_type "
+                     f"'sigmoid' and 'simpo' only, not {cfg.loss_type!r}; set it to 0")
+  pair = jnp.full((1, 2), -1.0)
+  try:
+    pair_loss(cfg, pair, jnp.ones((1, 2), jnp.int32), pair, jnp.ones((1,)))
+  except ValueError as e:
+    fields = ", ".join(f"config.dpo.{f}={cfg[f]!r}" for f in LOSS_FIELDS[cfg.loss_type].values())
+    raise ValueError(f"{fields} (loss_type={cfg.loss_type!r}): {e}") from None
 
 
 def make_dpo_loss_fn(graphdef, cfg: ml_collections.ConfigDict):
   """loss_fn(params, batch, rng) on comparison batches of pairs: the policy's summed response
-  log-probs against batch["ref_logps"] [R, P, 2], each pair weighted by whether its slot is used."""
+  log-probs (and lengths) against batch["ref_logps"] [R, P, 2] with `pair_loss`, each pair
+  weighted by whether its slot is used."""
   def loss_fn(params, batch, rng):
     del rng
-    logps, _ = scoring.comparison_logps(graphdef, params, batch)  # [R, P, 2]
+    logps, lengths = scoring.comparison_logps(graphdef, params, batch)  # [R, P, 2] each
     flat = lambda x: x.reshape(-1, 2)
-    logps, ref, valid = flat(logps), flat(batch["ref_logps"]), flat(batch["valid"])
-    return preference.dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=cfg.beta,
-                               loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-                               reference_free=cfg.reference_free, weight=valid[:, 1])
+    return pair_loss(cfg, flat(logps), flat(lengths), flat(batch["ref_logps"]),
+                     flat(batch["valid"])[:, 1])
   return loss_fn
 
 
@@ -103,6 +166,39 @@ class _WithReference:
     return {**batch, "ref_logps": np.asarray(jax.device_get(ref), np.float32)}
 
 
+def attach_reference(config: ml_collections.ConfigDict, setup: common.Setup, mode: str,
+                     train_cmp: list, eval_cmp: list, mesh):
+  """The reference's log-probs for the comparisons: (train_cmp, eval_cmp, wrap). The reference is
+  the starting params (restoring a checkpoint later replaces the state only). mode "precompute":
+  the comparisons come back with their `ref_logps` filled in and `wrap` is the identity;
+  "per_batch": they come back unchanged and `wrap(batch_iterator)` adds each batch's."""
+  reference = jax.tree.map(jnp.copy, setup.state.params)
+  scores = jax.jit(functools.partial(scoring.comparison_logps, setup.graphdef))
+  logps_fn = lambda batch: scores(reference, batch)[0]  # params as an argument, not a constant
+  if mode == "per_batch":
+    return train_cmp, eval_cmp, lambda batches: _WithReference(batches, logps_fn, mesh)
+  _log.info("precomputing reference log-probs of %d + %d comparisons", len(train_cmp),
+            len(eval_cmp))
+  fill = lambda cmp: precompute_reference(logps_fn, cmp, seq_len=config.train.seq_len,
+                                          rows=config.train.batch_size,
+                                          per_row=config.reward.comparisons_per_row, mesh=mesh)
+  return fill(train_cmp), fill(eval_cmp), lambda batches: batches
+
+
+def finish(config: ml_collections.ConfigDict, workdir: str, state, evaluate, *, model_cfg,
+           tokenizer_dir: str, data_stats: dict) -> dict:
+  """After training: WORKDIR/eval.json ({"held_out": evaluate(state), "data": data_stats}) and the
+  policy's export; returns the driver's final metrics."""
+  held_out = {k: float(v) for k, v in jax.device_get(evaluate(state)).items()}
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump({"held_out": held_out, "data": data_stats}, f, indent=1)
+  checkpoint.export_params(os.path.join(workdir, "export"), state.params, overwrite=True,
+                           metadata={"model": model_cfg.to_dict(),
+                                     "tokenizer": os.path.abspath(tokenizer_dir),
+                                     "step": int(state.step)})
+  return {"step": int(state.step), **{f"eval/{k}": v for k, v in held_out.items()}}
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint.check_workdir_writable(workdir)
   sharding.maybe_initialize_distributed()
@@ -116,9 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"config.dpo.ranking_pairs={p.ranking_pairs!r}; choose one of {RANKING_PAIRS}")
   if p.reference not in REFERENCE_MODES:
     raise ValueError(f"config.dpo.reference={p.reference!r}; choose one of {REFERENCE_MODES}")
-  if p.loss_type not in preference.DPO_LOSS_TYPES:
-    raise ValueError(f"config.dpo.loss_type={p.loss_type!r}; choose one of "
-                     f"{preference.DPO_LOSS_TYPES}")
+  check_loss_config(p)
   if not config.init_from:
     raise ValueError("config.init_from is empty: DPO starts from a policy export (e.g. the SFT "
                      "run's), which is also its reference")
@@ -133,32 +227,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup = common.setup_training(config, mesh, model_cfg, make_loss)
   train_cmp, eval_cmp = comparisons.train, comparisons.eval
   wrap = lambda batches: batches
-  if not p.reference_free:
-    # The reference: the starting params (restoring a checkpoint later replaces the state only).
-    reference = jax.tree.map(jnp.copy, setup.state.params)
-    scores = jax.jit(functools.partial(scoring.comparison_logps, setup.graphdef))
-    logps_fn = lambda batch: scores(reference, batch)[0]  # params as an argument, not a constant
-    if p.reference == "precompute":
-      _log.info("precomputing reference log-probs of %d + %d comparisons", len(train_cmp),
-                len(eval_cmp))
-      fill = lambda cmp: precompute_reference(logps_fn, cmp, seq_len=t.seq_len, rows=t.batch_size,
-                                              per_row=config.reward.comparisons_per_row, mesh=mesh)
-      train_cmp, eval_cmp = fill(train_cmp), fill(eval_cmp)
-      del reference, logps_fn
-    else:
-      wrap = lambda batches: _WithReference(batches, logps_fn, mesh)
+  if uses_reference(p):
+    train_cmp, eval_cmp, wrap = attach_reference(config, setup, p.reference, train_cmp, eval_cmp,
+                                                 mesh)
   batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses=2)
   evaluate = common.make_evaluate(make_loss(setup.graphdef), setup, wrap(eval_iter), t.eval_batches)
   state = common.train_loop(config, workdir, setup, wrap(batches), data_state=batches.state,
                             restore_data=batches.restore, evaluate=evaluate, count_tokens=num_tokens)
   if int(state.step) < t.steps:  # stopped early (stop_after_steps): the rerun finishes
     return {"step": int(state.step)}
-  held_out = {k: float(v) for k, v in jax.device_get(evaluate(state)).items()}
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump({"held_out": held_out, "data": {"train": comparisons.stats,
-                                              "eval": comparisons.eval_stats}}, f, indent=1)
-  checkpoint.export_params(os.path.join(workdir, "export"), state.params, overwrite=True,
-                           metadata={"model": model_cfg.to_dict(),
-                                     "tokenizer": os.path.abspath(tokenizer_dir),
-                                     "step": int(state.step)})
-  return {"step": int(state.step), **{f"eval/{k}": v for k, v in held_out.items()}}
+  return finish(config, workdir, state, evaluate, model_cfg=model_cfg, tokenizer_dir=tokenizer_dir,
+                data_stats={"train": comparisons.stats, "eval": comparisons.eval_stats})

@@ -18,7 +18,10 @@ linear) and evaluated the same way.
 
 The optional "judge" stage fine-tunes the SFT model into the AI judge (toyworld/judge.py) on a
 limited number of gold-labelled comparisons, critiques and revisions, and reports its agreement
-with gold on held-out comparisons before and after position-swap debiasing.
+with gold on held-out comparisons before and after position-swap debiasing. An "ai_feedback" stage
+(RLAIF) writes pairs of a policy's samples labelled by that judge ("<stage>/pairs", for a reward
+stage with `reward.soft_labels`); a "constitutional_sl" stage (SL-CAI) fine-tunes a policy on the
+judge's revisions of its responses; `ppo.reward.judge` names the judge's stage for direct RLAIF.
 
 Each stage works in WORKDIR/<stage> and is skipped when its output exists (a finished training
 stage has WORKDIR/<stage>/export), so rerunning the command skips finished stages and resumes an
@@ -33,12 +36,14 @@ import functools
 import json
 import logging
 import os
+import time
 
 import jax
 import ml_collections
 
 from rlhf_jax import checkpoint, data, metrics, plots, sharding
-from rlhf_jax.algorithms import common, dpo, ppo, rejection_sampling, reward, reward_eval, sft
+from rlhf_jax.algorithms import (ai_feedback, common, constitutional, dpo, hir, kto, ppo,
+                                 rejection_sampling, rest, reward, reward_eval, sft)
 from rlhf_jax.metrics import format_table
 from rlhf_jax.toyworld import annotators, corpora, judge
 from rlhf_jax.toyworld import evaluate as gold_eval
@@ -46,12 +51,15 @@ from rlhf_jax.toyworld import world as world_lib
 
 _log = logging.getLogger(__name__)
 # Stages whose output is a policy (gold-evaluated, and what the next stage starts from by default).
-POLICY_ALGORITHMS = ("pretrain", "sft", "dpo", "ppo", "rejection_sampling")
+POLICY_ALGORITHMS = ("pretrain", "sft", "dpo", "kto", "ppo", "grpo", "rloo", "rejection_sampling",
+                     "rest", "hir", "constitutional_sl")
 NOT_POLICIES = ("judge",)  # an SFT-trained model that is not a policy
 # "eval": everything trained; "eval_rewards": the reward models only (no policy sampling).
 EVAL_STAGES = ("eval", "eval_rewards")
 DRIVERS = {"pretrain": sft.train, "sft": sft.train, "reward": reward.train, "dpo": dpo.train,
-           "ppo": ppo.train, "rejection_sampling": rejection_sampling.train}
+           "kto": kto.train, "ppo": ppo.train, "grpo": ppo.train, "rloo": ppo.train,
+           "rejection_sampling": rejection_sampling.train, "rest": rest.train, "hir": hir.train,
+           "constitutional_sl": constitutional.train}
 # A data-collection stage (not trained): annotated samples of a policy, see `collect_feedback`.
 FEEDBACK = "feedback"
 # Held-out copies of the feedback data sets ("<name>_eval") and gold-labelled pairs on the prompts
@@ -167,6 +175,40 @@ def collect_feedback(config: ml_collections.ConfigDict, stage: str, stage_dir: s
   return out
 
 
+def stage_inputs(config: ml_collections.ConfigDict, stage: str) -> list[str]:
+  """The stages `stage` reads other than the policy it starts from, and theirs, recursively: every
+  config value of the stage that names a stage ("rm_helpful") or a stage's data set
+  ("ai_feedback/pairs"), e.g. reward models, the judge, AI feedback. For the comparison's cost."""
+  names, out = set(config.stages), []
+
+  def values(x):
+    if isinstance(x, dict):
+      for v in x.values():
+        yield from values(v)
+    elif isinstance(x, (list, tuple)):
+      for v in x:
+        yield from values(v)
+    elif isinstance(x, str):
+      yield x
+
+  for value in values({k: v for k, v in config[stage].to_dict().items() if k != "init_from"}):
+    name = value.split("/")[0]
+    if name in names and name != stage and name not in out and not is_policy(config, name):
+      out += [name, *[s for s in stage_inputs(config, name) if s not in out and s != name]]
+  return out
+
+
+def write_stage_info(config: ml_collections.ConfigDict, stage: str, stage_dir: str,
+                     parent: str | None, seconds: float) -> None:
+  """WORKDIR/<stage>/stage.json: what the comparison (rlhf_jax/compare.py) reads about a stage:
+  its algorithm, the stage it started from, the wall-clock seconds of the run that finished it
+  (a resumed stage: of the last invocation only) and its inputs (`stage_inputs`)."""
+  info = {"stage": stage, "algorithm": config[stage].algorithm, "parent": parent,
+          "seconds": round(seconds, 1), "inputs": stage_inputs(config, stage)}
+  with open(os.path.join(stage_dir, "stage.json"), "w") as f:
+    json.dump(info, f, indent=1)
+
+
 def stage_config(config: ml_collections.ConfigDict, stage: str, paths: dict,
                  init_from: str, exports_dir: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(config[stage].to_dict())
@@ -184,12 +226,20 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, paths: dict,
   c.init_from = init_from
   # Reward and value models are named by their stages.
   export = lambda name: os.path.join(exports_dir, name, "export") if name else ""
-  if c.algorithm == "ppo":
+  if c.algorithm in ppo.ESTIMATOR_OF:  # PPO, GRPO, RLOO
     c.ppo.reward.helpful, c.ppo.reward.safety = export(c.ppo.reward.helpful), export(c.ppo.reward.safety)
     c.ppo.value_init_from = export(c.ppo.value_init_from)
+    c.ppo.reward.judge = export(c.ppo.reward.judge)  # direct RLAIF
+  if c.algorithm == "constitutional_sl":
+    c.constitutional.judge = export(c.constitutional.judge)
+    if c.constitutional.helpful_source in paths:
+      c.constitutional.helpful_source = paths[c.constitutional.helpful_source]
   if c.algorithm == "rejection_sampling":
     rs = c.rejection_sampling.reward
     rs.helpful, rs.safety = export(rs.helpful), export(rs.safety)
+  if c.algorithm == "rest":
+    c.rest.reward.helpful, c.rest.reward.safety = (export(c.rest.reward.helpful),
+                                                   export(c.rest.reward.safety))
   return c
 
 
@@ -216,9 +266,12 @@ def training_stages(config: ml_collections.ConfigDict) -> list[str]:
       raise ValueError(f"config.stages names {stage!r} but config.{stage} is not an experiment "
                        "config; known stages: world, eval, eval_rewards and the experiment configs "
                        "in the pipeline config")
-    if config[stage].algorithm not in (*DRIVERS, FEEDBACK):
+    known = (*DRIVERS, FEEDBACK, ai_feedback.ALGORITHM)
+    if config[stage].algorithm not in known:
       raise ValueError(f"config.{stage}.algorithm={config[stage].algorithm!r}; a pipeline stage "
-                       f"runs one of {', '.join((*DRIVERS, FEEDBACK))}")
+                       f"runs one of {', '.join(known)}")
+    if config[stage].algorithm == ai_feedback.ALGORITHM:
+      ai_feedback.check_config(config[stage], stage, config.stages)
   return stages
 
 
@@ -275,6 +328,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       paths.update(collect_feedback(config, stage, stage_dir, paths,
                                     os.path.join(workdir, parent, "export") if parent else ""))
       continue
+    if config[stage].algorithm == ai_feedback.ALGORITHM:  # AI-labelled pairs (RLAIF, RL-CAI)
+      started = time.time()
+      fresh = not os.path.exists(os.path.join(stage_dir, "stage.json"))
+      paths.update(ai_feedback.collect(config, stage, stage_dir, paths,
+                                       os.path.join(workdir, parent, "export") if parent else "",
+                                       os.path.join(workdir, config[stage].judge, "export")))
+      if fresh:
+        write_stage_info(config, stage, stage_dir, parent, time.time() - started)
+      continue
     if os.path.exists(export):
       _log.info("stage %s: done (%s), skipping", stage, export)
     else:
@@ -282,9 +344,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       os.makedirs(stage_dir, exist_ok=True)
       init_from = os.path.join(workdir, parent, "export") if parent else ""
       stage_cfg = stage_config(config, stage, paths, init_from, exports_dir=workdir)
+      started = time.time()
       DRIVERS[stage_cfg.algorithm](stage_cfg, stage_dir)
       if not os.path.exists(export):  # stopped early (stop_after_steps): rerun to continue
         return {"stopped_in": stage}
+      write_stage_info(config, stage, stage_dir, parent, time.time() - started)
     if is_policy(config, stage):
       previous = stage
       parents[stage] = parent
@@ -294,7 +358,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   trained = list(parents)
   result = {"stages": trained}
   best_of_n = None  # the reward evaluation's best-of-n curve, drawn on the PPO plot
-  if ("eval" in stages or "eval_rewards" in stages) and rewards:
+  score_rewards = "eval_rewards" in stages or ("eval" in stages and config.eval.get("rewards", True))
+  if rewards and score_rewards:
     # Best of n from the policy the (helpfulness) reward model branched from.
     anchor = config.combine.helpful if config.get("combine") and config.combine.helpful in rewards \
         else rewards[0]
@@ -306,7 +371,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "eval" in stages and trained:
     results = evaluate_stages(config, workdir, paths, trained, parents)
     result.update({f"{s}/{k}": v for s, r in results.items() for k, v in r["overall"].items()})
-    ppo_stages = [s for s in trained if config[s].algorithm == "ppo"]
+    ppo_stages = [s for s in trained if config[s].algorithm in ppo.ESTIMATOR_OF]  # + GRPO, RLOO
     if ppo_stages:
       baselines = []
       if best_of_n:

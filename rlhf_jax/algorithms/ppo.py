@@ -26,6 +26,7 @@ export/ (the policy: what the next stage and the gold evaluation load).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 
@@ -36,11 +37,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import checkpoint, data, generate, metrics, sharding
-from rlhf_jax.algorithms import common, ppo_rollout
+from rlhf_jax.algorithms import ai_feedback, common, ppo_rollout
 from rlhf_jax.algorithms.reward import cast_params
 from rlhf_jax.data.loader import Batching
 from rlhf_jax.losses import kl as kl_losses
 from rlhf_jax.losses import ppo as ppo_losses
+from rlhf_jax.losses.common import masked_mean
 from rlhf_jax.models import ModelConfig, abstract_model
 from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
@@ -49,25 +51,39 @@ from rlhf_jax.train import create_train_state, make_optimizer, make_update, stat
 _log = logging.getLogger(__name__)
 
 
-def make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg: ml_collections.ConfigDict):
-  """loss_fn(params {"policy", "value"}, rollout mini-batch, rng): clipped policy loss +
-  vf_coef x clipped value loss - entropy_coef x entropy; per-token means (loss_weight = tokens)."""
+def make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg: ml_collections.ConfigDict, *,
+                     estimator: str = "gae"):
+  """loss_fn(params {"policy", "value"?}, rollout mini-batch, rng): clipped policy loss +
+  vf_coef x clipped value loss - entropy_coef x entropy; per-token means over the mini-batch
+  (loss_weight = tokens, so micro-batches combine by token count).
+
+  estimator "grpo": no critic (params without "value", no value loss) and `cfg.kl.beta x k3`
+  KL to the reference (the rollout's "ref_logp") added to the loss, as GRPO does; "rloo": no
+  critic, the KL is already in the advantages.
+  """
+  critic = estimator == "gae"
+
   def loss_fn(params, batch, rng):
     del rng
     mask = batch["response_mask"]
     # Log-probs of the distribution that was sampled (T-scaled logits); values from the separate
-    # value model or the value head on the policy's trunk (value_graphdef None).
+    # value model or the value head on the policy's trunk (value_graphdef None), or none.
     scaled, logp, values = ppo_rollout.policy_forward(policy_graphdef, value_graphdef,
-                                                      params["policy"], params["value"], batch,
+                                                      params["policy"], params.get("value"), batch,
                                                       temperature=cfg.temperature)
-    policy_loss, policy_metrics = ppo_losses.ppo_policy_loss(
+    policy_loss, out = ppo_losses.ppo_policy_loss(
         logp, batch["old_logp"], batch["advantages"], mask, clip_eps=cfg.clip_eps)
-    value_loss, value_metrics = ppo_losses.ppo_value_loss(
-        values, batch["old_values"], batch["returns"], mask, clip_eps=cfg.value_clip_eps)
+    loss = policy_loss
+    if critic:
+      value_loss, value_metrics = ppo_losses.ppo_value_loss(
+          values, batch["old_values"], batch["returns"], mask, clip_eps=cfg.value_clip_eps)
+      loss, out = loss + cfg.vf_coef * value_loss, {**value_metrics, **out}
+    if estimator == "grpo":
+      kl = masked_mean(kl_losses.kl_penalty(logp, batch["ref_logp"], mask, kind="k3"), mask)
+      loss, out = loss + cfg.kl.beta * kl, {**out, "kl_loss": kl}
     entropy = ppo_losses.entropy_from_logits(scaled, mask[:, 1:])
-    loss = policy_loss + cfg.vf_coef * value_loss - cfg.entropy_coef * entropy
-    out = {**value_metrics, **policy_metrics, "entropy": entropy, "loss": loss}
-    return loss, out
+    loss = loss - cfg.entropy_coef * entropy
+    return loss, {**out, "entropy": entropy, "loss": loss}
 
   return loss_fn
 
@@ -130,7 +146,7 @@ def load_prompts(source: str) -> list[dict]:
 def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, policy_cfg: ModelConfig,
                    spec: ppo_rollout.RewardSpec, optimizer, *, mesh, policy_shardings, shardings,
                    cfg: ml_collections.ConfigDict, eos_id: int, pad_id: int,
-                   reference_graphdef=None):
+                   reference_graphdef=None, estimator: str = "gae"):
   """One PPO iteration as a function (the trainer's loop body and the `ppo_iteration` benchmark):
 
     iteration(state, reference, reward_params {name: params}, prompt_tokens [N, P],
@@ -152,12 +168,18 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
   score = jax.jit(ppo_rollout.make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs,
                                             temperature=cfg.temperature,
                                             reference_graphdef=reference_graphdef))
-  advantages = jax.jit(lambda *args: ppo_rollout.advantages_fn(*args, cfg=cfg))
+  if estimator == "gae":
+    advantages = jax.jit(lambda old, ref, values, *args: ppo_rollout.advantages_fn(
+        old, ref, values, *args, cfg=cfg))
+  else:
+    advantages = jax.jit(lambda old, ref, values, *args: ppo_rollout.group_advantages_fn(
+        old, ref, *args, cfg=cfg, estimator=estimator))
   reward_fn = jax.jit(spec.__call__) if spec is not None else None
   baseline = jax.jit(lambda r: ppo_rollout.baselined_reward(r, cfg.samples_per_prompt,
                                                             cfg.reward_baseline))
   rollout_sharding = sharding.batch_sharding(mesh)
-  update = make_ppo_update(make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg), optimizer,
+  update = make_ppo_update(make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg,
+                                            estimator=estimator), optimizer,
                            mesh=mesh, shardings=shardings, cfg=cfg)
 
   def iteration(state, reference, reward_params, prompt_tokens, prompt_mask, unsafe, rng, beta,
@@ -173,7 +195,7 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
     batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
              "response_mask": response_mask}
     old_logp, ref_logp, values, scores = score(state.params["policy"], reference,
-                                               state.params["value"], reward_params, batch)
+                                               state.params.get("value"), reward_params, batch)
     if text_reward is not None:
       reward = jnp.asarray(text_reward(out), jnp.float32)
     else:
@@ -183,14 +205,38 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
                      jnp.float32(beta))
     # Batch-sharded as the update expects (XLA may leave a scoring output replicated, e.g. for
     # 24 rows on a (4, 1, 2) mesh); a no-op when it already is.
-    rollout = jax.device_put({**batch, "old_logp": old_logp, "old_values": values,
-                              "advantages": adv["advantages"], "returns": adv["returns"]},
-                             rollout_sharding)
+    rollout = {**batch, "old_logp": old_logp, "advantages": adv["advantages"]}
+    if estimator == "gae":
+      rollout.update(old_values=values, returns=adv["returns"])
+    elif estimator == "grpo":  # its KL term is in the loss
+      rollout["ref_logp"] = ref_logp
+    rollout = jax.device_put(rollout, rollout_sharding)
     state, update_metrics = update(state, rollout)
     return state, {"out": out, "reward": reward, "scores": scores, "eos_found": found,
                    "sequence_kl": adv["sequence_kl"], "update": update_metrics}
 
   return iteration
+
+
+# config.algorithm -> advantage estimator. PPO, GRPO and RLOO share the `config.ppo` block and this
+# driver: GRPO and RLOO are PPO's loop without a critic (ppo_rollout.group_advantages_fn).
+ESTIMATOR_OF = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo"}
+
+
+def check_group_config(config: ml_collections.ConfigDict, estimator: str) -> None:
+  """The group methods' config constraints, checked before any model loads."""
+  p = config.ppo
+  if estimator == "gae":
+    return
+  name = config.algorithm
+  if p.samples_per_prompt < 2:
+    raise ValueError(f"config.algorithm={name!r} compares a prompt's samples: set "
+                     f"config.ppo.samples_per_prompt >= 2 (it is {p.samples_per_prompt})")
+  if p.reward_baseline != "none":
+    raise ValueError(f"config.ppo.reward_baseline={p.reward_baseline!r} is PPO's option; "
+                     f"{name} has its own baseline: set it to 'none'")
+  if p.kl.adaptive:
+    raise ValueError(f"config.ppo.kl.adaptive=True: {name} uses a fixed config.ppo.kl.beta")
 
 
 def _value_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -204,6 +250,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.maybe_initialize_distributed()
   common.write_config(config, workdir)
   p = config.ppo
+  estimator = ESTIMATOR_OF.get(config.algorithm)
+  if estimator is None:
+    raise ValueError(f"config.algorithm={config.algorithm!r}: ppo.train runs "
+                     f"{', '.join(ESTIMATOR_OF)}")
+  check_group_config(config, estimator)
   mesh = sharding.make_mesh(config.mesh.shape)
   rows = p.prompts_per_iteration * p.samples_per_prompt
   if p.samples_per_prompt < 1 or rows % p.minibatches:
@@ -217,6 +268,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"config.ppo.reward_baseline={p.reward_baseline!r} compares a prompt's "
                      f"samples: set config.ppo.samples_per_prompt >= 2 (it is "
                      f"{p.samples_per_prompt})")
+  if p.reward.gold and p.reward.judge:
+    raise ValueError("config.ppo.reward.gold and config.ppo.reward.judge are both set; choose one")
+  if p.reward.judge:
+    ai_feedback.check_judge_reward(p.reward, p.samples_per_prompt)
   sharding.check_batch_size(rows // p.minibatches // p.accum_steps, mesh)
   if not config.init_from:
     raise ValueError("config.init_from is empty: PPO starts from a policy export (e.g. the SFT run's)")
@@ -245,32 +300,38 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   policy_gd, policy_abs, policy_axes = abstract_model(policy_cfg)
   psh = {"policy": sharding.param_shardings(policy_abs, policy_axes, mesh)}
   params = {"policy": common.initial_params(config, policy_cfg, mesh, psh["policy"])}
-  def fresh_head(cfg: ModelConfig, head_sharding):
-    """A scalar head [E] ~ N(0, scalar_head_init_std): values ~0 at the start."""
-    return jax.jit(lambda key: cfg.scalar_head_init_std * jax.random.normal(
-        key, (cfg.embed_dim,), jnp.dtype(cfg.param_dtype)), out_shardings=head_sharding)(
-            jax.random.key(config.seed + 1))
+  value_gd, value_abs = None, None
+  if estimator == "gae":  # PPO's critic; GRPO and RLOO have none
+    def fresh_head(cfg: ModelConfig, head_sharding):
+      """A scalar head [E] ~ N(0, scalar_head_init_std): values ~0 at the start."""
+      return jax.jit(lambda key: cfg.scalar_head_init_std * jax.random.normal(
+          key, (cfg.embed_dim,), jnp.dtype(cfg.param_dtype)), out_shardings=head_sharding)(
+              jax.random.key(config.seed + 1))
 
-  if p.value_model == "separate":
-    value_config = _value_config(config)
-    value_cfg = common.model_config(value_config, vocab_size=len(tokenizer), head="scalar")
-    sharding.validate_model_mesh(value_cfg, mesh)
-    value_gd, value_abs, value_axes = abstract_model(value_cfg)
-    psh["value"] = sharding.param_shardings(value_abs, value_axes, mesh)
-    params["value"] = common.initial_params(value_config, value_cfg, mesh, psh["value"])
-    if p.value_head == "fresh":  # keep the export's trunk, not its head
-      params["value"]["score"] = fresh_head(value_cfg, psh["value"]["score"])
-  else:  # "policy_head": one trunk, a scalar value head beside the LM head
-    value_gd = None
-    value_abs = {"score": jax.ShapeDtypeStruct((policy_cfg.embed_dim,), jnp.dtype(policy_cfg.param_dtype))}
-    psh["value"] = sharding.param_shardings(value_abs, {"score": P("embed")}, mesh)
-    params["value"] = {"score": fresh_head(policy_cfg, psh["value"]["score"])}
+    if p.value_model == "separate":
+      value_config = _value_config(config)
+      value_cfg = common.model_config(value_config, vocab_size=len(tokenizer), head="scalar")
+      sharding.validate_model_mesh(value_cfg, mesh)
+      value_gd, value_abs, value_axes = abstract_model(value_cfg)
+      psh["value"] = sharding.param_shardings(value_abs, value_axes, mesh)
+      params["value"] = common.initial_params(value_config, value_cfg, mesh, psh["value"])
+      if p.value_head == "fresh":  # keep the export's trunk, not its head
+        params["value"]["score"] = fresh_head(value_cfg, psh["value"]["score"])
+    else:  # "policy_head": one trunk, a scalar value head beside the LM head
+      value_gd = None
+      value_abs = {"score": jax.ShapeDtypeStruct((policy_cfg.embed_dim,), jnp.dtype(policy_cfg.param_dtype))}
+      psh["value"] = sharding.param_shardings(value_abs, {"score": P("embed")}, mesh)
+      params["value"] = {"score": fresh_head(policy_cfg, psh["value"]["score"])}
   reference, reference_gd = jax.tree.map(jnp.copy, params["policy"]), policy_gd
   if p.frozen_dtype:  # reference (and reward models) held and run in e.g. bfloat16
     reference = cast_params(reference, p.frozen_dtype)
     reference_gd = abstract_model(dataclasses.replace(policy_cfg, dtype=p.frozen_dtype,
                                                       param_dtype=p.frozen_dtype))[0]
-  if p.reward.gold:  # the toy world's gold reward instead of reward models
+  judge_reward = None
+  if p.reward.judge:  # direct RLAIF: the AI judge compares each prompt's samples
+    judge_reward = ai_feedback.judge_reward_fn(p, mesh, tokenizer, seed=config.seed)
+    rms, spec = {}, None
+  elif p.reward.gold:  # the toy world's gold reward instead of reward models
     if not all("family" in r and "answer" in r for r in prompts):
       raise ValueError(f"config.ppo.reward.gold=True needs toy-world task records in "
                        f"{config.data.source} (with 'family' and 'answer'); these prompts have none")
@@ -282,13 +343,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   total_steps = p.iterations * p.epochs * p.minibatches
   optimizer, schedule = make_optimizer(config.optim, total_steps)
-  abstract = {"policy": policy_abs, "value": value_abs}
+  abstract = {"policy": policy_abs, **({"value": value_abs} if estimator == "gae" else {})}
   shardings = state_shardings(optimizer, psh, abstract, mesh)
   state = create_train_state(params, optimizer, shardings, seed=config.seed)
   iterate = make_iteration(policy_gd, value_gd, {n: rm.graphdef for n, rm in rms.items()}, policy_cfg,
                            spec, optimizer, mesh=mesh, policy_shardings=psh["policy"],
                            shardings=shardings, cfg=p, eos_id=tokenizer.eos_token_id,
-                           pad_id=tokenizer.pad_token_id, reference_graphdef=reference_gd)
+                           pad_id=tokenizer.pad_token_id, reference_graphdef=reference_gd,
+                           estimator=estimator)
   reward_params = {n: rm.params for n, rm in rms.items()}
   eval_sampler = generate.Sampler(policy_gd, policy_cfg, mesh=mesh, param_shardings=psh["policy"])
 
@@ -328,6 +390,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       unsafe = np.asarray([bool(r.get("unsafe", False)) for r in records])
       rows_records = [r for r in records for _ in range(p.samples_per_prompt)]  # as the rollout
       gold_reward = None
+      if judge_reward is not None:
+        gold_reward = functools.partial(judge_reward, records, iteration=iteration)
       if p.reward.gold:
         gold_reward = lambda out: np.asarray([world_lib.gold_scores(r, text)["combined"] for r, text in
                                               zip(rows_records, ppo_rollout.decode_responses(tokenizer, out))])

@@ -59,10 +59,14 @@ def policy_forward(policy_graphdef, value_graphdef, policy_params, value_params,
 
   value_graphdef None: `value_params` = {"score": [E]}, a value head on the policy's own final
   hidden states (one forward pass for both); else a separate scalar-head value model.
+  value_params None: no critic (GRPO, RLOO), values are 0.
   """
   args = (batch["tokens"], batch["positions"], batch["segment_ids"])
   mask = batch["response_mask"]
-  if value_graphdef is None:
+  if value_params is None:
+    logits, _ = apply(policy_graphdef, policy_params, *args)
+    values = jnp.zeros(mask.shape, jnp.float32)
+  elif value_graphdef is None:
     logits, hidden = apply_with_hidden(policy_graphdef, policy_params, *args)
     values = head_values(hidden, value_params["score"], mask)
   else:
@@ -130,7 +134,7 @@ def make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs: dict, *, te
                   reference_graphdef=None):
   """score(policy, reference, value, rewards: {name: params}, batch) -> (old_logp, ref_logp,
   values, {name: scores [B]}); all [B, S] but the scores. value_graphdef None: `value` is a value
-  head on the policy (`policy_forward`). reference_graphdef: the reference's (e.g. held in
+  head on the policy (`policy_forward`); `value` None: no critic, values 0. reference_graphdef: the reference's (e.g. held in
   bfloat16), default the policy's. Pure; the caller jits it."""
   reference_graphdef = reference_graphdef or policy_graphdef
   def score(policy_params, ref_params, value_params, reward_params: dict, batch: dict):
@@ -161,6 +165,43 @@ def advantages_fn(old_logp: Array, ref_logp: Array, values: Array, reward: Array
     advantages = jnp.where(mask, ppo_losses.whiten(advantages, mask), 0.0)
   return {"advantages": advantages, "returns": returns, "kl": kl,
           "sequence_kl": kl_losses.sequence_kl(kl, mask)}
+
+
+ESTIMATORS = ("gae", "grpo", "rloo")  # advantage estimators: PPO's, and the critic-free group ones
+
+
+def group_advantages_fn(old_logp: Array, ref_logp: Array, reward: Array, mask: Array,
+                        eos_found: Array, beta: Array, cfg: ml_collections.ConfigDict, *,
+                        estimator: str) -> dict:
+  """Critic-free advantages from a prompt's K samples (rows of one prompt contiguous, [B = N x K]);
+  every response token of a sample gets its sequence advantage. Pure; jit it.
+
+  The sequence score is `reward` [B] plus `cfg.missing_eos_penalty` where no EOS was sampled
+  (clipped to `cfg.score_clip` first, as PPO's `token_rewards`), then:
+  - "grpo" (Shao et al. 2024): `(s - mean_K s) / (std_K s + eps)` (`cfg.scale_rewards=False`:
+    only centred, Dr. GRPO); the KL to the reference is *not* in the reward (GRPO puts
+    `beta * k3` in the loss, `make_ppo_loss_fn`).
+  - "rloo" (Ahmadian et al. 2024): `s - beta * sum_t KL_t` (KL in the reward, `cfg.kl_kind`),
+    minus the mean of the prompt's other samples.
+  Returns {"advantages" [B, S] (0 off the response), "returns" (zeros: no critic), "kl" [B, S],
+  "sequence_kl" [B]}.
+  """
+  if estimator not in ("grpo", "rloo"):
+    raise ValueError(f"group_advantages_fn: estimator={estimator!r}; choose 'grpo' or 'rloo'")
+  k = cfg.samples_per_prompt
+  kl = kl_losses.kl_penalty(old_logp, ref_logp, mask, kind=cfg.kl_kind)
+  sequence_kl = kl_losses.sequence_kl(kl, mask)
+  score = reward.astype(jnp.float32)
+  if cfg.score_clip:
+    score = jnp.clip(score, -cfg.score_clip, cfg.score_clip)
+  score = score + jnp.where(eos_found, 0.0, jnp.float32(cfg.missing_eos_penalty))
+  if estimator == "grpo":
+    adv = ppo_losses.grpo_advantages(score.reshape(-1, k), scale=cfg.scale_rewards)
+  else:
+    adv = ppo_losses.rloo_advantages((score - beta * sequence_kl).reshape(-1, k))
+  advantages = jnp.where(mask, adv.reshape(-1)[:, None], 0.0)
+  return {"advantages": advantages, "returns": jnp.zeros_like(advantages), "kl": kl,
+          "sequence_kl": sequence_kl}
 
 
 REWARD_BASELINES = ("none", "rloo")  # config.ppo.reward_baseline
@@ -203,6 +244,7 @@ def decode_responses(tokenizer, out: generate.GenerateOutput) -> list[str]:
 
 
 __all__ = ["token_values", "head_values", "policy_forward", "RewardSpec", "load_reward_models",
-           "reward_spec", "make_score_fn", "advantages_fn", "REWARD_BASELINES", "baselined_reward",
+           "reward_spec", "make_score_fn", "advantages_fn", "ESTIMATORS", "group_advantages_fn",
+           "REWARD_BASELINES", "baselined_reward",
            "encode_prompts",
            "eos_found", "decode_responses"]

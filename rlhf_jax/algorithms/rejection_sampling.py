@@ -68,34 +68,76 @@ def best_of_k(policy_params, sampler, rms: dict, spec, tokenizer, prompts: list[
   return out
 
 
-def _gold(record: dict, text: str) -> dict | None:
+# Pieces shared with ReST (algorithms/rest.py): sample-score-filter, then SFT on what is kept.
+
+
+def gold_combined(record: dict, text: str) -> float | None:
+  """The toy world's gold combined score of `text` for a toy task record; None for other prompts."""
   if "family" in record and "answer" in record:
-    return world_lib.gold_scores(record, text)
+    return world_lib.gold_scores(record, text)["combined"]
   return None
 
 
-def _mean(values) -> float | None:
+def mean_or_none(values) -> float | None:
+  """The mean of the values that are not None (None if there are none)."""
   values = [v for v in values if v is not None]
   return float(np.mean(values)) if values else None
+
+
+def policy_tokenizer(config: ml_collections.ConfigDict, *, key: str):
+  """(tokenizer directory, tokenizer) of the policy export `config.init_from` (or
+  `config.data.tokenizer`); `key` names the method in the error for an empty init_from."""
+  if not config.init_from:
+    raise ValueError(f"config.init_from is empty: {key} starts from a policy export")
+  tokenizer_dir = (config.data.tokenizer
+                   or checkpoint.read_export_metadata(config.init_from).get("tokenizer"))
+  return tokenizer_dir, data.load_tokenizer(tokenizer_dir)
+
+
+def step_prompts(prompts: list[dict], *, steps: int, per_step: int, fresh: bool, key: str,
+                 source: str) -> list[list[dict]]:
+  """The prompts of each of `steps` sampling steps: the first `per_step` of `prompts` every step,
+  or with `fresh` the next `per_step` unseen ones; `key` names the config block in the error."""
+  if fresh and steps * per_step > len(prompts):
+    raise ValueError(f"{key}.fresh_prompts: {steps} steps x {per_step} prompts each need "
+                     f"{steps * per_step} prompts; {source} has {len(prompts)}")
+  return [prompts[s * per_step if fresh else 0:][:per_step] for s in range(steps)]
+
+
+def finetune(config: ml_collections.ConfigDict, init_from: str, source: str, tokenizer_dir: str,
+             workdir: str) -> str | None:
+  """SFT (`config.train`, `config.optim`, `config.data.packing`) from the export `init_from` on
+  the records in `source`, in `workdir`; resumes an interrupted run. Returns WORKDIR/export, or
+  None when the run stopped early (`train.stop_after_steps`: rerun to continue)."""
+  export = os.path.join(workdir, "export")
+  if not os.path.exists(export):
+    sft_cfg = ml_collections.ConfigDict(config.to_dict())
+    sft_cfg.algorithm, sft_cfg.init_from = "sft", init_from
+    sft_cfg.data.update(kind="sft", source=source, tokenizer=tokenizer_dir)
+    sft.train(sft_cfg, workdir)
+  return export if os.path.exists(export) else None
+
+
+def export_final(policy_export: str, workdir: str) -> None:
+  """Copies the last policy export to WORKDIR/export (what later pipeline stages start from)."""
+  final = os.path.join(workdir, "export")
+  if os.path.exists(final):
+    shutil.rmtree(final)
+  shutil.copytree(policy_export, final)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint.check_workdir_writable(workdir)
   sharding.maybe_initialize_distributed()
   rs = config.rejection_sampling
-  if not config.init_from:
-    raise ValueError("config.init_from is empty: rejection sampling starts from a policy export")
   if len(rs.temperatures) != rs.rounds:
     raise ValueError(f"config.rejection_sampling.temperatures has {len(rs.temperatures)} entries for "
                      f"rounds={rs.rounds}; give one temperature per round")
+  tokenizer_dir, tokenizer = policy_tokenizer(config, key="rejection sampling")
+  round_prompts = step_prompts(load_prompts(config.data.source), steps=rs.rounds,
+                               per_step=rs.prompts_per_round, fresh=rs.fresh_prompts,
+                               key="config.rejection_sampling", source=config.data.source)
   mesh = sharding.make_mesh(config.mesh.shape)
-  tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")
-  tokenizer = data.load_tokenizer(tokenizer_dir)
-  prompts = load_prompts(config.data.source)
-  if rs.fresh_prompts and rs.rounds * rs.prompts_per_round > len(prompts):
-    raise ValueError(f"config.rejection_sampling.fresh_prompts: {rs.rounds} rounds x "
-                     f"prompts_per_round={rs.prompts_per_round} need {rs.rounds * rs.prompts_per_round} "
-                     f"prompts; {config.data.source} has {len(prompts)}")
   rms = ppo_rollout.load_reward_models(rs.reward, mesh, key="config.rejection_sampling.reward")
   spec = ppo_rollout.reward_spec(rs.reward, rms)
 
@@ -108,9 +150,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     kept_path = os.path.join(round_dir, "kept.jsonl")
     if not os.path.exists(kept_path):
       policy = common.load_policy(policy_export, mesh)
-      start = (r - 1) * rs.prompts_per_round if rs.fresh_prompts else 0
-      round_prompts = prompts[start:start + rs.prompts_per_round]
-      samples = best_of_k(policy.params, policy.sampler, rms, spec, tokenizer, round_prompts,
+      samples = best_of_k(policy.params, policy.sampler, rms, spec, tokenizer, round_prompts[r - 1],
                           k=rs.samples_per_prompt, temperature=rs.temperatures[r - 1],
                           max_new_tokens=rs.max_new_tokens, max_prompt_len=rs.max_prompt_len,
                           batch_prompts=rs.batch_prompts, rng=jax.random.key(config.seed + r))
@@ -125,16 +165,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           candidate = previous
         if rs.keep_best_across_rounds:
           best[_key(record["prompt"])] = candidate
-        gold = _gold(record, candidate["completion"])
+        gold = gold_combined(record, candidate["completion"])
         if gold is not None:
-          candidate = {**candidate, "gold_combined": gold["combined"]}
-        first = _gold(record, sample["texts"][0])
-        first_gold.append(None if first is None else first["combined"])
-        best_gold.append(None if gold is None else gold["combined"])
+          candidate = {**candidate, "gold_combined": gold}
+        first_gold.append(gold_combined(record, sample["texts"][0]))
+        best_gold.append(gold)
         kept.append(candidate)
       row.update(sample_reward=float(np.mean([s["rewards"][0] for s in samples])),
                  best_reward=float(np.mean([k["reward"] for k in kept])),
-                 sample_gold=_mean(first_gold), best_gold=_mean(best_gold),
+                 sample_gold=mean_or_none(first_gold), best_gold=mean_or_none(best_gold),
                  from_earlier_rounds=sum(k["round"] < r for k in kept))
       annotators.write_jsonl([k for k in kept if k["completion"]], kept_path)
       summary = [s for s in summary if s["round"] != r] + [row]
@@ -145,19 +184,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       kept = [json.loads(line) for line in open(kept_path) if line.strip()]
       if rs.keep_best_across_rounds:
         best.update({_key(k["prompt"]): k for k in kept})
-    export = os.path.join(round_dir, "export")
-    if not os.path.exists(export):
-      round_cfg = ml_collections.ConfigDict(config.to_dict())
-      round_cfg.algorithm, round_cfg.init_from = "sft", policy_export
-      round_cfg.data.update(kind="sft", source=kept_path, tokenizer=tokenizer_dir)
-      sft.train(round_cfg, round_dir)
-      if not os.path.exists(export):  # stopped early (stop_after_steps): rerun to continue
-        return {"stopped_in_round": r}
+    export = finetune(config, policy_export, kept_path, tokenizer_dir, round_dir)
+    if export is None:  # stopped early (stop_after_steps): rerun to continue
+      return {"stopped_in_round": r}
     policy_export = export
-  final = os.path.join(workdir, "export")
-  if os.path.exists(final):
-    shutil.rmtree(final)
-  shutil.copytree(policy_export, final)
+  export_final(policy_export, workdir)
   return {"rounds": rs.rounds, **{f"round_{s['round']}/{k}": v for s in summary for k, v in s.items()
                                   if k != "round" and v is not None}}
 

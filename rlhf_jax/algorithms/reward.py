@@ -38,9 +38,11 @@ from rlhf_jax.models import ModelConfig, abstract_model
 _log = logging.getLogger(__name__)
 
 
-def make_reward_loss_fn(graphdef, *, kind: str, margins: Sequence[float], center_coef: float):
+def make_reward_loss_fn(graphdef, *, kind: str, margins: Sequence[float], center_coef: float,
+                        soft_labels: bool = False):
   """loss_fn(params, batch, rng) for comparison batches: pairwise_loss (with the margin table
-  looked up by each pair's level) for kind "pairwise", ranking_loss for "ranking"."""
+  looked up by each pair's level, and with soft_labels each pair's `soft_label`) for kind
+  "pairwise", ranking_loss for "ranking"."""
   table = jnp.asarray(margins, jnp.float32)
   use_margin = any(margins)
 
@@ -54,8 +56,9 @@ def make_reward_loss_fn(graphdef, *, kind: str, margins: Sequence[float], center
       # Level -1 (a pair without one, e.g. held-out data) gets no margin.
       margin = (jnp.where(level >= 0, table[jnp.clip(level, 0, len(margins) - 1)], 0.0)
                 if use_margin else None)
+      soft = flat(batch["soft_label"]) if soft_labels else None
       return reward_losses.pairwise_loss(scores[:, 0], scores[:, 1], margin, weight=valid[:, 1],
-                                         center_coef=center_coef)
+                                         soft_label=soft, center_coef=center_coef)
     return reward_losses.ranking_loss(scores, ranks, valid, center_coef=center_coef)
 
   return loss_fn
@@ -152,6 +155,13 @@ def _require_margins(records: Sequence[dict], source: str) -> None:
           "pair's preference level 0..3; add the levels, or set config.reward.margins='none'")
 
 
+def _require_field(records: Sequence[dict], source: str, field: str, why: str) -> None:
+  for i, record in enumerate(records):
+    if field not in record:
+      raise data.RecordError(f"{source}[{i}]", None, field,
+                             f"missing, but {why}; add it, or set that option off")
+
+
 @dataclasses.dataclass
 class Comparisons:
   """Tokenised comparison data of a config: records and comparisons, train and held-out."""
@@ -219,6 +229,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if kind not in ("pairwise", "ranking"):
     raise ValueError(f"config.data.kind={kind!r}: a reward model trains on 'pairwise' or 'ranking' records")
   margins = reward_losses.margin_table(r.margins)
+  if r.soft_labels and kind != "pairwise":
+    raise ValueError("config.reward.soft_labels=True reads the 'soft_label' of pairwise records; "
+                     f"config.data.kind is {kind!r}")
   if kind == "ranking" and any(margins):
     raise ValueError("config.reward.margins applies to pairwise data (Llama 2); rankings have no "
                      "preference levels: set config.reward.margins='none'")
@@ -236,8 +249,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                             comparisons.eval_stats)
   if any(margins):
     _require_margins(train_records, d.source)
+  if r.soft_labels:
+    _require_field(train_records, d.source, "soft_label",
+                   "config.reward.soft_labels=True trains on each pair's P(chosen better)")
 
-  make_loss = functools.partial(make_reward_loss_fn, kind=kind, margins=margins, center_coef=r.center_coef)
+  make_loss = functools.partial(make_reward_loss_fn, kind=kind, margins=margins,
+                                center_coef=r.center_coef, soft_labels=r.soft_labels)
   setup = common.setup_training(config, mesh, model_cfg, make_loss)
   batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses)
   evaluate = common.make_evaluate(make_loss(setup.graphdef), setup, eval_iter, t.eval_batches)

@@ -8,6 +8,7 @@ A `Comparison` is one prompt (one batch element) and its K responses:
     ranks      int32[K]        0 = best; a pairwise record is (chosen 0, rejected 1), a ranking record
                                is 0, 1, ..., K-1 in its (best-first) order
     margin     int             the pair's preference level 0..3 (Llama 2), -1 when the record has none
+    soft_label float           P(chosen better) of a pairwise record's `soft_label` (1.0 without one)
     index      int             the record's position in the list given to `tokenize_comparisons`
     prompt_len int             tokens before the first response token (BOS + prompt + header; the
                                same in every sequence of the comparison)
@@ -31,6 +32,7 @@ score does not depend on what shares its row; `comparison_batch` puts one compar
     ranks       [R, P, K] int32     0 = best; unused slots hold K
     valid       [R, P, K] bool      the slot holds a response
     margin      [R, P] int32        preference level, -1 = none (or an unused comparison slot)
+    soft_label  [R, P] float32      P(chosen better), 1 = a hard label (and unused slots)
     response_start [R, P, K] int32  position in the row of each response's first token: the
                                     response spans response_start..score_index (0 if unused)
     ref_logps   [R, P, K] float32   the comparisons' `ref_logps` (0 where absent)
@@ -63,6 +65,7 @@ class Comparison(NamedTuple):
     index: int
     prompt_len: int = 1
     ref_logps: np.ndarray | None = None
+    soft_label: float = 1.0
 
 
 def responses_of(record: dict, kind: str) -> list[str]:
@@ -148,8 +151,9 @@ def tokenize_comparisons(
         # "margin" is a validated field of pairwise records only (metadata elsewhere).
         margin = record.get("margin", -1) if kind == "pairwise" else -1
         cut = len(sequences[0]) - len(fitted[0])  # prompt tokens truncate_left removed
+        soft_label = record.get("soft_label", 1.0) if kind == "pairwise" else 1.0
         comparisons.append(Comparison(fitted, np.arange(len(fitted), dtype=np.int32), margin, i,
-                                      prompt_len - cut))
+                                      prompt_len - cut, soft_label=soft_label))
     stats = {"comparisons": len(comparisons), "dropped": dropped, "left_truncated": left_truncated,
              "responses": sum(len(c.sequences) for c in comparisons)}
     if dropped or left_truncated:
@@ -169,6 +173,7 @@ def _empty(rows: int, seq_len: int, per_row: int, num_responses: int) -> dict[st
         "ranks": np.full((r, p, k), k, np.int32),
         "valid": np.zeros((r, p, k), np.bool_),
         "margin": np.full((r, p), -1, np.int32),
+        "soft_label": np.ones((r, p), np.float32),
         "response_start": np.zeros((r, p, k), np.int32),
         "ref_logps": np.zeros((r, p, k), np.float32),
         "comparison": np.full((r, p), -1, np.int32),
@@ -203,6 +208,7 @@ def _place(batch: dict, row: int, slot: int, start: int, first_segment: int, com
     batch["ranks"][row, slot, :n] = comparison.ranks
     batch["valid"][row, slot, :n] = True
     batch["margin"][row, slot] = comparison.margin
+    batch["soft_label"][row, slot] = comparison.soft_label
     batch["comparison"][row, slot] = comparison.index
     if comparison.ref_logps is not None:
         batch["ref_logps"][row, slot, :n] = comparison.ref_logps

@@ -4,7 +4,8 @@ Kinds and their fields (DESIGN.md):
 
     text      text
     sft       prompt, completion  -- or messages: [{role: system|user|assistant, content}, ...]
-    pairwise  prompt, chosen, rejected, optional margin (int 0..3), optional labeler
+    pairwise  prompt, chosen, rejected, optional margin (int 0..3), optional labeler, optional
+              soft_label (float in [0, 1]: P(chosen better), e.g. an AI judge's; RLAIF)
     ranking   prompt, responses (2..9 distinct strings, best first)
     kto       prompt, completion, label (bool: true = desirable)
     safety    prompt, response, safe (bool)
@@ -128,6 +129,12 @@ def _margin(value: Any) -> int:
     return int(value)
 
 
+def _probability(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise _Invalid(f"expected a probability in [0, 1] (P(chosen better)), got {_show(value)}")
+    return float(value)
+
+
 def _flag(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _Invalid(f"expected a boolean (JSON true/false), got {_show(value)}")
@@ -179,6 +186,7 @@ KINDS: dict[str, tuple[_Schema, ...]] = {
             "rejected": (_text, True),
             "margin": (_margin, False),
             "labeler": (_text, False),
+            "soft_label": (_probability, False),
         },
     ),
     "ranking": ({"prompt": (_prompt, True), "responses": (_responses, True)},),

@@ -58,6 +58,15 @@ def _smoothed_logistic_loss(logits: Array, label_smoothing) -> Array:
           + label_smoothing * -jax.nn.log_sigmoid(-logits))
 
 
+def _weighted_mean(losses: Array, weight: Array | None) -> tuple[Array, Array | None]:
+  """(mean of `losses` [B], or its `weight`-weighted mean; the weights as float32 or None)."""
+  if weight is None:
+    return jnp.mean(losses), None
+  chex.assert_equal_shape([losses, weight])
+  weight = _f32(weight)
+  return jnp.sum(weight * losses) / jnp.maximum(jnp.sum(weight), 1e-8), weight
+
+
 def _pair_metrics(loss: Array, chosen_rewards: Array, rejected_rewards: Array,
                   weight: Array | None = None) -> dict[str, Array]:
   """Batch means (weighted by `weight` [B] when given) of the implicit rewards of a pair loss;
@@ -133,12 +142,7 @@ def dpo_loss(
     losses = jnp.square(h - 1.0 / (2.0 * beta))
   else:
     losses = jax.nn.relu(1.0 - beta * h)
-  if weight is None:
-    loss = jnp.mean(losses)
-  else:
-    chex.assert_equal_shape([policy_chosen_logps, weight])
-    weight = _f32(weight)
-    loss = jnp.sum(weight * losses) / jnp.maximum(jnp.sum(weight), 1e-8)
+  loss, weight = _weighted_mean(losses, weight)
   return loss, _pair_metrics(loss, beta * chosen_logratios, beta * rejected_logratios, weight)
 
 
@@ -150,6 +154,7 @@ def cpl_loss(
     lam: Array | float = 0.5,
     ref_chosen_logps: Array | None = None,
     ref_rejected_logps: Array | None = None,
+    weight: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
   """CPL with the conservative bias; mean over the batch.
 
@@ -159,6 +164,8 @@ def cpl_loss(
   lam: the conservative bias lambda in (0, 1]; lambda < 1 down-weights the rejected segment.
   ref_chosen_logps, ref_rejected_logps: [B] or None (both or neither): if given, log pi is replaced
     by `log pi - log pi_ref` (the reference as a prior).
+  weight: [B] (bool or float) or None: per-pair weights as in `dpo_loss` (0 for the empty slots of
+    a packed batch); the loss and metrics are then weighted means, "loss_weight" their sum.
 
   Per pair `-log [exp(S_c) / (exp(S_c) + exp(lam S_r))] = -log sigmoid(S_c - lam S_r)` (Hejna et
   al. 2023, eq. 5 with the bias of their conservative variant). With lam = 1, the reference
@@ -181,8 +188,8 @@ def cpl_loss(
     rejected = rejected - _f32(ref_rejected_logps)
   adv_chosen = alpha * chosen
   adv_rejected = alpha * rejected
-  loss = jnp.mean(-jax.nn.log_sigmoid(adv_chosen - lam * adv_rejected))
-  return loss, _pair_metrics(loss, adv_chosen, adv_rejected)
+  loss, weight = _weighted_mean(-jax.nn.log_sigmoid(adv_chosen - lam * adv_rejected), weight)
+  return loss, _pair_metrics(loss, adv_chosen, adv_rejected, weight)
 
 
 def kto_loss(
@@ -194,6 +201,7 @@ def kto_loss(
     beta: Array | float = 0.1,
     desirable_weight: Array | float = 1.0,
     undesirable_weight: Array | float = 1.0,
+    weight: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
   """KTO on unpaired examples; mean over the batch.
 
@@ -203,13 +211,17 @@ def kto_loss(
     `log pi(y' | x) - log pi_ref(y' | x)` over mismatched pairs (y' the response of another prompt),
     averaged across devices. It is clamped at 0 and gets no gradient.
   beta: > 0; desirable_weight, undesirable_weight: lambda_D, lambda_U >= 0.
+  weight: [B] (bool or float) or None: per-example weights (0 for the empty slots of a packed
+    batch); the loss and metrics are then weighted means and "loss_weight" is their sum.
 
   With `r = policy_logps - ref_logps` and `z0 = stop_gradient(max(kl_estimate, 0))` the
   per-example loss is `lambda_D (1 - sigmoid(beta (r - z0)))` if desirable, else
   `lambda_U (1 - sigmoid(beta (z0 - r)))`, as TRL's KTOTrainer (loss_type "kto"); the loss is the
   mean over all B examples. Returns (loss, metrics) with metrics "loss", "rewards/chosen" and
   "rewards/rejected" (means of `beta r` over the desirable / undesirable examples, 0 if none),
-  "rewards/margin" (their difference), "kl" (z0), "num_desirable" and "loss_weight" (B, float32).
+  "rewards/margin" (their difference), "rewards/accuracy" (the fraction whose implicit reward
+  `beta r` has the label's sign: > 0 if desirable, < 0 if not), "kl" (z0), "num_desirable" and
+  "loss_weight" (B, float32).
   """
   chex.assert_rank([policy_logps, ref_logps, desirable, kl_estimate], [1, 1, 1, 0])
   chex.assert_equal_shape([policy_logps, ref_logps, desirable])
@@ -225,22 +237,28 @@ def kto_loss(
   losses = jnp.where(desirable,
                      desirable_weight * jax.nn.sigmoid(beta * (z0 - logratios)),
                      undesirable_weight * jax.nn.sigmoid(beta * (logratios - z0)))
-  loss = jnp.mean(losses)
+  loss, weight = _weighted_mean(losses, weight)
+  if weight is None:
+    weight = jnp.ones_like(logratios)
 
   rewards = beta * logratios
-  d = desirable.astype(jnp.float32)
-  num_desirable = jnp.sum(d)
-  num_undesirable = jnp.float32(d.shape[0]) - num_desirable
-  chosen_rewards = jnp.sum(rewards * d) / jnp.maximum(num_desirable, 1.0)
-  rejected_rewards = jnp.sum(rewards * (1.0 - d)) / jnp.maximum(num_undesirable, 1.0)
+  d = desirable.astype(jnp.float32) * weight
+  u = (1.0 - desirable.astype(jnp.float32)) * weight
+  num_desirable, num_undesirable = jnp.sum(d), jnp.sum(u)
+  # A zero count gives 0, not NaN; weights are 0 or 1 in practice, so 1e-8 is not a bias.
+  chosen_rewards = jnp.sum(rewards * d) / jnp.maximum(num_desirable, 1e-8)
+  rejected_rewards = jnp.sum(rewards * u) / jnp.maximum(num_undesirable, 1e-8)
+  right_sign = jnp.where(desirable, rewards > 0, rewards < 0).astype(jnp.float32)
+  total = jnp.sum(weight)
   metrics = {
       "loss": loss,
       "rewards/chosen": chosen_rewards,
       "rewards/rejected": rejected_rewards,
       "rewards/margin": chosen_rewards - rejected_rewards,
+      "rewards/accuracy": jnp.sum(right_sign * weight) / jnp.maximum(total, 1e-8),
       "kl": z0,
       "num_desirable": num_desirable,
-      "loss_weight": jnp.float32(d.shape[0]),
+      "loss_weight": total,
   }
   return loss, metrics
 
@@ -261,6 +279,7 @@ def orpo_loss(
     chosen_nll: Array,
     *,
     beta: Array | float = 0.1,
+    weight: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
   """ORPO: SFT NLL plus the log odds-ratio term; no reference model.
 
@@ -270,6 +289,9 @@ def orpo_loss(
   chosen_nll: [] the SFT loss on the chosen responses: their mean token NLL over the batch (as
     TRL; e.g. `sft_loss` on the chosen tokens).
   beta: > 0, the weight lambda of the odds-ratio term (TRL's `beta`, paper's lambda).
+  weight: [B] (bool or float) or None: per-pair weights of the odds-ratio term and the metrics as
+    in `dpo_loss` (0 for the empty slots of a packed batch); `chosen_nll` is already a batch mean,
+    computed by the caller over the pairs that count.
 
   `log_odds = (l_c - l_r) - (log(1 - exp(l_c)) - log(1 - exp(l_r)))` and
   `loss = chosen_nll - beta * mean(log sigmoid(log_odds))`, as TRL's ORPOTrainer. Returns
@@ -285,14 +307,14 @@ def orpo_loss(
   lp_chosen = jnp.minimum(_f32(chosen_logps_mean), MAX_MEAN_LOGP)
   lp_rejected = jnp.minimum(_f32(rejected_logps_mean), MAX_MEAN_LOGP)
   log_odds = (lp_chosen - lp_rejected) - (_log1mexp(lp_chosen) - _log1mexp(lp_rejected))
-  log_odds_ratio = jax.nn.log_sigmoid(log_odds)
+  mean_log_odds_ratio, weight = _weighted_mean(jax.nn.log_sigmoid(log_odds), weight)
   nll = _f32(chosen_nll)
-  loss = nll - beta * jnp.mean(log_odds_ratio)
-  metrics = _pair_metrics(loss, beta * lp_chosen, beta * lp_rejected)
+  loss = nll - beta * mean_log_odds_ratio
+  metrics = _pair_metrics(loss, beta * lp_chosen, beta * lp_rejected, weight)
   metrics.update({
       "nll_loss": nll,
-      "log_odds_ratio": jnp.mean(log_odds_ratio),
-      "log_odds_chosen": jnp.mean(log_odds),
+      "log_odds_ratio": mean_log_odds_ratio,
+      "log_odds_chosen": _weighted_mean(log_odds, weight)[0],
   })
   return loss, metrics
 
@@ -306,6 +328,7 @@ def simpo_loss(
     beta: Array | float = 2.0,
     gamma: Array | float = 0.5,
     label_smoothing: Array | float = 0.0,
+    weight: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
   """SimPO: length-normalised reward margin, no reference model; mean over the batch.
 
@@ -314,6 +337,8 @@ def simpo_loss(
     taken as 1, so an empty response averages to 0 instead of NaN).
   beta: > 0 (paper: 2.0 to 2.5); gamma: the target reward margin >= 0 (the paper tunes
     gamma / beta ~ 0.5; 0.5 is TRL's default `simpo_gamma`); label_smoothing: eps in [0, 0.5).
+  weight: [B] (bool or float) or None: per-pair weights as in `dpo_loss` (0 for the empty slots of
+    a packed batch); the loss and metrics are then weighted means, "loss_weight" their sum.
 
   With `l = logps / lengths`, per pair `z = beta (l_c - l_r) - gamma` and the loss
   `-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)`, as TRL's CPOTrainer with loss_type "simpo"
@@ -330,5 +355,5 @@ def simpo_loss(
   chosen_rewards = beta * _f32(chosen_logps) / jnp.maximum(_f32(chosen_lengths), 1.0)
   rejected_rewards = beta * _f32(rejected_logps) / jnp.maximum(_f32(rejected_lengths), 1.0)
   losses = _smoothed_logistic_loss(chosen_rewards - rejected_rewards - gamma, label_smoothing)
-  loss = jnp.mean(losses)
-  return loss, _pair_metrics(loss, chosen_rewards, rejected_rewards)
+  loss, weight = _weighted_mean(losses, weight)
+  return loss, _pair_metrics(loss, chosen_rewards, rejected_rewards, weight)

@@ -71,6 +71,7 @@ def pairwise_loss(
     margin: Array | None = None,
     *,
     weight: Array | None = None,
+    soft_label: Array | None = None,
     center_coef: float = 0.0,
 ) -> tuple[Array, dict[str, Array]]:
   """Bradley-Terry loss `-log sigmoid(r_c - r_r - m)` plus `center_coef * (r_c + r_r)^2`.
@@ -80,6 +81,10 @@ def pairwise_loss(
     `margin_table` with the pair's preference level.
   weight: [B] float or bool or None (ones): per-example weight; 0 marks a padding example (its
     rewards are ignored, even if not finite).
+  soft_label: [B] float in [0, 1] or None (ones): p = P(chosen better), e.g. an AI judge's
+    position-swapped preference (RLAIF, Lee et al. 2023). The per-pair loss is then the
+    cross-entropy `-p log sigmoid(d) - (1 - p) log sigmoid(-d)`, d = r_c - r_r - m; p = 1 is the
+    hard loss, p = 1/2 pulls the two rewards together.
   center_coef: eta of the centring regulariser (TRL's center_rewards_coefficient, ~1e-2).
 
   The loss is the weighted mean over examples of `-log sigmoid(r_c - r_r - m)` (computed as
@@ -95,6 +100,8 @@ def pairwise_loss(
     chex.assert_equal_shape([chosen_rewards, margin])
   if weight is not None:
     chex.assert_equal_shape([chosen_rewards, weight])
+  if soft_label is not None:
+    chex.assert_equal_shape([chosen_rewards, soft_label])
 
   w = (jnp.ones(chosen_rewards.shape, jnp.float32) if weight is None
        else weight.astype(jnp.float32))
@@ -106,7 +113,12 @@ def pairwise_loss(
   total = jnp.sum(w)
   denom = jnp.where(total != 0, total, 1.0)
   diff = r_c - r_r
-  bt_loss = _weighted_mean(-jax.nn.log_sigmoid(diff - m), w, denom)
+  if soft_label is None:
+    pair_loss = -jax.nn.log_sigmoid(diff - m)
+  else:
+    p = jnp.where(keep, soft_label.astype(jnp.float32), 1.0)
+    pair_loss = -p * jax.nn.log_sigmoid(diff - m) - (1.0 - p) * jax.nn.log_sigmoid(m - diff)
+  bt_loss = _weighted_mean(pair_loss, w, denom)
   center = _weighted_mean(jnp.square(r_c + r_r), w, denom)
   loss = bt_loss + center_coef * center
   correct = (diff > 0).astype(jnp.float32) + 0.5 * (diff == 0).astype(jnp.float32)

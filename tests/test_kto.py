@@ -1,0 +1,164 @@
+"""KTO training: data validation, mismatched pairs for the reference point z0 (no gradient through
+it), the sharded loss equals the single-device one, and the driver learns an easy labelling."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import checkpoint, data, metrics, sharding
+from rlhf_jax.algorithms import kto
+from rlhf_jax.configs import base_config
+from rlhf_jax.data.preference import comparison_batch, tokenize_comparisons
+from rlhf_jax.losses import preference
+from rlhf_jax.models import ModelConfig, create_model, split_model
+
+from tests.test_reward_model import TINY, export_lm, learnable_pairs, write_jsonl
+
+
+def kto_records(n, seed=0):
+  """Each learnable pair as two unpaired records: the 'great' response desirable, the 'awful' one
+  not (shuffled, so a batch holds both kinds)."""
+  records = [r for p in learnable_pairs(n, seed)
+             for r in ({"prompt": p["prompt"], "completion": p["chosen"], "label": True},
+                       {"prompt": p["prompt"], "completion": p["rejected"], "label": False})]
+  order = np.random.default_rng(seed).permutation(len(records))
+  return [records[i] for i in order]
+
+
+@pytest.mark.parametrize("record, field, problem", [
+    ({"prompt": "p", "completion": "c", "label": "yes"}, "label", "expected a boolean"),
+    ({"prompt": "p", "completion": "c"}, "label", "missing"),
+    ({"prompt": "p", "response": "c", "label": True}, "completion", "missing"),
+    ({"prompt": "p", "completion": " ", "label": False}, "completion", "is empty"),
+])
+def test_kto_records_are_validated_with_file_line_and_field(tmp_path, record, field, problem):
+  good = {"prompt": "q", "completion": "a", "label": True}
+  path = write_jsonl(tmp_path / "kto.jsonl", [good, record])
+  with pytest.raises(data.RecordError, match=rf"kto.jsonl:2: field '{field}': {problem}"):
+    data.load_records(path, "kto")
+
+
+def test_mismatched_partners_differ_in_prompt_and_completion():
+  records = kto_records(20)
+  records[1] = {**records[1], "completion": records[0]["completion"]}  # a shared completion
+  partner = kto.mismatched_partners(records, seed=3)
+  assert np.array_equal(partner, kto.mismatched_partners(records, seed=3))  # seeded
+  assert len(set(partner.tolist())) > len(records) // 2  # spread out, not one fixed record
+  for i, j in enumerate(partner):
+    assert records[j]["prompt"] != records[i]["prompt"]
+    assert records[j]["completion"].strip() != records[i]["completion"].strip()
+  pairs = kto.kto_to_pairs(records, seed=3)
+  assert [(p["chosen"], p["label"]) for p in pairs] == [(r["completion"], r["label"])
+                                                        for r in records]
+  same_prompt = [{"prompt": "p", "completion": f"c{i}", "label": True} for i in range(4)]
+  with pytest.raises(ValueError, match="mismatched"):
+    kto.mismatched_partners(same_prompt, seed=0)
+
+
+CFG = base_config().kto
+
+
+def test_z0_is_the_clamped_mean_of_the_mismatched_pairs_and_gets_no_gradient():
+  rng = np.random.default_rng(0)
+  logps = jnp.asarray(rng.normal(-20, 3, (8, 2)), jnp.float32)
+  ref = jnp.asarray(rng.normal(-20, 3, (8, 2)), jnp.float32)
+  desirable = jnp.asarray(rng.random(8) < 0.5)
+  weight = jnp.asarray([1, 1, 1, 0, 1, 1, 0, 1], jnp.float32)
+  keep = np.asarray(weight, bool)
+  loss_fn = jax.jit(lambda lp: kto.kto_batch_loss(CFG, lp, ref, desirable, weight))
+  loss, got = loss_fn(logps)
+  mean = np.mean((np.asarray(logps) - np.asarray(ref))[keep, 1])  # empty slots excluded
+  np.testing.assert_allclose(got["kl"], max(mean, 0.0), rtol=1e-5)
+  # Without gradient through z0: d loss / d (mismatched logps) = 0, and the examples' gradient is
+  # kto_loss's with z0 a constant.
+  grads = np.asarray(jax.grad(lambda lp: loss_fn(lp)[0])(logps))
+  assert np.all(grads[:, 1] == 0)
+  z = jnp.float32(mean)
+  expected = jax.grad(lambda x: preference.kto_loss(x, ref[:, 0], desirable, z, weight=weight)[0])(
+      logps[:, 0])
+  np.testing.assert_allclose(grads[:, 0], expected, rtol=1e-5, atol=1e-8)
+  assert np.all(grads[~keep, 0] == 0) and np.all(grads[keep, 0] != 0)
+  assert set(got) >= {"rewards/desirable", "rewards/undesirable", "rewards/accuracy", "kl"}
+  # Shifting the mismatched pairs' log-ratios above 0 raises z0, which lowers the desirable
+  # examples' value: the loss rises by the same path TRL's does.
+  assert float(loss_fn(logps.at[:, 1].add(5.0))[0]) != float(loss)
+
+
+@pytest.mark.slow
+def test_sharded_kto_loss_equals_one_device(words_tokenizer):
+  """z0 is a mean over the whole (sharded) batch, as TRL gathers it across processes."""
+  graphdef, params = split_model(create_model(ModelConfig(**TINY), 0))
+  pairs = kto.kto_to_pairs(kto_records(8), seed=0)
+  comparisons, _ = tokenize_comparisons(pairs, "pairwise", words_tokenizer, max_len=64)
+  comparisons = [c._replace(margin=int(pairs[c.index]["label"]),
+                            ref_logps=np.asarray([-30.0 + c.index, -500.0], np.float32))
+                 for c in comparisons]
+  batch = comparison_batch(comparisons, 128, 2)  # 16 rows
+  loss_fn = jax.jit(kto.make_kto_loss_fn(graphdef, CFG))
+  expected = jax.device_get(loss_fn(params, batch, None))
+  mesh = sharding.make_mesh((8, 1, 1))
+  got = jax.device_get(loss_fn(params, sharding.put_batch(batch, mesh), None))
+  for key in expected[1]:
+    np.testing.assert_allclose(got[1][key], expected[1][key], rtol=1e-5, atol=1e-6, err_msg=key)
+  assert expected[1]["kl"] > 0  # the reference point is in play
+
+
+def kto_config(tmp_path, words_tokenizer_dir, source, steps=30, reference="precompute"):
+  c = base_config()
+  c.algorithm = "kto"
+  c.init_from = str(tmp_path / "lm")
+  c.model.vocab_size = 0
+  c.mesh.shape = (2, 2, 2)
+  c.optim.update(lr=3e-3, warmup_steps=3)
+  c.train.update(steps=steps, batch_size=8, seq_len=128, log_every=5, eval_every=steps,
+                 eval_batches=1, checkpoint_every=steps, async_checkpoint=False)
+  c.data.update(kind="kto", source=source, tokenizer=str(words_tokenizer_dir), eval_fraction=0.25,
+                packing=True, prompt_overflow="skip")
+  c.reward.comparisons_per_row = 3
+  c.kto.update(beta=0.5, reference=reference)
+  return c
+
+
+@pytest.mark.parametrize("update, match", [
+    (dict(kind="pairwise"), "config.data.kind='pairwise': KTO trains on 'kto'"),
+    (dict(reference="cached"), "config.kto.reference='cached'"),
+    (dict(beta=0.0), r"config.kto \(beta=0.0.*beta must be > 0"),
+    (dict(undesirable_weight=-1.0), "undesirable_weight must be >= 0"),
+])
+def test_kto_driver_rejects_bad_configs_before_loading(tmp_path, words_tokenizer_dir, update,
+                                                       match):
+  # init_from names no export: the config fails before any model or data loads.
+  config = kto_config(tmp_path, words_tokenizer_dir, str(tmp_path / "missing.jsonl"))
+  update = dict(update)
+  config.data.kind = update.pop("kind", "kto")
+  config.kto.update(**update)
+  with pytest.raises(ValueError, match=match):
+    kto.train(config, str(tmp_path / "w"))
+
+
+@pytest.mark.slow
+def test_kto_learns_which_completions_are_desirable(tmp_path, words_tokenizer_dir):
+  export_lm(tmp_path / "lm", words_tokenizer_dir)
+  source = write_jsonl(tmp_path / "kto.jsonl", kto_records(48))
+  workdir = tmp_path / "run"
+  config = kto_config(tmp_path, words_tokenizer_dir, source, steps=12)
+  config.train.log_every = 3
+  result = kto.train(config, str(workdir))
+  params, meta = checkpoint.load_params(workdir / "export")
+  assert meta["model"]["head"] == "lm" and meta["step"] == 12 and "lm_head" in params
+  logged = [r for r in metrics.read_jsonl(workdir / "metrics.jsonl") if "train/loss" in r]
+  # At step 0 the policy is the reference: every reward is 0 and the loss sigmoid(0) = 0.5. The
+  # desirable completions' log-prob margin over the undesirable ones rises from there.
+  margins = [r["train/rewards/desirable"] - r["train/rewards/undesirable"] for r in logged]
+  assert margins[-1] > 2.0 and margins[-1] > margins[0] > 0, margins
+  assert logged[-1]["train/loss"] < 0.2 and logged[0]["train/loss"] < 0.5, logged
+  assert result["eval/rewards/accuracy"] >= 0.9, result
+  assert result["eval/rewards/desirable"] > result["eval/rewards/undesirable"]
+  report = json.loads((workdir / "eval.json").read_text())
+  assert report["held_out"]["rewards/accuracy"] == result["eval/rewards/accuracy"]
+  assert report["data"]["train"]["comparisons"] == 72
+  assert report["data"]["eval"]["comparisons"] == 24
+  assert report["data"]["train"]["desirable"] + report["data"]["train"]["undesirable"] == 72
