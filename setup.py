@@ -24,7 +24,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0"],
+    # nbclient + ipykernel: a test executes notebooks/compare_alignment_methods.ipynb.
+    "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0", "nbclient>=0.11.0", "nbformat>=5.11.1",
+             "ipykernel>=7.4.0"],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
     "notebooks": ["jupyter", "nbconvert"],

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import data, metrics
-from rlhf_jax.algorithms import pipeline
+from rlhf_jax.algorithms import ai_feedback, pipeline
 from rlhf_jax.toyworld import evaluate as gold_eval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,6 +144,16 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   pipeline.run(config, str(tmp_path))
   assert {s: len(metrics.read_jsonl(tmp_path / s / "metrics.jsonl")) for s in lines} == lines
 
+  # The method comparison reads this workdir (stage records, gold, the temperature baseline), and
+  # its notebook runs top to bottom on it.
+  from rlhf_jax import compare
+  from tests.test_compare import execute_notebook, outputs_text
+  rows = {r["method"]: r for r in compare.method_rows(str(tmp_path))}
+  assert {"sft", "ppo", "sft @ T=0.5"} <= set(rows) and "pretrain" not in rows
+  assert {"rm_helpful", "rm_safety", "feedback"} <= set(rows["ppo"]["inputs"])
+  assert 0 < rows["ppo"]["seconds"] < rows["ppo"]["seconds_with_inputs"]
+  assert "ppo" in outputs_text(execute_notebook(tmp_path, tmp_path))
+
   # The InstructGPT experiment in the same workdir reuses world, pretrain and SFT, and trains only
   # its ranking reward model (K-choose-2 over whole rankings packed into 1024-token rows).
   instructgpt = tiny_pipeline_config("toy_rm_instructgpt")
@@ -155,10 +165,9 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   assert -1.0 <= result["rm_ranking/kendall_tau_gold"] <= 1.0
 
 
-@pytest.mark.parametrize("name", ["toy_quickstart", "toy_rm_instructgpt", "toy_rm_llama2_margin",
-                                  "toy_rm_safety", "toy_ppo", "toy_rejection_sampling",
-                                  "toy_llama2_pipeline", "toy_ppo_beta_sweep",
-                                  "toy_rm_on_policy", "toy_ppo_gold_variants", "toy_dpo"])
+@pytest.mark.parametrize("name", sorted(
+    name[:-3] for name in os.listdir(os.path.join(ROOT, "experiments"))
+    if name.startswith("toy_") and name != "toy_sft.py"))  # every pipeline experiment (not plain SFT)
 def test_toy_experiments_name_known_stages_and_data(name):
   config = experiment_config(name)
   world_data = {"pretrain", "sft", "judge", *pipeline.EVAL_FEEDBACK, "safety_critical_eval", "eval_tasks",
@@ -166,6 +175,10 @@ def test_toy_experiments_name_known_stages_and_data(name):
   for stage in pipeline.training_stages(config):
     if config[stage].algorithm == pipeline.FEEDBACK:
       world_data |= set(pipeline.feedback_paths(stage, ""))
+      continue
+    if config[stage].algorithm == ai_feedback.ALGORITHM:  # AI-labelled pairs, by the judge stage
+      assert config[stage].judge in config.stages
+      world_data |= set(ai_feedback.paths_of(stage, ""))
       continue
     source = config[stage].data.source
     assert (source if source not in ("", "toy") else stage) in world_data

@@ -1,0 +1,60 @@
+"""Every alignment method from the same SFT model, scored by the toy world's gold reward on the same
+256 held-out tasks: the comparison that `notebooks/compare_alignment_methods.ipynb` tabulates.
+
+  python -m rlhf_jax.run --config=experiments/toy_compare.py --workdir=runs/compare
+  python -m rlhf_jax.run --config=experiments/toy_compare.py:core --workdir=runs/compare
+
+Stages already trained in the workdir are reused (each method's stage has the name and the config of
+its own experiment, `experiments/toy_<method>.py`), so one method can be (re)run at a time with
+`--config.stages=...`. `:core` leaves out the AI-feedback methods (judge, RLAIF, Constitutional AI).
+
+Budgets (matched within each family; all start from `sft`, all the same seed):
+
+| family | methods | budget |
+| --- | --- | --- |
+| online RL against the two reward models (Llama 2 combination) | ppo, grpo, rloo | 3,840 policy samples each (PPO 120 x 32; GRPO / RLOO 60 x 16 prompts x 4), KL penalty to SFT |
+| best-of-K, then SFT | rejection_sampling, rest | 4,096 policy samples each (2 rounds / Grow steps x 256 fresh prompts x 8) |
+| offline, human labels | dpo, kto, simpo | the world's annotations of 4,000 prompts (rankings; KTO: one thumbs up/down per response), 150 steps of 8 packed rows |
+| no reward model, no labels | hir | 2,048 policy samples (2 rounds x 256 prompts x 4) relabeled by the world's checker |
+| AI feedback (not in `:core`) | ppo_rlaif, cai_sl | the judge (600 gold-labelled comparisons), 2,000 AI-labelled pairs; PPO as `ppo` |
+
+The reward models (`rm_helpful`, `rm_safety`) are trained once and shared.
+"""
+
+from rlhf_jax.toy_configs import (ai_feedback_stage, ai_reward_stage, constitutional_sl_stage,
+                                  dpo_stage, group_stage, hir_stage, kto_stage, ppo_stage,
+                                  rejection_sampling_stage, rest_stage, toy_pipeline_config)
+
+CORE = ("ppo", "grpo", "rloo", "rejection_sampling", "rest", "dpo", "kto", "simpo", "hir")
+AI_FEEDBACK = ("judge", "ai_feedback", "rm_ai", "ppo_rlaif", "cai_sl")
+
+
+def get_config(arg=None):
+  c = toy_pipeline_config()
+  c.ppo = ppo_stage(iterations=120, init_from="sft")
+  c.grpo = group_stage("grpo", init_from="sft")
+  c.rloo = group_stage("rloo", beta=0.05, init_from="sft")
+  c.rejection_sampling = rejection_sampling_stage(rounds=2, prompts=256)
+  c.rejection_sampling.init_from = "sft"
+  c.rejection_sampling.rejection_sampling.fresh_prompts = True
+  c.rest = rest_stage(init_from="sft")
+  # The reference's log-probs per batch: 150 steps see 7,200 of the 21,976 ranking pairs (26,007
+  # KTO examples), so precomputing them over the whole set would cost more than it saves.
+  c.dpo = dpo_stage(beta=0.3)
+  c.dpo.dpo.reference = "per_batch"
+  c.kto = kto_stage()
+  c.kto.kto.reference = "per_batch"
+  c.simpo = dpo_stage(loss_type="simpo", lr=5e-6)
+  c.hir = hir_stage()
+  c.judge.init_from = "sft"  # not the latest policy stage before it
+  c.ai_feedback = ai_feedback_stage(judge="judge", prompts=2000, eval_prompts=200, init_from="sft")
+  c.rm_ai = ai_reward_stage("ai_feedback/pairs", steps=150)
+  c.rm_ai.init_from = "sft"
+  c.ppo_rlaif = ppo_stage(iterations=120, init_from="sft")
+  c.ppo_rlaif.ppo.update(value_init_from="rm_ai")
+  c.ppo_rlaif.ppo.reward.update(helpful="rm_ai", safety="")
+  c.cai_sl = constitutional_sl_stage(judge="judge", init_from="sft")
+  c.eval.rewards = False  # the reward models' own reports: experiments/toy_quickstart.py has them
+  methods = CORE if arg == "core" else (*CORE, *AI_FEEDBACK)
+  c.stages = ("world", "pretrain", "sft", "rm_helpful", "rm_safety", *methods, "eval")
+  return c

@@ -1,0 +1,104 @@
+"""Writes compare_alignment_methods.ipynb (unexecuted) from the cells below, so the notebook's
+source is reviewable Python. Execute it against a comparison workdir with
+
+  RLHF_COMPARE_WORKDIR=runs/compare .venv/bin/jupyter nbconvert --to notebook --execute --inplace \
+      notebooks/compare_alignment_methods.ipynb
+
+(or let tests/test_compare.py run it on a reduced workdir)."""
+
+import os
+
+import nbformat
+
+CELLS = [
+    ("markdown", """# Alignment methods compared on the toy world
+
+Every method starts from the same SFT model and is scored by the toy world's **gold** reward on the same
+256 held-out tasks (`rlhf_jax/toyworld`): gold helpfulness, gold safety, their combination, the win rate
+against the start policy, the KL to it, response length and wall-clock. Budgets are stated in
+`experiments/toy_compare.py`.
+
+Run the comparison first (stages already trained in the workdir are reused):
+
+    python -m rlhf_jax.run --config=experiments/toy_compare.py --workdir=runs/compare
+
+then set `RLHF_COMPARE_WORKDIR` (default `runs/compare`) and run this notebook top to bottom."""),
+    ("code", """import json
+import os
+
+import pandas as pd
+from IPython.display import Image, display
+
+from rlhf_jax import compare, metrics
+
+ROOT = os.path.abspath(os.path.join(os.getcwd(), "..")) if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
+WORKDIR = os.environ.get("RLHF_COMPARE_WORKDIR", os.path.join(ROOT, "runs", "compare"))
+print("workdir:", WORKDIR)"""),
+    ("markdown", """## The table
+
+One row per trained policy; the `sft @ T=...` rows are the SFT model sampled at lower temperatures
+(no reward model, no training): the baseline a method must beat *at equal KL*. `delta` is gold combined
+minus SFT's (the paired standard error of such a difference is about 0.025 on 256 tasks).
+`minutes` is the method's own stage, `minutes_total` adds the stages it needed (reward models, judge,
+AI feedback)."""),
+    ("code", """rows = compare.method_rows(WORKDIR)
+table = pd.DataFrame(rows)
+table["minutes"] = table["seconds"] / 60
+table["minutes_total"] = table["seconds_with_inputs"] / 60
+columns = ["method", "algorithm", "helpfulness", "safety", "combined", "delta_combined", "win_rate",
+           "kl", "length", "refusal_unsafe", "minutes", "minutes_total"]
+table[columns].round(3).rename(columns={"delta_combined": "delta"})"""),
+    ("markdown", "## Gold against KL"),
+    ("code", """png = compare.plot_methods(rows, os.path.join(WORKDIR, "eval", "methods.png"))
+display(Image(png))"""),
+    ("markdown", "## By task family (gold combined)"),
+    ("code", """with open(os.path.join(WORKDIR, "eval", "gold.json")) as f:
+    gold = json.load(f)
+families = pd.DataFrame({stage: {family: s["combined"] for family, s in result["families"].items()}
+                         for stage, result in gold.items() if stage != "pretrain"})
+families.round(3)"""),
+    ("markdown", """## Online methods during training
+
+Held-out gold against KL at each evaluation of the runs that log one (PPO, GRPO, RLOO with
+`ppo.eval_every`)."""),
+    ("code", """import matplotlib.pyplot as plt
+
+fig, ax = plt.subplots(figsize=(6, 4))
+for stage in gold:
+    path = os.path.join(WORKDIR, stage, "metrics.jsonl")
+    evals = [r for r in metrics.read_jsonl(path) if r.get("eval/kl") is not None] if os.path.exists(path) else []
+    if evals:
+        ax.plot([r["eval/kl"] for r in evals], [r["eval/combined"] for r in evals], "-o", markersize=3, label=stage)
+ax.set_xlabel("KL to the start policy")
+ax.set_ylabel("gold combined (held-out)")
+if ax.lines:
+    ax.legend()
+plt.show()"""),
+    ("markdown", "## AI feedback: the judge's agreement with gold (RLAIF, RL-CAI stages)"),
+    ("code", """agreement = {}
+for stage in sorted(os.listdir(WORKDIR)):
+    path = os.path.join(WORKDIR, stage, "summary.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            summary = json.load(f)
+        if "judge" in summary and "pairs" in summary:  # an ai_feedback stage
+            pairs = summary["pairs"]
+            agreement[stage] = {"pairs": pairs["pairs"], "gold_decided": pairs["gold_decided"],
+                                **(pairs["overall"] or {})}
+pd.DataFrame(agreement).T if agreement else "no AI-feedback stage in this workdir\""""),
+]
+
+
+def build() -> nbformat.NotebookNode:
+  nb = nbformat.v4.new_notebook()
+  nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+  for kind, source in CELLS:
+    nb.cells.append(nbformat.v4.new_markdown_cell(source) if kind == "markdown"
+                    else nbformat.v4.new_code_cell(source))
+  return nb
+
+
+if __name__ == "__main__":
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_alignment_methods.ipynb")
+  nbformat.write(build(), path)
+  print(path)
