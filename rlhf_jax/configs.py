@@ -10,6 +10,12 @@ import ml_collections
 from rlhf_jax.models.config import ModelConfig
 
 
+# The reward-model block of the methods that score samples (rejection sampling, ReST; PPO adds
+# its own options): exports, their combination (losses/reward.py) and whitening.
+REWARD_MODELS = dict(helpful="", safety="", combine="llama2", safety_threshold=0.15,
+                     helpful_weight=1.0, safety_weight=1.0, whiten=True)
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.algorithm = "sft"  # which driver in rlhf_jax.algorithms runs this config
@@ -144,9 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
       # sample's reward is its mean position-swapped P(better than a sibling), under
       # judge_principles (() = HARMLESS on unsafe prompts, else CORRECT; or names / texts, one
       # drawn per prompt; algorithms/ai_feedback.py).
-      reward=dict(helpful="", safety="", combine="llama2", safety_threshold=0.15,
-                  helpful_weight=1.0, safety_weight=1.0, whiten=True, gold=False, judge="",
-                  judge_principles=()),
+      reward=dict(REWARD_MODELS, gold=False, judge="", judge_principles=()),
       eval_every=0,  # held-out gold + KL every N iterations on data.eval_source toy tasks (0 = off)
       eval_prompts=256,  # at most this many held-out tasks
       frozen_dtype="",  # "bfloat16": hold and run the reference and reward models in bf16
@@ -170,8 +174,7 @@ def base_config() -> ml_collections.ConfigDict:
       max_prompt_len=64,
       max_new_tokens=48,
       batch_prompts=8,  # prompts per sampler call (x K sequences)
-      reward=dict(helpful="", safety="", combine="llama2", safety_threshold=0.15,
-                  helpful_weight=1.0, safety_weight=1.0, whiten=True),
+      reward=dict(REWARD_MODELS),
   ))
 
   # ReST (algorithm "rest", Gulcehre et al. 2023). data.source = prompt records. Each Grow step
@@ -189,8 +192,7 @@ def base_config() -> ml_collections.ConfigDict:
       max_prompt_len=64,
       max_new_tokens=48,
       batch_prompts=8,  # prompts per sampler call (x N sequences)
-      reward=dict(helpful="", safety="", combine="llama2", safety_threshold=0.15,
-                  helpful_weight=1.0, safety_weight=1.0, whiten=True),
+      reward=dict(REWARD_MODELS),
   ))
 
   # Constitutional AI's supervised stage (algorithm "constitutional_sl"; algorithms/

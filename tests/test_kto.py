@@ -15,6 +15,7 @@ from rlhf_jax.data.preference import comparison_batch, tokenize_comparisons
 from rlhf_jax.losses import preference
 from rlhf_jax.models import ModelConfig, create_model, split_model
 
+from tests.test_dpo import dpo_config
 from tests.test_reward_model import TINY, export_lm, learnable_pairs, write_jsonl
 
 
@@ -107,17 +108,11 @@ def test_sharded_kto_loss_equals_one_device(words_tokenizer):
 
 
 def kto_config(tmp_path, words_tokenizer_dir, source, steps=30, reference="precompute"):
-  c = base_config()
+  """The DPO tests' driver config, on unpaired KTO records."""
+  c = dpo_config(tmp_path, words_tokenizer_dir, source, steps=steps)
   c.algorithm = "kto"
-  c.init_from = str(tmp_path / "lm")
-  c.model.vocab_size = 0
-  c.mesh.shape = (2, 2, 2)
-  c.optim.update(lr=3e-3, warmup_steps=3)
-  c.train.update(steps=steps, batch_size=8, seq_len=128, log_every=5, eval_every=steps,
-                 eval_batches=1, checkpoint_every=steps, async_checkpoint=False)
-  c.data.update(kind="kto", source=source, tokenizer=str(words_tokenizer_dir), eval_fraction=0.25,
-                packing=True, prompt_overflow="skip")
-  c.reward.comparisons_per_row = 3
+  c.data.kind = "kto"
+  c.train.log_every = 5
   c.kto.update(beta=0.5, reference=reference)
   return c
 
