@@ -170,3 +170,17 @@ def test_unknown_algorithm_is_refused_by_the_ppo_driver(tmp_path):
   config = group_config({"lm": "", "prompts": "", "helpful": ""}, tmp_path, "a2c")
   with pytest.raises(ValueError, match="ppo.train runs ppo, grpo, rloo"):
     ppo.train(config, str(tmp_path / "run"))
+
+
+def test_group_advantages_sharded_over_8_devices_equal_unsharded():
+  """Rows (whole groups of 4) split over the devices: the same advantages as on one device."""
+  old, ref, reward, mask, found = group_inputs(prompts=8, k=4)
+  cfg = ppo_cfg(samples_per_prompt=4)
+  fn = jax.jit(lambda *a: ppo_rollout.group_advantages_fn(*a, cfg=cfg, estimator="grpo"))
+  want = fn(old, ref, reward, mask, found, jnp.float32(0.1))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  put = lambda x: jax.device_put(x, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("data", *([None] * (x.ndim - 1)))))
+  got = fn(*(put(x) for x in (old, ref, reward, mask, found)), jnp.float32(0.1))
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)

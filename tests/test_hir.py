@@ -266,3 +266,24 @@ def test_hir_runs_rounds_and_a_rerun_skips_them(tmp_path, words_tokenizer_dir, w
   mtime = (workdir / "round_1" / "relabeled.jsonl").stat().st_mtime_ns
   again = hir.train(hir_config(tmp_path, words_tokenizer_dir, source), str(workdir))
   assert again == result and (workdir / "round_1" / "relabeled.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_hir_loss_sharded_over_8_devices_equals_unsharded():
+  """The batch split over 8 devices (examples on the "data" axis) gives the one-device loss,
+  metrics and gradients."""
+  logits, targets, mask, valid = _loss_inputs()
+  rep = lambda x: np.concatenate([x, x], axis=0)  # 8 examples: one per device
+  logits, targets, mask, valid = rep(logits), rep(targets), rep(mask), rep(valid)
+  fn = jax.jit(jax.value_and_grad(lambda x, t, m, v: hir_losses.hir_loss(
+      x, t, m, v, contrastive_coef=0.7, entropy_coef=0.05), has_aux=True))
+  (loss, metrics), grads = fn(*map(jnp.asarray, (logits, targets, mask, valid)))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  put = lambda x: jax.device_put(x, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("data", *([None] * (x.ndim - 1)))))
+  sharded = [put(x) for x in (logits, targets, mask, valid)]
+  assert len(sharded[0].sharding.device_set) == 8
+  (sh_loss, sh_metrics), sh_grads = fn(*sharded)
+  np.testing.assert_allclose(sh_loss, loss, rtol=1e-5, atol=1e-6)
+  for key in metrics:
+    np.testing.assert_allclose(sh_metrics[key], metrics[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  np.testing.assert_allclose(sh_grads, grads, rtol=1e-4, atol=1e-7)

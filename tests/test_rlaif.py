@@ -328,3 +328,18 @@ def test_sl_cai_writes_revisions_and_fine_tunes_on_them(tmp_path, tiny):
   sft_data = metrics.read_jsonl(tmp_path / "sft_data.jsonl")
   assert sorted(r["source"] for r in sft_data) == ["helpful"] * 2 + ["revision"] * 6
   assert result["revision/n"] == 6 and (tmp_path / "export").exists()
+
+
+def test_soft_label_loss_sharded_over_8_devices_equals_unsharded():
+  rng = np.random.default_rng(1)
+  r_c, r_r, p, m = (rng.normal(size=16) * 2, rng.normal(size=16) * 2, rng.uniform(size=16),
+                    rng.uniform(size=16))
+  fn = jax.jit(jax.value_and_grad(lambda a, b, m, p: pairwise_loss(a, b, m, soft_label=p)[0],
+                                  argnums=(0, 1)))
+  loss, grads = fn(*map(jnp.asarray, (r_c, r_r, m, p)))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  put = lambda x: jax.device_put(jnp.asarray(x, jnp.float32),
+                                 jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  sh_loss, sh_grads = fn(*(put(x) for x in (r_c, r_r, m, p)))
+  np.testing.assert_allclose(sh_loss, loss, rtol=1e-6)
+  np.testing.assert_allclose(sh_grads, grads, rtol=1e-6, atol=1e-8)
