@@ -66,7 +66,8 @@ Held-out gold against KL at each evaluation of the runs that log one (PPO, GRPO,
 fig, ax = plt.subplots(figsize=(6, 4))
 for stage in gold:
     path = os.path.join(WORKDIR, stage, "metrics.jsonl")
-    evals = [r for r in metrics.read_jsonl(path) if r.get("eval/kl") is not None] if os.path.exists(path) else []
+    rows = metrics.read_jsonl(path) if os.path.exists(path) else []
+    evals = [r for r in rows if r.get("eval/kl") is not None and "eval/combined" in r]  # gold rows
     if evals:
         ax.plot([r["eval/kl"] for r in evals], [r["eval/combined"] for r in evals], "-o", markersize=3, label=stage)
 ax.set_xlabel("KL to the start policy")

@@ -112,7 +112,7 @@ def plot_methods(rows: Sequence[dict], path: str | os.PathLike, *, baseline: str
     scatter.axhline(base, color="0.3", linestyle=":", linewidth=1)
   scatter.set_xlabel("KL to the start policy (nats per response)")
   scatter.set_ylabel("gold combined (held-out)")
-  scatter.legend(loc="lower right")
+  scatter.legend(loc="upper right")
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)

@@ -51,6 +51,8 @@ def workdir(tmp_path):
   with open(tmp_path / "grpo" / "metrics.jsonl", "w") as f:
     for step, (kl, c) in enumerate([(0.0, 0.55), (0.3, 0.58), (0.5, 0.6)]):
       f.write(json.dumps({"step": step * 10, "eval/kl": kl, "eval/combined": c}) + "\n")
+  with open(tmp_path / "dpo" / "metrics.jsonl", "w") as f:  # an "eval/kl" that is not gold's (KTO's z0)
+    f.write(json.dumps({"step": 10, "eval/kl": 0.1, "eval/loss": 0.5}) + "\n")
   write_json(tmp_path / "ai_feedback" / "summary.json",
              {"policy": "p", "judge": "j", "pairs": {"pairs": 10, "skipped": 1, "gold_decided": 8,
                                                        "overall": {"agreement_swapped": 0.75}}})
