@@ -14,9 +14,11 @@ Budgets (matched within each family; all start from `sft`, all the same seed):
 | --- | --- | --- |
 | online RL against the two reward models (Llama 2 combination) | ppo, grpo, rloo | 3,840 policy samples each (PPO 120 x 32; GRPO / RLOO 60 x 16 prompts x 4), KL penalty to SFT |
 | best-of-K, then SFT | rejection_sampling, rest | 4,096 policy samples each (2 rounds / Grow steps x 256 fresh prompts x 8) |
-| offline, human labels | dpo, kto, simpo | the world's annotations of 4,000 prompts (rankings; KTO: one thumbs up/down per response), 150 steps of 8 packed rows |
+| offline, human labels | dpo, ipo, cpl, kto, simpo, orpo | the world's annotations of 4,000 prompts (rankings; KTO: one thumbs up/down per response), 150 steps of 8 packed rows |
 | no reward model, no labels | hir | 2,048 policy samples (2 rounds x 256 prompts x 4) relabeled by the world's checker |
-| AI feedback (not in `:core`) | ppo_rlaif, cai_sl | the judge (600 gold-labelled comparisons), 2,000 AI-labelled pairs; PPO as `ppo` |
+| AI feedback (not in `:core`) | ppo_rlaif, ppo_rlaif_direct, cai_sl, ppo_cai | the judge (600 gold-labelled comparisons); 2,000 AI-labelled pairs (RLAIF), 512 revisions and 1,000 harmlessness pairs (CAI); PPO 3,840 samples as `ppo` |
+
+RL-CAI (`ppo_cai`) starts from SL-CAI (`cai_sl`), so its KL and win rate are against SL-CAI.
 
 The reward models (`rm_helpful`, `rm_safety`) are trained once and shared.
 """
@@ -25,8 +27,10 @@ from rlhf_jax.toy_configs import (ai_feedback_stage, ai_reward_stage, constituti
                                   dpo_stage, group_stage, hir_stage, kto_stage, ppo_stage,
                                   rejection_sampling_stage, rest_stage, toy_pipeline_config)
 
-CORE = ("ppo", "grpo", "rloo", "rejection_sampling", "rest", "dpo", "kto", "simpo", "hir")
-AI_FEEDBACK = ("judge", "ai_feedback", "rm_ai", "ppo_rlaif", "cai_sl")
+CORE = ("ppo", "grpo", "rloo", "rejection_sampling", "rest", "dpo", "ipo", "cpl", "kto", "simpo",
+        "orpo", "hir")
+AI_FEEDBACK = ("judge", "ai_feedback", "rm_ai", "ppo_rlaif", "ppo_rlaif_direct", "cai_sl",
+               "cai_feedback", "rm_cai", "ppo_cai")
 
 
 def get_config(arg=None):
@@ -45,6 +49,13 @@ def get_config(arg=None):
   c.kto = kto_stage()
   c.kto.kto.reference = "per_batch"
   c.simpo = dpo_stage(loss_type="simpo", lr=5e-6)
+  # Untuned: each at its config defaults (ipo and cpl with DPO's beta / alpha 0.3 and lr).
+  c.ipo = dpo_stage(loss_type="ipo", beta=0.3)
+  c.cpl = dpo_stage(loss_type="cpl")
+  c.cpl.dpo.cpl_alpha = 0.3
+  c.orpo = dpo_stage(loss_type="orpo")
+  for name in ("ipo", "cpl"):
+    c[name].dpo.reference = "per_batch"
   c.hir = hir_stage()
   c.judge.init_from = "sft"  # not the latest policy stage before it
   c.ai_feedback = ai_feedback_stage(judge="judge", prompts=2000, eval_prompts=200, init_from="sft")
@@ -53,7 +64,20 @@ def get_config(arg=None):
   c.ppo_rlaif = ppo_stage(iterations=120, init_from="sft")
   c.ppo_rlaif.ppo.update(value_init_from="rm_ai")
   c.ppo_rlaif.ppo.reward.update(helpful="rm_ai", safety="")
+  # Direct RLAIF: no reward model, the judge compares each prompt's two samples (as many samples).
+  c.ppo_rlaif_direct = ppo_stage(iterations=60, init_from="sft")
+  c.ppo_rlaif_direct.ppo.update(samples_per_prompt=2, value_init_from="")
+  c.ppo_rlaif_direct.ppo.reward.update(helpful="", safety="", judge="judge")
   c.cai_sl = constitutional_sl_stage(judge="judge", init_from="sft")
+  # RL-CAI: the judge's harmlessness labels on SL-CAI's samples of red-team prompts -> a safety
+  # reward model beside the human-data helpfulness one -> PPO from SL-CAI.
+  c.cai_feedback = ai_feedback_stage(judge="judge", init_from="cai_sl", prompts=1000,
+                                     eval_prompts=100, principles=("HARMLESS",),
+                                     families=("unsafe", "safe_lookalike"))
+  c.rm_cai = ai_reward_stage("cai_feedback/pairs", steps=100)
+  c.rm_cai.init_from = "cai_sl"
+  c.ppo_cai = ppo_stage(iterations=120, init_from="cai_sl")
+  c.ppo_cai.ppo.reward.update(helpful="rm_helpful", safety="rm_cai", combine="llama2")
   c.eval.rewards = False  # the reward models' own reports: experiments/toy_quickstart.py has them
   methods = CORE if arg == "core" else (*CORE, *AI_FEEDBACK)
   c.stages = ("world", "pretrain", "sft", "rm_helpful", "rm_safety", *methods, "eval")

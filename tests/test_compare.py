@@ -100,12 +100,14 @@ def test_every_method_starts_from_sft_and_names_its_inputs():
   module, config = compare_config()
   stages = pipeline.training_stages(config)
   methods = [s for s in stages if pipeline.is_policy(config, s) and s not in ("pretrain", "sft")]
-  assert set(methods) == set(module.CORE) | {"ppo_rlaif", "cai_sl"}
+  assert set(methods) == set(module.CORE) | {"ppo_rlaif", "ppo_rlaif_direct", "cai_sl", "ppo_cai"}
   previous = None
   for stage in stages:
     parent = pipeline.parent_stage(config, stage, previous)
-    if stage not in ("pretrain", "sft", "rm_helpful", "rm_safety"):
-      assert parent == "sft", (stage, parent)  # nothing chains off another method
+    if stage in ("cai_feedback", "rm_cai", "ppo_cai"):  # RL-CAI continues SL-CAI
+      assert parent == "cai_sl", (stage, parent)
+    elif stage not in ("pretrain", "sft", "rm_helpful", "rm_safety"):
+      assert parent == "sft", (stage, parent)  # nothing else chains off another method
     if pipeline.is_policy(config, stage):
       previous = stage
   assert pipeline.stage_inputs(config, "ppo_rlaif") == ["rm_ai", "ai_feedback", "judge"]
@@ -114,11 +116,14 @@ def test_every_method_starts_from_sft_and_names_its_inputs():
   # Matched budgets, as the experiment's docstring states them.
   samples = lambda s: config[s].ppo.iterations * config[s].ppo.prompts_per_iteration * \
       config[s].ppo.samples_per_prompt
-  assert samples("ppo") == samples("grpo") == samples("rloo") == 3840
+  assert {samples(s) for s in ("ppo", "grpo", "rloo", "ppo_rlaif", "ppo_rlaif_direct",
+                                "ppo_cai")} == {3840}
+  assert pipeline.stage_inputs(config, "ppo_cai") == ["rm_helpful", "rm_cai", "cai_feedback",
+                                                      "judge"]
   rs, rest = config.rejection_sampling.rejection_sampling, config.rest.rest
   assert rs.rounds * rs.prompts_per_round * rs.samples_per_prompt == 4096
   assert rest.grow_steps * rest.prompts_per_grow * rest.samples_per_prompt == 4096
-  assert {config[s].train.steps for s in ("dpo", "kto", "simpo")} == {150}
+  assert {config[s].train.steps for s in ("dpo", "ipo", "cpl", "kto", "simpo", "orpo")} == {150}
   _, core = compare_config("core")
   assert not {"judge", "ppo_rlaif", "cai_sl"} & set(core.stages)
 

@@ -191,7 +191,8 @@ def stage_inputs(config: ml_collections.ConfigDict, stage: str) -> list[str]:
     elif isinstance(x, str):
       yield x
 
-  for value in values({k: v for k, v in config[stage].to_dict().items() if k != "init_from"}):
+  fields = {k: v for k, v in config[stage].to_dict().items() if k not in ("init_from", "algorithm")}
+  for value in values(fields):
     name = value.split("/")[0]
     if name in names and name != stage and name not in out and not is_policy(config, name):
       out += [name, *[s for s in stage_inputs(config, name) if s not in out and s != name]]
