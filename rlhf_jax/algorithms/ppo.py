@@ -389,14 +389,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       prompt_tokens, prompt_mask = ppo_rollout.encode_prompts(tokenizer, records, p.max_prompt_len)
       unsafe = np.asarray([bool(r.get("unsafe", False)) for r in records])
       rows_records = [r for r in records for _ in range(p.samples_per_prompt)]  # as the rollout
-      gold_reward = None
+      text_reward = None  # a reward of the decoded responses in place of the reward models
       if judge_reward is not None:
-        gold_reward = functools.partial(judge_reward, records, iteration=iteration)
-      if p.reward.gold:
-        gold_reward = lambda out: np.asarray([world_lib.gold_scores(r, text)["combined"] for r, text in
+        text_reward = functools.partial(judge_reward, records, iteration=iteration)
+      elif p.reward.gold:
+        text_reward = lambda out: np.asarray([world_lib.gold_scores(r, text)["combined"] for r, text in
                                               zip(rows_records, ppo_rollout.decode_responses(tokenizer, out))])
       state, info = iterate(state, reference, reward_params, prompt_tokens, prompt_mask, unsafe,
-                            rng, beta, text_reward=gold_reward)
+                            rng, beta, text_reward=text_reward)
       out, reward, scores, found = info["out"], info["reward"], info["scores"], info["eos_found"]
       update_metrics = info["update"]
       observed_kl = float(jnp.mean(info["sequence_kl"]))
