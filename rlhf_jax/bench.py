@@ -10,11 +10,24 @@ FLOP/s by the fp32 (or bf16) matmul peak measured here, first, on the same devic
   rm_step      {tokens_per_s, pairs_per_s, ..., mfu}      reward-model step: scalar head, rows of
                                                           packed pairs, Llama 2 margin loss
   generate     {batch, new_tokens_per_s, ...}            KV-cache sampling, batch 8 and 64
+  hbm_bandwidth {gbps}                                   device memory bandwidth: an elementwise pass
+                                                          over a large array (bytes read + written)
+  decode       {new_tokens_per_s, bandwidth_fraction}    batch-1 sampling against its weight-streaming
+                                                          limit: bandwidth / bytes of parameters
   ppo_iteration {completions_per_s, iteration_s, ...}    one whole PPO iteration: sample prompts x
                                                           samples, score (policy, reference, value,
                                                           reward model), GAE, epochs x minibatches
                                                           of updates of policy and value
-The model is the Llama-style L6 d512 h8 MLP1344 vocab4096 config unless flags change it.
+The model is the Llama-style L6 d512 h8 MLP1344 vocab4096 config (`--model=bench`) unless
+`--model=llama3_1b` (Llama-3.2-1B's shape: L16 d2048 h32 kv8 MLP8192 vocab128256, tied embeddings,
+random weights) is chosen. On a GPU, e.g.:
+
+  python -m rlhf_jax.bench --model=llama3_1b --dtype=bfloat16 --matmul_n=8192 \
+      --only=matmul_peak,sft_step --sft_seq_len=1024
+  python -m rlhf_jax.bench --model=llama3_1b --dtype=bfloat16 --param_dtype=bfloat16 \
+      --only=hbm_bandwidth,decode
+Train-step records also report `compile_s` (first call minus a timed step) and, where the backend
+reports it, `peak_bytes` (peak device memory in use).
 """
 
 from __future__ import annotations
@@ -37,9 +50,19 @@ from rlhf_jax.configs import base_config
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, llama_bench_config, split_model
 from rlhf_jax.train import create_train_state, make_optimizer, make_train_step, state_shardings
 
+BENCHES = ("matmul_peak", "sft_step", "rm_step", "generate", "ppo_iteration", "hbm_bandwidth", "decode")
 _ONLY = flags.DEFINE_list("only", ["matmul_peak", "sft_step", "rm_step", "generate", "ppo_iteration"],
                           "Benchmarks to run.")
+_MODEL = flags.DEFINE_enum("model", "bench", ["bench", "llama3_1b"],
+                           "bench: L6 d512 vocab 4096; llama3_1b: Llama-3.2-1B's shape, random weights.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
+                                 "Storage dtype of the parameters (bfloat16 for the decode bench).")
+_REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"],
+                           "Rematerialisation policy of each layer in the train steps.")
+_MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Side of the square matmul that measures the peak "
+                                 "(2048 on CPU; 8192 to reach a GPU's peak).")
+_DECODE_BATCH = flags.DEFINE_integer("decode_batch", 1, "Batch size of the decode bench.")
 _SFT_BATCH = flags.DEFINE_integer("sft_batch", 8, "Sequences per SFT step.")
 _SFT_SEQ = flags.DEFINE_integer("sft_seq_len", 512, "Tokens per sequence in the SFT step.")
 _GEN_BATCHES = flags.DEFINE_list("gen_batch", ["8", "64"], "Batch sizes for generation.")
@@ -53,9 +76,14 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (after one warm
 _OUT = flags.DEFINE_string("out", "", "Also append the records to this JSONL file.")
 
 
-def timed(fn, repeats: int, reduce=np.median) -> float:
-  """Median (or `reduce`) wall time of `fn()` (which must block) after one warm-up call."""
+def timed(fn, repeats: int, reduce=np.median, warmup_s: float = 0.0) -> float:
+  """Median (or `reduce`) wall time of `fn()` (which must block) after one warm-up call, or after
+  `warmup_s` seconds of calls (a GPU idles at a low clock and needs ~1 s of load to reach its
+  full clock, so a ceiling measured cold is too low and inflates MFU)."""
   fn()
+  start = time.perf_counter()
+  while time.perf_counter() - start < warmup_s:
+    fn()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -73,8 +101,23 @@ def matmul_peak(dtype: str, repeats: int, n: int = 2048) -> dict:
   b = jax.device_put(jax.random.normal(kb, (n, n), dtype), sharding.replicated(mesh))
   f = jax.jit(lambda a, b: a @ b)
   # The best of several runs: a peak, so noise must not lower it (and inflate MFU).
-  seconds = timed(lambda: f(a, b).block_until_ready(), max(repeats, 5), reduce=np.min)
+  seconds = timed(lambda: f(a, b).block_until_ready(), max(repeats, 10), reduce=np.min, warmup_s=2.0)
   return {"gflops": 2 * n * n * n * d / seconds / 1e9, "n": n}
+
+
+def peak_memory() -> dict:
+  """{"peak_bytes": ...} of device 0 where the backend reports it (GPU, TPU), else {}."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"peak_bytes": int(stats["peak_bytes_in_use"])} if "peak_bytes_in_use" in stats else {}
+
+
+def hbm_bandwidth(repeats: int, mib: int = 2048) -> dict:
+  """Device-memory bandwidth of device 0: `x * 2` over a `mib` MiB fp32 array reads and writes every
+  byte once; the best of several runs."""
+  x = jax.device_put(jnp.ones((mib * 2**20 // 4,), jnp.float32), jax.devices()[0])
+  f = jax.jit(lambda x: x * 2.0)
+  seconds = timed(lambda: f(x).block_until_ready(), max(repeats, 10), reduce=np.min, warmup_s=2.0)
+  return {"gbps": 2 * x.nbytes / seconds / 1e9, "mib": mib}
 
 
 def random_model(cfg: ModelConfig, mesh, seed: int = 0):
@@ -103,12 +146,16 @@ def train_step_bench(cfg: ModelConfig, make_loss_fn, host: dict, repeats: int,
     holder[0], metrics = step(holder[0], data)
     jax.block_until_ready(metrics)
 
+  start = time.perf_counter()
+  run()  # compiles
+  first = time.perf_counter() - start
   seconds = timed(run, repeats)
   batch, seq_len = host["tokens"].shape
   tokens = batch * seq_len
   gflops = cfg.flops_per_token(seq_len) * tokens / seconds / 1e9
   record = {"batch": batch, "seq_len": seq_len, "step_s": seconds, "tokens_per_s": tokens / seconds,
-            "model_gflops": gflops}
+            "model_gflops": gflops, "compile_s": max(first - seconds, 0.0), "remat": cfg.remat,
+            **peak_memory()}
   if peak_gflops:
     record["mfu"] = gflops / peak_gflops
   return record
@@ -164,6 +211,20 @@ def generate_bench(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: in
           "new_tokens_per_s": batch * new_tokens / seconds}
 
 
+def decode(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+           bandwidth_gbps: float | None) -> dict:
+  """Small-batch sampling against its weight-streaming limit: each decoding step reads every
+  parameter once, so tokens/s per row cannot exceed bandwidth / parameter bytes (the KV cache and
+  the prefill of `prompt_len` tokens, included in the time, are small next to the weights)."""
+  record = generate_bench(cfg, batch, prompt_len, new_tokens, repeats)
+  param_bytes = cfg.num_params() * jnp.dtype(cfg.param_dtype).itemsize
+  record.update(param_bytes=param_bytes, steps_per_s=new_tokens / record["seconds"])
+  if bandwidth_gbps:
+    limit = bandwidth_gbps * 1e9 / param_bytes
+    record.update(limit_steps_per_s=limit, bandwidth_fraction=record["steps_per_s"] / limit)
+  return record
+
+
 def ppo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int, new_tokens: int,
                   epochs: int, repeats: int) -> dict:
   """A whole PPO iteration (algorithms/ppo.make_iteration, as the trainer runs it) on random
@@ -211,12 +272,29 @@ def ppo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int,
           "new_tokens_per_s": completions * new_tokens / seconds}
 
 
+def llama3_1b_config(**overrides) -> ModelConfig:
+  """Llama-3.2-1B's architecture (random weights): 1.24B parameters."""
+  base = dict(vocab_size=128256, num_layers=16, embed_dim=2048, num_heads=32, num_kv_heads=8,
+              mlp_dim=8192, max_seq_len=8192, family="llama", rope_theta=500000.0, tie_embeddings=True)
+  base.update(overrides)
+  return ModelConfig(**base)
+
+
+MODELS = {"bench": {"config": llama_bench_config, "name": "llama L6 d512 h8 mlp1344 v4096"},
+          "llama3_1b": {"config": llama3_1b_config, "name": "llama3.2-1B shape L16 d2048 h32 kv8 mlp8192 v128256"}}
+
+
 def main(argv):
   del argv
-  cfg = llama_bench_config(dtype=_DTYPE.value)
+  unknown = sorted(set(_ONLY.value) - set(BENCHES))
+  if unknown:
+    raise app.UsageError(f"--only: unknown benchmarks {unknown}; choose from {list(BENCHES)}")
+  model = MODELS[_MODEL.value]
+  cfg = model["config"](dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, remat=_REMAT.value)
   env = {"backend": jax.default_backend(), "devices": jax.device_count(),
          "device_kind": jax.devices()[0].device_kind, "machine": platform.machine(),
-         "jax": jax.__version__, "model": "llama L6 d512 h8 mlp1344 v4096", "dtype": _DTYPE.value}
+         "jax": jax.__version__, "model": model["name"], "dtype": _DTYPE.value,
+         "param_dtype": _PARAM_DTYPE.value}
   records = []
 
   def emit(name, record):
@@ -226,7 +304,7 @@ def main(argv):
 
   peak = None
   if "matmul_peak" in _ONLY.value:
-    peak = matmul_peak(_DTYPE.value, _REPEATS.value)
+    peak = matmul_peak(_DTYPE.value, _REPEATS.value, n=_MATMUL_N.value)
     emit("matmul_peak", peak)
     peak = peak["gflops"]
   if "sft_step" in _ONLY.value:
@@ -239,6 +317,13 @@ def main(argv):
   if "ppo_iteration" in _ONLY.value:
     emit("ppo_iteration", ppo_iteration(cfg, _RL_PROMPTS.value, _RL_SAMPLES.value, _PROMPT.value,
                                         _RL_NEW.value, _RL_EPOCHS.value, _REPEATS.value))
+  bandwidth = None
+  if "hbm_bandwidth" in _ONLY.value:
+    bandwidth = hbm_bandwidth(_REPEATS.value)
+    emit("hbm_bandwidth", bandwidth)
+    bandwidth = bandwidth["gbps"]
+  if "decode" in _ONLY.value:
+    emit("decode", decode(cfg, _DECODE_BATCH.value, _PROMPT.value, _NEW.value, _REPEATS.value, bandwidth))
   if _OUT.value:
     with open(_OUT.value, "a") as f:
       for r in records:

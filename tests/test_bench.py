@@ -32,3 +32,22 @@ def test_ppo_iteration_record(tiny):
   assert record["completions_per_s"] == pytest.approx(8 / record["iteration_s"])
   assert record["new_tokens_per_s"] == pytest.approx(8 * 8 / record["iteration_s"])
   assert np.isfinite(record["first_iteration_s"]) and record["first_iteration_s"] > 0
+
+
+def test_decode_record_against_bandwidth(tiny):
+  bf16 = tiny.replace(dtype="bfloat16", param_dtype="bfloat16")
+  bandwidth = bench.hbm_bandwidth(repeats=1, mib=8)
+  assert bandwidth["gbps"] > 0
+  record = bench.decode(bf16, batch=1, prompt_len=4, new_tokens=4, repeats=1, bandwidth_gbps=10.0)
+  assert record["param_bytes"] == bf16.num_params() * 2  # bf16 weights, read once per step
+  limit = 10.0e9 / record["param_bytes"]
+  assert record["limit_steps_per_s"] == pytest.approx(limit)
+  assert record["bandwidth_fraction"] == pytest.approx(record["steps_per_s"] / limit)
+  assert "bandwidth_fraction" not in bench.decode(bf16, 1, 4, 4, 1, bandwidth_gbps=None)
+
+
+def test_llama3_1b_shape_and_model_flag():
+  cfg = bench.llama3_1b_config()
+  assert cfg.num_params() == 1_235_814_400  # Llama-3.2-1B's published count, tied embeddings
+  assert bench.MODELS["bench"]["config"]().num_layers == 6
+  assert set(bench.BENCHES) >= {"sft_step", "decode", "hbm_bandwidth"}
