@@ -48,6 +48,7 @@ from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
 from rlhf_jax.losses.reward import margin_table
 from rlhf_jax.configs import base_config
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, llama_bench_config, split_model
+from rlhf_jax.models.config import PRESETS
 from rlhf_jax.train import create_train_state, make_optimizer, make_train_step, state_shardings
 
 BENCHES = ("matmul_peak", "sft_step", "rm_step", "generate", "ppo_iteration", "hbm_bandwidth", "decode")
@@ -272,14 +273,7 @@ def ppo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int,
           "new_tokens_per_s": completions * new_tokens / seconds}
 
 
-def llama3_1b_config(**overrides) -> ModelConfig:
-  """Llama-3.2-1B's architecture (random weights): 1.24B parameters."""
-  base = dict(vocab_size=128256, num_layers=16, embed_dim=2048, num_heads=32, num_kv_heads=8,
-              mlp_dim=8192, max_seq_len=8192, family="llama", rope_theta=500000.0, tie_embeddings=True)
-  base.update(overrides)
-  return ModelConfig(**base)
-
-
+llama3_1b_config = PRESETS["llama3_1b"]
 MODELS = {"bench": {"config": llama_bench_config, "name": "llama L6 d512 h8 mlp1344 v4096"},
           "llama3_1b": {"config": llama3_1b_config, "name": "llama3.2-1B shape L16 d2048 h32 kv8 mlp8192 v128256"}}
 

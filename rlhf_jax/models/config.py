@@ -156,3 +156,24 @@ def llama_bench_config(**overrides) -> ModelConfig:
               mlp_dim=1344, max_seq_len=2048, family="llama")
   base.update(overrides)
   return ModelConfig(**base)
+
+
+def llama3_config(size: str, **overrides) -> ModelConfig:
+  """Llama 3's architectures with random weights (for benchmarks and memory plans): "1b" (Llama
+  3.2 1B: 1.24B parameters, tied embeddings), "8b" (Llama 3.1 8B: 8.03B), "70b" (Llama 3.1 70B)."""
+  shapes = {"1b": dict(num_layers=16, embed_dim=2048, num_heads=32, mlp_dim=8192, tie_embeddings=True),
+            "8b": dict(num_layers=32, embed_dim=4096, num_heads=32, mlp_dim=14336),
+            "70b": dict(num_layers=80, embed_dim=8192, num_heads=64, mlp_dim=28672)}
+  if size not in shapes:
+    raise ValueError(f"llama3 size {size!r}: choose one of {sorted(shapes)}")
+  base = dict(vocab_size=128256, num_kv_heads=8, max_seq_len=8192, family="llama",
+              rope_theta=500000.0, **shapes[size])
+  base.update(overrides)
+  return ModelConfig(**base)
+
+
+# Named architectures (random weights), for `python -m rlhf_jax.bench --model` and `rlhf_jax.plan`.
+PRESETS = {"bench": llama_bench_config,
+           "llama3_1b": lambda **kw: llama3_config("1b", **kw),
+           "llama3_8b": lambda **kw: llama3_config("8b", **kw),
+           "llama3_70b": lambda **kw: llama3_config("70b", **kw)}

@@ -1,0 +1,115 @@
+"""The memory planner: per-device bytes of params and optimizer state are exact (checked against a
+real train state on the same mesh), frozen models and algorithms count what they hold, activations
+respond to batch and remat, and the CLI plans on fake devices and says when a plan does not fit.
+How close the compiled activations are to a GPU's measured peak is recorded in README ("Memory
+planner"), not tested: no GPU here."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax import plan as plan_lib
+from rlhf_jax import sharding
+from rlhf_jax.configs import base_config
+from rlhf_jax.models import abstract_model, create_model, llama_bench_config, split_model
+from rlhf_jax.train import create_train_state, make_optimizer, state_shardings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return llama_bench_config(vocab_size=256, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2,
+                            mlp_dim=128, max_seq_len=256)
+
+
+def test_params_and_optimizer_bytes_equal_a_real_train_state(tiny):
+  mesh = sharding.make_mesh((1, 4, 2))
+  record = plan_lib.plan(tiny, mesh, algorithm="sft", batch=8, seq_len=32)
+  graphdef, abstract, axes = abstract_model(tiny)
+  psh = sharding.param_shardings(abstract, axes, mesh)
+  optimizer, _ = make_optimizer(base_config().optim, 1000)
+  shardings = state_shardings(optimizer, psh, abstract, mesh)
+  params = jax.jit(lambda: split_model(create_model(tiny, 0))[1], out_shardings=psh)()
+  state = create_train_state(params, optimizer, shardings, seed=0)
+  device = mesh.devices.flat[0]
+  on_device = lambda tree: sum(s.data.nbytes for leaf in jax.tree.leaves(tree)
+                               for s in leaf.addressable_shards if s.device == device)
+  assert record["params_per_device"] == on_device(state.params)
+  assert record["optimizer_per_device"] == on_device(state.opt_state)
+  # FSDP x tensor sharding: each device holds well under the whole model.
+  assert record["params_per_device"] < tiny.num_params() * 4 / 4  # < a quarter of the fp32 model
+
+
+def test_algorithms_count_the_models_they_hold(tiny):
+  mesh = sharding.make_mesh((1, 8, 1))
+  kw = dict(batch=8, seq_len=32)
+  sft = plan_lib.plan(tiny, mesh, algorithm="sft", **kw)
+  dpo = plan_lib.plan(tiny, mesh, algorithm="dpo", **kw)
+  dpo_pre = plan_lib.plan(tiny, mesh, algorithm="dpo", reference=False, **kw)
+  dpo_f32 = plan_lib.plan(tiny, mesh, algorithm="dpo", frozen_dtype="float32", **kw)
+  ppo = plan_lib.plan(tiny, mesh, algorithm="ppo", **kw)
+  assert sft["frozen_per_device"] == dpo_pre["frozen_per_device"] == 0
+  # The reference in bf16 is half the fp32 policy; in fp32 the same size.
+  assert dpo["frozen_per_device"] * 2 == dpo_f32["frozen_per_device"] == sft["params_per_device"]
+  # PPO: policy + value model trained, reference + reward model frozen.
+  assert ppo["params_per_device"] == 2 * sft["params_per_device"]
+  assert ppo["optimizer_per_device"] == 2 * sft["optimizer_per_device"]
+  assert ppo["frozen_models"] == 2 and ppo["frozen_per_device"] == 2 * dpo["frozen_per_device"]
+  for r in (sft, dpo, ppo):
+    assert r["total_per_device"] == (r["params_per_device"] + r["optimizer_per_device"]
+                                     + r["frozen_per_device"] + r["activations_per_device"])
+
+
+def test_activations_grow_with_batch_and_shrink_with_remat(tiny):
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  deep = tiny.replace(num_layers=4)
+  small = plan_lib.plan(deep, mesh, algorithm="sft", batch=2, seq_len=128)
+  large = plan_lib.plan(deep, mesh, algorithm="sft", batch=8, seq_len=128)
+  remat = plan_lib.plan(deep.replace(remat="full"), mesh, algorithm="sft", batch=8, seq_len=128)
+  accum = plan_lib.plan(deep, mesh, algorithm="sft", batch=8, seq_len=128, accum_steps=4)
+  assert 0 < small["activations_per_device"] < large["activations_per_device"]
+  assert remat["activations_per_device"] < large["activations_per_device"]
+  assert accum["activations_per_device"] < large["activations_per_device"]
+  reward = plan_lib.plan(deep, mesh, algorithm="reward", batch=2, seq_len=512)
+  assert reward["activations_per_device"] > 0
+
+
+def test_bad_plans_name_what_to_change(tiny):
+  mesh = sharding.make_mesh((1, 8, 1))
+  with pytest.raises(ValueError, match="accum_steps=3"):
+    plan_lib.plan(tiny, mesh, algorithm="sft", batch=8, seq_len=32, accum_steps=3)
+  with pytest.raises(sharding.ShardingConfigError):
+    plan_lib.plan(tiny, mesh, algorithm="sft", batch=4, seq_len=32)  # 4 rows over 8 batch shards
+  with pytest.raises(ValueError, match="algorithm"):
+    plan_lib.plan(tiny, mesh, algorithm="rlhf", batch=8, seq_len=32)
+
+
+def test_verdict_against_chip_memory():
+  record = {"total_per_device": 70e9}
+  assert plan_lib.verdict(record, "h100", 0.1)["fits"]  # 72 GB usable of 80
+  assert not plan_lib.verdict(record, "h100", 0.2)["fits"]  # 64 GB usable
+  assert not plan_lib.verdict(record, "tpu-v5e", 0.0)["fits"]
+
+
+@pytest.mark.slow  # two subprocesses compiling on 16 fake devices (~30 s)
+def test_cli_plans_on_fake_devices_and_exits_3_when_it_does_not_fit():
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+  base = [sys.executable, "-m", "rlhf_jax.plan", "--model=bench", "--devices=16", "--mesh=2,4,2",
+          "--batch=16", "--seq_len=64", "--algorithm=dpo"]
+  ok = subprocess.run(base + ["--chip=h100"], cwd=ROOT, env=env, capture_output=True, text=True,
+                      timeout=600)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  record = json.loads(ok.stdout.strip().splitlines()[-1])
+  assert record["devices"] == 16 and record["mesh"] == {"data": 2, "fsdp": 4, "tensor": 2}
+  assert record["fits"] and "fits a h100" in ok.stdout
+  full = subprocess.run(base + ["--chip=tpu-v5e", "--reserve=0.999999"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert full.returncode == 3 and "does NOT fit" in full.stdout
+  np.testing.assert_equal(json.loads(full.stdout.strip().splitlines()[-1])["total_per_device"],
+                          record["total_per_device"])
