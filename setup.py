@@ -25,8 +25,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # nbclient + ipykernel: a test executes notebooks/compare_alignment_methods.ipynb.
+    # torch: the reference for HF checkpoint parity (tests/test_hf.py); never imported by rlhf_jax.
     "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0", "nbclient>=0.11.0", "nbformat>=5.11.1",
-             "ipykernel>=7.4.0"],
+             "ipykernel>=7.4.0", "torch==2.13.0"],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
     "notebooks": ["jupyter", "nbconvert"],

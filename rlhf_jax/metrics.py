@@ -31,6 +31,8 @@ def _to_scalar(name: str, value: Any) -> Scalar:
     if isinstance(value, (bool, int, float)):
         return value
     array = np.asarray(value)
+    if array.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):  # ml_dtypes: not np.number
+        array = array.astype(np.float32)
     if array.size != 1 or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
         raise ValueError(
             f"metric {name!r} must be a numeric scalar, got {type(value).__name__} with "

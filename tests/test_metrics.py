@@ -163,3 +163,11 @@ def test_format_table_keeps_one_line_per_row():
     table = format_table([{"prompt": "hi", "before": "a\nb", "after": "ok"}])
     assert table.splitlines()[2] == "hi      a\\nb    ok"
     assert format_table([], columns=["a", "bb"]) == "a  bb\n-  --"
+
+
+def test_bfloat16_scalars_are_logged_as_floats(tmp_path):
+    # A bf16-parameter run's grad norm is a bf16 scalar: numpy does not count it as a number.
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:
+        writer.write(1, {"grad_norm": jnp.asarray(1.5, jnp.bfloat16)})
+    (row,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert row["train/grad_norm"] == 1.5
