@@ -123,7 +123,9 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
     curve = best_of_n[name]["combined"]
     assert curve[0] == pytest.approx(best_of_n["mean"]["combined"])
     assert 0.0 <= curve[1] <= best_of_n["oracle"]["combined"] + 1e-9
-  assert "Best of n samples" in out
+    corr = best_of_n[name]["within_prompt_corr"]
+    assert corr["all"] is None or -1.0 <= corr["all"] <= 1.0
+  assert "Best of n samples" in out and "orders one prompt's samples" in out
   assert os.path.exists(result["plot"]) and result["plot"].endswith("ppo_gold_vs_kl.png")
   # The PPO start (SFT) sampled at T = 1 and 0.5: KL to itself ~0 at T = 1, > 0 when sharpened.
   curve = json.loads((tmp_path / "eval" / "temperature.json").read_text())
@@ -214,6 +216,21 @@ def test_best_of_n_gold_matches_a_loop():
   assert reward_eval.best_of_n_gold(gold, gold, 8) == pytest.approx(gold.max(1).mean())  # oracle
   with pytest.raises(ValueError, match="divisible"):
     reward_eval.best_of_n_gold(gold, rewards, 3)
+
+
+def test_within_prompt_corr_ignores_prompt_difficulty():
+  from rlhf_jax.algorithms import reward_eval
+  rs = np.random.RandomState(0)
+  gold = rs.rand(6, 4)
+  offsets = 10.0 * rs.randn(6, 1)  # a reward that also knows which prompts are easy
+  assert reward_eval.within_prompt_corr(gold + offsets, gold) == pytest.approx(1.0)
+  assert reward_eval.within_prompt_corr(-gold + offsets, gold) == pytest.approx(-1.0)
+  # Only prompt difficulty, no ordering within a prompt: undefined, not a spurious 1.
+  assert reward_eval.within_prompt_corr(np.repeat(offsets, 4, 1), gold) is None
+  r, g = rs.randn(6, 4), gold
+  rc, gc = r - r.mean(1, keepdims=True), g - g.mean(1, keepdims=True)
+  np.testing.assert_allclose(reward_eval.within_prompt_corr(r, g),
+                             np.corrcoef(rc.ravel(), gc.ravel())[0, 1], rtol=1e-12)
   # KL(best of n || policy) = log n - (n-1)/n: Monte Carlo over a discrete policy without ties.
   p = rs.dirichlet(np.ones(50))
   r = rs.permutation(50)  # distinct rewards

@@ -61,12 +61,25 @@ def best_of_n_gold(gold: np.ndarray, rewards: np.ndarray, n: int) -> float:
   return float(np.take_along_axis(g, r.argmax(-1)[..., None], -1).mean())
 
 
+def within_prompt_corr(rewards: np.ndarray, gold: np.ndarray) -> float | None:
+  """Pearson correlation of rewards and gold [P, K] after removing each prompt's mean from both:
+  how well a reward orders one prompt's samples, which is all best of n and policy-gradient
+  methods use (a reward that only knows which prompts are easy scores 0). None if either is
+  constant within every prompt."""
+  r = rewards - rewards.mean(1, keepdims=True)
+  g = gold - gold.mean(1, keepdims=True)
+  denom = np.sqrt((r * r).sum() * (g * g).sum())
+  return float((r * g).sum() / denom) if denom > 0 else None
+
+
 def best_of_n_report(policy, rms: dict, rewards: dict, tokenizer, tasks: Sequence[dict],
                      ns: Sequence[int], *, max_new_tokens: int, temperature: float, rng,
                      max_prompt_len: int = 128, batch_prompts: int = 32) -> dict:
   """{"n": ns, "kl": [...], "prompts", "mean": {...}, "oracle": {...}, reward name:
-  {"combined" [..], "helpfulness" [..], "safety" [..]}}: gold of each reward's best of n (one
-  entry per n), on toy-world `tasks`, one sample set for all rewards.
+  {"combined" [..], "helpfulness" [..], "safety" [..], "within_prompt_corr": {family: r}}}: gold
+  of each reward's best of n (one entry per n), on toy-world `tasks`, one sample set for all
+  rewards, and how well the reward orders each prompt's samples by gold combined
+  (`within_prompt_corr`, per task family and "all").
 
   rms: {model name: RewardModel}; rewards: {reward name: (RewardSpec, {spec role: model name})},
   e.g. {"combined": (spec, {"helpful": "rm_helpful", "safety": "rm_safety"})}.
@@ -80,6 +93,7 @@ def best_of_n_report(policy, rms: dict, rewards: dict, tokenizer, tasks: Sequenc
   gold = {key: np.asarray([[world_lib.gold_scores(s["record"], t)[key] for t in s["texts"]]
                            for s in samples]) for key in ("combined", "helpfulness", "safety")}
   unsafe = np.asarray([[bool(s["record"].get("unsafe", False))] * k for s in samples])
+  families = np.asarray([s["record"].get("family", "other") for s in samples])
   out = {"n": list(ns), "kl": [best_of_n_kl(n) for n in ns], "prompts": len(samples),
          "mean": {key: float(g.mean()) for key, g in gold.items()},
          "oracle": {key: float(g.max(-1).mean()) for key, g in gold.items()}}
@@ -87,6 +101,10 @@ def best_of_n_report(policy, rms: dict, rewards: dict, tokenizer, tasks: Sequenc
     scores = {role: np.stack([s["scores"][roles[role]] for s in samples]) for role in spec.names}
     reward_values = np.asarray(spec(scores, unsafe))
     out[name] = {key: [best_of_n_gold(g, reward_values, n) for n in ns] for key, g in gold.items()}
+    out[name]["within_prompt_corr"] = {
+        f: within_prompt_corr(reward_values[families == f], gold["combined"][families == f])
+        for f in sorted(set(families))}
+    out[name]["within_prompt_corr"]["all"] = within_prompt_corr(reward_values, gold["combined"])
   return out
 
 
@@ -156,9 +174,16 @@ def best_of_n_rows(report: dict) -> list[dict]:
            **{f"gold_{k}": v for k, v in report["oracle"].items()}}]
   for name, curve in report.items():
     if isinstance(curve, dict) and "combined" in curve and name not in ("mean", "oracle"):
-      rows += [{"reward": name, "n": n, "kl": kl, **{f"gold_{k}": curve[k][i] for k in curve}}
+      rows += [{"reward": name, "n": n, "kl": kl,
+                **{f"gold_{k}": curve[k][i] for k in ("combined", "helpfulness", "safety")}}
                for i, (n, kl) in enumerate(zip(report["n"], report["kl"]))]
   return rows
+
+
+def within_prompt_rows(report: dict) -> list[dict]:
+  """Table rows: per reward, its within-prompt correlation with gold by task family."""
+  return [{"reward": name, **curve["within_prompt_corr"]} for name, curve in report.items()
+          if isinstance(curve, dict) and "within_prompt_corr" in curve]
 
 
 def _print_tables(results: dict) -> None:
@@ -192,6 +217,9 @@ def _print_tables(results: dict) -> None:
     print(f"\nBest of n samples of {best_of_n['policy']} on {best_of_n['prompts']} held-out tasks, "
           "picked by each reward and scored by gold (n = 1: a plain sample):")
     print(format_table(best_of_n_rows(best_of_n)))
+    print("\nHow well each reward orders one prompt's samples (correlation with gold combined after "
+          "removing each prompt's mean), by task family:")
+    print(format_table(within_prompt_rows(best_of_n)))
 
 
 def summarise(results: dict) -> dict:
