@@ -26,6 +26,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(model)
   c.init_from = ""  # a params export directory (e.g. another run's workdir/export); "" = random init
 
+  # LoRA adapters (models/lora.py) on the model, for every method: rank 0 = off (full fine-tuning).
+  # Only the adapters (and a new scalar head) train and have optimiser state; the reference of
+  # DPO / KTO / PPO is the base (adapters off), with no second copy of it.
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,
+      alpha=16.0,  # adapter output scaled by alpha / rank
+      targets=("q", "v"),  # any of q, k, v, o, gate (llama), up, down
+      merge_on_export=True,  # export W + (alpha / rank) A B: a plain model for later stages / HF
+  ))
+
   # (data, fsdp, tensor); one entry may be -1 = all remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
 

@@ -38,7 +38,7 @@ from safetensors.numpy import save_file
 
 from rlhf_jax import sharding
 from rlhf_jax.hf_config import ARCHITECTURES, config_from_hf, config_to_hf
-from rlhf_jax.models import ModelConfig, abstract_model
+from rlhf_jax.models import ModelConfig, abstract_model, lora
 
 __all__ = ["ARCHITECTURES", "config_from_hf", "config_to_hf", "export_hf", "import_hf", "load_hf",
            "load_hf_tokenizer", "read_hf_config"]
@@ -302,7 +302,7 @@ def export_hf(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokenizer
   with `tokenizer`, its files (bos/eos/pad ids then go into config.json).
 
   params: our param tree (jax arrays of any sharding, or numpy). dtype: storage dtype of the
-  written tensors (None: cfg.param_dtype). model_type: see `config_to_hf` (pass "mistral" to
+  written tensors (None: cfg.param_dtype); a LoRA model is merged first (`lora.merge_lora`). model_type: see `config_to_hf` (pass "mistral" to
   label a Mistral as such). A scalar head becomes `...ForSequenceClassification` (num_labels 1),
   which needs the tokenizer's pad_token_id. Written to a temporary directory and renamed, so a
   failure leaves no half-written export; an existing `out_dir` is replaced only with `overwrite`.
@@ -311,6 +311,7 @@ def export_hf(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokenizer
   out_dir = Path(os.path.abspath(out_dir))
   if out_dir.exists() and not overwrite:
     raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+  params, cfg = lora.merge_lora(params, cfg)  # a LoRA model is written as its merged plain model
   target = jnp.dtype(dtype or cfg.param_dtype)
   if target.name not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"dtype={dtype!r} must be float32, bfloat16 or float16")

@@ -14,7 +14,8 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import checkpoint, generate, metrics, sharding
-from rlhf_jax.models import ModelConfig, abstract_model, create_model, split_model
+from rlhf_jax.models import ModelConfig, abstract_model, create_model, lora, split_model
+from rlhf_jax.models.config import LORA_FIELDS
 from rlhf_jax.toyworld.evaluate import Policy
 from rlhf_jax.train import (TrainState, create_train_state, make_eval_step, make_optimizer,
                             make_train_step, state_shardings)
@@ -28,12 +29,19 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
   (the architecture is the checkpoint's; `config.model.dtype`/`param_dtype`/`remat`/`scan_layers`
   still apply). vocab_size 0 in the config = the tokenizer's, rounded up to a multiple of 128 so
   tensor parallelism and matmul tiles divide it. `head` ("lm" | "scalar") overrides both: a reward
-  model is an SFT export with its LM head replaced (`setup_training` swaps the params)."""
+  model is an SFT export with its LM head replaced (`setup_training` swaps the params).
+  `config.lora.rank` > 0 adds LoRA adapters (rank, alpha, targets) to the model, whatever the
+  export's: an export with unmerged adapters is merged when it is loaded (`initial_params`)."""
   d = config.model.to_dict()
   if config.init_from:
     saved = checkpoint.read_export_metadata(config.init_from)["model"]
     runtime = ("dtype", "param_dtype", "remat", "scan_layers", "scalar_head_init_std")
-    d = {**saved, **{k: d[k] for k in runtime if k in d}}
+    d = {**{k: v for k, v in saved.items() if k not in LORA_FIELDS},
+         **{k: d[k] for k in runtime if k in d}}
+  lora_cfg = config.get("lora")
+  if lora_cfg is not None and lora_cfg.rank:
+    d.update(lora_rank=lora_cfg.rank, lora_alpha=float(lora_cfg.alpha),
+             lora_targets=tuple(lora_cfg.targets))
   if head is not None:
     d["head"] = head
   if not d.get("vocab_size"):
@@ -43,7 +51,13 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
   elif vocab_size is not None and d["vocab_size"] < vocab_size:
     raise ValueError(f"the tokenizer has {vocab_size} tokens but config.model.vocab_size = "
                      f"{d['vocab_size']}; raise config.model.vocab_size (or set it to 0 = auto)")
-  return ModelConfig.from_dict(d)
+  try:
+    return ModelConfig.from_dict(d)
+  except ValueError as e:
+    if "lora_" in str(e):
+      raise ValueError(f"{e} (lora_rank, lora_alpha, lora_targets are config.lora.rank, alpha, "
+                       "targets)") from None
+    raise
 
 
 @dataclasses.dataclass
@@ -78,10 +92,13 @@ def setup_training(config: ml_collections.ConfigDict, mesh, model_cfg: ModelConf
   graphdef, abstract, axes = abstract_model(model_cfg)
   psh = sharding.param_shardings(abstract, axes, mesh)
   params = initial_params(config, model_cfg, mesh, psh)
-  optimizer, schedule = make_optimizer(config.optim, config.train.steps)
+  loss_fn, trainable = make_loss_fn(graphdef), None
+  if model_cfg.lora_rank:  # only the adapters train (and have optimiser state)
+    loss_fn, trainable = lora.freeze_base(loss_fn), lora.trainable_mask
+  optimizer, schedule = make_optimizer(config.optim, config.train.steps, trainable=trainable)
   shardings = state_shardings(optimizer, psh, abstract, mesh)
   state = create_train_state(params, optimizer, shardings, seed=config.seed)
-  step = make_train_step(make_loss_fn(graphdef), optimizer, mesh=mesh, state_shardings=shardings,
+  step = make_train_step(loss_fn, optimizer, mesh=mesh, state_shardings=shardings,
                          accum_steps=config.train.accum_steps, schedule=schedule)
   return Setup(mesh, model_cfg, graphdef, psh, shardings, state, step, schedule)
 
@@ -91,7 +108,8 @@ def initial_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig, me
 
   An export whose head differs from `model_cfg.head` (an LM export under a reward or value model)
   keeps its backbone; the new head is initialised as `create_model` would (scalar head: N(0,
-  scalar_head_init_std)) and the old head's params are dropped.
+  scalar_head_init_std)) and the old head's params are dropped. An export with LoRA adapters is
+  merged into a plain model; `model_cfg`'s adapters (if any) are then added fresh (B = 0).
   """
   fresh = lambda names: jax.jit(
       lambda: {k: v for k, v in split_model(create_model(model_cfg, config.seed))[1].items()
@@ -100,11 +118,13 @@ def initial_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig, me
   if not config.init_from:
     return fresh(set(psh))
   saved_cfg = ModelConfig.from_dict(checkpoint.read_export_metadata(config.init_from)["model"])
-  load_cfg = dataclasses.replace(model_cfg, head=saved_cfg.head)
+  load_cfg = dataclasses.replace(model_cfg, head=saved_cfg.head,
+                                 **{f: getattr(saved_cfg, f) for f in LORA_FIELDS})
   _, abstract, axes = abstract_model(load_cfg)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                         sharding.param_shardings(abstract, axes, mesh))
   params, _ = checkpoint.load_params(config.init_from, target)
+  params, _ = lora.merge_lora(params, load_cfg)  # unchanged unless the export has adapters
   new = set(psh) - set(params)
   if new or set(params) - set(psh):
     _log.info("init_from %s (head %s -> %s): new params %s, dropped %s", config.init_from,
@@ -112,7 +132,21 @@ def initial_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig, me
     params = {**{k: v for k, v in params.items() if k in psh}, **(fresh(new) if new else {})}
   else:
     _log.info("initialised params from %s", config.init_from)
+  if model_cfg.lora_rank:
+    params = lora.with_adapters(params, model_cfg, config.seed, psh)
   return params
+
+
+def export_model(config: ml_collections.ConfigDict, export_dir: str, params, model_cfg: ModelConfig,
+                 **metadata) -> None:
+  """`checkpoint.export_params` (overwriting) with metadata {"model": model_cfg, **metadata}. A
+  LoRA model is merged into a plain one first (`config.lora.merge_on_export`, the default), which
+  is what later stages, `load_policy` and `hf.export_hf` expect."""
+  lora_cfg = config.get("lora")
+  if model_cfg.lora_rank and (lora_cfg is None or lora_cfg.merge_on_export):
+    params, model_cfg = lora.merge_lora(params, model_cfg)
+  checkpoint.export_params(export_dir, params, overwrite=True,
+                           metadata={"model": model_cfg.to_dict(), **metadata})
 
 
 def make_evaluate(loss_fn: Callable, setup: Setup, host_batches: Iterator[dict],

@@ -41,6 +41,7 @@ from rlhf_jax.algorithms import common
 from rlhf_jax.algorithms.reward import comparison_iterators, load_comparisons
 from rlhf_jax.data.preference import num_tokens, pack_comparisons
 from rlhf_jax.losses import preference
+from rlhf_jax.models import lora
 
 _log = logging.getLogger(__name__)
 
@@ -103,16 +104,27 @@ def check_loss_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"{fields} (loss_type={cfg.loss_type!r}): {e}") from None
 
 
-def make_dpo_loss_fn(graphdef, cfg: ml_collections.ConfigDict):
+def batch_ref_logps(graphdef, params, batch: dict, reference_in_step: bool):
+  """The reference's summed response log-probs [R, P, 2]: batch["ref_logps"], or with
+  `reference_in_step` (a LoRA policy, reference "per_batch") a forward pass of the base under the
+  adapters, `lora.reference_params(params)`, inside the step: no copy of the base is held, and a
+  pass outside the step could not read the params the step donates."""
+  if not reference_in_step:
+    return batch["ref_logps"]
+  ref_params = lora.reference_params(jax.lax.stop_gradient(params))
+  return scoring.comparison_logps(graphdef, ref_params, batch)[0]
+
+
+def make_dpo_loss_fn(graphdef, cfg: ml_collections.ConfigDict, *, reference_in_step: bool = False):
   """loss_fn(params, batch, rng) on comparison batches of pairs: the policy's summed response
-  log-probs (and lengths) against batch["ref_logps"] [R, P, 2] with `pair_loss`, each pair
+  log-probs (and lengths) against the reference's (`batch_ref_logps`) with `pair_loss`, each pair
   weighted by whether its slot is used."""
   def loss_fn(params, batch, rng):
     del rng
     logps, lengths = scoring.comparison_logps(graphdef, params, batch)  # [R, P, 2] each
+    ref_logps = batch_ref_logps(graphdef, params, batch, reference_in_step)
     flat = lambda x: x.reshape(-1, 2)
-    return pair_loss(cfg, flat(logps), flat(lengths), flat(batch["ref_logps"]),
-                     flat(batch["valid"])[:, 1])
+    return pair_loss(cfg, flat(logps), flat(lengths), flat(ref_logps), flat(batch["valid"])[:, 1])
   return loss_fn
 
 
@@ -171,9 +183,20 @@ def attach_reference(config: ml_collections.ConfigDict, setup: common.Setup, mod
   """The reference's log-probs for the comparisons: (train_cmp, eval_cmp, wrap). The reference is
   the starting params (restoring a checkpoint later replaces the state only). mode "precompute":
   the comparisons come back with their `ref_logps` filled in and `wrap` is the identity;
-  "per_batch": they come back unchanged and `wrap(batch_iterator)` adds each batch's."""
-  reference = jax.tree.map(jnp.copy, setup.state.params)
-  scores = jax.jit(functools.partial(scoring.comparison_logps, setup.graphdef))
+  "per_batch": they come back unchanged and `wrap(batch_iterator)` adds each batch's.
+  A LoRA policy's reference is its base (adapters off), sharing the policy's base arrays (no copy,
+  used before the first step donates them); "per_batch" then leaves the reference to the loss
+  (`reference_in_step`) and `wrap` is the identity."""
+  if setup.model_cfg.lora_rank:
+    if mode == "per_batch":
+      return train_cmp, eval_cmp, lambda batches: batches
+    reference = lora.reference_params(setup.state.params)
+  else:
+    reference = jax.tree.map(jnp.copy, setup.state.params)
+  # Replicated outputs: every host reads the whole [R, P, 2] (a batch-sharded result would span
+  # devices of other processes on a multi-host mesh, which no host can fetch).
+  scores = jax.jit(functools.partial(scoring.comparison_logps, setup.graphdef),
+                   out_shardings=sharding.replicated(mesh))
   logps_fn = lambda batch: scores(reference, batch)[0]  # params as an argument, not a constant
   if mode == "per_batch":
     return train_cmp, eval_cmp, lambda batches: _WithReference(batches, logps_fn, mesh)
@@ -192,10 +215,8 @@ def finish(config: ml_collections.ConfigDict, workdir: str, state, evaluate, *, 
   held_out = {k: float(v) for k, v in jax.device_get(evaluate(state)).items()}
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump({"held_out": held_out, "data": data_stats}, f, indent=1)
-  checkpoint.export_params(os.path.join(workdir, "export"), state.params, overwrite=True,
-                           metadata={"model": model_cfg.to_dict(),
-                                     "tokenizer": os.path.abspath(tokenizer_dir),
-                                     "step": int(state.step)})
+  common.export_model(config, os.path.join(workdir, "export"), state.params, model_cfg,
+                      tokenizer=os.path.abspath(tokenizer_dir), step=int(state.step))
   return {"step": int(state.step), **{f"eval/{k}": v for k, v in held_out.items()}}
 
 
@@ -223,7 +244,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
               else None)
   comparisons = load_comparisons(config, tokenizer, model_cfg, num_responses=2, to_pairs=to_pairs)
 
-  make_loss = lambda graphdef: make_dpo_loss_fn(graphdef, p)
+  in_step = bool(model_cfg.lora_rank) and uses_reference(p) and p.reference == "per_batch"
+  make_loss = lambda graphdef: make_dpo_loss_fn(graphdef, p, reference_in_step=in_step)
   setup = common.setup_training(config, mesh, model_cfg, make_loss)
   train_cmp, eval_cmp = comparisons.train, comparisons.eval
   wrap = lambda batches: batches

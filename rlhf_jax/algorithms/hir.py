@@ -288,10 +288,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               restore_data=batches.restore, count_tokens=data.num_tokens)
     if int(state.step) < t.steps:  # stopped early (stop_after_steps): the rerun finishes
       return {"stopped_in_round": r, "step": int(state.step)}
-    checkpoint.export_params(export, state.params, overwrite=True,
-                             metadata={"model": model_cfg.to_dict(),
-                                       "tokenizer": os.path.abspath(tokenizer_dir),
-                                       "step": int(state.step)})
+    common.export_model(round_cfg, export, state.params, model_cfg,
+                        tokenizer=os.path.abspath(tokenizer_dir), step=int(state.step))
     policy_export = export
   final = os.path.join(workdir, "export")
   if os.path.exists(final):

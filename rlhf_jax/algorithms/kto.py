@@ -93,13 +93,15 @@ def kto_batch_loss(cfg: ml_collections.ConfigDict, logps: Array, ref_logps: Arra
   return loss, metrics
 
 
-def make_kto_loss_fn(graphdef, cfg: ml_collections.ConfigDict):
-  """loss_fn(params, batch, rng) on comparison batches of (example, mismatched pair)."""
+def make_kto_loss_fn(graphdef, cfg: ml_collections.ConfigDict, *, reference_in_step: bool = False):
+  """loss_fn(params, batch, rng) on comparison batches of (example, mismatched pair); the
+  reference's log-probs as `dpo.batch_ref_logps`."""
   def loss_fn(params, batch, rng):
     del rng
     logps, _ = scoring.comparison_logps(graphdef, params, batch)  # [R, P, 2]
+    ref_logps = dpo.batch_ref_logps(graphdef, params, batch, reference_in_step)
     flat = lambda x: x.reshape(-1, 2)
-    return kto_batch_loss(cfg, flat(logps), flat(batch["ref_logps"]),
+    return kto_batch_loss(cfg, flat(logps), flat(ref_logps),
                           batch["margin"].reshape(-1) == 1, flat(batch["valid"])[:, 0])
   return loss_fn
 
@@ -145,7 +147,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_cmp = label(comparisons.train, comparisons.train_records)
   eval_cmp = label(comparisons.eval, comparisons.eval_records)
 
-  make_loss = lambda graphdef: make_kto_loss_fn(graphdef, k)
+  in_step = bool(model_cfg.lora_rank) and k.reference == "per_batch"
+  make_loss = lambda graphdef: make_kto_loss_fn(graphdef, k, reference_in_step=in_step)
   setup = common.setup_training(config, mesh, model_cfg, make_loss)
   train_cmp, eval_cmp, wrap = dpo.attach_reference(config, setup, k.reference, train_cmp, eval_cmp,
                                                    mesh)

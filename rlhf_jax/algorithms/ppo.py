@@ -43,7 +43,7 @@ from rlhf_jax.data.loader import Batching
 from rlhf_jax.losses import kl as kl_losses
 from rlhf_jax.losses import ppo as ppo_losses
 from rlhf_jax.losses.common import masked_mean
-from rlhf_jax.models import ModelConfig, abstract_model
+from rlhf_jax.models import ModelConfig, abstract_model, lora
 from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.train import create_train_state, make_optimizer, make_update, state_shardings
@@ -178,9 +178,10 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
   baseline = jax.jit(lambda r: ppo_rollout.baselined_reward(r, cfg.samples_per_prompt,
                                                             cfg.reward_baseline))
   rollout_sharding = sharding.batch_sharding(mesh)
-  update = make_ppo_update(make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg,
-                                            estimator=estimator), optimizer,
-                           mesh=mesh, shardings=shardings, cfg=cfg)
+  loss_fn = make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg, estimator=estimator)
+  if policy_cfg.lora_rank:  # only the adapters (and a value head) train
+    loss_fn = lora.freeze_base(loss_fn)
+  update = make_ppo_update(loss_fn, optimizer, mesh=mesh, shardings=shardings, cfg=cfg)
 
   def iteration(state, reference, reward_params, prompt_tokens, prompt_mask, unsafe, rng, beta,
                 text_reward=None):
@@ -322,7 +323,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       value_abs = {"score": jax.ShapeDtypeStruct((policy_cfg.embed_dim,), jnp.dtype(policy_cfg.param_dtype))}
       psh["value"] = sharding.param_shardings(value_abs, {"score": P("embed")}, mesh)
       params["value"] = {"score": fresh_head(policy_cfg, psh["value"]["score"])}
-  reference, reference_gd = jax.tree.map(jnp.copy, params["policy"]), policy_gd
+  # LoRA: the reference is the policy's base (adapters off), made from the current params where it
+  # is used: no copy of the base (and a tree kept from here would not survive the update, which
+  # donates the params it is given).
+  lora_reference = bool(policy_cfg.lora_rank) and not p.frozen_dtype
+  reference = None if lora_reference else jax.tree.map(
+      jnp.copy, lora.reference_params(params["policy"]))
+  reference_gd = policy_gd
   if p.frozen_dtype:  # reference (and reward models) held and run in e.g. bfloat16
     reference = cast_params(reference, p.frozen_dtype)
     reference_gd = abstract_model(dataclasses.replace(policy_cfg, dtype=p.frozen_dtype,
@@ -342,7 +349,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     spec = ppo_rollout.reward_spec(p.reward, rms)
 
   total_steps = p.iterations * p.epochs * p.minibatches
-  optimizer, schedule = make_optimizer(config.optim, total_steps)
+  optimizer, schedule = make_optimizer(config.optim, total_steps,
+                                       trainable=lora.trainable_mask if policy_cfg.lora_rank else None)
   abstract = {"policy": policy_abs, **({"value": value_abs} if estimator == "gae" else {})}
   shardings = state_shardings(optimizer, psh, abstract, mesh)
   state = create_train_state(params, optimizer, shardings, seed=config.seed)
@@ -354,12 +362,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   reward_params = {n: rm.params for n, rm in rms.items()}
   eval_sampler = generate.Sampler(policy_gd, policy_cfg, mesh=mesh, param_shardings=psh["policy"])
 
+  def reference_of(policy_params):
+    return lora.reference_params(policy_params) if lora_reference else reference
+
   def held_out(params) -> dict:
     """Gold of the policy on the held-out tasks and its KL to the reference; the same sampling
     key every time, so successive evaluations are paired (common random numbers)."""
     result = gold_eval.evaluate(
         gold_eval.Policy(policy_gd, params, eval_sampler), tokenizer, eval_tasks,
-        jax.random.key(config.seed + 7), reference=gold_eval.Policy(reference_gd, reference, eval_sampler),
+        jax.random.key(config.seed + 7), reference=gold_eval.Policy(reference_gd, reference_of(params), eval_sampler),
         max_new_tokens=p.max_new_tokens, temperature=p.temperature, win_rate=False)
     return {k: result["overall"][k] for k in ("combined", "helpfulness", "safety", "kl", "length")}
   stream = data.BatchIterator(prompts, batch_size=p.prompts_per_iteration, seq_len=1,
@@ -395,7 +406,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       elif p.reward.gold:
         text_reward = lambda out: np.asarray([world_lib.gold_scores(r, text)["combined"] for r, text in
                                               zip(rows_records, ppo_rollout.decode_responses(tokenizer, out))])
-      state, info = iterate(state, reference, reward_params, prompt_tokens, prompt_mask, unsafe,
+      state, info = iterate(state, reference_of(state.params["policy"]), reward_params, prompt_tokens, prompt_mask, unsafe,
                             rng, beta, text_reward=text_reward)
       out, reward, scores, found = info["out"], info["reward"], info["scores"], info["eos_found"]
       update_metrics = info["update"]
@@ -419,10 +430,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress.close()
   done = end >= p.iterations
   if done:
-    checkpoint.export_params(os.path.join(workdir, "export"), state.params["policy"], overwrite=True,
-                             metadata={"model": policy_cfg.to_dict(),
-                                       "tokenizer": os.path.abspath(tokenizer_dir),
-                                       "step": int(state.step)})
+    common.export_model(config, os.path.join(workdir, "export"), state.params["policy"],
+                        policy_cfg, tokenizer=os.path.abspath(tokenizer_dir), step=int(state.step))
   return {"iterations": end, "beta": beta}
 
 

@@ -270,11 +270,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result_report = report(kind, kept, scores)
   flat = np.concatenate(scores)
   rm.stats = {"mean": float(flat.mean()), "std": float(flat.std()), "n": int(flat.size)}
-  checkpoint.export_params(
-      os.path.join(workdir, "export"), state.params, overwrite=True,
-      metadata={"model": model_cfg.to_dict(), "tokenizer": os.path.abspath(tokenizer_dir),
-                "step": int(state.step),
-                "reward": {"kind": kind, "margins": list(margins), "stats": rm.stats}})
+  common.export_model(config, os.path.join(workdir, "export"), state.params, model_cfg,
+                      tokenizer=os.path.abspath(tokenizer_dir), step=int(state.step),
+                      reward={"kind": kind, "margins": list(margins), "stats": rm.stats})
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump({"report": result_report, "stats": rm.stats, "data": {"train": stats, "eval": eval_stats}},
               f, indent=1)

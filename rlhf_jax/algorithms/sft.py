@@ -124,10 +124,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   final = evaluate(state)
   after = sample_table(sampler, state.params, tokenizer, sample_records, config, rng)
   if int(state.step) >= t.steps:
-    checkpoint.export_params(os.path.join(workdir, "export"), state.params, overwrite=True,
-                             metadata={"model": model_cfg.to_dict(),
-                                       "tokenizer": tokenizer_path(config, workdir),
-                                       "step": int(state.step)})
+    common.export_model(config, os.path.join(workdir, "export"), state.params, model_cfg,
+                        tokenizer=tokenizer_path(config, workdir), step=int(state.step))
   with open(os.path.join(workdir, "samples.json"), "w") as f:
     json.dump({"before": before, "after": after}, f, indent=1)
   if jax.process_index() == 0 and after:

@@ -1,10 +1,11 @@
 """Decoder LMs (Llama family, GPT-2 family) with LM or scalar heads, used functionally."""
 
+from rlhf_jax.models import lora
 from rlhf_jax.models.config import ModelConfig, llama_bench_config
 from rlhf_jax.models.transformer import (KVCache, Transformer, abstract_model, apply,
                                          apply_with_hidden, create_model,
                                          init_cache, positions_from_mask, split_model)
 
-__all__ = ["ModelConfig", "llama_bench_config", "KVCache", "Transformer", "abstract_model", "apply",
+__all__ = ["lora", "ModelConfig", "llama_bench_config", "KVCache", "Transformer", "abstract_model", "apply",
            "apply_with_hidden",
            "create_model", "init_cache", "positions_from_mask", "split_model"]

@@ -13,6 +13,10 @@ FAMILIES = ("llama", "gpt2")
 HEADS = ("lm", "scalar")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_SCALING_TYPES = ("llama3",)
+# LoRA targets: the projections an adapter can wrap, by their param names in layers.py.
+LORA_ATTN_TARGETS = ("q", "k", "v", "o")
+LORA_MLP_TARGETS = {"llama": ("gate", "up", "down"), "gpt2": ("up", "down")}
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +31,10 @@ class ModelConfig:
     items so the config stays hashable.
   dtype: compute dtype ("float32" or "bfloat16"); param_dtype: storage dtype of the parameters.
   remat: rematerialisation policy of each layer ("none", "full", "dots", "dots_no_batch").
+  lora_rank: > 0 adds LoRA adapters (models/lora.py) of this rank to each projection named in
+    `lora_targets` (q, k, v, o; gate (llama only), up, down), scaled by lora_alpha / lora_rank;
+    0 = no adapters (and the LoRA fields are left out of `to_dict`, so a plain model's metadata
+    is what it was before LoRA existed).
   scan_layers: run the layers with `lax.scan` (fast compile, one layer's code) instead of unrolled.
     The parameter layout is the same either way (layers stacked on a leading axis), so a checkpoint
     does not depend on this choice.
@@ -53,10 +61,16 @@ class ModelConfig:
   scan_layers: bool = True
   init_std: float = 0.02
   scalar_head_init_std: float = 1e-3
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ("q", "v")
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, Mapping):
       object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+    if isinstance(self.lora_targets, str):
+      object.__setattr__(self, "lora_targets", (self.lora_targets,))
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives a list
     errors = []
     sizes = dict(vocab_size=self.vocab_size, num_layers=self.num_layers, embed_dim=self.embed_dim,
                  num_heads=self.num_heads, mlp_dim=self.mlp_dim, max_seq_len=self.max_seq_len,
@@ -91,8 +105,36 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         errors.append(f"{name}={getattr(self, name)!r} must be float32, bfloat16 or float16")
+    errors += self._lora_errors()
     if errors:
       raise ValueError("Invalid model config: " + "; ".join(errors))
+
+  def _lora_errors(self) -> list[str]:
+    if self.lora_rank == 0:
+      return []
+    if self.lora_rank < 0:
+      return [f"lora_rank={self.lora_rank} must be > 0 (or 0: no LoRA)"]
+    allowed = LORA_ATTN_TARGETS + LORA_MLP_TARGETS.get(self.family, ())
+    errors = []
+    bad = [t for t in self.lora_targets if t not in allowed]
+    if bad or not self.lora_targets or len(set(self.lora_targets)) < len(self.lora_targets):
+      errors.append(f"lora_targets={self.lora_targets!r}: {bad or 'empty or repeated'}; choose "
+                    f"distinct names from {allowed} ({self.family})")
+    if not self.lora_alpha > 0:
+      errors.append(f"lora_alpha={self.lora_alpha} must be > 0")
+    smallest = {t: min(self.lora_dims(t)) for t in self.lora_targets if t in allowed}
+    too_big = {t: d for t, d in smallest.items() if d < self.lora_rank}
+    if too_big:
+      errors.append(f"lora_rank={self.lora_rank} exceeds the smaller dimension of {too_big}; "
+                    "lower lora_rank")
+    return errors
+
+  def lora_dims(self, target: str) -> tuple[int, int]:
+    """(input size, output size) of projection `target` as a matrix."""
+    e, m = self.embed_dim, self.mlp_dim
+    q, kv = self.num_heads * self.dim_per_head, self.kv_heads * self.dim_per_head
+    return {"q": (e, q), "k": (e, kv), "v": (e, kv), "o": (q, e), "gate": (e, m), "up": (e, m),
+            "down": (m, e)}[target]
 
   @property
   def kv_heads(self) -> int:
@@ -109,6 +151,9 @@ class ModelConfig:
     d = dataclasses.asdict(self)
     if self.rope_scaling is not None:
       d["rope_scaling"] = dict(self.rope_scaling)
+    if not self.lora_rank:
+      for name in LORA_FIELDS:
+        del d[name]
     return d
 
   @classmethod

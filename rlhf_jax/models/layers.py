@@ -32,6 +32,49 @@ def param(rngs: nnx.Rngs, shape, axes, *, std: float | None, dtype) -> nnx.Param
   return nnx.Param(value, axes=tuple(axes))
 
 
+def add_lora(module: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs, names: tuple[str, ...]) -> None:
+  """LoRA adapters for the params `names` of `module` that are in `cfg.lora_targets`: for W with
+  input axes `in` and output axes `out` (W: [*in, *out]), `{name}_lora_a` [*in, r] ~ N(0, 1/fan_in)
+  and `{name}_lora_b` [r, *out] = 0 (so the adapted model starts as the base). The rank axis is
+  named `lora` (no sharding rule: replicated); the others keep W's names, so they shard as W.
+  A's draws come from the `lora` stream when there is one (`create_model` adds it), so the base
+  params of a LoRA model are those of the same seed without LoRA."""
+  stream = rngs.lora if "lora" in rngs else rngs.params
+  for name in names:
+    if not cfg.lora_rank or name not in cfg.lora_targets:
+      continue
+    w = getattr(module, name)
+    axes = w.get_metadata()["axes"]
+    n_in = 2 if name == "o" else 1  # o: [heads, head_dim, embed]; the rest: [in, *out]
+    fan_in = math.prod(w.shape[:n_in])
+    a = jax.random.normal(stream(), (*w.shape[:n_in], cfg.lora_rank), jnp.float32)
+    setattr(module, f"{name}_lora_a", nnx.Param((a / math.sqrt(fan_in)).astype(cfg.param_dtype),
+                                                  axes=(*axes[:n_in], "lora")))
+    setattr(module, f"{name}_lora_b", nnx.Param(
+        jnp.zeros((cfg.lora_rank, *w.shape[n_in:]), cfg.param_dtype), axes=("lora", *axes[n_in:])))
+
+
+def lora_delta(module: nnx.Module, name: str, x: Array, n_in: int = 1,
+               heads_first: bool = False) -> Array | None:
+  """(alpha / r) * B(A x) for param `name` in the compute dtype: x [..., *in] -> [..., *out]
+  (heads_first, for v: [B, T, E] -> [B, KV, T, D], the layout of its base einsum, which then
+  compiles as without LoRA, so B = 0 gives the base's values bit for bit); None when `name` has
+  no adapter."""
+  cfg = module.cfg
+  if not cfg.lora_rank or name not in cfg.lora_targets:
+    return None
+  dt = jnp.dtype(cfg.dtype)
+  a, b = getattr(module, f"{name}_lora_a")[...], getattr(module, f"{name}_lora_b")[...]
+  xa = jnp.tensordot(x, a.astype(dt), axes=n_in) * jnp.asarray(cfg.lora_alpha / cfg.lora_rank, dt)
+  if heads_first:
+    return jnp.einsum("btr,rhd->bhtd", xa, b.astype(dt))
+  return jnp.tensordot(xa, b.astype(dt), axes=1)
+
+
+def _plus(y: Array, delta: Array | None) -> Array:
+  return y if delta is None else y + delta
+
+
 def ones_param(shape, axes, dtype) -> nnx.Param:
   return nnx.Param(jnp.ones(shape, dtype), axes=tuple(axes))
 
@@ -119,6 +162,7 @@ class Attention(nnx.Module):
       self.v_bias = param(rngs, (kv, d), ("kv_heads", "head_dim"), std=None, dtype=pd)
     if cfg.family == "gpt2":
       self.o_bias = param(rngs, (e,), ("norm",), std=None, dtype=pd)
+    add_lora(self, cfg, rngs, ("q", "k", "v", "o"))
 
   def __call__(self, x: Array, positions: Array, mask: Array,
                cache: tuple[Array, Array] | None, write_at: Array | None):
@@ -135,9 +179,12 @@ class Attention(nnx.Module):
     Returns (out [B, T, E], (k, v) updated, or None).
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    q = jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dt))
-    k = jnp.einsum("bte,ehd->bthd", x, self.k[...].astype(dt))
+    q = _plus(jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dt)), lora_delta(self, "q", x))
+    k = _plus(jnp.einsum("bte,ehd->bthd", x, self.k[...].astype(dt)), lora_delta(self, "k", x))
     v = jnp.einsum("bte,ehd->bhtd", x, self.v[...].astype(dt))
+    v_delta = lora_delta(self, "v", x, heads_first=True)
+    if v_delta is not None:
+      v = v + v_delta
     if self.use_bias:
       q, k = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt)
       v = v + self.v_bias[...].astype(dt)[None, :, None, :]
@@ -161,7 +208,8 @@ class Attention(nnx.Module):
     scores = jnp.where(mask, scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt)).reshape(b, t, h, d)
-    out = jnp.einsum("bthd,hde->bte", out, self.o[...].astype(dt))
+    out = _plus(jnp.einsum("bthd,hde->bte", out, self.o[...].astype(dt)),
+                lora_delta(self, "o", out, n_in=2))
     if cfg.family == "gpt2":
       out = out + self.o_bias[...].astype(dt)
     return out, new_cache
@@ -181,17 +229,20 @@ class MLP(nnx.Module):
     else:
       self.up_bias = param(rngs, (m,), ("mlp",), std=None, dtype=pd)
       self.down_bias = param(rngs, (e,), ("norm",), std=None, dtype=pd)
+    add_lora(self, cfg, rngs, ("gate", "up", "down"))
 
   def __call__(self, x: Array) -> Array:
     dt = jnp.dtype(self.cfg.dtype)
-    up = x @ self.up[...].astype(dt)
+    up = _plus(x @ self.up[...].astype(dt), lora_delta(self, "up", x))
     if self.cfg.family == "llama":
-      hidden = jax.nn.silu(x @ self.gate[...].astype(dt)) * up
+      gate = _plus(x @ self.gate[...].astype(dt), lora_delta(self, "gate", x))
+      hidden = jax.nn.silu(gate) * up
       hidden = sharding.constrain(hidden, ("batch", "length", "mlp"))
-      return hidden @ self.down[...].astype(dt)
+      return _plus(hidden @ self.down[...].astype(dt), lora_delta(self, "down", hidden))
     hidden = jax.nn.gelu(up + self.up_bias[...].astype(dt), approximate=True)
     hidden = sharding.constrain(hidden, ("batch", "length", "mlp"))
-    return hidden @ self.down[...].astype(dt) + self.down_bias[...].astype(dt)
+    down = _plus(hidden @ self.down[...].astype(dt), lora_delta(self, "down", hidden))
+    return down + self.down_bias[...].astype(dt)
 
 
 class Block(nnx.Module):

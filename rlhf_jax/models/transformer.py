@@ -144,6 +144,8 @@ class Transformer(nnx.Module):
 
 def create_model(cfg: ModelConfig, seed: int | jax.Array = 0) -> Transformer:
   key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+  if cfg.lora_rank:  # adapters draw from their own stream: the base params are the seed's
+    return Transformer(cfg, rngs=nnx.Rngs(params=key, lora=jax.random.fold_in(key, 0x10A)))
   return Transformer(cfg, rngs=nnx.Rngs(params=key))
 
 

@@ -44,8 +44,12 @@ def decay_mask(params, *, decay_norms_biases_embeddings: bool):
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
-  """(optax transformation, schedule). cfg = config.optim."""
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
+                   trainable: Callable[[Any], Any] | None = None):
+  """(optax transformation, schedule). cfg = config.optim.
+
+  trainable: None (every param trains) or params -> bool tree (e.g. `lora.trainable_mask`): the
+  other params get zero updates and no optimiser state at all (no moments)."""
   schedule = make_schedule(cfg, total_steps)
   chain = []
   if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
@@ -58,4 +62,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
     chain.append(optax.sgd(schedule))
   else:
     raise ValueError(f"config.optim.name={cfg.name!r}: use 'adamw' or 'sgd'")
-  return optax.chain(*chain), schedule
+  if trainable is None:
+    return optax.chain(*chain), schedule
+  labels = lambda params: jax.tree.map(lambda t: "train" if t else "freeze", trainable(params))
+  return optax.multi_transform({"train": optax.chain(*chain), "freeze": optax.set_to_zero()},
+                               labels), schedule

@@ -28,12 +28,14 @@ class TrainState(flax.struct.PyTreeNode):
 
 def state_shardings(optimizer: optax.GradientTransformation, param_shardings, abstract_params,
                     mesh: Mesh) -> TrainState:
-  """A TrainState of NamedShardings: optimiser moments follow their parameter's sharding."""
+  """A TrainState of NamedShardings: optimiser moments follow their parameter's sharding (a
+  param without state in a masked optimiser, e.g. a LoRA run's frozen base, stays a MaskedNode)."""
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   rep = sharding.replicated(mesh)
+  masked = lambda v: isinstance(v, optax.MaskedNode)
   opt_shardings = optax.tree_map_params(
-      optimizer, lambda _, s: s, abstract_opt, param_shardings,
-      transform_non_params=lambda _: rep)
+      optimizer, lambda v, s: v if masked(v) else s, abstract_opt, param_shardings,
+      transform_non_params=lambda _: rep, is_leaf=masked)
   return TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
 
 
