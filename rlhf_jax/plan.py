@@ -66,24 +66,29 @@ CHIPS = {"h100": 80e9, "h200": 141e9, "a100-40": 40e9, "a100": 80e9, "l4": 24e9,
          "tpu-v4": 32e9, "tpu-v5e": 16e9, "tpu-v5p": 95e9, "tpu-v6e": 32e9}
 ALGORITHMS = ("sft", "reward", "dpo", "ppo")
 
-_CONFIG = flags.DEFINE_string("config", "", "An experiment file: its model, train.batch_size, seq_len, "
-                              "accum_steps, mesh and algorithm (flags below override them).")
-_MODEL = flags.DEFINE_string("model", "", f"A model preset: {sorted(PRESETS)}.")
-_DEVICES = flags.DEFINE_integer("devices", 0, "Devices to plan for (fake CPU devices when there are "
-                                "fewer real ones); 0 = the devices present.")
-_MESH = flags.DEFINE_string("mesh", "", "data,fsdp,tensor (one may be -1); default: the config's, "
-                            "or all devices on fsdp.")
-_ALGORITHM = flags.DEFINE_enum("algorithm", "", ["", *ALGORITHMS], "Which models are held.")
-_BATCH = flags.DEFINE_integer("batch", 0, "Global batch (rows) per optimiser step.")
-_SEQ = flags.DEFINE_integer("seq_len", 0, "Tokens per row.")
-_ACCUM = flags.DEFINE_integer("accum_steps", 0, "Gradient-accumulation micro-batches per step.")
-_DTYPE = flags.DEFINE_string("dtype", "", "Compute dtype (default: the model's).")
-_PARAM_DTYPE = flags.DEFINE_string("param_dtype", "", "Parameter dtype (default: the model's).")
-_REMAT = flags.DEFINE_string("remat", "", "Remat policy (default: the model's).")
-_FROZEN_DTYPE = flags.DEFINE_string("frozen_dtype", "bfloat16", "dtype of frozen models.")
-_NO_REFERENCE = flags.DEFINE_bool("no_reference", False, "DPO with precomputed reference log-probs.")
-_CHIP = flags.DEFINE_enum("chip", "h100", sorted(CHIPS), "The chip whose memory the plan must fit.")
-_RESERVE = flags.DEFINE_float("reserve", 0.1, "Fraction of the chip's memory kept free.")
+def _define_flags() -> None:
+  """The CLI's flags, defined only when run as a program (the bench defines some of the same
+  names; importing both into one process must not clash)."""
+  global _CONFIG, _MODEL, _DEVICES, _MESH, _ALGORITHM, _BATCH, _SEQ, _ACCUM, _DTYPE, _PARAM_DTYPE
+  global _REMAT, _FROZEN_DTYPE, _NO_REFERENCE, _CHIP, _RESERVE
+  _CONFIG = flags.DEFINE_string("config", "", "An experiment file: its model, train.batch_size, seq_len, "
+                                "accum_steps, mesh and algorithm (flags below override them).")
+  _MODEL = flags.DEFINE_string("model", "", f"A model preset: {sorted(PRESETS)}.")
+  _DEVICES = flags.DEFINE_integer("devices", 0, "Devices to plan for (fake CPU devices when there are "
+                                  "fewer real ones); 0 = the devices present.")
+  _MESH = flags.DEFINE_string("mesh", "", "data,fsdp,tensor (one may be -1); default: the config's, "
+                              "or all devices on fsdp.")
+  _ALGORITHM = flags.DEFINE_enum("algorithm", "", ["", *ALGORITHMS], "Which models are held.")
+  _BATCH = flags.DEFINE_integer("batch", 0, "Global batch (rows) per optimiser step.")
+  _SEQ = flags.DEFINE_integer("seq_len", 0, "Tokens per row.")
+  _ACCUM = flags.DEFINE_integer("accum_steps", 0, "Gradient-accumulation micro-batches per step.")
+  _DTYPE = flags.DEFINE_string("dtype", "", "Compute dtype (default: the model's).")
+  _PARAM_DTYPE = flags.DEFINE_string("param_dtype", "", "Parameter dtype (default: the model's).")
+  _REMAT = flags.DEFINE_string("remat", "", "Remat policy (default: the model's).")
+  _FROZEN_DTYPE = flags.DEFINE_string("frozen_dtype", "bfloat16", "dtype of frozen models.")
+  _NO_REFERENCE = flags.DEFINE_bool("no_reference", False, "DPO with precomputed reference log-probs.")
+  _CHIP = flags.DEFINE_enum("chip", "h100", sorted(CHIPS), "The chip whose memory the plan must fit.")
+  _RESERVE = flags.DEFINE_float("reserve", 0.1, "Fraction of the chip's memory kept free.")
 
 
 def shard_bytes(abstract, shardings) -> int:
@@ -253,4 +258,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

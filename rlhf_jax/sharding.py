@@ -198,8 +198,11 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
 
   Detected: explicit arguments / JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID),
   SLURM with more than one task, or a multi-host Cloud TPU slice. JAX's own cluster detection then
-  fills in whatever was not given. Returns whether it initialised.
+  fills in whatever was not given. Returns whether this is a multi-process job (initialised now or
+  by an earlier call: the pipeline runner and each driver it calls may both call this).
   """
+  if jax.distributed.is_initialized():
+    return True
   env = os.environ
   coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
   slurm = int(env.get("SLURM_NTASKS", "1")) > 1
