@@ -34,6 +34,7 @@ def test_ppo_iteration_record(tiny):
   assert np.isfinite(record["first_iteration_s"]) and record["first_iteration_s"] > 0
 
 
+@pytest.mark.slow  # two sampler compiles and a timed bandwidth pass (~45 s)
 def test_decode_record_against_bandwidth(tiny):
   bf16 = tiny.replace(dtype="bfloat16", param_dtype="bfloat16")
   bandwidth = bench.hbm_bandwidth(repeats=1, mib=8)

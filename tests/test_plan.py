@@ -46,6 +46,7 @@ def test_params_and_optimizer_bytes_equal_a_real_train_state(tiny):
   assert record["params_per_device"] < tiny.num_params() * 4 / 4  # < a quarter of the fp32 model
 
 
+@pytest.mark.slow  # five compiles (~50 s): keeps the fast set under 5 minutes
 def test_algorithms_count_the_models_they_hold(tiny):
   mesh = sharding.make_mesh((1, 8, 1))
   kw = dict(batch=8, seq_len=32)
@@ -66,6 +67,7 @@ def test_algorithms_count_the_models_they_hold(tiny):
                                      + r["frozen_per_device"] + r["activations_per_device"])
 
 
+@pytest.mark.slow  # five compiles (~60 s)
 def test_activations_grow_with_batch_and_shrink_with_remat(tiny):
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   deep = tiny.replace(num_layers=4)
