@@ -25,6 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
   model["rope_scaling"] = ml_collections.FieldReference(None, field_type=dict)
   c.model = ml_collections.ConfigDict(model)
   c.init_from = ""  # a params export directory (e.g. another run's workdir/export); "" = random init
+  # A local Hugging Face checkpoint directory (config.json + safetensors + tokenizer). With
+  # init_from empty, it is imported once into WORKDIR/hf_import and becomes init_from (and, with
+  # data.tokenizer empty, its tokenizer the tokenizer); "" = off (common.resolve_inputs).
+  c.hf_model_dir = ""
 
   # LoRA adapters (models/lora.py) on the model, for every method: rank 0 = off (full fine-tuning).
   # Only the adapters (and a new scalar head) train and have optimiser state; the reference of
@@ -67,6 +71,13 @@ def base_config() -> ml_collections.ConfigDict:
       eval_source="",  # same forms; "" = hold out `eval_fraction` of the training records
       eval_fraction=0.05,
       split="",  # split name for HF datasets ("" = the only / 'train' split)
+      # A public schema of data.source / eval_source (data/sources.py): "hh" | "ultrafeedback" |
+      # "shp" | "ranked" | "auto" (preference data; PPO's family: their prompts) | "messages" (chat
+      # records, e.g. ultrachat_200k). With a schema, or a source that is not a local path (a hub
+      # name, loaded with datasets.load_dataset(source, split=split)), the data are converted once
+      # into WORKDIR/data/{train,eval}.jsonl. "" = data.source holds our own records.
+      schema="",
+      eval_split="",  # split of eval_source when it is converted ("" = data.split)
       tokenizer="",  # a tokenizer directory; "" with source=toy: train one into workdir/tokenizer
       tokenizer_vocab_size=512,
       packing=False,

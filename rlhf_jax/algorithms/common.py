@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from rlhf_jax import checkpoint, generate, metrics, sharding
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, lora, split_model
@@ -177,7 +178,103 @@ def load_policy(export_dir: str, mesh) -> Policy:
   return Policy(graphdef, params, sampler)
 
 
+# Drivers that read `config.data.source` as prompt records (PPO's family), not `data.kind` records.
+PROMPT_ALGORITHMS = ("ppo", "grpo", "rloo")
+
+
+def import_hf_model(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """`config.hf_model_dir` imported as a params export in WORKDIR/hf_import (with its tokenizer,
+  pad token ensured, in hf_import/tokenizer), in `config.model.param_dtype`, sharded on the
+  config's mesh while it loads. Idempotent: an import of the same directory in the same dtype is
+  reused (a resumed run does not convert the checkpoint again)."""
+  from rlhf_jax import hf  # imports safetensors and transformers' tokenizers: only when needed
+
+  model_dir = os.path.abspath(config.hf_model_dir)
+  if not os.path.isfile(os.path.join(model_dir, "config.json")):
+    raise ValueError(f"config.hf_model_dir={config.hf_model_dir!r} is not a local HF checkpoint "
+                     "directory (no config.json); download one, e.g. `hf download "
+                     "meta-llama/Llama-3.2-1B-Instruct --local-dir models/Llama-3.2-1B-Instruct`")
+  export_dir = os.path.abspath(os.path.join(workdir, "hf_import"))
+  param_dtype = config.model.param_dtype
+  try:
+    meta = checkpoint.read_export_metadata(export_dir)
+    if (meta.get("hf_source") == model_dir and meta["model"]["param_dtype"] == param_dtype
+        and os.path.isdir(meta["tokenizer"])):  # the tokenizer is written after the params
+      return export_dir
+  except (FileNotFoundError, ValueError):
+    pass
+  _log.info("importing %s into %s (%s params)", model_dir, export_dir, param_dtype)
+  hf.import_hf(model_dir, export_dir, mesh=sharding.make_mesh(config.mesh.shape),
+               param_dtype=param_dtype, overwrite=True)
+  return export_dir
+
+
+def _fitting_prompts(config: ml_collections.ConfigDict):
+  """keep(records) for PPO's prompts: those whose encoded prompt fits `config.ppo.max_prompt_len`
+  (the rollout refuses a longer one); the rest are dropped and counted."""
+  from rlhf_jax import data
+
+  limit = config.ppo.max_prompt_len
+  tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(
+      config.init_from).get("tokenizer")
+
+  def keep(records: list) -> list:
+    tokenizer = data.load_tokenizer(tokenizer_dir)
+    kept = [r for r in records if len(data.encode_prompt(tokenizer, r["prompt"])) <= limit]
+    if len(kept) < len(records):
+      _log.warning("dropped %d of %d prompts longer than config.ppo.max_prompt_len=%d tokens",
+                   len(records) - len(kept), len(records), limit)
+    if not kept:
+      raise ValueError(f"no prompt of config.data.source={config.data.source!r} fits "
+                       f"config.ppo.max_prompt_len={limit}; raise it")
+    return kept
+
+  return keep, f"max_prompt_len={limit},tokenizer={tokenizer_dir}"
+
+
+def resolve_inputs(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Turns what the config names by reference into what the drivers read, in place; a no-op for a
+  config without `hf_model_dir`, `data.schema` or a hub data-set name (today's configs).
+
+  - `config.hf_model_dir` set and `config.init_from` empty: the checkpoint is imported
+    (`import_hf_model`) and becomes `init_from`; an empty `data.tokenizer` becomes its tokenizer.
+  - `config.data.source` (and `eval_source`, except for PPO's family, whose eval source is toy-world
+    tasks) in a public schema (`data.schema`) or named on the hub: converted once into
+    WORKDIR/data/{train,eval}.jsonl (`data.sources.resolve_source`; PPO's family: prompt records
+    that fit `ppo.max_prompt_len`); `data.schema`, `split` and `eval_split` are cleared, so the
+    config says what the driver reads (and resolving it again changes nothing).
+  """
+  from rlhf_jax.data import sources
+
+  if config.get("hf_model_dir") and not config.init_from:
+    config.init_from = import_hf_model(config, workdir)
+    if not config.data.tokenizer:
+      config.data.tokenizer = checkpoint.read_export_metadata(config.init_from)["tokenizer"]
+  d = config.data
+  schema = d.get("schema", "")
+  prompts = config.algorithm in PROMPT_ALGORITHMS
+  kind = sources.PROMPT_KIND if prompts else d.kind
+  wanted = [("source", d.split, "train")]
+  if not prompts and d.eval_source:
+    wanted.append(("eval_source", d.get("eval_split", "") or d.split, "eval"))
+  if not any(sources.needs_resolving(d[field], schema) for field, _, _ in wanted):
+    return
+  resolved = {}  # both or neither: data.split is cleared for both
+  for field, split, name in wanted:
+    out_path = os.path.abspath(os.path.join(workdir, "data", f"{name}.jsonl"))
+    if jax.process_index() == 0:  # one writer; the other hosts read it after the barrier
+      keep, tag = _fitting_prompts(config) if prompts else (None, "")
+      sources.resolve_source(d[field], kind, out_path, schema=schema, split=split, keep=keep,
+                             keep_tag=tag, force=True)
+    resolved[field] = out_path
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("resolve_inputs")
+  d.update(schema="", split="", eval_split="", **resolved)  # now our own records, as read
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Resolves the config's references (`resolve_inputs`), then writes it to WORKDIR/config.json."""
+  resolve_inputs(config, workdir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config.to_dict(), f, indent=2, default=str)
 

@@ -4,6 +4,7 @@ docstring for formats."""
 from rlhf_jax.data.loader import BatchIterator, num_tokens
 from rlhf_jax.data.public import SCHEMAS, detect_schema, load_preferences, shp_margin
 from rlhf_jax.data.records import KINDS, RecordError, load_records, read_rows, validate_record
+from rlhf_jax.data.sources import resolve_source
 from rlhf_jax.data.sft import (
     PROMPT_OVERFLOW_POLICIES,
     Example,
@@ -41,6 +42,7 @@ __all__ = [
     "pad_batch",
     "read_rows",
     "render_prompt",
+    "resolve_source",
     "shp_margin",
     "tokenize_sft",
     "train_tokenizer",
