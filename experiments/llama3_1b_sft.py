@@ -36,7 +36,7 @@ def get_config(arg=None):
   # ~1 epoch of ultrachat_200k (~145k packed rows of 2048 tokens / 64 per step).
   c.train.steps = 2000
   c.optim.update(lr=2e-5, warmup_steps=60)
-  # No generations before / after: sft.sample_table reads a record's "prompt", which chat
-  # (messages) records do not have. With prompt/completion data: --config.sample.num_examples=4.
+  # No generations before / after by default (chat records sample from their turns before the last
+  # answer): --config.sample.num_examples=4 to see some.
   c.sample.num_examples = 0
   return c

@@ -88,3 +88,11 @@ def test_bad_mesh_fails_before_training(tmp_path):
   assert "error: mesh shape (3, 1, 1)" in proc.stderr and "data * fsdp * tensor =" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_chat_records_are_sampled_from_their_turns_before_the_last_answer():
+  chat = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
+                       {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"},
+                       {"role": "assistant", "content": "A2"}]}
+  assert sft.prompt_of(chat) == chat["messages"][:4]
+  assert sft.prompt_of({"prompt": "p", "completion": "c"}) == "p"

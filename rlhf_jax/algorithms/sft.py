@@ -62,11 +62,21 @@ def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.data.tokenizer or os.path.abspath(os.path.join(workdir, "tokenizer"))
 
 
+def prompt_of(record: dict) -> str | list[dict]:
+  """What to sample from for an SFT record: its `prompt`, or a chat (`messages`) record's turns
+  before its last assistant turn."""
+  if "prompt" in record:
+    return record["prompt"]
+  messages = record["messages"]
+  last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+  return messages[:last]
+
+
 def sample_table(sampler, params, tokenizer, records, config, rng) -> list[dict]:
   """Generates for `records` and scores toy records (exact match). Returns rows for a table."""
   if not records:
     return []
-  prompts = [data.encode_prompt(tokenizer, r["prompt"]) for r in records]
+  prompts = [data.encode_prompt(tokenizer, prompt_of(r)) for r in records]
   tokens, mask = generate.prompt_batch(prompts, pad_id=tokenizer.pad_token_id)
   s = config.sample
   out = sampler(params, tokens, mask, rng, max_new_tokens=s.max_new_tokens,
@@ -76,7 +86,8 @@ def sample_table(sampler, params, tokenizer, records, config, rng) -> list[dict]
   rows = []
   for r, toks, m in zip(records, out_tokens, out_mask):
     text = tokenizer.decode(toks[m.astype(bool)], skip_special_tokens=True).strip()
-    row = {"prompt": r["prompt"], "response": text}
+    prompt = prompt_of(r)
+    row = {"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"], "response": text}
     if "family" in r:
       row["reference"] = r["completion"]
       row["correct"] = instructions.score(r, text)
