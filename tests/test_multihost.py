@@ -50,8 +50,11 @@ def assert_same_export(a_dir, b_dir):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6), a, b)
 
 
-@pytest.mark.slow  # 4 two-process runs and 2 single-process runs: ~2 minutes
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
+@pytest.mark.slow  # 2 two-process runs and a single-process run: ~80 s
+# DPO only in CI: its driver runs the same shared loop, checkpointing and export as SFT plus the
+# reference pass every host must read; "sft" passes too (~165 s) and is kept for a manual run
+# (`-k sft` after adding it back) to keep the whole suite under 25 minutes on 2 cores.
+@pytest.mark.parametrize("kind", ["dpo"])
 def test_two_hosts_stop_resume_and_match_one_host(tmp_path, words_tokenizer_dir, kind):
   extra = ()
   if kind == "dpo":
