@@ -25,14 +25,4 @@ SIZES = {
 
 
 def get_config(arg=None):
-  hardware, dataset = real_configs.parse_arg(arg, real_configs.PREFERENCE_DATASETS,
-                                             "ultrafeedback")
-  c = real_configs.real_config("llama3_1b", "dpo", sizes=SIZES[hardware],
-                               dataset=real_configs.DATASETS[dataset])
-  c.data.update(kind="pairwise", packing=False)
-  # ~1 epoch of UltraFeedback's 61k pairs; beta and lr as Zephyr / TRL's DPO recipes.
-  c.train.steps = 950
-  c.optim.update(lr=5e-7, warmup_steps=95)
-  c.dpo.update(loss_type="sigmoid", beta=0.1, reference="precompute")
-  c.sample.num_examples = 0
-  return c
+  return real_configs.dpo_recipe("llama3_1b", SIZES, arg)

@@ -29,14 +29,4 @@ SIZES = {
 
 
 def get_config(arg=None):
-  hardware, dataset = real_configs.parse_arg(arg, real_configs.SFT_DATASETS, "ultrachat")
-  c = real_configs.real_config("llama3_1b", "sft", sizes=SIZES[hardware],
-                               dataset=real_configs.DATASETS[dataset])
-  c.data.update(kind="sft", packing=True)
-  # ~1 epoch of ultrachat_200k (~145k packed rows of 2048 tokens / 64 per step).
-  c.train.steps = 2000
-  c.optim.update(lr=2e-5, warmup_steps=60)
-  # No generations before / after by default (chat records sample from their turns before the last
-  # answer): --config.sample.num_examples=4 to see some.
-  c.sample.num_examples = 0
-  return c
+  return real_configs.sft_recipe("llama3_1b", SIZES, arg)

@@ -98,3 +98,30 @@ def real_config(model: str, algorithm: str, *, sizes: dict,
   # reference): --config.lora.rank=16 --config.lora.targets="('q','k','v','o','gate','up','down')"
   c.lora.rank = 0
   return c
+
+
+def sft_recipe(model: str, sizes: dict, arg: str | None) -> ml_collections.ConfigDict:
+  """Chat SFT of `model` (a `MODELS` key) with a file's per-preset `sizes` and `get_config`'s arg:
+  packed rows, ~1 epoch of ultrachat_200k (~145k packed rows of 2048 tokens / 64 per step)."""
+  hardware, dataset = parse_arg(arg, SFT_DATASETS, "ultrachat")
+  c = real_config(model, "sft", sizes=sizes[hardware], dataset=DATASETS[dataset])
+  c.data.update(kind="sft", packing=True)
+  c.train.steps = 2000
+  c.optim.update(lr=2e-5, warmup_steps=60)
+  # No generations before / after by default (chat records sample from their turns before the last
+  # answer): --config.sample.num_examples=4 to see some.
+  c.sample.num_examples = 0
+  return c
+
+
+def dpo_recipe(model: str, sizes: dict, arg: str | None) -> ml_collections.ConfigDict:
+  """DPO of `model` on a public preference set (default UltraFeedback-binarized): ~1 epoch of its
+  61k pairs, beta and lr as Zephyr / TRL's DPO recipes, reference log-probs precomputed."""
+  hardware, dataset = parse_arg(arg, PREFERENCE_DATASETS, "ultrafeedback")
+  c = real_config(model, "dpo", sizes=sizes[hardware], dataset=DATASETS[dataset])
+  c.data.update(kind="pairwise", packing=False)
+  c.train.steps = 950
+  c.optim.update(lr=5e-7, warmup_steps=95)
+  c.dpo.update(loss_type="sigmoid", beta=0.1, reference="precompute")
+  c.sample.num_examples = 0
+  return c
