@@ -100,11 +100,6 @@ def shard_bytes(abstract, shardings) -> int:
   return total
 
 
-def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                      shardings)
-
-
 def plan(cfg: ModelConfig, mesh, *, algorithm: str, batch: int, seq_len: int, accum_steps: int = 1,
          frozen_dtype: str = "bfloat16", reference: bool = True) -> dict:
   """Per-device bytes of a `algorithm` run of `cfg` on `mesh` with [batch, seq_len] steps (see the
