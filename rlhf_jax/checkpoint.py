@@ -20,6 +20,10 @@ atomic, orbax instead marks finished steps with ``commit_success.txt``.) Stale t
 directory would otherwise delete a save the trainer still has in flight; orbax replaces a stale
 one when that step is saved again.
 
+A step that finished saving but no longer reads back (a file truncated or deleted afterwards, a
+disk error) is not trusted either: `Checkpointer.restore` without a step falls back to the newest
+step that reads, with a warning, and renames the unreadable ones to ``<step>.corrupt-<id>``.
+
 Random keys: the state may hold either typed keys (``jax.random.key``) or raw uint32 keys
 (``jax.random.PRNGKey``); orbax 0.12.8 stores both and restores each as it was saved.
 """
@@ -27,7 +31,9 @@ Random keys: the state may hold either typed keys (``jax.random.key``) or raw ui
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -36,9 +42,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from rlhf_jax.errors import ConfigError, ConfigPathError
+
 PyTree = Any
+_log = logging.getLogger(__name__)
 
 _STATE, _DATA_STATE, _CONFIG = "state", "data_state", "config"
 _PARAMS, _METADATA = "params", "metadata"
@@ -75,6 +85,36 @@ def check_workdir_writable(path: str | os.PathLike) -> epath.Path:
             "pass --workdir=<a directory you can write to>"
         ) from e
     return workdir
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """Bytes of every array in `tree` (global shapes: what a checkpoint of it writes)."""
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+               if hasattr(x, "shape") and hasattr(x, "dtype"))
+
+
+def check_free_space(path: str | os.PathLike, state: PyTree, *, keep: int,
+                     export: PyTree | None = None) -> None:
+    """Raises WorkdirError before training when `path`'s file system lacks room for `keep` + 1
+    checkpoints of `state` (orbax writes a new step before it deletes the oldest; those already in
+    ``path/checkpoints`` count as written) plus an export of `export`: a disk that fills an hour
+    into a run loses that hour. Remote paths are not checked."""
+    if "://" in os.fspath(path):
+        return
+    per_checkpoint = tree_bytes(state)
+    existing = os.path.join(os.fspath(path), "checkpoints")
+    written = sum(name.isdigit() for name in os.listdir(existing)) if os.path.isdir(existing) else 0
+    needed = (max(keep + 1 - written, 1) * per_checkpoint
+              + (tree_bytes(export) if export is not None else 0))
+    free = shutil.disk_usage(os.fspath(path)).free
+    if free < needed:
+        gib = lambda n: f"{n / 2**30:.2f} GiB"
+        raise WorkdirError(
+            f"work directory {path} has {gib(free)} free, but this run needs about {gib(needed)}: "
+            f"{keep} + 1 checkpoints of {gib(per_checkpoint)} (config.train.keep_checkpoints={keep}"
+            f", one more while a save is written){' and the final export' if export else ''}; free "
+            "disk space, lower config.train.keep_checkpoints, or pass a --workdir on a larger disk"
+        )
 
 
 def _require_json_dict(name: str, value: Any) -> None:
@@ -214,7 +254,8 @@ class Checkpointer:
           abstract_state: pytree shaped like the saved state whose leaves are
             ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``; each array comes back with that
             sharding, which may differ from the mesh layout it was saved from.
-          step: the step to read; None means the latest.
+          step: the step to read; None means the latest that reads back (an unreadable newer
+            step is set aside as ``<step>.corrupt-*`` with a warning).
 
         Returns:
           (state, data_state) as given to `save`.
@@ -223,7 +264,45 @@ class Checkpointer:
           FileNotFoundError: no such step (the message lists the available ones).
           ValueError: a leaf has no sharding, or the tree/shapes do not match the checkpoint.
         """
-        step = self._resolve_step(step)
+        if step is None:
+            return self._restore_latest_readable(abstract_state)
+        return self._restore_step(abstract_state, self._resolve_step(step))
+
+    def _restore_latest_readable(self, abstract_state: PyTree) -> tuple[PyTree, dict]:
+        """The newest step that reads back; a step that fails to read (a file truncated or lost
+        after its save finished) is set aside as ``<step>.corrupt`` with a warning, and the one
+        before it is tried. If none reads, the newest step's error is raised (a state that does
+        not match `abstract_state` fails on every step, and so still names the mismatch)."""
+        self._resolve_step(None)  # waits for pending saves; raises if there is no step at all
+        steps = self.all_steps()
+        first_error = None
+        for step in reversed(steps):
+            try:
+                restored = self._restore_step(abstract_state, step)
+            except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many kinds
+                first_error = first_error or e
+                _log.warning("checkpoint %s cannot be read (%s: %s); trying the one before it",
+                             self.directory / str(step), type(e).__name__, str(e)[:300])
+                continue
+            if first_error is not None:
+                self._set_aside([s for s in steps if s > step])
+                _log.warning("resumed from step %d: the newer checkpoints could not be read", step)
+            return restored
+        raise first_error
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames unreadable step directories to ``<step>.corrupt`` (kept for inspection; orbax's
+        step discovery skips the name), so later saves of those steps are written afresh."""
+        if jax.process_index() == 0:
+            for step in steps:
+                src = self.directory / str(step)
+                if src.exists():
+                    src.rename(self.directory / f"{step}.corrupt-{uuid.uuid4().hex[:6]}")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpoint_set_aside")
+        self._manager.reload()
+
+    def _restore_step(self, abstract_state: PyTree, step: int) -> tuple[PyTree, dict]:
         _require_shardings("abstract_state", abstract_state)
         args = ocp.args.Composite(
             **{
@@ -234,8 +313,10 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=args)
         except ValueError as e:
-            raise ValueError(
-                f"checkpoint {self.directory / str(step)} does not match abstract_state: {e}"
+            raise ConfigError(
+                f"checkpoint {self.directory / str(step)} does not match abstract_state: {e}; it was "
+                "saved by a run with another model or optimiser config: resume with the config it "
+                f"was saved with (in {self.directory / str(step) / _CONFIG}) or use a new --workdir"
             ) from e
         return restored[_STATE], restored[_DATA_STATE]
 
@@ -316,6 +397,18 @@ def export_params(
     return path
 
 
+def copy_export(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Copies a params export to `destination` (replacing one there) through a temporary directory
+    renamed at the end, so a kill mid-copy never leaves a partial export that a later stage or a
+    rerun would take for a finished one."""
+    destination = os.path.abspath(os.fspath(destination))
+    tmp = f"{destination}.tmp-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(os.fspath(source), tmp)
+    if os.path.exists(destination):
+        shutil.rmtree(destination)
+    os.replace(tmp, destination)
+
+
 def load_params(
     directory: str | os.PathLike, abstract_params: PyTree | None = None
 ) -> tuple[PyTree, dict]:
@@ -337,10 +430,10 @@ def load_params(
     """
     path = _as_path(directory)
     if not path.exists():
-        raise FileNotFoundError(f"params export {path} does not exist")
+        raise ConfigPathError(f"params export {path} does not exist")
     if not ((path / _PARAMS).is_dir() and (path / _METADATA).is_dir()):
         found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "a file"
-        raise ValueError(
+        raise ConfigPathError(
             f"{path} is not a params export (expected the {_PARAMS}/ and {_METADATA}/ "
             f"directories written by export_params); found: {found}"
         )
@@ -358,10 +451,30 @@ def load_params(
         try:
             restored = checkpointer.restore(path, args=args)
         except ValueError as e:
-            raise ValueError(f"params export {path} does not match abstract_params: {e}") from e
+            saved_tree = checkpointer.metadata(path).item_metadata[_PARAMS]
+            raise ConfigError(
+                f"params export {path} does not match abstract_params: "
+                f"{_first_mismatch(saved_tree, abstract_params) or e}; its params do not fit the "
+                "model its metadata (or config.model) describes: re-export it") from e
     finally:
         checkpointer.close()
     return restored[_PARAMS], restored[_METADATA]
+
+
+def _first_mismatch(saved_tree: PyTree, abstract: PyTree) -> str | None:
+    """The params only one tree has, or the first one whose shape differs; None if none (orbax's
+    own message names neither the param nor a fix)."""
+    def shapes(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(k): tuple(leaf.shape) for k, leaf in leaves}
+    saved, wanted = shapes(saved_tree), shapes(abstract)
+    only_saved, only_wanted = sorted(saved.keys() - wanted.keys()), sorted(wanted.keys() - saved.keys())
+    if only_saved or only_wanted:
+        return f"params only in the export: {only_saved[:3]}; only in the model: {only_wanted[:3]}"
+    for key, shape in saved.items():
+        if shape != wanted[key]:
+            return f"param {key} has shape {shape} in the export but {wanted[key]} in the model"
+    return None
 
 
 def read_export_metadata(directory: str | os.PathLike) -> dict:
@@ -369,8 +482,14 @@ def read_export_metadata(directory: str | os.PathLike) -> dict:
     path = _as_path(directory)
     file = path / _METADATA / _METADATA
     if not file.exists():
-        raise FileNotFoundError(
+        raise ConfigPathError(
             f"{path} is not a params export (no {_METADATA}/{_METADATA}); point config.init_from at "
             "a run's WORKDIR/export"
         )
-    return json.loads(file.read_text())
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{file}:{e.lineno}: the export's metadata is not valid JSON ({e.msg}); the export is "
+            "damaged: export it again (rerun the stage that wrote it)"
+        ) from None

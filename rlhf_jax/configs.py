@@ -46,7 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
       decay_norms_biases_embeddings=False, schedule="cosine", warmup_steps=20, min_lr_ratio=0.1,
-      grad_clip_norm=1.0))
+      grad_clip_norm=1.0,
+      # A step whose gradient holds a NaN or Inf is skipped (params and moments unchanged; counted
+      # in the `skipped_steps` metric), via optax.apply_if_finite; see train.max_nonfinite_steps.
+      skip_nonfinite=True))
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000,
@@ -61,6 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
       async_checkpoint=True,
       stop_after_steps=0,  # >0: stop this invocation after that many steps (preemptible jobs);
                            # rerunning the same command resumes
+      max_nonfinite_steps=10,  # this many consecutive skipped (non-finite) steps stop the run
+                               # (checked every log_every steps); 0 = never stop
   ))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from rlhf_jax import sharding
+from rlhf_jax.errors import ConfigError, ConfigPathError
 from rlhf_jax.hf_config import ARCHITECTURES, config_from_hf, config_to_hf
 from rlhf_jax.models import ModelConfig, abstract_model, lora
 
@@ -172,27 +173,38 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     weight_map = json.loads(index.read_text())["weight_map"]
     missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
     if missing:
-      raise FileNotFoundError(f"{index} lists shard files that are not in {model_dir}: {missing}")
+      raise ConfigPathError(f"{index} lists shard files that are not in {model_dir}: {missing}; "
+                            "download them too")
     return {name: model_dir / f for name, f in weight_map.items()}
   pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(
       p.name for p in model_dir.glob("*.pt*"))
   if pickles:
-    raise ValueError(
+    raise ConfigError(
         f"{model_dir} has only PyTorch pickle weights ({', '.join(pickles)}); they are not loaded "
         "because unpickling can run arbitrary code. Convert them to safetensors once, in an "
         "environment you trust: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, "
         "safe_serialization=True)")
-  raise FileNotFoundError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
+  raise ConfigPathError(f"{model_dir} has no model.safetensors or model.safetensors.index.json; "
+                        "download the checkpoint's safetensors weights into it")
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
   """The `config.json` of a local HF checkpoint directory (never downloads)."""
   model_dir = Path(model_dir)
   if not (model_dir / "config.json").is_file():
-    raise FileNotFoundError(
+    raise ConfigPathError(
         f"{model_dir} is not a local HF checkpoint directory (no config.json); download one with "
         "`hf download <repo_id> --local-dir DIR` and pass DIR")
   return json.loads((model_dir / "config.json").read_text())
+
+
+def _read_model_config(model_dir: Path) -> tuple[dict[str, Any], ModelConfig]:
+  """(config.json, its ModelConfig); an unsupported config raises ConfigError naming the file."""
+  hf_config = read_hf_config(model_dir)
+  try:
+    return hf_config, config_from_hf(hf_config)
+  except ValueError as e:  # names the field; the user also needs the file
+    raise ConfigError(f"{model_dir / 'config.json'}: {e}") from None
 
 
 def load_hf(model_dir: str | os.PathLike, *, mesh=None, dtype: str = "float32",
@@ -203,23 +215,24 @@ def load_hf(model_dir: str | os.PathLike, *, mesh=None, dtype: str = "float32",
   dtypes (the checkpoint's values are cast to param_dtype). head: "lm" for a causal LM, "scalar"
   for a `...ForSequenceClassification` checkpoint with num_labels = 1.
 
-  Returns (graphdef, params, ModelConfig). Raises ValueError for an unsupported config, a missing,
-  unexpected or wrongly shaped tensor (named, with expected and found shapes), or `.bin` weights.
+  Returns (graphdef, params, ModelConfig). Raises `ConfigError` (a ValueError) for an unsupported
+  config, a missing, unexpected or wrongly shaped tensor (named, with expected and found shapes), or
+  `.bin` weights; `ConfigPathError` (a FileNotFoundError) without config.json or safetensors.
   """
   model_dir = Path(model_dir)
-  hf_config = read_hf_config(model_dir)
-  cfg = config_from_hf(hf_config).replace(head=head, dtype=dtype, param_dtype=param_dtype)
+  hf_config, cfg = _read_model_config(model_dir)
+  cfg = cfg.replace(head=head, dtype=dtype, param_dtype=param_dtype)
   architectures = hf_config.get("architectures") or []
   classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
   if architectures and classifier != (head == "scalar"):
-    raise ValueError(f"{model_dir} holds a {architectures[0]}: load it with head="
-                     f"{'scalar' if classifier else 'lm'!r}, not head={head!r}")
+    raise ConfigError(f"{model_dir} holds a {architectures[0]}: load it with head="
+                      f"{'scalar' if classifier else 'lm'!r}, not head={head!r}")
   if head == "scalar":
     num_labels = len(hf_config["id2label"]) if hf_config.get("id2label") else hf_config.get(
         "num_labels", 2)  # transformers' default is 2 labels
     if num_labels != 1:
-      raise ValueError(f"{model_dir}: num_labels={num_labels}, but a scalar head (reward or value "
-                       "model) needs a ...ForSequenceClassification checkpoint with num_labels=1")
+      raise ConfigError(f"{model_dir}: num_labels={num_labels}, but a scalar head (reward or value "
+                        "model) needs a ...ForSequenceClassification checkpoint with num_labels=1")
   files = _weight_files(model_dir)
   family_prefix = "transformer." if cfg.family == "gpt2" else "model."
   embed = "wte.weight" if cfg.family == "gpt2" else "embed_tokens.weight"
@@ -269,21 +282,22 @@ def _check_tensors(model_dir, cfg: ModelConfig, files: Mapping[str, Path],
                    expected: Mapping[str, tuple[int, ...]], reader) -> None:
   missing = [n for n in expected if n not in files]
   if missing:
-    raise ValueError(f"{model_dir}: missing tensor(s) {missing[:5]}; expected shape "
-                     f"{list(expected[missing[0]])} for {missing[0]!r}")
+    raise ConfigError(f"{model_dir}: missing tensor(s) {missing[:5]}; expected shape "
+                      f"{list(expected[missing[0]])} for {missing[0]!r}: the weights are incomplete "
+                      "or not those config.json describes; download the checkpoint again")
   ignorable = lambda n: _IGNORABLE.search(n) or (n == "lm_head.weight" and cfg.tie_embeddings)
   unexpected = sorted(n for n in files if n not in expected and not ignorable(n))
   if unexpected:
-    raise ValueError(f"{model_dir}: unexpected tensor(s) {unexpected[:5]} for a {cfg.family} model "
-                     f"with head={cfg.head!r} and tie_word_embeddings={cfg.tie_embeddings}")
+    raise ConfigError(f"{model_dir}: unexpected tensor(s) {unexpected[:5]} for a {cfg.family} model "
+                      f"with head={cfg.head!r} and tie_word_embeddings={cfg.tie_embeddings}")
   for name, shape in expected.items():
     found = tuple(reader(name).get_shape())
     if found != shape:
-      raise ValueError(f"{model_dir}: tensor {name!r} has shape {list(found)}, expected "
-                       f"{list(shape)} from config.json")
+      raise ConfigError(f"{model_dir}: tensor {name!r} has shape {list(found)}, expected "
+                        f"{list(shape)} from config.json; config.json and the weights disagree")
     if reader(name).get_dtype() not in ("F32", "F16", "BF16", "F64"):
-      raise ValueError(f"{model_dir}: tensor {name!r} has dtype {reader(name).get_dtype()}, "
-                       "expected a floating-point type")
+      raise ConfigError(f"{model_dir}: tensor {name!r} has dtype {reader(name).get_dtype()}, "
+                        "expected a floating-point type")
 
 
 # --- export ---------------------------------------------------------------------------------------
@@ -447,8 +461,8 @@ def load_hf_tokenizer(model_dir: str | os.PathLike):
   tokenizer = load_tokenizer(model_dir)
   if tokenizer.pad_token is None:
     if tokenizer.eos_token is None:
-      raise ValueError(f"tokenizer in {model_dir} has neither a pad nor an eos token; add a "
-                       "pad_token to its tokenizer_config.json")
+      raise ConfigError(f"tokenizer in {model_dir} has neither a pad nor an eos token; add a "
+                        "pad_token to its tokenizer_config.json")
     tokenizer.pad_token = tokenizer.eos_token
   return tokenizer
 
@@ -459,8 +473,13 @@ def import_hf(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *, he
   tokenizer (pad token ensured) in `export_dir/tokenizer`, named by the metadata."""
   from rlhf_jax import checkpoint
 
+  vocab_size = _read_model_config(Path(model_dir))[1].vocab_size
+  tokenizer = load_hf_tokenizer(model_dir)  # checked before the (slow) weights are read
+  if len(tokenizer) > vocab_size:  # ids past the embedding table would be out of range
+    raise ConfigError(f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but config.json "
+                      f"vocab_size is {vocab_size}; the tokenizer files do not belong to these "
+                      "weights: use the tokenizer the checkpoint was trained with")
   _, params, cfg = load_hf(model_dir, mesh=mesh, param_dtype=param_dtype, head=head)
-  tokenizer = load_hf_tokenizer(model_dir)
   export_dir = Path(os.path.abspath(export_dir))
   metadata = {"model": cfg.to_dict(), "tokenizer": str(export_dir / "tokenizer"),
               "hf_source": str(Path(os.path.abspath(model_dir)))}

@@ -113,6 +113,19 @@ class MetricsWriter:
         self.close()
 
 
+def write_json(obj: Any, path: str | os.PathLike, *, indent: int | None = 1) -> None:
+    """Writes `obj` as JSON to `path` atomically (a temporary file renamed over it): a kill leaves
+    the old file or the new one, never a truncated one that a resumed run would fail to read."""
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Every record of a JSONL file, in order (``null`` stays None).
 

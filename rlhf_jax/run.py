@@ -20,10 +20,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rlhf_jax import sharding
-from rlhf_jax.checkpoint import WorkdirError
+from rlhf_jax import preemption, sharding
+from rlhf_jax.checkpoint import WorkdirError, check_workdir_writable
 from rlhf_jax.data.records import RecordError
 from rlhf_jax.data.tokenizer import ChatTemplateError
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.train.optim import NonFiniteError
 
 # Drivers by `config.algorithm`: "module:function(config, workdir) -> dict of final metrics".
 ALGORITHMS = {
@@ -43,7 +45,10 @@ ALGORITHMS = {
 }
 
 # Errors caused by the user's config or data, shown as one message without a traceback.
-USER_ERRORS = (sharding.ShardingConfigError, RecordError, ChatTemplateError, WorkdirError)
+# tests/test_bad_inputs.py lists the cases.
+# A run stopped by its non-finite guard is not bad input, but its message is all there is to say.
+USER_ERRORS = (sharding.ShardingConfigError, RecordError, ChatTemplateError, WorkdirError,
+               ConfigError, NonFiniteError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/NAME.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
@@ -74,13 +79,21 @@ def check_overrides(argv: list[str]) -> None:
       if key not in valid:
         close = difflib.get_close_matches(key, valid, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        sys.exit(f"error: --config.{key} is not a field of {config_path}.{hint}\n"
-                 f"Valid keys:\n  " + "\n  ".join(valid))
+        # The fields next to the bad one (its section's, or the top level's): one paragraph.
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        fields = [k for k in valid if (k.rsplit(".", 1)[0] if "." in k else "") == section] or [
+            k for k in valid if "." not in k]
+        where = f"config.{section}" if section in valid else "config"
+        sys.exit(f"error: --config.{key} is not a field of {config_path}.{hint} The fields of "
+                 f"{where} are: {', '.join(fields)}")
 
 
 def resolve_driver(name: str):
   if name not in ALGORITHMS:
-    raise ValueError(f"config.algorithm={name!r} is not known; choose one of {sorted(ALGORITHMS)}")
+    close = difflib.get_close_matches(str(name), ALGORITHMS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"config.algorithm={name!r} is not known{hint}; set it to one of "
+                      f"{', '.join(sorted(ALGORITHMS))}")
   module, fn = ALGORITHMS[name].split(":")
   return getattr(importlib.import_module(module), fn)
 
@@ -93,12 +106,15 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   config = _CONFIG.value
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  driver = resolve_driver(config.algorithm)
   try:
+    driver = resolve_driver(config.algorithm)  # before the workdir: a typo leaves nothing behind
+    check_workdir_writable(_WORKDIR.value)
     result = driver(config, _WORKDIR.value)
   except USER_ERRORS as e:  # bad input: the message says what to fix; a traceback would bury it
     sys.exit(f"error: {e}")
+  except preemption.Preempted as e:  # SIGTERM: checkpointed; the scheduler sees "ended by SIGTERM"
+    print(e, file=sys.stderr)
+    sys.exit(preemption.EXIT_STATUS)
   print(json.dumps({"final": result}, default=float))
 
 

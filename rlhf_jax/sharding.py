@@ -48,9 +48,11 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
   n = len(devices)
   shape = [int(s) for s in shape]
   if len(shape) != 3:
-    raise ShardingConfigError(f"mesh shape {shape} must have 3 entries (data, fsdp, tensor)")
+    raise ShardingConfigError(f"mesh shape {shape} must have 3 entries (data, fsdp, tensor); "
+                              "set config.mesh.shape to e.g. (-1, 1, 1)")
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ShardingConfigError(f"mesh shape {shape}: use positive sizes and at most one -1")
+    raise ShardingConfigError(f"mesh shape {shape}: use positive sizes and at most one -1 in "
+                              "config.mesh.shape")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if n % known:
@@ -131,14 +133,17 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",), rules))
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, rules=DEFAULT_RULES) -> None:
+def check_batch_size(batch_size: int, mesh: Mesh, rules=DEFAULT_RULES, *,
+                     what: str = "config.train.batch_size / config.train.accum_steps") -> None:
+  """Raises ShardingConfigError unless the batch axes of `mesh` divide `batch_size` rows (a
+  micro-batch); `what` names the config keys that set it, for the message."""
   spec = logical_to_spec(("batch",), rules)[0]
   parts = (spec,) if isinstance(spec, str) else tuple(spec or ())
   size = math.prod(mesh.shape[p] for p in parts)
   if batch_size % size:
     raise ShardingConfigError(
         f"batch size {batch_size} is not divisible by the {size} devices of mesh axes {parts}; "
-        f"set config.batch_size (per micro-batch) to a multiple of {size}")
+        f"set {what} (the micro-batch) to a multiple of {size}, or change config.mesh.shape")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -178,6 +178,45 @@ def test_latest_step_ignores_half_written_tmp_dirs(tmp_path):
     assert not half_written.exists()
 
 
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_unreadable_latest_falls_back_to_the_previous_step(tmp_path, caplog, damage):
+    """A finished step whose files are later truncated or lost is set aside with a warning, and the
+    run resumes from the newest step that reads; a new save of that step is written afresh."""
+    mesh = _mesh((8, 1))
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, _state(mesh, step), data_state={"offset": step})
+    files = [f for f in (tmp_path / "2" / "state").rglob("*") if f.is_file()]
+    assert files
+    for f in files:
+        if damage == "truncate":
+            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 3])
+        else:
+            f.unlink()
+    with Checkpointer(tmp_path) as ckpt:
+        with caplog.at_level("WARNING", logger="rlhf_jax.checkpoint"):
+            state, data_state = ckpt.restore(_abstract(_state(mesh), mesh))
+        assert int(state.step) == 1 and data_state == {"offset": 1}
+        _assert_trees_equal(_to_host(state.params), _to_host(_state(mesh, 1).params))
+        assert "cannot be read" in caplog.text and "resumed from step 1" in caplog.text
+        assert ckpt.all_steps() == [1]
+        assert len(list(tmp_path.glob("2.corrupt-*"))) == 1  # kept for inspection
+        assert ckpt.save(2, _state(mesh, 2), data_state={"offset": 2}, force=True)
+        ckpt.wait()
+        state, data_state = ckpt.restore(_abstract(_state(mesh), mesh))
+        assert int(state.step) == 2 and data_state == {"offset": 2}
+
+
+def test_every_step_unreadable_raises_the_newest_error(tmp_path):
+    mesh = _mesh((8, 1))
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, _state(mesh, 1), data_state={})
+        # A state that does not match fails on every step: the mismatch is what the user sees.
+        with pytest.raises(ValueError, match="does not match abstract_state"):
+            ckpt.restore(_abstract(_state(mesh), mesh).params)
+        assert ckpt.all_steps() == [1]  # nothing set aside
+
+
 def test_restore_errors_are_clear(tmp_path):
     mesh = _mesh((8, 1))
     with Checkpointer(tmp_path / "empty") as ckpt:
@@ -265,3 +304,26 @@ def test_read_only_workdir_fails_early(tmp_path):
             ckpt_lib.check_workdir_writable(read_only)
     finally:
         read_only.chmod(0o700)
+
+
+def test_too_little_disk_fails_before_training_naming_the_numbers(tmp_path, monkeypatch):
+    from rlhf_jax.algorithms import sft
+    from tests.test_sft_e2e import tiny_config
+
+    usage = ckpt_lib.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(ckpt_lib.shutil, "disk_usage",
+                        lambda p: usage._replace(free=3 * 2**20))  # 3 MiB
+    config = tiny_config(steps=4)
+    with pytest.raises(ckpt_lib.WorkdirError,
+                       match=r"has 0\.00 GiB free, but this run needs about 0\.0\d GiB: 3 \+ 1 "
+                             r"checkpoints of .*keep_checkpoints=3"):
+        sft.train(config, str(tmp_path))
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "export").exists()
+    assert not list((tmp_path / "checkpoints").glob("*"))  # no step was trained or saved
+    # A resumed run's checkpoints are already on disk: only the new ones need room.
+    state = {"w": np.zeros((2**18,), np.float32)}  # 1 MiB
+    with pytest.raises(ckpt_lib.WorkdirError, match="3 \\+ 1 checkpoints of 0.00 GiB"):
+        ckpt_lib.check_free_space(tmp_path / "resumed", state, keep=3)  # 4 MiB > 3 MiB
+    for step in ("1", "2"):
+        (tmp_path / "resumed" / "checkpoints" / step).mkdir(parents=True)
+    ckpt_lib.check_free_space(tmp_path / "resumed", state, keep=3)  # 2 more: 2 MiB

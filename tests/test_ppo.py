@@ -676,6 +676,26 @@ def test_rejection_sampling_keeps_the_best_of_k_across_rounds(tmp_path, exports,
 
 
 @pytest.mark.slow
+def test_rejection_sampling_stopped_in_each_round_ends_identically(tmp_path, exports, tokenizer_dir,
+                                                                   compilation_cache):
+  """Stopped mid-SFT in round 1 and again in round 2, rerun each time: the kept (replay) sets,
+  the round summary and the final policy equal an uninterrupted run's."""
+  config = rejection_sampling_config(exports, tokenizer_dir)
+  config.train.update(steps=4, checkpoint_every=1)
+  straight4 = tmp_path / "straight4"
+  rejection_sampling.train(config, str(straight4))
+  resumed = tmp_path / "resumed"
+  config.train.stop_after_steps = 3  # round 1: 3 of 4 steps; round 1 done + round 2: 2 of 4; ...
+  outcomes = [rejection_sampling.train(config, str(resumed)) for _ in range(3)]
+  assert [o.get("stopped_in_round") for o in outcomes] == [1, 2, None]
+  for name in ("round_1/kept.jsonl", "round_2/kept.jsonl", "rounds.json"):
+    assert (resumed / name).read_text() == (straight4 / name).read_text(), name
+  got, _ = checkpoint.load_params(resumed / "export")
+  expected, _ = checkpoint.load_params(straight4 / "export")
+  jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+
+@pytest.mark.slow
 def test_rejection_sampling_with_fresh_prompts_each_round(tmp_path, exports, tokenizer_dir,
                                                           compilation_cache):
   config = rejection_sampling_config(exports, tokenizer_dir)

@@ -22,7 +22,6 @@ of `PRINCIPLES` ("HARMLESS") or any principle text (the judge knows the ones it 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from typing import Callable, NamedTuple, Sequence
@@ -31,7 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import data, sharding
+from rlhf_jax import data, metrics, sharding
 from rlhf_jax.algorithms import common, ppo_rollout
 from rlhf_jax.toyworld import annotators, judge
 from rlhf_jax.toyworld import evaluate as gold_eval
@@ -228,8 +227,8 @@ def collect(config: ml_collections.ConfigDict, stage: str, stage_dir: str, paths
     labelled = label_pairs(prefer, tasks, texts[0::2], texts[1::2], chosen)
     annotators.write_jsonl(labelled.records, out[f"{stage}/{name}"])
     summary[name] = agreement_summary(labelled)
-  with open(os.path.join(stage_dir, "summary.json"), "w") as fh:
-    json.dump({"policy": policy_export, "judge": judge_export, **summary}, fh, indent=1)
+  metrics.write_json({"policy": policy_export, "judge": judge_export, **summary},
+                     os.path.join(stage_dir, "summary.json"))
   overall = summary["pairs"]["overall"] or {}
   _log.info("%s: %d AI-labelled pairs (%d skipped); judge-gold agreement %s (swapped) on %d "
             "gold-decided pairs", stage, summary["pairs"]["pairs"], summary["pairs"]["skipped"],

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any, Callable, Iterator
@@ -14,12 +13,13 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rlhf_jax import checkpoint, generate, metrics, sharding
+from rlhf_jax import checkpoint, generate, metrics, preemption, sharding
+from rlhf_jax.errors import ConfigError, ConfigPathError
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, lora, split_model
 from rlhf_jax.models.config import LORA_FIELDS
 from rlhf_jax.toyworld.evaluate import Policy
-from rlhf_jax.train import (TrainState, create_train_state, make_eval_step, make_optimizer,
-                            make_train_step, state_shardings)
+from rlhf_jax.train import (TrainState, check_nonfinite, create_train_state, make_eval_step,
+                            make_optimizer, make_train_step, state_shardings)
 
 _log = logging.getLogger(__name__)
 
@@ -47,18 +47,23 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
     d["head"] = head
   if not d.get("vocab_size"):
     if vocab_size is None:
-      raise ValueError("config.model.vocab_size is 0 (auto) but no tokenizer size is known")
+      raise ConfigError("config.model.vocab_size is 0 (auto) but no tokenizer size is known; set "
+                        "config.model.vocab_size")
     d["vocab_size"] = -(-vocab_size // 128) * 128
   elif vocab_size is not None and d["vocab_size"] < vocab_size:
-    raise ValueError(f"the tokenizer has {vocab_size} tokens but config.model.vocab_size = "
-                     f"{d['vocab_size']}; raise config.model.vocab_size (or set it to 0 = auto)")
+    if config.init_from:  # the architecture is the export's: the tokenizer is what to change
+      raise ConfigError(f"the tokenizer (config.data.tokenizer={config.data.tokenizer!r}) has "
+                        f"{vocab_size} tokens but the model of config.init_from={config.init_from!r} "
+                        f"has vocab_size {d['vocab_size']}; use the tokenizer that came with it")
+    raise ConfigError(f"the tokenizer has {vocab_size} tokens but config.model.vocab_size = "
+                      f"{d['vocab_size']}; raise config.model.vocab_size (or set it to 0 = auto)")
   try:
     return ModelConfig.from_dict(d)
   except ValueError as e:
     if "lora_" in str(e):
-      raise ValueError(f"{e} (lora_rank, lora_alpha, lora_targets are config.lora.rank, alpha, "
-                       "targets)") from None
-    raise
+      raise ConfigError(f"{e} (lora_rank, lora_alpha, lora_targets are config.lora.rank, alpha, "
+                        "targets)") from None
+    raise ConfigError(f"config.model: {e}; change those config.model fields") from None
 
 
 @dataclasses.dataclass
@@ -80,8 +85,9 @@ def make_mesh(config: ml_collections.ConfigDict):
   mesh = sharding.make_mesh(config.mesh.shape)
   t = config.train
   if t.accum_steps < 1 or t.batch_size % t.accum_steps:
-    raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by "
-                     f"config.train.accum_steps={t.accum_steps}")
+    raise ConfigError(f"config.train.batch_size={t.batch_size} is not divisible by "
+                      f"config.train.accum_steps={t.accum_steps}; set accum_steps to a divisor of "
+                      "batch_size (1 = no accumulation)")
   sharding.check_batch_size(t.batch_size // t.accum_steps, mesh)
   return mesh
 
@@ -191,9 +197,9 @@ def import_hf_model(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   model_dir = os.path.abspath(config.hf_model_dir)
   if not os.path.isfile(os.path.join(model_dir, "config.json")):
-    raise ValueError(f"config.hf_model_dir={config.hf_model_dir!r} is not a local HF checkpoint "
-                     "directory (no config.json); download one, e.g. `hf download "
-                     "meta-llama/Llama-3.2-1B-Instruct --local-dir models/Llama-3.2-1B-Instruct`")
+    raise ConfigPathError(f"config.hf_model_dir={config.hf_model_dir!r} is not a local HF "
+                          "checkpoint directory (no config.json); download one, e.g. `hf download "
+                          "meta-llama/Llama-3.2-1B-Instruct --local-dir models/Llama-3.2-1B-Instruct`")
   export_dir = os.path.abspath(os.path.join(workdir, "hf_import"))
   param_dtype = config.model.param_dtype
   try:
@@ -225,8 +231,8 @@ def _fitting_prompts(config: ml_collections.ConfigDict):
       _log.warning("dropped %d of %d prompts longer than config.ppo.max_prompt_len=%d tokens",
                    len(records) - len(kept), len(records), limit)
     if not kept:
-      raise ValueError(f"no prompt of config.data.source={config.data.source!r} fits "
-                       f"config.ppo.max_prompt_len={limit}; raise it")
+      raise ConfigError(f"no prompt of config.data.source={config.data.source!r} fits "
+                        f"config.ppo.max_prompt_len={limit}; raise it")
     return kept
 
   return keep, f"max_prompt_len={limit},tokenizer={tokenizer_dir}"
@@ -275,8 +281,7 @@ def resolve_inputs(config: ml_collections.ConfigDict, workdir: str) -> None:
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Resolves the config's references (`resolve_inputs`), then writes it to WORKDIR/config.json."""
   resolve_inputs(config, workdir)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f, indent=2, default=str)
+  metrics.write_json(config.to_dict(), os.path.join(workdir, "config.json"), indent=2)
 
 
 def train_loop(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
@@ -286,16 +291,18 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
                count_tokens: Callable[[dict], int] | None = None) -> TrainState:
   """Runs `setup.step` over `batches` to `config.train.steps`, resuming from the latest checkpoint.
 
-  Side effects: WORKDIR/checkpoints (every `checkpoint_every` steps and at the end),
+  Side effects: WORKDIR/checkpoints (every `checkpoint_every` steps, at the end, and after the step
+  in flight when SIGTERM arrives: then `preemption.Preempted` is raised),
   WORKDIR/metrics.jsonl + WORKDIR/tb (train metrics every `log_every`, eval every `eval_every`),
   a progress bar. `stop_after_steps` > 0 ends this invocation early (the next one resumes).
   """
   t = config.train
   state = setup.state
+  checkpoint.check_free_space(workdir, state, keep=t.keep_checkpoints, export=state.params)
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                                save_interval_steps=t.checkpoint_every,
                                async_save=t.async_checkpoint) as ckpt, \
-       metrics.MetricsWriter(workdir) as writer:
+       metrics.MetricsWriter(workdir) as writer, preemption.StopSignal() as stop:
     latest = ckpt.latest_step()
     if latest is not None:
       abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -315,8 +322,15 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
       done = step + 1
       if done % t.log_every == 0 or done == end:
         writer.write(done, jax.device_get(step_metrics), prefix="train")
+        # Before this step's save: a diverged run stops with its earlier checkpoints as they were.
+        check_nonfinite(state.opt_state, done, t.get("max_nonfinite_steps", 10), ckpt.latest_step())
       if evaluate is not None and (done % t.eval_every == 0 or done == t.steps):
         writer.write(done, evaluate(state), prefix="eval")
-      ckpt.save(done, state, data_state=data_state(), config=config.to_dict(), force=done == end)
+      stopping = stop.requested(done)
+      ckpt.save(done, state, data_state=data_state(), config=config.to_dict(),
+                force=done == end or stopping)
+      if stopping and done < end:
+        progress.close()
+        raise preemption.Preempted(preemption.stopped_message(done, workdir))
     progress.close()
   return state

@@ -147,8 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     records = revise_responses(revise, tasks, responses, constitution, c.n_revisions,
                                np.random.default_rng(config.seed), jax.random.key(config.seed + 1))
     summary = revision_summary(records)
-    with open(summary_path, "w") as f:
-      json.dump(summary, f, indent=1)
+    metrics.write_json(summary, summary_path)
     annotators.write_jsonl(records, revisions_path)  # last: its presence means "done"
     o = summary["overall"]
     _log.info("SL-CAI: %d revisions (%.0f%% changed); gold safety %.3f -> %.3f, helpfulness "

@@ -38,6 +38,7 @@ import numpy as np
 
 from rlhf_jax import checkpoint, data, scoring, sharding
 from rlhf_jax.algorithms import common
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.algorithms.reward import comparison_iterators, load_comparisons
 from rlhf_jax.data.preference import num_tokens, pack_comparisons
 from rlhf_jax.losses import preference
@@ -92,16 +93,16 @@ def check_loss_config(cfg: ml_collections.ConfigDict) -> None:
   """ValueError naming the `config.dpo` fields when the loss type or its hyper-parameters are
   invalid: the pure loss checks them on a one-pair batch, before any model loads."""
   if cfg.loss_type not in LOSS_TYPES:
-    raise ValueError(f"config.dpo.loss_type={cfg.loss_type!r}; choose one of {LOSS_TYPES}")
+    raise ConfigError(f"config.dpo.loss_type={cfg.loss_type!r}; choose one of {LOSS_TYPES}")
   if cfg.label_smoothing and "label_smoothing" not in LOSS_FIELDS[cfg.loss_type]:
-    raise ValueError(f"config.dpo.label_smoothing={cfg.label_smoothing!r} applies to loss_type "
-                     f"'sigmoid' and 'simpo' only, not {cfg.loss_type!r}; set it to 0")
+    raise ConfigError(f"config.dpo.label_smoothing={cfg.label_smoothing!r} applies to loss_type "
+                      f"'sigmoid' and 'simpo' only, not {cfg.loss_type!r}; set it to 0")
   pair = jnp.full((1, 2), -1.0)
   try:
     pair_loss(cfg, pair, jnp.ones((1, 2), jnp.int32), pair, jnp.ones((1,)))
   except ValueError as e:
     fields = ", ".join(f"config.dpo.{f}={cfg[f]!r}" for f in LOSS_FIELDS[cfg.loss_type].values())
-    raise ValueError(f"{fields} (loss_type={cfg.loss_type!r}): {e}") from None
+    raise ConfigError(f"{fields} (loss_type={cfg.loss_type!r}): {e}") from None
 
 
 def batch_ref_logps(graphdef, params, batch: dict, reference_in_step: bool):
@@ -227,16 +228,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = common.make_mesh(config)
   d, t, p = config.data, config.train, config.dpo
   if d.kind not in ("pairwise", "ranking"):
-    raise ValueError(f"config.data.kind={d.kind!r}: DPO trains on 'pairwise' records (prompt, "
-                     "chosen, rejected) or 'ranking' records (turned into pairs)")
+    raise ConfigError(f"config.data.kind={d.kind!r}: DPO trains on 'pairwise' records (prompt, "
+                      "chosen, rejected) or 'ranking' records (turned into pairs)")
   if d.kind == "ranking" and p.ranking_pairs not in RANKING_PAIRS:
-    raise ValueError(f"config.dpo.ranking_pairs={p.ranking_pairs!r}; choose one of {RANKING_PAIRS}")
+    raise ConfigError(f"config.dpo.ranking_pairs={p.ranking_pairs!r}; choose one of {RANKING_PAIRS}")
   if p.reference not in REFERENCE_MODES:
-    raise ValueError(f"config.dpo.reference={p.reference!r}; choose one of {REFERENCE_MODES}")
+    raise ConfigError(f"config.dpo.reference={p.reference!r}; choose one of {REFERENCE_MODES}")
   check_loss_config(p)
   if not config.init_from:
-    raise ValueError("config.init_from is empty: DPO starts from a policy export (e.g. the SFT "
-                     "run's), which is also its reference")
+    raise ConfigError("config.init_from is empty: DPO starts from a policy export (e.g. the SFT "
+                      "run's), which is also its reference")
   tokenizer_dir = d.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")
   tokenizer = data.load_tokenizer(tokenizer_dir)
   model_cfg = common.model_config(config, vocab_size=len(tokenizer), head="lm")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from typing import NamedTuple, Sequence
 
 import jax
@@ -269,8 +268,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          f"{h.min_gold}); lower config.hir.min_gold or sample more")
       annotators.write_jsonl(records, records_path)
       summary = [s for s in summary if s["round"] != r] + [{"round": r, **row}]
-      with open(summary_path, "w") as f:
-        json.dump(summary, f, indent=1)
+      metrics.write_json(summary, summary_path)
       _log.info("HIR round %d: %s", r, row)
     records = metrics.read_jsonl(records_path)
     examples, stats = tokenize_records(records, tokenizer, seq_len=t.seq_len, negatives=h.negatives)
@@ -291,9 +289,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     common.export_model(round_cfg, export, state.params, model_cfg,
                         tokenizer=os.path.abspath(tokenizer_dir), step=int(state.step))
     policy_export = export
-  final = os.path.join(workdir, "export")
-  if os.path.exists(final):
-    shutil.rmtree(final)
-  shutil.copytree(policy_export, final)
+  checkpoint.copy_export(policy_export, os.path.join(workdir, "export"))
   return {"rounds": h.rounds, **{f"round_{s['round']}/{k}": v for s in summary
                                  for k, v in s.items() if k != "round" and v is not None}}

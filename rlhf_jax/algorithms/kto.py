@@ -33,6 +33,7 @@ import numpy as np
 
 from rlhf_jax import checkpoint, data, scoring, sharding
 from rlhf_jax.algorithms import common, dpo
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.algorithms.reward import comparison_iterators, load_comparisons
 from rlhf_jax.data.preference import num_tokens
 from rlhf_jax.losses import preference
@@ -110,19 +111,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """ValueError naming the config key, before any model or data loads."""
   k = config.kto
   if config.data.kind != "kto":
-    raise ValueError(f"config.data.kind={config.data.kind!r}: KTO trains on 'kto' records "
-                     "(prompt, completion, label: true = desirable)")
+    raise ConfigError(f"config.data.kind={config.data.kind!r}: KTO trains on 'kto' records "
+                      "(prompt, completion, label: true = desirable)")
   if k.reference not in dpo.REFERENCE_MODES:
-    raise ValueError(f"config.kto.reference={k.reference!r}; choose one of {dpo.REFERENCE_MODES}")
+    raise ConfigError(f"config.kto.reference={k.reference!r}; choose one of {dpo.REFERENCE_MODES}")
   if not config.init_from:
-    raise ValueError("config.init_from is empty: KTO starts from a policy export (e.g. the SFT "
-                     "run's), which is also its reference")
+    raise ConfigError("config.init_from is empty: KTO starts from a policy export (e.g. the SFT "
+                      "run's), which is also its reference")
   one = jnp.zeros((1, 2))
   try:
     kto_batch_loss(k, one, one, jnp.ones((1,), bool), jnp.ones((1,)))
   except ValueError as e:
-    raise ValueError(f"config.kto (beta={k.beta!r}, desirable_weight={k.desirable_weight!r}, "
-                     f"undesirable_weight={k.undesirable_weight!r}): {e}") from None
+    raise ConfigError(f"config.kto (beta={k.beta!r}, desirable_weight={k.desirable_weight!r}, "
+                      f"undesirable_weight={k.undesirable_weight!r}): {e}") from None
 
 
 def _label_stats(comparisons: list, stats: dict) -> dict:

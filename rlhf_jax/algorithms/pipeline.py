@@ -5,7 +5,8 @@ Training stages are named in `config.stages`, each with its experiment config `c
 whose `algorithm` says which driver trains it (pretrain, sft, reward, ppo). A stage starts from the
 export of the stage its `init_from` names, by default the latest *policy* stage before it (pretrain,
 sft, ppo; not the judge): so pretrain -> sft -> ppo chain, while reward models, the AI judge and
-sweep variants (`init_from="sft"`) branch off. A PPO stage names its reward and value models by
+sweep variants (`init_from="sft"`) branch off; `init_from="scratch"` starts a stage from new weights
+of its own `model` config (a second, larger trunk for reward models). A PPO stage names its reward and value models by
 their stages (`ppo.reward.helpful="rm_helpful"`). A stage's `data.source` / `data.eval_source`
 may name a data set of the world stage ("pairs_helpful", "rankings_eval", "rl_prompts", ...);
 "" / "toy" means the data set named like the stage.
@@ -32,6 +33,7 @@ the pipeline fills in their data paths, tokenizer, `init_from` chain, seed and m
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import logging
@@ -44,6 +46,7 @@ import ml_collections
 from rlhf_jax import checkpoint, data, metrics, plots, sharding
 from rlhf_jax.algorithms import (ai_feedback, common, constitutional, dpo, hir, kto, ppo,
                                  rejection_sampling, rest, reward, reward_eval, sft)
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import format_table
 from rlhf_jax.toyworld import annotators, corpora, judge
 from rlhf_jax.toyworld import evaluate as gold_eval
@@ -62,6 +65,8 @@ DRIVERS = {"pretrain": sft.train, "sft": sft.train, "reward": reward.train, "dpo
            "constitutional_sl": constitutional.train}
 # A data-collection stage (not trained): annotated samples of a policy, see `collect_feedback`.
 FEEDBACK = "feedback"
+# `init_from` of a stage that starts from new weights although policy stages come before it.
+SCRATCH = "scratch"
 # Held-out copies of the feedback data sets ("<name>_eval") and gold-labelled pairs on the prompts
 # where safety decides (for the combined reward).
 EVAL_FEEDBACK = tuple(f"{name}_eval" for name in annotators.DATASET_KINDS)
@@ -148,7 +153,7 @@ def collect_feedback(config: ml_collections.ConfigDict, stage: str, stage_dir: s
   if all(os.path.exists(p) for p in out.values()):
     return out
   if not policy_export:
-    raise ValueError(f"config.{stage} (feedback) needs a policy stage before it to sample from")
+    raise ConfigError(f"config.{stage} (feedback) needs a policy stage before it to sample from")
   mesh = sharding.make_mesh(config.mesh.shape)
   policy = load_policy(policy_export, mesh)
   tokenizer = data.load_tokenizer(paths["tokenizer"])
@@ -206,8 +211,7 @@ def write_stage_info(config: ml_collections.ConfigDict, stage: str, stage_dir: s
   (a resumed stage: of the last invocation only) and its inputs (`stage_inputs`)."""
   info = {"stage": stage, "algorithm": config[stage].algorithm, "parent": parent,
           "seconds": round(seconds, 1), "inputs": stage_inputs(config, stage)}
-  with open(os.path.join(stage_dir, "stage.json"), "w") as f:
-    json.dump(info, f, indent=1)
+  metrics.write_json(info, os.path.join(stage_dir, "stage.json"))
 
 
 def stage_config(config: ml_collections.ConfigDict, stage: str, paths: dict,
@@ -218,8 +222,8 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, paths: dict,
     c.data.kind = "text"
   source = c.data.source if c.data.source not in ("", "toy") else stage
   if source not in paths:
-    raise ValueError(f"config.{stage}.data.source={source!r} names no world data set; choose one of "
-                     f"{', '.join(sorted(p for p in paths if p != 'tokenizer'))}")
+    raise ConfigError(f"config.{stage}.data.source={source!r} names no world data set; choose one of "
+                      f"{', '.join(sorted(p for p in paths if p != 'tokenizer'))}")
   c.data.source = paths[source]
   if c.data.eval_source in paths:
     c.data.eval_source = paths[c.data.eval_source]
@@ -250,11 +254,13 @@ def is_policy(config: ml_collections.ConfigDict, stage: str) -> bool:
 
 def parent_stage(config: ml_collections.ConfigDict, stage: str, previous_policy: str | None) -> str | None:
   """The stage whose export `stage` starts from: `config.<stage>.init_from` when it names a stage,
-  else the latest policy stage before it (None for the first)."""
+  None for "scratch" (new weights), else the latest policy stage before it (None for the first)."""
   named = config[stage].get("init_from", "")
+  if named == SCRATCH:
+    return None
   if named:
     if named not in config.stages:
-      raise ValueError(f"config.{stage}.init_from={named!r} names no stage of config.stages")
+      raise ConfigError(f"config.{stage}.init_from={named!r} names no stage of config.stages")
     return named
   return previous_policy
 
@@ -264,15 +270,22 @@ def training_stages(config: ml_collections.ConfigDict) -> list[str]:
   stages = [s for s in config.stages if s not in ("world", *EVAL_STAGES)]
   for stage in stages:
     if stage not in config or "algorithm" not in config[stage]:
-      raise ValueError(f"config.stages names {stage!r} but config.{stage} is not an experiment "
-                       "config; known stages: world, eval, eval_rewards and the experiment configs "
-                       "in the pipeline config")
+      experiments = [k for k, v in config.items() if hasattr(v, "keys") and "algorithm" in v]
+      close = difflib.get_close_matches(stage, experiments, n=1)
+      raise ConfigError(f"config.stages names {stage!r} but config.{stage} is not an experiment "
+                        f"config{f' (did you mean {close[0]!r}?)' if close else ''}; a stage is "
+                        "world, eval, eval_rewards or one of the experiment configs in the pipeline "
+                        f"config: {', '.join(experiments)}")
     known = (*DRIVERS, FEEDBACK, ai_feedback.ALGORITHM)
     if config[stage].algorithm not in known:
-      raise ValueError(f"config.{stage}.algorithm={config[stage].algorithm!r}; a pipeline stage "
-                       f"runs one of {', '.join(known)}")
+      raise ConfigError(f"config.{stage}.algorithm={config[stage].algorithm!r}; a pipeline stage "
+                        f"runs one of {', '.join(known)}")
     if config[stage].algorithm == ai_feedback.ALGORITHM:
       ai_feedback.check_config(config[stage], stage, config.stages)
+  policy = config.get("eval", {}).get("best_of_n_policy", "")
+  if policy and policy not in stages:
+    raise ConfigError(f"config.eval.best_of_n_policy={policy!r} names no training stage of "
+                      f"config.stages ({', '.join(stages)})")
   return stages
 
 
@@ -361,10 +374,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   best_of_n = None  # the reward evaluation's best-of-n curve, drawn on the PPO plot
   score_rewards = "eval_rewards" in stages or ("eval" in stages and config.eval.get("rewards", True))
   if rewards and score_rewards:
-    # Best of n from the policy the (helpfulness) reward model branched from.
+    # Best of n from `eval.best_of_n_policy`, by default the policy the (helpfulness) reward model
+    # branched from.
     anchor = config.combine.helpful if config.get("combine") and config.combine.helpful in rewards \
         else rewards[0]
-    policy = reward_parents.get(anchor)
+    policy = config.eval.get("best_of_n_policy") or reward_parents.get(anchor)
     summary, best_of_n = reward_eval.evaluate_reward_stages(
         config, workdir, paths, rewards,
         policy_export=os.path.join(workdir, policy, "export") if policy else "")

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import checkpoint, data, generate, metrics, sharding
+from rlhf_jax import checkpoint, data, generate, metrics, preemption, sharding
 from rlhf_jax.algorithms import ai_feedback, common, ppo_rollout
 from rlhf_jax.algorithms.reward import cast_params
 from rlhf_jax.data.loader import Batching
@@ -46,7 +46,8 @@ from rlhf_jax.losses.common import masked_mean
 from rlhf_jax.models import ModelConfig, abstract_model, lora
 from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
-from rlhf_jax.train import create_train_state, make_optimizer, make_update, state_shardings
+from rlhf_jax.train import (check_nonfinite, create_train_state, make_optimizer, make_update,
+                            nonfinite_counts, state_shardings)
 
 _log = logging.getLogger(__name__)
 
@@ -378,10 +379,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               batching=Batching(pad=list, pack=None, length=lambda _: 1))
   beta = float(p.kl.beta)
   t = config.train
+  checkpoint.check_free_space(workdir, state, keep=t.keep_checkpoints, export=state.params["policy"])
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                                save_interval_steps=t.checkpoint_every,
                                async_save=t.async_checkpoint) as ckpt, \
-       metrics.MetricsWriter(workdir) as writer:
+       metrics.MetricsWriter(workdir) as writer, preemption.StopSignal() as stop:
     start = 0
     if ckpt.latest_step() is not None:
       target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -419,14 +421,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
              **{f"score_{n}": float(jnp.mean(s)) for n, s in scores.items()},
              **{k: float(v) for k, v in jax.device_get(update_metrics).items()},
              **gold_metrics(rows_records, ppo_rollout.decode_responses(tokenizer, out))}
+      counts = nonfinite_counts(state.opt_state)
+      if counts is not None:  # updates skipped so far for a NaN / Inf gradient (the update's own
+        row["skipped_steps"] = int(counts[1])  # metric is a mean over this iteration's updates)
       writer.write(iteration + 1, row, prefix="ppo")
       if eval_tasks and ((iteration + 1) % p.eval_every == 0 or iteration + 1 == p.iterations):
         writer.write(iteration + 1, held_out(state.params["policy"]), prefix="eval")
       progress.update(1, metrics={"reward": row["reward"], "gold": row.get("gold_combined", 0.0),
                                   "kl": observed_kl})
+      # Counted in optimiser updates (epochs x mini-batches per iteration).
+      check_nonfinite(state.opt_state, int(state.step), t.get("max_nonfinite_steps", 10),
+                      ckpt.latest_step())
+      stopping = stop.requested(iteration + 1)
       ckpt.save(iteration + 1, state, data_state={"prompts": stream.state(), "iteration": iteration + 1,
                                                   "beta": beta},
-                config=config.to_dict(), force=iteration + 1 == end)
+                config=config.to_dict(), force=iteration + 1 == end or stopping)
+      if stopping and iteration + 1 < end:
+        progress.close()
+        raise preemption.Preempted(preemption.stopped_message(iteration + 1, workdir))
     progress.close()
   done = end >= p.iterations
   if done:

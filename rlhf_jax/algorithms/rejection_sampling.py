@@ -19,14 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, data, generate, scoring, sharding
+from rlhf_jax import checkpoint, data, generate, metrics, scoring, sharding
 from rlhf_jax.algorithms import common, ppo_rollout, sft
 from rlhf_jax.algorithms.ppo import load_prompts
 from rlhf_jax.toyworld import annotators
@@ -120,10 +119,7 @@ def finetune(config: ml_collections.ConfigDict, init_from: str, source: str, tok
 
 def export_final(policy_export: str, workdir: str) -> None:
   """Copies the last policy export to WORKDIR/export (what later pipeline stages start from)."""
-  final = os.path.join(workdir, "export")
-  if os.path.exists(final):
-    shutil.rmtree(final)
-  shutil.copytree(policy_export, final)
+  checkpoint.copy_export(policy_export, os.path.join(workdir, "export"))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -163,8 +159,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         previous = best.get(_key(record["prompt"]))
         if rs.keep_best_across_rounds and previous and previous["reward"] >= candidate["reward"]:
           candidate = previous
-        if rs.keep_best_across_rounds:
-          best[_key(record["prompt"])] = candidate
         gold = gold_combined(record, candidate["completion"])
         if gold is not None:
           candidate = {**candidate, "gold_combined": gold}
@@ -175,15 +169,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  best_reward=float(np.mean([k["reward"] for k in kept])),
                  sample_gold=mean_or_none(first_gold), best_gold=mean_or_none(best_gold),
                  from_earlier_rounds=sum(k["round"] < r for k in kept))
-      annotators.write_jsonl([k for k in kept if k["completion"]], kept_path)
       summary = [s for s in summary if s["round"] != r] + [row]
-      with open(summary_path, "w") as f:
-        json.dump(summary, f, indent=1)
+      metrics.write_json(summary, summary_path)
+      kept = [k for k in kept if k["completion"]]
+      annotators.write_jsonl(kept, kept_path)  # last, atomic: its presence means "sampled"
       _log.info("rejection sampling round %d: %s", r, row)
     else:
-      kept = [json.loads(line) for line in open(kept_path) if line.strip()]
-      if rs.keep_best_across_rounds:
-        best.update({_key(k["prompt"]): k for k in kept})
+      kept = metrics.read_jsonl(kept_path)
+    if rs.keep_best_across_rounds:  # from what the file holds, so a resumed run sees the same
+      best.update({_key(k["prompt"]): k for k in kept})
     export = finetune(config, policy_export, kept_path, tokenizer_dir, round_dir)
     if export is None:  # stopped early (stop_after_steps): rerun to continue
       return {"stopped_in_round": r}

@@ -25,7 +25,6 @@ WORKDIR/export: the final policy. A rerun skips finished steps and resumes an in
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from typing import Sequence
@@ -140,8 +139,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def record(row: dict) -> None:
     steps.append(row)
     _log.info("ReST %s", row)
-    with open(os.path.join(workdir, "steps.json"), "w") as f:
-      json.dump(steps, f, indent=1)
+    metrics.write_json(steps, os.path.join(workdir, "steps.json"))
 
   policy_export = config.init_from
   for g in range(1, r.grow_steps + 1):

@@ -28,6 +28,7 @@ import numpy as np
 
 from rlhf_jax import checkpoint, data, reward_metrics, scoring, sharding
 from rlhf_jax.algorithms import common
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.data.preference import (comparison_batch, comparison_batching, comparison_length,
                                       num_tokens, tokenize_comparisons)
 from rlhf_jax.data.records import MAX_RANKED
@@ -94,8 +95,8 @@ def load_reward_model(export_dir: str, mesh, *, dtype: str = "") -> RewardModel:
   meta = checkpoint.read_export_metadata(export_dir)
   model_cfg = ModelConfig.from_dict(meta["model"])
   if model_cfg.head != "scalar":
-    raise ValueError(f"{export_dir} is a model with head={model_cfg.head!r}, not a reward model "
-                     "(head 'scalar'); give the export of a reward-model run")
+    raise ConfigError(f"{export_dir} is a model with head={model_cfg.head!r}, not a reward model "
+                      "(head 'scalar'); give the export of a reward-model run")
   graphdef, abstract, axes = abstract_model(model_cfg)  # the saved params' shapes and dtypes
   if dtype:
     model_cfg = dataclasses.replace(model_cfg, dtype=dtype, param_dtype=dtype)
@@ -227,18 +228,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   d, t, r = config.data, config.train, config.reward
   kind = d.kind
   if kind not in ("pairwise", "ranking"):
-    raise ValueError(f"config.data.kind={kind!r}: a reward model trains on 'pairwise' or 'ranking' records")
+    raise ConfigError(f"config.data.kind={kind!r}: a reward model trains on 'pairwise' or 'ranking' records")
   margins = reward_losses.margin_table(r.margins)
   if r.soft_labels and kind != "pairwise":
-    raise ValueError("config.reward.soft_labels=True reads the 'soft_label' of pairwise records; "
-                     f"config.data.kind is {kind!r}")
+    raise ConfigError("config.reward.soft_labels=True reads the 'soft_label' of pairwise records; "
+                      f"config.data.kind is {kind!r}")
   if kind == "ranking" and any(margins):
-    raise ValueError("config.reward.margins applies to pairwise data (Llama 2); rankings have no "
-                     "preference levels: set config.reward.margins='none'")
+    raise ConfigError("config.reward.margins applies to pairwise data (Llama 2); rankings have no "
+                      "preference levels: set config.reward.margins='none'")
   tokenizer_dir = d.tokenizer or (config.init_from and
                                   checkpoint.read_export_metadata(config.init_from).get("tokenizer"))
   if not tokenizer_dir:
-    raise ValueError("config.data.tokenizer is empty and config.init_from names no tokenizer")
+    raise ConfigError("config.data.tokenizer is empty and config.init_from names no tokenizer")
   tokenizer = data.load_tokenizer(tokenizer_dir)
 
   num_responses = 2 if kind == "pairwise" else r.max_responses

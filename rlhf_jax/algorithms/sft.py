@@ -23,6 +23,7 @@ from rlhf_jax import checkpoint, data, generate, sharding
 from rlhf_jax.algorithms import common
 from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
 from rlhf_jax.data.text import tokenize_text
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import format_table
 from rlhf_jax.toyworld import instructions
 
@@ -54,7 +55,7 @@ def load_tokenizer_and_records(config: ml_collections.ConfigDict, workdir: str):
       tokenizer = data.train_tokenizer(instructions.corpus_texts(records), d.tokenizer_vocab_size,
                                        tok_dir)
   else:
-    raise ValueError("config.data.tokenizer is empty: give a tokenizer directory for non-toy data")
+    raise ConfigError("config.data.tokenizer is empty: give a tokenizer directory for non-toy data")
   return tokenizer, train_records, eval_records
 
 
@@ -108,6 +109,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tokenize = functools.partial(data.tokenize_sft, prompt_overflow=config.data.prompt_overflow)
   train_examples, stats = tokenize(train_records, tokenizer, max_len=t.seq_len)
   eval_examples, _ = tokenize(eval_records, tokenizer, max_len=t.seq_len)
+  for name, examples in (("training", train_examples), ("eval", eval_examples)):
+    if not examples:  # every prompt filled seq_len and was skipped
+      raise ConfigError(f"no {name} example fits config.train.seq_len={t.seq_len} tokens; raise "
+                        "config.train.seq_len, or set config.data.prompt_overflow='truncate_left'")
   _log.info("%s data: %s train, %d eval examples", config.data.kind, stats, len(eval_examples))
 
   model_cfg = common.model_config(config, vocab_size=len(tokenizer))

@@ -37,6 +37,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from rlhf_jax.errors import ConfigError, ConfigPathError
+
 ROLES = ("system", "user", "assistant")
 MAX_MARGIN = 3
 MIN_RANKED, MAX_RANKED = 2, 9
@@ -230,7 +232,9 @@ def validate_record(record: Any, kind: str, *, source: str, line: int | None) ->
     source='records[3]', line=None for a record that has no file.
     """
     if kind not in KINDS:
-        raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise ConfigError(
+            f"unknown record kind {kind!r} (config.data.kind); expected one of {', '.join(KINDS)}"
+        )
     if not isinstance(record, dict):
         raise RecordError(
             source, line, None,
@@ -285,23 +289,29 @@ def read_rows(path_or_dataset: Any, *, split: str | None = None) -> tuple[Iterab
     path = Path(path_or_dataset)
     source = str(path_or_dataset)
     if not path.exists():
-        raise FileNotFoundError(f"{source}: no such file or directory")
+        raise ConfigPathError(
+            f"{source}: no such file or directory; point config.data.source (or eval_source) at an "
+            "existing file"
+        )
     if path.suffix == ".jsonl":
         if split is not None:
-            raise ValueError(f"{source}: split={split!r} applies to HF datasets only, not to .jsonl files")
+            raise ConfigError(
+                f"{source}: split={split!r} (config.data.split) applies to HF datasets only, not to "
+                ".jsonl files; set it to ''"
+            )
         return _read_jsonl(path, source), source
+    if not path.is_dir() and path.suffix not in _DATASETS_BUILDERS:
+        raise ConfigError(
+            f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv, .parquet "
+            "or a directory written by datasets' save_to_disk"
+        )
     import datasets  # imported here: it costs ~1.5 s and JSONL loading does not need it
 
     if path.is_dir():
         rows, source = _select_split(datasets.load_from_disk(str(path)), split, source)
-    elif path.suffix in _DATASETS_BUILDERS:
+    else:
         builder = _DATASETS_BUILDERS[path.suffix]
         rows = datasets.load_dataset(builder, data_files=str(path), split=split or "train")
-    else:
-        raise ValueError(
-            f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv, .parquet "
-            "or a directory written by datasets' save_to_disk"
-        )
     return enumerate(rows, start=1), source
 
 
@@ -315,13 +325,19 @@ def _select_split(dataset: Any, split: str | None, source: str) -> tuple[Any, st
     """(rows of the chosen split, source name); a plain Dataset is its own single split."""
     if not hasattr(dataset, "keys"):  # datasets.Dataset
         if split is not None:
-            raise ValueError(f"{source}: split={split!r} given, but this is a single Dataset without splits")
+            raise ConfigError(
+                f"{source}: split={split!r} (config.data.split) given, but this is a single Dataset "
+                "without splits; set it to ''"
+            )
         return dataset, source
     splits = list(dataset.keys())
     if split is None and len(splits) == 1:
         split = splits[0]
     if split not in splits:
-        raise ValueError(f"{source}: choose a split with split=..., one of {', '.join(map(repr, splits))}")
+        raise ConfigError(
+            f"{source}: choose a split with split=..., one of {', '.join(map(repr, splits))} "
+            "(config.data.split)"
+        )
     return dataset[split], f"{source}[{split}]"
 
 
@@ -347,5 +363,8 @@ def _read_jsonl(path: Path, source: str) -> Iterable[tuple[int, Any]]:
 def _validate_all(numbered_rows: Iterable[tuple[int, Any]], kind: str, source: str) -> list[dict]:
     records = [validate_record(row, kind, source=source, line=line) for line, row in numbered_rows]
     if not records:
-        raise ValueError(f"{source}: no records found")
+        raise RecordError(
+            source, None, None, "no records found (the file is empty or has only blank lines); "
+            "point the config at a file with one record per line"
+        )
     return records

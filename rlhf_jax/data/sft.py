@@ -51,6 +51,7 @@ import numpy as np
 
 from rlhf_jax.data.records import RecordError, validate_record
 from rlhf_jax.data.tokenizer import render_chat
+from rlhf_jax.errors import ConfigError
 
 _log = logging.getLogger(__name__)
 
@@ -103,9 +104,14 @@ def tokenize_sft(
     """
     if prompt_overflow not in PROMPT_OVERFLOW_POLICIES:
         policies = ", ".join(map(repr, PROMPT_OVERFLOW_POLICIES))
-        raise ValueError(f"prompt_overflow={prompt_overflow!r}; expected one of {policies}")
+        raise ConfigError(
+            f"prompt_overflow={prompt_overflow!r}; expected one of {policies} (config.data.prompt_overflow)"
+        )
     if max_len < 2:
-        raise ValueError(f"max_len={max_len}: an example needs at least 2 tokens (a BOS/prompt and a target)")
+        raise ConfigError(
+            f"max_len={max_len}: an example needs at least 2 tokens (a BOS/prompt and a target); "
+            "raise config.train.seq_len"
+        )
     records = [validate_record(r, "sft", source=f"records[{i}]", line=None) for i, r in enumerate(records)]
     all_pieces = [_pieces(tokenizer, _conversation(record)) for record in records]
     texts = [text for pieces in all_pieces for text, _ in pieces]

@@ -30,6 +30,7 @@ from typing import Any
 
 from rlhf_jax.data.public import SCHEMAS, load_preferences
 from rlhf_jax.data.records import RecordError, load_records, read_rows, validate_record
+from rlhf_jax.errors import ConfigPathError
 
 _log = logging.getLogger(__name__)
 
@@ -61,7 +62,10 @@ def open_source(source: str, split: str = ""):
     if is_local(source):
         return source
     if _looks_like_path(source):
-        raise FileNotFoundError(f"{source}: no such file or directory")
+        raise ConfigPathError(
+            f"{source}: no such file or directory; point config.data.source (or eval_source) at an "
+            "existing file, or name a hub data set"
+        )
     import datasets  # ~1.5 s; only for hub names
 
     return datasets.load_dataset(source, split=split or "train")

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from rlhf_jax.errors import ConfigPathError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -107,9 +109,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Loads a tokenizer directory with AutoTokenizer: local files only, no remote code."""
     path = Path(path)
     if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(
-            f"{path}: no tokenizer.json or tokenizer_config.json here; pass a directory written by "
-            "train_tokenizer or an HF checkpoint directory"
+        raise ConfigPathError(
+            f"{path}: no tokenizer.json or tokenizer_config.json here; point config.data.tokenizer at "
+            "a directory written by train_tokenizer or an HF checkpoint directory"
         )
     from transformers import AutoTokenizer  # imported here: ~1.5 s, and batching code never needs it
 

@@ -8,6 +8,8 @@ import jax
 import ml_collections
 import optax
 
+from rlhf_jax.errors import ConfigError
+
 NO_DECAY_NAMES = ("embed", "pos_embed")  # embedding tables; biases and norm scales by suffix
 
 
@@ -23,7 +25,7 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[
   elif cfg.schedule == "constant":
     decay = optax.constant_schedule(cfg.lr)
   else:
-    raise ValueError(f"config.optim.schedule={cfg.schedule!r}: use 'cosine', 'linear' or 'constant'")
+    raise ConfigError(f"config.optim.schedule={cfg.schedule!r}: use 'cosine', 'linear' or 'constant'")
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
@@ -61,9 +63,49 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
   elif cfg.name == "sgd":
     chain.append(optax.sgd(schedule))
   else:
-    raise ValueError(f"config.optim.name={cfg.name!r}: use 'adamw' or 'sgd'")
-  if trainable is None:
-    return optax.chain(*chain), schedule
-  labels = lambda params: jax.tree.map(lambda t: "train" if t else "freeze", trainable(params))
-  return optax.multi_transform({"train": optax.chain(*chain), "freeze": optax.set_to_zero()},
-                               labels), schedule
+    raise ConfigError(f"config.optim.name={cfg.name!r}: use 'adamw' or 'sgd'")
+  optimizer = optax.chain(*chain)
+  if trainable is not None:
+    labels = lambda params: jax.tree.map(lambda t: "train" if t else "freeze", trainable(params))
+    optimizer = optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+  if cfg.get("skip_nonfinite", True):
+    # Never apply a non-finite update, however long the streak: the driver stops the run
+    # (`check_nonfinite`) while the params are still the last finite ones.
+    optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=_NEVER)
+  return optimizer, schedule
+
+
+_NEVER = 2**31 - 1
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a non-finite gradient: the run stopped."""
+
+
+def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array] | None:
+  """(consecutive, total) steps skipped for a non-finite gradient, as int32 [] arrays, from the
+  state of a `make_optimizer` optimiser (None when it does not guard: `skip_nonfinite=False`)."""
+  if isinstance(opt_state, optax.ApplyIfFiniteState):
+    return opt_state.notfinite_count, opt_state.total_notfinite
+  return None
+
+
+def check_nonfinite(opt_state, step: int, limit: int, last_checkpoint: int | None) -> int:
+  """Returns the total of skipped steps; raises NonFiniteError when the current streak of skipped
+  steps has reached `limit` (> 0) at train step `step` (the number of steps done), naming the step
+  the streak started at and the last checkpoint (whose params predate it or equal the last finite
+  ones: skipped steps do not change the params)."""
+  counts = nonfinite_counts(opt_state)
+  if counts is None:
+    return 0
+  streak, total = (int(x) for x in jax.device_get(counts))
+  if limit > 0 and streak >= limit:
+    where = (f"the last checkpoint is step {last_checkpoint}" if last_checkpoint is not None
+             else "no checkpoint was saved")
+    raise NonFiniteError(
+        f"stopped: the last {streak} steps (steps {step - streak + 1}-{step}) all had a NaN or Inf "
+        f"gradient and were skipped ({total} skipped in all); the params are those after step "
+        f"{step - streak}, and {where}. Lower config.optim.lr or config.optim.grad_clip_norm, or look "
+        "for bad records in the batches of those steps (config.train.max_nonfinite_steps="
+        f"{limit} sets the limit; 0 never stops)")
+  return total

@@ -20,6 +20,7 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding
+from rlhf_jax.train.optim import nonfinite_counts
 from rlhf_jax.train.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -82,6 +83,9 @@ def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, acc
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
+    counts = nonfinite_counts(opt_state)
+    if counts is not None:  # steps skipped so far for a NaN / Inf gradient (optax.apply_if_finite)
+      metrics["skipped_steps"] = counts[1]
     if schedule is not None:
       metrics["lr"] = schedule(state.step)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,

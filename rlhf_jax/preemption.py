@@ -1,0 +1,81 @@
+"""Preemption: SIGTERM asks a training loop to save a checkpoint at the next step boundary and exit.
+
+Preemptible TPU VMs and shared GPU schedulers send SIGTERM some seconds before they kill a job.
+A loop that holds a `StopSignal` checks `requested(step)` after every step; when it is true the loop
+saves the state (``force=True``), waits for the save and raises `Preempted`, which the CLI prints
+as one line (exit status 143, as for SIGTERM). Rerunning the same command resumes from that step.
+
+With several processes (`jax.distributed.initialize`), JAX's own preemption notifier receives the
+signal on whichever host gets it and `multihost_utils.reached_preemption_sync_point` makes every
+process agree on the same step, so all of them save that step together. A single process handles
+the signal itself (a Python handler that only sets a flag: the step in flight finishes first).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import jax
+from jax.experimental import multihost_utils
+
+_log = logging.getLogger(__name__)
+
+EXIT_STATUS = 128 + signal.SIGTERM  # what a shell reports for a job ended by SIGTERM
+
+
+class Preempted(Exception):
+  """The run was asked to stop (SIGTERM) and saved a checkpoint; rerunning resumes it."""
+
+
+class StopSignal:
+  """Context manager: catches SIGTERM while a training loop runs (single process).
+
+  Usage::
+
+      with StopSignal() as stop:
+        for step in ...:
+          ...
+          if stop.requested(done):
+            ckpt.save(done, state, ..., force=True)
+            raise Preempted(...)
+
+  The handler is installed only in the main thread of a single-process run and the previous one is
+  restored on exit; elsewhere `requested` asks JAX's preemption sync point (multi-process) or is
+  never true (a training loop run from a worker thread).
+  """
+
+  def __init__(self):
+    self._requested = False
+    self._previous = None
+    self._installed = False
+
+  def __enter__(self) -> StopSignal:
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._installed = True
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if not self._requested:
+      _log.warning("received signal %d: saving a checkpoint after the current step, then exiting",
+                   signum)
+    self._requested = True
+
+  def requested(self, step: int) -> bool:
+    """Whether to checkpoint and stop after `step` (the same answer on every process)."""
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
+
+  def __exit__(self, *exc_info) -> None:
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._installed = False
+
+
+def stopped_message(step: int, workdir: str) -> str:
+  return (f"stopped by SIGTERM (preemption) after step {step}: a checkpoint of that step is in "
+          f"{workdir}/checkpoints; rerun the same command to resume from it")
