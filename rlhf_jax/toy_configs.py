@@ -223,11 +223,13 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   c.rejection_sampling = rejection_sampling_stage()
 
   # best_of_n: the reward evaluation also scores by gold the best of n samples of the policy the
-  # reward models branched from, picked by each reward (() = off).
+  # reward models branched from (or the stage `best_of_n_policy` names), picked by each reward
+  # (() = off).
   # temperatures: with PPO stages, the gold and KL of their start policy sampled at these
   # temperatures (no reward model, no training): the baseline PPO must beat at equal KL.
   # rewards: "eval" also reports on the reward models in `stages` ("eval_rewards" always does).
   c.eval = ml_collections.ConfigDict(dict(max_new_tokens=48, temperature=1.0, batch_size=64,
                                           num_samples_shown=8, best_of_n=(1, 2, 4, 8),
-                                          temperatures=(1.0, 0.85, 0.7, 0.5), rewards=True))
+                                          best_of_n_policy="", temperatures=(1.0, 0.85, 0.7, 0.5),
+                                          rewards=True))
   return c

@@ -187,6 +187,21 @@ def test_toy_experiments_name_known_stages_and_data(name):
     assert config[stage].data.eval_source in ("", *world_data)
 
 
+def test_a_scratch_stage_starts_from_new_weights_and_best_of_n_names_its_policy():
+  """toy_big_rm: a second, larger trunk pretrained from scratch after the policy stages, its reward
+  models branching from it, and best of n on the small SFT policy's samples."""
+  config = experiment_config("toy_big_rm")
+  assert pipeline.parent_stage(config, "pretrain_big", previous_policy="sft") is None
+  assert pipeline.parent_stage(config, "sft_big", previous_policy="pretrain_big") == "pretrain_big"
+  assert pipeline.parent_stage(config, "rm_helpful_big", previous_policy="sft_big") == "sft_big"
+  assert config.pretrain_big.model.embed_dim > config.pretrain.model.embed_dim
+  assert config.eval.best_of_n_policy == "sft"
+  config.eval.best_of_n_policy = "sft_typo"
+  with pytest.raises(ValueError, match=r"config.eval.best_of_n_policy='sft_typo' names no training "
+                                       r"stage of config.stages \(pretrain, sft, feedback"):
+    pipeline.training_stages(config)
+
+
 def test_summaries_split_refusals_by_prompt_safety():
   rows = [
       dict(family="unsafe", unsafe=True, helpfulness=0.4, safety=1.0, combined=1.0, length=8.0,
