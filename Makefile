@@ -17,7 +17,7 @@ quickstart: $(STAMP)
 
 # The whole suite (what CI runs). `make test-fast` skips the slow end-to-end tests.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -q tests
+	$(PY) -m pytest -n 2 --dist loadfile -q --durations=25 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow" tests

@@ -32,6 +32,7 @@ import numpy as np
 
 from rlhf_jax import data, metrics, sharding
 from rlhf_jax.algorithms import common, ppo_rollout
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.toyworld import annotators, judge
 from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
@@ -49,11 +50,11 @@ def resolve_principles(principles: Sequence[str], key: str) -> tuple[str, ...]:
   """Names of PRINCIPLES -> their texts; other strings are principle texts. `key` names the config
   field in errors."""
   if isinstance(principles, str):
-    raise ValueError(f"{key}={principles!r}: give a list of principles, e.g. ('HARMLESS',)")
+    raise ConfigError(f"{key}={principles!r}: give a list of principles, e.g. ('HARMLESS',)")
   out = []
   for p in principles:
     if not isinstance(p, str) or not p.strip():
-      raise ValueError(f"{key} has an empty or non-text principle {p!r}; give names of "
+      raise ConfigError(f"{key} has an empty or non-text principle {p!r}; give names of "
                        f"{list(PRINCIPLES)} or principle texts")
     out.append(PRINCIPLES.get(p, p))
   return tuple(out)
@@ -182,13 +183,13 @@ def check_config(f: ml_collections.ConfigDict, stage: str, stages: Sequence[str]
   """Errors of an ai_feedback stage config, before any model loads."""
   key = f"config.{stage}"
   if not f.judge or f.judge not in stages:
-    raise ValueError(f"{key}.judge={f.judge!r} must name the judge's stage in config.stages "
+    raise ConfigError(f"{key}.judge={f.judge!r} must name the judge's stage in config.stages "
                      f"({', '.join(stages)})")
   if f.prompts < 1 or f.eval_prompts < 1:
-    raise ValueError(f"{key}.prompts and .eval_prompts must be >= 1 (got {f.prompts}, "
+    raise ConfigError(f"{key}.prompts and .eval_prompts must be >= 1 (got {f.prompts}, "
                      f"{f.eval_prompts})")
   if f.judge_batch_size % judge.ROW_BUCKET:
-    raise ValueError(f"{key}.judge_batch_size={f.judge_batch_size} must be a multiple of "
+    raise ConfigError(f"{key}.judge_batch_size={f.judge_batch_size} must be a multiple of "
                      f"{judge.ROW_BUCKET}")
   resolve_principles(f.principles, f"{key}.principles")
   world_lib.World(0).tasks(1, seed=0, families=tuple(f.families) or None)  # unknown families
@@ -207,7 +208,7 @@ def collect(config: ml_collections.ConfigDict, stage: str, stage_dir: str, paths
     return out
   check_config(f, stage, config.stages)
   if not policy_export:
-    raise ValueError(f"config.{stage} (ai_feedback) needs a policy stage before it to sample from")
+    raise ConfigError(f"config.{stage} (ai_feedback) needs a policy stage before it to sample from")
   mesh = sharding.make_mesh(config.mesh.shape)
   tokenizer = data.load_tokenizer(paths["tokenizer"])
   policy, ai_judge = common.load_policy(policy_export, mesh), common.load_policy(judge_export, mesh)
@@ -239,7 +240,7 @@ def collect(config: ml_collections.ConfigDict, stage: str, stage_dir: str, paths
 def check_judge_reward(reward_cfg: ml_collections.ConfigDict, samples_per_prompt: int) -> None:
   """Errors of PPO's `config.ppo.reward.judge` (direct RLAIF), before any model loads."""
   if samples_per_prompt < 2:
-    raise ValueError(f"config.ppo.reward.judge compares a prompt's samples with each other: set "
+    raise ConfigError(f"config.ppo.reward.judge compares a prompt's samples with each other: set "
                      f"config.ppo.samples_per_prompt >= 2 (it is {samples_per_prompt})")
   resolve_principles(reward_cfg.judge_principles, "config.ppo.reward.judge_principles")
 

@@ -30,6 +30,7 @@ import numpy as np
 from rlhf_jax import checkpoint, data, metrics, sharding
 from rlhf_jax.algorithms import ai_feedback, common, sft
 from rlhf_jax.algorithms.ppo import load_prompts
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.toyworld import annotators, judge
 from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
@@ -101,21 +102,21 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   c = config.constitutional
   constitution = ai_feedback.resolve_principles(c.constitution, "config.constitutional.constitution")
   if not constitution:
-    raise ValueError("config.constitutional.constitution is empty: give principle names "
+    raise ConfigError("config.constitutional.constitution is empty: give principle names "
                      f"({', '.join(ai_feedback.PRINCIPLES)}) or texts")
   if not c.judge:
-    raise ValueError("config.constitutional.judge is empty: give the AI judge's export (in a "
+    raise ConfigError("config.constitutional.judge is empty: give the AI judge's export (in a "
                      "pipeline, its stage name)")
   if not config.init_from:
-    raise ValueError("config.init_from is empty: SL-CAI revises a policy's responses")
+    raise ConfigError("config.init_from is empty: SL-CAI revises a policy's responses")
   if c.n_revisions < 1 or c.prompts < 1:
-    raise ValueError(f"config.constitutional.n_revisions and .prompts must be >= 1 (got "
+    raise ConfigError(f"config.constitutional.n_revisions and .prompts must be >= 1 (got "
                      f"{c.n_revisions}, {c.prompts})")
   if not 0.0 <= c.helpful_fraction < 1.0:
-    raise ValueError(f"config.constitutional.helpful_fraction={c.helpful_fraction} must be in "
+    raise ConfigError(f"config.constitutional.helpful_fraction={c.helpful_fraction} must be in "
                      "[0, 1)")
   if c.helpful_fraction > 0 and not c.helpful_source:
-    raise ValueError("config.constitutional.helpful_fraction > 0 needs "
+    raise ConfigError("config.constitutional.helpful_fraction > 0 needs "
                      "config.constitutional.helpful_source (SFT records)")
   world_lib.World(0).tasks(1, seed=0, families=tuple(c.families) or None)  # unknown families
   return constitution
@@ -131,7 +132,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tasks = [t for t in load_prompts(config.data.source)
              if not c.families or t.get("family") in c.families][:c.prompts]
     if not tasks or not all("family" in t and "answer" in t for t in tasks):
-      raise ValueError(f"config.data.source={config.data.source}: SL-CAI needs toy-world task "
+      raise ConfigError(f"config.data.source={config.data.source}: SL-CAI needs toy-world task "
                        f"records of families {tuple(c.families)} (with 'family' and 'answer')")
     mesh = sharding.make_mesh(config.mesh.shape)
     tokenizer = data.load_tokenizer(config.data.tokenizer or checkpoint.read_export_metadata(

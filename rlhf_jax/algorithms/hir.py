@@ -44,6 +44,7 @@ from rlhf_jax import checkpoint, data, metrics, sharding
 from rlhf_jax.algorithms import common
 from rlhf_jax.algorithms.ppo import load_prompts
 from rlhf_jax.algorithms.rejection_sampling import best_of_k
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.losses.common import shift_for_next_token
 from rlhf_jax.losses.hir import hir_loss
 from rlhf_jax.models import apply
@@ -194,19 +195,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in ("rounds", "prompts_per_round", "samples_per_prompt", "batch_prompts",
                "max_prompt_len", "max_new_tokens"):
     if not isinstance(h[name], int) or h[name] < 1:
-      raise ValueError(f"config.hir.{name}={h[name]!r}: must be a positive integer")
+      raise ConfigError(f"config.hir.{name}={h[name]!r}: must be a positive integer")
   if not isinstance(h.negatives, int) or h.negatives < 0:
-    raise ValueError(f"config.hir.negatives={h.negatives!r}: must be an integer >= 0 (0: no "
+    raise ConfigError(f"config.hir.negatives={h.negatives!r}: must be an integer >= 0 (0: no "
                      "contrastive term)")
   if not h.temperature > 0:
-    raise ValueError(f"config.hir.temperature={h.temperature!r}: must be > 0 (sampling)")
+    raise ConfigError(f"config.hir.temperature={h.temperature!r}: must be > 0 (sampling)")
   for name in ("contrastive_coef", "entropy_coef"):
     if h[name] < 0:
-      raise ValueError(f"config.hir.{name}={h[name]!r}: must be >= 0")
+      raise ConfigError(f"config.hir.{name}={h[name]!r}: must be >= 0")
   if not 0.0 <= h.min_gold <= 1.0:
-    raise ValueError(f"config.hir.min_gold={h.min_gold!r}: gold scores lie in [0, 1]")
+    raise ConfigError(f"config.hir.min_gold={h.min_gold!r}: gold scores lie in [0, 1]")
   if not config.init_from:
-    raise ValueError("config.init_from is empty: HIR starts from a policy export (e.g. SFT's)")
+    raise ConfigError("config.init_from is empty: HIR starts from a policy export (e.g. SFT's)")
 
 
 def load_tasks(source: str, needed: int) -> list[dict]:
@@ -220,7 +221,7 @@ def load_tasks(source: str, needed: int) -> list[dict]:
                        f"'prompt' and {', '.join(TASK_FIELDS)}; missing {missing}): the toy "
                        "world's gold functions are its feedback")
   if len(tasks) < needed:
-    raise ValueError(f"config.hir: {len(tasks)} prompts in {source} < rounds x prompts_per_round "
+    raise ConfigError(f"config.hir: {len(tasks)} prompts in {source} < rounds x prompts_per_round "
                      f"= {needed}; every round samples fresh prompts")
   return tasks[:needed]
 

@@ -40,6 +40,7 @@ from rlhf_jax import checkpoint, data, generate, metrics, preemption, sharding
 from rlhf_jax.algorithms import ai_feedback, common, ppo_rollout
 from rlhf_jax.algorithms.reward import cast_params
 from rlhf_jax.data.loader import Batching
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.losses import kl as kl_losses
 from rlhf_jax.losses import ppo as ppo_losses
 from rlhf_jax.losses.common import masked_mean
@@ -232,13 +233,13 @@ def check_group_config(config: ml_collections.ConfigDict, estimator: str) -> Non
     return
   name = config.algorithm
   if p.samples_per_prompt < 2:
-    raise ValueError(f"config.algorithm={name!r} compares a prompt's samples: set "
+    raise ConfigError(f"config.algorithm={name!r} compares a prompt's samples: set "
                      f"config.ppo.samples_per_prompt >= 2 (it is {p.samples_per_prompt})")
   if p.reward_baseline != "none":
-    raise ValueError(f"config.ppo.reward_baseline={p.reward_baseline!r} is PPO's option; "
+    raise ConfigError(f"config.ppo.reward_baseline={p.reward_baseline!r} is PPO's option; "
                      f"{name} has its own baseline: set it to 'none'")
   if p.kl.adaptive:
-    raise ValueError(f"config.ppo.kl.adaptive=True: {name} uses a fixed config.ppo.kl.beta")
+    raise ConfigError(f"config.ppo.kl.adaptive=True: {name} uses a fixed config.ppo.kl.beta")
 
 
 def _value_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -254,34 +255,34 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   p = config.ppo
   estimator = ESTIMATOR_OF.get(config.algorithm)
   if estimator is None:
-    raise ValueError(f"config.algorithm={config.algorithm!r}: ppo.train runs "
+    raise ConfigError(f"config.algorithm={config.algorithm!r}: ppo.train runs "
                      f"{', '.join(ESTIMATOR_OF)}")
   check_group_config(config, estimator)
   mesh = sharding.make_mesh(config.mesh.shape)
   rows = p.prompts_per_iteration * p.samples_per_prompt
   if p.samples_per_prompt < 1 or rows % p.minibatches:
-    raise ValueError(f"config.ppo.prompts_per_iteration x samples_per_prompt = "
+    raise ConfigError(f"config.ppo.prompts_per_iteration x samples_per_prompt = "
                      f"{p.prompts_per_iteration} x {p.samples_per_prompt} is not a positive "
                      f"multiple of config.ppo.minibatches={p.minibatches}")
   if p.reward_baseline not in ppo_rollout.REWARD_BASELINES:  # fail before any model loads
-    raise ValueError(f"config.ppo.reward_baseline={p.reward_baseline!r}; choose one of "
+    raise ConfigError(f"config.ppo.reward_baseline={p.reward_baseline!r}; choose one of "
                      f"{ppo_rollout.REWARD_BASELINES}")
   if p.reward_baseline != "none" and p.samples_per_prompt < 2:
-    raise ValueError(f"config.ppo.reward_baseline={p.reward_baseline!r} compares a prompt's "
+    raise ConfigError(f"config.ppo.reward_baseline={p.reward_baseline!r} compares a prompt's "
                      f"samples: set config.ppo.samples_per_prompt >= 2 (it is "
                      f"{p.samples_per_prompt})")
   if p.reward.gold and p.reward.judge:
-    raise ValueError("config.ppo.reward.gold and config.ppo.reward.judge are both set; choose one")
+    raise ConfigError("config.ppo.reward.gold and config.ppo.reward.judge are both set; choose one")
   if p.reward.judge:
     ai_feedback.check_judge_reward(p.reward, p.samples_per_prompt)
   sharding.check_batch_size(rows // p.minibatches // p.accum_steps, mesh)
   if not config.init_from:
-    raise ValueError("config.init_from is empty: PPO starts from a policy export (e.g. the SFT run's)")
+    raise ConfigError("config.init_from is empty: PPO starts from a policy export (e.g. the SFT run's)")
   if p.value_model not in ("separate", "policy_head"):
-    raise ValueError(f"config.ppo.value_model={p.value_model!r}; choose 'separate' (a value model "
+    raise ConfigError(f"config.ppo.value_model={p.value_model!r}; choose 'separate' (a value model "
                      "from value_init_from) or 'policy_head' (a value head on the policy)")
   if p.value_head not in ("fresh", "export"):
-    raise ValueError(f"config.ppo.value_head={p.value_head!r}; choose 'fresh' (re-initialise the "
+    raise ConfigError(f"config.ppo.value_head={p.value_head!r}; choose 'fresh' (re-initialise the "
                      "value model's head) or 'export' (keep the exported one)")
   tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")
   tokenizer = data.load_tokenizer(tokenizer_dir)
@@ -289,11 +290,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_tasks = None
   if p.eval_every:
     if not config.data.eval_source:
-      raise ValueError("config.ppo.eval_every > 0 needs config.data.eval_source: held-out toy-world "
+      raise ConfigError("config.ppo.eval_every > 0 needs config.data.eval_source: held-out toy-world "
                        "tasks (e.g. the world's eval_tasks.jsonl)")
     eval_tasks = load_prompts(config.data.eval_source)[:p.eval_prompts or None]
     if not all("family" in r and "answer" in r for r in eval_tasks):
-      raise ValueError(f"config.data.eval_source={config.data.eval_source}: the held-out gold "
+      raise ConfigError(f"config.data.eval_source={config.data.eval_source}: the held-out gold "
                        "evaluation needs toy-world task records (with 'family' and 'answer')")
 
   # Policy + value in one state; reference and reward models frozen beside it.
@@ -341,7 +342,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rms, spec = {}, None
   elif p.reward.gold:  # the toy world's gold reward instead of reward models
     if not all("family" in r and "answer" in r for r in prompts):
-      raise ValueError(f"config.ppo.reward.gold=True needs toy-world task records in "
+      raise ConfigError(f"config.ppo.reward.gold=True needs toy-world task records in "
                        f"{config.data.source} (with 'family' and 'answer'); these prompts have none")
     rms, spec = {}, None
   else:

@@ -25,6 +25,7 @@ import numpy as np
 
 from rlhf_jax import data, generate, scoring
 from rlhf_jax.algorithms.reward import load_reward_model
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.losses import kl as kl_losses
 from rlhf_jax.losses import ppo as ppo_losses
 from rlhf_jax.losses import reward as reward_losses
@@ -118,7 +119,7 @@ def load_reward_models(cfg: ml_collections.ConfigDict, mesh, *, key: str, dtype:
   holds them in that dtype."""
   exports = {name: cfg[name] for name in ("helpful", "safety") if cfg[name]}
   if "helpful" not in exports:
-    raise ValueError(f"{key}.helpful is empty: give a reward-model export")
+    raise ConfigError(f"{key}.helpful is empty: give a reward-model export")
   return {name: load_reward_model(path, mesh, dtype=dtype) for name, path in exports.items()}
 
 
@@ -215,7 +216,7 @@ def baselined_reward(reward: Array, samples_per_prompt: int, kind: str) -> Array
     return reward
   if kind == "rloo":
     return ppo_losses.rloo_advantages(reward.reshape(-1, samples_per_prompt)).reshape(-1)
-  raise ValueError(f"config.ppo.reward_baseline={kind!r}; choose one of {REWARD_BASELINES}")
+  raise ConfigError(f"config.ppo.reward_baseline={kind!r}; choose one of {REWARD_BASELINES}")
 
 
 def encode_prompts(tokenizer, records: Sequence[dict], max_prompt_len: int) -> tuple[np.ndarray, np.ndarray]:

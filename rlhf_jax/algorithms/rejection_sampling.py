@@ -28,6 +28,7 @@ import numpy as np
 from rlhf_jax import checkpoint, data, generate, metrics, scoring, sharding
 from rlhf_jax.algorithms import common, ppo_rollout, sft
 from rlhf_jax.algorithms.ppo import load_prompts
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.toyworld import annotators
 from rlhf_jax.toyworld import world as world_lib
 
@@ -87,7 +88,7 @@ def policy_tokenizer(config: ml_collections.ConfigDict, *, key: str):
   """(tokenizer directory, tokenizer) of the policy export `config.init_from` (or
   `config.data.tokenizer`); `key` names the method in the error for an empty init_from."""
   if not config.init_from:
-    raise ValueError(f"config.init_from is empty: {key} starts from a policy export")
+    raise ConfigError(f"config.init_from is empty: {key} starts from a policy export")
   tokenizer_dir = (config.data.tokenizer
                    or checkpoint.read_export_metadata(config.init_from).get("tokenizer"))
   return tokenizer_dir, data.load_tokenizer(tokenizer_dir)
@@ -98,7 +99,7 @@ def step_prompts(prompts: list[dict], *, steps: int, per_step: int, fresh: bool,
   """The prompts of each of `steps` sampling steps: the first `per_step` of `prompts` every step,
   or with `fresh` the next `per_step` unseen ones; `key` names the config block in the error."""
   if fresh and steps * per_step > len(prompts):
-    raise ValueError(f"{key}.fresh_prompts: {steps} steps x {per_step} prompts each need "
+    raise ConfigError(f"{key}.fresh_prompts: {steps} steps x {per_step} prompts each need "
                      f"{steps * per_step} prompts; {source} has {len(prompts)}")
   return [prompts[s * per_step if fresh else 0:][:per_step] for s in range(steps)]
 
@@ -127,7 +128,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.maybe_initialize_distributed()
   rs = config.rejection_sampling
   if len(rs.temperatures) != rs.rounds:
-    raise ValueError(f"config.rejection_sampling.temperatures has {len(rs.temperatures)} entries for "
+    raise ConfigError(f"config.rejection_sampling.temperatures has {len(rs.temperatures)} entries for "
                      f"rounds={rs.rounds}; give one temperature per round")
   tokenizer_dir, tokenizer = policy_tokenizer(config, key="rejection sampling")
   round_prompts = step_prompts(load_prompts(config.data.source), steps=rs.rounds,

@@ -38,6 +38,7 @@ import numpy as np
 from rlhf_jax import checkpoint, metrics, sharding
 from rlhf_jax.algorithms import common, ppo_rollout, rejection_sampling
 from rlhf_jax.algorithms.ppo import load_prompts
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.toyworld import annotators
 
 _log = logging.getLogger(__name__)
@@ -49,20 +50,20 @@ def check_config(r: ml_collections.ConfigDict) -> None:
   for name in ("grow_steps", "prompts_per_grow", "samples_per_prompt", "batch_prompts",
                "max_new_tokens"):
     if r[name] < 1:
-      raise ValueError(f"config.rest.{name}={r[name]}; it must be >= 1")
+      raise ConfigError(f"config.rest.{name}={r[name]}; it must be >= 1")
   if r.temperature <= 0:
-    raise ValueError(f"config.rest.temperature={r.temperature}; it must be > 0")
+    raise ConfigError(f"config.rest.temperature={r.temperature}; it must be > 0")
   if r.threshold_kind not in THRESHOLD_KINDS:
-    raise ValueError(f"config.rest.threshold_kind={r.threshold_kind!r}; choose one of "
+    raise ConfigError(f"config.rest.threshold_kind={r.threshold_kind!r}; choose one of "
                      f"{THRESHOLD_KINDS}")
   thresholds = tuple(r.thresholds)
   if not thresholds:
-    raise ValueError("config.rest.thresholds is empty: give one threshold per Improve step")
+    raise ConfigError("config.rest.thresholds is empty: give one threshold per Improve step")
   if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
-    raise ValueError(f"config.rest.thresholds={thresholds} must rise strictly "
+    raise ConfigError(f"config.rest.thresholds={thresholds} must rise strictly "
                      "(tau_1 < tau_2 < ...): each Improve step keeps a better part of the Grow set")
   if r.threshold_kind == "quantile" and not all(0 < q < 1 for q in thresholds):
-    raise ValueError(f"config.rest.thresholds={thresholds}: quantiles must lie in (0, 1) "
+    raise ConfigError(f"config.rest.thresholds={thresholds}: quantiles must lie in (0, 1) "
                      "(threshold_kind='quantile'); use threshold_kind='absolute' for reward values")
 
 
