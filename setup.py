@@ -26,8 +26,12 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # nbclient + ipykernel: a test executes notebooks/compare_alignment_methods.ipynb.
     # torch: the reference for HF checkpoint parity (tests/test_hf.py); never imported by rlhf_jax.
+    # trl (+ accelerate, ~1.5 MB, seconds): tests/test_bench.py runs `bench --compare` at a tiny size.
     "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0", "nbclient>=0.11.0", "nbformat>=5.11.1",
-             "ipykernel>=7.4.0", "torch==2.13.0"],
+             "ipykernel>=7.4.0", "torch==2.13.0", "trl>=1.16.0"],
+    # `python -m rlhf_jax.bench --compare`: HF generate and TRL's DPO / GRPO trainers beside ours
+    # (rlhf_jax/bench_compare.py). torch exactly 2.13.0: another version pulls GBs of CUDA wheels.
+    "compare": ["torch==2.13.0", "transformers>=5.24.0", "trl>=1.16.0"],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
     "notebooks": ["jupyter", "nbconvert"],

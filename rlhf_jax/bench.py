@@ -18,9 +18,17 @@ FLOP/s by the fp32 (or bf16) matmul peak measured here, first, on the same devic
                                                           samples, score (policy, reference, value,
                                                           reward model), GAE, epochs x minibatches
                                                           of updates of policy and value
+  dpo_step     {tokens_per_s, pairs_per_s, ..., mfu}     DPO step with the reference's log-probs
+                                                          computed every step (a forward pass of the
+                                                          frozen reference, then the train step)
+  grpo_iteration {completions_per_s, ...}                one GRPO iteration: no value model, k3 KL
+                                                          to the reference in the loss, one update
+`--compare` runs generate, dpo_step and grpo_iteration beside HF `generate`, TRL's `DPOTrainer`
+and `GRPOTrainer` on the same weights (rlhf_jax/bench_compare.py; `pip install -e .[compare]`).
 The model is the Llama-style L6 d512 h8 MLP1344 vocab4096 config (`--model=bench`) unless
 `--model=llama3_1b` (Llama-3.2-1B's shape: L16 d2048 h32 kv8 MLP8192 vocab128256, tied embeddings,
-random weights) is chosen. On a GPU, e.g.:
+random weights) or `--model=tiny` (L2 d64, vocab 128: a smoke test of the code paths) is chosen.
+On a GPU, e.g.:
 
   python -m rlhf_jax.bench --model=llama3_1b --dtype=bfloat16 --matmul_n=8192 \
       --only=matmul_peak,sft_step --sft_seq_len=1024
@@ -33,8 +41,10 @@ reports it, `peak_bytes` (peak device memory in use).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import platform
+import sys
 import time
 
 import jax
@@ -42,20 +52,27 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from rlhf_jax import sharding
+from rlhf_jax import scoring, sharding
+from rlhf_jax.algorithms.dpo import make_dpo_loss_fn
 from rlhf_jax.algorithms.reward import make_reward_loss_fn
 from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
-from rlhf_jax.losses.reward import margin_table
 from rlhf_jax.configs import base_config
+from rlhf_jax.data.preference import Comparison, pack_comparisons
+from rlhf_jax.losses.reward import margin_table
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, llama_bench_config, split_model
 from rlhf_jax.models.config import PRESETS
 from rlhf_jax.train import create_train_state, make_optimizer, make_train_step, state_shardings
 
-BENCHES = ("matmul_peak", "sft_step", "rm_step", "generate", "ppo_iteration", "hbm_bandwidth", "decode")
-_ONLY = flags.DEFINE_list("only", ["matmul_peak", "sft_step", "rm_step", "generate", "ppo_iteration"],
-                          "Benchmarks to run.")
-_MODEL = flags.DEFINE_enum("model", "bench", ["bench", "llama3_1b"],
-                           "bench: L6 d512 vocab 4096; llama3_1b: Llama-3.2-1B's shape, random weights.")
+BENCHES = ("matmul_peak", "sft_step", "rm_step", "dpo_step", "generate", "ppo_iteration",
+           "grpo_iteration", "hbm_bandwidth", "decode")
+_ONLY = flags.DEFINE_list("only", ["matmul_peak", "sft_step", "rm_step", "dpo_step", "generate",
+                                   "ppo_iteration", "grpo_iteration"], "Benchmarks to run.")
+_MODEL = flags.DEFINE_enum("model", "bench", ["bench", "llama3_1b", "tiny"],
+                           "bench: L6 d512 vocab 4096; llama3_1b: Llama-3.2-1B's shape, random "
+                           "weights; tiny: L2 d64 vocab 128, to smoke-test the code paths.")
+_COMPARE = flags.DEFINE_bool("compare", False, "Run generate, dpo_step and grpo_iteration beside HF "
+                             "generate, TRL DPOTrainer and GRPOTrainer (ignores --only; needs the "
+                             "`compare` extra).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
                                  "Storage dtype of the parameters (bfloat16 for the decode bench).")
@@ -73,6 +90,11 @@ _RL_PROMPTS = flags.DEFINE_integer("rl_prompts", 2, "Prompts per PPO iteration."
 _RL_SAMPLES = flags.DEFINE_integer("rl_samples", 4, "Samples per prompt in a PPO iteration.")
 _RL_NEW = flags.DEFINE_integer("rl_new_tokens", 64, "New tokens per PPO sample.")
 _RL_EPOCHS = flags.DEFINE_integer("rl_epochs", 1, "PPO epochs per iteration (x 1 mini-batch).")
+_GRPO_BETA = flags.DEFINE_float("grpo_kl_beta", 0.04, "GRPO's k3 KL coefficient (> 0: a reference).")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "--compare: torch's intra-op threads "
+                                      "(0: the cores this process may use, as XLA).")
+_DPO_SEQUENCE = flags.DEFINE_integer("dpo_sequence_len", 128, "Tokens per DPO sequence (prompt + "
+                                     "response); pairs of them are packed into --sft_seq_len rows.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (after one warm-up).")
 _OUT = flags.DEFINE_string("out", "", "Also append the records to this JSONL file.")
 
@@ -131,20 +153,29 @@ def random_model(cfg: ModelConfig, mesh, seed: int = 0):
 
 
 def train_step_bench(cfg: ModelConfig, make_loss_fn, host: dict, repeats: int,
-                     peak_gflops: float | None) -> dict:
-  """Times the shared train step on `host` (a [B, T] batch of real tokens, no padding)."""
+                     peak_gflops: float | None, make_add_reference=None) -> dict:
+  """Times the shared train step on `host` (a [B, T] batch of real tokens, no padding).
+
+  make_add_reference(graphdef, mesh) -> add(reference params, batch) -> batch: when given, every
+  timed step first runs `add` on a frozen copy of the starting params (a reference forward pass,
+  counted as 1/3 of a train step's model FLOPs).
+  """
   mesh = sharding.make_mesh((-1, 1, 1))
   graphdef, abstract, psh, params = random_model(cfg, mesh)
+  # A copy: the step donates the params it is given.
+  reference = jax.tree.map(jnp.copy, params) if make_add_reference else None
   config = base_config()
   optimizer, schedule = make_optimizer(config.optim, 1000)
   shardings = state_shardings(optimizer, psh, abstract, mesh)
   state = create_train_state(params, optimizer, shardings, seed=0)
   step = make_train_step(make_loss_fn(graphdef), optimizer, mesh=mesh, state_shardings=shardings)
   data = sharding.put_batch(host, mesh)
+  add_reference = make_add_reference(graphdef, mesh) if make_add_reference else None
   holder = [state]
 
   def run():
-    holder[0], metrics = step(holder[0], data)
+    batch = add_reference(reference, data) if add_reference else data
+    holder[0], metrics = step(holder[0], batch)
     jax.block_until_ready(metrics)
 
   start = time.perf_counter()
@@ -153,7 +184,8 @@ def train_step_bench(cfg: ModelConfig, make_loss_fn, host: dict, repeats: int,
   seconds = timed(run, repeats)
   batch, seq_len = host["tokens"].shape
   tokens = batch * seq_len
-  gflops = cfg.flops_per_token(seq_len) * tokens / seconds / 1e9
+  passes = 4 / 3 if add_reference else 1.0  # + the reference's forward pass
+  gflops = passes * cfg.flops_per_token(seq_len) * tokens / seconds / 1e9
   record = {"batch": batch, "seq_len": seq_len, "step_s": seconds, "tokens_per_s": tokens / seconds,
             "model_gflops": gflops, "compile_s": max(first - seconds, 0.0), "remat": cfg.remat,
             **peak_memory()}
@@ -194,6 +226,50 @@ def rm_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflop
   return record
 
 
+def dpo_pairs(cfg: ModelConfig, count: int, sequence_len: int, prompt_len: int,
+              seed: int = 0) -> list[Comparison]:
+  """`count` random pairs: two `sequence_len`-token sequences sharing a `prompt_len`-token
+  prompt."""
+  rs = np.random.RandomState(seed)
+  out = []
+  for index in range(count):
+    prompt = rs.randint(3, cfg.vocab_size, prompt_len)
+    responses = rs.randint(3, cfg.vocab_size, (2, sequence_len - prompt_len))
+    sequences = [np.concatenate([prompt, r]).astype(np.int32) for r in responses]
+    out.append(Comparison(sequences=sequences, ranks=np.array([0, 1], np.int32), margin=-1,
+                          index=index, prompt_len=prompt_len))
+  return out
+
+
+def dpo_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflops: float | None,
+             sequence_len: int = 128, prompt_len: int = 64) -> dict:
+  """DPO (sigmoid, beta 0.1) with the reference's log-probs computed every step: a jitted forward
+  pass of the frozen reference, then the shared train step (the trainer's `reference="per_batch"`;
+  TRL's DPOTrainer without `precompute_ref_log_probs`). Rows of `seq_len` tokens packed with pairs
+  of `sequence_len`-token sequences (`prompt_len` prompt + response), as data/preference.py packs
+  them; every token is real, the response tokens are scored."""
+  per_row = seq_len // (2 * sequence_len)
+  if per_row < 1 or seq_len % (2 * sequence_len):
+    raise ValueError(f"dpo_step: seq_len={seq_len} must be a multiple of 2 x sequence_len="
+                     f"{sequence_len} (rows of whole pairs, no padding)")
+  host, count = pack_comparisons(dpo_pairs(cfg, batch * per_row, sequence_len, prompt_len),
+                                 seq_len, batch, per_row, 2)
+  assert count == batch * per_row
+  loss_cfg = base_config().dpo
+
+  def make_add_reference(graphdef, mesh):
+    logps = jax.jit(lambda params, batch: scoring.comparison_logps(graphdef, params, batch)[0],
+                    out_shardings=sharding.batch_sharding(mesh))
+    return lambda reference, batch: {**batch, "ref_logps": logps(reference, batch)}
+
+  record = train_step_bench(cfg, lambda graphdef: make_dpo_loss_fn(graphdef, loss_cfg),
+                            {k: v for k, v in host.items() if k != "comparison"}, repeats,
+                            peak_gflops, make_add_reference=make_add_reference)
+  record.update(sequence_len=sequence_len, prompt_len=prompt_len, pairs=count,
+                pairs_per_s=count / record["step_s"], reference="per_step")
+  return record
+
+
 def generate_bench(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int):
   from rlhf_jax import generate
 
@@ -227,30 +303,37 @@ def decode(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repea
 
 
 def ppo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int, new_tokens: int,
-                  epochs: int, repeats: int) -> dict:
+                  epochs: int, repeats: int, estimator: str = "gae", kl_beta: float = 0.05) -> dict:
   """A whole PPO iteration (algorithms/ppo.make_iteration, as the trainer runs it) on random
-  models of the bench shape: policy, frozen reference, value model and one reward model."""
+  models of the bench shape: policy, frozen reference, one reward model and (estimator "gae") a
+  value model. estimator "grpo": GRPO, no value model and `kl_beta` x k3 KL to the reference in
+  the loss (`grpo_iteration`)."""
   from rlhf_jax.algorithms import ppo, ppo_rollout
 
   mesh = sharding.make_mesh((-1, 1, 1))
   value_cfg = dataclasses.replace(cfg, head="scalar")
   policy_gd, policy_abs, policy_psh, policy = random_model(cfg, mesh, seed=0)
-  value_gd, value_abs, value_psh, value = random_model(value_cfg, mesh, seed=1)
-  psh, params = {"policy": policy_psh, "value": value_psh}, {"policy": policy, "value": value}
+  psh, params, abstract = {"policy": policy_psh}, {"policy": policy}, {"policy": policy_abs}
+  value_gd = None
+  if estimator == "gae":
+    value_gd, abstract["value"], psh["value"], params["value"] = random_model(value_cfg, mesh,
+                                                                             seed=1)
   reference = jax.tree.map(jnp.copy, policy)  # the policy's start, as in the trainer
-  reward_params = {"helpful": random_model(value_cfg, mesh, seed=2)[3]}
+  reward_gd, _, _, reward = random_model(value_cfg, mesh, seed=2)
+  reward_params = {"helpful": reward}
   config = base_config()
   p = config.ppo
   p.update(prompts_per_iteration=prompts, samples_per_prompt=samples, max_new_tokens=new_tokens, epochs=epochs,
            minibatches=1)
+  p.kl.beta = kl_beta
   optimizer, _ = make_optimizer(config.optim, 1000)
-  abstract = {"policy": policy_abs, "value": value_abs}
   shardings = state_shardings(optimizer, psh, abstract, mesh)
   holder = [create_train_state(params, optimizer, shardings, seed=0)]
   spec = ppo_rollout.RewardSpec(names=("helpful",), stats={"helpful": {"mean": 0.0, "std": 1.0}})
-  iterate = ppo.make_iteration(policy_gd, value_gd, {"helpful": value_gd}, cfg, spec, optimizer,
+  # eos_id -1: no EOS, every sample is full length.
+  iterate = ppo.make_iteration(policy_gd, value_gd, {"helpful": reward_gd}, cfg, spec, optimizer,
                                mesh=mesh, policy_shardings=psh["policy"], shardings=shardings,
-                               cfg=p, eos_id=-1, pad_id=0)  # no EOS: every sample is full length
+                               cfg=p, eos_id=-1, pad_id=0, estimator=estimator)
   rs = np.random.RandomState(0)
   prompt = rs.randint(3, cfg.vocab_size, (prompts, prompt_len)).astype(np.int32)
   mask, unsafe = np.ones_like(prompt, bool), np.zeros(len(prompt), bool)
@@ -259,7 +342,7 @@ def ppo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int,
   def run():
     calls[0] += 1
     holder[0], info = iterate(holder[0], reference, reward_params, prompt, mask, unsafe,
-                              jax.random.key(calls[0]), 0.05)
+                              jax.random.key(calls[0]), kl_beta)
     jax.block_until_ready((holder[0].params, info))
 
   start = time.perf_counter()
@@ -268,14 +351,27 @@ def ppo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int,
   seconds = timed(run, repeats)
   completions = prompts * samples
   return {"prompts": prompts, "samples_per_prompt": samples, "prompt_len": prompt_len,
-          "new_tokens": new_tokens, "epochs": epochs, "minibatches": 1, "iteration_s": seconds,
-          "first_iteration_s": first, "completions_per_s": completions / seconds,
+          "new_tokens": new_tokens, "epochs": epochs, "minibatches": 1, "estimator": estimator,
+          "kl_beta": kl_beta, "iteration_s": seconds, "first_iteration_s": first,
+          "completions_per_s": completions / seconds,
           "new_tokens_per_s": completions * new_tokens / seconds}
 
 
+def grpo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int, new_tokens: int,
+                   repeats: int, kl_beta: float = 0.04) -> dict:
+  """One GRPO iteration (TRL GRPOTrainer's step with num_iterations=1): sample prompts x samples,
+  score (policy, reference, one reward model), group-normalised advantages, one update of the
+  policy with `kl_beta` x k3 KL to the reference in the loss. No value model."""
+  return ppo_iteration(cfg, prompts, samples, prompt_len, new_tokens, epochs=1, repeats=repeats,
+                       estimator="grpo", kl_beta=kl_beta)
+
+
 llama3_1b_config = PRESETS["llama3_1b"]
+tiny_config = functools.partial(llama_bench_config, vocab_size=128, num_layers=2, embed_dim=64,
+                                num_heads=4, num_kv_heads=2, mlp_dim=128, max_seq_len=512)
 MODELS = {"bench": {"config": llama_bench_config, "name": "llama L6 d512 h8 mlp1344 v4096"},
-          "llama3_1b": {"config": llama3_1b_config, "name": "llama3.2-1B shape L16 d2048 h32 kv8 mlp8192 v128256"}}
+          "llama3_1b": {"config": llama3_1b_config, "name": "llama3.2-1B shape L16 d2048 h32 kv8 mlp8192 v128256"},
+          "tiny": {"config": tiny_config, "name": "llama L2 d64 h4 kv2 mlp128 v128"}}
 
 
 def main(argv):
@@ -296,27 +392,48 @@ def main(argv):
     records.append(record)
     print(json.dumps(record), flush=True)
 
+  if _COMPARE.value:
+    from rlhf_jax import bench_compare  # the only module that imports torch, transformers and trl
+
+    compared = []
+    for name, record in bench_compare.compare(
+        cfg, gen_batches=[int(b) for b in _GEN_BATCHES.value], prompt_len=_PROMPT.value,
+        new_tokens=_NEW.value, dpo_rows=_SFT_BATCH.value, dpo_seq_len=_SFT_SEQ.value,
+        dpo_sequence_len=_DPO_SEQUENCE.value, rl_prompts=_RL_PROMPTS.value,
+        rl_samples=_RL_SAMPLES.value, rl_new_tokens=_RL_NEW.value, kl_beta=_GRPO_BETA.value,
+        repeats=_REPEATS.value, torch_threads=_TORCH_THREADS.value or None):
+      emit(name, record)
+      if name == "compare":
+        compared.append(record)
+    print(bench_compare.table(compared), flush=True)
+  only = () if _COMPARE.value else _ONLY.value
   peak = None
-  if "matmul_peak" in _ONLY.value:
+  if "matmul_peak" in only:
     peak = matmul_peak(_DTYPE.value, _REPEATS.value, n=_MATMUL_N.value)
     emit("matmul_peak", peak)
     peak = peak["gflops"]
-  if "sft_step" in _ONLY.value:
+  if "sft_step" in only:
     emit("sft_step", sft_step(cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak))
-  if "rm_step" in _ONLY.value:
+  if "rm_step" in only:
     emit("rm_step", rm_step(cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak))
-  if "generate" in _ONLY.value:
+  if "dpo_step" in only:
+    emit("dpo_step", dpo_step(cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak,
+                              sequence_len=_DPO_SEQUENCE.value, prompt_len=_PROMPT.value))
+  if "generate" in only:
     for b in _GEN_BATCHES.value:
       emit("generate", generate_bench(cfg, int(b), _PROMPT.value, _NEW.value, _REPEATS.value))
-  if "ppo_iteration" in _ONLY.value:
+  if "ppo_iteration" in only:
     emit("ppo_iteration", ppo_iteration(cfg, _RL_PROMPTS.value, _RL_SAMPLES.value, _PROMPT.value,
                                         _RL_NEW.value, _RL_EPOCHS.value, _REPEATS.value))
+  if "grpo_iteration" in only:
+    emit("grpo_iteration", grpo_iteration(cfg, _RL_PROMPTS.value, _RL_SAMPLES.value, _PROMPT.value,
+                                          _RL_NEW.value, _REPEATS.value, kl_beta=_GRPO_BETA.value))
   bandwidth = None
-  if "hbm_bandwidth" in _ONLY.value:
+  if "hbm_bandwidth" in only:
     bandwidth = hbm_bandwidth(_REPEATS.value)
     emit("hbm_bandwidth", bandwidth)
     bandwidth = bandwidth["gbps"]
-  if "decode" in _ONLY.value:
+  if "decode" in only:
     emit("decode", decode(cfg, _DECODE_BATCH.value, _PROMPT.value, _NEW.value, _REPEATS.value, bandwidth))
   if _OUT.value:
     with open(_OUT.value, "a") as f:
@@ -325,4 +442,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # bench_compare imports rlhf_jax.bench: make that this module, not a second copy (which would
+  # define every flag again).
+  sys.modules.setdefault("rlhf_jax.bench", sys.modules[__name__])
   app.run(main)

@@ -34,6 +34,75 @@ def test_ppo_iteration_record(tiny):
   assert np.isfinite(record["first_iteration_s"]) and record["first_iteration_s"] > 0
 
 
+@pytest.mark.slow  # compiles the reference pass and the DPO step
+def test_dpo_step_record(tiny):
+  record = bench.dpo_step(tiny, batch=8, seq_len=64, repeats=1, peak_gflops=100.0, sequence_len=32,
+                          prompt_len=8)
+  assert record["pairs"] == 8 and record["reference"] == "per_step"  # one pair per 64-token row
+  assert record["tokens_per_s"] == pytest.approx(8 * 64 / record["step_s"])
+  assert record["pairs_per_s"] == pytest.approx(8 / record["step_s"])
+  # The reference's forward pass is a third of a train step's FLOPs.
+  gflops = 4 / 3 * tiny.flops_per_token(64) * 8 * 64 / record["step_s"] / 1e9
+  assert record["model_gflops"] == pytest.approx(gflops)
+  assert record["mfu"] == pytest.approx(gflops / 100.0)
+
+
+def test_dpo_pairs_share_their_prompt(tiny):
+  pairs = bench.dpo_pairs(tiny, 3, sequence_len=16, prompt_len=4)
+  for pair in pairs:
+    chosen, rejected = pair.sequences
+    assert len(chosen) == len(rejected) == 16 and pair.prompt_len == 4
+    np.testing.assert_array_equal(chosen[:4], rejected[:4])
+  assert [p.index for p in pairs] == [0, 1, 2]
+
+
+@pytest.mark.slow  # compiles sampler, scoring and update (~30 s)
+def test_grpo_iteration_record(tiny):
+  record = bench.grpo_iteration(tiny, prompts=2, samples=4, prompt_len=8, new_tokens=8, repeats=1,
+                                kl_beta=0.1)
+  assert (record["estimator"], record["kl_beta"], record["epochs"]) == ("grpo", 0.1, 1)
+  assert record["completions_per_s"] == pytest.approx(8 / record["iteration_s"])
+
+
+def test_compare_tokenizer_has_one_id_per_word():
+  from rlhf_jax import bench_compare  # imports neither torch nor trl
+
+  tok = bench_compare.word_tokenizer(16)
+  assert tok("w4 w5 w15 ")["input_ids"] == [4, 5, 15]  # no BOS: n words are n tokens
+  assert tok("w4 w5" + " w6</s>")["input_ids"] == [4, 5, 6, tok.eos_token_id]  # TRL's DPO EOS
+  assert tok.decode([4, 5, 2, 0, 6], skip_special_tokens=True) == "w4 w5 w6"
+  assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+
+
+@pytest.mark.slow  # exports, compiles ours and runs HF generate, TRL DPO and GRPO trainers
+def test_compare_with_hf_and_trl(tmp_path):
+  pytest.importorskip("trl", reason="bench --compare needs trl: pip install -e .[compare]")
+  from rlhf_jax import bench_compare
+
+  records = list(bench_compare.compare(
+      bench.tiny_config(), gen_batches=[8], prompt_len=8, new_tokens=8, dpo_rows=8, dpo_seq_len=64,
+      dpo_sequence_len=32, rl_prompts=2, rl_samples=4, rl_new_tokens=8, kl_beta=0.04, repeats=1,
+      torch_threads=1, workdir=str(tmp_path)))
+  assert [name for name, _ in records] == ["generate", "hf_generate", "compare", "dpo_step",
+                                           "trl_dpo_step", "compare", "grpo_iteration",
+                                           "trl_grpo_step", "compare"]
+  by_name = dict(records)
+  assert by_name["trl_dpo_step"]["pairs"] == by_name["dpo_step"]["pairs"] == 8
+  # Both sides count every token of the 8 pairs of 2 x 32-token sequences.
+  assert by_name["trl_dpo_step"]["tokens_per_s"] == pytest.approx(
+      8 * 2 * 32 / by_name["trl_dpo_step"]["step_s"])
+  assert by_name["trl_grpo_step"]["completions_per_s"] == pytest.approx(
+      8 / by_name["trl_grpo_step"]["iteration_s"])
+  assert by_name["hf_generate"]["torch_threads"] == 1 and by_name["hf_generate"]["trl"]
+  compared = [record for name, record in records if name == "compare"]
+  assert [r["name"] for r in compared] == ["compare_generate_b8", "compare_dpo_step",
+                                           "compare_grpo_iteration"]
+  for r in compared:
+    assert r["theirs"] > 0 and r["ratio"] == pytest.approx(r["ours"] / r["theirs"])
+  assert "compare_dpo_step" in bench_compare.table(compared)
+  assert not list(tmp_path.iterdir())  # the exports are removed
+
+
 @pytest.mark.slow  # two sampler compiles and a timed bandwidth pass (~45 s)
 def test_decode_record_against_bandwidth(tiny):
   bf16 = tiny.replace(dtype="bfloat16", param_dtype="bfloat16")
@@ -51,4 +120,5 @@ def test_llama3_1b_shape_and_model_flag():
   cfg = bench.llama3_1b_config()
   assert cfg.num_params() == 1_235_814_400  # Llama-3.2-1B's published count, tied embeddings
   assert bench.MODELS["bench"]["config"]().num_layers == 6
-  assert set(bench.BENCHES) >= {"sft_step", "decode", "hbm_bandwidth"}
+  assert set(bench.BENCHES) >= {"sft_step", "decode", "hbm_bandwidth", "dpo_step", "grpo_iteration"}
+  assert bench.MODELS["tiny"]["config"]().num_layers == 2
