@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import data, metrics
-from rlhf_jax.algorithms import ai_feedback, pipeline
+from rlhf_jax.algorithms import ai_feedback, pipeline, reward_eval
 from rlhf_jax.toyworld import evaluate as gold_eval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,7 +119,7 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   # Best of n SFT samples under each reward, scored by gold; n = 1 is a plain sample (KL 0).
   assert best_of_n["policy"].endswith(os.path.join("sft", "export")) and best_of_n["prompts"] == 24
   assert best_of_n["n"] == [1, 2] and best_of_n["kl"] == pytest.approx([0.0, np.log(2) - 0.5])
-  for name in ("rm_helpful", "rm_safety", "combined (llama2)"):
+  for name in ("rm_helpful", "rm_safety", "combined (llama2)", reward_eval.LIKELIHOOD):
     curve = best_of_n[name]["combined"]
     assert curve[0] == pytest.approx(best_of_n["mean"]["combined"])
     assert 0.0 <= curve[1] <= best_of_n["oracle"]["combined"] + 1e-9

@@ -675,6 +675,28 @@ def test_rejection_sampling_keeps_the_best_of_k_across_rounds(tmp_path, exports,
                                   str(workdir))["rounds"] == 2
 
 
+def test_best_of_k_reports_each_samples_mean_logprob(tokenizer, tasks):
+  """best_of_k's `mean_logprob` is the sampler's per-token log-probs averaged over each sample's
+  real tokens (the best-of-n "reward" that needs no reward model)."""
+  logprobs = jnp.array([[-1.0, -2.0, -3.0, 0.0], [-0.5, -0.5, 0.0, 0.0], [-4.0, 0.0, 0.0, 0.0]])
+  lengths = jnp.array([3, 2, 1])
+
+  def sampler(params, tokens, mask, rng, *, max_new_tokens, temperature, eos_id, pad_id):
+    del params, mask, rng, max_new_tokens, temperature, pad_id
+    rows = tokens.shape[0]
+    valid = jnp.arange(4)[None] < jnp.tile(lengths, rows // 3)[:, None]
+    return generate.GenerateOutput(jnp.where(valid, eos_id, 0).astype(jnp.int32),
+                                   jnp.tile(logprobs, (rows // 3, 1)), valid,
+                                   jnp.tile(lengths, rows // 3))
+
+  out = rejection_sampling.best_of_k(None, sampler, {}, None, tokenizer, tasks[:2], k=3,
+                                     temperature=1.0, max_new_tokens=4,
+                                     max_prompt_len=MAX_PROMPT_LEN, batch_prompts=2,
+                                     rng=jax.random.key(0))
+  for prompt in out:
+    np.testing.assert_allclose(prompt["mean_logprob"], [-2.0, -0.5, -4.0])
+
+
 @pytest.mark.slow
 def test_rejection_sampling_stopped_in_each_round_ends_identically(tmp_path, exports, tokenizer_dir,
                                                                    compilation_cache):

@@ -39,7 +39,8 @@ def best_of_k(policy_params, sampler, rms: dict, spec, tokenizer, prompts: list[
               temperature: float, max_new_tokens: int, max_prompt_len: int, batch_prompts: int,
               rng) -> list[dict]:
   """For each prompt, K samples scored by `spec`: [{"record", "texts" [K], "rewards" [K],
-  "scores" {model name: [K] raw scores}}] ("rewards" only with a spec)."""
+  "scores" {model name: [K] raw scores}, "mean_logprob" [K]: the policy's mean per-token log-prob
+  of each sample at `temperature`}] ("rewards" only with a spec)."""
   score = jax.jit(lambda params, batch: {
       name: scoring.last_token_scores(rm.graphdef, params[name], batch["tokens"],
                                       batch["segment_ids"], batch["positions"])
@@ -61,9 +62,12 @@ def best_of_k(policy_params, sampler, rms: dict, spec, tokenizer, prompts: list[
                if reward_fn is not None else None)
     scores = {name: np.asarray(x).reshape(len(chunk), k) for name, x in scores.items()}
     texts = ppo_rollout.decode_responses(tokenizer, gen)
+    mean_logprob = np.asarray(jnp.sum(gen.logprobs, axis=1) / jnp.maximum(gen.lengths, 1))
+    mean_logprob = mean_logprob.reshape(len(chunk), k)
     for i, record in enumerate(chunk):
       out.append({"record": record, "texts": texts[i * k:(i + 1) * k],
                   "scores": {name: x[i] for name, x in scores.items()},
+                  "mean_logprob": mean_logprob[i],
                   **({"rewards": rewards[i]} if rewards is not None else {})})
   return out
 

@@ -72,6 +72,10 @@ def within_prompt_corr(rewards: np.ndarray, gold: np.ndarray) -> float | None:
   return float((r * g).sum() / denom) if denom > 0 else None
 
 
+# The best-of-n "reward" that needs no reward model: the policy's own per-token log-prob of a sample.
+LIKELIHOOD = "policy mean log-prob"
+
+
 def best_of_n_report(policy, rms: dict, rewards: dict, tokenizer, tasks: Sequence[dict],
                      ns: Sequence[int], *, max_new_tokens: int, temperature: float, rng,
                      max_prompt_len: int = 128, batch_prompts: int = 32) -> dict:
@@ -79,7 +83,8 @@ def best_of_n_report(policy, rms: dict, rewards: dict, tokenizer, tasks: Sequenc
   {"combined" [..], "helpfulness" [..], "safety" [..], "within_prompt_corr": {family: r}}}: gold
   of each reward's best of n (one entry per n), on toy-world `tasks`, one sample set for all
   rewards, and how well the reward orders each prompt's samples by gold combined
-  (`within_prompt_corr`, per task family and "all").
+  (`within_prompt_corr`, per task family and "all"); also for the policy's own mean log-prob of
+  each sample (`LIKELIHOOD`), the selection a confident policy makes without any reward model.
 
   rms: {model name: RewardModel}; rewards: {reward name: (RewardSpec, {spec role: model name})},
   e.g. {"combined": (spec, {"helpful": "rm_helpful", "safety": "rm_safety"})}.
@@ -97,14 +102,19 @@ def best_of_n_report(policy, rms: dict, rewards: dict, tokenizer, tasks: Sequenc
   out = {"n": list(ns), "kl": [best_of_n_kl(n) for n in ns], "prompts": len(samples),
          "mean": {key: float(g.mean()) for key, g in gold.items()},
          "oracle": {key: float(g.max(-1).mean()) for key, g in gold.items()}}
+  def curve(values: np.ndarray) -> dict:  # values: [P, k], one per sample
+    c = {key: [best_of_n_gold(g, values, n) for n in ns] for key, g in gold.items()}
+    c["within_prompt_corr"] = {
+        f: within_prompt_corr(values[families == f], gold["combined"][families == f])
+        for f in sorted(set(families))}
+    c["within_prompt_corr"]["all"] = within_prompt_corr(values, gold["combined"])
+    return c
+
   for name, (spec, roles) in rewards.items():
     scores = {role: np.stack([s["scores"][roles[role]] for s in samples]) for role in spec.names}
-    reward_values = np.asarray(spec(scores, unsafe))
-    out[name] = {key: [best_of_n_gold(g, reward_values, n) for n in ns] for key, g in gold.items()}
-    out[name]["within_prompt_corr"] = {
-        f: within_prompt_corr(reward_values[families == f], gold["combined"][families == f])
-        for f in sorted(set(families))}
-    out[name]["within_prompt_corr"]["all"] = within_prompt_corr(reward_values, gold["combined"])
+    out[name] = curve(np.asarray(spec(scores, unsafe)))
+  # No reward model: the policy's own mean log-prob of each sample (at the sampling temperature).
+  out[LIKELIHOOD] = curve(np.stack([s["mean_logprob"] for s in samples]))
   return out
 
 
