@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
       decay_norms_biases_embeddings=False, schedule="cosine", warmup_steps=20, min_lr_ratio=0.1,
       grad_clip_norm=1.0,
       # A step whose gradient holds a NaN or Inf is skipped (params and moments unchanged; counted
-      # in the `skipped_steps` metric), via optax.apply_if_finite; see train.max_nonfinite_steps.
+      # in the `skipped_steps` metric), see train.max_nonfinite_steps and train/optim.skip_nonfinite.
       skip_nonfinite=True))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -69,13 +70,36 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
     labels = lambda params: jax.tree.map(lambda t: "train" if t else "freeze", trainable(params))
     optimizer = optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
   if cfg.get("skip_nonfinite", True):
-    # Never apply a non-finite update, however long the streak: the driver stops the run
-    # (`check_nonfinite`) while the params are still the last finite ones.
-    optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=_NEVER)
+    optimizer = skip_nonfinite(optimizer)
   return optimizer, schedule
 
 
-_NEVER = 2**31 - 1
+def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`optax.apply_if_finite` without its `lax.cond`, and never giving up: a gradient with a NaN or
+  Inf gives zero updates and leaves `inner`'s state as it was; the state is optax's
+  `ApplyIfFiniteState` (consecutive and total counts), so the driver stops the run
+  (`check_nonfinite`) while the params are still the last finite ones. Both outcomes are computed
+  and selected elementwise: a conditional whose branch holds the sharded optimiser update can
+  deadlock XLA's CPU collectives on a multi-device mesh."""
+
+  def init(params):
+    return optax.ApplyIfFiniteState(notfinite_count=jnp.zeros([], jnp.int32),
+                                    last_finite=jnp.array(True, jnp.bool_),
+                                    total_notfinite=jnp.zeros([], jnp.int32),
+                                    inner_state=inner.init(params))
+
+  def update(updates, state, params=None, **extra):
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)]))
+    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+    return new_updates, optax.ApplyIfFiniteState(
+        notfinite_count=jnp.where(finite, 0, state.notfinite_count + 1).astype(jnp.int32),
+        last_finite=finite,
+        total_notfinite=(state.total_notfinite + jnp.where(finite, 0, 1)).astype(jnp.int32),
+        inner_state=jax.tree.map(keep, new_inner, state.inner_state))
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 class NonFiniteError(RuntimeError):
