@@ -17,7 +17,7 @@ quickstart: $(STAMP)
 
 # The whole suite (what CI runs). `make test-fast` skips the slow end-to-end tests.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -q --durations=25 tests
+	$(PY) -m pytest -n 2 --dist loadfile -q --durations=25 -o faulthandler_timeout=900 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow" tests
