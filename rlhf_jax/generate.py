@@ -30,10 +30,11 @@ from jax.sharding import Mesh
 
 from rlhf_jax import sharding
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.transformer import KVCache, apply, init_cache, positions_from_mask
+from rlhf_jax.models.transformer import (KVCache, apply, init_cache, positions_from_mask,
+                                          unstack_layers)
 
 Array = jax.Array
-_CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
+_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
 class GenerateOutput(NamedTuple):
@@ -105,8 +106,9 @@ class _LoopState(NamedTuple):
 
 
 def _constrain_cache(cache: KVCache) -> KVCache:
-  return cache._replace(k=sharding.constrain(cache.k, _CACHE_AXES),
-                        v=sharding.constrain(cache.v, _CACHE_AXES),
+  """Per-layer caches [B, KV, S, D] (`init_cache(..., per_layer=True)`)."""
+  constrain = lambda arrays: tuple(sharding.constrain(a, _CACHE_AXES) for a in arrays)
+  return cache._replace(k=constrain(cache.k), v=constrain(cache.v),
                         segment_ids=sharding.constrain(cache.segment_ids, ("batch", "length")))
 
 
@@ -129,19 +131,22 @@ def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: A
   # One body (forward one token, then sample) thus serves every step: sampling is traced once
   # (compile time) and no forward pass is wasted on a token that is never fed back.
   # Slots: P-1 prefilled + N fed tokens (the last prompt token and N-1 sampled ones).
+  # The layers run unrolled on per-layer weights and caches (see `unstack_layers`): slicing one
+  # layer out of the stacked weights and cache at every step made XLA copy them, every step.
   model = nnx.merge(graphdef, params)
-  cache = _constrain_cache(init_cache(model.cfg, batch, prompt_len + n - 1))
+  layers = unstack_layers(params)
+  cache = _constrain_cache(init_cache(model.cfg, batch, prompt_len + n - 1, per_layer=True))
   if prompt_len > 1:
     context = prompt_mask[:, :-1]
     _, cache = model.hidden_states(prompt_tokens[:, :-1], positions_from_mask(context),
-                                   context.astype(jnp.int32), cache)
+                                   context.astype(jnp.int32), cache, layers)
   last_position = prompt_mask.sum(axis=1).astype(jnp.int32) - 1  # of the last prompt token
 
   def body(state: _LoopState) -> _LoopState:
     positions = jnp.maximum(last_position + state.step, 0)[:, None]
     # Finished rows keep decoding pad tokens (outputs discarded): the batch moves in lock step.
     logits, cache = apply(graphdef, params, state.last[:, None], positions,
-                          jnp.ones((batch, 1), jnp.int32), state.cache)
+                          jnp.ones((batch, 1), jnp.int32), state.cache, layers)
     logits = logits[:, 0]
     token = sample_token(logits, jax.random.fold_in(rng, state.step), temperature=temperature,
                          top_k=top_k, top_p=top_p)

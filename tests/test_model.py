@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.models import (ModelConfig, abstract_model, apply, create_model, init_cache,
-                             positions_from_mask, split_model)
+                             positions_from_mask, split_model, unstack_layers)
 from rlhf_jax.models.layers import rope_frequencies
 
 # GQA (4 query heads on 2 KV heads) and head_dim 16 != embed_dim / num_heads, untied head.
@@ -524,10 +524,22 @@ def test_logical_axes_name_every_dimension(name):
 # KV cache: prefill then one-token decode steps equal the full forward.
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_kv_cache_decode_matches_full_forward(family):
+_forward_layers = jax.jit(apply, static_argnums=0, compiler_options=_COMPILER_OPTIONS)
+
+
+@pytest.mark.parametrize("family,per_layer", [("llama", False), ("gpt2", False), ("llama", True),
+                                              ("gpt2", True)])
+def test_kv_cache_decode_matches_full_forward(family, per_layer):
+  """per_layer: the decode loop's layout (per-layer weights from `unstack_layers`, unrolled, and a
+  per-layer cache) against the full forward of the stacked, scanned model."""
   cfg = FAMILIES[family]
   graphdef, params = random_params(cfg, seed=13)
+  if per_layer:
+    layers = unstack_layers(params)
+    forward = lambda g, p, tok, pos, seg, cache: jax.tree.map(np.asarray, _forward_layers(
+        g, p, jnp.asarray(tok, jnp.int32), jnp.asarray(pos), jnp.asarray(seg), cache, layers))
+  else:
+    forward = globals()["forward"]
   prompt_t = 9
   tokens = np.random.RandomState(14).randint(1, cfg.vocab_size, (B, T))
   mask = np.ones((B, T), bool)
@@ -535,9 +547,10 @@ def test_kv_cache_decode_matches_full_forward(family):
     mask[row, :prompt_t - n] = False
   positions = np.asarray(positions_from_mask(jnp.asarray(mask)))
   segments = mask.astype(np.int32)
-  full, _ = forward(graphdef, params, tokens, positions, segments)
+  full, _ = globals()["forward"](graphdef, params, tokens, positions, segments)
 
-  cache = init_cache(cfg, batch=B, max_len=T + 4)  # spare empty slots must stay masked
+  # Spare empty slots must stay masked.
+  cache = init_cache(cfg, batch=B, max_len=T + 4, per_layer=per_layer)
   prefill, cache = forward(graphdef, params, tokens[:, :prompt_t], positions[:, :prompt_t],
                            segments[:, :prompt_t], cache)
   steps = [prefill]
@@ -548,3 +561,25 @@ def test_kv_cache_decode_matches_full_forward(family):
   assert int(cache.end) == T
   np.testing.assert_array_equal(np.asarray(cache.segment_ids)[:, :T], segments)
   np.testing.assert_allclose(np.concatenate(steps, axis=1)[mask], full[mask], atol=ATOL, rtol=0)
+  if per_layer:
+    assert isinstance(cache.k, tuple) and len(cache.k) == cfg.num_layers
+    assert cache.k[0].shape == (B, cfg.kv_heads, T + 4, cfg.dim_per_head)
+
+
+def test_per_layer_cache_and_layers_go_together():
+  cfg = LLAMA
+  graphdef, params = random_params(cfg, seed=1)
+  tokens, ones = jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32)
+  positions = jnp.arange(2)[None]
+  layers = unstack_layers(params)
+  assert len(layers) == cfg.num_layers
+  np.testing.assert_array_equal(layers[1]["mlp"]["up"], params["blocks"]["mlp"]["up"][1])
+  with pytest.raises(ValueError, match="per-layer KV cache goes with per-layer params"):
+    apply(graphdef, params, tokens, positions, ones, init_cache(cfg, 1, 4, per_layer=True))
+  with pytest.raises(ValueError, match="per-layer KV cache goes with per-layer params"):
+    apply(graphdef, params, tokens, positions, ones, init_cache(cfg, 1, 4), layers)
+  with pytest.raises(ValueError, match="layers has 1 entries, the model 2 layers"):
+    apply(graphdef, params, tokens, positions, ones, None, layers[:1])
+  # Without a cache, per-layer params give the scanned model's logits.
+  np.testing.assert_allclose(apply(graphdef, params, tokens, positions, ones, None, layers)[0],
+                             apply(graphdef, params, tokens, positions, ones)[0], atol=ATOL)

@@ -4,8 +4,9 @@ from rlhf_jax.models import lora
 from rlhf_jax.models.config import ModelConfig, llama_bench_config
 from rlhf_jax.models.transformer import (KVCache, Transformer, abstract_model, apply,
                                          apply_with_hidden, create_model,
-                                         init_cache, positions_from_mask, split_model)
+                                         init_cache, positions_from_mask, split_model,
+                                         unstack_layers)
 
 __all__ = ["lora", "ModelConfig", "llama_bench_config", "KVCache", "Transformer", "abstract_model", "apply",
            "apply_with_hidden",
-           "create_model", "init_cache", "positions_from_mask", "split_model"]
+           "create_model", "init_cache", "positions_from_mask", "split_model", "unstack_layers"]

@@ -54,20 +54,15 @@ def add_lora(module: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs, names: tuple[
         jnp.zeros((cfg.lora_rank, *w.shape[n_in:]), cfg.param_dtype), axes=("lora", *axes[n_in:])))
 
 
-def lora_delta(module: nnx.Module, name: str, x: Array, n_in: int = 1,
-               heads_first: bool = False) -> Array | None:
-  """(alpha / r) * B(A x) for param `name` in the compute dtype: x [..., *in] -> [..., *out]
-  (heads_first, for v: [B, T, E] -> [B, KV, T, D], the layout of its base einsum, which then
-  compiles as without LoRA, so B = 0 gives the base's values bit for bit); None when `name` has
-  no adapter."""
+def lora_delta(module: nnx.Module, name: str, x: Array, n_in: int = 1) -> Array | None:
+  """(alpha / r) * B(A x) for param `name` in the compute dtype: x [..., *in] -> [..., *out];
+  None when `name` has no adapter."""
   cfg = module.cfg
   if not cfg.lora_rank or name not in cfg.lora_targets:
     return None
   dt = jnp.dtype(cfg.dtype)
   a, b = getattr(module, f"{name}_lora_a")[...], getattr(module, f"{name}_lora_b")[...]
   xa = jnp.tensordot(x, a.astype(dt), axes=n_in) * jnp.asarray(cfg.lora_alpha / cfg.lora_rank, dt)
-  if heads_first:
-    return jnp.einsum("btr,rhd->bhtd", xa, b.astype(dt))
   return jnp.tensordot(xa, b.astype(dt), axes=1)
 
 
@@ -168,12 +163,14 @@ class Attention(nnx.Module):
                cache: tuple[Array, Array] | None, write_at: Array | None):
     """x: [B, T, E]; positions: [B, T]; mask: [B, 1, 1, T, S] from `attention_mask`.
 
-    cache: None, or (k, v, layer) with k, v the caches of ALL layers, [L, B, KV, S, D], and `layer`
-    this layer's index: this call's keys/values are written into slot `write_at` (scalar int) of
+    cache: None, or (k, v, layer). With `layer` an index, k, v are the caches of ALL layers,
+    [L, B, KV, S, D]: this call's keys/values are written into slot `write_at` (scalar int) of
     layer `layer`, then the query attends over all S slots of that layer. The whole stacked cache
     is passed (and returned) so that it can be a loop carry that XLA updates in place; slicing it
     into per-layer scan inputs/outputs would copy the whole cache at every decoding step. Write
-    first, then read: reading the carry before writing it makes XLA copy the buffer.
+    first, then read: reading the carry before writing it makes XLA copy the buffer. With `layer`
+    None, k, v are this layer's own cache [B, KV, S, D] (the unrolled decode loop's layout: no
+    slice of a stacked cache to materialise at every step).
     Keys/values are laid out [B, KV, S, D] (heads before slots): the score and value contractions
     then need no transpose of the cache, ~5x faster decoding on CPU than [B, S, KV, D].
     Returns (out [B, T, E], (k, v) updated, or None).
@@ -181,25 +178,27 @@ class Attention(nnx.Module):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     q = _plus(jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dt)), lora_delta(self, "q", x))
     k = _plus(jnp.einsum("bte,ehd->bthd", x, self.k[...].astype(dt)), lora_delta(self, "k", x))
-    v = jnp.einsum("bte,ehd->bhtd", x, self.v[...].astype(dt))
-    v_delta = lora_delta(self, "v", x, heads_first=True)
-    if v_delta is not None:
-      v = v + v_delta
+    v = _plus(jnp.einsum("bte,ehd->bthd", x, self.v[...].astype(dt)), lora_delta(self, "v", x))
     if self.use_bias:
       q, k = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt)
-      v = v + self.v_bias[...].astype(dt)[None, :, None, :]
+      v = v + self.v_bias[...].astype(dt)
     if cfg.family == "llama":
       inv_freq = rope_frequencies(cfg)
       q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    k = jnp.swapaxes(k, 1, 2)  # [B, KV, T, D]
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KV, T, D]
     new_cache = None
     if cache is not None:
       k_all, v_all, layer = cache
-      at = (layer, 0, 0, write_at, 0)
-      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-      k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False)
-      v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False)
+      if layer is None:
+        at = (0, 0, write_at, 0)
+        k = k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), at)
+        v = v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), at)
+      else:
+        at = (layer, 0, 0, write_at, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+        k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False)
       new_cache = (k_all, v_all)
     b, t, h, d = q.shape
     kvh = k.shape[1]
@@ -207,8 +206,12 @@ class Attention(nnx.Module):
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(dt)).astype(jnp.float32) / math.sqrt(d)
     scores = jnp.where(mask, scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    # The output projection as one [B*T, H*D] x [H*D, E] matmul on the weight's stored layout (and
+    # v projected as k, then transposed): written as einsums into [B, KV, T, D] / out of
+    # [B, T, KV, G, D], XLA CPU transposed the o and v weights at every decoding step.
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt)).reshape(b, t, h, d)
-    out = _plus(jnp.einsum("bthd,hde->bte", out, self.o[...].astype(dt)),
+    o = self.o[...].astype(dt).reshape(h * d, -1)
+    out = _plus((out.reshape(b * t, h * d) @ o).reshape(b, t, -1),
                 lora_delta(self, "o", out, n_in=2))
     if cfg.family == "gpt2":
       out = out + self.o_bias[...].astype(dt)

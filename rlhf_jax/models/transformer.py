@@ -7,7 +7,7 @@ axis and run with `lax.scan` (or unrolled, by config): the parameter layout is t
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,20 +29,29 @@ _REMAT_POLICIES = {
 
 
 class KVCache(NamedTuple):
-  """Decoding state. k, v: [L, B, KV, S, D]; segment_ids: [B, S] (0 = empty/pad slot);
-  end: scalar int32, the number of slots written so far (the next write goes there)."""
+  """Decoding state. k, v: [L, B, KV, S, D] (stacked), or tuples of L arrays [B, KV, S, D] (per
+  layer: for the unrolled layers of `hidden_states(..., layers=...)`); segment_ids: [B, S]
+  (0 = empty/pad slot); end: scalar int32, the number of slots written so far (the next write
+  goes there)."""
 
-  k: Array
-  v: Array
+  k: Array | tuple[Array, ...]
+  v: Array | tuple[Array, ...]
   segment_ids: Array
   end: Array
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-  shape = (cfg.num_layers, batch, cfg.kv_heads, max_len, cfg.dim_per_head)
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *,
+               per_layer: bool = False) -> KVCache:
+  """An empty cache of `max_len` slots; `per_layer`: k, v as tuples of per-layer arrays."""
   dtype = dtype or cfg.dtype
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                 jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+  if per_layer:
+    shape = (batch, cfg.kv_heads, max_len, cfg.dim_per_head)
+    k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+  else:
+    shape = (cfg.num_layers, batch, cfg.kv_heads, max_len, cfg.dim_per_head)
+    k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+  return KVCache(k, v, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 class Transformer(nnx.Module):
@@ -72,8 +81,14 @@ class Transformer(nnx.Module):
                            std=cfg.init_std, dtype=pd)
 
   def hidden_states(self, tokens: Array, positions: Array, segment_ids: Array,
-                    cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
-    """Final-norm hidden states [B, T, E] (and the updated cache)."""
+                    cache: KVCache | None = None, layers: Sequence[Params] | None = None
+                    ) -> tuple[Array, KVCache | None]:
+    """Final-norm hidden states [B, T, E] (and the updated cache).
+
+    layers: the blocks' params split per layer (`unstack_layers`): the layers then run unrolled
+    on them instead of on slices of the stacked params, and a cache must be per layer
+    (`init_cache(..., per_layer=True)`); the decode loop's layout. A per-layer cache needs
+    `layers`."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     # Gather from a table replicated over `vocab` (still sharded over `embed`): a gather from a
     # vocab-sharded table makes XLA rematerialise the whole table on every device.
@@ -97,7 +112,7 @@ class Transformer(nnx.Module):
 
     block_def, block_params = nnx.split(self.blocks)
 
-    def layer(x, layer_params, kv, index):
+    def layer(x, layer_params, kv, index):  # index None: kv is this layer's own cache
       block = nnx.merge(block_def, layer_params)
       return block(x, positions, mask, None if kv is None else (*kv, index), write_at)
 
@@ -105,7 +120,21 @@ class Transformer(nnx.Module):
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
 
     kv = None if cache is None else (cache.k, cache.v)
-    if cfg.scan_layers:
+    per_layer = cache is not None and isinstance(cache.k, (tuple, list))
+    if per_layer != (layers is not None and cache is not None):
+      raise ValueError("a per-layer KV cache goes with per-layer params (`layers=`) and a stacked "
+                       "cache with stacked ones")
+    if layers is not None:
+      if len(layers) != cfg.num_layers:
+        raise ValueError(f"layers has {len(layers)} entries, the model {cfg.num_layers} layers")
+      ks, vs = [], []
+      for i, layer_params in enumerate(layers):
+        x, new_kv = layer(x, layer_params, None if kv is None else (kv[0][i], kv[1][i]), None)
+        if new_kv is not None:
+          ks.append(new_kv[0])
+          vs.append(new_kv[1])
+      kv = None if kv is None else (tuple(ks), tuple(vs))
+    elif cfg.scan_layers:
       # The stacked cache is a carry (updated in place), not a per-layer input/output.
       def body(carry, xs):
         x, kv = carry
@@ -168,9 +197,25 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params, Params]:
 
 
 def apply(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
-          segment_ids: Array, cache: KVCache | None = None):
-  """Pure forward: see `Transformer.__call__`."""
-  return nnx.merge(graphdef, params)(tokens, positions, segment_ids, cache)
+          segment_ids: Array, cache: KVCache | None = None,
+          layers: Sequence[Params] | None = None):
+  """Pure forward: see `Transformer.__call__` (and `hidden_states` for `layers`)."""
+  model = nnx.merge(graphdef, params)
+  x, cache = model.hidden_states(tokens, positions, segment_ids, cache, layers)
+  return model.head(x), cache
+
+
+def unstack_layers(params: Params) -> list[Params]:
+  """The blocks' stacked params [L, ...] as L per-layer trees.
+
+  For loops that run the model many times on the same weights (the decode loop): the layer scan
+  slices each layer's weights out of the stacked arrays at every step, and XLA (CPU and GPU)
+  materialises those slices, so every decoding step reads each weight three times instead of once.
+  Slicing once, before the loop, costs one copy of the block weights for the loop's duration.
+  """
+  blocks = params["blocks"]
+  num_layers = jax.tree.leaves(blocks)[0].shape[0]
+  return [jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(num_layers)]
 
 
 def apply_with_hidden(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
