@@ -18,9 +18,10 @@ FLOP/s by the fp32 (or bf16) matmul peak measured here, first, on the same devic
                                                           samples, score (policy, reference, value,
                                                           reward model), GAE, epochs x minibatches
                                                           of updates of policy and value
-  dpo_step     {tokens_per_s, pairs_per_s, ..., mfu}     DPO step with the reference's log-probs
-                                                          computed every step (a forward pass of the
-                                                          frozen reference, then the train step)
+  dpo_step     {tokens_per_s, pairs_per_s, ..., mfu}     DPO step, two records: reference "per_step"
+                                                          (the frozen reference's forward pass, then
+                                                          the train step) and "precomputed" (the
+                                                          train step on log-probs in the batch)
   grpo_iteration {completions_per_s, ...}                one GRPO iteration: no value model, k3 KL
                                                           to the reference in the loss, one update
 `--compare` runs generate, dpo_step and grpo_iteration beside HF `generate`, TRL's `DPOTrainer`
@@ -242,12 +243,16 @@ def dpo_pairs(cfg: ModelConfig, count: int, sequence_len: int, prompt_len: int,
 
 
 def dpo_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflops: float | None,
-             sequence_len: int = 128, prompt_len: int = 64) -> dict:
-  """DPO (sigmoid, beta 0.1) with the reference's log-probs computed every step: a jitted forward
-  pass of the frozen reference, then the shared train step (the trainer's `reference="per_batch"`;
-  TRL's DPOTrainer without `precompute_ref_log_probs`). Rows of `seq_len` tokens packed with pairs
-  of `sequence_len`-token sequences (`prompt_len` prompt + response), as data/preference.py packs
+             sequence_len: int = 128, prompt_len: int = 64, reference: str = "per_step") -> dict:
+  """DPO (sigmoid, beta 0.1). reference "per_step": the reference's log-probs computed every step,
+  a jitted forward pass of the frozen reference, then the shared train step (the trainer's
+  `reference="per_batch"`; TRL's DPOTrainer without `precompute_ref_log_probs`); "precomputed":
+  the step alone, the log-probs read from the batch (`reference="precompute"`, TRL's
+  `precompute_ref_log_probs=True`). Rows of `seq_len` tokens packed with pairs of
+  `sequence_len`-token sequences (`prompt_len` prompt + response), as data/preference.py packs
   them; every token is real, the response tokens are scored."""
+  if reference not in ("per_step", "precomputed"):
+    raise ValueError(f"dpo_step: reference={reference!r} must be 'per_step' or 'precomputed'")
   per_row = seq_len // (2 * sequence_len)
   if per_row < 1 or seq_len % (2 * sequence_len):
     raise ValueError(f"dpo_step: seq_len={seq_len} must be a multiple of 2 x sequence_len="
@@ -262,11 +267,15 @@ def dpo_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflo
                     out_shardings=sharding.batch_sharding(mesh))
     return lambda reference, batch: {**batch, "ref_logps": logps(reference, batch)}
 
-  record = train_step_bench(cfg, lambda graphdef: make_dpo_loss_fn(graphdef, loss_cfg),
-                            {k: v for k, v in host.items() if k != "comparison"}, repeats,
-                            peak_gflops, make_add_reference=make_add_reference)
+  host = {k: v for k, v in host.items() if k != "comparison"}
+  if reference == "precomputed":  # any values: the step's cost does not depend on them
+    host["ref_logps"] = np.random.RandomState(1).normal(
+        -50.0, 5.0, host["valid"].shape).astype(np.float32)
+  record = train_step_bench(cfg, lambda graphdef: make_dpo_loss_fn(graphdef, loss_cfg), host,
+                            repeats, peak_gflops,
+                            make_add_reference=make_add_reference if reference == "per_step" else None)
   record.update(sequence_len=sequence_len, prompt_len=prompt_len, pairs=count,
-                pairs_per_s=count / record["step_s"], reference="per_step")
+                pairs_per_s=count / record["step_s"], reference=reference)
   return record
 
 
@@ -417,8 +426,10 @@ def main(argv):
   if "rm_step" in only:
     emit("rm_step", rm_step(cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak))
   if "dpo_step" in only:
-    emit("dpo_step", dpo_step(cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak,
-                              sequence_len=_DPO_SEQUENCE.value, prompt_len=_PROMPT.value))
+    for reference in ("per_step", "precomputed"):
+      emit("dpo_step", dpo_step(cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak,
+                                sequence_len=_DPO_SEQUENCE.value, prompt_len=_PROMPT.value,
+                                reference=reference))
   if "generate" in only:
     for b in _GEN_BATCHES.value:
       emit("generate", generate_bench(cfg, int(b), _PROMPT.value, _NEW.value, _REPEATS.value))

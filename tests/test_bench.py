@@ -45,6 +45,13 @@ def test_dpo_step_record(tiny):
   gflops = 4 / 3 * tiny.flops_per_token(64) * 8 * 64 / record["step_s"] / 1e9
   assert record["model_gflops"] == pytest.approx(gflops)
   assert record["mfu"] == pytest.approx(gflops / 100.0)
+  # Precomputed reference: the step alone, counted as one train step's FLOPs.
+  pre = bench.dpo_step(tiny, batch=8, seq_len=64, repeats=1, peak_gflops=100.0, sequence_len=32,
+                       prompt_len=8, reference="precomputed")
+  assert pre["reference"] == "precomputed" and pre["pairs"] == 8
+  assert pre["model_gflops"] == pytest.approx(tiny.flops_per_token(64) * 8 * 64 / pre["step_s"] / 1e9)
+  with pytest.raises(ValueError, match="reference='cached' must be"):
+    bench.dpo_step(tiny, batch=8, seq_len=64, repeats=1, peak_gflops=None, reference="cached")
 
 
 def test_dpo_pairs_share_their_prompt(tiny):

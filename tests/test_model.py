@@ -583,3 +583,34 @@ def test_per_layer_cache_and_layers_go_together():
   # Without a cache, per-layer params give the scanned model's logits.
   np.testing.assert_allclose(apply(graphdef, params, tokens, positions, ones, None, layers)[0],
                              apply(graphdef, params, tokens, positions, ones)[0], atol=ATOL)
+
+
+def test_chunked_causal_attention_matches_unchunked(monkeypatch):
+  """Without a cache, rows longer than `CAUSAL_CHUNK` attend chunk by chunk (query chunk i over
+  keys [0, (i + 1) C)). Packed segments crossing chunk borders and right padding must give the
+  full computation's logits and gradients."""
+  from rlhf_jax.models import layers as layers_module
+  cfg = LLAMA
+  graphdef, params = random_params(cfg, seed=21)
+  rs = np.random.RandomState(22)
+  t = 4 * 16
+  tokens = jnp.asarray(rs.randint(1, cfg.vocab_size, (2, t)), jnp.int32)
+  # Row 0: segments of 10, 30 (crossing two chunk borders), 20, then 4 pad; row 1: one segment.
+  seg0 = np.concatenate([np.full(10, 1), np.full(30, 2), np.full(20, 3), np.zeros(4)])
+  segments = jnp.asarray(np.stack([seg0, np.ones(t)]), jnp.int32)
+  positions = jnp.asarray(np.stack([np.concatenate([np.arange(10), np.arange(30), np.arange(20),
+                                                     np.zeros(4)]), np.arange(t)]), jnp.int32)
+
+  def loss(p):
+    logits, _ = apply(graphdef, p, tokens, positions, segments)
+    return jnp.sum(jnp.where(segments[..., None] > 0, logits, 0.0) ** 2), logits
+
+  results = {}
+  for chunk in (16, 10**6):  # 4 chunks; one (the plain computation)
+    monkeypatch.setattr(layers_module, "CAUSAL_CHUNK", chunk)
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    results[chunk] = (np.asarray(logits), grads)
+  real = np.asarray(segments) > 0
+  np.testing.assert_allclose(results[16][0][real], results[10**6][0][real], atol=ATOL, rtol=0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
+               results[16][1], results[10**6][1])

@@ -138,6 +138,19 @@ def attention_mask(q_slots: Array, q_segments: Array, k_segments: Array) -> Arra
   return (causal[None] & same)[:, None, None]
 
 
+# Query chunk of the causal attention without a cache (training and scoring forwards).
+CAUSAL_CHUNK = 128
+
+
+def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """softmax(q k / sqrt(D), masked) v. q: [B, T, KV, G, D]; k, v: [B, KV, S, D];
+  mask: [B, 1, 1, T, S] bool. Scores and softmax in float32; returns [B, T, KV, G, D]."""
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  scores = jnp.where(mask, scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum("bkgts,bksd->btkgd", probs, v)
+
+
 class Attention(nnx.Module):
   """Multi-head attention with grouped KV heads (GQA); RoPE for llama, none for gpt2."""
 
@@ -203,13 +216,20 @@ class Attention(nnx.Module):
     b, t, h, d = q.shape
     kvh = k.shape[1]
     q = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(dt)).astype(jnp.float32) / math.sqrt(d)
-    scores = jnp.where(mask, scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    k, v = k.astype(dt), v.astype(dt)
+    if cache is None and t > CAUSAL_CHUNK and t % CAUSAL_CHUNK == 0:
+      # No cache: keys are the queries' own slots and attention is causal, so query chunk i needs
+      # keys [0, (i + 1) C) only; the rest is masked. Chunk by chunk: (n + 1) / 2n of the scores.
+      out = jnp.concatenate([
+          _attend(q[:, lo:lo + CAUSAL_CHUNK], k[:, :, :lo + CAUSAL_CHUNK],
+                  v[:, :, :lo + CAUSAL_CHUNK], mask[..., lo:lo + CAUSAL_CHUNK, :lo + CAUSAL_CHUNK])
+          for lo in range(0, t, CAUSAL_CHUNK)], axis=1)
+    else:
+      out = _attend(q, k, v, mask)
     # The output projection as one [B*T, H*D] x [H*D, E] matmul on the weight's stored layout (and
     # v projected as k, then transposed): written as einsums into [B, KV, T, D] / out of
     # [B, T, KV, G, D], XLA CPU transposed the o and v weights at every decoding step.
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt)).reshape(b, t, h, d)
+    out = out.reshape(b, t, h, d)
     o = self.o[...].astype(dt).reshape(h * d, -1)
     out = _plus((out.reshape(b * t, h * d) @ o).reshape(b, t, -1),
                 lora_delta(self, "o", out, n_in=2))
