@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Callable, TextIO
 
 import jax
 import numpy as np
@@ -113,17 +113,34 @@ class MetricsWriter:
         self.close()
 
 
-def write_json(obj: Any, path: str | os.PathLike, *, indent: int | None = 1) -> None:
-    """Writes `obj` as JSON to `path` atomically (a temporary file renamed over it): a kill leaves
-    the old file or the new one, never a truncated one that a resumed run would fail to read."""
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+def atomic_write(path: str | os.PathLike, write: Callable[[TextIO], None]) -> None:
+    """Calls `write(f)` on a temporary text file beside `path` (parent folders created), syncs it
+    to disk and renames it over `path`: a kill leaves the old file or the new one, never a
+    truncated one that a resumed run would fail to read. The temporary file never outlives it."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, default=str)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(obj: Any, path: str | os.PathLike, *, indent: int | None = 1) -> None:
+    """Writes `obj` as JSON to `path` atomically (`atomic_write`)."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=indent, default=str))
+
+
+def write_jsonl(records: Sequence[Mapping], path: str | os.PathLike) -> None:
+    """Writes one JSON object per line (non-ASCII kept as is) to `path` atomically
+    (`atomic_write`): a killed run never leaves a half-written data set."""
+    atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n"
+                                              for r in records))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

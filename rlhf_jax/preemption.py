@@ -37,9 +37,7 @@ class StopSignal:
       with StopSignal() as stop:
         for step in ...:
           ...
-          if stop.requested(done):
-            ckpt.save(done, state, ..., force=True)
-            raise Preempted(...)
+          stop.save(ckpt, done, end, state, workdir=workdir)  # raises Preempted after SIGTERM
 
   The handler is installed only in the main thread of a single-process run and the previous one is
   restored on exit; elsewhere `requested` asks JAX's preemption sync point (multi-process) or is
@@ -69,6 +67,18 @@ class StopSignal:
     if jax.process_count() > 1:
       return multihost_utils.reached_preemption_sync_point(step)
     return self._requested
+
+  def save(self, ckpt, step: int, end: int, state, *, workdir: str, on_stop=None,
+           **save_kwargs) -> None:
+    """A training loop's save after `step`: `ckpt.save(step, state, **save_kwargs)`, forced at
+    the last step (`end`) and when a stop was requested; after a requested stop before `end`,
+    calls `on_stop()` (e.g. closing a progress bar) and raises `Preempted`."""
+    stopping = self.requested(step)
+    ckpt.save(step, state, force=step == end or stopping, **save_kwargs)
+    if stopping and step < end:
+      if on_stop is not None:
+        on_stop()
+      raise Preempted(stopped_message(step, workdir))
 
   def __exit__(self, *exc_info) -> None:
     if self._installed:

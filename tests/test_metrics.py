@@ -171,3 +171,20 @@ def test_bfloat16_scalars_are_logged_as_floats(tmp_path):
         writer.write(1, {"grad_norm": jnp.asarray(1.5, jnp.bfloat16)})
     (row,) = read_jsonl(tmp_path / "metrics.jsonl")
     assert row["train/grad_norm"] == 1.5
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
+  path = tmp_path / "deep" / "state.json"
+  metrics_lib.write_json({"step": 1}, path)  # creates the folder
+  assert json.loads(path.read_text()) == {"step": 1}
+
+  def fail(f):
+    f.write('{"step": 2, "half": ')
+    raise RuntimeError("killed mid-write")
+
+  with pytest.raises(RuntimeError, match="killed mid-write"):
+    metrics_lib.atomic_write(path, fail)
+  assert json.loads(path.read_text()) == {"step": 1}
+  assert [p.name for p in path.parent.iterdir()] == ["state.json"]  # no temporary file left
+  metrics_lib.write_jsonl([{"a": "é"}, {"b": 2}], path.with_suffix(".jsonl"))
+  assert path.with_suffix(".jsonl").read_text(encoding="utf-8") == '{"a": "é"}\n{"b": 2}\n'

@@ -273,3 +273,26 @@ def test_sigterm_saves_a_checkpoint_then_the_rerun_finishes_identically(tmp_path
   assert again.returncode == 0, again.stderr[-3000:]
   got, _ = checkpoint.load_params(workdir / "export")
   jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+
+class _FakeCheckpoints:
+  def __init__(self):
+    self.saves = []
+
+  def save(self, step, state, *, force, **kwargs):
+    self.saves.append((step, state, force, kwargs))
+
+
+def test_stop_signal_save_forces_the_step_in_flight_then_raises(tmp_path):
+  """`StopSignal.save`, the save both training loops call after each step: forced at the last
+  step; after SIGTERM, the step in flight is saved (forced), `on_stop` runs, `Preempted` names it."""
+  ckpt, closed = _FakeCheckpoints(), []
+  with preemption.StopSignal() as stop:
+    stop.save(ckpt, 1, 3, "s1", workdir=str(tmp_path), on_stop=lambda: closed.append(1), x=1)
+    stop.save(ckpt, 3, 3, "s3", workdir=str(tmp_path))  # the last step: forced, no stop
+    os.kill(os.getpid(), signal.SIGTERM)  # handled: only sets the flag
+    with pytest.raises(preemption.Preempted, match="after step 2: a checkpoint of that step"):
+      stop.save(ckpt, 2, 3, "s2", workdir=str(tmp_path), on_stop=lambda: closed.append(2))
+  assert [(s, f, kw) for s, _, f, kw in ckpt.saves] == [(1, False, {"x": 1}), (3, True, {}),
+                                                        (2, True, {})]
+  assert closed == [2]

@@ -326,11 +326,7 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
         check_nonfinite(state.opt_state, done, t.get("max_nonfinite_steps", 10), ckpt.latest_step())
       if evaluate is not None and (done % t.eval_every == 0 or done == t.steps):
         writer.write(done, evaluate(state), prefix="eval")
-      stopping = stop.requested(done)
-      ckpt.save(done, state, data_state=data_state(), config=config.to_dict(),
-                force=done == end or stopping)
-      if stopping and done < end:
-        progress.close()
-        raise preemption.Preempted(preemption.stopped_message(done, workdir))
+      stop.save(ckpt, done, end, state, workdir=workdir, on_stop=progress.close,
+                data_state=data_state(), config=config.to_dict())
     progress.close()
   return state

@@ -433,13 +433,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       # Counted in optimiser updates (epochs x mini-batches per iteration).
       check_nonfinite(state.opt_state, int(state.step), t.get("max_nonfinite_steps", 10),
                       ckpt.latest_step())
-      stopping = stop.requested(iteration + 1)
-      ckpt.save(iteration + 1, state, data_state={"prompts": stream.state(), "iteration": iteration + 1,
-                                                  "beta": beta},
-                config=config.to_dict(), force=iteration + 1 == end or stopping)
-      if stopping and iteration + 1 < end:
-        progress.close()
-        raise preemption.Preempted(preemption.stopped_message(iteration + 1, workdir))
+      stop.save(ckpt, iteration + 1, end, state, workdir=workdir, on_stop=progress.close,
+                data_state={"prompts": stream.state(), "iteration": iteration + 1, "beta": beta},
+                config=config.to_dict())
     progress.close()
   done = end >= p.iterations
   if done:

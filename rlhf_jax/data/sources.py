@@ -29,6 +29,7 @@ import os
 from typing import Any
 
 from rlhf_jax.data.public import SCHEMAS, load_preferences
+from rlhf_jax.metrics import write_json, write_jsonl
 from rlhf_jax.data.records import RecordError, load_records, read_rows, validate_record
 from rlhf_jax.errors import ConfigPathError
 
@@ -153,16 +154,6 @@ def convert(source: str, kind: str, *, schema: str = "", split: str = "") -> lis
     return _prompts(records, name) if kind == PROMPT_KIND else records
 
 
-def write_jsonl(records: list[dict], path: str) -> None:
-    """Writes `records` to `path` atomically (a temporary file renamed)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def resolve_source(source: str, kind: str, out_path: str, *, schema: str = "", split: str = "",
                    keep=None, keep_tag: str = "", force: bool = False) -> str:
     """`out_path` holding `source`'s `kind` records (converted once: a later call with the same
@@ -184,8 +175,7 @@ def resolve_source(source: str, kind: str, out_path: str, *, schema: str = "", s
     if keep is not None:
         records = keep(records)
     write_jsonl(records, out_path)
-    with open(stamp_path, "w") as f:
-        json.dump({**stamp, "records": len(records)}, f)
+    write_json({**stamp, "records": len(records)}, stamp_path, indent=None)  # atomic too
     _log.info("data %s (schema %r, split %r): %d %s records -> %s", source, schema, split,
               len(records), kind, out_path)
     return out_path

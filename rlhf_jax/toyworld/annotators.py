@@ -35,13 +35,13 @@ evaluation can slice by family and measure label noise against gold.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from rlhf_jax import metrics
 from rlhf_jax.toyworld import perturb, text
 from rlhf_jax.toyworld.safety import is_hedged
 from rlhf_jax.toyworld.world import World, gold_scores
@@ -355,22 +355,11 @@ def gold_pairs(world: World, *, n_prompts: int, seed: int, criterion: str = "com
 
 
 def write_jsonl(records: Sequence[dict], path: str | os.PathLike) -> Path:
-  """Writes one JSON object per line, atomically (a temporary file renamed over `path`), so a
-  killed run never leaves a half-written dataset. A `.json` name is read by `datasets`' json
+  """Writes one JSON object per line, atomically (`metrics.write_jsonl`), so a killed run never
+  leaves a half-written dataset; returns the path. A `.json` name is read by `datasets`' json
   builder, a `.jsonl` name by the plain reader of `load_records`."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      for record in records:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
-  return path
+  metrics.write_jsonl(records, path)
+  return Path(path)
 
 
 __all__ = ["Annotator", "make_annotator_pool", "perceived", "length_feature", "plackett_luce",
