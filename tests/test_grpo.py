@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import checkpoint, metrics, sharding
+from rlhf_jax import checkpoint, generate, metrics, sharding
 from rlhf_jax.algorithms import ppo, ppo_rollout
 from rlhf_jax.models import abstract_model
 from rlhf_jax.train import create_train_state, state_shardings
@@ -86,6 +86,56 @@ def test_grpo_loss_adds_beta_times_the_k3_kl_to_the_reference_and_has_no_critic(
   rloo_loss, rloo_out = jax.jit(rloo_fn)({"policy": params["policy"]}, rollout, None)
   np.testing.assert_allclose(rloo_loss, -masked_mean(adv, mask), rtol=1e-4, atol=1e-6)
   assert "kl_loss" not in rloo_out
+
+
+@pytest.mark.slow  # compiles the sampler and two updates
+def test_grpo_single_update_skips_the_policy_pass_and_updates_as_with_it(models):
+  """epochs = mini-batches = 1: `make_iteration` scores without a policy forward pass (the loss
+  holds the differentiated policy's own log-probs constant: ratio exactly 1) and its update equals
+  one on a rollout whose old log-probs come from that pass."""
+  policy_gd, _, params = models
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  cfg = ppo_cfg(prompts_per_iteration=2, samples_per_prompt=4, max_new_tokens=6, epochs=1,
+                minibatches=1)
+  cfg.kl.beta = 0.1
+  _, abstract, axes = abstract_model(POLICY_CFG)
+  psh = {"policy": sharding.param_shardings(abstract, axes, mesh)}
+  optimizer = optax.adam(1e-2)
+  shardings = state_shardings(optimizer, psh, {"policy": abstract}, mesh)
+  fresh = lambda: create_train_state({"policy": jax.tree.map(jnp.copy, params["policy"])},
+                                     optimizer, shardings, seed=0)
+  reference = jax.tree.map(lambda x: x * 1.01, params["policy"])  # differs: a non-zero KL
+  iterate = ppo.make_iteration(policy_gd, None, {}, POLICY_CFG, None, optimizer, mesh=mesh,
+                               policy_shardings=psh["policy"], shardings=shardings, cfg=cfg,
+                               eos_id=-1, pad_id=0, estimator="grpo")
+  prompts = np.random.RandomState(0).randint(3, 40, (2, 5)).astype(np.int32)
+  mask, unsafe = np.ones_like(prompts, bool), np.zeros(2, bool)
+  reward = lambda out: np.asarray(np.asarray(out.tokens).mean(axis=1), np.float32)
+  state, info = iterate(fresh(), reference, {}, prompts, mask, unsafe, jax.random.key(3), 0.1,
+                        text_reward=reward)
+  assert float(info["update"]["first_approx_kl"]) == 0.0  # no separate old log-probs
+  assert float(np.max(info["sequence_kl"])) > 0  # the logged KL, from the sampler's log-probs
+
+  # The same rollout with the policy's scoring pass, through the plain update.
+  rep = lambda x: np.repeat(x, 4, axis=0)
+  tokens, segment_ids, positions, response_mask = generate.full_sequence(rep(prompts), rep(mask),
+                                                                         info["out"])
+  batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
+           "response_mask": response_mask}
+  score = jax.jit(ppo_rollout.make_score_fn(policy_gd, None, {}, temperature=cfg.temperature))
+  old_logp, ref_logp, _, _ = score(params["policy"], reference, None, {}, batch)
+  adv = ppo_rollout.group_advantages_fn(old_logp, ref_logp, info["reward"], response_mask,
+                                        info["eos_found"], 0.1, cfg, estimator="grpo")
+  np.testing.assert_allclose(info["sequence_kl"], adv["sequence_kl"], rtol=1e-4, atol=1e-6)
+  update = ppo.make_ppo_update(ppo.make_ppo_loss_fn(policy_gd, None, cfg, estimator="grpo"),
+                               optimizer, mesh=mesh, shardings=shardings, cfg=cfg)
+  expected, _ = update(fresh(), {**batch, "old_logp": old_logp, "ref_logp": ref_logp,
+                                 "advantages": adv["advantages"]})
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+               state.params, expected.params)
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                       state.params["policy"], params["policy"])
+  assert max(jax.tree.leaves(moved)) > 1e-3  # the update did something
 
 
 @pytest.mark.slow

@@ -73,8 +73,11 @@ def make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg: ml_collections.Config
     scaled, logp, values = ppo_rollout.policy_forward(policy_graphdef, value_graphdef,
                                                       params["policy"], params.get("value"), batch,
                                                       temperature=cfg.temperature)
+    # No "old_logp" (GRPO's one update per rollout, `make_iteration`): the policy that sampled is
+    # the one being differentiated, so its log-probs are these, held constant (ratio 1).
+    old_logp = batch.get("old_logp", jax.lax.stop_gradient(logp))
     policy_loss, out = ppo_losses.ppo_policy_loss(
-        logp, batch["old_logp"], batch["advantages"], mask, clip_eps=cfg.clip_eps)
+        logp, old_logp, batch["advantages"], mask, clip_eps=cfg.clip_eps)
     loss = policy_loss
     if critic:
       value_loss, value_metrics = ppo_losses.ppo_value_loss(
@@ -167,9 +170,15 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
   reference's graph (e.g. bfloat16, `config.ppo.frozen_dtype`), default the policy's.
   """
   sampler = generate.Sampler(policy_graphdef, policy_cfg, mesh=mesh, param_shardings=policy_shardings)
+  # GRPO with one optimiser step per rollout (epochs = mini-batches = 1, as TRL's GRPOTrainer at
+  # num_iterations=1): the old log-probs are the updated policy's own, detached, so the scoring
+  # pass of the policy is skipped; the sampler's log-probs (the same quantity from the decode
+  # loop) stand in for it in the logged KL.
+  single_update = estimator == "grpo" and cfg.epochs == 1 and cfg.minibatches == 1
   score = jax.jit(ppo_rollout.make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs,
                                             temperature=cfg.temperature,
-                                            reference_graphdef=reference_graphdef))
+                                            reference_graphdef=reference_graphdef,
+                                            policy_pass=not single_update))
   if estimator == "gae":
     advantages = jax.jit(lambda old, ref, values, *args: ppo_rollout.advantages_fn(
         old, ref, values, *args, cfg=cfg))
@@ -199,16 +208,22 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
              "response_mask": response_mask}
     old_logp, ref_logp, values, scores = score(state.params["policy"], reference,
                                                state.params.get("value"), reward_params, batch)
+    sampled_logp = old_logp
+    if single_update:  # response column P + j of the full sequence is the sampler's column j
+      sampled_logp = jnp.concatenate([jnp.zeros(prompt_tokens.shape, jnp.float32), out.logprobs],
+                                     axis=1)
     if text_reward is not None:
       reward = jnp.asarray(text_reward(out), jnp.float32)
     else:
       reward = reward_fn(scores, unsafe)
     found = ppo_rollout.eos_found(out, eos_id)
-    adv = advantages(old_logp, ref_logp, values, baseline(reward), response_mask, found,
+    adv = advantages(sampled_logp, ref_logp, values, baseline(reward), response_mask, found,
                      jnp.float32(beta))
     # Batch-sharded as the update expects (XLA may leave a scoring output replicated, e.g. for
     # 24 rows on a (4, 1, 2) mesh); a no-op when it already is.
-    rollout = {**batch, "old_logp": old_logp, "advantages": adv["advantages"]}
+    rollout = {**batch, "advantages": adv["advantages"]}
+    if not single_update:
+      rollout["old_logp"] = old_logp
     if estimator == "gae":
       rollout.update(old_values=values, returns=adv["returns"])
     elif estimator == "grpo":  # its KL term is in the loss

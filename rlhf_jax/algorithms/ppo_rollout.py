@@ -132,17 +132,23 @@ def reward_spec(cfg: ml_collections.ConfigDict, rms: dict) -> RewardSpec:
 
 
 def make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs: dict, *, temperature: float,
-                  reference_graphdef=None):
+                  reference_graphdef=None, policy_pass: bool = True):
   """score(policy, reference, value, rewards: {name: params}, batch) -> (old_logp, ref_logp,
   values, {name: scores [B]}); all [B, S] but the scores. value_graphdef None: `value` is a value
-  head on the policy (`policy_forward`); `value` None: no critic, values 0. reference_graphdef: the reference's (e.g. held in
-  bfloat16), default the policy's. Pure; the caller jits it."""
+  head on the policy (`policy_forward`); `value` None: no critic, values 0. reference_graphdef:
+  the reference's (e.g. held in bfloat16), default the policy's. policy_pass False (no critic
+  only): no forward pass of the policy; old_logp and values are None. Pure; the caller jits it."""
   reference_graphdef = reference_graphdef or policy_graphdef
   def score(policy_params, ref_params, value_params, reward_params: dict, batch: dict):
     args = (batch["tokens"], batch["segment_ids"], batch["positions"])
-    _, old_logp, values = policy_forward(policy_graphdef, value_graphdef, policy_params,
-                                         value_params, batch, temperature=temperature)
-    old_logp = jnp.where(batch["response_mask"], old_logp, 0.0)
+    if policy_pass:
+      _, old_logp, values = policy_forward(policy_graphdef, value_graphdef, policy_params,
+                                           value_params, batch, temperature=temperature)
+      old_logp = jnp.where(batch["response_mask"], old_logp, 0.0)
+    else:
+      if value_params is not None:
+        raise ValueError("make_score_fn: policy_pass=False is for critic-free estimators only")
+      old_logp = values = None
     ref_logp = scoring.response_logprobs(reference_graphdef, ref_params, *args, batch["response_mask"],
                                          temperature=temperature)
     scores = {name: scoring.last_token_scores(reward_graphdefs[name], p, *args)
