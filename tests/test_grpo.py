@@ -88,26 +88,34 @@ def test_grpo_loss_adds_beta_times_the_k3_kl_to_the_reference_and_has_no_critic(
   assert "kl_loss" not in rloo_out
 
 
+def critic_free_loop(models, cfg, optimizer, estimator):
+  """(iterate, fresh_state, shardings, mesh): `ppo.make_iteration` without a critic on one device
+  for the tiny policy; fresh_state() is a new train state from the fixture's params."""
+  policy_gd, _, params = models
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  _, abstract, axes = abstract_model(POLICY_CFG)
+  psh = {"policy": sharding.param_shardings(abstract, axes, mesh)}
+  shardings = state_shardings(optimizer, psh, {"policy": abstract}, mesh)
+  fresh_state = lambda: create_train_state({"policy": jax.tree.map(jnp.copy, params["policy"])},
+                                           optimizer, shardings, seed=0)
+  iterate = ppo.make_iteration(policy_gd, None, {}, POLICY_CFG, None, optimizer, mesh=mesh,
+                               policy_shardings=psh["policy"], shardings=shardings, cfg=cfg,
+                               eos_id=-1, pad_id=0, estimator=estimator)
+  return iterate, fresh_state, shardings, mesh
+
+
 @pytest.mark.slow  # compiles the sampler and two updates
 def test_grpo_single_update_skips_the_policy_pass_and_updates_as_with_it(models):
   """epochs = mini-batches = 1: `make_iteration` scores without a policy forward pass (the loss
   holds the differentiated policy's own log-probs constant: ratio exactly 1) and its update equals
   one on a rollout whose old log-probs come from that pass."""
   policy_gd, _, params = models
-  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   cfg = ppo_cfg(prompts_per_iteration=2, samples_per_prompt=4, max_new_tokens=6, epochs=1,
                 minibatches=1)
   cfg.kl.beta = 0.1
-  _, abstract, axes = abstract_model(POLICY_CFG)
-  psh = {"policy": sharding.param_shardings(abstract, axes, mesh)}
   optimizer = optax.adam(1e-2)
-  shardings = state_shardings(optimizer, psh, {"policy": abstract}, mesh)
-  fresh = lambda: create_train_state({"policy": jax.tree.map(jnp.copy, params["policy"])},
-                                     optimizer, shardings, seed=0)
+  iterate, fresh, shardings, mesh = critic_free_loop(models, cfg, optimizer, "grpo")
   reference = jax.tree.map(lambda x: x * 1.01, params["policy"])  # differs: a non-zero KL
-  iterate = ppo.make_iteration(policy_gd, None, {}, POLICY_CFG, None, optimizer, mesh=mesh,
-                               policy_shardings=psh["policy"], shardings=shardings, cfg=cfg,
-                               eos_id=-1, pad_id=0, estimator="grpo")
   prompts = np.random.RandomState(0).randint(3, 40, (2, 5)).astype(np.int32)
   mask, unsafe = np.ones_like(prompts, bool), np.zeros(2, bool)
   reward = lambda out: np.asarray(np.asarray(out.tokens).mean(axis=1), np.float32)
@@ -144,20 +152,12 @@ def test_group_methods_raise_a_simple_reward(models, estimator):
   """The sign check of the critic-free loop (as PPO's in test_ppo): reward = the fraction of
   response tokens from the lower half of the vocabulary (0.5 for the random policy); 8 prompts x
   4 samples per iteration."""
-  policy_gd, _, params = models
-  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  _, _, params = models
   cfg = ppo_cfg(prompts_per_iteration=8, samples_per_prompt=4, max_new_tokens=8, epochs=2,
                 minibatches=1)
   cfg.kl.beta = 0.01
-  _, abstract, axes = abstract_model(POLICY_CFG)
-  psh = {"policy": sharding.param_shardings(abstract, axes, mesh)}
-  optimizer = optax.adam(3e-3)
-  shardings = state_shardings(optimizer, psh, {"policy": abstract}, mesh)
-  state = create_train_state({"policy": jax.tree.map(jnp.copy, params["policy"])}, optimizer,
-                             shardings, seed=0)
-  iterate = ppo.make_iteration(policy_gd, None, {}, POLICY_CFG, None, optimizer, mesh=mesh,
-                               policy_shardings=psh["policy"], shardings=shardings, cfg=cfg,
-                               eos_id=-1, pad_id=0, estimator=estimator)
+  iterate, fresh_state, _, _ = critic_free_loop(models, cfg, optax.adam(3e-3), estimator)
+  state = fresh_state()
   low = TINY["vocab_size"] // 2
   text_reward = lambda out: np.asarray((np.asarray(out.tokens) < low).mean(axis=1), np.float32)
   prompts = np.random.RandomState(0).randint(3, low, (8, 4)).astype(np.int32)
