@@ -103,6 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
                               # tokens (train.batch_size counts rows)
       soft_labels=False,  # pairwise: cross-entropy on each record's soft_label = P(chosen better)
                           # (RLAIF's AI labels) instead of chosen-always-wins
+      lm_coef=0.0,  # > 0: + coef * next-token loss of the best responses through the SFT model's
+                    # LM head kept beside the scalar head (GRM, Yang et al. 2024); exports drop it
   ))
 
   # DPO and relatives (algorithm "dpo"; data.kind "pairwise"; losses/preference.py).

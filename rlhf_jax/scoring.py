@@ -69,6 +69,10 @@ def comparison_scores(graphdef: nnx.GraphDef, params, batch: dict) -> Array:
   position of each response's last token. Unused slots score garbage: mask with batch["valid"].
   """
   scores, _ = apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
-  r, p, k = batch["score_index"].shape
-  picked = jnp.take_along_axis(scores, batch["score_index"].reshape(r, p * k), axis=1)
-  return picked.reshape(r, p, k)
+  return pick_scores(scores, batch["score_index"])
+
+
+def pick_scores(scores: Array, score_index: Array) -> Array:
+  """Per-position scores [R, T] read at each response's last token: [R, P, K] (score_index [R, P, K])."""
+  r, p, k = score_index.shape
+  return jnp.take_along_axis(scores, score_index.reshape(r, p * k), axis=1).reshape(r, p, k)

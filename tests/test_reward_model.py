@@ -347,3 +347,88 @@ def test_driver_needs_a_margin_on_every_pair_for_the_margin_loss(tmp_path, words
     assert info.value.field == "margin"
     assert str(info.value).startswith(f"{source}[3]: field 'margin': missing")
     assert "config.reward.margins='none'" in str(info.value)
+
+
+# ---------------------------------------------------------------- LM regulariser (reward.lm_coef)
+
+
+def test_lm_regulariser_adds_the_sft_loss_of_the_best_responses(tmp_path, words_tokenizer, words_tokenizer_dir):
+    """At the start (trunk and LM head both the export's), the regularised loss is the pairwise loss
+    plus lm_coef x the LM's mean next-token loss over the chosen responses' tokens, which
+    `scoring.comparison_logps` computes independently; the trained params hold the LM head beside
+    the scalar head, sharded, and a step moves both."""
+    lm = export_lm(tmp_path / "lm", words_tokenizer_dir)
+    comparisons, _ = tokenize_comparisons(pair_records(20), "pairwise", words_tokenizer, max_len=64)
+    batch, count = pack_comparisons(comparisons, seq_len=192, rows=8, per_row=4, num_responses=2)
+    assert count == 20
+    config = train_config(tmp_path / "lm")
+    config.reward.lm_coef = 0.5
+    mesh = sharding.make_mesh((2, 2, 2))
+    model_cfg = common.model_config(config, vocab_size=384, head="scalar")
+    make = lambda coef: functools.partial(reward.make_reward_loss_fn, kind="pairwise",
+                                          margins=margin_table("small"), center_coef=0.01, lm_coef=coef)
+    setup = common.setup_training(config, mesh, model_cfg, make(0.5),
+                                  extra_params=functools.partial(reward.lm_head_params, config, model_cfg, mesh))
+    params = setup.state.params
+    assert set(params) == set(lm) | {"score"}  # the LM head kept under its name
+    np.testing.assert_array_equal(jax.device_get(params[reward.LM_HEAD]), lm["lm_head"])
+    assert params[reward.LM_HEAD].sharding.is_equivalent_to(setup.param_shardings[reward.LM_HEAD], 2)
+
+    loss, got = jax.jit(make(0.5)(setup.graphdef))(params, batch, None)
+    plain, plain_metrics = jax.jit(make(0.0)(setup.graphdef))(reward.model_params(params), batch, None)
+    lm_graphdef = abstract_model(ModelConfig(**TINY))[0]
+    logps, lengths = jax.jit(functools.partial(scoring.comparison_logps, lm_graphdef))(lm, batch)
+    chosen = batch["valid"] & (batch["ranks"] == 0)
+    nll = -float(np.sum(np.where(chosen, logps, 0))) / float(np.sum(np.where(chosen, lengths, 0)))
+    assert 3.0 < nll < 8.0  # a random LM over 384 tokens: ~log 384 = 5.95
+    np.testing.assert_allclose(got["lm_loss"], nll, rtol=1e-5)
+    np.testing.assert_allclose(loss, plain + 0.5 * nll, rtol=1e-5)
+    assert_metrics_close({k: v for k, v in got.items() if k not in ("loss", "lm_loss")},
+                         {k: v for k, v in plain_metrics.items() if k != "loss"})
+
+    host_before = jax.device_get(params)
+    state, _ = setup.step(setup.state, sharding.put_batch(batch, mesh))
+    after = jax.device_get(state.params)
+    for name in (reward.LM_HEAD, "score"):
+        assert np.abs(after[name] - host_before[name]).max() > 0, name
+
+
+def test_chosen_response_mask_marks_the_best_responses_tokens(words_tokenizer):
+    comparisons, _ = tokenize_comparisons(ranking_records(6), "ranking", words_tokenizer, max_len=64)
+    batch, count = pack_comparisons(comparisons, seq_len=256, rows=3, per_row=3, num_responses=4)
+    assert count == 6
+    mask = np.asarray(reward.chosen_response_mask(batch, 256))
+    expected = np.zeros_like(mask)
+    for r, p, k in zip(*np.nonzero(batch["valid"] & (batch["ranks"] == 0))):
+        expected[r, batch["response_start"][r, p, k]:batch["score_index"][r, p, k] + 1] = True
+    np.testing.assert_array_equal(mask, expected)
+    assert mask.sum() == sum(len(c.sequences[0]) - c.prompt_len for c in comparisons)
+
+
+def test_lm_regulariser_needs_an_lm_export(tmp_path, words_tokenizer_dir):
+    config = rm_config(tmp_path, words_tokenizer_dir, "unused")
+    config.reward.lm_coef = 0.1
+    config.init_from = ""
+    model_cfg = ModelConfig(**TINY, head="scalar")
+    with pytest.raises(Exception, match=r"lm_coef > 0 keeps the LM head of config\.init_from, which is empty"):
+        reward.lm_head_params(config, model_cfg, sharding.make_mesh((2, 2, 2)))
+
+
+@pytest.mark.slow
+def test_regularised_reward_driver_learns_and_exports_a_plain_reward_model(tmp_path, words_tokenizer_dir):
+    export_lm(tmp_path / "lm", words_tokenizer_dir)
+    records = learnable_pairs(64)
+    config = rm_config(tmp_path, words_tokenizer_dir, write_jsonl(tmp_path / "pairs.jsonl", records))
+    config.reward.lm_coef = 0.5
+    workdir = tmp_path / "rm"
+    result = reward.train(config, str(workdir))
+    assert result["eval/accuracy"] >= 0.8, result
+    logged = metrics.read_jsonl(workdir / "metrics.jsonl")
+    lm_losses = [r["train/lm_loss"] for r in logged if "train/lm_loss" in r]
+    assert len(lm_losses) == 3 and lm_losses[-1] < lm_losses[0]  # the LM head learns the responses too
+    assert "eval/lm_loss" in logged[-1] or any("eval/lm_loss" in r for r in logged)
+    # The export is a plain reward model: the LM head stays behind in the checkpoints.
+    meta = checkpoint.read_export_metadata(workdir / "export")
+    assert meta["model"]["head"] == "scalar"
+    rm = reward.load_reward_model(str(workdir / "export"), sharding.make_mesh((8, 1, 1)))
+    assert reward.LM_HEAD not in rm.params and "score" in rm.params

@@ -93,12 +93,23 @@ def make_mesh(config: ml_collections.ConfigDict):
 
 
 def setup_training(config: ml_collections.ConfigDict, mesh, model_cfg: ModelConfig,
-                   make_loss_fn: Callable[[Any], Callable]) -> Setup:
-  """Params (random or `config.init_from`), optimiser, sharded TrainState and jitted step."""
+                   make_loss_fn: Callable[[Any], Callable],
+                   extra_params: Callable[[], tuple[dict, dict]] | None = None) -> Setup:
+  """Params (random or `config.init_from`), optimiser, sharded TrainState and jitted step.
+
+  extra_params: () -> (params, their shardings) trained beside the model's, under their own
+  top-level names (e.g. the LM head a regularised reward model keeps); the loss receives them in
+  its params dict and must split them off before applying the model."""
   sharding.validate_model_mesh(model_cfg, mesh)
   graphdef, abstract, axes = abstract_model(model_cfg)
   psh = sharding.param_shardings(abstract, axes, mesh)
   params = initial_params(config, model_cfg, mesh, psh)
+  if extra_params is not None:
+    extra, extra_sh = extra_params()
+    if set(extra) & set(params):
+      raise ValueError(f"extra params {sorted(set(extra) & set(params))} clash with the model's")
+    params, psh = {**params, **extra}, {**psh, **extra_sh}
+    abstract = {**abstract, **jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), extra)}
   loss_fn, trainable = make_loss_fn(graphdef), None
   if model_cfg.lora_rank:  # only the adapters train (and have optimiser state)
     loss_fn, trainable = lora.freeze_base(loss_fn), lora.trainable_mask

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import checkpoint, data, reward_metrics, scoring, sharding
 from rlhf_jax.algorithms import common
@@ -33,23 +34,49 @@ from rlhf_jax.data.preference import (comparison_batch, comparison_batching, com
                                       num_tokens, tokenize_comparisons)
 from rlhf_jax.data.records import MAX_RANKED
 from rlhf_jax.losses import reward as reward_losses
+from rlhf_jax.losses.common import masked_mean, token_logprobs
 from rlhf_jax.metrics import format_table
-from rlhf_jax.models import ModelConfig, abstract_model
+from rlhf_jax.models import ModelConfig, abstract_model, apply_with_hidden
 
 _log = logging.getLogger(__name__)
 
 
+LM_HEAD = "lm_head"  # the extra param of a reward model trained with `reward.lm_coef` > 0
+
+
+def chosen_response_mask(batch: dict, seq_len: int) -> jax.Array:
+  """[R, T] bool: the tokens of each comparison's best response (rank 0), response_start ..
+  score_index (its last token, EOS included), from a comparison batch (data/preference.py)."""
+  r = batch["score_index"].shape[0]
+  chosen = batch["valid"] & (batch["ranks"] == 0)  # [R, P, K]
+  t = jnp.arange(seq_len)[None, None, None, :]
+  inside = (t >= batch["response_start"][..., None]) & (t <= batch["score_index"][..., None])
+  return jnp.any(inside & chosen[..., None], axis=(1, 2)).reshape(r, seq_len)
+
+
 def make_reward_loss_fn(graphdef, *, kind: str, margins: Sequence[float], center_coef: float,
-                        soft_labels: bool = False):
+                        soft_labels: bool = False, lm_coef: float = 0.0):
   """loss_fn(params, batch, rng) for comparison batches: pairwise_loss (with the margin table
   looked up by each pair's level, and with soft_labels each pair's `soft_label`) for kind
-  "pairwise", ranking_loss for "ranking"."""
+  "pairwise", ranking_loss for "ranking".
+
+  lm_coef > 0: plus lm_coef x the next-token loss of the best responses, read from the reward
+  model's final hidden states through an LM head kept beside the scalar head (`params[LM_HEAD]`,
+  [E, V]; the GRM regulariser of Yang et al. 2024): the trunk has to stay a language model, which
+  keeps what the SFT model knows available to the scalar head. Metric "lm_loss"."""
   table = jnp.asarray(margins, jnp.float32)
   use_margin = any(margins)
 
   def loss_fn(params, batch, rng):
     del rng
-    scores = scoring.comparison_scores(graphdef, params, batch)  # [R, P, K]
+    if lm_coef:
+      lm_head = params[LM_HEAD]
+      params = {k: v for k, v in params.items() if k != LM_HEAD}
+      raw, hidden = apply_with_hidden(graphdef, params, batch["tokens"], batch["positions"],
+                                      batch["segment_ids"])
+      scores = scoring.pick_scores(raw, batch["score_index"])
+    else:
+      scores = scoring.comparison_scores(graphdef, params, batch)  # [R, P, K]
     flat = lambda x: x.reshape((-1,) + x.shape[2:])  # comparisons [R * P, ...]
     scores, valid, ranks, level = (flat(scores), flat(batch["valid"]), flat(batch["ranks"]),
                                    flat(batch["margin"]))
@@ -58,11 +85,49 @@ def make_reward_loss_fn(graphdef, *, kind: str, margins: Sequence[float], center
       margin = (jnp.where(level >= 0, table[jnp.clip(level, 0, len(margins) - 1)], 0.0)
                 if use_margin else None)
       soft = flat(batch["soft_label"]) if soft_labels else None
-      return reward_losses.pairwise_loss(scores[:, 0], scores[:, 1], margin, weight=valid[:, 1],
-                                         soft_label=soft, center_coef=center_coef)
-    return reward_losses.ranking_loss(scores, ranks, valid, center_coef=center_coef)
+      loss, metrics = reward_losses.pairwise_loss(scores[:, 0], scores[:, 1], margin,
+                                                  weight=valid[:, 1], soft_label=soft,
+                                                  center_coef=center_coef)
+    else:
+      loss, metrics = reward_losses.ranking_loss(scores, ranks, valid, center_coef=center_coef)
+    if not lm_coef:
+      return loss, metrics
+    tokens = batch["tokens"]
+    logits = jnp.einsum("bte,ev->btv", hidden[:, :-1], lm_head.astype(hidden.dtype))
+    logp = token_logprobs(logits, tokens[:, 1:])  # column t: log p(tokens[t + 1])
+    mask = chosen_response_mask(batch, tokens.shape[1])[:, 1:]
+    lm_loss = -masked_mean(logp, mask)
+    return loss + lm_coef * lm_loss, {**metrics, "loss": loss + lm_coef * lm_loss,
+                                      "lm_loss": lm_loss}
 
   return loss_fn
+
+
+def lm_head_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
+                   ) -> tuple[dict, dict]:
+  """({LM_HEAD: [E, V]}, its sharding): the LM head of `config.init_from` (its `lm_head`, or the
+  transposed embedding of a tied model), for a reward model trained with `reward.lm_coef`."""
+  if not config.init_from:
+    raise ConfigError("config.reward.lm_coef > 0 keeps the LM head of config.init_from, which is "
+                      "empty; start the reward model from an LM export (the SFT model)")
+  saved = ModelConfig.from_dict(checkpoint.read_export_metadata(config.init_from)["model"])
+  if saved.head != "lm":
+    raise ConfigError(f"config.reward.lm_coef > 0 needs an LM export as config.init_from; "
+                      f"{config.init_from} has head={saved.head!r}")
+  lm_cfg = dataclasses.replace(model_cfg, head="lm", tie_embeddings=saved.tie_embeddings)
+  _, abstract, axes = abstract_model(lm_cfg)
+  lm = common.initial_params(config, lm_cfg, mesh, sharding.param_shardings(abstract, axes, mesh))
+  spec = {LM_HEAD: P("embed", "vocab")}
+  shape = {LM_HEAD: jax.ShapeDtypeStruct((model_cfg.embed_dim, model_cfg.vocab_size),
+                                         jnp.dtype(model_cfg.param_dtype))}
+  head_sharding = sharding.param_shardings(shape, spec, mesh)
+  head = lm["embed"].T if saved.tie_embeddings else lm["lm_head"]
+  return {LM_HEAD: jax.device_put(head, head_sharding[LM_HEAD])}, head_sharding
+
+
+def model_params(params: dict) -> dict:
+  """A reward model's own params: without the LM head that `reward.lm_coef` trains beside them."""
+  return {k: v for k, v in params.items() if k != LM_HEAD}
 
 
 @dataclasses.dataclass
@@ -254,9 +319,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _require_field(train_records, d.source, "soft_label",
                    "config.reward.soft_labels=True trains on each pair's P(chosen better)")
 
+  if r.lm_coef < 0:
+    raise ConfigError(f"config.reward.lm_coef={r.lm_coef} must be >= 0")
   make_loss = functools.partial(make_reward_loss_fn, kind=kind, margins=margins,
-                                center_coef=r.center_coef, soft_labels=r.soft_labels)
-  setup = common.setup_training(config, mesh, model_cfg, make_loss)
+                                center_coef=r.center_coef, soft_labels=r.soft_labels,
+                                lm_coef=r.lm_coef)
+  extra = functools.partial(lm_head_params, config, model_cfg, mesh) if r.lm_coef else None
+  setup = common.setup_training(config, mesh, model_cfg, make_loss, extra_params=extra)
   batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses)
   evaluate = common.make_evaluate(make_loss(setup.graphdef), setup, eval_iter, t.eval_batches)
 
@@ -265,13 +334,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if int(state.step) < t.steps:  # stopped early (stop_after_steps): the rerun finishes
     return {"step": int(state.step)}
 
-  rm = RewardModel(setup.graphdef, state.params, model_cfg, setup.mesh, {})
+  params = model_params(state.params)
+  rm = RewardModel(setup.graphdef, params, model_cfg, setup.mesh, {})
   scores = score_comparisons(rm, eval_cmp, t.seq_len, num_responses, t.batch_size)
   kept = [eval_records[c.index] for c in eval_cmp]
   result_report = report(kind, kept, scores)
   flat = np.concatenate(scores)
   rm.stats = {"mean": float(flat.mean()), "std": float(flat.std()), "n": int(flat.size)}
-  common.export_model(config, os.path.join(workdir, "export"), state.params, model_cfg,
+  common.export_model(config, os.path.join(workdir, "export"), params, model_cfg,
                       tokenizer=os.path.abspath(tokenizer_dir), step=int(state.step),
                       reward={"kind": kind, "margins": list(margins), "stats": rm.stats})
   with open(os.path.join(workdir, "eval.json"), "w") as f:
