@@ -221,6 +221,33 @@ def test_sample_token_truncation_and_distribution():
   assert chi2(nucleus / nucleus.sum(), temperature=t, top_p=0.8) < 25
 
 
+def test_sample_token_on_a_large_vocabulary():
+  """4,096 logits, half of them -inf: masked tokens are never drawn, the draw's mass spectrum
+  matches the distribution, and a row's draw does not depend on the rows beside it."""
+  rng, vocab = jax.random.key(5), 4096
+  logits = np.random.RandomState(1).randn(vocab).astype(np.float32) * 1.5
+  logits[::2] = -np.inf
+  many = np.broadcast_to(logits, (20_000, vocab))
+  draws = np.asarray(_sample(many, rng, temperature=1.0))
+  assert (draws % 2 == 1).all()
+  probs = np.exp(logits - logits.max())
+  probs /= probs.sum()
+  # Bins of the tokens sorted by probability, ~10% of the mass each: a chi-square on 10 bins.
+  order = np.argsort(-probs)
+  bins = np.minimum((np.cumsum(probs[order]) - probs[order]) * 10, 9).astype(int)
+  bin_of = np.empty(vocab, int)
+  bin_of[order] = bins
+  expected = np.bincount(bins, weights=probs[order], minlength=10) * len(draws)
+  counts = np.bincount(bin_of[draws], minlength=10)
+  used = expected > 0  # a token holding more than 10% of the mass spans bins alone
+  assert counts[~used].sum() == 0 and used.sum() >= 6
+  assert ((counts[used] - expected[used]) ** 2 / expected[used]).sum() < 30  # <= 9 dof: p < 5e-4
+  # Row b depends on (rng, b, logits[b]) only: the first rows are unchanged by other rows.
+  mixed = np.random.RandomState(2).randn(16, vocab).astype(np.float32)
+  alone = np.asarray(_sample(mixed[:4], rng, temperature=0.8))
+  np.testing.assert_array_equal(np.asarray(_sample(mixed, rng, temperature=0.8))[:4], alone)
+
+
 def test_bad_inputs_get_clear_errors():
   graphdef, params = _model(GPT2)
   tokens, mask = prompt_batch(PROMPTS)
