@@ -70,8 +70,7 @@ def make_reward_loss_fn(graphdef, *, kind: str, margins: Sequence[float], center
   def loss_fn(params, batch, rng):
     del rng
     if lm_coef:
-      lm_head = params[LM_HEAD]
-      params = {k: v for k, v in params.items() if k != LM_HEAD}
+      lm_head, params = params[LM_HEAD], model_params(params)
       raw, hidden = apply_with_hidden(graphdef, params, batch["tokens"], batch["positions"],
                                       batch["segment_ids"])
       scores = scoring.pick_scores(raw, batch["score_index"])
