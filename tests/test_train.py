@@ -107,3 +107,36 @@ def test_bf16_compute_keeps_fp32_master_params():
     losses.append(float(metrics["loss"]))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_cpu_train_steps_ask_for_the_ynn_dot_fusion_and_match_without_it(monkeypatch):
+  """On a one-device CPU mesh the train step is compiled with XLA's YNNPACK fusion on every dot
+  (train_compiler_options); RLHF_JAX_CPU_YNN=0 leaves XLA's default; both compute the same step.
+  A mesh of several CPU devices never asks (YNNPACK's threads starved the host collectives)."""
+  from rlhf_jax.train import train_compiler_options
+
+  assert train_compiler_options(sharding.make_mesh((2, 1, 1), devices=jax.devices()[:2])) is None
+  assert train_compiler_options(sharding.make_mesh((2, 2, 2))) is None
+  cfg = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  graphdef, abstract, axes = abstract_model(cfg)
+  psh = sharding.param_shardings(abstract, axes, mesh)
+  _, params = split_model(create_model(cfg, 0))
+  opt = optax.sgd(0.1)  # params move linearly in the gradients (Adam's first step is ~sign(g))
+  shardings = state_shardings(opt, psh, abstract, mesh)
+  rs = np.random.RandomState(0)
+  batch = sharding.put_batch(dict(
+      tokens=rs.randint(1, 64, (4, 16)).astype(np.int32), loss_mask=np.ones((4, 16), bool),
+      segment_ids=np.ones((4, 16), np.int32), positions=np.tile(np.arange(16, dtype=np.int32), (4, 1))),
+      mesh)
+  results, hlo = {}, {}
+  for setting in ("1", "0"):
+    monkeypatch.setenv("RLHF_JAX_CPU_YNN", setting)
+    assert (train_compiler_options(mesh) is None) == (setting == "0")
+    step = make_train_step(make_sft_loss_fn(graphdef), opt, mesh=mesh, state_shardings=shardings,
+                           donate=False)
+    state = create_train_state(params, opt, shardings, seed=0)
+    hlo[setting] = step.lower(state, batch).compile().as_text()
+    results[setting] = jax.device_get(step(state, batch))
+  assert hlo["1"] != hlo["0"]  # the option reached the compiler
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *results.values())

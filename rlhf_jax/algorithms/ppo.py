@@ -48,7 +48,7 @@ from rlhf_jax.models import ModelConfig, abstract_model, lora
 from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.train import (check_nonfinite, create_train_state, make_optimizer, make_update,
-                            nonfinite_counts, state_shardings)
+                            nonfinite_counts, state_shardings, train_compiler_options)
 
 _log = logging.getLogger(__name__)
 
@@ -125,7 +125,8 @@ def make_ppo_update(loss_fn, optimizer, *, mesh, shardings, cfg: ml_collections.
     return state, out
 
   return jax.jit(update, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,),
+                 compiler_options=train_compiler_options(mesh))
 
 
 def load_prompts(source: str) -> list[dict]:
