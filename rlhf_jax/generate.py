@@ -120,13 +120,35 @@ def _constrain_cache(cache: KVCache) -> KVCache:
                         segment_ids=sharding.constrain(cache.segment_ids, ("batch", "length")))
 
 
+# Decode phases: one per DECODE_PHASE_TOKENS new tokens, at most MAX_DECODE_PHASES (each phase
+# traces the decode step once more: compile time).
+DECODE_PHASE_TOKENS, MAX_DECODE_PHASES = 32, 4
+
+
+def decode_phases(max_new_tokens: int) -> list[int]:
+  """The step at which each decode phase ends (the last is `max_new_tokens`): the cache holds
+  prompt - 1 + end slots during a phase, so early steps read fewer empty slots. Measured on the
+  2-core CPU at batch 64, 128 new tokens (4 phases): the attention's cache reads were ~40% of a
+  step."""
+  phases = min(MAX_DECODE_PHASES, max(1, max_new_tokens // DECODE_PHASE_TOKENS))
+  return [max_new_tokens * (i + 1) // phases for i in range(phases)]
+
+
+def _grow_cache(cache: KVCache, slots: int) -> KVCache:
+  """The per-layer cache with empty slots appended up to `slots` (one copy per phase)."""
+  grow = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, slots - a.shape[2]), (0, 0)))
+  return _constrain_cache(cache._replace(
+      k=tuple(map(grow, cache.k)), v=tuple(map(grow, cache.v)),
+      segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, slots - cache.segment_ids.shape[1])))))
+
+
 def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: Array, rng: Array,
             temperature: Array, eos_ids: Array, pad_id: Array, *, max_new_tokens: int, top_k: int,
             top_p: float) -> GenerateOutput:
   """The traced body shared by `generate` and `Sampler`: prefill, then a while-loop decode.
 
   prompt_tokens, prompt_mask: [B, P] left-padded; temperature, pad_id: scalars; eos_ids: [E] int32.
-  The KV cache holds P + N - 1 slots.
+  The KV cache ends up with P + N - 1 slots, grown in phases (`decode_phases`).
   """
   batch, prompt_len = prompt_tokens.shape
   n = max_new_tokens
@@ -143,7 +165,10 @@ def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: A
   # layer out of the stacked weights and cache at every step made XLA copy them, every step.
   model = nnx.merge(graphdef, params)
   layers = unstack_layers(params)
-  cache = _constrain_cache(init_cache(model.cfg, batch, prompt_len + n - 1, per_layer=True))
+  # The cache grows in phases: every step's attention reads all of the cache's slots, so a cache
+  # sized for the current phase's last step, not for the whole call, reads fewer empty ones.
+  ends = decode_phases(n)
+  cache = _constrain_cache(init_cache(model.cfg, batch, prompt_len - 1 + ends[0], per_layer=True))
   if prompt_len > 1:
     context = prompt_mask[:, :-1]
     _, cache = model.hidden_states(prompt_tokens[:, :-1], positions_from_mask(context),
@@ -170,16 +195,16 @@ def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: A
         lengths=state.lengths + live.astype(jnp.int32),
         done=state.done | (live & jnp.isin(token, eos_ids)))
 
-  def cond(state: _LoopState) -> Array:
-    return (state.step < n) & ~jnp.all(state.done)
-
   state = _LoopState(
       step=jnp.zeros((), jnp.int32), last=prompt_tokens[:, -1], cache=cache,
       tokens=jnp.full((batch, n), pad_id, jnp.int32),
       logprobs=jnp.zeros((batch, n), jnp.float32),
       lengths=jnp.zeros((batch,), jnp.int32),
       done=last_position < 0)  # an empty prompt (a bucket's dummy row) generates nothing
-  state = jax.lax.while_loop(cond, body, state)
+  for i, end in enumerate(ends):
+    if i:
+      state = state._replace(cache=_grow_cache(state.cache, prompt_len - 1 + end))
+    state = jax.lax.while_loop(lambda s, end=end: (s.step < end) & ~jnp.all(s.done), body, state)
   mask = jnp.arange(n)[None, :] < state.lengths[:, None]
   return GenerateOutput(state.tokens, state.logprobs, mask, state.lengths)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import sharding
+from rlhf_jax import generate as generate_lib
 from rlhf_jax.generate import Sampler, full_sequence, generate, prompt_batch, sample_token
 from rlhf_jax.models import ModelConfig, abstract_model, apply
 
@@ -134,6 +135,35 @@ def test_per_row_eos_stops_rows_and_pads_the_rest():
   np.testing.assert_array_equal(out.lengths, 1)
   np.testing.assert_array_equal(np.asarray(out.tokens)[:, 0], free[:, 0])
   assert (np.asarray(out.tokens)[:, 1:] == 0).all()
+
+
+def test_decoding_in_phases_matches_the_cache_free_reference(monkeypatch):
+  """The cache grows in phases (`decode_phases`): greedy tokens still equal the cache-free
+  reference, sampled log-probs one forward pass, with rows stopping by EOS inside a phase."""
+  assert generate_lib.decode_phases(8) == [8] and generate_lib.decode_phases(64) == [32, 64]
+  assert generate_lib.decode_phases(128) == [32, 64, 96, 128]
+  assert generate_lib.decode_phases(300) == [75, 150, 225, 300]  # at most 4 phases
+  monkeypatch.setattr(generate_lib, "DECODE_PHASE_TOKENS", 3)
+  n = 11  # a length no other test compiles (the jit cache does not see the constant)
+  assert generate_lib.decode_phases(n) == [3, 7, 11]
+  graphdef, params = _model(LLAMA)
+  tokens, mask = prompt_batch(LONG)
+  out = _generate(LLAMA, prompts=LONG, max_new_tokens=n)
+  np.testing.assert_array_equal(out.tokens, _reference_greedy(graphdef, params, tokens, mask, n))
+
+  t, p = 0.8, tokens.shape[1]
+  sample = functools.partial(_generate, LLAMA, prompts=LONG, rng=jax.random.key(2),
+                             temperature=t, max_new_tokens=n)
+  free = np.asarray(sample(eos_id=(NEVER, NEVER)).tokens)
+  eos = (int(free[0, 4]), int(free[2, 8]))  # rows 0 and 2 stop in the second / third phase
+  out = sample(eos_id=eos)
+  assert out.lengths[0] <= 5 and out.lengths[2] <= 9
+  seq, segments, positions, _ = map(np.asarray, full_sequence(tokens, mask, out))
+  logits = np.asarray(_forward(graphdef, params, seq, segments, positions), np.float64) / t
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = np.take_along_axis(logp[:, p - 1:-1], seq[:, p:, None], -1)[..., 0]
+  m = np.asarray(out.mask)
+  np.testing.assert_allclose(np.asarray(out.logprobs)[m], want[m], atol=1e-5)
 
 
 def test_sampler_compiles_once_per_bucket_and_matches_generate():
