@@ -1,7 +1,8 @@
 """Jitted KV-cache sampling: greedy / temperature / top-k / top-p, per-row EOS, left-padded prompts.
 
 One prefill call writes the (left-padded) prompt into the cache; a `lax.while_loop` then decodes one
-token per step and stops as soon as every row has emitted EOS. Two entry points:
+token per step and stops as soon as every row has emitted EOS (one loop per phase of the growing
+cache, `decode_phases`). Two entry points:
 
 - `generate(graphdef, params, ...)`: a pure jitted function, also callable inside other jitted code.
   It compiles once per prompt shape.
