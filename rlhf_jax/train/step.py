@@ -122,11 +122,12 @@ def train_compiler_options(mesh: Mesh) -> dict | None:
   """XLA options for a train step on `mesh`: on a one-device CPU mesh, XLA's YNNPACK fusion on
   every dot (experimental in jaxlib 0.10; by default XLA sends only some dots there).
 
-  Alternating bench runs on the 2-core CPU: sft_step +15-28%, rm_step +27-35%, dpo_step +17-37%
-  (reference in the step), +8-20% (precomputed). Not for forward-only programs (set process-wide
-  it slowed plain matmuls), and not on a mesh of several CPU devices: there YNNPACK's threads
-  starve the collectives of XLA's host devices, and the step aborts on a rendezvous timeout (seen
-  with 8 fake devices on 2 cores). RLHF_JAX_CPU_YNN=0 leaves XLA's default everywhere.
+  Alternating bench runs on the 2-core CPU (README, "Against PyTorch"): sft_step, rm_step and
+  dpo_step 10-60% faster over two sessions' measurements. Not for forward-only programs (set
+  process-wide it slowed plain matmuls), and not on a mesh of several CPU devices: there
+  YNNPACK's threads starve the collectives of XLA's host devices, and the step aborts on a
+  rendezvous timeout (seen with 8 fake devices on 2 cores). RLHF_JAX_CPU_YNN=0 leaves XLA's
+  default everywhere.
   """
   if (jax.default_backend() != "cpu" or mesh.devices.size != 1
       or os.environ.get("RLHF_JAX_CPU_YNN", "1") == "0"):
