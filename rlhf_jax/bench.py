@@ -154,12 +154,15 @@ def random_model(cfg: ModelConfig, mesh, seed: int = 0):
 
 
 def train_step_bench(cfg: ModelConfig, make_loss_fn, host: dict, repeats: int,
-                     peak_gflops: float | None, make_add_reference=None) -> dict:
+                     peak_gflops: float | None, make_add_reference=None,
+                     workload_tokens: int | None = None) -> dict:
   """Times the shared train step on `host` (a [B, T] batch of real tokens, no padding).
 
   make_add_reference(graphdef, mesh) -> add(reference params, batch) -> batch: when given, every
   timed step first runs `add` on a frozen copy of the starting params (a reference forward pass,
-  counted as 1/3 of a train step's model FLOPs).
+  counted as 1/3 of a train step's model FLOPs). workload_tokens: the tokens the step stands for
+  when the rows hold fewer (shared prompts): tokens_per_s counts these; model FLOPs and MFU count
+  the B x T tokens actually run.
   """
   mesh = sharding.make_mesh((-1, 1, 1))
   graphdef, abstract, psh, params = random_model(cfg, mesh)
@@ -187,7 +190,8 @@ def train_step_bench(cfg: ModelConfig, make_loss_fn, host: dict, repeats: int,
   tokens = batch * seq_len
   passes = 4 / 3 if add_reference else 1.0  # + the reference's forward pass
   gflops = passes * cfg.flops_per_token(seq_len) * tokens / seconds / 1e9
-  record = {"batch": batch, "seq_len": seq_len, "step_s": seconds, "tokens_per_s": tokens / seconds,
+  record = {"batch": batch, "seq_len": seq_len, "step_s": seconds,
+            "tokens_per_s": (workload_tokens or tokens) / seconds, "row_tokens": tokens,
             "model_gflops": gflops, "compile_s": max(first - seconds, 0.0), "remat": cfg.remat,
             **peak_memory()}
   if peak_gflops:
@@ -243,22 +247,29 @@ def dpo_pairs(cfg: ModelConfig, count: int, sequence_len: int, prompt_len: int,
 
 
 def dpo_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflops: float | None,
-             sequence_len: int = 128, prompt_len: int = 64, reference: str = "per_step") -> dict:
+             sequence_len: int = 128, prompt_len: int = 64, reference: str = "per_step",
+             share_prompt: bool = False) -> dict:
   """DPO (sigmoid, beta 0.1). reference "per_step": the reference's log-probs computed every step,
   a jitted forward pass of the frozen reference, then the shared train step (the trainer's
   `reference="per_batch"`; TRL's DPOTrainer without `precompute_ref_log_probs`); "precomputed":
   the step alone, the log-probs read from the batch (`reference="precompute"`, TRL's
   `precompute_ref_log_probs=True`). Rows of `seq_len` tokens packed with pairs of
   `sequence_len`-token sequences (`prompt_len` prompt + response), as data/preference.py packs
-  them; every token is real, the response tokens are scored."""
+  them; every token is real, the response tokens are scored.
+
+  share_prompt: each pair's rows hold its prompt once (data/preference.py, prefix sharing), so the
+  same pairs take rows of `per_row x (2 sequence_len - prompt_len)` tokens; tokens_per_s still
+  counts the pairs' `2 x sequence_len` tokens each (the workload, as TRL counts it), MFU the
+  tokens run."""
   if reference not in ("per_step", "precomputed"):
     raise ValueError(f"dpo_step: reference={reference!r} must be 'per_step' or 'precomputed'")
   per_row = seq_len // (2 * sequence_len)
   if per_row < 1 or seq_len % (2 * sequence_len):
     raise ValueError(f"dpo_step: seq_len={seq_len} must be a multiple of 2 x sequence_len="
                      f"{sequence_len} (rows of whole pairs, no padding)")
+  row_len = per_row * (2 * sequence_len - prompt_len) if share_prompt else seq_len
   host, count = pack_comparisons(dpo_pairs(cfg, batch * per_row, sequence_len, prompt_len),
-                                 seq_len, batch, per_row, 2)
+                                 row_len, batch, per_row, 2, share_prompt=share_prompt)
   assert count == batch * per_row
   loss_cfg = base_config().dpo
 
@@ -273,9 +284,11 @@ def dpo_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflo
         -50.0, 5.0, host["valid"].shape).astype(np.float32)
   record = train_step_bench(cfg, lambda graphdef: make_dpo_loss_fn(graphdef, loss_cfg), host,
                             repeats, peak_gflops,
-                            make_add_reference=make_add_reference if reference == "per_step" else None)
+                            make_add_reference=make_add_reference if reference == "per_step" else None,
+                            workload_tokens=count * 2 * sequence_len)
   record.update(sequence_len=sequence_len, prompt_len=prompt_len, pairs=count,
-                pairs_per_s=count / record["step_s"], reference=reference)
+                pairs_per_s=count / record["step_s"], reference=reference,
+                share_prompt=share_prompt)
   return record
 
 

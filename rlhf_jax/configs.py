@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
                           # (RLAIF's AI labels) instead of chosen-always-wins
       lm_coef=0.0,  # > 0: + coef * next-token loss of the best responses through the SFT model's
                     # LM head kept beside the scalar head (GRM, Yang et al. 2024); exports drop it
+      share_prompt=False,  # training rows hold each comparison's prompt once, its responses
+                           # attending to it (prefix sharing): the same losses on fewer tokens;
+                           # reward models, DPO and its relatives, KTO (not with lm_coef)
   ))
 
   # DPO and relatives (algorithm "dpo"; data.kind "pairwise"; losses/preference.py).

@@ -42,14 +42,25 @@ def comparison_logps(graphdef: nnx.GraphDef, params, batch: dict) -> tuple[Array
   LM: ([R, P, K] float32 sums of log pi(y_t | ...) over each response's tokens
   `response_start..score_index`, [R, P, K] int32 response lengths). One forward pass per row;
   the span sums are differences of a running sum, so packed responses cost nothing extra. Unused
-  slots give 0 (mask with batch["valid"])."""
-  logits, _ = apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+  slots give 0 (mask with batch["valid"]). Rows with shared prompts (batch["branch_ids"]): a
+  response's first token is scored from the logits at its prompt's last slot, the others from
+  their predecessors in the response, as in the unshared layout."""
+  branch_ids = batch.get("branch_ids")
+  logits, _ = apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                    branch_ids=branch_ids)
   logp = token_logprobs(logits[:, :-1], batch["tokens"][:, 1:])
   running = jnp.cumsum(jnp.concatenate([jnp.zeros_like(logp[:, :1]), logp], axis=1), axis=1)
   r, p, k = batch["score_index"].shape
-  take = lambda index: jnp.take_along_axis(running, index.reshape(r, p * k), axis=1).reshape(r, p, k)
+  take = lambda x, index: jnp.take_along_axis(x, index.reshape(r, p * k), axis=1).reshape(r, p, k)
   start, end = batch["response_start"], batch["score_index"]
-  sums = take(end) - take(jnp.maximum(start - 1, 0))
+  if branch_ids is None:
+    sums = take(running, end) - take(running, jnp.maximum(start - 1, 0))
+  else:
+    # Token `start` follows the prompt's last slot, not slot start - 1 (a sibling's last token).
+    prompt_end = jnp.broadcast_to(jnp.maximum(start[..., :1] - 1, 0), start.shape)
+    rows = jnp.take_along_axis(logits, prompt_end.reshape(r, p * k, 1), axis=1)  # [R, P*K, V]
+    first = token_logprobs(rows, take(batch["tokens"], start).reshape(r, p * k)).reshape(r, p, k)
+    sums = first + take(running, end) - take(running, start)
   return jnp.where(batch["valid"], sums, 0.0), jnp.where(batch["valid"], end - start + 1, 0)
 
 
@@ -65,10 +76,11 @@ def sequence_logprob_sums(graphdef: nnx.GraphDef, params, tokens, segment_ids, p
 def comparison_scores(graphdef: nnx.GraphDef, params, batch: dict) -> Array:
   """Scores of every response slot of a comparison batch (data/preference.py): [R, P, K] float32.
 
-  batch["tokens"|"segment_ids"|"positions"]: [R, T]; batch["score_index"]: [R, P, K], the row
-  position of each response's last token. Unused slots score garbage: mask with batch["valid"].
+  batch["tokens"|"segment_ids"|"positions"]: [R, T] (and "branch_ids" with shared prompts);
+  batch["score_index"]: [R, P, K], the row position of each response's last token. Unused slots score garbage: mask with batch["valid"].
   """
-  scores, _ = apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+  scores, _ = apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                    branch_ids=batch.get("branch_ids"))
   return pick_scores(scores, batch["score_index"])
 
 

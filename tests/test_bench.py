@@ -50,6 +50,13 @@ def test_dpo_step_record(tiny):
                        prompt_len=8, reference="precomputed")
   assert pre["reference"] == "precomputed" and pre["pairs"] == 8
   assert pre["model_gflops"] == pytest.approx(tiny.flops_per_token(64) * 8 * 64 / pre["step_s"] / 1e9)
+  # Shared prompts: rows of 64 - 8 tokens hold the same pairs; tokens/s counts the pairs' tokens.
+  shared = bench.dpo_step(tiny, batch=8, seq_len=64, repeats=1, peak_gflops=100.0, sequence_len=32,
+                          prompt_len=8, reference="precomputed", share_prompt=True)
+  assert shared["pairs"] == 8 and shared["share_prompt"] and shared["row_tokens"] == 8 * 56
+  assert shared["tokens_per_s"] == pytest.approx(8 * 64 / shared["step_s"])
+  assert shared["model_gflops"] == pytest.approx(
+      tiny.flops_per_token(56) * 8 * 56 / shared["step_s"] / 1e9)
   with pytest.raises(ValueError, match="reference='cached' must be"):
     bench.dpo_step(tiny, batch=8, seq_len=64, repeats=1, peak_gflops=None, reference="cached")
 

@@ -147,7 +147,7 @@ def ranking_to_pairs(records: list, mode: str) -> list:
 
 
 def precompute_reference(logps_fn, comparisons: list, *, seq_len: int, rows: int, per_row: int,
-                         mesh) -> list:
+                         mesh, share_prompt: bool = False) -> list:
   """Each comparison with its `ref_logps` [2] filled in, from forward passes over rows packed with
   up to `per_row` comparisons (as training packs them: a pair is ~100 tokens of a 512-token row).
   Comparisons are told apart by their `index`, which must be unique in the list."""
@@ -155,7 +155,7 @@ def precompute_reference(logps_fn, comparisons: list, *, seq_len: int, rows: int
     raise ValueError("precompute_reference: comparison indices are not unique")
   found, rest = {}, list(comparisons)
   while rest:
-    batch, count = pack_comparisons(rest, seq_len, rows, per_row, 2)
+    batch, count = pack_comparisons(rest, seq_len, rows, per_row, 2, share_prompt=share_prompt)
     sums = np.asarray(jax.device_get(logps_fn(sharding.put_batch(batch, mesh))))  # [R, P, 2]
     for r, p in zip(*np.nonzero(batch["comparison"] >= 0)):
       found[int(batch["comparison"][r, p])] = sums[r, p].astype(np.float32)
@@ -205,7 +205,8 @@ def attach_reference(config: ml_collections.ConfigDict, setup: common.Setup, mod
             len(eval_cmp))
   fill = lambda cmp: precompute_reference(logps_fn, cmp, seq_len=config.train.seq_len,
                                           rows=config.train.batch_size,
-                                          per_row=config.reward.comparisons_per_row, mesh=mesh)
+                                          per_row=config.reward.comparisons_per_row, mesh=mesh,
+                                          share_prompt=config.reward.share_prompt)
   return fill(train_cmp), fill(eval_cmp), lambda batches: batches
 
 

@@ -258,7 +258,8 @@ def load_comparisons(config: ml_collections.ConfigDict, tokenizer, model_cfg: Mo
   # A row (train.seq_len tokens) holds whole comparisons; each response must also fit the model.
   tokenize = functools.partial(tokenize_comparisons, kind=kind, tokenizer=tokenizer,
                                max_len=min(t.seq_len, model_cfg.max_seq_len), max_total=t.seq_len,
-                               max_responses=num_responses, overflow=d.prompt_overflow)
+                               max_responses=num_responses, overflow=d.prompt_overflow,
+                               share_prompt=config.reward.share_prompt)
   train_cmp, stats = tokenize(train_records, source=d.source)
   eval_cmp, eval_stats = tokenize(eval_records, source=d.eval_source or d.source)
   if not train_cmp or not eval_cmp:
@@ -272,11 +273,13 @@ def comparison_iterators(config: ml_collections.ConfigDict, train: list, held_ou
                          num_responses: int) -> tuple[data.BatchIterator, data.BatchIterator]:
   """(train batches: shuffled by `config.seed`, rows packed with up to
   `config.reward.comparisons_per_row` comparisons when `config.data.packing`; held-out batches:
-  in order, one comparison per row) of `config.train.batch_size` rows of `seq_len` tokens.
-  Shared by reward models and DPO."""
+  in order, one comparison per row) of `config.train.batch_size` rows of `seq_len` tokens, each
+  comparison's prompt held once with `config.reward.share_prompt`. Shared by reward models and
+  DPO."""
   d, t = config.data, config.train
   per_row = config.reward.comparisons_per_row if d.packing else 1
-  batching = comparison_batching(t.batch_size, t.seq_len, per_row, num_responses)
+  batching = comparison_batching(t.batch_size, t.seq_len, per_row, num_responses,
+                                 share_prompt=config.reward.share_prompt)
   batches = data.BatchIterator(train, batch_size=t.batch_size, seq_len=t.seq_len, seed=config.seed,
                                packing=d.packing, batching=batching)
   eval_iter = data.BatchIterator(held_out, batch_size=t.batch_size, seq_len=t.seq_len, seed=0,
@@ -320,6 +323,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if r.lm_coef < 0:
     raise ConfigError(f"config.reward.lm_coef={r.lm_coef} must be >= 0")
+  if r.lm_coef and r.share_prompt:
+    raise ConfigError("config.reward.lm_coef > 0 reads the next-token loss along each row, which "
+                      "rows with shared prompts break at every response start: set "
+                      "config.reward.share_prompt=False")
   make_loss = functools.partial(make_reward_loss_fn, kind=kind, margins=margins,
                                 center_coef=r.center_coef, soft_labels=r.soft_labels,
                                 lm_coef=r.lm_coef)

@@ -39,6 +39,19 @@ score does not depend on what shares its row; `comparison_batch` puts one compar
     comparison  [R, P] int32        the comparison's `index` (-1 = unused slot)
 
 P = comparisons per row, K = responses per comparison (2 for pairs).
+
+**Shared prompts** (`share_prompt=True`; prefix sharing, Wang et al. 2024): a comparison's K
+responses share their prompt tokens, so the row holds the prompt once and then each response's own
+tokens, `prompt_len + sum(n_k - prompt_len)` tokens instead of `sum(n_k)`. Every token of the
+comparison is in one segment, and
+
+    branch_ids  [R, T] int32        0 on the prompt (and padding), k + 1 on response k's tokens
+
+tells the attention (`models.layers.attention_mask`) that a response sees the prompt and itself but
+no sibling. Positions continue from the prompt into each response (so each response is encoded
+exactly as its own sequence would be); `response_start` is the slot of the response's first token,
+whose log-prob comes from the logits at the prompt's last slot, `response_start[..., 0] - 1`, not
+from the slot before it (`scoring.comparison_logps` handles both layouts).
 """
 
 from __future__ import annotations
@@ -74,13 +87,16 @@ def responses_of(record: dict, kind: str) -> list[str]:
 
 
 def _fit(sequences: list[np.ndarray], prompt_len: int, max_len: int, max_total: int,
-         overflow: str) -> list[np.ndarray] | None:
-    longest, total = max(len(s) for s in sequences), sum(len(s) for s in sequences)
+         overflow: str, share_prompt: bool = False) -> list[np.ndarray] | None:
+    longest = max(len(s) for s in sequences)
+    total = _length([len(s) for s in sequences], prompt_len, share_prompt)
     if longest <= max_len and total <= max_total:
         return sequences
     if overflow == "truncate_left":
-        # The prompt is shared, so cutting `cut` of its tokens shortens every response's sequence.
-        cut = max(longest - max_len, -(-(total - max_total) // len(sequences)))
+        # The prompt is shared, so cutting `cut` of its tokens shortens every response's sequence
+        # (and a row by `cut` per response, or by `cut` once when the row holds the prompt once).
+        copies = 1 if share_prompt else len(sequences)
+        cut = max(longest - max_len, -(-(total - max_total) // copies))
         # Keep BOS and at least half the prompt: its end holds the assistant header, and a prompt
         # cut into its header is a sequence no policy ever produces.
         if cut <= (prompt_len - 1) // 2:
@@ -98,13 +114,15 @@ def tokenize_comparisons(
     max_responses: int = 9,
     overflow: str = "skip",
     source: str = "records",
+    share_prompt: bool = False,
 ) -> tuple[list[Comparison], dict]:
     """pairwise or ranking records -> (comparisons, stats).
 
     Each response's sequence must fit `max_len` (the model's positions) and all of a record's
     responses together `max_total` (the row length; default: unbounded), else `overflow` applies.
     Records are validated first (errors name `{source}[i]`). A ranking with more than
-    `max_responses` responses raises (raise the limit or split it). stats = {"comparisons",
+    `max_responses` responses raises (raise the limit or split it). `share_prompt`: the row holds
+    the prompt once (module docstring), which is what `max_total` then bounds. stats = {"comparisons",
     "dropped", "left_truncated", "responses"}; one warning is logged when anything was dropped.
     """
     if kind not in COMPARISON_KINDS:
@@ -134,7 +152,7 @@ def tokenize_comparisons(
         group = grouped[i]
         prompt_len = int(np.argmax(group[0].loss_mask))  # tokens before the first target
         sequences = [e.tokens for e in group]
-        fitted = _fit(sequences, prompt_len, max_len, max_total or 1 << 62, overflow)
+        fitted = _fit(sequences, prompt_len, max_len, max_total or 1 << 62, overflow, share_prompt)
         if fitted is None:
             if overflow == "error":
                 raise RecordError(
@@ -163,9 +181,11 @@ def tokenize_comparisons(
     return comparisons, stats
 
 
-def _empty(rows: int, seq_len: int, per_row: int, num_responses: int) -> dict[str, np.ndarray]:
+def _empty(rows: int, seq_len: int, per_row: int, num_responses: int,
+           share_prompt: bool = False) -> dict[str, np.ndarray]:
     r, p, k = rows, per_row, num_responses
-    return {
+    extra = {"branch_ids": np.zeros((r, seq_len), np.int32)} if share_prompt else {}
+    return {**extra,
         "tokens": np.zeros((r, seq_len), np.int32),
         "segment_ids": np.zeros((r, seq_len), np.int32),
         "positions": np.zeros((r, seq_len), np.int32),
@@ -180,29 +200,60 @@ def _empty(rows: int, seq_len: int, per_row: int, num_responses: int) -> dict[st
     }
 
 
-def comparison_length(comparison: Comparison) -> int:
-    return sum(len(s) for s in comparison.sequences)
+def _length(lengths: Sequence[int], prompt_len: int, share_prompt: bool) -> int:
+    return sum(lengths) - (len(lengths) - 1) * prompt_len * share_prompt
 
 
-def _check(comparison: Comparison, seq_len: int, num_responses: int) -> int:
+def comparison_length(comparison: Comparison, share_prompt: bool = False) -> int:
+    """Tokens the comparison takes in a row: all its sequences, or with `share_prompt` the prompt
+    once plus each response."""
+    return _length([len(s) for s in comparison.sequences], comparison.prompt_len, share_prompt)
+
+
+def _check(comparison: Comparison, seq_len: int, num_responses: int,
+           share_prompt: bool = False) -> int:
     if len(comparison.sequences) > num_responses:
         raise ValueError(f"comparison {comparison.index} has {len(comparison.sequences)} responses > "
                          f"num_responses={num_responses}")
-    n = comparison_length(comparison)
+    if share_prompt:
+        prompt = comparison.sequences[0][:comparison.prompt_len]
+        for k, sequence in enumerate(comparison.sequences):
+            if len(sequence) <= comparison.prompt_len or not np.array_equal(
+                    sequence[:comparison.prompt_len], prompt):
+                raise ValueError(
+                    f"comparison {comparison.index}, response {k}: share_prompt needs every sequence "
+                    f"to start with the same {comparison.prompt_len} prompt tokens and to have a "
+                    "response after them")
+    n = comparison_length(comparison, share_prompt)
     if n > seq_len:
         raise ValueError(f"comparison {comparison.index} needs {n} tokens (all its responses) > "
                          f"seq_len={seq_len}; tokenize with a smaller max_len or raise seq_len")
     return n
 
 
-def _place(batch: dict, row: int, slot: int, start: int, first_segment: int, comparison: Comparison) -> None:
+def _place(batch: dict, row: int, slot: int, start: int, first_segment: int, comparison: Comparison,
+           share_prompt: bool = False) -> None:
+    if share_prompt:  # the prompt once, then each response's own tokens, all in one segment
+        pl = comparison.prompt_len
+        batch["tokens"][row, start:start + pl] = comparison.sequences[0][:pl]
+        batch["segment_ids"][row, start:start + pl] = first_segment
+        batch["positions"][row, start:start + pl] = np.arange(pl)
+        start += pl
     for k, sequence in enumerate(comparison.sequences):
-        stop = start + len(sequence)
-        batch["tokens"][row, start:stop] = sequence
-        batch["segment_ids"][row, start:stop] = first_segment + k
-        batch["positions"][row, start:stop] = np.arange(len(sequence))
+        if share_prompt:
+            stop = start + len(sequence) - pl
+            batch["tokens"][row, start:stop] = sequence[pl:]
+            batch["segment_ids"][row, start:stop] = first_segment
+            batch["positions"][row, start:stop] = np.arange(pl, len(sequence))
+            batch["branch_ids"][row, start:stop] = k + 1
+            batch["response_start"][row, slot, k] = start
+        else:
+            stop = start + len(sequence)
+            batch["tokens"][row, start:stop] = sequence
+            batch["segment_ids"][row, start:stop] = first_segment + k
+            batch["positions"][row, start:stop] = np.arange(len(sequence))
+            batch["response_start"][row, slot, k] = start + comparison.prompt_len
         batch["score_index"][row, slot, k] = stop - 1
-        batch["response_start"][row, slot, k] = start + comparison.prompt_len
         start = stop
     n = len(comparison.sequences)
     batch["ranks"][row, slot, :n] = comparison.ranks
@@ -214,33 +265,36 @@ def _place(batch: dict, row: int, slot: int, start: int, first_segment: int, com
         batch["ref_logps"][row, slot, :n] = comparison.ref_logps
 
 
-def comparison_batch(comparisons: Sequence[Comparison], seq_len: int, num_responses: int) -> dict[str, np.ndarray]:
+def comparison_batch(comparisons: Sequence[Comparison], seq_len: int, num_responses: int,
+                     share_prompt: bool = False) -> dict[str, np.ndarray]:
     """One comparison per row: a batch dict with R = len(comparisons), P = 1 (module docstring)."""
-    batch = _empty(len(comparisons), seq_len, 1, num_responses)
+    batch = _empty(len(comparisons), seq_len, 1, num_responses, share_prompt)
     for row, comparison in enumerate(comparisons):
-        _check(comparison, seq_len, num_responses)
-        _place(batch, row, 0, 0, 1, comparison)
+        _check(comparison, seq_len, num_responses, share_prompt)
+        _place(batch, row, 0, 0, 1, comparison, share_prompt=share_prompt)
     return batch
 
 
 def pack_comparisons(comparisons: Sequence[Comparison], seq_len: int, rows: int, per_row: int,
-                     num_responses: int) -> tuple[dict[str, np.ndarray], int]:
+                     num_responses: int, share_prompt: bool = False
+                     ) -> tuple[dict[str, np.ndarray], int]:
     """Greedy first-fit packing of a prefix of `comparisons` into `rows` rows of `seq_len` tokens,
     at most `per_row` comparisons each. Returns (batch, number packed = comparisons[:count])."""
-    batch = _empty(rows, seq_len, per_row, num_responses)
+    batch = _empty(rows, seq_len, per_row, num_responses, share_prompt)
     used = np.zeros(rows, np.int64)
     slots = np.zeros(rows, np.int64)
     segments = np.zeros(rows, np.int64)
     for count, comparison in enumerate(comparisons):
-        n = _check(comparison, seq_len, num_responses)
+        n = _check(comparison, seq_len, num_responses, share_prompt)
         free = np.flatnonzero((used + n <= seq_len) & (slots < per_row))
         if free.size == 0:
             return batch, count
         row = int(free[0])
-        _place(batch, row, int(slots[row]), int(used[row]), int(segments[row]) + 1, comparison)
+        _place(batch, row, int(slots[row]), int(used[row]), int(segments[row]) + 1, comparison,
+               share_prompt=share_prompt)
         used[row] += n
         slots[row] += 1
-        segments[row] += len(comparison.sequences)
+        segments[row] += 1 if share_prompt else len(comparison.sequences)
     return batch, len(comparisons)
 
 
@@ -248,9 +302,11 @@ def num_tokens(batch: dict[str, np.ndarray]) -> int:
     return int(np.count_nonzero(batch["segment_ids"]))
 
 
-def comparison_batching(rows: int, seq_len: int, per_row: int, num_responses: int) -> Batching:
+def comparison_batching(rows: int, seq_len: int, per_row: int, num_responses: int,
+                        share_prompt: bool = False) -> Batching:
     """The `data.BatchIterator` batching of comparisons (pack: up to `per_row` per row)."""
-    return Batching(pad=lambda comparisons: comparison_batch(comparisons, seq_len, num_responses),
+    return Batching(pad=lambda comparisons: comparison_batch(comparisons, seq_len, num_responses,
+                                                             share_prompt),
                     pack=lambda comparisons: pack_comparisons(comparisons, seq_len, rows, per_row,
-                                                              num_responses),
-                    length=comparison_length)
+                                                              num_responses, share_prompt),
+                    length=lambda comparison: comparison_length(comparison, share_prompt))

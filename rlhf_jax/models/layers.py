@@ -124,17 +124,25 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
   return out.astype(x.dtype)
 
 
-def attention_mask(q_slots: Array, q_segments: Array, k_segments: Array) -> Array:
+def attention_mask(q_slots: Array, q_segments: Array, k_segments: Array,
+                   branch_ids: Array | None = None) -> Array:
   """Which keys each query may attend to: [B, 1, 1, T, S] bool.
 
   q_slots: [T] int, the key-slot index of each query (keys live in slots 0..S-1).
   q_segments: [B, T], k_segments: [B, S]: 0 marks padding; a query attends to keys of its own
   segment at slots <= its own (causal). This one rule covers right/left padding, packed documents
   and the KV cache.
+  branch_ids: [B, T] int or None (no cache: keys are the queries, S = T). Shared-prefix rows
+  (data/preference.py, `share_prompt`): inside one segment, 0 marks the shared prefix (a prompt)
+  and b > 0 its b-th continuation (a response); a continuation's queries see the prefix and their
+  own continuation only, never a sibling. None: every segment is one branch.
   """
   k_slots = jnp.arange(k_segments.shape[1])
   causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
   same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+  if branch_ids is not None:
+    k_branch = branch_ids[:, None, :]
+    same &= (k_branch == 0) | (k_branch == branch_ids[:, :, None])
   return (causal[None] & same)[:, None, None]
 
 

@@ -81,9 +81,11 @@ class Transformer(nnx.Module):
                            std=cfg.init_std, dtype=pd)
 
   def hidden_states(self, tokens: Array, positions: Array, segment_ids: Array,
-                    cache: KVCache | None = None, layers: Sequence[Params] | None = None
-                    ) -> tuple[Array, KVCache | None]:
+                    cache: KVCache | None = None, layers: Sequence[Params] | None = None,
+                    branch_ids: Array | None = None) -> tuple[Array, KVCache | None]:
     """Final-norm hidden states [B, T, E] (and the updated cache).
+
+    branch_ids: [B, T] int, rows with shared prefixes (`layers.attention_mask`); no cache.
 
     layers: the blocks' params split per layer (`unstack_layers`): the layers then run unrolled
     on them instead of on slices of the stacked params, and a cache must be per layer
@@ -102,8 +104,10 @@ class Transformer(nnx.Module):
     if cache is None:
       write_at = None
       q_slots = jnp.arange(t)
-      mask = attention_mask(q_slots, segment_ids, segment_ids)
+      mask = attention_mask(q_slots, segment_ids, segment_ids, branch_ids)
     else:
+      if branch_ids is not None:
+        raise ValueError("branch_ids (shared-prefix rows) are for forwards without a KV cache")
       write_at = cache.end
       k_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                 (0, cache.end))
@@ -198,10 +202,10 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params, Params]:
 
 def apply(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
           segment_ids: Array, cache: KVCache | None = None,
-          layers: Sequence[Params] | None = None):
-  """Pure forward: see `Transformer.__call__` (and `hidden_states` for `layers`)."""
+          layers: Sequence[Params] | None = None, branch_ids: Array | None = None):
+  """Pure forward: see `Transformer.__call__` (and `hidden_states` for `layers`, `branch_ids`)."""
   model = nnx.merge(graphdef, params)
-  x, cache = model.hidden_states(tokens, positions, segment_ids, cache, layers)
+  x, cache = model.hidden_states(tokens, positions, segment_ids, cache, layers, branch_ids)
   return model.head(x), cache
 
 
@@ -219,11 +223,11 @@ def unstack_layers(params: Params) -> list[Params]:
 
 
 def apply_with_hidden(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
-                      segment_ids: Array) -> tuple[Array, Array]:
+                      segment_ids: Array, branch_ids: Array | None = None) -> tuple[Array, Array]:
   """One forward pass -> (head output as `apply`, final-norm hidden states [B, T, E]): for a
   second head on the same trunk (PPO's value head on the policy)."""
   model = nnx.merge(graphdef, params)
-  hidden, _ = model.hidden_states(tokens, positions, segment_ids)
+  hidden, _ = model.hidden_states(tokens, positions, segment_ids, branch_ids=branch_ids)
   return model.head(hidden), hidden
 
 

@@ -1,0 +1,160 @@
+"""Shared-prompt rows (prefix sharing): a comparison's prompt is held once and each response attends
+to it and to itself only. Log-probs, reward-model scores, and the DPO loss and its gradients equal
+those of the unshared layout, in packed rows long enough for the chunked attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import scoring
+from rlhf_jax.algorithms.dpo import make_dpo_loss_fn
+from rlhf_jax.configs import base_config
+from rlhf_jax.data.preference import (Comparison, comparison_batch, comparison_length,
+                                      pack_comparisons, tokenize_comparisons)
+from rlhf_jax.models import ModelConfig, create_model, split_model
+
+from tests.test_reward_model import TINY, pair_records, ranking_records
+
+MODEL = {**TINY, "max_seq_len": 256}
+
+
+def both_layouts(comparisons, k, seq_len=256, rows=4, per_row=4):
+  plain, n_plain = pack_comparisons(comparisons, seq_len, rows, per_row, k)
+  shared, n_shared = pack_comparisons(comparisons, seq_len, rows, per_row, k, share_prompt=True)
+  return plain, shared, min(n_plain, n_shared)
+
+
+def by_comparison(batch, values, count):
+  """values [R, P, K] -> {comparison index: values of its valid slots}."""
+  out = {}
+  for r, p in zip(*np.nonzero(batch["comparison"] >= 0)):
+    if batch["comparison"][r, p] < count:
+      out[int(batch["comparison"][r, p])] = np.asarray(values)[r, p][batch["valid"][r, p]]
+  return out
+
+
+@pytest.mark.parametrize("kind", ["pairwise", "ranking"])
+def test_shared_prompt_rows_score_every_response_as_the_unshared_layout(words_tokenizer, kind):
+  records = pair_records(14) if kind == "pairwise" else ranking_records(10)
+  k = 2 if kind == "pairwise" else 4
+  comparisons, _ = tokenize_comparisons(records, kind, words_tokenizer, max_len=64)
+  plain, shared, count = both_layouts(comparisons, k)
+  assert count >= 6
+  # The prompt is held once: (K - 1) x prompt_len fewer tokens per comparison.
+  saved = sum((len(c.sequences) - 1) * c.prompt_len for c in comparisons[:count])
+  assert saved > 0
+  assert sum(comparison_length(c) - comparison_length(c, True) for c in comparisons[:count]) == saved
+  lm = split_model(create_model(ModelConfig(**MODEL), 0))
+  logps = jax.jit(scoring.comparison_logps, static_argnums=0)
+  for batch in (plain, shared):  # only the comparisons both layouts hold
+    batch["valid"] &= (batch["comparison"] < count)[..., None] & (batch["comparison"] >= 0)[..., None]
+  (sums_p, len_p), (sums_s, len_s) = logps(*lm, plain), logps(*lm, shared)
+  got, want = by_comparison(shared, sums_s, count), by_comparison(plain, sums_p, count)
+  assert sorted(got) == sorted(want) == list(range(count))
+  for i in range(count):
+    np.testing.assert_allclose(got[i], want[i], atol=2e-4, rtol=1e-5)
+  assert by_comparison(shared, len_s, count).keys() == by_comparison(plain, len_p, count).keys()
+  for i, lengths in by_comparison(shared, len_s, count).items():
+    np.testing.assert_array_equal(lengths, by_comparison(plain, len_p, count)[i])
+  # A scalar-head reward model reads each response's last token: the same scores.
+  rm = split_model(create_model(ModelConfig(**MODEL, head="scalar", scalar_head_init_std=1.0), 0))
+  scores = jax.jit(scoring.comparison_scores, static_argnums=0)
+  got = by_comparison(shared, scores(*rm, shared), count)
+  want = by_comparison(plain, scores(*rm, plain), count)
+  for i in range(count):
+    np.testing.assert_allclose(got[i], want[i], atol=1e-4, rtol=1e-5)
+  # Scores of the unused slots are masked to 0, as in the unshared layout.
+  assert np.all(np.asarray(sums_s)[~shared["valid"]] == 0)
+
+
+def test_dpo_loss_and_gradients_equal_with_shared_prompts(words_tokenizer):
+  comparisons, _ = tokenize_comparisons(pair_records(12), "pairwise", words_tokenizer, max_len=64)
+  rs = np.random.RandomState(0)
+  comparisons = [c._replace(ref_logps=rs.normal(-20, 3, 2).astype(np.float32)) for c in comparisons]
+  plain, shared, count = both_layouts(comparisons[:8], 2)
+  assert count == 8
+  graphdef, params = split_model(create_model(ModelConfig(**MODEL), 1))
+  loss_fn = make_dpo_loss_fn(graphdef, base_config().dpo)
+  grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None)[0]))
+  (loss_p, grads_p), (loss_s, grads_s) = grad(params, plain), grad(params, shared)
+  np.testing.assert_allclose(loss_s, loss_p, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3), grads_s, grads_p)
+  assert float(jnp.max(jnp.abs(grads_p["embed"]))) > 0
+
+
+def test_shared_layout_holds_each_prompt_once_and_refuses_responses_that_do_not_share_it():
+  prompt = np.array([1, 5, 6, 7], np.int32)
+  c = Comparison([np.concatenate([prompt, [8, 9, 2]]), np.concatenate([prompt, [10, 2]])],
+                 np.array([0, 1], np.int32), 1, 0, prompt_len=4)
+  batch = comparison_batch([c], 16, 2, share_prompt=True)
+  np.testing.assert_array_equal(batch["tokens"][0, :9], [1, 5, 6, 7, 8, 9, 2, 10, 2])
+  np.testing.assert_array_equal(batch["branch_ids"][0, :10], [0, 0, 0, 0, 1, 1, 1, 2, 2, 0])
+  np.testing.assert_array_equal(batch["positions"][0, :9], [0, 1, 2, 3, 4, 5, 6, 4, 5])
+  np.testing.assert_array_equal(batch["segment_ids"][0, :10], [1] * 9 + [0])
+  np.testing.assert_array_equal(batch["response_start"][0, 0], [4, 7])
+  np.testing.assert_array_equal(batch["score_index"][0, 0], [6, 8])
+  other = c._replace(sequences=[c.sequences[0], np.array([1, 5, 6, 3, 10, 2], np.int32)])
+  with pytest.raises(ValueError, match="comparison 0, response 1: share_prompt"):
+    comparison_batch([other], 16, 2, share_prompt=True)
+  no_response = c._replace(sequences=[c.sequences[0], prompt])
+  with pytest.raises(ValueError, match="response 1"):
+    comparison_batch([no_response], 16, 2, share_prompt=True)
+
+
+def test_tokenizing_with_shared_prompts_counts_the_prompt_once_against_the_row(words_tokenizer):
+  records = ranking_records(6)
+  plain, _ = tokenize_comparisons(records, "ranking", words_tokenizer, max_len=64)
+  row = max(comparison_length(c, True) for c in plain)  # fits every shared comparison
+  assert row < max(comparison_length(c) for c in plain)
+  kept, stats = tokenize_comparisons(records, "ranking", words_tokenizer, max_len=64,
+                                     max_total=row, share_prompt=True)
+  assert stats["dropped"] == 0 and len(kept) == len(records)
+  _, stats = tokenize_comparisons(records, "ranking", words_tokenizer, max_len=64, max_total=row)
+  assert stats["dropped"] > 0
+
+
+@pytest.mark.slow
+def test_dpo_driver_with_shared_prompts_trains_the_same_policy(tmp_path, words_tokenizer_dir,
+                                                              monkeypatch):
+  """One pair per row (packing off), so both layouts see the same pairs in the same batches: the
+  precomputed reference, the steps and the export agree; with packing on, the shared rows hold
+  more pairs."""
+  from rlhf_jax import checkpoint
+  from rlhf_jax.algorithms import dpo
+  from tests.test_dpo import dpo_config
+  from tests.test_reward_model import export_lm, learnable_pairs, write_jsonl
+  export_lm(tmp_path / "lm", words_tokenizer_dir)
+  source = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(32))
+  from rlhf_jax.data import preference
+  placed = {False: 0, True: 0}
+  place = preference._place
+
+  def counting_place(*args, share_prompt=False):
+    placed[share_prompt] += 1
+    return place(*args, share_prompt=share_prompt)
+
+  monkeypatch.setattr(preference, "_place", counting_place)
+  params, results = {}, {}
+  for share in (False, True):
+    config = dpo_config(tmp_path, words_tokenizer_dir, source, steps=6)
+    config.data.packing = False
+    config.reward.share_prompt = share
+    before = dict(placed)
+    results[share] = dpo.train(config, str(tmp_path / f"share{share}"))
+    assert placed[share] > before[share] and placed[not share] == before[not share]
+    params[share], _ = checkpoint.load_params(tmp_path / f"share{share}" / "export")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=0),
+               params[True], params[False])
+  np.testing.assert_allclose(results[True]["eval/loss"], results[False]["eval/loss"], rtol=1e-3)
+
+
+def test_reward_driver_refuses_the_lm_loss_on_shared_rows(tmp_path, words_tokenizer_dir):
+  from rlhf_jax.algorithms import reward
+  from tests.test_reward_model import export_lm, learnable_pairs, rm_config, write_jsonl
+  export_lm(tmp_path / "lm", words_tokenizer_dir)
+  config = rm_config(tmp_path, words_tokenizer_dir,
+                     write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(8)))
+  config.reward.update(lm_coef=1.0, share_prompt=True)
+  with pytest.raises(ValueError, match=r"lm_coef > 0 .*reward\.share_prompt=False"):
+    reward.train(config, str(tmp_path / "rm"))
