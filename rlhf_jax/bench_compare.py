@@ -217,6 +217,7 @@ def _ratio(name: str, unit: str, ours: dict, theirs: dict) -> dict:
 
 def compare(cfg: ModelConfig, *, gen_batches: list[int], prompt_len: int, new_tokens: int,
             dpo_rows: int, dpo_seq_len: int, dpo_sequence_len: int, rl_prompts: int,
+            dpo_share_prompt: bool = False, rl_share_prompt: bool = False,
             rl_samples: int, rl_new_tokens: int, kl_beta: float, repeats: int,
             torch_threads: int | None = None, workdir: str | None = None
             ) -> Iterator[tuple[str, dict]]:
@@ -224,8 +225,9 @@ def compare(cfg: ModelConfig, *, gen_batches: list[int], prompt_len: int, new_to
   "grpo_iteration"), theirs ("hf_generate", "trl_dpo_step", "trl_grpo_step") and one "compare"
   record per pair {"name", "unit", "ours", "theirs", "ratio" = ours / theirs}. DPO: `dpo_rows`
   rows of `dpo_seq_len` tokens packed with pairs of `dpo_sequence_len`-token sequences (prompt
-  `prompt_len`), TRL the same pairs unpacked, one batch. torch_threads: torch's intra-op threads
-  (None: `num_threads()`)."""
+  `prompt_len`; with `dpo_share_prompt` each pair's prompt once), TRL the same pairs unpacked,
+  one batch. rl_share_prompt: our GRPO iteration with config.ppo.share_prompt. torch_threads:
+  torch's intra-op threads (None: `num_threads()`)."""
   # Read once, when torch loads OpenMP: spinning threads stall every op on an oversubscribed
   # machine (HF generate 20x slower on a 2-core VM under load); passive waits do not.
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -257,14 +259,14 @@ def compare(cfg: ModelConfig, *, gen_batches: list[int], prompt_len: int, new_to
       yield "hf_generate", theirs
       yield "compare", _ratio(f"compare_generate_b{batch}", "new_tokens_per_s", ours, theirs)
     ours = bench.dpo_step(cfg, dpo_rows, dpo_seq_len, repeats, None, sequence_len=dpo_sequence_len,
-                          prompt_len=prompt_len)
+                          prompt_len=prompt_len, share_prompt=dpo_share_prompt)
     yield "dpo_step", ours
     theirs = {**trl_dpo_step(policy_dir, tokenizer, ours["pairs"], dpo_sequence_len, prompt_len,
                              repeats, tmp, remat), **versions}
     yield "trl_dpo_step", theirs
     yield "compare", _ratio("compare_dpo_step", "tokens_per_s", ours, theirs)
     ours = bench.grpo_iteration(cfg, rl_prompts, rl_samples, prompt_len, rl_new_tokens, repeats,
-                                kl_beta=kl_beta)
+                                kl_beta=kl_beta, share_prompt=rl_share_prompt)
     yield "grpo_iteration", ours
     theirs = {**trl_grpo_step(policy_dir, reward_dir, tokenizer, rl_prompts, rl_samples,
                               prompt_len, rl_new_tokens, kl_beta, repeats, tmp, remat),

@@ -155,6 +155,10 @@ def base_config() -> ml_collections.ConfigDict:
       # "none" | "rloo" (minus the mean of the prompt's other samples: removes how hard the prompt
       # is from the signal, which a value model otherwise has to learn first).
       reward_baseline="none",
+      # True: every forward pass (policy, reference, value and reward models, the update) runs a
+      # prompt's samples with the prompt once (prefix sharing; samples_per_prompt >= 2): the same
+      # numbers on fewer tokens
+      share_prompt=False,
       max_prompt_len=64,  # prompts are left-padded to this (fixed shapes: nothing recompiles)
       max_new_tokens=48,
       temperature=1.0,  # sampling temperature; log-probs in the loss use the same

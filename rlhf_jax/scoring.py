@@ -10,29 +10,32 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.losses.common import token_logprobs
-from rlhf_jax.models import apply
+from rlhf_jax.models import apply, apply_rows
 
 Array = jax.Array
 
 
 def response_logprobs(graphdef: nnx.GraphDef, params, tokens: Array, segment_ids: Array,
-                      positions: Array, response_mask: Array, *, temperature: float = 1.0) -> Array:
+                      positions: Array, response_mask: Array, *, temperature: float = 1.0,
+                      share: tuple[int, int] | None = None) -> Array:
   """log pi(token_t | tokens_<t) / T-scaled, at response positions: [B, T] float32, 0 elsewhere.
 
   tokens, segment_ids, positions, response_mask: [B, T] (e.g. from `generate.full_sequence`).
   Column t holds the log-prob of tokens[:, t] (from the logits at t-1), so it lines up with
-  `response_mask`; the first column is never a response token.
+  `response_mask`; the first column is never a response token. share: (K, N), rows in groups of K
+  sharing all but their last N columns, each group's prefix run once (`models.apply_rows`).
   """
-  logits, _ = apply(graphdef, params, tokens, positions, segment_ids)
+  logits, _ = apply_rows(graphdef, params, tokens, positions, segment_ids, share)
   logp = token_logprobs(logits[:, :-1], tokens[:, 1:], temperature=temperature)
   logp = jnp.concatenate([jnp.zeros_like(logp[:, :1]), logp], axis=1)
   return jnp.where(response_mask, logp, 0.0)
 
 
 def last_token_scores(graphdef: nnx.GraphDef, params, tokens: Array, segment_ids: Array,
-                      positions: Array) -> Array:
-  """A scalar-head model's score at each row's last real token: [B] float32."""
-  scores, _ = apply(graphdef, params, tokens, positions, segment_ids)
+                      positions: Array, share: tuple[int, int] | None = None) -> Array:
+  """A scalar-head model's score at each row's last real token: [B] float32 (`share` as in
+  `response_logprobs`)."""
+  scores, _ = apply_rows(graphdef, params, tokens, positions, segment_ids, share)
   last = jnp.max(jnp.where(segment_ids > 0, jnp.arange(tokens.shape[1])[None], -1), axis=1)
   return jnp.take_along_axis(scores, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
 
@@ -77,7 +80,8 @@ def comparison_scores(graphdef: nnx.GraphDef, params, batch: dict) -> Array:
   """Scores of every response slot of a comparison batch (data/preference.py): [R, P, K] float32.
 
   batch["tokens"|"segment_ids"|"positions"]: [R, T] (and "branch_ids" with shared prompts);
-  batch["score_index"]: [R, P, K], the row position of each response's last token. Unused slots score garbage: mask with batch["valid"].
+  batch["score_index"]: [R, P, K], the row position of each response's last token. Unused slots
+  score garbage: mask with batch["valid"].
   """
   scores, _ = apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"],
                     branch_ids=batch.get("branch_ids"))

@@ -32,6 +32,10 @@ def test_ppo_iteration_record(tiny):
   assert record["completions_per_s"] == pytest.approx(8 / record["iteration_s"])
   assert record["new_tokens_per_s"] == pytest.approx(8 * 8 / record["iteration_s"])
   assert np.isfinite(record["first_iteration_s"]) and record["first_iteration_s"] > 0
+  shared = bench.grpo_iteration(tiny, prompts=2, samples=4, prompt_len=8, new_tokens=8, repeats=1,
+                                share_prompt=True)
+  assert shared["share_prompt"] and shared["estimator"] == "grpo"
+  assert shared["completions_per_s"] == pytest.approx(8 / shared["iteration_s"])
 
 
 @pytest.mark.slow  # compiles the reference pass and the DPO step
@@ -96,12 +100,13 @@ def test_compare_with_hf_and_trl(tmp_path):
   records = list(bench_compare.compare(
       bench.tiny_config(), gen_batches=[8], prompt_len=8, new_tokens=8, dpo_rows=8, dpo_seq_len=64,
       dpo_sequence_len=32, rl_prompts=2, rl_samples=4, rl_new_tokens=8, kl_beta=0.04, repeats=1,
-      torch_threads=1, workdir=str(tmp_path)))
+      torch_threads=1, workdir=str(tmp_path), dpo_share_prompt=True, rl_share_prompt=True))
   assert [name for name, _ in records] == ["generate", "hf_generate", "compare", "dpo_step",
                                            "trl_dpo_step", "compare", "grpo_iteration",
                                            "trl_grpo_step", "compare"]
   by_name = dict(records)
   assert by_name["trl_dpo_step"]["pairs"] == by_name["dpo_step"]["pairs"] == 8
+  assert by_name["dpo_step"]["share_prompt"] and by_name["grpo_iteration"]["share_prompt"]
   # Both sides count every token of the 8 pairs of 2 x 32-token sequences.
   assert by_name["trl_dpo_step"]["tokens_per_s"] == pytest.approx(
       8 * 2 * 32 / by_name["trl_dpo_step"]["step_s"])

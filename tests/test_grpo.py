@@ -210,6 +210,10 @@ def test_grpo_driver_logs_exports_the_policy_alone_and_resumes(tmp_path, exports
     ("grpo", dict(samples_per_prompt=1), "samples_per_prompt >= 2"),
     ("rloo", dict(reward_baseline="rloo"), "has its own baseline"),
     ("grpo", dict(kl=dict(adaptive=True)), "fixed config.ppo.kl.beta"),
+    ("ppo", dict(share_prompt=True, samples_per_prompt=1),
+     r"share_prompt=True .* samples_per_prompt >= 2 \(it is 1\)"),
+    ("grpo", dict(share_prompt=True, minibatches=8),
+     r"share_prompt=True .* a multiple of minibatches x accum_steps = 8 x 1"),
 ])
 def test_group_config_errors_come_before_any_model_loads(tmp_path, algorithm, update, match):
   config = group_config({"lm": str(tmp_path / "missing"), "prompts": str(tmp_path / "none.jsonl"),

@@ -44,11 +44,13 @@ def test_shared_prompt_rows_score_every_response_as_the_unshared_layout(words_to
   # The prompt is held once: (K - 1) x prompt_len fewer tokens per comparison.
   saved = sum((len(c.sequences) - 1) * c.prompt_len for c in comparisons[:count])
   assert saved > 0
-  assert sum(comparison_length(c) - comparison_length(c, True) for c in comparisons[:count]) == saved
+  shorter = [comparison_length(c) - comparison_length(c, True) for c in comparisons[:count]]
+  assert sum(shorter) == saved
   lm = split_model(create_model(ModelConfig(**MODEL), 0))
   logps = jax.jit(scoring.comparison_logps, static_argnums=0)
   for batch in (plain, shared):  # only the comparisons both layouts hold
-    batch["valid"] &= (batch["comparison"] < count)[..., None] & (batch["comparison"] >= 0)[..., None]
+    held = (batch["comparison"] < count) & (batch["comparison"] >= 0)
+    batch["valid"] &= held[..., None]
   (sums_p, len_p), (sums_s, len_s) = logps(*lm, plain), logps(*lm, shared)
   got, want = by_comparison(shared, sums_s, count), by_comparison(plain, sums_p, count)
   assert sorted(got) == sorted(want) == list(range(count))
@@ -79,7 +81,8 @@ def test_dpo_loss_and_gradients_equal_with_shared_prompts(words_tokenizer):
   grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None)[0]))
   (loss_p, grads_p), (loss_s, grads_s) = grad(params, plain), grad(params, shared)
   np.testing.assert_allclose(loss_s, loss_p, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3), grads_s, grads_p)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3),
+               grads_s, grads_p)
   assert float(jnp.max(jnp.abs(grads_p["embed"]))) > 0
 
 
@@ -158,3 +161,127 @@ def test_reward_driver_refuses_the_lm_loss_on_shared_rows(tmp_path, words_tokeni
   config.reward.update(lm_coef=1.0, share_prompt=True)
   with pytest.raises(ValueError, match=r"lm_coef > 0 .*reward\.share_prompt=False"):
     reward.train(config, str(tmp_path / "rm"))
+
+
+# ---------------------------------------------------------------- a prompt's samples (PPO, GRPO)
+
+
+def grouped_rollout(seed=0, prompts=3, k=4, prompt_len=8, new_tokens=8):
+  """A rollout as `ppo.make_iteration` builds it: each left-padded prompt repeated K times, each
+  copy with its own right-padded response."""
+  from rlhf_jax import generate
+  rs = np.random.RandomState(seed)
+  prompt_lens = np.repeat(rs.randint(1, prompt_len + 1, prompts), k)
+  prompt_mask = np.arange(prompt_len)[None] >= (prompt_len - prompt_lens)[:, None]
+  prompt_tokens = np.where(prompt_mask, np.repeat(rs.randint(3, 384, (prompts, prompt_len)), k, 0),
+                           0).astype(np.int32)
+  lengths = rs.randint(1, new_tokens + 1, prompts * k)
+  lengths[0], lengths[1] = 1, new_tokens
+  mask = np.arange(new_tokens)[None] < lengths[:, None]
+  tokens = np.where(mask, rs.randint(3, 384, (prompts * k, new_tokens)), 0).astype(np.int32)
+  out = generate.GenerateOutput(tokens=jnp.asarray(tokens), logprobs=jnp.zeros(tokens.shape),
+                                mask=jnp.asarray(mask), lengths=jnp.asarray(lengths, jnp.int32))
+  tokens, segment_ids, positions, response_mask = generate.full_sequence(prompt_tokens,
+                                                                         prompt_mask, out)
+  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
+          "response_mask": response_mask}
+
+
+def test_group_rows_round_trip():
+  from rlhf_jax.models import group_rows, ungroup_rows
+  x = jnp.arange(6 * 7 * 2).reshape(6, 7, 2)
+  x = x.at[1, :4].set(x[0, :4]).at[2, :4].set(x[0, :4]).at[4, :4].set(x[3, :4])
+  x = x.at[5, :4].set(x[3, :4])  # groups of 3 rows sharing their first 4 columns
+  grouped = group_rows(x, 3, 3)
+  assert grouped.shape == (2, 4 + 3 * 3, 2)
+  np.testing.assert_array_equal(grouped[1, :4], x[3, :4])
+  np.testing.assert_array_equal(grouped[1, 4 + 3:4 + 6], x[4, 4:])
+  np.testing.assert_array_equal(ungroup_rows(grouped, 3, 3), x)
+
+
+def test_a_prompts_samples_score_and_train_the_same_with_the_prompt_run_once():
+  """Policy, value-model, value-head, reference and reward-model outputs, the PPO loss and its
+  gradients: equal with `share=(K, N)` to the plain rows, on response tokens."""
+  from rlhf_jax.algorithms import ppo, ppo_rollout
+  from tests.test_ppo import POLICY_CFG, VALUE_CFG, ppo_cfg
+  policy_gd, policy = split_model(create_model(POLICY_CFG, 0))
+  value_gd, value = split_model(create_model(VALUE_CFG, 1))
+  reference = jax.tree.map(lambda x: x * 1.01, policy)
+  batch = grouped_rollout()
+  mask = np.asarray(batch["response_mask"])
+  share = (4, 8)
+  outputs = {}
+  for s in (None, share):
+    score = jax.jit(ppo_rollout.make_score_fn(policy_gd, value_gd, {"helpful": value_gd},
+                                              temperature=0.9, share=s))
+    outputs[s] = score(policy, reference, value, {"helpful": value}, batch)
+  (old, ref, values, scores), (old_s, ref_s, values_s, scores_s) = outputs[None], outputs[share]
+  for a, b in ((old, old_s), (ref, ref_s), (values, values_s)):
+    np.testing.assert_allclose(np.where(mask, b, 0), np.where(mask, a, 0), atol=1e-4, rtol=1e-5)
+    assert np.abs(np.asarray(a)[mask]).max() > 1e-2
+  np.testing.assert_allclose(scores_s["helpful"], scores["helpful"], atol=1e-4, rtol=1e-5)
+  # The PPO loss with a value head on the policy's trunk, and its gradients.
+  rs = np.random.RandomState(0)
+  rollout = {**batch, "old_logp": old, "old_values": values,
+             "advantages": np.where(mask, rs.normal(size=mask.shape), 0).astype(np.float32),
+             "returns": np.where(mask, rs.normal(size=mask.shape), 0).astype(np.float32)}
+  params = {"policy": policy, "value": {"score": jnp.asarray(rs.normal(size=64), jnp.float32)}}
+  cfg = ppo_cfg(samples_per_prompt=4, temperature=0.9)
+  grads = {}
+  for s in (None, share):
+    loss_fn = ppo.make_ppo_loss_fn(policy_gd, None, cfg, share=s)
+    grads[s] = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None)[0]))(params, rollout)
+  np.testing.assert_allclose(grads[share][0], grads[None][0], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3),
+               grads[share][1], grads[None][1])
+  with pytest.raises(ValueError, match="do not split into groups of 5"):
+    ppo_rollout.token_values(value_gd, value, batch["tokens"], batch["segment_ids"],
+                             batch["positions"], batch["response_mask"], share=(5, 8))
+
+
+@pytest.mark.slow  # compiles the sampler and four updates
+def test_grpo_iteration_with_shared_prompts_updates_as_without():
+  """`make_iteration` with config.ppo.share_prompt: the same sampled rollout (same key) gives the
+  same single update as without. With 2 epochs x 3 mini-batches, shuffled by whole groups in both
+  (`make_ppo_update(group=K)`), the shared loss trains the same params: every mini-batch holds
+  whole groups."""
+  import optax
+  from rlhf_jax.algorithms import ppo, ppo_rollout
+  from tests.test_grpo import critic_free_loop
+  from tests.test_ppo import POLICY_CFG, ppo_cfg
+  policy_gd, policy = split_model(create_model(POLICY_CFG, 0))
+  models = (policy_gd, None, {"policy": policy})
+  reference = jax.tree.map(lambda x: x * 1.01, policy)
+  prompts = np.random.RandomState(0).randint(3, 40, (4, 5)).astype(np.int32)
+  mask, unsafe = np.ones_like(prompts, bool), np.zeros(4, bool)
+  reward = lambda out: np.asarray(np.asarray(out.tokens).mean(axis=1), np.float32)
+  states = {}
+  for share in (False, True):
+    cfg = ppo_cfg(prompts_per_iteration=4, samples_per_prompt=3, max_new_tokens=6, epochs=1,
+                  minibatches=1, share_prompt=share)
+    cfg.kl.beta = 0.1
+    iterate, fresh, shardings, mesh = critic_free_loop(models, cfg, optax.sgd(1.0), "grpo")
+    states[share], info = iterate(fresh(), reference, {}, prompts, mask, unsafe,
+                                  jax.random.key(3), 0.1, text_reward=reward)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+               states[True].params, states[False].params)
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                       states[True].params["policy"], policy)
+  assert max(jax.tree.leaves(moved)) > 1e-3
+
+  batch = grouped_rollout(prompts=3, k=4, new_tokens=8)
+  old, ref, _, _ = jax.jit(ppo_rollout.make_score_fn(policy_gd, None, {}, temperature=1.0))(
+      policy, reference, None, {}, batch)
+  m = np.asarray(batch["response_mask"])
+  adv = np.where(m, np.random.RandomState(1).normal(size=m.shape), 0).astype(np.float32)
+  rollout = {**batch, "old_logp": old, "ref_logp": ref, "advantages": adv}
+  cfg = ppo_cfg(samples_per_prompt=4, max_new_tokens=8, epochs=2, minibatches=3)
+  cfg.kl.beta = 0.1
+  trained = {}
+  for share in (None, (4, 8)):
+    update = ppo.make_ppo_update(ppo.make_ppo_loss_fn(policy_gd, None, cfg, estimator="grpo",
+                                                      share=share),
+                                 optax.sgd(1.0), mesh=mesh, shardings=shardings, cfg=cfg, group=4)
+    trained[share], _ = update(fresh(), rollout)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+               trained[(4, 8)].params, trained[None].params)

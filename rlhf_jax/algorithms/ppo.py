@@ -54,14 +54,15 @@ _log = logging.getLogger(__name__)
 
 
 def make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg: ml_collections.ConfigDict, *,
-                     estimator: str = "gae"):
+                     estimator: str = "gae", share: tuple[int, int] | None = None):
   """loss_fn(params {"policy", "value"?}, rollout mini-batch, rng): clipped policy loss +
   vf_coef x clipped value loss - entropy_coef x entropy; per-token means over the mini-batch
   (loss_weight = tokens, so micro-batches combine by token count).
 
   estimator "grpo": no critic (params without "value", no value loss) and `cfg.kl.beta x k3`
   KL to the reference (the rollout's "ref_logp") added to the loss, as GRPO does; "rloo": no
-  critic, the KL is already in the advantages.
+  critic, the KL is already in the advantages. share: (K, N), mini-batches of whole groups of a
+  prompt's K samples, each prompt run once (`models.apply_rows`).
   """
   critic = estimator == "gae"
 
@@ -72,7 +73,7 @@ def make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg: ml_collections.Config
     # value model or the value head on the policy's trunk (value_graphdef None), or none.
     scaled, logp, values = ppo_rollout.policy_forward(policy_graphdef, value_graphdef,
                                                       params["policy"], params.get("value"), batch,
-                                                      temperature=cfg.temperature)
+                                                      temperature=cfg.temperature, share=share)
     # No "old_logp" (GRPO's one update per rollout, `make_iteration`): the policy that sampled is
     # the one being differentiated, so its log-probs are these, held constant (ratio 1).
     old_logp = batch.get("old_logp", jax.lax.stop_gradient(logp))
@@ -93,12 +94,14 @@ def make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg: ml_collections.Config
   return loss_fn
 
 
-def make_ppo_update(loss_fn, optimizer, *, mesh, shardings, cfg: ml_collections.ConfigDict):
+def make_ppo_update(loss_fn, optimizer, *, mesh, shardings, cfg: ml_collections.ConfigDict,
+                    group: int = 1):
   """Jitted `update(state, rollout) -> (state, metrics)`: `cfg.epochs` passes over the rollout,
   each a fresh shuffle cut into `cfg.minibatches` mini-batches, one optimiser step each (a nested
   `lax.scan`, so a whole PPO phase is one XLA program). Metrics: means over all steps, and the
   first mini-batch's approx_kl / clip_fraction (which should be ~0 when rollout and update
-  numerics agree)."""
+  numerics agree). group: shuffle whole groups of that many consecutive rows (a prompt's samples,
+  for a loss that runs each prompt once)."""
   step = make_update(loss_fn, optimizer, accum_steps=cfg.accum_steps)
 
   def update(state, rollout):
@@ -107,7 +110,8 @@ def make_ppo_update(loss_fn, optimizer, *, mesh, shardings, cfg: ml_collections.
       size = rows // cfg.minibatches
 
       def epoch(state, key):
-        order = jax.random.permutation(key, rows)
+        order = (jax.random.permutation(key, rows // group)[:, None] * group
+                 + jnp.arange(group)).reshape(-1)
         minibatches = jax.tree.map(
             lambda x: x[order].reshape((cfg.minibatches, size) + x.shape[1:]), rollout)
 
@@ -176,10 +180,12 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
   # pass of the policy is skipped; the sampler's log-probs (the same quantity from the decode
   # loop) stand in for it in the logged KL.
   single_update = estimator == "grpo" and cfg.epochs == 1 and cfg.minibatches == 1
+  # config.ppo.share_prompt: every forward pass runs a prompt's K samples with the prompt once.
+  share = (cfg.samples_per_prompt, cfg.max_new_tokens) if cfg.share_prompt else None
   score = jax.jit(ppo_rollout.make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs,
                                             temperature=cfg.temperature,
                                             reference_graphdef=reference_graphdef,
-                                            policy_pass=not single_update))
+                                            policy_pass=not single_update, share=share))
   if estimator == "gae":
     advantages = jax.jit(lambda old, ref, values, *args: ppo_rollout.advantages_fn(
         old, ref, values, *args, cfg=cfg))
@@ -190,10 +196,11 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
   baseline = jax.jit(lambda r: ppo_rollout.baselined_reward(r, cfg.samples_per_prompt,
                                                             cfg.reward_baseline))
   rollout_sharding = sharding.batch_sharding(mesh)
-  loss_fn = make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg, estimator=estimator)
+  loss_fn = make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg, estimator=estimator, share=share)
   if policy_cfg.lora_rank:  # only the adapters (and a value head) train
     loss_fn = lora.freeze_base(loss_fn)
-  update = make_ppo_update(loss_fn, optimizer, mesh=mesh, shardings=shardings, cfg=cfg)
+  update = make_ppo_update(loss_fn, optimizer, mesh=mesh, shardings=shardings, cfg=cfg,
+                           group=cfg.samples_per_prompt if share else 1)
 
   def iteration(state, reference, reward_params, prompt_tokens, prompt_mask, unsafe, rng, beta,
                 text_reward=None):
@@ -287,6 +294,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"config.ppo.reward_baseline={p.reward_baseline!r} compares a prompt's "
                      f"samples: set config.ppo.samples_per_prompt >= 2 (it is "
                      f"{p.samples_per_prompt})")
+  if p.share_prompt and (p.samples_per_prompt < 2
+                         or p.prompts_per_iteration % (p.minibatches * p.accum_steps)):
+    raise ConfigError(f"config.ppo.share_prompt=True runs a prompt's samples together: it needs "
+                     f"samples_per_prompt >= 2 (it is {p.samples_per_prompt}) and whole prompts "
+                     f"per micro-batch (prompts_per_iteration={p.prompts_per_iteration} a multiple "
+                     f"of minibatches x accum_steps = {p.minibatches} x {p.accum_steps})")
   if p.reward.gold and p.reward.judge:
     raise ConfigError("config.ppo.reward.gold and config.ppo.reward.judge are both set; choose one")
   if p.reward.judge:

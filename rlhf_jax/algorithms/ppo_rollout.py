@@ -30,16 +30,17 @@ from rlhf_jax.losses import kl as kl_losses
 from rlhf_jax.losses import ppo as ppo_losses
 from rlhf_jax.losses import reward as reward_losses
 from rlhf_jax.losses.common import token_logprobs
-from rlhf_jax.models import apply, apply_with_hidden
+from rlhf_jax.models import apply_rows
 
 Array = jax.Array
 
 
 def token_values(graphdef, params, tokens: Array, segment_ids: Array, positions: Array,
-                 response_mask: Array) -> Array:
+                 response_mask: Array, share: tuple[int, int] | None = None) -> Array:
   """V for each response token: [B, S] float32, the value model's output at the position before
-  the token (the state in which the token is chosen), 0 off the response."""
-  values, _ = apply(graphdef, params, tokens, positions, segment_ids)
+  the token (the state in which the token is chosen), 0 off the response. share: (K, N), a
+  prompt's K samples run with the prompt once (`models.apply_rows`)."""
+  values, _ = apply_rows(graphdef, params, tokens, positions, segment_ids, share)
   values = jnp.concatenate([jnp.zeros_like(values[:, :1]), values[:, :-1]], axis=1)
   return jnp.where(response_mask, values, 0.0)
 
@@ -54,26 +55,26 @@ def head_values(hidden: Array, score: Array, response_mask: Array) -> Array:
 
 
 def policy_forward(policy_graphdef, value_graphdef, policy_params, value_params, batch: dict, *,
-                   temperature: float) -> tuple[Array, Array, Array]:
+                   temperature: float, share: tuple[int, int] | None = None
+                   ) -> tuple[Array, Array, Array]:
   """-> (T-scaled logits [B, S-1, V] predicting tokens 1.., log pi(token_t) [B, S] (column t from
   the logits at t-1, 0 in column 0), values [B, S]).
 
   value_graphdef None: `value_params` = {"score": [E]}, a value head on the policy's own final
   hidden states (one forward pass for both); else a separate scalar-head value model.
-  value_params None: no critic (GRPO, RLOO), values are 0.
+  value_params None: no critic (GRPO, RLOO), values are 0. share: (K, N), the rows are a
+  prompt's K samples of N tokens, each prompt run once (`models.apply_rows`).
   """
   args = (batch["tokens"], batch["positions"], batch["segment_ids"])
   mask = batch["response_mask"]
+  logits, hidden = apply_rows(policy_graphdef, policy_params, *args, share)
   if value_params is None:
-    logits, _ = apply(policy_graphdef, policy_params, *args)
     values = jnp.zeros(mask.shape, jnp.float32)
   elif value_graphdef is None:
-    logits, hidden = apply_with_hidden(policy_graphdef, policy_params, *args)
     values = head_values(hidden, value_params["score"], mask)
   else:
-    logits, _ = apply(policy_graphdef, policy_params, *args)
     values = token_values(value_graphdef, value_params, batch["tokens"], batch["segment_ids"],
-                          batch["positions"], mask)
+                          batch["positions"], mask, share)
   scaled = logits[:, :-1] / temperature
   logp = token_logprobs(scaled, batch["tokens"][:, 1:])
   return scaled, jnp.concatenate([jnp.zeros_like(logp[:, :1]), logp], axis=1), values
@@ -132,26 +133,30 @@ def reward_spec(cfg: ml_collections.ConfigDict, rms: dict) -> RewardSpec:
 
 
 def make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs: dict, *, temperature: float,
-                  reference_graphdef=None, policy_pass: bool = True):
+                  reference_graphdef=None, policy_pass: bool = True,
+                  share: tuple[int, int] | None = None):
   """score(policy, reference, value, rewards: {name: params}, batch) -> (old_logp, ref_logp,
   values, {name: scores [B]}); all [B, S] but the scores. value_graphdef None: `value` is a value
   head on the policy (`policy_forward`); `value` None: no critic, values 0. reference_graphdef:
   the reference's (e.g. held in bfloat16), default the policy's. policy_pass False (no critic
-  only): no forward pass of the policy; old_logp and values are None. Pure; the caller jits it."""
+  only): no forward pass of the policy; old_logp and values are None. share: (K, N), every
+  model runs a prompt's K samples with the prompt once (`models.apply_rows`). Pure; the caller
+  jits it."""
   reference_graphdef = reference_graphdef or policy_graphdef
   def score(policy_params, ref_params, value_params, reward_params: dict, batch: dict):
     args = (batch["tokens"], batch["segment_ids"], batch["positions"])
     if policy_pass:
       _, old_logp, values = policy_forward(policy_graphdef, value_graphdef, policy_params,
-                                           value_params, batch, temperature=temperature)
+                                           value_params, batch, temperature=temperature,
+                                           share=share)
       old_logp = jnp.where(batch["response_mask"], old_logp, 0.0)
     else:
       if value_params is not None:
         raise ValueError("make_score_fn: policy_pass=False is for critic-free estimators only")
       old_logp = values = None
     ref_logp = scoring.response_logprobs(reference_graphdef, ref_params, *args, batch["response_mask"],
-                                         temperature=temperature)
-    scores = {name: scoring.last_token_scores(reward_graphdefs[name], p, *args)
+                                         temperature=temperature, share=share)
+    scores = {name: scoring.last_token_scores(reward_graphdefs[name], p, *args, share)
               for name, p in reward_params.items()}
     return old_logp, ref_logp, values, scores
   return score

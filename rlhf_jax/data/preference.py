@@ -122,8 +122,9 @@ def tokenize_comparisons(
     responses together `max_total` (the row length; default: unbounded), else `overflow` applies.
     Records are validated first (errors name `{source}[i]`). A ranking with more than
     `max_responses` responses raises (raise the limit or split it). `share_prompt`: the row holds
-    the prompt once (module docstring), which is what `max_total` then bounds. stats = {"comparisons",
-    "dropped", "left_truncated", "responses"}; one warning is logged when anything was dropped.
+    the prompt once (module docstring), which is what `max_total` then bounds. stats =
+    {"comparisons", "dropped", "left_truncated", "responses"}; one warning is logged when anything
+    was dropped.
     """
     if kind not in COMPARISON_KINDS:
         raise ValueError(f"reward-model data must be of kind {' or '.join(COMPARISON_KINDS)}, got {kind!r}")
@@ -221,9 +222,9 @@ def _check(comparison: Comparison, seq_len: int, num_responses: int,
             if len(sequence) <= comparison.prompt_len or not np.array_equal(
                     sequence[:comparison.prompt_len], prompt):
                 raise ValueError(
-                    f"comparison {comparison.index}, response {k}: share_prompt needs every sequence "
-                    f"to start with the same {comparison.prompt_len} prompt tokens and to have a "
-                    "response after them")
+                    f"comparison {comparison.index}, response {k}: share_prompt needs every "
+                    f"sequence to start with the same {comparison.prompt_len} prompt tokens and "
+                    "to have a response after them")
     n = comparison_length(comparison, share_prompt)
     if n > seq_len:
         raise ValueError(f"comparison {comparison.index} needs {n} tokens (all its responses) > "

@@ -209,6 +209,60 @@ def apply(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Arra
   return model.head(x), cache
 
 
+def group_rows(x: Array, group: int, suffix_len: int) -> Array:
+  """Rows in groups of `group` that share all but their last `suffix_len` columns -> one row per
+  group holding the shared prefix once, then each row's suffix: [G*K, P+N, ...] -> [G, P+K*N, ...].
+  """
+  gk, s = x.shape[:2]
+  g, p = gk // group, s - suffix_len
+  x = x.reshape((g, group, s) + x.shape[2:])
+  rest = x[:, :, p:].reshape((g, group * suffix_len) + x.shape[3:])
+  return jnp.concatenate([x[:, 0, :p], rest], axis=1)
+
+
+def ungroup_rows(y: Array, group: int, suffix_len: int) -> Array:
+  """The inverse of `group_rows` (the prefix repeated in each row): [G, P+K*N, ...] ->
+  [G*K, P+N, ...]."""
+  g, n = y.shape[:2]
+  p = n - group * suffix_len
+  prefix = jnp.broadcast_to(y[:, None, :p], (g, group, p) + y.shape[2:])
+  rest = y[:, p:].reshape((g, group, suffix_len) + y.shape[2:])
+  return jnp.concatenate([prefix, rest], axis=2).reshape((g * group, p + suffix_len) + y.shape[2:])
+
+
+def apply_shared_prefix(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
+                        segment_ids: Array, *, group: int, suffix_len: int) -> tuple[Array, Array]:
+  """`apply_with_hidden` on rows that come in groups of `group` sharing all but their last
+  `suffix_len` columns (K samples of one prompt: PPO's and GRPO's rollouts), running each group's
+  prefix once: one row [prefix, suffix_1, ..., suffix_K] per group, each suffix attending to the
+  prefix and itself only (`branch_ids`). tokens, positions, segment_ids: [G*K, P+N]. Returns
+  (head output, final-norm hidden states [G*K, P+N, E]) in the rows' own layout, equal to what
+  `apply_with_hidden` gives them, for (G*P + G*K*N) / (G*K*(P+N)) of the layers' work; the head runs
+  on the rows' layout. Callers make sure the prefixes are equal (they are not checked here)."""
+  gk, s = tokens.shape
+  if gk % group or not 0 < suffix_len < s:
+    raise ValueError(f"apply_shared_prefix: {gk} rows of {s} columns do not split into groups of "
+                     f"{group} with {suffix_len}-column suffixes")
+  grouped = lambda x: group_rows(x, group, suffix_len)
+  branch = jnp.concatenate([jnp.zeros((s - suffix_len,), jnp.int32),
+                            jnp.repeat(jnp.arange(1, group + 1, dtype=jnp.int32), suffix_len)])
+  model = nnx.merge(graphdef, params)
+  hidden, _ = model.hidden_states(grouped(tokens), grouped(positions), grouped(segment_ids),
+                                  branch_ids=jnp.broadcast_to(branch, (gk // group, branch.size)))
+  hidden = ungroup_rows(hidden, group, suffix_len)
+  return model.head(hidden), hidden
+
+
+def apply_rows(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
+               segment_ids: Array, share: tuple[int, int] | None = None) -> tuple[Array, Array]:
+  """(head output, final-norm hidden states) of [B, S] rows: `apply_with_hidden`, or with
+  share = (group, suffix_len) `apply_shared_prefix` (each group's common prefix run once)."""
+  if share is None:
+    return apply_with_hidden(graphdef, params, tokens, positions, segment_ids)
+  return apply_shared_prefix(graphdef, params, tokens, positions, segment_ids, group=share[0],
+                             suffix_len=share[1])
+
+
 def unstack_layers(params: Params) -> list[Params]:
   """The blocks' stacked params [L, ...] as L per-layer trees.
 
