@@ -122,15 +122,20 @@ def _constrain_cache(cache: KVCache) -> KVCache:
 
 
 # Decode phases: one per DECODE_PHASE_TOKENS new tokens, at most MAX_DECODE_PHASES (each phase
-# traces the decode step once more: compile time).
-DECODE_PHASE_TOKENS, MAX_DECODE_PHASES = 32, 4
+# traces the decode step once more: compile time), and only for a whole-call KV cache of at least
+# MIN_PHASED_CACHE_BYTES (the bench model's is 25-300 MB; a tiny model's, whose steps do not wait
+# on cache reads, is well under 1 MB: it would only pay the compile time).
+DECODE_PHASE_TOKENS, MAX_DECODE_PHASES, MIN_PHASED_CACHE_BYTES = 32, 4, 4 << 20
 
 
-def decode_phases(max_new_tokens: int) -> list[int]:
+def decode_phases(max_new_tokens: int, cache_bytes: int | None = None) -> list[int]:
   """The step at which each decode phase ends (the last is `max_new_tokens`): the cache holds
   prompt - 1 + end slots during a phase, so early steps read fewer empty slots. Measured on the
   2-core CPU at batch 64, 128 new tokens (4 phases): the attention's cache reads were ~40% of a
-  step."""
+  step. cache_bytes: the K and V cache of the whole call; one phase below
+  MIN_PHASED_CACHE_BYTES."""
+  if cache_bytes is not None and cache_bytes < MIN_PHASED_CACHE_BYTES:
+    return [max_new_tokens]
   phases = min(MAX_DECODE_PHASES, max(1, max_new_tokens // DECODE_PHASE_TOKENS))
   return [max_new_tokens * (i + 1) // phases for i in range(phases)]
 
@@ -168,7 +173,10 @@ def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: A
   layers = unstack_layers(params)
   # The cache grows in phases: every step's attention reads all of the cache's slots, so a cache
   # sized for the current phase's last step, not for the whole call, reads fewer empty ones.
-  ends = decode_phases(n)
+  cfg = model.cfg
+  cache_bytes = (2 * cfg.num_layers * batch * cfg.kv_heads * (prompt_len - 1 + n)
+                 * cfg.dim_per_head * jnp.dtype(cfg.dtype).itemsize)
+  ends = decode_phases(n, cache_bytes)
   cache = _constrain_cache(init_cache(model.cfg, batch, prompt_len - 1 + ends[0], per_layer=True))
   if prompt_len > 1:
     context = prompt_mask[:, :-1]

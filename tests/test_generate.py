@@ -143,7 +143,10 @@ def test_decoding_in_phases_matches_the_cache_free_reference(monkeypatch):
   assert generate_lib.decode_phases(8) == [8] and generate_lib.decode_phases(64) == [32, 64]
   assert generate_lib.decode_phases(128) == [32, 64, 96, 128]
   assert generate_lib.decode_phases(300) == [75, 150, 225, 300]  # at most 4 phases
+  assert generate_lib.decode_phases(64, cache_bytes=(4 << 20) - 1) == [64]  # a small cache: one
+  assert generate_lib.decode_phases(64, cache_bytes=4 << 20) == [32, 64]
   monkeypatch.setattr(generate_lib, "DECODE_PHASE_TOKENS", 3)
+  monkeypatch.setattr(generate_lib, "MIN_PHASED_CACHE_BYTES", 0)  # this tiny model's cache too
   n = 11  # a length no other test compiles (the jit cache does not see the constant)
   assert generate_lib.decode_phases(n) == [3, 7, 11]
   graphdef, params = _model(LLAMA)
