@@ -285,3 +285,29 @@ def test_grpo_iteration_with_shared_prompts_updates_as_without():
     trained[share], _ = update(fresh(), rollout)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
                trained[(4, 8)].params, trained[None].params)
+
+
+def test_shared_prompt_scoring_sharded_over_8_devices_equals_the_plain_rows():
+  """Two prompts x 4 samples on a (2, 2, 2) mesh: the grouped rows (2) are fewer than the data
+  axes' devices (4); XLA reshards them, and every output equals the plain rows'."""
+  from rlhf_jax import sharding
+  from rlhf_jax.algorithms import ppo_rollout
+  from tests.test_ppo import POLICY_CFG, VALUE_CFG
+  policy_gd, policy = split_model(create_model(POLICY_CFG, 0))
+  value_gd, value = split_model(create_model(VALUE_CFG, 1))
+  batch = grouped_rollout(prompts=2, k=4)
+  mesh = sharding.make_mesh((2, 2, 2))
+  placed = sharding.put_batch({k: np.asarray(v) for k, v in batch.items()}, mesh)
+  outs = {}
+  for share in (None, (4, 8)):
+    score = ppo_rollout.make_score_fn(policy_gd, value_gd, {"helpful": value_gd},
+                                      temperature=1.0, share=share)
+
+    def run(*args, score=score):
+      with sharding.activation_sharding(mesh):
+        return score(*args)
+    outs[share] = jax.jit(run)(policy, policy, value, {"helpful": value}, placed)
+  mask = np.asarray(batch["response_mask"])
+  for a, b in zip(outs[None][:3], outs[(4, 8)][:3]):
+    np.testing.assert_allclose(np.where(mask, b, 0), np.where(mask, a, 0), atol=1e-4)
+  np.testing.assert_allclose(outs[(4, 8)][3]["helpful"], outs[None][3]["helpful"], atol=1e-4)
