@@ -103,8 +103,9 @@ def group_stage(algorithm: str = "grpo", *, iterations: int = 60, prompts: int =
   its reward."""
   s = ppo_stage(iterations=iterations, beta=beta, lr=lr, init_from=init_from)
   s.algorithm = algorithm
+  # share_prompt: each prompt runs once for its samples in every forward pass (the same numbers).
   s.ppo.update(prompts_per_iteration=prompts, samples_per_prompt=samples, epochs=2, minibatches=2,
-               value_init_from="")
+               value_init_from="", share_prompt=True)
   return s
 
 
