@@ -103,7 +103,7 @@ _RL_SHARE = flags.DEFINE_bool("rl_share_prompt", True, "ppo_iteration / grpo_ite
                               "config.ppo.share_prompt (a prompt's samples run with the prompt "
                               "once); the default run also times GRPO without it.")
 _SCAN = flags.DEFINE_bool("scan_layers", False, "Run the layers with lax.scan (the trainer's "
-                          "default) instead of unrolled: unrolled train steps were 3-47% faster on "
+                          "default) instead of unrolled: unrolled train steps were 3-26% faster on "
                           "the 6-layer bench model on CPU, at about the same compile time.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (after one warm-up).")
 _OUT = flags.DEFINE_string("out", "", "Also append the records to this JSONL file.")
