@@ -469,7 +469,8 @@ def main(argv):
                                         _RL_NEW.value, _RL_EPOCHS.value, _REPEATS.value,
                                         share_prompt=_RL_SHARE.value))
   if "grpo_iteration" in only:
-    for share in (_RL_SHARE.value, False)[:1 + _RL_SHARE.value]:
+    # With shared prompts, also the unshared iteration: what sharing buys.
+    for share in ([True, False] if _RL_SHARE.value else [False]):
       emit("grpo_iteration", grpo_iteration(cfg, _RL_PROMPTS.value, _RL_SAMPLES.value,
                                             _PROMPT.value, _RL_NEW.value, _REPEATS.value,
                                             kl_beta=_GRPO_BETA.value, share_prompt=share))

@@ -177,7 +177,7 @@ def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: A
   cache_bytes = (2 * cfg.num_layers * batch * cfg.kv_heads * (prompt_len - 1 + n)
                  * cfg.dim_per_head * jnp.dtype(cfg.dtype).itemsize)
   ends = decode_phases(n, cache_bytes)
-  cache = _constrain_cache(init_cache(model.cfg, batch, prompt_len - 1 + ends[0], per_layer=True))
+  cache = _constrain_cache(init_cache(cfg, batch, prompt_len - 1 + ends[0], per_layer=True))
   if prompt_len > 1:
     context = prompt_mask[:, :-1]
     _, cache = model.hidden_states(prompt_tokens[:, :-1], positions_from_mask(context),

@@ -234,26 +234,22 @@ def _check(comparison: Comparison, seq_len: int, num_responses: int,
 
 def _place(batch: dict, row: int, slot: int, start: int, first_segment: int, comparison: Comparison,
            share_prompt: bool = False) -> None:
-    if share_prompt:  # the prompt once, then each response's own tokens, all in one segment
-        pl = comparison.prompt_len
+    pl = comparison.prompt_len
+    # Shared: the prompt once (branch 0), then each response's own tokens, all in one segment.
+    skip = pl if share_prompt else 0  # leading tokens of each sequence already in the row
+    if share_prompt:
         batch["tokens"][row, start:start + pl] = comparison.sequences[0][:pl]
         batch["segment_ids"][row, start:start + pl] = first_segment
         batch["positions"][row, start:start + pl] = np.arange(pl)
         start += pl
     for k, sequence in enumerate(comparison.sequences):
+        stop = start + len(sequence) - skip
+        batch["tokens"][row, start:stop] = sequence[skip:]
+        batch["segment_ids"][row, start:stop] = first_segment + (0 if share_prompt else k)
+        batch["positions"][row, start:stop] = np.arange(skip, len(sequence))
         if share_prompt:
-            stop = start + len(sequence) - pl
-            batch["tokens"][row, start:stop] = sequence[pl:]
-            batch["segment_ids"][row, start:stop] = first_segment
-            batch["positions"][row, start:stop] = np.arange(pl, len(sequence))
             batch["branch_ids"][row, start:stop] = k + 1
-            batch["response_start"][row, slot, k] = start
-        else:
-            stop = start + len(sequence)
-            batch["tokens"][row, start:stop] = sequence
-            batch["segment_ids"][row, start:stop] = first_segment + k
-            batch["positions"][row, start:stop] = np.arange(len(sequence))
-            batch["response_start"][row, slot, k] = start + comparison.prompt_len
+        batch["response_start"][row, slot, k] = start + pl - skip
         batch["score_index"][row, slot, k] = stop - 1
         start = stop
     n = len(comparison.sequences)

@@ -277,11 +277,11 @@ def unstack_layers(params: Params) -> list[Params]:
 
 
 def apply_with_hidden(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
-                      segment_ids: Array, branch_ids: Array | None = None) -> tuple[Array, Array]:
+                      segment_ids: Array) -> tuple[Array, Array]:
   """One forward pass -> (head output as `apply`, final-norm hidden states [B, T, E]): for a
   second head on the same trunk (PPO's value head on the policy)."""
   model = nnx.merge(graphdef, params)
-  hidden, _ = model.hidden_states(tokens, positions, segment_ids, branch_ids=branch_ids)
+  hidden, _ = model.hidden_states(tokens, positions, segment_ids)
   return model.head(hidden), hidden
 
 
