@@ -17,18 +17,34 @@ Array = jax.Array
 
 def response_logprobs(graphdef: nnx.GraphDef, params, tokens: Array, segment_ids: Array,
                       positions: Array, response_mask: Array, *, temperature: float = 1.0,
-                      share: tuple[int, int] | None = None) -> Array:
+                      share: tuple[int, int] | None = None,
+                      response_len: int | None = None) -> Array:
   """log pi(token_t | tokens_<t) / T-scaled, at response positions: [B, T] float32, 0 elsewhere.
 
   tokens, segment_ids, positions, response_mask: [B, T] (e.g. from `generate.full_sequence`).
   Column t holds the log-prob of tokens[:, t] (from the logits at t-1), so it lines up with
   `response_mask`; the first column is never a response token. share: (K, N), rows in groups of K
   sharing all but their last N columns, each group's prefix run once (`models.apply_rows`).
+  response_len: N, the responses lie in the last N columns (a rollout's layout): the LM head runs
+  on those only (default: every column).
   """
-  logits, _ = apply_rows(graphdef, params, tokens, positions, segment_ids, share)
-  logp = token_logprobs(logits[:, :-1], tokens[:, 1:], temperature=temperature)
-  logp = jnp.concatenate([jnp.zeros_like(logp[:, :1]), logp], axis=1)
+  head_from = logit_columns_from(tokens.shape[1], response_len)
+  logits, _ = apply_rows(graphdef, params, tokens, positions, segment_ids, share,
+                         head_from=head_from)
+  logp = token_logprobs(logits[:, :-1], tokens[:, head_from + 1:], temperature=temperature)
+  logp = jnp.pad(logp, ((0, 0), (head_from + 1, 0)))
   return jnp.where(response_mask, logp, 0.0)
+
+
+def logit_columns_from(length: int, response_len: int | None) -> int:
+  """The first column whose logits a response in the last `response_len` of `length` columns
+  needs (the one before it); 0 for None (every column)."""
+  if response_len is None:
+    return 0
+  if not 0 < response_len < length:
+    raise ValueError(f"response_len={response_len} must be in [1, {length - 1}] for rows of "
+                     f"{length} columns")
+  return length - response_len - 1
 
 
 def last_token_scores(graphdef: nnx.GraphDef, params, tokens: Array, segment_ids: Array,

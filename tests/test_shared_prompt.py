@@ -201,7 +201,8 @@ def test_group_rows_round_trip():
 
 def test_a_prompts_samples_score_and_train_the_same_with_the_prompt_run_once():
   """Policy, value-model, value-head, reference and reward-model outputs, the PPO loss and its
-  gradients: equal with `share=(K, N)` to the plain rows, on response tokens."""
+  gradients: equal with `share=(K, N)` to the plain rows, on response tokens; and with the LM head
+  on the last N columns only (`response_len=N`), shared or not."""
   from rlhf_jax.algorithms import ppo, ppo_rollout
   from tests.test_ppo import POLICY_CFG, VALUE_CFG, ppo_cfg
   policy_gd, policy = split_model(create_model(POLICY_CFG, 0))
@@ -210,30 +211,36 @@ def test_a_prompts_samples_score_and_train_the_same_with_the_prompt_run_once():
   batch = grouped_rollout()
   mask = np.asarray(batch["response_mask"])
   share = (4, 8)
+  variants = [(None, None), (share, None), (None, 8), (share, 8)]  # (share, response_len)
   outputs = {}
-  for s in (None, share):
+  for s, n in variants:
     score = jax.jit(ppo_rollout.make_score_fn(policy_gd, value_gd, {"helpful": value_gd},
-                                              temperature=0.9, share=s))
-    outputs[s] = score(policy, reference, value, {"helpful": value}, batch)
-  (old, ref, values, scores), (old_s, ref_s, values_s, scores_s) = outputs[None], outputs[share]
-  for a, b in ((old, old_s), (ref, ref_s), (values, values_s)):
-    np.testing.assert_allclose(np.where(mask, b, 0), np.where(mask, a, 0), atol=1e-4, rtol=1e-5)
+                                              temperature=0.9, share=s, response_len=n))
+    outputs[s, n] = score(policy, reference, value, {"helpful": value}, batch)
+  old, ref, values, scores = outputs[None, None]
+  for a in (old, ref, values):
     assert np.abs(np.asarray(a)[mask]).max() > 1e-2
-  np.testing.assert_allclose(scores_s["helpful"], scores["helpful"], atol=1e-4, rtol=1e-5)
+  for variant in variants[1:]:
+    old_s, ref_s, values_s, scores_s = outputs[variant]
+    for a, b in ((old, old_s), (ref, ref_s), (values, values_s)):
+      np.testing.assert_allclose(np.where(mask, b, 0), np.where(mask, a, 0), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(scores_s["helpful"], scores["helpful"], atol=1e-4, rtol=1e-5)
   # The PPO loss with a value head on the policy's trunk, and its gradients.
   rs = np.random.RandomState(0)
   rollout = {**batch, "old_logp": old, "old_values": values,
              "advantages": np.where(mask, rs.normal(size=mask.shape), 0).astype(np.float32),
              "returns": np.where(mask, rs.normal(size=mask.shape), 0).astype(np.float32)}
   params = {"policy": policy, "value": {"score": jnp.asarray(rs.normal(size=64), jnp.float32)}}
-  cfg = ppo_cfg(samples_per_prompt=4, temperature=0.9)
+  cfg = ppo_cfg(samples_per_prompt=4, temperature=0.9, entropy_coef=0.1)
   grads = {}
-  for s in (None, share):
-    loss_fn = ppo.make_ppo_loss_fn(policy_gd, None, cfg, share=s)
-    grads[s] = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None)[0]))(params, rollout)
-  np.testing.assert_allclose(grads[share][0], grads[None][0], rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3),
-               grads[share][1], grads[None][1])
+  for s, n in variants:
+    loss_fn = ppo.make_ppo_loss_fn(policy_gd, None, cfg, share=s, response_len=n)
+    grads[s, n] = jax.jit(jax.value_and_grad(lambda p, b, f=loss_fn: f(p, b, None)[0]))(params,
+                                                                                        rollout)
+  for variant in variants[1:]:
+    np.testing.assert_allclose(grads[variant][0], grads[None, None][0], rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3),
+                 grads[variant][1], grads[None, None][1])
   with pytest.raises(ValueError, match="do not split into groups of 5"):
     ppo_rollout.token_values(value_gd, value, batch["tokens"], batch["segment_ids"],
                              batch["positions"], batch["response_mask"], share=(5, 8))

@@ -54,7 +54,8 @@ _log = logging.getLogger(__name__)
 
 
 def make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg: ml_collections.ConfigDict, *,
-                     estimator: str = "gae", share: tuple[int, int] | None = None):
+                     estimator: str = "gae", share: tuple[int, int] | None = None,
+                     response_len: int | None = None):
   """loss_fn(params {"policy", "value"?}, rollout mini-batch, rng): clipped policy loss +
   vf_coef x clipped value loss - entropy_coef x entropy; per-token means over the mini-batch
   (loss_weight = tokens, so micro-batches combine by token count).
@@ -62,7 +63,8 @@ def make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg: ml_collections.Config
   estimator "grpo": no critic (params without "value", no value loss) and `cfg.kl.beta x k3`
   KL to the reference (the rollout's "ref_logp") added to the loss, as GRPO does; "rloo": no
   critic, the KL is already in the advantages. share: (K, N), mini-batches of whole groups of a
-  prompt's K samples, each prompt run once (`models.apply_rows`).
+  prompt's K samples, each prompt run once (`models.apply_rows`). response_len: N, the responses
+  lie in the rollout's last N columns: the LM head, log-softmax and entropy run on those only.
   """
   critic = estimator == "gae"
 
@@ -73,7 +75,8 @@ def make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg: ml_collections.Config
     # value model or the value head on the policy's trunk (value_graphdef None), or none.
     scaled, logp, values = ppo_rollout.policy_forward(policy_graphdef, value_graphdef,
                                                       params["policy"], params.get("value"), batch,
-                                                      temperature=cfg.temperature, share=share)
+                                                      temperature=cfg.temperature, share=share,
+                                                      response_len=response_len)
     # No "old_logp" (GRPO's one update per rollout, `make_iteration`): the policy that sampled is
     # the one being differentiated, so its log-probs are these, held constant (ratio 1).
     old_logp = batch.get("old_logp", jax.lax.stop_gradient(logp))
@@ -87,7 +90,7 @@ def make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg: ml_collections.Config
     if estimator == "grpo":
       kl = masked_mean(kl_losses.kl_penalty(logp, batch["ref_logp"], mask, kind="k3"), mask)
       loss, out = loss + cfg.kl.beta * kl, {**out, "kl_loss": kl}
-    entropy = ppo_losses.entropy_from_logits(scaled, mask[:, 1:])
+    entropy = ppo_losses.entropy_from_logits(scaled, mask[:, -scaled.shape[1]:])
     loss = loss - cfg.entropy_coef * entropy
     return loss, {**out, "entropy": entropy, "loss": loss}
 
@@ -185,7 +188,8 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
   score = jax.jit(ppo_rollout.make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs,
                                             temperature=cfg.temperature,
                                             reference_graphdef=reference_graphdef,
-                                            policy_pass=not single_update, share=share))
+                                            policy_pass=not single_update, share=share,
+                                            response_len=cfg.max_new_tokens))
   if estimator == "gae":
     advantages = jax.jit(lambda old, ref, values, *args: ppo_rollout.advantages_fn(
         old, ref, values, *args, cfg=cfg))
@@ -196,7 +200,9 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
   baseline = jax.jit(lambda r: ppo_rollout.baselined_reward(r, cfg.samples_per_prompt,
                                                             cfg.reward_baseline))
   rollout_sharding = sharding.batch_sharding(mesh)
-  loss_fn = make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg, estimator=estimator, share=share)
+  # The responses are the rollout's last max_new_tokens columns: only their logits are computed.
+  loss_fn = make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg, estimator=estimator, share=share,
+                             response_len=cfg.max_new_tokens)
   if policy_cfg.lora_rank:  # only the adapters (and a value head) train
     loss_fn = lora.freeze_base(loss_fn)
   update = make_ppo_update(loss_fn, optimizer, mesh=mesh, shardings=shardings, cfg=cfg,

@@ -55,19 +55,21 @@ def head_values(hidden: Array, score: Array, response_mask: Array) -> Array:
 
 
 def policy_forward(policy_graphdef, value_graphdef, policy_params, value_params, batch: dict, *,
-                   temperature: float, share: tuple[int, int] | None = None
-                   ) -> tuple[Array, Array, Array]:
-  """-> (T-scaled logits [B, S-1, V] predicting tokens 1.., log pi(token_t) [B, S] (column t from
-  the logits at t-1, 0 in column 0), values [B, S]).
+                   temperature: float, share: tuple[int, int] | None = None,
+                   response_len: int | None = None) -> tuple[Array, Array, Array]:
+  """-> (T-scaled logits [B, C, V] predicting the last C tokens (C = S-1, or response_len N),
+  log pi(token_t) [B, S] (column t from the logits at t-1, 0 where no logits ran), values [B, S]).
 
   value_graphdef None: `value_params` = {"score": [E]}, a value head on the policy's own final
   hidden states (one forward pass for both); else a separate scalar-head value model.
   value_params None: no critic (GRPO, RLOO), values are 0. share: (K, N), the rows are a
-  prompt's K samples of N tokens, each prompt run once (`models.apply_rows`).
+  prompt's K samples of N tokens, each prompt run once (`models.apply_rows`). response_len: N, the
+  responses lie in the last N columns (the rollout's layout): the LM head runs on those only.
   """
   args = (batch["tokens"], batch["positions"], batch["segment_ids"])
   mask = batch["response_mask"]
-  logits, hidden = apply_rows(policy_graphdef, policy_params, *args, share)
+  head_from = scoring.logit_columns_from(mask.shape[1], response_len)
+  logits, hidden = apply_rows(policy_graphdef, policy_params, *args, share, head_from=head_from)
   if value_params is None:
     values = jnp.zeros(mask.shape, jnp.float32)
   elif value_graphdef is None:
@@ -76,8 +78,8 @@ def policy_forward(policy_graphdef, value_graphdef, policy_params, value_params,
     values = token_values(value_graphdef, value_params, batch["tokens"], batch["segment_ids"],
                           batch["positions"], mask, share)
   scaled = logits[:, :-1] / temperature
-  logp = token_logprobs(scaled, batch["tokens"][:, 1:])
-  return scaled, jnp.concatenate([jnp.zeros_like(logp[:, :1]), logp], axis=1), values
+  logp = token_logprobs(scaled, batch["tokens"][:, head_from + 1:])
+  return scaled, jnp.pad(logp, ((0, 0), (head_from + 1, 0))), values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,28 +136,30 @@ def reward_spec(cfg: ml_collections.ConfigDict, rms: dict) -> RewardSpec:
 
 def make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs: dict, *, temperature: float,
                   reference_graphdef=None, policy_pass: bool = True,
-                  share: tuple[int, int] | None = None):
+                  share: tuple[int, int] | None = None, response_len: int | None = None):
   """score(policy, reference, value, rewards: {name: params}, batch) -> (old_logp, ref_logp,
   values, {name: scores [B]}); all [B, S] but the scores. value_graphdef None: `value` is a value
   head on the policy (`policy_forward`); `value` None: no critic, values 0. reference_graphdef:
   the reference's (e.g. held in bfloat16), default the policy's. policy_pass False (no critic
   only): no forward pass of the policy; old_logp and values are None. share: (K, N), every
-  model runs a prompt's K samples with the prompt once (`models.apply_rows`). Pure; the caller
-  jits it."""
+  model runs a prompt's K samples with the prompt once (`models.apply_rows`). response_len: N,
+  the responses lie in the last N columns: the LM heads run on those only. Pure; the caller jits
+  it."""
   reference_graphdef = reference_graphdef or policy_graphdef
   def score(policy_params, ref_params, value_params, reward_params: dict, batch: dict):
     args = (batch["tokens"], batch["segment_ids"], batch["positions"])
     if policy_pass:
       _, old_logp, values = policy_forward(policy_graphdef, value_graphdef, policy_params,
                                            value_params, batch, temperature=temperature,
-                                           share=share)
+                                           share=share, response_len=response_len)
       old_logp = jnp.where(batch["response_mask"], old_logp, 0.0)
     else:
       if value_params is not None:
         raise ValueError("make_score_fn: policy_pass=False is for critic-free estimators only")
       old_logp = values = None
     ref_logp = scoring.response_logprobs(reference_graphdef, ref_params, *args, batch["response_mask"],
-                                         temperature=temperature, share=share)
+                                         temperature=temperature, share=share,
+                                         response_len=response_len)
     scores = {name: scoring.last_token_scores(reward_graphdefs[name], p, *args, share)
               for name, p in reward_params.items()}
     return old_logp, ref_logp, values, scores

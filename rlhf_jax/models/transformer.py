@@ -231,14 +231,16 @@ def ungroup_rows(y: Array, group: int, suffix_len: int) -> Array:
 
 
 def apply_shared_prefix(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
-                        segment_ids: Array, *, group: int, suffix_len: int) -> tuple[Array, Array]:
+                        segment_ids: Array, *, group: int, suffix_len: int,
+                        head_from: int = 0) -> tuple[Array, Array]:
   """`apply_with_hidden` on rows that come in groups of `group` sharing all but their last
   `suffix_len` columns (K samples of one prompt: PPO's and GRPO's rollouts), running each group's
   prefix once: one row [prefix, suffix_1, ..., suffix_K] per group, each suffix attending to the
   prefix and itself only (`branch_ids`). tokens, positions, segment_ids: [G*K, P+N]. Returns
   (head output, final-norm hidden states [G*K, P+N, E]) in the rows' own layout, equal to what
   `apply_with_hidden` gives them, for (G*P + G*K*N) / (G*K*(P+N)) of the layers' work; the head runs
-  on the rows' layout. Callers make sure the prefixes are equal (they are not checked here)."""
+  on the rows' layout (columns `head_from`.., as `apply_with_hidden`). Callers make sure the
+  prefixes are equal (they are not checked here)."""
   gk, s = tokens.shape
   if gk % group or not 0 < suffix_len < s:
     raise ValueError(f"apply_shared_prefix: {gk} rows of {s} columns do not split into groups of "
@@ -250,17 +252,19 @@ def apply_shared_prefix(graphdef: nnx.GraphDef, params: Params, tokens: Array, p
   hidden, _ = model.hidden_states(grouped(tokens), grouped(positions), grouped(segment_ids),
                                   branch_ids=jnp.broadcast_to(branch, (gk // group, branch.size)))
   hidden = ungroup_rows(hidden, group, suffix_len)
-  return model.head(hidden), hidden
+  return model.head(hidden[:, head_from:]), hidden
 
 
 def apply_rows(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
-               segment_ids: Array, share: tuple[int, int] | None = None) -> tuple[Array, Array]:
-  """(head output, final-norm hidden states) of [B, S] rows: `apply_with_hidden`, or with
-  share = (group, suffix_len) `apply_shared_prefix` (each group's common prefix run once)."""
+               segment_ids: Array, share: tuple[int, int] | None = None, *,
+               head_from: int = 0) -> tuple[Array, Array]:
+  """(head output on columns `head_from`.., final-norm hidden states [B, S, E]) of [B, S] rows:
+  `apply_with_hidden`, or with share = (group, suffix_len) `apply_shared_prefix` (each group's
+  common prefix run once)."""
   if share is None:
-    return apply_with_hidden(graphdef, params, tokens, positions, segment_ids)
+    return apply_with_hidden(graphdef, params, tokens, positions, segment_ids, head_from=head_from)
   return apply_shared_prefix(graphdef, params, tokens, positions, segment_ids, group=share[0],
-                             suffix_len=share[1])
+                             suffix_len=share[1], head_from=head_from)
 
 
 def unstack_layers(params: Params) -> list[Params]:
@@ -277,12 +281,14 @@ def unstack_layers(params: Params) -> list[Params]:
 
 
 def apply_with_hidden(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
-                      segment_ids: Array) -> tuple[Array, Array]:
-  """One forward pass -> (head output as `apply`, final-norm hidden states [B, T, E]): for a
-  second head on the same trunk (PPO's value head on the policy)."""
+                      segment_ids: Array, *, head_from: int = 0) -> tuple[Array, Array]:
+  """One forward pass -> (head output as `apply` on columns `head_from`.. [B, T - head_from, ...],
+  final-norm hidden states [B, T, E]): for a second head on the same trunk (PPO's value head on
+  the policy), or an LM head on only the columns whose logits are used (a rollout's response:
+  the vocabulary projection and log-softmax are ~10% of a small model's work per column)."""
   model = nnx.merge(graphdef, params)
   hidden, _ = model.hidden_states(tokens, positions, segment_ids)
-  return model.head(hidden), hidden
+  return model.head(hidden[:, head_from:]), hidden
 
 
 def positions_from_mask(mask: Array) -> Array:
