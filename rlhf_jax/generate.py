@@ -296,7 +296,11 @@ class Sampler:
   dummy rows up to a power of two (and a multiple of the mesh's batch shards); dummy rows are
   done from the start and dropped from the output. One compiled function exists per
   (batch bucket, length bucket, max_new_tokens, top_k, top_p, number of EOS ids); temperature,
-  EOS ids and pad_id are traced. `trace_count` counts traces (= compilations), for tests and logs.
+  EOS ids and pad_id are traced. The compiled functions are shared by every Sampler of the same
+  model graph, mesh, rules and parameter shardings (a pipeline's evaluation samples several
+  policies of one architecture: they compile once). `trace_count` counts the traces
+  (= compilations) of the functions this Sampler uses, whichever Sampler triggered them, for
+  tests and logs; `clear_compiled()` empties the shared cache.
 
   Multi-host: as with `sharding.put_batch`, every process passes the same global prompt batch.
   """
@@ -312,8 +316,9 @@ class Sampler:
     if mesh is not None and param_shardings is None:
       param_shardings = sharding.replicated(mesh)  # a prefix: every parameter replicated
     self.param_shardings = param_shardings
-    self.trace_count = 0
-    self._compiled: dict[tuple, Callable] = {}
+    leaves, treedef = jax.tree.flatten(param_shardings)
+    self._key = (graphdef, mesh, _freeze(rules), treedef, tuple(leaves))
+    self._used: set[tuple] = set()
     self._batch_shards = 1
     if mesh is not None:
       spec = sharding.logical_to_spec(("batch",), rules)[0]
@@ -325,25 +330,33 @@ class Sampler:
     b = _round_up(1 << max(batch - 1, 0).bit_length(), self._batch_shards)
     return b, _round_up(prompt_len, self.length_bucket)
 
+  @property
+  def trace_count(self) -> int:
+    return sum(_TRACES[key] for key in self._used)
+
   def _function(self, static: tuple):
-    if static in self._compiled:
-      return self._compiled[static]
+    key = (*self._key, static)
+    self._used.add(key)
+    if key in _COMPILED:
+      return _COMPILED[key]
     max_new_tokens, top_k, top_p = static
+    graphdef, mesh, rules = self.graphdef, self.mesh, self.rules  # no reference to `self`
 
     def run(params, prompt_tokens, prompt_mask, rng, temperature, eos_ids, pad_id):
-      self.trace_count += 1  # runs at trace time only: counts compilations
-      with sharding.activation_sharding(self.mesh, self.rules):
-        return _decode(self.graphdef, params, prompt_tokens, prompt_mask, rng, temperature,
+      _TRACES[key] += 1  # runs at trace time only: counts compilations
+      with sharding.activation_sharding(mesh, rules):
+        return _decode(graphdef, params, prompt_tokens, prompt_mask, rng, temperature,
                        eos_ids, pad_id, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p)
 
-    if self.mesh is None:
+    if mesh is None:
       fn = jax.jit(run)
     else:
-      rows = sharding.batch_sharding(self.mesh, self.rules)
-      rep = sharding.replicated(self.mesh)
+      rows = sharding.batch_sharding(mesh, rules)
+      rep = sharding.replicated(mesh)
       fn = jax.jit(run, in_shardings=(self.param_shardings, rows, rows, rep, rep, rep, rep),
                    out_shardings=GenerateOutput(rows, rows, rows, rows))
-    self._compiled[static] = fn
+    _COMPILED[key] = fn
+    _TRACES[key] = 0
     return fn
 
   def __call__(self, params, prompt_tokens, prompt_mask, rng: Array, *, max_new_tokens: int,
@@ -369,6 +382,25 @@ class Sampler:
     if b_bucket != batch:
       out = GenerateOutput(*(x[:batch] for x in out))
     return out
+
+
+# Samplers' jitted functions, shared by model graph, mesh, rules, parameter shardings and the
+# static decoding arguments; and how often each was traced.
+_COMPILED: dict[tuple, Callable] = {}
+_TRACES: dict[tuple, int] = {}
+
+
+def clear_compiled() -> None:
+  """Drops every Sampler's shared compiled functions (and their trace counts)."""
+  _COMPILED.clear()
+  _TRACES.clear()
+
+
+def _freeze(rules):
+  """A hashable copy of sharding rules (nested sequences -> tuples)."""
+  if isinstance(rules, (list, tuple)):
+    return tuple(_freeze(r) for r in rules)
+  return rules
 
 
 # --- host-side helpers ----------------------------------------------------------------------------

@@ -171,6 +171,7 @@ def test_decoding_in_phases_matches_the_cache_free_reference(monkeypatch):
 
 def test_sampler_compiles_once_per_bucket_and_matches_generate():
   graphdef, params = _model(LLAMA)
+  generate_lib.clear_compiled()  # other tests' Samplers of this model share the compiled functions
   sampler = Sampler(graphdef, LLAMA, length_bucket=16)
   assert sampler.buckets(3, 6) == (4, 16) and sampler.buckets(5, 17) == (8, 32)
 
@@ -192,6 +193,14 @@ def test_sampler_compiles_once_per_bucket_and_matches_generate():
   assert sampler.trace_count == 1
   check(LONG, 1.0)  # batch 5, length 17: a new bucket (8, 32), 3 dummy rows
   assert sampler.trace_count == 2
+  # A second Sampler of the same model (another policy of one architecture) compiles nothing new.
+  other = Sampler(graphdef, LLAMA, length_bucket=16)
+  other(jax.tree.map(lambda x: x * 0.5, params), *prompt_batch(PROMPTS), jax.random.key(1),
+        max_new_tokens=N, eos_id=3)
+  assert other.trace_count == sampler.trace_count == 2  # the traces of the one shared function
+  generate_lib.clear_compiled()
+  other(params, *prompt_batch(PROMPTS), jax.random.key(1), max_new_tokens=N, eos_id=3)
+  assert other.trace_count == 1  # compiled again after the cache was cleared
 
 
 def test_sharded_params_give_the_same_tokens():

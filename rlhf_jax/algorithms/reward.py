@@ -139,12 +139,15 @@ class RewardModel:
   mesh: Any
   stats: dict  # {"mean", "std", "n"} of held-out scores (export metadata), for whitening
 
-  def __post_init__(self):
-    self._score = jax.jit(functools.partial(scoring.comparison_scores, self.graphdef))
-
   def score_batch(self, batch: dict) -> np.ndarray:
     """[R, P, K] scores of a host comparison batch (R divisible by the mesh's batch shards)."""
-    return np.asarray(jax.device_get(self._score(self.params, sharding.put_batch(batch, self.mesh))))
+    scores = _comparison_scores(self.graphdef, self.params, sharding.put_batch(batch, self.mesh))
+    return np.asarray(jax.device_get(scores))
+
+
+# One jitted function for every reward model: models of one architecture (helpfulness and safety)
+# share its compilations.
+_comparison_scores = jax.jit(scoring.comparison_scores, static_argnums=0)
 
 
 def cast_params(params, dtype: str):
