@@ -58,7 +58,7 @@ from rlhf_jax.algorithms.dpo import make_dpo_loss_fn
 from rlhf_jax.algorithms.reward import make_reward_loss_fn
 from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
 from rlhf_jax.configs import base_config
-from rlhf_jax.data.preference import Comparison, pack_comparisons
+from rlhf_jax.data.preference import Comparison, logit_budget_for, pack_comparisons
 from rlhf_jax.losses.reward import margin_table
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, llama_bench_config, split_model
 from rlhf_jax.models.config import PRESETS
@@ -99,6 +99,9 @@ _DPO_SEQUENCE = flags.DEFINE_integer("dpo_sequence_len", 128, "Tokens per DPO se
 _DPO_SHARE = flags.DEFINE_bool("dpo_share_prompt", True, "DPO rows hold each pair's prompt once "
                                "(config.reward.share_prompt); the default run also times the "
                                "per-step-reference step without it.")
+_DPO_LIST = flags.DEFINE_bool("dpo_list_logits", True, "DPO batches list their response tokens "
+                              "(as the trainer's): the LM head runs on those only, not on the "
+                              "prompts' tokens.")
 _RL_SHARE = flags.DEFINE_bool("rl_share_prompt", True, "ppo_iteration / grpo_iteration with "
                               "config.ppo.share_prompt (a prompt's samples run with the prompt "
                               "once); the default run also times GRPO without it.")
@@ -164,14 +167,15 @@ def random_model(cfg: ModelConfig, mesh, seed: int = 0):
 
 def train_step_bench(cfg: ModelConfig, make_loss_fn, host: dict, repeats: int,
                      peak_gflops: float | None, make_add_reference=None,
-                     workload_tokens: int | None = None) -> dict:
+                     workload_tokens: int | None = None, head_tokens: int | None = None) -> dict:
   """Times the shared train step on `host` (a [B, T] batch of real tokens, no padding).
 
   make_add_reference(graphdef, mesh) -> add(reference params, batch) -> batch: when given, every
   timed step first runs `add` on a frozen copy of the starting params (a reference forward pass,
   counted as 1/3 of a train step's model FLOPs). workload_tokens: the tokens the step stands for
   when the rows hold fewer (shared prompts): tokens_per_s counts these; model FLOPs and MFU count
-  the B x T tokens actually run.
+  the B x T tokens actually run. head_tokens: the positions the LM head runs on when fewer than
+  B x T (a batch's logit list); the model FLOPs count the head's on those only.
   """
   mesh = sharding.make_mesh((-1, 1, 1))
   graphdef, abstract, psh, params = random_model(cfg, mesh)
@@ -198,9 +202,12 @@ def train_step_bench(cfg: ModelConfig, make_loss_fn, host: dict, repeats: int,
   batch, seq_len = host["tokens"].shape
   tokens = batch * seq_len
   passes = 4 / 3 if add_reference else 1.0  # + the reference's forward pass
-  gflops = passes * cfg.flops_per_token(seq_len) * tokens / seconds / 1e9
+  head = 3.0 * 2 * cfg.embed_dim * cfg.vocab_size  # the LM head's training FLOPs per position
+  flops = cfg.flops_per_token(seq_len) * tokens - head * (tokens - (head_tokens or tokens))
+  gflops = passes * flops / seconds / 1e9
   record = {"batch": batch, "seq_len": seq_len, "step_s": seconds,
             "tokens_per_s": (workload_tokens or tokens) / seconds, "row_tokens": tokens,
+            "head_tokens": head_tokens or tokens,
             "model_gflops": gflops, "compile_s": max(first - seconds, 0.0), "remat": cfg.remat,
             **peak_memory()}
   if peak_gflops:
@@ -257,7 +264,7 @@ def dpo_pairs(cfg: ModelConfig, count: int, sequence_len: int, prompt_len: int,
 
 def dpo_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflops: float | None,
              sequence_len: int = 128, prompt_len: int = 64, reference: str = "per_step",
-             share_prompt: bool = False) -> dict:
+             share_prompt: bool = False, list_logits: bool = True) -> dict:
   """DPO (sigmoid, beta 0.1). reference "per_step": the reference's log-probs computed every step,
   a jitted forward pass of the frozen reference, then the shared train step (the trainer's
   `reference="per_batch"`; TRL's DPOTrainer without `precompute_ref_log_probs`); "precomputed":
@@ -269,7 +276,8 @@ def dpo_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflo
   share_prompt: each pair's rows hold its prompt once (data/preference.py, prefix sharing), so the
   same pairs take rows of `per_row x (2 sequence_len - prompt_len)` tokens; tokens_per_s still
   counts the pairs' `2 x sequence_len` tokens each (the workload, as TRL counts it), MFU the
-  tokens run."""
+  tokens run. list_logits: the batch lists the response tokens (data/preference.py
+  `logit_budget`, as the DPO trainer's batches do): the LM head runs on those only."""
   if reference not in ("per_step", "precomputed"):
     raise ValueError(f"dpo_step: reference={reference!r} must be 'per_step' or 'precomputed'")
   per_row = seq_len // (2 * sequence_len)
@@ -277,8 +285,10 @@ def dpo_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflo
     raise ValueError(f"dpo_step: seq_len={seq_len} must be a multiple of 2 x sequence_len="
                      f"{sequence_len} (rows of whole pairs, no padding)")
   row_len = per_row * (2 * sequence_len - prompt_len) if share_prompt else seq_len
-  host, count = pack_comparisons(dpo_pairs(cfg, batch * per_row, sequence_len, prompt_len),
-                                 row_len, batch, per_row, 2, share_prompt=share_prompt)
+  pairs = dpo_pairs(cfg, batch * per_row, sequence_len, prompt_len)
+  budget = logit_budget_for(pairs, row_len, share_prompt) if list_logits else None
+  host, count = pack_comparisons(pairs, row_len, batch, per_row, 2, share_prompt=share_prompt,
+                                 logit_budget=budget)
   assert count == batch * per_row
   loss_cfg = base_config().dpo
 
@@ -295,10 +305,11 @@ def dpo_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflo
                             repeats, peak_gflops,
                             make_add_reference=(make_add_reference if reference == "per_step"
                                                 else None),
-                            workload_tokens=count * 2 * sequence_len)
+                            workload_tokens=count * 2 * sequence_len,
+                            head_tokens=None if budget is None else batch * budget)
   record.update(sequence_len=sequence_len, prompt_len=prompt_len, pairs=count,
                 pairs_per_s=count / record["step_s"], reference=reference,
-                share_prompt=share_prompt)
+                share_prompt=share_prompt, list_logits=list_logits)
   return record
 
 
@@ -436,6 +447,7 @@ def main(argv):
         cfg, gen_batches=[int(b) for b in _GEN_BATCHES.value], prompt_len=_PROMPT.value,
         new_tokens=_NEW.value, dpo_rows=_SFT_BATCH.value, dpo_seq_len=_SFT_SEQ.value,
         dpo_sequence_len=_DPO_SEQUENCE.value, dpo_share_prompt=_DPO_SHARE.value,
+        dpo_list_logits=_DPO_LIST.value,
         rl_share_prompt=_RL_SHARE.value, rl_prompts=_RL_PROMPTS.value,
         rl_samples=_RL_SAMPLES.value, rl_new_tokens=_RL_NEW.value, kl_beta=_GRPO_BETA.value,
         repeats=_REPEATS.value, torch_threads=_TORCH_THREADS.value or None):
@@ -460,7 +472,8 @@ def main(argv):
     for reference, share in runs:
       emit("dpo_step", dpo_step(cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak,
                                 sequence_len=_DPO_SEQUENCE.value, prompt_len=_PROMPT.value,
-                                reference=reference, share_prompt=share))
+                                reference=reference, share_prompt=share,
+                                list_logits=_DPO_LIST.value))
   if "generate" in only:
     for b in _GEN_BATCHES.value:
       emit("generate", generate_bench(cfg, int(b), _PROMPT.value, _NEW.value, _REPEATS.value))

@@ -217,7 +217,8 @@ def _ratio(name: str, unit: str, ours: dict, theirs: dict) -> dict:
 
 def compare(cfg: ModelConfig, *, gen_batches: list[int], prompt_len: int, new_tokens: int,
             dpo_rows: int, dpo_seq_len: int, dpo_sequence_len: int, rl_prompts: int,
-            dpo_share_prompt: bool = False, rl_share_prompt: bool = False,
+            dpo_share_prompt: bool = False, dpo_list_logits: bool = True,
+            rl_share_prompt: bool = False,
             rl_samples: int, rl_new_tokens: int, kl_beta: float, repeats: int,
             torch_threads: int | None = None, workdir: str | None = None
             ) -> Iterator[tuple[str, dict]]:
@@ -259,7 +260,8 @@ def compare(cfg: ModelConfig, *, gen_batches: list[int], prompt_len: int, new_to
       yield "hf_generate", theirs
       yield "compare", _ratio(f"compare_generate_b{batch}", "new_tokens_per_s", ours, theirs)
     ours = bench.dpo_step(cfg, dpo_rows, dpo_seq_len, repeats, None, sequence_len=dpo_sequence_len,
-                          prompt_len=prompt_len, share_prompt=dpo_share_prompt)
+                          prompt_len=prompt_len, share_prompt=dpo_share_prompt,
+                          list_logits=dpo_list_logits)
     yield "dpo_step", ours
     theirs = {**trl_dpo_step(policy_dir, tokenizer, ours["pairs"], dpo_sequence_len, prompt_len,
                              repeats, tmp, remat), **versions}

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.losses.common import token_logprobs
-from rlhf_jax.models import apply, apply_rows
+from rlhf_jax.models import apply, apply_at, apply_rows
 
 Array = jax.Array
 
@@ -63,15 +63,20 @@ def comparison_logps(graphdef: nnx.GraphDef, params, batch: dict) -> tuple[Array
   the span sums are differences of a running sum, so packed responses cost nothing extra. Unused
   slots give 0 (mask with batch["valid"]). Rows with shared prompts (batch["branch_ids"]): a
   response's first token is scored from the logits at its prompt's last slot, the others from
-  their predecessors in the response, as in the unshared layout."""
+  their predecessors in the response, as in the unshared layout. Batches with a logit list
+  (batch["logit_index"] [R, M], `data.preference` `logit_budget`): the LM head and log-softmax
+  run on those M slots only, not on every slot of the row; the sums are the same."""
   branch_ids = batch.get("branch_ids")
+  start, end = batch["response_start"], batch["score_index"]
+  lengths = jnp.where(batch["valid"], end - start + 1, 0)
+  if "logit_index" in batch:
+    return _listed_logps(graphdef, params, batch, lengths), lengths
   logits, _ = apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"],
                     branch_ids=branch_ids)
   logp = token_logprobs(logits[:, :-1], batch["tokens"][:, 1:])
   running = jnp.cumsum(jnp.concatenate([jnp.zeros_like(logp[:, :1]), logp], axis=1), axis=1)
   r, p, k = batch["score_index"].shape
   take = lambda x, index: jnp.take_along_axis(x, index.reshape(r, p * k), axis=1).reshape(r, p, k)
-  start, end = batch["response_start"], batch["score_index"]
   if branch_ids is None:
     sums = take(running, end) - take(running, jnp.maximum(start - 1, 0))
   else:
@@ -80,7 +85,24 @@ def comparison_logps(graphdef: nnx.GraphDef, params, batch: dict) -> tuple[Array
     rows = jnp.take_along_axis(logits, prompt_end.reshape(r, p * k, 1), axis=1)  # [R, P*K, V]
     first = token_logprobs(rows, take(batch["tokens"], start).reshape(r, p * k)).reshape(r, p, k)
     sums = first + take(running, end) - take(running, start)
-  return jnp.where(batch["valid"], sums, 0.0), jnp.where(batch["valid"], end - start + 1, 0)
+  return jnp.where(batch["valid"], sums, 0.0), lengths
+
+
+def _listed_logps(graphdef: nnx.GraphDef, params, batch: dict, lengths: Array) -> Array:
+  """`comparison_logps`'s sums [R, P, K] from the batch's logit list: log-probs of the tokens at
+  logit_target from the logits at logit_index, summed over each response's run of entries."""
+  logits = apply_at(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                    batch["logit_index"], branch_ids=batch.get("branch_ids"))  # [R, M, V]
+  targets = jnp.take_along_axis(batch["tokens"], batch["logit_target"], axis=1)
+  logp = token_logprobs(logits, targets)  # [R, M]
+  r, p, k = lengths.shape
+  used = batch["logit_end"].reshape(r, p * k).max(axis=1)  # entries in use per row
+  logp = jnp.where(jnp.arange(logp.shape[1])[None] < used[:, None], logp, 0.0)
+  running = jnp.cumsum(jnp.pad(logp, ((0, 0), (1, 0))), axis=1)  # [R, M + 1]
+  take = lambda index: jnp.take_along_axis(running, index.reshape(r, p * k), axis=1).reshape(r, p, k)
+  end = batch["logit_end"]
+  sums = take(end) - take(jnp.maximum(end - lengths, 0))
+  return jnp.where(batch["valid"], sums, 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature"))

@@ -41,14 +41,19 @@ def test_dpo_step_record(tiny):
   assert record["pairs"] == 8 and record["reference"] == "per_step"  # one pair per 64-token row
   assert record["tokens_per_s"] == pytest.approx(8 * 64 / record["step_s"])
   assert record["pairs_per_s"] == pytest.approx(8 / record["step_s"])
-  # The reference's forward pass is a third of a train step's FLOPs.
-  gflops = 4 / 3 * tiny.flops_per_token(64) * 8 * 64 / record["step_s"] / 1e9
+  # The reference's forward pass is a third of a train step's FLOPs; the LM head runs on the
+  # listed response tokens only: 48 of 64 per row (2 x 24 of 2 x 32).
+  assert record["list_logits"] and record["head_tokens"] == 8 * 48
+  head = 3 * 2 * tiny.embed_dim * tiny.vocab_size
+  flops = tiny.flops_per_token(64) * 8 * 64 - head * 8 * 16
+  gflops = 4 / 3 * flops / record["step_s"] / 1e9
   assert record["model_gflops"] == pytest.approx(gflops)
   assert record["mfu"] == pytest.approx(gflops / 100.0)
-  # Precomputed reference: the step alone, counted as one train step's FLOPs.
+  # Precomputed reference: the step alone, counted as one train step's FLOPs (every position's
+  # logits without the list).
   pre = bench.dpo_step(tiny, batch=8, seq_len=64, repeats=1, peak_gflops=100.0, sequence_len=32,
-                       prompt_len=8, reference="precomputed")
-  assert pre["reference"] == "precomputed" and pre["pairs"] == 8
+                       prompt_len=8, reference="precomputed", list_logits=False)
+  assert pre["reference"] == "precomputed" and pre["pairs"] == 8 and pre["head_tokens"] == 8 * 64
   assert pre["model_gflops"] == pytest.approx(tiny.flops_per_token(64) * 8 * 64 / pre["step_s"] / 1e9)
   with pytest.raises(ValueError, match="reference='cached' must be"):
     bench.dpo_step(tiny, batch=8, seq_len=64, repeats=1, peak_gflops=None, reference="cached")

@@ -11,7 +11,7 @@ from rlhf_jax import scoring
 from rlhf_jax.algorithms.dpo import make_dpo_loss_fn
 from rlhf_jax.configs import base_config
 from rlhf_jax.data.preference import (Comparison, comparison_batch, comparison_length,
-                                      pack_comparisons, tokenize_comparisons)
+                                      logit_budget_for, pack_comparisons, tokenize_comparisons)
 from rlhf_jax.models import ModelConfig, create_model, split_model
 
 from tests.test_reward_model import TINY, pair_records, ranking_records
@@ -19,9 +19,13 @@ from tests.test_reward_model import TINY, pair_records, ranking_records
 MODEL = {**TINY, "max_seq_len": 256}
 
 
-def both_layouts(comparisons, k, seq_len=256, rows=4, per_row=4):
-  plain, n_plain = pack_comparisons(comparisons, seq_len, rows, per_row, k)
-  shared, n_shared = pack_comparisons(comparisons, seq_len, rows, per_row, k, share_prompt=True)
+def both_layouts(comparisons, k, seq_len=256, rows=4, per_row=4, listed=False):
+  """(plain rows, shared-prompt rows, comparisons both hold); `listed`: with logit lists."""
+  budget = lambda share: logit_budget_for(comparisons, seq_len, share) if listed else None
+  plain, n_plain = pack_comparisons(comparisons, seq_len, rows, per_row, k,
+                                    logit_budget=budget(False))
+  shared, n_shared = pack_comparisons(comparisons, seq_len, rows, per_row, k, share_prompt=True,
+                                      logit_budget=budget(True))
   return plain, shared, min(n_plain, n_shared)
 
 
@@ -52,10 +56,10 @@ def test_shared_prompt_rows_score_every_response_as_the_unshared_layout(words_to
     held = (batch["comparison"] < count) & (batch["comparison"] >= 0)
     batch["valid"] &= held[..., None]
   (sums_p, len_p), (sums_s, len_s) = logps(*lm, plain), logps(*lm, shared)
-  got, want = by_comparison(shared, sums_s, count), by_comparison(plain, sums_p, count)
-  assert sorted(got) == sorted(want) == list(range(count))
+  got, want_logps = by_comparison(shared, sums_s, count), by_comparison(plain, sums_p, count)
+  assert sorted(got) == sorted(want_logps) == list(range(count))
   for i in range(count):
-    np.testing.assert_allclose(got[i], want[i], atol=2e-4, rtol=1e-5)
+    np.testing.assert_allclose(got[i], want_logps[i], atol=2e-4, rtol=1e-5)
   assert by_comparison(shared, len_s, count).keys() == by_comparison(plain, len_p, count).keys()
   for i, lengths in by_comparison(shared, len_s, count).items():
     np.testing.assert_array_equal(lengths, by_comparison(plain, len_p, count)[i])
@@ -68,6 +72,18 @@ def test_shared_prompt_rows_score_every_response_as_the_unshared_layout(words_to
     np.testing.assert_allclose(got[i], want[i], atol=1e-4, rtol=1e-5)
   # Scores of the unused slots are masked to 0, as in the unshared layout.
   assert np.all(np.asarray(sums_s)[~shared["valid"]] == 0)
+  # With logit lists (the LM head on the response tokens only), either layout: the same sums.
+  plain_l, shared_l, count_l = both_layouts(comparisons, k, listed=True)
+  assert count_l == count and plain_l["logit_index"].shape[1] < 256
+  for batch, ref in ((plain_l, plain), (shared_l, shared)):
+    batch["valid"] = ref["valid"]
+    sums, lengths = logps(*lm, batch)
+    np.testing.assert_array_equal(lengths, len_p if batch is plain_l else len_s)
+    got = by_comparison(batch, sums, count)
+    assert sorted(got) == list(range(count))
+    for i, v in got.items():
+      np.testing.assert_allclose(v, want_logps[i], atol=2e-4, rtol=1e-5)
+    assert np.all(np.asarray(sums)[~batch["valid"]] == 0)
 
 
 def test_dpo_loss_and_gradients_equal_with_shared_prompts(words_tokenizer):
@@ -79,11 +95,15 @@ def test_dpo_loss_and_gradients_equal_with_shared_prompts(words_tokenizer):
   graphdef, params = split_model(create_model(ModelConfig(**MODEL), 1))
   loss_fn = make_dpo_loss_fn(graphdef, base_config().dpo)
   grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None)[0]))
-  (loss_p, grads_p), (loss_s, grads_s) = grad(params, plain), grad(params, shared)
-  np.testing.assert_allclose(loss_s, loss_p, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3),
-               grads_s, grads_p)
+  loss_p, grads_p = grad(params, plain)
   assert float(jnp.max(jnp.abs(grads_p["embed"]))) > 0
+  # Shared prompts, logit lists (LM head on the response tokens only), and both.
+  plain_l, shared_l, _ = both_layouts(comparisons[:8], 2, listed=True)
+  for batch in (shared, plain_l, shared_l):
+    loss, grads = grad(params, batch)
+    np.testing.assert_allclose(loss, loss_p, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3),
+                 grads, grads_p)
 
 
 def test_shared_layout_holds_each_prompt_once_and_refuses_responses_that_do_not_share_it():
@@ -97,6 +117,17 @@ def test_shared_layout_holds_each_prompt_once_and_refuses_responses_that_do_not_
   np.testing.assert_array_equal(batch["segment_ids"][0, :10], [1] * 9 + [0])
   np.testing.assert_array_equal(batch["response_start"][0, 0], [4, 7])
   np.testing.assert_array_equal(batch["score_index"][0, 0], [6, 8])
+  # The logit list: each response token from its predecessor, a first token from the prompt's
+  # last slot (3); 5 response tokens of 9 -> a budget of ceil(5 / 9 x 16) = 9, rounded up to 16.
+  assert logit_budget_for([c], 16, True) == 16 and logit_budget_for([c], 16, True, multiple=1) == 9
+  listed = comparison_batch([c], 16, 2, share_prompt=True, logit_budget=9)
+  np.testing.assert_array_equal(listed["logit_target"][0], [4, 5, 6, 7, 8, 0, 0, 0, 0])
+  np.testing.assert_array_equal(listed["logit_index"][0], [3, 4, 5, 3, 7, 0, 0, 0, 0])
+  np.testing.assert_array_equal(listed["logit_end"][0, 0], [3, 5])
+  plain = comparison_batch([c], 16, 2, logit_budget=5)  # sequences at 0..6 and 7..12
+  np.testing.assert_array_equal(plain["logit_index"][0], [3, 4, 5, 10, 11])
+  with pytest.raises(ValueError, match="row 0 needs 5 response log-probs > logit_budget=4"):
+    comparison_batch([c], 16, 2, logit_budget=4)
   other = c._replace(sequences=[c.sequences[0], np.array([1, 5, 6, 3, 10, 2], np.int32)])
   with pytest.raises(ValueError, match="comparison 0, response 1: share_prompt"):
     comparison_batch([other], 16, 2, share_prompt=True)
@@ -138,6 +169,10 @@ def test_dpo_driver_with_shared_prompts_trains_the_same_policy(tmp_path, words_t
     return place(*args, share_prompt=share_prompt)
 
   monkeypatch.setattr(preference, "_place", counting_place)
+  listed = []  # the trainer's batches list their response tokens (the LM head runs on those)
+  logps = scoring.comparison_logps
+  monkeypatch.setattr(scoring, "comparison_logps",
+                      lambda g, p, batch: listed.append("logit_index" in batch) or logps(g, p, batch))
   params, results = {}, {}
   for share in (False, True):
     config = dpo_config(tmp_path, words_tokenizer_dir, source, steps=6)
@@ -150,6 +185,7 @@ def test_dpo_driver_with_shared_prompts_trains_the_same_policy(tmp_path, words_t
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=0),
                params[True], params[False])
   np.testing.assert_allclose(results[True]["eval/loss"], results[False]["eval/loss"], rtol=1e-3)
+  assert listed and all(listed)
 
 
 def test_reward_driver_refuses_the_lm_loss_on_shared_rows(tmp_path, words_tokenizer_dir):

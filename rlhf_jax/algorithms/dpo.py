@@ -40,7 +40,7 @@ from rlhf_jax import checkpoint, data, scoring, sharding
 from rlhf_jax.algorithms import common
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.algorithms.reward import comparison_iterators, load_comparisons
-from rlhf_jax.data.preference import num_tokens, pack_comparisons
+from rlhf_jax.data.preference import logit_budget_for, num_tokens, pack_comparisons
 from rlhf_jax.losses import preference
 from rlhf_jax.models import lora
 
@@ -147,15 +147,19 @@ def ranking_to_pairs(records: list, mode: str) -> list:
 
 
 def precompute_reference(logps_fn, comparisons: list, *, seq_len: int, rows: int, per_row: int,
-                         mesh, share_prompt: bool = False) -> list:
+                         mesh, share_prompt: bool = False, logit_budget: int | None = None
+                         ) -> list:
   """Each comparison with its `ref_logps` [2] filled in, from forward passes over rows packed with
-  up to `per_row` comparisons (as training packs them: a pair is ~100 tokens of a 512-token row).
-  Comparisons are told apart by their `index`, which must be unique in the list."""
+  up to `per_row` comparisons (as training packs them: a pair is ~100 tokens of a 512-token row),
+  the LM head on the response tokens only (`logit_budget`, default: `logit_budget_for` these
+  comparisons). Comparisons are told apart by their `index`, which must be unique in the list."""
   if len({c.index for c in comparisons}) != len(comparisons):
     raise ValueError("precompute_reference: comparison indices are not unique")
   found, rest = {}, list(comparisons)
+  budget = logit_budget or logit_budget_for(comparisons, seq_len, share_prompt)
   while rest:
-    batch, count = pack_comparisons(rest, seq_len, rows, per_row, 2, share_prompt=share_prompt)
+    batch, count = pack_comparisons(rest, seq_len, rows, per_row, 2, share_prompt=share_prompt,
+                                    logit_budget=budget)
     sums = np.asarray(jax.device_get(logps_fn(sharding.put_batch(batch, mesh))))  # [R, P, 2]
     for r, p in zip(*np.nonzero(batch["comparison"] >= 0)):
       found[int(batch["comparison"][r, p])] = sums[r, p].astype(np.float32)
@@ -203,10 +207,12 @@ def attach_reference(config: ml_collections.ConfigDict, setup: common.Setup, mod
     return train_cmp, eval_cmp, lambda batches: _WithReference(batches, logps_fn, mesh)
   _log.info("precomputing reference log-probs of %d + %d comparisons", len(train_cmp),
             len(eval_cmp))
+  share = config.reward.share_prompt
+  budget = logit_budget_for([*train_cmp, *eval_cmp], config.train.seq_len, share)  # one compile
   fill = lambda cmp: precompute_reference(logps_fn, cmp, seq_len=config.train.seq_len,
                                           rows=config.train.batch_size,
                                           per_row=config.reward.comparisons_per_row, mesh=mesh,
-                                          share_prompt=config.reward.share_prompt)
+                                          share_prompt=share, logit_budget=budget)
   return fill(train_cmp), fill(eval_cmp), lambda batches: batches
 
 
@@ -254,7 +260,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if uses_reference(p):
     train_cmp, eval_cmp, wrap = attach_reference(config, setup, p.reference, train_cmp, eval_cmp,
                                                  mesh)
-  batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses=2)
+  batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses=2,
+                                            list_logits=True)
   evaluate = common.make_evaluate(make_loss(setup.graphdef), setup, wrap(eval_iter), t.eval_batches)
   state = common.train_loop(config, workdir, setup, wrap(batches), data_state=batches.state,
                             restore_data=batches.restore, evaluate=evaluate, count_tokens=num_tokens)

@@ -153,7 +153,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup = common.setup_training(config, mesh, model_cfg, make_loss)
   train_cmp, eval_cmp, wrap = dpo.attach_reference(config, setup, k.reference, train_cmp, eval_cmp,
                                                    mesh)
-  batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses=2)
+  batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses=2,
+                                            list_logits=True)
   evaluate = common.make_evaluate(make_loss(setup.graphdef), setup, wrap(eval_iter), t.eval_batches)
   state = common.train_loop(config, workdir, setup, wrap(batches), data_state=batches.state,
                             restore_data=batches.restore, evaluate=evaluate,

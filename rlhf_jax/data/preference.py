@@ -40,6 +40,21 @@ score does not depend on what shares its row; `comparison_batch` puts one compar
 
 P = comparisons per row, K = responses per comparison (2 for pairs).
 
+**Logits only where they are read** (`logit_budget=M`, for training on response log-probs: DPO,
+KTO): a policy's logits are needed only for the response tokens, not for the prompt's, which in
+real preference data are most of a row's tokens (and at a 150k vocabulary one float32 logit
+row is 600 KB per position). The batch then lists, per row, the response tokens in order:
+
+    logit_index [R, M] int32        slot whose logits predict the token (the token's predecessor,
+                                    or for a shared prompt's response its prompt's last slot)
+    logit_target [R, M] int32       slot of the token itself (0 on unused entries)
+    logit_end   [R, P, K] int32     one past the response's last entry: the response's tokens are
+                                    entries logit_end - (score_index - response_start + 1) ..
+                                    logit_end - 1 (0 if unused)
+
+`logit_budget_for` gives an M that no row can exceed: a row's response tokens are at most the
+largest response share of any comparison times the row length.
+
 **Shared prompts** (`share_prompt=True`; prefix sharing, Wang et al. 2024): a comparison's K
 responses share their prompt tokens, so the row holds the prompt once and then each response's own
 tokens, `prompt_len + sum(n_k - prompt_len)` tokens instead of `sum(n_k)`. Every token of the
@@ -183,9 +198,13 @@ def tokenize_comparisons(
 
 
 def _empty(rows: int, seq_len: int, per_row: int, num_responses: int,
-           share_prompt: bool = False) -> dict[str, np.ndarray]:
+           share_prompt: bool = False, logit_budget: int | None = None) -> dict[str, np.ndarray]:
     r, p, k = rows, per_row, num_responses
     extra = {"branch_ids": np.zeros((r, seq_len), np.int32)} if share_prompt else {}
+    if logit_budget is not None:
+        extra.update(logit_index=np.zeros((r, logit_budget), np.int32),
+                     logit_target=np.zeros((r, logit_budget), np.int32),
+                     logit_end=np.zeros((r, p, k), np.int32))
     return {**extra,
         "tokens": np.zeros((r, seq_len), np.int32),
         "segment_ids": np.zeros((r, seq_len), np.int32),
@@ -209,6 +228,22 @@ def comparison_length(comparison: Comparison, share_prompt: bool = False) -> int
     """Tokens the comparison takes in a row: all its sequences, or with `share_prompt` the prompt
     once plus each response."""
     return _length([len(s) for s in comparison.sequences], comparison.prompt_len, share_prompt)
+
+
+def response_tokens(comparison: Comparison) -> int:
+    """The comparison's response tokens (the log-probs a policy's logits are needed for)."""
+    return sum(len(s) - comparison.prompt_len for s in comparison.sequences)
+
+
+def logit_budget_for(comparisons: Sequence[Comparison], seq_len: int, share_prompt: bool = False,
+                     multiple: int = 8) -> int:
+    """The `logit_budget` M for rows of `seq_len` tokens of these comparisons (module docstring):
+    the largest response share of a comparison times seq_len, rounded up to `multiple`, at most
+    seq_len. No row of them, packed in any way, holds more response tokens."""
+    if not comparisons:
+        return seq_len
+    share = max(response_tokens(c) / comparison_length(c, share_prompt) for c in comparisons)
+    return min(seq_len, -(-int(np.ceil(share * seq_len - 1e-9)) // multiple) * multiple)
 
 
 def _check(comparison: Comparison, seq_len: int, num_responses: int,
@@ -237,6 +272,7 @@ def _place(batch: dict, row: int, slot: int, start: int, first_segment: int, com
     pl = comparison.prompt_len
     # Shared: the prompt once (branch 0), then each response's own tokens, all in one segment.
     skip = pl if share_prompt else 0  # leading tokens of each sequence already in the row
+    prompt_end = start + pl - 1  # the shared prompt's last slot
     if share_prompt:
         batch["tokens"][row, start:start + pl] = comparison.sequences[0][:pl]
         batch["segment_ids"][row, start:start + pl] = first_segment
@@ -251,6 +287,9 @@ def _place(batch: dict, row: int, slot: int, start: int, first_segment: int, com
             batch["branch_ids"][row, start:stop] = k + 1
         batch["response_start"][row, slot, k] = start + pl - skip
         batch["score_index"][row, slot, k] = stop - 1
+        if "logit_index" in batch:
+            _list_logits(batch, row, slot, k, start + pl - skip, stop,
+                         prompt_end if share_prompt else start + pl - 1)
         start = stop
     n = len(comparison.sequences)
     batch["ranks"][row, slot, :n] = comparison.ranks
@@ -262,10 +301,25 @@ def _place(batch: dict, row: int, slot: int, start: int, first_segment: int, com
         batch["ref_logps"][row, slot, :n] = comparison.ref_logps
 
 
+def _list_logits(batch: dict, row: int, slot: int, k: int, first: int, stop: int,
+                 first_source: int) -> None:
+    """Appends response k's tokens first..stop-1 to the row's logit list (`logit_budget`)."""
+    offset = int(batch["logit_end"][row].max())
+    end = offset + stop - first
+    if end > batch["logit_index"].shape[1]:
+        raise ValueError(f"row {row} needs {end} response log-probs > logit_budget="
+                         f"{batch['logit_index'].shape[1]} (use logit_budget_for)")
+    batch["logit_target"][row, offset:end] = np.arange(first, stop)
+    batch["logit_index"][row, offset:end] = np.arange(first - 1, stop - 1)
+    batch["logit_index"][row, offset] = first_source
+    batch["logit_end"][row, slot, k] = end
+
+
 def comparison_batch(comparisons: Sequence[Comparison], seq_len: int, num_responses: int,
-                     share_prompt: bool = False) -> dict[str, np.ndarray]:
+                     share_prompt: bool = False, logit_budget: int | None = None
+                     ) -> dict[str, np.ndarray]:
     """One comparison per row: a batch dict with R = len(comparisons), P = 1 (module docstring)."""
-    batch = _empty(len(comparisons), seq_len, 1, num_responses, share_prompt)
+    batch = _empty(len(comparisons), seq_len, 1, num_responses, share_prompt, logit_budget)
     for row, comparison in enumerate(comparisons):
         _check(comparison, seq_len, num_responses, share_prompt)
         _place(batch, row, 0, 0, 1, comparison, share_prompt=share_prompt)
@@ -273,11 +327,11 @@ def comparison_batch(comparisons: Sequence[Comparison], seq_len: int, num_respon
 
 
 def pack_comparisons(comparisons: Sequence[Comparison], seq_len: int, rows: int, per_row: int,
-                     num_responses: int, share_prompt: bool = False
-                     ) -> tuple[dict[str, np.ndarray], int]:
+                     num_responses: int, share_prompt: bool = False,
+                     logit_budget: int | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Greedy first-fit packing of a prefix of `comparisons` into `rows` rows of `seq_len` tokens,
     at most `per_row` comparisons each. Returns (batch, number packed = comparisons[:count])."""
-    batch = _empty(rows, seq_len, per_row, num_responses, share_prompt)
+    batch = _empty(rows, seq_len, per_row, num_responses, share_prompt, logit_budget)
     used = np.zeros(rows, np.int64)
     slots = np.zeros(rows, np.int64)
     segments = np.zeros(rows, np.int64)
@@ -300,10 +354,11 @@ def num_tokens(batch: dict[str, np.ndarray]) -> int:
 
 
 def comparison_batching(rows: int, seq_len: int, per_row: int, num_responses: int,
-                        share_prompt: bool = False) -> Batching:
+                        share_prompt: bool = False, logit_budget: int | None = None) -> Batching:
     """The `data.BatchIterator` batching of comparisons (pack: up to `per_row` per row)."""
     return Batching(pad=lambda comparisons: comparison_batch(comparisons, seq_len, num_responses,
-                                                             share_prompt),
+                                                             share_prompt, logit_budget),
                     pack=lambda comparisons: pack_comparisons(comparisons, seq_len, rows, per_row,
-                                                              num_responses, share_prompt),
+                                                              num_responses, share_prompt,
+                                                              logit_budget),
                     length=lambda comparison: comparison_length(comparison, share_prompt))

@@ -267,6 +267,17 @@ def apply_rows(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions:
                              suffix_len=share[1], head_from=head_from)
 
 
+def apply_at(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
+             segment_ids: Array, index: Array, branch_ids: Array | None = None) -> Array:
+  """The head's output at the slots `index` [B, M] only: [B, M, V] logits (or [B, M] scores).
+  The layers run on every slot; the head (for an LM: the vocabulary projection, and whatever the
+  caller does with the logits) only on the M slots gathered."""
+  model = nnx.merge(graphdef, params)
+  hidden, _ = model.hidden_states(tokens, positions, segment_ids, branch_ids=branch_ids)
+  picked = jnp.take_along_axis(hidden, index[..., None].astype(jnp.int32), axis=1)
+  return model.head(sharding.constrain(picked, ("batch", "length", "act_embed")))
+
+
 def unstack_layers(params: Params) -> list[Params]:
   """The blocks' stacked params [L, ...] as L per-layer trees.
 
