@@ -428,6 +428,56 @@ def test_pad_and_pack_give_the_same_training_signal(tokenizer):
     assert docs == sorted(tuple(e.tokens) for e in examples)
 
 
+def test_target_lists_give_the_same_sft_loss_and_gradients(tokenizer):
+    """Batches that list their target tokens (`logit_budget`): the LM head on those slots only,
+    the same loss, metrics and gradients as every slot's logits; on one device and sharded."""
+    import jax
+    from rlhf_jax import sharding
+    from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
+    from rlhf_jax.data.sft import logit_budget_for
+    from rlhf_jax.models import ModelConfig, create_model, split_model
+    examples, _ = tokenize_sft(generate_sft_records(40, seed=3), tokenizer, max_len=64)
+    budget = logit_budget_for(examples, 128)
+    assert budget < 128  # the prompts leave tokens out
+    plain, count = pack_examples(examples, seq_len=128, rows=8)
+    listed, count_l = pack_examples(examples, seq_len=128, rows=8, logit_budget=budget)
+    assert count == count_l and listed["logit_index"].shape == (8, budget)
+    assert listed["logit_mask"].sum() == plain["loss_mask"].sum()
+    np.testing.assert_array_equal(listed["tokens"], plain["tokens"])
+    cfg = ModelConfig(vocab_size=len(tokenizer), num_layers=2, embed_dim=32, num_heads=4,
+                      num_kv_heads=2, mlp_dim=64, max_seq_len=128)
+    graphdef, params = split_model(create_model(cfg, 0))
+    loss_fn = make_sft_loss_fn(graphdef)
+    grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None), has_aux=True))
+    (loss, metrics), grads = grad(params, plain)
+    mesh = sharding.make_mesh((2, 2, 2))
+
+    @jax.jit
+    def sharded(p, b):
+        with sharding.activation_sharding(mesh):
+            return jax.value_and_grad(lambda p, b: loss_fn(p, b, None), has_aux=True)(p, b)
+    for run, batch in ((grad, listed), (sharded, sharding.put_batch(listed, mesh))):
+        (loss_l, metrics_l), grads_l = run(params, batch)
+        np.testing.assert_allclose(loss_l, loss, rtol=1e-5)
+        for k in ("token_accuracy", "loss_weight"):
+            np.testing.assert_allclose(metrics_l[k], metrics[k], rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-3),
+                     grads_l, grads)
+    with pytest.raises(ValueError, match=r"row 0 needs \d+ target log-probs > logit_budget=2"):
+        pack_examples(examples, seq_len=128, rows=8, logit_budget=2)
+
+
+def test_target_list_layout():
+    batch, _ = pack_examples([make_example(4, 10), make_example(3, 20)], seq_len=8, rows=1,
+                             logit_budget=4)
+    # Targets: tokens 2, 3 of the first example (slots 2, 3) and 1, 2 of the second (slots 5, 6).
+    assert batch["logit_target"].tolist() == [[2, 3, 5, 6]]
+    assert batch["logit_index"].tolist() == [[1, 2, 4, 5]]
+    assert batch["logit_mask"].tolist() == [[True] * 4]
+    from rlhf_jax.data.sft import logit_budget_for
+    assert logit_budget_for([make_example(4, 10)], 8, multiple=1) == 4  # 2 of 4 tokens x 8
+
+
 # ---------------------------------------------------------------- loader
 
 

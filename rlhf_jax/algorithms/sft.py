@@ -22,6 +22,7 @@ import numpy as np
 from rlhf_jax import checkpoint, data, generate, sharding
 from rlhf_jax.algorithms import common
 from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
+from rlhf_jax.data.sft import logit_budget_for
 from rlhf_jax.data.text import tokenize_text
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import format_table
@@ -117,11 +118,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   model_cfg = common.model_config(config, vocab_size=len(tokenizer))
   setup = common.setup_training(config, mesh, model_cfg, make_sft_loss_fn)
+  # The batches list their target tokens when the prompts leave some out: the LM head then runs
+  # on those only (data/sft.py `logit_budget`; pretraining text is all targets: no list).
+  budget = logit_budget_for([*train_examples, *eval_examples], t.seq_len)
+  batching = data.sft_batching(t.batch_size, t.seq_len,
+                               logit_budget=budget if budget < t.seq_len else None)
   batches = data.BatchIterator(train_examples, batch_size=t.batch_size, seq_len=t.seq_len,
-                               seed=config.seed, packing=config.data.packing)
+                               seed=config.seed, packing=config.data.packing, batching=batching)
 
   eval_iter = data.BatchIterator(eval_examples, batch_size=t.batch_size, seq_len=t.seq_len,
-                                 seed=0, packing=False, shuffle=False)
+                                 seed=0, packing=False, shuffle=False, batching=batching)
   evaluate = common.make_evaluate(make_sft_loss_fn(setup.graphdef), setup, eval_iter, t.eval_batches)
 
   sample_records = eval_records[:config.sample.num_examples] if config.data.kind == "sft" else []

@@ -1,7 +1,7 @@
 """Records, public preference data sets, tokenizer, SFT tokenisation and batching. See each module's
 docstring for formats."""
 
-from rlhf_jax.data.loader import BatchIterator, num_tokens
+from rlhf_jax.data.loader import BatchIterator, num_tokens, sft_batching
 from rlhf_jax.data.public import SCHEMAS, detect_schema, load_preferences, shp_margin
 from rlhf_jax.data.records import KINDS, RecordError, load_records, read_rows, validate_record
 from rlhf_jax.data.sources import resolve_source
@@ -38,6 +38,7 @@ __all__ = [
     "load_records",
     "load_tokenizer",
     "num_tokens",
+    "sft_batching",
     "pack_examples",
     "pad_batch",
     "read_rows",

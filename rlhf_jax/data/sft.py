@@ -40,6 +40,15 @@ Batch dict (from `pad_batch` and `pack_examples`; numpy, fixed shapes so a jitte
 
 Attention must stay within a segment (segment_ids equal and non-zero), which makes padded and packed
 batches compute the same per-document log-probabilities.
+
+With `logit_budget=M` the batch also lists each row's target tokens, so the LM head (the
+vocabulary projection and the log-softmax) runs on those M slots only, not on the prompts':
+
+    logit_index  [B, M] int32  slot whose logits predict the target (the slot before it)
+    logit_target [B, M] int32  the target's slot (0 on unused entries)
+    logit_mask   [B, M] bool   the entry is in use
+
+`logit_budget_for` gives an M no row can exceed (the largest target share of an example times T).
 """
 
 from __future__ import annotations
@@ -166,13 +175,29 @@ def tokenize_sft(
     return examples, stats
 
 
-def _empty_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
+def _empty_batch(rows: int, seq_len: int, logit_budget: int | None = None) -> dict[str, np.ndarray]:
+    listed = {} if logit_budget is None else {
+        "logit_index": np.zeros((rows, logit_budget), np.int32),
+        "logit_target": np.zeros((rows, logit_budget), np.int32),
+        "logit_mask": np.zeros((rows, logit_budget), np.bool_),
+    }
     return {
         "tokens": np.zeros((rows, seq_len), np.int32),
         "loss_mask": np.zeros((rows, seq_len), np.bool_),
         "segment_ids": np.zeros((rows, seq_len), np.int32),
         "positions": np.zeros((rows, seq_len), np.int32),
+        **listed,
     }
+
+
+def logit_budget_for(examples: Sequence[Example], seq_len: int, multiple: int = 8) -> int:
+    """The `logit_budget` M for rows of `seq_len` tokens of these examples (module docstring): the
+    largest share of target tokens in an example times seq_len, rounded up to `multiple`, at most
+    seq_len. No row of them, packed in any way, holds more targets."""
+    if not examples:
+        return seq_len
+    share = max(np.count_nonzero(e.loss_mask) / len(e.tokens) for e in examples)
+    return min(seq_len, -(-int(np.ceil(share * seq_len - 1e-9)) // multiple) * multiple)
 
 
 def _check_fits(example: Example, seq_len: int, index: int) -> int:
@@ -192,25 +217,37 @@ def _place(batch: dict, row: int, start: int, example: Example, segment: int) ->
     batch["loss_mask"][row, start:stop] = example.loss_mask
     batch["segment_ids"][row, start:stop] = segment
     batch["positions"][row, start:stop] = np.arange(stop - start)
+    if "logit_index" in batch:
+        targets = start + np.flatnonzero(example.loss_mask)
+        offset = int(np.count_nonzero(batch["logit_mask"][row]))
+        end = offset + targets.size
+        if end > batch["logit_index"].shape[1]:
+            raise ValueError(f"row {row} needs {end} target log-probs > logit_budget="
+                             f"{batch['logit_index'].shape[1]} (use logit_budget_for)")
+        batch["logit_target"][row, offset:end] = targets
+        batch["logit_index"][row, offset:end] = targets - 1
+        batch["logit_mask"][row, offset:end] = True
 
 
-def pad_batch(examples: Sequence[Example], seq_len: int) -> dict[str, np.ndarray]:
+def pad_batch(examples: Sequence[Example], seq_len: int,
+              logit_budget: int | None = None) -> dict[str, np.ndarray]:
     """One example per row, right-padded to seq_len: a [len(examples), seq_len] batch dict."""
-    batch = _empty_batch(len(examples), seq_len)
+    batch = _empty_batch(len(examples), seq_len, logit_budget)
     for row, example in enumerate(examples):
         _check_fits(example, seq_len, row)
         _place(batch, row, 0, example, segment=1)
     return batch
 
 
-def pack_examples(examples: Sequence[Example], seq_len: int, rows: int) -> tuple[dict[str, np.ndarray], int]:
+def pack_examples(examples: Sequence[Example], seq_len: int, rows: int,
+                  logit_budget: int | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Greedy first-fit packing of a prefix of `examples` into a [rows, seq_len] batch dict.
 
     Examples are taken in order, each into the first row with room, until one fits in no row.
     Returns (batch, number of examples packed); the packed ones are exactly examples[:count], so a
     caller's position in its example stream stays a single index.
     """
-    batch = _empty_batch(rows, seq_len)
+    batch = _empty_batch(rows, seq_len, logit_budget)
     used = np.zeros(rows, np.int64)  # tokens filled per row
     documents = np.zeros(rows, np.int64)  # documents per row, i.e. the last segment id
     for count, example in enumerate(examples):
