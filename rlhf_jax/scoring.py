@@ -99,7 +99,8 @@ def _listed_logps(graphdef: nnx.GraphDef, params, batch: dict, lengths: Array) -
   used = batch["logit_end"].reshape(r, p * k).max(axis=1)  # entries in use per row
   logp = jnp.where(jnp.arange(logp.shape[1])[None] < used[:, None], logp, 0.0)
   running = jnp.cumsum(jnp.pad(logp, ((0, 0), (1, 0))), axis=1)  # [R, M + 1]
-  take = lambda index: jnp.take_along_axis(running, index.reshape(r, p * k), axis=1).reshape(r, p, k)
+  def take(index):
+    return jnp.take_along_axis(running, index.reshape(r, p * k), axis=1).reshape(r, p, k)
   end = batch["logit_end"]
   sums = take(end) - take(jnp.maximum(end - lengths, 0))
   return jnp.where(batch["valid"], sums, 0.0)

@@ -171,8 +171,11 @@ def test_dpo_driver_with_shared_prompts_trains_the_same_policy(tmp_path, words_t
   monkeypatch.setattr(preference, "_place", counting_place)
   listed = []  # the trainer's batches list their response tokens (the LM head runs on those)
   logps = scoring.comparison_logps
-  monkeypatch.setattr(scoring, "comparison_logps",
-                      lambda g, p, batch: listed.append("logit_index" in batch) or logps(g, p, batch))
+  def recording_logps(graphdef, params, batch):
+    listed.append("logit_index" in batch)
+    return logps(graphdef, params, batch)
+
+  monkeypatch.setattr(scoring, "comparison_logps", recording_logps)
   params, results = {}, {}
   for share in (False, True):
     config = dpo_config(tmp_path, words_tokenizer_dir, source, steps=6)

@@ -26,9 +26,10 @@ class Batching(NamedTuple):
 
 
 def sft_batching(batch_size: int, seq_len: int, logit_budget: int | None = None) -> Batching:
-    """SFT examples' batching; `logit_budget`: the batches list their target tokens (data/sft.py)."""
+    """SFT examples' batching; `logit_budget`: batches list their target tokens (data/sft.py)."""
     return Batching(pad=lambda examples: pad_batch(examples, seq_len, logit_budget),
-                    pack=lambda examples: pack_examples(examples, seq_len, batch_size, logit_budget),
+                    pack=lambda examples: pack_examples(examples, seq_len, batch_size,
+                                                        logit_budget),
                     length=lambda example: len(example.tokens))
 
 
