@@ -311,7 +311,8 @@ def _list_logits(batch: dict, row: int, slot: int, k: int, first: int, stop: int
                          f"{batch['logit_index'].shape[1]} (use logit_budget_for)")
     batch["logit_target"][row, offset:end] = np.arange(first, stop)
     batch["logit_index"][row, offset:end] = np.arange(first - 1, stop - 1)
-    batch["logit_index"][row, offset] = first_source
+    if end > offset:
+        batch["logit_index"][row, offset] = first_source
     batch["logit_end"][row, slot, k] = end
 
 
