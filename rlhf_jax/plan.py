@@ -14,7 +14,9 @@ On a machine with fewer devices than `--devices` (this CPU), the planner runs on
                 precomputed reference: `--no_reference`), PPO's reference and reward model
   activations   the compiled train step's temporaries (XLA's `memory_analysis().temp_size_in_bytes`:
                 activations kept for the backward pass, gradients, workspace) for one [B, T]
-                micro-batch (B = batch / accum_steps), with the model's remat policy
+                micro-batch (B = batch / accum_steps), with the model's remat policy; DPO's step
+                on rows of ~256-token pairs whose responses are half the tokens, the LM head on
+                those only (the trainer's logit lists); SFT and PPO with every slot's logits
   total         their sum; `fits` compares it with `--chip`'s memory (minus `--reserve` for the
                 runtime and fragmentation)
 
@@ -52,6 +54,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from rlhf_jax import sharding  # noqa: E402
+from rlhf_jax.algorithms.dpo import make_dpo_loss_fn  # noqa: E402
 from rlhf_jax.algorithms.reward import make_reward_loss_fn  # noqa: E402
 from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn  # noqa: E402
 from rlhf_jax.configs import base_config  # noqa: E402
@@ -128,7 +131,19 @@ def plan(cfg: ModelConfig, mesh, *, algorithm: str, batch: int, seq_len: int, ac
     params_b, opt_b = 2 * params_b, 2 * opt_b
 
   b, t = batch, seq_len
-  if algorithm == "reward":
+  if algorithm == "dpo":
+    # Rows of whole pairs (about 256 tokens a pair), the responses half of the tokens: the batch
+    # lists them (data/preference.py `logit_budget`), so the LM head runs on t/2 slots a row.
+    pairs, listed = max(1, t // 256), -(-t // 16) * 8
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    host = dict(tokens=ints(b, t), segment_ids=ints(b, t), positions=ints(b, t),
+                score_index=ints(b, pairs, 2), response_start=ints(b, pairs, 2),
+                valid=jax.ShapeDtypeStruct((b, pairs, 2), jnp.bool_),
+                ref_logps=jax.ShapeDtypeStruct((b, pairs, 2), jnp.float32),
+                logit_index=ints(b, listed), logit_target=ints(b, listed),
+                logit_end=ints(b, pairs, 2))
+    loss_fn = make_dpo_loss_fn(graphdef, base_config().dpo)
+  elif algorithm == "reward":
     pairs = max(1, t // 256)
     host = dict(tokens=jax.ShapeDtypeStruct((b, t), jnp.int32),
                 segment_ids=jax.ShapeDtypeStruct((b, t), jnp.int32),
