@@ -8,6 +8,7 @@ from rlhf_jax.models.transformer import (KVCache, Transformer, abstract_model, a
                                          init_cache, positions_from_mask, split_model,
                                          unstack_layers)
 
-__all__ = ["lora", "ModelConfig", "llama_bench_config", "KVCache", "Transformer", "abstract_model", "apply",
-           "apply_at", "apply_rows", "apply_shared_prefix", "apply_with_hidden", "group_rows", "ungroup_rows",
-           "create_model", "init_cache", "positions_from_mask", "split_model", "unstack_layers"]
+__all__ = ["lora", "ModelConfig", "llama_bench_config", "KVCache", "Transformer", "abstract_model",
+           "apply", "apply_at", "apply_rows", "apply_shared_prefix", "apply_with_hidden", "group_rows",
+           "ungroup_rows", "create_model", "init_cache", "positions_from_mask", "split_model",
+           "unstack_layers"]
