@@ -202,8 +202,8 @@ def train_step_bench(cfg: ModelConfig, make_loss_fn, host: dict, repeats: int,
   batch, seq_len = host["tokens"].shape
   tokens = batch * seq_len
   passes = 4 / 3 if add_reference else 1.0  # + the reference's forward pass
-  head = 3.0 * 2 * cfg.embed_dim * cfg.vocab_size  # the LM head's training FLOPs per position
-  flops = cfg.flops_per_token(seq_len) * tokens - head * (tokens - (head_tokens or tokens))
+  flops = (cfg.flops_per_token(seq_len) * tokens
+           - cfg.head_flops_per_token() * (tokens - (head_tokens or tokens)))
   gflops = passes * flops / seconds / 1e9
   record = {"batch": batch, "seq_len": seq_len, "step_s": seconds,
             "tokens_per_s": (workload_tokens or tokens) / seconds, "row_tokens": tokens,

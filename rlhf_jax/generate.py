@@ -332,7 +332,7 @@ class Sampler:
 
   @property
   def trace_count(self) -> int:
-    return sum(_TRACES[key] for key in self._used)
+    return sum(_TRACES.get(key, 0) for key in self._used)
 
   def _function(self, static: tuple):
     key = (*self._key, static)

@@ -199,6 +199,7 @@ def test_sampler_compiles_once_per_bucket_and_matches_generate():
         max_new_tokens=N, eos_id=3)
   assert other.trace_count == sampler.trace_count == 2  # the traces of the one shared function
   generate_lib.clear_compiled()
+  assert sampler.trace_count == 0  # nothing compiled is left
   other(params, *prompt_batch(PROMPTS), jax.random.key(1), max_new_tokens=N, eos_id=3)
   assert other.trace_count == 1  # compiled again after the cache was cleared
 

@@ -78,7 +78,7 @@ import numpy as np
 
 from rlhf_jax.data.loader import Batching
 from rlhf_jax.data.records import RecordError, validate_record
-from rlhf_jax.data.sft import tokenize_sft
+from rlhf_jax.data.sft import budget_from_share, tokenize_sft
 
 _log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def logit_budget_for(comparisons: Sequence[Comparison], seq_len: int, share_prom
     if not comparisons:
         return seq_len
     share = max(response_tokens(c) / comparison_length(c, share_prompt) for c in comparisons)
-    return min(seq_len, -(-int(np.ceil(share * seq_len - 1e-9)) // multiple) * multiple)
+    return budget_from_share(share, seq_len, multiple)
 
 
 def _check(comparison: Comparison, seq_len: int, num_responses: int,
@@ -285,11 +285,12 @@ def _place(batch: dict, row: int, slot: int, start: int, first_segment: int, com
         batch["positions"][row, start:stop] = np.arange(skip, len(sequence))
         if share_prompt:
             batch["branch_ids"][row, start:stop] = k + 1
-        batch["response_start"][row, slot, k] = start + pl - skip
+        first = start + pl - skip  # the response's first token
+        batch["response_start"][row, slot, k] = first
         batch["score_index"][row, slot, k] = stop - 1
         if "logit_index" in batch:
-            _list_logits(batch, row, slot, k, start + pl - skip, stop,
-                         prompt_end if share_prompt else start + pl - 1)
+            _list_logits(batch, row, slot, k, first, stop,
+                         prompt_end if share_prompt else first - 1)
         start = stop
     n = len(comparison.sequences)
     batch["ranks"][row, slot, :n] = comparison.ranks

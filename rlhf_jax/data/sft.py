@@ -197,6 +197,13 @@ def logit_budget_for(examples: Sequence[Example], seq_len: int, multiple: int = 
     if not examples:
         return seq_len
     share = max(np.count_nonzero(e.loss_mask) / len(e.tokens) for e in examples)
+    return budget_from_share(share, seq_len, multiple)
+
+
+def budget_from_share(share: float, seq_len: int, multiple: int = 8) -> int:
+    """A logit budget for rows of `seq_len` tokens whose examples have at most `share` of their
+    tokens listed: share x seq_len rounded up to `multiple`, at most seq_len (SFT targets here,
+    comparisons' responses in data/preference.py)."""
     return min(seq_len, -(-int(np.ceil(share * seq_len - 1e-9)) // multiple) * multiple)
 
 

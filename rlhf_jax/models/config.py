@@ -191,8 +191,12 @@ class ModelConfig:
     n_mlp = 3 if self.family == "llama" else 2
     per_layer = 2 * (e * h * d + 2 * e * kv * d + h * d * e + n_mlp * e * m)
     per_layer += 2 * 2 * h * d * seq_len / 2  # causal attention scores + weighted sum, half masked
-    head = 2 * e * (self.vocab_size if self.head == "lm" else 1)
-    return 3.0 * (l * per_layer + head)
+    return 3.0 * l * per_layer + self.head_flops_per_token()
+
+  def head_flops_per_token(self) -> float:
+    """The head's share of `flops_per_token`: training FLOPs of the vocabulary projection (or
+    the scalar head) at one position."""
+    return 3.0 * 2 * self.embed_dim * (self.vocab_size if self.head == "lm" else 1)
 
 
 def llama_bench_config(**overrides) -> ModelConfig:
