@@ -140,6 +140,13 @@ def decode_phases(max_new_tokens: int, cache_bytes: int | None = None) -> list[i
   return [max_new_tokens * (i + 1) // phases for i in range(phases)]
 
 
+def _repeat_rows(cache: KVCache, samples: int) -> KVCache:
+  """Each row of a (prefilled) per-layer cache repeated `samples` times, copies contiguous."""
+  rep = lambda a: jnp.repeat(a, samples, axis=0)
+  return _constrain_cache(cache._replace(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)),
+                                         segment_ids=rep(cache.segment_ids)))
+
+
 def _grow_cache(cache: KVCache, slots: int) -> KVCache:
   """The per-layer cache with empty slots appended up to `slots` (one copy per phase)."""
   grow = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, slots - a.shape[2]), (0, 0)))
@@ -150,13 +157,18 @@ def _grow_cache(cache: KVCache, slots: int) -> KVCache:
 
 def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: Array, rng: Array,
             temperature: Array, eos_ids: Array, pad_id: Array, *, max_new_tokens: int, top_k: int,
-            top_p: float) -> GenerateOutput:
+            top_p: float, samples: int = 1) -> GenerateOutput:
   """The traced body shared by `generate` and `Sampler`: prefill, then a while-loop decode.
 
   prompt_tokens, prompt_mask: [B, P] left-padded; temperature, pad_id: scalars; eos_ids: [E] int32.
   The KV cache ends up with P + N - 1 slots, grown in phases (`decode_phases`).
+  samples: K draws per prompt. The B prompts are prefilled once and their cache rows repeated, so
+  the decode runs B x K rows, prompt b's samples at rows b K .. b K + K - 1: the same samples as
+  prompts repeated K times before the call (row r's draws depend on (rng, r) only), for 1 / K
+  of the prefill.
   """
-  batch, prompt_len = prompt_tokens.shape
+  prompts, prompt_len = prompt_tokens.shape
+  batch = prompts * samples
   n = max_new_tokens
   prompt_tokens = sharding.constrain(prompt_tokens.astype(jnp.int32), ("batch", "length"))
   prompt_mask = sharding.constrain(prompt_mask.astype(bool), ("batch", "length"))
@@ -177,12 +189,16 @@ def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: A
   cache_bytes = (2 * cfg.num_layers * batch * cfg.kv_heads * (prompt_len - 1 + n)
                  * cfg.dim_per_head * jnp.dtype(cfg.dtype).itemsize)
   ends = decode_phases(n, cache_bytes)
-  cache = _constrain_cache(init_cache(cfg, batch, prompt_len - 1 + ends[0], per_layer=True))
+  cache = _constrain_cache(init_cache(cfg, prompts, prompt_len - 1 + ends[0], per_layer=True))
   if prompt_len > 1:
     context = prompt_mask[:, :-1]
     _, cache = model.hidden_states(prompt_tokens[:, :-1], positions_from_mask(context),
                                    context.astype(jnp.int32), cache, layers)
+  last_token = prompt_tokens[:, -1]
   last_position = prompt_mask.sum(axis=1).astype(jnp.int32) - 1  # of the last prompt token
+  if samples > 1:
+    cache = _repeat_rows(cache, samples)
+    last_token, last_position = (jnp.repeat(x, samples, axis=0) for x in (last_token, last_position))
 
   def body(state: _LoopState) -> _LoopState:
     positions = jnp.maximum(last_position + state.step, 0)[:, None]
@@ -205,7 +221,7 @@ def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: A
         done=state.done | (live & jnp.isin(token, eos_ids)))
 
   state = _LoopState(
-      step=jnp.zeros((), jnp.int32), last=prompt_tokens[:, -1], cache=cache,
+      step=jnp.zeros((), jnp.int32), last=last_token, cache=cache,
       tokens=jnp.full((batch, n), pad_id, jnp.int32),
       logprobs=jnp.zeros((batch, n), jnp.float32),
       lengths=jnp.zeros((batch,), jnp.int32),
@@ -226,10 +242,12 @@ def _eos_array(eos_id: int | Sequence[int]) -> np.ndarray:
 
 
 def _check_inputs(prompt_tokens, prompt_mask, *, max_new_tokens: int, top_k: int, top_p: float,
-                  temperature, cfg: ModelConfig | None) -> None:
+                  temperature, cfg: ModelConfig | None, samples: int = 1) -> None:
   """User-facing errors; array checks only run on concrete (host or device) values."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  if not isinstance(samples, (int, np.integer)) or samples < 1:
+    raise ValueError(f"samples={samples!r} must be an int >= 1 (samples per prompt)")
   if top_k < 0 or (cfg is not None and top_k > cfg.vocab_size):
     raise ValueError(f"top_k={top_k} must be in [0, vocab_size] (0 = off)")
   if not 0.0 < top_p <= 1.0:
@@ -255,34 +273,37 @@ def _check_inputs(prompt_tokens, prompt_mask, *, max_new_tokens: int, top_k: int
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "top_p",
-                                             "mesh"))
+                                             "mesh", "samples"))
 def _generate_jit(graphdef, params, prompt_tokens, prompt_mask, rng, temperature, eos_ids, pad_id,
-                  *, max_new_tokens, top_k, top_p, mesh):
+                  *, max_new_tokens, top_k, top_p, mesh, samples):
   with sharding.activation_sharding(mesh):
     return _decode(graphdef, params, prompt_tokens, prompt_mask, rng, temperature, eos_ids, pad_id,
-                   max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p)
+                   max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, samples=samples)
 
 
 def generate(graphdef: nnx.GraphDef, params, prompt_tokens, prompt_mask, rng: Array, *,
              max_new_tokens: int, temperature=1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | Sequence[int], pad_id: int = 0, mesh: Mesh | None = None
-             ) -> GenerateOutput:
+             eos_id: int | Sequence[int], pad_id: int = 0, mesh: Mesh | None = None,
+             samples: int = 1) -> GenerateOutput:
   """Samples up to `max_new_tokens` tokens after each left-padded prompt.
 
   prompt_tokens: [B, P] int32; prompt_mask: [B, P] bool, True on real tokens, padding on the left
   (see `prompt_batch`); a row with no real token generates nothing. rng: a PRNG key.
   temperature: 0 = greedy. eos_id: one id or a sequence (EOS is part of the response).
   Traced, so changing them does not recompile: temperature, eos_id values, pad_id. Static:
-  max_new_tokens, top_k (0 = off), top_p (1.0 = off), the number of EOS ids, mesh.
+  max_new_tokens, top_k (0 = off), top_p (1.0 = off), the number of EOS ids, mesh, samples.
+  samples: K samples of each prompt, returned as rows b K .. b K + K - 1 ([B K, N] outputs): the
+  draws of the prompts repeated K times, each prompt prefilled once.
   mesh: when given, activations are constrained to it and prompts sharded over its batch axes;
   params should already be placed (e.g. with `sharding.param_shardings`). Compiles once per
   prompt shape; `Sampler` buckets shapes.
   """
   _check_inputs(prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens, top_k=top_k,
-                top_p=top_p, temperature=temperature, cfg=nnx.merge(graphdef, params).cfg)
+                top_p=top_p, temperature=temperature, cfg=nnx.merge(graphdef, params).cfg,
+                samples=samples)
   return _generate_jit(graphdef, params, prompt_tokens, prompt_mask, rng, temperature,
                        _eos_array(eos_id), pad_id, max_new_tokens=max_new_tokens, top_k=top_k,
-                       top_p=float(top_p), mesh=mesh)
+                       top_p=float(top_p), mesh=mesh, samples=samples)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -339,14 +360,15 @@ class Sampler:
     self._used.add(key)
     if key in _COMPILED:
       return _COMPILED[key]
-    max_new_tokens, top_k, top_p = static
+    max_new_tokens, top_k, top_p, samples = static
     graphdef, mesh, rules = self.graphdef, self.mesh, self.rules  # no reference to `self`
 
     def run(params, prompt_tokens, prompt_mask, rng, temperature, eos_ids, pad_id):
       _TRACES[key] += 1  # runs at trace time only: counts compilations
       with sharding.activation_sharding(mesh, rules):
         return _decode(graphdef, params, prompt_tokens, prompt_mask, rng, temperature,
-                       eos_ids, pad_id, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p)
+                       eos_ids, pad_id, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p,
+                       samples=samples)
 
     if mesh is None:
       fn = jax.jit(run)
@@ -361,12 +383,13 @@ class Sampler:
 
   def __call__(self, params, prompt_tokens, prompt_mask, rng: Array, *, max_new_tokens: int,
                temperature=1.0, top_k: int = 0, top_p: float = 1.0,
-               eos_id: int | Sequence[int], pad_id: int = 0) -> GenerateOutput:
-    """Same contract as `generate`; prompts are host arrays [B, P]. Returns [B, N] outputs."""
+               eos_id: int | Sequence[int], pad_id: int = 0, samples: int = 1) -> GenerateOutput:
+    """Same contract as `generate`; prompts are host arrays [B, P]. Returns [B x samples, N]
+    outputs (prompt b's samples at rows b x samples ...: each prompt prefilled once)."""
     prompt_tokens = np.asarray(prompt_tokens, np.int32)
     prompt_mask = np.asarray(prompt_mask, bool)
     _check_inputs(prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens, top_k=top_k,
-                  top_p=top_p, temperature=temperature, cfg=self.config)
+                  top_p=top_p, temperature=temperature, cfg=self.config, samples=samples)
     batch, prompt_len = prompt_tokens.shape
     b_bucket, p_bucket = self.buckets(batch, prompt_len)
     pad = ((0, b_bucket - batch), (p_bucket - prompt_len, 0))  # dummy rows below, padding left
@@ -377,10 +400,10 @@ class Sampler:
       placed = sharding.put_batch({"tokens": tokens, "mask": mask}, self.mesh, self.rules)
       tokens, mask = placed["tokens"], placed["mask"]
       params = jax.device_put(params, self.param_shardings)  # no-op when already placed
-    fn = self._function((max_new_tokens, top_k, float(top_p)))
+    fn = self._function((max_new_tokens, top_k, float(top_p), int(samples)))
     out = fn(params, tokens, mask, rng, temperature, _eos_array(eos_id), np.int32(pad_id))
-    if b_bucket != batch:
-      out = GenerateOutput(*(x[:batch] for x in out))
+    if b_bucket != batch:  # the dummy prompts' samples are the last rows
+      out = GenerateOutput(*(x[:batch * samples] for x in out))
     return out
 
 

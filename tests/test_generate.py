@@ -228,6 +228,38 @@ def test_sharded_params_give_the_same_tokens():
   np.testing.assert_array_equal(got.tokens, want.tokens)
 
 
+def test_samples_per_prompt_equal_repeated_prompts():
+  """samples=K prefills each prompt once and repeats its cache rows: the draws are those of the
+  prompts repeated K times (row r's randomness depends on r only), on one device, through the
+  Sampler's buckets (3 prompts -> 4, a dummy prompt's K rows dropped) and on a (2, 2, 2) mesh."""
+  graphdef, params = _model(LLAMA)
+  k, prompts = 3, PROMPTS[:3]
+  repeated = [p for p in prompts for _ in range(k)]
+  mesh = sharding.make_mesh((2, 2, 2))
+  _, abstract, axes = abstract_model(LLAMA)
+  shardings = sharding.param_shardings(abstract, axes, mesh)
+  for temperature in (1.0, 0.7):
+    rng = jax.random.key(7)
+    want = _generate(LLAMA, repeated, rng=rng, temperature=temperature, eos_id=3)
+    assert 0 < int(want.lengths.min()) < N  # EOS ends some rows early, others run to N
+    assert len({tuple(t) for t in np.asarray(want.tokens)}) > len(prompts)  # the K draws differ
+    got = {"generate": _generate(LLAMA, prompts, rng=rng, temperature=temperature, eos_id=3,
+                                 samples=k),
+           "sampler": Sampler(graphdef, LLAMA)(params, *prompt_batch(prompts), rng,
+                                               max_new_tokens=N, temperature=temperature,
+                                               eos_id=3, samples=k),
+           "mesh": Sampler(graphdef, LLAMA, mesh=mesh, param_shardings=shardings)(
+               jax.device_put(params, shardings), *prompt_batch(prompts), rng,
+               max_new_tokens=N, temperature=temperature, eos_id=3, samples=k)}
+    for name, out in got.items():
+      assert out.tokens.shape == (len(repeated), N), name
+      np.testing.assert_array_equal(out.tokens, want.tokens, err_msg=name)
+      np.testing.assert_array_equal(out.mask, want.mask, err_msg=name)
+      np.testing.assert_allclose(out.logprobs, want.logprobs, atol=1e-5, err_msg=name)
+  with pytest.raises(ValueError, match="samples=0"):
+    _generate(LLAMA, prompts, samples=0)
+
+
 _sample = jax.jit(sample_token, static_argnames=("top_k", "top_p"))
 
 

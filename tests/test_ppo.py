@@ -683,9 +683,10 @@ def test_best_of_k_reports_each_samples_mean_logprob(tokenizer, tasks):
   logprobs = jnp.array([[-1.0, -2.0, -3.0, 0.0], [-0.5, -0.5, 0.0, 0.0], [-4.0, 0.0, 0.0, 0.0]])
   lengths = jnp.array([3, 2, 1])
 
-  def sampler(params, tokens, mask, rng, *, max_new_tokens, temperature, eos_id, pad_id):
+  def sampler(params, tokens, mask, rng, *, max_new_tokens, temperature, eos_id, pad_id, samples):
     del params, mask, rng, max_new_tokens, temperature, pad_id
-    rows = tokens.shape[0]
+    assert samples == 3  # each prompt once, sampled K times
+    rows = tokens.shape[0] * samples
     valid = jnp.arange(4)[None] < jnp.tile(lengths, rows // 3)[:, None]
     return generate.GenerateOutput(jnp.where(valid, eos_id, 0).astype(jnp.int32),
                                    jnp.tile(logprobs, (rows // 3, 1)), valid,

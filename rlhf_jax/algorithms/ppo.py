@@ -211,11 +211,12 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
   def iteration(state, reference, reward_params, prompt_tokens, prompt_mask, unsafe, rng, beta,
                 text_reward=None):
     k = cfg.samples_per_prompt
-    prompt_tokens, prompt_mask, unsafe = (jnp.repeat(jnp.asarray(x), k, axis=0)
-                                          for x in (prompt_tokens, prompt_mask, unsafe))
+    # K samples of each prompt, the prompt prefilled once; rows b K .. b K + K - 1 are prompt b's.
     out = sampler(state.params["policy"], prompt_tokens, prompt_mask, rng,
                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                  eos_id=eos_id, pad_id=pad_id)
+                  eos_id=eos_id, pad_id=pad_id, samples=k)
+    prompt_tokens, prompt_mask, unsafe = (jnp.repeat(jnp.asarray(x), k, axis=0)
+                                          for x in (prompt_tokens, prompt_mask, unsafe))
     tokens, segment_ids, positions, response_mask = generate.full_sequence(prompt_tokens,
                                                                            prompt_mask, out)
     batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,

@@ -50,10 +50,11 @@ def best_of_k(policy_params, sampler, rms: dict, spec, tokenizer, prompts: list[
   for start in range(0, len(prompts), batch_prompts):
     chunk = prompts[start:start + batch_prompts]
     repeated = [r for r in chunk for _ in range(k)]
-    tokens, mask = ppo_rollout.encode_prompts(tokenizer, repeated, max_prompt_len)
+    tokens, mask = ppo_rollout.encode_prompts(tokenizer, chunk, max_prompt_len)
     gen = sampler(policy_params, tokens, mask, jax.random.fold_in(rng, start),
                   max_new_tokens=max_new_tokens, temperature=temperature,
-                  eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+                  eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, samples=k)
+    tokens, mask = np.repeat(tokens, k, axis=0), np.repeat(mask, k, axis=0)  # a row per sample
     seq, segment_ids, positions, _ = generate.full_sequence(tokens, mask, gen)
     scores = score({name: rm.params for name, rm in rms.items()},
                    {"tokens": seq, "segment_ids": segment_ids, "positions": positions})
