@@ -15,8 +15,12 @@ On a machine with fewer devices than `--devices` (this CPU), the planner runs on
   activations   the compiled train step's temporaries (XLA's `memory_analysis().temp_size_in_bytes`:
                 activations kept for the backward pass, gradients, workspace) for one [B, T]
                 micro-batch (B = batch / accum_steps), with the model's remat policy; DPO's step
-                on rows of ~256-token pairs whose responses are half the tokens, the LM head on
-                those only (the trainer's logit lists); SFT and PPO with every slot's logits
+                on rows of ~256-token pairs; PPO's and GRPO's own update (one epoch, one
+                mini-batch; PPO with its value model), the sampling and scoring passes being
+                smaller. The LM head runs where the trainers run it: on the `--response_share`
+                of a row's slots that are responses (DPO, PPO, GRPO; default 0.5) or SFT targets
+                (default 1.0: every slot, pretraining text; instruction data, whose prompts are
+                no targets, lists its targets: give their share)
   total         their sum; `fits` compares it with `--chip`'s memory (minus `--reserve` for the
                 runtime and fragmentation)
 
@@ -55,9 +59,11 @@ from absl import app, flags  # noqa: E402
 
 from rlhf_jax import sharding  # noqa: E402
 from rlhf_jax.algorithms.dpo import make_dpo_loss_fn  # noqa: E402
+from rlhf_jax.algorithms.ppo import make_ppo_loss_fn, make_ppo_update  # noqa: E402
 from rlhf_jax.algorithms.reward import make_reward_loss_fn  # noqa: E402
 from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn  # noqa: E402
 from rlhf_jax.configs import base_config  # noqa: E402
+from rlhf_jax.data.sft import budget_from_share  # noqa: E402
 from rlhf_jax.losses.reward import margin_table  # noqa: E402
 from rlhf_jax.models import ModelConfig, abstract_model  # noqa: E402
 from rlhf_jax.models.config import PRESETS  # noqa: E402
@@ -67,13 +73,15 @@ from rlhf_jax.train.state import TrainState  # noqa: E402
 # Memory per chip in GB (1e9 bytes), as the vendors state it.
 CHIPS = {"h100": 80e9, "h200": 141e9, "a100-40": 40e9, "a100": 80e9, "l4": 24e9,
          "tpu-v4": 32e9, "tpu-v5e": 16e9, "tpu-v5p": 95e9, "tpu-v6e": 32e9}
-ALGORITHMS = ("sft", "reward", "dpo", "ppo")
+ALGORITHMS = ("sft", "reward", "dpo", "ppo", "grpo")
+# The share of a row's slots that are responses (DPO, PPO, GRPO) or targets (SFT) by default.
+DEFAULT_RESPONSE_SHARE = {"sft": 1.0, "reward": 1.0, "dpo": 0.5, "ppo": 0.5, "grpo": 0.5}
 
 def _define_flags() -> None:
   """The CLI's flags, defined only when run as a program (the bench defines some of the same
   names; importing both into one process must not clash)."""
   global _CONFIG, _MODEL, _DEVICES, _MESH, _ALGORITHM, _BATCH, _SEQ, _ACCUM, _DTYPE, _PARAM_DTYPE
-  global _REMAT, _FROZEN_DTYPE, _NO_REFERENCE, _CHIP, _RESERVE
+  global _REMAT, _FROZEN_DTYPE, _NO_REFERENCE, _CHIP, _RESERVE, _RESPONSE_SHARE
   _CONFIG = flags.DEFINE_string("config", "", "An experiment file: its model, train.batch_size, seq_len, "
                                 "accum_steps, mesh and algorithm (flags below override them).")
   _MODEL = flags.DEFINE_string("model", "", f"A model preset: {sorted(PRESETS)}.")
@@ -92,6 +100,9 @@ def _define_flags() -> None:
   _NO_REFERENCE = flags.DEFINE_bool("no_reference", False, "DPO with precomputed reference log-probs.")
   _CHIP = flags.DEFINE_enum("chip", "h100", sorted(CHIPS), "The chip whose memory the plan must fit.")
   _RESERVE = flags.DEFINE_float("reserve", 0.1, "Fraction of the chip's memory kept free.")
+  _RESPONSE_SHARE = flags.DEFINE_float("response_share", None, "Share of a row's slots that are "
+                                       "responses (DPO, PPO, GRPO: default 0.5) or SFT targets "
+                                       "(default 1.0): where the LM head runs.")
 
 
 def shard_bytes(abstract, shardings) -> int:
@@ -104,11 +115,16 @@ def shard_bytes(abstract, shardings) -> int:
 
 
 def plan(cfg: ModelConfig, mesh, *, algorithm: str, batch: int, seq_len: int, accum_steps: int = 1,
-         frozen_dtype: str = "bfloat16", reference: bool = True) -> dict:
+         frozen_dtype: str = "bfloat16", reference: bool = True,
+         response_share: float | None = None) -> dict:
   """Per-device bytes of a `algorithm` run of `cfg` on `mesh` with [batch, seq_len] steps (see the
-  module doc). Compiles, never allocates."""
+  module doc). Compiles, never allocates. response_share: the share of a row's slots that are
+  responses or SFT targets (None: `DEFAULT_RESPONSE_SHARE`); the LM head runs on those."""
   if algorithm not in ALGORITHMS:
     raise ValueError(f"algorithm={algorithm!r}: choose one of {ALGORITHMS}")
+  share = DEFAULT_RESPONSE_SHARE[algorithm] if response_share is None else response_share
+  if not 0.0 < share <= 1.0:
+    raise ValueError(f"response_share={share} must be in (0, 1]")
   if batch % accum_steps:
     raise ValueError(f"batch={batch} is not divisible by accum_steps={accum_steps}")
   sharding.check_batch_size(batch // accum_steps, mesh)
@@ -123,23 +139,34 @@ def plan(cfg: ModelConfig, mesh, *, algorithm: str, batch: int, seq_len: int, ac
   params_b = shard_bytes(abstract, psh)
   opt_b = shard_bytes(abstract_opt, shardings.opt_state)
 
-  # Frozen models: same architecture (a scalar head for reward models), held in frozen_dtype.
-  frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(frozen_dtype)), abstract)
-  one_frozen = shard_bytes(frozen, psh)
-  n_frozen = {"sft": 0, "reward": 0, "dpo": int(reference), "ppo": 2}[algorithm]
-  if algorithm == "ppo":  # + the value model, trained: its params and moments
-    params_b, opt_b = 2 * params_b, 2 * opt_b
-
+  # Frozen models, held in frozen_dtype: DPO's reference; PPO's and GRPO's reference (the
+  # policy's architecture) and reward model (the same trunk, a scalar head).
+  as_frozen = lambda tree: jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(frozen_dtype)), tree)
+  one_frozen = shard_bytes(as_frozen(abstract), psh)
+  n_frozen = {"sft": 0, "reward": 0, "dpo": int(reference), "ppo": 2, "grpo": 2}[algorithm]
+  frozen_b = n_frozen * one_frozen
+  if algorithm in ("ppo", "grpo"):
+    _, rm_abstract, rm_axes = abstract_model(dataclasses.replace(cfg, head="scalar"))
+    frozen_b = one_frozen + shard_bytes(as_frozen(rm_abstract),
+                                        sharding.param_shardings(rm_abstract, rm_axes, mesh))
   b, t = batch, seq_len
+  ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  floats = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  listed = budget_from_share(share, t)  # the trainers' logit lists (data/sft.py, preference.py)
+  if algorithm in ("ppo", "grpo"):
+    temp, params_b, opt_b = _rl_update_temp(cfg, mesh, algorithm, b, t, accum_steps, share,
+                                            graphdef, abstract, psh, optimizer)
+    return _record(cfg, mesh, algorithm, batch, seq_len, accum_steps, share, params_b, opt_b,
+                   n_frozen, frozen_b, temp)
   if algorithm == "dpo":
-    # Rows of whole pairs (about 256 tokens a pair), the responses half of the tokens: the batch
-    # lists them (data/preference.py `logit_budget`), so the LM head runs on t/2 slots a row.
-    pairs, listed = max(1, t // 256), -(-t // 16) * 8
-    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    # Rows of whole pairs (about 256 tokens a pair), the responses `share` of the tokens: the
+    # batch lists them (data/preference.py `logit_budget`), the LM head runs on those slots.
+    pairs = max(1, t // 256)
     host = dict(tokens=ints(b, t), segment_ids=ints(b, t), positions=ints(b, t),
                 score_index=ints(b, pairs, 2), response_start=ints(b, pairs, 2),
                 valid=jax.ShapeDtypeStruct((b, pairs, 2), jnp.bool_),
-                ref_logps=jax.ShapeDtypeStruct((b, pairs, 2), jnp.float32),
+                ref_logps=floats(b, pairs, 2),
                 logit_index=ints(b, listed), logit_target=ints(b, listed),
                 logit_end=ints(b, pairs, 2))
     loss_fn = make_dpo_loss_fn(graphdef, base_config().dpo)
@@ -159,21 +186,64 @@ def plan(cfg: ModelConfig, mesh, *, algorithm: str, batch: int, seq_len: int, ac
                 loss_mask=jax.ShapeDtypeStruct((b, t), jnp.bool_),
                 segment_ids=jax.ShapeDtypeStruct((b, t), jnp.int32),
                 positions=jax.ShapeDtypeStruct((b, t), jnp.int32))
+    if listed < t:  # targets listed for the LM head, as the SFT trainer's batches do
+      host.update(logit_index=ints(b, listed), logit_target=ints(b, listed),
+                  logit_mask=jax.ShapeDtypeStruct((b, listed), jnp.bool_))
     loss_fn = make_sft_loss_fn(graphdef)
   step = make_train_step(loss_fn, optimizer, mesh=mesh, state_shardings=shardings,
                          accum_steps=accum_steps)
   state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract,
                      opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-  compiled = step.lower(state, host).compile()
-  stats = compiled.memory_analysis()
-  temp = int(getattr(stats, "temp_size_in_bytes", 0)) if stats is not None else 0
-  frozen_b = n_frozen * one_frozen
-  total = params_b + opt_b + frozen_b + temp
+  temp = _temp_bytes(step.lower(state, host))
+  return _record(cfg, mesh, algorithm, batch, seq_len, accum_steps, share, params_b, opt_b,
+                 n_frozen, frozen_b, temp)
+
+
+def _temp_bytes(lowered) -> int:
+  stats = lowered.compile().memory_analysis()
+  return int(getattr(stats, "temp_size_in_bytes", 0)) if stats is not None else 0
+
+
+def _rl_update_temp(cfg: ModelConfig, mesh, algorithm: str, b: int, t: int, accum_steps: int,
+                    share: float, graphdef, abstract, psh, optimizer) -> tuple[int, int, int]:
+  """(temporaries, params bytes, optimizer bytes) per device of PPO's / GRPO's update
+  (`ppo.make_ppo_update`: one epoch of one mini-batch of b rollout rows of t slots, the last
+  share x t the responses); PPO trains a separate value model (scalar head) beside the policy."""
+  critic = algorithm == "ppo"
+  response_len = min(t - 1, max(1, round(share * t)))
+  params, shardings_in, value_graphdef = {"policy": abstract}, {"policy": psh}, None
+  if critic:
+    value_graphdef, params["value"], axes = abstract_model(dataclasses.replace(cfg, head="scalar"))
+    shardings_in["value"] = sharding.param_shardings(params["value"], axes, mesh)
+  ppo_cfg = base_config().ppo
+  ppo_cfg.update(epochs=1, minibatches=1, accum_steps=accum_steps)
+  estimator = "gae" if critic else "grpo"
+  loss_fn = make_ppo_loss_fn(graphdef, value_graphdef, ppo_cfg, estimator=estimator,
+                             response_len=response_len)
+  shardings = state_shardings(optimizer, shardings_in, params, mesh)
+  update = make_ppo_update(loss_fn, optimizer, mesh=mesh, shardings=shardings, cfg=ppo_cfg)
+  ints = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  floats = jax.ShapeDtypeStruct((b, t), jnp.float32)
+  rollout = dict(tokens=ints, segment_ids=ints, positions=ints, advantages=floats,
+                 response_mask=jax.ShapeDtypeStruct((b, t), jnp.bool_))
+  if critic:
+    rollout.update(old_logp=floats, old_values=floats, returns=floats)
+  else:  # one update per rollout: the loss holds the policy's own log-probs as the old ones
+    rollout["ref_logp"] = floats
+  abstract_opt = jax.eval_shape(optimizer.init, params)
+  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                     opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return (_temp_bytes(update.lower(state, rollout)), shard_bytes(params, shardings.params),
+          shard_bytes(abstract_opt, shardings.opt_state))
+
+
+def _record(cfg, mesh, algorithm, batch, seq_len, accum_steps, share, params_b, opt_b, n_frozen,
+            frozen_b, temp) -> dict:
   return {"algorithm": algorithm, "devices": mesh.size, "mesh": dict(mesh.shape),
-          "batch": batch, "seq_len": seq_len, "accum_steps": accum_steps,
+          "batch": batch, "seq_len": seq_len, "accum_steps": accum_steps, "response_share": share,
           "params_per_device": params_b, "optimizer_per_device": opt_b,
           "frozen_per_device": frozen_b, "frozen_models": n_frozen,
-          "activations_per_device": temp, "total_per_device": total,
+          "activations_per_device": temp, "total_per_device": params_b + opt_b + frozen_b + temp,
           "model_params": cfg.num_params(), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
           "remat": cfg.remat, "compiled_on": jax.default_backend()}
 
@@ -193,7 +263,8 @@ def format_plan(record: dict) -> str:
   mesh = ", ".join(f"{k}={v}" for k, v in record["mesh"].items())
   lines = [f"{record['algorithm']} of a {record['model_params'] / 1e9:.2f}B-parameter model on "
            f"{record['devices']} devices ({mesh}), batch {record['batch']} x {record['seq_len']} "
-           f"tokens, {record['accum_steps']} micro-batch(es), remat {record['remat']}; per device:",
+           f"tokens, {record['accum_steps']} micro-batch(es), remat {record['remat']}, LM head on "
+           f"{record['response_share']:.0%} of the slots; per device:",
            f"  params       {_gb(record['params_per_device'])}  ({record['param_dtype']})",
            f"  optimizer    {_gb(record['optimizer_per_device'])}  (AdamW moments)",
            f"  frozen       {_gb(record['frozen_per_device'])}  ({record['frozen_models']} model(s))",
@@ -231,7 +302,8 @@ def _settings() -> tuple[ModelConfig, tuple, str, int, int, int]:
                            "time); pass --model or a config with the vocabulary size set")
     model = None if _MODEL.value else ModelConfig(**model_fields)
     mesh_shape = tuple(c.mesh.shape)
-    algorithm = {"reward": "reward", "dpo": "dpo", "ppo": "ppo", "grpo": "ppo"}.get(c.algorithm, "sft")
+    algorithm = {"reward": "reward", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo",
+                 "rloo": "grpo"}.get(c.algorithm, "sft")
     batch, seq_len, accum = c.train.batch_size, c.train.seq_len, c.train.get("accum_steps", 1)
   if _MODEL.value:
     if _MODEL.value not in PRESETS:
@@ -259,7 +331,8 @@ def main(argv):
     devices = devices[:_DEVICES.value]
   mesh = sharding.make_mesh(mesh_shape, devices)
   record = plan(model, mesh, algorithm=algorithm, batch=batch, seq_len=seq_len, accum_steps=accum,
-                frozen_dtype=_FROZEN_DTYPE.value, reference=not _NO_REFERENCE.value)
+                frozen_dtype=_FROZEN_DTYPE.value, reference=not _NO_REFERENCE.value,
+                response_share=_RESPONSE_SHARE.value)
   record.update(verdict(record, _CHIP.value, _RESERVE.value))
   print(format_plan(record))
   print(json.dumps({k: (v if not isinstance(v, np.generic) else v.item()) for k, v in record.items()}))

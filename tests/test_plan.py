@@ -46,7 +46,7 @@ def test_params_and_optimizer_bytes_equal_a_real_train_state(tiny):
   assert record["params_per_device"] < tiny.num_params() * 4 / 4  # < a quarter of the fp32 model
 
 
-@pytest.mark.slow  # five compiles (~50 s): keeps the fast set under 5 minutes
+@pytest.mark.slow  # six compiles (~60 s): keeps the fast set under 5 minutes
 def test_algorithms_count_the_models_they_hold(tiny):
   mesh = sharding.make_mesh((1, 8, 1))
   kw = dict(batch=8, seq_len=32)
@@ -55,19 +55,28 @@ def test_algorithms_count_the_models_they_hold(tiny):
   dpo_pre = plan_lib.plan(tiny, mesh, algorithm="dpo", reference=False, **kw)
   dpo_f32 = plan_lib.plan(tiny, mesh, algorithm="dpo", frozen_dtype="float32", **kw)
   ppo = plan_lib.plan(tiny, mesh, algorithm="ppo", **kw)
+  grpo = plan_lib.plan(tiny, mesh, algorithm="grpo", **kw)
   assert sft["frozen_per_device"] == dpo_pre["frozen_per_device"] == 0
   # The reference in bf16 is half the fp32 policy; in fp32 the same size.
   assert dpo["frozen_per_device"] * 2 == dpo_f32["frozen_per_device"] == sft["params_per_device"]
-  # PPO: policy + value model trained, reference + reward model frozen.
-  assert ppo["params_per_device"] == 2 * sft["params_per_device"]
-  assert ppo["optimizer_per_device"] == 2 * sft["optimizer_per_device"]
-  assert ppo["frozen_models"] == 2 and ppo["frozen_per_device"] == 2 * dpo["frozen_per_device"]
-  for r in (sft, dpo, ppo):
+  # PPO: policy + value model trained, reference + reward model frozen; the value and reward
+  # models are the policy's trunk with a scalar head (no LM head's vocab x embed weights).
+  _, scalar, axes = abstract_model(tiny.replace(head="scalar"))
+  value = plan_lib.shard_bytes(scalar, sharding.param_shardings(scalar, axes, mesh))
+  assert value < sft["params_per_device"]
+  assert ppo["params_per_device"] == sft["params_per_device"] + value
+  assert ppo["frozen_models"] == 2
+  assert ppo["frozen_per_device"] == dpo["frozen_per_device"] + value // 2  # bf16
+  # GRPO: the policy alone is trained; reference and reward model frozen, as PPO.
+  assert grpo["params_per_device"] == sft["params_per_device"]
+  assert grpo["optimizer_per_device"] == sft["optimizer_per_device"]
+  assert grpo["frozen_per_device"] == ppo["frozen_per_device"]
+  for r in (sft, dpo, ppo, grpo):
     assert r["total_per_device"] == (r["params_per_device"] + r["optimizer_per_device"]
                                      + r["frozen_per_device"] + r["activations_per_device"])
 
 
-@pytest.mark.slow  # seven compiles (~80 s)
+@pytest.mark.slow  # ten compiles (~110 s)
 def test_activations_grow_with_batch_and_shrink_with_remat(tiny):
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   deep = tiny.replace(num_layers=4)
@@ -86,6 +95,14 @@ def test_activations_grow_with_batch_and_shrink_with_remat(tiny):
   sft = plan_lib.plan(wide, mesh, algorithm="sft", batch=2, seq_len=512)
   dpo = plan_lib.plan(wide, mesh, algorithm="dpo", batch=2, seq_len=512)
   assert 0 < dpo["activations_per_device"] < 0.9 * sft["activations_per_device"]
+  # SFT on instruction data lists its targets (a quarter of the slots here), as the trainer does.
+  sft_listed = plan_lib.plan(wide, mesh, algorithm="sft", batch=2, seq_len=512,
+                             response_share=0.25)
+  assert 0 < sft_listed["activations_per_device"] < 0.9 * sft["activations_per_device"]
+  # GRPO's update runs the head on the responses only: fewer temporaries with shorter responses.
+  grpo = [plan_lib.plan(wide, mesh, algorithm="grpo", batch=2, seq_len=512, response_share=share)
+          for share in (0.25, 1.0)]
+  assert 0 < grpo[0]["activations_per_device"] < 0.8 * grpo[1]["activations_per_device"]
 
 
 def test_bad_plans_name_what_to_change(tiny):
@@ -96,6 +113,8 @@ def test_bad_plans_name_what_to_change(tiny):
     plan_lib.plan(tiny, mesh, algorithm="sft", batch=4, seq_len=32)  # 4 rows over 8 batch shards
   with pytest.raises(ValueError, match="algorithm"):
     plan_lib.plan(tiny, mesh, algorithm="rlhf", batch=8, seq_len=32)
+  with pytest.raises(ValueError, match="response_share=1.5"):
+    plan_lib.plan(tiny, mesh, algorithm="sft", batch=8, seq_len=32, response_share=1.5)
 
 
 def test_verdict_against_chip_memory():
