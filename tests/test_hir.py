@@ -194,6 +194,36 @@ def test_hir_batches_hold_one_response_under_each_instruction(words_tokenizer):
   assert not batch["loss_mask"][1, 1:].any() and not batch["segment_ids"][1, 1:].any()
 
 
+def test_hir_loss_on_listed_response_tokens_equals_the_full_head(words_tokenizer):
+  """With the response tokens listed (hir_batch's logit_budget, as the driver batches) the LM head
+  runs on those slots only: the loss, its metrics and its gradients equal the full head's."""
+  records = [{"prompt": "Repeat: cat dog", "completion": "cat dog",
+              "negatives": ["Repeat: sun", "Repeat: owl hat", "Repeat: moon"]},
+             {"prompt": "Repeat: sun", "completion": "sun", "negatives": []}]
+  examples, _ = hir.tokenize_records(records, words_tokenizer, seq_len=40, negatives=2)
+  budget = hir.logit_budget_for([s for e in examples for s in e.sequences], 40)
+  assert budget < 40
+  plain = hir.hir_batch(examples, 40, slots=3)
+  listed = hir.hir_batch(examples, 40, slots=3, logit_budget=budget)
+  assert listed["logit_index"].shape == (2, 3, budget)
+  for key in plain:
+    np.testing.assert_array_equal(listed[key], plain[key])
+  # The listed targets are the loss-masked tokens, each predicted from the slot before it.
+  np.testing.assert_array_equal(listed["logit_mask"].sum(-1), plain["loss_mask"].sum(-1))
+  cfg = ModelConfig(**{**TINY, "vocab_size": len(words_tokenizer)})
+  graphdef, params = split_model(create_model(cfg, 0))
+  loss_fn = hir.make_hir_loss_fn(graphdef, ml_collections.ConfigDict(
+      dict(contrastive_coef=1.0, entropy_coef=0.1)))
+  grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None), has_aux=True))
+  (want, want_metrics), want_grads = grad(params, plain)
+  (got, got_metrics), got_grads = grad(params, listed)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for key in want_metrics:
+    np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               got_grads, want_grads)
+
+
 # --- driver ---------------------------------------------------------------------------------------
 
 def hir_config(tmp_path, tokenizer_dir, source, **hir_fields) -> ml_collections.ConfigDict:

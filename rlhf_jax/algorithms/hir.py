@@ -37,6 +37,7 @@ import os
 from typing import NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -44,10 +45,11 @@ from rlhf_jax import checkpoint, data, metrics, sharding
 from rlhf_jax.algorithms import common
 from rlhf_jax.algorithms.ppo import load_prompts
 from rlhf_jax.algorithms.rejection_sampling import best_of_k
+from rlhf_jax.data.sft import logit_budget_for
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.losses.common import shift_for_next_token
 from rlhf_jax.losses.hir import hir_loss
-from rlhf_jax.models import apply
+from rlhf_jax.models import apply, apply_at
 from rlhf_jax.toyworld import annotators
 from rlhf_jax.toyworld import constraints as cons
 from rlhf_jax.toyworld import world as world_lib
@@ -149,41 +151,62 @@ def tokenize_records(records: Sequence[dict], tokenizer, *, seq_len: int,
                     "negatives_dropped": negatives_dropped}
 
 
-def hir_batch(examples: Sequence[HirExample], seq_len: int, slots: int) -> dict[str, np.ndarray]:
+def hir_batch(examples: Sequence[HirExample], seq_len: int, slots: int,
+              logit_budget: int | None = None) -> dict[str, np.ndarray]:
   """[B, slots, seq_len] tokens / loss_mask / segment_ids / positions (each slot one SFT row,
-  data.pad_batch) and valid [B, slots] bool; unused slots are all padding."""
+  data.pad_batch) and valid [B, slots] bool; unused slots are all padding. logit_budget=M: each
+  slot also lists its response tokens for the LM head (logit_index / logit_target / logit_mask
+  [B, slots, M], data/sft.py), M from `data.sft.logit_budget_for` of every sequence."""
   b = len(examples)
+  keys = ["tokens", "loss_mask", "segment_ids", "positions"]
   batch = {"tokens": np.zeros((b, slots, seq_len), np.int32),
            "loss_mask": np.zeros((b, slots, seq_len), np.bool_),
            "segment_ids": np.zeros((b, slots, seq_len), np.int32),
            "positions": np.zeros((b, slots, seq_len), np.int32),
            "valid": np.zeros((b, slots), np.bool_)}
+  if logit_budget is not None:
+    keys += ["logit_index", "logit_target", "logit_mask"]
+    batch.update(logit_index=np.zeros((b, slots, logit_budget), np.int32),
+                 logit_target=np.zeros((b, slots, logit_budget), np.int32),
+                 logit_mask=np.zeros((b, slots, logit_budget), np.bool_))
   for row, example in enumerate(examples):
-    rows = data.pad_batch(example.sequences[:slots], seq_len)
+    rows = data.pad_batch(example.sequences[:slots], seq_len, logit_budget)
     n = len(rows["tokens"])
-    for key in ("tokens", "loss_mask", "segment_ids", "positions"):
+    for key in keys:
       batch[key][row, :n] = rows[key]
     batch["valid"][row, :n] = True
   return batch
 
 
-def hir_batching(seq_len: int, slots: int) -> data.loader.Batching:
-  return data.loader.Batching(pad=lambda examples: hir_batch(examples, seq_len, slots),
-                              pack=None, length=lambda e: max(len(s.tokens) for s in e.sequences))
+def hir_batching(seq_len: int, slots: int, logit_budget: int | None = None
+                 ) -> data.loader.Batching:
+  return data.loader.Batching(
+      pad=lambda examples: hir_batch(examples, seq_len, slots, logit_budget), pack=None,
+      length=lambda e: max(len(s.tokens) for s in e.sequences))
 
 
 def make_hir_loss_fn(graphdef, cfg: ml_collections.ConfigDict):
-  """loss_fn(params, batch, rng) on hir_batch batches: one forward pass over all B x G rows."""
+  """loss_fn(params, batch, rng) on hir_batch batches: one forward pass over all B x G rows; with
+  a response-token list (hir_batch's logit_budget) the LM head runs on the M listed slots only,
+  for the same loss (its sums and means run over the masked tokens either way)."""
   def loss_fn(params, batch, rng):
     del rng
     b, g, t = batch["tokens"].shape
-    flat = lambda x: x.reshape(b * g, t)
+    flat = lambda x: x.reshape((b * g,) + x.shape[2:])
     tokens, segment_ids = flat(batch["tokens"]), flat(batch["segment_ids"])
-    logits, _ = apply(graphdef, params, tokens, flat(batch["positions"]), segment_ids)
-    targets, mask = shift_for_next_token(tokens, flat(batch["loss_mask"]), segment_ids)
-    return hir_loss(logits[:, :-1].reshape(b, g, t - 1, -1), targets.reshape(b, g, t - 1),
-                    mask.reshape(b, g, t - 1), batch["valid"],
-                    contrastive_coef=cfg.contrastive_coef, entropy_coef=cfg.entropy_coef)
+    args = (tokens, flat(batch["positions"]), segment_ids)
+    if "logit_index" in batch:
+      logits = apply_at(graphdef, params, *args, flat(batch["logit_index"]))  # [B G, M, V]
+      targets = jnp.take_along_axis(tokens, flat(batch["logit_target"]), axis=1)
+      mask = flat(batch["logit_mask"])
+    else:
+      logits, _ = apply(graphdef, params, *args)
+      targets, mask = shift_for_next_token(tokens, flat(batch["loss_mask"]), segment_ids)
+      logits = logits[:, :-1]
+    m = targets.shape[1]
+    return hir_loss(logits.reshape(b, g, m, -1), targets.reshape(b, g, m), mask.reshape(b, g, m),
+                    batch["valid"], contrastive_coef=cfg.contrastive_coef,
+                    entropy_coef=cfg.entropy_coef)
   return loss_fn
 
 
@@ -280,9 +303,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model_cfg = common.model_config(round_cfg, vocab_size=len(tokenizer))
     setup = common.setup_training(round_cfg, mesh, model_cfg,
                                   lambda graphdef: make_hir_loss_fn(graphdef, h))
+    # The LM head on the response tokens only (the instructions are no targets).
+    budget = logit_budget_for([s for e in examples for s in e.sequences], t.seq_len)
     batches = data.BatchIterator(examples, batch_size=t.batch_size, seq_len=t.seq_len,
                                  seed=config.seed + r, packing=False,
-                                 batching=hir_batching(t.seq_len, slots))
+                                 batching=hir_batching(t.seq_len, slots,
+                                                       budget if budget < t.seq_len else None))
     state = common.train_loop(round_cfg, round_dir, setup, batches, data_state=batches.state,
                               restore_data=batches.restore, count_tokens=data.num_tokens)
     if int(state.step) < t.steps:  # stopped early (stop_after_steps): the rerun finishes
