@@ -5,6 +5,7 @@ resumes to the same params as an uninterrupted run."""
 
 import dataclasses
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -698,6 +699,31 @@ def test_best_of_k_reports_each_samples_mean_logprob(tokenizer, tasks):
                                      rng=jax.random.key(0))
   for prompt in out:
     np.testing.assert_allclose(prompt["mean_logprob"], [-2.0, -0.5, -4.0])
+
+
+def test_best_of_k_scores_each_prompt_once_and_equals_the_plain_rows(tokenizer, tasks):
+  """best_of_k samples K per prompt with one prefill and scores them with the prompt held once
+  per row (share): each sample's reward-model score equals the plain row's (the same samples,
+  drawn again here, scored without sharing)."""
+  policy_gd, policy = init_params(POLICY_CFG, 0)
+  rm_gd, rm_params = init_params(VALUE_CFG, 1)
+  sampler = generate.Sampler(policy_gd, POLICY_CFG)
+  rm = types.SimpleNamespace(graphdef=rm_gd, params=rm_params)
+  k, prompts, rng = 3, tasks[:2], jax.random.key(5)
+  out = rejection_sampling.best_of_k(policy, sampler, {"helpful": rm}, None, tokenizer, prompts,
+                                     k=k, temperature=1.0, max_new_tokens=8,
+                                     max_prompt_len=MAX_PROMPT_LEN, batch_prompts=2, rng=rng)
+  tokens, mask = ppo_rollout.encode_prompts(tokenizer, [r for r in prompts for _ in range(k)],
+                                            MAX_PROMPT_LEN)
+  gen = sampler(policy, tokens, mask, jax.random.fold_in(rng, 0), max_new_tokens=8,
+                temperature=1.0, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+  assert ppo_rollout.decode_responses(tokenizer, gen) == [t for o in out for t in o["texts"]]
+  assert len(set(out[0]["texts"])) > 1  # K different samples
+  seq, segment_ids, positions, _ = generate.full_sequence(tokens, mask, gen)
+  plain = jax.jit(scoring.last_token_scores, static_argnums=0)(rm_gd, rm_params, seq,
+                                                               segment_ids, positions)
+  np.testing.assert_allclose(np.concatenate([o["scores"]["helpful"] for o in out]),
+                             np.asarray(plain), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow

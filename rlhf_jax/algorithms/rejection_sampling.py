@@ -40,10 +40,15 @@ def best_of_k(policy_params, sampler, rms: dict, spec, tokenizer, prompts: list[
               rng) -> list[dict]:
   """For each prompt, K samples scored by `spec`: [{"record", "texts" [K], "rewards" [K],
   "scores" {model name: [K] raw scores}, "mean_logprob" [K]: the policy's mean per-token log-prob
-  of each sample at `temperature`}] ("rewards" only with a spec)."""
+  of each sample at `temperature`}] ("rewards" only with a spec).
+
+  Each prompt is prefilled once for its K samples (`Sampler(..., samples=K)`), and the reward
+  models run a prompt's K samples as one row with the prompt once (`scoring.last_token_scores`
+  with `share`): the scores of the plain rows (tested), on fewer tokens."""
+  share = (k, max_new_tokens) if k > 1 else None
   score = jax.jit(lambda params, batch: {
       name: scoring.last_token_scores(rm.graphdef, params[name], batch["tokens"],
-                                      batch["segment_ids"], batch["positions"])
+                                      batch["segment_ids"], batch["positions"], share)
       for name, rm in rms.items()})
   reward_fn = jax.jit(spec.__call__) if spec is not None else None
   out = []
