@@ -198,7 +198,8 @@ def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: A
   last_position = prompt_mask.sum(axis=1).astype(jnp.int32) - 1  # of the last prompt token
   if samples > 1:
     cache = _repeat_rows(cache, samples)
-    last_token, last_position = (jnp.repeat(x, samples, axis=0) for x in (last_token, last_position))
+    last_token, last_position = (jnp.repeat(x, samples, axis=0)
+                                 for x in (last_token, last_position))
 
   def body(state: _LoopState) -> _LoopState:
     positions = jnp.maximum(last_position + state.step, 0)[:, None]
