@@ -37,7 +37,6 @@ import os
 from typing import NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -45,11 +44,10 @@ from rlhf_jax import checkpoint, data, metrics, sharding
 from rlhf_jax.algorithms import common
 from rlhf_jax.algorithms.ppo import load_prompts
 from rlhf_jax.algorithms.rejection_sampling import best_of_k
+from rlhf_jax.algorithms.sft_loss import target_logits
 from rlhf_jax.data.sft import logit_budget_for
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.losses.common import shift_for_next_token
 from rlhf_jax.losses.hir import hir_loss
-from rlhf_jax.models import apply, apply_at
 from rlhf_jax.toyworld import annotators
 from rlhf_jax.toyworld import constraints as cons
 from rlhf_jax.toyworld import world as world_lib
@@ -157,23 +155,15 @@ def hir_batch(examples: Sequence[HirExample], seq_len: int, slots: int,
   data.pad_batch) and valid [B, slots] bool; unused slots are all padding. logit_budget=M: each
   slot also lists its response tokens for the LM head (logit_index / logit_target / logit_mask
   [B, slots, M], data/sft.py), M from `data.sft.logit_budget_for` of every sequence."""
-  b = len(examples)
-  keys = ["tokens", "loss_mask", "segment_ids", "positions"]
-  batch = {"tokens": np.zeros((b, slots, seq_len), np.int32),
-           "loss_mask": np.zeros((b, slots, seq_len), np.bool_),
-           "segment_ids": np.zeros((b, slots, seq_len), np.int32),
-           "positions": np.zeros((b, slots, seq_len), np.int32),
-           "valid": np.zeros((b, slots), np.bool_)}
-  if logit_budget is not None:
-    keys += ["logit_index", "logit_target", "logit_mask"]
-    batch.update(logit_index=np.zeros((b, slots, logit_budget), np.int32),
-                 logit_target=np.zeros((b, slots, logit_budget), np.int32),
-                 logit_mask=np.zeros((b, slots, logit_budget), np.bool_))
+  # The fields (and dtypes) of data.pad_batch's rows, with a [B, slots] leading shape.
+  fields = data.pad_batch([], seq_len, logit_budget)
+  batch = {k: np.zeros((len(examples), slots) + v.shape[1:], v.dtype) for k, v in fields.items()}
+  batch["valid"] = np.zeros((len(examples), slots), np.bool_)
   for row, example in enumerate(examples):
     rows = data.pad_batch(example.sequences[:slots], seq_len, logit_budget)
     n = len(rows["tokens"])
-    for key in keys:
-      batch[key][row, :n] = rows[key]
+    for key, value in rows.items():
+      batch[key][row, :n] = value
     batch["valid"][row, :n] = True
   return batch
 
@@ -191,20 +181,11 @@ def make_hir_loss_fn(graphdef, cfg: ml_collections.ConfigDict):
   for the same loss (its sums and means run over the masked tokens either way)."""
   def loss_fn(params, batch, rng):
     del rng
-    b, g, t = batch["tokens"].shape
-    flat = lambda x: x.reshape((b * g,) + x.shape[2:])
-    tokens, segment_ids = flat(batch["tokens"]), flat(batch["segment_ids"])
-    args = (tokens, flat(batch["positions"]), segment_ids)
-    if "logit_index" in batch:
-      logits = apply_at(graphdef, params, *args, flat(batch["logit_index"]))  # [B G, M, V]
-      targets = jnp.take_along_axis(tokens, flat(batch["logit_target"]), axis=1)
-      mask = flat(batch["logit_mask"])
-    else:
-      logits, _ = apply(graphdef, params, *args)
-      targets, mask = shift_for_next_token(tokens, flat(batch["loss_mask"]), segment_ids)
-      logits = logits[:, :-1]
-    m = targets.shape[1]
-    return hir_loss(logits.reshape(b, g, m, -1), targets.reshape(b, g, m), mask.reshape(b, g, m),
+    b, g, _ = batch["tokens"].shape
+    rows = {k: v.reshape((b * g,) + v.shape[2:]) for k, v in batch.items() if k != "valid"}
+    logits, targets, mask = target_logits(graphdef, params, rows)  # [B G, N, V], [B G, N] x 2
+    n = targets.shape[1]
+    return hir_loss(logits.reshape(b, g, n, -1), targets.reshape(b, g, n), mask.reshape(b, g, n),
                     batch["valid"], contrastive_coef=cfg.contrastive_coef,
                     entropy_coef=cfg.entropy_coef)
   return loss_fn
