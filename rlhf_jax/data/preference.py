@@ -78,7 +78,7 @@ import numpy as np
 
 from rlhf_jax.data.loader import Batching
 from rlhf_jax.data.records import RecordError, validate_record
-from rlhf_jax.data.sft import budget_from_share, tokenize_sft
+from rlhf_jax.data.sft import append_listed, budget_from_share, tokenize_sft
 
 _log = logging.getLogger(__name__)
 
@@ -305,16 +305,11 @@ def _place(batch: dict, row: int, slot: int, start: int, first_segment: int, com
 def _list_logits(batch: dict, row: int, slot: int, k: int, first: int, stop: int,
                  first_source: int) -> None:
     """Appends response k's tokens first..stop-1 to the row's logit list (`logit_budget`)."""
-    offset = int(batch["logit_end"][row].max())
-    end = offset + stop - first
-    if end > batch["logit_index"].shape[1]:
-        raise ValueError(f"row {row} needs {end} response log-probs > logit_budget="
-                         f"{batch['logit_index'].shape[1]} (use logit_budget_for)")
-    batch["logit_target"][row, offset:end] = np.arange(first, stop)
-    batch["logit_index"][row, offset:end] = np.arange(first - 1, stop - 1)
-    if end > offset:
-        batch["logit_index"][row, offset] = first_source
-    batch["logit_end"][row, slot, k] = end
+    targets = np.arange(first, stop)
+    sources = targets - 1
+    sources[:1] = first_source  # the prompt's last slot when the prompt is shared
+    batch["logit_end"][row, slot, k] = append_listed(
+        batch, row, int(batch["logit_end"][row].max()), targets, sources, "response")
 
 
 def comparison_batch(comparisons: Sequence[Comparison], seq_len: int, num_responses: int,

@@ -227,13 +227,22 @@ def _place(batch: dict, row: int, start: int, example: Example, segment: int) ->
     if "logit_index" in batch:
         targets = start + np.flatnonzero(example.loss_mask)
         offset = int(np.count_nonzero(batch["logit_mask"][row]))
-        end = offset + targets.size
-        if end > batch["logit_index"].shape[1]:
-            raise ValueError(f"row {row} needs {end} target log-probs > logit_budget="
-                             f"{batch['logit_index'].shape[1]} (use logit_budget_for)")
-        batch["logit_target"][row, offset:end] = targets
-        batch["logit_index"][row, offset:end] = targets - 1
+        end = append_listed(batch, row, offset, targets, targets - 1, "target")
         batch["logit_mask"][row, offset:end] = True
+
+
+def append_listed(batch: dict, row: int, offset: int, targets: np.ndarray, sources: np.ndarray,
+                  what: str) -> int:
+    """Writes tokens to entries offset.. of a row's logit list (`logit_budget`): their slots
+    `targets` and the slots whose logits predict them, `sources`. Returns the entry after them;
+    a row past its budget is an error. Shared by SFT targets and comparisons' responses."""
+    end = offset + len(targets)
+    if end > batch["logit_index"].shape[1]:
+        raise ValueError(f"row {row} needs {end} {what} log-probs > logit_budget="
+                         f"{batch['logit_index'].shape[1]} (use logit_budget_for)")
+    batch["logit_target"][row, offset:end] = targets
+    batch["logit_index"][row, offset:end] = sources
+    return end
 
 
 def pad_batch(examples: Sequence[Example], seq_len: int,
