@@ -184,14 +184,15 @@ class _WithReference:
 
 
 def attach_reference(config: ml_collections.ConfigDict, setup: common.Setup, mode: str,
-                     train_cmp: list, eval_cmp: list, mesh):
+                     train_cmp: list, eval_cmp: list, mesh, *, logit_budget: int):
   """The reference's log-probs for the comparisons: (train_cmp, eval_cmp, wrap). The reference is
   the starting params (restoring a checkpoint later replaces the state only). mode "precompute":
   the comparisons come back with their `ref_logps` filled in and `wrap` is the identity;
   "per_batch": they come back unchanged and `wrap(batch_iterator)` adds each batch's.
   A LoRA policy's reference is its base (adapters off), sharing the policy's base arrays (no copy,
   used before the first step donates them); "per_batch" then leaves the reference to the loss
-  (`reference_in_step`) and `wrap` is the identity."""
+  (`reference_in_step`) and `wrap` is the identity. logit_budget: the training batches' (the
+  precomputation lists the response tokens as they do)."""
   if setup.model_cfg.lora_rank:
     if mode == "per_batch":
       return train_cmp, eval_cmp, lambda batches: batches
@@ -207,13 +208,20 @@ def attach_reference(config: ml_collections.ConfigDict, setup: common.Setup, mod
     return train_cmp, eval_cmp, lambda batches: _WithReference(batches, logps_fn, mesh)
   _log.info("precomputing reference log-probs of %d + %d comparisons", len(train_cmp),
             len(eval_cmp))
-  share = config.reward.share_prompt
-  budget = logit_budget_for([*train_cmp, *eval_cmp], config.train.seq_len, share)  # one compile
   fill = lambda cmp: precompute_reference(logps_fn, cmp, seq_len=config.train.seq_len,
                                           rows=config.train.batch_size,
                                           per_row=config.reward.comparisons_per_row, mesh=mesh,
-                                          share_prompt=share, logit_budget=budget)
+                                          share_prompt=config.reward.share_prompt,
+                                          logit_budget=logit_budget)
   return fill(train_cmp), fill(eval_cmp), lambda batches: batches
+
+
+def response_logit_budget(config: ml_collections.ConfigDict, train_cmp: list,
+                          eval_cmp: list) -> int:
+  """The logit budget of every batch of a run (one compiled step): the LM head runs on the
+  response tokens only (data/preference.py `logit_budget_for`)."""
+  return logit_budget_for([*train_cmp, *eval_cmp], config.train.seq_len,
+                          config.reward.share_prompt)
 
 
 def finish(config: ml_collections.ConfigDict, workdir: str, state, evaluate, *, model_cfg,
@@ -256,12 +264,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   make_loss = lambda graphdef: make_dpo_loss_fn(graphdef, p, reference_in_step=in_step)
   setup = common.setup_training(config, mesh, model_cfg, make_loss)
   train_cmp, eval_cmp = comparisons.train, comparisons.eval
+  budget = response_logit_budget(config, train_cmp, eval_cmp)
   wrap = lambda batches: batches
   if uses_reference(p):
     train_cmp, eval_cmp, wrap = attach_reference(config, setup, p.reference, train_cmp, eval_cmp,
-                                                 mesh)
+                                                 mesh, logit_budget=budget)
   batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses=2,
-                                            list_logits=True)
+                                            logit_budget=budget)
   evaluate = common.make_evaluate(make_loss(setup.graphdef), setup, wrap(eval_iter), t.eval_batches)
   state = common.train_loop(config, workdir, setup, wrap(batches), data_state=batches.state,
                             restore_data=batches.restore, evaluate=evaluate, count_tokens=num_tokens)

@@ -151,10 +151,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   in_step = bool(model_cfg.lora_rank) and k.reference == "per_batch"
   make_loss = lambda graphdef: make_kto_loss_fn(graphdef, k, reference_in_step=in_step)
   setup = common.setup_training(config, mesh, model_cfg, make_loss)
+  budget = dpo.response_logit_budget(config, train_cmp, eval_cmp)
   train_cmp, eval_cmp, wrap = dpo.attach_reference(config, setup, k.reference, train_cmp, eval_cmp,
-                                                   mesh)
+                                                   mesh, logit_budget=budget)
   batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses=2,
-                                            list_logits=True)
+                                            logit_budget=budget)
   evaluate = common.make_evaluate(make_loss(setup.graphdef), setup, wrap(eval_iter), t.eval_batches)
   state = common.train_loop(config, workdir, setup, wrap(batches), data_state=batches.state,
                             restore_data=batches.restore, evaluate=evaluate,

@@ -31,7 +31,7 @@ from rlhf_jax import checkpoint, data, reward_metrics, scoring, sharding
 from rlhf_jax.algorithms import common
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.data.preference import (comparison_batch, comparison_batching, comparison_length,
-                                      logit_budget_for, num_tokens, tokenize_comparisons)
+                                      num_tokens, tokenize_comparisons)
 from rlhf_jax.data.records import MAX_RANKED
 from rlhf_jax.losses import reward as reward_losses
 from rlhf_jax.losses.common import masked_mean, token_logprobs
@@ -273,20 +273,19 @@ def load_comparisons(config: ml_collections.ConfigDict, tokenizer, model_cfg: Mo
 
 
 def comparison_iterators(config: ml_collections.ConfigDict, train: list, held_out: list,
-                         num_responses: int, *, list_logits: bool = False
+                         num_responses: int, *, logit_budget: int | None = None
                          ) -> tuple[data.BatchIterator, data.BatchIterator]:
   """(train batches: shuffled by `config.seed`, rows packed with up to
   `config.reward.comparisons_per_row` comparisons when `config.data.packing`; held-out batches:
   in order, one comparison per row) of `config.train.batch_size` rows of `seq_len` tokens, each
   comparison's prompt held once with `config.reward.share_prompt`. Shared by reward models and
-  DPO. list_logits: batches list the response tokens (`logit_budget`, one budget for both sets),
-  so a policy's LM head runs on those only (DPO, KTO)."""
+  DPO. logit_budget: batches list the response tokens (`data.preference.logit_budget_for` of
+  both sets), so a policy's LM head runs on those only (DPO, KTO)."""
   d, t = config.data, config.train
   per_row = config.reward.comparisons_per_row if d.packing else 1
-  share = config.reward.share_prompt
-  budget = logit_budget_for([*train, *held_out], t.seq_len, share) if list_logits else None
   batching = comparison_batching(t.batch_size, t.seq_len, per_row, num_responses,
-                                 share_prompt=share, logit_budget=budget)
+                                 share_prompt=config.reward.share_prompt,
+                                 logit_budget=logit_budget)
   batches = data.BatchIterator(train, batch_size=t.batch_size, seq_len=t.seq_len, seed=config.seed,
                                packing=d.packing, batching=batching)
   eval_iter = data.BatchIterator(held_out, batch_size=t.batch_size, seq_len=t.seq_len, seed=0,
