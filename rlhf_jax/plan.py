@@ -131,32 +131,43 @@ def plan(cfg: ModelConfig, mesh, *, algorithm: str, batch: int, seq_len: int, ac
   sharding.validate_model_mesh(cfg, mesh)
   if algorithm == "reward":
     cfg = dataclasses.replace(cfg, head="scalar")
+  rl = algorithm in ("ppo", "grpo")
   graphdef, abstract, axes = abstract_model(cfg)
   psh = sharding.param_shardings(abstract, axes, mesh)
+  # Trained: the model; PPO and GRPO train {"policy"} (PPO: + "value", the trunk with a scalar
+  # head, whose architecture is also the reward model's).
+  trained, trained_psh, value_graphdef = abstract, psh, None
+  if rl:
+    value_graphdef, scalar, scalar_axes = abstract_model(dataclasses.replace(cfg, head="scalar"))
+    scalar_psh = sharding.param_shardings(scalar, scalar_axes, mesh)
+    trained, trained_psh = {"policy": abstract}, {"policy": psh}
+    if algorithm == "ppo":
+      trained["value"], trained_psh["value"] = scalar, scalar_psh
   optimizer, _ = make_optimizer(base_config().optim, 1000)
-  shardings = state_shardings(optimizer, psh, abstract, mesh)
-  abstract_opt = jax.eval_shape(optimizer.init, abstract)
-  params_b = shard_bytes(abstract, psh)
+  shardings = state_shardings(optimizer, trained_psh, trained, mesh)
+  abstract_opt = jax.eval_shape(optimizer.init, trained)
+  params_b = shard_bytes(trained, trained_psh)
   opt_b = shard_bytes(abstract_opt, shardings.opt_state)
+  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trained,
+                     opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
 
   # Frozen models, held in frozen_dtype: DPO's reference; PPO's and GRPO's reference (the
-  # policy's architecture) and reward model (the same trunk, a scalar head).
+  # policy's architecture) and reward model (the scalar-head trunk).
   as_frozen = lambda tree: jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(frozen_dtype)), tree)
   one_frozen = shard_bytes(as_frozen(abstract), psh)
   n_frozen = {"sft": 0, "reward": 0, "dpo": int(reference), "ppo": 2, "grpo": 2}[algorithm]
   frozen_b = n_frozen * one_frozen
-  if algorithm in ("ppo", "grpo"):
-    _, rm_abstract, rm_axes = abstract_model(dataclasses.replace(cfg, head="scalar"))
-    frozen_b = one_frozen + shard_bytes(as_frozen(rm_abstract),
-                                        sharding.param_shardings(rm_abstract, rm_axes, mesh))
+  if rl:
+    frozen_b = one_frozen + shard_bytes(as_frozen(scalar), scalar_psh)
   b, t = batch, seq_len
   ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
   floats = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   listed = budget_from_share(share, t)  # the trainers' logit lists (data/sft.py, preference.py)
-  if algorithm in ("ppo", "grpo"):
-    temp, params_b, opt_b = _rl_update_temp(cfg, mesh, algorithm, b, t, accum_steps, share,
-                                            graphdef, abstract, psh, optimizer)
+  if rl:
+    temp = _rl_update_temp(mesh, algorithm, b, t, accum_steps, share, graphdef,
+                           value_graphdef if algorithm == "ppo" else None, state, shardings,
+                           optimizer)
     return _record(cfg, mesh, algorithm, batch, seq_len, accum_steps, share, params_b, opt_b,
                    n_frozen, frozen_b, temp)
   if algorithm == "dpo":
@@ -192,8 +203,6 @@ def plan(cfg: ModelConfig, mesh, *, algorithm: str, batch: int, seq_len: int, ac
     loss_fn = make_sft_loss_fn(graphdef)
   step = make_train_step(loss_fn, optimizer, mesh=mesh, state_shardings=shardings,
                          accum_steps=accum_steps)
-  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract,
-                     opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
   temp = _temp_bytes(step.lower(state, host))
   return _record(cfg, mesh, algorithm, batch, seq_len, accum_steps, share, params_b, opt_b,
                  n_frozen, frozen_b, temp)
@@ -204,37 +213,28 @@ def _temp_bytes(lowered) -> int:
   return int(getattr(stats, "temp_size_in_bytes", 0)) if stats is not None else 0
 
 
-def _rl_update_temp(cfg: ModelConfig, mesh, algorithm: str, b: int, t: int, accum_steps: int,
-                    share: float, graphdef, abstract, psh, optimizer) -> tuple[int, int, int]:
-  """(temporaries, params bytes, optimizer bytes) per device of PPO's / GRPO's update
-  (`ppo.make_ppo_update`: one epoch of one mini-batch of b rollout rows of t slots, the last
-  share x t the responses); PPO trains a separate value model (scalar head) beside the policy."""
-  critic = algorithm == "ppo"
+def _rl_update_temp(mesh, algorithm: str, b: int, t: int, accum_steps: int, share: float,
+                    graphdef, value_graphdef, state: TrainState, shardings: TrainState,
+                    optimizer) -> int:
+  """Per-device temporaries of PPO's / GRPO's update (`ppo.make_ppo_update`: one epoch of one
+  mini-batch of b rollout rows of t slots, the last share x t the responses) on the abstract
+  `state` ({"policy"}, PPO: + "value", the separate value model of `value_graphdef`)."""
   response_len = min(t - 1, max(1, round(share * t)))
-  params, shardings_in, value_graphdef = {"policy": abstract}, {"policy": psh}, None
-  if critic:
-    value_graphdef, params["value"], axes = abstract_model(dataclasses.replace(cfg, head="scalar"))
-    shardings_in["value"] = sharding.param_shardings(params["value"], axes, mesh)
   ppo_cfg = base_config().ppo
   ppo_cfg.update(epochs=1, minibatches=1, accum_steps=accum_steps)
-  estimator = "gae" if critic else "grpo"
-  loss_fn = make_ppo_loss_fn(graphdef, value_graphdef, ppo_cfg, estimator=estimator,
+  loss_fn = make_ppo_loss_fn(graphdef, value_graphdef, ppo_cfg,
+                             estimator="gae" if algorithm == "ppo" else "grpo",
                              response_len=response_len)
-  shardings = state_shardings(optimizer, shardings_in, params, mesh)
   update = make_ppo_update(loss_fn, optimizer, mesh=mesh, shardings=shardings, cfg=ppo_cfg)
   ints = jax.ShapeDtypeStruct((b, t), jnp.int32)
   floats = jax.ShapeDtypeStruct((b, t), jnp.float32)
   rollout = dict(tokens=ints, segment_ids=ints, positions=ints, advantages=floats,
                  response_mask=jax.ShapeDtypeStruct((b, t), jnp.bool_))
-  if critic:
+  if algorithm == "ppo":
     rollout.update(old_logp=floats, old_values=floats, returns=floats)
   else:  # one update per rollout: the loss holds the policy's own log-probs as the old ones
     rollout["ref_logp"] = floats
-  abstract_opt = jax.eval_shape(optimizer.init, params)
-  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                     opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-  return (_temp_bytes(update.lower(state, rollout)), shard_bytes(params, shardings.params),
-          shard_bytes(abstract_opt, shardings.opt_state))
+  return _temp_bytes(update.lower(state, rollout))
 
 
 def _record(cfg, mesh, algorithm, batch, seq_len, accum_steps, share, params_b, opt_b, n_frozen,
