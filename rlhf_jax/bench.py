@@ -35,8 +35,11 @@ On a GPU, e.g.:
       --only=matmul_peak,sft_step --sft_seq_len=1024
   python -m rlhf_jax.bench --model=llama3_1b --dtype=bfloat16 --param_dtype=bfloat16 \
       --only=hbm_bandwidth,decode
-Train-step records also report `compile_s` (first call minus a timed step) and, where the backend
-reports it, `peak_bytes` (peak device memory in use).
+Train-step and generate records also report `compile_s` (first call minus a timed call), the RL
+iterations `first_iteration_s`; every record reports its peak memory: `peak_bytes` (device memory
+in use) where the backend reports it (GPU, TPU), else `peak_rss_bytes` (Linux: the process's
+resident-set high-water mark, reset before each benchmark, so the runtime's own ~0.5 GB is in it).
+The run ends with a readable table of the records (`summary_table`).
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ _GRPO_BETA = flags.DEFINE_float("grpo_kl_beta", 0.04, "GRPO's k3 KL coefficient 
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "--compare: torch's intra-op threads "
                                       "(0: the cores this process may use, as XLA).")
 _DPO_SEQUENCE = flags.DEFINE_integer("dpo_sequence_len", 128, "Tokens per DPO sequence (prompt + "
-                                     "response); pairs of them are packed into --sft_seq_len rows.")
+                                     "response) and per rm_step sequence; pairs of them are packed "
+                                     "into --sft_seq_len rows.")
 _DPO_SHARE = flags.DEFINE_bool("dpo_share_prompt", True, "DPO rows hold each pair's prompt once "
                                "(config.reward.share_prompt); the default run also times the "
                                "per-step-reference step without it.")
@@ -141,10 +145,42 @@ def matmul_peak(dtype: str, repeats: int, n: int = 2048) -> dict:
   return {"gflops": 2 * n * n * n * d / seconds / 1e9, "n": n}
 
 
+_PROC_STATUS, _PROC_CLEAR_REFS = "/proc/self/status", "/proc/self/clear_refs"
+
+
+def reset_peak_memory() -> None:
+  """Starts a new host peak-memory window (Linux: writing 5 to clear_refs resets the process's
+  resident-set high-water mark, VmHWM). Device peaks (GPU, TPU) cannot be reset from JAX."""
+  try:
+    with open(_PROC_CLEAR_REFS, "w") as f:
+      f.write("5")
+  except OSError:  # not Linux, or not allowed: peak_rss_bytes is then the process's whole peak
+    pass
+
+
+def _proc_status_bytes(field: str) -> int | None:
+  """A "<field>:  <n> kB" line of /proc/self/status in bytes (Linux), else None."""
+  try:
+    with open(_PROC_STATUS) as f:
+      status = f.read()
+  except OSError:
+    return None
+  for line in status.splitlines():
+    if line.startswith(field + ":"):
+      return int(line.split()[1]) * 1024
+  return None
+
+
 def peak_memory() -> dict:
-  """{"peak_bytes": ...} of device 0 where the backend reports it (GPU, TPU), else {}."""
+  """{"peak_bytes": ...}: peak memory in use on device 0 where the backend reports it (GPU,
+  TPU); else {"peak_rss_bytes": ...}: the process's resident-set high-water mark since the last
+  `reset_peak_memory` (Linux), which on a CPU backend holds the arrays and the compiled
+  programs' buffers; {} where neither is available."""
   stats = jax.devices()[0].memory_stats() or {}
-  return {"peak_bytes": int(stats["peak_bytes_in_use"])} if "peak_bytes_in_use" in stats else {}
+  if "peak_bytes_in_use" in stats:
+    return {"peak_bytes": int(stats["peak_bytes_in_use"])}
+  peak = _proc_status_bytes("VmHWM")
+  return {} if peak is None else {"peak_rss_bytes": peak}
 
 
 def hbm_bandwidth(repeats: int, mib: int = 2048) -> dict:
@@ -208,8 +244,7 @@ def train_step_bench(cfg: ModelConfig, make_loss_fn, host: dict, repeats: int,
   record = {"batch": batch, "seq_len": seq_len, "step_s": seconds,
             "tokens_per_s": (workload_tokens or tokens) / seconds, "row_tokens": tokens,
             "head_tokens": head_tokens or tokens,
-            "model_gflops": gflops, "compile_s": max(first - seconds, 0.0), "remat": cfg.remat,
-            **peak_memory()}
+            "model_gflops": gflops, "compile_s": max(first - seconds, 0.0), "remat": cfg.remat}
   if peak_gflops:
     record["mfu"] = gflops / peak_gflops
   return record
@@ -230,6 +265,9 @@ def rm_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflop
   layout of data/preference.py), Bradley-Terry loss with the Llama 2 "small" margins."""
   cfg = dataclasses.replace(cfg, head="scalar")
   per_row = seq_len // (2 * response_len)
+  if per_row < 1 or seq_len % (2 * response_len):
+    raise ValueError(f"rm_step: seq_len={seq_len} must be a multiple of 2 x response_len="
+                     f"{response_len} (rows of whole pairs, no padding)")
   rs = np.random.RandomState(0)
   segment = np.repeat(np.arange(1, 2 * per_row + 1, dtype=np.int32), response_len)
   host = dict(tokens=rs.randint(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32),
@@ -326,9 +364,12 @@ def generate_bench(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: in
   run = lambda: jax.block_until_ready(sampler(params, prompts, mask, jax.random.key(0),
                                               max_new_tokens=new_tokens, temperature=1.0,
                                               eos_id=-1, pad_id=0))
+  start = time.perf_counter()
+  run()  # compiles
+  first = time.perf_counter() - start
   seconds = timed(run, repeats)
   return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "seconds": seconds,
-          "new_tokens_per_s": batch * new_tokens / seconds}
+          "new_tokens_per_s": batch * new_tokens / seconds, "compile_s": max(first - seconds, 0.0)}
 
 
 def decode(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int,
@@ -412,6 +453,68 @@ def grpo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int
                        estimator="grpo", kl_beta=kl_beta, share_prompt=share_prompt)
 
 
+# bench -> (the record's headline figure, its unit); the summary table's columns.
+_FIGURES = {"matmul_peak": ("gflops", "GFLOP/s"), "hbm_bandwidth": ("gbps", "GB/s"),
+            "sft_step": ("tokens_per_s", "tokens/s"), "rm_step": ("tokens_per_s", "tokens/s"),
+            "dpo_step": ("tokens_per_s", "tokens/s"),
+            "generate": ("new_tokens_per_s", "new tokens/s"),
+            "decode": ("new_tokens_per_s", "new tokens/s"),
+            "ppo_iteration": ("completions_per_s", "completions/s"),
+            "grpo_iteration": ("completions_per_s", "completions/s")}
+
+
+def _setting(r: dict) -> str:
+  """What distinguishes a record from the others of its bench, in a few words."""
+  parts = []
+  if "seq_len" in r:
+    parts.append(f"{r['batch']} x {r['seq_len']}")
+  elif "prompts" in r:
+    parts.append(f"{r['prompts']} x {r['samples_per_prompt']}, {r['new_tokens']} new")
+  elif "new_tokens" in r:
+    parts.append(f"batch {r['batch']}, {r['new_tokens']} new")
+  elif "n" in r:
+    parts.append(f"{r['n']}^3")
+  if "reference" in r:
+    parts.append(f"ref {r['reference']}")
+  if "share_prompt" in r:
+    parts.append("shared" if r["share_prompt"] else "unshared")
+  if r.get("bandwidth_fraction") is not None:
+    parts.append(f"{r['bandwidth_fraction']:.2f} of limit")
+  return ", ".join(parts)
+
+
+def summary_table(records: list[dict]) -> str:
+  """The records of a run as a text table: bench, setting, headline figure and unit, MFU, peak
+  memory (GB; device or host RSS), compile s (or the RL iterations' first iteration s)."""
+  header = (f"{'bench':<15} {'setting':<34} {'figure':>10} {'unit':<14} {'mfu':>5} "
+            f"{'peak GB':>8} {'compile s':>9}")
+  lines = [header, "-" * len(header)]
+  for r in records:
+    key, unit = _FIGURES.get(r["bench"], (None, ""))
+    figure = f"{r[key]:>10.1f}" if key in r else f"{'':>10}"
+    mfu = f"{r['mfu']:>5.2f}" if "mfu" in r else f"{'':>5}"
+    memory = r.get("peak_bytes", r.get("peak_rss_bytes"))
+    memory = f"{memory / 1e9:>8.2f}" if memory is not None else f"{'':>8}"
+    compile_s = r.get("compile_s", r.get("first_iteration_s"))
+    compile_s = f"{compile_s:>9.1f}" if compile_s is not None else f"{'':>9}"
+    lines.append(f"{r['bench']:<15} {_setting(r):<34} {figure} {unit:<14} {mfu} {memory} "
+                 f"{compile_s}")
+  return "\n".join(lines)
+
+
+def measured(bench_fn, *args, **kwargs) -> dict:
+  """bench_fn(*args, **kwargs)'s record with its peak memory (`peak_memory`) added, and on a host
+  backend the resident set when it started (`rss_start_bytes`: the runtime, earlier benchmarks'
+  compiled programs) to read the peak against."""
+  reset_peak_memory()
+  start = _proc_status_bytes("VmRSS")
+  record = bench_fn(*args, **kwargs)
+  record.update(peak_memory())
+  if "peak_rss_bytes" in record and start is not None:
+    record["rss_start_bytes"] = start
+  return record
+
+
 llama3_1b_config = PRESETS["llama3_1b"]
 tiny_config = functools.partial(llama_bench_config, vocab_size=128, num_layers=2, embed_dim=64,
                                 num_heads=4, num_kv_heads=2, mlp_dim=128, max_seq_len=512)
@@ -458,42 +561,48 @@ def main(argv):
   only = () if _COMPARE.value else _ONLY.value
   peak = None
   if "matmul_peak" in only:
-    peak = matmul_peak(_DTYPE.value, _REPEATS.value, n=_MATMUL_N.value)
+    peak = measured(matmul_peak, _DTYPE.value, _REPEATS.value, n=_MATMUL_N.value)
     emit("matmul_peak", peak)
     peak = peak["gflops"]
   if "sft_step" in only:
-    emit("sft_step", sft_step(cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak))
+    emit("sft_step", measured(sft_step, cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value,
+                              peak))
   if "rm_step" in only:
-    emit("rm_step", rm_step(cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak))
+    emit("rm_step", measured(rm_step, cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak,
+                             response_len=_DPO_SEQUENCE.value))
   if "dpo_step" in only:
     runs = [("per_step", _DPO_SHARE.value), ("precomputed", _DPO_SHARE.value)]
     if _DPO_SHARE.value:
       runs.append(("per_step", False))  # what sharing the prompt buys
     for reference, share in runs:
-      emit("dpo_step", dpo_step(cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak,
-                                sequence_len=_DPO_SEQUENCE.value, prompt_len=_PROMPT.value,
+      emit("dpo_step", measured(dpo_step, cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value,
+                                peak, sequence_len=_DPO_SEQUENCE.value, prompt_len=_PROMPT.value,
                                 reference=reference, share_prompt=share,
                                 list_logits=_DPO_LIST.value))
   if "generate" in only:
     for b in _GEN_BATCHES.value:
-      emit("generate", generate_bench(cfg, int(b), _PROMPT.value, _NEW.value, _REPEATS.value))
+      emit("generate", measured(generate_bench, cfg, int(b), _PROMPT.value, _NEW.value,
+                                _REPEATS.value))
   if "ppo_iteration" in only:
-    emit("ppo_iteration", ppo_iteration(cfg, _RL_PROMPTS.value, _RL_SAMPLES.value, _PROMPT.value,
-                                        _RL_NEW.value, _RL_EPOCHS.value, _REPEATS.value,
-                                        share_prompt=_RL_SHARE.value))
+    emit("ppo_iteration", measured(ppo_iteration, cfg, _RL_PROMPTS.value, _RL_SAMPLES.value,
+                                   _PROMPT.value, _RL_NEW.value, _RL_EPOCHS.value, _REPEATS.value,
+                                   share_prompt=_RL_SHARE.value))
   if "grpo_iteration" in only:
     # With shared prompts, also the unshared iteration: what sharing buys.
     for share in ([True, False] if _RL_SHARE.value else [False]):
-      emit("grpo_iteration", grpo_iteration(cfg, _RL_PROMPTS.value, _RL_SAMPLES.value,
-                                            _PROMPT.value, _RL_NEW.value, _REPEATS.value,
-                                            kl_beta=_GRPO_BETA.value, share_prompt=share))
+      emit("grpo_iteration", measured(grpo_iteration, cfg, _RL_PROMPTS.value, _RL_SAMPLES.value,
+                                      _PROMPT.value, _RL_NEW.value, _REPEATS.value,
+                                      kl_beta=_GRPO_BETA.value, share_prompt=share))
   bandwidth = None
   if "hbm_bandwidth" in only:
-    bandwidth = hbm_bandwidth(_REPEATS.value)
+    bandwidth = measured(hbm_bandwidth, _REPEATS.value)
     emit("hbm_bandwidth", bandwidth)
     bandwidth = bandwidth["gbps"]
   if "decode" in only:
-    emit("decode", decode(cfg, _DECODE_BATCH.value, _PROMPT.value, _NEW.value, _REPEATS.value, bandwidth))
+    emit("decode", measured(decode, cfg, _DECODE_BATCH.value, _PROMPT.value, _NEW.value,
+                            _REPEATS.value, bandwidth))
+  if only:
+    print(summary_table([r for r in records if r["bench"] in _FIGURES]), flush=True)
   if _OUT.value:
     with open(_OUT.value, "a") as f:
       for r in records:

@@ -139,3 +139,69 @@ def test_llama3_1b_shape_and_model_flag():
   assert bench.MODELS["bench"]["config"]().num_layers == 6
   assert set(bench.BENCHES) >= {"sft_step", "decode", "hbm_bandwidth", "dpo_step", "grpo_iteration"}
   assert bench.MODELS["tiny"]["config"]().num_layers == 2
+
+
+def test_rm_step_refuses_rows_that_are_not_whole_pairs(tiny):
+  with pytest.raises(ValueError, match="seq_len=64 must be a multiple of 2 x response_len=128"):
+    bench.rm_step(tiny, batch=2, seq_len=64, repeats=1, peak_gflops=None)
+
+
+def test_peak_memory_reads_the_host_high_water_mark(monkeypatch, tmp_path):
+  status, clear = tmp_path / "status", tmp_path / "clear_refs"
+  status.write_text("Name:\tpython\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n")
+  monkeypatch.setattr(bench, "_PROC_STATUS", str(status))
+  monkeypatch.setattr(bench, "_PROC_CLEAR_REFS", str(clear))
+  record = bench.measured(lambda: {"x": 1})
+  assert clear.read_text() == "5"  # the kernel's "reset the peak RSS" request
+  assert record == {"x": 1, "peak_rss_bytes": 2048 * 1024, "rss_start_bytes": 1024 * 1024}
+  status.unlink()  # not Linux: nothing to report, nothing raised
+  monkeypatch.setattr(bench, "_PROC_CLEAR_REFS", str(tmp_path / "missing" / "clear_refs"))
+  assert bench.measured(lambda: {"x": 1}) == {"x": 1}
+
+
+def test_summary_table_has_a_row_per_record():
+  records = [
+      {"bench": "matmul_peak", "gflops": 200.0, "n": 2048},
+      {"bench": "dpo_step", "batch": 8, "seq_len": 384, "tokens_per_s": 950.5, "mfu": 0.51,
+       "reference": "per_step", "share_prompt": True, "compile_s": 6.2, "peak_rss_bytes": 3e9},
+      {"bench": "generate", "batch": 64, "new_tokens": 128, "new_tokens_per_s": 1100.0,
+       "compile_s": 2.0, "peak_bytes": 5e8},
+      {"bench": "grpo_iteration", "prompts": 2, "samples_per_prompt": 4, "new_tokens": 64,
+       "completions_per_s": 3.5, "share_prompt": False, "first_iteration_s": 12.0}]
+  lines = bench.summary_table(records).splitlines()
+  assert len(lines) == 2 + len(records)
+  assert lines[1] == "-" * len(lines[0])
+  dpo, gen, grpo = lines[3], lines[4], lines[5]
+  assert "8 x 384, ref per_step, shared" in dpo and "950.5 tokens/s" in dpo
+  assert dpo.split()[-3:] == ["0.51", "3.00", "6.2"]  # mfu, peak GB, compile s
+  assert "batch 64, 128 new" in gen and gen.split()[-2:] == ["0.50", "2.0"]
+  assert "2 x 4, 64 new, unshared" in grpo and grpo.split()[-1] == "12.0"
+  assert "200.0 GFLOP/s" in lines[2]
+
+
+@pytest.mark.slow  # a whole run of the CLI at the tiny size (~30 s)
+def test_cli_writes_records_and_prints_the_table(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+
+  out = tmp_path / "bench.jsonl"
+  env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a benchmark run has
+  proc = subprocess.run(
+      [sys.executable, "-m", "rlhf_jax.bench", "--model=tiny",
+       "--only=matmul_peak,rm_step,generate", "--matmul_n=256", "--gen_batch=2", "--new_tokens=4",
+       "--prompt_len=4", "--sft_batch=2", "--sft_seq_len=64", "--dpo_sequence_len=32",
+       "--repeats=1", f"--out={out}"],
+      capture_output=True, text=True, env=env, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["bench"] for r in records] == ["matmul_peak", "rm_step", "generate"]
+  rm, gen = records[1], records[2]
+  assert rm["response_len"] == 32 and rm["pairs_per_s"] > 0 and 0 < rm["mfu"]
+  assert gen["compile_s"] >= 0 and gen["new_tokens_per_s"] > 0
+  if sys.platform == "linux":
+    assert all(r["peak_rss_bytes"] >= r["rss_start_bytes"] > 0 for r in records)
+  table = proc.stdout.splitlines()[-5:]
+  assert table[0].split()[:3] == ["bench", "setting", "figure"]
+  assert [line.split()[0] for line in table[2:]] == ["matmul_peak", "rm_step", "generate"]
