@@ -111,7 +111,7 @@ def test_bf16_compute_keeps_fp32_master_params():
 
 def test_cpu_train_steps_ask_for_the_ynn_dot_fusion_and_match_without_it(monkeypatch):
   """On a one-device CPU mesh the train step is compiled with XLA's YNNPACK fusion on every dot
-  (train_compiler_options); RLHF_JAX_CPU_YNN=0 leaves XLA's default; both compute the same step.
+  and reduction (train_compiler_options); RLHF_JAX_CPU_YNN=0 leaves XLA's default; both compute the same step.
   A mesh of several CPU devices never asks (YNNPACK's threads starved the host collectives)."""
   from rlhf_jax.train import train_compiler_options
 
@@ -139,4 +139,12 @@ def test_cpu_train_steps_ask_for_the_ynn_dot_fusion_and_match_without_it(monkeyp
     hlo[setting] = step.lower(state, batch).compile().as_text()
     results[setting] = jax.device_get(step(state, batch))
   assert hlo["1"] != hlo["0"]  # the option reached the compiler
+  # Reductions (RMSNorm, softmax, the optimiser's norms) stay in YNNPACK as in XLA's default: the
+  # option replaces XLA's set, and a dot-only set sent them to reduce-window loops ~10x slower
+  # (a weight's sum of squares, the clip norm's and the metrics', at the bench model's size).
+  monkeypatch.setenv("RLHF_JAX_CPU_YNN", "1")
+  weight = jax.ShapeDtypeStruct((6, 512, 1344), jnp.float32)
+  sum_sq = jax.jit(lambda w: jnp.sum(w * w), compiler_options=train_compiler_options(mesh))
+  compiled = sum_sq.lower(weight).compile().as_text()
+  assert "ynn_fusion" in compiled and "reduce-window" not in compiled
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *results.values())
