@@ -111,7 +111,8 @@ def test_bf16_compute_keeps_fp32_master_params():
 
 def test_cpu_train_steps_ask_for_the_ynn_dot_fusion_and_match_without_it(monkeypatch):
   """On a one-device CPU mesh the train step is compiled with XLA's YNNPACK fusion on every dot
-  and reduction (train_compiler_options); RLHF_JAX_CPU_YNN=0 leaves XLA's default; both compute the same step.
+  and reduction (train_compiler_options); RLHF_JAX_CPU_YNN=0 leaves XLA's default; both compute
+  the same step.
   A mesh of several CPU devices never asks (YNNPACK's threads starved the host collectives)."""
   from rlhf_jax.train import train_compiler_options
 
