@@ -14,7 +14,8 @@ from rlhf_jax import checkpoint, metrics, scoring, sharding
 from rlhf_jax.algorithms import common, reward
 from rlhf_jax.configs import base_config
 from rlhf_jax.data import BatchIterator, RecordError
-from rlhf_jax.data.preference import comparison_batching, pack_comparisons, tokenize_comparisons
+from rlhf_jax.data.preference import (comparison_batching, logit_budget_for, pack_comparisons,
+                                      tokenize_comparisons)
 from rlhf_jax.losses.reward import margin_table, pairwise_loss, ranking_loss
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, split_model
 
@@ -385,6 +386,23 @@ def test_lm_regulariser_adds_the_sft_loss_of_the_best_responses(tmp_path, words_
     np.testing.assert_allclose(loss, plain + 0.5 * nll, rtol=1e-5)
     assert_metrics_close({k: v for k, v in got.items() if k not in ("loss", "lm_loss")},
                          {k: v for k, v in plain_metrics.items() if k != "loss"})
+
+    # With the batch's logit list (what the driver builds with lm_coef > 0) the LM head runs on
+    # the listed response tokens only: the same loss, metrics and gradients.
+    budget = logit_budget_for(comparisons, 192)
+    listed, count = pack_comparisons(comparisons, seq_len=192, rows=8, per_row=4, num_responses=2,
+                                     logit_budget=budget)
+    assert count == 20 and budget < 192
+    mask = np.asarray(reward.listed_chosen_mask(listed))
+    assert mask.sum() == np.asarray(reward.chosen_response_mask(batch, 192)).sum()
+    value_and_grad = lambda b: jax.jit(jax.value_and_grad(make(0.5)(setup.graphdef), has_aux=True))(
+        params, b, None)
+    (full_loss, full_metrics), full_grads = value_and_grad(batch)
+    (list_loss, list_metrics), list_grads = value_and_grad(listed)
+    np.testing.assert_allclose(list_loss, full_loss, rtol=1e-5)
+    assert_metrics_close(list_metrics, full_metrics)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 jax.device_get(list_grads), jax.device_get(full_grads))
 
     host_before = jax.device_get(params)
     state, _ = setup.step(setup.state, sharding.put_batch(batch, mesh))

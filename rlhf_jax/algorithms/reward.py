@@ -31,7 +31,7 @@ from rlhf_jax import checkpoint, data, reward_metrics, scoring, sharding
 from rlhf_jax.algorithms import common
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.data.preference import (comparison_batch, comparison_batching, comparison_length,
-                                      num_tokens, tokenize_comparisons)
+                                      logit_budget_for, num_tokens, tokenize_comparisons)
 from rlhf_jax.data.records import MAX_RANKED
 from rlhf_jax.losses import reward as reward_losses
 from rlhf_jax.losses.common import masked_mean, token_logprobs
@@ -54,6 +54,19 @@ def chosen_response_mask(batch: dict, seq_len: int) -> jax.Array:
   return jnp.any(inside & chosen[..., None], axis=(1, 2)).reshape(r, seq_len)
 
 
+def listed_chosen_mask(batch: dict) -> jax.Array:
+  """[R, M] bool: the entries of a comparison batch's logit list (`logit_budget`, data/preference.py)
+  that are tokens of each comparison's best response (rank 0): `chosen_response_mask`'s tokens,
+  as list entries. Response k's tokens are its last score_index - response_start + 1 entries
+  before logit_end."""
+  chosen = batch["valid"] & (batch["ranks"] == 0)  # [R, P, K]
+  end = batch["logit_end"]
+  start = end - (batch["score_index"] - batch["response_start"] + 1)
+  e = jnp.arange(batch["logit_index"].shape[1])[None, None, None, :]
+  inside = (e >= start[..., None]) & (e < end[..., None]) & chosen[..., None]
+  return jnp.any(inside, axis=(1, 2))
+
+
 def make_reward_loss_fn(graphdef, *, kind: str, margins: Sequence[float], center_coef: float,
                         soft_labels: bool = False, lm_coef: float = 0.0):
   """loss_fn(params, batch, rng) for comparison batches: pairwise_loss (with the margin table
@@ -63,7 +76,9 @@ def make_reward_loss_fn(graphdef, *, kind: str, margins: Sequence[float], center
   lm_coef > 0: plus lm_coef x the next-token loss of the best responses, read from the reward
   model's final hidden states through an LM head kept beside the scalar head (`params[LM_HEAD]`,
   [E, V]; the GRM regulariser of Yang et al. 2024): the trunk has to stay a language model, which
-  keeps what the SFT model knows available to the scalar head. Metric "lm_loss"."""
+  keeps what the SFT model knows available to the scalar head. Metric "lm_loss". With a logit
+  list in the batch (`logit_budget`: logit_index, logit_target, logit_end) the LM head runs on the
+  listed response tokens only, for the same loss (`listed_chosen_mask`)."""
   table = jnp.asarray(margins, jnp.float32)
   use_margin = any(margins)
 
@@ -92,9 +107,15 @@ def make_reward_loss_fn(graphdef, *, kind: str, margins: Sequence[float], center
     if not lm_coef:
       return loss, metrics
     tokens = batch["tokens"]
-    logits = jnp.einsum("bte,ev->btv", hidden[:, :-1], lm_head.astype(hidden.dtype))
-    logp = token_logprobs(logits, tokens[:, 1:])  # column t: log p(tokens[t + 1])
-    mask = chosen_response_mask(batch, tokens.shape[1])[:, 1:]
+    if "logit_index" in batch:  # [R, M]: each listed token's predecessor slot and its own slot
+      hidden = jnp.take_along_axis(hidden, batch["logit_index"][..., None], axis=1)
+      targets = jnp.take_along_axis(tokens, batch["logit_target"], axis=1)
+      mask = listed_chosen_mask(batch)
+    else:  # column t: log p(tokens[t + 1])
+      hidden, targets = hidden[:, :-1], tokens[:, 1:]
+      mask = chosen_response_mask(batch, tokens.shape[1])[:, 1:]
+    logits = jnp.einsum("bte,ev->btv", hidden, lm_head.astype(hidden.dtype))
+    logp = token_logprobs(logits, targets)
     lm_loss = -masked_mean(logp, mask)
     return loss + lm_coef * lm_loss, {**metrics, "loss": loss + lm_coef * lm_loss,
                                       "lm_loss": lm_loss}
@@ -338,7 +359,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 lm_coef=r.lm_coef)
   extra = functools.partial(lm_head_params, config, model_cfg, mesh) if r.lm_coef else None
   setup = common.setup_training(config, mesh, model_cfg, make_loss, extra_params=extra)
-  batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses)
+  # The LM regulariser reads the responses' logits only: batches list those tokens.
+  budget = (logit_budget_for([*train_cmp, *eval_cmp], t.seq_len, r.share_prompt) if r.lm_coef
+            else None)
+  batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses,
+                                            logit_budget=budget)
   evaluate = common.make_evaluate(make_loss(setup.graphdef), setup, eval_iter, t.eval_batches)
 
   state = common.train_loop(config, workdir, setup, batches, data_state=batches.state,
