@@ -55,10 +55,10 @@ def chosen_response_mask(batch: dict, seq_len: int) -> jax.Array:
 
 
 def listed_chosen_mask(batch: dict) -> jax.Array:
-  """[R, M] bool: the entries of a comparison batch's logit list (`logit_budget`, data/preference.py)
-  that are tokens of each comparison's best response (rank 0): `chosen_response_mask`'s tokens,
-  as list entries. Response k's tokens are its last score_index - response_start + 1 entries
-  before logit_end."""
+  """[R, M] bool: the entries of a comparison batch's logit list (`logit_budget`,
+  data/preference.py) that are tokens of each comparison's best response (rank 0):
+  `chosen_response_mask`'s tokens, as list entries. Response k's tokens are its last
+  score_index - response_start + 1 entries before logit_end."""
   chosen = batch["valid"] & (batch["ranks"] == 0)  # [R, P, K]
   end = batch["logit_end"]
   start = end - (batch["score_index"] - batch["response_start"] + 1)
