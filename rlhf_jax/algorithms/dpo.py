@@ -39,7 +39,8 @@ import numpy as np
 from rlhf_jax import checkpoint, data, scoring, sharding
 from rlhf_jax.algorithms import common
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.algorithms.reward import comparison_iterators, load_comparisons
+from rlhf_jax.algorithms.reward import (comparison_iterators, load_comparisons,
+                                      response_logit_budget)
 from rlhf_jax.data.preference import logit_budget_for, num_tokens, pack_comparisons
 from rlhf_jax.losses import preference
 from rlhf_jax.models import lora
@@ -214,14 +215,6 @@ def attach_reference(config: ml_collections.ConfigDict, setup: common.Setup, mod
                                           share_prompt=config.reward.share_prompt,
                                           logit_budget=logit_budget)
   return fill(train_cmp), fill(eval_cmp), lambda batches: batches
-
-
-def response_logit_budget(config: ml_collections.ConfigDict, train_cmp: list,
-                          eval_cmp: list) -> int:
-  """The logit budget of every batch of a run (one compiled step): the LM head runs on the
-  response tokens only (data/preference.py `logit_budget_for`)."""
-  return logit_budget_for([*train_cmp, *eval_cmp], config.train.seq_len,
-                          config.reward.share_prompt)
 
 
 def finish(config: ml_collections.ConfigDict, workdir: str, state, evaluate, *, model_cfg,

@@ -34,7 +34,8 @@ import numpy as np
 from rlhf_jax import checkpoint, data, scoring, sharding
 from rlhf_jax.algorithms import common, dpo
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.algorithms.reward import comparison_iterators, load_comparisons
+from rlhf_jax.algorithms.reward import (comparison_iterators, load_comparisons,
+                                      response_logit_budget)
 from rlhf_jax.data.preference import num_tokens
 from rlhf_jax.losses import preference
 
@@ -151,7 +152,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   in_step = bool(model_cfg.lora_rank) and k.reference == "per_batch"
   make_loss = lambda graphdef: make_kto_loss_fn(graphdef, k, reference_in_step=in_step)
   setup = common.setup_training(config, mesh, model_cfg, make_loss)
-  budget = dpo.response_logit_budget(config, train_cmp, eval_cmp)
+  budget = response_logit_budget(config, train_cmp, eval_cmp)
   train_cmp, eval_cmp, wrap = dpo.attach_reference(config, setup, k.reference, train_cmp, eval_cmp,
                                                    mesh, logit_budget=budget)
   batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses=2,

@@ -293,6 +293,15 @@ def load_comparisons(config: ml_collections.ConfigDict, tokenizer, model_cfg: Mo
   return Comparisons(train_records, eval_records, train_cmp, eval_cmp, stats, eval_stats)
 
 
+def response_logit_budget(config: ml_collections.ConfigDict, train_cmp: list,
+                          eval_cmp: list) -> int:
+  """The logit budget of every batch of a run (one compiled step): the LM head runs on the
+  response tokens only (data/preference.py `logit_budget_for`). DPO, KTO, and reward models
+  with the LM regulariser."""
+  return logit_budget_for([*train_cmp, *eval_cmp], config.train.seq_len,
+                          config.reward.share_prompt)
+
+
 def comparison_iterators(config: ml_collections.ConfigDict, train: list, held_out: list,
                          num_responses: int, *, logit_budget: int | None = None
                          ) -> tuple[data.BatchIterator, data.BatchIterator]:
@@ -360,8 +369,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   extra = functools.partial(lm_head_params, config, model_cfg, mesh) if r.lm_coef else None
   setup = common.setup_training(config, mesh, model_cfg, make_loss, extra_params=extra)
   # The LM regulariser reads the responses' logits only: batches list those tokens.
-  budget = (logit_budget_for([*train_cmp, *eval_cmp], t.seq_len, r.share_prompt) if r.lm_coef
-            else None)
+  budget = response_logit_budget(config, train_cmp, eval_cmp) if r.lm_coef else None
   batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses,
                                             logit_budget=budget)
   evaluate = common.make_evaluate(make_loss(setup.graphdef), setup, eval_iter, t.eval_batches)
