@@ -132,6 +132,14 @@ def timed(fn, repeats: int, reduce=np.median, warmup_s: float = 0.0) -> float:
   return float(reduce(times))
 
 
+def first_and_timed(fn, repeats: int) -> tuple[float, float]:
+  """(wall time of the first call of `fn`, which compiles; `timed(fn, repeats)` after it)."""
+  start = time.perf_counter()
+  fn()
+  first = time.perf_counter() - start
+  return first, timed(fn, repeats)
+
+
 def matmul_peak(dtype: str, repeats: int, n: int = 2048) -> dict:
   """Best-case matmul throughput on all devices: [n*D, n] @ [n, n], rows sharded over devices."""
   mesh = sharding.make_mesh((-1, 1, 1))
@@ -231,10 +239,7 @@ def train_step_bench(cfg: ModelConfig, make_loss_fn, host: dict, repeats: int,
     holder[0], metrics = step(holder[0], batch)
     jax.block_until_ready(metrics)
 
-  start = time.perf_counter()
-  run()  # compiles
-  first = time.perf_counter() - start
-  seconds = timed(run, repeats)
+  first, seconds = first_and_timed(run, repeats)
   batch, seq_len = host["tokens"].shape
   tokens = batch * seq_len
   passes = 4 / 3 if add_reference else 1.0  # + the reference's forward pass
@@ -364,10 +369,7 @@ def generate_bench(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: in
   run = lambda: jax.block_until_ready(sampler(params, prompts, mask, jax.random.key(0),
                                               max_new_tokens=new_tokens, temperature=1.0,
                                               eos_id=-1, pad_id=0))
-  start = time.perf_counter()
-  run()  # compiles
-  first = time.perf_counter() - start
-  seconds = timed(run, repeats)
+  first, seconds = first_and_timed(run, repeats)
   return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "seconds": seconds,
           "new_tokens_per_s": batch * new_tokens / seconds, "compile_s": max(first - seconds, 0.0)}
 
@@ -431,10 +433,8 @@ def ppo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int,
                               jax.random.key(calls[0]), kl_beta)
     jax.block_until_ready((holder[0].params, info))
 
-  start = time.perf_counter()
-  run()  # the first call compiles sampler, scoring, advantages and update
-  first = time.perf_counter() - start
-  seconds = timed(run, repeats)
+  # The first call compiles sampler, scoring, advantages and update.
+  first, seconds = first_and_timed(run, repeats)
   completions = prompts * samples
   return {"prompts": prompts, "samples_per_prompt": samples, "prompt_len": prompt_len,
           "new_tokens": new_tokens, "epochs": epochs, "minibatches": 1, "estimator": estimator,
