@@ -614,3 +614,38 @@ def test_chunked_causal_attention_matches_unchunked(monkeypatch):
   np.testing.assert_allclose(results[16][0][real], results[10**6][0][real], atol=ATOL, rtol=0)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
                results[16][1], results[10**6][1])
+
+
+def test_attention_normalising_after_the_value_contraction_matches_softmax():
+  """`layers._attend` divides the value contraction by the row sums of exp(scores - max) instead
+  of contracting softmax probabilities: values and gradients (q, k, v) must equal the plain
+  softmax formula's, with large scores (the max shift matters: exp(scores) alone overflows), GQA
+  groups, and a query row with every key masked (uniform weights, as softmax gives)."""
+  from rlhf_jax.models.layers import _MASK_VALUE, _attend
+  rs = np.random.RandomState(31)
+  b, t, kv, g, d, s = 2, 5, 2, 3, 8, 7
+  q = jnp.asarray(rs.normal(size=(b, t, kv, g, d)) * 20.0, jnp.float32)  # scores up to ~1e3
+  k = jnp.asarray(rs.normal(size=(b, kv, s, d)), jnp.float32)
+  v = jnp.asarray(rs.normal(size=(b, kv, s, d)), jnp.float32)
+  mask = rs.rand(b, 1, 1, t, s) < 0.6
+  mask[..., 0] = True
+  mask[1, ..., 2, :] = False  # row 1, query 2: nothing to attend to
+  mask = jnp.asarray(mask)
+  cot = jnp.asarray(rs.normal(size=(b, t, kv, g, d)), jnp.float32)
+
+  def plain(q, k, v):
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k) / math.sqrt(d)
+    probs = jax.nn.softmax(jnp.where(mask, scores, _MASK_VALUE), axis=-1)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v)
+
+  ours = lambda q, k, v: _attend(q, k, v, mask)
+  out = np.asarray(ours(q, k, v))
+  assert np.isfinite(out).all()
+  np.testing.assert_allclose(out, plain(q, k, v), atol=1e-5, rtol=1e-5)
+  uniform = jnp.broadcast_to(v[1].mean(axis=1)[:, None, :], (kv, g, d))
+  np.testing.assert_allclose(out[1, 2], uniform, atol=1e-6)
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+           for f in (ours, plain)]
+  for got, want in zip(*grads):
+    assert np.abs(np.asarray(want)).max() > 1e-2
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

@@ -329,7 +329,9 @@ def test_grpo_iteration_with_shared_prompts_updates_as_without():
                                                       share=share),
                                  optax.sgd(1.0), mesh=mesh, shardings=shardings, cfg=cfg, group=4)
     trained[share], _ = update(fresh(), rollout)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+  # Six SGD steps at lr 1.0 on differently laid-out rows: float rounding grows to ~2e-6 (params
+  # move by >1e-3; a response that sees a sibling (a mask mutation) moves them by 2e-4).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
                trained[(4, 8)].params, trained[None].params)
 
 

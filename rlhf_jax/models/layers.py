@@ -152,11 +152,20 @@ CAUSAL_CHUNK = 128
 
 def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
   """softmax(q k / sqrt(D), masked) v. q: [B, T, KV, G, D]; k, v: [B, KV, S, D];
-  mask: [B, 1, 1, T, S] bool. Scores and softmax in float32; returns [B, T, KV, G, D]."""
+  mask: [B, 1, 1, T, S] bool. Scores and softmax in float32; returns [B, T, KV, G, D].
+
+  The softmax's normalisation comes after the value contraction (as in flash attention):
+  exp(scores - max) goes into the contraction unnormalised and the [B, T, KV, G, D] output is
+  divided by the row sums, instead of dividing the S-times-larger [B, KV, G, T, S] probabilities
+  (and, in the backward pass, differentiating that division). The same result to float rounding;
+  a train step's non-matmul op time fell by ~7% (CPU profile, the bench's SFT step)."""
   scores = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
   scores = jnp.where(mask, scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-  return jnp.einsum("bkgts,bksd->btkgd", probs, v)
+  # A row's max only shifts its exponents (the result does not depend on it): no gradient.
+  weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+  sums = jnp.moveaxis(jnp.sum(weights, axis=-1), 3, 1)[..., None]  # [B, T, KV, G, 1], >= 1
+  out = jnp.einsum("bkgts,bksd->btkgd", weights.astype(q.dtype), v)
+  return (out.astype(jnp.float32) / sums).astype(q.dtype)
 
 
 class Attention(nnx.Module):
