@@ -95,6 +95,9 @@ _RL_SAMPLES = flags.DEFINE_integer("rl_samples", 4, "Samples per prompt in a PPO
 _RL_NEW = flags.DEFINE_integer("rl_new_tokens", 64, "New tokens per PPO sample.")
 _RL_EPOCHS = flags.DEFINE_integer("rl_epochs", 1, "PPO epochs per iteration (x 1 mini-batch).")
 _GRPO_BETA = flags.DEFINE_float("grpo_kl_beta", 0.04, "GRPO's k3 KL coefficient (> 0: a reference).")
+_COMPARE_ROUNDS = flags.DEFINE_integer(
+    "compare_rounds", 1, "--compare: measure each workload on both sides this many times, in "
+    "alternating order, and report the median of the rounds' ratios (and their range).")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "--compare: torch's intra-op threads "
                                       "(0: the cores this process may use, as XLA).")
 _DPO_SEQUENCE = flags.DEFINE_integer("dpo_sequence_len", 128, "Tokens per DPO sequence (prompt + "
@@ -553,7 +556,8 @@ def main(argv):
         dpo_list_logits=_DPO_LIST.value,
         rl_share_prompt=_RL_SHARE.value, rl_prompts=_RL_PROMPTS.value,
         rl_samples=_RL_SAMPLES.value, rl_new_tokens=_RL_NEW.value, kl_beta=_GRPO_BETA.value,
-        repeats=_REPEATS.value, torch_threads=_TORCH_THREADS.value or None):
+        repeats=_REPEATS.value, rounds=_COMPARE_ROUNDS.value,
+        torch_threads=_TORCH_THREADS.value or None):
       emit(name, record)
       if name == "compare":
         compared.append(record)

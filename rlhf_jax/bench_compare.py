@@ -210,9 +210,25 @@ def trl_grpo_step(policy_dir: Path, reward_dir: Path, tokenizer, prompts: int, s
           "new_tokens_per_s": completions * new_tokens / seconds}
 
 
-def _ratio(name: str, unit: str, ours: dict, theirs: dict) -> dict:
-  return {"name": name, "unit": unit, "ours": ours[unit], "theirs": theirs[unit],
-          "ratio": ours[unit] / theirs[unit]}
+def paired(name: str, unit: str, rounds: int, labels: tuple[str, str], run_ours,
+           run_theirs) -> Iterator[tuple[str, dict]]:
+  """Measures one workload on both sides `rounds` times, alternating the order (ours first in
+  even rounds, theirs first in odd ones: a load that drifts during the run then weighs on both
+  sides alike), and yields each measurement (labels[0] / labels[1], with its "round") as it is
+  made, then one "compare" record: {"name", "unit", "ours", "theirs" (median figures), "ratio"
+  (the median of the rounds' ours / theirs), "ratios" (each round's), "rounds"}. The ratio of a
+  round compares two measurements minutes apart, not the two sides' separate medians."""
+  figures = {0: [], 1: []}
+  runs = (run_ours, run_theirs)
+  for r in range(rounds):
+    for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+      record = {**runs[side](), "round": r}
+      figures[side].append(record[unit])
+      yield labels[side], record
+  ratios = [a / b for a, b in zip(figures[0], figures[1])]
+  yield "compare", {"name": name, "unit": unit, "ours": float(np.median(figures[0])),
+                    "theirs": float(np.median(figures[1])), "ratio": float(np.median(ratios)),
+                    "ratios": ratios, "rounds": rounds}
 
 
 def compare(cfg: ModelConfig, *, gen_batches: list[int], prompt_len: int, new_tokens: int,
@@ -220,15 +236,18 @@ def compare(cfg: ModelConfig, *, gen_batches: list[int], prompt_len: int, new_to
             dpo_share_prompt: bool = False, dpo_list_logits: bool = True,
             rl_share_prompt: bool = False,
             rl_samples: int, rl_new_tokens: int, kl_beta: float, repeats: int,
-            torch_threads: int | None = None, workdir: str | None = None
+            rounds: int = 1, torch_threads: int | None = None, workdir: str | None = None
             ) -> Iterator[tuple[str, dict]]:
   """Yields (bench name, record) as each is measured: ours ("generate", "dpo_step",
-  "grpo_iteration"), theirs ("hf_generate", "trl_dpo_step", "trl_grpo_step") and one "compare"
-  record per pair {"name", "unit", "ours", "theirs", "ratio" = ours / theirs}. DPO: `dpo_rows`
-  rows of `dpo_seq_len` tokens packed with pairs of `dpo_sequence_len`-token sequences (prompt
-  `prompt_len`; with `dpo_share_prompt` each pair's prompt once), TRL the same pairs unpacked,
-  one batch. rl_share_prompt: our GRPO iteration with config.ppo.share_prompt. torch_threads:
-  torch's intra-op threads (None: `num_threads()`)."""
+  "grpo_iteration"), theirs ("hf_generate", "trl_dpo_step", "trl_grpo_step"), each `rounds` times
+  in alternating order (`paired`), and one "compare" record per workload {"name", "unit", "ours",
+  "theirs", "ratio" = the median of the rounds' ours / theirs, "ratios", "rounds"}. DPO:
+  `dpo_rows` rows of `dpo_seq_len` tokens packed with pairs of `dpo_sequence_len`-token sequences
+  (prompt `prompt_len`; with `dpo_share_prompt` each pair's prompt once), TRL the same pairs
+  unpacked, one batch. rl_share_prompt: our GRPO iteration with config.ppo.share_prompt.
+  torch_threads: torch's intra-op threads (None: `num_threads()`)."""
+  if rounds < 1:
+    raise ValueError(f"--compare_rounds={rounds}: each workload needs at least one round")
   # Read once, when torch loads OpenMP: spinning threads stall every op on an oversubscribed
   # machine (HF generate 20x slower on a 2-core VM under load); passive waits do not.
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -250,36 +269,38 @@ def compare(cfg: ModelConfig, *, gen_batches: list[int], prompt_len: int, new_to
               "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}
   tokenizer = word_tokenizer(cfg.vocab_size)
   remat = cfg.remat != "none"
+  pairs = dpo_rows * (dpo_seq_len // (2 * dpo_sequence_len))  # as bench.dpo_step packs them
   with tempfile.TemporaryDirectory(dir=workdir) as tmp:
     tmp = Path(tmp)
     policy_dir, reward_dir = export_models(cfg, tokenizer, tmp)
     for batch in gen_batches:
-      ours = bench.generate_bench(cfg, batch, prompt_len, new_tokens, repeats)
-      yield "generate", ours
-      theirs = {**hf_generate(policy_dir, batch, prompt_len, new_tokens, repeats), **versions}
-      yield "hf_generate", theirs
-      yield "compare", _ratio(f"compare_generate_b{batch}", "new_tokens_per_s", ours, theirs)
-    ours = bench.dpo_step(cfg, dpo_rows, dpo_seq_len, repeats, None, sequence_len=dpo_sequence_len,
-                          prompt_len=prompt_len, share_prompt=dpo_share_prompt,
-                          list_logits=dpo_list_logits)
-    yield "dpo_step", ours
-    theirs = {**trl_dpo_step(policy_dir, tokenizer, ours["pairs"], dpo_sequence_len, prompt_len,
-                             repeats, tmp, remat), **versions}
-    yield "trl_dpo_step", theirs
-    yield "compare", _ratio("compare_dpo_step", "tokens_per_s", ours, theirs)
-    ours = bench.grpo_iteration(cfg, rl_prompts, rl_samples, prompt_len, rl_new_tokens, repeats,
-                                kl_beta=kl_beta, share_prompt=rl_share_prompt)
-    yield "grpo_iteration", ours
-    theirs = {**trl_grpo_step(policy_dir, reward_dir, tokenizer, rl_prompts, rl_samples,
-                              prompt_len, rl_new_tokens, kl_beta, repeats, tmp, remat),
-              **versions}
-    yield "trl_grpo_step", theirs
-    yield "compare", _ratio("compare_grpo_iteration", "completions_per_s", ours, theirs)
+      yield from paired(
+          f"compare_generate_b{batch}", "new_tokens_per_s", rounds, ("generate", "hf_generate"),
+          lambda: bench.generate_bench(cfg, batch, prompt_len, new_tokens, repeats),
+          lambda: {**hf_generate(policy_dir, batch, prompt_len, new_tokens, repeats), **versions})
+    yield from paired(
+        "compare_dpo_step", "tokens_per_s", rounds, ("dpo_step", "trl_dpo_step"),
+        lambda: bench.dpo_step(cfg, dpo_rows, dpo_seq_len, repeats, None,
+                               sequence_len=dpo_sequence_len, prompt_len=prompt_len,
+                               share_prompt=dpo_share_prompt, list_logits=dpo_list_logits),
+        lambda: {**trl_dpo_step(policy_dir, tokenizer, pairs, dpo_sequence_len, prompt_len,
+                                repeats, tmp, remat), **versions})
+    yield from paired(
+        "compare_grpo_iteration", "completions_per_s", rounds, ("grpo_iteration", "trl_grpo_step"),
+        lambda: bench.grpo_iteration(cfg, rl_prompts, rl_samples, prompt_len, rl_new_tokens,
+                                     repeats, kl_beta=kl_beta, share_prompt=rl_share_prompt),
+        lambda: {**trl_grpo_step(policy_dir, reward_dir, tokenizer, rl_prompts, rl_samples,
+                                 prompt_len, rl_new_tokens, kl_beta, repeats, tmp, remat),
+                 **versions})
 
 
 def table(rows: list[dict]) -> str:
-  """The "compare" records as a text table: name, unit, ours, theirs, ours / theirs."""
-  lines = [f"{'workload':<24} {'unit':<18} {'ours':>10} {'theirs':>10} {'ratio':>7}"]
-  lines += [f"{r['name']:<24} {r['unit']:<18} {r['ours']:>10.1f} {r['theirs']:>10.1f} "
-            f"{r['ratio']:>7.2f}" for r in rows]
+  """The "compare" records as a text table: name, unit, ours, theirs (median figures), the median
+  ratio ours / theirs, and the range of the rounds' ratios."""
+  lines = [f"{'workload':<24} {'unit':<18} {'ours':>10} {'theirs':>10} {'ratio':>7}  rounds"]
+  for r in rows:
+    ratios = r.get("ratios", [r["ratio"]])
+    spread = f"{len(ratios)}: {min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else "1"
+    lines.append(f"{r['name']:<24} {r['unit']:<18} {r['ours']:>10.1f} {r['theirs']:>10.1f} "
+                 f"{r['ratio']:>7.2f}  {spread}")
   return "\n".join(lines)

@@ -86,6 +86,39 @@ def test_compare_tokenizer_has_one_id_per_word():
   assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
 
 
+def test_compare_rounds_alternate_sides_and_report_the_median_ratio():
+  """`paired`: each round measures both sides, ours first in even rounds and theirs first in odd
+  ones; the ratio is the median of the rounds' own ratios (not of the two sides' medians)."""
+  from rlhf_jax import bench_compare  # imports neither torch nor trl
+
+  calls = []
+  ours = iter([10.0, 30.0, 20.0])
+  theirs = iter([10.0, 10.0, 40.0])
+
+  def side(label, figures):
+    def run():
+      calls.append(label)
+      return {"tokens_per_s": next(figures)}
+    return run
+
+  records = list(bench_compare.paired("compare_x", "tokens_per_s", 3, ("mine", "trl"),
+                                      side("mine", ours), side("trl", theirs)))
+  assert calls == ["mine", "trl", "trl", "mine", "mine", "trl"]
+  assert [(name, r["round"]) for name, r in records[:-1]] == [
+      ("mine", 0), ("trl", 0), ("trl", 1), ("mine", 1), ("mine", 2), ("trl", 2)]
+  name, result = records[-1]
+  assert name == "compare" and result["rounds"] == 3
+  assert result["ratios"] == [1.0, 3.0, 0.5]
+  # Median of the rounds' ratios: 1.0; the ratio of the medians would be 20 / 10 = 2.0.
+  assert result["ratio"] == 1.0 and (result["ours"], result["theirs"]) == (20.0, 10.0)
+  table = bench_compare.table([result])
+  assert "compare_x" in table and "3: 0.50-3.00" in table
+  with pytest.raises(ValueError, match="compare_rounds=0"):
+    next(bench_compare.compare(bench.tiny_config(), gen_batches=[8], prompt_len=8, new_tokens=8,
+                               dpo_rows=8, dpo_seq_len=64, dpo_sequence_len=32, rl_prompts=2,
+                               rl_samples=4, rl_new_tokens=8, kl_beta=0.04, repeats=1, rounds=0))
+
+
 @pytest.mark.slow  # exports, compiles ours and runs HF generate, TRL DPO and GRPO trainers
 def test_compare_with_hf_and_trl(tmp_path):
   pytest.importorskip("trl", reason="bench --compare needs trl: pip install -e .[compare]")
