@@ -14,6 +14,8 @@ transformers), the same shapes, fp32 on this CPU, in the same run:
 Each side is timed after one warm-up (our compile; PyTorch's first-call allocations): ours by
 `bench.timed`, TRL's trainers by a callback around `repeats` optimiser steps (`on_step_begin` to
 `on_step_end`: generation, scoring and the update, not the data loader), the median in both.
+With `rounds` > 1 (`--compare_rounds`) each workload is measured that many times on both sides in
+alternating order, and its ratio is the median of the rounds' own ratios (`paired`).
 Tokens are counted the same way on both sides: DPO every token of the chosen and rejected
 sequences (prompt + response, no padding), generation and GRPO completions of exactly the requested
 length (no EOS can end a row early: ours samples with no EOS id, theirs with `min_new_tokens`).
