@@ -649,3 +649,35 @@ def test_attention_normalising_after_the_value_contraction_matches_softmax():
   for got, want in zip(*grads):
     assert np.abs(np.asarray(want)).max() > 1e-2
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_rope_angles_from_the_table_equal_computed_ones_and_sin_runs_once(monkeypatch):
+  """Without a cache the rotary sin/cos are gathered from a table computed once per forward: the
+  same values as computed from the positions, positions up to max(max_seq_len, T) - 1 (past both:
+  NaN), and the compiled forward evaluates sine in one fusion, not once per layer (XLA:CPU fuses
+  sin computed from positions into every layer's RoPE, as the forced-off run shows)."""
+  import re
+  from rlhf_jax.models import transformer as transformer_module
+  from rlhf_jax.models.layers import rope_angles
+  cfg = LLAMA  # max_seq_len 32
+  positions = jnp.asarray([[0, 5, 31, 47], [3, 2, 1, 0]], jnp.int32)
+  wide = jnp.zeros((2, 48), jnp.int32).at[:, :4].set(positions)  # T = 48 > max_seq_len
+  for got, want in zip(rope_angles(cfg, wide, table=True), rope_angles(cfg, wide, table=False)):
+    np.testing.assert_array_equal(got, want)
+  past = rope_angles(cfg, positions.at[0, 3].set(32), table=True)[0]  # T = 4: N = max_seq_len
+  assert np.isnan(np.asarray(past[0, 3])).all() and np.isfinite(np.asarray(past[0, :3])).all()
+
+  graphdef, params = random_params(cfg.replace(scan_layers=False), seed=3)  # layers unrolled
+  tokens = jnp.zeros((B, T), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+  def sine_fusions():  # a fresh function each time: traced again, after the monkeypatch too
+    forward = jax.jit(lambda *args: apply(graphdef, *args))
+    hlo = forward.lower(params, tokens, pos, pos + 1).compile()
+    bodies = re.findall(r"\n%[\w.-]+ [^\n]*\{\n(.*?)\n\}", hlo.as_text(), re.S)
+    return sum(" sine(" in body for body in bodies)
+
+  assert sine_fusions() == 1
+  computed = lambda cfg, positions, table: rope_angles(cfg, positions, table=False)
+  monkeypatch.setattr(transformer_module, "rope_angles", computed)
+  assert sine_fusions() >= cfg.num_layers

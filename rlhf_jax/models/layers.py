@@ -115,10 +115,32 @@ def rope_frequencies(cfg: ModelConfig) -> jnp.ndarray:
   return jnp.where(is_mid, mid, scaled)
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
-  """Rotary embedding, HF "rotate_half" layout. x: [B, T, H, D], positions: [B, T] int."""
-  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+def rope_angles(cfg: ModelConfig, positions: Array, *, table: bool) -> tuple[Array, Array]:
+  """(sin, cos) [B, T, D/2] float32 of the rotary angles at `positions` [B, T] int.
+
+  table=False computes them from the positions. table=True gathers them from a [N, D/2] table, N =
+  max(max_seq_len, T), computed once per forward (as Meta's reference Llama precomputes its
+  `freqs_cis`): the same values, but XLA:CPU no longer re-evaluates sin and cos inside every layer's
+  RoPE fusion, once per head (computed from positions, they fuse into each consumer; an optimisation
+  barrier does not survive XLA:CPU's pipeline): the bench SFT step's RoPE fusions took 218 ms of op
+  time a step, from the table 63 ms (~8% of its non-matmul op time). Positions must then be below N:
+  within a row (packed, padded or shared-prefix rows count positions inside the row) or the model's
+  context; past both they read NaN. For the forwards without a KV cache; a decoding step (T = 1) has
+  nothing to share and computes them."""
+  inv_freq = rope_frequencies(cfg)
+  if not table:
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.sin(angles), jnp.cos(angles)
+  n = max(cfg.max_seq_len, positions.shape[1])
+  angles = jnp.arange(n, dtype=jnp.float32)[:, None] * inv_freq  # [N, D/2]
+  pick = lambda t: jnp.take(t, positions, axis=0, mode="fill", fill_value=jnp.nan)
+  return pick(jnp.sin(angles)), pick(jnp.cos(angles))
+
+
+def apply_rope(x: Array, rope: tuple[Array, Array]) -> Array:
+  """Rotary embedding, HF "rotate_half" layout. x: [B, T, H, D]; rope: (sin, cos) [B, T, D/2]
+  from `rope_angles`."""
+  sin, cos = rope[0][:, :, None, :], rope[1][:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -189,9 +211,10 @@ class Attention(nnx.Module):
       self.o_bias = param(rngs, (e,), ("norm",), std=None, dtype=pd)
     add_lora(self, cfg, rngs, ("q", "k", "v", "o"))
 
-  def __call__(self, x: Array, positions: Array, mask: Array,
+  def __call__(self, x: Array, rope: tuple[Array, Array] | None, mask: Array,
                cache: tuple[Array, Array] | None, write_at: Array | None):
-    """x: [B, T, E]; positions: [B, T]; mask: [B, 1, 1, T, S] from `attention_mask`.
+    """x: [B, T, E]; rope: the rotary (sin, cos) [B, T, D/2] of `rope_angles` (llama; None for
+    gpt2); mask: [B, 1, 1, T, S] from `attention_mask`.
 
     cache: None, or (k, v, layer). With `layer` an index, k, v are the caches of ALL layers,
     [L, B, KV, S, D]: this call's keys/values are written into slot `write_at` (scalar int) of
@@ -212,9 +235,8 @@ class Attention(nnx.Module):
     if self.use_bias:
       q, k = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt)
       v = v + self.v_bias[...].astype(dt)
-    if cfg.family == "llama":
-      inv_freq = rope_frequencies(cfg)
-      q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if rope is not None:
+      q, k = apply_rope(q, rope), apply_rope(k, rope)
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KV, T, D]
     new_cache = None
     if cache is not None:
@@ -294,8 +316,8 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, mask, cache=None, write_at=None):
-    h, new_cache = self.attn(self.attn_norm(x), positions, mask, cache, write_at)
+  def __call__(self, x, rope, mask, cache=None, write_at=None):
+    h, new_cache = self.attn(self.attn_norm(x), rope, mask, cache, write_at)
     x = sharding.constrain(x + h, ("batch", "length", "act_embed"))
     x = x + self.mlp(self.mlp_norm(x))
     return sharding.constrain(x, ("batch", "length", "act_embed")), new_cache

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import sharding
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import Block, Norm, attention_mask, param
+from rlhf_jax.models.layers import Block, Norm, attention_mask, param, rope_angles
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -114,11 +114,13 @@ class Transformer(nnx.Module):
       q_slots = cache.end + jnp.arange(t)
       mask = attention_mask(q_slots, segment_ids, k_segments)
 
+    # Once per forward, for every layer (a table's gather without a cache: `rope_angles`).
+    rope = rope_angles(cfg, positions, table=cache is None) if cfg.family == "llama" else None
     block_def, block_params = nnx.split(self.blocks)
 
     def layer(x, layer_params, kv, index):  # index None: kv is this layer's own cache
       block = nnx.merge(block_def, layer_params)
-      return block(x, positions, mask, None if kv is None else (*kv, index), write_at)
+      return block(x, rope, mask, None if kv is None else (*kv, index), write_at)
 
     if cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
