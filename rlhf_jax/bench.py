@@ -258,6 +258,17 @@ def train_step_bench(cfg: ModelConfig, make_loss_fn, host: dict, repeats: int,
   return record
 
 
+def pairs_per_row(bench: str, seq_len: int, sequence_len: int, field: str) -> int:
+  """How many pairs of `sequence_len`-token sequences fill a `seq_len`-token row exactly (the
+  rows of rm_step and dpo_step, and --compare's TRL pair count); anything else is refused by
+  name (`field`: the sequence length's flag)."""
+  per_row = seq_len // (2 * sequence_len)
+  if per_row < 1 or seq_len % (2 * sequence_len):
+    raise ValueError(f"{bench}: seq_len={seq_len} must be a multiple of 2 x {field}="
+                     f"{sequence_len} (rows of whole pairs, no padding)")
+  return per_row
+
+
 def sft_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflops: float | None):
   rs = np.random.RandomState(0)
   host = dict(tokens=rs.randint(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32),
@@ -272,10 +283,7 @@ def rm_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflop
   """Rows of `seq_len` tokens, each packed with pairs of `response_len`-token sequences (the
   layout of data/preference.py), Bradley-Terry loss with the Llama 2 "small" margins."""
   cfg = dataclasses.replace(cfg, head="scalar")
-  per_row = seq_len // (2 * response_len)
-  if per_row < 1 or seq_len % (2 * response_len):
-    raise ValueError(f"rm_step: seq_len={seq_len} must be a multiple of 2 x response_len="
-                     f"{response_len} (rows of whole pairs, no padding)")
+  per_row = pairs_per_row("rm_step", seq_len, response_len, "response_len")
   rs = np.random.RandomState(0)
   segment = np.repeat(np.arange(1, 2 * per_row + 1, dtype=np.int32), response_len)
   host = dict(tokens=rs.randint(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32),
@@ -326,10 +334,7 @@ def dpo_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflo
   `logit_budget`, as the DPO trainer's batches do): the LM head runs on those only."""
   if reference not in ("per_step", "precomputed"):
     raise ValueError(f"dpo_step: reference={reference!r} must be 'per_step' or 'precomputed'")
-  per_row = seq_len // (2 * sequence_len)
-  if per_row < 1 or seq_len % (2 * sequence_len):
-    raise ValueError(f"dpo_step: seq_len={seq_len} must be a multiple of 2 x sequence_len="
-                     f"{sequence_len} (rows of whole pairs, no padding)")
+  per_row = pairs_per_row("dpo_step", seq_len, sequence_len, "sequence_len")
   row_len = per_row * (2 * sequence_len - prompt_len) if share_prompt else seq_len
   pairs = dpo_pairs(cfg, batch * per_row, sequence_len, prompt_len)
   budget = logit_budget_for(pairs, row_len, share_prompt) if list_logits else None

@@ -271,7 +271,8 @@ def compare(cfg: ModelConfig, *, gen_batches: list[int], prompt_len: int, new_to
               "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}
   tokenizer = word_tokenizer(cfg.vocab_size)
   remat = cfg.remat != "none"
-  pairs = dpo_rows * (dpo_seq_len // (2 * dpo_sequence_len))  # as bench.dpo_step packs them
+  pairs = dpo_rows * bench.pairs_per_row("dpo_step", dpo_seq_len, dpo_sequence_len,
+                                       "sequence_len")  # as bench.dpo_step packs them
   with tempfile.TemporaryDirectory(dir=workdir) as tmp:
     tmp = Path(tmp)
     policy_dir, reward_dir = export_models(cfg, tokenizer, tmp)
