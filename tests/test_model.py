@@ -681,3 +681,41 @@ def test_rope_angles_from_the_table_equal_computed_ones_and_sin_runs_once(monkey
   computed = lambda cfg, positions, table: rope_angles(cfg, positions, table=False)
   monkeypatch.setattr(transformer_module, "rope_angles", computed)
   assert sine_fusions() >= cfg.num_layers
+
+
+def test_dense_equals_tensordot_and_weight_gradients_transpose_no_output_gradient(monkeypatch):
+  """`dense` is x [..., *in] contracted with w [*in, *out]; in a compiled backward pass its weight
+  gradients contract the [B*T, in] input and the [B*T, out] output gradient as they lie, where the
+  same product written with [B, T] contracting axes made XLA:CPU transpose each output gradient
+  into [out, B*T] first (the bench SFT step: ~280 ms of its transposes and copies)."""
+  import re
+  from rlhf_jax.models import layers as layers_module
+  from rlhf_jax.models import transformer as transformer_module
+  from rlhf_jax.models.layers import dense
+  from rlhf_jax.train.step import YNN_FUSION_TYPES
+  rng = np.random.RandomState(0)
+  x = rng.randn(2, 3, 4, 5).astype(np.float32)
+  for w in (rng.randn(5, 6).astype(np.float32), rng.randn(4, 5, 6, 2).astype(np.float32)):
+    n_in = w.ndim - 1 if w.ndim == 2 else 2
+    np.testing.assert_allclose(dense(x, w, n_in), np.tensordot(x, w, n_in), rtol=1e-5, atol=1e-5)
+  with pytest.raises(AssertionError):
+    dense(x, rng.randn(4, 6).astype(np.float32))
+
+  cfg = LLAMA.replace(scan_layers=False)
+  graphdef, params = random_params(cfg, seed=4)
+  tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (B, T)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  loss = lambda p: jnp.mean(apply(graphdef, p, tokens, pos, jnp.ones((B, T), jnp.int32))[0] ** 2)
+  transposed = re.compile(rf"= f32\[({cfg.mlp_dim}|{cfg.vocab_size}),{B * T}\]")
+
+  def transposed_gradients():  # a fresh function each time: traced again after the monkeypatch
+    grad = jax.jit(jax.grad(loss),
+                   compiler_options={"xla_cpu_experimental_ynn_fusion_type": YNN_FUSION_TYPES})
+    text = grad.lower(params).compile().as_text()
+    return len(transposed.findall(text[text.index("ENTRY"):]))
+
+  assert transposed_gradients() == 0
+  tensordot = lambda x, w, n_in=1: jnp.tensordot(x, w, n_in)
+  monkeypatch.setattr(layers_module, "dense", tensordot)
+  monkeypatch.setattr(transformer_module, "dense", tensordot)
+  assert transposed_gradients() > 0

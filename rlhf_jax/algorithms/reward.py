@@ -37,6 +37,7 @@ from rlhf_jax.losses import reward as reward_losses
 from rlhf_jax.losses.common import masked_mean, token_logprobs
 from rlhf_jax.metrics import format_table
 from rlhf_jax.models import ModelConfig, abstract_model, apply_with_hidden
+from rlhf_jax.models.layers import dense
 
 _log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def make_reward_loss_fn(graphdef, *, kind: str, margins: Sequence[float], center
     else:  # column t: log p(tokens[t + 1])
       hidden, targets = hidden[:, :-1], tokens[:, 1:]
       mask = chosen_response_mask(batch, tokens.shape[1])[:, 1:]
-    logits = jnp.einsum("bte,ev->btv", hidden, lm_head.astype(hidden.dtype))
+    logits = dense(hidden, lm_head.astype(hidden.dtype))
     logp = token_logprobs(logits, targets)
     lm_loss = -masked_mean(logp, mask)
     return loss + lm_coef * lm_loss, {**metrics, "loss": loss + lm_coef * lm_loss,

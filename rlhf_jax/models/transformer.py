@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import sharding
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import Block, Norm, attention_mask, param, rope_angles
+from rlhf_jax.models.layers import Block, Norm, attention_mask, dense, param, rope_angles
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -163,7 +163,7 @@ class Transformer(nnx.Module):
     if self.cfg.head == "scalar":
       return jnp.einsum("bte,e->bt", x, self.score[...].astype(dt)).astype(jnp.float32)
     w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum("bte,ev->btv", x, w.astype(dt))
+    logits = dense(x, w.astype(dt))  # one [B*T, E] x [E, V] matmul: see `dense`
     return sharding.constrain(logits, ("batch", "length", "vocab")).astype(jnp.float32)
 
   def __call__(self, tokens: Array, positions: Array, segment_ids: Array,
