@@ -428,6 +428,7 @@ def test_pad_and_pack_give_the_same_training_signal(tokenizer):
     assert docs == sorted(tuple(e.tokens) for e in examples)
 
 
+@pytest.mark.slow
 def test_target_lists_give_the_same_sft_loss_and_gradients(tokenizer):
     """Batches that list their target tokens (`logit_budget`): the LM head on those slots only,
     the same loss, metrics and gradients as every slot's logits; on one device and sharded."""

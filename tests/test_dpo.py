@@ -19,6 +19,7 @@ from rlhf_jax.models import ModelConfig, create_model, split_model
 from tests.test_reward_model import TINY, export_lm, learnable_pairs, pair_records, write_jsonl
 
 
+@pytest.mark.slow
 def test_comparison_logps_equal_each_response_scored_alone(words_tokenizer):
   """Packed rows (several pairs per row, each response its own segment): every slot's sum is the
   sum of log pi over exactly that response's SFT targets, as if it were scored alone."""

@@ -137,6 +137,7 @@ def test_per_row_eos_stops_rows_and_pads_the_rest():
   assert (np.asarray(out.tokens)[:, 1:] == 0).all()
 
 
+@pytest.mark.slow
 def test_decoding_in_phases_matches_the_cache_free_reference(monkeypatch):
   """The cache grows in phases (`decode_phases`): greedy tokens still equal the cache-free
   reference, sampled log-probs one forward pass, with rows stopping by EOS inside a phase."""
@@ -169,6 +170,7 @@ def test_decoding_in_phases_matches_the_cache_free_reference(monkeypatch):
   np.testing.assert_allclose(np.asarray(out.logprobs)[m], want[m], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sampler_compiles_once_per_bucket_and_matches_generate():
   graphdef, params = _model(LLAMA)
   generate_lib.clear_compiled()  # other tests' Samplers of this model share the compiled functions
@@ -204,6 +206,7 @@ def test_sampler_compiles_once_per_bucket_and_matches_generate():
   assert other.trace_count == 1  # compiled again after the cache was cleared
 
 
+@pytest.mark.slow
 def test_sharded_params_give_the_same_tokens():
   mesh = sharding.make_mesh((2, 2, 2))
   _, abstract, axes = abstract_model(LLAMA)
@@ -228,6 +231,7 @@ def test_sharded_params_give_the_same_tokens():
   np.testing.assert_array_equal(got.tokens, want.tokens)
 
 
+@pytest.mark.slow
 def test_samples_per_prompt_equal_repeated_prompts():
   """samples=K prefills each prompt once and repeats its cache rows: the draws are those of the
   prompts repeated K times (row r's randomness depends on r only), on one device, through the

@@ -57,6 +57,7 @@ def test_group_advantages_match_a_numpy_loop(estimator, scale):
     ppo_rollout.group_advantages_fn(old, ref, reward, mask, found, beta, cfg, estimator="gae")
 
 
+@pytest.mark.slow
 def test_grpo_loss_adds_beta_times_the_k3_kl_to_the_reference_and_has_no_critic(models):
   """At the rollout's own params the ratio is 1, so the loss is -mean(A) + beta * mean(k3) over the
   response tokens, with k3 = exp(ref - logp) - (ref - logp) - 1 from a different reference."""

@@ -194,6 +194,7 @@ def test_hir_batches_hold_one_response_under_each_instruction(words_tokenizer):
   assert not batch["loss_mask"][1, 1:].any() and not batch["segment_ids"][1, 1:].any()
 
 
+@pytest.mark.slow
 def test_hir_loss_on_listed_response_tokens_equals_the_full_head(words_tokenizer):
   """With the response tokens listed (hir_batch's logit_budget, as the driver batches) the LM head
   runs on those slots only: the loss, its metrics and its gradients equal the full head's."""

@@ -156,6 +156,7 @@ def _plain_p_first(graphdef, params, tokenizer, prompt):
   return float(np.exp(pair[0]) / np.exp(pair).sum())
 
 
+@pytest.mark.slow
 def test_preferences_match_plain_forward_and_swap(tiny_model, tokenizer, world):
   _, graphdef, params = tiny_model
   comps = judge.comparisons(world, 5, seed=2, principles=(HARMLESS,), split="eval")
@@ -243,6 +244,7 @@ class ScriptedSampler:
     return generate.GenerateOutput(out, np.zeros(out.shape, np.float32), ones, ones.sum(1))
 
 
+@pytest.mark.slow
 def test_critique_then_revision_sees_the_critique(tokenizer, tiny_model):
   items = [(ADD, RAMBLE), (POISON, "No.")]
   sampler = ScriptedSampler(tokenizer, ["It rambles.", "12"])

@@ -51,6 +51,7 @@ def _adapter_leaves(params) -> dict:
           if lora.is_adapter(p)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base, targets", [(LLAMA, ALL_LLAMA), (LLAMA, ("q", "v")),
                                            (GPT2, ("q", "k", "v", "o", "up", "down"))])
 def test_zero_b_and_the_reference_are_the_base_model_bit_for_bit(base, targets):
@@ -143,6 +144,7 @@ def _lora_config(tmp_path, rank=4, targets=("q", "v", "down")):
   return config
 
 
+@pytest.mark.slow
 def test_training_moves_only_the_adapters_which_alone_have_optimiser_state(tmp_path):
   base_params = export_lm(tmp_path / "lm")
   config = _lora_config(tmp_path)

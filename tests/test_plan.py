@@ -28,6 +28,7 @@ def tiny():
                             mlp_dim=128, max_seq_len=256)
 
 
+@pytest.mark.slow
 def test_params_and_optimizer_bytes_equal_a_real_train_state(tiny):
   mesh = sharding.make_mesh((1, 4, 2))
   record = plan_lib.plan(tiny, mesh, algorithm="sft", batch=8, seq_len=32)

@@ -165,6 +165,7 @@ def test_value_head_on_the_policy_reads_its_hidden_states_one_position_earlier(m
   assert scaled.shape[1] == mask.shape[1] - 1
 
 
+@pytest.mark.slow
 def test_loss_with_value_head_has_ratio_one_and_value_gradients_reach_the_trunk(models):
   policy_gd, _, params = models
   head = {"score": np.random.RandomState(1).normal(size=(TINY["embed_dim"],)).astype(np.float32)}
@@ -230,6 +231,7 @@ def test_linear_reward_is_the_weighted_sum_of_whitened_scores():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.slow
 def test_loss_at_rollout_params_has_ratio_one(models, temperature):
   """Rollout (make_score_fn) and update (make_ppo_loss_fn) compute the same log-probs: at the
   rollout params the ratio is 1, nothing is clipped, and the policy loss is -mean(A)."""
@@ -544,6 +546,7 @@ def test_ppo_iterations_raise_a_simple_reward(models, value_model, samples):
   assert np.mean(rewards[-3:]) > np.mean(rewards[:2]) + 0.2, rewards
 
 
+@pytest.mark.slow
 def test_frozen_models_in_bfloat16_score_close_to_float32(exports, models):
   """config.ppo.frozen_dtype="bfloat16": reward models and the reference are held and run in
   bf16; their scores / log-probs stay within bf16 rounding of the fp32 ones."""
@@ -701,6 +704,7 @@ def test_best_of_k_reports_each_samples_mean_logprob(tokenizer, tasks):
     np.testing.assert_allclose(prompt["mean_logprob"], [-2.0, -0.5, -4.0])
 
 
+@pytest.mark.slow
 def test_best_of_k_scores_each_prompt_once_and_equals_the_plain_rows(tokenizer, tasks):
   """best_of_k samples K per prompt with one prefill and scores them with the prompt held once
   per row (share): each sample's reward-model score equals the plain row's (the same samples,

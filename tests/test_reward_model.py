@@ -353,6 +353,7 @@ def test_driver_needs_a_margin_on_every_pair_for_the_margin_loss(tmp_path, words
 # ---------------------------------------------------------------- LM regulariser (reward.lm_coef)
 
 
+@pytest.mark.slow
 def test_lm_regulariser_adds_the_sft_loss_of_the_best_responses(tmp_path, words_tokenizer, words_tokenizer_dir):
     """At the start (trunk and LM head both the export's), the regularised loss is the pairwise loss
     plus lm_coef x the LM's mean next-token loss over the chosen responses' tokens, which

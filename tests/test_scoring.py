@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from rlhf_jax import generate, scoring
 from rlhf_jax.data.text import tokenize_text
@@ -11,6 +12,7 @@ from rlhf_jax.models import ModelConfig, create_model, split_model
 CFG = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64)
 
 
+@pytest.mark.slow
 def test_response_logprobs_match_sampler():
   graphdef, params = split_model(create_model(CFG, 0))
   tokens, mask = generate.prompt_batch([[1, 5, 6], [1, 7]], pad_id=0)
@@ -24,6 +26,7 @@ def test_response_logprobs_match_sampler():
   np.testing.assert_allclose(sums, jnp.sum(out.logprobs * out.mask, axis=1), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_last_token_scores_reads_last_real_token():
   cfg = CFG.replace(head="scalar")
   graphdef, params = split_model(create_model(cfg, 0))

@@ -39,6 +39,7 @@ def by_comparison(batch, values, count):
 
 
 @pytest.mark.parametrize("kind", ["pairwise", "ranking"])
+@pytest.mark.slow
 def test_shared_prompt_rows_score_every_response_as_the_unshared_layout(words_tokenizer, kind):
   records = pair_records(14) if kind == "pairwise" else ranking_records(10)
   k = 2 if kind == "pairwise" else 4
@@ -86,6 +87,7 @@ def test_shared_prompt_rows_score_every_response_as_the_unshared_layout(words_to
     assert np.all(np.asarray(sums)[~batch["valid"]] == 0)
 
 
+@pytest.mark.slow
 def test_dpo_loss_and_gradients_equal_with_shared_prompts(words_tokenizer):
   comparisons, _ = tokenize_comparisons(pair_records(12), "pairwise", words_tokenizer, max_len=64)
   rs = np.random.RandomState(0)
@@ -238,6 +240,7 @@ def test_group_rows_round_trip():
   np.testing.assert_array_equal(ungroup_rows(grouped, 3, 3), x)
 
 
+@pytest.mark.slow
 def test_a_prompts_samples_score_and_train_the_same_with_the_prompt_run_once():
   """Policy, value-model, value-head, reference and reward-model outputs, the PPO loss and its
   gradients: equal with `share=(K, N)` to the plain rows, on response tokens; and with the LM head

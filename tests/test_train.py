@@ -66,6 +66,7 @@ def test_schedule_warmup_then_cosine():
     make_schedule(_optim_cfg(schedule="exp"), 10)
 
 
+@pytest.mark.slow
 def test_weight_decay_skips_norms_biases_embeddings():
   cfg = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64,
                     family="gpt2", tie_embeddings=True)
@@ -86,6 +87,7 @@ def test_weight_decay_skips_norms_biases_embeddings():
   assert float(jnp.abs(updates["blocks"]["mlp"]["up"]).max()) > 0.0
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_master_params():
   cfg = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64,
                     dtype="bfloat16", param_dtype="float32")
@@ -109,6 +111,7 @@ def test_bf16_compute_keeps_fp32_master_params():
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_cpu_train_steps_ask_for_the_ynn_dot_fusion_and_match_without_it(monkeypatch):
   """On a one-device CPU mesh the train step is compiled with XLA's YNNPACK fusion on every dot
   and reduction (train_compiler_options); RLHF_JAX_CPU_YNN=0 leaves XLA's default; both compute
