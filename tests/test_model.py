@@ -618,7 +618,18 @@ def test_chunked_causal_attention_matches_unchunked(monkeypatch):
                results[16][1], results[10**6][1])
 
 
-def test_attention_normalising_after_the_value_contraction_matches_softmax():
+def _entry_as_train_steps_compile(monkeypatch, fn, *args) -> str:
+  """The ENTRY computation of `fn(*args)` compiled with the options the CPU train steps use on a
+  one-device mesh (`train_compiler_options`, with its YNNPACK fusions switched on)."""
+  from rlhf_jax import sharding
+  from rlhf_jax.train import train_compiler_options
+  monkeypatch.setenv("RLHF_JAX_CPU_YNN", "1")
+  options = train_compiler_options(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+  text = jax.jit(fn, compiler_options=options).lower(*args).compile().as_text()
+  return text[text.index("ENTRY"):]
+
+
+def test_attention_normalising_after_the_value_contraction_matches_softmax(monkeypatch):
   """`layers._attend` divides the value contraction by the row sums of exp(scores - max) instead
   of contracting softmax probabilities, over [B, KV, G*T, S] scores: values and gradients (q, k, v)
   must equal the plain softmax formula's, with large scores (the max shift matters: exp(scores)
@@ -627,7 +638,6 @@ def test_attention_normalising_after_the_value_contraction_matches_softmax():
   as the plain formula is, XLA:CPU transposes three)."""
   import re
   from rlhf_jax.models.layers import _MASK_VALUE, _attend
-  from rlhf_jax.train.step import YNN_FUSION_TYPES
   rs = np.random.RandomState(31)
   b, t, kv, g, d, s = 2, 5, 2, 3, 8, 7
   q = jnp.asarray(rs.normal(size=(b, t, kv, g, d)) * 20.0, jnp.float32)  # scores up to ~1e3
@@ -658,10 +668,9 @@ def test_attention_normalising_after_the_value_contraction_matches_softmax():
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
   def score_sized_transposes(f):
-    grad = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2)),
-                   compiler_options={"xla_cpu_experimental_ynn_fusion_type": YNN_FUSION_TYPES})
-    text = grad.lower(q, k, v).compile().as_text()
-    arrays = re.findall(r"%(\S+) = f32\[([\d,]+)\]\S* (\w+)\(", text[text.index("ENTRY"):])
+    grad = jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))
+    entry = _entry_as_train_steps_compile(monkeypatch, grad, q, k, v)
+    arrays = re.findall(r"%(\S+) = f32\[([\d,]+)\]\S* (\w+)\(", entry)
     return sum(math.prod(map(int, shape.split(","))) == b * kv * g * t * s
                and any(w in name or w == op for w in ("transpose", "copy"))
                for name, shape, op in arrays)
@@ -711,7 +720,6 @@ def test_dense_equals_tensordot_and_weight_gradients_transpose_no_output_gradien
   from rlhf_jax.models import layers as layers_module
   from rlhf_jax.models import transformer as transformer_module
   from rlhf_jax.models.layers import dense
-  from rlhf_jax.train.step import YNN_FUSION_TYPES
   rng = np.random.RandomState(0)
   x = rng.randn(2, 3, 4, 5).astype(np.float32)
   for w in (rng.randn(5, 6).astype(np.float32), rng.randn(4, 5, 6, 2).astype(np.float32)):
@@ -728,10 +736,8 @@ def test_dense_equals_tensordot_and_weight_gradients_transpose_no_output_gradien
   transposed = re.compile(rf"= f32\[({cfg.mlp_dim}|{cfg.vocab_size}),{B * T}\]")
 
   def transposed_gradients():  # a fresh function each time: traced again after the monkeypatch
-    grad = jax.jit(jax.grad(loss),
-                   compiler_options={"xla_cpu_experimental_ynn_fusion_type": YNN_FUSION_TYPES})
-    text = grad.lower(params).compile().as_text()
-    return len(transposed.findall(text[text.index("ENTRY"):]))
+    entry = _entry_as_train_steps_compile(monkeypatch, jax.grad(loss), params)
+    return len(transposed.findall(entry))
 
   assert transposed_gradients() == 0
   tensordot = lambda x, w, n_in=1: jnp.tensordot(x, w, n_in)
