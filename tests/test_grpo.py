@@ -12,7 +12,7 @@ from rlhf_jax import checkpoint, generate, metrics, sharding
 from rlhf_jax.algorithms import ppo, ppo_rollout
 from rlhf_jax.models import abstract_model
 from rlhf_jax.train import create_train_state, state_shardings
-from tests.test_ppo import (POLICY_CFG, TINY, compilation_cache, driver_config, exports,  # noqa: F401
+from tests.test_ppo import (POLICY_CFG, TINY, driver_config, exports,  # noqa: F401
                             fake_rollout, masked_mean, models, ppo_cfg, tasks, tokenizer_dir)
 
 

@@ -271,7 +271,8 @@ def test_hir_rejects_prompts_without_feedback_or_too_long(tmp_path, words_tokeni
 
 
 @pytest.mark.slow
-def test_hir_runs_rounds_and_a_rerun_skips_them(tmp_path, words_tokenizer_dir, words_tokenizer):
+def test_hir_runs_rounds_and_a_rerun_skips_them(tmp_path, words_tokenizer_dir, words_tokenizer,
+                                                 compilation_cache):
   export_tiny_lm(tmp_path / "lm")
   short = lambda n, families: [t for t in World(0).tasks(n, seed=0, families=families)
                                if len(encode_prompt(words_tokenizer, t["prompt"])) <= 48]

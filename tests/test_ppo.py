@@ -391,22 +391,6 @@ def exports(tmp_path_factory, tokenizer_dir, tasks):
           "prompts": write_jsonl(root / "prompts.jsonl", tasks)}  # toy tasks: gold metrics
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-  """Every driver run below compiles the same programs (sampler, scoring, update); a persistent
-  compilation cache, for this module's driver tests only, compiles each once."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  saved = {name: getattr(jax.config, name) for name in names}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  cc.reset_cache()
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
-
-
 # Not (2, 2, 2): there, on the 8 fake CPU devices, XLA deadlocks in the PPO update (2 epochs x 2
 # mini-batches of 4 rows of 104 tokens): devices wait in different collectives of one program until
 # the rendezvous times out and the process aborts. (4, 1, 2) still shards the batch and the heads.

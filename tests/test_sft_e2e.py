@@ -29,7 +29,7 @@ def tiny_config(steps=40):
 
 
 @pytest.mark.slow
-def test_sft_loss_falls_well_below_start(tmp_path):
+def test_sft_loss_falls_well_below_start(tmp_path, compilation_cache):
   config = tiny_config(steps=60)
   config.sample.num_examples = 4
   result = sft.train(config, str(tmp_path))
@@ -47,7 +47,7 @@ def test_sft_loss_falls_well_below_start(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_gives_identical_params(tmp_path):
+def test_resume_gives_identical_params(tmp_path, compilation_cache):
   """N steps in one go == N/2 steps, a restart of the same command, N/2 more steps."""
   straight = tiny_config(steps=20)
   sft.train(straight, str(tmp_path / "straight"))
