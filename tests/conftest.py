@@ -12,6 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from tests.compile_cache import persistent_compilation_cache  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
@@ -21,17 +23,8 @@ def compilation_cache(tmp_path_factory):
     several times (a driver run, its resumed rerun, the next round): each compiles once. Not
     suite-wide: there it saved ~1% of the suite's time (most programs compile once) and added a
     disk write for every compile."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cc.reset_cache()
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ from rlhf_jax.train import (NonFiniteError, create_train_state, make_optimizer, 
                             state_shardings)
 
 from tests import reliability_configs as configs
+from tests.compile_cache import persistent_compilation_cache
 from tests.test_reward_model import WORDS, learnable_pairs, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,7 +206,9 @@ def straight(tmp_path_factory, inputs):
     if algorithm not in done:
       config = _config(algorithm, inputs)
       workdir = tmp_path_factory.mktemp(f"straight_{algorithm}")
-      run.resolve_driver(config.algorithm)(config, str(workdir))
+      # In the workers' compilation cache: the first worker loads what this run compiled.
+      with persistent_compilation_cache(inputs["cache"]):
+        run.resolve_driver(config.algorithm)(config, str(workdir))
       done[algorithm] = checkpoint.load_params(workdir / "export")[0], _rows(workdir)
     return done[algorithm]
 

@@ -15,7 +15,7 @@ import pytest
 from rlhf_jax import checkpoint, metrics
 from rlhf_jax.algorithms import pipeline, rest
 from rlhf_jax.configs import base_config
-from tests.test_ppo import (MAX_PROMPT_LEN, TINY, base_driver_config, compilation_cache,  # noqa: F401
+from tests.test_ppo import (MAX_PROMPT_LEN, TINY, base_driver_config,  # noqa: F401
                             exports, tasks, tokenizer_dir)
 
 
