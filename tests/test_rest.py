@@ -133,7 +133,7 @@ def steps_logged(workdir):
 
 @pytest.mark.slow
 def test_driver_grows_improves_resumes_and_skips(tmp_path, exports, tokenizer_dir,
-                                                 compilation_cache):  # noqa: F811
+                                                 compilation_cache):
   workdir = tmp_path / "rest"
   interrupted = rest_config(exports, tokenizer_dir)
   interrupted.train.stop_after_steps = 1
