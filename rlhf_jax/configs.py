@@ -185,7 +185,12 @@ def base_config() -> ml_collections.ConfigDict:
       # sample's reward is its mean position-swapped P(better than a sibling), under
       # judge_principles (() = HARMLESS on unsafe prompts, else CORRECT; or names / texts, one
       # drawn per prompt; algorithms/ai_feedback.py).
-      reward=dict(REWARD_MODELS, gold=False, judge="", judge_principles=()),
+      # normalize: where whitening's statistics come from: "policy" (each reward model's scores
+      # on one sample of the start policy for each of the first normalize_prompts training
+      # prompts: the reward has mean 0, std 1 where PPO starts, so kl.beta means the same for
+      # any reward model) | "export" (the export's held-out candidate responses).
+      reward=dict(REWARD_MODELS, gold=False, judge="", judge_principles=(), normalize="policy",
+                  normalize_prompts=256),
       eval_every=0,  # held-out gold + KL every N iterations on data.eval_source toy tasks (0 = off)
       eval_prompts=256,  # at most this many held-out tasks
       frozen_dtype="",  # "bfloat16": hold and run the reference and reward models in bf16

@@ -425,7 +425,7 @@ def test_toy_prompts_fit_the_driver_config(tokenizer, tasks):
 
 @pytest.mark.slow
 def test_driver_logs_exports_and_resumes_to_the_same_params(tmp_path, exports, tokenizer_dir,
-                                                            compilation_cache):
+                                                            compilation_cache, tasks):
   workdir = tmp_path / "full"
   result = ppo.train(driver_config(exports, tokenizer_dir), str(workdir))
   assert result["iterations"] == 3
@@ -438,8 +438,12 @@ def test_driver_logs_exports_and_resumes_to_the_same_params(tmp_path, exports, t
     assert row["ppo/first_approx_kl"] < 1e-4, row  # rollout and update numerics agree
     assert row["ppo/first_clip_fraction"] == 0.0, row
     assert 1 <= row["ppo/length"] <= 8
-    # One reward model: the reward is its score whitened by the export's stats (mean 0.2, std 1.5).
-    assert row["ppo/reward"] == pytest.approx((row["ppo/score_helpful"] - 0.2) / 1.5, abs=1e-5)
+    # One reward model: the reward is its score whitened by its statistics on the start policy's
+    # samples (config.ppo.reward.normalize="policy"), not by the export's (mean 0.2, std 1.5).
+    stats = json.loads((workdir / "reward_stats.json").read_text())["helpful"]
+    assert row["ppo/reward"] == pytest.approx((row["ppo/score_helpful"] - stats["mean"]) / stats["std"],
+                                              abs=1e-5)
+  assert stats["n"] == len(tasks) and (stats["mean"], stats["std"]) != (0.2, 1.5)
   assert rows[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at iteration 1
   assert rows[2]["ppo/kl"] != rows[0]["ppo/kl"]  # ... and it moved
   params, meta = checkpoint.load_params(workdir / "export")
@@ -560,8 +564,10 @@ def test_driver_with_helpful_and_safety_models_llama2(tmp_path, exports, tokeniz
   config = driver_config(exports, tokenizer_dir, iterations=1)
   config.ppo.reward.update(safety=exports["safety"], combine="llama2")
   config.ppo.frozen_dtype = "bfloat16"  # reward models and reference in bf16
+  config.ppo.reward.normalize = "export"  # whitened by the exports' statistics, as before
   workdir = tmp_path / "llama2"
   assert ppo.train(config, str(workdir))["iterations"] == 1
+  assert not (workdir / "reward_stats.json").exists()
   (row,) = metrics.read_jsonl(workdir / "metrics.jsonl")
   for name in ("score_helpful", "score_safety", "reward", "kl", "gold_combined"):
     assert row.get(f"ppo/{name}") is not None and np.isfinite(row[f"ppo/{name}"]), (name, row)

@@ -307,6 +307,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      f"samples_per_prompt >= 2 (it is {p.samples_per_prompt}) and whole prompts "
                      f"per micro-batch (prompts_per_iteration={p.prompts_per_iteration} a multiple "
                      f"of minibatches x accum_steps = {p.minibatches} x {p.accum_steps})")
+  if p.reward.get("normalize", "export") not in ("policy", "export"):
+    raise ConfigError(f"config.ppo.reward.normalize={p.reward.normalize!r}; choose 'policy' (the "
+                     "start policy's samples) or 'export' (the reward export's statistics)")
   if p.reward.gold and p.reward.judge:
     raise ConfigError("config.ppo.reward.gold and config.ppo.reward.judge are both set; choose one")
   if p.reward.judge:
@@ -385,6 +388,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rms = ppo_rollout.load_reward_models(p.reward, mesh, key="config.ppo.reward",
                                          dtype=p.frozen_dtype)
     spec = ppo_rollout.reward_spec(p.reward, rms)
+    if spec.whiten and p.reward.get("normalize", "export") == "policy":
+      spec = dataclasses.replace(spec, stats=policy_score_stats(
+          params["policy"], generate.Sampler(policy_gd, policy_cfg, mesh=mesh,
+                                             param_shardings=psh["policy"]),
+          rms, tokenizer, prompts[:p.reward.normalize_prompts], p, seed=config.seed))
+      metrics.write_json(spec.stats, os.path.join(workdir, "reward_stats.json"))
+      _log.info("reward statistics on the start policy's samples: %s", spec.stats)
 
   total_steps = p.iterations * p.epochs * p.minibatches
   optimizer, schedule = make_optimizer(config.optim, total_steps,
@@ -478,6 +488,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     common.export_model(config, os.path.join(workdir, "export"), state.params["policy"],
                         policy_cfg, tokenizer=os.path.abspath(tokenizer_dir), step=int(state.step))
   return {"iterations": end, "beta": beta}
+
+
+def policy_score_stats(policy_params, sampler, rms: dict, tokenizer, prompts: list[dict],
+                       p: ml_collections.ConfigDict, *, seed: int) -> dict:
+  """{model name: {"mean", "std", "n"}} of each reward model's raw scores on one sample of the
+  start policy for each of `prompts` (config.ppo.reward.normalize="policy").
+
+  Whitening by these makes the sequence reward mean 0 and std 1 *on the policy PPO starts from*
+  (as Ziegler et al. normalise their reward model), so `kl.beta` weighs the KL against a reward
+  of known scale. The export's statistics come from held-out candidate responses, whose spread
+  can differ from the policy's many-fold and silently rescale the effective KL coefficient. The
+  samples are a pure function of the start policy and the seed, so a resumed run gets the same
+  statistics."""
+  if not prompts:
+    raise ConfigError("config.ppo.reward.normalize='policy' needs training prompts to sample")
+  samples = ppo_rollout.best_of_k(
+      policy_params, sampler, rms, None, tokenizer, prompts, k=1, temperature=p.temperature,
+      max_new_tokens=p.max_new_tokens, max_prompt_len=p.max_prompt_len,
+      batch_prompts=max(p.prompts_per_iteration, 1), rng=jax.random.key(seed + 11))
+  out = {}
+  for name in rms:
+    scores = np.concatenate([s["scores"][name] for s in samples])
+    out[name] = {"mean": float(scores.mean()), "std": float(scores.std()), "n": int(scores.size)}
+  return out
 
 
 def gold_metrics(records: list[dict], responses: list[str]) -> dict:

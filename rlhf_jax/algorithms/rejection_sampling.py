@@ -21,61 +21,18 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, data, generate, metrics, scoring, sharding
+from rlhf_jax import checkpoint, data, metrics, sharding
 from rlhf_jax.algorithms import common, ppo_rollout, sft
 from rlhf_jax.algorithms.ppo import load_prompts
+from rlhf_jax.algorithms.ppo_rollout import best_of_k
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.toyworld import annotators
 from rlhf_jax.toyworld import world as world_lib
 
 _log = logging.getLogger(__name__)
-
-
-def best_of_k(policy_params, sampler, rms: dict, spec, tokenizer, prompts: list[dict], *, k: int,
-              temperature: float, max_new_tokens: int, max_prompt_len: int, batch_prompts: int,
-              rng) -> list[dict]:
-  """For each prompt, K samples scored by `spec`: [{"record", "texts" [K], "rewards" [K],
-  "scores" {model name: [K] raw scores}, "mean_logprob" [K]: the policy's mean per-token log-prob
-  of each sample at `temperature`}] ("rewards" only with a spec).
-
-  Each prompt is prefilled once for its K samples (`Sampler(..., samples=K)`), and the reward
-  models run a prompt's K samples as one row with the prompt once (`scoring.last_token_scores`
-  with `share`): the scores of the plain rows (tested), on fewer tokens."""
-  share = (k, max_new_tokens) if k > 1 else None
-  score = jax.jit(lambda params, batch: {
-      name: scoring.last_token_scores(rm.graphdef, params[name], batch["tokens"],
-                                      batch["segment_ids"], batch["positions"], share)
-      for name, rm in rms.items()})
-  reward_fn = jax.jit(spec.__call__) if spec is not None else None
-  out = []
-  for start in range(0, len(prompts), batch_prompts):
-    chunk = prompts[start:start + batch_prompts]
-    repeated = [r for r in chunk for _ in range(k)]
-    tokens, mask = ppo_rollout.encode_prompts(tokenizer, chunk, max_prompt_len)
-    gen = sampler(policy_params, tokens, mask, jax.random.fold_in(rng, start),
-                  max_new_tokens=max_new_tokens, temperature=temperature,
-                  eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, samples=k)
-    tokens, mask = np.repeat(tokens, k, axis=0), np.repeat(mask, k, axis=0)  # a row per sample
-    seq, segment_ids, positions, _ = generate.full_sequence(tokens, mask, gen)
-    scores = score({name: rm.params for name, rm in rms.items()},
-                   {"tokens": seq, "segment_ids": segment_ids, "positions": positions})
-    unsafe = jnp.asarray([bool(r.get("unsafe", False)) for r in repeated])
-    rewards = (np.asarray(reward_fn(scores, unsafe)).reshape(len(chunk), k)
-               if reward_fn is not None else None)
-    scores = {name: np.asarray(x).reshape(len(chunk), k) for name, x in scores.items()}
-    texts = ppo_rollout.decode_responses(tokenizer, gen)
-    mean_logprob = np.asarray(jnp.sum(gen.logprobs, axis=1) / jnp.maximum(gen.lengths, 1))
-    mean_logprob = mean_logprob.reshape(len(chunk), k)
-    for i, record in enumerate(chunk):
-      out.append({"record": record, "texts": texts[i * k:(i + 1) * k],
-                  "scores": {name: x[i] for name, x in scores.items()},
-                  "mean_logprob": mean_logprob[i],
-                  **({"rewards": rewards[i]} if rewards is not None else {})})
-  return out
 
 
 # Pieces shared with ReST (algorithms/rest.py): sample-score-filter, then SFT on what is kept.
