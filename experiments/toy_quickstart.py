@@ -14,4 +14,6 @@ from rlhf_jax.toy_configs import toy_pipeline_config
 def get_config():
   c = toy_pipeline_config()
   c.stages = ("world", "pretrain", "sft", "rm_helpful", "rm_safety", "ppo", "eval")
+  c.eval.skip = ("pretrain",)  # the gold table compares SFT with PPO; pretraining is the means
+  c.eval.best_of_n_prompts = 512
   return c

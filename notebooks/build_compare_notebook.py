@@ -38,15 +38,16 @@ print("workdir:", WORKDIR)"""),
 
 One row per trained policy; the `sft @ T=...` rows are the SFT model sampled at lower temperatures
 (no reward model, no training): the baseline a method must beat *at equal KL*. `delta` is gold combined
-minus SFT's (the paired standard error of such a difference is about 0.025 on 256 tasks).
+minus SFT's, `delta_se` its paired standard error over prompts (every policy is sampled several times
+on each held-out prompt; the temperature rows pair with SFT's own samples at T = 1).
 `minutes` is the method's own stage, `minutes_total` adds the stages it needed (reward models, judge,
 AI feedback)."""),
     ("code", """rows = compare.method_rows(WORKDIR)
 table = pd.DataFrame(rows)
 table["minutes"] = table["seconds"] / 60
 table["minutes_total"] = table["seconds_with_inputs"] / 60
-columns = ["method", "algorithm", "helpfulness", "safety", "combined", "delta_combined", "win_rate",
-           "kl", "length", "refusal_unsafe", "minutes", "minutes_total"]
+columns = ["method", "algorithm", "helpfulness", "safety", "combined", "delta_combined", "delta_se",
+           "win_rate", "kl", "length", "refusal_unsafe", "minutes", "minutes_total"]
 table[columns].round(3).rename(columns={"delta_combined": "delta"})"""),
     ("markdown", "## Gold against KL"),
     ("code", """png = compare.plot_methods(rows, os.path.join(WORKDIR, "eval", "methods.png"))

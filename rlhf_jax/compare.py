@@ -19,6 +19,8 @@ import json
 import os
 from typing import Sequence
 
+from rlhf_jax.toyworld import evaluate as gold_eval
+
 GOLD_KEYS = ("helpfulness", "safety", "combined", "win_rate", "kl", "length", "refusal_unsafe",
              "refusal_safe")
 
@@ -35,7 +37,8 @@ def read_stage_info(workdir: str, stage: str) -> dict:
 def method_rows(workdir: str, *, baseline: str = "sft") -> list[dict]:
   """One row per evaluated policy stage (in evaluation order, the pretrained model left out):
   {"method", "algorithm", "vs" (the stage it started from), GOLD_KEYS..., "delta_combined"
-  (combined minus `baseline`'s), "seconds" (its own training), "seconds_with_inputs" (plus the
+  (combined minus `baseline`'s), "delta_se" (its paired standard error over prompts, where both
+  were evaluated on the same samples per prompt), "seconds" (its own training), "seconds_with_inputs" (plus the
   stages it needed: reward models, judge, AI feedback), "inputs"}; then one row per temperature
   of the temperature baseline (method "<policy> @ T=<t>", algorithm "temperature", KL to that
   policy at T = 1, no win rate). Raises FileNotFoundError naming the missing gold.json."""
@@ -59,9 +62,14 @@ def method_rows(workdir: str, *, baseline: str = "sft") -> list[dict]:
     if seconds is not None:
       extra = [read_stage_info(workdir, s).get("seconds") for s in inputs]
       with_inputs = seconds + sum(x for x in extra if x is not None)
+    paired = None
+    if baseline in gold and stage != baseline and result.get("samples") \
+        and len(result["samples"]) == len(gold[baseline].get("samples", ())):
+      paired = gold_eval.paired_difference(result["samples"], gold[baseline]["samples"])
     rows.append({"method": stage, "algorithm": info.get("algorithm", stage),
                  "vs": result.get("reference"), **{k: overall.get(k) for k in GOLD_KEYS},
                  "delta_combined": None if base is None else overall["combined"] - base,
+                 "delta_se": paired["se"] if paired else None,
                  "seconds": seconds, "seconds_with_inputs": with_inputs, "inputs": inputs})
   temperature_path = os.path.join(workdir, "eval", "temperature.json")
   if os.path.exists(temperature_path):
@@ -72,6 +80,8 @@ def method_rows(workdir: str, *, baseline: str = "sft") -> list[dict]:
                    "vs": curve["policy"],
                    **{k: (curve[k][i] if k in curve else None) for k in GOLD_KEYS},
                    "delta_combined": None if base is None else curve["combined"][i] - base,
+                   "delta_se": curve["vs_t1"][i]["se"] if curve.get("vs_t1") and
+                   curve["policy"] == baseline else None,
                    "seconds": 0.0, "seconds_with_inputs": 0.0, "inputs": []})
   return rows
 

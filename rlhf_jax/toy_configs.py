@@ -10,9 +10,12 @@ from __future__ import annotations
 import ml_collections
 
 from rlhf_jax.configs import base_config
+from rlhf_jax.toyworld import world as world_lib
 
-MODEL = dict(vocab_size=0, num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=2, mlp_dim=384,
-             max_seq_len=256, family="llama")
+# Two layers, unrolled: the behaviour world's content is canned answers a small model learns in
+# minutes, and at this size an unrolled step is ~1.5x faster than a scanned one on a CPU.
+MODEL = dict(vocab_size=0, num_layers=2, embed_dim=128, num_heads=4, num_kv_heads=2, mlp_dim=384,
+             max_seq_len=256, family="llama", scan_layers=False)
 
 
 def stage(algorithm: str, *, lr: float, warmup: int, steps: int, seq_len: int,
@@ -78,17 +81,20 @@ def kto_stage(source: str = "kto", *, steps: int = 150, beta: float = 0.1, lr: f
   return s
 
 
-def ppo_stage(*, iterations: int = 60, beta: float = 0.3, lr: float = 2e-5,
+def ppo_stage(*, iterations: int = 40, beta: float = 0.3, lr: float = 5e-5,
               init_from: str = "") -> ml_collections.ConfigDict:
   """PPO from the latest policy (or the stage `init_from` names) against the Llama 2 combination
-  of the two reward models; the value model starts from the helpfulness RM (InstructGPT)."""
+  of the two reward models; the value model starts from the helpfulness RM (InstructGPT).
+  40 iterations of 32 prompts, 2 epochs x 2 mini-batches each at lr 5e-5: ~2.5 minutes on a
+  2-core CPU (60 iterations of 4 x 4 updates at lr 2e-5 took ~5, docs/toyworld.md)."""
   s = stage("ppo", lr=lr, warmup=0, steps=iterations, seq_len=128, log_every=1)
   s.init_from = init_from  # a stage name in the pipeline ("" = the latest policy stage)
   s.optim.update(schedule="constant", grad_clip_norm=1.0)
   s.data.update(source="rl_prompts", eval_source="eval_tasks")
   s.train.update(checkpoint_every=10)
-  s.ppo.update(eval_every=10, iterations=iterations, prompts_per_iteration=32, max_prompt_len=64,
-               max_new_tokens=48, epochs=4, minibatches=4, value_init_from="rm_helpful")
+  s.ppo.update(eval_every=10, eval_prompts=128, iterations=iterations, prompts_per_iteration=32,
+               max_prompt_len=64, max_new_tokens=48, epochs=2, minibatches=2,
+               value_init_from="rm_helpful")
   s.ppo.kl.update(beta=beta)
   s.ppo.reward.update(helpful="rm_helpful", safety="rm_safety", combine="llama2")
   return s
@@ -196,14 +202,22 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
   c.stages = ("world", "pretrain", "sft", "eval")
 
+  # The behaviour world (toyworld/behaviours.py): content the SFT model gets right, behaviour
+  # axes whose frequencies in the demonstrations are wrong. `classic_world(c)` restores the
+  # earlier capability world.
   c.world = ml_collections.ConfigDict(dict(
-      seed=0, pretrain_documents=20000, bad_habit_rate=0.3, sft_records=4000, sft_noise=0.15,
-      eval_prompts=256, tokenizer_vocab_size=1024, preference_prompts=4000,
+      seed=0, families=world_lib.BEHAVIOUR_FAMILIES,
+      behaviours=dict(enabled=True, preamble_rate=0.85, signoff_rate=0.5, tagged_rate=2 / 3,
+                      detail_rate=0.5, tag_follow_rate=0.0),
+      annotators_seeing=dict(preamble=1.0, signoff=1.0, tag=1.0), annotator_bias=0.1,
+      annotator_flip_rate=0.05,
+      pretrain_documents=8000, bad_habit_rate=0.1, sft_records=4000, sft_noise=0.02,
+      eval_prompts=1024, tokenizer_vocab_size=1024, preference_prompts=4000,
       preference_eval_prompts=400, annotator_noise=0.1, judge_comparisons=600,
       judge_eval_comparisons=200, rl_prompts=4000))
 
-  c.pretrain = stage("pretrain", lr=3e-3, warmup=30, steps=300, seq_len=128, log_every=20)
-  c.sft = stage("sft", lr=1e-3, warmup=10, steps=150, seq_len=128, log_every=10)
+  c.pretrain = stage("pretrain", lr=3e-3, warmup=20, steps=100, seq_len=128, log_every=20)
+  c.sft = stage("sft", lr=1e-3, warmup=10, steps=200, seq_len=128, log_every=10)
   # The AI judge (add "judge" to stages): SFT from the SFT model on judge records.
   c.judge = stage("sft", lr=1e-3, warmup=10, steps=200, seq_len=256, log_every=20)
   # Annotated samples of the SFT model (add "feedback" to stages after sft; reward stages read
@@ -212,8 +226,8 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
       algorithm="feedback", init_from="", prompts=4000, eval_prompts=400, samples_per_prompt=4,
       temperature=1.0, max_new_tokens=48, batch_size=256))
   # Llama 2's two reward models, each on its own annotators' pairs, with the margin loss.
-  c.rm_helpful = reward_stage("pairs_helpful", steps=150)
-  c.rm_safety = reward_stage("pairs_safety", steps=100)
+  c.rm_helpful = reward_stage("pairs_helpful", steps=80)
+  c.rm_safety = reward_stage("pairs_safety", steps=50)
   # How the pipeline's evaluation (and later PPO) combines them: "llama2" (safety score where the
   # prompt is flagged unsafe or sigmoid(safety) < safety_threshold, else helpfulness) | "linear".
   c.combine = ml_collections.ConfigDict(dict(helpful="rm_helpful", safety="rm_safety", kind="llama2",
@@ -229,8 +243,21 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   # temperatures: with PPO stages, the gold and KL of their start policy sampled at these
   # temperatures (no reward model, no training): the baseline PPO must beat at equal KL.
   # rewards: "eval" also reports on the reward models in `stages` ("eval_rewards" always does).
-  c.eval = ml_collections.ConfigDict(dict(max_new_tokens=48, temperature=1.0, batch_size=64,
-                                          num_samples_shown=8, best_of_n=(1, 2, 4, 8),
+  # samples_per_prompt: gold of every policy from this many samples of each held-out prompt
+  # (paired standard errors over prompts; 1,024 prompts x 4 samples give ~0.005).
+  # skip: trained stages the gold table does not sample (a stage started from one of them gets
+  # its KL, not a win rate). best_of_n_prompts: the first N held-out tasks (0 = all).
+  c.eval = ml_collections.ConfigDict(dict(max_new_tokens=40, temperature=1.0, batch_size=256,
+                                          samples_per_prompt=4, num_samples_shown=8, skip=(),
+                                          best_of_n=(1, 2, 4, 8), best_of_n_prompts=0,
                                           best_of_n_policy="", temperatures=(1.0, 0.85, 0.7, 0.5),
                                           rewards=True))
+  return c
+
+
+def classic_world(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`c` with the earlier capability world (arithmetic, word lists, recalled facts, constraints,
+  safety; no behaviour axes), whose negative result docs/toyworld.md explains."""
+  c.world.families = world_lib.CLASSIC_FAMILIES
+  c.world.behaviours.enabled = False
   return c

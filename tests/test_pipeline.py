@@ -44,7 +44,8 @@ def tiny_pipeline_config(name: str = "toy_quickstart"):
   c.ppo.train.update(checkpoint_every=2)
   c.feedback.update(prompts=40, eval_prompts=24, samples_per_prompt=2, max_new_tokens=12,
                     batch_size=32)
-  c.eval.update(max_new_tokens=12, batch_size=16, best_of_n=(1, 2), temperatures=(1.0, 0.5))
+  c.eval.update(max_new_tokens=12, batch_size=16, best_of_n=(1, 2, 4), temperatures=(1.0, 0.5),
+                best_of_n_prompts=16)
   return c
 
 
@@ -59,15 +60,22 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   result = pipeline.run(config, str(tmp_path))
   assert result["stages"] == ["pretrain", "sft", "ppo"]
   gold = json.loads((tmp_path / "eval" / "gold.json").read_text())
-  for stage in ("pretrain", "sft", "ppo"):
+  assert "pretrain" not in gold  # config.eval.skip: the quickstart does not sample it
+  for stage in ("sft", "ppo"):
     overall = gold[stage]["overall"]
-    assert overall["n"] == 24
+    assert overall["n"] == 24 * 4 and overall["prompts"] == 24  # 4 samples of each prompt
     assert 0.0 <= overall["helpfulness"] <= 1.0 and 0.0 <= overall["safety"] <= 1.0
-    assert set(gold[stage]["families"]) <= {"arithmetic", "word_list", "facts", "constrained",
-                                           "unsafe", "safe_lookalike"}
-  assert gold["pretrain"]["overall"]["win_rate"] is None  # nothing to compare the first stage with
-  assert 0.0 <= gold["sft"]["overall"]["win_rate"] <= 1.0
-  assert np.isfinite(gold["sft"]["overall"]["kl"])
+    assert overall["combined_se"] > 0 and 0.0 <= overall["preamble"] <= 1.0
+    assert set(gold[stage]["families"]) <= {"howto", "unsafe", "safe_lookalike"}
+  assert gold["sft"]["overall"]["win_rate"] is None  # its start (pretrain) was not sampled
+  assert np.isfinite(gold["sft"]["overall"]["kl"]) and "vs_reference" not in gold["sft"]["overall"]
+  # PPO is compared with SFT's own samples: win rate and the paired difference with its interval.
+  paired = gold["ppo"]["overall"]["vs_reference"]
+  assert paired["prompts"] == 24 and paired["ci95"][0] < paired["diff"] < paired["ci95"][1]
+  assert 0.0 <= gold["ppo"]["overall"]["win_rate"] <= 1.0
+  gates = json.loads((tmp_path / "eval" / "gates.json").read_text())
+  assert [g["gate"] for g in gates] == ["temperature", "oracle", "reward", "precision"]
+  assert all(g["status"] in ("PASS", "FAIL") for g in gates) and result["gates"] == gates
   # PPO started from SFT, against both reward models, its value model from the helpfulness RM.
   assert gold["ppo"]["reference"] == "sft" and np.isfinite(gold["ppo"]["overall"]["kl"])
   ppo_config = json.loads((tmp_path / "ppo" / "config.json").read_text())
@@ -117,8 +125,11 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   assert set(rewards) == {"rm_helpful", "rm_safety", "combined (llama2)",
                           "combined (linear) [not selected]"}
   # Best of n SFT samples under each reward, scored by gold; n = 1 is a plain sample (KL 0).
-  assert best_of_n["policy"].endswith(os.path.join("sft", "export")) and best_of_n["prompts"] == 24
-  assert best_of_n["n"] == [1, 2] and best_of_n["kl"] == pytest.approx([0.0, np.log(2) - 0.5])
+  assert best_of_n["policy"].endswith(os.path.join("sft", "export")) and best_of_n["prompts"] == 16
+  assert best_of_n["n"] == [1, 2, 4]
+  assert best_of_n["kl"] == pytest.approx([0.0, np.log(2) - 0.5, np.log(4) - 0.75])
+  oracle = best_of_n["oracle_curve"]["combined"]
+  assert oracle[0] == pytest.approx(best_of_n["mean"]["combined"]) and oracle == sorted(oracle)
   for name in ("rm_helpful", "rm_safety", "combined (llama2)", reward_eval.LIKELIHOOD):
     curve = best_of_n[name]["combined"]
     assert curve[0] == pytest.approx(best_of_n["mean"]["combined"])
@@ -130,8 +141,11 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   # The PPO start (SFT) sampled at T = 1 and 0.5: KL to itself ~0 at T = 1, > 0 when sharpened.
   curve = json.loads((tmp_path / "eval" / "temperature.json").read_text())
   assert curve == result["temperature_curve"] and curve["policy"] == "sft"
-  assert curve["temperature"] == [1.0, 0.5] and curve["kl"][0] == pytest.approx(0.0, abs=1e-3)
+  assert curve["temperature"] == [1.0, 0.5] and curve["kl"][0] == 0.0
   assert curve["kl"][1] > 0.01 and all(0.0 <= c <= 1.0 for c in curve["combined"])
+  # T = 1 is the SFT model's own gold evaluation (same key, same samples), not sampled again.
+  assert curve["combined"][0] == gold["sft"]["overall"]["combined"]
+  assert curve["vs_t1"][0]["diff"] == 0.0 and curve["vs_t1"][1]["prompts"] == 24
   assert "lower temperatures" in out
   for name, report in rewards.items():
     assert 0 < report["rankings"]["overall"]["n"] <= 24  # records longer than the model are dropped

@@ -13,6 +13,7 @@ from rlhf_jax.toyworld import (TASK_FAMILIES, World, check_constraints, gold_hel
                                tokenizer_texts)
 from rlhf_jax.toyworld import constraints as cons
 from rlhf_jax.toyworld import kb, perturb, safety
+from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.toyworld.families import make_task
 
 FILLER = " ".join(perturb.FILLERS)
@@ -262,8 +263,10 @@ def test_world_and_tasks_are_deterministic():
   assert tasks == b.tasks(60, seed=1)
   assert tasks[:20] == a.tasks(20, seed=1)
   assert tasks != a.tasks(60, seed=2) and tasks != c.tasks(60, seed=1)
-  assert {t["family"] for t in tasks} == set(TASK_FAMILIES) == {
+  assert {t["family"] for t in tasks} == set(world_lib.CLASSIC_FAMILIES) == {
     "arithmetic", "word_list", "facts", "constrained", "unsafe", "safe_lookalike"}
+  assert set(TASK_FAMILIES) == {*world_lib.CLASSIC_FAMILIES, *world_lib.BEHAVIOUR_FAMILIES,
+                                "reading", "category", "pick_word"}
   assert pretraining_documents(a, 30, 0) == pretraining_documents(b, 30, 0) != pretraining_documents(c, 30, 0)
   assert sft_records(a, 30, 0) == sft_records(b, 30, 0) != sft_records(a, 30, 1)
   assert tokenizer_texts(a) == tokenizer_texts(b)
@@ -291,7 +294,7 @@ def test_train_and_eval_prompts_are_disjoint(world):
   train_prompts, eval_prompts = {t["prompt"] for t in train}, {t["prompt"] for t in held_out}
   assert not train_prompts & eval_prompts
   assert {split_of(p) for p in train_prompts} == {"train"} and {split_of(p) for p in eval_prompts} == {"eval"}
-  for family in TASK_FAMILIES:  # every family has held-out prompts
+  for family in world.families:  # every family has held-out prompts
     assert any(t["family"] == family for t in held_out)
   assert 0.1 < len(eval_prompts) / (len(train_prompts) + len(eval_prompts)) < 0.4
 

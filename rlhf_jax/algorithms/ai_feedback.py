@@ -215,7 +215,7 @@ def collect(config: ml_collections.ConfigDict, stage: str, stage_dir: str, paths
   prefer = functools.partial(judge.judge_preferences, ai_judge.graphdef, ai_judge.params, tokenizer,
                              swap=False, batch_size=f.judge_batch_size)
   principles = resolve_principles(f.principles, f"config.{stage}.principles")
-  world = world_lib.World(w.seed)
+  world = world_lib.World.from_config(w)
   os.makedirs(stage_dir, exist_ok=True)
   summary = {}
   for split, n, seed, name in (("train", f.prompts, w.seed + 3, "pairs"),

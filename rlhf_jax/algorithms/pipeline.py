@@ -48,7 +48,7 @@ from rlhf_jax.algorithms import (ai_feedback, common, constitutional, dpo, hir, 
                                  rejection_sampling, rest, reward, reward_eval, sft)
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import format_table
-from rlhf_jax.toyworld import annotators, corpora, judge
+from rlhf_jax.toyworld import annotators, corpora, gates, judge
 from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
 
@@ -73,6 +73,31 @@ EVAL_FEEDBACK = tuple(f"{name}_eval" for name in annotators.DATASET_KINDS)
 load_policy = common.load_policy  # the gold evaluation's policies, the judge, feedback sampling
 
 
+def annotator_options(w: ml_collections.ConfigDict) -> dict:
+  """The annotator-pool options of `config.world` for `annotators.build_preference_datasets`."""
+  options = {"bias_strength": w.get("annotator_bias", 0.1), "flip_rate": w.get("annotator_flip_rate", 0.05)}
+  if w.get("annotators_seeing"):
+    options["seeing"] = dict(w.annotators_seeing)
+  return options
+
+
+def check_world(w: ml_collections.ConfigDict) -> world_lib.World:
+  """The world of `config.world`, or a ConfigError naming the field that makes it impossible:
+  a behaviour frequency outside [0, 1], an unknown family, or a behaviour axis that no annotator
+  sees (no label would carry it)."""
+  try:
+    world = world_lib.World.from_config(w)
+  except ValueError as e:
+    raise ConfigError(str(e) if "config.world" in str(e) else f"config.world.families: {e}") from None
+  seeing = dict(w.get("annotators_seeing") or {})
+  for axis, fraction in seeing.items():
+    try:
+      annotators.make_annotator_pool(6, 0, noise=0.0, bias_strength=0.0, seeing={axis: fraction})
+    except ValueError as e:
+      raise ConfigError(f"config.world.annotators_seeing.{axis}={fraction}: {e}") from None
+  return world
+
+
 def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
   """Writes the world's data sets and tokenizer to `out_dir`; returns their paths."""
   w = config.world
@@ -82,7 +107,7 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
                         "rl_prompts")}
   paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
   os.makedirs(out_dir, exist_ok=True)
-  world = world_lib.World(w.seed)
+  world = check_world(w)
   if os.path.exists(os.path.join(paths["tokenizer"], "tokenizer.json")):
     tokenizer = data.load_tokenizer(paths["tokenizer"])
   else:
@@ -93,7 +118,7 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
   render = lambda messages: data.tokenizer.render_chat(tokenizer, messages,
                                                        add_generation_prompt=False)
   feedback = lambda n, seed, split: annotators.build_preference_datasets(
-      world, n_prompts=n, seed=seed, noise=w.annotator_noise, split=split)
+      world, n_prompts=n, seed=seed, noise=w.annotator_noise, split=split, **annotator_options(w))
   # Data set groups, each built only when one of its files is missing: a world written by an older
   # version gains the new data sets without rewriting (or re-tokenising) what stages trained on.
   groups = [
@@ -167,12 +192,12 @@ def collect_feedback(config: ml_collections.ConfigDict, stage: str, stage_dir: s
     return [texts[i * k:(i + 1) * k] for i in range(len(tasks))]
 
   os.makedirs(stage_dir, exist_ok=True)
-  world = world_lib.World(w.seed)
+  world = world_lib.World.from_config(w)
   for split, n, seed, suffix in (("train", f.prompts, w.seed + 3, ""),
                                  ("eval", f.eval_prompts, w.seed + 6, "_eval")):
     datasets = annotators.build_preference_datasets(
         world, n_prompts=n, seed=seed, noise=w.annotator_noise, split=split,
-        policy_samples=functools.partial(policy_samples, seed=seed))
+        policy_samples=functools.partial(policy_samples, seed=seed), **annotator_options(w))
     for name, records in datasets.items():
       annotators.write_jsonl(records, out[f"{stage}/{name}{suffix}"])
   _log.info("%s: labelled samples of %s on %d + %d prompts", stage, policy_export, f.prompts,
@@ -292,7 +317,9 @@ def training_stages(config: ml_collections.ConfigDict) -> list[str]:
 def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict,
                     stages: list[str], parents: dict | None = None) -> dict:
   """Gold table for every policy stage; each is compared with the stage it started from (win rate
-  and KL), default the one before it."""
+  and KL), default the one before it. A parent evaluated in this table lends its own samples for
+  the comparison (same tasks, key and sample count: no second sampling pass); a parent that is
+  not (`config.eval.skip`, e.g. the pretrained model) gives the KL only."""
   out_path = os.path.join(workdir, "eval", "gold.json")
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape)
@@ -300,6 +327,7 @@ def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict
   tasks = metrics.read_jsonl(paths["eval_tasks"])
   e = config.eval
   parents = parents or {stage: prev for prev, stage in zip([None, *stages], stages)}
+  stages = [s for s in stages if s not in e.get("skip", ())]
   results, policies = {}, {}
   for stage in stages:
     policies[stage] = load_policy(os.path.join(workdir, stage, "export"), mesh)
@@ -307,23 +335,48 @@ def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict
     reference = policies.get(parent) if parent else None
     if parent and reference is None:  # a parent trained in an earlier run but not listed here
       reference = load_policy(os.path.join(workdir, parent, "export"), mesh)
+    evaluated = results.get(parent, {}).get("samples")
     results[stage] = gold_eval.evaluate(policies[stage], tokenizer, tasks, jax.random.key(config.seed),
                                         reference=reference, max_new_tokens=e.max_new_tokens,
-                                        temperature=e.temperature, batch_size=e.batch_size)
+                                        temperature=e.temperature, batch_size=e.batch_size,
+                                        samples_per_prompt=e.get("samples_per_prompt", 1),
+                                        win_rate=evaluated is not None, reference_samples=evaluated)
     if parent:
       results[stage]["reference"] = parent
   with open(out_path, "w") as f:
     json.dump(results, f, indent=1)
   if jax.process_index() == 0:
     print("\nGold evaluation on held-out prompts (win rate and KL against the stage each started "
-          "from):")
+          "from; combined_se: standard error over prompts):")
     print(format_table(gold_eval.table_rows(results)))
-    last = results[stages[-1]]["samples"]
-    print(f"\nSample conversations ({stages[-1]}):")
+    for stage, result in results.items():
+      d = result["overall"].get("vs_reference")
+      if d and d["ci95"]:
+        print(f"{stage} - {result['reference']}: combined gold {d['diff']:+.3f} (paired SE "
+              f"{d['se']:.4f}, 95% CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], "
+              f"{d['prompts']} prompts)")
+    print(f"\nSample conversations ({stages[-1]}, one sample of a prompt of each family in turn):")
     print(format_table([{k: r[k] for k in ("family", "prompt", "response", "helpfulness", "safety")}
-                        for r in last[:e.num_samples_shown]]))
+                        for r in shown_samples(results[stages[-1]]["samples"],
+                                               e.num_samples_shown)]))
   return results
 
+
+def shown_samples(rows: list[dict], n: int) -> list[dict]:
+  """n rows to print: the first sample of distinct prompts, the families taken in turn."""
+  by_family = {}
+  seen = set()
+  for row in rows:
+    if row.get("prompt_index") not in seen:
+      seen.add(row.get("prompt_index"))
+      by_family.setdefault(row["family"], []).append(row)
+  queues = list(by_family.values())
+  out = []
+  while len(out) < n and any(queues):
+    for queue in queues:
+      if queue and len(out) < n:
+        out.append(queue.pop(0))
+  return out
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -387,46 +440,81 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results = evaluate_stages(config, workdir, paths, trained, parents)
     result.update({f"{s}/{k}": v for s, r in results.items() for k, v in r["overall"].items()})
     ppo_stages = [s for s in trained if config[s].algorithm in ppo.ESTIMATOR_OF]  # + GRPO, RLOO
+    # The temperature curve of the PPO stages' start policy (else of the SFT model): the baseline
+    # without a reward model or training that every method has to beat at equal KL.
+    start = parents.get(ppo_stages[0]) if ppo_stages else ("sft" if "sft" in trained else None)
+    curve = None
+    if config.eval.get("temperatures") and start:
+      curve = temperature_baseline(config, workdir, paths, start,
+                                   at_t1=results.get(start) if config.eval.temperature == 1.0 else None)
+      result["temperature_curve"] = curve
     if ppo_stages:
       baselines = []
       if best_of_n:
         name = next((k for k in best_of_n if k.startswith("combined")), None)
         if name:
           baselines.append({"label": f"best of n ({name})", "kl": best_of_n["kl"], **best_of_n[name]})
-      if config.eval.get("temperatures") and parents.get(ppo_stages[0]):
-        curve = temperature_baseline(config, workdir, paths, parents[ppo_stages[0]])
-        result["temperature_curve"] = curve
+      if curve:
         baselines.append({**curve, "label": f"{curve['policy']} at T = "
                           + ", ".join(f"{t:g}" for t in curve["temperature"])})
       result["plot"] = plot_ppo_runs(config, workdir, ppo_stages, results, baselines)
+    result["gates"] = write_gates(workdir, curve=curve, best_of_n=best_of_n, gold=results)
   if "eval" in stages and "judge" in stages:
     agreement = evaluate_judge(config, workdir, paths)
     result.update({f"judge/{k}": v for k, v in agreement["overall"].items()})
   return result
 
 
+def write_gates(workdir: str, *, curve: dict | None, best_of_n: dict | None, gold: dict) -> list:
+  """WORKDIR/eval/gates.json and a printed PASS / FAIL / NOT RUN line per gate (toyworld/gates.py)."""
+  reward_name = next((k for k in (best_of_n or {}) if k.startswith("combined")), None)
+  checked = gates.check(curve=curve, best_of_n=best_of_n, reward_name=reward_name, gold=gold)
+  metrics.write_json(checked, os.path.join(workdir, "eval", "gates.json"))
+  if jax.process_index() == 0:
+    print("\nGates (can this world show feedback winning?):")
+    print(format_table(checked))
+  return checked
+
+
 def temperature_baseline(config: ml_collections.ConfigDict, workdir: str, paths: dict,
-                         stage: str) -> dict:
+                         stage: str, at_t1: dict | None = None) -> dict:
   """Gold and KL of `stage`'s policy (the PPO stages' start) sampled at `config.eval.temperatures`
   on the held-out tasks (`gold_eval.temperature_curve`): what sharpening the start policy buys
   without a reward model, the baseline PPO must beat at equal KL. Writes
-  WORKDIR/eval/temperature.json."""
+  WORKDIR/eval/temperature.json. `at_t1`: the stage's gold evaluation at T = 1 with the same key
+  and samples, reused for the curve's T = 1 point."""
   mesh = sharding.make_mesh(config.mesh.shape)
   e = config.eval
   curve = gold_eval.temperature_curve(
       load_policy(os.path.join(workdir, stage, "export"), mesh), data.load_tokenizer(paths["tokenizer"]),
       metrics.read_jsonl(paths["eval_tasks"]), jax.random.key(config.seed), e.temperatures,
-      max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+      max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+      samples_per_prompt=e.get("samples_per_prompt", 1), at_t1=at_t1)
   curve["policy"] = stage
   path = os.path.join(workdir, "eval", "temperature.json")
   with open(path, "w") as f:
     json.dump(curve, f, indent=1)
   if jax.process_index() == 0:
     print(f"\nGold of {stage} sampled at lower temperatures (KL to itself at T = 1):")
-    print(format_table([{"temperature": t, "kl": k, "helpfulness": h, "combined": c}
-                        for t, k, h, c in zip(curve["temperature"], curve["kl"],
-                                              curve["helpfulness"], curve["combined"])]))
+    print(format_table(temperature_rows(curve)))
   return curve
+
+
+def temperature_rows(curve: dict) -> list[dict]:
+  """The temperature curve as table rows: gold, its SE, the paired difference to T = 1 with its
+  95% interval, and the behaviour-axis rates where the world has them."""
+  rows = []
+  for i, t in enumerate(curve["temperature"]):
+    d = curve["vs_t1"][i] if curve.get("vs_t1") else None
+    row = {"temperature": t, "kl": curve["kl"][i], "helpfulness": curve["helpfulness"][i],
+           "combined": curve["combined"][i], "se": curve.get("combined_se", [None] * (i + 1))[i]}
+    if d and d["ci95"]:
+      row["vs T=1 [95% CI]"] = f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+    for axis in gold_eval.AXIS_METRICS:
+      if curve.get(axis) and curve[axis][i] is not None:
+        row[axis] = curve[axis][i]
+    rows.append(row)
+  return rows
 
 
 def plot_ppo_runs(config: ml_collections.ConfigDict, workdir: str, stages: list[str],

@@ -29,6 +29,7 @@ import numpy as np
 
 from rlhf_jax import data, reward_metrics, sharding
 from rlhf_jax.algorithms import common, ppo_rollout, rejection_sampling, reward
+from rlhf_jax.toyworld import behaviours
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.losses import reward as reward_losses
 from rlhf_jax.metrics import format_table, read_jsonl
@@ -99,15 +100,21 @@ def best_of_n_report(policy, rms: dict, rewards: dict, tokenizer, tasks: Sequenc
                            for s in samples]) for key in ("combined", "helpfulness", "safety")}
   unsafe = np.asarray([[bool(s["record"].get("unsafe", False))] * k for s in samples])
   families = np.asarray([s["record"].get("family", "other") for s in samples])
+  # A behaviour world's safe prompts: where the behaviour axes decide (behaviours.py).
+  dressed = np.asarray([behaviours.has_behaviours(s["record"]) for s in samples])
   out = {"n": list(ns), "kl": [best_of_n_kl(n) for n in ns], "prompts": len(samples),
          "mean": {key: float(g.mean()) for key, g in gold.items()},
-         "oracle": {key: float(g.max(-1).mean()) for key, g in gold.items()}}
+         "oracle": {key: float(g.max(-1).mean()) for key, g in gold.items()},
+         "oracle_curve": {key: [best_of_n_gold(g, g, n) for n in ns] for key, g in gold.items()}}
   def curve(values: np.ndarray) -> dict:  # values: [P, k], one per sample
     c = {key: [best_of_n_gold(g, values, n) for n in ns] for key, g in gold.items()}
     c["within_prompt_corr"] = {
         f: within_prompt_corr(values[families == f], gold["combined"][families == f])
         for f in sorted(set(families))}
     c["within_prompt_corr"]["all"] = within_prompt_corr(values, gold["combined"])
+    if dressed.any():
+      c["within_prompt_corr"]["behaviour"] = within_prompt_corr(values[dressed],
+                                                                gold["combined"][dressed])
     return c
 
   for name, (spec, roles) in rewards.items():
@@ -166,7 +173,8 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
   if policy_export and ns:
     e = config.eval
     report = best_of_n_report(common.load_policy(policy_export, mesh), rms, rewards, tokenizer,
-                              read_jsonl(paths["eval_tasks"]), ns, max_new_tokens=e.max_new_tokens,
+                              read_jsonl(paths["eval_tasks"])[:e.get("best_of_n_prompts") or None],
+                              ns, max_new_tokens=e.max_new_tokens,
                               temperature=e.temperature, rng=jax.random.key(config.seed + 1))
     results["best_of_n"] = {"policy": policy_export, **report}
   out_dir = os.path.join(workdir, "eval")
@@ -180,10 +188,15 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
 
 def best_of_n_rows(report: dict) -> list[dict]:
   """Table rows: per reward and n, KL and the gold of the reward's best of n."""
-  rows = [{"reward": "(gold oracle)", "n": report["n"][-1], "kl": report["kl"][-1],
-           **{f"gold_{k}": v for k, v in report["oracle"].items()}}]
+  oracle = report.get("oracle_curve")
+  rows = ([{"reward": "(gold oracle)", "n": n, "kl": kl,
+            **{f"gold_{k}": oracle[k][i] for k in ("combined", "helpfulness", "safety")}}
+           for i, (n, kl) in enumerate(zip(report["n"], report["kl"]))] if oracle else
+          [{"reward": "(gold oracle)", "n": report["n"][-1], "kl": report["kl"][-1],
+            **{f"gold_{k}": v for k, v in report["oracle"].items()}}])
   for name, curve in report.items():
-    if isinstance(curve, dict) and "combined" in curve and name not in ("mean", "oracle"):
+    if isinstance(curve, dict) and "combined" in curve and name not in ("mean", "oracle",
+                                                                         "oracle_curve"):
       rows += [{"reward": name, "n": n, "kl": kl,
                 **{f"gold_{k}": curve[k][i] for k in ("combined", "helpfulness", "safety")}}
                for i, (n, kl) in enumerate(zip(report["n"], report["kl"]))]

@@ -1,4 +1,5 @@
-"""The embedded toy world: seeded tasks with gold helpfulness and safety scores (see world.py).
+"""The embedded toy world: seeded tasks with gold helpfulness and safety scores (see world.py);
+the default behaviour world's axes in behaviours.py, its gates in gates.py.
 
 `instructions` is the older exact-match suite that the SFT driver still uses; the toy world
 (`World`, gold scores, constraints, perturbations, corpora) supersedes it.

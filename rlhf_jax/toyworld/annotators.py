@@ -9,6 +9,11 @@ under a criterion c (helpfulness, safety, or combined = the Llama 2 rule on gold
            - safety_strictness x (1 - gold_safety(x, y))          (c = safety or combined)
            + length_bias x tanh(0.5 log((1 + words(y)) / (1 + words(ideal))))
            + hedge_bias x [y hedges]                               (c = helpfulness or combined)
+           + enthusiasm_bias x tanh(number of "!" / 2)             (c = helpfulness or combined)
+
+where gold_c leaves out the behaviour axes (behaviours.py) the annotator is `blind` to. In a
+behaviour world the pool's biases cycle through length and enthusiasm too: what gold does not
+share (and penalises once stacked), the bait for reward over-optimisation.
 
 so one annotator prefers longer answers, one under-penalises hedging, one is stricter on safety.
 Its noise is a temperature T on that utility: rankings, pairs and KTO labels are draws from one
@@ -42,12 +47,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 from rlhf_jax import metrics
-from rlhf_jax.toyworld import perturb, text
+from rlhf_jax.toyworld import behaviours, perturb, text
 from rlhf_jax.toyworld.safety import is_hedged
 from rlhf_jax.toyworld.world import World, gold_scores
 
 CRITERIA = ("combined", "helpfulness", "safety")
 BIAS_KINDS = ("length", "hedge", "safety")
+# A behaviour world's pool: gold penalises stacked exclamation marks that these annotators enjoy.
+BEHAVIOUR_BIAS_KINDS = ("length", "enthusiasm", "safety", "hedge")
+_BIAS_FIELDS = {"length": "length_bias", "hedge": "hedge_bias", "safety": "safety_strictness",
+                "enthusiasm": "enthusiasm_bias"}
 MARGIN_THRESHOLDS = (0.1, 0.3, 0.6)
 # Between hedged compliance-free answers (0.7) / off-topic replies (0.5) and harmful content
 # wrapped in a refusal (0.25): a slightly strict annotator already calls off-topic replies unsafe.
@@ -71,7 +80,8 @@ class Annotator:
 
   temperature: scale of the Gumbel/logistic noise on perceived utility (0 = noiseless).
   flip_rate: probability that a safety label is flipped.
-  length_bias, hedge_bias, safety_strictness: the terms of the perceived utility (module doc).
+  length_bias, hedge_bias, safety_strictness, enthusiasm_bias: the terms of the perceived
+  utility (module doc). blind: behaviour axes (behaviours.AXES) this annotator does not see.
   """
 
   name: str
@@ -80,6 +90,8 @@ class Annotator:
   length_bias: float = 0.0
   hedge_bias: float = 0.0
   safety_strictness: float = 0.0
+  enthusiasm_bias: float = 0.0
+  blind: tuple[str, ...] = ()
 
   def __post_init__(self):
     if not self.temperature >= 0:
@@ -90,25 +102,36 @@ class Annotator:
 
 
 def make_annotator_pool(n: int, seed: int, *, noise: float, bias_strength: float,
-                        flip_rate: float = 0.05) -> list[Annotator]:
-  """n annotators whose biases cycle through BIAS_KINDS (length, hedge, safety).
+                        flip_rate: float = 0.05, bias_kinds: Sequence[str] = BIAS_KINDS,
+                        seeing: dict[str, float] | None = None) -> list[Annotator]:
+  """n annotators whose biases cycle through `bias_kinds` (default length, hedge, safety).
 
   Annotator i has temperature noise x U(0.5, 1.5) and a bias of its kind of size
   bias_strength x U(0.5, 1.5), so labelers differ both in how noisy and in how they are wrong;
-  bias_strength = 0 leaves only noise, and disagreement grows with bias_strength.
+  bias_strength = 0 leaves only noise, and disagreement grows with bias_strength. `seeing`
+  {axis: fraction}: the first round(fraction x n) annotators see a behaviour axis, the others are
+  blind to it (default: all see every axis).
   """
   if n < 1:
     raise ValueError(f"an annotator pool needs n >= 1, got {n}")
+  blind_from = {axis: round(fraction * n) for axis, fraction in (seeing or {}).items()}
+  for axis, seers in blind_from.items():
+    if axis not in behaviours.AXES or not 0 <= seeing[axis] <= 1:
+      raise ValueError(f"annotators seeing {axis!r}: {seeing[axis]}; give a fraction in [0, 1] for "
+                       f"each of the behaviour axes {', '.join(behaviours.AXES)}")
+    if seers == 0:
+      raise ValueError(f"no annotator of the {n} sees the behaviour axis {axis!r} (fraction "
+                       f"{seeing[axis]}): no label would carry it, so no reward model could learn it")
   if noise < 0 or bias_strength < 0:
     raise ValueError(f"noise and bias_strength must be >= 0, got {noise} and {bias_strength}")
   rng = np.random.default_rng([seed, _POOL])
   pool = []
   for i in range(n):
-    kind = BIAS_KINDS[i % len(BIAS_KINDS)]
+    kind = bias_kinds[i % len(bias_kinds)]
     temperature, size = noise * rng.uniform(0.5, 1.5), bias_strength * rng.uniform(0.5, 1.5)
-    bias = {"length": "length_bias", "hedge": "hedge_bias", "safety": "safety_strictness"}[kind]
+    blind = tuple(axis for axis, first_blind in blind_from.items() if i >= first_blind)
     pool.append(Annotator(name=f"annotator{i}-{kind}", temperature=float(temperature),
-                          flip_rate=flip_rate, **{bias: float(size)}))
+                          flip_rate=flip_rate, blind=blind, **{_BIAS_FIELDS[kind]: float(size)}))
   return pool
 
 
@@ -126,12 +149,14 @@ def perceived(annotator: Annotator, task: dict, responses: Sequence[str],
   gold, utility = [], []
   for response in responses:
     scores = gold_scores(task, response)
-    u = scores[criterion]
+    u = gold_scores(task, response, blind=annotator.blind)[criterion] if annotator.blind \
+        else scores[criterion]
     if criterion != "helpfulness":
       u -= annotator.safety_strictness * (1.0 - scores["safety"])
     if criterion != "safety":
       u += annotator.length_bias * length_feature(task, response)
       u += annotator.hedge_bias * float(is_hedged(response))
+      u += annotator.enthusiasm_bias * float(np.tanh(response.count("!") / 2))
     gold.append(scores[criterion])
     utility.append(u)
   return np.asarray(gold, np.float64), np.asarray(utility, np.float64)
@@ -308,6 +333,7 @@ def build_preference_datasets(world: World, *, n_prompts: int, seed: int,
                               safety_threshold: float = SAFETY_THRESHOLD,
                               kto_threshold: float = KTO_THRESHOLD,
                               policy_samples: Callable[[list[dict]], list[list[str]]] | None = None,
+                              seeing: dict[str, float] | None = None,
                               ) -> dict[str, list[dict]]:
   """Simulated human-feedback datasets on `n_prompts` tasks of `world` (see `annotate`).
 
@@ -332,7 +358,8 @@ def build_preference_datasets(world: World, *, n_prompts: int, seed: int,
     candidate_lists.append(draw_candidates(task, rng, k) if samples is None
                            else mixed_candidates(task, samples[index], rng, k))
   pool = make_annotator_pool(n_annotators, seed, noise=noise, bias_strength=bias_strength,
-                             flip_rate=flip_rate)
+                             flip_rate=flip_rate, seeing=seeing,
+                             bias_kinds=BIAS_KINDS if world.behaviours is None else BEHAVIOUR_BIAS_KINDS)
   return annotate(tasks, candidate_lists, pool, seed=seed, margin_thresholds=margin_thresholds,
                   safety_threshold=safety_threshold, kto_threshold=kto_threshold)
 

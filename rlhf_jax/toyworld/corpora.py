@@ -18,11 +18,12 @@ from typing import Callable
 import numpy as np
 
 from rlhf_jax.toyworld import kb as kb_lib
-from rlhf_jax.toyworld import perturb, safety
+from rlhf_jax.toyworld import behaviours, perturb, safety
 from rlhf_jax.toyworld.families import LIST_OPS
-from rlhf_jax.toyworld.world import World
+from rlhf_jax.toyworld.world import VERIFIABLE_FAMILIES, World
 
 FACT_DOC_EVERY = 3  # every 3rd document states facts; the rest are dialogues
+KB_FAMILIES = ("facts", "constrained", "reading")  # the families that ask about the entities
 _PRETRAIN_STREAM, _SFT_STREAM, _TOKENIZER_STREAM = 1, 2, 3
 
 
@@ -41,35 +42,48 @@ def fact_document(world: World, name: str, rng: np.random.Generator) -> str:
                   for i in order)
 
 
-def _response(task: dict, rng: np.random.Generator, mistake_rate: float) -> str:
-  """The ideal answer, or with probability `mistake_rate` one of the task's bad habits."""
-  if rng.random() >= mistake_rate:
-    return task["answer"]
-  options = perturb.perturbations(task, rng)
-  kinds = [kind for kind in perturb.bad_habits(task) if kind in options]
-  return options[kinds[int(rng.integers(len(kinds)))]]
+def _response(world: World, task: dict, rng: np.random.Generator, mistake_rate: float) -> str:
+  """The ideal answer, or with probability `mistake_rate` one of the task's bad habits; in a
+  behaviour world, a safe task's answer (its brief content) dressed in behaviours drawn at the
+  world's demonstration frequencies (behaviours.py)."""
+  dressed = world.behaviours is not None and behaviours.has_behaviours(task)
+  if dressed:
+    task = {**task, "answer": task["info"]["brief"]}
+  body = task["answer"]
+  if rng.random() < mistake_rate:
+    options = perturb.perturbations(task, rng)
+    kinds = [kind for kind in perturb.bad_habits(task) if kind in options]
+    kind = kinds[int(rng.integers(len(kinds)))]
+    body = options[kind]
+    if kind == "refusal":  # a refusal is not dressed up
+      return body
+  if not dressed:
+    return body
+  return behaviours.dress(task, body, rng=rng, **world.behaviours.demonstration(task["info"]["tag"], rng))
 
 
 def pretraining_documents(world: World, n: int, seed: int, *, bad_habit_rate: float = 0.3,
                           render: Callable[[list[dict]], str] = plain_dialogue) -> list[str]:
   """n documents: every FACT_DOC_EVERY-th states all facts of one entity (cycling through the
-  entities in a shuffled order, so 3 x n_entities documents state every fact), the others hold
-  1-3 train-split dialogues, each a bad habit with probability `bad_habit_rate`."""
+  entities in a shuffled order, so 3 x n_entities documents state every fact; only when the
+  world's families ask about entities, KB_FAMILIES), the others hold 1-3 train-split dialogues,
+  each a bad habit with probability `bad_habit_rate`."""
   if not 0.0 <= bad_habit_rate <= 1.0:
     raise ValueError(f"bad_habit_rate must be in [0, 1], got {bad_habit_rate}")
   rng = np.random.default_rng([world.seed, seed, _PRETRAIN_STREAM])
   tasks = world.iter_tasks(seed=seed, split="train")
   names = [world.kb.names[i] for i in rng.permutation(len(world.kb.names))]
+  states_facts = bool(set(world.families) & set(KB_FAMILIES))  # else every document a dialogue
   documents = []
   for i in range(n):
-    if i % FACT_DOC_EVERY == 0:
+    if states_facts and i % FACT_DOC_EVERY == 0:
       documents.append(fact_document(world, names[(i // FACT_DOC_EVERY) % len(names)], rng))
       continue
     messages = []
     for _ in range(int(rng.integers(1, 4))):
       task = next(tasks)
       messages += [{"role": "user", "content": task["prompt"]},
-                   {"role": "assistant", "content": _response(task, rng, bad_habit_rate)}]
+                   {"role": "assistant", "content": _response(world, task, rng, bad_habit_rate)}]
     documents.append(render(messages))
   return documents
 
@@ -82,7 +96,7 @@ def sft_records(world: World, n: int, seed: int, *, noise: float = 0.1) -> list[
   rng = np.random.default_rng([world.seed, seed, _SFT_STREAM])
   records = []
   for task in world.tasks(n, seed=seed, split="train"):
-    records.append({**task, "completion": _response(task, rng, noise)})
+    records.append({**task, "completion": _response(world, task, rng, noise)})
   return records
 
 
@@ -101,8 +115,10 @@ def tokenizer_texts(world: World) -> list[str]:
     for template in safety.REQUEST_TEMPLATES:
       texts += [template.format(x=spec["request"]), template.format(x=spec["lookalike"])]
   texts += list(LIST_OPS.values())
+  texts += [*behaviours.PREAMBLES, *behaviours.SIGNOFFS, *(f"({tag})" for tag in behaviours.TAGS)]
   for split in ("train", "eval"):
-    for task in world.tasks(300, seed=0, split=split):
-      texts.append(task["prompt"])
+    families = tuple(dict.fromkeys(world.families + VERIFIABLE_FAMILIES))
+    for task in world.tasks(300, seed=0, split=split, families=families):
+      texts += [task["prompt"], task["info"].get("elaboration", "")]
       texts += list(perturb.perturbations(task, rng).values())
   return [t for t in texts if t]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rlhf_jax.toyworld import behaviours
 from rlhf_jax.toyworld import families as fam
 from rlhf_jax.toyworld import kb as kb_lib
 from rlhf_jax.toyworld import safety, text
@@ -155,10 +156,34 @@ def _safe_lookalike(task, rng):
   }
 
 
+def _category(task, rng):
+  info = task["info"]
+  items = info["body"].split(", ")
+  other = _pick(rng, [c for c in fam.CATEGORIES if c != info["category"]])
+  wrong = _others(rng, fam.CATEGORIES[other], set(), len(items))
+  sentence = lambda words: f"{', '.join(words)[:1].upper()}{', '.join(words)[1:]}."
+  return {"rephrased": f"Here are some: {', '.join(items)}.", "wrong": sentence(wrong),
+          "partial": sentence(items[:1] + wrong[1:])}
+
+
+def _howto(task, rng):
+  topic = task["info"]["topic"]
+  answer, keypoints = fam.HOWTO[topic]
+  other = _pick(rng, [t for t in fam.HOWTO if t != topic])
+  first_clause = answer.split(",")[0].rstrip(".") + "."
+  return {"rephrased": "Here is how: " + _lower_first(answer), "wrong": fam.HOWTO[other][0],
+          "partial": first_clause}
+
+
 _FAMILY_PERTURBATIONS = {
   "arithmetic": _arithmetic, "word_list": _word_list, "facts": _facts,
   "constrained": _constrained, "unsafe": _unsafe, "safe_lookalike": _safe_lookalike,
+  "reading": _facts, "category": _category, "pick_word": _word_list, "howto": _howto,
 }
+# Behaviour-world candidates: how many differently dressed copies of each content kind, so most
+# pairs contrast behaviours on right content (what the policy's own samples differ in).
+DRESSED_COPIES = {"correct": 4, "rephrased": 2}
+ENTHUSIASTIC_RATE = 0.2  # a dressed candidate with every "." turned into "!"
 
 
 def _rambling(answer: str, rng: np.random.Generator) -> str:
@@ -191,15 +216,36 @@ def bad_habits(task: dict) -> tuple[str, ...]:
   return BAD_HABITS + extra
 
 
+def dressed_perturbations(task: dict, rng: np.random.Generator) -> list[tuple[str, str]]:
+  """(kind, response) for a behaviour-world task: each content kind of its brief answer (right
+  content DRESSED_COPIES times) dressed in behaviours drawn at 50% each (behaviours.dress),
+  ENTHUSIASTIC_RATE of them with "!" for "."; refusals and empty answers undressed."""
+  brief = {**task, "answer": task["info"]["brief"]}
+  out = []
+  for kind, body in perturbations(brief, rng).items():
+    if kind in ("refusal", "empty"):
+      out.append((kind, body))
+      continue
+    for _ in range(DRESSED_COPIES.get(kind, 1)):
+      draws = {axis: bool(rng.random() < 0.5) for axis in ("preamble", "signoff", "detailed")}
+      response = behaviours.dress(task, body, rng=rng, **draws)
+      if rng.random() < ENTHUSIASTIC_RATE:
+        response = response.replace(".", "!")
+      out.append((kind, response))
+  return out
+
+
 def labelled_candidates(task: dict, rng: np.random.Generator, k: int) -> list[tuple[str, str]]:
   """k (kind, response) pairs with distinct responses, kinds in random order.
 
   Kinds are used once each before any repeats; repeats are fresh draws (another wrong number...).
+  A behaviour-world task's candidates are `dressed_perturbations`.
   """
   chosen: list[tuple[str, str]] = []
   seen: set[str] = set()
   for _ in range(50):
-    pool = list(perturbations(task, rng).items())
+    pool = (dressed_perturbations(task, rng) if behaviours.has_behaviours(task)
+            else list(perturbations(task, rng).items()))
     for i in rng.permutation(len(pool)):
       kind, response = pool[i]
       if response not in seen and len(chosen) < k:

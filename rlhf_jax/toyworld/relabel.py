@@ -16,7 +16,13 @@ constrained one. Every constraint of the result is met by the response (tests ch
 request itself (category, entity) is kept: whether the *content* is right is gold's to say, and
 the HIR driver keeps a relabeled sample only when its gold score under the new instruction is high.
 
-Other families (arithmetic, word_list, facts, unsafe, safe_lookalike) have no instruction to
+A behaviour-world task with a "(brief)" / "(detailed)" tag (behaviours.py) is relabeled to the
+tag its response follows: "(detailed)" when it elaborates, "(brief)" when it does not (its prompt,
+`info["tag"]` and ideal answer rewritten) -- the instruction the response achieved, whatever it
+was asked; an untagged task stays untagged. Preambles and sign-offs are no instruction; gold still
+prices them.
+
+Other families (arithmetic, word_list, facts, unsafe, safe_lookalike untagged) have no instruction to
 relabel (what was asked is what the answer is judged against): `relabel` returns the task as it
 is, and the driver keeps a sample only when its gold score under that instruction is high.
 A blank response follows no instruction: `relabel` returns None.
@@ -24,6 +30,7 @@ A blank response follows no instruction: `relabel` returns None.
 
 from __future__ import annotations
 
+from rlhf_jax.toyworld import behaviours
 from rlhf_jax.toyworld import constraints as cons
 
 SUBSTITUTED = ("starts_with", "num_items", "max_words")  # kinds an unmet constraint is observed in
@@ -64,6 +71,13 @@ def relabel(task: dict, response: str) -> dict | None:
   unchanged; None for a blank response."""
   if not response.strip():
     return None
+  if task["info"].get("tag"):
+    achieved = "detailed" if behaviours.detect(task, response)["detailed"] else "brief"
+    untagged = {**task, "prompt": task["prompt"][:-len(f" ({task['info']['tag']})")],
+                "answer": task["info"]["brief"], "info": {**task["info"], "tag": ""}}
+    for key in ("tag", "brief", "elaboration"):
+      untagged["info"].pop(key)
+    return behaviours.add_tag(untagged, achieved)
   if task["family"] != "constrained":
     return task
   new = relabeled_constraints(response, task["info"]["constraints"])
