@@ -290,3 +290,13 @@ def test_gold_vs_kl_plot(tmp_path):
                                           {"label": "temperature", "kl": [0.0, 0.3],
                                            "helpfulness": [0.5, 0.56], "combined": [0.6, 0.64]}])
   assert os.path.getsize(path) > 10_000 and open(path, "rb").read(4) == b"\x89PNG"
+
+
+def test_eval_skip_leaves_out_stages_and_a_table_of_none_loads_nothing(tmp_path):
+  config = experiment_config("toy_quickstart")
+  assert tuple(config.eval.skip) == ("pretrain",)
+  # Nothing to evaluate: no tokenizer, task file or model is read (none exists here).
+  assert pipeline.evaluate_stages(config, str(tmp_path), {}, ["pretrain"]) == {}
+  assert pipeline.annotator_options(config.world) == {
+      "bias_strength": config.world.annotator_bias, "flip_rate": config.world.annotator_flip_rate,
+      "seeing": dict(config.world.annotators_seeing)}

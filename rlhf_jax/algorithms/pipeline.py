@@ -74,8 +74,10 @@ load_policy = common.load_policy  # the gold evaluation's policies, the judge, f
 
 
 def annotator_options(w: ml_collections.ConfigDict) -> dict:
-  """The annotator-pool options of `config.world` for `annotators.build_preference_datasets`."""
-  options = {"bias_strength": w.get("annotator_bias", 0.1), "flip_rate": w.get("annotator_flip_rate", 0.05)}
+  """The annotator-pool options `config.world` sets, for `annotators.build_preference_datasets`
+  (those it leaves out keep that function's defaults)."""
+  fields = {"annotator_bias": "bias_strength", "annotator_flip_rate": "flip_rate"}
+  options = {option: w[field] for field, option in fields.items() if field in w}
   if w.get("annotators_seeing"):
     options["seeing"] = dict(w.annotators_seeing)
   return options
@@ -320,14 +322,17 @@ def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict
   and KL), default the one before it. A parent evaluated in this table lends its own samples for
   the comparison (same tasks, key and sample count: no second sampling pass); a parent that is
   not (`config.eval.skip`, e.g. the pretrained model) gives the KL only."""
+  e = config.eval
+  parents = parents or {stage: prev for prev, stage in zip([None, *stages], stages)}
+  stages = [s for s in stages if s not in e.get("skip", ())]
+  if not stages:
+    _log.info("eval: every trained stage is in config.eval.skip; no gold table")
+    return {}
   out_path = os.path.join(workdir, "eval", "gold.json")
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape)
   tokenizer = data.load_tokenizer(paths["tokenizer"])
   tasks = metrics.read_jsonl(paths["eval_tasks"])
-  e = config.eval
-  parents = parents or {stage: prev for prev, stage in zip([None, *stages], stages)}
-  stages = [s for s in stages if s not in e.get("skip", ())]
   results, policies = {}, {}
   for stage in stages:
     policies[stage] = load_policy(os.path.join(workdir, stage, "export"), mesh)
