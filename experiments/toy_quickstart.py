@@ -1,9 +1,11 @@
-"""The main job (`make quickstart`): build the toy world, pretrain a small model on its text,
-fine-tune it on demonstrations (SFT), train a helpfulness and a safety reward model from the SFT
-model on simulated annotators' pairs (Llama 2 margin loss), run PPO from the SFT model against
-their Llama 2 combination, and print the reward models' held-out accuracy alone and combined (and
-the gold of their best-of-n picks), then the gold table for every policy (SFT and PPO side by
-side), sample conversations, and the proxy/gold-vs-KL plot (WORKDIR/eval/ppo_gold_vs_kl.png).
+"""The main job (`make quickstart`): build the behaviour world (docs/toyworld.md), pretrain a
+small model on its text, fine-tune it on demonstrations (SFT), train a helpfulness and a safety
+reward model from the SFT model on simulated annotators' pairs (Llama 2 margin loss), run PPO from
+the SFT model against their Llama 2 combination, then print the reward models' held-out accuracy
+alone and combined (and the gold of their best-of-n picks), the gold table of SFT and PPO (4
+samples of each of 1,024 held-out prompts, standard errors, PPO's paired difference to SFT), the
+SFT model's temperature curve, the gates (WORKDIR/eval/gates.json), sample conversations, and the
+proxy/gold-vs-KL plot (WORKDIR/eval/ppo_gold_vs_kl.png).
 
 Stages cache their outputs in WORKDIR/<stage>: a rerun skips finished stages.
 """
