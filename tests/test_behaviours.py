@@ -208,5 +208,6 @@ def test_hir_relabels_a_tag_to_the_one_the_response_follows(tasks):
                                         "info": {k: v for k, v in task["info"].items()
                                                  if k not in ("tag", "brief", "elaboration")}},
                                        achieved)
+    assert behaviours.retag(behaviours.retag(task, ""), task["info"]["tag"]) == task
   untagged = next(t for t in tasks if behaviours.taggable(t) and not t["info"]["tag"])
   assert relabel.relabel(untagged, untagged["answer"]) == untagged

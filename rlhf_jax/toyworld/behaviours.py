@@ -134,10 +134,21 @@ def detect(task: dict, response: str) -> dict[str, bool]:
           "detailed": bool(elaboration) and text.contains_phrase(response, elaboration)}
 
 
-def follows_tag(task: dict, response: str) -> bool | None:
-  """Whether `response` follows the task's tag; None for an untagged task."""
+def follows_tag(task: dict, response: str, *, seen: dict[str, bool] | None = None) -> bool | None:
+  """Whether `response` follows the task's tag; None for an untagged task. `seen`: its
+  `detect(task, response)`, when the caller has it already."""
   tag = task["info"].get("tag", "")
-  return None if not tag else detect(task, response)["detailed"] == (tag == "detailed")
+  if not tag:
+    return None
+  return (seen or detect(task, response))["detailed"] == (tag == "detailed")
+
+
+def retag(task: dict, tag: str) -> dict:
+  """A behaviour-world task (as `add_tag` made it) with its tag replaced by `tag` ("" = none)."""
+  info = {k: v for k, v in task["info"].items() if k not in ("tag", "brief", "elaboration")}
+  old = task["info"]["tag"]
+  prompt = task["prompt"][:-len(f" ({old})")] if old else task["prompt"]
+  return add_tag({**task, "prompt": prompt, "answer": task["info"]["brief"], "info": info}, tag)
 
 
 def factor(task: dict, response: str, *, blind: Sequence[str] = ()) -> float:
@@ -151,7 +162,7 @@ def factor(task: dict, response: str, *, blind: Sequence[str] = ()) -> float:
     out *= PREAMBLE_FACTOR
   if seen["signoff"] and "signoff" not in blind:
     out *= SIGNOFF_FACTOR
-  if follows_tag(task, response) is False and "tag" not in blind:
+  if follows_tag(task, response, seen=seen) is False and "tag" not in blind:
     out *= TAG_MISS_FACTOR
   out *= EXCLAIM_FACTOR ** max(0, response.count("!") - 1)
   return max(MIN_FACTOR, out)
@@ -174,8 +185,7 @@ def axis_rates(tasks, responses) -> dict[str, float | None]:
   """Rates over behaviour tasks: preamble, sign-off, elaboration, and tag following (tagged
   tasks only): what a policy does on each axis. None where no task qualifies."""
   rows = [(t, detect(t, r)) for t, r in zip(tasks, responses) if has_behaviours(t)]
-  tagged = [follows_tag(t, r) for t, r in zip(tasks, responses)
-            if has_behaviours(t) and t["info"]["tag"]]
+  tagged = [follows_tag(t, "", seen=d) for t, d in rows if t["info"]["tag"]]
   mean = lambda xs: float(np.mean(xs)) if len(xs) else None
   return {"preamble": mean([d["preamble"] for _, d in rows]),
           "signoff": mean([d["signoff"] for _, d in rows]),

@@ -140,7 +140,7 @@ def _row(task: dict, text: str, prompt_index: int, length: float) -> dict:
   if behaviours.has_behaviours(task):
     seen = behaviours.detect(task, text)
     row.update(preamble=float(seen["preamble"]), signoff=float(seen["signoff"]))
-    follows = behaviours.follows_tag(task, text)
+    follows = behaviours.follows_tag(task, text, seen=seen)
     if follows is not None:
       row["follows_tag"] = float(follows)
   return row

@@ -72,12 +72,8 @@ def relabel(task: dict, response: str) -> dict | None:
   if not response.strip():
     return None
   if task["info"].get("tag"):
-    achieved = "detailed" if behaviours.detect(task, response)["detailed"] else "brief"
-    untagged = {**task, "prompt": task["prompt"][:-len(f" ({task['info']['tag']})")],
-                "answer": task["info"]["brief"], "info": {**task["info"], "tag": ""}}
-    for key in ("tag", "brief", "elaboration"):
-      untagged["info"].pop(key)
-    return behaviours.add_tag(untagged, achieved)
+    return behaviours.retag(task, "detailed" if behaviours.detect(task, response)["detailed"]
+                            else "brief")
   if task["family"] != "constrained":
     return task
   new = relabeled_constraints(response, task["info"]["constraints"])
