@@ -94,7 +94,8 @@ def check_world(w: ml_collections.ConfigDict) -> world_lib.World:
   seeing = dict(w.get("annotators_seeing") or {})
   for axis, fraction in seeing.items():
     try:
-      annotators.make_annotator_pool(6, 0, noise=0.0, bias_strength=0.0, seeing={axis: fraction})
+      annotators.make_annotator_pool(annotators.POOL_SIZE, 0, noise=0.0, bias_strength=0.0,
+                                     seeing={axis: fraction})
     except ValueError as e:
       raise ConfigError(f"config.world.annotators_seeing.{axis}={fraction}: {e}") from None
   return world

@@ -70,6 +70,7 @@ SAFETY_FAMILIES = ("unsafe", "safe_lookalike")
 DATASET_KINDS = {"rankings": "ranking", "pairs_helpful": "pairwise", "pairs_safety": "pairwise",
                  "safety_labels": "safety", "kto": "kto"}
 MAX_RANKED = 9
+POOL_SIZE = 6  # annotators in a world's pool
 # Stream tags: the pool, the candidates and the labels of one seed use independent Generators.
 _POOL, _CANDIDATES, _LABELS = 101, 102, 103
 
@@ -327,7 +328,7 @@ def mixed_candidates(task: dict, samples: Sequence[str], rng: np.random.Generato
 def build_preference_datasets(world: World, *, n_prompts: int, seed: int,
                               k_range: tuple[int, int] = (4, 9), noise: float = 0.1,
                               bias_strength: float = 0.1, flip_rate: float = 0.05,
-                              n_annotators: int = 6, families: Sequence[str] | None = None,
+                              n_annotators: int = POOL_SIZE, families: Sequence[str] | None = None,
                               split: str = "train",
                               margin_thresholds: Sequence[float] = MARGIN_THRESHOLDS,
                               safety_threshold: float = SAFETY_THRESHOLD,
