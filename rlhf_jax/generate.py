@@ -42,12 +42,15 @@ class GenerateOutput(NamedTuple):
   """tokens: [B, N] int32 new tokens (pad_id after EOS and for rows that never started);
   logprobs: [B, N] float32, log_softmax(logits / T) of each sampled token (T = 1 when greedy), 0
   where masked; mask: [B, N] bool, True on real response tokens including EOS;
-  lengths: [B] int32 = mask.sum(1)."""
+  lengths: [B] int32 = mask.sum(1); base_logprobs: [B, N] float32, log_softmax(logits) of each
+  sampled token (the model at T = 1), 0 where masked: with `logprobs`, KL(pi_T || pi) of a
+  tempered sample without a second forward pass (None where an output was built by hand)."""
 
   tokens: Array
   logprobs: Array
   mask: Array
   lengths: Array
+  base_logprobs: Array | None = None
 
 
 # --- sampling ------------------------------------------------------------------------------------
@@ -110,6 +113,7 @@ class _LoopState(NamedTuple):
   cache: KVCache
   tokens: Array      # [B, N] int32
   logprobs: Array    # [B, N] float32
+  base_logprobs: Array  # [B, N] float32, at T = 1
   lengths: Array     # [B] int32, tokens emitted while live
   done: Array        # [B] bool
 
@@ -210,6 +214,7 @@ def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: A
     token = sample_token(logits, jax.random.fold_in(rng, state.step), temperature=temperature,
                          top_k=top_k, top_p=top_p)
     logprob = _token_logprobs(logits, token, temperature)
+    base_logprob = _token_logprobs(logits, token, jnp.ones((), jnp.float32))
     live = ~state.done
     token = jnp.where(live, token, pad_id)
     column = (0, state.step)
@@ -218,6 +223,8 @@ def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: A
         tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], column),
         logprobs=jax.lax.dynamic_update_slice(
             state.logprobs, jnp.where(live, logprob, 0.0)[:, None], column),
+        base_logprobs=jax.lax.dynamic_update_slice(
+            state.base_logprobs, jnp.where(live, base_logprob, 0.0)[:, None], column),
         lengths=state.lengths + live.astype(jnp.int32),
         done=state.done | (live & jnp.isin(token, eos_ids)))
 
@@ -225,6 +232,7 @@ def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: A
       step=jnp.zeros((), jnp.int32), last=last_token, cache=cache,
       tokens=jnp.full((batch, n), pad_id, jnp.int32),
       logprobs=jnp.zeros((batch, n), jnp.float32),
+      base_logprobs=jnp.zeros((batch, n), jnp.float32),
       lengths=jnp.zeros((batch,), jnp.int32),
       done=last_position < 0)  # an empty prompt (a bucket's dummy row) generates nothing
   for i, end in enumerate(ends):
@@ -232,7 +240,7 @@ def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: A
       state = state._replace(cache=_grow_cache(state.cache, prompt_len - 1 + end))
     state = jax.lax.while_loop(lambda s, end=end: (s.step < end) & ~jnp.all(s.done), body, state)
   mask = jnp.arange(n)[None, :] < state.lengths[:, None]
-  return GenerateOutput(state.tokens, state.logprobs, mask, state.lengths)
+  return GenerateOutput(state.tokens, state.logprobs, mask, state.lengths, state.base_logprobs)
 
 
 # --- public entry points --------------------------------------------------------------------------
@@ -377,7 +385,7 @@ class Sampler:
       rows = sharding.batch_sharding(mesh, rules)
       rep = sharding.replicated(mesh)
       fn = jax.jit(run, in_shardings=(self.param_shardings, rows, rows, rep, rep, rep, rep),
-                   out_shardings=GenerateOutput(rows, rows, rows, rows))
+                   out_shardings=GenerateOutput(rows, rows, rows, rows, rows))
     _COMPILED[key] = fn
     _TRACES[key] = 0
     return fn

@@ -100,6 +100,13 @@ def test_sampled_logprobs_match_one_forward_pass():
   np.testing.assert_allclose(got[m], want[m], atol=1e-5)
   assert (got[~m] == 0).all()
   assert not np.array_equal(out.tokens, _generate(LLAMA).tokens)  # it really sampled
+  # base_logprobs: the same tokens under the model at T = 1 (KL of a tempered sample, no rescoring).
+  raw = np.asarray(_forward(graphdef, params, seq, segments, positions), np.float64)
+  base = np.take_along_axis((raw - np.log(np.exp(raw).sum(-1, keepdims=True)))[:, p - 1:-1],
+                            seq[:, p:, None], -1)[..., 0]
+  got_base = np.asarray(out.base_logprobs)
+  np.testing.assert_allclose(got_base[m], base[m], atol=1e-5)
+  assert (got_base[~m] == 0).all() and not np.allclose(got_base[m], got[m])
 
 
 def test_uniform_model_draws_fresh_noise_every_step_and_row():

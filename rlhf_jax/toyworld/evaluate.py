@@ -70,8 +70,15 @@ def sample_responses(policy: Policy, tokenizer, tasks: Sequence[dict], rng: jax.
 
 
 def _kl_per_prompt(policy: Policy, reference: Policy, batches) -> np.ndarray:
+  """Per-sample log pi(y) - log ref(y), summed over response tokens. Against the policy itself
+  (the temperature curve: pi_T against pi) the sampler's own T = 1 log-probs are the reference's,
+  so no second forward pass is run."""
   kls = []
   for tokens, mask, out in batches:
+    if reference is policy and out.base_logprobs is not None:
+      kls.append(np.sum((np.asarray(out.logprobs) - np.asarray(out.base_logprobs))
+                        * np.asarray(out.mask), axis=1))
+      continue
     seq = generate.full_sequence(tokens, mask, out)
     ref = scoring.sequence_logprob_sums(reference.graphdef, reference.params, *seq)
     pol = np.sum(np.asarray(out.logprobs) * np.asarray(out.mask), axis=1)
