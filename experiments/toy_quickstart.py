@@ -18,4 +18,5 @@ def get_config():
   c.stages = ("world", "pretrain", "sft", "rm_helpful", "rm_safety", "ppo", "eval")
   c.eval.skip = ("pretrain",)  # the gold table compares SFT with PPO; pretraining is the means
   c.eval.best_of_n_prompts = 512
+  c.eval.reward_records = 100  # held-out rankings / safety-critical pairs in the reward report
   return c

@@ -90,7 +90,7 @@ def ppo_stage(*, iterations: int = 40, beta: float = 0.3, lr: float = 5e-5,
   s = stage("ppo", lr=lr, warmup=0, steps=iterations, seq_len=128, log_every=1)
   s.init_from = init_from  # a stage name in the pipeline ("" = the latest policy stage)
   s.optim.update(schedule="constant", grad_clip_norm=1.0)
-  s.data.update(source="rl_prompts", eval_source="eval_tasks")
+  s.data.update(source="rl_prompts", eval_source="valid_tasks")  # its gold curve: validation prompts
   s.train.update(checkpoint_every=10)
   s.ppo.update(eval_every=10, eval_prompts=128, iterations=iterations, prompts_per_iteration=32,
                max_prompt_len=64, max_new_tokens=48, epochs=2, minibatches=2,
@@ -207,17 +207,21 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   # earlier capability world.
   c.world = ml_collections.ConfigDict(dict(
       seed=0, families=world_lib.BEHAVIOUR_FAMILIES,
-      behaviours=dict(enabled=True, preamble_rate=0.85, signoff_rate=0.5, tagged_rate=2 / 3,
+      behaviours=dict(enabled=True, preamble_rate=0.8, signoff_rate=0.5, tagged_rate=2 / 3,
                       detail_rate=0.5, tag_follow_rate=0.0),
       annotators_seeing=dict(preamble=1.0, signoff=1.0, tag=1.0), annotator_bias=0.1,
       annotator_flip_rate=0.05,
       pretrain_documents=8000, bad_habit_rate=0.1, sft_records=4000, sft_noise=0.02,
-      eval_prompts=1024, tokenizer_vocab_size=1024, preference_prompts=4000,
+      eval_prompts=1024, valid_prompts=1024, tokenizer_vocab_size=1024, preference_prompts=4000,
       preference_eval_prompts=400, annotator_noise=0.1, judge_comparisons=600,
       judge_eval_comparisons=200, rl_prompts=4000))
 
-  c.pretrain = stage("pretrain", lr=3e-3, warmup=20, steps=100, seq_len=128, log_every=20)
-  c.sft = stage("sft", lr=1e-3, warmup=10, steps=200, seq_len=128, log_every=10)
+  # 50 steps: the behaviour world's pretraining text is dialogues like the SFT records (measured:
+  # the SFT model's gold at T = 1 is the same after 50 or 100 pretraining steps, 0.476 / 0.481).
+  c.pretrain = stage("pretrain", lr=3e-3, warmup=20, steps=50, seq_len=128, log_every=10)
+  # 300 steps: at 200 the SFT model still swapped one topic's answer for another's in ~8% of its
+  # samples at T = 1, noise that sharpening removes (+0.04 content at T = 0.85).
+  c.sft = stage("sft", lr=1e-3, warmup=10, steps=300, seq_len=128, log_every=10)
   # The AI judge (add "judge" to stages): SFT from the SFT model on judge records.
   c.judge = stage("sft", lr=1e-3, warmup=10, steps=200, seq_len=256, log_every=20)
   # Annotated samples of the SFT model (add "feedback" to stages after sft; reward stages read
@@ -226,8 +230,8 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
       algorithm="feedback", init_from="", prompts=4000, eval_prompts=400, samples_per_prompt=4,
       temperature=1.0, max_new_tokens=48, batch_size=256))
   # Llama 2's two reward models, each on its own annotators' pairs, with the margin loss.
-  c.rm_helpful = reward_stage("pairs_helpful", steps=80)
-  c.rm_safety = reward_stage("pairs_safety", steps=50)
+  c.rm_helpful = reward_stage("pairs_helpful", steps=150)
+  c.rm_safety = reward_stage("pairs_safety", steps=100)
   # How the pipeline's evaluation (and later PPO) combines them: "llama2" (safety score where the
   # prompt is flagged unsafe or sigmoid(safety) < safety_threshold, else helpfulness) | "linear".
   c.combine = ml_collections.ConfigDict(dict(helpful="rm_helpful", safety="rm_safety", kind="llama2",
@@ -245,11 +249,14 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   # rewards: "eval" also reports on the reward models in `stages` ("eval_rewards" always does).
   # samples_per_prompt: gold of every policy from this many samples of each held-out prompt
   # (paired standard errors over prompts; 1,024 prompts x 4 samples give ~0.005).
+  # split: "eval" (the test prompts) or "valid" (the validation prompts: tune on these).
+  # reward_records: held-out rankings and safety-critical pairs the reward report scores (0 = all).
   # skip: trained stages the gold table does not sample (a stage started from one of them gets
   # its KL, not a win rate). best_of_n_prompts: the first N held-out tasks (0 = all).
-  c.eval = ml_collections.ConfigDict(dict(max_new_tokens=40, temperature=1.0, batch_size=256,
-                                          samples_per_prompt=4, num_samples_shown=8, skip=(),
+  c.eval = ml_collections.ConfigDict(dict(split="eval", max_new_tokens=40, temperature=1.0,
+                                          batch_size=256, samples_per_prompt=4, num_samples_shown=8, skip=(),
                                           best_of_n=(1, 2, 4, 8), best_of_n_prompts=0,
+                                          reward_records=0,
                                           best_of_n_policy="", temperatures=(1.0, 0.85, 0.7, 0.5),
                                           rewards=True))
   return c

@@ -1,6 +1,7 @@
 """Toy world: hand-written gold cases per family, constraints, refusals, style penalties,
 determinism, split disjointness, perturbations and corpora."""
 
+import collections
 import json
 
 import numpy as np
@@ -288,15 +289,22 @@ def test_tasks_are_json_with_one_type_per_info_key(world):
   assert all(len(kinds) == 1 for kinds in types.values()), types
 
 
-def test_train_and_eval_prompts_are_disjoint(world):
-  train = world.tasks(1500, seed=0, split="train")
-  held_out = world.tasks(400, seed=0, split="eval")
-  train_prompts, eval_prompts = {t["prompt"] for t in train}, {t["prompt"] for t in held_out}
-  assert not train_prompts & eval_prompts
-  assert {split_of(p) for p in train_prompts} == {"train"} and {split_of(p) for p in eval_prompts} == {"eval"}
-  for family in world.families:  # every family has held-out prompts
-    assert any(t["family"] == family for t in held_out)
-  assert 0.1 < len(eval_prompts) / (len(train_prompts) + len(eval_prompts)) < 0.4
+def test_train_valid_and_eval_prompts_are_disjoint(world):
+  tasks = {split: world.tasks(n, seed=0, split=split)
+           for split, n in (("train", 1500), ("eval", 400), ("valid", 300))}
+  prompts = {split: {t["prompt"] for t in ts} for split, ts in tasks.items()}
+  assert not prompts["train"] & prompts["eval"]
+  assert not prompts["train"] & prompts["valid"] and not prompts["valid"] & prompts["eval"]
+  for split, ps in prompts.items():
+    assert {split_of(p) for p in ps} == {split}
+  for family in world.families:  # every family has test and validation prompts
+    assert any(t["family"] == family for t in tasks["eval"])
+    assert any(t["family"] == family for t in tasks["valid"])
+  with pytest.raises(ValueError, match="split must be one of"):
+    world.tasks(1, seed=0, split="test")
+  # The shares of the hash buckets, over many distinct prompts (~20% test, ~10% validation).
+  shares = collections.Counter(split_of(f"prompt {i}") for i in range(4000))
+  assert 0.17 < shares["eval"] / 4000 < 0.23 and 0.07 < shares["valid"] / 4000 < 0.13
 
 
 # ---------------------------------------------------------------------------------- perturbations

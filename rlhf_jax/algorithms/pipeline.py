@@ -105,7 +105,7 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
   """Writes the world's data sets and tokenizer to `out_dir`; returns their paths."""
   w = config.world
   paths = {name: os.path.join(out_dir, f"{name}.jsonl")
-           for name in ("pretrain", "sft", "eval_tasks", "judge", "judge_eval",
+           for name in ("pretrain", "sft", "eval_tasks", "valid_tasks", "judge", "judge_eval",
                         *annotators.DATASET_KINDS, *EVAL_FEEDBACK, "safety_critical_eval",
                         "rl_prompts")}
   paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
@@ -131,6 +131,9 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
                                                      noise=w.sft_noise)}),
       (("eval_tasks",), lambda: {"eval_tasks": world.tasks(w.eval_prompts, seed=w.seed + 2,
                                                            split="eval")}),
+      # Validation prompts, disjoint from the test prompts: what hyper-parameters are chosen on.
+      (("valid_tasks",), lambda: {"valid_tasks": world.tasks(
+          w.get("valid_prompts", w.eval_prompts), seed=w.seed + 9, split="valid")}),
       # Simulated human feedback for reward models and preference methods, and held-out copies.
       (tuple(annotators.DATASET_KINDS), lambda: feedback(w.preference_prompts, w.seed + 3, "train")),
       (EVAL_FEEDBACK, lambda: {f"{name}_eval": records for name, records in
@@ -317,6 +320,17 @@ def training_stages(config: ml_collections.ConfigDict) -> list[str]:
   return stages
 
 
+def eval_tasks_path(config: ml_collections.ConfigDict, paths: dict) -> str:
+  """The held-out tasks that the gold table, temperature curve and best-of-n report sample:
+  `config.eval.split` "eval" (the test prompts, default) or "valid" (the validation prompts,
+  for choosing hyper-parameters without looking at the test set)."""
+  split = config.eval.get("split", "eval")
+  if split not in ("eval", "valid"):
+    raise ConfigError(f"config.eval.split={split!r}: choose 'eval' (the test prompts) or 'valid' "
+                      "(the validation prompts that hyper-parameters are tuned on)")
+  return paths[f"{split}_tasks"]
+
+
 def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict,
                     stages: list[str], parents: dict | None = None) -> dict:
   """Gold table for every policy stage; each is compared with the stage it started from (win rate
@@ -333,7 +347,7 @@ def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape)
   tokenizer = data.load_tokenizer(paths["tokenizer"])
-  tasks = metrics.read_jsonl(paths["eval_tasks"])
+  tasks = metrics.read_jsonl(eval_tasks_path(config, paths))
   results, policies = {}, {}
   for stage in stages:
     policies[stage] = load_policy(os.path.join(workdir, stage, "export"), mesh)
@@ -352,7 +366,8 @@ def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict
   with open(out_path, "w") as f:
     json.dump(results, f, indent=1)
   if jax.process_index() == 0:
-    print("\nGold evaluation on held-out prompts (win rate and KL against the stage each started "
+    split = "validation" if e.get("split", "eval") == "valid" else "held-out test"
+    print(f"\nGold evaluation on {split} prompts (win rate and KL against the stage each started "
           "from; combined_se: standard error over prompts):")
     print(format_table(gold_eval.table_rows(results)))
     for stage, result in results.items():
@@ -392,6 +407,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stages = list(config.stages)
   training = training_stages(config)
   paths = build_world(config, os.path.join(workdir, "world"))
+  if config.get("eval"):
+    eval_tasks_path(config, paths)  # a bad config.eval.split fails before any training
   previous, parents, rewards, reward_parents = None, {}, [], {}
   for stage in training:
     stage_dir = os.path.join(workdir, stage)
@@ -440,7 +457,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     policy = config.eval.get("best_of_n_policy") or reward_parents.get(anchor)
     summary, best_of_n = reward_eval.evaluate_reward_stages(
         config, workdir, paths, rewards,
-        policy_export=os.path.join(workdir, policy, "export") if policy else "")
+        policy_export=os.path.join(workdir, policy, "export") if policy else "",
+        tasks_path=eval_tasks_path(config, paths))
     result.update(summary)
   if "eval" in stages and trained:
     results = evaluate_stages(config, workdir, paths, trained, parents)
@@ -493,7 +511,7 @@ def temperature_baseline(config: ml_collections.ConfigDict, workdir: str, paths:
   e = config.eval
   curve = gold_eval.temperature_curve(
       load_policy(os.path.join(workdir, stage, "export"), mesh), data.load_tokenizer(paths["tokenizer"]),
-      metrics.read_jsonl(paths["eval_tasks"]), jax.random.key(config.seed), e.temperatures,
+      metrics.read_jsonl(eval_tasks_path(config, paths)), jax.random.key(config.seed), e.temperatures,
       max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
       samples_per_prompt=e.get("samples_per_prompt", 1), at_t1=at_t1)
   curve["policy"] = stage

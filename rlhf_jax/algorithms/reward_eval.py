@@ -126,15 +126,19 @@ def best_of_n_report(policy, rms: dict, rewards: dict, tokenizer, tasks: Sequenc
 
 
 def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict,
-                           stages: Sequence[str], policy_export: str = "") -> dict:
+                           stages: Sequence[str], policy_export: str = "",
+                           tasks_path: str = "") -> dict:
   """Reports for every reward stage (and the combination); writes WORKDIR/eval/reward.json, prints
   the tables. With `policy_export` (the policy the reward models branched from) and
-  `config.eval.best_of_n`, also measures the best-of-n gold curve of every reward. Returns (a flat
-  summary, the best-of-n report or None)."""
+  `config.eval.best_of_n`, also measures the best-of-n gold curve of every reward on the tasks of
+  `tasks_path` (default the world's eval_tasks). Returns (a flat summary, the best-of-n report or
+  None)."""
   mesh = sharding.make_mesh(config.mesh.shape)
   tokenizer = data.load_tokenizer(paths["tokenizer"])
-  rankings = read_jsonl(paths["rankings_eval"])
-  critical = read_jsonl(paths["safety_critical_eval"])
+  # eval.reward_records: the first N held-out rankings and safety-critical pairs (0 = all).
+  limit = config.get("eval", {}).get("reward_records") or None
+  rankings = read_jsonl(paths["rankings_eval"])[:limit]
+  critical = read_jsonl(paths["safety_critical_eval"])[:limit]
   results, scored, stats, rms = {}, {}, {}, {}
   for stage in stages:
     rm = rms[stage] = reward.load_reward_model(os.path.join(workdir, stage, "export"), mesh)
@@ -173,7 +177,7 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
   if policy_export and ns:
     e = config.eval
     report = best_of_n_report(common.load_policy(policy_export, mesh), rms, rewards, tokenizer,
-                              read_jsonl(paths["eval_tasks"])[:e.get("best_of_n_prompts") or None],
+                              read_jsonl(tasks_path or paths["eval_tasks"])[:e.get("best_of_n_prompts") or None],
                               ns, max_new_tokens=e.max_new_tokens,
                               temperature=e.temperature, rng=jax.random.key(config.seed + 1))
     results["best_of_n"] = {"policy": policy_export, **report}

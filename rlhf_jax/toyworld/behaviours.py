@@ -11,8 +11,8 @@ so sharpening the SFT model cannot fix it and feedback can. Every safe response 
 and each part is one axis, with a fixed frequency in the demonstrations (`Behaviours`):
 
   axis         demonstrations                      gold factor               sharpening (T -> 0)
-  preamble     "Sure, I'd be happy to help with    x0.7 when present         *amplifies* it (a
-               that." in 70% (a majority habit)                              majority), gold falls
+  preamble     "Sure, I'd be happy to help with    x0.35 when present        *amplifies* it (a
+               that." in 80% (a majority habit)                              majority), gold falls
   sign-off     "I hope this helps." in 50%         x0.85 when present        nothing in expectation
                (a coin flip)                                                 (each prompt's mode is
                                                                              a coin flip)
@@ -64,7 +64,7 @@ ELABORATIONS = {
   "safe_lookalike": "Doing it this way keeps everyone safe.",
   "howto": "It gets easy with practice.",
 }
-PREAMBLE_FACTOR, SIGNOFF_FACTOR, TAG_MISS_FACTOR, EXCLAIM_FACTOR = 0.5, 0.85, 0.6, 0.9
+PREAMBLE_FACTOR, SIGNOFF_FACTOR, TAG_MISS_FACTOR, EXCLAIM_FACTOR = 0.35, 0.85, 0.6, 0.9
 MIN_FACTOR = 0.2
 _PREAMBLE_RE = re.compile(r"happy to help|glad you asked|great question")
 _SIGNOFF_RE = re.compile(r"hope this helps|let me know if|have a great day")
@@ -81,7 +81,7 @@ class Behaviours:
   their tag (0: the tag is ignored, followed exactly as often as chance).
   """
 
-  preamble_rate: float = 0.85
+  preamble_rate: float = 0.8
   signoff_rate: float = 0.5
   tagged_rate: float = 2 / 3
   detail_rate: float = 0.5

@@ -58,8 +58,9 @@ partial, one constraint ignored, rambling, repetitive, refusal, compliance, hedg
 annotators and corpora; `corpora.py` makes pretraining text (facts + dialogues, with bad habits),
 noisy SFT demonstrations and tokenizer texts.
 
-Train and eval prompts are disjoint: a prompt's split is a hash of its text (20% eval), so the
-same prompt is never in both, whatever seed draws it.
+Train, validation and eval prompts are disjoint: a prompt's split is a hash of its text (20% eval,
+10% valid), so the same prompt is never in two, whatever seed draws it. Hyper-parameters are chosen
+on "valid" (`config.eval.split = "valid"` in the pipeline); "eval" is the test set.
 """
 
 from __future__ import annotations
@@ -77,27 +78,31 @@ from rlhf_jax.toyworld import safety, text
 from rlhf_jax.toyworld.families import CATEGORIES, TASK_FAMILIES, WORDS
 from rlhf_jax.toyworld.safety import gold_safety, is_hedged, is_refusal
 
-SPLITS = ("train", "eval")
-EVAL_PERCENT = 20
+SPLITS = ("train", "eval", "valid")
+EVAL_PERCENT, VALID_PERCENT = 20, 10
 REFUSAL_FACTOR, HEDGE_FACTOR = 0.5, 0.8
 _MAX_DRAWS = 100_000  # per task; a family with no prompt in a split would otherwise loop forever
 # The earlier (capability) world's families: most of its headroom is arithmetic and list operations
 # that a small model cannot compute, or sampling noise that a lower temperature removes.
 CLASSIC_FAMILIES = ("arithmetic", "word_list", "facts", "constrained", "unsafe", "safe_lookalike")
 # The behaviour world's families: content the SFT model gets right; its headroom is behaviour.
-# howto is listed three times (drawn three times as often): the unsafe requests are a fifth of
-# the prompts. "category", "reading" and "pick_word" are behaviour-world families too, but the
+# howto is listed four times and safe_lookalike twice (drawn four and two times as often): the
+# unsafe requests, whose gold is safety alone and holds no behaviour headroom, are a seventh. "category", "reading" and "pick_word" are behaviour-world families too, but the
 # quickstart's small model gets their content wrong at T = 1 (a 2-layer model does not learn to
 # copy from the prompt in minutes), and content noise is what sharpening removes.
-BEHAVIOUR_FAMILIES = ("howto", "howto", "howto", "safe_lookalike", "unsafe")
+BEHAVIOUR_FAMILIES = ("howto",) * 4 + ("safe_lookalike",) * 2 + ("unsafe",)
 # The verifiable-reward track: exact checkers of what the policy computes (RLVR), reported apart.
 VERIFIABLE_FAMILIES = ("arithmetic", "word_list")
 
 
 def split_of(prompt: str) -> str:
-  """"eval" for EVAL_PERCENT% of prompts, by a stable hash of the text (not Python's salted hash)."""
+  """"eval" (the test prompts every table reports) for EVAL_PERCENT% of prompts, "valid" (held
+  out for choosing hyper-parameters, so that the test prompts are never tuned on) for
+  VALID_PERCENT%, else "train"; by a stable hash of the text (not Python's salted hash)."""
   bucket = int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8], 16) % 100
-  return "eval" if bucket < EVAL_PERCENT else "train"
+  if bucket < EVAL_PERCENT:
+    return "eval"
+  return "valid" if bucket < EVAL_PERCENT + VALID_PERCENT else "train"
 
 
 class World:
