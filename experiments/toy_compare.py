@@ -1,5 +1,7 @@
 """Every alignment method from the same SFT model, scored by the toy world's gold reward on the same
-256 held-out tasks: the comparison that `notebooks/compare_alignment_methods.ipynb` tabulates.
+test prompts (1,024 x 4 samples, paired differences to SFT): the comparison that
+`notebooks/compare_alignment_methods.ipynb` tabulates. Tune a method on the validation prompts
+first (`--config.eval.split=valid`), then report it on the test prompts (the default).
 
   python -m rlhf_jax.run --config=experiments/toy_compare.py --workdir=runs/compare
   python -m rlhf_jax.run --config=experiments/toy_compare.py:core --workdir=runs/compare
