@@ -21,8 +21,9 @@ from typing import Sequence
 
 from rlhf_jax.toyworld import evaluate as gold_eval
 
+# Gold metrics of every row, and the behaviour world's axis rates (None on other worlds).
 GOLD_KEYS = ("helpfulness", "safety", "combined", "win_rate", "kl", "length", "refusal_unsafe",
-             "refusal_safe")
+             "refusal_safe", *gold_eval.AXIS_METRICS)
 
 
 def read_stage_info(workdir: str, stage: str) -> dict:
