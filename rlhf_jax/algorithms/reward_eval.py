@@ -176,9 +176,9 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
   ns = tuple(config.get("eval", {}).get("best_of_n", ()) or ())
   if policy_export and ns:
     e = config.eval
+    tasks = read_jsonl(tasks_path or paths["eval_tasks"])[:e.get("best_of_n_prompts") or None]
     report = best_of_n_report(common.load_policy(policy_export, mesh), rms, rewards, tokenizer,
-                              read_jsonl(tasks_path or paths["eval_tasks"])[:e.get("best_of_n_prompts") or None],
-                              ns, max_new_tokens=e.max_new_tokens,
+                              tasks, ns, max_new_tokens=e.max_new_tokens,
                               temperature=e.temperature, rng=jax.random.key(config.seed + 1))
     results["best_of_n"] = {"policy": policy_export, **report}
   out_dir = os.path.join(workdir, "eval")

@@ -87,7 +87,8 @@ _MAX_DRAWS = 100_000  # per task; a family with no prompt in a split would other
 CLASSIC_FAMILIES = ("arithmetic", "word_list", "facts", "constrained", "unsafe", "safe_lookalike")
 # The behaviour world's families: content the SFT model gets right; its headroom is behaviour.
 # howto is listed four times and safe_lookalike twice (drawn four and two times as often): the
-# unsafe requests, whose gold is safety alone and holds no behaviour headroom, are a seventh. "category", "reading" and "pick_word" are behaviour-world families too, but the
+# unsafe requests, whose gold is safety alone and holds no behaviour headroom, are a seventh.
+# "category", "reading" and "pick_word" are behaviour-world families too, but the
 # quickstart's small model gets their content wrong at T = 1 (a 2-layer model does not learn to
 # copy from the prompt in minutes), and content noise is what sharpening removes.
 BEHAVIOUR_FAMILIES = ("howto",) * 4 + ("safe_lookalike",) * 2 + ("unsafe",)
