@@ -3,6 +3,7 @@
 `plot_gold_vs_kl` draws reward over-optimisation (Gao et al. 2022): for each PPO run, the proxy
 reward (what the reward model says) and the gold reward (what the toy world says) against the KL
 to the reference. With a weak KL penalty the proxy keeps rising while gold peaks and falls.
+`plot_best_of_n` draws the same for best-of-n selection against sqrt(KL).
 """
 
 from __future__ import annotations
@@ -89,4 +90,45 @@ def plot_gold_vs_kl(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLi
   return path
 
 
-__all__ = ["smooth", "plot_gold_vs_kl"]
+def plot_best_of_n(report: Mapping, path: str | os.PathLike) -> str:
+  """Best-of-n over-optimisation (Gao et al. 2022, their figure 1 without RL): for every reward in
+  a best-of-n report (`reward_eval.best_of_n_report`), the gold combined of its pick (left) and
+  its own score of its pick over n = 1 (right, the proxy), against sqrt(KL(best-of-n || policy)),
+  KL = log n - (n - 1) / n; the gold oracle's best of n dashed. Writes a PNG to `path`, returns it.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  x = np.sqrt(np.asarray(report["kl"], np.float64))
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  oracle = report.get("oracle_curve", {}).get("combined")
+  if oracle:
+    axes[0].plot(x, oracle, "--", color="black", label="(gold oracle)")
+  curves = [(name, c) for name, c in report.items()
+            if isinstance(c, Mapping) and "combined" in c and name not in ("mean", "oracle",
+                                                                            "oracle_curve")]
+  for i, (name, c) in enumerate(curves):
+    axes[0].plot(x, c["combined"], "-o", color=f"C{i}", markersize=4, label=name)
+    if "proxy" in c:
+      proxy = np.asarray(c["proxy"], np.float64)
+      axes[1].plot(x, proxy - proxy[0], "-o", color=f"C{i}", markersize=4, label=name)
+  for ax, n in ((ax, n) for ax in axes for n in report["n"]):
+    ax.axvline(np.sqrt(max(np.log(n) - (n - 1) / n, 0.0)), color="gray", alpha=0.15, lw=0.8)
+  axes[0].set_title(f"gold combined of the pick ({report.get('prompts', '?')} held-out tasks)",
+                    fontsize=9)
+  axes[1].set_title("proxy: the reward's own score of its pick, minus n = 1", fontsize=9)
+  for ax in axes:
+    ax.set_xlabel(f"sqrt KL(best of n || policy); n = {', '.join(map(str, report['n']))}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle("Best-of-n: gold vs proxy reward as n grows")
+  fig.tight_layout()
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+__all__ = ["smooth", "plot_gold_vs_kl", "plot_best_of_n"]

@@ -252,6 +252,8 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   # (paired standard errors over prompts; 1,024 prompts x 4 samples give ~0.005).
   # split: "eval" (the test prompts) or "valid" (the validation prompts: tune on these).
   # reward_records: held-out rankings and safety-critical pairs the reward report scores (0 = all).
+  # rounds: the gold table also scores each rejection-sampling round's policy ("<stage>/round_<r>",
+  # each against the round before it).
   # skip: trained stages the gold table does not sample (a stage started from one of them gets
   # its KL, not a win rate). best_of_n_prompts: the first N held-out tasks (0 = all).
   c.eval = ml_collections.ConfigDict(dict(split="eval", max_new_tokens=40, temperature=1.0,
@@ -259,7 +261,7 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
                                           best_of_n=(1, 2, 4, 8), best_of_n_prompts=0,
                                           reward_records=0,
                                           best_of_n_policy="", temperatures=(1.0, 0.85, 0.7, 0.5),
-                                          rewards=True))
+                                          rewards=True, rounds=False))
   return c
 
 

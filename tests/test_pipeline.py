@@ -145,6 +145,9 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
     assert 0.0 <= curve[1] <= best_of_n["oracle"]["combined"] + 1e-9
     corr = best_of_n[name]["within_prompt_corr"]
     assert corr["all"] is None or -1.0 <= corr["all"] <= 1.0
+    # The proxy (the reward's own score of its pick) never falls with n: nested groups.
+    assert np.all(np.diff(best_of_n[name]["proxy"]) >= -1e-9)
+  assert (tmp_path / "eval" / "best_of_n.png").read_bytes()[:4] == b"\x89PNG"
   assert "Best of n samples" in out and "orders one prompt's samples" in out
   assert os.path.exists(result["plot"]) and result["plot"].endswith("ppo_gold_vs_kl.png")
   # The PPO start (SFT) sampled at T = 1 and 0.5: KL to itself ~0 at T = 1, > 0 when sharpened.
@@ -255,6 +258,45 @@ def test_best_of_n_gold_matches_a_loop():
   assert reward_eval.best_of_n_gold(gold, gold, 8) == pytest.approx(gold.max(1).mean())  # oracle
   with pytest.raises(ValueError, match="divisible"):
     reward_eval.best_of_n_gold(gold, rewards, 3)
+
+
+def test_eval_rounds_puts_each_rejection_sampling_round_before_its_stage(tmp_path):
+  config = experiment_config("toy_llama2_pipeline")
+  assert config.eval.rounds and config.rejection_sampling.rejection_sampling.rounds == 3
+  stages = ["sft", "rejection_sampling", "ppo_after_rs"]
+  parents = {"sft": None, "rejection_sampling": "sft", "ppo_after_rs": "rejection_sampling"}
+  for r in (1, 2, 3):
+    (tmp_path / "rejection_sampling" / f"round_{r}" / "export").mkdir(parents=True)
+  got, got_parents = pipeline.with_rounds(config, str(tmp_path), stages, parents)
+  assert got == ["sft", "rejection_sampling/round_1", "rejection_sampling/round_2",
+                 "rejection_sampling", "ppo_after_rs"]
+  assert got_parents == {"sft": None, "rejection_sampling/round_1": "sft",
+                         "rejection_sampling/round_2": "rejection_sampling/round_1",
+                         "rejection_sampling": "rejection_sampling/round_2",
+                         "ppo_after_rs": "rejection_sampling"}
+  assert parents["rejection_sampling"] == "sft"  # the caller's dict is left alone
+  config.eval.rounds = False
+  assert pipeline.with_rounds(config, str(tmp_path), stages, parents) == (stages, parents)
+
+
+def test_best_of_n_plot_draws_gold_and_proxy_of_every_reward(tmp_path):
+  from rlhf_jax import plots
+  from rlhf_jax.algorithms import reward_eval
+  rs = np.random.RandomState(0)
+  gold, rewards = rs.rand(20, 16), rs.randn(20, 16)
+  ns = (1, 2, 4, 8, 16)
+  picks = [reward_eval.best_of_n_gold(gold, rewards, n) for n in ns]
+  curve = {"combined": picks, "helpfulness": picks, "safety": [1.0] * len(ns),
+           "proxy": [reward_eval.best_of_n_gold(rewards, rewards, n) for n in ns]}
+  assert np.all(np.diff(curve["proxy"]) > 0)  # a reward's own score of its pick rises with n
+  report = {"n": list(ns), "kl": [reward_eval.best_of_n_kl(n) for n in ns], "prompts": 20,
+            "mean": {"combined": 0.5},
+            "oracle_curve": {k: [reward_eval.best_of_n_gold(gold, gold, n) for n in ns]
+                             for k in ("combined", "helpfulness", "safety")}, "rm": curve}
+  rows = reward_eval.best_of_n_rows(report)
+  assert [r["proxy"] for r in rows if r["reward"] == "rm"] == curve["proxy"]
+  path = plots.plot_best_of_n(report, tmp_path / "eval" / "best_of_n.png")
+  assert os.path.getsize(path) > 10_000 and open(path, "rb").read(4) == b"\x89PNG"
 
 
 def test_within_prompt_corr_ignores_prompt_difficulty():

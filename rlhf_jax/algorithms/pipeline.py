@@ -461,7 +461,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tasks_path=eval_tasks_path(config, paths))
     result.update(summary)
   if "eval" in stages and trained:
-    results = evaluate_stages(config, workdir, paths, trained, parents)
+    evaluated, eval_parents = with_rounds(config, workdir, trained, parents)
+    results = evaluate_stages(config, workdir, paths, evaluated, eval_parents)
     result.update({f"{s}/{k}": v for s, r in results.items() for k, v in r["overall"].items()})
     ppo_stages = [s for s in trained if config[s].algorithm in ppo.ESTIMATOR_OF]  # + GRPO, RLOO
     # The temperature curve of the PPO stages' start policy (else of the SFT model): the baseline
@@ -487,6 +488,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     agreement = evaluate_judge(config, workdir, paths)
     result.update({f"judge/{k}": v for k, v in agreement["overall"].items()})
   return result
+
+
+def with_rounds(config: ml_collections.ConfigDict, workdir: str, stages: list[str],
+                parents: dict) -> tuple[list[str], dict]:
+  """(stages, parents) for the gold table; with `config.eval.rounds`, each rejection-sampling
+  stage's intermediate policies ("<stage>/round_<r>", Llama 2's RLHF-V1, V2, ...) come before it,
+  each compared with the one before it (the first with the stage's own start policy), and the
+  stage itself (the last round's policy) with the round before it."""
+  if not config.eval.get("rounds"):
+    return stages, parents
+  out, parents = [], dict(parents)
+  for stage in stages:
+    if config[stage].algorithm == "rejection_sampling":
+      previous = parents.get(stage)
+      for r in range(1, config[stage].rejection_sampling.rounds):
+        name = f"{stage}/round_{r}"
+        if os.path.exists(os.path.join(workdir, name, "export")):
+          out.append(name)
+          parents[name], previous = previous, name
+      parents[stage] = previous
+    out.append(stage)
+  return out, parents
 
 
 def write_gates(workdir: str, *, curve: dict | None, best_of_n: dict | None, gold: dict) -> list:

@@ -14,7 +14,8 @@ models branched from samples K = max(n) responses per held-out task; for each n 
 of n (over K/n disjoint groups) is scored by gold, beside the mean sample (n = 1) and the gold
 oracle's best of K. Best of n is KL(best-of-n || policy) = log n - (n - 1)/n nats away from the
 policy, so this is the reward-model over-optimisation curve of Gao et al. (2022) without RL: a
-reward that is only trustworthy near the policy makes gold peak at small n and fall.
+reward that is only trustworthy near the policy makes gold peak at small n and fall, while its
+own score of the pick (the proxy) keeps rising: WORKDIR/eval/best_of_n.png draws both.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import data, reward_metrics, sharding
+from rlhf_jax import data, plots, reward_metrics, sharding
 from rlhf_jax.algorithms import common, ppo_rollout, rejection_sampling, reward
 from rlhf_jax.toyworld import behaviours
 from rlhf_jax.toyworld import world as world_lib
@@ -108,6 +109,8 @@ def best_of_n_report(policy, rms: dict, rewards: dict, tokenizer, tasks: Sequenc
          "oracle_curve": {key: [best_of_n_gold(g, g, n) for n in ns] for key, g in gold.items()}}
   def curve(values: np.ndarray) -> dict:  # values: [P, k], one per sample
     c = {key: [best_of_n_gold(g, values, n) for n in ns] for key, g in gold.items()}
+    # The proxy: the reward's own mean score of its pick (Gao et al.'s x-axis partner of gold).
+    c["proxy"] = [best_of_n_gold(values, values, n) for n in ns]
     c["within_prompt_corr"] = {
         f: within_prompt_corr(values[families == f], gold["combined"][families == f])
         for f in sorted(set(families))}
@@ -183,6 +186,8 @@ def evaluate_reward_stages(config: ml_collections.ConfigDict, workdir: str, path
     results["best_of_n"] = {"policy": policy_export, **report}
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
+  if results.get("best_of_n") and jax.process_index() == 0:
+    plots.plot_best_of_n(results["best_of_n"], os.path.join(out_dir, "best_of_n.png"))
   with open(os.path.join(out_dir, "reward.json"), "w") as f:
     json.dump(results, f, indent=1)
   if jax.process_index() == 0:
@@ -202,7 +207,8 @@ def best_of_n_rows(report: dict) -> list[dict]:
     if isinstance(curve, dict) and "combined" in curve and name not in ("mean", "oracle",
                                                                          "oracle_curve"):
       rows += [{"reward": name, "n": n, "kl": kl,
-                **{f"gold_{k}": curve[k][i] for k in ("combined", "helpfulness", "safety")}}
+                **{f"gold_{k}": curve[k][i] for k in ("combined", "helpfulness", "safety")},
+                **({"proxy": curve["proxy"][i]} if "proxy" in curve else {})}
                for i, (n, kl) in enumerate(zip(report["n"], report["kl"]))]
   return rows
 

@@ -1,0 +1,42 @@
+"""DPO-family hyper-parameters chosen on the validation prompts, then reported on the test prompts.
+
+  # 1. train every variant and score it on the validation prompts (choose here)
+  python -m rlhf_jax.run --config=experiments/toy_dpo_sweep.py --workdir=runs/compare \
+      --config.eval.split=valid
+  # 2. the chosen variants on the test prompts (the default split)
+  python -m rlhf_jax.run --config=experiments/toy_dpo_sweep.py --workdir=runs/compare \
+      --config.stages='("world","pretrain","sft","feedback","dpo_on_b0p1","eval")'
+
+"feedback" samples 4 responses per preference prompt from the SFT model and has the world's
+annotators rank them (topped up with perturbation candidates to 4-9 per prompt): DPO then trains
+on pairs of the SFT model's own samples, as the DPO paper's and Llama 2's preference data are,
+instead of the world stage's rankings of perturbation candidates ("dpo" in toy_compare.py). Each
+ranking becomes its best-vs-rest pairs. All variants: 150 steps of 8 packed rows, lr 5e-5, from
+SFT, the reference's log-probs per batch. The stages share their workdir with toy_compare.py.
+"""
+
+from rlhf_jax.toy_configs import dpo_stage, toy_pipeline_config
+
+SOURCE = "feedback/rankings"
+# name -> (loss_type, beta, label_smoothing)
+VARIANTS = {
+    "dpo_on_b0p03": ("sigmoid", 0.03, 0.0),
+    "dpo_on_b0p1": ("sigmoid", 0.1, 0.0),
+    "dpo_on_b0p3": ("sigmoid", 0.3, 0.0),
+    "cdpo_on_b0p1": ("sigmoid", 0.1, 0.1),  # cDPO: 10% of the labels assumed flipped
+    "ipo_on_t0p1": ("ipo", 0.1, 0.0),  # IPO's tau
+}
+
+
+def get_config():
+  c = toy_pipeline_config()
+  for name, (loss_type, beta, smoothing) in VARIANTS.items():
+    c[name] = dpo_stage(SOURCE, beta=beta, loss_type=loss_type)
+    c[name].dpo.update(label_smoothing=smoothing, reference="per_batch")
+  # The off-policy reference: DPO on the world's rankings of perturbation candidates, as
+  # toy_compare.py's "dpo" (the same config, so a shared workdir trains it once).
+  c.dpo = dpo_stage(beta=0.3)
+  c.dpo.dpo.reference = "per_batch"
+  c.eval.rewards = False  # the gold table only
+  c.stages = ("world", "pretrain", "sft", "dpo", "feedback", *VARIANTS, "eval")
+  return c
