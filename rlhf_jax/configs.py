@@ -20,6 +20,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.algorithm = "sft"  # which driver in rlhf_jax.algorithms runs this config
   c.seed = 0
+  # JAX's persistent compilation cache (programs that took >= 1 s to compile are stored and
+  # reloaded; run.enable_compilation_cache): "" = off, "workdir" = WORKDIR/jax_cache, else a
+  # directory. Ignored when JAX_COMPILATION_CACHE_DIR is set (that one is used).
+  c.compile_cache = ""
 
   model = ModelConfig().to_dict()
   model["rope_scaling"] = ml_collections.FieldReference(None, field_type=dict)

@@ -437,15 +437,19 @@ def _freeze(rules):
 
 # --- host-side helpers ----------------------------------------------------------------------------
 
-def prompt_batch(prompts: Sequence[Sequence[int]],
-                 pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Left-pads token-id lists to (tokens [B, P] int32, mask [B, P] bool), P = the longest prompt."""
+def prompt_batch(prompts: Sequence[Sequence[int]], pad_id: int = 0,
+                 multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token-id lists to (tokens [B, P] int32, mask [B, P] bool), P = the longest prompt
+  rounded up to a multiple of `multiple` (e.g. the sampler's length bucket, so that rescoring
+  prompt + response compiles once per bucket, not once per batch)."""
   if not prompts:
     raise ValueError("prompt_batch needs at least one prompt")
+  if multiple < 1:
+    raise ValueError(f"prompt_batch: multiple={multiple} must be >= 1")
   empty = [i for i, p in enumerate(prompts) if len(p) == 0]
   if empty:
     raise ValueError(f"prompts {empty} are empty; every prompt needs at least one token (e.g. BOS)")
-  width = max(len(p) for p in prompts)
+  width = -(-max(len(p) for p in prompts) // multiple) * multiple
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   mask = np.zeros((len(prompts), width), bool)
   for row, p in enumerate(prompts):

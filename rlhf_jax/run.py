@@ -98,6 +98,21 @@ def resolve_driver(name: str):
   return getattr(importlib.import_module(module), fn)
 
 
+def enable_compilation_cache(config, workdir: str) -> str | None:
+  """Turns on JAX's persistent compilation cache in the directory `config.compile_cache` names
+  ("workdir": WORKDIR/jax_cache; "" or absent: off), unless JAX_COMPILATION_CACHE_DIR already
+  names one. Returns the directory in use, or None."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  where = config.get("compile_cache", "")
+  if not where:
+    return None
+  directory = os.path.join(workdir, "jax_cache") if where == "workdir" else os.path.expanduser(where)
+  import jax
+  jax.config.update("jax_compilation_cache_dir", directory)
+  return directory
+
+
 def main(argv):
   del argv
   # Orbax and JAX log every save at INFO through absl; keep those quiet and our own INFO lines.
@@ -109,6 +124,7 @@ def main(argv):
   try:
     driver = resolve_driver(config.algorithm)  # before the workdir: a typo leaves nothing behind
     check_workdir_writable(_WORKDIR.value)
+    enable_compilation_cache(config, _WORKDIR.value)
     result = driver(config, _WORKDIR.value)
   except USER_ERRORS as e:  # bad input: the message says what to fix; a traceback would bury it
     sys.exit(f"error: {e}")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import sharding
+from rlhf_jax import scoring, sharding
 from rlhf_jax import generate as generate_lib
 from rlhf_jax.generate import Sampler, full_sequence, generate, prompt_batch, sample_token
 from rlhf_jax.models import ModelConfig, abstract_model, apply
@@ -107,6 +107,25 @@ def test_sampled_logprobs_match_one_forward_pass():
   got_base = np.asarray(out.base_logprobs)
   np.testing.assert_allclose(got_base[m], base[m], atol=1e-5)
   assert (got_base[~m] == 0).all() and not np.allclose(got_base[m], got[m])
+
+
+def test_prompts_padded_to_a_multiple_sample_and_rescore_the_same():
+  graphdef, params = _model(LLAMA)
+  tokens, mask = prompt_batch(PROMPTS)
+  wide, wide_mask = prompt_batch(PROMPTS, multiple=8)
+  assert wide.shape[1] % 8 == 0 and wide.shape[1] > tokens.shape[1]
+  pad = wide.shape[1] - tokens.shape[1]
+  np.testing.assert_array_equal(wide[:, pad:], tokens)
+  assert not wide_mask[:, :pad].any() and (wide[:, :pad] == 0).all()
+  kw = dict(max_new_tokens=N, temperature=1.0, eos_id=NEVER)
+  out = generate(graphdef, params, tokens, mask, jax.random.key(3), **kw)
+  out_wide = generate(graphdef, params, wide, wide_mask, jax.random.key(3), **kw)
+  np.testing.assert_array_equal(out.tokens, out_wide.tokens)
+  score = lambda t, m, o: np.asarray(scoring.sequence_logprob_sums(graphdef, params,
+                                                                   *full_sequence(t, m, o)))
+  np.testing.assert_allclose(score(wide, wide_mask, out_wide), score(tokens, mask, out), atol=1e-4)
+  with pytest.raises(ValueError, match="multiple"):
+    prompt_batch(PROMPTS, multiple=0)
 
 
 def test_uniform_model_draws_fresh_noise_every_step_and_row():

@@ -214,6 +214,25 @@ def test_toy_experiments_name_known_stages_and_data(name):
     assert config[stage].data.eval_source in ("", *world_data)
 
 
+def test_compilation_cache_directory_follows_config_and_environment(tmp_path, monkeypatch):
+  from rlhf_jax import run
+  saved = jax.config.jax_compilation_cache_dir
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  try:
+    config = experiment_config("toy_quickstart")
+    assert config.compile_cache == "workdir"
+    assert run.enable_compilation_cache(config, str(tmp_path)) == str(tmp_path / "jax_cache")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
+    config.compile_cache = ""
+    assert run.enable_compilation_cache(config, str(tmp_path)) is None
+    config.compile_cache = str(tmp_path / "shared")
+    assert run.enable_compilation_cache(config, "unused") == str(tmp_path / "shared")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))  # the user's wins
+    assert run.enable_compilation_cache(config, "unused") == str(tmp_path / "env")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", saved)
+
+
 def test_a_scratch_stage_starts_from_new_weights_and_best_of_n_names_its_policy():
   """toy_big_rm: a second, larger trunk pretrained from scratch after the policy stages, its reward
   models branching from it, and best of n on the small SFT policy's samples."""

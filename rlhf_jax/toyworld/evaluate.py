@@ -58,7 +58,8 @@ def sample_responses(policy: Policy, tokenizer, tasks: Sequence[dict], rng: jax.
   for start in range(0, len(tasks), batch_size):
     chunk = tasks[start:start + batch_size]
     prompts = [data.encode_prompt(tokenizer, t["prompt"]) for t in chunk]
-    tokens, mask = generate.prompt_batch(prompts, pad_id=tokenizer.pad_token_id)
+    tokens, mask = generate.prompt_batch(prompts, pad_id=tokenizer.pad_token_id,
+                                         multiple=getattr(policy.sampler, "length_bucket", 1))
     out = policy.sampler(policy.params, tokens, mask, jax.random.fold_in(rng, start),
                          max_new_tokens=max_new_tokens, temperature=temperature,
                          eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
