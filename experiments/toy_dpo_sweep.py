@@ -15,7 +15,7 @@ ranking becomes its best-vs-rest pairs. All variants: 150 steps of 8 packed rows
 SFT, the reference's log-probs per batch. The stages share their workdir with toy_compare.py.
 """
 
-from rlhf_jax.toy_configs import dpo_stage, toy_pipeline_config
+from rlhf_jax.toy_configs import dpo_stage, kto_stage, toy_pipeline_config
 
 SOURCE = "feedback/rankings"
 # name -> (loss_type, beta, label_smoothing)
@@ -26,6 +26,10 @@ VARIANTS = {
     "cdpo_on_b0p1": ("sigmoid", 0.1, 0.1),  # cDPO: 10% of the labels assumed flipped
     "ipo_on_t0p1": ("ipo", 0.1, 0.0),  # IPO's tau
 }
+# Methods that diverged or barely moved on the world's perturbation rankings (toy_compare.py), on
+# the SFT model's own samples: KTO on the annotators' thumbs up / down of them, SimPO at 10x
+# toy_compare's lr, CPL and ORPO at their toy_compare settings.
+OTHERS = ("kto_on", "simpo_on", "cpl_on", "orpo_on")
 
 
 def get_config():
@@ -37,6 +41,12 @@ def get_config():
   # toy_compare.py's "dpo" (the same config, so a shared workdir trains it once).
   c.dpo = dpo_stage(beta=0.3)
   c.dpo.dpo.reference = "per_batch"
+  c.kto_on = kto_stage("feedback/kto")
+  c.kto_on.kto.reference = "per_batch"
+  c.simpo_on = dpo_stage(SOURCE, loss_type="simpo", lr=5e-5)
+  c.cpl_on = dpo_stage(SOURCE, loss_type="cpl")
+  c.cpl_on.dpo.update(cpl_alpha=0.3, reference="per_batch")
+  c.orpo_on = dpo_stage(SOURCE, loss_type="orpo")
   c.eval.rewards = False  # the gold table only
-  c.stages = ("world", "pretrain", "sft", "dpo", "feedback", *VARIANTS, "eval")
+  c.stages = ("world", "pretrain", "sft", "dpo", "feedback", *VARIANTS, *OTHERS, "eval")
   return c

@@ -222,10 +222,11 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   # 50 steps: the behaviour world's pretraining text is dialogues like the SFT records (measured:
   # the SFT model's gold at T = 1 is the same after 50 or 100 pretraining steps, 0.476 / 0.481).
   c.pretrain = stage("pretrain", lr=3e-3, warmup=20, steps=50, seq_len=128, log_every=10)
-  # 300 steps: at 200 the SFT model's safe samples at T = 1 still slipped in ~10% (mean content
-  # 0.929; mostly one topic's answer for another's), noise that sharpening removes (+0.04 content
-  # at T = 0.85); at 300, 0.964 and +0.02.
-  c.sft = stage("sft", lr=1e-3, warmup=10, steps=300, seq_len=128, log_every=10)
+  # 200 steps at lr 2e-3: at 200 steps of lr 1e-3 the SFT model's safe samples at T = 1 still
+  # slipped in ~10% (mean content 0.929; mostly one topic's answer for another's), noise that
+  # sharpening removes (+0.04 content at T = 0.85); 300 steps at 1e-3 and 200 at 2e-3 both fix it
+  # (measured: SFT gold 0.447 / 0.441, T = 0.85 -0.009 / -0.009), the second in 2/3 of the time.
+  c.sft = stage("sft", lr=2e-3, warmup=10, steps=200, seq_len=128, log_every=10)
   # The AI judge (add "judge" to stages): SFT from the SFT model on judge records.
   c.judge = stage("sft", lr=1e-3, warmup=10, steps=200, seq_len=256, log_every=20)
   # Annotated samples of the SFT model (add "feedback" to stages after sft; reward stages read
@@ -233,9 +234,14 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   c.feedback = ml_collections.ConfigDict(dict(
       algorithm="feedback", init_from="", prompts=4000, eval_prompts=400, samples_per_prompt=4,
       temperature=1.0, max_new_tokens=48, batch_size=256))
-  # Llama 2's two reward models, each on its own annotators' pairs, with the margin loss.
-  c.rm_helpful = reward_stage("pairs_helpful", steps=150)
-  c.rm_safety = reward_stage("pairs_safety", steps=100)
+  # Llama 2's two reward models, each on its own annotators' pairs, with the margin loss. 100 / 70
+  # steps at lr 2e-4 order the SFT model's samples as well as 150 / 100 at 1e-4 (measured:
+  # within-prompt correlation with gold on behaviour prompts 0.705 / 0.653); 80 / 50 at 1e-4 do not
+  # (0.518: the reward gate fails).
+  c.rm_helpful = reward_stage("pairs_helpful", steps=100)
+  c.rm_safety = reward_stage("pairs_safety", steps=70)
+  for rm in (c.rm_helpful, c.rm_safety):
+    rm.optim.lr = 2e-4
   # How the pipeline's evaluation (and later PPO) combines them: "llama2" (safety score where the
   # prompt is flagged unsafe or sigmoid(safety) < safety_threshold, else helpfulness) | "linear".
   c.combine = ml_collections.ConfigDict(dict(helpful="rm_helpful", safety="rm_safety", kind="llama2",
@@ -255,6 +261,7 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   # (paired standard errors over prompts; 1,024 prompts x 4 samples give ~0.005).
   # split: "eval" (the test prompts) or "valid" (the validation prompts: tune on these).
   # reward_records: held-out rankings and safety-critical pairs the reward report scores (0 = all).
+  # temperature_prompts: the temperature curve on the first N held-out prompts (0 = all).
   # rounds: the gold table also scores each rejection-sampling round's policy ("<stage>/round_<r>",
   # each against the round before it).
   # skip: trained stages the gold table does not sample (a stage started from one of them gets
@@ -264,7 +271,7 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
                                           best_of_n=(1, 2, 4, 8), best_of_n_prompts=0,
                                           reward_records=0,
                                           best_of_n_policy="", temperatures=(1.0, 0.85, 0.7, 0.5),
-                                          rewards=True, rounds=False))
+                                          temperature_prompts=0, rewards=True, rounds=False))
   return c
 
 

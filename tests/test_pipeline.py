@@ -408,3 +408,37 @@ def test_temperature_kl_from_the_samplers_own_logprobs_equals_rescoring(words_to
   np.testing.assert_allclose([r["kl"] for r in own["samples"]],
                              [r["kl"] for r in rescored["samples"]], atol=1e-4)
   assert own["overall"]["kl"] > 0.01  # T = 0.6 really differs from T = 1
+
+
+def test_temperature_curve_on_the_first_prompts_keeps_common_random_numbers(words_tokenizer,
+                                                                           tmp_path, monkeypatch):
+  """eval.temperature_prompts = N: the curve samples the first N tasks only, and their samples
+  are the ones the full evaluation drew for them (same key, same batches), so the T = 1 point is
+  the full evaluation's rows of those prompts."""
+  from rlhf_jax import generate
+  from rlhf_jax.models import ModelConfig, abstract_model
+  from rlhf_jax.toyworld import World
+  cfg = ModelConfig(vocab_size=len(words_tokenizer), num_layers=2, embed_dim=32, num_heads=4,
+                    num_kv_heads=2, mlp_dim=64, max_seq_len=128, family="llama", init_std=0.2)
+  graphdef, abstract, _ = abstract_model(cfg)
+  rs = np.random.RandomState(0)
+  params = jax.tree.map(lambda a: jax.numpy.asarray(0.2 * rs.randn(*a.shape).astype(np.float32)),
+                        abstract)
+  policy = gold_eval.Policy(graphdef, params, generate.Sampler(graphdef, cfg))
+  tasks = World.behaviour_world(0).tasks(7, seed=0, split="eval")
+  kw = dict(max_new_tokens=8, batch_size=4, samples_per_prompt=2)
+  full = gold_eval.evaluate(policy, words_tokenizer, tasks, jax.random.key(0), **kw)
+  first = gold_eval.evaluate(policy, words_tokenizer, tasks[:3], jax.random.key(0), **kw)
+  assert [r["response"] for r in first["samples"]] == [r["response"] for r in full["samples"][:6]]
+
+  config = experiment_config("toy_quickstart")
+  config.eval.update(temperatures=(1.0, 0.5), temperature_prompts=3, **kw)
+  monkeypatch.setattr(pipeline, "load_policy", lambda path, mesh: policy)
+  monkeypatch.setattr(pipeline.data, "load_tokenizer", lambda path: words_tokenizer)
+  monkeypatch.setattr(pipeline, "eval_tasks_path", lambda config, paths: "tasks")
+  monkeypatch.setattr(pipeline.metrics, "read_jsonl", lambda path: tasks)
+  (tmp_path / "eval").mkdir()
+  curve = pipeline.temperature_baseline(config, str(tmp_path), {"tokenizer": ""}, "sft", at_t1=full)
+  assert curve["prompts"] == 3 and curve["vs_t1"][1]["prompts"] == 3
+  assert curve["combined"][0] == pytest.approx(np.mean([r["combined"] for r in full["samples"][:6]]))
+  assert curve["vs_t1"][0]["diff"] == 0.0

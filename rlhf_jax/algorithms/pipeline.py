@@ -529,20 +529,31 @@ def temperature_baseline(config: ml_collections.ConfigDict, workdir: str, paths:
   on the held-out tasks (`gold_eval.temperature_curve`): what sharpening the start policy buys
   without a reward model, the baseline PPO must beat at equal KL. Writes
   WORKDIR/eval/temperature.json. `at_t1`: the stage's gold evaluation at T = 1 with the same key
-  and samples, reused for the curve's T = 1 point."""
+  and samples, reused for the curve's T = 1 point. `config.eval.temperature_prompts` (0 = all):
+  the curve on the first N held-out tasks only; their samples at every temperature then use the
+  same random numbers as the first N tasks' samples in `at_t1` (same key, same batches), so the
+  paired differences to T = 1 keep their common random numbers."""
   mesh = sharding.make_mesh(config.mesh.shape)
   e = config.eval
+  tasks = metrics.read_jsonl(eval_tasks_path(config, paths))
+  n = e.get("temperature_prompts") or len(tasks)
+  if n < len(tasks):
+    tasks = tasks[:n]
+    if at_t1 is not None:
+      rows = [r for r in at_t1["samples"] if r["prompt_index"] < n]
+      at_t1 = {"overall": gold_eval.summarise(rows), "samples": rows}
   curve = gold_eval.temperature_curve(
       load_policy(os.path.join(workdir, stage, "export"), mesh), data.load_tokenizer(paths["tokenizer"]),
-      metrics.read_jsonl(eval_tasks_path(config, paths)), jax.random.key(config.seed), e.temperatures,
+      tasks, jax.random.key(config.seed), e.temperatures,
       max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
       samples_per_prompt=e.get("samples_per_prompt", 1), at_t1=at_t1)
-  curve["policy"] = stage
+  curve.update(policy=stage, prompts=len(tasks))
   path = os.path.join(workdir, "eval", "temperature.json")
   with open(path, "w") as f:
     json.dump(curve, f, indent=1)
   if jax.process_index() == 0:
-    print(f"\nGold of {stage} sampled at lower temperatures (KL to itself at T = 1):")
+    print(f"\nGold of {stage} sampled at lower temperatures on {len(tasks)} held-out prompts (KL to "
+          "itself at T = 1):")
     print(format_table(temperature_rows(curve)))
   return curve
 
