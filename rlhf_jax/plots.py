@@ -82,12 +82,7 @@ def plot_gold_vs_kl(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLi
   if final:
     axes[1].annotate("* final gold evaluation", xy=(0.02, 0.02), xycoords="axes fraction", fontsize=8)
   fig.suptitle("Reward over-optimisation: proxy vs gold reward against KL to the reference")
-  fig.tight_layout()
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def plot_best_of_n(report: Mapping, path: str | os.PathLike) -> str:
@@ -123,6 +118,12 @@ def plot_best_of_n(report: Mapping, path: str | os.PathLike) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.suptitle("Best-of-n: gold vs proxy reward as n grows")
+  return _save(fig, path)
+
+
+def _save(fig, path: str | os.PathLike) -> str:
+  """Writes `fig` as a PNG to `path` (its directory created), closes it, returns the path."""
+  import matplotlib.pyplot as plt
   fig.tight_layout()
   path = os.fspath(path)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

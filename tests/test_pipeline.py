@@ -385,20 +385,25 @@ def test_eval_split_picks_the_validation_or_the_test_prompts():
     pipeline.eval_tasks_path(config, paths)
 
 
-def test_temperature_kl_from_the_samplers_own_logprobs_equals_rescoring(words_tokenizer):
-  """KL(pi_T || pi) of the temperature curve is read off the sampler's T = 1 log-probs; a
-  second forward pass through the same weights (a separate reference) gives the same values."""
+def _random_policy(vocab_size: int) -> gold_eval.Policy:
+  """A 2-layer d32 Llama policy with N(0, 0.2^2) weights: samples that differ by temperature."""
   from rlhf_jax import generate
   from rlhf_jax.models import ModelConfig, abstract_model
-  from rlhf_jax.toyworld import World
-  cfg = ModelConfig(vocab_size=len(words_tokenizer), num_layers=2, embed_dim=32, num_heads=4,
+  cfg = ModelConfig(vocab_size=vocab_size, num_layers=2, embed_dim=32, num_heads=4,
                     num_kv_heads=2, mlp_dim=64, max_seq_len=128, family="llama", init_std=0.2)
   graphdef, abstract, _ = abstract_model(cfg)
   rs = np.random.RandomState(0)
   params = jax.tree.map(lambda a: jax.numpy.asarray(0.2 * rs.randn(*a.shape).astype(np.float32)),
                         abstract)
-  policy = gold_eval.Policy(graphdef, params, generate.Sampler(graphdef, cfg))
-  twin = gold_eval.Policy(graphdef, params, generate.Sampler(graphdef, cfg))
+  return gold_eval.Policy(graphdef, params, generate.Sampler(graphdef, cfg))
+
+
+def test_temperature_kl_from_the_samplers_own_logprobs_equals_rescoring(words_tokenizer):
+  """KL(pi_T || pi) of the temperature curve is read off the sampler's T = 1 log-probs; a
+  second forward pass through the same weights (a separate reference) gives the same values."""
+  from rlhf_jax.toyworld import World
+  policy = _random_policy(len(words_tokenizer))
+  twin = gold_eval.Policy(policy.graphdef, policy.params, policy.sampler)
   tasks = World.behaviour_world(0).tasks(6, seed=0, split="eval")
   run = lambda reference: gold_eval.evaluate(policy, words_tokenizer, tasks, jax.random.key(3),
                                              reference=reference, max_new_tokens=10,
@@ -415,16 +420,8 @@ def test_temperature_curve_on_the_first_prompts_keeps_common_random_numbers(word
   """eval.temperature_prompts = N: the curve samples the first N tasks only, and their samples
   are the ones the full evaluation drew for them (same key, same batches), so the T = 1 point is
   the full evaluation's rows of those prompts."""
-  from rlhf_jax import generate
-  from rlhf_jax.models import ModelConfig, abstract_model
   from rlhf_jax.toyworld import World
-  cfg = ModelConfig(vocab_size=len(words_tokenizer), num_layers=2, embed_dim=32, num_heads=4,
-                    num_kv_heads=2, mlp_dim=64, max_seq_len=128, family="llama", init_std=0.2)
-  graphdef, abstract, _ = abstract_model(cfg)
-  rs = np.random.RandomState(0)
-  params = jax.tree.map(lambda a: jax.numpy.asarray(0.2 * rs.randn(*a.shape).astype(np.float32)),
-                        abstract)
-  policy = gold_eval.Policy(graphdef, params, generate.Sampler(graphdef, cfg))
+  policy = _random_policy(len(words_tokenizer))
   tasks = World.behaviour_world(0).tasks(7, seed=0, split="eval")
   kw = dict(max_new_tokens=8, batch_size=4, samples_per_prompt=2)
   full = gold_eval.evaluate(policy, words_tokenizer, tasks, jax.random.key(0), **kw)
