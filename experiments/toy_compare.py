@@ -17,7 +17,7 @@ Budgets (matched within each family; all start from `sft`, all the same seed):
 | online RL against the two reward models (Llama 2 combination) | ppo, grpo, rloo | 3,840 policy samples each (PPO 120 x 32; GRPO / RLOO 60 x 16 prompts x 4), KL penalty to SFT |
 | best-of-K, then SFT | rejection_sampling, rest | 4,096 policy samples each (2 rounds / Grow steps x 256 fresh prompts x 8) |
 | offline, human labels | dpo, ipo, cpl, kto, simpo, orpo | the world's annotations of 4,000 prompts (rankings; KTO: one thumbs up/down per response), 150 steps of 8 packed rows |
-| no reward model, no labels | hir | 2,048 policy samples (2 rounds x 256 prompts x 4) relabeled by the world's checker |
+| no reward model, no labels | hir | 3,072 policy samples (3 rounds x 256 prompts x 4) relabeled by the world's checker and kept by gold >= 0.8 (oracle feedback), 3 x 64 steps |
 | AI feedback (not in `:core`) | ppo_rlaif, ppo_rlaif_direct, cai_sl, ppo_cai | the judge (600 gold-labelled comparisons); 2,000 AI-labelled pairs (RLAIF), 512 revisions and 1,000 harmlessness pairs (CAI); PPO 3,840 samples as `ppo` |
 
 RL-CAI (`ppo_cai`) starts from SL-CAI (`cai_sl`), so its KL and win rate are against SL-CAI.

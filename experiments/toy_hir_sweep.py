@@ -1,5 +1,6 @@
 """HIR's training budget chosen on the validation prompts, then reported on the test prompts: the
-default stage (2 rounds x 24 steps, as toy_compare.py's "hir") and longer schedules. The behaviour
+earlier default (2 rounds x 24 steps at lr 1e-4) and longer schedules; the last is now
+`hir_stage`'s default (toy_compare.py's "hir"). The behaviour
 world's conditional axis is the prompt's "(brief)" / "(detailed)" tag, which the demonstrations
 ignore (the SFT model follows it half the time) and HIR relabels to the tag each sample followed;
 `follows_tag` in the gold table is the share of tagged prompts whose tag the response follows.
@@ -11,7 +12,7 @@ ignore (the SFT model follows it half the time) and HIR relabels to the tag each
 from rlhf_jax.toy_configs import hir_stage, toy_pipeline_config
 
 # name -> (rounds, steps per round, lr)
-VARIANTS = {"hir": (2, 24, 1e-4), "hir_r3_s64": (3, 64, 1e-4), "hir_r3_s64_lr3e4": (3, 64, 3e-4)}
+VARIANTS = {"hir_r2_s24": (2, 24, 1e-4), "hir_r3_s64": (3, 64, 1e-4), "hir": (3, 64, 3e-4)}
 
 
 def get_config():
