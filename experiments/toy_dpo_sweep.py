@@ -10,9 +10,10 @@
 "feedback" samples 4 responses per preference prompt from the SFT model and has the world's
 annotators rank them (topped up with perturbation candidates to 4-9 per prompt): DPO then trains
 on pairs of the SFT model's own samples, as the DPO paper's and Llama 2's preference data are,
-instead of the world stage's rankings of perturbation candidates ("dpo" in toy_compare.py). Each
+instead of the world stage's rankings of perturbation candidates ("dpo_perturbations"). Each
 ranking becomes its best-vs-rest pairs. All variants: 150 steps of 8 packed rows, lr 5e-5, from
-SFT, the reference's log-probs per batch. The stages share their workdir with toy_compare.py.
+SFT, the reference's log-probs per batch. Chosen on the validation prompts: beta 0.1, which
+toy_compare.py's "dpo" now uses.
 """
 
 from rlhf_jax.toy_configs import dpo_stage, kto_stage, toy_pipeline_config
@@ -37,10 +38,11 @@ def get_config():
   for name, (loss_type, beta, smoothing) in VARIANTS.items():
     c[name] = dpo_stage(SOURCE, beta=beta, loss_type=loss_type)
     c[name].dpo.update(label_smoothing=smoothing, reference="per_batch")
-  # The off-policy reference: DPO on the world's rankings of perturbation candidates, as
-  # toy_compare.py's "dpo" (the same config, so a shared workdir trains it once).
-  c.dpo = dpo_stage(beta=0.3)
-  c.dpo.dpo.reference = "per_batch"
+  # The off-policy reference: DPO on the world's rankings of perturbation candidates (toy_compare's
+  # "dpo" before this sweep chose on-policy pairs at beta 0.1).
+  c.dpo_perturbations = dpo_stage(beta=0.3)
+  c.dpo_perturbations.dpo.reference = "per_batch"
+  c.feedback.init_from = "sft"  # the SFT model's samples (else the latest policy stage before it)
   c.kto_on = kto_stage("feedback/kto")
   c.kto_on.kto.reference = "per_batch"
   c.simpo_on = dpo_stage(SOURCE, loss_type="simpo", lr=5e-5)
@@ -48,5 +50,6 @@ def get_config():
   c.cpl_on.dpo.update(cpl_alpha=0.3, reference="per_batch")
   c.orpo_on = dpo_stage(SOURCE, loss_type="orpo")
   c.eval.rewards = False  # the gold table only
-  c.stages = ("world", "pretrain", "sft", "dpo", "feedback", *VARIANTS, *OTHERS, "eval")
+  c.stages = ("world", "pretrain", "sft", "dpo_perturbations", "feedback", *VARIANTS, *OTHERS,
+              "eval")
   return c

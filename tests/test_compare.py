@@ -100,7 +100,8 @@ def test_every_method_starts_from_sft_and_names_its_inputs():
   module, config = compare_config()
   stages = pipeline.training_stages(config)
   methods = [s for s in stages if pipeline.is_policy(config, s) and s not in ("pretrain", "sft")]
-  assert set(methods) == set(module.CORE) | {"ppo_rlaif", "ppo_rlaif_direct", "cai_sl", "ppo_cai"}
+  assert set(methods) == set(module.CORE) - {"feedback"} | {"ppo_rlaif", "ppo_rlaif_direct",
+                                                            "cai_sl", "ppo_cai"}
   previous = None
   for stage in stages:
     parent = pipeline.parent_stage(config, stage, previous)
@@ -112,7 +113,7 @@ def test_every_method_starts_from_sft_and_names_its_inputs():
       previous = stage
   assert pipeline.stage_inputs(config, "ppo_rlaif") == ["rm_ai", "ai_feedback", "judge"]
   assert pipeline.stage_inputs(config, "grpo") == ["rm_helpful", "rm_safety"]
-  assert pipeline.stage_inputs(config, "dpo") == []
+  assert pipeline.stage_inputs(config, "dpo") == ["feedback"]  # the SFT model's ranked samples
   # Matched budgets, as the experiment's docstring states them.
   samples = lambda s: config[s].ppo.iterations * config[s].ppo.prompts_per_iteration * \
       config[s].ppo.samples_per_prompt
