@@ -49,7 +49,6 @@ def get_config(arg=None):
   # DPO on the annotators' rankings of the SFT model's own samples ("feedback": 4 per prompt), at
   # the beta chosen on the validation prompts (experiments/toy_dpo_sweep.py: +0.311 there, against
   # +0.181 for beta 0.3 on the world's rankings of perturbation candidates).
-  c.feedback.init_from = "sft"  # the SFT model's samples, not the latest method's
   c.dpo = dpo_stage("feedback/rankings", beta=0.1)
   c.dpo.dpo.reference = "per_batch"
   c.kto = kto_stage()

@@ -42,7 +42,6 @@ def get_config():
   # "dpo" before this sweep chose on-policy pairs at beta 0.1).
   c.dpo_perturbations = dpo_stage(beta=0.3)
   c.dpo_perturbations.dpo.reference = "per_batch"
-  c.feedback.init_from = "sft"  # the SFT model's samples (else the latest policy stage before it)
   c.kto_on = kto_stage("feedback/kto")
   c.kto_on.kto.reference = "per_batch"
   c.simpo_on = dpo_stage(SOURCE, loss_type="simpo", lr=5e-5)

@@ -232,8 +232,10 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   c.judge = stage("sft", lr=1e-3, warmup=10, steps=200, seq_len=256, log_every=20)
   # Annotated samples of the SFT model (add "feedback" to stages after sft; reward stages read
   # "feedback/pairs_helpful" etc.): on-policy preference data, as InstructGPT and Llama 2 collect.
+  # init_from names the policy to sample: "sft", not "" (the latest policy stage before it, which
+  # in a multi-method experiment is another method's model).
   c.feedback = ml_collections.ConfigDict(dict(
-      algorithm="feedback", init_from="", prompts=4000, eval_prompts=400, samples_per_prompt=4,
+      algorithm="feedback", init_from="sft", prompts=4000, eval_prompts=400, samples_per_prompt=4,
       temperature=1.0, max_new_tokens=48, batch_size=256))
   # Llama 2's two reward models, each on its own annotators' pairs, with the margin loss. 100 / 70
   # steps at lr 2e-4 order the SFT model's samples as well as 150 / 100 at 1e-4 (measured:
