@@ -4,6 +4,7 @@ and is the same on every mesh, prompt files are validated, and the driver runs, 
 resumes to the same params as an uninterrupted run."""
 
 import dataclasses
+import functools
 import json
 import types
 
@@ -760,3 +761,17 @@ def test_rejection_sampling_fresh_prompts_must_fit_the_prompt_set(tmp_path, expo
   config.rejection_sampling.update(fresh_prompts=True, prompts_per_round=n)
   with pytest.raises(ValueError, match=f"need {2 * n} prompts"):
     rejection_sampling.train(config, str(tmp_path / "rs"))
+
+
+def test_rejection_sampling_prompt_offset_skips_the_first_prompts():
+  """A later stage of an iterated schedule samples prompts no earlier stage saw; too few left is a
+  ConfigError naming the offset."""
+  prompts = [{"prompt": str(i)} for i in range(10)]
+  step = functools.partial(rejection_sampling.step_prompts, key="config.rejection_sampling",
+                           source="p.jsonl")
+  assert step(prompts, steps=2, per_step=3, fresh=True, offset=4) == [prompts[4:7], prompts[7:10]]
+  assert step(prompts, steps=2, per_step=3, fresh=False, offset=4) == [prompts[4:7]] * 2
+  with pytest.raises(ValueError, match=r"6 skipped \(prompt_offset\) \+ 2 step\(s\) x 3 prompts"):
+    step(prompts, steps=2, per_step=3, fresh=True, offset=6)
+  with pytest.raises(ValueError, match="prompt_offset must be >= 0"):
+    step(prompts, steps=1, per_step=3, fresh=False, offset=-1)

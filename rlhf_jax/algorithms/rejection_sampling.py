@@ -1,7 +1,8 @@
 """Llama 2's iterated rejection sampling: best-of-K under the reward model, then SFT on the best.
 
 Round r (r = 1..rounds): for the same `prompts_per_round` prompts every round (the first ones of
-`config.data.source`; with `fresh_prompts`, the next `prompts_per_round` unseen ones), sample K
+`config.data.source` after the first `prompt_offset`; with `fresh_prompts`, the next
+`prompts_per_round` unseen ones), sample K
 responses per prompt from the current policy at temperature `temperatures[r-1]`, score them with the reward model(s) (the same `RewardSpec` as PPO, e.g. the
 Llama 2 combination of helpfulness and safety), keep the best response per prompt -- with
 `keep_best_across_rounds`, the best one seen for that prompt in any round so far, so a worse round
@@ -62,13 +63,18 @@ def policy_tokenizer(config: ml_collections.ConfigDict, *, key: str):
 
 
 def step_prompts(prompts: list[dict], *, steps: int, per_step: int, fresh: bool, key: str,
-                 source: str) -> list[list[dict]]:
-  """The prompts of each of `steps` sampling steps: the first `per_step` of `prompts` every step,
-  or with `fresh` the next `per_step` unseen ones; `key` names the config block in the error."""
-  if fresh and steps * per_step > len(prompts):
-    raise ConfigError(f"{key}.fresh_prompts: {steps} steps x {per_step} prompts each need "
-                     f"{steps * per_step} prompts; {source} has {len(prompts)}")
-  return [prompts[s * per_step if fresh else 0:][:per_step] for s in range(steps)]
+                 source: str, offset: int = 0) -> list[list[dict]]:
+  """The prompts of each of `steps` sampling steps, after the first `offset` of `prompts`: the
+  first `per_step` every step, or with `fresh` the next `per_step` unseen ones; `key` names the
+  config block in the error."""
+  if offset < 0:
+    raise ConfigError(f"{key}.prompt_offset must be >= 0, got {offset}")
+  need = offset + (steps if fresh else 1) * per_step
+  if need > len(prompts) and (fresh or offset):
+    skipped = f"{offset} skipped (prompt_offset) + " if offset else ""
+    raise ConfigError(f"{key}.fresh_prompts: {skipped}{steps if fresh else 1} step(s) x {per_step} "
+                      f"prompts each need {need} prompts; {source} has {len(prompts)}")
+  return [prompts[offset + (s * per_step if fresh else 0):][:per_step] for s in range(steps)]
 
 
 def finetune(config: ml_collections.ConfigDict, init_from: str, source: str, tokenizer_dir: str,
@@ -100,7 +106,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer_dir, tokenizer = policy_tokenizer(config, key="rejection sampling")
   round_prompts = step_prompts(load_prompts(config.data.source), steps=rs.rounds,
                                per_step=rs.prompts_per_round, fresh=rs.fresh_prompts,
-                               key="config.rejection_sampling", source=config.data.source)
+                               key="config.rejection_sampling", source=config.data.source,
+                               offset=rs.prompt_offset)
   mesh = sharding.make_mesh(config.mesh.shape)
   rms = ppo_rollout.load_reward_models(rs.reward, mesh, key="config.rejection_sampling.reward")
   spec = ppo_rollout.reward_spec(rs.reward, rms)
