@@ -19,13 +19,15 @@ toy_compare.py's "dpo" now uses.
 from rlhf_jax.toy_configs import dpo_stage, kto_stage, toy_pipeline_config
 
 SOURCE = "feedback/rankings"
-# name -> (loss_type, beta, label_smoothing)
+# name -> (loss_type, beta, label_smoothing, steps)
 VARIANTS = {
-    "dpo_on_b0p03": ("sigmoid", 0.03, 0.0),
-    "dpo_on_b0p1": ("sigmoid", 0.1, 0.0),
-    "dpo_on_b0p3": ("sigmoid", 0.3, 0.0),
-    "cdpo_on_b0p1": ("sigmoid", 0.1, 0.1),  # cDPO: 10% of the labels assumed flipped
-    "ipo_on_t0p1": ("ipo", 0.1, 0.0),  # IPO's tau
+    "dpo_on_b0p03": ("sigmoid", 0.03, 0.0, 150),
+    "dpo_on_b0p1": ("sigmoid", 0.1, 0.0, 150),
+    "dpo_on_b0p3": ("sigmoid", 0.3, 0.0, 150),
+    "dpo_on_b0p1_s300": ("sigmoid", 0.1, 0.0, 300),  # twice the pairs
+    "dpo_on_b0p3_s300": ("sigmoid", 0.3, 0.0, 300),
+    "cdpo_on_b0p1": ("sigmoid", 0.1, 0.1, 150),  # cDPO: 10% of the labels assumed flipped
+    "ipo_on_t0p1": ("ipo", 0.1, 0.0, 150),  # IPO's tau
 }
 # Methods that diverged or barely moved on the world's perturbation rankings (toy_compare.py), on
 # the SFT model's own samples: KTO on the annotators' thumbs up / down of them, SimPO at 10x
@@ -35,8 +37,8 @@ OTHERS = ("kto_on", "simpo_on", "cpl_on", "orpo_on")
 
 def get_config():
   c = toy_pipeline_config()
-  for name, (loss_type, beta, smoothing) in VARIANTS.items():
-    c[name] = dpo_stage(SOURCE, beta=beta, loss_type=loss_type)
+  for name, (loss_type, beta, smoothing, steps) in VARIANTS.items():
+    c[name] = dpo_stage(SOURCE, beta=beta, loss_type=loss_type, steps=steps)
     c[name].dpo.update(label_smoothing=smoothing, reference="per_batch")
   # The off-policy reference: DPO on the world's rankings of perturbation candidates (toy_compare's
   # "dpo" before this sweep chose on-policy pairs at beta 0.1).

@@ -193,7 +193,10 @@ def base_config() -> ml_collections.ConfigDict:
       # on one sample of the start policy for each of the first normalize_prompts training
       # prompts: the reward has mean 0, std 1 where PPO starts, so kl.beta means the same for
       # any reward model) | "export" (the export's held-out candidate responses).
-      reward=dict(REWARD_MODELS, gold=False, judge="", judge_principles=(), normalize="policy",
+      # judge_mode: "pointwise" (each sample's single-answer grade) | "pairwise" (RLAIF's
+      # comparison prompt, position-swapped); algorithms/ai_feedback.py.
+      reward=dict(REWARD_MODELS, gold=False, judge="", judge_principles=(), judge_mode="pointwise",
+                  normalize="policy",
                   normalize_prompts=256),
       eval_every=0,  # held-out gold + KL every N iterations on data.eval_source toy tasks (0 = off)
       eval_prompts=256,  # at most this many held-out tasks
@@ -213,6 +216,7 @@ def base_config() -> ml_collections.ConfigDict:
       samples_per_prompt=8,  # K
       prompts_per_round=512,  # the first N prompts, the same every round (Llama 2) ...
       fresh_prompts=False,  # ... or the next N unseen prompts each round (no refitting the same ones)
+      prompt_offset=0,  # skip the source's first N prompts (a later stage of an iterated schedule)
       temperatures=(1.0, 1.0, 1.0),  # one per round (Llama 2 raised it over rounds)
       keep_best_across_rounds=True,  # a prompt keeps the best response of any round so far
       max_prompt_len=64,

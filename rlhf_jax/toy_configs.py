@@ -146,14 +146,15 @@ def rest_stage(*, grow_steps: int = 2, prompts: int = 256, samples: int = 8,
 
 def ai_feedback_stage(*, judge: str = "judge", prompts: int = 2000, eval_prompts: int = 200,
                       principles: tuple = (), families: tuple = (),
-                      init_from: str = "") -> ml_collections.ConfigDict:
+                      init_from: str = "", judge_mode: str = "pointwise") -> ml_collections.ConfigDict:
   """RLAIF's data stage (algorithms/ai_feedback.py): two samples per prompt of the latest policy (or
   `init_from`'s) on `prompts` training tasks of `families` (() = all), labelled by the judge stage
-  `judge` under `principles` (() = HARMLESS on unsafe prompts, else CORRECT; names or texts)."""
+  `judge` under `principles` (() = HARMLESS on unsafe prompts, else CORRECT; names or texts), read
+  as `judge_mode` ("pointwise" single-answer grades | "pairwise" position-swapped comparisons)."""
   return ml_collections.ConfigDict(dict(
       algorithm="ai_feedback", init_from=init_from, judge=judge, prompts=prompts,
       eval_prompts=eval_prompts, principles=principles, families=families, temperature=1.0,
-      max_new_tokens=48, batch_size=256, judge_batch_size=64))
+      max_new_tokens=48, batch_size=256, judge_batch_size=64, judge_mode=judge_mode))
 
 
 def ai_reward_stage(source: str, *, steps: int = 150) -> ml_collections.ConfigDict:

@@ -178,14 +178,55 @@ def test_preferences_match_plain_forward_and_swap(tiny_model, tokenizer, world):
   np.testing.assert_allclose(debiased, (single + 1 - p_ba) / 2, atol=1e-6)
 
   # Another batch size in the same row and length buckets reuses the compiled forward.
-  compiled = judge._first_answer_probs._cache_size()
+  compiled = judge._next_token_logprobs._cache_size()
   longest = max(items, key=lambda i: len(data.encode_prompt(
       tokenizer, judge.comparison_prompt(HARMLESS, i[0]["prompt"], *i[1:]))))
   judge.judge_preferences(graphdef, params, tokenizer, [longest, items[0]], principle=HARMLESS,
                           swap=False)
-  assert judge._first_answer_probs._cache_size() == compiled
+  assert judge._next_token_logprobs._cache_size() == compiled
   with pytest.raises(ValueError, match="multiple of 32"):
     judge.judge_preferences(graphdef, params, tokenizer, items, principle=HARMLESS, batch_size=20)
+
+
+def _plain_logp(graphdef, params, tokenizer, prompt, token):
+  """log p(token) after one prompt from an unpadded, unbucketed forward."""
+  ids = np.asarray(data.encode_prompt(tokenizer, prompt), np.int32)[None]
+  logits, _ = apply(graphdef, params, ids, np.arange(ids.shape[1])[None], np.ones_like(ids))
+  last = np.asarray(logits[0, -1], np.float64)
+  return float(last[token] - np.log(np.exp(last - last.max()).sum()) - last.max())
+
+
+@pytest.mark.slow
+def test_pointwise_preferences_are_bradley_terry_on_single_answer_grades(tiny_model, tokenizer,
+                                                                        world):
+  """Each response's grade is log p("No problems." first) after its critique prompt (as an
+  unbatched forward computes it); p(a over b) = sigmoid(grade_a - grade_b), the same in either
+  order; a response repeated across items is graded once, and the same text under two different
+  requests is graded under each."""
+  _, graphdef, params = tiny_model
+  comps = judge.comparisons(world, 5, seed=2, principles=(CORRECT,), split="eval")
+  items = [(c["task"], c["response_a"], c["response_b"]) for c in comps]
+  token = judge.no_problems_token_id(tokenizer)
+  assert judge.NO_PROBLEMS.startswith(tokenizer.decode([token]).strip())
+  grades = judge.judge_scores(graphdef, params, tokenizer, [(t, r) for t, a, b in items
+                                                            for r in (a, b)], principle=CORRECT)
+  expected = [_plain_logp(graphdef, params, tokenizer,
+                          judge.critique_prompt(CORRECT, t["prompt"], r), token)
+              for t, a, b in items for r in (a, b)]
+  np.testing.assert_allclose(grades, expected, atol=1e-4)
+  p = judge.judge_preferences(graphdef, params, tokenizer, items, principle=CORRECT,
+                              mode="pointwise")
+  np.testing.assert_allclose(p, 1 / (1 + np.exp(-(grades[0::2] - grades[1::2]))), atol=1e-6)
+  reverse = judge.judge_preferences(graphdef, params, tokenizer, [(t, b, a) for t, a, b in items],
+                                    principle=CORRECT, mode="pointwise", swap=False)
+  np.testing.assert_allclose(p + reverse, 1.0, atol=1e-9)  # no position to be biased by
+  other = dict(items[1][0], prompt=items[0][0]["prompt"] + " Please.")
+  both = judge.judge_preferences(graphdef, params, tokenizer,
+                                 [items[0], (other, items[0][1], items[0][2])],
+                                 principle=CORRECT, mode="pointwise")
+  assert both[0] == pytest.approx(p[0]) and both[1] != pytest.approx(p[0], abs=1e-7)
+  with pytest.raises(ValueError, match="judge mode"):
+    judge.judge_preferences(graphdef, params, tokenizer, items, principle=CORRECT, mode="both")
 
 
 # --- position-swap maths on stub judges ----------------------------------------------------------

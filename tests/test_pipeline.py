@@ -104,6 +104,9 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   assert agreement["n"] == 16
   assert 0.0 <= agreement["agreement_single"] <= 1.0 and 0.0 <= agreement["agreement_swapped"] <= 1.0
   assert "AI judge vs gold" in out and 0.0 <= result["judge/position_bias"] <= 1.0
+  pointwise = json.loads((tmp_path / "eval" / "judge.json").read_text())["pointwise"]["overall"]
+  assert pointwise["n"] == 16 and pointwise["position_bias"] == pytest.approx(0.5)  # no position
+  assert result["judge/pointwise_agreement"] == pointwise["agreement_swapped"]
   # The SFT stage started from the pretrain export and its data came from the world stage.
   sft_config = json.loads((tmp_path / "sft" / "config.json").read_text())
   assert sft_config["init_from"].endswith(os.path.join("pretrain", "export"))
@@ -280,22 +283,42 @@ def test_best_of_n_gold_matches_a_loop():
 
 
 def test_eval_rounds_puts_each_rejection_sampling_round_before_its_stage(tmp_path):
-  config = experiment_config("toy_llama2_pipeline")
+  config = experiment_config("toy_rejection_sampling")
   assert config.eval.rounds and config.rejection_sampling.rejection_sampling.rounds == 3
-  stages = ["sft", "rejection_sampling", "ppo_after_rs"]
-  parents = {"sft": None, "rejection_sampling": "sft", "ppo_after_rs": "rejection_sampling"}
+  stages = ["sft", "rejection_sampling", "ppo"]
+  parents = {"sft": None, "rejection_sampling": "sft", "ppo": "rejection_sampling"}
   for r in (1, 2, 3):
     (tmp_path / "rejection_sampling" / f"round_{r}" / "export").mkdir(parents=True)
   got, got_parents = pipeline.with_rounds(config, str(tmp_path), stages, parents)
   assert got == ["sft", "rejection_sampling/round_1", "rejection_sampling/round_2",
-                 "rejection_sampling", "ppo_after_rs"]
+                 "rejection_sampling", "ppo"]
   assert got_parents == {"sft": None, "rejection_sampling/round_1": "sft",
                          "rejection_sampling/round_2": "rejection_sampling/round_1",
                          "rejection_sampling": "rejection_sampling/round_2",
-                         "ppo_after_rs": "rejection_sampling"}
+                         "ppo": "rejection_sampling"}
   assert parents["rejection_sampling"] == "sft"  # the caller's dict is left alone
   config.eval.rounds = False
   assert pipeline.with_rounds(config, str(tmp_path), stages, parents) == (stages, parents)
+
+
+def test_llama2_schedule_retrains_the_helpfulness_model_on_each_round_samples():
+  """V(r) starts from V(r-1) and picks with a reward model trained on V(r-1)'s labelled samples,
+  on prompts no earlier round saw; PPO starts from V3 with a model trained on V3's samples."""
+  config = experiment_config("toy_llama2_pipeline")
+  parents, previous = {}, None
+  for stage in pipeline.training_stages(config):
+    parents[stage] = pipeline.parent_stage(config, stage, previous)
+    if pipeline.is_policy(config, stage):
+      previous = stage
+  assert [parents[f"rs_v{r}"] for r in (1, 2, 3)] == ["sft", "rs_v1", "rs_v2"]
+  assert parents["ppo_after_rs"] == "rs_v3"
+  assert [config[f"rs_v{r}"].rejection_sampling.reward.helpful for r in (1, 2, 3)] == \
+      ["rm_helpful", "rm_helpful_v2", "rm_helpful_v3"]
+  assert config.ppo_after_rs.ppo.reward.helpful == "rm_helpful_v4"
+  for r in (1, 2, 3):
+    assert parents[f"feedback_v{r}"] == f"rs_v{r}"  # labels of the latest policy's samples
+    assert config[f"rm_helpful_v{r + 1}"].data.source == f"feedback_v{r}/pairs_helpful"
+  assert [config[f"rs_v{r}"].rejection_sampling.prompt_offset for r in (1, 2, 3)] == [0, 512, 1024]
 
 
 def test_best_of_n_plot_draws_gold_and_proxy_of_every_reward(tmp_path):

@@ -218,6 +218,9 @@ def test_ai_feedback_and_pipeline_config_errors():
   c.judge_ai = ai_feedback_stage(families=("poems",))
   with pytest.raises(ValueError, match="unknown task families"):
     pipeline.training_stages(c)
+  c.judge_ai = ai_feedback_stage(judge_mode="both")
+  with pytest.raises(ValueError, match="config.judge_ai.judge_mode='both'.*pointwise"):
+    pipeline.training_stages(c)
   c.judge_ai = ai_feedback_stage()
   assert pipeline.training_stages(c) == ["pretrain", "sft", "judge", "judge_ai"]
   paths = {"ai/pairs": "/x/pairs.jsonl", "ai/pairs_eval": "/x/pairs_eval.jsonl", "tokenizer": "t"}
@@ -239,6 +242,10 @@ def test_ppo_judge_reward_and_sl_cai_config_errors(tmp_path):
   c.ppo.reward.gold = False
   with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
     ppo.train(c, str(tmp_path / "b"))
+  c.ppo.update(samples_per_prompt=2)
+  c.ppo.reward.judge_mode = "both"
+  with pytest.raises(ValueError, match="config.ppo.reward.judge_mode='both'"):
+    ppo.train(c, str(tmp_path / "b2"))
   c = base_config()
   c.algorithm, c.init_from = "constitutional_sl", "/policy"
   with pytest.raises(ValueError, match="config.constitutional.judge is empty"):

@@ -14,6 +14,14 @@ two answers, not to score one; a fixed reference stops giving signal once the po
 every prompt (p -> 1 everywhere), while siblings stay as good as the policy; and the rewards of
 a prompt's samples sum to k / 2, so the prompt's difficulty cancels as with an RLOO baseline.
 
+Judge modes (`judge_mode`, `judge.judge_preferences`): "pointwise" (the default) reads the judge's
+single-answer grade of each response, log p(its critique starts "No problems."), and compares two
+by Bradley-Terry, sigmoid(s_a - s_b); "pairwise" is RLAIF's comparison prompt with position
+swapping. Measured on the toy world's 200 held-out comparisons, the same judge (SFT model tuned 200
+steps on 600 comparisons' records) agrees with gold 0.74 pointwise vs 0.62 pairwise after swapping
+(0.53 in one order; it answered "A" 89% of the time): a 4-layer model finds one response's
+problems more easily than it weighs two responses side by side, and a grade has no position.
+
 Principles: `()` = Constitutional AI / Llama 2's split, HARMLESS on prompts flagged unsafe and
 CORRECT elsewhere; otherwise one drawn uniformly per prompt from the list. A principle is a name
 of `PRINCIPLES` ("HARMLESS") or any principle text (the judge knows the ones it was trained on).
@@ -188,6 +196,8 @@ def check_config(f: ml_collections.ConfigDict, stage: str, stages: Sequence[str]
   if f.prompts < 1 or f.eval_prompts < 1:
     raise ConfigError(f"{key}.prompts and .eval_prompts must be >= 1 (got {f.prompts}, "
                      f"{f.eval_prompts})")
+  if f.judge_mode not in judge.JUDGE_MODES:
+    raise ConfigError(f"{key}.judge_mode={f.judge_mode!r}: choose one of {judge.JUDGE_MODES}")
   if f.judge_batch_size % judge.ROW_BUCKET:
     raise ConfigError(f"{key}.judge_batch_size={f.judge_batch_size} must be a multiple of "
                      f"{judge.ROW_BUCKET}")
@@ -213,7 +223,7 @@ def collect(config: ml_collections.ConfigDict, stage: str, stage_dir: str, paths
   tokenizer = data.load_tokenizer(paths["tokenizer"])
   policy, ai_judge = common.load_policy(policy_export, mesh), common.load_policy(judge_export, mesh)
   prefer = functools.partial(judge.judge_preferences, ai_judge.graphdef, ai_judge.params, tokenizer,
-                             swap=False, batch_size=f.judge_batch_size)
+                             swap=False, batch_size=f.judge_batch_size, mode=f.judge_mode)
   principles = resolve_principles(f.principles, f"config.{stage}.principles")
   world = world_lib.World.from_config(w)
   os.makedirs(stage_dir, exist_ok=True)
@@ -243,6 +253,9 @@ def check_judge_reward(reward_cfg: ml_collections.ConfigDict, samples_per_prompt
     raise ConfigError(f"config.ppo.reward.judge compares a prompt's samples with each other: set "
                      f"config.ppo.samples_per_prompt >= 2 (it is {samples_per_prompt})")
   resolve_principles(reward_cfg.judge_principles, "config.ppo.reward.judge_principles")
+  if reward_cfg.judge_mode not in judge.JUDGE_MODES:
+    raise ConfigError(f"config.ppo.reward.judge_mode={reward_cfg.judge_mode!r}: choose one of "
+                      f"{judge.JUDGE_MODES}")
 
 
 def judge_reward_fn(ppo_cfg: ml_collections.ConfigDict, mesh, tokenizer, *, seed: int):
@@ -254,7 +267,7 @@ def judge_reward_fn(ppo_cfg: ml_collections.ConfigDict, mesh, tokenizer, *, seed
                                   "config.ppo.reward.judge_principles")
   ai_judge = common.load_policy(ppo_cfg.reward.judge, mesh)
   prefer = functools.partial(judge.judge_preferences, ai_judge.graphdef, ai_judge.params, tokenizer,
-                             swap=False)
+                             swap=False, mode=ppo_cfg.reward.judge_mode)
 
   def reward(records: Sequence[dict], out, *, iteration: int) -> np.ndarray:
     chosen = choose_principles(records, principles, np.random.default_rng([seed, iteration]))

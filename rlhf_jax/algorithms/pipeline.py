@@ -487,6 +487,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "eval" in stages and "judge" in stages:
     agreement = evaluate_judge(config, workdir, paths)
     result.update({f"judge/{k}": v for k, v in agreement["overall"].items()})
+    result["judge/pointwise_agreement"] = agreement["pointwise"]["overall"]["agreement_swapped"]
   return result
 
 
@@ -591,18 +592,24 @@ def plot_ppo_runs(config: ml_collections.ConfigDict, workdir: str, stages: list[
 
 
 def evaluate_judge(config: ml_collections.ConfigDict, workdir: str, paths: dict) -> dict:
-  """The judge's agreement with gold on held-out comparisons, before and after swapping."""
+  """The judge's agreement with gold on held-out comparisons, read both ways: "pairwise" (before
+  and after position swapping) and "pointwise" (single-answer grades; its swapped and single-order
+  figures are equal). WORKDIR/eval/judge.json: the pairwise result with the pointwise one under
+  "pointwise"; returns the same."""
   mesh = sharding.make_mesh(config.mesh.shape)
   tokenizer = data.load_tokenizer(paths["tokenizer"])
   policy = load_policy(os.path.join(workdir, "judge", "export"), mesh)
-  prefer = functools.partial(judge.judge_preferences, policy.graphdef, policy.params, tokenizer,
-                             swap=False)
-  agreement = judge.judge_agreement(prefer, metrics.read_jsonl(paths["judge_eval"]))
+  comparisons = metrics.read_jsonl(paths["judge_eval"])
+  by_mode = {mode: judge.judge_agreement(
+      functools.partial(judge.judge_preferences, policy.graphdef, policy.params, tokenizer,
+                        swap=False, mode=mode), comparisons) for mode in judge.JUDGE_MODES}
+  agreement = {**by_mode["pairwise"], "pointwise": by_mode["pointwise"]}
   with open(os.path.join(workdir, "eval", "judge.json"), "w") as f:
     json.dump(agreement, f, indent=1)
   if jax.process_index() == 0:
-    rows = [{"principle": p, **m} for p, m in [("all", agreement["overall"]),
-                                               *agreement["principles"].items()]]
-    print("\nAI judge vs gold on held-out comparisons (agreement before/after position swap):")
+    rows = [{"mode": mode, "principle": p, **m} for mode, result in by_mode.items()
+            for p, m in [("all", result["overall"]), *result["principles"].items()]]
+    print("\nAI judge vs gold on held-out comparisons (agreement before/after position swap; "
+          "pointwise: single-answer grades, no position):")
     print(format_table(rows))
   return agreement

@@ -299,25 +299,27 @@ def answer_token_ids(tokenizer, answers: Sequence[str] = ANSWERS) -> tuple[int, 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _first_answer_probs(graphdef: nnx.GraphDef, params, tokens, mask, answer_ids):
-  """p(answer 0) from the two answer tokens' logits after each prompt.
+def _next_token_logprobs(graphdef: nnx.GraphDef, params, tokens, mask, token_ids):
+  """log p(token) of the first answer token after each prompt, for each of `token_ids`.
 
-  tokens, mask: [B, T] left-padded (column T-1 is every row's last prompt token); answer_ids: [2].
-  Returns [B] float32 = softmax(logp[answer_ids])[0].
+  tokens, mask: [B, T] left-padded (column T-1 is every row's last prompt token); token_ids: [K].
+  Returns [B, K] float32 log-probs under the full vocabulary.
   """
   model = nnx.merge(graphdef, params)
   hidden, _ = model.hidden_states(tokens, positions_from_mask(mask), mask.astype(jnp.int32))
   logits = model.head(hidden[:, -1:])[:, 0]  # only the last position: the vocab matmul is B x V
-  pair = jnp.take(logits, answer_ids, axis=-1)  # log_softmax's normaliser cancels in the ratio
-  return jax.nn.softmax(pair, axis=-1)[:, 0]
+  return jnp.take(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), token_ids, axis=-1)
 
 
 def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def _p_first(graphdef, params, tokenizer, prompts: list[str], batch_size: int) -> np.ndarray:
-  answer_ids = np.asarray(answer_token_ids(tokenizer), np.int32)
+def _answer_logprobs(graphdef, params, tokenizer, prompts: list[str], token_ids: Sequence[int],
+                     batch_size: int) -> np.ndarray:
+  """[N, K] log p(first answer token = token_ids[k] | prompt) for each prompt, in batches padded
+  to ROW_BUCKET rows and LENGTH_BUCKET tokens (one compiled forward serves many calls)."""
+  token_ids = np.asarray(token_ids, np.int32)
   out = []
   for start in range(0, len(prompts), batch_size):
     ids = [data.encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
@@ -327,9 +329,44 @@ def _p_first(graphdef, params, tokenizer, prompts: list[str], batch_size: int) -
     pad = _round_up(tokens.shape[1], LENGTH_BUCKET) - tokens.shape[1]
     tokens = np.pad(tokens, ((0, 0), (pad, 0)), constant_values=tokenizer.pad_token_id)
     mask = np.pad(mask, ((0, 0), (pad, 0)))
-    p = _first_answer_probs(graphdef, params, tokens, mask, answer_ids)
-    out.append(np.asarray(jax.device_get(p))[:rows])
-  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+    logp = _next_token_logprobs(graphdef, params, tokens, mask, token_ids)
+    out.append(np.asarray(jax.device_get(logp))[:rows])
+  return np.concatenate(out) if out else np.zeros((0, len(token_ids)), np.float32)
+
+
+def _p_first(graphdef, params, tokenizer, prompts: list[str], batch_size: int) -> np.ndarray:
+  """[N] p(answer A) = softmax over the two answer tokens' log-probs."""
+  logp = _answer_logprobs(graphdef, params, tokenizer, prompts, answer_token_ids(tokenizer),
+                          batch_size).astype(np.float64)
+  return 1.0 / (1.0 + np.exp(logp[:, 1] - logp[:, 0]))
+
+
+def no_problems_token_id(tokenizer) -> int:
+  """The first token of a NO_PROBLEMS critique (the assistant turn's first token, as trained);
+  ValueError if a problem critique can start with it too (then it would not mean "no problems")."""
+  (example,), _ = data.tokenize_sft([{"prompt": "?", "completion": NO_PROBLEMS}], tokenizer,
+                                    max_len=4096)
+  token = int(example.tokens[int(np.argmax(example.loss_mask))])
+  for problem in ("It gives no answer.", "The answer is wrong."):
+    (other,), _ = data.tokenize_sft([{"prompt": "?", "completion": problem}], tokenizer,
+                                    max_len=4096)
+    if int(other.tokens[int(np.argmax(other.loss_mask))]) == token:
+      raise ValueError(f"{NO_PROBLEMS!r} and {problem!r} start with the same token "
+                       f"{tokenizer.decode([token])!r}: a pointwise judge cannot read one token")
+  return token
+
+
+def judge_scores(graphdef: nnx.GraphDef, params, tokenizer, items: Sequence[tuple], *,
+                 principle: str, batch_size: int = 64) -> np.ndarray:
+  """Single-answer grading: [N] log p(the judge's critique of `response` under `principle` starts
+  "No problems.") for items (task, response). One forward pass per response, no second response
+  in the prompt, so no position to be biased by (Zheng et al. 2023's single-answer grading)."""
+  if batch_size % ROW_BUCKET:
+    raise ValueError(f"batch_size={batch_size} must be a multiple of {ROW_BUCKET}")
+  prompts = [critique_prompt(principle, t["prompt"], r) for t, r in items]
+  logp = _answer_logprobs(graphdef, params, tokenizer, prompts, [no_problems_token_id(tokenizer)],
+                          batch_size)
+  return logp[:, 0].astype(np.float64)
 
 
 def swap_debias(p_ab, p_ba) -> np.ndarray:
@@ -340,17 +377,32 @@ def swap_debias(p_ab, p_ba) -> np.ndarray:
   return (p_ab + 1.0 - p_ba) / 2.0
 
 
+JUDGE_MODES = ("pairwise", "pointwise")
+
+
 def judge_preferences(graphdef: nnx.GraphDef, params, tokenizer, items: Sequence[tuple], *,
-                      principle: str, swap: bool = True, batch_size: int = 64) -> np.ndarray:
+                      principle: str, swap: bool = True, batch_size: int = 64,
+                      mode: str = "pairwise") -> np.ndarray:
   """p(response_a better follows `principle`) [N] for items (task, response_a, response_b).
 
-  swap=False: the single-order soft label p(A) of the comparison prompt. swap=True: position-swap
-  debiased (`swap_debias`), two forward passes. Batches are padded to multiples of ROW_BUCKET rows
-  and LENGTH_BUCKET tokens, so one compiled forward serves many calls. `principle` may be any text;
-  the judge knows the ones it was trained on.
+  mode "pairwise" (RLAIF): the comparison prompt's soft label p(A); swap=False: in the order
+  given; swap=True: position-swap debiased (`swap_debias`), two forward passes. mode "pointwise":
+  sigmoid(s_a - s_b) of the two responses' `judge_scores` (Bradley-Terry on single-answer grades),
+  which no order changes (`swap` is moot: p(b, a) = 1 - p(a, b) exactly). Batches are padded to
+  multiples of ROW_BUCKET rows and LENGTH_BUCKET tokens, so one compiled forward serves many
+  calls. `principle` may be any text; the judge knows the ones it was trained on.
   """
+  if mode not in JUDGE_MODES:
+    raise ValueError(f"judge mode {mode!r}: choose one of {JUDGE_MODES}")
   if batch_size % ROW_BUCKET:
     raise ValueError(f"batch_size={batch_size} must be a multiple of {ROW_BUCKET}")
+  if mode == "pointwise":
+    graded = {(str(t["prompt"]), r): (t, r) for t, a, b in items for r in (a, b)}  # each once
+    grades = dict(zip(graded, judge_scores(graphdef, params, tokenizer, list(graded.values()),
+                                           principle=principle, batch_size=batch_size)))
+    gap = np.array([grades[str(t["prompt"]), a] - grades[str(t["prompt"]), b] for t, a, b in items],
+                   np.float64)
+    return 1.0 / (1.0 + np.exp(-gap))
   prompts = [comparison_prompt(principle, t["prompt"], a, b) for t, a, b in items]
   p_ab = _p_first(graphdef, params, tokenizer, prompts, batch_size)
   if not swap:
