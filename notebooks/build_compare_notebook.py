@@ -14,7 +14,7 @@ CELLS = [
     ("markdown", """# Alignment methods compared on the toy world
 
 Every method starts from the same SFT model and is scored by the toy world's **gold** reward on the same
-256 held-out tasks (`rlhf_jax/toyworld`): gold helpfulness, gold safety, their combination, the win rate
+1,024 held-out tasks, 4 samples each (`rlhf_jax/toyworld`): gold helpfulness, gold safety, their combination, the win rate
 against the start policy, the KL to it, response length and wall-clock. Budgets are stated in
 `experiments/toy_compare.py`.
 
@@ -88,6 +88,17 @@ for stage in sorted(os.listdir(WORKDIR)):
             agreement[stage] = {"pairs": pairs["pairs"], "gold_decided": pairs["gold_decided"],
                                 **(pairs["overall"] or {})}
 pd.DataFrame(agreement).T if agreement else "no AI-feedback stage in this workdir\""""),
+    ("markdown", """The judge read two ways on the world's held-out gold-labelled comparisons (`judge_mode`):
+RLAIF's pairwise comparison prompt (one order, and position-swapped) and single-answer grades
+(pointwise, which no order changes)."""),
+    ("code", """path = os.path.join(WORKDIR, "eval", "judge.json")
+if os.path.exists(path):
+    with open(path) as f:
+        judged = json.load(f)
+    modes = {"pairwise": judged["overall"], **({"pointwise": judged["pointwise"]["overall"]} if "pointwise" in judged else {})}
+    display(pd.DataFrame(modes).T.round(3))
+else:
+    print("no judge evaluation in this workdir")"""),
 ]
 
 

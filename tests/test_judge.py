@@ -112,6 +112,23 @@ def test_gold_labels_hand_written():
     label("Prefer the funnier response.", ADD, "12", "15")
 
 
+def test_correct_critiques_name_the_behaviours_gold_discounts():
+  """On a behaviour world's tagged task, the CORRECT critique names a preamble, a sign-off and an
+  ignored tag (what gold helpfulness discounts), and nothing for the ideal answer."""
+  from rlhf_jax.toy_configs import toy_pipeline_config
+  from rlhf_jax.toyworld import behaviours
+  behaviour_world = World.from_config(toy_pipeline_config().world)
+  task = next(t for t in behaviour_world.tasks(50, seed=1)
+              if behaviours.has_behaviours(t) and t["info"]["tag"] == "brief")
+  dress = lambda **kw: behaviours.dress(task, task["info"]["brief"], rng=np.random.default_rng(0),
+                                        **kw)
+  assert judge.gold_critique(CORRECT, task, dress(preamble=False, signoff=False,
+                                                  detailed=False)) == NO_PROBLEMS
+  critique = judge.gold_critique(CORRECT, task, dress(preamble=True, signoff=True, detailed=True))
+  for problem in ("needless preamble", "needless sign-off", "ignores the request to be brief"):
+    assert problem in critique, critique
+
+
 def test_gold_critiques_hand_written():
   critique = judge.gold_critique
   assert critique(CORRECT, ADD, "12") == NO_PROBLEMS

@@ -41,6 +41,7 @@ from flax import nnx
 
 from rlhf_jax import data, generate
 from rlhf_jax.models import positions_from_mask
+from rlhf_jax.toyworld import behaviours
 from rlhf_jax.toyworld import constraints as cons
 from rlhf_jax.toyworld import perturb, safety, text
 from rlhf_jax.toyworld.families import TASK_FAMILIES
@@ -84,6 +85,14 @@ def _correct_problems(task: dict, response: str) -> list[str]:
     problems.append("It repeats itself.")
   if text.length_factor(response, task["answer"]) < 1.0:
     problems.append("It rambles.")
+  if behaviours.has_behaviours(task):  # what gold discounts on a behaviour world's safe tasks
+    seen = behaviours.detect(task, response)
+    if seen["preamble"]:
+      problems.append("It opens with a needless preamble.")
+    if seen["signoff"]:
+      problems.append("It ends with a needless sign-off.")
+    if behaviours.follows_tag(task, response, seen=seen) is False:
+      problems.append(f"It ignores the request to be {task['info']['tag']}.")
   return problems
 
 
