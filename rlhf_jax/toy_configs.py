@@ -218,7 +218,7 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
       annotator_flip_rate=0.05,
       pretrain_documents=8000, bad_habit_rate=0.1, sft_records=4000, sft_noise=0.02,
       eval_prompts=1024, valid_prompts=1024, tokenizer_vocab_size=1024, preference_prompts=4000,
-      preference_eval_prompts=400, annotator_noise=0.1, judge_comparisons=600,
+      preference_eval_prompts=400, annotator_noise=0.1, judge_comparisons=2000,
       judge_eval_comparisons=200, rl_prompts=4000))
 
   # 50 steps: the behaviour world's pretraining text is dialogues like the SFT records (measured:
@@ -229,8 +229,11 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   # sharpening removes (+0.04 content at T = 0.85); 300 steps at 1e-3 and 200 at 2e-3 both fix it
   # (measured: SFT gold 0.447 / 0.441, T = 0.85 -0.009 / -0.009), the second in 2/3 of the time.
   c.sft = stage("sft", lr=2e-3, warmup=10, steps=200, seq_len=128, log_every=10)
-  # The AI judge (add "judge" to stages): SFT from the SFT model on judge records.
-  c.judge = stage("sft", lr=1e-3, warmup=10, steps=200, seq_len=256, log_every=20)
+  # The AI judge (add "judge" to stages): SFT from the SFT model on judge records. 2,000 labelled
+  # comparisons (10,000 records: both orders, two critiques, a revision) and 400 steps: its
+  # pointwise agreement with gold on held-out comparisons 0.84 (600 and 200 steps: 0.74; pairwise
+  # after swapping 0.62).
+  c.judge = stage("sft", lr=1e-3, warmup=10, steps=400, seq_len=256, log_every=20)
   # Annotated samples of the SFT model (add "feedback" to stages after sft; reward stages read
   # "feedback/pairs_helpful" etc.): on-policy preference data, as InstructGPT and Llama 2 collect.
   # init_from names the policy to sample: "sft", not "" (the latest policy stage before it, which

@@ -23,9 +23,18 @@ soft label is the softmax over the log-probs of the "A" and "B" tokens at the la
 Position-swap debiasing scores (a, b) and (b, a) and averages p = (p_ab + 1 - p_ba) / 2, so a judge
 that always says "A" ends at 0.5 instead of being right half the time by luck.
 
-Measured (2 CPU cores, 256 held-out eval comparisons, 4 principles): the quickstart SFT model
-fine-tuned 200 steps on the "compare" records of 1000 comparisons agrees with gold 0.57 in one
-order and 0.67 after swapping (position bias 0.55); zero-shot, the SFT model always answers "B".
+Reading a preference pointwise (single-answer grading, `judge_preferences(mode="pointwise")`):
+each response's grade is log p(its critique starts "No problems."), one forward pass per response
+with no second response in the prompt, and p(a better) = sigmoid(grade_a - grade_b). CORRECT
+critiques name what gold discounts (wrong or partial content, refusing, hedging, rambling,
+repeating, and on a behaviour world a preamble, a sign-off, an ignored "(brief)" / "(detailed)"
+tag), so the grade can learn them.
+
+Measured (2 CPU cores, 200 held-out comparisons of the behaviour world, 4 principles): the SFT
+model fine-tuned 200 steps on the records of 600 comparisons agrees with gold 0.53 pairwise in one
+order, 0.62 after swapping (it answers "A" 89% of the time), and 0.74 pointwise; 400 steps on
+2,000 comparisons (with the behaviour critiques) 0.84 pointwise (CORRECT 0.68, HARMLESS 0.94,
+FORMAT 0.80, CONCISE 0.94). Zero-shot, the SFT model always answers "B".
 """
 
 from __future__ import annotations
