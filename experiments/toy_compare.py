@@ -16,9 +16,9 @@ Budgets (matched within each family; all start from `sft`, all the same seed):
 | --- | --- | --- |
 | online RL against the two reward models (Llama 2 combination) | ppo, grpo, rloo | 3,840 policy samples each (PPO 120 x 32; GRPO / RLOO 60 x 16 prompts x 4), KL penalty to SFT |
 | best-of-K, then SFT | rejection_sampling, rest | 4,096 policy samples each (2 rounds / Grow steps x 256 fresh prompts x 8) |
-| offline, human labels | dpo, cdpo, ipo, cpl, kto, simpo, orpo | the annotators' rankings of 4 SFT samples on each of 4,000 prompts (the `feedback` stage; KTO: their thumbs up / down of the same samples), 150 steps of 8 packed rows |
+| offline, human labels | dpo, cdpo, ipo, cpl, kto, simpo, orpo | the annotators' rankings of 4 SFT samples on each of 4,000 prompts (the `feedback` stage; KTO: their thumbs up / down of the same samples), 150 steps of 8 packed rows (DPO and cDPO: 300, chosen on the validation prompts) |
 | no reward model, no labels | hir | 3,072 policy samples (3 rounds x 256 prompts x 4) relabeled by the world's checker and kept by gold >= 0.8 (oracle feedback), 3 x 64 steps |
-| AI feedback (not in `:core`) | ppo_rlaif, ppo_rlaif_direct, cai_sl, ppo_cai | the judge (600 gold-labelled comparisons); 2,000 AI-labelled pairs (RLAIF), 512 revisions and 1,000 harmlessness pairs (CAI); PPO 3,840 samples as `ppo` |
+| AI feedback (not in `:core`) | ppo_rlaif, ppo_rlaif_direct, cai_sl, ppo_cai | the judge (2,000 gold-labelled comparisons, read pointwise); 2,000 AI-labelled pairs (RLAIF), 512 revisions and 1,000 harmlessness pairs (CAI); PPO 3,840 samples as `ppo` |
 
 RL-CAI (`ppo_cai`) starts from SL-CAI (`cai_sl`), so its KL and win rate are against SL-CAI.
 
@@ -50,8 +50,10 @@ def get_config(arg=None):
   # DPO paper's and Llama 2's preference data are, at the settings chosen on the validation prompts
   # (experiments/toy_dpo_sweep.py). The reference's log-probs per batch: 150 steps see a fraction
   # of the pairs, so precomputing them over the whole set would cost more than it saves.
-  c.dpo = dpo_stage(FEEDBACK, beta=0.1)
-  c.cdpo = dpo_stage(FEEDBACK, beta=0.1)
+  # DPO and cDPO: beta 0.3 and 300 steps, chosen on the validation prompts among beta 0.1 / 0.3 x
+  # 150 / 300 steps (experiments/toy_dpo_sweep.py: +0.254 / +0.247 / +0.289 / +0.329).
+  c.dpo = dpo_stage(FEEDBACK, beta=0.3, steps=300)
+  c.cdpo = dpo_stage(FEEDBACK, beta=0.3, steps=300)
   c.cdpo.dpo.label_smoothing = 0.1  # cDPO: 10% of the labels assumed flipped
   c.ipo = dpo_stage(FEEDBACK, loss_type="ipo", beta=0.1)  # IPO's tau
   c.cpl = dpo_stage(FEEDBACK, loss_type="cpl")

@@ -124,8 +124,10 @@ def test_every_method_starts_from_sft_and_names_its_inputs():
   rs, rest = config.rejection_sampling.rejection_sampling, config.rest.rest
   assert rs.rounds * rs.prompts_per_round * rs.samples_per_prompt == 4096
   assert rest.grow_steps * rest.prompts_per_grow * rest.samples_per_prompt == 4096
-  assert {config[s].train.steps for s in ("dpo", "cdpo", "ipo", "cpl", "kto", "simpo", "orpo")} == {150}
-  assert {pipeline.stage_inputs(config, s)[0] for s in ("dpo", "cdpo", "ipo", "cpl", "kto", "simpo", "orpo")} == {"feedback"}
+  assert {config[s].train.steps for s in ("ipo", "cpl", "kto", "simpo", "orpo")} == {150}
+  assert config.dpo.train.steps == config.cdpo.train.steps == 300  # chosen on the validation split
+  offline = ("dpo", "cdpo", "ipo", "cpl", "kto", "simpo", "orpo")
+  assert {pipeline.stage_inputs(config, s)[0] for s in offline} == {"feedback"}  # SFT's samples
   _, core = compare_config("core")
   assert not {"judge", "ppo_rlaif", "cai_sl"} & set(core.stages)
 
