@@ -321,6 +321,17 @@ def test_llama2_schedule_retrains_the_helpfulness_model_on_each_round_samples():
   assert [config[f"rs_v{r}"].rejection_sampling.prompt_offset for r in (1, 2, 3)] == [0, 512, 1024]
 
 
+def test_best_of_n_drift_picks_from_the_second_rejection_sampling_round():
+  """The turnover experiment's best of n samples V2 of rejection sampling against the same (frozen)
+  reward models that then pick among its samples."""
+  config = experiment_config("toy_best_of_n_drift")
+  assert config.eval.best_of_n_policy == "rs_frozen" and config.rs_frozen.init_from == "sft"
+  rs = config.rs_frozen.rejection_sampling
+  assert rs.rounds == 2 and (rs.reward.helpful, rs.reward.safety) == ("rm_helpful", "rm_safety")
+  assert pipeline.training_stages(config) == ["pretrain", "sft", "rm_helpful", "rm_safety",
+                                              "rs_frozen"]
+
+
 def test_best_of_n_plot_draws_gold_and_proxy_of_every_reward(tmp_path):
   from rlhf_jax import plots
   from rlhf_jax.algorithms import reward_eval
