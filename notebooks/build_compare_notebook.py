@@ -1,10 +1,11 @@
-"""Writes compare_alignment_methods.ipynb (unexecuted) from the cells below, so the notebook's
-source is reviewable Python. Execute it against a comparison workdir with
+"""Writes compare_alignment_methods.ipynb from the cells below, so the notebook's source is
+reviewable Python: unexecuted, or executed top to bottom against a comparison workdir (nbclient,
+outputs saved in the notebook):
 
-  RLHF_COMPARE_WORKDIR=runs/compare .venv/bin/jupyter nbconvert --to notebook --execute --inplace \
-      notebooks/compare_alignment_methods.ipynb
+  .venv/bin/python notebooks/build_compare_notebook.py                        # cells only
+  .venv/bin/python notebooks/build_compare_notebook.py --execute runs/compare  # and outputs
 
-(or let tests/test_compare.py run it on a reduced workdir)."""
+(tests/test_compare.py runs it on a reduced workdir)."""
 
 import os
 
@@ -111,7 +112,32 @@ def build() -> nbformat.NotebookNode:
   return nb
 
 
+def execute(nb: nbformat.NotebookNode, workdir: str) -> nbformat.NotebookNode:
+  """Runs `nb` top to bottom (in notebooks/) against the comparison `workdir`; returns it."""
+  from nbclient import NotebookClient
+  previous = os.environ.get("RLHF_COMPARE_WORKDIR")
+  os.environ["RLHF_COMPARE_WORKDIR"] = os.path.abspath(workdir)
+  try:
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": os.path.dirname(os.path.abspath(__file__))}}
+                   ).execute()
+  finally:
+    if previous is None:
+      del os.environ["RLHF_COMPARE_WORKDIR"]
+    else:
+      os.environ["RLHF_COMPARE_WORKDIR"] = previous
+  return nb
+
+
 if __name__ == "__main__":
+  import argparse
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--execute", metavar="WORKDIR", default="",
+                      help="also run the notebook against this comparison workdir")
+  args = parser.parse_args()
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_alignment_methods.ipynb")
-  nbformat.write(build(), path)
+  notebook = build()
+  if args.execute:
+    notebook = execute(notebook, args.execute)
+  nbformat.write(notebook, path)
   print(path)
