@@ -16,7 +16,9 @@ the reference's log-probs per batch.
 
 Measured on the validation prompts (2026-12-06, the committed defaults' SFT model, 1,024 x 4):
 beta 0.1 / 0.3 at 150 steps +0.254 / +0.247 (KL 1.18 / 0.96), at 300 steps +0.289 / **+0.329**
-(KL 3.27 / 1.77): toy_compare.py's "dpo" and "cdpo" use beta 0.3 and 300 steps.
+(KL 3.27 / 1.77): toy_compare.py's "dpo" and "cdpo" use beta 0.3 and 300 steps. KTO on the
+annotators' thumbs up / down of the same samples: lr 1e-5 +0.008 (KL 0.01), beta 0.3 +0.152
+(KL 1.9; at beta 0.1 it diverged in the comparison, KL 8.2): toy_compare.py's "kto" uses beta 0.3.
 """
 
 from rlhf_jax.toy_configs import dpo_stage, kto_stage, toy_pipeline_config
