@@ -773,5 +773,7 @@ def test_rejection_sampling_prompt_offset_skips_the_first_prompts():
   assert step(prompts, steps=2, per_step=3, fresh=False, offset=4) == [prompts[4:7]] * 2
   with pytest.raises(ValueError, match=r"6 skipped \(prompt_offset\) \+ 2 step\(s\) x 3 prompts"):
     step(prompts, steps=2, per_step=3, fresh=True, offset=6)
+  with pytest.raises(ValueError, match=r"config.rejection_sampling.prompt_offset: 9 skipped"):
+    step(prompts, steps=2, per_step=3, fresh=False, offset=9)
   with pytest.raises(ValueError, match="prompt_offset must be >= 0"):
     step(prompts, steps=1, per_step=3, fresh=False, offset=-1)

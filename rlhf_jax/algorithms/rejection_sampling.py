@@ -72,7 +72,8 @@ def step_prompts(prompts: list[dict], *, steps: int, per_step: int, fresh: bool,
   need = offset + (steps if fresh else 1) * per_step
   if need > len(prompts) and (fresh or offset):
     skipped = f"{offset} skipped (prompt_offset) + " if offset else ""
-    raise ConfigError(f"{key}.fresh_prompts: {skipped}{steps if fresh else 1} step(s) x {per_step} "
+    field = "fresh_prompts" if fresh else "prompt_offset"
+    raise ConfigError(f"{key}.{field}: {skipped}{steps if fresh else 1} step(s) x {per_step} "
                       f"prompts each need {need} prompts; {source} has {len(prompts)}")
   return [prompts[offset + (s * per_step if fresh else 0):][:per_step] for s in range(steps)]
 
