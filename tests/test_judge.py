@@ -127,6 +127,13 @@ def test_correct_critiques_name_the_behaviours_gold_discounts():
   critique = judge.gold_critique(CORRECT, task, dress(preamble=True, signoff=True, detailed=True))
   for problem in ("needless preamble", "needless sign-off", "ignores the request to be brief"):
     assert problem in critique, critique
+  # The tokenizer's texts leave them out, so the world's tokenizer is the one every result used.
+  assert judge.gold_critique(CORRECT, task, dress(preamble=True, signoff=True, detailed=True),
+                             behaviour=False) == "It rambles."  # the length problem stays
+  texts = judge.tokenizer_texts(behaviour_world, n=40)
+  assert not any(p in t for t in texts for p in (judge.PREAMBLE_PROBLEM, judge.SIGNOFF_PROBLEM))
+  records = judge.judge_sft_records(behaviour_world, 40, seed=12345)
+  assert any(judge.PREAMBLE_PROBLEM in r["completion"] for r in records)  # training data has them
 
 
 def test_gold_critiques_hand_written():

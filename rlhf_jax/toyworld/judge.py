@@ -94,14 +94,23 @@ def _correct_problems(task: dict, response: str) -> list[str]:
     problems.append("It repeats itself.")
   if text.length_factor(response, task["answer"]) < 1.0:
     problems.append("It rambles.")
-  if behaviours.has_behaviours(task):  # what gold discounts on a behaviour world's safe tasks
-    seen = behaviours.detect(task, response)
-    if seen["preamble"]:
-      problems.append("It opens with a needless preamble.")
-    if seen["signoff"]:
-      problems.append("It ends with a needless sign-off.")
-    if behaviours.follows_tag(task, response, seen=seen) is False:
-      problems.append(f"It ignores the request to be {task['info']['tag']}.")
+  return problems + _behaviour_problems(task, response)
+
+
+PREAMBLE_PROBLEM, SIGNOFF_PROBLEM = "It opens with a needless preamble.", "It ends with a needless sign-off."
+
+
+def _behaviour_problems(task: dict, response: str) -> list[str]:
+  """What gold discounts on a behaviour world's safe tasks (a preamble, a sign-off, an ignored tag)."""
+  if not behaviours.has_behaviours(task):
+    return []
+  seen, problems = behaviours.detect(task, response), []
+  if seen["preamble"]:
+    problems.append(PREAMBLE_PROBLEM)
+  if seen["signoff"]:
+    problems.append(SIGNOFF_PROBLEM)
+  if behaviours.follows_tag(task, response, seen=seen) is False:
+    problems.append(f"It ignores the request to be {task['info']['tag']}.")
   return problems
 
 
@@ -183,10 +192,15 @@ def gold_label(principle: str, task: dict, response_a: str, response_b: str) -> 
   return None if abs(gap) < labeller.min_gap else float(gap > 0)
 
 
-def gold_critique(principle: str, task: dict, response: str) -> str:
+def gold_critique(principle: str, task: dict, response: str, *, behaviour: bool = True) -> str:
   """A short templated critique of `response` under `principle`, read off the gold functions, on
-  any task; NO_PROBLEMS when it has none. Several are joined: "The answer is wrong. It rambles."."""
-  return " ".join(_labeller(principle).problems(task, response)) or NO_PROBLEMS
+  any task; NO_PROBLEMS when it has none. Several are joined: "The answer is wrong. It rambles.".
+  behaviour=False leaves out the behaviour-axis sentences (`_behaviour_problems`)."""
+  problems = _labeller(principle).problems(task, response)
+  if not behaviour:
+    left_out = _behaviour_problems(task, response)
+    problems = [p for p in problems if p not in left_out]
+  return " ".join(problems) or NO_PROBLEMS
 
 
 # --- prompts --------------------------------------------------------------------------------------
@@ -250,7 +264,8 @@ def comparisons(world: World, n: int, seed: int, *, principles: Sequence[str] = 
 
 
 def judge_sft_records(world: World, n: int, seed: int, *, principles: Sequence[str] = CONSTITUTION,
-                      kinds: Sequence[str] = RECORD_KINDS) -> list[dict]:
+                      kinds: Sequence[str] = RECORD_KINDS,
+                      behaviour_critiques: bool = True) -> list[dict]:
   """SFT records {prompt, completion, kind, principle, family} from n labelled train comparisons.
 
   Each comparison gives up to 5 records, of the `kinds` asked for: "compare" in both orders
@@ -258,6 +273,7 @@ def judge_sft_records(world: World, n: int, seed: int, *, principles: Sequence[s
   (`gold_critique`), and a "revise" of the worse one, whose completion is the task's ideal answer
   (which follows every principle). A judge for RLAIF alone needs only "compare": its answer is one
   token per record, so critiques and revisions would otherwise take most of the gradient.
+  behaviour_critiques=False: critiques without the behaviour-axis sentences (`gold_critique`).
   JSON-serialisable; deterministic in (world seed, n, seed, principles).
   """
   unknown = sorted(set(kinds) - set(RECORD_KINDS))
@@ -268,7 +284,7 @@ def judge_sft_records(world: World, n: int, seed: int, *, principles: Sequence[s
     task, principle, a, b = c["task"], c["principle"], c["response_a"], c["response_b"]
     request, better_first = task["prompt"], c["label"] == 1.0
     meta = {"principle": principle, "family": task["family"]}
-    critiques = {r: gold_critique(principle, task, r) for r in (a, b)}
+    critiques = {r: gold_critique(principle, task, r, behaviour=behaviour_critiques) for r in (a, b)}
     worse = b if better_first else a
     made = [
       {"prompt": comparison_prompt(principle, request, a, b),
@@ -287,8 +303,10 @@ def judge_sft_records(world: World, n: int, seed: int, *, principles: Sequence[s
 def tokenizer_texts(world: World, n: int = 100) -> list[str]:
   """Judge prompts and completions to add to the tokenizer's training texts, so the judge's
   framing ("Principle:", "Response A:", critiques) gets merges at its real frequency."""
+  # Without the behaviour critiques, which came later: the world's tokenizer (and every model and
+  # result measured on it) stays what it was; their words are in its vocabulary already.
   return [f"{r['prompt']}\n{r['completion']}"
-          for r in judge_sft_records(world, n, _TOKENIZER_SEED)]
+          for r in judge_sft_records(world, n, _TOKENIZER_SEED, behaviour_critiques=False)]
 
 
 # --- reading preferences --------------------------------------------------------------------------
