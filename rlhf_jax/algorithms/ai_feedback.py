@@ -19,8 +19,9 @@ single-answer grade of each response, log p(its critique starts "No problems."),
 by Bradley-Terry, sigmoid(s_a - s_b); "pairwise" is RLAIF's comparison prompt with position
 swapping. Measured on the toy world's 200 held-out comparisons, the same judge (SFT model tuned 200
 steps on 600 comparisons' records) agrees with gold 0.74 pointwise vs 0.62 pairwise after swapping
-(0.53 in one order; it answered "A" 89% of the time): a 4-layer model finds one response's
-problems more easily than it weighs two responses side by side, and a grade has no position.
+(0.53 in one order; it answered "A" 89% of the time). A grade has no position to be biased by;
+that a small model also finds one response's problems more easily than it weighs two side by
+side is our reading, not measured apart.
 
 Principles: `()` = Constitutional AI / Llama 2's split, HARMLESS on prompts flagged unsafe and
 CORRECT elsewhere; otherwise one drawn uniformly per prompt from the list. A principle is a name
