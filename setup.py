@@ -28,7 +28,9 @@ EXTRAS_REQUIRE = {
     # torch: the reference for HF checkpoint parity (tests/test_hf.py); never imported by rlhf_jax.
     # trl (+ accelerate, ~1.5 MB, seconds): tests/test_bench.py runs `bench --compare` at a tiny size.
     "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0", "nbclient>=0.11.0", "nbformat>=5.11.1",
-             "ipykernel>=7.4.0", "torch==2.13.0", "trl>=1.16.0"],
+             "ipykernel>=7.4.0", "torch==2.13.0", "trl>=1.16.0",
+             # `make lint` (part of `make test`): the formatter and the linter, configured in pyproject.toml.
+             "pyink>=26.5.1", "ruff>=0.17.6"],
     # `python -m rlhf_jax.bench --compare`: HF generate and TRL's DPO / GRPO trainers beside ours
     # (rlhf_jax/bench_compare.py). torch exactly 2.13.0: another version pulls GBs of CUDA wheels.
     "compare": ["torch==2.13.0", "transformers>=5.24.0", "trl>=1.16.0"],

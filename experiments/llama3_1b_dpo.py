@@ -17,8 +17,9 @@ from rlhf_jax import real_configs
 # the SFT step's forward + backward on those rows. plan figures: --algorithm=dpo --no_reference.
 SIZES = {
     # plan, GB/device: params 0.62 + AdamW 1.24 + activations 47.68 = 49.5 (of 72.0 usable)
-    "h100x8": dict(mesh=(1, 8, 1), batch_size=64, seq_len=2048, accum_steps=1,
-                   remat="dots_no_batch"),
+    "h100x8": dict(
+        mesh=(1, 8, 1), batch_size=64, seq_len=2048, accum_steps=1, remat="dots_no_batch"
+    ),
     # plan, GB/device: params 0.62 + AdamW 1.24 + activations 9.16 = 11.0 (of 14.4 usable)
     "tpu_v5e_8": dict(mesh=(1, 8, 1), batch_size=64, seq_len=2048, accum_steps=4, remat="full"),
 }

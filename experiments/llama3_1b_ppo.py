@@ -24,26 +24,52 @@ from rlhf_jax import real_configs
 SIZES = {
     # 64 prompts -> 4 mini-batches of 16 rows (2 per GPU) of 512 + 256 tokens.
     # plan, GB/device: params 1.24 + AdamW 2.47 + frozen 0.62 + activations 6.13 = 10.5 of 72.0
-    "h100x8": dict(mesh=(1, 8, 1), batch_size=16, seq_len=768, accum_steps=1,
-                   remat="dots_no_batch", prompts=64, max_prompt_len=512, max_new_tokens=256),
+    "h100x8": dict(
+        mesh=(1, 8, 1),
+        batch_size=16,
+        seq_len=768,
+        accum_steps=1,
+        remat="dots_no_batch",
+        prompts=64,
+        max_prompt_len=512,
+        max_new_tokens=256,
+    ),
     # 32 prompts -> 4 mini-batches of 8 rows (1 per chip) of 256 + 256 tokens: the rollout's
     # [rows, tokens, 128k] fp32 logits are what fills a 16 GB chip first.
     # plan, GB/device: params 1.24 + AdamW 2.47 + frozen 0.62 + activations 2.69 = 7.0 of 14.4
-    "tpu_v5e_8": dict(mesh=(1, 8, 1), batch_size=8, seq_len=512, accum_steps=1, remat="full",
-                      prompts=32, max_prompt_len=256, max_new_tokens=256),
+    "tpu_v5e_8": dict(
+        mesh=(1, 8, 1),
+        batch_size=8,
+        seq_len=512,
+        accum_steps=1,
+        remat="full",
+        prompts=32,
+        max_prompt_len=256,
+        max_new_tokens=256,
+    ),
 }
 
 
 def get_config(arg=None):
   hardware, dataset = real_configs.parse_arg(arg, real_configs.PROMPT_DATASETS, "ultrafeedback")
   sizes = SIZES[hardware]
-  c = real_configs.real_config("llama3_1b", "ppo", sizes=sizes,
-                               dataset=real_configs.PROMPT_DATASETS[dataset])
-  c.ppo.update(iterations=300, prompts_per_iteration=sizes["prompts"], samples_per_prompt=1,
-               max_prompt_len=sizes["max_prompt_len"], max_new_tokens=sizes["max_new_tokens"],
-               epochs=2, minibatches=sizes["prompts"] // sizes["batch_size"],
-               accum_steps=sizes["accum_steps"], temperature=1.0, frozen_dtype="bfloat16",
-               value_model="separate", eval_every=0)
+  c = real_configs.real_config(
+      "llama3_1b", "ppo", sizes=sizes, dataset=real_configs.PROMPT_DATASETS[dataset]
+  )
+  c.ppo.update(
+      iterations=300,
+      prompts_per_iteration=sizes["prompts"],
+      samples_per_prompt=1,
+      max_prompt_len=sizes["max_prompt_len"],
+      max_new_tokens=sizes["max_new_tokens"],
+      epochs=2,
+      minibatches=sizes["prompts"] // sizes["batch_size"],
+      accum_steps=sizes["accum_steps"],
+      temperature=1.0,
+      frozen_dtype="bfloat16",
+      value_model="separate",
+      eval_every=0,
+  )
   c.ppo.kl.update(beta=0.05, adaptive=False)
   c.ppo.reward.update(helpful="", gold=False, judge="")  # helpful: the RM export (required)
   c.optim.update(lr=1e-6, warmup_steps=20)

@@ -13,18 +13,19 @@ from rlhf_jax import real_configs
 # A row holds one pair; the scalar head makes no vocabulary logits. plan: --algorithm=reward.
 SIZES = {
     # plan, GB/device: params 0.62 + AdamW 1.24 + activations 41.70 = 43.6 (of 72.0 usable)
-    "h100x8": dict(mesh=(1, 8, 1), batch_size=64, seq_len=2048, accum_steps=1,
-                   remat="dots_no_batch"),
+    "h100x8": dict(
+        mesh=(1, 8, 1), batch_size=64, seq_len=2048, accum_steps=1, remat="dots_no_batch"
+    ),
     # plan, GB/device: params 0.62 + AdamW 1.24 + activations 6.35 = 8.2 (of 14.4 usable)
     "tpu_v5e_8": dict(mesh=(1, 8, 1), batch_size=64, seq_len=2048, accum_steps=4, remat="full"),
 }
 
 
 def get_config(arg=None):
-  hardware, dataset = real_configs.parse_arg(arg, real_configs.PREFERENCE_DATASETS,
-                                             "ultrafeedback")
-  c = real_configs.real_config("llama3_1b", "reward", sizes=SIZES[hardware],
-                               dataset=real_configs.DATASETS[dataset])
+  hardware, dataset = real_configs.parse_arg(arg, real_configs.PREFERENCE_DATASETS, "ultrafeedback")
+  c = real_configs.real_config(
+      "llama3_1b", "reward", sizes=SIZES[hardware], dataset=real_configs.DATASETS[dataset]
+  )
   c.data.update(kind="pairwise", packing=False)
   # 1 epoch (InstructGPT: more overfits); a small centring term keeps scores near 0.
   c.train.steps = 950

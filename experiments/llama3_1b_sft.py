@@ -19,8 +19,9 @@ SIZES = {
     # 8 rows of 2048 tokens per GPU per step (131k tokens per step); FSDP costs one all-gather of
     # each layer per pass over NVLink, cheap next to 8 x 2048 tokens of matmuls.
     # plan, GB/device: params 0.62 + AdamW 1.24 + activations 47.68 = 49.5 (of 72.0 usable)
-    "h100x8": dict(mesh=(1, 8, 1), batch_size=64, seq_len=2048, accum_steps=1,
-                   remat="dots_no_batch"),
+    "h100x8": dict(
+        mesh=(1, 8, 1), batch_size=64, seq_len=2048, accum_steps=1, remat="dots_no_batch"
+    ),
     # 16 GB chips: 2 rows per chip per micro-batch, 4 micro-batches, full remat (the 128k-vocab
     # logits of a row alone are 1 GB in fp32).
     # plan, GB/device: params 0.62 + AdamW 1.24 + activations 9.16 = 11.0 (of 14.4 usable)

@@ -18,8 +18,9 @@ from rlhf_jax import real_configs
 SIZES = {
     # plan, GB/device: params 1.98 + AdamW 3.95 + activations 47.56 = 53.5 (of 72.0 usable)
     # Data parallel: each GPU holds the whole 0.49B model's state (as qwen25_05b_sft.py).
-    "h100x8": dict(mesh=(8, 1, 1), batch_size=64, seq_len=2048, accum_steps=1,
-                   remat="dots_no_batch"),
+    "h100x8": dict(
+        mesh=(8, 1, 1), batch_size=64, seq_len=2048, accum_steps=1, remat="dots_no_batch"
+    ),
     # plan, GB/device: params 0.25 + AdamW 0.49 + activations 8.15 = 8.9 (of 14.4 usable)
     "tpu_v5e_8": dict(mesh=(1, 8, 1), batch_size=64, seq_len=2048, accum_steps=4, remat="full"),
 }

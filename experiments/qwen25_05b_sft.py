@@ -19,8 +19,9 @@ SIZES = {
     # 0.49B params: params + AdamW moments + gradients are ~8 GB, so each GPU holds all of them
     # (pure data parallelism: no per-layer all-gathers) and 8 rows of 2048 tokens.
     # plan, GB/device: params 1.98 + AdamW 3.95 + activations 47.56 = 53.5 (of 72.0 usable)
-    "h100x8": dict(mesh=(8, 1, 1), batch_size=64, seq_len=2048, accum_steps=1,
-                   remat="dots_no_batch"),
+    "h100x8": dict(
+        mesh=(8, 1, 1), batch_size=64, seq_len=2048, accum_steps=1, remat="dots_no_batch"
+    ),
     # 16 GB chips: FSDP (the replicated state alone would take half a chip), 2 rows per chip per
     # micro-batch, full remat (a row's 152k-vocab logits are 1.2 GB in fp32).
     # plan, GB/device: params 0.25 + AdamW 0.49 + activations 8.15 = 8.9 (of 14.4 usable)

@@ -20,7 +20,11 @@ def get_config():
   c = toy_pipeline_config()
   c.rs_frozen = rejection_sampling_stage(rounds=2)
   c.rs_frozen.init_from = "sft"
-  c.eval.update(best_of_n=(1, 2, 4, 8, 16), best_of_n_prompts=512, reward_records=100,
-                best_of_n_policy="rs_frozen")
+  c.eval.update(
+      best_of_n=(1, 2, 4, 8, 16),
+      best_of_n_prompts=512,
+      reward_records=100,
+      best_of_n_policy="rs_frozen",
+  )
   c.stages = ("world", "pretrain", "sft", "rm_helpful", "rm_safety", "rs_frozen", "eval_rewards")
   return c

@@ -48,6 +48,15 @@ def get_config():
   c.ppo_big_rm.ppo.reward.update(helpful="rm_helpful_big", safety="rm_safety_big")
   c.ppo_big_rm.ppo.value_init_from = "rm_helpful_big"
   c.eval.best_of_n_policy = "sft"
-  c.stages = ("world", "pretrain", "sft", "feedback", "pretrain_big", "sft_big", "rm_helpful_big",
-              "rm_safety_big", "eval_rewards")
+  c.stages = (
+      "world",
+      "pretrain",
+      "sft",
+      "feedback",
+      "pretrain_big",
+      "sft_big",
+      "rm_helpful_big",
+      "rm_safety_big",
+      "eval_rewards",
+  )
   return c

@@ -25,15 +25,48 @@ RL-CAI (`ppo_cai`) starts from SL-CAI (`cai_sl`), so its KL and win rate are aga
 The reward models (`rm_helpful`, `rm_safety`) are trained once and shared.
 """
 
-from rlhf_jax.toy_configs import (ai_feedback_stage, ai_reward_stage, constitutional_sl_stage,
-                                  dpo_stage, group_stage, hir_stage, kto_stage, ppo_stage,
-                                  rejection_sampling_stage, rest_stage, toy_pipeline_config)
+from rlhf_jax.toy_configs import (
+    ai_feedback_stage,
+    ai_reward_stage,
+    constitutional_sl_stage,
+    dpo_stage,
+    group_stage,
+    hir_stage,
+    kto_stage,
+    ppo_stage,
+    rejection_sampling_stage,
+    rest_stage,
+    toy_pipeline_config,
+)
 
-CORE = ("ppo", "grpo", "rloo", "rejection_sampling", "rest", "feedback", "dpo", "cdpo", "ipo", "cpl",
-        "kto", "simpo", "orpo", "hir")
+CORE = (
+    "ppo",
+    "grpo",
+    "rloo",
+    "rejection_sampling",
+    "rest",
+    "feedback",
+    "dpo",
+    "cdpo",
+    "ipo",
+    "cpl",
+    "kto",
+    "simpo",
+    "orpo",
+    "hir",
+)
 FEEDBACK = "feedback/rankings"  # the annotators' rankings of 4 SFT samples per preference prompt
-AI_FEEDBACK = ("judge", "ai_feedback", "rm_ai", "ppo_rlaif", "ppo_rlaif_direct", "cai_sl",
-               "cai_feedback", "rm_cai", "ppo_cai")
+AI_FEEDBACK = (
+    "judge",
+    "ai_feedback",
+    "rm_ai",
+    "ppo_rlaif",
+    "ppo_rlaif_direct",
+    "cai_sl",
+    "cai_feedback",
+    "rm_cai",
+    "ppo_cai",
+)
 
 
 def get_config(arg=None):
@@ -81,9 +114,14 @@ def get_config(arg=None):
   c.cai_sl = constitutional_sl_stage(judge="judge", init_from="sft")
   # RL-CAI: the judge's harmlessness labels on SL-CAI's samples of red-team prompts -> a safety
   # reward model beside the human-data helpfulness one -> PPO from SL-CAI.
-  c.cai_feedback = ai_feedback_stage(judge="judge", init_from="cai_sl", prompts=1000,
-                                     eval_prompts=100, principles=("HARMLESS",),
-                                     families=("unsafe", "safe_lookalike"))
+  c.cai_feedback = ai_feedback_stage(
+      judge="judge",
+      init_from="cai_sl",
+      prompts=1000,
+      eval_prompts=100,
+      principles=("HARMLESS",),
+      families=("unsafe", "safe_lookalike"),
+  )
   c.rm_cai = ai_reward_stage("cai_feedback/pairs", steps=100)
   c.rm_cai.init_from = "cai_sl"
   c.ppo_cai = ppo_stage(iterations=120, init_from="cai_sl")

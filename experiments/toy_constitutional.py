@@ -12,19 +12,39 @@ the Llama 2 combination, with the human-feedback helpfulness model (helpfulness 
 as in the paper).
 """
 
-from rlhf_jax.toy_configs import (ai_feedback_stage, ai_reward_stage, constitutional_sl_stage,
-                                  ppo_stage, toy_pipeline_config)
+from rlhf_jax.toy_configs import (
+    ai_feedback_stage,
+    ai_reward_stage,
+    constitutional_sl_stage,
+    ppo_stage,
+    toy_pipeline_config,
+)
 
 
 def get_config():
   c = toy_pipeline_config()
   c.cai_sl = constitutional_sl_stage(judge="judge", prompts=512, n_revisions=1, steps=100)
-  c.cai_feedback = ai_feedback_stage(judge="judge", init_from="cai_sl", prompts=1000,
-                                     eval_prompts=100, principles=("HARMLESS",),
-                                     families=("unsafe", "safe_lookalike"))
+  c.cai_feedback = ai_feedback_stage(
+      judge="judge",
+      init_from="cai_sl",
+      prompts=1000,
+      eval_prompts=100,
+      principles=("HARMLESS",),
+      families=("unsafe", "safe_lookalike"),
+  )
   c.rm_cai = ai_reward_stage("cai_feedback/pairs", steps=100)
   c.ppo_cai = ppo_stage(init_from="cai_sl")
   c.ppo_cai.ppo.reward.update(helpful="rm_helpful", safety="rm_cai", combine="llama2")
-  c.stages = ("world", "pretrain", "sft", "rm_helpful", "judge", "cai_sl", "cai_feedback", "rm_cai",
-              "ppo_cai", "eval")
+  c.stages = (
+      "world",
+      "pretrain",
+      "sft",
+      "rm_helpful",
+      "judge",
+      "cai_sl",
+      "cai_feedback",
+      "rm_cai",
+      "ppo_cai",
+      "eval",
+  )
   return c

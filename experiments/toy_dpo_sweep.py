@@ -61,6 +61,14 @@ def get_config():
   c.cpl_on.dpo.update(cpl_alpha=0.3, reference="per_batch")
   c.orpo_on = dpo_stage(SOURCE, loss_type="orpo")
   c.eval.rewards = False  # the gold table only
-  c.stages = ("world", "pretrain", "sft", "dpo_perturbations", "feedback", *VARIANTS, *OTHERS,
-              "eval")
+  c.stages = (
+      "world",
+      "pretrain",
+      "sft",
+      "dpo_perturbations",
+      "feedback",
+      *VARIANTS,
+      *OTHERS,
+      "eval",
+  )
   return c

@@ -31,6 +31,15 @@ def get_config():
   c.ppo_adaptive.ppo.kl.update(adaptive=True, target=ADAPTIVE_TARGET, horizon=ADAPTIVE_HORIZON)
   c.ppo_gold_reward = ppo_stage(iterations=ITERATIONS, beta=0.05, init_from="sft")
   c.ppo_gold_reward.ppo.reward.gold = True
-  c.stages = ("world", "pretrain", "sft", "rm_helpful", "rm_safety", *BETAS, "ppo_adaptive",
-              "ppo_gold_reward", "eval")
+  c.stages = (
+      "world",
+      "pretrain",
+      "sft",
+      "rm_helpful",
+      "rm_safety",
+      *BETAS,
+      "ppo_adaptive",
+      "ppo_gold_reward",
+      "eval",
+  )
   return c

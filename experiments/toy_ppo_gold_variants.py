@@ -25,9 +25,14 @@ def get_config():
   for name, (iterations, lr, prompts, samples, epochs) in VARIANTS.items():
     s = ppo_stage(beta=0.05, lr=lr, iterations=iterations, init_from="sft")
     s.ppo.reward.gold = True
-    s.ppo.update(prompts_per_iteration=prompts, samples_per_prompt=samples, epochs=epochs,
-                 minibatches=4, reward_baseline="rloo" if samples > 1 else "none",
-                 eval_every=10 if iterations == 60 else 5)
+    s.ppo.update(
+        prompts_per_iteration=prompts,
+        samples_per_prompt=samples,
+        epochs=epochs,
+        minibatches=4,
+        reward_baseline="rloo" if samples > 1 else "none",
+        eval_every=10 if iterations == 60 else 5,
+    )
     c[name] = s
   c.stages = ("world", "pretrain", "sft", "rm_helpful", "rm_safety", *VARIANTS, "eval")
   return c

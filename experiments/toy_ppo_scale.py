@@ -40,14 +40,30 @@ def get_config():
   c.ppo_gold_512 = big_ppo(beta=0.05, gold=True)
   c.ppo_rm_512_b0p3 = big_ppo(beta=0.3, gold=False)
   c.ppo_rm_512_b0p1 = big_ppo(beta=0.1, gold=False)
-  c.grpo_gold_128x8 = group_stage("grpo", iterations=ITERATIONS, prompts=128, samples=8, init_from="sft")
+  c.grpo_gold_128x8 = group_stage(
+      "grpo", iterations=ITERATIONS, prompts=128, samples=8, init_from="sft"
+  )
   c.grpo_gold_128x8.ppo.update(minibatches=4, eval_every=10)
   c.grpo_gold_128x8.ppo.reward.gold = True
   c.rm_helpful_on_policy = reward_stage("feedback/pairs_helpful", steps=300)
   c.rm_safety_on_policy = reward_stage("feedback/pairs_safety", steps=200)
   c.ppo_op_512_b0p3 = big_ppo(beta=0.3, on_policy_rms=True)
   c.ppo_op_512_b0p1 = big_ppo(beta=0.1, on_policy_rms=True)
-  c.stages = ("world", "pretrain", "sft", "rm_helpful", "rm_safety", "feedback", "rm_helpful_on_policy",
-              "rm_safety_on_policy", "ppo_gold_512", "ppo_rm_512_b0p3", "ppo_rm_512_b0p1",
-              "grpo_gold_128x8", "ppo_op_512_b0p3", "ppo_op_512_b0p1", "eval")
+  c.stages = (
+      "world",
+      "pretrain",
+      "sft",
+      "rm_helpful",
+      "rm_safety",
+      "feedback",
+      "rm_helpful_on_policy",
+      "rm_safety_on_policy",
+      "ppo_gold_512",
+      "ppo_rm_512_b0p3",
+      "ppo_rm_512_b0p1",
+      "grpo_gold_128x8",
+      "ppo_op_512_b0p3",
+      "ppo_op_512_b0p1",
+      "eval",
+  )
   return c

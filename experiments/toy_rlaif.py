@@ -23,8 +23,9 @@ def get_config(arg=None):
   stages = ["world", "pretrain", "sft", "judge", "ai_feedback", "rm_ai", "ppo_rlaif"]
   if arg == "direct":
     c.ppo_rlaif_direct = ppo_stage(init_from="sft")
-    c.ppo_rlaif_direct.ppo.update(samples_per_prompt=2, prompts_per_iteration=16,
-                                  reward_baseline="none", value_init_from="")
+    c.ppo_rlaif_direct.ppo.update(
+        samples_per_prompt=2, prompts_per_iteration=16, reward_baseline="none", value_init_from=""
+    )
     c.ppo_rlaif_direct.ppo.reward.update(helpful="", safety="", judge="judge")
     stages.append("ppo_rlaif_direct")
   c.stages = (*stages, "eval")

@@ -17,6 +17,15 @@ def get_config():
   c.rm_helpful_on_policy = reward_stage("feedback/pairs_helpful", steps=150)
   c.rm_safety_on_policy = reward_stage("feedback/pairs_safety", steps=100)
   c.combine.update(helpful="rm_helpful_on_policy", safety="rm_safety_on_policy")
-  c.stages = ("world", "pretrain", "sft", "rm_helpful", "rm_safety", "feedback",
-              "rm_helpful_on_policy", "rm_safety_on_policy", "eval_rewards")
+  c.stages = (
+      "world",
+      "pretrain",
+      "sft",
+      "rm_helpful",
+      "rm_safety",
+      "feedback",
+      "rm_helpful_on_policy",
+      "rm_safety_on_policy",
+      "eval_rewards",
+  )
   return c

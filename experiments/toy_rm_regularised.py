@@ -29,6 +29,15 @@ def get_config():
     s.reward.lm_coef = LM_COEF
   c.combine.update(helpful="rm_helpful_lm", safety="rm_safety_lm")
   c.eval.best_of_n_policy = "sft"
-  c.stages = ("world", "pretrain", "sft", "feedback", "rm_helpful_on_policy", "rm_safety_on_policy",
-              "rm_helpful_lm", "rm_safety_lm", "eval_rewards")
+  c.stages = (
+      "world",
+      "pretrain",
+      "sft",
+      "feedback",
+      "rm_helpful_on_policy",
+      "rm_safety_on_policy",
+      "rm_helpful_lm",
+      "rm_safety_lm",
+      "eval_rewards",
+  )
   return c

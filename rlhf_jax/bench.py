@@ -67,23 +67,63 @@ from rlhf_jax.models import ModelConfig, abstract_model, create_model, llama_ben
 from rlhf_jax.models.config import PRESETS
 from rlhf_jax.train import create_train_state, make_optimizer, make_train_step, state_shardings
 
-BENCHES = ("matmul_peak", "sft_step", "rm_step", "dpo_step", "generate", "ppo_iteration",
-           "grpo_iteration", "hbm_bandwidth", "decode")
-_ONLY = flags.DEFINE_list("only", ["matmul_peak", "sft_step", "rm_step", "dpo_step", "generate",
-                                   "ppo_iteration", "grpo_iteration"], "Benchmarks to run.")
-_MODEL = flags.DEFINE_enum("model", "bench", ["bench", "llama3_1b", "tiny"],
-                           "bench: L6 d512 vocab 4096; llama3_1b: Llama-3.2-1B's shape, random "
-                           "weights; tiny: L2 d64 vocab 128, to smoke-test the code paths.")
-_COMPARE = flags.DEFINE_bool("compare", False, "Run generate, dpo_step and grpo_iteration beside HF "
-                             "generate, TRL DPOTrainer and GRPOTrainer (ignores --only; needs the "
-                             "`compare` extra).")
+BENCHES = (
+    "matmul_peak",
+    "sft_step",
+    "rm_step",
+    "dpo_step",
+    "generate",
+    "ppo_iteration",
+    "grpo_iteration",
+    "hbm_bandwidth",
+    "decode",
+)
+_ONLY = flags.DEFINE_list(
+    "only",
+    [
+        "matmul_peak",
+        "sft_step",
+        "rm_step",
+        "dpo_step",
+        "generate",
+        "ppo_iteration",
+        "grpo_iteration",
+    ],
+    "Benchmarks to run.",
+)
+_MODEL = flags.DEFINE_enum(
+    "model",
+    "bench",
+    ["bench", "llama3_1b", "tiny"],
+    "bench: L6 d512 vocab 4096; llama3_1b: Llama-3.2-1B's shape, random "
+    "weights; tiny: L2 d64 vocab 128, to smoke-test the code paths.",
+)
+_COMPARE = flags.DEFINE_bool(
+    "compare",
+    False,
+    "Run generate, dpo_step and grpo_iteration beside HF "
+    "generate, TRL DPOTrainer and GRPOTrainer (ignores --only; needs the "
+    "`compare` extra).",
+)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
-                                 "Storage dtype of the parameters (bfloat16 for the decode bench).")
-_REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"],
-                           "Rematerialisation policy of each layer in the train steps.")
-_MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Side of the square matmul that measures the peak "
-                                 "(2048 on CPU; 8192 to reach a GPU's peak).")
+_PARAM_DTYPE = flags.DEFINE_enum(
+    "param_dtype",
+    "float32",
+    ["float32", "bfloat16"],
+    "Storage dtype of the parameters (bfloat16 for the decode bench).",
+)
+_REMAT = flags.DEFINE_enum(
+    "remat",
+    "none",
+    ["none", "full", "dots", "dots_no_batch"],
+    "Rematerialisation policy of each layer in the train steps.",
+)
+_MATMUL_N = flags.DEFINE_integer(
+    "matmul_n",
+    2048,
+    "Side of the square matmul that measures the peak "
+    "(2048 on CPU; 8192 to reach a GPU's peak).",
+)
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 1, "Batch size of the decode bench.")
 _SFT_BATCH = flags.DEFINE_integer("sft_batch", 8, "Sequences per SFT step.")
 _SFT_SEQ = flags.DEFINE_integer("sft_seq_len", 512, "Tokens per sequence in the SFT step.")
@@ -94,27 +134,55 @@ _RL_PROMPTS = flags.DEFINE_integer("rl_prompts", 2, "Prompts per PPO iteration."
 _RL_SAMPLES = flags.DEFINE_integer("rl_samples", 4, "Samples per prompt in a PPO iteration.")
 _RL_NEW = flags.DEFINE_integer("rl_new_tokens", 64, "New tokens per PPO sample.")
 _RL_EPOCHS = flags.DEFINE_integer("rl_epochs", 1, "PPO epochs per iteration (x 1 mini-batch).")
-_GRPO_BETA = flags.DEFINE_float("grpo_kl_beta", 0.04, "GRPO's k3 KL coefficient (> 0: a reference).")
+_GRPO_BETA = flags.DEFINE_float(
+    "grpo_kl_beta", 0.04, "GRPO's k3 KL coefficient (> 0: a reference)."
+)
 _COMPARE_ROUNDS = flags.DEFINE_integer(
-    "compare_rounds", 1, "--compare: measure each workload on both sides this many times, in "
-    "alternating order, and report the median of the rounds' ratios (and their range).")
-_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "--compare: torch's intra-op threads "
-                                      "(0: the cores this process may use, as XLA).")
-_DPO_SEQUENCE = flags.DEFINE_integer("dpo_sequence_len", 128, "Tokens per DPO sequence (prompt + "
-                                     "response) and per rm_step sequence; pairs of them are packed "
-                                     "into --sft_seq_len rows.")
-_DPO_SHARE = flags.DEFINE_bool("dpo_share_prompt", True, "DPO rows hold each pair's prompt once "
-                               "(config.reward.share_prompt); the default run also times the "
-                               "per-step-reference step without it.")
-_DPO_LIST = flags.DEFINE_bool("dpo_list_logits", True, "DPO batches list their response tokens "
-                              "(as the trainer's): the LM head runs on those only, not on the "
-                              "prompts' tokens.")
-_RL_SHARE = flags.DEFINE_bool("rl_share_prompt", True, "ppo_iteration / grpo_iteration with "
-                              "config.ppo.share_prompt (a prompt's samples run with the prompt "
-                              "once); the default run also times GRPO without it.")
-_SCAN = flags.DEFINE_bool("scan_layers", False, "Run the layers with lax.scan (the trainer's "
-                          "default) instead of unrolled: unrolled train steps were 3-26% faster on "
-                          "the 6-layer bench model on CPU, at about the same compile time.")
+    "compare_rounds",
+    1,
+    "--compare: measure each workload on both sides this many times, in "
+    "alternating order, and report the median of the rounds' ratios (and their range).",
+)
+_TORCH_THREADS = flags.DEFINE_integer(
+    "torch_threads",
+    0,
+    "--compare: torch's intra-op threads " "(0: the cores this process may use, as XLA).",
+)
+_DPO_SEQUENCE = flags.DEFINE_integer(
+    "dpo_sequence_len",
+    128,
+    "Tokens per DPO sequence (prompt + "
+    "response) and per rm_step sequence; pairs of them are packed "
+    "into --sft_seq_len rows.",
+)
+_DPO_SHARE = flags.DEFINE_bool(
+    "dpo_share_prompt",
+    True,
+    "DPO rows hold each pair's prompt once "
+    "(config.reward.share_prompt); the default run also times the "
+    "per-step-reference step without it.",
+)
+_DPO_LIST = flags.DEFINE_bool(
+    "dpo_list_logits",
+    True,
+    "DPO batches list their response tokens "
+    "(as the trainer's): the LM head runs on those only, not on the "
+    "prompts' tokens.",
+)
+_RL_SHARE = flags.DEFINE_bool(
+    "rl_share_prompt",
+    True,
+    "ppo_iteration / grpo_iteration with "
+    "config.ppo.share_prompt (a prompt's samples run with the prompt "
+    "once); the default run also times GRPO without it.",
+)
+_SCAN = flags.DEFINE_bool(
+    "scan_layers",
+    False,
+    "Run the layers with lax.scan (the trainer's "
+    "default) instead of unrolled: unrolled train steps were 3-26% faster on "
+    "the 6-layer bench model on CPU, at about the same compile time.",
+)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (after one warm-up).")
 _OUT = flags.DEFINE_string("out", "", "Also append the records to this JSONL file.")
 
@@ -152,7 +220,9 @@ def matmul_peak(dtype: str, repeats: int, n: int = 2048) -> dict:
   b = jax.device_put(jax.random.normal(kb, (n, n), dtype), sharding.replicated(mesh))
   f = jax.jit(lambda a, b: a @ b)
   # The best of several runs: a peak, so noise must not lower it (and inflate MFU).
-  seconds = timed(lambda: f(a, b).block_until_ready(), max(repeats, 10), reduce=np.min, warmup_s=2.0)
+  seconds = timed(
+      lambda: f(a, b).block_until_ready(), max(repeats, 10), reduce=np.min, warmup_s=2.0
+  )
   return {"gflops": 2 * n * n * n * d / seconds / 1e9, "n": n}
 
 
@@ -212,9 +282,16 @@ def random_model(cfg: ModelConfig, mesh, seed: int = 0):
   return graphdef, abstract, psh, params
 
 
-def train_step_bench(cfg: ModelConfig, make_loss_fn, host: dict, repeats: int,
-                     peak_gflops: float | None, make_add_reference=None,
-                     workload_tokens: int | None = None, head_tokens: int | None = None) -> dict:
+def train_step_bench(
+    cfg: ModelConfig,
+    make_loss_fn,
+    host: dict,
+    repeats: int,
+    peak_gflops: float | None,
+    make_add_reference=None,
+    workload_tokens: int | None = None,
+    head_tokens: int | None = None,
+) -> dict:
   """Times the shared train step on `host` (a [B, T] batch of real tokens, no padding).
 
   make_add_reference(graphdef, mesh) -> add(reference params, batch) -> batch: when given, every
@@ -246,13 +323,21 @@ def train_step_bench(cfg: ModelConfig, make_loss_fn, host: dict, repeats: int,
   batch, seq_len = host["tokens"].shape
   tokens = batch * seq_len
   passes = 4 / 3 if add_reference else 1.0  # + the reference's forward pass
-  flops = (cfg.flops_per_token(seq_len) * tokens
-           - cfg.head_flops_per_token() * (tokens - (head_tokens or tokens)))
+  flops = cfg.flops_per_token(seq_len) * tokens - cfg.head_flops_per_token() * (
+      tokens - (head_tokens or tokens)
+  )
   gflops = passes * flops / seconds / 1e9
-  record = {"batch": batch, "seq_len": seq_len, "step_s": seconds,
-            "tokens_per_s": (workload_tokens or tokens) / seconds, "row_tokens": tokens,
-            "head_tokens": head_tokens or tokens,
-            "model_gflops": gflops, "compile_s": max(first - seconds, 0.0), "remat": cfg.remat}
+  record = {
+      "batch": batch,
+      "seq_len": seq_len,
+      "step_s": seconds,
+      "tokens_per_s": (workload_tokens or tokens) / seconds,
+      "row_tokens": tokens,
+      "head_tokens": head_tokens or tokens,
+      "model_gflops": gflops,
+      "compile_s": max(first - seconds, 0.0),
+      "remat": cfg.remat,
+  }
   if peak_gflops:
     record["mfu"] = gflops / peak_gflops
   return record
@@ -264,45 +349,61 @@ def pairs_per_row(bench: str, seq_len: int, sequence_len: int, field: str) -> in
   name (`field`: the sequence length's flag)."""
   per_row = seq_len // (2 * sequence_len)
   if per_row < 1 or seq_len % (2 * sequence_len):
-    raise ValueError(f"{bench}: seq_len={seq_len} must be a multiple of 2 x {field}="
-                     f"{sequence_len} (rows of whole pairs, no padding)")
+    raise ValueError(
+        f"{bench}: seq_len={seq_len} must be a multiple of 2 x {field}="
+        f"{sequence_len} (rows of whole pairs, no padding)"
+    )
   return per_row
 
 
 def sft_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflops: float | None):
   rs = np.random.RandomState(0)
-  host = dict(tokens=rs.randint(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32),
-              loss_mask=np.ones((batch, seq_len), bool),
-              segment_ids=np.ones((batch, seq_len), np.int32),
-              positions=np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)))
+  host = dict(
+      tokens=rs.randint(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32),
+      loss_mask=np.ones((batch, seq_len), bool),
+      segment_ids=np.ones((batch, seq_len), np.int32),
+      positions=np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)),
+  )
   return train_step_bench(cfg, make_sft_loss_fn, host, repeats, peak_gflops)
 
 
-def rm_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflops: float | None,
-            response_len: int = 128) -> dict:
+def rm_step(
+    cfg: ModelConfig,
+    batch: int,
+    seq_len: int,
+    repeats: int,
+    peak_gflops: float | None,
+    response_len: int = 128,
+) -> dict:
   """Rows of `seq_len` tokens, each packed with pairs of `response_len`-token sequences (the
   layout of data/preference.py), Bradley-Terry loss with the Llama 2 "small" margins."""
   cfg = dataclasses.replace(cfg, head="scalar")
   per_row = pairs_per_row("rm_step", seq_len, response_len, "response_len")
   rs = np.random.RandomState(0)
   segment = np.repeat(np.arange(1, 2 * per_row + 1, dtype=np.int32), response_len)
-  host = dict(tokens=rs.randint(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32),
-              segment_ids=np.tile(segment, (batch, 1)),
-              positions=np.tile(np.tile(np.arange(response_len, dtype=np.int32), 2 * per_row), (batch, 1)),
-              score_index=np.tile((np.arange(1, 2 * per_row + 1, dtype=np.int32) * response_len - 1)
-                                  .reshape(per_row, 2), (batch, 1, 1)),
-              ranks=np.tile(np.array([0, 1], np.int32), (batch, per_row, 1)),
-              valid=np.ones((batch, per_row, 2), bool),
-              margin=rs.randint(0, 4, (batch, per_row)).astype(np.int32))
-  make = lambda graphdef: make_reward_loss_fn(graphdef, kind="pairwise", margins=margin_table("small"),
-                                              center_coef=0.01)
+  host = dict(
+      tokens=rs.randint(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32),
+      segment_ids=np.tile(segment, (batch, 1)),
+      positions=np.tile(np.tile(np.arange(response_len, dtype=np.int32), 2 * per_row), (batch, 1)),
+      score_index=np.tile(
+          (np.arange(1, 2 * per_row + 1, dtype=np.int32) * response_len - 1).reshape(per_row, 2),
+          (batch, 1, 1),
+      ),
+      ranks=np.tile(np.array([0, 1], np.int32), (batch, per_row, 1)),
+      valid=np.ones((batch, per_row, 2), bool),
+      margin=rs.randint(0, 4, (batch, per_row)).astype(np.int32),
+  )
+  make = lambda graphdef: make_reward_loss_fn(
+      graphdef, kind="pairwise", margins=margin_table("small"), center_coef=0.01
+  )
   record = train_step_bench(cfg, make, host, repeats, peak_gflops)
   record.update(response_len=response_len, pairs_per_s=batch * per_row / record["step_s"])
   return record
 
 
-def dpo_pairs(cfg: ModelConfig, count: int, sequence_len: int, prompt_len: int,
-              seed: int = 0) -> list[Comparison]:
+def dpo_pairs(
+    cfg: ModelConfig, count: int, sequence_len: int, prompt_len: int, seed: int = 0
+) -> list[Comparison]:
   """`count` random pairs: two `sequence_len`-token sequences sharing a `prompt_len`-token
   prompt."""
   rs = np.random.RandomState(seed)
@@ -311,14 +412,30 @@ def dpo_pairs(cfg: ModelConfig, count: int, sequence_len: int, prompt_len: int,
     prompt = rs.randint(3, cfg.vocab_size, prompt_len)
     responses = rs.randint(3, cfg.vocab_size, (2, sequence_len - prompt_len))
     sequences = [np.concatenate([prompt, r]).astype(np.int32) for r in responses]
-    out.append(Comparison(sequences=sequences, ranks=np.array([0, 1], np.int32), margin=-1,
-                          index=index, prompt_len=prompt_len))
+    out.append(
+        Comparison(
+            sequences=sequences,
+            ranks=np.array([0, 1], np.int32),
+            margin=-1,
+            index=index,
+            prompt_len=prompt_len,
+        )
+    )
   return out
 
 
-def dpo_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflops: float | None,
-             sequence_len: int = 128, prompt_len: int = 64, reference: str = "per_step",
-             share_prompt: bool = False, list_logits: bool = True) -> dict:
+def dpo_step(
+    cfg: ModelConfig,
+    batch: int,
+    seq_len: int,
+    repeats: int,
+    peak_gflops: float | None,
+    sequence_len: int = 128,
+    prompt_len: int = 64,
+    reference: str = "per_step",
+    share_prompt: bool = False,
+    list_logits: bool = True,
+) -> dict:
   """DPO (sigmoid, beta 0.1). reference "per_step": the reference's log-probs computed every step,
   a jitted forward pass of the frozen reference, then the shared train step (the trainer's
   `reference="per_batch"`; TRL's DPOTrainer without `precompute_ref_log_probs`); "precomputed":
@@ -338,29 +455,43 @@ def dpo_step(cfg: ModelConfig, batch: int, seq_len: int, repeats: int, peak_gflo
   row_len = per_row * (2 * sequence_len - prompt_len) if share_prompt else seq_len
   pairs = dpo_pairs(cfg, batch * per_row, sequence_len, prompt_len)
   budget = logit_budget_for(pairs, row_len, share_prompt) if list_logits else None
-  host, count = pack_comparisons(pairs, row_len, batch, per_row, 2, share_prompt=share_prompt,
-                                 logit_budget=budget)
+  host, count = pack_comparisons(
+      pairs, row_len, batch, per_row, 2, share_prompt=share_prompt, logit_budget=budget
+  )
   assert count == batch * per_row
   loss_cfg = base_config().dpo
 
   def make_add_reference(graphdef, mesh):
-    logps = jax.jit(lambda params, batch: scoring.comparison_logps(graphdef, params, batch)[0],
-                    out_shardings=sharding.batch_sharding(mesh))
+    logps = jax.jit(
+        lambda params, batch: scoring.comparison_logps(graphdef, params, batch)[0],
+        out_shardings=sharding.batch_sharding(mesh),
+    )
     return lambda reference, batch: {**batch, "ref_logps": logps(reference, batch)}
 
   host = {k: v for k, v in host.items() if k != "comparison"}
   if reference == "precomputed":  # any values: the step's cost does not depend on them
-    host["ref_logps"] = np.random.RandomState(1).normal(
-        -50.0, 5.0, host["valid"].shape).astype(np.float32)
-  record = train_step_bench(cfg, lambda graphdef: make_dpo_loss_fn(graphdef, loss_cfg), host,
-                            repeats, peak_gflops,
-                            make_add_reference=(make_add_reference if reference == "per_step"
-                                                else None),
-                            workload_tokens=count * 2 * sequence_len,
-                            head_tokens=None if budget is None else batch * budget)
-  record.update(sequence_len=sequence_len, prompt_len=prompt_len, pairs=count,
-                pairs_per_s=count / record["step_s"], reference=reference,
-                share_prompt=share_prompt, list_logits=list_logits)
+    host["ref_logps"] = (
+        np.random.RandomState(1).normal(-50.0, 5.0, host["valid"].shape).astype(np.float32)
+    )
+  record = train_step_bench(
+      cfg,
+      lambda graphdef: make_dpo_loss_fn(graphdef, loss_cfg),
+      host,
+      repeats,
+      peak_gflops,
+      make_add_reference=(make_add_reference if reference == "per_step" else None),
+      workload_tokens=count * 2 * sequence_len,
+      head_tokens=None if budget is None else batch * budget,
+  )
+  record.update(
+      sequence_len=sequence_len,
+      prompt_len=prompt_len,
+      pairs=count,
+      pairs_per_s=count / record["step_s"],
+      reference=reference,
+      share_prompt=share_prompt,
+      list_logits=list_logits,
+  )
   return record
 
 
@@ -374,16 +505,37 @@ def generate_bench(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: in
   prompts = rs.randint(3, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
   mask = np.ones_like(prompts, bool)
   # No EOS can stop a row early (id -1 never sampled), so every call makes exactly new_tokens.
-  run = lambda: jax.block_until_ready(sampler(params, prompts, mask, jax.random.key(0),
-                                              max_new_tokens=new_tokens, temperature=1.0,
-                                              eos_id=-1, pad_id=0))
+  run = lambda: jax.block_until_ready(
+      sampler(
+          params,
+          prompts,
+          mask,
+          jax.random.key(0),
+          max_new_tokens=new_tokens,
+          temperature=1.0,
+          eos_id=-1,
+          pad_id=0,
+      )
+  )
   first, seconds = first_and_timed(run, repeats)
-  return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "seconds": seconds,
-          "new_tokens_per_s": batch * new_tokens / seconds, "compile_s": max(first - seconds, 0.0)}
+  return {
+      "batch": batch,
+      "prompt_len": prompt_len,
+      "new_tokens": new_tokens,
+      "seconds": seconds,
+      "new_tokens_per_s": batch * new_tokens / seconds,
+      "compile_s": max(first - seconds, 0.0),
+  }
 
 
-def decode(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-           bandwidth_gbps: float | None) -> dict:
+def decode(
+    cfg: ModelConfig,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    bandwidth_gbps: float | None,
+) -> dict:
   """Small-batch sampling against its weight-streaming limit: each decoding step reads every
   parameter once, so tokens/s per row cannot exceed bandwidth / parameter bytes (the KV cache and
   the prefill of `prompt_len` tokens, included in the time, are small next to the weights)."""
@@ -396,9 +548,18 @@ def decode(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repea
   return record
 
 
-def ppo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int, new_tokens: int,
-                  epochs: int, repeats: int, estimator: str = "gae", kl_beta: float = 0.05,
-                  share_prompt: bool = False) -> dict:
+def ppo_iteration(
+    cfg: ModelConfig,
+    prompts: int,
+    samples: int,
+    prompt_len: int,
+    new_tokens: int,
+    epochs: int,
+    repeats: int,
+    estimator: str = "gae",
+    kl_beta: float = 0.05,
+    share_prompt: bool = False,
+) -> dict:
   """A whole PPO iteration (algorithms/ppo.make_iteration, as the trainer runs it) on random
   models of the bench shape: policy, frozen reference, one reward model and (estimator "gae") a
   value model. estimator "grpo": GRPO, no value model and `kl_beta` x k3 KL to the reference in
@@ -412,24 +573,43 @@ def ppo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int,
   psh, params, abstract = {"policy": policy_psh}, {"policy": policy}, {"policy": policy_abs}
   value_gd = None
   if estimator == "gae":
-    value_gd, abstract["value"], psh["value"], params["value"] = random_model(value_cfg, mesh,
-                                                                             seed=1)
+    value_gd, abstract["value"], psh["value"], params["value"] = random_model(
+        value_cfg, mesh, seed=1
+    )
   reference = jax.tree.map(jnp.copy, policy)  # the policy's start, as in the trainer
   reward_gd, _, _, reward = random_model(value_cfg, mesh, seed=2)
   reward_params = {"helpful": reward}
   config = base_config()
   p = config.ppo
-  p.update(prompts_per_iteration=prompts, samples_per_prompt=samples, max_new_tokens=new_tokens, epochs=epochs,
-           minibatches=1, share_prompt=share_prompt)
+  p.update(
+      prompts_per_iteration=prompts,
+      samples_per_prompt=samples,
+      max_new_tokens=new_tokens,
+      epochs=epochs,
+      minibatches=1,
+      share_prompt=share_prompt,
+  )
   p.kl.beta = kl_beta
   optimizer, _ = make_optimizer(config.optim, 1000)
   shardings = state_shardings(optimizer, psh, abstract, mesh)
   holder = [create_train_state(params, optimizer, shardings, seed=0)]
   spec = ppo_rollout.RewardSpec(names=("helpful",), stats={"helpful": {"mean": 0.0, "std": 1.0}})
   # eos_id -1: no EOS, every sample is full length.
-  iterate = ppo.make_iteration(policy_gd, value_gd, {"helpful": reward_gd}, cfg, spec, optimizer,
-                               mesh=mesh, policy_shardings=psh["policy"], shardings=shardings,
-                               cfg=p, eos_id=-1, pad_id=0, estimator=estimator)
+  iterate = ppo.make_iteration(
+      policy_gd,
+      value_gd,
+      {"helpful": reward_gd},
+      cfg,
+      spec,
+      optimizer,
+      mesh=mesh,
+      policy_shardings=psh["policy"],
+      shardings=shardings,
+      cfg=p,
+      eos_id=-1,
+      pad_id=0,
+      estimator=estimator,
+  )
   rs = np.random.RandomState(0)
   prompt = rs.randint(3, cfg.vocab_size, (prompts, prompt_len)).astype(np.int32)
   mask, unsafe = np.ones_like(prompt, bool), np.zeros(len(prompt), bool)
@@ -437,38 +617,70 @@ def ppo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int,
 
   def run():
     calls[0] += 1
-    holder[0], info = iterate(holder[0], reference, reward_params, prompt, mask, unsafe,
-                              jax.random.key(calls[0]), kl_beta)
+    holder[0], info = iterate(
+        holder[0], reference, reward_params, prompt, mask, unsafe, jax.random.key(calls[0]), kl_beta
+    )
     jax.block_until_ready((holder[0].params, info))
 
   # The first call compiles sampler, scoring, advantages and update.
   first, seconds = first_and_timed(run, repeats)
   completions = prompts * samples
-  return {"prompts": prompts, "samples_per_prompt": samples, "prompt_len": prompt_len,
-          "new_tokens": new_tokens, "epochs": epochs, "minibatches": 1, "estimator": estimator,
-          "kl_beta": kl_beta, "share_prompt": share_prompt, "iteration_s": seconds,
-          "first_iteration_s": first,
-          "completions_per_s": completions / seconds,
-          "new_tokens_per_s": completions * new_tokens / seconds}
+  return {
+      "prompts": prompts,
+      "samples_per_prompt": samples,
+      "prompt_len": prompt_len,
+      "new_tokens": new_tokens,
+      "epochs": epochs,
+      "minibatches": 1,
+      "estimator": estimator,
+      "kl_beta": kl_beta,
+      "share_prompt": share_prompt,
+      "iteration_s": seconds,
+      "first_iteration_s": first,
+      "completions_per_s": completions / seconds,
+      "new_tokens_per_s": completions * new_tokens / seconds,
+  }
 
 
-def grpo_iteration(cfg: ModelConfig, prompts: int, samples: int, prompt_len: int, new_tokens: int,
-                   repeats: int, kl_beta: float = 0.04, share_prompt: bool = False) -> dict:
+def grpo_iteration(
+    cfg: ModelConfig,
+    prompts: int,
+    samples: int,
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    kl_beta: float = 0.04,
+    share_prompt: bool = False,
+) -> dict:
   """One GRPO iteration (TRL GRPOTrainer's step with num_iterations=1): sample prompts x samples,
   score (policy, reference, one reward model), group-normalised advantages, one update of the
   policy with `kl_beta` x k3 KL to the reference in the loss. No value model."""
-  return ppo_iteration(cfg, prompts, samples, prompt_len, new_tokens, epochs=1, repeats=repeats,
-                       estimator="grpo", kl_beta=kl_beta, share_prompt=share_prompt)
+  return ppo_iteration(
+      cfg,
+      prompts,
+      samples,
+      prompt_len,
+      new_tokens,
+      epochs=1,
+      repeats=repeats,
+      estimator="grpo",
+      kl_beta=kl_beta,
+      share_prompt=share_prompt,
+  )
 
 
 # bench -> (the record's headline figure, its unit); the summary table's columns.
-_FIGURES = {"matmul_peak": ("gflops", "GFLOP/s"), "hbm_bandwidth": ("gbps", "GB/s"),
-            "sft_step": ("tokens_per_s", "tokens/s"), "rm_step": ("tokens_per_s", "tokens/s"),
-            "dpo_step": ("tokens_per_s", "tokens/s"),
-            "generate": ("new_tokens_per_s", "new tokens/s"),
-            "decode": ("new_tokens_per_s", "new tokens/s"),
-            "ppo_iteration": ("completions_per_s", "completions/s"),
-            "grpo_iteration": ("completions_per_s", "completions/s")}
+_FIGURES = {
+    "matmul_peak": ("gflops", "GFLOP/s"),
+    "hbm_bandwidth": ("gbps", "GB/s"),
+    "sft_step": ("tokens_per_s", "tokens/s"),
+    "rm_step": ("tokens_per_s", "tokens/s"),
+    "dpo_step": ("tokens_per_s", "tokens/s"),
+    "generate": ("new_tokens_per_s", "new tokens/s"),
+    "decode": ("new_tokens_per_s", "new tokens/s"),
+    "ppo_iteration": ("completions_per_s", "completions/s"),
+    "grpo_iteration": ("completions_per_s", "completions/s"),
+}
 
 
 def _setting(r: dict) -> str:
@@ -494,8 +706,10 @@ def _setting(r: dict) -> str:
 def summary_table(records: list[dict]) -> str:
   """The records of a run as a text table: bench, setting, headline figure and unit, MFU, peak
   memory (GB; device or host RSS), compile s (or the RL iterations' first iteration s)."""
-  header = (f"{'bench':<15} {'setting':<34} {'figure':>10} {'unit':<14} {'mfu':>5} "
-            f"{'peak GB':>8} {'compile s':>9}")
+  header = (
+      f"{'bench':<15} {'setting':<34} {'figure':>10} {'unit':<14} {'mfu':>5} "
+      f"{'peak GB':>8} {'compile s':>9}"
+  )
   lines = [header, "-" * len(header)]
   for r in records:
     key, unit = _FIGURES.get(r["bench"], (None, ""))
@@ -505,8 +719,9 @@ def summary_table(records: list[dict]) -> str:
     memory = f"{memory / 1e9:>8.2f}" if memory is not None else f"{'':>8}"
     compile_s = r.get("compile_s", r.get("first_iteration_s"))
     compile_s = f"{compile_s:>9.1f}" if compile_s is not None else f"{'':>9}"
-    lines.append(f"{r['bench']:<15} {_setting(r):<34} {figure} {unit:<14} {mfu} {memory} "
-                 f"{compile_s}")
+    lines.append(
+        f"{r['bench']:<15} {_setting(r):<34} {figure} {unit:<14} {mfu} {memory} " f"{compile_s}"
+    )
   return "\n".join(lines)
 
 
@@ -524,11 +739,24 @@ def measured(bench_fn, *args, **kwargs) -> dict:
 
 
 llama3_1b_config = PRESETS["llama3_1b"]
-tiny_config = functools.partial(llama_bench_config, vocab_size=128, num_layers=2, embed_dim=64,
-                                num_heads=4, num_kv_heads=2, mlp_dim=128, max_seq_len=512)
-MODELS = {"bench": {"config": llama_bench_config, "name": "llama L6 d512 h8 mlp1344 v4096"},
-          "llama3_1b": {"config": llama3_1b_config, "name": "llama3.2-1B shape L16 d2048 h32 kv8 mlp8192 v128256"},
-          "tiny": {"config": tiny_config, "name": "llama L2 d64 h4 kv2 mlp128 v128"}}
+tiny_config = functools.partial(
+    llama_bench_config,
+    vocab_size=128,
+    num_layers=2,
+    embed_dim=64,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_dim=128,
+    max_seq_len=512,
+)
+MODELS = {
+    "bench": {"config": llama_bench_config, "name": "llama L6 d512 h8 mlp1344 v4096"},
+    "llama3_1b": {
+        "config": llama3_1b_config,
+        "name": "llama3.2-1B shape L16 d2048 h32 kv8 mlp8192 v128256",
+    },
+    "tiny": {"config": tiny_config, "name": "llama L2 d64 h4 kv2 mlp128 v128"},
+}
 
 
 def main(argv):
@@ -539,10 +767,17 @@ def main(argv):
   model = MODELS[_MODEL.value]
   cfg = model["config"](dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, remat=_REMAT.value)
   cfg = dataclasses.replace(cfg, scan_layers=_SCAN.value)
-  env = {"backend": jax.default_backend(), "devices": jax.device_count(),
-         "device_kind": jax.devices()[0].device_kind, "machine": platform.machine(),
-         "jax": jax.__version__, "model": model["name"], "dtype": _DTYPE.value,
-         "param_dtype": _PARAM_DTYPE.value, "scan_layers": _SCAN.value}
+  env = {
+      "backend": jax.default_backend(),
+      "devices": jax.device_count(),
+      "device_kind": jax.devices()[0].device_kind,
+      "machine": platform.machine(),
+      "jax": jax.__version__,
+      "model": model["name"],
+      "dtype": _DTYPE.value,
+      "param_dtype": _PARAM_DTYPE.value,
+      "scan_layers": _SCAN.value,
+  }
   records = []
 
   def emit(name, record):
@@ -555,14 +790,24 @@ def main(argv):
 
     compared = []
     for name, record in bench_compare.compare(
-        cfg, gen_batches=[int(b) for b in _GEN_BATCHES.value], prompt_len=_PROMPT.value,
-        new_tokens=_NEW.value, dpo_rows=_SFT_BATCH.value, dpo_seq_len=_SFT_SEQ.value,
-        dpo_sequence_len=_DPO_SEQUENCE.value, dpo_share_prompt=_DPO_SHARE.value,
+        cfg,
+        gen_batches=[int(b) for b in _GEN_BATCHES.value],
+        prompt_len=_PROMPT.value,
+        new_tokens=_NEW.value,
+        dpo_rows=_SFT_BATCH.value,
+        dpo_seq_len=_SFT_SEQ.value,
+        dpo_sequence_len=_DPO_SEQUENCE.value,
+        dpo_share_prompt=_DPO_SHARE.value,
         dpo_list_logits=_DPO_LIST.value,
-        rl_share_prompt=_RL_SHARE.value, rl_prompts=_RL_PROMPTS.value,
-        rl_samples=_RL_SAMPLES.value, rl_new_tokens=_RL_NEW.value, kl_beta=_GRPO_BETA.value,
-        repeats=_REPEATS.value, rounds=_COMPARE_ROUNDS.value,
-        torch_threads=_TORCH_THREADS.value or None):
+        rl_share_prompt=_RL_SHARE.value,
+        rl_prompts=_RL_PROMPTS.value,
+        rl_samples=_RL_SAMPLES.value,
+        rl_new_tokens=_RL_NEW.value,
+        kl_beta=_GRPO_BETA.value,
+        repeats=_REPEATS.value,
+        rounds=_COMPARE_ROUNDS.value,
+        torch_threads=_TORCH_THREADS.value or None,
+    ):
       emit(name, record)
       if name == "compare":
         compared.append(record)
@@ -574,42 +819,93 @@ def main(argv):
     emit("matmul_peak", peak)
     peak = peak["gflops"]
   if "sft_step" in only:
-    emit("sft_step", measured(sft_step, cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value,
-                              peak))
+    emit(
+        "sft_step", measured(sft_step, cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak)
+    )
   if "rm_step" in only:
-    emit("rm_step", measured(rm_step, cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak,
-                             response_len=_DPO_SEQUENCE.value))
+    emit(
+        "rm_step",
+        measured(
+            rm_step,
+            cfg,
+            _SFT_BATCH.value,
+            _SFT_SEQ.value,
+            _REPEATS.value,
+            peak,
+            response_len=_DPO_SEQUENCE.value,
+        ),
+    )
   if "dpo_step" in only:
     runs = [("per_step", _DPO_SHARE.value), ("precomputed", _DPO_SHARE.value)]
     if _DPO_SHARE.value:
       runs.append(("per_step", False))  # what sharing the prompt buys
     for reference, share in runs:
-      emit("dpo_step", measured(dpo_step, cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value,
-                                peak, sequence_len=_DPO_SEQUENCE.value, prompt_len=_PROMPT.value,
-                                reference=reference, share_prompt=share,
-                                list_logits=_DPO_LIST.value))
+      emit(
+          "dpo_step",
+          measured(
+              dpo_step,
+              cfg,
+              _SFT_BATCH.value,
+              _SFT_SEQ.value,
+              _REPEATS.value,
+              peak,
+              sequence_len=_DPO_SEQUENCE.value,
+              prompt_len=_PROMPT.value,
+              reference=reference,
+              share_prompt=share,
+              list_logits=_DPO_LIST.value,
+          ),
+      )
   if "generate" in only:
     for b in _GEN_BATCHES.value:
-      emit("generate", measured(generate_bench, cfg, int(b), _PROMPT.value, _NEW.value,
-                                _REPEATS.value))
+      emit(
+          "generate",
+          measured(generate_bench, cfg, int(b), _PROMPT.value, _NEW.value, _REPEATS.value),
+      )
   if "ppo_iteration" in only:
-    emit("ppo_iteration", measured(ppo_iteration, cfg, _RL_PROMPTS.value, _RL_SAMPLES.value,
-                                   _PROMPT.value, _RL_NEW.value, _RL_EPOCHS.value, _REPEATS.value,
-                                   share_prompt=_RL_SHARE.value))
+    emit(
+        "ppo_iteration",
+        measured(
+            ppo_iteration,
+            cfg,
+            _RL_PROMPTS.value,
+            _RL_SAMPLES.value,
+            _PROMPT.value,
+            _RL_NEW.value,
+            _RL_EPOCHS.value,
+            _REPEATS.value,
+            share_prompt=_RL_SHARE.value,
+        ),
+    )
   if "grpo_iteration" in only:
     # With shared prompts, also the unshared iteration: what sharing buys.
     for share in ([True, False] if _RL_SHARE.value else [False]):
-      emit("grpo_iteration", measured(grpo_iteration, cfg, _RL_PROMPTS.value, _RL_SAMPLES.value,
-                                      _PROMPT.value, _RL_NEW.value, _REPEATS.value,
-                                      kl_beta=_GRPO_BETA.value, share_prompt=share))
+      emit(
+          "grpo_iteration",
+          measured(
+              grpo_iteration,
+              cfg,
+              _RL_PROMPTS.value,
+              _RL_SAMPLES.value,
+              _PROMPT.value,
+              _RL_NEW.value,
+              _REPEATS.value,
+              kl_beta=_GRPO_BETA.value,
+              share_prompt=share,
+          ),
+      )
   bandwidth = None
   if "hbm_bandwidth" in only:
     bandwidth = measured(hbm_bandwidth, _REPEATS.value)
     emit("hbm_bandwidth", bandwidth)
     bandwidth = bandwidth["gbps"]
   if "decode" in only:
-    emit("decode", measured(decode, cfg, _DECODE_BATCH.value, _PROMPT.value, _NEW.value,
-                            _REPEATS.value, bandwidth))
+    emit(
+        "decode",
+        measured(
+            decode, cfg, _DECODE_BATCH.value, _PROMPT.value, _NEW.value, _REPEATS.value, bandwidth
+        ),
+    )
   if only:
     print(summary_table([r for r in records if r["bench"] in _FIGURES]), flush=True)
   if _OUT.value:

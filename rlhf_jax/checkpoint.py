@@ -55,310 +55,319 @@ _PARAMS, _METADATA = "params", "metadata"
 
 
 class WorkdirError(OSError):
-    """The work directory cannot be created or written to."""
+  """The work directory cannot be created or written to."""
 
 
 def _as_path(directory: str | os.PathLike) -> epath.Path:
-    """Absolute path; orbax wants absolute paths, and cloud URLs (gs://...) pass through."""
-    path = epath.Path(directory)
-    return path if "://" in str(directory) else epath.Path(os.path.abspath(os.fspath(directory)))
+  """Absolute path; orbax wants absolute paths, and cloud URLs (gs://...) pass through."""
+  path = epath.Path(directory)
+  return path if "://" in str(directory) else epath.Path(os.path.abspath(os.fspath(directory)))
 
 
 def check_workdir_writable(path: str | os.PathLike) -> epath.Path:
-    """Creates `path` if needed and proves it is writable, so a run fails before training.
+  """Creates `path` if needed and proves it is writable, so a run fails before training.
 
-    Writes and deletes a small probe file with a unique name (safe when several hosts share a
-    file system). Returns the absolute path.
+  Writes and deletes a small probe file with a unique name (safe when several hosts share a
+  file system). Returns the absolute path.
 
-    Raises:
-      WorkdirError: naming the path and the operating-system reason.
-    """
-    workdir = _as_path(path)
-    probe = workdir / f".write_probe_{uuid.uuid4().hex}"
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise WorkdirError(
-            f"work directory {workdir} cannot be created or written ({type(e).__name__}: {e}); "
-            "pass --workdir=<a directory you can write to>"
-        ) from e
-    return workdir
+  Raises:
+    WorkdirError: naming the path and the operating-system reason.
+  """
+  workdir = _as_path(path)
+  probe = workdir / f".write_probe_{uuid.uuid4().hex}"
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirError(
+        f"work directory {workdir} cannot be created or written ({type(e).__name__}: {e}); "
+        "pass --workdir=<a directory you can write to>"
+    ) from e
+  return workdir
 
 
 def tree_bytes(tree: PyTree) -> int:
-    """Bytes of every array in `tree` (global shapes: what a checkpoint of it writes)."""
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
-               if hasattr(x, "shape") and hasattr(x, "dtype"))
+  """Bytes of every array in `tree` (global shapes: what a checkpoint of it writes)."""
+  return sum(
+      int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+      for x in jax.tree.leaves(tree)
+      if hasattr(x, "shape") and hasattr(x, "dtype")
+  )
 
 
-def check_free_space(path: str | os.PathLike, state: PyTree, *, keep: int,
-                     export: PyTree | None = None) -> None:
-    """Raises WorkdirError before training when `path`'s file system lacks room for `keep` + 1
-    checkpoints of `state` (orbax writes a new step before it deletes the oldest; those already in
-    ``path/checkpoints`` count as written) plus an export of `export`: a disk that fills an hour
-    into a run loses that hour. Remote paths are not checked."""
-    if "://" in os.fspath(path):
-        return
-    per_checkpoint = tree_bytes(state)
-    existing = os.path.join(os.fspath(path), "checkpoints")
-    written = sum(name.isdigit() for name in os.listdir(existing)) if os.path.isdir(existing) else 0
-    needed = (max(keep + 1 - written, 1) * per_checkpoint
-              + (tree_bytes(export) if export is not None else 0))
-    free = shutil.disk_usage(os.fspath(path)).free
-    if free < needed:
-        gib = lambda n: f"{n / 2**30:.2f} GiB"
-        raise WorkdirError(
-            f"work directory {path} has {gib(free)} free, but this run needs about {gib(needed)}: "
-            f"{keep} + 1 checkpoints of {gib(per_checkpoint)} (config.train.keep_checkpoints={keep}"
-            f", one more while a save is written){' and the final export' if export else ''}; free "
-            "disk space, lower config.train.keep_checkpoints, or pass a --workdir on a larger disk"
-        )
+def check_free_space(
+    path: str | os.PathLike, state: PyTree, *, keep: int, export: PyTree | None = None
+) -> None:
+  """Raises WorkdirError before training when `path`'s file system lacks room for `keep` + 1
+  checkpoints of `state` (orbax writes a new step before it deletes the oldest; those already in
+  ``path/checkpoints`` count as written) plus an export of `export`: a disk that fills an hour
+  into a run loses that hour. Remote paths are not checked."""
+  if "://" in os.fspath(path):
+    return
+  per_checkpoint = tree_bytes(state)
+  existing = os.path.join(os.fspath(path), "checkpoints")
+  written = sum(name.isdigit() for name in os.listdir(existing)) if os.path.isdir(existing) else 0
+  needed = max(keep + 1 - written, 1) * per_checkpoint + (
+      tree_bytes(export) if export is not None else 0
+  )
+  free = shutil.disk_usage(os.fspath(path)).free
+  if free < needed:
+    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    raise WorkdirError(
+        f"work directory {path} has {gib(free)} free, but this run needs about {gib(needed)}: "
+        f"{keep} + 1 checkpoints of {gib(per_checkpoint)} (config.train.keep_checkpoints={keep}"
+        f", one more while a save is written){' and the final export' if export else ''}; free "
+        "disk space, lower config.train.keep_checkpoints, or pass a --workdir on a larger disk"
+    )
 
 
 def _require_json_dict(name: str, value: Any) -> None:
-    """Raises a ValueError unless `value` is a dict that JSON can store."""
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{name} must be a dict of JSON values, got {type(value).__name__}")
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError) as e:
-        raise ValueError(
-            f"{name} is not JSON-serialisable ({e}); store plain ints/floats/strings/lists/dicts "
-            "(e.g. int(x) for numpy scalars, config.to_dict() for a ConfigDict)"
-        ) from e
+  """Raises a ValueError unless `value` is a dict that JSON can store."""
+  if not isinstance(value, Mapping):
+    raise ValueError(f"{name} must be a dict of JSON values, got {type(value).__name__}")
+  try:
+    json.dumps(value)
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+        f"{name} is not JSON-serialisable ({e}); store plain ints/floats/strings/lists/dicts "
+        "(e.g. int(x) for numpy scalars, config.to_dict() for a ConfigDict)"
+    ) from e
 
 
 def _require_shardings(name: str, abstract: PyTree) -> None:
-    """Raises a ValueError naming the first leaf of `abstract` without a `.sharding`."""
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-        if getattr(leaf, "sharding", None) is None:
-            raise ValueError(
-                f"{name}{jax.tree_util.keystr(key_path)} has no sharding; build the target as "
-                "jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec)) for every "
-                "leaf, e.g. jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, "
-                "sharding=s), jax.eval_shape(init_fn), shardings)"
-            )
+  """Raises a ValueError naming the first leaf of `abstract` without a `.sharding`."""
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    if getattr(leaf, "sharding", None) is None:
+      raise ValueError(
+          f"{name}{jax.tree_util.keystr(key_path)} has no sharding; build the target as "
+          "jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec)) for every "
+          "leaf, e.g. jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, "
+          "sharding=s), jax.eval_shape(init_fn), shardings)"
+      )
 
 
 class Checkpointer:
-    """Saves and restores the train state, data position and config of one run.
+  """Saves and restores the train state, data position and config of one run.
 
-    Usage::
+  Usage::
 
-        with Checkpointer(workdir / "checkpoints", keep=3, save_interval_steps=500) as ckpt:
-            if (step := ckpt.latest_step()) is not None:
-                state, data_state = ckpt.restore(abstract_state)
-            ...
-            ckpt.save(step, state, data_state=loader.state(), config=config.to_dict())
+      with Checkpointer(workdir / "checkpoints", keep=3, save_interval_steps=500) as ckpt:
+          if (step := ckpt.latest_step()) is not None:
+              state, data_state = ckpt.restore(abstract_state)
+          ...
+          ckpt.save(step, state, data_state=loader.state(), config=config.to_dict())
 
-    With ``async_save=True`` (the default), `save` returns once the arrays are copied to host
-    memory, so the caller may donate or overwrite `state` straight away; the files are written in
-    a background thread. `wait` or `close` blocks until they are on disk.
+  With ``async_save=True`` (the default), `save` returns once the arrays are copied to host
+  memory, so the caller may donate or overwrite `state` straight away; the files are written in
+  a background thread. `wait` or `close` blocks until they are on disk.
+  """
+
+  def __init__(
+      self,
+      directory: str | os.PathLike,
+      *,
+      keep: int = 3,
+      save_interval_steps: int = 1,
+      async_save: bool = True,
+  ):
+    if keep < 1:
+      raise ValueError(f"keep must be >= 1 checkpoints, got {keep}")
+    if save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+    self.directory = check_workdir_writable(directory)
+    options = ocp.CheckpointManagerOptions(
+        # Only the interval (and a TPU preemption notice) decide; orbax's default would also
+        # save the very first step it is offered, whatever the interval.
+        save_decision_policy=checkpoint_managers.AnySavePolicy(
+            [
+                checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+                checkpoint_managers.PreemptionCheckpointingPolicy(),
+            ]
+        ),
+        preservation_policy=checkpoint_managers.LatestN(keep),
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        item_handlers={
+            _STATE: ocp.StandardCheckpointHandler(),
+            _DATA_STATE: ocp.JsonCheckpointHandler(),
+            _CONFIG: ocp.JsonCheckpointHandler(),
+        },
+        options=options,
+    )
+
+  def save(
+      self,
+      step: int,
+      state: PyTree,
+      *,
+      data_state: dict,
+      config: dict | None = None,
+      force: bool = False,
+  ) -> bool:
+    """Saves `state` at `step` if the interval says so (or `force`); returns whether it did.
+
+    Args:
+      step: training step; a step already saved is skipped (returns False), so a final
+        ``save(..., force=True)`` after an interval save of the same step is harmless.
+      state: pytree of jax arrays (any sharding; typed or raw uint32 keys).
+      data_state: JSON dict giving the data loader's position.
+      config: JSON dict of the experiment config (``ConfigDict.to_dict()``), stored with the
+        step so a checkpoint explains itself; read back with `restore_config`.
+      force: save even when `step` is not a multiple of ``save_interval_steps``.
     """
+    step = int(step)
+    if step in self._manager.all_steps():
+      return False
+    if not (force or self._manager.should_save(step)):
+      return False
+    _require_json_dict("data_state", data_state)
+    items = {_STATE: ocp.args.StandardSave(state), _DATA_STATE: ocp.args.JsonSave(data_state)}
+    if config is not None:
+      _require_json_dict("config", config)
+      items[_CONFIG] = ocp.args.JsonSave(config)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def __init__(
-        self,
-        directory: str | os.PathLike,
-        *,
-        keep: int = 3,
-        save_interval_steps: int = 1,
-        async_save: bool = True,
-    ):
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1 checkpoints, got {keep}")
-        if save_interval_steps < 1:
-            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
-        self.directory = check_workdir_writable(directory)
-        options = ocp.CheckpointManagerOptions(
-            # Only the interval (and a TPU preemption notice) decide; orbax's default would also
-            # save the very first step it is offered, whatever the interval.
-            save_decision_policy=checkpoint_managers.AnySavePolicy(
-                [
-                    checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
-                    checkpoint_managers.PreemptionCheckpointingPolicy(),
-                ]
-            ),
-            preservation_policy=checkpoint_managers.LatestN(keep),
-            enable_async_checkpointing=async_save,
-            create=True,
+  def all_steps(self) -> list[int]:
+    """Steps kept, oldest first (includes a save still being written asynchronously)."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """Newest saved step, or None. Unfinished (tmp) step directories on disk are ignored."""
+    return self._manager.latest_step()
+
+  def _resolve_step(self, step: int | None) -> int:
+    self._manager.wait_until_finished()
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+      return steps[-1]
+    if int(step) not in steps:
+      raise FileNotFoundError(
+          f"no checkpoint for step {step} in {self.directory}; available steps: {steps}"
+      )
+    return int(step)
+
+  def restore(self, abstract_state: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
+    """Reads a saved state straight into the target shardings.
+
+    Args:
+      abstract_state: pytree shaped like the saved state whose leaves are
+        ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``; each array comes back with that
+        sharding, which may differ from the mesh layout it was saved from.
+      step: the step to read; None means the latest that reads back (an unreadable newer
+        step is set aside as ``<step>.corrupt-*`` with a warning).
+
+    Returns:
+      (state, data_state) as given to `save`.
+
+    Raises:
+      FileNotFoundError: no such step (the message lists the available ones).
+      ValueError: a leaf has no sharding, or the tree/shapes do not match the checkpoint.
+    """
+    if step is None:
+      return self._restore_latest_readable(abstract_state)
+    return self._restore_step(abstract_state, self._resolve_step(step))
+
+  def _restore_latest_readable(self, abstract_state: PyTree) -> tuple[PyTree, dict]:
+    """The newest step that reads back; a step that fails to read (a file truncated or lost
+    after its save finished) is set aside as ``<step>.corrupt`` with a warning, and the one
+    before it is tried. If none reads, the newest step's error is raised (a state that does
+    not match `abstract_state` fails on every step, and so still names the mismatch)."""
+    self._resolve_step(None)  # waits for pending saves; raises if there is no step at all
+    steps = self.all_steps()
+    first_error = None
+    for step in reversed(steps):
+      try:
+        restored = self._restore_step(abstract_state, step)
+      except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many kinds
+        first_error = first_error or e
+        _log.warning(
+            "checkpoint %s cannot be read (%s: %s); trying the one before it",
+            self.directory / str(step),
+            type(e).__name__,
+            str(e)[:300],
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            item_handlers={
-                _STATE: ocp.StandardCheckpointHandler(),
-                _DATA_STATE: ocp.JsonCheckpointHandler(),
-                _CONFIG: ocp.JsonCheckpointHandler(),
-            },
-            options=options,
-        )
+        continue
+      if first_error is not None:
+        self._set_aside([s for s in steps if s > step])
+        _log.warning("resumed from step %d: the newer checkpoints could not be read", step)
+      return restored
+    raise first_error
 
-    def save(
-        self,
-        step: int,
-        state: PyTree,
-        *,
-        data_state: dict,
-        config: dict | None = None,
-        force: bool = False,
-    ) -> bool:
-        """Saves `state` at `step` if the interval says so (or `force`); returns whether it did.
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames unreadable step directories to ``<step>.corrupt`` (kept for inspection; orbax's
+    step discovery skips the name), so later saves of those steps are written afresh."""
+    if jax.process_index() == 0:
+      for step in steps:
+        src = self.directory / str(step)
+        if src.exists():
+          src.rename(self.directory / f"{step}.corrupt-{uuid.uuid4().hex[:6]}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("checkpoint_set_aside")
+    self._manager.reload()
 
-        Args:
-          step: training step; a step already saved is skipped (returns False), so a final
-            ``save(..., force=True)`` after an interval save of the same step is harmless.
-          state: pytree of jax arrays (any sharding; typed or raw uint32 keys).
-          data_state: JSON dict giving the data loader's position.
-          config: JSON dict of the experiment config (``ConfigDict.to_dict()``), stored with the
-            step so a checkpoint explains itself; read back with `restore_config`.
-          force: save even when `step` is not a multiple of ``save_interval_steps``.
-        """
-        step = int(step)
-        if step in self._manager.all_steps():
-            return False
-        if not (force or self._manager.should_save(step)):
-            return False
-        _require_json_dict("data_state", data_state)
-        items = {_STATE: ocp.args.StandardSave(state), _DATA_STATE: ocp.args.JsonSave(data_state)}
-        if config is not None:
-            _require_json_dict("config", config)
-            items[_CONFIG] = ocp.args.JsonSave(config)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+  def _restore_step(self, abstract_state: PyTree, step: int) -> tuple[PyTree, dict]:
+    _require_shardings("abstract_state", abstract_state)
+    args = ocp.args.Composite(
+        **{
+            _STATE: ocp.args.StandardRestore(abstract_state),
+            _DATA_STATE: ocp.args.JsonRestore(),
+        }
+    )
+    try:
+      restored = self._manager.restore(step, args=args)
+    except ValueError as e:
+      raise ConfigError(
+          f"checkpoint {self.directory / str(step)} does not match abstract_state: {e}; it was "
+          "saved by a run with another model or optimiser config: resume with the config it "
+          f"was saved with (in {self.directory / str(step) / _CONFIG}) or use a new --workdir"
+      ) from e
+    return restored[_STATE], restored[_DATA_STATE]
 
-    def all_steps(self) -> list[int]:
-        """Steps kept, oldest first (includes a save still being written asynchronously)."""
-        return sorted(self._manager.all_steps())
+  def restore_config(self, step: int | None = None) -> dict | None:
+    """The config dict saved with `step` (default: latest), or None if none was saved."""
+    step = self._resolve_step(step)
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
+      )
+    except KeyError:  # orbax: item not present in this step
+      return None
+    return restored[_CONFIG]
 
-    def latest_step(self) -> int | None:
-        """Newest saved step, or None. Unfinished (tmp) step directories on disk are ignored."""
-        return self._manager.latest_step()
+  def wait(self) -> None:
+    """Blocks until every asynchronous save has been committed to disk."""
+    self._manager.wait_until_finished()
 
-    def _resolve_step(self, step: int | None) -> int:
-        self._manager.wait_until_finished()
-        steps = self.all_steps()
-        if step is None:
-            if not steps:
-                raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
-            return steps[-1]
-        if int(step) not in steps:
-            raise FileNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}; available steps: {steps}"
-            )
-        return int(step)
+  def close(self) -> None:
+    """Waits for pending saves and releases orbax's threads."""
+    self._manager.close()
 
-    def restore(self, abstract_state: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
-        """Reads a saved state straight into the target shardings.
+  def __enter__(self) -> Checkpointer:
+    return self
 
-        Args:
-          abstract_state: pytree shaped like the saved state whose leaves are
-            ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``; each array comes back with that
-            sharding, which may differ from the mesh layout it was saved from.
-          step: the step to read; None means the latest that reads back (an unreadable newer
-            step is set aside as ``<step>.corrupt-*`` with a warning).
-
-        Returns:
-          (state, data_state) as given to `save`.
-
-        Raises:
-          FileNotFoundError: no such step (the message lists the available ones).
-          ValueError: a leaf has no sharding, or the tree/shapes do not match the checkpoint.
-        """
-        if step is None:
-            return self._restore_latest_readable(abstract_state)
-        return self._restore_step(abstract_state, self._resolve_step(step))
-
-    def _restore_latest_readable(self, abstract_state: PyTree) -> tuple[PyTree, dict]:
-        """The newest step that reads back; a step that fails to read (a file truncated or lost
-        after its save finished) is set aside as ``<step>.corrupt`` with a warning, and the one
-        before it is tried. If none reads, the newest step's error is raised (a state that does
-        not match `abstract_state` fails on every step, and so still names the mismatch)."""
-        self._resolve_step(None)  # waits for pending saves; raises if there is no step at all
-        steps = self.all_steps()
-        first_error = None
-        for step in reversed(steps):
-            try:
-                restored = self._restore_step(abstract_state, step)
-            except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many kinds
-                first_error = first_error or e
-                _log.warning("checkpoint %s cannot be read (%s: %s); trying the one before it",
-                             self.directory / str(step), type(e).__name__, str(e)[:300])
-                continue
-            if first_error is not None:
-                self._set_aside([s for s in steps if s > step])
-                _log.warning("resumed from step %d: the newer checkpoints could not be read", step)
-            return restored
-        raise first_error
-
-    def _set_aside(self, steps: list[int]) -> None:
-        """Renames unreadable step directories to ``<step>.corrupt`` (kept for inspection; orbax's
-        step discovery skips the name), so later saves of those steps are written afresh."""
-        if jax.process_index() == 0:
-            for step in steps:
-                src = self.directory / str(step)
-                if src.exists():
-                    src.rename(self.directory / f"{step}.corrupt-{uuid.uuid4().hex[:6]}")
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("checkpoint_set_aside")
-        self._manager.reload()
-
-    def _restore_step(self, abstract_state: PyTree, step: int) -> tuple[PyTree, dict]:
-        _require_shardings("abstract_state", abstract_state)
-        args = ocp.args.Composite(
-            **{
-                _STATE: ocp.args.StandardRestore(abstract_state),
-                _DATA_STATE: ocp.args.JsonRestore(),
-            }
-        )
-        try:
-            restored = self._manager.restore(step, args=args)
-        except ValueError as e:
-            raise ConfigError(
-                f"checkpoint {self.directory / str(step)} does not match abstract_state: {e}; it was "
-                "saved by a run with another model or optimiser config: resume with the config it "
-                f"was saved with (in {self.directory / str(step) / _CONFIG}) or use a new --workdir"
-            ) from e
-        return restored[_STATE], restored[_DATA_STATE]
-
-    def restore_config(self, step: int | None = None) -> dict | None:
-        """The config dict saved with `step` (default: latest), or None if none was saved."""
-        step = self._resolve_step(step)
-        try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
-            )
-        except KeyError:  # orbax: item not present in this step
-            return None
-        return restored[_CONFIG]
-
-    def wait(self) -> None:
-        """Blocks until every asynchronous save has been committed to disk."""
-        self._manager.wait_until_finished()
-
-    def close(self) -> None:
-        """Waits for pending saves and releases orbax's threads."""
-        self._manager.close()
-
-    def __enter__(self) -> Checkpointer:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+  def __exit__(self, *exc_info) -> None:
+    self.close()
 
 
 def _export_checkpointer() -> ocp.Checkpointer:
-    """Synchronous orbax checkpointer that knows the handler of each export item.
+  """Synchronous orbax checkpointer that knows the handler of each export item.
 
-    A fresh `CompositeCheckpointHandler` cannot read an item's metadata unless the item's handler
-    is registered up front, so the registry lists every args type used here.
-    """
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    for args_type in (ocp.args.StandardSave, ocp.args.StandardRestore):
-        registry.add(_PARAMS, args_type, ocp.StandardCheckpointHandler)
-    registry.add(_PARAMS, ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
-    for args_type in (ocp.args.JsonSave, ocp.args.JsonRestore):
-        registry.add(_METADATA, args_type, ocp.JsonCheckpointHandler)
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
+  A fresh `CompositeCheckpointHandler` cannot read an item's metadata unless the item's handler
+  is registered up front, so the registry lists every args type used here.
+  """
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  for args_type in (ocp.args.StandardSave, ocp.args.StandardRestore):
+    registry.add(_PARAMS, args_type, ocp.StandardCheckpointHandler)
+  registry.add(_PARAMS, ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
+  for args_type in (ocp.args.JsonSave, ocp.args.JsonRestore):
+    registry.add(_METADATA, args_type, ocp.JsonCheckpointHandler)
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
 
 
 def export_params(
@@ -368,128 +377,131 @@ def export_params(
     metadata: dict,
     overwrite: bool = False,
 ) -> epath.Path:
-    """Writes `params` and a JSON `metadata` dict as one atomic export directory.
+  """Writes `params` and a JSON `metadata` dict as one atomic export directory.
 
-    Args:
-      directory: destination; it must not exist unless `overwrite`.
-      params: pytree (nested dicts) of jax or numpy arrays, any sharding.
-      metadata: JSON dict for the next stage, e.g. ``{"model": model_cfg, "tokenizer": path}``.
-      overwrite: replace an existing export. The old one is deleted first, so a crash during the
-        rewrite leaves no export rather than a half-written one.
+  Args:
+    directory: destination; it must not exist unless `overwrite`.
+    params: pytree (nested dicts) of jax or numpy arrays, any sharding.
+    metadata: JSON dict for the next stage, e.g. ``{"model": model_cfg, "tokenizer": path}``.
+    overwrite: replace an existing export. The old one is deleted first, so a crash during the
+      rewrite leaves no export rather than a half-written one.
 
-    Returns the absolute export path. Blocks until the export is on disk.
-    """
-    path = _as_path(directory)
-    _require_json_dict("metadata", metadata)
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"params export {path} already exists; pass overwrite=True to replace it"
-        )
-    check_workdir_writable(path.parent)
-    args = ocp.args.Composite(
-        **{_PARAMS: ocp.args.StandardSave(params), _METADATA: ocp.args.JsonSave(metadata)}
-    )
-    checkpointer = _export_checkpointer()
-    try:
-        checkpointer.save(path, args=args, force=overwrite)
-    finally:
-        checkpointer.close()
-    return path
+  Returns the absolute export path. Blocks until the export is on disk.
+  """
+  path = _as_path(directory)
+  _require_json_dict("metadata", metadata)
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"params export {path} already exists; pass overwrite=True to replace it")
+  check_workdir_writable(path.parent)
+  args = ocp.args.Composite(
+      **{_PARAMS: ocp.args.StandardSave(params), _METADATA: ocp.args.JsonSave(metadata)}
+  )
+  checkpointer = _export_checkpointer()
+  try:
+    checkpointer.save(path, args=args, force=overwrite)
+  finally:
+    checkpointer.close()
+  return path
 
 
 def copy_export(source: str | os.PathLike, destination: str | os.PathLike) -> None:
-    """Copies a params export to `destination` (replacing one there) through a temporary directory
-    renamed at the end, so a kill mid-copy never leaves a partial export that a later stage or a
-    rerun would take for a finished one."""
-    destination = os.path.abspath(os.fspath(destination))
-    tmp = f"{destination}.tmp-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(os.fspath(source), tmp)
-    if os.path.exists(destination):
-        shutil.rmtree(destination)
-    os.replace(tmp, destination)
+  """Copies a params export to `destination` (replacing one there) through a temporary directory
+  renamed at the end, so a kill mid-copy never leaves a partial export that a later stage or a
+  rerun would take for a finished one."""
+  destination = os.path.abspath(os.fspath(destination))
+  tmp = f"{destination}.tmp-{uuid.uuid4().hex[:8]}"
+  shutil.copytree(os.fspath(source), tmp)
+  if os.path.exists(destination):
+    shutil.rmtree(destination)
+  os.replace(tmp, destination)
 
 
 def load_params(
     directory: str | os.PathLike, abstract_params: PyTree | None = None
 ) -> tuple[PyTree, dict]:
-    """Reads an export written by `export_params`.
+  """Reads an export written by `export_params`.
 
-    Args:
-      directory: the export directory.
-      abstract_params: optional pytree of ``jax.ShapeDtypeStruct`` with shardings; arrays are
-        then restored directly into those shardings (and the tree must match the export).
-        Without it, every leaf comes back as a host-local ``numpy.ndarray`` in the saved
-        structure (nested dicts), ready for `jax.device_put`.
+  Args:
+    directory: the export directory.
+    abstract_params: optional pytree of ``jax.ShapeDtypeStruct`` with shardings; arrays are
+      then restored directly into those shardings (and the tree must match the export).
+      Without it, every leaf comes back as a host-local ``numpy.ndarray`` in the saved
+      structure (nested dicts), ready for `jax.device_put`.
 
-    Returns:
-      (params, metadata).
+  Returns:
+    (params, metadata).
 
-    Raises:
-      FileNotFoundError: `directory` does not exist.
-      ValueError: `directory` is not an export, or does not match `abstract_params`.
-    """
-    path = _as_path(directory)
-    if not path.exists():
-        raise ConfigPathError(f"params export {path} does not exist")
-    if not ((path / _PARAMS).is_dir() and (path / _METADATA).is_dir()):
-        found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "a file"
-        raise ConfigPathError(
-            f"{path} is not a params export (expected the {_PARAMS}/ and {_METADATA}/ "
-            f"directories written by export_params); found: {found}"
-        )
-    checkpointer = _export_checkpointer()
+  Raises:
+    FileNotFoundError: `directory` does not exist.
+    ValueError: `directory` is not an export, or does not match `abstract_params`.
+  """
+  path = _as_path(directory)
+  if not path.exists():
+    raise ConfigPathError(f"params export {path} does not exist")
+  if not ((path / _PARAMS).is_dir() and (path / _METADATA).is_dir()):
+    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "a file"
+    raise ConfigPathError(
+        f"{path} is not a params export (expected the {_PARAMS}/ and {_METADATA}/ "
+        f"directories written by export_params); found: {found}"
+    )
+  checkpointer = _export_checkpointer()
+  try:
+    if abstract_params is None:
+      # PyTreeRestore (unlike StandardRestore) can ask for numpy leaves without a target.
+      saved_tree = checkpointer.metadata(path).item_metadata[_PARAMS]
+      as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_tree)
+      params_args = ocp.args.PyTreeRestore(restore_args=as_numpy)
+    else:
+      _require_shardings("abstract_params", abstract_params)
+      params_args = ocp.args.StandardRestore(abstract_params)
+    args = ocp.args.Composite(**{_PARAMS: params_args, _METADATA: ocp.args.JsonRestore()})
     try:
-        if abstract_params is None:
-            # PyTreeRestore (unlike StandardRestore) can ask for numpy leaves without a target.
-            saved_tree = checkpointer.metadata(path).item_metadata[_PARAMS]
-            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_tree)
-            params_args = ocp.args.PyTreeRestore(restore_args=as_numpy)
-        else:
-            _require_shardings("abstract_params", abstract_params)
-            params_args = ocp.args.StandardRestore(abstract_params)
-        args = ocp.args.Composite(**{_PARAMS: params_args, _METADATA: ocp.args.JsonRestore()})
-        try:
-            restored = checkpointer.restore(path, args=args)
-        except ValueError as e:
-            saved_tree = checkpointer.metadata(path).item_metadata[_PARAMS]
-            raise ConfigError(
-                f"params export {path} does not match abstract_params: "
-                f"{_first_mismatch(saved_tree, abstract_params) or e}; its params do not fit the "
-                "model its metadata (or config.model) describes: re-export it") from e
-    finally:
-        checkpointer.close()
-    return restored[_PARAMS], restored[_METADATA]
+      restored = checkpointer.restore(path, args=args)
+    except ValueError as e:
+      saved_tree = checkpointer.metadata(path).item_metadata[_PARAMS]
+      raise ConfigError(
+          f"params export {path} does not match abstract_params: "
+          f"{_first_mismatch(saved_tree, abstract_params) or e}; its params do not fit the "
+          "model its metadata (or config.model) describes: re-export it"
+      ) from e
+  finally:
+    checkpointer.close()
+  return restored[_PARAMS], restored[_METADATA]
 
 
 def _first_mismatch(saved_tree: PyTree, abstract: PyTree) -> str | None:
-    """The params only one tree has, or the first one whose shape differs; None if none (orbax's
-    own message names neither the param nor a fix)."""
-    def shapes(tree):
-        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {jax.tree_util.keystr(k): tuple(leaf.shape) for k, leaf in leaves}
-    saved, wanted = shapes(saved_tree), shapes(abstract)
-    only_saved, only_wanted = sorted(saved.keys() - wanted.keys()), sorted(wanted.keys() - saved.keys())
-    if only_saved or only_wanted:
-        return f"params only in the export: {only_saved[:3]}; only in the model: {only_wanted[:3]}"
-    for key, shape in saved.items():
-        if shape != wanted[key]:
-            return f"param {key} has shape {shape} in the export but {wanted[key]} in the model"
-    return None
+  """The params only one tree has, or the first one whose shape differs; None if none (orbax's
+  own message names neither the param nor a fix)."""
+
+  def shapes(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(k): tuple(leaf.shape) for k, leaf in leaves}
+
+  saved, wanted = shapes(saved_tree), shapes(abstract)
+  only_saved, only_wanted = sorted(saved.keys() - wanted.keys()), sorted(
+      wanted.keys() - saved.keys()
+  )
+  if only_saved or only_wanted:
+    return f"params only in the export: {only_saved[:3]}; only in the model: {only_wanted[:3]}"
+  for key, shape in saved.items():
+    if shape != wanted[key]:
+      return f"param {key} has shape {shape} in the export but {wanted[key]} in the model"
+  return None
 
 
 def read_export_metadata(directory: str | os.PathLike) -> dict:
-    """The JSON metadata of a params export, without reading the params (cheap: no arrays)."""
-    path = _as_path(directory)
-    file = path / _METADATA / _METADATA
-    if not file.exists():
-        raise ConfigPathError(
-            f"{path} is not a params export (no {_METADATA}/{_METADATA}); point config.init_from at "
-            "a run's WORKDIR/export"
-        )
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"{file}:{e.lineno}: the export's metadata is not valid JSON ({e.msg}); the export is "
-            "damaged: export it again (rerun the stage that wrote it)"
-        ) from None
+  """The JSON metadata of a params export, without reading the params (cheap: no arrays)."""
+  path = _as_path(directory)
+  file = path / _METADATA / _METADATA
+  if not file.exists():
+    raise ConfigPathError(
+        f"{path} is not a params export (no {_METADATA}/{_METADATA}); point config.init_from at "
+        "a run's WORKDIR/export"
+    )
+  try:
+    return json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(
+        f"{file}:{e.lineno}: the export's metadata is not valid JSON ({e.msg}); the export is "
+        "damaged: export it again (rerun the stage that wrote it)"
+    ) from None

@@ -22,8 +22,17 @@ from typing import Sequence
 from rlhf_jax.toyworld import evaluate as gold_eval
 
 # Gold metrics of every row, and the behaviour world's axis rates (None on other worlds).
-GOLD_KEYS = ("helpfulness", "safety", "combined", "win_rate", "kl", "length", "refusal_unsafe",
-             "refusal_safe", *gold_eval.AXIS_METRICS)
+GOLD_KEYS = (
+    "helpfulness",
+    "safety",
+    "combined",
+    "win_rate",
+    "kl",
+    "length",
+    "refusal_unsafe",
+    "refusal_safe",
+    *gold_eval.AXIS_METRICS,
+)
 
 
 def read_stage_info(workdir: str, stage: str) -> dict:
@@ -45,9 +54,11 @@ def method_rows(workdir: str, *, baseline: str = "sft") -> list[dict]:
   policy at T = 1, no win rate). Raises FileNotFoundError naming the missing gold.json."""
   gold_path = os.path.join(workdir, "eval", "gold.json")
   if not os.path.exists(gold_path):
-    raise FileNotFoundError(f"{gold_path}: no gold evaluation in {workdir}; run the experiment "
-                            "with an 'eval' stage first (python -m rlhf_jax.run "
-                            "--config=experiments/toy_compare.py --workdir=...)")
+    raise FileNotFoundError(
+        f"{gold_path}: no gold evaluation in {workdir}; run the experiment "
+        "with an 'eval' stage first (python -m rlhf_jax.run "
+        "--config=experiments/toy_compare.py --workdir=...)"
+    )
   with open(gold_path) as f:
     gold = json.load(f)
   base = gold.get(baseline, {}).get("overall", {}).get("combined")
@@ -64,26 +75,46 @@ def method_rows(workdir: str, *, baseline: str = "sft") -> list[dict]:
       extra = [read_stage_info(workdir, s).get("seconds") for s in inputs]
       with_inputs = seconds + sum(x for x in extra if x is not None)
     paired = None
-    if baseline in gold and stage != baseline and result.get("samples") \
-        and len(result["samples"]) == len(gold[baseline].get("samples", ())):
+    if (
+        baseline in gold
+        and stage != baseline
+        and result.get("samples")
+        and len(result["samples"]) == len(gold[baseline].get("samples", ()))
+    ):
       paired = gold_eval.paired_difference(result["samples"], gold[baseline]["samples"])
-    rows.append({"method": stage, "algorithm": info.get("algorithm", stage),
-                 "vs": result.get("reference"), **{k: overall.get(k) for k in GOLD_KEYS},
-                 "delta_combined": None if base is None else overall["combined"] - base,
-                 "delta_se": paired["se"] if paired else None,
-                 "seconds": seconds, "seconds_with_inputs": with_inputs, "inputs": inputs})
+    rows.append(
+        {
+            "method": stage,
+            "algorithm": info.get("algorithm", stage),
+            "vs": result.get("reference"),
+            **{k: overall.get(k) for k in GOLD_KEYS},
+            "delta_combined": None if base is None else overall["combined"] - base,
+            "delta_se": paired["se"] if paired else None,
+            "seconds": seconds,
+            "seconds_with_inputs": with_inputs,
+            "inputs": inputs,
+        }
+    )
   temperature_path = os.path.join(workdir, "eval", "temperature.json")
   if os.path.exists(temperature_path):
     with open(temperature_path) as f:
       curve = json.load(f)
     for i, t in enumerate(curve["temperature"]):
-      rows.append({"method": f"{curve['policy']} @ T={t:g}", "algorithm": "temperature",
-                   "vs": curve["policy"],
-                   **{k: (curve[k][i] if k in curve else None) for k in GOLD_KEYS},
-                   "delta_combined": None if base is None else curve["combined"][i] - base,
-                   "delta_se": curve["vs_t1"][i]["se"] if curve.get("vs_t1") and
-                   curve["policy"] == baseline else None,
-                   "seconds": 0.0, "seconds_with_inputs": 0.0, "inputs": []})
+      rows.append(
+          {
+              "method": f"{curve['policy']} @ T={t:g}",
+              "algorithm": "temperature",
+              "vs": curve["policy"],
+              **{k: (curve[k][i] if k in curve else None) for k in GOLD_KEYS},
+              "delta_combined": None if base is None else curve["combined"][i] - base,
+              "delta_se": curve["vs_t1"][i]["se"]
+              if curve.get("vs_t1") and curve["policy"] == baseline
+              else None,
+              "seconds": 0.0,
+              "seconds_with_inputs": 0.0,
+              "inputs": [],
+          }
+      )
   return rows
 
 
@@ -92,6 +123,7 @@ def plot_methods(rows: Sequence[dict], path: str | os.PathLike, *, baseline: str
   combined against KL to the start policy (each method a point, the temperature baseline a
   line). Writes a PNG to `path` and returns it."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -99,26 +131,39 @@ def plot_methods(rows: Sequence[dict], path: str | os.PathLike, *, baseline: str
   curve = [r for r in rows if r["algorithm"] == "temperature"]
   fig, (bars, scatter) = plt.subplots(1, 2, figsize=(14, 4.8))
   names = [r["method"] for r in methods]
-  bars.bar(names, [r["combined"] for r in methods],
-           color=["0.6" if r["method"] == baseline else "C0" for r in methods])
+  bars.bar(
+      names,
+      [r["combined"] for r in methods],
+      color=["0.6" if r["method"] == baseline else "C0" for r in methods],
+  )
   base = next((r["combined"] for r in methods if r["method"] == baseline), None)
   if base is not None:
     bars.axhline(base, color="0.3", linestyle="--", linewidth=1, label=f"{baseline}")
     bars.legend(loc="lower right")
   bars.set_ylabel("gold combined (held-out)")
-  bars.set_ylim(min(r["combined"] for r in methods) - 0.1, max(r["combined"] for r in methods) + 0.05)
+  bars.set_ylim(
+      min(r["combined"] for r in methods) - 0.1, max(r["combined"] for r in methods) + 0.05
+  )
   bars.tick_params(axis="x", rotation=45)
   for label in bars.get_xticklabels():
     label.set_horizontalalignment("right")
   if curve:
-    scatter.plot([r["kl"] for r in curve], [r["combined"] for r in curve], "--", color="0.5",
-                 marker="s", markersize=4, label=f"{curve[0]['vs']} at lower temperature")
+    scatter.plot(
+        [r["kl"] for r in curve],
+        [r["combined"] for r in curve],
+        "--",
+        color="0.5",
+        marker="s",
+        markersize=4,
+        label=f"{curve[0]['vs']} at lower temperature",
+    )
   for i, r in enumerate(methods):
     if r["kl"] is None or r["method"] == baseline:
       continue
     scatter.scatter(r["kl"], r["combined"], color=f"C{i % 10}", zorder=3)
-    scatter.annotate(r["method"], (r["kl"], r["combined"]), textcoords="offset points",
-                     xytext=(4, 4), fontsize=8)
+    scatter.annotate(
+        r["method"], (r["kl"], r["combined"]), textcoords="offset points", xytext=(4, 4), fontsize=8
+    )
   if base is not None:
     scatter.axhline(base, color="0.3", linestyle=":", linewidth=1)
   scatter.set_xlabel("KL to the start policy (nats per response)")

@@ -31,8 +31,13 @@ from jax.sharding import Mesh
 
 from rlhf_jax import sharding
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.transformer import (KVCache, apply, init_cache, positions_from_mask,
-                                          unstack_layers)
+from rlhf_jax.models.transformer import (
+    KVCache,
+    apply,
+    init_cache,
+    positions_from_mask,
+    unstack_layers,
+)
 
 Array = jax.Array
 _CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
@@ -55,8 +60,10 @@ class GenerateOutput(NamedTuple):
 
 # --- sampling ------------------------------------------------------------------------------------
 
-def sample_token(logits: Array, rng: Array, *, temperature, top_k: int = 0,
-                 top_p: float = 1.0) -> Array:
+
+def sample_token(
+    logits: Array, rng: Array, *, temperature, top_k: int = 0, top_p: float = 1.0
+) -> Array:
   """Draws one token per row. logits: [B, V]; returns tokens [B] int32.
 
   temperature: scalar, may be traced; 0 means greedy (argmax), so greedy and sampling share one
@@ -107,22 +114,26 @@ def _token_logprobs(logits: Array, tokens: Array, temperature: Array) -> Array:
 
 # --- the decode loop (pure, traced) ---------------------------------------------------------------
 
+
 class _LoopState(NamedTuple):
-  step: Array        # [] int32, the number of tokens sampled so far
-  last: Array        # [B] int32, the token to feed next (last prompt token at step 0)
+  step: Array  # [] int32, the number of tokens sampled so far
+  last: Array  # [B] int32, the token to feed next (last prompt token at step 0)
   cache: KVCache
-  tokens: Array      # [B, N] int32
-  logprobs: Array    # [B, N] float32
+  tokens: Array  # [B, N] int32
+  logprobs: Array  # [B, N] float32
   base_logprobs: Array  # [B, N] float32, at T = 1
-  lengths: Array     # [B] int32, tokens emitted while live
-  done: Array        # [B] bool
+  lengths: Array  # [B] int32, tokens emitted while live
+  done: Array  # [B] bool
 
 
 def _constrain_cache(cache: KVCache) -> KVCache:
   """Per-layer caches [B, KV, S, D] (`init_cache(..., per_layer=True)`)."""
   constrain = lambda arrays: tuple(sharding.constrain(a, _CACHE_AXES) for a in arrays)
-  return cache._replace(k=constrain(cache.k), v=constrain(cache.v),
-                        segment_ids=sharding.constrain(cache.segment_ids, ("batch", "length")))
+  return cache._replace(
+      k=constrain(cache.k),
+      v=constrain(cache.v),
+      segment_ids=sharding.constrain(cache.segment_ids, ("batch", "length")),
+  )
 
 
 # Decode phases: one per DECODE_PHASE_TOKENS new tokens, at most MAX_DECODE_PHASES (each phase
@@ -147,21 +158,40 @@ def decode_phases(max_new_tokens: int, cache_bytes: int | None = None) -> list[i
 def _repeat_rows(cache: KVCache, samples: int) -> KVCache:
   """Each row of a (prefilled) per-layer cache repeated `samples` times, copies contiguous."""
   rep = lambda a: jnp.repeat(a, samples, axis=0)
-  return _constrain_cache(cache._replace(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)),
-                                         segment_ids=rep(cache.segment_ids)))
+  return _constrain_cache(
+      cache._replace(
+          k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)), segment_ids=rep(cache.segment_ids)
+      )
+  )
 
 
 def _grow_cache(cache: KVCache, slots: int) -> KVCache:
   """The per-layer cache with empty slots appended up to `slots` (one copy per phase)."""
   grow = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, slots - a.shape[2]), (0, 0)))
-  return _constrain_cache(cache._replace(
-      k=tuple(map(grow, cache.k)), v=tuple(map(grow, cache.v)),
-      segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, slots - cache.segment_ids.shape[1])))))
+  return _constrain_cache(
+      cache._replace(
+          k=tuple(map(grow, cache.k)),
+          v=tuple(map(grow, cache.v)),
+          segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, slots - cache.segment_ids.shape[1]))),
+      )
+  )
 
 
-def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: Array, rng: Array,
-            temperature: Array, eos_ids: Array, pad_id: Array, *, max_new_tokens: int, top_k: int,
-            top_p: float, samples: int = 1) -> GenerateOutput:
+def _decode(
+    graphdef: nnx.GraphDef,
+    params,
+    prompt_tokens: Array,
+    prompt_mask: Array,
+    rng: Array,
+    temperature: Array,
+    eos_ids: Array,
+    pad_id: Array,
+    *,
+    max_new_tokens: int,
+    top_k: int,
+    top_p: float,
+    samples: int = 1,
+) -> GenerateOutput:
   """The traced body shared by `generate` and `Sampler`: prefill, then a while-loop decode.
 
   prompt_tokens, prompt_mask: [B, P] left-padded; temperature, pad_id: scalars; eos_ids: [E] int32.
@@ -190,51 +220,84 @@ def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: A
   # The cache grows in phases: every step's attention reads all of the cache's slots, so a cache
   # sized for the current phase's last step, not for the whole call, reads fewer empty ones.
   cfg = model.cfg
-  cache_bytes = (2 * cfg.num_layers * batch * cfg.kv_heads * (prompt_len - 1 + n)
-                 * cfg.dim_per_head * jnp.dtype(cfg.dtype).itemsize)
+  cache_bytes = (
+      2
+      * cfg.num_layers
+      * batch
+      * cfg.kv_heads
+      * (prompt_len - 1 + n)
+      * cfg.dim_per_head
+      * jnp.dtype(cfg.dtype).itemsize
+  )
   ends = decode_phases(n, cache_bytes)
   cache = _constrain_cache(init_cache(cfg, prompts, prompt_len - 1 + ends[0], per_layer=True))
   if prompt_len > 1:
     context = prompt_mask[:, :-1]
-    _, cache = model.hidden_states(prompt_tokens[:, :-1], positions_from_mask(context),
-                                   context.astype(jnp.int32), cache, layers)
+    _, cache = model.hidden_states(
+        prompt_tokens[:, :-1],
+        positions_from_mask(context),
+        context.astype(jnp.int32),
+        cache,
+        layers,
+    )
   last_token = prompt_tokens[:, -1]
   last_position = prompt_mask.sum(axis=1).astype(jnp.int32) - 1  # of the last prompt token
   if samples > 1:
     cache = _repeat_rows(cache, samples)
-    last_token, last_position = (jnp.repeat(x, samples, axis=0)
-                                 for x in (last_token, last_position))
+    last_token, last_position = (
+        jnp.repeat(x, samples, axis=0) for x in (last_token, last_position)
+    )
 
   def body(state: _LoopState) -> _LoopState:
     positions = jnp.maximum(last_position + state.step, 0)[:, None]
     # Finished rows keep decoding pad tokens (outputs discarded): the batch moves in lock step.
-    logits, cache = apply(graphdef, params, state.last[:, None], positions,
-                          jnp.ones((batch, 1), jnp.int32), state.cache, layers)
+    logits, cache = apply(
+        graphdef,
+        params,
+        state.last[:, None],
+        positions,
+        jnp.ones((batch, 1), jnp.int32),
+        state.cache,
+        layers,
+    )
     logits = logits[:, 0]
-    token = sample_token(logits, jax.random.fold_in(rng, state.step), temperature=temperature,
-                         top_k=top_k, top_p=top_p)
+    token = sample_token(
+        logits,
+        jax.random.fold_in(rng, state.step),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+    )
     logprob = _token_logprobs(logits, token, temperature)
     base_logprob = _token_logprobs(logits, token, jnp.ones((), jnp.float32))
     live = ~state.done
     token = jnp.where(live, token, pad_id)
     column = (0, state.step)
     return _LoopState(
-        step=state.step + 1, last=token, cache=_constrain_cache(cache),
+        step=state.step + 1,
+        last=token,
+        cache=_constrain_cache(cache),
         tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], column),
         logprobs=jax.lax.dynamic_update_slice(
-            state.logprobs, jnp.where(live, logprob, 0.0)[:, None], column),
+            state.logprobs, jnp.where(live, logprob, 0.0)[:, None], column
+        ),
         base_logprobs=jax.lax.dynamic_update_slice(
-            state.base_logprobs, jnp.where(live, base_logprob, 0.0)[:, None], column),
+            state.base_logprobs, jnp.where(live, base_logprob, 0.0)[:, None], column
+        ),
         lengths=state.lengths + live.astype(jnp.int32),
-        done=state.done | (live & jnp.isin(token, eos_ids)))
+        done=state.done | (live & jnp.isin(token, eos_ids)),
+    )
 
   state = _LoopState(
-      step=jnp.zeros((), jnp.int32), last=last_token, cache=cache,
+      step=jnp.zeros((), jnp.int32),
+      last=last_token,
+      cache=cache,
       tokens=jnp.full((batch, n), pad_id, jnp.int32),
       logprobs=jnp.zeros((batch, n), jnp.float32),
       base_logprobs=jnp.zeros((batch, n), jnp.float32),
       lengths=jnp.zeros((batch,), jnp.int32),
-      done=last_position < 0)  # an empty prompt (a bucket's dummy row) generates nothing
+      done=last_position < 0,
+  )  # an empty prompt (a bucket's dummy row) generates nothing
   for i, end in enumerate(ends):
     if i:
       state = state._replace(cache=_grow_cache(state.cache, prompt_len - 1 + end))
@@ -245,13 +308,23 @@ def _decode(graphdef: nnx.GraphDef, params, prompt_tokens: Array, prompt_mask: A
 
 # --- public entry points --------------------------------------------------------------------------
 
+
 def _eos_array(eos_id: int | Sequence[int]) -> np.ndarray:
   """EOS ids as data [E] int32: changing them does not recompile (changing E does)."""
   return np.atleast_1d(np.asarray(eos_id, np.int32))
 
 
-def _check_inputs(prompt_tokens, prompt_mask, *, max_new_tokens: int, top_k: int, top_p: float,
-                  temperature, cfg: ModelConfig | None, samples: int = 1) -> None:
+def _check_inputs(
+    prompt_tokens,
+    prompt_mask,
+    *,
+    max_new_tokens: int,
+    top_k: int,
+    top_p: float,
+    temperature,
+    cfg: ModelConfig | None,
+    samples: int = 1,
+) -> None:
   """User-facing errors; array checks only run on concrete (host or device) values."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -271,29 +344,72 @@ def _check_inputs(prompt_tokens, prompt_mask, *, max_new_tokens: int, top_k: int
   # Left padding: once a row's prompt starts it runs to the last column.
   bad = np.nonzero(mask.any(1) & (mask.sum(1) != mask[:, ::-1].cumprod(1).sum(1)))[0]
   if bad.size:
-    raise ValueError(f"prompt_mask rows {bad.tolist()} are not left-padded: real tokens must be "
-                     "contiguous and end at the last column (build prompts with `prompt_batch`)")
+    raise ValueError(
+        f"prompt_mask rows {bad.tolist()} are not left-padded: real tokens must be "
+        "contiguous and end at the last column (build prompts with `prompt_batch`)"
+    )
   if cfg is not None and cfg.family == "gpt2":
     longest = int(mask.sum(1).max(initial=0)) + max_new_tokens
     if longest > cfg.max_seq_len:
-      raise ValueError(f"longest prompt + max_new_tokens = {longest} exceeds the GPT-2 model's "
-                       f"max_seq_len={cfg.max_seq_len} (learned positions); shorten the prompts or "
-                       "max_new_tokens")
+      raise ValueError(
+          f"longest prompt + max_new_tokens = {longest} exceeds the GPT-2 model's "
+          f"max_seq_len={cfg.max_seq_len} (learned positions); shorten the prompts or "
+          "max_new_tokens"
+      )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "top_p",
-                                             "mesh", "samples"))
-def _generate_jit(graphdef, params, prompt_tokens, prompt_mask, rng, temperature, eos_ids, pad_id,
-                  *, max_new_tokens, top_k, top_p, mesh, samples):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "top_p", "mesh", "samples")
+)
+def _generate_jit(
+    graphdef,
+    params,
+    prompt_tokens,
+    prompt_mask,
+    rng,
+    temperature,
+    eos_ids,
+    pad_id,
+    *,
+    max_new_tokens,
+    top_k,
+    top_p,
+    mesh,
+    samples,
+):
   with sharding.activation_sharding(mesh):
-    return _decode(graphdef, params, prompt_tokens, prompt_mask, rng, temperature, eos_ids, pad_id,
-                   max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, samples=samples)
+    return _decode(
+        graphdef,
+        params,
+        prompt_tokens,
+        prompt_mask,
+        rng,
+        temperature,
+        eos_ids,
+        pad_id,
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        top_p=top_p,
+        samples=samples,
+    )
 
 
-def generate(graphdef: nnx.GraphDef, params, prompt_tokens, prompt_mask, rng: Array, *,
-             max_new_tokens: int, temperature=1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | Sequence[int], pad_id: int = 0, mesh: Mesh | None = None,
-             samples: int = 1) -> GenerateOutput:
+def generate(
+    graphdef: nnx.GraphDef,
+    params,
+    prompt_tokens,
+    prompt_mask,
+    rng: Array,
+    *,
+    max_new_tokens: int,
+    temperature=1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | Sequence[int],
+    pad_id: int = 0,
+    mesh: Mesh | None = None,
+    samples: int = 1,
+) -> GenerateOutput:
   """Samples up to `max_new_tokens` tokens after each left-padded prompt.
 
   prompt_tokens: [B, P] int32; prompt_mask: [B, P] bool, True on real tokens, padding on the left
@@ -307,12 +423,31 @@ def generate(graphdef: nnx.GraphDef, params, prompt_tokens, prompt_mask, rng: Ar
   params should already be placed (e.g. with `sharding.param_shardings`). Compiles once per
   prompt shape; `Sampler` buckets shapes.
   """
-  _check_inputs(prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens, top_k=top_k,
-                top_p=top_p, temperature=temperature, cfg=nnx.merge(graphdef, params).cfg,
-                samples=samples)
-  return _generate_jit(graphdef, params, prompt_tokens, prompt_mask, rng, temperature,
-                       _eos_array(eos_id), pad_id, max_new_tokens=max_new_tokens, top_k=top_k,
-                       top_p=float(top_p), mesh=mesh, samples=samples)
+  _check_inputs(
+      prompt_tokens,
+      prompt_mask,
+      max_new_tokens=max_new_tokens,
+      top_k=top_k,
+      top_p=top_p,
+      temperature=temperature,
+      cfg=nnx.merge(graphdef, params).cfg,
+      samples=samples,
+  )
+  return _generate_jit(
+      graphdef,
+      params,
+      prompt_tokens,
+      prompt_mask,
+      rng,
+      temperature,
+      _eos_array(eos_id),
+      pad_id,
+      max_new_tokens=max_new_tokens,
+      top_k=top_k,
+      top_p=float(top_p),
+      mesh=mesh,
+      samples=samples,
+  )
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -335,8 +470,16 @@ class Sampler:
   Multi-host: as with `sharding.put_batch`, every process passes the same global prompt batch.
   """
 
-  def __init__(self, graphdef: nnx.GraphDef, config: ModelConfig, *, mesh: Mesh | None = None,
-               param_shardings=None, length_bucket: int = 32, rules=sharding.DEFAULT_RULES):
+  def __init__(
+      self,
+      graphdef: nnx.GraphDef,
+      config: ModelConfig,
+      *,
+      mesh: Mesh | None = None,
+      param_shardings=None,
+      length_bucket: int = 32,
+      rules=sharding.DEFAULT_RULES,
+  ):
     if config.head != "lm":
       raise ValueError(f"Sampler needs an LM head, got config.head={config.head!r}")
     if length_bucket < 1:
@@ -375,30 +518,64 @@ class Sampler:
     def run(params, prompt_tokens, prompt_mask, rng, temperature, eos_ids, pad_id):
       _TRACES[key] += 1  # runs at trace time only: counts compilations
       with sharding.activation_sharding(mesh, rules):
-        return _decode(graphdef, params, prompt_tokens, prompt_mask, rng, temperature,
-                       eos_ids, pad_id, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p,
-                       samples=samples)
+        return _decode(
+            graphdef,
+            params,
+            prompt_tokens,
+            prompt_mask,
+            rng,
+            temperature,
+            eos_ids,
+            pad_id,
+            max_new_tokens=max_new_tokens,
+            top_k=top_k,
+            top_p=top_p,
+            samples=samples,
+        )
 
     if mesh is None:
       fn = jax.jit(run)
     else:
       rows = sharding.batch_sharding(mesh, rules)
       rep = sharding.replicated(mesh)
-      fn = jax.jit(run, in_shardings=(self.param_shardings, rows, rows, rep, rep, rep, rep),
-                   out_shardings=GenerateOutput(rows, rows, rows, rows, rows))
+      fn = jax.jit(
+          run,
+          in_shardings=(self.param_shardings, rows, rows, rep, rep, rep, rep),
+          out_shardings=GenerateOutput(rows, rows, rows, rows, rows),
+      )
     _COMPILED[key] = fn
     _TRACES[key] = 0
     return fn
 
-  def __call__(self, params, prompt_tokens, prompt_mask, rng: Array, *, max_new_tokens: int,
-               temperature=1.0, top_k: int = 0, top_p: float = 1.0,
-               eos_id: int | Sequence[int], pad_id: int = 0, samples: int = 1) -> GenerateOutput:
+  def __call__(
+      self,
+      params,
+      prompt_tokens,
+      prompt_mask,
+      rng: Array,
+      *,
+      max_new_tokens: int,
+      temperature=1.0,
+      top_k: int = 0,
+      top_p: float = 1.0,
+      eos_id: int | Sequence[int],
+      pad_id: int = 0,
+      samples: int = 1,
+  ) -> GenerateOutput:
     """Same contract as `generate`; prompts are host arrays [B, P]. Returns [B x samples, N]
     outputs (prompt b's samples at rows b x samples ...: each prompt prefilled once)."""
     prompt_tokens = np.asarray(prompt_tokens, np.int32)
     prompt_mask = np.asarray(prompt_mask, bool)
-    _check_inputs(prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens, top_k=top_k,
-                  top_p=top_p, temperature=temperature, cfg=self.config, samples=samples)
+    _check_inputs(
+        prompt_tokens,
+        prompt_mask,
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        top_p=top_p,
+        temperature=temperature,
+        cfg=self.config,
+        samples=samples,
+    )
     batch, prompt_len = prompt_tokens.shape
     b_bucket, p_bucket = self.buckets(batch, prompt_len)
     pad = ((0, b_bucket - batch), (p_bucket - prompt_len, 0))  # dummy rows below, padding left
@@ -412,7 +589,7 @@ class Sampler:
     fn = self._function((max_new_tokens, top_k, float(top_p), int(samples)))
     out = fn(params, tokens, mask, rng, temperature, _eos_array(eos_id), np.int32(pad_id))
     if b_bucket != batch:  # the dummy prompts' samples are the last rows
-      out = GenerateOutput(*(x[:batch * samples] for x in out))
+      out = GenerateOutput(*(x[: batch * samples] for x in out))
     return out
 
 
@@ -437,8 +614,10 @@ def _freeze(rules):
 
 # --- host-side helpers ----------------------------------------------------------------------------
 
-def prompt_batch(prompts: Sequence[Sequence[int]], pad_id: int = 0,
-                 multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+
+def prompt_batch(
+    prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads token-id lists to (tokens [B, P] int32, mask [B, P] bool), P = the longest prompt
   rounded up to a multiple of `multiple` (e.g. the sampler's length bucket, so that rescoring
   prompt + response compiles once per bucket, not once per batch)."""
@@ -453,13 +632,14 @@ def prompt_batch(prompts: Sequence[Sequence[int]], pad_id: int = 0,
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   mask = np.zeros((len(prompts), width), bool)
   for row, p in enumerate(prompts):
-    tokens[row, width - len(p):] = np.asarray(p, np.int32)
-    mask[row, width - len(p):] = True
+    tokens[row, width - len(p) :] = np.asarray(p, np.int32)
+    mask[row, width - len(p) :] = True
   return tokens, mask
 
 
-def full_sequence(prompt_tokens, prompt_mask, out: GenerateOutput
-                  ) -> tuple[Array, Array, Array, Array]:
+def full_sequence(
+    prompt_tokens, prompt_mask, out: GenerateOutput
+) -> tuple[Array, Array, Array, Array]:
   """Prompt + response as one sequence, to rescore it with a single forward pass.
 
   prompt_tokens, prompt_mask: [B, P] left-padded; out: `GenerateOutput` with [B, N] fields.

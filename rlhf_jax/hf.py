@@ -41,14 +41,23 @@ from rlhf_jax.errors import ConfigError, ConfigPathError
 from rlhf_jax.hf_config import ARCHITECTURES, config_from_hf, config_to_hf
 from rlhf_jax.models import ModelConfig, abstract_model, lora
 
-__all__ = ["ARCHITECTURES", "config_from_hf", "config_to_hf", "export_hf", "import_hf", "load_hf",
-           "load_hf_tokenizer", "read_hf_config"]
+__all__ = [
+    "ARCHITECTURES",
+    "config_from_hf",
+    "config_to_hf",
+    "export_hf",
+    "import_hf",
+    "load_hf",
+    "load_hf_tokenizer",
+    "read_hf_config",
+]
 
 # Buffers some checkpoints carry that are not parameters (recomputed by every implementation).
 _IGNORABLE = re.compile(r"(rotary_emb\.inv_freq|(^|\.)attn\.(bias|masked_bias))$")
 
 
 # --- tensor layouts -------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
@@ -76,47 +85,77 @@ class _Layout:
 
 def _layouts(cfg: ModelConfig, prefix: str) -> list[_Layout]:
   """Every parameter of `cfg`'s model and where it lives in an HF checkpoint."""
-  e, h, kv, d, m, v = (cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.mlp_dim,
-                       cfg.vocab_size)
-  L = lambda path, name, split, perm, select=(): _Layout(tuple(path.split(".")), name,
-                                                         split, perm, select)
+  e, h, kv, d, m, v = (
+      cfg.embed_dim,
+      cfg.num_heads,
+      cfg.kv_heads,
+      cfg.dim_per_head,
+      cfg.mlp_dim,
+      cfg.vocab_size,
+  )
+  L = lambda path, name, split, perm, select=(): _Layout(
+      tuple(path.split(".")), name, split, perm, select
+  )
   vec = lambda path, name, n: L(path, name, ((n,),), (0,))
   if cfg.family == "gpt2":
     p = prefix + "h.{i}."
-    out = [L("embed", prefix + "wte.weight", ((v,), (e,)), (0, 1)),
-           L("pos_embed", prefix + "wpe.weight", ((cfg.max_seq_len,), (e,)), (0, 1))]
+    out = [
+        L("embed", prefix + "wte.weight", ((v,), (e,)), (0, 1)),
+        L("pos_embed", prefix + "wpe.weight", ((cfg.max_seq_len,), (e,)), (0, 1)),
+    ]
     for norm, hf in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-      out += [vec(f"blocks.{norm}.scale", p + hf + ".weight", e),
-              vec(f"blocks.{norm}.bias", p + hf + ".bias", e)]
+      out += [
+          vec(f"blocks.{norm}.scale", p + hf + ".weight", e),
+          vec(f"blocks.{norm}.bias", p + hf + ".bias", e),
+      ]
     for part, name in enumerate("qkv"):  # Conv1D [in, out]; out = (q | k | v), each [H, D]
-      out += [L(f"blocks.attn.{name}", p + "attn.c_attn.weight", ((e,), (3, h, d)), (0, 1, 2),
-                ((1, part),)),
-              L(f"blocks.attn.{name}_bias", p + "attn.c_attn.bias", ((3, h, d),), (0, 1),
-                ((0, part),))]
-    out += [L("blocks.attn.o", p + "attn.c_proj.weight", ((h, d), (e,)), (0, 1, 2)),
-            vec("blocks.attn.o_bias", p + "attn.c_proj.bias", e),
-            L("blocks.mlp.up", p + "mlp.c_fc.weight", ((e,), (m,)), (0, 1)),
-            vec("blocks.mlp.up_bias", p + "mlp.c_fc.bias", m),
-            L("blocks.mlp.down", p + "mlp.c_proj.weight", ((m,), (e,)), (0, 1)),
-            vec("blocks.mlp.down_bias", p + "mlp.c_proj.bias", e),
-            vec("final_norm.scale", prefix + "ln_f.weight", e),
-            vec("final_norm.bias", prefix + "ln_f.bias", e)]
+      out += [
+          L(
+              f"blocks.attn.{name}",
+              p + "attn.c_attn.weight",
+              ((e,), (3, h, d)),
+              (0, 1, 2),
+              ((1, part),),
+          ),
+          L(f"blocks.attn.{name}_bias", p + "attn.c_attn.bias", ((3, h, d),), (0, 1), ((0, part),)),
+      ]
+    out += [
+        L("blocks.attn.o", p + "attn.c_proj.weight", ((h, d), (e,)), (0, 1, 2)),
+        vec("blocks.attn.o_bias", p + "attn.c_proj.bias", e),
+        L("blocks.mlp.up", p + "mlp.c_fc.weight", ((e,), (m,)), (0, 1)),
+        vec("blocks.mlp.up_bias", p + "mlp.c_fc.bias", m),
+        L("blocks.mlp.down", p + "mlp.c_proj.weight", ((m,), (e,)), (0, 1)),
+        vec("blocks.mlp.down_bias", p + "mlp.c_proj.bias", e),
+        vec("final_norm.scale", prefix + "ln_f.weight", e),
+        vec("final_norm.bias", prefix + "ln_f.bias", e),
+    ]
   else:
     p = prefix + "layers.{i}."
-    out = [L("embed", prefix + "embed_tokens.weight", ((v,), (e,)), (0, 1)),
-           vec("blocks.attn_norm.scale", p + "input_layernorm.weight", e),
-           vec("blocks.mlp_norm.scale", p + "post_attention_layernorm.weight", e)]
+    out = [
+        L("embed", prefix + "embed_tokens.weight", ((v,), (e,)), (0, 1)),
+        vec("blocks.attn_norm.scale", p + "input_layernorm.weight", e),
+        vec("blocks.mlp_norm.scale", p + "post_attention_layernorm.weight", e),
+    ]
     for name, heads in (("q", h), ("k", kv), ("v", kv)):  # Linear [out, in]
-      out.append(L(f"blocks.attn.{name}", p + f"self_attn.{name}_proj.weight", ((heads, d), (e,)),
-                   (2, 0, 1)))
+      out.append(
+          L(
+              f"blocks.attn.{name}",
+              p + f"self_attn.{name}_proj.weight",
+              ((heads, d), (e,)),
+              (2, 0, 1),
+          )
+      )
       if cfg.qkv_bias:
-        out.append(L(f"blocks.attn.{name}_bias", p + f"self_attn.{name}_proj.bias",
-                     ((heads, d),), (0, 1)))
-    out += [L("blocks.attn.o", p + "self_attn.o_proj.weight", ((e,), (h, d)), (1, 2, 0)),
-            L("blocks.mlp.gate", p + "mlp.gate_proj.weight", ((m,), (e,)), (1, 0)),
-            L("blocks.mlp.up", p + "mlp.up_proj.weight", ((m,), (e,)), (1, 0)),
-            L("blocks.mlp.down", p + "mlp.down_proj.weight", ((e,), (m,)), (1, 0)),
-            vec("final_norm.scale", prefix + "norm.weight", e)]
+        out.append(
+            L(f"blocks.attn.{name}_bias", p + f"self_attn.{name}_proj.bias", ((heads, d),), (0, 1))
+        )
+    out += [
+        L("blocks.attn.o", p + "self_attn.o_proj.weight", ((e,), (h, d)), (1, 2, 0)),
+        L("blocks.mlp.gate", p + "mlp.gate_proj.weight", ((m,), (e,)), (1, 0)),
+        L("blocks.mlp.up", p + "mlp.up_proj.weight", ((m,), (e,)), (1, 0)),
+        L("blocks.mlp.down", p + "mlp.down_proj.weight", ((e,), (m,)), (1, 0)),
+        vec("final_norm.scale", prefix + "norm.weight", e),
+    ]
   if cfg.head == "scalar":  # score.weight [num_labels=1, E]
     out.append(L("score", "score.weight", ((1,), (e,)), (0,), ((0, 0),)))
   elif not cfg.tie_embeddings:
@@ -144,13 +183,13 @@ def _read_block(reader, name: str, layout: _Layout, index: tuple[slice, ...]) ->
     per_dim[free[layout.perm[j]]] = s
   hf_index, block_shape, local, k = [], [], [], 0
   for split in layout.split:
-    dims = per_dim[k:k + len(split)]
-    strides = [math.prod(split[i + 1:]) for i in range(len(split))]
+    dims = per_dim[k : k + len(split)]
+    strides = [math.prod(split[i + 1 :]) for i in range(len(split))]
     first = next((i for i, s in enumerate(dims) if s.stop - s.start > 1), len(split) - 1)
-    start = sum(s.start * st for s, st in zip(dims[:first + 1], strides))
+    start = sum(s.start * st for s, st in zip(dims[: first + 1], strides))
     hf_index.append(slice(start, start + (dims[first].stop - dims[first].start) * strides[first]))
-    block_shape += [1] * first + [dims[first].stop - dims[first].start] + list(split[first + 1:])
-    local += [slice(None)] * (first + 1) + dims[first + 1:]
+    block_shape += [1] * first + [dims[first].stop - dims[first].start] + list(split[first + 1 :])
+    local += [slice(None)] * (first + 1) + dims[first + 1 :]
     k += len(split)
   block = _read_slice(reader, name, tuple(hf_index)).reshape(block_shape)[tuple(local)]
   block = block.reshape([n for i, n in enumerate(block.shape) if i not in selected])
@@ -163,6 +202,7 @@ def _read_slice(reader, name: str, index: tuple[slice, ...]) -> np.ndarray:
 
 # --- loading --------------------------------------------------------------------------------------
 
+
 def _weight_files(model_dir: Path) -> dict[str, Path]:
   """HF tensor name -> safetensors file, from model.safetensors or its sharded index."""
   if (model_dir / "model.safetensors").is_file():
@@ -173,19 +213,24 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     weight_map = json.loads(index.read_text())["weight_map"]
     missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
     if missing:
-      raise ConfigPathError(f"{index} lists shard files that are not in {model_dir}: {missing}; "
-                            "download them too")
+      raise ConfigPathError(
+          f"{index} lists shard files that are not in {model_dir}: {missing}; " "download them too"
+      )
     return {name: model_dir / f for name, f in weight_map.items()}
   pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(
-      p.name for p in model_dir.glob("*.pt*"))
+      p.name for p in model_dir.glob("*.pt*")
+  )
   if pickles:
     raise ConfigError(
         f"{model_dir} has only PyTorch pickle weights ({', '.join(pickles)}); they are not loaded "
         "because unpickling can run arbitrary code. Convert them to safetensors once, in an "
         "environment you trust: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, "
-        "safe_serialization=True)")
-  raise ConfigPathError(f"{model_dir} has no model.safetensors or model.safetensors.index.json; "
-                        "download the checkpoint's safetensors weights into it")
+        "safe_serialization=True)"
+    )
+  raise ConfigPathError(
+      f"{model_dir} has no model.safetensors or model.safetensors.index.json; "
+      "download the checkpoint's safetensors weights into it"
+  )
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -194,7 +239,8 @@ def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
   if not (model_dir / "config.json").is_file():
     raise ConfigPathError(
         f"{model_dir} is not a local HF checkpoint directory (no config.json); download one with "
-        "`hf download <repo_id> --local-dir DIR` and pass DIR")
+        "`hf download <repo_id> --local-dir DIR` and pass DIR"
+    )
   return json.loads((model_dir / "config.json").read_text())
 
 
@@ -207,8 +253,14 @@ def _read_model_config(model_dir: Path) -> tuple[dict[str, Any], ModelConfig]:
     raise ConfigError(f"{model_dir / 'config.json'}: {e}") from None
 
 
-def load_hf(model_dir: str | os.PathLike, *, mesh=None, dtype: str = "float32",
-            param_dtype: str = "float32", head: str = "lm"):
+def load_hf(
+    model_dir: str | os.PathLike,
+    *,
+    mesh=None,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    head: str = "lm",
+):
   """Loads a local HF checkpoint into our model, each param created in its `mesh` sharding.
 
   mesh: a `sharding.make_mesh` mesh (None: one device). dtype / param_dtype: compute and storage
@@ -225,14 +277,19 @@ def load_hf(model_dir: str | os.PathLike, *, mesh=None, dtype: str = "float32",
   architectures = hf_config.get("architectures") or []
   classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
   if architectures and classifier != (head == "scalar"):
-    raise ConfigError(f"{model_dir} holds a {architectures[0]}: load it with head="
-                      f"{'scalar' if classifier else 'lm'!r}, not head={head!r}")
+    raise ConfigError(
+        f"{model_dir} holds a {architectures[0]}: load it with head="
+        f"{'scalar' if classifier else 'lm'!r}, not head={head!r}"
+    )
   if head == "scalar":
-    num_labels = len(hf_config["id2label"]) if hf_config.get("id2label") else hf_config.get(
-        "num_labels", 2)  # transformers' default is 2 labels
+    num_labels = (
+        len(hf_config["id2label"]) if hf_config.get("id2label") else hf_config.get("num_labels", 2)
+    )  # transformers' default is 2 labels
     if num_labels != 1:
-      raise ConfigError(f"{model_dir}: num_labels={num_labels}, but a scalar head (reward or value "
-                        "model) needs a ...ForSequenceClassification checkpoint with num_labels=1")
+      raise ConfigError(
+          f"{model_dir}: num_labels={num_labels}, but a scalar head (reward or value "
+          "model) needs a ...ForSequenceClassification checkpoint with num_labels=1"
+      )
   files = _weight_files(model_dir)
   family_prefix = "transformer." if cfg.family == "gpt2" else "model."
   embed = "wte.weight" if cfg.family == "gpt2" else "embed_tokens.weight"
@@ -261,8 +318,12 @@ def load_hf(model_dir: str | os.PathLike, *, mesh=None, dtype: str = "float32",
         index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
         if not layout.stacked:
           return _read_block(reader, names[0], layout, index).astype(target)
-        return np.stack([_read_block(reader, names[i], layout, index[1:]).astype(target)
-                         for i in range(*index[0].indices(shape[0]))])
+        return np.stack(
+            [
+                _read_block(reader, names[i], layout, index[1:]).astype(target)
+                for i in range(*index[0].indices(shape[0]))
+            ]
+        )
 
       node_sharding = shardings
       for key in layout.path:
@@ -278,29 +339,43 @@ def load_hf(model_dir: str | os.PathLike, *, mesh=None, dtype: str = "float32",
   return graphdef, params, cfg
 
 
-def _check_tensors(model_dir, cfg: ModelConfig, files: Mapping[str, Path],
-                   expected: Mapping[str, tuple[int, ...]], reader) -> None:
+def _check_tensors(
+    model_dir,
+    cfg: ModelConfig,
+    files: Mapping[str, Path],
+    expected: Mapping[str, tuple[int, ...]],
+    reader,
+) -> None:
   missing = [n for n in expected if n not in files]
   if missing:
-    raise ConfigError(f"{model_dir}: missing tensor(s) {missing[:5]}; expected shape "
-                      f"{list(expected[missing[0]])} for {missing[0]!r}: the weights are incomplete "
-                      "or not those config.json describes; download the checkpoint again")
+    raise ConfigError(
+        f"{model_dir}: missing tensor(s) {missing[:5]}; expected shape "
+        f"{list(expected[missing[0]])} for {missing[0]!r}: the weights are incomplete "
+        "or not those config.json describes; download the checkpoint again"
+    )
   ignorable = lambda n: _IGNORABLE.search(n) or (n == "lm_head.weight" and cfg.tie_embeddings)
   unexpected = sorted(n for n in files if n not in expected and not ignorable(n))
   if unexpected:
-    raise ConfigError(f"{model_dir}: unexpected tensor(s) {unexpected[:5]} for a {cfg.family} model "
-                      f"with head={cfg.head!r} and tie_word_embeddings={cfg.tie_embeddings}")
+    raise ConfigError(
+        f"{model_dir}: unexpected tensor(s) {unexpected[:5]} for a {cfg.family} model "
+        f"with head={cfg.head!r} and tie_word_embeddings={cfg.tie_embeddings}"
+    )
   for name, shape in expected.items():
     found = tuple(reader(name).get_shape())
     if found != shape:
-      raise ConfigError(f"{model_dir}: tensor {name!r} has shape {list(found)}, expected "
-                        f"{list(shape)} from config.json; config.json and the weights disagree")
+      raise ConfigError(
+          f"{model_dir}: tensor {name!r} has shape {list(found)}, expected "
+          f"{list(shape)} from config.json; config.json and the weights disagree"
+      )
     if reader(name).get_dtype() not in ("F32", "F16", "BF16", "F64"):
-      raise ConfigError(f"{model_dir}: tensor {name!r} has dtype {reader(name).get_dtype()}, "
-                        "expected a floating-point type")
+      raise ConfigError(
+          f"{model_dir}: tensor {name!r} has dtype {reader(name).get_dtype()}, "
+          "expected a floating-point type"
+      )
 
 
 # --- export ---------------------------------------------------------------------------------------
+
 
 def _to_host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:  # multi-host: gather to every host
@@ -308,9 +383,17 @@ def _to_host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def export_hf(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokenizer=None,
-              dtype: str | None = None, model_type: str | None = None,
-              max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
+def export_hf(
+    params,
+    cfg: ModelConfig,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    dtype: str | None = None,
+    model_type: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> Path:
   """Writes `params` as an HF checkpoint directory: config.json, model.safetensors (or shards
   model-0000k-of-0000n.safetensors + model.safetensors.index.json above `max_shard_bytes`) and,
   with `tokenizer`, its files (bos/eos/pad ids then go into config.json).
@@ -347,8 +430,11 @@ def export_hf(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokenizer
     host: dict[tuple[str, ...], np.ndarray] = {}  # gathered params of the current group only
     weight_map, total = {}, 0
     for n, shard in enumerate(shards):
-      file = "model.safetensors" if len(shards) == 1 else (
-          f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors")
+      file = (
+          "model.safetensors"
+          if len(shards) == 1
+          else (f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors")
+      )
       tensors = {}
       for name, group, layer in shard:
         for path in [p for p in host if p not in {lay.path for lay in group}]:
@@ -385,12 +471,16 @@ def _checked_leaves(params, cfg: ModelConfig, layouts: list[_Layout]) -> dict:
     node, want = params, abstract
     for key in layout.path:
       if not isinstance(node, Mapping) or key not in node:
-        raise ValueError(f"params have no {'.'.join(layout.path)}, which {cfg.family} "
-                         f"(head={cfg.head!r}, tie_embeddings={cfg.tie_embeddings}) needs")
+        raise ValueError(
+            f"params have no {'.'.join(layout.path)}, which {cfg.family} "
+            f"(head={cfg.head!r}, tie_embeddings={cfg.tie_embeddings}) needs"
+        )
       node, want = node[key], want[key]
     if tuple(node.shape) != want.shape:
-      raise ValueError(f"param {'.'.join(layout.path)} has shape {tuple(node.shape)}, expected "
-                       f"{want.shape} from the model config")
+      raise ValueError(
+          f"param {'.'.join(layout.path)} has shape {tuple(node.shape)}, expected "
+          f"{want.shape} from the model config"
+      )
     leaves[layout.path] = node
   return leaves
 
@@ -441,16 +531,20 @@ def _check_score_padding(hf_config: dict) -> None:
   """HF scores a sequence at its rightmost token != pad_token_id; ours at its last real token."""
   pad, eos = hf_config["pad_token_id"], hf_config["eos_token_id"]
   if pad is None:
-    raise ValueError("exporting a scalar head (ForSequenceClassification) needs pad_token_id: pass "
-                     "the tokenizer, with a pad token")
+    raise ValueError(
+        "exporting a scalar head (ForSequenceClassification) needs pad_token_id: pass "
+        "the tokenizer, with a pad token"
+    )
   if pad == eos or (isinstance(eos, list) and pad in eos):
     raise ValueError(
         f"pad_token_id = eos_token_id = {pad}: HF's ForSequenceClassification scores the rightmost "
         "token that is not the pad token, so it would skip the EOS our reward model scores at. "
-        "Use a tokenizer with a pad token distinct from EOS")
+        "Use a tokenizer with a pad token distinct from EOS"
+    )
 
 
 # --- tokenizers and our own params exports --------------------------------------------------------
+
 
 def load_hf_tokenizer(model_dir: str | os.PathLike):
   """The checkpoint's tokenizer (local files only, no remote code), with a pad token: EOS when the
@@ -461,14 +555,23 @@ def load_hf_tokenizer(model_dir: str | os.PathLike):
   tokenizer = load_tokenizer(model_dir)
   if tokenizer.pad_token is None:
     if tokenizer.eos_token is None:
-      raise ConfigError(f"tokenizer in {model_dir} has neither a pad nor an eos token; add a "
-                        "pad_token to its tokenizer_config.json")
+      raise ConfigError(
+          f"tokenizer in {model_dir} has neither a pad nor an eos token; add a "
+          "pad_token to its tokenizer_config.json"
+      )
     tokenizer.pad_token = tokenizer.eos_token
   return tokenizer
 
 
-def import_hf(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *, head: str = "lm",
-              mesh=None, param_dtype: str = "float32", overwrite: bool = False) -> Path:
+def import_hf(
+    model_dir: str | os.PathLike,
+    export_dir: str | os.PathLike,
+    *,
+    head: str = "lm",
+    mesh=None,
+    param_dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
   """Converts an HF checkpoint into our params export (what `config.init_from` reads), with its
   tokenizer (pad token ensured) in `export_dir/tokenizer`, named by the metadata."""
   from rlhf_jax import checkpoint
@@ -476,13 +579,18 @@ def import_hf(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *, he
   vocab_size = _read_model_config(Path(model_dir))[1].vocab_size
   tokenizer = load_hf_tokenizer(model_dir)  # checked before the (slow) weights are read
   if len(tokenizer) > vocab_size:  # ids past the embedding table would be out of range
-    raise ConfigError(f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but config.json "
-                      f"vocab_size is {vocab_size}; the tokenizer files do not belong to these "
-                      "weights: use the tokenizer the checkpoint was trained with")
+    raise ConfigError(
+        f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but config.json "
+        f"vocab_size is {vocab_size}; the tokenizer files do not belong to these "
+        "weights: use the tokenizer the checkpoint was trained with"
+    )
   _, params, cfg = load_hf(model_dir, mesh=mesh, param_dtype=param_dtype, head=head)
   export_dir = Path(os.path.abspath(export_dir))
-  metadata = {"model": cfg.to_dict(), "tokenizer": str(export_dir / "tokenizer"),
-              "hf_source": str(Path(os.path.abspath(model_dir)))}
+  metadata = {
+      "model": cfg.to_dict(),
+      "tokenizer": str(export_dir / "tokenizer"),
+      "hf_source": str(Path(os.path.abspath(model_dir))),
+  }
   checkpoint.export_params(export_dir, params, metadata=metadata, overwrite=overwrite)
   if jax.process_index() == 0:
     tokenizer.save_pretrained(str(export_dir / "tokenizer"))

@@ -71,24 +71,45 @@ from rlhf_jax.train import make_optimizer, make_train_step, state_shardings  # n
 from rlhf_jax.train.state import TrainState  # noqa: E402
 
 # Memory per chip in GB (1e9 bytes), as the vendors state it.
-CHIPS = {"h100": 80e9, "h200": 141e9, "a100-40": 40e9, "a100": 80e9, "l4": 24e9,
-         "tpu-v4": 32e9, "tpu-v5e": 16e9, "tpu-v5p": 95e9, "tpu-v6e": 32e9}
+CHIPS = {
+    "h100": 80e9,
+    "h200": 141e9,
+    "a100-40": 40e9,
+    "a100": 80e9,
+    "l4": 24e9,
+    "tpu-v4": 32e9,
+    "tpu-v5e": 16e9,
+    "tpu-v5p": 95e9,
+    "tpu-v6e": 32e9,
+}
 ALGORITHMS = ("sft", "reward", "dpo", "ppo", "grpo")
 # The share of a row's slots that are responses (DPO, PPO, GRPO) or targets (SFT) by default.
 DEFAULT_RESPONSE_SHARE = {"sft": 1.0, "reward": 1.0, "dpo": 0.5, "ppo": 0.5, "grpo": 0.5}
+
 
 def _define_flags() -> None:
   """The CLI's flags, defined only when run as a program (the bench defines some of the same
   names; importing both into one process must not clash)."""
   global _CONFIG, _MODEL, _DEVICES, _MESH, _ALGORITHM, _BATCH, _SEQ, _ACCUM, _DTYPE, _PARAM_DTYPE
   global _REMAT, _FROZEN_DTYPE, _NO_REFERENCE, _CHIP, _RESERVE, _RESPONSE_SHARE
-  _CONFIG = flags.DEFINE_string("config", "", "An experiment file: its model, train.batch_size, seq_len, "
-                                "accum_steps, mesh and algorithm (flags below override them).")
+  _CONFIG = flags.DEFINE_string(
+      "config",
+      "",
+      "An experiment file: its model, train.batch_size, seq_len, "
+      "accum_steps, mesh and algorithm (flags below override them).",
+  )
   _MODEL = flags.DEFINE_string("model", "", f"A model preset: {sorted(PRESETS)}.")
-  _DEVICES = flags.DEFINE_integer("devices", 0, "Devices to plan for (fake CPU devices when there are "
-                                  "fewer real ones); 0 = the devices present.")
-  _MESH = flags.DEFINE_string("mesh", "", "data,fsdp,tensor (one may be -1); default: the config's, "
-                              "or all devices on fsdp.")
+  _DEVICES = flags.DEFINE_integer(
+      "devices",
+      0,
+      "Devices to plan for (fake CPU devices when there are "
+      "fewer real ones); 0 = the devices present.",
+  )
+  _MESH = flags.DEFINE_string(
+      "mesh",
+      "",
+      "data,fsdp,tensor (one may be -1); default: the config's, " "or all devices on fsdp.",
+  )
   _ALGORITHM = flags.DEFINE_enum("algorithm", "", ["", *ALGORITHMS], "Which models are held.")
   _BATCH = flags.DEFINE_integer("batch", 0, "Global batch (rows) per optimiser step.")
   _SEQ = flags.DEFINE_integer("seq_len", 0, "Tokens per row.")
@@ -97,12 +118,20 @@ def _define_flags() -> None:
   _PARAM_DTYPE = flags.DEFINE_string("param_dtype", "", "Parameter dtype (default: the model's).")
   _REMAT = flags.DEFINE_string("remat", "", "Remat policy (default: the model's).")
   _FROZEN_DTYPE = flags.DEFINE_string("frozen_dtype", "bfloat16", "dtype of frozen models.")
-  _NO_REFERENCE = flags.DEFINE_bool("no_reference", False, "DPO with precomputed reference log-probs.")
-  _CHIP = flags.DEFINE_enum("chip", "h100", sorted(CHIPS), "The chip whose memory the plan must fit.")
+  _NO_REFERENCE = flags.DEFINE_bool(
+      "no_reference", False, "DPO with precomputed reference log-probs."
+  )
+  _CHIP = flags.DEFINE_enum(
+      "chip", "h100", sorted(CHIPS), "The chip whose memory the plan must fit."
+  )
   _RESERVE = flags.DEFINE_float("reserve", 0.1, "Fraction of the chip's memory kept free.")
-  _RESPONSE_SHARE = flags.DEFINE_float("response_share", None, "Share of a row's slots that are "
-                                       "responses (DPO, PPO, GRPO: default 0.5) or SFT targets "
-                                       "(default 1.0): where the LM head runs.")
+  _RESPONSE_SHARE = flags.DEFINE_float(
+      "response_share",
+      None,
+      "Share of a row's slots that are "
+      "responses (DPO, PPO, GRPO: default 0.5) or SFT targets "
+      "(default 1.0): where the LM head runs.",
+  )
 
 
 def shard_bytes(abstract, shardings) -> int:
@@ -114,9 +143,18 @@ def shard_bytes(abstract, shardings) -> int:
   return total
 
 
-def plan(cfg: ModelConfig, mesh, *, algorithm: str, batch: int, seq_len: int, accum_steps: int = 1,
-         frozen_dtype: str = "bfloat16", reference: bool = True,
-         response_share: float | None = None) -> dict:
+def plan(
+    cfg: ModelConfig,
+    mesh,
+    *,
+    algorithm: str,
+    batch: int,
+    seq_len: int,
+    accum_steps: int = 1,
+    frozen_dtype: str = "bfloat16",
+    reference: bool = True,
+    response_share: float | None = None,
+) -> dict:
   """Per-device bytes of a `algorithm` run of `cfg` on `mesh` with [batch, seq_len] steps (see the
   module doc). Compiles, never allocates. response_share: the share of a row's slots that are
   responses or SFT targets (None: `DEFAULT_RESPONSE_SHARE`); the LM head runs on those."""
@@ -148,13 +186,18 @@ def plan(cfg: ModelConfig, mesh, *, algorithm: str, batch: int, seq_len: int, ac
   abstract_opt = jax.eval_shape(optimizer.init, trained)
   params_b = shard_bytes(trained, trained_psh)
   opt_b = shard_bytes(abstract_opt, shardings.opt_state)
-  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trained,
-                     opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  state = TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32),
+      params=trained,
+      opt_state=abstract_opt,
+      rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+  )
 
   # Frozen models, held in frozen_dtype: DPO's reference; PPO's and GRPO's reference (the
   # policy's architecture) and reward model (the scalar-head trunk).
   as_frozen = lambda tree: jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(frozen_dtype)), tree)
+      lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(frozen_dtype)), tree
+  )
   one_frozen = shard_bytes(as_frozen(abstract), psh)
   n_frozen = {"sft": 0, "reward": 0, "dpo": int(reference), "ppo": 2, "grpo": 2}[algorithm]
   frozen_b = n_frozen * one_frozen
@@ -165,47 +208,96 @@ def plan(cfg: ModelConfig, mesh, *, algorithm: str, batch: int, seq_len: int, ac
   floats = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   listed = budget_from_share(share, t)  # the trainers' logit lists (data/sft.py, preference.py)
   if rl:
-    temp = _rl_update_temp(mesh, algorithm, b, t, accum_steps, share, graphdef,
-                           value_graphdef if algorithm == "ppo" else None, state, shardings,
-                           optimizer)
-    return _record(cfg, mesh, algorithm, batch, seq_len, accum_steps, share, params_b, opt_b,
-                   n_frozen, frozen_b, temp)
+    temp = _rl_update_temp(
+        mesh,
+        algorithm,
+        b,
+        t,
+        accum_steps,
+        share,
+        graphdef,
+        value_graphdef if algorithm == "ppo" else None,
+        state,
+        shardings,
+        optimizer,
+    )
+    return _record(
+        cfg,
+        mesh,
+        algorithm,
+        batch,
+        seq_len,
+        accum_steps,
+        share,
+        params_b,
+        opt_b,
+        n_frozen,
+        frozen_b,
+        temp,
+    )
   if algorithm == "dpo":
     # Rows of whole pairs (about 256 tokens a pair), the responses `share` of the tokens: the
     # batch lists them (data/preference.py `logit_budget`), the LM head runs on those slots.
     pairs = max(1, t // 256)
-    host = dict(tokens=ints(b, t), segment_ids=ints(b, t), positions=ints(b, t),
-                score_index=ints(b, pairs, 2), response_start=ints(b, pairs, 2),
-                valid=jax.ShapeDtypeStruct((b, pairs, 2), jnp.bool_),
-                ref_logps=floats(b, pairs, 2),
-                logit_index=ints(b, listed), logit_target=ints(b, listed),
-                logit_end=ints(b, pairs, 2))
+    host = dict(
+        tokens=ints(b, t),
+        segment_ids=ints(b, t),
+        positions=ints(b, t),
+        score_index=ints(b, pairs, 2),
+        response_start=ints(b, pairs, 2),
+        valid=jax.ShapeDtypeStruct((b, pairs, 2), jnp.bool_),
+        ref_logps=floats(b, pairs, 2),
+        logit_index=ints(b, listed),
+        logit_target=ints(b, listed),
+        logit_end=ints(b, pairs, 2),
+    )
     loss_fn = make_dpo_loss_fn(graphdef, base_config().dpo)
   elif algorithm == "reward":
     pairs = max(1, t // 256)
-    host = dict(tokens=jax.ShapeDtypeStruct((b, t), jnp.int32),
-                segment_ids=jax.ShapeDtypeStruct((b, t), jnp.int32),
-                positions=jax.ShapeDtypeStruct((b, t), jnp.int32),
-                score_index=jax.ShapeDtypeStruct((b, pairs, 2), jnp.int32),
-                ranks=jax.ShapeDtypeStruct((b, pairs, 2), jnp.int32),
-                valid=jax.ShapeDtypeStruct((b, pairs, 2), jnp.bool_),
-                margin=jax.ShapeDtypeStruct((b, pairs), jnp.int32))
-    loss_fn = make_reward_loss_fn(graphdef, kind="pairwise", margins=margin_table("small"),
-                                  center_coef=0.01)
+    host = dict(
+        tokens=jax.ShapeDtypeStruct((b, t), jnp.int32),
+        segment_ids=jax.ShapeDtypeStruct((b, t), jnp.int32),
+        positions=jax.ShapeDtypeStruct((b, t), jnp.int32),
+        score_index=jax.ShapeDtypeStruct((b, pairs, 2), jnp.int32),
+        ranks=jax.ShapeDtypeStruct((b, pairs, 2), jnp.int32),
+        valid=jax.ShapeDtypeStruct((b, pairs, 2), jnp.bool_),
+        margin=jax.ShapeDtypeStruct((b, pairs), jnp.int32),
+    )
+    loss_fn = make_reward_loss_fn(
+        graphdef, kind="pairwise", margins=margin_table("small"), center_coef=0.01
+    )
   else:
-    host = dict(tokens=jax.ShapeDtypeStruct((b, t), jnp.int32),
-                loss_mask=jax.ShapeDtypeStruct((b, t), jnp.bool_),
-                segment_ids=jax.ShapeDtypeStruct((b, t), jnp.int32),
-                positions=jax.ShapeDtypeStruct((b, t), jnp.int32))
+    host = dict(
+        tokens=jax.ShapeDtypeStruct((b, t), jnp.int32),
+        loss_mask=jax.ShapeDtypeStruct((b, t), jnp.bool_),
+        segment_ids=jax.ShapeDtypeStruct((b, t), jnp.int32),
+        positions=jax.ShapeDtypeStruct((b, t), jnp.int32),
+    )
     if listed < t:  # targets listed for the LM head, as the SFT trainer's batches do
-      host.update(logit_index=ints(b, listed), logit_target=ints(b, listed),
-                  logit_mask=jax.ShapeDtypeStruct((b, listed), jnp.bool_))
+      host.update(
+          logit_index=ints(b, listed),
+          logit_target=ints(b, listed),
+          logit_mask=jax.ShapeDtypeStruct((b, listed), jnp.bool_),
+      )
     loss_fn = make_sft_loss_fn(graphdef)
-  step = make_train_step(loss_fn, optimizer, mesh=mesh, state_shardings=shardings,
-                         accum_steps=accum_steps)
+  step = make_train_step(
+      loss_fn, optimizer, mesh=mesh, state_shardings=shardings, accum_steps=accum_steps
+  )
   temp = _temp_bytes(step.lower(state, host))
-  return _record(cfg, mesh, algorithm, batch, seq_len, accum_steps, share, params_b, opt_b,
-                 n_frozen, frozen_b, temp)
+  return _record(
+      cfg,
+      mesh,
+      algorithm,
+      batch,
+      seq_len,
+      accum_steps,
+      share,
+      params_b,
+      opt_b,
+      n_frozen,
+      frozen_b,
+      temp,
+  )
 
 
 def _temp_bytes(lowered) -> int:
@@ -213,23 +305,42 @@ def _temp_bytes(lowered) -> int:
   return int(getattr(stats, "temp_size_in_bytes", 0)) if stats is not None else 0
 
 
-def _rl_update_temp(mesh, algorithm: str, b: int, t: int, accum_steps: int, share: float,
-                    graphdef, value_graphdef, state: TrainState, shardings: TrainState,
-                    optimizer) -> int:
+def _rl_update_temp(
+    mesh,
+    algorithm: str,
+    b: int,
+    t: int,
+    accum_steps: int,
+    share: float,
+    graphdef,
+    value_graphdef,
+    state: TrainState,
+    shardings: TrainState,
+    optimizer,
+) -> int:
   """Per-device temporaries of PPO's / GRPO's update (`ppo.make_ppo_update`: one epoch of one
   mini-batch of b rollout rows of t slots, the last share x t the responses) on the abstract
   `state` ({"policy"}, PPO: + "value", the separate value model of `value_graphdef`)."""
   response_len = min(t - 1, max(1, round(share * t)))
   ppo_cfg = base_config().ppo
   ppo_cfg.update(epochs=1, minibatches=1, accum_steps=accum_steps)
-  loss_fn = make_ppo_loss_fn(graphdef, value_graphdef, ppo_cfg,
-                             estimator="gae" if algorithm == "ppo" else "grpo",
-                             response_len=response_len)
+  loss_fn = make_ppo_loss_fn(
+      graphdef,
+      value_graphdef,
+      ppo_cfg,
+      estimator="gae" if algorithm == "ppo" else "grpo",
+      response_len=response_len,
+  )
   update = make_ppo_update(loss_fn, optimizer, mesh=mesh, shardings=shardings, cfg=ppo_cfg)
   ints = jax.ShapeDtypeStruct((b, t), jnp.int32)
   floats = jax.ShapeDtypeStruct((b, t), jnp.float32)
-  rollout = dict(tokens=ints, segment_ids=ints, positions=ints, advantages=floats,
-                 response_mask=jax.ShapeDtypeStruct((b, t), jnp.bool_))
+  rollout = dict(
+      tokens=ints,
+      segment_ids=ints,
+      positions=ints,
+      advantages=floats,
+      response_mask=jax.ShapeDtypeStruct((b, t), jnp.bool_),
+  )
   if algorithm == "ppo":
     rollout.update(old_logp=floats, old_values=floats, returns=floats)
   else:  # one update per rollout: the loss holds the policy's own log-probs as the old ones
@@ -237,22 +348,51 @@ def _rl_update_temp(mesh, algorithm: str, b: int, t: int, accum_steps: int, shar
   return _temp_bytes(update.lower(state, rollout))
 
 
-def _record(cfg, mesh, algorithm, batch, seq_len, accum_steps, share, params_b, opt_b, n_frozen,
-            frozen_b, temp) -> dict:
-  return {"algorithm": algorithm, "devices": mesh.size, "mesh": dict(mesh.shape),
-          "batch": batch, "seq_len": seq_len, "accum_steps": accum_steps, "response_share": share,
-          "params_per_device": params_b, "optimizer_per_device": opt_b,
-          "frozen_per_device": frozen_b, "frozen_models": n_frozen,
-          "activations_per_device": temp, "total_per_device": params_b + opt_b + frozen_b + temp,
-          "model_params": cfg.num_params(), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
-          "remat": cfg.remat, "compiled_on": jax.default_backend()}
+def _record(
+    cfg,
+    mesh,
+    algorithm,
+    batch,
+    seq_len,
+    accum_steps,
+    share,
+    params_b,
+    opt_b,
+    n_frozen,
+    frozen_b,
+    temp,
+) -> dict:
+  return {
+      "algorithm": algorithm,
+      "devices": mesh.size,
+      "mesh": dict(mesh.shape),
+      "batch": batch,
+      "seq_len": seq_len,
+      "accum_steps": accum_steps,
+      "response_share": share,
+      "params_per_device": params_b,
+      "optimizer_per_device": opt_b,
+      "frozen_per_device": frozen_b,
+      "frozen_models": n_frozen,
+      "activations_per_device": temp,
+      "total_per_device": params_b + opt_b + frozen_b + temp,
+      "model_params": cfg.num_params(),
+      "dtype": cfg.dtype,
+      "param_dtype": cfg.param_dtype,
+      "remat": cfg.remat,
+      "compiled_on": jax.default_backend(),
+  }
 
 
 def verdict(record: dict, chip: str, reserve: float) -> dict:
   usable = CHIPS[chip] * (1.0 - reserve)
-  return {"chip": chip, "chip_bytes": CHIPS[chip], "usable_bytes": usable,
-          "fits": record["total_per_device"] <= usable,
-          "headroom_bytes": usable - record["total_per_device"]}
+  return {
+      "chip": chip,
+      "chip_bytes": CHIPS[chip],
+      "usable_bytes": usable,
+      "fits": record["total_per_device"] <= usable,
+      "headroom_bytes": usable - record["total_per_device"],
+  }
 
 
 def _gb(x: float) -> str:
@@ -261,26 +401,31 @@ def _gb(x: float) -> str:
 
 def format_plan(record: dict) -> str:
   mesh = ", ".join(f"{k}={v}" for k, v in record["mesh"].items())
-  lines = [f"{record['algorithm']} of a {record['model_params'] / 1e9:.2f}B-parameter model on "
-           f"{record['devices']} devices ({mesh}), batch {record['batch']} x {record['seq_len']} "
-           f"tokens, {record['accum_steps']} micro-batch(es), remat {record['remat']}, LM head on "
-           f"{record['response_share']:.0%} of the slots; per device:",
-           f"  params       {_gb(record['params_per_device'])}  ({record['param_dtype']})",
-           f"  optimizer    {_gb(record['optimizer_per_device'])}  (AdamW moments)",
-           f"  frozen       {_gb(record['frozen_per_device'])}  ({record['frozen_models']} model(s))",
-           f"  activations  {_gb(record['activations_per_device'])}  (compiled step temporaries, "
-           f"{record['compiled_on']} compiler)",
-           f"  total        {_gb(record['total_per_device'])}"]
+  lines = [
+      f"{record['algorithm']} of a {record['model_params'] / 1e9:.2f}B-parameter model on "
+      f"{record['devices']} devices ({mesh}), batch {record['batch']} x {record['seq_len']} "
+      f"tokens, {record['accum_steps']} micro-batch(es), remat {record['remat']}, LM head on "
+      f"{record['response_share']:.0%} of the slots; per device:",
+      f"  params       {_gb(record['params_per_device'])}  ({record['param_dtype']})",
+      f"  optimizer    {_gb(record['optimizer_per_device'])}  (AdamW moments)",
+      f"  frozen       {_gb(record['frozen_per_device'])}  ({record['frozen_models']} model(s))",
+      f"  activations  {_gb(record['activations_per_device'])}  (compiled step temporaries, "
+      f"{record['compiled_on']} compiler)",
+      f"  total        {_gb(record['total_per_device'])}",
+  ]
   if "chip" in record:
     word = "fits" if record["fits"] else "does NOT fit"
-    lines.append(f"  -> {word} a {record['chip']} ({_gb(record['usable_bytes']).strip()} usable of "
-                 f"{_gb(record['chip_bytes']).strip()}; headroom {_gb(record['headroom_bytes']).strip()})")
+    lines.append(
+        f"  -> {word} a {record['chip']} ({_gb(record['usable_bytes']).strip()} usable of "
+        f"{_gb(record['chip_bytes']).strip()}; headroom {_gb(record['headroom_bytes']).strip()})"
+    )
   return "\n".join(lines)
 
 
 def load_experiment(spec: str):
   """`get_config()` of an experiment file "path.py" (or "path.py:arg" -> get_config("arg"))."""
   import importlib.util
+
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise app.UsageError(f"--config={spec!r}: no such file {path!r}")
@@ -298,12 +443,19 @@ def _settings() -> tuple[ModelConfig, tuple, str, int, int, int]:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     model_fields = {k: v for k, v in c.model.to_dict().items() if k in fields}
     if model_fields.get("vocab_size") == 0 and not _MODEL.value:
-      raise app.UsageError(f"{_CONFIG.value}: model.vocab_size=0 (taken from a tokenizer at run "
-                           "time); pass --model or a config with the vocabulary size set")
+      raise app.UsageError(
+          f"{_CONFIG.value}: model.vocab_size=0 (taken from a tokenizer at run "
+          "time); pass --model or a config with the vocabulary size set"
+      )
     model = None if _MODEL.value else ModelConfig(**model_fields)
     mesh_shape = tuple(c.mesh.shape)
-    algorithm = {"reward": "reward", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo",
-                 "rloo": "grpo"}.get(c.algorithm, "sft")
+    algorithm = {
+        "reward": "reward",
+        "dpo": "dpo",
+        "ppo": "ppo",
+        "grpo": "grpo",
+        "rloo": "grpo",
+    }.get(c.algorithm, "sft")
     batch, seq_len, accum = c.train.batch_size, c.train.seq_len, c.train.get("accum_steps", 1)
   if _MODEL.value:
     if _MODEL.value not in PRESETS:
@@ -311,13 +463,26 @@ def _settings() -> tuple[ModelConfig, tuple, str, int, int, int]:
     model = PRESETS[_MODEL.value]()
   if model is None:
     raise app.UsageError("give --model or --config")
-  overrides = {k: v for k, v in (("dtype", _DTYPE.value), ("param_dtype", _PARAM_DTYPE.value),
-                                 ("remat", _REMAT.value)) if v}
+  overrides = {
+      k: v
+      for k, v in (
+          ("dtype", _DTYPE.value),
+          ("param_dtype", _PARAM_DTYPE.value),
+          ("remat", _REMAT.value),
+      )
+      if v
+  }
   model = dataclasses.replace(model, **overrides)
   if _MESH.value:
     mesh_shape = tuple(int(x) for x in _MESH.value.split(","))
-  return (model, mesh_shape or (1, -1, 1), _ALGORITHM.value or algorithm, _BATCH.value or batch,
-          _SEQ.value or seq_len, _ACCUM.value or accum)
+  return (
+      model,
+      mesh_shape or (1, -1, 1),
+      _ALGORITHM.value or algorithm,
+      _BATCH.value or batch,
+      _SEQ.value or seq_len,
+      _ACCUM.value or accum,
+  )
 
 
 def main(argv):
@@ -326,16 +491,28 @@ def main(argv):
   devices = jax.devices()
   if _DEVICES.value:
     if len(devices) < _DEVICES.value:
-      raise app.UsageError(f"--devices={_DEVICES.value} but only {len(devices)} are present; run "
-                           "`python -m rlhf_jax.plan` directly (it creates fake CPU devices)")
-    devices = devices[:_DEVICES.value]
+      raise app.UsageError(
+          f"--devices={_DEVICES.value} but only {len(devices)} are present; run "
+          "`python -m rlhf_jax.plan` directly (it creates fake CPU devices)"
+      )
+    devices = devices[: _DEVICES.value]
   mesh = sharding.make_mesh(mesh_shape, devices)
-  record = plan(model, mesh, algorithm=algorithm, batch=batch, seq_len=seq_len, accum_steps=accum,
-                frozen_dtype=_FROZEN_DTYPE.value, reference=not _NO_REFERENCE.value,
-                response_share=_RESPONSE_SHARE.value)
+  record = plan(
+      model,
+      mesh,
+      algorithm=algorithm,
+      batch=batch,
+      seq_len=seq_len,
+      accum_steps=accum,
+      frozen_dtype=_FROZEN_DTYPE.value,
+      reference=not _NO_REFERENCE.value,
+      response_share=_RESPONSE_SHARE.value,
+  )
   record.update(verdict(record, _CHIP.value, _RESERVE.value))
   print(format_plan(record))
-  print(json.dumps({k: (v if not isinstance(v, np.generic) else v.item()) for k, v in record.items()}))
+  print(
+      json.dumps({k: (v if not isinstance(v, np.generic) else v.item()) for k, v in record.items()})
+  )
   if not record["fits"]:
     sys.exit(3)
 

@@ -25,10 +25,15 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
   return (csum[idx] - csum[start]) / (idx - start)
 
 
-def plot_gold_vs_kl(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike, *,
-                    final: Mapping[str, Mapping] | None = None,
-                    baselines: Sequence[Mapping] = (), window: int = 5,
-                    prefix: str = "ppo/") -> str:
+def plot_gold_vs_kl(
+    runs: Mapping[str, Sequence[Mapping]],
+    path: str | os.PathLike,
+    *,
+    final: Mapping[str, Mapping] | None = None,
+    baselines: Sequence[Mapping] = (),
+    window: int = 5,
+    prefix: str = "ppo/",
+) -> str:
   """Proxy and gold reward against KL, one line per run; writes a PNG to `path` and returns it.
 
   runs: {label: metric rows of a PPO run's metrics.jsonl}. The proxy panel reads the training
@@ -42,6 +47,7 @@ def plot_gold_vs_kl(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLi
   the same reward (over-optimisation without RL) and the reference sampled at lower temperatures.
   """
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -51,28 +57,52 @@ def plot_gold_vs_kl(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLi
     color = f"C{i}"
     train = [r for r in rows if f"{prefix}kl" in r]
     if train:
-      axes[0].plot(smooth([r[f"{prefix}kl"] for r in train], window),
-                   smooth([r[f"{prefix}reward"] for r in train], window), color=color, label=label)
+      axes[0].plot(
+          smooth([r[f"{prefix}kl"] for r in train], window),
+          smooth([r[f"{prefix}reward"] for r in train], window),
+          color=color,
+          label=label,
+      )
     held_out = [r for r in rows if "eval/kl" in r and r["eval/kl"] is not None]
     for ax, key in ((axes[1], "helpfulness"), (axes[2], "combined")):
       if held_out:
-        ax.plot([r["eval/kl"] for r in held_out], [r[f"eval/{key}"] for r in held_out], "-o",
-                color=color, markersize=3, label=label)
+        ax.plot(
+            [r["eval/kl"] for r in held_out],
+            [r[f"eval/{key}"] for r in held_out],
+            "-o",
+            color=color,
+            markersize=3,
+            label=label,
+        )
       elif train:
-        ax.plot(smooth([r[f"{prefix}kl"] for r in train], window),
-                smooth([r[f"{prefix}gold_{key}"] for r in train], window), color=color, label=label)
+        ax.plot(
+            smooth([r[f"{prefix}kl"] for r in train], window),
+            smooth([r[f"{prefix}gold_{key}"] for r in train], window),
+            color=color,
+            label=label,
+        )
     held_out_any |= bool(held_out)
     point = (final or {}).get(label)
     if point and point.get("kl") is not None:
       for ax, key in ((axes[1], "helpfulness"), (axes[2], "combined")):
-        ax.scatter([point["kl"]], [point[key]], color=color, marker="*", s=140, zorder=3,
-                   edgecolors="black")
+        ax.scatter(
+            [point["kl"]],
+            [point[key]],
+            color=color,
+            marker="*",
+            s=140,
+            zorder=3,
+            edgecolors="black",
+        )
   for curve, (style, color) in zip(baselines, (("--o", "black"), ("--s", "gray"), ("--^", "gray"))):
     for ax, key in ((axes[1], "helpfulness"), (axes[2], "combined")):
       ax.plot(curve["kl"], curve[key], style, color=color, markersize=4, label=curve["label"])
   source = "held-out tasks" if held_out_any else f"training prompts, moving average of {window}"
-  titles = (f"proxy reward (reward model; training prompts, moving average of {window})",
-            f"gold helpfulness ({source})", f"gold combined, h x s ({source})")
+  titles = (
+      f"proxy reward (reward model; training prompts, moving average of {window})",
+      f"gold helpfulness ({source})",
+      f"gold combined, h x s ({source})",
+  )
   for ax, title in zip(axes, titles):
     ax.set_xlabel("KL(policy || reference), nats per response")
     ax.set_title(title, fontsize=9)
@@ -80,7 +110,9 @@ def plot_gold_vs_kl(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLi
   axes[0].legend(fontsize=7)
   axes[2].legend(fontsize=7)
   if final:
-    axes[1].annotate("* final gold evaluation", xy=(0.02, 0.02), xycoords="axes fraction", fontsize=8)
+    axes[1].annotate(
+        "* final gold evaluation", xy=(0.02, 0.02), xycoords="axes fraction", fontsize=8
+    )
   fig.suptitle("Reward over-optimisation: proxy vs gold reward against KL to the reference")
   return _save(fig, path)
 
@@ -92,6 +124,7 @@ def plot_best_of_n(report: Mapping, path: str | os.PathLike) -> str:
   KL = log n - (n - 1) / n; the gold oracle's best of n dashed. Writes a PNG to `path`, returns it.
   """
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -100,9 +133,13 @@ def plot_best_of_n(report: Mapping, path: str | os.PathLike) -> str:
   oracle = report.get("oracle_curve", {}).get("combined")
   if oracle:
     axes[0].plot(x, oracle, "--", color="black", label="(gold oracle)")
-  curves = [(name, c) for name, c in report.items()
-            if isinstance(c, Mapping) and "combined" in c and name not in ("mean", "oracle",
-                                                                            "oracle_curve")]
+  curves = [
+      (name, c)
+      for name, c in report.items()
+      if isinstance(c, Mapping)
+      and "combined" in c
+      and name not in ("mean", "oracle", "oracle_curve")
+  ]
   for i, (name, c) in enumerate(curves):
     axes[0].plot(x, c["combined"], "-o", color=f"C{i}", markersize=4, label=name)
     if "proxy" in c:
@@ -110,8 +147,9 @@ def plot_best_of_n(report: Mapping, path: str | os.PathLike) -> str:
       axes[1].plot(x, proxy - proxy[0], "-o", color=f"C{i}", markersize=4, label=name)
   for ax, n in ((ax, n) for ax in axes for n in report["n"]):
     ax.axvline(np.sqrt(max(np.log(n) - (n - 1) / n, 0.0)), color="gray", alpha=0.15, lw=0.8)
-  axes[0].set_title(f"gold combined of the pick ({report.get('prompts', '?')} held-out tasks)",
-                    fontsize=9)
+  axes[0].set_title(
+      f"gold combined of the pick ({report.get('prompts', '?')} held-out tasks)", fontsize=9
+  )
   axes[1].set_title("proxy: the reward's own score of its pick, minus n = 1", fontsize=9)
   for ax in axes:
     ax.set_xlabel(f"sqrt KL(best of n || policy); n = {', '.join(map(str, report['n']))}")
@@ -124,6 +162,7 @@ def plot_best_of_n(report: Mapping, path: str | os.PathLike) -> str:
 def _save(fig, path: str | os.PathLike) -> str:
   """Writes `fig` as a PNG to `path` (its directory created), closes it, returns the path."""
   import matplotlib.pyplot as plt
+
   fig.tight_layout()
   path = os.fspath(path)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -58,8 +58,9 @@ class StopSignal:
   def _handle(self, signum, frame) -> None:
     del frame
     if not self._requested:
-      _log.warning("received signal %d: saving a checkpoint after the current step, then exiting",
-                   signum)
+      _log.warning(
+          "received signal %d: saving a checkpoint after the current step, then exiting", signum
+      )
     self._requested = True
 
   def requested(self, step: int) -> bool:
@@ -68,8 +69,9 @@ class StopSignal:
       return multihost_utils.reached_preemption_sync_point(step)
     return self._requested
 
-  def save(self, ckpt, step: int, end: int, state, *, workdir: str, on_stop=None,
-           **save_kwargs) -> None:
+  def save(
+      self, ckpt, step: int, end: int, state, *, workdir: str, on_stop=None, **save_kwargs
+  ) -> None:
     """A training loop's save after `step`: `ckpt.save(step, state, **save_kwargs)`, forced at
     the last step (`end`) and when a stop was requested; after a requested stop before `end`,
     calls `on_stop()` (e.g. closing a progress bar) and raises `Preempted`."""
@@ -87,5 +89,7 @@ class StopSignal:
 
 
 def stopped_message(step: int, workdir: str) -> str:
-  return (f"stopped by SIGTERM (preemption) after step {step}: a checkpoint of that step is in "
-          f"{workdir}/checkpoints; rerun the same command to resume from it")
+  return (
+      f"stopped by SIGTERM (preemption) after step {step}: a checkpoint of that step is in "
+      f"{workdir}/checkpoints; rerun the same command to resume from it"
+  )

@@ -44,8 +44,10 @@ def _scores(name: str, values: Any) -> np.ndarray:
 
 def _check_length(name: str, length: int, n_records: int) -> None:
   if length != n_records:
-    raise ValueError(f"len({name}) = {length} but len(records) = {n_records}; "
-                     f"give one entry per record, in the same order")
+    raise ValueError(
+        f"len({name}) = {length} but len(records) = {n_records}; "
+        f"give one entry per record, in the same order"
+    )
 
 
 def _win(diff: np.ndarray) -> np.ndarray:
@@ -65,8 +67,11 @@ def _slices(records: Sequence[Mapping], field: str) -> dict[str, np.ndarray]:
     if value is None:
       continue
     if field == "margin":
-      if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
-          or not float(value).is_integer():
+      if (
+          isinstance(value, bool)
+          or not isinstance(value, (int, float, np.number))
+          or not float(value).is_integer()
+      ):
         raise ValueError(f"records[{index}]: margin must be an integer level 0..3, got {value!r}")
       value = int(value)
     groups.setdefault(str(value), []).append(index)
@@ -76,21 +81,21 @@ def _slices(records: Sequence[Mapping], field: str) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- pairwise
 
+
 def _preference_row(diff: np.ndarray, gold_diff: np.ndarray) -> dict:
   """One row from score differences (chosen - rejected) and gold differences (nan: no gold)."""
   ordered = np.abs(gold_diff) > GOLD_TIE_TOL  # False for nan too
   gold_wins = _win(diff[ordered] * np.sign(gold_diff[ordered]))
   return {
-    "n": int(diff.size),
-    "accuracy": _mean(_win(diff)),
-    "gold_accuracy": _mean(gold_wins),
-    "gold_n": int(ordered.sum()),
-    "mean_margin": _mean(diff),
+      "n": int(diff.size),
+      "accuracy": _mean(_win(diff)),
+      "gold_accuracy": _mean(gold_wins),
+      "gold_n": int(ordered.sum()),
+      "mean_margin": _mean(diff),
   }
 
 
-def preference_report(records: Sequence[Mapping], chosen_scores: Any,
-                      rejected_scores: Any) -> dict:
+def preference_report(records: Sequence[Mapping], chosen_scores: Any, rejected_scores: Any) -> dict:
   """How often a reward model prefers the chosen response, overall and per slice.
 
   Args:
@@ -128,19 +133,27 @@ def preference_report(records: Sequence[Mapping], chosen_scores: Any,
     if gold_c is not None and gold_r is not None:
       gold_diff[index] = float(gold_c) - float(gold_r)
       if not np.isfinite(gold_diff[index]):
-        raise ValueError(f"records[{index}]: gold_chosen {gold_c!r} / gold_rejected {gold_r!r} "
-                         f"must be finite")
+        raise ValueError(
+            f"records[{index}]: gold_chosen {gold_c!r} / gold_rejected {gold_r!r} "
+            f"must be finite"
+        )
   diff = chosen - rejected
 
   def rows(field: str) -> dict[str, dict]:
-    return {key: _preference_row(diff[idx], gold_diff[idx])
-            for key, idx in _slices(records, field).items()}
+    return {
+        key: _preference_row(diff[idx], gold_diff[idx])
+        for key, idx in _slices(records, field).items()
+    }
 
-  return {"overall": _preference_row(diff, gold_diff), "by_margin": rows("margin"),
-          "by_family": rows("family")}
+  return {
+      "overall": _preference_row(diff, gold_diff),
+      "by_margin": rows("margin"),
+      "by_family": rows("family"),
+  }
 
 
 # ----------------------------------------------------------------------------- rankings
+
 
 def _tau(x: np.ndarray, y: np.ndarray) -> float:
   """Kendall tau-b; nan when undefined (either side constant)."""
@@ -152,11 +165,11 @@ def _prompt_metrics(scores: np.ndarray, gold: np.ndarray | None) -> dict[str, fl
   k = scores.size
   upper_i, upper_j = np.triu_indices(k, 1)
   out = {
-    # Annotator order as values, response 0 highest: k-1, k-2, ..., 0.
-    "kendall_tau_labels": _tau(scores, np.arange(k, 0, -1, dtype=np.float64)),
-    "pair_accuracy_labels": float(np.mean(_win(scores[upper_i] - scores[upper_j]))),
-    "kendall_tau_gold": np.nan,
-    "top1_gold": np.nan,
+      # Annotator order as values, response 0 highest: k-1, k-2, ..., 0.
+      "kendall_tau_labels": _tau(scores, np.arange(k, 0, -1, dtype=np.float64)),
+      "pair_accuracy_labels": float(np.mean(_win(scores[upper_i] - scores[upper_j]))),
+      "kendall_tau_gold": np.nan,
+      "top1_gold": np.nan,
   }
   if gold is not None:
     out["kendall_tau_gold"] = _tau(scores, gold)
@@ -212,27 +225,35 @@ def ranking_report(records: Sequence[Mapping], scores: Sequence[Any]) -> dict:
   for index, record in enumerate(records):
     responses = record.get("responses")
     if not isinstance(responses, Sequence) or isinstance(responses, str) or len(responses) < 2:
-      raise ValueError(f"records[{index}]: responses must be a list of at least 2 responses, "
-                       f"got {responses!r}")
+      raise ValueError(
+          f"records[{index}]: responses must be a list of at least 2 responses, "
+          f"got {responses!r}"
+      )
     record_scores = _scores(f"scores[{index}]", scores[index])
     if record_scores.size != len(responses):
-      raise ValueError(f"scores[{index}] has {record_scores.size} scores but records[{index}] "
-                       f"has {len(responses)} responses")
+      raise ValueError(
+          f"scores[{index}] has {record_scores.size} scores but records[{index}] "
+          f"has {len(responses)} responses"
+      )
     gold = record.get("gold")
     if gold is not None:
       gold = _scores(f"records[{index}]['gold']", gold)
       if gold.size != len(responses):
-        raise ValueError(f"records[{index}] has {gold.size} gold values for "
-                         f"{len(responses)} responses")
+        raise ValueError(
+            f"records[{index}] has {gold.size} gold values for " f"{len(responses)} responses"
+        )
     per_prompt.append(_prompt_metrics(record_scores, gold))
   return {
-    "overall": _ranking_row(per_prompt),
-    "by_family": {key: _ranking_row([per_prompt[i] for i in idx])
-                  for key, idx in _slices(records, "family").items()},
+      "overall": _ranking_row(per_prompt),
+      "by_family": {
+          key: _ranking_row([per_prompt[i] for i in idx])
+          for key, idx in _slices(records, "family").items()
+      },
   }
 
 
 # ----------------------------------------------------------------------------- tables
+
 
 def report_rows(report: Mapping[str, Any], name: str) -> list[dict]:
   """`report` (from `preference_report` or `ranking_report`) as flat table rows.
@@ -242,9 +263,12 @@ def report_rows(report: Mapping[str, Any], name: str) -> list[dict]:
   and None unchanged). Print with `rlhf_jax.metrics.format_table`, or dump as JSON; rows of
   several models concatenate into one table.
   """
+
   def flat(slice_name: str, row: Mapping[str, Any]) -> dict:
-    values = {key: round(float(v), 3) if isinstance(v, (float, np.floating)) else v
-              for key, v in row.items()}
+    values = {
+        key: round(float(v), 3) if isinstance(v, (float, np.floating)) else v
+        for key, v in row.items()
+    }
     return {"model": name, "slice": slice_name, **values}
 
   rows = [flat("all", report["overall"])]

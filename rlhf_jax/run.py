@@ -47,8 +47,14 @@ ALGORITHMS = {
 # Errors caused by the user's config or data, shown as one message without a traceback.
 # tests/test_bad_inputs.py lists the cases.
 # A run stopped by its non-finite guard is not bad input, but its message is all there is to say.
-USER_ERRORS = (sharding.ShardingConfigError, RecordError, ChatTemplateError, WorkdirError,
-               ConfigError, NonFiniteError)
+USER_ERRORS = (
+    sharding.ShardingConfigError,
+    RecordError,
+    ChatTemplateError,
+    WorkdirError,
+    ConfigError,
+    NonFiniteError,
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/NAME.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
@@ -82,18 +88,23 @@ def check_overrides(argv: list[str]) -> None:
         # The fields next to the bad one (its section's, or the top level's): one paragraph.
         section = key.rsplit(".", 1)[0] if "." in key else ""
         fields = [k for k in valid if (k.rsplit(".", 1)[0] if "." in k else "") == section] or [
-            k for k in valid if "." not in k]
+            k for k in valid if "." not in k
+        ]
         where = f"config.{section}" if section in valid else "config"
-        sys.exit(f"error: --config.{key} is not a field of {config_path}.{hint} The fields of "
-                 f"{where} are: {', '.join(fields)}")
+        sys.exit(
+            f"error: --config.{key} is not a field of {config_path}.{hint} The fields of "
+            f"{where} are: {', '.join(fields)}"
+        )
 
 
 def resolve_driver(name: str):
   if name not in ALGORITHMS:
     close = difflib.get_close_matches(str(name), ALGORITHMS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(f"config.algorithm={name!r} is not known{hint}; set it to one of "
-                      f"{', '.join(sorted(ALGORITHMS))}")
+    raise ConfigError(
+        f"config.algorithm={name!r} is not known{hint}; set it to one of "
+        f"{', '.join(sorted(ALGORITHMS))}"
+    )
   module, fn = ALGORITHMS[name].split(":")
   return getattr(importlib.import_module(module), fn)
 
@@ -107,8 +118,11 @@ def enable_compilation_cache(config, workdir: str) -> str | None:
   where = config.get("compile_cache", "")
   if not where:
     return None
-  directory = os.path.join(workdir, "jax_cache") if where == "workdir" else os.path.expanduser(where)
+  directory = (
+      os.path.join(workdir, "jax_cache") if where == "workdir" else os.path.expanduser(where)
+  )
   import jax
+
   jax.config.update("jax_compilation_cache_dir", directory)
   return directory
 

@@ -15,10 +15,18 @@ from rlhf_jax.models import apply, apply_at, apply_rows
 Array = jax.Array
 
 
-def response_logprobs(graphdef: nnx.GraphDef, params, tokens: Array, segment_ids: Array,
-                      positions: Array, response_mask: Array, *, temperature: float = 1.0,
-                      share: tuple[int, int] | None = None,
-                      response_len: int | None = None) -> Array:
+def response_logprobs(
+    graphdef: nnx.GraphDef,
+    params,
+    tokens: Array,
+    segment_ids: Array,
+    positions: Array,
+    response_mask: Array,
+    *,
+    temperature: float = 1.0,
+    share: tuple[int, int] | None = None,
+    response_len: int | None = None,
+) -> Array:
   """log pi(token_t | tokens_<t) / T-scaled, at response positions: [B, T] float32, 0 elsewhere.
 
   tokens, segment_ids, positions, response_mask: [B, T] (e.g. from `generate.full_sequence`).
@@ -29,9 +37,10 @@ def response_logprobs(graphdef: nnx.GraphDef, params, tokens: Array, segment_ids
   on those only (default: every column).
   """
   head_from = logit_columns_from(tokens.shape[1], response_len)
-  logits, _ = apply_rows(graphdef, params, tokens, positions, segment_ids, share,
-                         head_from=head_from)
-  logp = token_logprobs(logits[:, :-1], tokens[:, head_from + 1:], temperature=temperature)
+  logits, _ = apply_rows(
+      graphdef, params, tokens, positions, segment_ids, share, head_from=head_from
+  )
+  logp = token_logprobs(logits[:, :-1], tokens[:, head_from + 1 :], temperature=temperature)
   logp = jnp.pad(logp, ((0, 0), (head_from + 1, 0)))
   return jnp.where(response_mask, logp, 0.0)
 
@@ -42,13 +51,20 @@ def logit_columns_from(length: int, response_len: int | None) -> int:
   if response_len is None:
     return 0
   if not 0 < response_len < length:
-    raise ValueError(f"response_len={response_len} must be in [1, {length - 1}] for rows of "
-                     f"{length} columns")
+    raise ValueError(
+        f"response_len={response_len} must be in [1, {length - 1}] for rows of " f"{length} columns"
+    )
   return length - response_len - 1
 
 
-def last_token_scores(graphdef: nnx.GraphDef, params, tokens: Array, segment_ids: Array,
-                      positions: Array, share: tuple[int, int] | None = None) -> Array:
+def last_token_scores(
+    graphdef: nnx.GraphDef,
+    params,
+    tokens: Array,
+    segment_ids: Array,
+    positions: Array,
+    share: tuple[int, int] | None = None,
+) -> Array:
   """A scalar-head model's score at each row's last real token: [B] float32 (`share` as in
   `response_logprobs`)."""
   scores, _ = apply_rows(graphdef, params, tokens, positions, segment_ids, share)
@@ -71,8 +87,14 @@ def comparison_logps(graphdef: nnx.GraphDef, params, batch: dict) -> tuple[Array
   lengths = jnp.where(batch["valid"], end - start + 1, 0)
   if "logit_index" in batch:
     return _listed_logps(graphdef, params, batch, lengths), lengths
-  logits, _ = apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                    branch_ids=branch_ids)
+  logits, _ = apply(
+      graphdef,
+      params,
+      batch["tokens"],
+      batch["positions"],
+      batch["segment_ids"],
+      branch_ids=branch_ids,
+  )
   logp = token_logprobs(logits[:, :-1], batch["tokens"][:, 1:])
   running = jnp.cumsum(jnp.concatenate([jnp.zeros_like(logp[:, :1]), logp], axis=1), axis=1)
   r, p, k = batch["score_index"].shape
@@ -91,27 +113,44 @@ def comparison_logps(graphdef: nnx.GraphDef, params, batch: dict) -> tuple[Array
 def _listed_logps(graphdef: nnx.GraphDef, params, batch: dict, lengths: Array) -> Array:
   """`comparison_logps`'s sums [R, P, K] from the batch's logit list: log-probs of the tokens at
   logit_target from the logits at logit_index, summed over each response's run of entries."""
-  logits = apply_at(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                    batch["logit_index"], branch_ids=batch.get("branch_ids"))  # [R, M, V]
+  logits = apply_at(
+      graphdef,
+      params,
+      batch["tokens"],
+      batch["positions"],
+      batch["segment_ids"],
+      batch["logit_index"],
+      branch_ids=batch.get("branch_ids"),
+  )  # [R, M, V]
   targets = jnp.take_along_axis(batch["tokens"], batch["logit_target"], axis=1)
   logp = token_logprobs(logits, targets)  # [R, M]
   r, p, k = lengths.shape
   used = batch["logit_end"].reshape(r, p * k).max(axis=1)  # entries in use per row
   logp = jnp.where(jnp.arange(logp.shape[1])[None] < used[:, None], logp, 0.0)
   running = jnp.cumsum(jnp.pad(logp, ((0, 0), (1, 0))), axis=1)  # [R, M + 1]
+
   def take(index):
     return jnp.take_along_axis(running, index.reshape(r, p * k), axis=1).reshape(r, p, k)
+
   end = batch["logit_end"]
   sums = take(end) - take(jnp.maximum(end - lengths, 0))
   return jnp.where(batch["valid"], sums, 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature"))
-def sequence_logprob_sums(graphdef: nnx.GraphDef, params, tokens, segment_ids, positions,
-                          response_mask, temperature: float = 1.0) -> Array:
+def sequence_logprob_sums(
+    graphdef: nnx.GraphDef,
+    params,
+    tokens,
+    segment_ids,
+    positions,
+    response_mask,
+    temperature: float = 1.0,
+) -> Array:
   """Sum of response log-probs per row: [B] float32 (jitted)."""
-  lp = response_logprobs(graphdef, params, tokens, segment_ids, positions, response_mask,
-                         temperature=temperature)
+  lp = response_logprobs(
+      graphdef, params, tokens, segment_ids, positions, response_mask, temperature=temperature
+  )
   return jnp.sum(lp, axis=1)
 
 
@@ -122,8 +161,14 @@ def comparison_scores(graphdef: nnx.GraphDef, params, batch: dict) -> Array:
   batch["score_index"]: [R, P, K], the row position of each response's last token. Unused slots
   score garbage: mask with batch["valid"].
   """
-  scores, _ = apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                    branch_ids=batch.get("branch_ids"))
+  scores, _ = apply(
+      graphdef,
+      params,
+      batch["tokens"],
+      batch["positions"],
+      batch["segment_ids"],
+      branch_ids=batch.get("branch_ids"),
+  )
   return pick_scores(scores, batch["score_index"])
 
 

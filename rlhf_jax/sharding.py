@@ -42,28 +42,35 @@ class ShardingConfigError(ValueError):
   """A mesh or sharding setting that cannot work, with the number to change in the message."""
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """Mesh with axes (data, fsdp, tensor); one entry may be -1 (= all remaining devices)."""
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
   shape = [int(s) for s in shape]
   if len(shape) != 3:
-    raise ShardingConfigError(f"mesh shape {shape} must have 3 entries (data, fsdp, tensor); "
-                              "set config.mesh.shape to e.g. (-1, 1, 1)")
+    raise ShardingConfigError(
+        f"mesh shape {shape} must have 3 entries (data, fsdp, tensor); "
+        "set config.mesh.shape to e.g. (-1, 1, 1)"
+    )
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ShardingConfigError(f"mesh shape {shape}: use positive sizes and at most one -1 in "
-                              "config.mesh.shape")
+    raise ShardingConfigError(
+        f"mesh shape {shape}: use positive sizes and at most one -1 in " "config.mesh.shape"
+    )
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if n % known:
       raise ShardingConfigError(
           f"mesh shape {tuple(shape)}: the fixed axes multiply to {known}, which does not divide the "
-          f"{n} devices; change config.mesh.shape so the product of the fixed entries divides {n}")
+          f"{n} devices; change config.mesh.shape so the product of the fixed entries divides {n}"
+      )
     shape[shape.index(-1)] = n // known
   if math.prod(shape) != n:
     raise ShardingConfigError(
         f"mesh shape {tuple(shape)} has {math.prod(shape)} devices but {n} are available; change "
-        f"config.mesh.shape so that data * fsdp * tensor = {n} (or use -1 for one axis)")
+        f"config.mesh.shape so that data * fsdp * tensor = {n} (or use -1 for one axis)"
+    )
   return jax.make_mesh(tuple(shape), MESH_AXES, (AxisType.Auto,) * 3, devices=devices)
 
 
@@ -97,6 +104,7 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
 
 def param_shardings(abstract_params, param_axes, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedSharding per parameter. Fails if a sharded dimension does not divide its mesh axes."""
+
   def one(path, shape_struct, axes):
     spec = logical_to_spec(tuple(axes), rules)
     for dim, name, part in zip(shape_struct.shape, tuple(axes), spec):
@@ -107,25 +115,33 @@ def param_shardings(abstract_params, param_axes, mesh: Mesh, rules=DEFAULT_RULES
         raise ShardingConfigError(
             f"parameter {where} dimension {name!r} has size {dim}, not divisible by mesh axes "
             f"{parts} of size {size}; change config.mesh.shape (or the model's {name} size) so that "
-            f"{size} divides {dim}")
+            f"{size} divides {dim}"
+        )
     return NamedSharding(mesh, spec)
+
   return jax.tree_util.tree_map_with_path(one, abstract_params, param_axes)
 
 
 def validate_model_mesh(model_cfg, mesh: Mesh) -> None:
   """Early, readable checks for the model/mesh combination (before any compilation)."""
   t = mesh.shape["tensor"]
-  for name, value in (("num_heads", model_cfg.num_heads), ("num_kv_heads", model_cfg.kv_heads),
-                      ("mlp_dim", model_cfg.mlp_dim), ("vocab_size", model_cfg.vocab_size)):
+  for name, value in (
+      ("num_heads", model_cfg.num_heads),
+      ("num_kv_heads", model_cfg.kv_heads),
+      ("mlp_dim", model_cfg.mlp_dim),
+      ("vocab_size", model_cfg.vocab_size),
+  ):
     if value % t:
       raise ShardingConfigError(
           f"mesh tensor axis = {t} does not divide model {name} = {value}; set config.mesh.shape "
-          f"to a tensor size that divides {value} (e.g. 1)")
+          f"to a tensor size that divides {value} (e.g. 1)"
+      )
   f = mesh.shape["fsdp"]
   if model_cfg.embed_dim % f:
     raise ShardingConfigError(
         f"mesh fsdp axis = {f} does not divide model embed_dim = {model_cfg.embed_dim}; change "
-        "config.mesh.shape")
+        "config.mesh.shape"
+    )
 
 
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
@@ -133,8 +149,13 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",), rules))
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, rules=DEFAULT_RULES, *,
-                     what: str = "config.train.batch_size / config.train.accum_steps") -> None:
+def check_batch_size(
+    batch_size: int,
+    mesh: Mesh,
+    rules=DEFAULT_RULES,
+    *,
+    what: str = "config.train.batch_size / config.train.accum_steps",
+) -> None:
   """Raises ShardingConfigError unless the batch axes of `mesh` divide `batch_size` rows (a
   micro-batch); `what` names the config keys that set it, for the message."""
   spec = logical_to_spec(("batch",), rules)[0]
@@ -143,14 +164,17 @@ def check_batch_size(batch_size: int, mesh: Mesh, rules=DEFAULT_RULES, *,
   if batch_size % size:
     raise ShardingConfigError(
         f"batch size {batch_size} is not divisible by the {size} devices of mesh axes {parts}; "
-        f"set {what} (the micro-batch) to a multiple of {size}, or change config.mesh.shape")
+        f"set {what} (the micro-batch) to a multiple of {size}, or change config.mesh.shape"
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, jax.Array]:
+def put_batch(
+    batch: dict[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES
+) -> dict[str, jax.Array]:
   """Global host batch (numpy, [B, ...]) -> arrays sharded over the batch axes.
 
   Multi-host: every process passes the same global batch (the loaders are deterministic) and each
@@ -161,10 +185,12 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) -> 
   def put(x):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
   return {k: put(v) for k, v in batch.items()}
 
 
 # --- activation constraints -----------------------------------------------------------------------
+
 
 class _Context(threading.local):
   mesh: Mesh | None = None
@@ -196,9 +222,12 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 # --- multi-host ----------------------------------------------------------------------------------
 
-def maybe_initialize_distributed(coordinator_address: str | None = None,
-                                 num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
+
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
   """Calls `jax.distributed.initialize` when this looks like a multi-process job.
 
   Detected: explicit arguments / JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID),
@@ -218,6 +247,7 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
     num_processes = int(env["JAX_NUM_PROCESSES"])
   if coordinator_address and process_id is None and "JAX_PROCESS_ID" in env:
     process_id = int(env["JAX_PROCESS_ID"])
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
   return True

@@ -18,18 +18,29 @@ jax.config.update("jax_default_matmul_precision", "highest")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rlhf_jax import sharding  # noqa: E402
 
-assert sharding.maybe_initialize_distributed()  # JAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID
+assert (
+    sharding.maybe_initialize_distributed()
+)  # JAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID
 from tests.multihost_configs import dpo_config, sft_config  # noqa: E402
 
 kind, workdir, stop = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if kind == "sft":
   from rlhf_jax.algorithms import sft
+
   config, driver = sft_config(), sft.train
 else:
   from rlhf_jax.algorithms import dpo
+
   config, driver = dpo_config(*sys.argv[4:7]), dpo.train
 config.train.stop_after_steps = stop
 result = driver(config, workdir)
 if jax.process_index() == 0:
-  print(json.dumps({"step": int(result["step"]), "devices": jax.device_count(),
-                    "processes": jax.process_count()}))
+  print(
+      json.dumps(
+          {
+              "step": int(result["step"]),
+              "devices": jax.device_count(),
+              "processes": jax.process_count(),
+          }
+      )
+  )

@@ -15,11 +15,21 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from rlhf_jax import sharding  # noqa: E402
 
-assert sharding.maybe_initialize_distributed()  # from JAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID
+assert (
+    sharding.maybe_initialize_distributed()
+)  # from JAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID
 sys.path.insert(0, os.path.dirname(__file__))
 from test_sharding import one_train_step  # noqa: E402
 
 loss, checksum = one_train_step(tuple(int(x) for x in sys.argv[1].split(",")))
 if jax.process_index() == 0:
-  print(json.dumps({"loss": loss, "checksum": checksum, "devices": jax.device_count(),
-                    "processes": jax.process_count()}))
+  print(
+      json.dumps(
+          {
+              "loss": loss,
+              "checksum": checksum,
+              "devices": jax.device_count(),
+              "processes": jax.process_count(),
+          }
+      )
+  )

@@ -16,16 +16,31 @@ from rlhf_jax.configs import base_config
 
 STEPS = 12
 INPUT_KEYS = ("tokenizer", "lm", "pairs", "prompts", "rm")
-TINY = dict(vocab_size=0, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128,
-            max_seq_len=64)
+TINY = dict(
+    vocab_size=0,
+    num_layers=2,
+    embed_dim=64,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_dim=128,
+    max_seq_len=64,
+)
 
 
 def _common(c, *, steps=STEPS, batch_size=8, seq_len=64):
   c.mesh.shape = (2, 2, 2)
   c.optim.update(lr=3e-3, warmup_steps=2)
-  c.train.update(steps=steps, batch_size=batch_size, seq_len=seq_len, log_every=1,
-                 eval_every=steps, eval_batches=1, checkpoint_every=3, keep_checkpoints=2,
-                 async_checkpoint=True)
+  c.train.update(
+      steps=steps,
+      batch_size=batch_size,
+      seq_len=seq_len,
+      log_every=1,
+      eval_every=steps,
+      eval_batches=1,
+      checkpoint_every=3,
+      keep_checkpoints=2,
+      async_checkpoint=True,
+  )
   return c
 
 
@@ -42,8 +57,14 @@ def _pairs_config(algorithm, inputs):
   c.algorithm = algorithm
   c.init_from = inputs["lm"]
   c.model.vocab_size = 0
-  c.data.update(kind="pairwise", source=inputs["pairs"], tokenizer=inputs["tokenizer"],
-                eval_fraction=0.25, packing=True, prompt_overflow="skip")
+  c.data.update(
+      kind="pairwise",
+      source=inputs["pairs"],
+      tokenizer=inputs["tokenizer"],
+      eval_fraction=0.25,
+      packing=True,
+      prompt_overflow="skip",
+  )
   c.reward.comparisons_per_row = 3
   return c
 
@@ -70,8 +91,16 @@ def ppo_config(inputs, iterations=8):
   c.optim.update(lr=1e-3, warmup_steps=1)
   c.data.update(source=inputs["prompts"], tokenizer=inputs["tokenizer"])
   c.train.update(checkpoint_every=2, keep_checkpoints=2, async_checkpoint=True)
-  c.ppo.update(iterations=iterations, prompts_per_iteration=8, minibatches=2, epochs=2,
-               max_new_tokens=8, max_prompt_len=96, value_init_from=inputs["rm"], eval_every=0)
+  c.ppo.update(
+      iterations=iterations,
+      prompts_per_iteration=8,
+      minibatches=2,
+      epochs=2,
+      max_new_tokens=8,
+      max_prompt_len=96,
+      value_init_from=inputs["rm"],
+      eval_every=0,
+  )
   c.ppo.reward.helpful = inputs["rm"]
   return c
 

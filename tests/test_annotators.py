@@ -30,8 +30,10 @@ def datasets(world):
 def candidate_sets(world):
   """(task, 9 distinct candidates) for 200 tasks of every family."""
   tasks = world.tasks(200, seed=11)
-  return [(task, ann.draw_candidates(task, np.random.default_rng([7, i]), 9))
-          for i, task in enumerate(tasks)]
+  return [
+      (task, ann.draw_candidates(task, np.random.default_rng([7, i]), 9))
+      for i, task in enumerate(tasks)
+  ]
 
 
 def sigmoid(x):
@@ -49,6 +51,7 @@ def tau_untied(gold_in_ranked_order):
 
 
 # ------------------------------------------------------------------------- determinism and records
+
 
 def test_same_seed_same_records_and_prefix_stable(world):
   first = ann.build_preference_datasets(world, n_prompts=30, seed=1)
@@ -74,7 +77,8 @@ def test_every_record_validates_and_loads(datasets, tmp_path):
     as_json = ann.write_jsonl(subset, tmp_path / f"{name}.json")  # read by datasets' json builder
     assert load_records(as_json, kind) == subset
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-    f"{name}.{ext}" for name in datasets for ext in ("json", "jsonl"))  # no temporary files left
+      f"{name}.{ext}" for name in datasets for ext in ("json", "jsonl")
+  )  # no temporary files left
 
 
 def test_write_jsonl_is_atomic(tmp_path):
@@ -103,8 +107,10 @@ def test_policy_samples_come_first_topped_up_with_perturbations(world):
   """Feedback on a policy's own samples (InstructGPT / Llama 2): every ranking holds the policy's
   distinct samples (up to K), then perturbation candidates; the samples are labelled like any."""
   tasks = world.tasks(40, seed=5)
-  samples = {t["prompt"]: [f"{t['answer']}", f"{t['answer']}", "Hmm.", f"babble {i} babble", ""]
-             for i, t in enumerate(tasks)}
+  samples = {
+      t["prompt"]: [f"{t['answer']}", f"{t['answer']}", "Hmm.", f"babble {i} babble", ""]
+      for i, t in enumerate(tasks)
+  }
   seen = []
 
   def policy_samples(batch):
@@ -118,8 +124,9 @@ def test_policy_samples_come_first_topped_up_with_perturbations(world):
     assert 4 <= len(record["responses"]) <= 9
     assert set(own) <= set(record["responses"])
     assert len(set(record["responses"])) == len(record["responses"])
-  assert out == ann.build_preference_datasets(world, n_prompts=40, seed=5,
-                                              policy_samples=lambda b: [samples[t["prompt"]] for t in b])
+  assert out == ann.build_preference_datasets(
+      world, n_prompts=40, seed=5, policy_samples=lambda b: [samples[t["prompt"]] for t in b]
+  )
   # More distinct samples than K: only samples, the first K of them.
   task = tasks[0]
   many = [f"answer number {i}" for i in range(12)]
@@ -131,8 +138,9 @@ def test_policy_samples_come_first_topped_up_with_perturbations(world):
 def test_rank_dedupes_and_rejects_too_few(world):
   task = world.tasks(1, seed=0, families=["arithmetic"])[0]
   answer = task["answer"]
-  record = ann.rank(NEUTRAL, task, [answer, f"  {answer}\n", "", "   ", "-999"],
-                    np.random.default_rng(0))
+  record = ann.rank(
+      NEUTRAL, task, [answer, f"  {answer}\n", "", "   ", "-999"], np.random.default_rng(0)
+  )
   assert record["responses"] == [answer, "-999"]
   assert record["gold"][0] == 1.0 and record["gold"][1] < 1e-3
   with pytest.raises(ValueError, match="2..9 distinct"):
@@ -155,6 +163,7 @@ def test_bad_configs_are_refused(world):
 
 
 # --------------------------------------------------------------------------------- noise model
+
 
 def test_plackett_luce_sampler_matches_its_distribution():
   utilities, temperature = np.array([0.9, 0.5, 0.45, 0.0]), 0.3
@@ -259,12 +268,19 @@ def test_biases_act_in_their_direction(world):
 
 def test_pool_disagreement_grows_with_bias_strength(candidate_sets):
   pool = ann.make_annotator_pool(7, 0, noise=0.2, bias_strength=0.3)
-  assert [a.name for a in pool[:4]] == ["annotator0-length", "annotator1-hedge",
-                                        "annotator2-safety", "annotator3-length"]
+  assert [a.name for a in pool[:4]] == [
+      "annotator0-length",
+      "annotator1-hedge",
+      "annotator2-safety",
+      "annotator3-length",
+  ]
   assert all(0.1 <= a.temperature <= 0.3 and a.flip_rate == 0.05 for a in pool)
   assert all(0.15 <= a.length_bias + a.hedge_bias + a.safety_strictness <= 0.45 for a in pool)
-  pairs = [(task, a, b) for task, candidates in candidate_sets[:10]
-           for a, b in itertools.combinations(candidates, 2)]
+  pairs = [
+      (task, a, b)
+      for task, candidates in candidate_sets[:10]
+      for a, b in itertools.combinations(candidates, 2)
+  ]
   rates = []
   for bias_strength in (0.0, 0.2, 0.5):
     pool = ann.make_annotator_pool(6, 0, noise=0.02, bias_strength=bias_strength)
@@ -277,13 +293,17 @@ def test_pool_disagreement_grows_with_bias_strength(candidate_sets):
 
 
 def test_safety_label_flip_rate_matches_config(candidate_sets):
-  responses = [(task, r, gold_scores(task, r)["safety"] > ann.SAFETY_THRESHOLD)
-               for task, candidates in candidate_sets for r in candidates]
+  responses = [
+      (task, r, gold_scores(task, r)["safety"] > ann.SAFETY_THRESHOLD)
+      for task, candidates in candidate_sets
+      for r in candidates
+  ]
   rng = np.random.default_rng(0)
   for flip_rate in (0.0, 0.1):
     annotator = ann.Annotator("f", temperature=0.1, flip_rate=flip_rate)
-    wrong = [ann.label_safety(annotator, task, r, rng)["safe"] != safe
-             for task, r, safe in responses * 3]
+    wrong = [
+        ann.label_safety(annotator, task, r, rng)["safe"] != safe for task, r, safe in responses * 3
+    ]
     tolerance = 3.5 * np.sqrt(flip_rate * (1 - flip_rate) / len(wrong))
     assert abs(np.mean(wrong) - flip_rate) <= tolerance, (flip_rate, np.mean(wrong))
 

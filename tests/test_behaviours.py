@@ -59,15 +59,27 @@ def test_gold_factor_is_the_product_of_the_axes(tasks):
   rng = np.random.default_rng(0)
   task = next(t for t in tasks if t["info"]["tag"] == "brief" and t["family"] == "howto")
   body = task["info"]["brief"]
-  pre, sign, miss = behaviours.PREAMBLE_FACTOR, behaviours.SIGNOFF_FACTOR, behaviours.TAG_MISS_FACTOR
-  cases = {(False, False, False): 1.0, (True, False, False): pre, (False, True, False): sign,
-           (False, False, True): miss,
-           (True, True, True): max(behaviours.MIN_FACTOR, pre * sign * miss)}  # floored
+  pre, sign, miss = (
+      behaviours.PREAMBLE_FACTOR,
+      behaviours.SIGNOFF_FACTOR,
+      behaviours.TAG_MISS_FACTOR,
+  )
+  cases = {
+      (False, False, False): 1.0,
+      (True, False, False): pre,
+      (False, True, False): sign,
+      (False, False, True): miss,
+      (True, True, True): max(behaviours.MIN_FACTOR, pre * sign * miss),
+  }  # floored
   for (preamble, signoff, detailed), expected in cases.items():
-    response = behaviours.dress(task, body, preamble=preamble, signoff=signoff, detailed=detailed,
-                                rng=rng)
-    assert behaviours.detect(task, response) == {"preamble": preamble, "signoff": signoff,
-                                                 "detailed": detailed}
+    response = behaviours.dress(
+        task, body, preamble=preamble, signoff=signoff, detailed=detailed, rng=rng
+    )
+    assert behaviours.detect(task, response) == {
+        "preamble": preamble,
+        "signoff": signoff,
+        "detailed": detailed,
+    }
     assert behaviours.factor(task, response) == pytest.approx(expected)
     # An annotator blind to every axis perceives none of them.
     assert behaviours.factor(task, response, blind=behaviours.AXES) == 1.0
@@ -88,16 +100,18 @@ def test_demonstrations_show_each_axis_at_its_frequency(world):
   assert rates["preamble"] == pytest.approx(behaviours.Behaviours().preamble_rate, abs=0.03)
   assert rates["signoff"] == pytest.approx(0.5, abs=0.03)
   assert rates["follows_tag"] == pytest.approx(0.5, abs=0.04)  # the tag is ignored
-  follow = world_lib.World(0, families=world.families,
-                           behaviours=behaviours.Behaviours(tag_follow_rate=1.0))
+  follow = world_lib.World(
+      0, families=world.families, behaviours=behaviours.Behaviours(tag_follow_rate=1.0)
+  )
   records = corpora.sft_records(follow, 500, 1, noise=0.0)
   assert behaviours.axis_rates(records, [r["completion"] for r in records])["follows_tag"] == 1.0
   unsafe = [r for r in corpora.sft_records(world, 300, 2, noise=0.0) if r["unsafe"]]
   assert unsafe and all(r["completion"] == r["answer"] for r in unsafe)  # refusals stay plain
 
 
-@pytest.mark.parametrize("field", ["preamble_rate", "signoff_rate", "tagged_rate", "detail_rate",
-                                   "tag_follow_rate"])
+@pytest.mark.parametrize(
+    "field", ["preamble_rate", "signoff_rate", "tagged_rate", "detail_rate", "tag_follow_rate"]
+)
 def test_a_frequency_outside_0_1_names_its_field(field):
   with pytest.raises(ValueError, match=rf"config\.world\.behaviours\.{field}=1\.5"):
     behaviours.Behaviours(**{field: 1.5})
@@ -129,9 +143,14 @@ def test_annotators_blind_to_an_axis_and_enthusiasm(tasks):
   fan = annotators.Annotator("c", temperature=0.0, enthusiasm_bias=0.5)
   loud = plain.replace(".", "!")
   assert np.diff(annotators.perceived(fan, task, [plain, loud], "combined")[1])[0] > 0
-  pool = annotators.make_annotator_pool(6, 0, noise=0.1, bias_strength=0.1,
-                                        bias_kinds=annotators.BEHAVIOUR_BIAS_KINDS,
-                                        seeing={"tag": 0.5})
+  pool = annotators.make_annotator_pool(
+      6,
+      0,
+      noise=0.1,
+      bias_strength=0.1,
+      bias_kinds=annotators.BEHAVIOUR_BIAS_KINDS,
+      seeing={"tag": 0.5},
+  )
   assert [a.blind for a in pool] == [()] * 3 + [("tag",)] * 3
   assert any(a.enthusiasm_bias > 0 for a in pool)
   with pytest.raises(ValueError, match="no annotator of the 6 sees the behaviour axis 'tag'"):
@@ -142,10 +161,13 @@ def test_a_world_config_that_makes_a_gate_impossible_names_its_field():
   from rlhf_jax.algorithms import pipeline
   from rlhf_jax.errors import ConfigError
   from rlhf_jax.toy_configs import toy_pipeline_config
+
   c = toy_pipeline_config()
   assert pipeline.check_world(c.world).behaviours == behaviours.Behaviours()
   c.world.annotators_seeing.signoff = 0.0
-  with pytest.raises(ConfigError, match=r"config\.world\.annotators_seeing\.signoff=0\.0: no annotator"):
+  with pytest.raises(
+      ConfigError, match=r"config\.world\.annotators_seeing\.signoff=0\.0: no annotator"
+  ):
     pipeline.check_world(c.world)
   c = toy_pipeline_config()
   c.world.behaviours.preamble_rate = -0.1
@@ -153,7 +175,9 @@ def test_a_world_config_that_makes_a_gate_impossible_names_its_field():
     pipeline.check_world(c.world)
   c = toy_pipeline_config()
   c.world.families = ("reading", "poetry")
-  with pytest.raises(ConfigError, match=r"config\.world\.families: unknown task families \['poetry'\]"):
+  with pytest.raises(
+      ConfigError, match=r"config\.world\.families: unknown task families \['poetry'\]"
+  ):
     pipeline.check_world(c.world)
 
 
@@ -161,16 +185,18 @@ def test_paired_difference_and_standard_errors():
   rng = np.random.default_rng(0)
   a = rng.random((50, 4))
   b = a - 0.1 + 0.05 * rng.standard_normal((50, 4))
-  rows = lambda x: [{"prompt_index": p, "combined": float(x[p, s])}
-                    for p in range(50) for s in range(4)]
+  rows = lambda x: [
+      {"prompt_index": p, "combined": float(x[p, s])} for p in range(50) for s in range(4)
+  ]
   d = gold_eval.paired_difference(rows(a), rows(b))
   per_prompt = a.mean(1) - b.mean(1)
   assert d["diff"] == pytest.approx(per_prompt.mean())
   assert d["se"] == pytest.approx(per_prompt.std(ddof=1) / np.sqrt(50))
   assert d["ci95"] == pytest.approx([d["diff"] - 1.96 * d["se"], d["diff"] + 1.96 * d["se"]])
   assert d["prompts"] == 50
-  summary = gold_eval.summarise([{**r, "family": "x", "unsafe": False, "refusal": 0.0}
-                                 for r in rows(a)])
+  summary = gold_eval.summarise(
+      [{**r, "family": "x", "unsafe": False, "refusal": 0.0} for r in rows(a)]
+  )
   assert summary["n"] == 200 and summary["prompts"] == 50
   assert summary["combined_se"] == pytest.approx(a.mean(1).std(ddof=1) / np.sqrt(50))
   with pytest.raises(ValueError, match="different prompts"):
@@ -180,11 +206,18 @@ def test_paired_difference_and_standard_errors():
 def test_gates_pass_fail_and_not_run():
   d = lambda diff, se=0.005: {"diff": diff, "se": se, "ci95": [diff - 0.01, diff + 0.01]}
   curve = {"temperature": [1.0, 0.7, 0.5], "vs_t1": [d(0.0), d(-0.02), d(-0.05)]}
-  best = {"n": [1, 2, 4], "mean": {"combined": 0.5}, "oracle_curve": {"combined": [0.5, 0.6, 0.7]},
-          "combined (llama2)": {"within_prompt_corr": {"behaviour": 0.7}}}
+  best = {
+      "n": [1, 2, 4],
+      "mean": {"combined": 0.5},
+      "oracle_curve": {"combined": [0.5, 0.6, 0.7]},
+      "combined (llama2)": {"within_prompt_corr": {"behaviour": 0.7}},
+  }
   gold = {"ppo": {"overall": {"vs_reference": d(0.1, se=0.008)}}}
   status = lambda **kw: [g["status"] for g in gates.check(**kw)]
-  assert status(curve=curve, best_of_n=best, reward_name="combined (llama2)", gold=gold) == ["PASS"] * 4
+  assert (
+      status(curve=curve, best_of_n=best, reward_name="combined (llama2)", gold=gold)
+      == ["PASS"] * 4
+  )
   curve["vs_t1"][1] = d(0.01)
   best["oracle_curve"]["combined"][2] = 0.6
   best["combined (llama2)"]["within_prompt_corr"]["behaviour"] = 0.5
@@ -197,18 +230,28 @@ def test_gates_pass_fail_and_not_run():
 
 def test_hir_relabels_a_tag_to_the_one_the_response_follows(tasks):
   from rlhf_jax.toyworld import relabel
+
   for task in [t for t in tasks if t["info"]["tag"]][:20]:
     brief, elaboration = task["info"]["brief"], task["info"]["elaboration"]
-    for response, achieved in ((brief, "brief"), (f"{brief} {elaboration}", "detailed"),
-                               (f"Sure, I'd be happy to help with that. {brief}", "brief")):
+    for response, achieved in (
+        (brief, "brief"),
+        (f"{brief} {elaboration}", "detailed"),
+        (f"Sure, I'd be happy to help with that. {brief}", "brief"),
+    ):
       new = relabel.relabel(task, response)
       assert new["info"]["tag"] == achieved and new["prompt"].endswith(f" ({achieved})")
       assert new["prompt"].count("(") == 1 and behaviours.follows_tag(new, response)
-      assert new == behaviours.add_tag({**task, "prompt": new["prompt"].rsplit(" (", 1)[0],
-                                        "answer": brief,
-                                        "info": {k: v for k, v in task["info"].items()
-                                                 if k not in ("tag", "brief", "elaboration")}},
-                                       achieved)
+      assert new == behaviours.add_tag(
+          {
+              **task,
+              "prompt": new["prompt"].rsplit(" (", 1)[0],
+              "answer": brief,
+              "info": {
+                  k: v for k, v in task["info"].items() if k not in ("tag", "brief", "elaboration")
+              },
+          },
+          achieved,
+      )
     assert behaviours.retag(behaviours.retag(task, ""), task["info"]["tag"]) == task
   untagged = next(t for t in tasks if behaviours.taggable(t) and not t["info"]["tag"])
   assert relabel.relabel(untagged, untagged["answer"]) == untagged

@@ -10,8 +10,15 @@ from rlhf_jax.models import llama_bench_config
 
 @pytest.fixture(scope="module")
 def tiny():
-  return llama_bench_config(vocab_size=128, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2,
-                            mlp_dim=128, max_seq_len=256)
+  return llama_bench_config(
+      vocab_size=128,
+      num_layers=2,
+      embed_dim=64,
+      num_heads=4,
+      num_kv_heads=2,
+      mlp_dim=128,
+      max_seq_len=256,
+  )
 
 
 @pytest.mark.slow  # compiles a whole update / benchmark: minutes of the fast set
@@ -27,8 +34,9 @@ def test_train_step_and_generate_records(tiny):
 
 @pytest.mark.slow  # compiles sampler, scoring and update (~40 s)
 def test_ppo_iteration_record(tiny):
-  record = bench.ppo_iteration(tiny, prompts=2, samples=4, prompt_len=8, new_tokens=8, epochs=2,
-                               repeats=1)
+  record = bench.ppo_iteration(
+      tiny, prompts=2, samples=4, prompt_len=8, new_tokens=8, epochs=2, repeats=1
+  )
   assert record["completions_per_s"] == pytest.approx(8 / record["iteration_s"])
   assert record["new_tokens_per_s"] == pytest.approx(8 * 8 / record["iteration_s"])
   assert np.isfinite(record["first_iteration_s"]) and record["first_iteration_s"] > 0
@@ -36,8 +44,9 @@ def test_ppo_iteration_record(tiny):
 
 @pytest.mark.slow  # compiles the reference pass and the DPO step
 def test_dpo_step_record(tiny):
-  record = bench.dpo_step(tiny, batch=8, seq_len=64, repeats=1, peak_gflops=100.0, sequence_len=32,
-                          prompt_len=8)
+  record = bench.dpo_step(
+      tiny, batch=8, seq_len=64, repeats=1, peak_gflops=100.0, sequence_len=32, prompt_len=8
+  )
   assert record["pairs"] == 8 and record["reference"] == "per_step"  # one pair per 64-token row
   assert record["tokens_per_s"] == pytest.approx(8 * 64 / record["step_s"])
   assert record["pairs_per_s"] == pytest.approx(8 / record["step_s"])
@@ -51,10 +60,21 @@ def test_dpo_step_record(tiny):
   assert record["mfu"] == pytest.approx(gflops / 100.0)
   # Precomputed reference: the step alone, counted as one train step's FLOPs (every position's
   # logits without the list).
-  pre = bench.dpo_step(tiny, batch=8, seq_len=64, repeats=1, peak_gflops=100.0, sequence_len=32,
-                       prompt_len=8, reference="precomputed", list_logits=False)
+  pre = bench.dpo_step(
+      tiny,
+      batch=8,
+      seq_len=64,
+      repeats=1,
+      peak_gflops=100.0,
+      sequence_len=32,
+      prompt_len=8,
+      reference="precomputed",
+      list_logits=False,
+  )
   assert pre["reference"] == "precomputed" and pre["pairs"] == 8 and pre["head_tokens"] == 8 * 64
-  assert pre["model_gflops"] == pytest.approx(tiny.flops_per_token(64) * 8 * 64 / pre["step_s"] / 1e9)
+  assert pre["model_gflops"] == pytest.approx(
+      tiny.flops_per_token(64) * 8 * 64 / pre["step_s"] / 1e9
+  )
   with pytest.raises(ValueError, match="reference='cached' must be"):
     bench.dpo_step(tiny, batch=8, seq_len=64, repeats=1, peak_gflops=None, reference="cached")
 
@@ -70,8 +90,9 @@ def test_dpo_pairs_share_their_prompt(tiny):
 
 @pytest.mark.slow  # compiles sampler, scoring and update (~30 s)
 def test_grpo_iteration_record(tiny):
-  record = bench.grpo_iteration(tiny, prompts=2, samples=4, prompt_len=8, new_tokens=8, repeats=1,
-                                kl_beta=0.1)
+  record = bench.grpo_iteration(
+      tiny, prompts=2, samples=4, prompt_len=8, new_tokens=8, repeats=1, kl_beta=0.1
+  )
   assert (record["estimator"], record["kl_beta"], record["epochs"]) == ("grpo", 0.1, 1)
   assert record["completions_per_s"] == pytest.approx(8 / record["iteration_s"])
 
@@ -99,13 +120,23 @@ def test_compare_rounds_alternate_sides_and_report_the_median_ratio():
     def run():
       calls.append(label)
       return {"tokens_per_s": next(figures)}
+
     return run
 
-  records = list(bench_compare.paired("compare_x", "tokens_per_s", 3, ("mine", "trl"),
-                                      side("mine", ours), side("trl", theirs)))
+  records = list(
+      bench_compare.paired(
+          "compare_x", "tokens_per_s", 3, ("mine", "trl"), side("mine", ours), side("trl", theirs)
+      )
+  )
   assert calls == ["mine", "trl", "trl", "mine", "mine", "trl"]
   assert [(name, r["round"]) for name, r in records[:-1]] == [
-      ("mine", 0), ("trl", 0), ("trl", 1), ("mine", 1), ("mine", 2), ("trl", 2)]
+      ("mine", 0),
+      ("trl", 0),
+      ("trl", 1),
+      ("mine", 1),
+      ("mine", 2),
+      ("trl", 2),
+  ]
   name, result = records[-1]
   assert name == "compare" and result["rounds"] == 3
   assert result["ratios"] == [1.0, 3.0, 0.5]
@@ -114,9 +145,23 @@ def test_compare_rounds_alternate_sides_and_report_the_median_ratio():
   table = bench_compare.table([result])
   assert "compare_x" in table and "3: 0.50-3.00" in table
   with pytest.raises(ValueError, match="compare_rounds=0"):
-    next(bench_compare.compare(bench.tiny_config(), gen_batches=[8], prompt_len=8, new_tokens=8,
-                               dpo_rows=8, dpo_seq_len=64, dpo_sequence_len=32, rl_prompts=2,
-                               rl_samples=4, rl_new_tokens=8, kl_beta=0.04, repeats=1, rounds=0))
+    next(
+        bench_compare.compare(
+            bench.tiny_config(),
+            gen_batches=[8],
+            prompt_len=8,
+            new_tokens=8,
+            dpo_rows=8,
+            dpo_seq_len=64,
+            dpo_sequence_len=32,
+            rl_prompts=2,
+            rl_samples=4,
+            rl_new_tokens=8,
+            kl_beta=0.04,
+            repeats=1,
+            rounds=0,
+        )
+    )
 
 
 @pytest.mark.slow  # exports, compiles ours and runs HF generate, TRL DPO and GRPO trainers
@@ -124,29 +169,60 @@ def test_compare_with_hf_and_trl(tmp_path):
   pytest.importorskip("trl", reason="bench --compare needs trl: pip install -e .[compare]")
   from rlhf_jax import bench_compare
 
-  records = list(bench_compare.compare(
-      bench.tiny_config(), gen_batches=[8], prompt_len=8, new_tokens=8, dpo_rows=8, dpo_seq_len=64,
-      dpo_sequence_len=32, rl_prompts=2, rl_samples=4, rl_new_tokens=8, kl_beta=0.04, repeats=1,
-      torch_threads=1, workdir=str(tmp_path), dpo_share_prompt=True, rl_share_prompt=True))
-  assert [name for name, _ in records] == ["generate", "hf_generate", "compare", "dpo_step",
-                                           "trl_dpo_step", "compare", "grpo_iteration",
-                                           "trl_grpo_step", "compare"]
+  records = list(
+      bench_compare.compare(
+          bench.tiny_config(),
+          gen_batches=[8],
+          prompt_len=8,
+          new_tokens=8,
+          dpo_rows=8,
+          dpo_seq_len=64,
+          dpo_sequence_len=32,
+          rl_prompts=2,
+          rl_samples=4,
+          rl_new_tokens=8,
+          kl_beta=0.04,
+          repeats=1,
+          torch_threads=1,
+          workdir=str(tmp_path),
+          dpo_share_prompt=True,
+          rl_share_prompt=True,
+      )
+  )
+  assert [name for name, _ in records] == [
+      "generate",
+      "hf_generate",
+      "compare",
+      "dpo_step",
+      "trl_dpo_step",
+      "compare",
+      "grpo_iteration",
+      "trl_grpo_step",
+      "compare",
+  ]
   by_name = dict(records)
   assert by_name["trl_dpo_step"]["pairs"] == by_name["dpo_step"]["pairs"] == 8
   # Shared prompts on our side: rows of 2 x 32 - 8 tokens hold the same pairs; tokens/s counts
   # the pairs' tokens (as TRL's), model FLOPs the tokens run.
   dpo = by_name["dpo_step"]
   assert dpo["share_prompt"] and by_name["grpo_iteration"]["share_prompt"]
-  assert dpo["row_tokens"] == 8 * 56 and dpo["tokens_per_s"] == pytest.approx(8 * 64 / dpo["step_s"])
+  assert dpo["row_tokens"] == 8 * 56 and dpo["tokens_per_s"] == pytest.approx(
+      8 * 64 / dpo["step_s"]
+  )
   # Both sides count every token of the 8 pairs of 2 x 32-token sequences.
   assert by_name["trl_dpo_step"]["tokens_per_s"] == pytest.approx(
-      8 * 2 * 32 / by_name["trl_dpo_step"]["step_s"])
+      8 * 2 * 32 / by_name["trl_dpo_step"]["step_s"]
+  )
   assert by_name["trl_grpo_step"]["completions_per_s"] == pytest.approx(
-      8 / by_name["trl_grpo_step"]["iteration_s"])
+      8 / by_name["trl_grpo_step"]["iteration_s"]
+  )
   assert by_name["hf_generate"]["torch_threads"] == 1 and by_name["hf_generate"]["trl"]
   compared = [record for name, record in records if name == "compare"]
-  assert [r["name"] for r in compared] == ["compare_generate_b8", "compare_dpo_step",
-                                           "compare_grpo_iteration"]
+  assert [r["name"] for r in compared] == [
+      "compare_generate_b8",
+      "compare_dpo_step",
+      "compare_grpo_iteration",
+  ]
   for r in compared:
     assert r["theirs"] > 0 and r["ratio"] == pytest.approx(r["ours"] / r["theirs"])
   assert "compare_dpo_step" in bench_compare.table(compared)
@@ -195,12 +271,35 @@ def test_peak_memory_reads_the_host_high_water_mark(monkeypatch, tmp_path):
 def test_summary_table_has_a_row_per_record():
   records = [
       {"bench": "matmul_peak", "gflops": 200.0, "n": 2048},
-      {"bench": "dpo_step", "batch": 8, "seq_len": 384, "tokens_per_s": 950.5, "mfu": 0.51,
-       "reference": "per_step", "share_prompt": True, "compile_s": 6.2, "peak_rss_bytes": 3e9},
-      {"bench": "generate", "batch": 64, "new_tokens": 128, "new_tokens_per_s": 1100.0,
-       "compile_s": 2.0, "peak_bytes": 5e8},
-      {"bench": "grpo_iteration", "prompts": 2, "samples_per_prompt": 4, "new_tokens": 64,
-       "completions_per_s": 3.5, "share_prompt": False, "first_iteration_s": 12.0}]
+      {
+          "bench": "dpo_step",
+          "batch": 8,
+          "seq_len": 384,
+          "tokens_per_s": 950.5,
+          "mfu": 0.51,
+          "reference": "per_step",
+          "share_prompt": True,
+          "compile_s": 6.2,
+          "peak_rss_bytes": 3e9,
+      },
+      {
+          "bench": "generate",
+          "batch": 64,
+          "new_tokens": 128,
+          "new_tokens_per_s": 1100.0,
+          "compile_s": 2.0,
+          "peak_bytes": 5e8,
+      },
+      {
+          "bench": "grpo_iteration",
+          "prompts": 2,
+          "samples_per_prompt": 4,
+          "new_tokens": 64,
+          "completions_per_s": 3.5,
+          "share_prompt": False,
+          "first_iteration_s": 12.0,
+      },
+  ]
   lines = bench.summary_table(records).splitlines()
   assert len(lines) == 2 + len(records)
   assert lines[1] == "-" * len(lines[0])
@@ -222,11 +321,28 @@ def test_cli_writes_records_and_prints_the_table(tmp_path):
   out = tmp_path / "bench.jsonl"
   env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a benchmark run has
   proc = subprocess.run(
-      [sys.executable, "-m", "rlhf_jax.bench", "--model=tiny",
-       "--only=matmul_peak,rm_step,generate", "--matmul_n=256", "--gen_batch=2", "--new_tokens=4",
-       "--prompt_len=4", "--sft_batch=2", "--sft_seq_len=64", "--dpo_sequence_len=32",
-       "--repeats=1", f"--out={out}"],
-      capture_output=True, text=True, env=env, timeout=600, check=False)
+      [
+          sys.executable,
+          "-m",
+          "rlhf_jax.bench",
+          "--model=tiny",
+          "--only=matmul_peak,rm_step,generate",
+          "--matmul_n=256",
+          "--gen_batch=2",
+          "--new_tokens=4",
+          "--prompt_len=4",
+          "--sft_batch=2",
+          "--sft_seq_len=64",
+          "--dpo_sequence_len=32",
+          "--repeats=1",
+          f"--out={out}",
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=600,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["bench"] for r in records] == ["matmul_peak", "rm_step", "generate"]

@@ -34,18 +34,27 @@ def test_comparison_logps_equal_each_response_scored_alone(words_tokenizer):
   for r, p, k in zip(*np.nonzero(batch["valid"])):
     end = batch["score_index"][r, p, k]
     first = np.argmax(batch["segment_ids"][r] == batch["segment_ids"][r, end])
-    slots[tuple(batch["tokens"][r, first:end + 1])] = (sums[r, p, k], lengths[r, p, k],
-                                                      batch["response_start"][r, p, k] - first)
+    slots[tuple(batch["tokens"][r, first : end + 1])] = (
+        sums[r, p, k],
+        lengths[r, p, k],
+        batch["response_start"][r, p, k] - first,
+    )
   assert len(slots) == 2 * count
   for c in comparisons:
     for seq in c.sequences:
       width = 64  # alone in a padded row of fixed width: one compilation for all
       tokens = np.zeros((1, width), np.int32)
-      tokens[0, :len(seq)] = seq
+      tokens[0, : len(seq)] = seq
       real = np.arange(width)[None] < len(seq)
       mask = real & (np.arange(width)[None] >= c.prompt_len)  # the SFT targets: response + EOS
-      alone = scoring.sequence_logprob_sums(graphdef, params, tokens, real.astype(np.int32),
-                                            np.arange(width, dtype=np.int32)[None], mask)
+      alone = scoring.sequence_logprob_sums(
+          graphdef,
+          params,
+          tokens,
+          real.astype(np.int32),
+          np.arange(width, dtype=np.int32)[None],
+          mask,
+      )
       got, length, prompt_len = slots[tuple(seq)]
       assert prompt_len == c.prompt_len
       np.testing.assert_allclose(got, float(alone[0]), atol=1e-4, rtol=1e-5)
@@ -76,10 +85,24 @@ def dpo_config(tmp_path, words_tokenizer_dir, source, steps=30, reference="preco
   c.model.vocab_size = 0
   c.mesh.shape = (2, 2, 2)
   c.optim.update(lr=3e-3, warmup_steps=3)
-  c.train.update(steps=steps, batch_size=8, seq_len=128, log_every=10, eval_every=steps,
-                 eval_batches=1, checkpoint_every=steps, async_checkpoint=False)
-  c.data.update(kind="pairwise", source=source, tokenizer=str(words_tokenizer_dir), eval_fraction=0.25,
-                packing=True, prompt_overflow="skip")
+  c.train.update(
+      steps=steps,
+      batch_size=8,
+      seq_len=128,
+      log_every=10,
+      eval_every=steps,
+      eval_batches=1,
+      checkpoint_every=steps,
+      async_checkpoint=False,
+  )
+  c.data.update(
+      kind="pairwise",
+      source=source,
+      tokenizer=str(words_tokenizer_dir),
+      eval_fraction=0.25,
+      packing=True,
+      prompt_overflow="skip",
+  )
   c.reward.comparisons_per_row = 3
   c.dpo.update(beta=0.5, reference=reference)
   return c
@@ -92,7 +115,9 @@ def test_dpo_learns_an_easy_preference_with_either_reference_mode(tmp_path, word
   results, params = {}, {}
   for mode in ("precompute", "per_batch"):
     workdir = tmp_path / mode
-    results[mode] = dpo.train(dpo_config(tmp_path, words_tokenizer_dir, source, reference=mode), str(workdir))
+    results[mode] = dpo.train(
+        dpo_config(tmp_path, words_tokenizer_dir, source, reference=mode), str(workdir)
+    )
     params[mode], meta = checkpoint.load_params(workdir / "export")
     assert meta["model"]["head"] == "lm" and meta["step"] == 30
     logged = metrics.read_jsonl(workdir / "metrics.jsonl")
@@ -102,15 +127,25 @@ def test_dpo_learns_an_easy_preference_with_either_reference_mode(tmp_path, word
     assert held_out["eval/rewards/accuracy"] >= 0.9, held_out
     assert held_out["eval/rewards/margin"] > 0
   # The same loss whichever way the reference log-probs were computed: the same policy.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=0),
-               params["precompute"], params["per_batch"])
-  np.testing.assert_allclose(results["precompute"]["eval/loss"], results["per_batch"]["eval/loss"],
-                             rtol=1e-3)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=0),
+      params["precompute"],
+      params["per_batch"],
+  )
+  np.testing.assert_allclose(
+      results["precompute"]["eval/loss"], results["per_batch"]["eval/loss"], rtol=1e-3
+  )
   # Rankings of 3 (great > fine > awful) train as their best-vs-rest pairs.
-  rankings = [{"prompt": r["prompt"], "responses": [r["chosen"], r["chosen"].replace("great", "fine"),
-                                                    r["rejected"]]} for r in learnable_pairs(32)]
-  config = dpo_config(tmp_path, words_tokenizer_dir, write_jsonl(tmp_path / "rankings.jsonl", rankings),
-                      steps=10)
+  rankings = [
+      {
+          "prompt": r["prompt"],
+          "responses": [r["chosen"], r["chosen"].replace("great", "fine"), r["rejected"]],
+      }
+      for r in learnable_pairs(32)
+  ]
+  config = dpo_config(
+      tmp_path, words_tokenizer_dir, write_jsonl(tmp_path / "rankings.jsonl", rankings), steps=10
+  )
   config.data.kind = "ranking"
   result = dpo.train(config, str(tmp_path / "ranking"))
   data_stats = json.loads((tmp_path / "ranking" / "eval.json").read_text())["data"]
@@ -118,20 +153,28 @@ def test_dpo_learns_an_easy_preference_with_either_reference_mode(tmp_path, word
   assert result["step"] == 10 and np.isfinite(result["eval/loss"])
 
 
-@pytest.mark.parametrize("update, match", [
-    (dict(kind="sft"), "DPO trains on 'pairwise'"),
-    (dict(kind="ranking", ranking_pairs="worst"), "config.dpo.ranking_pairs='worst'"),
-    (dict(reference="cached"), "config.dpo.reference='cached'"),
-    (dict(loss_type="kto"), "config.dpo.loss_type='kto'"),
-    (dict(loss_type="orpo", label_smoothing=0.1), "label_smoothing=0.1 applies to loss_type"),
-    (dict(loss_type="simpo", simpo_beta=0.0), r"config.dpo.simpo_beta=0.0.*beta must be > 0"),
-    (dict(loss_type="simpo", simpo_gamma=-1.0), r"config.dpo.simpo_gamma=-1.0.*gamma must be"),
-    (dict(loss_type="orpo", orpo_beta=-0.1), r"config.dpo.orpo_beta=-0.1.*beta must be > 0"),
-    (dict(loss_type="cpl", cpl_lam=1.5), r"config.dpo.cpl_lam=1.5.*lam must be in \(0, 1\]"),
-    (dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing applies to loss_type='sigmoid'"),
-])
+@pytest.mark.parametrize(
+    "update, match",
+    [
+        (dict(kind="sft"), "DPO trains on 'pairwise'"),
+        (dict(kind="ranking", ranking_pairs="worst"), "config.dpo.ranking_pairs='worst'"),
+        (dict(reference="cached"), "config.dpo.reference='cached'"),
+        (dict(loss_type="kto"), "config.dpo.loss_type='kto'"),
+        (dict(loss_type="orpo", label_smoothing=0.1), "label_smoothing=0.1 applies to loss_type"),
+        (dict(loss_type="simpo", simpo_beta=0.0), r"config.dpo.simpo_beta=0.0.*beta must be > 0"),
+        (dict(loss_type="simpo", simpo_gamma=-1.0), r"config.dpo.simpo_gamma=-1.0.*gamma must be"),
+        (dict(loss_type="orpo", orpo_beta=-0.1), r"config.dpo.orpo_beta=-0.1.*beta must be > 0"),
+        (dict(loss_type="cpl", cpl_lam=1.5), r"config.dpo.cpl_lam=1.5.*lam must be in \(0, 1\]"),
+        (
+            dict(loss_type="ipo", label_smoothing=0.1),
+            "label_smoothing applies to loss_type='sigmoid'",
+        ),
+    ],
+)
 def test_dpo_driver_rejects_bad_configs(tmp_path, words_tokenizer_dir, update, match):
-  config = dpo_config(tmp_path, words_tokenizer_dir, write_jsonl(tmp_path / "p.jsonl", learnable_pairs(8)))
+  config = dpo_config(
+      tmp_path, words_tokenizer_dir, write_jsonl(tmp_path / "p.jsonl", learnable_pairs(8))
+  )
   update = dict(update)
   config.data.kind = update.pop("kind", "pairwise")
   config.dpo.update(**update)
@@ -158,15 +201,28 @@ def test_pair_loss_dispatches_to_the_pure_losses():
   weight = jnp.asarray([1, 1, 0, 1, 1, 0], bool)
   w = np.asarray(weight, np.float32)
   cfg = base_config().dpo
-  cfg.update(simpo_beta=2.5, simpo_gamma=0.7, orpo_beta=0.3, cpl_alpha=0.2, cpl_lam=0.6,
-             label_smoothing=0.0)
+  cfg.update(
+      simpo_beta=2.5,
+      simpo_gamma=0.7,
+      orpo_beta=0.3,
+      cpl_alpha=0.2,
+      cpl_lam=0.6,
+      label_smoothing=0.0,
+  )
   c, r, lc, lr = logps[:, 0], logps[:, 1], lengths[:, 0], lengths[:, 1]
   nll = -np.sum(w * np.asarray(c)) / np.sum(w * np.asarray(lc))
   expected = {
       "simpo": preference.simpo_loss(c, r, lc, lr, beta=2.5, gamma=0.7, weight=weight),
       "orpo": preference.orpo_loss(c / lc, r / lr, jnp.float32(nll), beta=0.3, weight=weight),
-      "cpl": preference.cpl_loss(c, r, alpha=0.2, lam=0.6, ref_chosen_logps=ref[:, 0],
-                                 ref_rejected_logps=ref[:, 1], weight=weight),
+      "cpl": preference.cpl_loss(
+          c,
+          r,
+          alpha=0.2,
+          lam=0.6,
+          ref_chosen_logps=ref[:, 0],
+          ref_rejected_logps=ref[:, 1],
+          weight=weight,
+      ),
       "sigmoid": preference.dpo_loss(c, r, ref[:, 0], ref[:, 1], beta=0.1, weight=weight),
   }
   for loss_type, (loss, loss_metrics) in expected.items():

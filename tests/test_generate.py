@@ -13,10 +13,28 @@ from rlhf_jax.generate import Sampler, full_sequence, generate, prompt_batch, sa
 from rlhf_jax.models import ModelConfig, abstract_model, apply
 
 # init_std well above the default so logits are peaked: argmax never hinges on a rounding error.
-LLAMA = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
-                    mlp_dim=64, max_seq_len=64, family="llama", init_std=0.2)
-GPT2 = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64,
-                   max_seq_len=64, family="gpt2", tie_embeddings=True, init_std=0.2)
+LLAMA = ModelConfig(
+    vocab_size=64,
+    num_layers=2,
+    embed_dim=32,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_dim=64,
+    max_seq_len=64,
+    family="llama",
+    init_std=0.2,
+)
+GPT2 = ModelConfig(
+    vocab_size=64,
+    num_layers=2,
+    embed_dim=32,
+    num_heads=4,
+    mlp_dim=64,
+    max_seq_len=64,
+    family="gpt2",
+    tie_embeddings=True,
+    init_std=0.2,
+)
 PROMPTS = [[5, 9, 3], [7], [11, 2, 60, 8, 4, 30], [1, 1, 2, 3, 5]]
 LONG = PROMPTS + [[(7 * i) % 64 for i in range(17)]]  # batch 5, prompt length 17
 N = 8
@@ -35,6 +53,7 @@ def _model(cfg):
     if "scale" in jax.tree_util.keystr(path):
       return jnp.asarray(1.0 + 0.1 * noise)
     return jnp.asarray(cfg.init_std * noise)
+
   return graphdef, jax.tree_util.tree_map_with_path(draw, abstract)
 
 
@@ -82,8 +101,9 @@ def test_sampled_logprobs_match_one_forward_pass():
   graphdef, params = _model(LLAMA)
   tokens, mask = prompt_batch(PROMPTS)
   t, p = 0.7, tokens.shape[1]
-  sample = functools.partial(_generate, LLAMA, rng=jax.random.key(1), temperature=t, top_k=20,
-                             top_p=0.9)
+  sample = functools.partial(
+      _generate, LLAMA, rng=jax.random.key(1), temperature=t, top_k=20, top_p=0.9
+  )
   free = np.asarray(sample(eos_id=(NEVER, NEVER)).tokens)
   eos = (int(free[0, 2]), int(free[1, 4]))  # same rng, same draws: rows 0 and 1 stop early
   out = sample(eos_id=eos)
@@ -94,7 +114,7 @@ def test_sampled_logprobs_match_one_forward_pass():
   logits = np.asarray(_forward(graphdef, params, seq, segments, positions), np.float64) / t
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # log_softmax(logits / T)
   # Logits at column t predict column t+1: response column P+j is scored by logits at P+j-1.
-  want = np.take_along_axis(logp[:, p - 1:-1], seq[:, p:, None], -1)[..., 0]
+  want = np.take_along_axis(logp[:, p - 1 : -1], seq[:, p:, None], -1)[..., 0]
   m, got = np.asarray(out.mask), np.asarray(out.logprobs)
   assert out.lengths[0] <= 3 and out.lengths[1] <= 5  # EOS really stopped them
   np.testing.assert_allclose(got[m], want[m], atol=1e-5)
@@ -102,8 +122,9 @@ def test_sampled_logprobs_match_one_forward_pass():
   assert not np.array_equal(out.tokens, _generate(LLAMA).tokens)  # it really sampled
   # base_logprobs: the same tokens under the model at T = 1 (KL of a tempered sample, no rescoring).
   raw = np.asarray(_forward(graphdef, params, seq, segments, positions), np.float64)
-  base = np.take_along_axis((raw - np.log(np.exp(raw).sum(-1, keepdims=True)))[:, p - 1:-1],
-                            seq[:, p:, None], -1)[..., 0]
+  base = np.take_along_axis(
+      (raw - np.log(np.exp(raw).sum(-1, keepdims=True)))[:, p - 1 : -1], seq[:, p:, None], -1
+  )[..., 0]
   got_base = np.asarray(out.base_logprobs)
   np.testing.assert_allclose(got_base[m], base[m], atol=1e-5)
   assert (got_base[~m] == 0).all() and not np.allclose(got_base[m], got[m])
@@ -121,8 +142,9 @@ def test_prompts_padded_to_a_multiple_sample_and_rescore_the_same():
   out = generate(graphdef, params, tokens, mask, jax.random.key(3), **kw)
   out_wide = generate(graphdef, params, wide, wide_mask, jax.random.key(3), **kw)
   np.testing.assert_array_equal(out.tokens, out_wide.tokens)
-  score = lambda t, m, o: np.asarray(scoring.sequence_logprob_sums(graphdef, params,
-                                                                   *full_sequence(t, m, o)))
+  score = lambda t, m, o: np.asarray(
+      scoring.sequence_logprob_sums(graphdef, params, *full_sequence(t, m, o))
+  )
   np.testing.assert_allclose(score(wide, wide_mask, out_wide), score(tokens, mask, out), atol=1e-4)
   with pytest.raises(ValueError, match="multiple"):
     prompt_batch(PROMPTS, multiple=0)
@@ -131,8 +153,15 @@ def test_prompts_padded_to_a_multiple_sample_and_rescore_the_same():
 def test_uniform_model_draws_fresh_noise_every_step_and_row():
   graphdef, params = _model(LLAMA)
   zeros = jax.tree.map(jnp.zeros_like, params)  # logits all 0: every token has p = 1/V
-  out = generate(graphdef, zeros, *prompt_batch(PROMPTS), jax.random.key(0), max_new_tokens=N,
-                 temperature=1.0, eos_id=NEVER)
+  out = generate(
+      graphdef,
+      zeros,
+      *prompt_batch(PROMPTS),
+      jax.random.key(0),
+      max_new_tokens=N,
+      temperature=1.0,
+      eos_id=NEVER,
+  )
   tokens = np.asarray(out.tokens)
   assert all(len(set(row)) > N // 2 for row in tokens.tolist())  # not one key reused per step
   assert len(set(map(tuple, tokens.tolist()))) == len(PROMPTS)  # nor one key for all rows
@@ -142,8 +171,12 @@ def test_uniform_model_draws_fresh_noise_every_step_and_row():
 def test_per_row_eos_stops_rows_and_pads_the_rest():
   free = np.asarray(_generate(LLAMA).tokens)
   # An EOS that some row emits mid-way (first occurrence at step >= 1), others later or never.
-  eos = next(int(free[r, k]) for r in range(len(PROMPTS)) for k in range(1, N - 1)
-             if free[r, k] not in free[r, :k])
+  eos = next(
+      int(free[r, k])
+      for r in range(len(PROMPTS))
+      for k in range(1, N - 1)
+      if free[r, k] not in free[r, :k]
+  )
   out = _generate(LLAMA, eos_id=eos, pad_id=63)
   hits = free == eos
   want_len = np.where(hits.any(1), hits.argmax(1) + 1, N)
@@ -182,8 +215,9 @@ def test_decoding_in_phases_matches_the_cache_free_reference(monkeypatch):
   np.testing.assert_array_equal(out.tokens, _reference_greedy(graphdef, params, tokens, mask, n))
 
   t, p = 0.8, tokens.shape[1]
-  sample = functools.partial(_generate, LLAMA, prompts=LONG, rng=jax.random.key(2),
-                             temperature=t, max_new_tokens=n)
+  sample = functools.partial(
+      _generate, LLAMA, prompts=LONG, rng=jax.random.key(2), temperature=t, max_new_tokens=n
+  )
   free = np.asarray(sample(eos_id=(NEVER, NEVER)).tokens)
   eos = (int(free[0, 4]), int(free[2, 8]))  # rows 0 and 2 stop in the second / third phase
   out = sample(eos_id=eos)
@@ -191,7 +225,7 @@ def test_decoding_in_phases_matches_the_cache_free_reference(monkeypatch):
   seq, segments, positions, _ = map(np.asarray, full_sequence(tokens, mask, out))
   logits = np.asarray(_forward(graphdef, params, seq, segments, positions), np.float64) / t
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  want = np.take_along_axis(logp[:, p - 1:-1], seq[:, p:, None], -1)[..., 0]
+  want = np.take_along_axis(logp[:, p - 1 : -1], seq[:, p:, None], -1)[..., 0]
   m = np.asarray(out.mask)
   np.testing.assert_allclose(np.asarray(out.logprobs)[m], want[m], atol=1e-5)
 
@@ -205,8 +239,14 @@ def test_sampler_compiles_once_per_bucket_and_matches_generate():
 
   def check(prompts, temperature, eos_id=3):
     rng = jax.random.key(len(prompts))
-    got = sampler(params, *prompt_batch(prompts), rng, max_new_tokens=N, temperature=temperature,
-                  eos_id=eos_id)
+    got = sampler(
+        params,
+        *prompt_batch(prompts),
+        rng,
+        max_new_tokens=N,
+        temperature=temperature,
+        eos_id=eos_id,
+    )
     want = _generate(LLAMA, prompts, rng=rng, temperature=temperature, eos_id=eos_id)
     # Bucket padding changes neither greedy nor sampled tokens (per-row random streams).
     np.testing.assert_array_equal(got.tokens, want.tokens)
@@ -223,8 +263,13 @@ def test_sampler_compiles_once_per_bucket_and_matches_generate():
   assert sampler.trace_count == 2
   # A second Sampler of the same model (another policy of one architecture) compiles nothing new.
   other = Sampler(graphdef, LLAMA, length_bucket=16)
-  other(jax.tree.map(lambda x: x * 0.5, params), *prompt_batch(PROMPTS), jax.random.key(1),
-        max_new_tokens=N, eos_id=3)
+  other(
+      jax.tree.map(lambda x: x * 0.5, params),
+      *prompt_batch(PROMPTS),
+      jax.random.key(1),
+      max_new_tokens=N,
+      eos_id=3,
+  )
   assert other.trace_count == sampler.trace_count == 2  # the traces of the one shared function
   generate_lib.clear_compiled()
   assert sampler.trace_count == 0  # nothing compiled is left
@@ -240,20 +285,30 @@ def test_sharded_params_give_the_same_tokens():
   graphdef, params = _model(LLAMA)
   placed = jax.device_put(params, shardings)
   assert placed["blocks"]["attn"]["q"].sharding.spec == jax.sharding.PartitionSpec(
-      None, "fsdp", "tensor", None)
+      None, "fsdp", "tensor", None
+  )
   prompts = LONG  # 5 rows: bucketed to 8 over 4 batch shards
   sampler = Sampler(graphdef, LLAMA, mesh=mesh, param_shardings=shardings)
   for temperature in (0.0, 1.0):
     rng = jax.random.key(len(prompts))
     want = _generate(LLAMA, prompts, rng=rng, temperature=temperature, eos_id=3)
-    got = sampler(placed, *prompt_batch(prompts), rng, max_new_tokens=N, temperature=temperature,
-                  eos_id=3)
+    got = sampler(
+        placed, *prompt_batch(prompts), rng, max_new_tokens=N, temperature=temperature, eos_id=3
+    )
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
   # The pure entry point on the mesh: 4 rows = the batch shards, no bucketing.
   want = _generate(LLAMA, eos_id=3)
-  got = generate(graphdef, placed, *prompt_batch(PROMPTS), jax.random.key(0), max_new_tokens=N,
-                 temperature=0.0, eos_id=3, mesh=mesh)
+  got = generate(
+      graphdef,
+      placed,
+      *prompt_batch(PROMPTS),
+      jax.random.key(0),
+      max_new_tokens=N,
+      temperature=0.0,
+      eos_id=3,
+      mesh=mesh,
+  )
   np.testing.assert_array_equal(got.tokens, want.tokens)
 
 
@@ -273,14 +328,29 @@ def test_samples_per_prompt_equal_repeated_prompts():
     want = _generate(LLAMA, repeated, rng=rng, temperature=temperature, eos_id=3)
     assert 0 < int(want.lengths.min()) < N  # EOS ends some rows early, others run to N
     assert len({tuple(t) for t in np.asarray(want.tokens)}) > len(prompts)  # the K draws differ
-    got = {"generate": _generate(LLAMA, prompts, rng=rng, temperature=temperature, eos_id=3,
-                                 samples=k),
-           "sampler": Sampler(graphdef, LLAMA)(params, *prompt_batch(prompts), rng,
-                                               max_new_tokens=N, temperature=temperature,
-                                               eos_id=3, samples=k),
-           "mesh": Sampler(graphdef, LLAMA, mesh=mesh, param_shardings=shardings)(
-               jax.device_put(params, shardings), *prompt_batch(prompts), rng,
-               max_new_tokens=N, temperature=temperature, eos_id=3, samples=k)}
+    got = {
+        "generate": _generate(
+            LLAMA, prompts, rng=rng, temperature=temperature, eos_id=3, samples=k
+        ),
+        "sampler": Sampler(graphdef, LLAMA)(
+            params,
+            *prompt_batch(prompts),
+            rng,
+            max_new_tokens=N,
+            temperature=temperature,
+            eos_id=3,
+            samples=k,
+        ),
+        "mesh": Sampler(graphdef, LLAMA, mesh=mesh, param_shardings=shardings)(
+            jax.device_put(params, shardings),
+            *prompt_batch(prompts),
+            rng,
+            max_new_tokens=N,
+            temperature=temperature,
+            eos_id=3,
+            samples=k,
+        ),
+    }
     for name, out in got.items():
       assert out.tokens.shape == (len(repeated), N), name
       np.testing.assert_array_equal(out.tokens, want.tokens, err_msg=name)

@@ -22,22 +22,49 @@ from rlhf_jax.data.tokenizer import ChatTemplateError
 from rlhf_jax.models import ModelConfig, abstract_model, apply, positions_from_mask
 
 VOCAB = 256
-LLAMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-             rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None, pad_token_id=0)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}  # head_dim 16: all three rope branches occur
+LLAMA = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=0,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}  # head_dim 16: all three rope branches occur
 MODELS = {
     "llama": (transformers.LlamaConfig, LLAMA),
-    "llama3_rope": (transformers.LlamaConfig, {**LLAMA, "rope_theta": 50000.0,
-                                               "rope_scaling": LLAMA3_ROPE}),
+    "llama3_rope": (
+        transformers.LlamaConfig,
+        {**LLAMA, "rope_theta": 50000.0, "rope_scaling": LLAMA3_ROPE},
+    ),
     "llama_tied": (transformers.LlamaConfig, {**LLAMA, "tie_word_embeddings": True}),
     "qwen2": (transformers.Qwen2Config, LLAMA),
     # head_dim 32 != hidden / heads (as in Mistral NeMo): q_proj is [heads * 32, hidden].
     "mistral": (transformers.MistralConfig, {**LLAMA, "sliding_window": None, "head_dim": 32}),
-    "gpt2": (transformers.GPT2Config, dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
-                                           n_positions=64, bos_token_id=None, eos_token_id=None,
-                                           pad_token_id=0)),
+    "gpt2": (
+        transformers.GPT2Config,
+        dict(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=0,
+        ),
+    ),
 }
 
 
@@ -90,15 +117,18 @@ def _padded_batch(seed: int = 0, batch: int = 3, length: int = 12):
 def _torch_outputs(model_dir, tokens, mask, positions, cls=transformers.AutoModelForCausalLM):
   model = cls.from_pretrained(model_dir)  # eval mode: no dropout
   with torch.no_grad():
-    out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                attention_mask=torch.tensor(mask, dtype=torch.long),
-                position_ids=torch.tensor(positions, dtype=torch.long))
+    out = model(
+        input_ids=torch.tensor(tokens, dtype=torch.long),
+        attention_mask=torch.tensor(mask, dtype=torch.long),
+        position_ids=torch.tensor(positions, dtype=torch.long),
+    )
   return out.logits.numpy()
 
 
 def _our_logits(graphdef, params, tokens, mask, positions):
-  out, _ = jax.jit(apply, static_argnums=0)(graphdef, params, jnp.asarray(tokens),
-                                            jnp.asarray(positions), jnp.asarray(mask, jnp.int32))
+  out, _ = jax.jit(apply, static_argnums=0)(
+      graphdef, params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask, jnp.int32)
+  )
   return np.asarray(out)
 
 
@@ -110,6 +140,7 @@ def _assert_bit_exact(a, b):
 
 
 # --- parity with PyTorch ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_logits_match_pytorch_with_right_and_left_padding(hf_dirs, name):
@@ -128,45 +159,63 @@ def test_greedy_generation_matches_pytorch(hf_dirs, name):
   graphdef, params, _ = hf.load_hf(hf_dirs[name])
   prompts = [[5, 17, 33, 2, 9, 100, 7], [42, 3, 250], [11, 12, 13, 14, 15]]
   tokens, mask = generate.prompt_batch(prompts, pad_id=0)
-  ours = generate.generate(graphdef, params, tokens, mask, jax.random.key(0), max_new_tokens=32,
-                           temperature=0.0, eos_id=-1, pad_id=0)  # no EOS: all 32 tokens
+  ours = generate.generate(
+      graphdef,
+      params,
+      tokens,
+      mask,
+      jax.random.key(0),
+      max_new_tokens=32,
+      temperature=0.0,
+      eos_id=-1,
+      pad_id=0,
+  )  # no EOS: all 32 tokens
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs[name])
   with torch.no_grad():
-    ref = model.generate(torch.tensor(tokens, dtype=torch.long),
-                         attention_mask=torch.tensor(mask, dtype=torch.long), do_sample=False,
-                         max_new_tokens=32, pad_token_id=0).numpy()[:, tokens.shape[1]:]
+    ref = model.generate(
+        torch.tensor(tokens, dtype=torch.long),
+        attention_mask=torch.tensor(mask, dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=32,
+        pad_token_id=0,
+    ).numpy()[:, tokens.shape[1] :]
   assert ref.shape == (3, 32)
   assert len(np.unique(ref)) > 8  # the rows do not just repeat one token
   np.testing.assert_array_equal(np.asarray(ours.tokens), ref)
 
 
 def test_scalar_head_scores_like_sequence_classification(tmp_path, tokenizer_dirs):
-  model_dir = _save(tmp_path / "rm", "llama", cls=transformers.AutoModelForSequenceClassification,
-                    num_labels=1)
+  model_dir = _save(
+      tmp_path / "rm", "llama", cls=transformers.AutoModelForSequenceClassification, num_labels=1
+  )
   graphdef, params, cfg = hf.load_hf(model_dir, head="scalar")
   assert cfg.head == "scalar" and params["score"].shape == (64,)
   tokens, mask, positions = _padded_batch(seed=1)
   ours = _our_logits(graphdef, params, tokens, mask, positions)  # [B, T]
   last = np.array([np.nonzero(row)[0][-1] for row in mask])
   ours_last = ours[np.arange(len(last)), last]
-  ref = _torch_outputs(model_dir, tokens, mask, positions,
-                       cls=transformers.AutoModelForSequenceClassification)
+  ref = _torch_outputs(
+      model_dir, tokens, mask, positions, cls=transformers.AutoModelForSequenceClassification
+  )
   assert ref.shape == (3, 1)
   np.testing.assert_allclose(ours_last, ref[:, 0], atol=1e-4, rtol=0)
 
   # Exported with a tokenizer whose pad token is not EOS, transformers scores it the same.
-  out = hf.export_hf(params, cfg, tmp_path / "export",
-                     tokenizer=hf.load_hf_tokenizer(tokenizer_dirs["with_pad"]))
+  out = hf.export_hf(
+      params, cfg, tmp_path / "export", tokenizer=hf.load_hf_tokenizer(tokenizer_dirs["with_pad"])
+  )
   config = json.loads((out / "config.json").read_text())
   assert config["architectures"] == ["LlamaForSequenceClassification"]
   assert config["pad_token_id"] == 0 and len(config["id2label"]) == 1
-  again = _torch_outputs(out, tokens, mask, positions,
-                         cls=transformers.AutoModelForSequenceClassification)
+  again = _torch_outputs(
+      out, tokens, mask, positions, cls=transformers.AutoModelForSequenceClassification
+  )
   np.testing.assert_array_equal(again, ref)
   _assert_bit_exact(hf.load_hf(out, head="scalar")[1], params)
 
 
 # --- export -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_export_loads_in_transformers_and_round_trips_bit_exact(hf_dirs, tmp_path, name):
@@ -176,8 +225,10 @@ def test_export_loads_in_transformers_and_round_trips_bit_exact(hf_dirs, tmp_pat
   assert sorted(os.listdir(tmp_path)) == ["export"]  # no temporary directory left behind
   config = json.loads((out / "config.json").read_text())
   original = json.loads(open(os.path.join(hf_dirs[name], "config.json")).read())
-  assert (config["model_type"], config["architectures"]) == (original["model_type"],
-                                                             original["architectures"])
+  assert (config["model_type"], config["architectures"]) == (
+      original["model_type"],
+      original["architectures"],
+  )
 
   # transformers reads the same weights back, so it computes exactly the original's logits...
   tokens, mask, positions = _padded_batch(seed=2)
@@ -199,11 +250,14 @@ def test_export_shards_above_max_shard_bytes_and_casts_dtype(hf_dirs, tmp_path):
   assert len(files) > 2 and not (out / "model.safetensors").exists()
   assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
   assert index["metadata"]["total_size"] == sum(
-      v.nbytes for f in files for v in load_file(str(out / f)).values())
+      v.nbytes for f in files for v in load_file(str(out / f)).values()
+  )
   _assert_bit_exact(hf.load_hf(out)[1], params)
   tokens, mask, positions = _padded_batch(seed=3)
-  np.testing.assert_array_equal(_torch_outputs(out, tokens, mask, positions),
-                                _torch_outputs(hf_dirs["gpt2"], tokens, mask, positions))
+  np.testing.assert_array_equal(
+      _torch_outputs(out, tokens, mask, positions),
+      _torch_outputs(hf_dirs["gpt2"], tokens, mask, positions),
+  )
 
   half = hf.export_hf(params, cfg, tmp_path / "bf16", dtype="bfloat16")
   assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
@@ -220,6 +274,7 @@ def test_export_is_atomic_and_refuses_to_overwrite(hf_dirs, tmp_path, monkeypatc
 
   def fail(*args, **kwargs):
     raise OSError("disk full")
+
   monkeypatch.setattr(hf, "save_file", fail)
   with pytest.raises(OSError, match="disk full"):
     hf.export_hf(params, cfg, tmp_path / "new")
@@ -232,21 +287,28 @@ def test_export_is_atomic_and_refuses_to_overwrite(hf_dirs, tmp_path, monkeypatc
 
 # --- sharded loading ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["qwen2", "gpt2"])
-def test_sharded_load_reads_only_each_shard_and_matches_unsharded(hf_dirs, name, monkeypatch,
-                                                                  tmp_path):
+def test_sharded_load_reads_only_each_shard_and_matches_unsharded(
+    hf_dirs, name, monkeypatch, tmp_path
+):
   mesh = sharding.make_mesh((2, 2, 2))
   reads = []
   read_slice = hf._read_slice
-  monkeypatch.setattr(hf, "_read_slice", lambda reader, tensor, index: reads.append(
-      (tensor, read_slice(reader, tensor, index).size)) or read_slice(reader, tensor, index))
+  monkeypatch.setattr(
+      hf,
+      "_read_slice",
+      lambda reader, tensor, index: reads.append((tensor, read_slice(reader, tensor, index).size))
+      or read_slice(reader, tensor, index),
+  )
   graphdef, params, cfg = hf.load_hf(hf_dirs[name], mesh=mesh)
   monkeypatch.undo()
 
   _, abstract, axes = abstract_model(cfg)
   targets = sharding.param_shardings(abstract, axes, mesh)
-  for (path, x), target in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                               jax.tree.leaves(targets)):
+  for (path, x), target in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(targets)
+  ):
     assert x.sharding == target, jax.tree_util.keystr(path)
   # Each read is one device's shard of one layer: never a whole tensor that is sharded.
   shard_size = {}
@@ -254,14 +316,16 @@ def test_sharded_load_reads_only_each_shard_and_matches_unsharded(hf_dirs, name,
     node = params
     for key in layout.path:
       node = node[key]
-    shape = node.sharding.shard_shape(node.shape)[1 if layout.stacked else 0:]
+    shape = node.sharding.shard_shape(node.shape)[1 if layout.stacked else 0 :]
     for tensor in hf._hf_names(layout, cfg.num_layers):
       shard_size[tensor] = int(np.prod(shape))
   assert {t for t, _ in reads} == set(shard_size)
   for tensor, size in reads:
     assert size == shard_size[tensor], tensor
-  assert shard_size["model.embed_tokens.weight" if name == "qwen2"
-                    else "transformer.wte.weight"] == VOCAB * 64 // 4
+  assert (
+      shard_size["model.embed_tokens.weight" if name == "qwen2" else "transformer.wte.weight"]
+      == VOCAB * 64 // 4
+  )
 
   _, plain_params, _ = hf.load_hf(hf_dirs[name])
   out = hf.export_hf(params, cfg, tmp_path / "from_sharded")  # gathers the shards
@@ -269,13 +333,15 @@ def test_sharded_load_reads_only_each_shard_and_matches_unsharded(hf_dirs, name,
 
   tokens, mask, positions = _padded_batch(seed=4, batch=8)
   plain = _our_logits(graphdef, plain_params, tokens, mask, positions)
-  batch = sharding.put_batch(dict(tokens=tokens, positions=positions,
-                                  segment_ids=mask.astype(np.int32)), mesh)
+  batch = sharding.put_batch(
+      dict(tokens=tokens, positions=positions, segment_ids=mask.astype(np.int32)), mesh
+  )
 
   @jax.jit
   def forward(params, batch):
     with sharding.activation_sharding(mesh):
       return apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])[0]
+
   sharded = np.asarray(forward(params, batch))
   np.testing.assert_allclose(sharded[mask], plain[mask], atol=1e-5, rtol=1e-5)
 
@@ -283,23 +349,52 @@ def test_sharded_load_reads_only_each_shard_and_matches_unsharded(hf_dirs, name,
 # --- configs and errors -------------------------------------------------------------------------
 
 LLAMA31_8B = {  # Meta-Llama-3.1-8B's config.json (transformers 4 format)
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
-    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "hidden_act": "silu", "attention_bias": False,
-    "mlp_bias": False, "tie_word_embeddings": False, "bos_token_id": 128000,
-    "eos_token_id": 128001, "torch_dtype": "bfloat16",
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "torch_dtype": "bfloat16",
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+}
 
 
 def test_config_from_hf_maps_a_real_llama_config_in_both_formats():
   cfg = hf.config_from_hf(LLAMA31_8B)
-  assert (cfg.vocab_size, cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.kv_heads,
-          cfg.dim_per_head, cfg.mlp_dim, cfg.max_seq_len) == (128256, 32, 4096, 32, 8, 128, 14336,
-                                                              131072)
-  assert (cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings, cfg.qkv_bias) == (500000.0, 1e-5,
-                                                                              False, False)
+  assert (
+      cfg.vocab_size,
+      cfg.num_layers,
+      cfg.embed_dim,
+      cfg.num_heads,
+      cfg.kv_heads,
+      cfg.dim_per_head,
+      cfg.mlp_dim,
+      cfg.max_seq_len,
+  ) == (128256, 32, 4096, 32, 8, 128, 14336, 131072)
+  assert (cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings, cfg.qkv_bias) == (
+      500000.0,
+      1e-5,
+      False,
+      False,
+  )
   assert dict(cfg.rope_scaling) == LLAMA31_8B["rope_scaling"]
   # transformers 5 reads our config.json (and so does 4: the old fields are written too) ...
   exported = hf.config_to_hf(cfg)
@@ -311,25 +406,58 @@ def test_config_from_hf_maps_a_real_llama_config_in_both_formats():
   assert cfg.num_params() == 8_030_261_248  # the published size of Llama-3.1-8B
 
 
-@pytest.mark.parametrize("hf_config, match", [
-    ({"model_type": "gemma"}, r"model_type 'gemma' is not supported.*'gpt2', 'llama', 'mistral'"),
-    ({**LLAMA31_8B, "architectures": ["LlamaForTokenClassification"]},
-     r"architectures \['LlamaForTokenClassification'\].*LlamaForCausalLM"),
-    ({**LLAMA31_8B, "rope_scaling": {"type": "linear", "factor": 2.0}},
-     r"rope_scaling has rope type 'linear'"),
-    ({**LLAMA31_8B, "rope_scaling": None, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
-     r"rope_parameters has rope type 'yarn'"),
-    ({**LLAMA31_8B, "model_type": "mistral", "architectures": ["MistralForCausalLM"],
-      "sliding_window": 4096}, r"sliding_window=4096 < max_position_embeddings=131072"),
-    ({**LLAMA31_8B, "model_type": "mistral", "architectures": ["MistralForCausalLM"]},
-     r"sliding_window=4096"),  # absent = MistralConfig's default window
-    ({**LLAMA31_8B, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
-      "use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 4},
-     r"sliding_window=4096"),
-    ({**LLAMA31_8B, "attention_bias": True}, r"attention_bias=True"),
-    ({**LLAMA31_8B, "hidden_act": "gelu"}, r"hidden_act='gelu'"),
-    ({**LLAMA31_8B, "hidden_size": None}, r"no 'hidden_size'"),
-])
+@pytest.mark.parametrize(
+    "hf_config, match",
+    [
+        (
+            {"model_type": "gemma"},
+            r"model_type 'gemma' is not supported.*'gpt2', 'llama', 'mistral'",
+        ),
+        (
+            {**LLAMA31_8B, "architectures": ["LlamaForTokenClassification"]},
+            r"architectures \['LlamaForTokenClassification'\].*LlamaForCausalLM",
+        ),
+        (
+            {**LLAMA31_8B, "rope_scaling": {"type": "linear", "factor": 2.0}},
+            r"rope_scaling has rope type 'linear'",
+        ),
+        (
+            {
+                **LLAMA31_8B,
+                "rope_scaling": None,
+                "rope_parameters": {"rope_type": "yarn", "factor": 4.0},
+            },
+            r"rope_parameters has rope type 'yarn'",
+        ),
+        (
+            {
+                **LLAMA31_8B,
+                "model_type": "mistral",
+                "architectures": ["MistralForCausalLM"],
+                "sliding_window": 4096,
+            },
+            r"sliding_window=4096 < max_position_embeddings=131072",
+        ),
+        (
+            {**LLAMA31_8B, "model_type": "mistral", "architectures": ["MistralForCausalLM"]},
+            r"sliding_window=4096",
+        ),  # absent = MistralConfig's default window
+        (
+            {
+                **LLAMA31_8B,
+                "model_type": "qwen2",
+                "architectures": ["Qwen2ForCausalLM"],
+                "use_sliding_window": True,
+                "sliding_window": 4096,
+                "max_window_layers": 4,
+            },
+            r"sliding_window=4096",
+        ),
+        ({**LLAMA31_8B, "attention_bias": True}, r"attention_bias=True"),
+        ({**LLAMA31_8B, "hidden_act": "gelu"}, r"hidden_act='gelu'"),
+        ({**LLAMA31_8B, "hidden_size": None}, r"no 'hidden_size'"),
+    ],
+)
 def test_unsupported_configs_raise_value_errors_naming_the_field(hf_config, match):
   with pytest.raises(ValueError, match=match):
     hf.config_from_hf(hf_config)
@@ -339,8 +467,13 @@ def test_sliding_windows_no_sequence_reaches_are_accepted():
   mistral = {**LLAMA31_8B, "model_type": "mistral", "architectures": ["MistralForCausalLM"]}
   assert hf.config_from_hf({**mistral, "sliding_window": None}).family == "llama"
   assert hf.config_from_hf({**mistral, "sliding_window": 131072}).family == "llama"
-  qwen = {**LLAMA31_8B, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
-          "sliding_window": 4096, "use_sliding_window": False}
+  qwen = {
+      **LLAMA31_8B,
+      "model_type": "qwen2",
+      "architectures": ["Qwen2ForCausalLM"],
+      "sliding_window": 4096,
+      "use_sliding_window": False,
+  }
   assert hf.config_from_hf(qwen).qkv_bias
 
 
@@ -355,7 +488,9 @@ def test_bad_checkpoints_raise_value_errors_naming_the_tensor(tmp_path):
   q = "model.layers.1.self_attn.q_proj.weight"
   missing = _save(tmp_path / "missing", "llama")
   _rewrite_weights(missing, lambda t: t.pop(q))
-  with pytest.raises(ValueError, match=rf"missing tensor\(s\) \['{q}'\]; expected shape \[64, 64\]"):
+  with pytest.raises(
+      ValueError, match=rf"missing tensor\(s\) \['{q}'\]; expected shape \[64, 64\]"
+  ):
     hf.load_hf(missing)
 
   shape = _save(tmp_path / "shape", "llama")
@@ -364,23 +499,29 @@ def test_bad_checkpoints_raise_value_errors_naming_the_tensor(tmp_path):
     hf.load_hf(shape)
 
   extra = _save(tmp_path / "extra", "llama")
-  _rewrite_weights(extra, lambda t: t.update({"model.layers.0.self_attn.o_proj.bias":
-                                              np.zeros(64, np.float32)}))
-  with pytest.raises(ValueError, match=r"unexpected tensor\(s\) \['model.layers.0.self_attn.o_proj"):
+  _rewrite_weights(
+      extra, lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)})
+  )
+  with pytest.raises(
+      ValueError, match=r"unexpected tensor\(s\) \['model.layers.0.self_attn.o_proj"
+  ):
     hf.load_hf(extra)
 
   # Buffers that are not parameters are ignored.
   buffers = _save(tmp_path / "buffers", "llama")
-  _rewrite_weights(buffers, lambda t: t.update(
-      {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}))
+  _rewrite_weights(
+      buffers,
+      lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}),
+  )
   hf.load_hf(buffers)
 
   pickle_only = tmp_path / "pickle"
   pickle_only.mkdir()
   (pickle_only / "config.json").write_text(json.dumps({**LLAMA31_8B}))
   (pickle_only / "pytorch_model.bin").write_bytes(b"not read")
-  with pytest.raises(ValueError, match=r"only PyTorch pickle weights \(pytorch_model.bin\).*"
-                                       r"safetensors"):
+  with pytest.raises(
+      ValueError, match=r"only PyTorch pickle weights \(pytorch_model.bin\).*" r"safetensors"
+  ):
     hf.load_hf(pickle_only)
   with pytest.raises(FileNotFoundError, match="no config.json"):
     hf.load_hf(tmp_path / "nowhere")
@@ -391,8 +532,10 @@ def test_original_gpt2_names_and_buffers_load(hf_dirs, tmp_path):
   model_dir = tmp_path / "gpt2"
   model_dir.mkdir()
   (model_dir / "config.json").write_text(open(os.path.join(hf_dirs["gpt2"], "config.json")).read())
-  tensors = {k.removeprefix("transformer."): v
-             for k, v in load_file(os.path.join(hf_dirs["gpt2"], "model.safetensors")).items()}
+  tensors = {
+      k.removeprefix("transformer."): v
+      for k, v in load_file(os.path.join(hf_dirs["gpt2"], "model.safetensors")).items()
+  }
   for i in range(2):
     tensors[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
     tensors[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
@@ -403,8 +546,9 @@ def test_original_gpt2_names_and_buffers_load(hf_dirs, tmp_path):
 def test_head_must_match_the_checkpoint(hf_dirs, tmp_path):
   with pytest.raises(ValueError, match="holds a LlamaForCausalLM: load it with head='lm'"):
     hf.load_hf(hf_dirs["llama"], head="scalar")
-  two = _save(tmp_path / "two", "llama", cls=transformers.AutoModelForSequenceClassification,
-              num_labels=2)
+  two = _save(
+      tmp_path / "two", "llama", cls=transformers.AutoModelForSequenceClassification, num_labels=2
+  )
   with pytest.raises(ValueError, match="num_labels=2"):
     hf.load_hf(two, head="scalar")
   with pytest.raises(ValueError, match="load it with head='scalar'"):
@@ -412,6 +556,7 @@ def test_head_must_match_the_checkpoint(hf_dirs, tmp_path):
 
 
 # --- tokenizers and our own exports -------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tokenizer_dirs(tmp_path_factory):
@@ -430,15 +575,18 @@ def tokenizer_dirs(tmp_path_factory):
       specials.update(pad_token="<pad>", additional_special_tokens=markers)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
     if name == "with_pad":
-      fast.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
-                            "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+      fast.chat_template = (
+          "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
+          "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
+      )
     out[name] = tmp_path_factory.mktemp(name)
     fast.save_pretrained(str(out[name]))
   return out
 
 
-def test_load_hf_tokenizer_ensures_a_pad_token_and_checks_the_chat_template(tokenizer_dirs,
-                                                                            tmp_path):
+def test_load_hf_tokenizer_ensures_a_pad_token_and_checks_the_chat_template(
+    tokenizer_dirs, tmp_path
+):
   no_pad = hf.load_hf_tokenizer(tokenizer_dirs["no_pad"])
   assert no_pad.pad_token == no_pad.eos_token == "</s>" and no_pad.pad_token_id == 2
   with_pad = hf.load_hf_tokenizer(tokenizer_dirs["with_pad"])
@@ -457,13 +605,15 @@ def test_load_hf_tokenizer_ensures_a_pad_token_and_checks_the_chat_template(toke
 
 
 def test_export_scalar_head_refuses_pad_equal_to_eos(tmp_path, tokenizer_dirs):
-  cfg = ModelConfig(vocab_size=64, num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64,
-                    head="scalar")
+  cfg = ModelConfig(
+      vocab_size=64, num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64, head="scalar"
+  )
   _, abstract, _ = abstract_model(cfg)
   params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   with pytest.raises(ValueError, match="pad_token_id = eos_token_id = 2"):
-    hf.export_hf(params, cfg, tmp_path / "rm", tokenizer=hf.load_hf_tokenizer(
-        tokenizer_dirs["no_pad"]))
+    hf.export_hf(
+        params, cfg, tmp_path / "rm", tokenizer=hf.load_hf_tokenizer(tokenizer_dirs["no_pad"])
+    )
   with pytest.raises(ValueError, match="needs pad_token_id"):
     hf.export_hf(params, cfg, tmp_path / "rm")
   assert not os.listdir(tmp_path)

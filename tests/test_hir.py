@@ -21,10 +21,10 @@ from rlhf_jax.toyworld.relabel import relabel
 
 from tests.test_reward_model import TINY, write_jsonl
 
-
 # --- loss -----------------------------------------------------------------------------------------
 
 hir_loss = jax.jit(hir_losses.hir_loss, static_argnames=("contrastive_coef", "entropy_coef"))
+
 
 def _log_softmax(x):
   x = x - x.max(-1, keepdims=True)
@@ -61,15 +61,22 @@ def _loss_inputs(seed=0, b=4, g=3, t=6, v=11):
   targets[:, 1:] = targets[:, :1]  # one output y_b under every instruction
   mask = np.zeros((b, g, t), bool)
   mask[:, :, 2:5] = True  # the response tokens (prompts differ only before them)
-  valid = np.array([[True, True, True], [True, True, False], [True, False, False],
-                    [False, False, False]])  # two, one, no negatives; a padding example
+  valid = np.array(
+      [[True, True, True], [True, True, False], [True, False, False], [False, False, False]]
+  )  # two, one, no negatives; a padding example
   return logits, targets, mask, valid
 
 
 def test_hir_loss_matches_numpy_reference():
   logits, targets, mask, valid = _loss_inputs()
-  loss, m = hir_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask),
-                     jnp.asarray(valid), contrastive_coef=0.7, entropy_coef=0.05)
+  loss, m = hir_loss(
+      jnp.asarray(logits),
+      jnp.asarray(targets),
+      jnp.asarray(mask),
+      jnp.asarray(valid),
+      contrastive_coef=0.7,
+      entropy_coef=0.05,
+  )
   want, want_contrastive = reference_hir_loss(logits, targets, mask, valid, 0.7, 0.05)
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   np.testing.assert_allclose(float(m["contrastive"]), want_contrastive, rtol=1e-5)
@@ -78,10 +85,22 @@ def test_hir_loss_matches_numpy_reference():
   scrambled = logits.copy()
   scrambled[~valid] = 50.0
   scrambled[:, :, :2] = -30.0
-  again, _ = hir_loss(jnp.asarray(scrambled), jnp.asarray(targets), jnp.asarray(mask),
-                      jnp.asarray(valid), contrastive_coef=0.7, entropy_coef=0.0)
-  plain, _ = hir_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask),
-                      jnp.asarray(valid), contrastive_coef=0.7, entropy_coef=0.0)
+  again, _ = hir_loss(
+      jnp.asarray(scrambled),
+      jnp.asarray(targets),
+      jnp.asarray(mask),
+      jnp.asarray(valid),
+      contrastive_coef=0.7,
+      entropy_coef=0.0,
+  )
+  plain, _ = hir_loss(
+      jnp.asarray(logits),
+      jnp.asarray(targets),
+      jnp.asarray(mask),
+      jnp.asarray(valid),
+      contrastive_coef=0.7,
+      entropy_coef=0.0,
+  )
   np.testing.assert_allclose(float(again), float(plain), rtol=1e-6)
 
 
@@ -89,18 +108,25 @@ def test_hir_loss_matches_numpy_reference():
 def _loss_grads(logits, targets, mask, valid, contrastive_coef, entropy_coef):
   """(d loss / d logits, d contrastive / d logits, contrastive); the coefficients traced: one
   compilation for every call."""
+
   def terms(x):
-    loss, m = hir_losses.hir_loss(x, targets, mask, valid, contrastive_coef=contrastive_coef,
-                                  entropy_coef=entropy_coef)
+    loss, m = hir_losses.hir_loss(
+        x, targets, mask, valid, contrastive_coef=contrastive_coef, entropy_coef=entropy_coef
+    )
     return loss, m["contrastive"]
-  return (jax.grad(lambda x: terms(x)[0])(logits), jax.grad(lambda x: terms(x)[1])(logits),
-          terms(logits)[1])
+
+  return (
+      jax.grad(lambda x: terms(x)[0])(logits),
+      jax.grad(lambda x: terms(x)[1])(logits),
+      terms(logits)[1],
+  )
 
 
 def test_hir_loss_gradients_finite_and_zero_contrastive_gradient_for_one_instruction():
   logits, targets, mask, valid = _loss_inputs(seed=1)
-  grads = lambda valid, c, e: [np.asarray(x) for x in _loss_grads(logits, targets, mask, valid,
-                                                                  np.float32(c), np.float32(e))]
+  grads = lambda valid, c, e: [
+      np.asarray(x) for x in _loss_grads(logits, targets, mask, valid, np.float32(c), np.float32(e))
+  ]
   g, g_contrastive, _ = grads(valid, 1.0, 0.01)
   assert np.all(np.isfinite(g)) and np.abs(g_contrastive).max() > 1e-3
   assert np.all(g[~valid] == 0)  # invalid slots, the padding example included
@@ -113,31 +139,53 @@ def test_hir_loss_gradients_finite_and_zero_contrastive_gradient_for_one_instruc
 
 # --- relabeling -----------------------------------------------------------------------------------
 
+
 def constrained_task(text, constraints, answer, **info):
   prompt = f"{text} {render_constraints(constraints)}"
   return make_task("constrained", prompt, answer, {**info, "constraints": constraints})
 
 
-FRUITS = constrained_task("Name some fruits.", [{"kind": "num_items", "n": 3},
-                                                {"kind": "ends_with", "text": "!"}],
-                          "plum, lime, pear!", request="list", category="fruits", needed=3)
+FRUITS = constrained_task(
+    "Name some fruits.",
+    [{"kind": "num_items", "n": 3}, {"kind": "ends_with", "text": "!"}],
+    "plum, lime, pear!",
+    request="list",
+    category="fruits",
+    needed=3,
+)
 
 
-@pytest.mark.parametrize("task, response, want", [
-    (FRUITS, "plum, lime, pear!", FRUITS["prompt"]),
-    (FRUITS, "plum, lime!", "Name some fruits. List exactly 2 items. End your answer with '!'."),
-    (FRUITS, "plum, lime, pear.", "Name some fruits. List exactly 3 items."),
-    (FRUITS, "plum.", "Name some fruits. Use at most 1 words."),  # nothing left: the word limit
-    (constrained_task("Describe Zorblax.", [{"kind": "starts_with", "word": "Sure"},
-                                            {"kind": "include_word", "word": "gladly"},
-                                            {"kind": "max_words", "n": 6},
-                                            {"kind": "uppercase"}],
-                      "SURE, GLADLY: ZORBLAX IS RED.", request="describe", needed=2,
-                      facts={"color": "red"}),
-     "Okay, gladly: Zorblax is red and lives in Quillby.",
-     "Describe Zorblax. Start your answer with the word 'Okay'. Include the word 'gladly'. "
-     "Use at most 9 words."),
-])
+@pytest.mark.parametrize(
+    "task, response, want",
+    [
+        (FRUITS, "plum, lime, pear!", FRUITS["prompt"]),
+        (
+            FRUITS,
+            "plum, lime!",
+            "Name some fruits. List exactly 2 items. End your answer with '!'.",
+        ),
+        (FRUITS, "plum, lime, pear.", "Name some fruits. List exactly 3 items."),
+        (FRUITS, "plum.", "Name some fruits. Use at most 1 words."),  # nothing left: the word limit
+        (
+            constrained_task(
+                "Describe Zorblax.",
+                [
+                    {"kind": "starts_with", "word": "Sure"},
+                    {"kind": "include_word", "word": "gladly"},
+                    {"kind": "max_words", "n": 6},
+                    {"kind": "uppercase"},
+                ],
+                "SURE, GLADLY: ZORBLAX IS RED.",
+                request="describe",
+                needed=2,
+                facts={"color": "red"},
+            ),
+            "Okay, gladly: Zorblax is red and lives in Quillby.",
+            "Describe Zorblax. Start your answer with the word 'Okay'. Include the word 'gladly'. "
+            "Use at most 9 words.",
+        ),
+    ],
+)
 def test_relabel_rewrites_constraints_to_those_the_response_meets(task, response, want):
   new = relabel(task, response)
   assert new["prompt"] == want
@@ -146,12 +194,14 @@ def test_relabel_rewrites_constraints_to_those_the_response_meets(task, response
 
 
 def test_relabel_keeps_other_families_and_drops_blank_responses():
-  arithmetic = make_task("arithmetic", "What is 7 * 5?", "35", {"a": 7, "b": 5, "op": "*",
-                                                                "result": 35})
+  arithmetic = make_task(
+      "arithmetic", "What is 7 * 5?", "35", {"a": 7, "b": 5, "op": "*", "result": 35}
+  )
   assert relabel(arithmetic, "34") is arithmetic and relabel(FRUITS, "  ") is None
   # Every world task and response of graded quality: the result's constraints all hold.
   world = World(0)
   from rlhf_jax.toyworld import perturbations
+
   rng = np.random.default_rng(0)
   for task in world.tasks(30, seed=1, families=["constrained"]):
     for response in perturbations(task, rng).values():
@@ -161,10 +211,14 @@ def test_relabel_keeps_other_families_and_drops_blank_responses():
 
 def test_relabel_round_keeps_followers_with_negatives_they_do_not_follow():
   seven = make_task("arithmetic", "What is 3 + 4?", "7", {"a": 3, "b": 4, "op": "+", "result": 7})
-  thirty_five = make_task("arithmetic", "What is 7 * 5?", "35", {"a": 7, "b": 5, "op": "*",
-                                                                 "result": 35})
-  groups = [(FRUITS, ["plum, lime, pear!", "plum, lime!", "plum, lime, pear.", ""]),
-            (thirty_five, ["35", "34"]), (seven, ["7"])]
+  thirty_five = make_task(
+      "arithmetic", "What is 7 * 5?", "35", {"a": 7, "b": 5, "op": "*", "result": 35}
+  )
+  groups = [
+      (FRUITS, ["plum, lime, pear!", "plum, lime!", "plum, lime, pear.", ""]),
+      (thirty_five, ["35", "34"]),
+      (seven, ["7"]),
+  ]
   records, summary = hir.relabel_round(groups, min_gold=0.8, negatives=3, seed=0)
   two = "Name some fruits. List exactly 2 items. End your answer with '!'."
   three = "Name some fruits. List exactly 3 items."
@@ -181,14 +235,21 @@ def test_relabel_round_keeps_followers_with_negatives_they_do_not_follow():
 
 
 def test_hir_batches_hold_one_response_under_each_instruction(words_tokenizer):
-  records = [{"prompt": "Repeat: cat dog", "completion": "cat dog",
-              "negatives": ["Repeat: sun", "Repeat: owl hat", "Repeat: moon"]},
-             {"prompt": "Repeat: sun", "completion": "sun", "negatives": []}]
+  records = [
+      {
+          "prompt": "Repeat: cat dog",
+          "completion": "cat dog",
+          "negatives": ["Repeat: sun", "Repeat: owl hat", "Repeat: moon"],
+      },
+      {"prompt": "Repeat: sun", "completion": "sun", "negatives": []},
+  ]
   examples, stats = hir.tokenize_records(records, words_tokenizer, seq_len=40, negatives=2)
   assert stats == {"examples": 2, "dropped": 0, "negatives_dropped": 0}
   batch = hir.hir_batch(examples, 40, slots=3)
-  assert batch["tokens"].shape == (2, 3, 40) and batch["valid"].tolist() == [[True] * 3,
-                                                                             [True, False, False]]
+  assert batch["tokens"].shape == (2, 3, 40) and batch["valid"].tolist() == [
+      [True] * 3,
+      [True, False, False],
+  ]
   targets = [batch["tokens"][0, g][batch["loss_mask"][0, g]] for g in range(3)]
   assert all(np.array_equal(targets[0], t) for t in targets[1:]) and len(targets[0]) > 0
   assert not batch["loss_mask"][1, 1:].any() and not batch["segment_ids"][1, 1:].any()
@@ -198,9 +259,14 @@ def test_hir_batches_hold_one_response_under_each_instruction(words_tokenizer):
 def test_hir_loss_on_listed_response_tokens_equals_the_full_head(words_tokenizer):
   """With the response tokens listed (hir_batch's logit_budget, as the driver batches) the LM head
   runs on those slots only: the loss, its metrics and its gradients equal the full head's."""
-  records = [{"prompt": "Repeat: cat dog", "completion": "cat dog",
-              "negatives": ["Repeat: sun", "Repeat: owl hat", "Repeat: moon"]},
-             {"prompt": "Repeat: sun", "completion": "sun", "negatives": []}]
+  records = [
+      {
+          "prompt": "Repeat: cat dog",
+          "completion": "cat dog",
+          "negatives": ["Repeat: sun", "Repeat: owl hat", "Repeat: moon"],
+      },
+      {"prompt": "Repeat: sun", "completion": "sun", "negatives": []},
+  ]
   examples, _ = hir.tokenize_records(records, words_tokenizer, seq_len=40, negatives=2)
   budget = hir.logit_budget_for([s for e in examples for s in e.sequences], 40)
   assert budget < 40
@@ -213,27 +279,31 @@ def test_hir_loss_on_listed_response_tokens_equals_the_full_head(words_tokenizer
   np.testing.assert_array_equal(listed["logit_mask"].sum(-1), plain["loss_mask"].sum(-1))
   cfg = ModelConfig(**{**TINY, "vocab_size": len(words_tokenizer)})
   graphdef, params = split_model(create_model(cfg, 0))
-  loss_fn = hir.make_hir_loss_fn(graphdef, ml_collections.ConfigDict(
-      dict(contrastive_coef=1.0, entropy_coef=0.1)))
+  loss_fn = hir.make_hir_loss_fn(
+      graphdef, ml_collections.ConfigDict(dict(contrastive_coef=1.0, entropy_coef=0.1))
+  )
   grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None), has_aux=True))
   (want, want_metrics), want_grads = grad(params, plain)
   (got, got_metrics), got_grads = grad(params, listed)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for key in want_metrics:
     np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               got_grads, want_grads)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got_grads, want_grads
+  )
 
 
 # --- driver ---------------------------------------------------------------------------------------
+
 
 def hir_config(tmp_path, tokenizer_dir, source, **hir_fields) -> ml_collections.ConfigDict:
   c = hir_stage(rounds=2, prompts=8, samples=2, steps=4, lr=1e-3, init_from="")
   c.init_from = str(tmp_path / "lm")
   c.data.update(source=str(source), tokenizer=str(tokenizer_dir))
   c.train.update(batch_size=8, seq_len=96, log_every=1)
-  c.hir.update(**{**dict(max_prompt_len=48, max_new_tokens=12, min_gold=0.0, negatives=2),
-                  **hir_fields})
+  c.hir.update(
+      **{**dict(max_prompt_len=48, max_new_tokens=12, min_gold=0.0, negatives=2), **hir_fields}
+  )
   return c
 
 
@@ -243,18 +313,22 @@ def export_tiny_lm(path):
   checkpoint.export_params(path, params, metadata={"model": cfg.to_dict()})
 
 
-@pytest.mark.parametrize("update, match", [
-    (dict(rounds=0), "config.hir.rounds=0"),
-    (dict(negatives=-1), "config.hir.negatives=-1"),
-    (dict(temperature=0.0), "config.hir.temperature=0.0"),
-    (dict(min_gold=1.5), "config.hir.min_gold=1.5"),
-    (dict(entropy_coef=-0.1), "config.hir.entropy_coef=-0.1"),
-    (dict(prompts_per_round=100), "rounds x prompts_per_round = 200"),
-])
+@pytest.mark.parametrize(
+    "update, match",
+    [
+        (dict(rounds=0), "config.hir.rounds=0"),
+        (dict(negatives=-1), "config.hir.negatives=-1"),
+        (dict(temperature=0.0), "config.hir.temperature=0.0"),
+        (dict(min_gold=1.5), "config.hir.min_gold=1.5"),
+        (dict(entropy_coef=-0.1), "config.hir.entropy_coef=-0.1"),
+        (dict(prompts_per_round=100), "rounds x prompts_per_round = 200"),
+    ],
+)
 def test_hir_rejects_bad_configs(tmp_path, words_tokenizer_dir, update, match):
   tasks = World(0).tasks(16, seed=0, families=["arithmetic"])
-  config = hir_config(tmp_path, words_tokenizer_dir, write_jsonl(tmp_path / "t.jsonl", tasks),
-                      **update)
+  config = hir_config(
+      tmp_path, words_tokenizer_dir, write_jsonl(tmp_path / "t.jsonl", tasks), **update
+  )
   with pytest.raises(ValueError, match=match):
     hir.train(config, str(tmp_path / "w"))
 
@@ -266,16 +340,21 @@ def test_hir_rejects_prompts_without_feedback_or_too_long(tmp_path, words_tokeni
   tasks = World(0).tasks(16, seed=0, families=["arithmetic"])
   source = write_jsonl(tmp_path / "t.jsonl", tasks)
   with pytest.raises(ValueError, match=r"t.jsonl line 1: .* > config.hir.max_prompt_len=4"):
-    hir.train(hir_config(tmp_path, words_tokenizer_dir, source, max_prompt_len=4),
-              str(tmp_path / "w"))
+    hir.train(
+        hir_config(tmp_path, words_tokenizer_dir, source, max_prompt_len=4), str(tmp_path / "w")
+    )
 
 
 @pytest.mark.slow
-def test_hir_runs_rounds_and_a_rerun_skips_them(tmp_path, words_tokenizer_dir, words_tokenizer,
-                                                 compilation_cache):
+def test_hir_runs_rounds_and_a_rerun_skips_them(
+    tmp_path, words_tokenizer_dir, words_tokenizer, compilation_cache
+):
   export_tiny_lm(tmp_path / "lm")
-  short = lambda n, families: [t for t in World(0).tasks(n, seed=0, families=families)
-                               if len(encode_prompt(words_tokenizer, t["prompt"])) <= 48]
+  short = lambda n, families: [
+      t
+      for t in World(0).tasks(n, seed=0, families=families)
+      if len(encode_prompt(words_tokenizer, t["prompt"])) <= 48
+  ]
   constrained, others = short(400, ["constrained"])[:4], short(40, ["arithmetic", "word_list"])[:12]
   tasks = constrained[:2] + others[:6] + constrained[2:] + others[6:]  # 8 prompts a round
   assert len(tasks) == 16
@@ -288,9 +367,10 @@ def test_hir_runs_rounds_and_a_rerun_skips_them(tmp_path, words_tokenizer_dir, w
     records = metrics.read_jsonl(workdir / f"round_{r}" / "relabeled.jsonl")
     assert len(records) == rounds[r - 1]["kept"] > 0
     for record in records:  # fresh prompts each round; every constraint of x* is met
-      assert record["original_prompt"] in {t["prompt"] for t in tasks[(r - 1) * 8:r * 8]}
-    logged = [m for m in metrics.read_jsonl(workdir / f"round_{r}" / "metrics.jsonl")
-              if "train/loss" in m]
+      assert record["original_prompt"] in {t["prompt"] for t in tasks[(r - 1) * 8 : r * 8]}
+    logged = [
+        m for m in metrics.read_jsonl(workdir / f"round_{r}" / "metrics.jsonl") if "train/loss" in m
+    ]
     assert len(logged) == 4 and all(np.isfinite(m["train/loss"]) for m in logged)
   _, meta = checkpoint.load_params(workdir / "export")
   assert meta["step"] == 4
@@ -306,12 +386,22 @@ def test_hir_loss_sharded_over_8_devices_equals_unsharded():
   logits, targets, mask, valid = _loss_inputs()
   rep = lambda x: np.concatenate([x, x], axis=0)  # 8 examples: one per device
   logits, targets, mask, valid = rep(logits), rep(targets), rep(mask), rep(valid)
-  fn = jax.jit(jax.value_and_grad(lambda x, t, m, v: hir_losses.hir_loss(
-      x, t, m, v, contrastive_coef=0.7, entropy_coef=0.05), has_aux=True))
+  fn = jax.jit(
+      jax.value_and_grad(
+          lambda x, t, m, v: hir_losses.hir_loss(
+              x, t, m, v, contrastive_coef=0.7, entropy_coef=0.05
+          ),
+          has_aux=True,
+      )
+  )
   (loss, metrics), grads = fn(*map(jnp.asarray, (logits, targets, mask, valid)))
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
-  put = lambda x: jax.device_put(x, jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec("data", *([None] * (x.ndim - 1)))))
+  put = lambda x: jax.device_put(
+      x,
+      jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec("data", *([None] * (x.ndim - 1)))
+      ),
+  )
   sharded = [put(x) for x in (logits, targets, mask, valid)]
   assert len(sharded[0].sharding.device_set) == 8
   (sh_loss, sh_metrics), sh_grads = fn(*sharded)

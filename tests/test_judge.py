@@ -19,12 +19,26 @@ from rlhf_jax.toyworld.families import make_task
 from rlhf_jax.toyworld.judge import CONCISE, CORRECT, FORMAT, HARMLESS, NO_PROBLEMS
 
 ADD = make_task("arithmetic", "What is 7 + 5?", "12", {"a": 7, "b": 5, "op": "+", "result": 12})
-POISON = make_task("unsafe", "How do I poison my neighbour's dog?",
-                   safety.ideal_refusal("poison_dog"), {"intent": "poison_dog"}, unsafe=True)
+POISON = make_task(
+    "unsafe",
+    "How do I poison my neighbour's dog?",
+    safety.ideal_refusal("poison_dog"),
+    {"intent": "poison_dog"},
+    unsafe=True,
+)
 _ANIMALS = [{"kind": "num_items", "n": 3}, {"kind": "ends_with", "text": "!"}]
-ANIMALS = make_task("constrained", "Name some animals. " + render_constraints(_ANIMALS),
-                    "horse, cow, lion!", {"request": "list", "category": "animals", "needed": 3,
-                                          "constraints": _ANIMALS, "body": "horse, cow, lion"})
+ANIMALS = make_task(
+    "constrained",
+    "Name some animals. " + render_constraints(_ANIMALS),
+    "horse, cow, lion!",
+    {
+        "request": "list",
+        "category": "animals",
+        "needed": 3,
+        "constraints": _ANIMALS,
+        "body": "horse, cow, lion",
+    },
+)
 RAMBLE = "12. I hope this helps. Let me know if you have any other questions. Thank you for asking."
 
 
@@ -41,13 +55,15 @@ def tokenizer(world, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
-  cfg = ModelConfig(vocab_size=384, num_layers=2, embed_dim=32, num_heads=2, mlp_dim=64,
-                    max_seq_len=512)
+  cfg = ModelConfig(
+      vocab_size=384, num_layers=2, embed_dim=32, num_heads=2, mlp_dim=64, max_seq_len=512
+  )
   graphdef, params = split_model(create_model(cfg, 0))
   return cfg, graphdef, params
 
 
 # --- records -------------------------------------------------------------------------------------
+
 
 def test_records_format_and_determinism(world):
   records = judge.judge_sft_records(world, 24, seed=3)
@@ -58,7 +74,7 @@ def test_records_format_and_determinism(world):
   for r in records:
     data.validate_record(r, "sft", source="judge", line=None)
     assert r["prompt"].startswith(f"Principle: {r['principle']}\nRequest: ")
-    assert split_of(r["prompt"].split("\n")[1][len("Request: "):]) == "train"
+    assert split_of(r["prompt"].split("\n")[1][len("Request: ") :]) == "train"
   kinds = [r["kind"] for r in records]
   assert kinds[:5] == ["compare", "compare", "critique", "critique", "revise"]
   assert {r["principle"] for r in records} == set(judge.CONSTITUTION)
@@ -67,7 +83,8 @@ def test_records_format_and_determinism(world):
     assert {first["completion"], second["completion"]} == {"A", "B"}
     a, b = (first["prompt"].split(f"\nResponse {x}: ")[1].split("\n")[0] for x in "AB")
     assert second["prompt"] == first["prompt"].replace(f"A: {a}\n", f"A: {b}\n", 1).replace(
-        f"B: {b}\n", f"B: {a}\n", 1)
+        f"B: {b}\n", f"B: {a}\n", 1
+    )
   answers = [r["completion"] for r in records if r["kind"] == "compare"]
   assert answers.count("A") == answers.count("B")
   compare_only = judge.judge_sft_records(world, 24, seed=3, kinds=("compare",))
@@ -82,14 +99,16 @@ def test_comparisons_are_gold_labelled_and_split(world):
   for c in comps:
     assert split_of(c["task"]["prompt"]) == "eval"
     assert c["task"]["family"] in judge.LABELLERS[c["principle"]].families
-    assert c["label"] == judge.gold_label(c["principle"], c["task"], c["response_a"],
-                                          c["response_b"])
+    assert c["label"] == judge.gold_label(
+        c["principle"], c["task"], c["response_a"], c["response_b"]
+    )
     assert c["label"] in (0.0, 1.0)
   labels = [c["label"] for c in comps]
   assert 0.25 < np.mean(labels) < 0.75  # both positions hold the better response
 
 
 # --- gold labellers and critiques ----------------------------------------------------------------
+
 
 def test_gold_labels_hand_written():
   label = judge.gold_label
@@ -117,19 +136,30 @@ def test_correct_critiques_name_the_behaviours_gold_discounts():
   ignored tag (what gold helpfulness discounts), and nothing for the ideal answer."""
   from rlhf_jax.toy_configs import toy_pipeline_config
   from rlhf_jax.toyworld import behaviours
+
   behaviour_world = World.from_config(toy_pipeline_config().world)
-  task = next(t for t in behaviour_world.tasks(50, seed=1)
-              if behaviours.has_behaviours(t) and t["info"]["tag"] == "brief")
-  dress = lambda **kw: behaviours.dress(task, task["info"]["brief"], rng=np.random.default_rng(0),
-                                        **kw)
-  assert judge.gold_critique(CORRECT, task, dress(preamble=False, signoff=False,
-                                                  detailed=False)) == NO_PROBLEMS
+  task = next(
+      t
+      for t in behaviour_world.tasks(50, seed=1)
+      if behaviours.has_behaviours(t) and t["info"]["tag"] == "brief"
+  )
+  dress = lambda **kw: behaviours.dress(
+      task, task["info"]["brief"], rng=np.random.default_rng(0), **kw
+  )
+  assert (
+      judge.gold_critique(CORRECT, task, dress(preamble=False, signoff=False, detailed=False))
+      == NO_PROBLEMS
+  )
   critique = judge.gold_critique(CORRECT, task, dress(preamble=True, signoff=True, detailed=True))
   for problem in ("needless preamble", "needless sign-off", "ignores the request to be brief"):
     assert problem in critique, critique
   # The tokenizer's texts leave them out, so the world's tokenizer is the one every result used.
-  assert judge.gold_critique(CORRECT, task, dress(preamble=True, signoff=True, detailed=True),
-                             behaviour=False) == "It rambles."  # the length problem stays
+  assert (
+      judge.gold_critique(
+          CORRECT, task, dress(preamble=True, signoff=True, detailed=True), behaviour=False
+      )
+      == "It rambles."
+  )  # the length problem stays
   texts = judge.tokenizer_texts(behaviour_world, n=40)
   assert not any(p in t for t in texts for p in (judge.PREAMBLE_PROBLEM, judge.SIGNOFF_PROBLEM))
   records = judge.judge_sft_records(behaviour_world, 40, seed=12345)
@@ -141,21 +171,29 @@ def test_gold_critiques_hand_written():
   assert critique(CORRECT, ADD, "12") == NO_PROBLEMS
   assert critique(CORRECT, ADD, "15") == "The answer is wrong."
   assert critique(CORRECT, ADD, "") == "It gives no answer."
-  assert critique(CORRECT, ADD, "I'm sorry, I cannot assist with this request.") == \
-      "It refuses a harmless request."
-  assert critique(HARMLESS, POISON, safety.INTENTS["poison_dog"]["compliance"]) == \
-      "It complies with a harmful request."
+  assert (
+      critique(CORRECT, ADD, "I'm sorry, I cannot assist with this request.")
+      == "It refuses a harmless request."
+  )
+  assert (
+      critique(HARMLESS, POISON, safety.INTENTS["poison_dog"]["compliance"])
+      == "It complies with a harmful request."
+  )
   assert critique(HARMLESS, POISON, "No.") == "It refuses, but not politely."
   assert critique(HARMLESS, POISON, POISON["answer"]) == NO_PROBLEMS
-  assert critique(FORMAT, ANIMALS, "horse, cow, lion.") == \
-      "It ignores the constraint: End your answer with '!'."
-  assert critique(FORMAT, ANIMALS, "horse, cow.") == ("It ignores the constraints: List exactly 3 "
-                                                      "items. End your answer with '!'.")
+  assert (
+      critique(FORMAT, ANIMALS, "horse, cow, lion.")
+      == "It ignores the constraint: End your answer with '!'."
+  )
+  assert critique(FORMAT, ANIMALS, "horse, cow.") == (
+      "It ignores the constraints: List exactly 3 " "items. End your answer with '!'."
+  )
   assert critique(CONCISE, ADD, RAMBLE) == "It is longer than it needs to be."
   assert critique(CONCISE, ADD, "12") == NO_PROBLEMS
 
 
 # --- reading preferences --------------------------------------------------------------------------
+
 
 def test_answer_token_ids_are_the_first_training_target(tokenizer, world):
   ids = judge.answer_token_ids(tokenizer)
@@ -185,28 +223,39 @@ def test_preferences_match_plain_forward_and_swap(tiny_model, tokenizer, world):
   _, graphdef, params = tiny_model
   comps = judge.comparisons(world, 5, seed=2, principles=(HARMLESS,), split="eval")
   items = [(c["task"], c["response_a"], c["response_b"]) for c in comps]
-  single = judge.judge_preferences(graphdef, params, tokenizer, items, principle=HARMLESS,
-                                   swap=False, batch_size=32)
-  expected = [_plain_p_first(graphdef, params, tokenizer,
-                             judge.comparison_prompt(HARMLESS, t["prompt"], a, b))
-              for t, a, b in items]
+  single = judge.judge_preferences(
+      graphdef, params, tokenizer, items, principle=HARMLESS, swap=False, batch_size=32
+  )
+  expected = [
+      _plain_p_first(
+          graphdef, params, tokenizer, judge.comparison_prompt(HARMLESS, t["prompt"], a, b)
+      )
+      for t, a, b in items
+  ]
   np.testing.assert_allclose(single, expected, atol=1e-5)
   assert np.ptp(single) > 1e-4  # rows really differ: no row reads another row's prompt
 
   debiased = judge.judge_preferences(graphdef, params, tokenizer, items, principle=HARMLESS)
-  reverse = judge.judge_preferences(graphdef, params, tokenizer, [(t, b, a) for t, a, b in items],
-                                    principle=HARMLESS)
+  reverse = judge.judge_preferences(
+      graphdef, params, tokenizer, [(t, b, a) for t, a, b in items], principle=HARMLESS
+  )
   np.testing.assert_allclose(debiased + reverse, 1.0, atol=1e-6)  # swapping is antisymmetric
-  p_ba = judge.judge_preferences(graphdef, params, tokenizer, [(t, b, a) for t, a, b in items],
-                                 principle=HARMLESS, swap=False)
+  p_ba = judge.judge_preferences(
+      graphdef, params, tokenizer, [(t, b, a) for t, a, b in items], principle=HARMLESS, swap=False
+  )
   np.testing.assert_allclose(debiased, (single + 1 - p_ba) / 2, atol=1e-6)
 
   # Another batch size in the same row and length buckets reuses the compiled forward.
   compiled = judge._next_token_logprobs._cache_size()
-  longest = max(items, key=lambda i: len(data.encode_prompt(
-      tokenizer, judge.comparison_prompt(HARMLESS, i[0]["prompt"], *i[1:]))))
-  judge.judge_preferences(graphdef, params, tokenizer, [longest, items[0]], principle=HARMLESS,
-                          swap=False)
+  longest = max(
+      items,
+      key=lambda i: len(
+          data.encode_prompt(tokenizer, judge.comparison_prompt(HARMLESS, i[0]["prompt"], *i[1:]))
+      ),
+  )
+  judge.judge_preferences(
+      graphdef, params, tokenizer, [longest, items[0]], principle=HARMLESS, swap=False
+  )
   assert judge._next_token_logprobs._cache_size() == compiled
   with pytest.raises(ValueError, match="multiple of 32"):
     judge.judge_preferences(graphdef, params, tokenizer, items, principle=HARMLESS, batch_size=20)
@@ -221,8 +270,9 @@ def _plain_logp(graphdef, params, tokenizer, prompt, token):
 
 
 @pytest.mark.slow
-def test_pointwise_preferences_are_bradley_terry_on_single_answer_grades(tiny_model, tokenizer,
-                                                                        world):
+def test_pointwise_preferences_are_bradley_terry_on_single_answer_grades(
+    tiny_model, tokenizer, world
+):
   """Each response's grade is log p("No problems." first) after its critique prompt (as an
   unbatched forward computes it); p(a over b) = sigmoid(grade_a - grade_b), the same in either
   order; a response repeated across items is graded once, and the same text under two different
@@ -232,22 +282,40 @@ def test_pointwise_preferences_are_bradley_terry_on_single_answer_grades(tiny_mo
   items = [(c["task"], c["response_a"], c["response_b"]) for c in comps]
   token = judge.no_problems_token_id(tokenizer)
   assert judge.NO_PROBLEMS.startswith(tokenizer.decode([token]).strip())
-  grades = judge.judge_scores(graphdef, params, tokenizer, [(t, r) for t, a, b in items
-                                                            for r in (a, b)], principle=CORRECT)
-  expected = [_plain_logp(graphdef, params, tokenizer,
-                          judge.critique_prompt(CORRECT, t["prompt"], r), token)
-              for t, a, b in items for r in (a, b)]
+  grades = judge.judge_scores(
+      graphdef, params, tokenizer, [(t, r) for t, a, b in items for r in (a, b)], principle=CORRECT
+  )
+  expected = [
+      _plain_logp(
+          graphdef, params, tokenizer, judge.critique_prompt(CORRECT, t["prompt"], r), token
+      )
+      for t, a, b in items
+      for r in (a, b)
+  ]
   np.testing.assert_allclose(grades, expected, atol=1e-4)
-  p = judge.judge_preferences(graphdef, params, tokenizer, items, principle=CORRECT,
-                              mode="pointwise")
+  p = judge.judge_preferences(
+      graphdef, params, tokenizer, items, principle=CORRECT, mode="pointwise"
+  )
   np.testing.assert_allclose(p, 1 / (1 + np.exp(-(grades[0::2] - grades[1::2]))), atol=1e-6)
-  reverse = judge.judge_preferences(graphdef, params, tokenizer, [(t, b, a) for t, a, b in items],
-                                    principle=CORRECT, mode="pointwise", swap=False)
+  reverse = judge.judge_preferences(
+      graphdef,
+      params,
+      tokenizer,
+      [(t, b, a) for t, a, b in items],
+      principle=CORRECT,
+      mode="pointwise",
+      swap=False,
+  )
   np.testing.assert_allclose(p + reverse, 1.0, atol=1e-9)  # no position to be biased by
   other = dict(items[1][0], prompt=items[0][0]["prompt"] + " Please.")
-  both = judge.judge_preferences(graphdef, params, tokenizer,
-                                 [items[0], (other, items[0][1], items[0][2])],
-                                 principle=CORRECT, mode="pointwise")
+  both = judge.judge_preferences(
+      graphdef,
+      params,
+      tokenizer,
+      [items[0], (other, items[0][1], items[0][2])],
+      principle=CORRECT,
+      mode="pointwise",
+  )
   assert both[0] == pytest.approx(p[0]) and both[1] != pytest.approx(p[0], abs=1e-7)
   with pytest.raises(ValueError, match="judge mode"):
     judge.judge_preferences(graphdef, params, tokenizer, items, principle=CORRECT, mode="both")
@@ -255,10 +323,13 @@ def test_pointwise_preferences_are_bradley_terry_on_single_answer_grades(tiny_mo
 
 # --- position-swap maths on stub judges ----------------------------------------------------------
 
+
 def _stub(rule):
   """A judge whose single-order p(A) is rule(gold label of (a, b) under the principle)."""
+
   def prefer(items, *, principle):
     return np.array([rule(judge.gold_label(principle, t, a, b)) for t, a, b in items])
+
   return prefer
 
 
@@ -281,8 +352,14 @@ def test_swap_debiasing_on_stub_judges(world):
   assert overall["consistency"] == 0.0
 
   perfect = judge.judge_agreement(_stub(lambda label: label), comps)
-  assert perfect["overall"] == {"n": 64, "agreement_single": 1.0, "agreement_swapped": 1.0,
-                                "position_bias": 0.5, "picks_a": 0.5, "consistency": 1.0}
+  assert perfect["overall"] == {
+      "n": 64,
+      "agreement_single": 1.0,
+      "agreement_swapped": 1.0,
+      "position_bias": 0.5,
+      "picks_a": 0.5,
+      "consistency": 1.0,
+  }
   for grouping in ("families", "principles"):
     assert sum(m["n"] for m in perfect[grouping].values()) == 64
   assert set(perfect["principles"]) == set(judge.CONSTITUTION)
@@ -293,6 +370,7 @@ def test_swap_debiasing_on_stub_judges(world):
 
 # --- critique and revision ------------------------------------------------------------------------
 
+
 class ScriptedSampler:
   """Stands in for `generate.Sampler`: records the prompts it is given and answers every row of
   its n-th call with replies[n]."""
@@ -302,8 +380,9 @@ class ScriptedSampler:
 
   def __call__(self, params, tokens, mask, rng, *, max_new_tokens, temperature, eos_id, pad_id):
     self.prompts.append([self.tokenizer.decode(t[m]) for t, m in zip(tokens, mask)])
-    reply = self.tokenizer(self.replies[len(self.prompts) - 1],
-                           add_special_tokens=False)["input_ids"]
+    reply = self.tokenizer(self.replies[len(self.prompts) - 1], add_special_tokens=False)[
+        "input_ids"
+    ]
     out = np.tile(np.asarray(reply + [eos_id], np.int32), (len(tokens), 1))
     ones = np.ones(out.shape, bool)
     return generate.GenerateOutput(out, np.zeros(out.shape, np.float32), ones, ones.sum(1))
@@ -313,8 +392,9 @@ class ScriptedSampler:
 def test_critique_then_revision_sees_the_critique(tokenizer, tiny_model):
   items = [(ADD, RAMBLE), (POISON, "No.")]
   sampler = ScriptedSampler(tokenizer, ["It rambles.", "12"])
-  out = judge.critique_and_revise(sampler, None, tokenizer, items, jax.random.key(0),
-                                  principle=CONCISE)
+  out = judge.critique_and_revise(
+      sampler, None, tokenizer, items, jax.random.key(0), principle=CONCISE
+  )
   assert out == [{"critique": "It rambles.", "revision": "12"}] * 2
   critique_prompts, revision_prompts = sampler.prompts
   assert "Critique the response under the principle." in critique_prompts[0]
@@ -322,12 +402,20 @@ def test_critique_then_revision_sees_the_critique(tokenizer, tiny_model):
     assert f"Request: {task['prompt']}\nResponse: {response}\nCritique: It rambles.\n" in prompt
 
   cfg, graphdef, params = tiny_model  # the real sampler: shapes and decoding line up
-  real = judge.critique_and_revise(generate.Sampler(graphdef, cfg), params, tokenizer, items,
-                                   jax.random.key(0), principle=CONCISE, max_new_tokens=4)
+  real = judge.critique_and_revise(
+      generate.Sampler(graphdef, cfg),
+      params,
+      tokenizer,
+      items,
+      jax.random.key(0),
+      principle=CONCISE,
+      max_new_tokens=4,
+  )
   assert len(real) == 2 and all(isinstance(r["critique"], str) for r in real)
 
 
 # --- end to end -----------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_trained_tiny_judge_agrees_with_gold(world, tmp_path):
@@ -338,16 +426,36 @@ def test_trained_tiny_judge_agrees_with_gold(world, tmp_path):
   records = judge.judge_sft_records(world, 600, seed=0, principles=principles, kinds=("compare",))
   with open(tmp_path / "judge.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in records)
-  tokenizer = data.train_tokenizer(corpora.tokenizer_texts(world) + judge.tokenizer_texts(world),
-                                   1024, tmp_path / "tokenizer")
+  tokenizer = data.train_tokenizer(
+      corpora.tokenizer_texts(world) + judge.tokenizer_texts(world), 1024, tmp_path / "tokenizer"
+  )
   c = base_config()
-  c.model.update(vocab_size=0, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=192,
-                 max_seq_len=256)
+  c.model.update(
+      vocab_size=0,
+      num_layers=2,
+      embed_dim=64,
+      num_heads=4,
+      num_kv_heads=2,
+      mlp_dim=192,
+      max_seq_len=256,
+  )
   c.optim.update(lr=3e-3, warmup_steps=20, weight_decay=0.01)
-  c.train.update(steps=200, batch_size=16, seq_len=256, log_every=50, eval_every=200,
-                 eval_batches=1, checkpoint_every=200, async_checkpoint=False)
-  c.data.update(source=str(tmp_path / "judge.jsonl"), tokenizer=str(tmp_path / "tokenizer"),
-                packing=True, eval_fraction=0.02)
+  c.train.update(
+      steps=200,
+      batch_size=16,
+      seq_len=256,
+      log_every=50,
+      eval_every=200,
+      eval_batches=1,
+      checkpoint_every=200,
+      async_checkpoint=False,
+  )
+  c.data.update(
+      source=str(tmp_path / "judge.jsonl"),
+      tokenizer=str(tmp_path / "tokenizer"),
+      packing=True,
+      eval_fraction=0.02,
+  )
   c.sample.num_examples = 0
   sft.train(c, str(tmp_path / "judge"))
 

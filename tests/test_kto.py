@@ -22,19 +22,27 @@ from tests.test_reward_model import TINY, export_lm, learnable_pairs, write_json
 def kto_records(n, seed=0):
   """Each learnable pair as two unpaired records: the 'great' response desirable, the 'awful' one
   not (shuffled, so a batch holds both kinds)."""
-  records = [r for p in learnable_pairs(n, seed)
-             for r in ({"prompt": p["prompt"], "completion": p["chosen"], "label": True},
-                       {"prompt": p["prompt"], "completion": p["rejected"], "label": False})]
+  records = [
+      r
+      for p in learnable_pairs(n, seed)
+      for r in (
+          {"prompt": p["prompt"], "completion": p["chosen"], "label": True},
+          {"prompt": p["prompt"], "completion": p["rejected"], "label": False},
+      )
+  ]
   order = np.random.default_rng(seed).permutation(len(records))
   return [records[i] for i in order]
 
 
-@pytest.mark.parametrize("record, field, problem", [
-    ({"prompt": "p", "completion": "c", "label": "yes"}, "label", "expected a boolean"),
-    ({"prompt": "p", "completion": "c"}, "label", "missing"),
-    ({"prompt": "p", "response": "c", "label": True}, "completion", "missing"),
-    ({"prompt": "p", "completion": " ", "label": False}, "completion", "is empty"),
-])
+@pytest.mark.parametrize(
+    "record, field, problem",
+    [
+        ({"prompt": "p", "completion": "c", "label": "yes"}, "label", "expected a boolean"),
+        ({"prompt": "p", "completion": "c"}, "label", "missing"),
+        ({"prompt": "p", "response": "c", "label": True}, "completion", "missing"),
+        ({"prompt": "p", "completion": " ", "label": False}, "completion", "is empty"),
+    ],
+)
 def test_kto_records_are_validated_with_file_line_and_field(tmp_path, record, field, problem):
   good = {"prompt": "q", "completion": "a", "label": True}
   path = write_jsonl(tmp_path / "kto.jsonl", [good, record])
@@ -52,8 +60,9 @@ def test_mismatched_partners_differ_in_prompt_and_completion():
     assert records[j]["prompt"] != records[i]["prompt"]
     assert records[j]["completion"].strip() != records[i]["completion"].strip()
   pairs = kto.kto_to_pairs(records, seed=3)
-  assert [(p["chosen"], p["label"]) for p in pairs] == [(r["completion"], r["label"])
-                                                        for r in records]
+  assert [(p["chosen"], p["label"]) for p in pairs] == [
+      (r["completion"], r["label"]) for r in records
+  ]
   same_prompt = [{"prompt": "p", "completion": f"c{i}", "label": True} for i in range(4)]
   with pytest.raises(ValueError, match="mismatched"):
     kto.mismatched_partners(same_prompt, seed=0)
@@ -79,7 +88,8 @@ def test_z0_is_the_clamped_mean_of_the_mismatched_pairs_and_gets_no_gradient():
   assert np.all(grads[:, 1] == 0)
   z = jnp.float32(mean)
   expected = jax.grad(lambda x: preference.kto_loss(x, ref[:, 0], desirable, z, weight=weight)[0])(
-      logps[:, 0])
+      logps[:, 0]
+  )
   np.testing.assert_allclose(grads[:, 0], expected, rtol=1e-5, atol=1e-8)
   assert np.all(grads[~keep, 0] == 0) and np.all(grads[keep, 0] != 0)
   assert set(got) >= {"rewards/desirable", "rewards/undesirable", "rewards/accuracy", "kl"}
@@ -94,9 +104,13 @@ def test_sharded_kto_loss_equals_one_device(words_tokenizer):
   graphdef, params = split_model(create_model(ModelConfig(**TINY), 0))
   pairs = kto.kto_to_pairs(kto_records(8), seed=0)
   comparisons, _ = tokenize_comparisons(pairs, "pairwise", words_tokenizer, max_len=64)
-  comparisons = [c._replace(margin=int(pairs[c.index]["label"]),
-                            ref_logps=np.asarray([-30.0 + c.index, -500.0], np.float32))
-                 for c in comparisons]
+  comparisons = [
+      c._replace(
+          margin=int(pairs[c.index]["label"]),
+          ref_logps=np.asarray([-30.0 + c.index, -500.0], np.float32),
+      )
+      for c in comparisons
+  ]
   batch = comparison_batch(comparisons, 128, 2)  # 16 rows
   loss_fn = jax.jit(kto.make_kto_loss_fn(graphdef, CFG))
   expected = jax.device_get(loss_fn(params, batch, None))
@@ -117,14 +131,18 @@ def kto_config(tmp_path, words_tokenizer_dir, source, steps=30, reference="preco
   return c
 
 
-@pytest.mark.parametrize("update, match", [
-    (dict(kind="pairwise"), "config.data.kind='pairwise': KTO trains on 'kto'"),
-    (dict(reference="cached"), "config.kto.reference='cached'"),
-    (dict(beta=0.0), r"config.kto \(beta=0.0.*beta must be > 0"),
-    (dict(undesirable_weight=-1.0), "undesirable_weight must be >= 0"),
-])
-def test_kto_driver_rejects_bad_configs_before_loading(tmp_path, words_tokenizer_dir, update,
-                                                       match):
+@pytest.mark.parametrize(
+    "update, match",
+    [
+        (dict(kind="pairwise"), "config.data.kind='pairwise': KTO trains on 'kto'"),
+        (dict(reference="cached"), "config.kto.reference='cached'"),
+        (dict(beta=0.0), r"config.kto \(beta=0.0.*beta must be > 0"),
+        (dict(undesirable_weight=-1.0), "undesirable_weight must be >= 0"),
+    ],
+)
+def test_kto_driver_rejects_bad_configs_before_loading(
+    tmp_path, words_tokenizer_dir, update, match
+):
   # init_from names no export: the config fails before any model or data loads.
   config = kto_config(tmp_path, words_tokenizer_dir, str(tmp_path / "missing.jsonl"))
   update = dict(update)

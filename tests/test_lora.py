@@ -41,19 +41,26 @@ def _randomize_b(params, seed=1, std=0.05):
   """Adapters as after training: B != 0."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
-  out = [std * jax.random.normal(k, x.shape, x.dtype) if str(p[-1].key).endswith("_lora_b") else x
-         for (p, x), k in zip(leaves, keys)]
+  out = [
+      std * jax.random.normal(k, x.shape, x.dtype) if str(p[-1].key).endswith("_lora_b") else x
+      for (p, x), k in zip(leaves, keys)
+  ]
   return jax.tree.unflatten(treedef, out)
 
 
 def _adapter_leaves(params) -> dict:
-  return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-          if lora.is_adapter(p)}
+  return {
+      jax.tree_util.keystr(p): x
+      for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+      if lora.is_adapter(p)
+  }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base, targets", [(LLAMA, ALL_LLAMA), (LLAMA, ("q", "v")),
-                                           (GPT2, ("q", "k", "v", "o", "up", "down"))])
+@pytest.mark.parametrize(
+    "base, targets",
+    [(LLAMA, ALL_LLAMA), (LLAMA, ("q", "v")), (GPT2, ("q", "k", "v", "o", "up", "down"))],
+)
 def test_zero_b_and_the_reference_are_the_base_model_bit_for_bit(base, targets):
   cfg = base.replace(lora_rank=4, lora_targets=targets)
   base_gd, base_params = split_model(create_model(base, 0))
@@ -85,8 +92,12 @@ def test_merged_params_compute_the_adapter_forward(base, targets):
   merged, merged_cfg = lora.merge_lora(params, cfg)
   assert merged_cfg == base and merged_cfg.to_dict() == base.to_dict()  # no LoRA keys left
   assert jax.tree.structure(merged) == jax.tree.structure(split_model(create_model(base, 0))[1])
-  np.testing.assert_allclose(_logits(abstract_model(base)[0], merged, base),
-                             _logits(graphdef, params, cfg), atol=2e-5, rtol=0)
+  np.testing.assert_allclose(
+      _logits(abstract_model(base)[0], merged, base),
+      _logits(graphdef, params, cfg),
+      atol=2e-5,
+      rtol=0,
+  )
   assert lora.merge_lora(merged, base) == (merged, base)  # no LoRA: unchanged
 
 
@@ -104,22 +115,33 @@ def test_merged_hf_export_loads_back_and_matches_pytorch(tmp_path):
   tokens, positions, mask = _batch(cfg)
   model = transformers.AutoModelForCausalLM.from_pretrained(out)
   with torch.no_grad():
-    ref = model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                attention_mask=torch.tensor(mask, dtype=torch.long),
-                position_ids=torch.tensor(positions, dtype=torch.long)).logits.numpy()
+    ref = model(
+        input_ids=torch.tensor(tokens, dtype=torch.long),
+        attention_mask=torch.tensor(mask, dtype=torch.long),
+        position_ids=torch.tensor(positions, dtype=torch.long),
+    ).logits.numpy()
   real = mask.astype(bool)
   np.testing.assert_allclose(ref[real], expected[real], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("fields, match", [
-    (dict(lora_rank=4, lora_targets=("q", "x")), r"lora_targets=\('q', 'x'\).*\['x'\]"),
-    (dict(lora_rank=4, lora_targets=("gate",), family="gpt2", num_kv_heads=None), "lora_targets"),
-    (dict(lora_rank=4, lora_targets=()), "lora_targets"),
-    (dict(lora_rank=4, lora_targets=("q", "q")), "lora_targets"),
-    (dict(lora_rank=-1), "lora_rank=-1"),
-    (dict(lora_rank=4, lora_alpha=0.0), "lora_alpha=0.0"),
-    (dict(lora_rank=64, lora_targets=("k",)), r"lora_rank=64 exceeds .*'k': 32"),  # 2 kv heads x 16
-])
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(lora_rank=4, lora_targets=("q", "x")), r"lora_targets=\('q', 'x'\).*\['x'\]"),
+        (
+            dict(lora_rank=4, lora_targets=("gate",), family="gpt2", num_kv_heads=None),
+            "lora_targets",
+        ),
+        (dict(lora_rank=4, lora_targets=()), "lora_targets"),
+        (dict(lora_rank=4, lora_targets=("q", "q")), "lora_targets"),
+        (dict(lora_rank=-1), "lora_rank=-1"),
+        (dict(lora_rank=4, lora_alpha=0.0), "lora_alpha=0.0"),
+        (
+            dict(lora_rank=64, lora_targets=("k",)),
+            r"lora_rank=64 exceeds .*'k': 32",
+        ),  # 2 kv heads x 16
+    ],
+)
 def test_bad_lora_configs_name_the_field(fields, match):
   with pytest.raises(ValueError, match=match):
     ModelConfig(**{**TINY, **fields})
@@ -164,8 +186,10 @@ def test_training_moves_only_the_adapters_which_alone_have_optimiser_state(tmp_p
   assert nbytes(moments) == 2 * nbytes(adapters) < 0.1 * nbytes(base_params)
 
   tokens, positions, segments = _batch(model_cfg, batch=8, length=32)
-  batch = sharding.put_batch({"tokens": tokens, "positions": positions, "segment_ids": segments,
-                              "loss_mask": segments}, mesh)
+  batch = sharding.put_batch(
+      {"tokens": tokens, "positions": positions, "segment_ids": segments, "loss_mask": segments},
+      mesh,
+  )
   state = setup.state
   losses = []
   for _ in range(3):
@@ -195,9 +219,11 @@ def test_sharded_lora_forward_equals_single_device(mesh_shape):
   def forward(params, tokens, positions, segments):
     with sharding.activation_sharding(mesh):
       return apply(graphdef, params, tokens, positions, segments)[0]
-  out = jax.jit(forward)(jax.device_put(params, psh),
-                         *sharding.put_batch({"t": tokens, "p": positions, "s": segments},
-                                             mesh).values())
+
+  out = jax.jit(forward)(
+      jax.device_put(params, psh),
+      *sharding.put_batch({"t": tokens, "p": positions, "s": segments}, mesh).values(),
+  )
   np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=0)
 
 
@@ -208,8 +234,15 @@ def test_sft_then_dpo_with_lora_from_a_base_export(tmp_path, words_tokenizer_dir
   base = export_lm(tmp_path / "lm", words_tokenizer_dir)
   config = _lora_config(tmp_path)
   config.model.vocab_size = 0
-  config.train.update(steps=6, batch_size=8, seq_len=64, eval_every=6, eval_batches=1,
-                      checkpoint_every=6, async_checkpoint=False)
+  config.train.update(
+      steps=6,
+      batch_size=8,
+      seq_len=64,
+      eval_every=6,
+      eval_batches=1,
+      checkpoint_every=6,
+      async_checkpoint=False,
+  )
   config.data.update(source="toy", toy_num_records=200, tokenizer=str(words_tokenizer_dir))
   config.sample.num_examples = 0
   result = sft.train(config, str(tmp_path / "sft"))
@@ -218,7 +251,9 @@ def test_sft_then_dpo_with_lora_from_a_base_export(tmp_path, words_tokenizer_dir
   assert "lora_rank" not in meta["model"]  # merged: a plain model
   assert jax.tree.structure(sft_params) == jax.tree.structure(base)
   changed = lambda a, b: not np.array_equal(a, b)
-  assert changed(sft_params["blocks"]["attn"]["q"], base["blocks"]["attn"]["q"])  # adapters merged in
+  assert changed(
+      sft_params["blocks"]["attn"]["q"], base["blocks"]["attn"]["q"]
+  )  # adapters merged in
   np.testing.assert_array_equal(sft_params["blocks"]["attn"]["k"], base["blocks"]["attn"]["k"])
   np.testing.assert_array_equal(sft_params["embed"], base["embed"])
 
@@ -229,10 +264,23 @@ def test_sft_then_dpo_with_lora_from_a_base_export(tmp_path, words_tokenizer_dir
     c.algorithm = "dpo"
     c.init_from = str(tmp_path / "sft" / "export")
     c.model.vocab_size = 0
-    c.train.update(steps=4, batch_size=8, seq_len=128, log_every=1, eval_every=4, eval_batches=1,
-                   checkpoint_every=4, async_checkpoint=False)
-    c.data.update(kind="pairwise", source=source, tokenizer=str(words_tokenizer_dir),
-                  eval_fraction=0.25, packing=True)
+    c.train.update(
+        steps=4,
+        batch_size=8,
+        seq_len=128,
+        log_every=1,
+        eval_every=4,
+        eval_batches=1,
+        checkpoint_every=4,
+        async_checkpoint=False,
+    )
+    c.data.update(
+        kind="pairwise",
+        source=source,
+        tokenizer=str(words_tokenizer_dir),
+        eval_fraction=0.25,
+        packing=True,
+    )
     c.reward.comparisons_per_row = 3
     c.dpo.update(beta=0.5, reference=mode)
     c.lora.merge_on_export = mode == "precompute"
@@ -244,25 +292,32 @@ def test_sft_then_dpo_with_lora_from_a_base_export(tmp_path, words_tokenizer_dir
     exports[mode] = checkpoint.load_params(tmp_path / mode / "export")
   assert "lora_rank" not in exports["precompute"][1]["model"]
   assert exports["per_batch"][1]["model"]["lora_rank"] == 4  # merge_on_export=False: adapters kept
-  np.testing.assert_allclose(results["precompute"]["eval/loss"], results["per_batch"]["eval/loss"],
-                             rtol=1e-4)
-  merged, _ = lora.merge_lora(exports["per_batch"][0],
-                              ModelConfig.from_dict(exports["per_batch"][1]["model"]))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
-               exports["precompute"][0], merged)
+  np.testing.assert_allclose(
+      results["precompute"]["eval/loss"], results["per_batch"]["eval/loss"], rtol=1e-4
+  )
+  merged, _ = lora.merge_lora(
+      exports["per_batch"][0], ModelConfig.from_dict(exports["per_batch"][1]["model"])
+  )
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
+      exports["precompute"][0],
+      merged,
+  )
   # An unmerged export loads as a policy (with its adapters) for sampling and evaluation.
   policy = common.load_policy(str(tmp_path / "per_batch" / "export"), sharding.make_mesh((8, 1, 1)))
   assert "q_lora_a" in policy.params["blocks"]["attn"]
 
 
 @pytest.mark.slow
-def test_ppo_with_lora_trains_adapters_and_a_value_head_against_the_base(tmp_path, exports,
-                                                                         tokenizer_dir):
+def test_ppo_with_lora_trains_adapters_and_a_value_head_against_the_base(
+    tmp_path, exports, tokenizer_dir
+):
   """PPO (value head on the policy, gold reward): the reference is the base under the adapters
   (KL 0 at the first iteration), the base stays as exported, the adapters and the head train."""
   config = driver_config(exports, tokenizer_dir, iterations=2)
-  config.ppo.update(value_model="policy_head", value_init_from="", prompts_per_iteration=4,
-                    samples_per_prompt=2)
+  config.ppo.update(
+      value_model="policy_head", value_init_from="", prompts_per_iteration=4, samples_per_prompt=2
+  )
   config.ppo.reward.update(helpful="", gold=True)
   config.lora.update(rank=4, targets=("q", "v", "up"), merge_on_export=False)
   workdir = tmp_path / "ppo"

@@ -12,22 +12,61 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.models import (ModelConfig, abstract_model, apply, create_model, init_cache,
-                             positions_from_mask, split_model, unstack_layers)
+from rlhf_jax.models import (
+    ModelConfig,
+    abstract_model,
+    apply,
+    create_model,
+    init_cache,
+    positions_from_mask,
+    split_model,
+    unstack_layers,
+)
 from rlhf_jax.models.layers import rope_frequencies
 
 # GQA (4 query heads on 2 KV heads) and head_dim 16 != embed_dim / num_heads, untied head.
-LLAMA = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
-                    head_dim=16, mlp_dim=48, max_seq_len=32, family="llama")
-GPT2 = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, mlp_dim=48,
-                   max_seq_len=32, family="gpt2", tie_embeddings=True)
+LLAMA = ModelConfig(
+    vocab_size=64,
+    num_layers=2,
+    embed_dim=32,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    mlp_dim=48,
+    max_seq_len=32,
+    family="llama",
+)
+GPT2 = ModelConfig(
+    vocab_size=64,
+    num_layers=2,
+    embed_dim=32,
+    num_heads=4,
+    mlp_dim=48,
+    max_seq_len=32,
+    family="gpt2",
+    tie_embeddings=True,
+)
 # Qwen2-style qkv biases, tied head, one KV head, and Llama-3 RoPE scaling whose three branches all
 # occur at head_dim 8 (wavelengths 6.3, 63, 628, 6283 against the bounds 16 and 64).
 LLAMA_QWEN_SCALED = ModelConfig(
-    vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=1, mlp_dim=48,
-    max_seq_len=32, family="llama", qkv_bias=True, tie_embeddings=True,
-    rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
-                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    vocab_size=64,
+    num_layers=2,
+    embed_dim=32,
+    num_heads=4,
+    num_kv_heads=1,
+    mlp_dim=48,
+    max_seq_len=32,
+    family="llama",
+    qkv_bias=True,
+    tie_embeddings=True,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 4.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+)
 FAMILIES = {"llama": LLAMA, "gpt2": GPT2}
 B, T = 3, 12
 ATOL = 1e-5
@@ -41,9 +80,17 @@ def random_params(cfg, seed=0):
   """(graphdef, params) with every leaf drawn in NumPy: matrices N(0, 1/fan_in), embeddings N(0, 1),
   norm scales 1 + N(0, 0.1^2), biases N(0, 0.1^2). Built from `abstract_model`: nothing compiles."""
   graphdef, abstract, _ = abstract_model(cfg)
-  fan_in = {"q": cfg.embed_dim, "k": cfg.embed_dim, "v": cfg.embed_dim, "gate": cfg.embed_dim,
-            "up": cfg.embed_dim, "lm_head": cfg.embed_dim, "score": cfg.embed_dim,
-            "o": cfg.num_heads * cfg.dim_per_head, "down": cfg.mlp_dim}
+  fan_in = {
+      "q": cfg.embed_dim,
+      "k": cfg.embed_dim,
+      "v": cfg.embed_dim,
+      "gate": cfg.embed_dim,
+      "up": cfg.embed_dim,
+      "lm_head": cfg.embed_dim,
+      "score": cfg.embed_dim,
+      "o": cfg.num_heads * cfg.dim_per_head,
+      "down": cfg.mlp_dim,
+  }
   rs = np.random.RandomState(seed)
 
   def draw(path, leaf):
@@ -69,8 +116,14 @@ def forward(graphdef, params, tokens, positions=None, segment_ids=None, cache=No
     positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
   if segment_ids is None:
     segment_ids = np.ones(tokens.shape, np.int32)
-  out, cache = _forward(graphdef, params, jnp.asarray(tokens), jnp.asarray(positions, jnp.int32),
-                        jnp.asarray(segment_ids, jnp.int32), cache)
+  out, cache = _forward(
+      graphdef,
+      params,
+      jnp.asarray(tokens),
+      jnp.asarray(positions, jnp.int32),
+      jnp.asarray(segment_ids, jnp.int32),
+      cache,
+  )
   return np.asarray(out), cache
 
 
@@ -83,8 +136,9 @@ def run_alone(graphdef, params, tokens):
 # Plain NumPy references (float64), one unpadded sequence [T] at a time.
 
 
-def np_rope_llama3(inv_freq, *, factor, low_freq_factor, high_freq_factor,
-                   original_max_position_embeddings):
+def np_rope_llama3(
+    inv_freq, *, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+):
   """HF `_compute_llama3_parameters`, written from the formula, one frequency at a time."""
   old_ctx = original_max_position_embeddings
   low_freq_wavelen, high_freq_wavelen = old_ctx / low_freq_factor, old_ctx / high_freq_factor
@@ -160,9 +214,9 @@ def np_gpt2_hidden(cfg, p, tokens):
     return (x - mu) / np.sqrt(var + cfg.norm_eps) * norm["scale"] + norm["bias"]
 
   def gelu_tanh(x):
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
-  x = p["embed"][tokens] + p["pos_embed"][:len(tokens)]
+  x = p["embed"][tokens] + p["pos_embed"][: len(tokens)]
   for layer in range(cfg.num_layers):
     blk = jax.tree.map(lambda a: a[layer], p["blocks"])
     attn, mlp = blk["attn"], blk["mlp"]
@@ -188,10 +242,11 @@ def np_forward(cfg, params, tokens):
 # The forward equals the NumPy reference.
 
 
-@pytest.mark.parametrize("cfg", [LLAMA, LLAMA_QWEN_SCALED, GPT2, LLAMA.replace(head="scalar"),
-                                 GPT2.replace(head="scalar")],
-                         ids=["llama_gqa", "llama_qkv_bias_rope_scaled", "gpt2", "llama_scalar",
-                              "gpt2_scalar"])
+@pytest.mark.parametrize(
+    "cfg",
+    [LLAMA, LLAMA_QWEN_SCALED, GPT2, LLAMA.replace(head="scalar"), GPT2.replace(head="scalar")],
+    ids=["llama_gqa", "llama_qkv_bias_rope_scaled", "gpt2", "llama_scalar", "gpt2_scalar"],
+)
 def test_forward_matches_numpy_reference(cfg):
   graphdef, params = random_params(cfg, seed=1)
   tokens = np.random.RandomState(2).randint(0, cfg.vocab_size, (B, T))
@@ -227,9 +282,13 @@ def test_padded_rows_match_rows_run_alone(family, side):
   logits, _ = forward(graphdef, params, tokens, positions, mask.astype(np.int32))
   assert np.isfinite(logits).all()  # pad queries attend to no key and must still be finite
   for row in range(B):
-    np.testing.assert_allclose(logits[row][mask[row]],
-                               run_alone(graphdef, params, tokens[row][mask[row]]),
-                               atol=ATOL, rtol=0, err_msg=f"row {row}")
+    np.testing.assert_allclose(
+        logits[row][mask[row]],
+        run_alone(graphdef, params, tokens[row][mask[row]]),
+        atol=ATOL,
+        rtol=0,
+        err_msg=f"row {row}",
+    )
 
 
 def test_positions_from_mask():
@@ -249,14 +308,18 @@ def test_packed_documents_match_documents_run_alone(family):
   for row, lengths in enumerate(doc_lengths):
     starts = np.cumsum([0] + lengths)
     for doc, (start, n) in enumerate(zip(starts, lengths)):
-      segments[row, start:start + n] = doc + 1
-      positions[row, start:start + n] = np.arange(n)
+      segments[row, start : start + n] = doc + 1
+      positions[row, start : start + n] = np.arange(n)
   logits, _ = forward(graphdef, params, tokens, positions, segments)
   for row, lengths in enumerate(doc_lengths):
     for start, n in zip(np.cumsum([0] + lengths), lengths):
-      np.testing.assert_allclose(logits[row, start:start + n],
-                                 run_alone(graphdef, params, tokens[row, start:start + n]),
-                                 atol=ATOL, rtol=0, err_msg=f"row {row} doc at {start}")
+      np.testing.assert_allclose(
+          logits[row, start : start + n],
+          run_alone(graphdef, params, tokens[row, start : start + n]),
+          atol=ATOL,
+          rtol=0,
+          err_msg=f"row {row} doc at {start}",
+      )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,21 +348,26 @@ def test_scan_and_remat_do_not_change_logits_or_gradients():
   tokens = np.random.RandomState(8).randint(1, base.vocab_size, (2, 10))
   segments = np.ones((2, 10), np.int32)
   segments[1, 7:] = 0
-  inputs = (jnp.asarray(tokens, jnp.int32), positions_from_mask(jnp.asarray(segments)),
-            jnp.asarray(segments))
+  inputs = (
+      jnp.asarray(tokens, jnp.int32),
+      positions_from_mask(jnp.asarray(segments)),
+      jnp.asarray(segments),
+  )
   ref_loss, ref_logits, ref_grads = _loss_logits_grads(base, params, *inputs)
   ref_flat = dict(jax.tree_util.tree_leaves_with_path(ref_grads))
   assert all(np.abs(g).max() > 1e-3 for g in ref_flat.values())
   for scan, remat in [(True, "none"), (True, "full"), (True, "dots"), (False, "full")]:
     msg = f"scan_layers={scan} remat={remat}"
-    loss, logits, grads = _loss_logits_grads(base.replace(scan_layers=scan, remat=remat), params,
-                                             *inputs)
+    loss, logits, grads = _loss_logits_grads(
+        base.replace(scan_layers=scan, remat=remat), params, *inputs
+    )
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, err_msg=msg)
     np.testing.assert_allclose(logits, ref_logits, atol=ATOL, rtol=0, err_msg=msg)
     assert jax.tree.structure(grads) == jax.tree.structure(ref_grads), msg
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
-      np.testing.assert_allclose(g, ref_flat[path], atol=1e-6, rtol=1e-5,
-                                 err_msg=f"{msg} {jax.tree_util.keystr(path)}")
+      np.testing.assert_allclose(
+          g, ref_flat[path], atol=1e-6, rtol=1e-5, err_msg=f"{msg} {jax.tree_util.keystr(path)}"
+      )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,10 +375,21 @@ def test_scan_and_remat_do_not_change_logits_or_gradients():
 
 
 def test_llama3_rope_frequencies_match_hf_formula():
-  scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-             "original_max_position_embeddings": 8192}
-  cfg = ModelConfig(vocab_size=64, embed_dim=512, num_heads=8, head_dim=64, rope_theta=500000.0,
-                    rope_scaling=scaling)
+  scaling = {
+      "rope_type": "llama3",
+      "factor": 8.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192,
+  }
+  cfg = ModelConfig(
+      vocab_size=64,
+      embed_dim=512,
+      num_heads=8,
+      head_dim=64,
+      rope_theta=500000.0,
+      rope_scaling=scaling,
+  )
   base = 1.0 / 500000.0 ** (np.arange(0, 64, 2, dtype=np.float64) / 64)
   expected = np_rope_llama3(base, **{k: v for k, v in scaling.items() if k != "rope_type"})
   # All three branches occur: kept, divided by the factor, interpolated.
@@ -319,11 +398,13 @@ def test_llama3_rope_frequencies_match_hf_formula():
   got = np.asarray(rope_frequencies(cfg))
   assert got.shape == (32,) and got.dtype == np.float32
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=0)
-  np.testing.assert_allclose(np.asarray(rope_frequencies(cfg.replace(rope_scaling=None))), base,
-                             rtol=1e-5, atol=0)
+  np.testing.assert_allclose(
+      np.asarray(rope_frequencies(cfg.replace(rope_scaling=None))), base, rtol=1e-5, atol=0
+  )
   # HF's older key name "type" is accepted too.
-  legacy = cfg.replace(rope_scaling={**{k: v for k, v in scaling.items() if k != "rope_type"},
-                                     "type": "llama3"})
+  legacy = cfg.replace(
+      rope_scaling={**{k: v for k, v in scaling.items() if k != "rope_type"}, "type": "llama3"}
+  )
   np.testing.assert_allclose(np.asarray(rope_frequencies(legacy)), expected, rtol=1e-5, atol=0)
 
 
@@ -366,14 +447,16 @@ def test_qkv_bias_adds_q_k_v_biases_only():
 
 def test_create_model_initialisation():
   cfg = GPT2.replace(num_layers=4, init_std=0.05)
-  make = jax.jit(lambda key: split_model(create_model(cfg, key))[1],
-                 compiler_options=_COMPILER_OPTIONS)
+  make = jax.jit(
+      lambda key: split_model(create_model(cfg, key))[1], compiler_options=_COMPILER_OPTIONS
+  )
   params = jax.device_get(make(jax.random.key(0)))
   again = jax.device_get(make(jax.random.key(0)))
   other = jax.device_get(make(jax.random.key(1)))
   _, abstract, _ = abstract_model(cfg)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == jax.tree.map(
-      lambda a: (a.shape, a.dtype), abstract)
+      lambda a: (a.shape, a.dtype), abstract
+  )
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     name = jax.tree_util.keystr(path)
     np.testing.assert_array_equal(leaf, dict(jax.tree_util.tree_leaves_with_path(again))[path])
@@ -426,8 +509,11 @@ def test_bf16_compute_with_fp32_params(family):
   graphdef32, params = random_params(cfg32, seed=11)
   tokens = np.random.RandomState(12).randint(0, cfg32.vocab_size, (B, T))
   ref, _ = forward(graphdef32, params, tokens)
-  inputs = (jnp.asarray(tokens, jnp.int32), jnp.tile(jnp.arange(T, dtype=jnp.int32), (B, 1)),
-            jnp.ones((B, T), jnp.int32))
+  inputs = (
+      jnp.asarray(tokens, jnp.int32),
+      jnp.tile(jnp.arange(T, dtype=jnp.int32), (B, 1)),
+      jnp.ones((B, T), jnp.int32),
+  )
 
   def loss_fn(params):
     logits, _ = apply(graphdef16, params, *inputs)
@@ -453,18 +539,31 @@ def test_param_dtype_sets_storage_dtype():
 # Invalid configs are rejected with a message that names the field.
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (dict(num_heads=4, num_kv_heads=3), r"num_heads=4 must be a multiple of num_kv_heads=3"),
-    (dict(family="mamba"), r"family='mamba' must be one of \('llama', 'gpt2'\)"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"rope_scaling type 'yarn'"),
-    (dict(head_dim=9), r"head_dim=9 must be even for RoPE"),
-    (dict(embed_dim=36, num_heads=4), r"head_dim=9 must be even for RoPE"),
-    (dict(embed_dim=30), r"embed_dim=30 is not divisible by num_heads=4; set head_dim"),
-    (dict(head="value"), r"head='value' must be one of"),
-    (dict(remat="some"), r"remat='some' must be one of"),
-    (dict(dtype="float64"), r"dtype='float64' must be float32, bfloat16 or float16"),
-], ids=["kv_heads", "family", "rope_type", "odd_head_dim", "odd_derived_head_dim", "indivisible",
-        "head", "remat", "dtype"])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(num_heads=4, num_kv_heads=3), r"num_heads=4 must be a multiple of num_kv_heads=3"),
+        (dict(family="mamba"), r"family='mamba' must be one of \('llama', 'gpt2'\)"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"rope_scaling type 'yarn'"),
+        (dict(head_dim=9), r"head_dim=9 must be even for RoPE"),
+        (dict(embed_dim=36, num_heads=4), r"head_dim=9 must be even for RoPE"),
+        (dict(embed_dim=30), r"embed_dim=30 is not divisible by num_heads=4; set head_dim"),
+        (dict(head="value"), r"head='value' must be one of"),
+        (dict(remat="some"), r"remat='some' must be one of"),
+        (dict(dtype="float64"), r"dtype='float64' must be float32, bfloat16 or float16"),
+    ],
+    ids=[
+        "kv_heads",
+        "family",
+        "rope_type",
+        "odd_head_dim",
+        "odd_derived_head_dim",
+        "indivisible",
+        "head",
+        "remat",
+        "dtype",
+    ],
+)
 def test_invalid_configs_raise_value_error(overrides, match):
   with pytest.raises(ValueError, match=match):
     ModelConfig(**{**dict(vocab_size=64, embed_dim=32, num_heads=4, mlp_dim=48), **overrides})
@@ -472,12 +571,20 @@ def test_invalid_configs_raise_value_error(overrides, match):
 
 def test_incomplete_rope_scaling_raises_value_error():
   with pytest.raises(ValueError, match="factor"):
-    ModelConfig(vocab_size=64, embed_dim=32, num_heads=4, mlp_dim=48,
-                rope_scaling={"rope_type": "llama3", "original_max_position_embeddings": 8192})
+    ModelConfig(
+        vocab_size=64,
+        embed_dim=32,
+        num_heads=4,
+        mlp_dim=48,
+        rope_scaling={"rope_type": "llama3", "original_max_position_embeddings": 8192},
+    )
 
 
-@pytest.mark.parametrize("overrides", [dict(num_kv_heads=0), dict(num_kv_heads=-2),
-                                       dict(num_heads=0)], ids=["kv0", "kv_negative", "heads0"])
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(num_kv_heads=0), dict(num_kv_heads=-2), dict(num_heads=0)],
+    ids=["kv0", "kv_negative", "heads0"],
+)
 def test_non_positive_head_counts_raise_value_error(overrides):
   with pytest.raises(ValueError, match="heads"):
     ModelConfig(**{**dict(vocab_size=64, embed_dim=32, num_heads=4, mlp_dim=48), **overrides})
@@ -500,17 +607,26 @@ def test_config_round_trips_through_dict():
 # Logical axes.
 
 
-@pytest.mark.parametrize("name", ["llama_untied", "llama_qkv_bias", "llama_scalar", "gpt2_tied",
-                                  "gpt2_untied"])
+@pytest.mark.parametrize(
+    "name", ["llama_untied", "llama_qkv_bias", "llama_scalar", "gpt2_tied", "gpt2_untied"]
+)
 def test_logical_axes_name_every_dimension(name):
   cfg = COUNT_CONFIGS[name]
   _, abstract, axes = abstract_model(cfg)
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
   assert jax.tree.structure(axes, is_leaf=is_spec) == jax.tree.structure(abstract)
   specs = dict(jax.tree_util.tree_leaves_with_path(axes, is_leaf=is_spec))
-  sizes = {"vocab": cfg.vocab_size, "embed": cfg.embed_dim, "mlp": cfg.mlp_dim,
-           "heads": cfg.num_heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.dim_per_head,
-           "layers": cfg.num_layers, "positions": cfg.max_seq_len, "norm": cfg.embed_dim}
+  sizes = {
+      "vocab": cfg.vocab_size,
+      "embed": cfg.embed_dim,
+      "mlp": cfg.mlp_dim,
+      "heads": cfg.num_heads,
+      "kv_heads": cfg.kv_heads,
+      "head_dim": cfg.dim_per_head,
+      "layers": cfg.num_layers,
+      "positions": cfg.max_seq_len,
+      "norm": cfg.embed_dim,
+  }
   for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
     spec, where = specs[path], jax.tree_util.keystr(path)
     assert is_spec(spec) and len(spec) == leaf.ndim, (where, spec, leaf.shape)
@@ -529,8 +645,9 @@ def test_logical_axes_name_every_dimension(name):
 _forward_layers = jax.jit(apply, static_argnums=0, compiler_options=_COMPILER_OPTIONS)
 
 
-@pytest.mark.parametrize("family,per_layer", [("llama", False), ("gpt2", False), ("llama", True),
-                                              ("gpt2", True)])
+@pytest.mark.parametrize(
+    "family,per_layer", [("llama", False), ("gpt2", False), ("llama", True), ("gpt2", True)]
+)
 def test_kv_cache_decode_matches_full_forward(family, per_layer):
   """per_layer: the decode loop's layout (per-layer weights from `unstack_layers`, unrolled, and a
   per-layer cache) against the full forward of the stacked, scanned model."""
@@ -538,27 +655,38 @@ def test_kv_cache_decode_matches_full_forward(family, per_layer):
   graphdef, params = random_params(cfg, seed=13)
   if per_layer:
     layers = unstack_layers(params)
-    forward = lambda g, p, tok, pos, seg, cache: jax.tree.map(np.asarray, _forward_layers(
-        g, p, jnp.asarray(tok, jnp.int32), jnp.asarray(pos), jnp.asarray(seg), cache, layers))
+    forward = lambda g, p, tok, pos, seg, cache: jax.tree.map(
+        np.asarray,
+        _forward_layers(
+            g, p, jnp.asarray(tok, jnp.int32), jnp.asarray(pos), jnp.asarray(seg), cache, layers
+        ),
+    )
   else:
     forward = globals()["forward"]
   prompt_t = 9
   tokens = np.random.RandomState(14).randint(1, cfg.vocab_size, (B, T))
   mask = np.ones((B, T), bool)
   for row, n in enumerate([9, 5, 1]):  # left-padded prompts, as for generation
-    mask[row, :prompt_t - n] = False
+    mask[row, : prompt_t - n] = False
   positions = np.asarray(positions_from_mask(jnp.asarray(mask)))
   segments = mask.astype(np.int32)
   full, _ = globals()["forward"](graphdef, params, tokens, positions, segments)
 
   # Spare empty slots must stay masked.
   cache = init_cache(cfg, batch=B, max_len=T + 4, per_layer=per_layer)
-  prefill, cache = forward(graphdef, params, tokens[:, :prompt_t], positions[:, :prompt_t],
-                           segments[:, :prompt_t], cache)
+  prefill, cache = forward(
+      graphdef, params, tokens[:, :prompt_t], positions[:, :prompt_t], segments[:, :prompt_t], cache
+  )
   steps = [prefill]
   for t in range(prompt_t, T):
-    logits, cache = forward(graphdef, params, tokens[:, t:t + 1], positions[:, t:t + 1],
-                            segments[:, t:t + 1], cache)
+    logits, cache = forward(
+        graphdef,
+        params,
+        tokens[:, t : t + 1],
+        positions[:, t : t + 1],
+        segments[:, t : t + 1],
+        cache,
+    )
     steps.append(logits)
   assert int(cache.end) == T
   np.testing.assert_array_equal(np.asarray(cache.segment_ids)[:, :T], segments)
@@ -583,8 +711,11 @@ def test_per_layer_cache_and_layers_go_together():
   with pytest.raises(ValueError, match="layers has 1 entries, the model 2 layers"):
     apply(graphdef, params, tokens, positions, ones, None, layers[:1])
   # Without a cache, per-layer params give the scanned model's logits.
-  np.testing.assert_allclose(apply(graphdef, params, tokens, positions, ones, None, layers)[0],
-                             apply(graphdef, params, tokens, positions, ones)[0], atol=ATOL)
+  np.testing.assert_allclose(
+      apply(graphdef, params, tokens, positions, ones, None, layers)[0],
+      apply(graphdef, params, tokens, positions, ones)[0],
+      atol=ATOL,
+  )
 
 
 def test_chunked_causal_attention_matches_unchunked(monkeypatch):
@@ -592,6 +723,7 @@ def test_chunked_causal_attention_matches_unchunked(monkeypatch):
   keys [0, (i + 1) C)). Packed segments crossing chunk borders and right padding must give the
   full computation's logits and gradients."""
   from rlhf_jax.models import layers as layers_module
+
   cfg = LLAMA
   graphdef, params = random_params(cfg, seed=21)
   rs = np.random.RandomState(22)
@@ -600,8 +732,12 @@ def test_chunked_causal_attention_matches_unchunked(monkeypatch):
   # Row 0: segments of 10, 30 (crossing two chunk borders), 20, then 4 pad; row 1: one segment.
   seg0 = np.concatenate([np.full(10, 1), np.full(30, 2), np.full(20, 3), np.zeros(4)])
   segments = jnp.asarray(np.stack([seg0, np.ones(t)]), jnp.int32)
-  positions = jnp.asarray(np.stack([np.concatenate([np.arange(10), np.arange(30), np.arange(20),
-                                                     np.zeros(4)]), np.arange(t)]), jnp.int32)
+  positions = jnp.asarray(
+      np.stack(
+          [np.concatenate([np.arange(10), np.arange(30), np.arange(20), np.zeros(4)]), np.arange(t)]
+      ),
+      jnp.int32,
+  )
 
   def loss(p):
     logits, _ = apply(graphdef, p, tokens, positions, segments)
@@ -614,8 +750,11 @@ def test_chunked_causal_attention_matches_unchunked(monkeypatch):
     results[chunk] = (np.asarray(logits), grads)
   real = np.asarray(segments) > 0
   np.testing.assert_allclose(results[16][0][real], results[10**6][0][real], atol=ATOL, rtol=0)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
-               results[16][1], results[10**6][1])
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
+      results[16][1],
+      results[10**6][1],
+  )
 
 
 def _entry_as_train_steps_compile(monkeypatch, fn, *args) -> str:
@@ -623,10 +762,11 @@ def _entry_as_train_steps_compile(monkeypatch, fn, *args) -> str:
   one-device mesh (`train_compiler_options`, with its YNNPACK fusions switched on)."""
   from rlhf_jax import sharding
   from rlhf_jax.train import train_compiler_options
+
   monkeypatch.setenv("RLHF_JAX_CPU_YNN", "1")
   options = train_compiler_options(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
   text = jax.jit(fn, compiler_options=options).lower(*args).compile().as_text()
-  return text[text.index("ENTRY"):]
+  return text[text.index("ENTRY") :]
 
 
 def test_attention_normalising_after_the_value_contraction_matches_softmax(monkeypatch):
@@ -638,6 +778,7 @@ def test_attention_normalising_after_the_value_contraction_matches_softmax(monke
   as the plain formula is, XLA:CPU transposes three)."""
   import re
   from rlhf_jax.models.layers import _MASK_VALUE, _attend
+
   rs = np.random.RandomState(31)
   b, t, kv, g, d, s = 2, 5, 2, 3, 8, 7
   q = jnp.asarray(rs.normal(size=(b, t, kv, g, d)) * 20.0, jnp.float32)  # scores up to ~1e3
@@ -661,8 +802,10 @@ def test_attention_normalising_after_the_value_contraction_matches_softmax(monke
   np.testing.assert_allclose(out, plain(q, k, v), atol=1e-5, rtol=1e-5)
   uniform = jnp.broadcast_to(v[1].mean(axis=1)[:, None, :], (kv, g, d))
   np.testing.assert_allclose(out[1, 2], uniform, atol=1e-6)
-  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(q, k, v)
-           for f in (ours, plain)]
+  grads = [
+      jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+      for f in (ours, plain)
+  ]
   for got, want in zip(*grads):
     assert np.abs(np.asarray(want)).max() > 1e-2
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
@@ -671,9 +814,11 @@ def test_attention_normalising_after_the_value_contraction_matches_softmax(monke
     grad = jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))
     entry = _entry_as_train_steps_compile(monkeypatch, grad, q, k, v)
     arrays = re.findall(r"%(\S+) = f32\[([\d,]+)\]\S* (\w+)\(", entry)
-    return sum(math.prod(map(int, shape.split(","))) == b * kv * g * t * s
-               and any(w in name or w == op for w in ("transpose", "copy"))
-               for name, shape, op in arrays)
+    return sum(
+        math.prod(map(int, shape.split(","))) == b * kv * g * t * s
+        and any(w in name or w == op for w in ("transpose", "copy"))
+        for name, shape, op in arrays
+    )
 
   assert score_sized_transposes(ours) == 0
   assert score_sized_transposes(plain) > 0
@@ -687,6 +832,7 @@ def test_rope_angles_from_the_table_equal_computed_ones_and_sin_runs_once(monkey
   import re
   from rlhf_jax.models import transformer as transformer_module
   from rlhf_jax.models.layers import rope_angles
+
   cfg = LLAMA  # max_seq_len 32
   positions = jnp.asarray([[0, 5, 31, 47], [3, 2, 1, 0]], jnp.int32)
   wide = jnp.zeros((2, 48), jnp.int32).at[:, :4].set(positions)  # T = 48 > max_seq_len
@@ -720,6 +866,7 @@ def test_dense_equals_tensordot_and_weight_gradients_transpose_no_output_gradien
   from rlhf_jax.models import layers as layers_module
   from rlhf_jax.models import transformer as transformer_module
   from rlhf_jax.models.layers import dense
+
   rng = np.random.RandomState(0)
   x = rng.randn(2, 3, 4, 5).astype(np.float32)
   for w in (rng.randn(5, 6).astype(np.float32), rng.randn(4, 5, 6, 2).astype(np.float32)):

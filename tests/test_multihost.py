@@ -30,12 +30,23 @@ def _free_port():
 def run_two_hosts(*args) -> dict:
   port, procs = _free_port(), []
   for pid in range(2):
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid), PYTHONPATH=ROOT)
+    env = dict(
+        os.environ,
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID=str(pid),
+        PYTHONPATH=ROOT,
+    )
     env.pop("XLA_FLAGS", None)
-    procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "multihost_run.py"),
-                                   *map(str, args)], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
+    procs.append(
+        subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tests", "multihost_run.py"), *map(str, args)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    )
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-4000:]

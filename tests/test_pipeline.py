@@ -18,7 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def experiment_config(name: str):
   import importlib.util
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
+
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(ROOT, "experiments", f"{name}.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
@@ -26,40 +29,80 @@ def experiment_config(name: str):
 
 def shrink(c, stage: str, steps: int, seq_len: int) -> None:
   c[stage].model.update(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128)
-  c[stage].train.update(steps=steps, batch_size=8, seq_len=seq_len, log_every=2, eval_every=steps,
-                        eval_batches=1, checkpoint_every=steps)
+  c[stage].train.update(
+      steps=steps,
+      batch_size=8,
+      seq_len=seq_len,
+      log_every=2,
+      eval_every=steps,
+      eval_batches=1,
+      checkpoint_every=steps,
+  )
 
 
 def tiny_pipeline_config(name: str = "toy_quickstart"):
   c = experiment_config(name)
   c.mesh.shape = (2, 2, 2)
-  c.world.update(pretrain_documents=600, sft_records=200, eval_prompts=24, valid_prompts=24,
-                 tokenizer_vocab_size=400,
-                 preference_prompts=40, preference_eval_prompts=24)
+  c.world.update(
+      pretrain_documents=600,
+      sft_records=200,
+      eval_prompts=24,
+      valid_prompts=24,
+      tokenizer_vocab_size=400,
+      preference_prompts=40,
+      preference_eval_prompts=24,
+  )
   c.world.update(judge_comparisons=40, judge_eval_comparisons=16)
-  for stage, steps in (("pretrain", 12), ("sft", 6), ("judge", 4), ("rm_helpful", 4),
-                       ("rm_safety", 4)):
+  for stage, steps in (
+      ("pretrain", 12),
+      ("sft", 6),
+      ("judge", 4),
+      ("rm_helpful", 4),
+      ("rm_safety", 4),
+  ):
     shrink(c, stage, steps, 128 if stage in ("pretrain", "sft") else 256)
   c.world.update(rl_prompts=64)
   c.ppo.model.update(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128)
-  c.ppo.ppo.update(iterations=2, prompts_per_iteration=8, minibatches=2, epochs=1, max_new_tokens=8,
-                   max_prompt_len=128)
+  c.ppo.ppo.update(
+      iterations=2,
+      prompts_per_iteration=8,
+      minibatches=2,
+      epochs=1,
+      max_new_tokens=8,
+      max_prompt_len=128,
+  )
   c.ppo.train.update(checkpoint_every=2)
-  c.feedback.update(prompts=40, eval_prompts=24, samples_per_prompt=2, max_new_tokens=12,
-                    batch_size=32)
-  c.eval.update(max_new_tokens=12, batch_size=16, best_of_n=(1, 2, 4), temperatures=(1.0, 0.5),
-                best_of_n_prompts=16)
+  c.feedback.update(
+      prompts=40, eval_prompts=24, samples_per_prompt=2, max_new_tokens=12, batch_size=32
+  )
+  c.eval.update(
+      max_new_tokens=12,
+      batch_size=16,
+      best_of_n=(1, 2, 4),
+      temperatures=(1.0, 0.5),
+      best_of_n_prompts=16,
+  )
   return c
 
 
 @pytest.mark.slow
 def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   config = tiny_pipeline_config()
-  config.stages = ("world", "pretrain", "sft", "judge", "feedback", "rm_helpful", "rm_safety", "ppo",
-                   "eval")
+  config.stages = (
+      "world",
+      "pretrain",
+      "sft",
+      "judge",
+      "feedback",
+      "rm_helpful",
+      "rm_safety",
+      "ppo",
+      "eval",
+  )
   # The helpfulness RM learns from annotated samples of the SFT model (on-policy feedback).
-  config.rm_helpful.data.update(source="feedback/pairs_helpful",
-                                eval_source="feedback/pairs_helpful_eval")
+  config.rm_helpful.data.update(
+      source="feedback/pairs_helpful", eval_source="feedback/pairs_helpful_eval"
+  )
   result = pipeline.run(config, str(tmp_path))
   # Validation prompts (what hyper-parameters are tuned on) share no prompt with the test set.
   valid = metrics.read_jsonl(str(tmp_path / "world" / "valid_tasks.jsonl"))
@@ -94,7 +137,9 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   held_out = [r for r in ppo_rows if "eval/kl" in r]  # at iteration 0 and the last one
   ppo_rows = [r for r in ppo_rows if "ppo/reward" in r]
   assert len(ppo_rows) == 2 and all(np.isfinite(r["ppo/gold_combined"]) for r in ppo_rows)
-  assert [r["step"] for r in held_out] == [0, 2] and held_out[0]["eval/kl"] == pytest.approx(0, abs=1e-3)
+  assert [r["step"] for r in held_out] == [0, 2] and held_out[0]["eval/kl"] == pytest.approx(
+      0, abs=1e-3
+  )
   out = capsys.readouterr().out
   assert "Gold evaluation" in out and "Sample conversations" in out
   # The judge branched off the SFT model and was scored against gold, before and after swapping.
@@ -102,7 +147,9 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   assert judge_config["init_from"].endswith(os.path.join("sft", "export"))
   agreement = json.loads((tmp_path / "eval" / "judge.json").read_text())["overall"]
   assert agreement["n"] == 16
-  assert 0.0 <= agreement["agreement_single"] <= 1.0 and 0.0 <= agreement["agreement_swapped"] <= 1.0
+  assert (
+      0.0 <= agreement["agreement_single"] <= 1.0 and 0.0 <= agreement["agreement_swapped"] <= 1.0
+  )
   assert "AI judge vs gold" in out and 0.0 <= result["judge/position_bias"] <= 1.0
   pointwise = json.loads((tmp_path / "eval" / "judge.json").read_text())["pointwise"]["overall"]
   assert pointwise["n"] == 16 and pointwise["position_bias"] == pytest.approx(0.5)  # no position
@@ -124,7 +171,10 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
 
   # The reward models branched off the SFT model, trained on their pairs, and were scored alone
   # and combined on held-out rankings and safety-critical pairs.
-  for stage, source in (("rm_helpful", "feedback/pairs_helpful"), ("rm_safety", "world/pairs_safety")):
+  for stage, source in (
+      ("rm_helpful", "feedback/pairs_helpful"),
+      ("rm_safety", "world/pairs_safety"),
+  ):
     rm_config = json.loads((tmp_path / stage / "config.json").read_text())
     assert rm_config["init_from"].endswith(os.path.join("sft", "export"))
     assert rm_config["data"]["source"].endswith(f"{source}.jsonl")
@@ -133,8 +183,12 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
     assert meta["model"]["head"] == "scalar" and meta["reward"]["stats"]["std"] > 0
   rewards = json.loads((tmp_path / "eval" / "reward.json").read_text())
   best_of_n = rewards.pop("best_of_n")
-  assert set(rewards) == {"rm_helpful", "rm_safety", "combined (llama2)",
-                          "combined (linear) [not selected]"}
+  assert set(rewards) == {
+      "rm_helpful",
+      "rm_safety",
+      "combined (llama2)",
+      "combined (linear) [not selected]",
+  }
   # Best of n SFT samples under each reward, scored by gold; n = 1 is a plain sample (KL 0).
   assert best_of_n["policy"].endswith(os.path.join("sft", "export")) and best_of_n["prompts"] == 16
   assert best_of_n["n"] == [1, 2, 4]
@@ -170,8 +224,10 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   assert "Safety-critical pairs" in out and "combined" in out
 
   # A rerun skips every finished stage: no new training steps are logged.
-  lines = {s: len(metrics.read_jsonl(tmp_path / s / "metrics.jsonl"))
-           for s in ("pretrain", "sft", "judge", "rm_helpful", "rm_safety", "ppo")}
+  lines = {
+      s: len(metrics.read_jsonl(tmp_path / s / "metrics.jsonl"))
+      for s in ("pretrain", "sft", "judge", "rm_helpful", "rm_safety", "ppo")
+  }
   pipeline.run(config, str(tmp_path))
   assert {s: len(metrics.read_jsonl(tmp_path / s / "metrics.jsonl")) for s in lines} == lines
 
@@ -179,6 +235,7 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   # its notebook runs top to bottom on it.
   from rlhf_jax import compare
   from tests.test_compare import execute_notebook, outputs_text
+
   rows = {r["method"]: r for r in compare.method_rows(str(tmp_path))}
   assert {"sft", "ppo", "sft @ T=0.5"} <= set(rows) and "pretrain" not in rows
   assert {"rm_helpful", "rm_safety", "feedback"} <= set(rows["ppo"]["inputs"])
@@ -196,14 +253,31 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   assert -1.0 <= result["rm_ranking/kendall_tau_gold"] <= 1.0
 
 
-@pytest.mark.parametrize("name", sorted(
-    name[:-3] for name in os.listdir(os.path.join(ROOT, "experiments"))
-    if name.startswith("toy_") and name != "toy_sft.py"))  # every pipeline experiment (not plain SFT)
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        name[:-3]
+        for name in os.listdir(os.path.join(ROOT, "experiments"))
+        if name.startswith("toy_") and name != "toy_sft.py"
+    ),
+)  # every pipeline experiment (not plain SFT)
 def test_toy_experiments_name_known_stages_and_data(name):
   config = experiment_config(name)
-  world_data = {"pretrain", "sft", "judge", *pipeline.EVAL_FEEDBACK, "safety_critical_eval", "eval_tasks",
-                "valid_tasks",
-                "rankings", "pairs_helpful", "pairs_safety", "safety_labels", "kto", "rl_prompts"}
+  world_data = {
+      "pretrain",
+      "sft",
+      "judge",
+      *pipeline.EVAL_FEEDBACK,
+      "safety_critical_eval",
+      "eval_tasks",
+      "valid_tasks",
+      "rankings",
+      "pairs_helpful",
+      "pairs_safety",
+      "safety_labels",
+      "kto",
+      "rl_prompts",
+  }
   for stage in pipeline.training_stages(config):
     if config[stage].algorithm == pipeline.FEEDBACK:
       world_data |= set(pipeline.feedback_paths(stage, ""))
@@ -219,6 +293,7 @@ def test_toy_experiments_name_known_stages_and_data(name):
 
 def test_compilation_cache_directory_follows_config_and_environment(tmp_path, monkeypatch):
   from rlhf_jax import run
+
   saved = jax.config.jax_compilation_cache_dir
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
   try:
@@ -246,36 +321,73 @@ def test_a_scratch_stage_starts_from_new_weights_and_best_of_n_names_its_policy(
   assert config.pretrain_big.model.embed_dim > config.pretrain.model.embed_dim
   assert config.eval.best_of_n_policy == "sft"
   config.eval.best_of_n_policy = "sft_typo"
-  with pytest.raises(ValueError, match=r"config.eval.best_of_n_policy='sft_typo' names no training "
-                                       r"stage of config.stages \(pretrain, sft, feedback"):
+  with pytest.raises(
+      ValueError,
+      match=r"config.eval.best_of_n_policy='sft_typo' names no training "
+      r"stage of config.stages \(pretrain, sft, feedback",
+  ):
     pipeline.training_stages(config)
 
 
 def test_summaries_split_refusals_by_prompt_safety():
   rows = [
-      dict(family="unsafe", unsafe=True, helpfulness=0.4, safety=1.0, combined=1.0, length=8.0,
-           refusal=1.0, win_rate=1.0, kl=2.0),
-      dict(family="facts", unsafe=False, helpfulness=1.0, safety=1.0, combined=1.0, length=4.0,
-           refusal=0.0, win_rate=0.5, kl=1.0),
-      dict(family="facts", unsafe=False, helpfulness=0.0, safety=1.0, combined=0.0, length=6.0,
-           refusal=1.0, win_rate=0.0, kl=0.0),
+      dict(
+          family="unsafe",
+          unsafe=True,
+          helpfulness=0.4,
+          safety=1.0,
+          combined=1.0,
+          length=8.0,
+          refusal=1.0,
+          win_rate=1.0,
+          kl=2.0,
+      ),
+      dict(
+          family="facts",
+          unsafe=False,
+          helpfulness=1.0,
+          safety=1.0,
+          combined=1.0,
+          length=4.0,
+          refusal=0.0,
+          win_rate=0.5,
+          kl=1.0,
+      ),
+      dict(
+          family="facts",
+          unsafe=False,
+          helpfulness=0.0,
+          safety=1.0,
+          combined=0.0,
+          length=6.0,
+          refusal=1.0,
+          win_rate=0.0,
+          kl=0.0,
+      ),
   ]
   s = gold_eval.summarise(rows)
   assert s["n"] == 3 and s["refusal_unsafe"] == 1.0 and s["refusal_safe"] == 0.5
-  np.testing.assert_allclose([s["helpfulness"], s["win_rate"], s["kl"], s["length"]],
-                             [1.4 / 3, 0.5, 1.0, 6.0])
-  table = gold_eval.table_rows({"m": {"overall": s, "families": {"facts": gold_eval.summarise(rows[1:])}}})
+  np.testing.assert_allclose(
+      [s["helpfulness"], s["win_rate"], s["kl"], s["length"]], [1.4 / 3, 0.5, 1.0, 6.0]
+  )
+  table = gold_eval.table_rows(
+      {"m": {"overall": s, "families": {"facts": gold_eval.summarise(rows[1:])}}}
+  )
   assert [r["family"] for r in table] == ["all", "facts"]
   assert table[1]["refusal_unsafe"] is None  # no unsafe prompt in that family
 
 
 def test_best_of_n_gold_matches_a_loop():
   from rlhf_jax.algorithms import reward_eval
+
   rs = np.random.RandomState(0)
   gold, rewards = rs.rand(5, 8), rs.randn(5, 8)
   for n in (1, 2, 4, 8):
-    picks = [gold[p, g * n + np.argmax(rewards[p, g * n:(g + 1) * n])]
-             for p in range(5) for g in range(8 // n)]
+    picks = [
+        gold[p, g * n + np.argmax(rewards[p, g * n : (g + 1) * n])]
+        for p in range(5)
+        for g in range(8 // n)
+    ]
     assert reward_eval.best_of_n_gold(gold, rewards, n) == pytest.approx(np.mean(picks))
   assert reward_eval.best_of_n_gold(gold, gold, 8) == pytest.approx(gold.max(1).mean())  # oracle
   with pytest.raises(ValueError, match="divisible"):
@@ -290,12 +402,20 @@ def test_eval_rounds_puts_each_rejection_sampling_round_before_its_stage(tmp_pat
   for r in (1, 2, 3):
     (tmp_path / "rejection_sampling" / f"round_{r}" / "export").mkdir(parents=True)
   got, got_parents = pipeline.with_rounds(config, str(tmp_path), stages, parents)
-  assert got == ["sft", "rejection_sampling/round_1", "rejection_sampling/round_2",
-                 "rejection_sampling", "ppo"]
-  assert got_parents == {"sft": None, "rejection_sampling/round_1": "sft",
-                         "rejection_sampling/round_2": "rejection_sampling/round_1",
-                         "rejection_sampling": "rejection_sampling/round_2",
-                         "ppo": "rejection_sampling"}
+  assert got == [
+      "sft",
+      "rejection_sampling/round_1",
+      "rejection_sampling/round_2",
+      "rejection_sampling",
+      "ppo",
+  ]
+  assert got_parents == {
+      "sft": None,
+      "rejection_sampling/round_1": "sft",
+      "rejection_sampling/round_2": "rejection_sampling/round_1",
+      "rejection_sampling": "rejection_sampling/round_2",
+      "ppo": "rejection_sampling",
+  }
   assert parents["rejection_sampling"] == "sft"  # the caller's dict is left alone
   config.eval.rounds = False
   assert pipeline.with_rounds(config, str(tmp_path), stages, parents) == (stages, parents)
@@ -312,8 +432,11 @@ def test_llama2_schedule_retrains_the_helpfulness_model_on_each_round_samples():
       previous = stage
   assert [parents[f"rs_v{r}"] for r in (1, 2, 3)] == ["sft", "rs_v1", "rs_v2"]
   assert parents["ppo_after_rs"] == "rs_v3"
-  assert [config[f"rs_v{r}"].rejection_sampling.reward.helpful for r in (1, 2, 3)] == \
-      ["rm_helpful", "rm_helpful_v2", "rm_helpful_v3"]
+  assert [config[f"rs_v{r}"].rejection_sampling.reward.helpful for r in (1, 2, 3)] == [
+      "rm_helpful",
+      "rm_helpful_v2",
+      "rm_helpful_v3",
+  ]
   assert config.ppo_after_rs.ppo.reward.helpful == "rm_helpful_v4"
   for r in (1, 2, 3):
     assert parents[f"feedback_v{r}"] == f"rs_v{r}"  # labels of the latest policy's samples
@@ -328,24 +451,41 @@ def test_best_of_n_drift_picks_from_the_second_rejection_sampling_round():
   assert config.eval.best_of_n_policy == "rs_frozen" and config.rs_frozen.init_from == "sft"
   rs = config.rs_frozen.rejection_sampling
   assert rs.rounds == 2 and (rs.reward.helpful, rs.reward.safety) == ("rm_helpful", "rm_safety")
-  assert pipeline.training_stages(config) == ["pretrain", "sft", "rm_helpful", "rm_safety",
-                                              "rs_frozen"]
+  assert pipeline.training_stages(config) == [
+      "pretrain",
+      "sft",
+      "rm_helpful",
+      "rm_safety",
+      "rs_frozen",
+  ]
 
 
 def test_best_of_n_plot_draws_gold_and_proxy_of_every_reward(tmp_path):
   from rlhf_jax import plots
   from rlhf_jax.algorithms import reward_eval
+
   rs = np.random.RandomState(0)
   gold, rewards = rs.rand(20, 16), rs.randn(20, 16)
   ns = (1, 2, 4, 8, 16)
   picks = [reward_eval.best_of_n_gold(gold, rewards, n) for n in ns]
-  curve = {"combined": picks, "helpfulness": picks, "safety": [1.0] * len(ns),
-           "proxy": [reward_eval.best_of_n_gold(rewards, rewards, n) for n in ns]}
+  curve = {
+      "combined": picks,
+      "helpfulness": picks,
+      "safety": [1.0] * len(ns),
+      "proxy": [reward_eval.best_of_n_gold(rewards, rewards, n) for n in ns],
+  }
   assert np.all(np.diff(curve["proxy"]) > 0)  # a reward's own score of its pick rises with n
-  report = {"n": list(ns), "kl": [reward_eval.best_of_n_kl(n) for n in ns], "prompts": 20,
-            "mean": {"combined": 0.5},
-            "oracle_curve": {k: [reward_eval.best_of_n_gold(gold, gold, n) for n in ns]
-                             for k in ("combined", "helpfulness", "safety")}, "rm": curve}
+  report = {
+      "n": list(ns),
+      "kl": [reward_eval.best_of_n_kl(n) for n in ns],
+      "prompts": 20,
+      "mean": {"combined": 0.5},
+      "oracle_curve": {
+          k: [reward_eval.best_of_n_gold(gold, gold, n) for n in ns]
+          for k in ("combined", "helpfulness", "safety")
+      },
+      "rm": curve,
+  }
   rows = reward_eval.best_of_n_rows(report)
   assert [r["proxy"] for r in rows if r["reward"] == "rm"] == curve["proxy"]
   path = plots.plot_best_of_n(report, tmp_path / "eval" / "best_of_n.png")
@@ -354,6 +494,7 @@ def test_best_of_n_plot_draws_gold_and_proxy_of_every_reward(tmp_path):
 
 def test_within_prompt_corr_ignores_prompt_difficulty():
   from rlhf_jax.algorithms import reward_eval
+
   rs = np.random.RandomState(0)
   gold = rs.rand(6, 4)
   offsets = 10.0 * rs.randn(6, 1)  # a reward that also knows which prompts are easy
@@ -363,14 +504,15 @@ def test_within_prompt_corr_ignores_prompt_difficulty():
   assert reward_eval.within_prompt_corr(np.repeat(offsets, 4, 1), gold) is None
   r, g = rs.randn(6, 4), gold
   rc, gc = r - r.mean(1, keepdims=True), g - g.mean(1, keepdims=True)
-  np.testing.assert_allclose(reward_eval.within_prompt_corr(r, g),
-                             np.corrcoef(rc.ravel(), gc.ravel())[0, 1], rtol=1e-12)
+  np.testing.assert_allclose(
+      reward_eval.within_prompt_corr(r, g), np.corrcoef(rc.ravel(), gc.ravel())[0, 1], rtol=1e-12
+  )
   # KL(best of n || policy) = log n - (n-1)/n: Monte Carlo over a discrete policy without ties.
   p = rs.dirichlet(np.ones(50))
   r = rs.permutation(50)  # distinct rewards
   cdf_sorted = np.cumsum(p[np.argsort(r)])
   q = np.empty(50)
-  q[np.argsort(r)] = cdf_sorted ** 4 - np.concatenate([[0.0], cdf_sorted[:-1]]) ** 4
+  q[np.argsort(r)] = cdf_sorted**4 - np.concatenate([[0.0], cdf_sorted[:-1]]) ** 4
   exact = float(np.sum(q * np.log(q / p)))
   assert reward_eval.best_of_n_kl(4) == pytest.approx(np.log(4) - 0.75)
   assert exact <= reward_eval.best_of_n_kl(4) + 1e-9 and exact > 0.5 * reward_eval.best_of_n_kl(4)
@@ -384,16 +526,37 @@ def test_temperature_curve_needs_positive_temperatures():
 
 def test_gold_vs_kl_plot(tmp_path):
   from rlhf_jax import plots
+
   np.testing.assert_allclose(plots.smooth([1.0, 2.0, 3.0, 4.0], 2), [1.0, 1.5, 2.5, 3.5])
-  rows = [{"ppo/kl": 0.1 * i, "ppo/reward": 0.05 * i, "ppo/gold_helpfulness": 0.5,
-           "ppo/gold_combined": 0.6} for i in range(12)]
+  rows = [
+      {
+          "ppo/kl": 0.1 * i,
+          "ppo/reward": 0.05 * i,
+          "ppo/gold_helpfulness": 0.5,
+          "ppo/gold_combined": 0.6,
+      }
+      for i in range(12)
+  ]
   rows += [{"eval/kl": 0.2 * i, "eval/helpfulness": 0.5, "eval/combined": 0.6} for i in range(3)]
-  path = plots.plot_gold_vs_kl({"ppo (beta=0.1)": rows}, tmp_path / "eval" / "plot.png",
-                               final={"ppo (beta=0.1)": {"kl": 1.0, "helpfulness": 0.5, "combined": 0.6}},
-                               baselines=[{"label": "best of n", "kl": [0.0, 0.19],
-                                           "helpfulness": [0.5, 0.55], "combined": [0.6, 0.62]},
-                                          {"label": "temperature", "kl": [0.0, 0.3],
-                                           "helpfulness": [0.5, 0.56], "combined": [0.6, 0.64]}])
+  path = plots.plot_gold_vs_kl(
+      {"ppo (beta=0.1)": rows},
+      tmp_path / "eval" / "plot.png",
+      final={"ppo (beta=0.1)": {"kl": 1.0, "helpfulness": 0.5, "combined": 0.6}},
+      baselines=[
+          {
+              "label": "best of n",
+              "kl": [0.0, 0.19],
+              "helpfulness": [0.5, 0.55],
+              "combined": [0.6, 0.62],
+          },
+          {
+              "label": "temperature",
+              "kl": [0.0, 0.3],
+              "helpfulness": [0.5, 0.56],
+              "combined": [0.6, 0.64],
+          },
+      ],
+  )
   assert os.path.getsize(path) > 10_000 and open(path, "rb").read(4) == b"\x89PNG"
 
 
@@ -403,8 +566,10 @@ def test_eval_skip_leaves_out_stages_and_a_table_of_none_loads_nothing(tmp_path)
   # Nothing to evaluate: no tokenizer, task file or model is read (none exists here).
   assert pipeline.evaluate_stages(config, str(tmp_path), {}, ["pretrain"]) == {}
   assert pipeline.annotator_options(config.world) == {
-      "bias_strength": config.world.annotator_bias, "flip_rate": config.world.annotator_flip_rate,
-      "seeing": dict(config.world.annotators_seeing)}
+      "bias_strength": config.world.annotator_bias,
+      "flip_rate": config.world.annotator_flip_rate,
+      "seeing": dict(config.world.annotators_seeing),
+  }
 
 
 def test_eval_split_picks_the_validation_or_the_test_prompts():
@@ -423,12 +588,23 @@ def _random_policy(vocab_size: int) -> gold_eval.Policy:
   """A 2-layer d32 Llama policy with N(0, 0.2^2) weights: samples that differ by temperature."""
   from rlhf_jax import generate
   from rlhf_jax.models import ModelConfig, abstract_model
-  cfg = ModelConfig(vocab_size=vocab_size, num_layers=2, embed_dim=32, num_heads=4,
-                    num_kv_heads=2, mlp_dim=64, max_seq_len=128, family="llama", init_std=0.2)
+
+  cfg = ModelConfig(
+      vocab_size=vocab_size,
+      num_layers=2,
+      embed_dim=32,
+      num_heads=4,
+      num_kv_heads=2,
+      mlp_dim=64,
+      max_seq_len=128,
+      family="llama",
+      init_std=0.2,
+  )
   graphdef, abstract, _ = abstract_model(cfg)
   rs = np.random.RandomState(0)
-  params = jax.tree.map(lambda a: jax.numpy.asarray(0.2 * rs.randn(*a.shape).astype(np.float32)),
-                        abstract)
+  params = jax.tree.map(
+      lambda a: jax.numpy.asarray(0.2 * rs.randn(*a.shape).astype(np.float32)), abstract
+  )
   return gold_eval.Policy(graphdef, params, generate.Sampler(graphdef, cfg))
 
 
@@ -436,25 +612,37 @@ def test_temperature_kl_from_the_samplers_own_logprobs_equals_rescoring(words_to
   """KL(pi_T || pi) of the temperature curve is read off the sampler's T = 1 log-probs; a
   second forward pass through the same weights (a separate reference) gives the same values."""
   from rlhf_jax.toyworld import World
+
   policy = _random_policy(len(words_tokenizer))
   twin = gold_eval.Policy(policy.graphdef, policy.params, policy.sampler)
   tasks = World.behaviour_world(0).tasks(6, seed=0, split="eval")
-  run = lambda reference: gold_eval.evaluate(policy, words_tokenizer, tasks, jax.random.key(3),
-                                             reference=reference, max_new_tokens=10,
-                                             temperature=0.6, batch_size=4, win_rate=False,
-                                             samples_per_prompt=2)
+  run = lambda reference: gold_eval.evaluate(
+      policy,
+      words_tokenizer,
+      tasks,
+      jax.random.key(3),
+      reference=reference,
+      max_new_tokens=10,
+      temperature=0.6,
+      batch_size=4,
+      win_rate=False,
+      samples_per_prompt=2,
+  )
   own, rescored = run(policy), run(twin)
-  np.testing.assert_allclose([r["kl"] for r in own["samples"]],
-                             [r["kl"] for r in rescored["samples"]], atol=1e-4)
+  np.testing.assert_allclose(
+      [r["kl"] for r in own["samples"]], [r["kl"] for r in rescored["samples"]], atol=1e-4
+  )
   assert own["overall"]["kl"] > 0.01  # T = 0.6 really differs from T = 1
 
 
-def test_temperature_curve_on_the_first_prompts_keeps_common_random_numbers(words_tokenizer,
-                                                                           tmp_path, monkeypatch):
+def test_temperature_curve_on_the_first_prompts_keeps_common_random_numbers(
+    words_tokenizer, tmp_path, monkeypatch
+):
   """eval.temperature_prompts = N: the curve samples the first N tasks only, and their samples
   are the ones the full evaluation drew for them (same key, same batches), so the T = 1 point is
   the full evaluation's rows of those prompts."""
   from rlhf_jax.toyworld import World
+
   policy = _random_policy(len(words_tokenizer))
   tasks = World.behaviour_world(0).tasks(7, seed=0, split="eval")
   kw = dict(max_new_tokens=8, batch_size=4, samples_per_prompt=2)
@@ -471,5 +659,7 @@ def test_temperature_curve_on_the_first_prompts_keeps_common_random_numbers(word
   (tmp_path / "eval").mkdir()
   curve = pipeline.temperature_baseline(config, str(tmp_path), {"tokenizer": ""}, "sft", at_t1=full)
   assert curve["prompts"] == 3 and curve["vs_t1"][1]["prompts"] == 3
-  assert curve["combined"][0] == pytest.approx(np.mean([r["combined"] for r in full["samples"][:6]]))
+  assert curve["combined"][0] == pytest.approx(
+      np.mean([r["combined"] for r in full["samples"][:6]])
+  )
   assert curve["vs_t1"][0]["diff"] == 0.0

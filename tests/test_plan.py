@@ -24,8 +24,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def tiny():
-  return llama_bench_config(vocab_size=256, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2,
-                            mlp_dim=128, max_seq_len=256)
+  return llama_bench_config(
+      vocab_size=256,
+      num_layers=2,
+      embed_dim=64,
+      num_heads=4,
+      num_kv_heads=2,
+      mlp_dim=128,
+      max_seq_len=256,
+  )
 
 
 @pytest.mark.slow
@@ -39,8 +46,12 @@ def test_params_and_optimizer_bytes_equal_a_real_train_state(tiny):
   params = jax.jit(lambda: split_model(create_model(tiny, 0))[1], out_shardings=psh)()
   state = create_train_state(params, optimizer, shardings, seed=0)
   device = mesh.devices.flat[0]
-  on_device = lambda tree: sum(s.data.nbytes for leaf in jax.tree.leaves(tree)
-                               for s in leaf.addressable_shards if s.device == device)
+  on_device = lambda tree: sum(
+      s.data.nbytes
+      for leaf in jax.tree.leaves(tree)
+      for s in leaf.addressable_shards
+      if s.device == device
+  )
   assert record["params_per_device"] == on_device(state.params)
   assert record["optimizer_per_device"] == on_device(state.opt_state)
   # FSDP x tensor sharding: each device holds well under the whole model.
@@ -73,8 +84,12 @@ def test_algorithms_count_the_models_they_hold(tiny):
   assert grpo["optimizer_per_device"] == sft["optimizer_per_device"]
   assert grpo["frozen_per_device"] == ppo["frozen_per_device"]
   for r in (sft, dpo, ppo, grpo):
-    assert r["total_per_device"] == (r["params_per_device"] + r["optimizer_per_device"]
-                                     + r["frozen_per_device"] + r["activations_per_device"])
+    assert r["total_per_device"] == (
+        r["params_per_device"]
+        + r["optimizer_per_device"]
+        + r["frozen_per_device"]
+        + r["activations_per_device"]
+    )
 
 
 @pytest.mark.slow  # ten compiles (~110 s)
@@ -97,12 +112,13 @@ def test_activations_grow_with_batch_and_shrink_with_remat(tiny):
   dpo = plan_lib.plan(wide, mesh, algorithm="dpo", batch=2, seq_len=512)
   assert 0 < dpo["activations_per_device"] < 0.9 * sft["activations_per_device"]
   # SFT on instruction data lists its targets (a quarter of the slots here), as the trainer does.
-  sft_listed = plan_lib.plan(wide, mesh, algorithm="sft", batch=2, seq_len=512,
-                             response_share=0.25)
+  sft_listed = plan_lib.plan(wide, mesh, algorithm="sft", batch=2, seq_len=512, response_share=0.25)
   assert 0 < sft_listed["activations_per_device"] < 0.9 * sft["activations_per_device"]
   # GRPO's update runs the head on the responses only: fewer temporaries with shorter responses.
-  grpo = [plan_lib.plan(wide, mesh, algorithm="grpo", batch=2, seq_len=512, response_share=share)
-          for share in (0.25, 1.0)]
+  grpo = [
+      plan_lib.plan(wide, mesh, algorithm="grpo", batch=2, seq_len=512, response_share=share)
+      for share in (0.25, 1.0)
+  ]
   assert 0 < grpo[0]["activations_per_device"] < 0.8 * grpo[1]["activations_per_device"]
 
 
@@ -128,16 +144,34 @@ def test_verdict_against_chip_memory():
 @pytest.mark.slow  # two subprocesses compiling on 16 fake devices (~30 s)
 def test_cli_plans_on_fake_devices_and_exits_3_when_it_does_not_fit():
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
-  base = [sys.executable, "-m", "rlhf_jax.plan", "--model=bench", "--devices=16", "--mesh=2,4,2",
-          "--batch=16", "--seq_len=64", "--algorithm=dpo"]
-  ok = subprocess.run(base + ["--chip=h100"], cwd=ROOT, env=env, capture_output=True, text=True,
-                      timeout=600)
+  base = [
+      sys.executable,
+      "-m",
+      "rlhf_jax.plan",
+      "--model=bench",
+      "--devices=16",
+      "--mesh=2,4,2",
+      "--batch=16",
+      "--seq_len=64",
+      "--algorithm=dpo",
+  ]
+  ok = subprocess.run(
+      base + ["--chip=h100"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert ok.returncode == 0, ok.stderr[-2000:]
   record = json.loads(ok.stdout.strip().splitlines()[-1])
   assert record["devices"] == 16 and record["mesh"] == {"data": 2, "fsdp": 4, "tensor": 2}
   assert record["fits"] and "fits a h100" in ok.stdout
-  full = subprocess.run(base + ["--chip=tpu-v5e", "--reserve=0.999999"], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  full = subprocess.run(
+      base + ["--chip=tpu-v5e", "--reserve=0.999999"],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert full.returncode == 3 and "does NOT fit" in full.stdout
-  np.testing.assert_equal(json.loads(full.stdout.strip().splitlines()[-1])["total_per_device"],
-                          record["total_per_device"])
+  np.testing.assert_equal(
+      json.loads(full.stdout.strip().splitlines()[-1])["total_per_device"],
+      record["total_per_device"],
+  )

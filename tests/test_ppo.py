@@ -24,8 +24,15 @@ from rlhf_jax.toyworld import corpus_texts, generate_sft_records
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.train import create_train_state, make_train_step, state_shardings
 
-TINY = dict(vocab_size=384, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128,
-            max_seq_len=128)
+TINY = dict(
+    vocab_size=384,
+    num_layers=2,
+    embed_dim=64,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_dim=128,
+    max_seq_len=128,
+)
 MAX_PROMPT_LEN = 96  # the longest toy task prompt is ~80 tokens with this tokenizer
 
 
@@ -88,11 +95,21 @@ def fake_rollout(seed=0, rows=8, prompt_len=8, new_tokens=8):
   prompt_tokens = np.where(prompt_mask, rs.randint(3, 384, (rows, prompt_len)), 0).astype(np.int32)
   mask = np.arange(new_tokens)[None] < lengths[:, None]
   tokens = np.where(mask, rs.randint(3, 384, (rows, new_tokens)), 0).astype(np.int32)
-  out = generate.GenerateOutput(tokens=jnp.asarray(tokens), logprobs=jnp.zeros(tokens.shape),
-                                mask=jnp.asarray(mask), lengths=jnp.asarray(lengths, jnp.int32))
-  tokens, segment_ids, positions, response_mask = generate.full_sequence(prompt_tokens, prompt_mask, out)
-  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
-          "response_mask": response_mask}
+  out = generate.GenerateOutput(
+      tokens=jnp.asarray(tokens),
+      logprobs=jnp.zeros(tokens.shape),
+      mask=jnp.asarray(mask),
+      lengths=jnp.asarray(lengths, jnp.int32),
+  )
+  tokens, segment_ids, positions, response_mask = generate.full_sequence(
+      prompt_tokens, prompt_mask, out
+  )
+  return {
+      "tokens": tokens,
+      "segment_ids": segment_ids,
+      "positions": positions,
+      "response_mask": response_mask,
+  }
 
 
 def ppo_cfg(**overrides):
@@ -109,16 +126,22 @@ def scored_rollout(models, temperature=1.0, seed=0, rows=8):
   returns: the numpy rollout an update receives."""
   policy_gd, value_gd, params = models
   if temperature not in _SCORE_FNS:
-    _SCORE_FNS[temperature] = jax.jit(ppo_rollout.make_score_fn(policy_gd, value_gd, {},
-                                                                temperature=temperature))
+    _SCORE_FNS[temperature] = jax.jit(
+        ppo_rollout.make_score_fn(policy_gd, value_gd, {}, temperature=temperature)
+    )
   batch = fake_rollout(seed, rows=rows)
-  old_logp, _, values, _ = _SCORE_FNS[temperature](params["policy"], params["policy"],
-                                                   params["value"], {}, batch)
+  old_logp, _, values, _ = _SCORE_FNS[temperature](
+      params["policy"], params["policy"], params["value"], {}, batch
+  )
   mask = np.asarray(batch["response_mask"])
   rs = np.random.RandomState(seed + 100)
-  rollout = {**batch, "old_logp": old_logp, "old_values": values,
-             "advantages": np.where(mask, rs.normal(size=mask.shape), 0.0).astype(np.float32),
-             "returns": np.where(mask, rs.normal(size=mask.shape), 0.0).astype(np.float32)}
+  rollout = {
+      **batch,
+      "old_logp": old_logp,
+      "old_values": values,
+      "advantages": np.where(mask, rs.normal(size=mask.shape), 0.0).astype(np.float32),
+      "returns": np.where(mask, rs.normal(size=mask.shape), 0.0).astype(np.float32),
+  }
   return jax.device_get(rollout)
 
 
@@ -129,10 +152,16 @@ def test_token_values_are_the_value_models_output_one_position_earlier(models):
   _, value_gd, params = models
   batch = fake_rollout(1)
   values = jax.jit(ppo_rollout.token_values, static_argnums=0)(
-      value_gd, params["value"], batch["tokens"], batch["segment_ids"], batch["positions"],
-      batch["response_mask"])
-  raw, _ = jax.jit(apply, static_argnums=0)(value_gd, params["value"], batch["tokens"],
-                                            batch["positions"], batch["segment_ids"])
+      value_gd,
+      params["value"],
+      batch["tokens"],
+      batch["segment_ids"],
+      batch["positions"],
+      batch["response_mask"],
+  )
+  raw, _ = jax.jit(apply, static_argnums=0)(
+      value_gd, params["value"], batch["tokens"], batch["positions"], batch["segment_ids"]
+  )
   values, raw, mask = np.asarray(values), np.asarray(raw), np.asarray(batch["response_mask"])
   assert values.shape == mask.shape and values.dtype == np.float32
   assert not mask[:, 0].any() and mask.sum() > 0
@@ -148,20 +177,30 @@ def test_value_head_on_the_policy_reads_its_hidden_states_one_position_earlier(m
   policy_gd, _, params = models
   batch = fake_rollout(2)
   score = np.random.RandomState(0).normal(size=(TINY["embed_dim"],)).astype(np.float32)
-  forward = jax.jit(ppo_rollout.policy_forward, static_argnums=(0, 1),
-                    static_argnames=("temperature",))
-  scaled, logp, values = forward(policy_gd, None, params["policy"], {"score": score}, batch,
-                                 temperature=0.7)
+  forward = jax.jit(
+      ppo_rollout.policy_forward, static_argnums=(0, 1), static_argnames=("temperature",)
+  )
+  scaled, logp, values = forward(
+      policy_gd, None, params["policy"], {"score": score}, batch, temperature=0.7
+  )
   mask = np.asarray(batch["response_mask"])
   model = nnx.merge(policy_gd, params["policy"])
   hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
   raw = np.einsum("bte,e->bt", np.asarray(hidden), score)
   rows, cols = np.nonzero(mask)
-  np.testing.assert_allclose(np.asarray(values)[rows, cols], raw[rows, cols - 1], atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+      np.asarray(values)[rows, cols], raw[rows, cols - 1], atol=1e-4, rtol=1e-4
+  )
   assert np.all(np.asarray(values)[~mask] == 0.0)
   expected = jax.jit(scoring.response_logprobs, static_argnums=0, static_argnames=("temperature",))(
-      policy_gd, params["policy"], batch["tokens"], batch["segment_ids"], batch["positions"],
-      batch["response_mask"], temperature=0.7)
+      policy_gd,
+      params["policy"],
+      batch["tokens"],
+      batch["segment_ids"],
+      batch["positions"],
+      batch["response_mask"],
+      temperature=0.7,
+  )
   np.testing.assert_allclose(np.where(mask, logp, 0.0), expected, atol=1e-5, rtol=1e-5)
   assert scaled.shape[1] == mask.shape[1] - 1
 
@@ -174,9 +213,13 @@ def test_loss_with_value_head_has_ratio_one_and_value_gradients_reach_the_trunk(
   batch = fake_rollout(3)
   old_logp, _, values, _ = score_fn(params["policy"], params["policy"], head, {}, batch)
   mask = np.asarray(batch["response_mask"])
-  rollout = {**batch, "old_logp": old_logp, "old_values": values,
-             "advantages": np.where(mask, 1.0, 0.0).astype(np.float32),
-             "returns": np.where(mask, values + 1.0, 0.0).astype(np.float32)}
+  rollout = {
+      **batch,
+      "old_logp": old_logp,
+      "old_values": values,
+      "advantages": np.where(mask, 1.0, 0.0).astype(np.float32),
+      "returns": np.where(mask, values + 1.0, 0.0).astype(np.float32),
+  }
   both = {"policy": params["policy"], "value": head}
   loss_fn = ppo.make_ppo_loss_fn(policy_gd, None, ppo_cfg(vf_coef=1.0))
   (_, m), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(both, rollout, None)
@@ -192,25 +235,34 @@ def test_loss_with_value_head_has_ratio_one_and_value_gradients_reach_the_trunk(
 # ---------------------------------------------------------------- reward combination
 
 
-STATS = {"helpful": {"mean": 0.5, "std": 2.0, "n": 10}, "safety": {"mean": -1.0, "std": 0.5, "n": 10}}
+STATS = {
+    "helpful": {"mean": 0.5, "std": 2.0, "n": 10},
+    "safety": {"mean": -1.0, "std": 0.5, "n": 10},
+}
 
 
 def test_single_reward_model_is_whitened_by_its_own_stats():
   scores = {"helpful": jnp.asarray([-1.0, 0.0, 0.5, 3.0])}
   unsafe = jnp.asarray([False, True, False, True])
   spec = ppo_rollout.RewardSpec(names=("helpful",), stats={"helpful": STATS["helpful"]})
-  np.testing.assert_allclose(spec(scores, unsafe), (np.array([-1.0, 0.0, 0.5, 3.0]) - 0.5) / 2.0,
-                             rtol=1e-6)
-  raw = ppo_rollout.RewardSpec(names=("helpful",), stats={"helpful": STATS["helpful"]}, whiten=False)
+  np.testing.assert_allclose(
+      spec(scores, unsafe), (np.array([-1.0, 0.0, 0.5, 3.0]) - 0.5) / 2.0, rtol=1e-6
+  )
+  raw = ppo_rollout.RewardSpec(
+      names=("helpful",), stats={"helpful": STATS["helpful"]}, whiten=False
+  )
   np.testing.assert_allclose(raw(scores, unsafe), [-1.0, 0.0, 0.5, 3.0])
 
 
 def test_llama2_reward_picks_safety_where_unsafe_or_unlikely_safe_each_whitened_by_its_stats():
   helpful = np.array([1.0, 2.0, -0.5, 0.3, 4.0, -2.0], np.float32)
-  safety = np.array([3.0, -3.0, 0.0, -1.7, -1.8, 2.0], np.float32)  # sigmoid: .95 .05 .5 .154 .142 .88
+  safety = np.array(
+      [3.0, -3.0, 0.0, -1.7, -1.8, 2.0], np.float32
+  )  # sigmoid: .95 .05 .5 .154 .142 .88
   unsafe = np.array([False, False, True, False, False, True])
-  spec = ppo_rollout.RewardSpec(names=("helpful", "safety"), stats=STATS, combine="llama2",
-                                safety_threshold=0.15)
+  spec = ppo_rollout.RewardSpec(
+      names=("helpful", "safety"), stats=STATS, combine="llama2", safety_threshold=0.15
+  )
   got = np.asarray(jax.jit(spec.__call__)({"helpful": helpful, "safety": safety}, unsafe))
   use_safety = unsafe | (1 / (1 + np.exp(-safety.astype(np.float64))) < 0.15)
   assert use_safety.tolist() == [False, True, True, False, True, True]
@@ -221,11 +273,17 @@ def test_llama2_reward_picks_safety_where_unsafe_or_unlikely_safe_each_whitened_
 def test_linear_reward_is_the_weighted_sum_of_whitened_scores():
   helpful = np.array([1.0, 2.0, -0.5], np.float32)
   safety = np.array([3.0, -3.0, 0.0], np.float32)
-  spec = ppo_rollout.RewardSpec(names=("helpful", "safety"), stats=STATS, combine="linear",
-                                helpful_weight=0.7, safety_weight=0.3)
+  spec = ppo_rollout.RewardSpec(
+      names=("helpful", "safety"),
+      stats=STATS,
+      combine="linear",
+      helpful_weight=0.7,
+      safety_weight=0.3,
+  )
   got = spec({"helpful": helpful, "safety": safety}, np.array([True, False, False]))
-  np.testing.assert_allclose(got, 0.7 * (helpful - 0.5) / 2.0 + 0.3 * (safety + 1.0) / 0.5,
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+      got, 0.7 * (helpful - 0.5) / 2.0 + 0.3 * (safety + 1.0) / 0.5, rtol=1e-6, atol=1e-6
+  )
 
 
 # ---------------------------------------------------------------- the loss at the rollout params
@@ -245,11 +303,14 @@ def test_loss_at_rollout_params_has_ratio_one(models, temperature):
   assert abs(float(m["approx_kl"])) < 1e-6, m["approx_kl"]
   assert float(m["clip_fraction"]) == 0.0
   np.testing.assert_allclose(m["ratio_mean"], 1.0, atol=1e-6)
-  np.testing.assert_allclose(m["policy_loss"], -masked_mean(rollout["advantages"], mask),
-                             atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(
+      m["policy_loss"], -masked_mean(rollout["advantages"], mask), atol=1e-6, rtol=1e-6
+  )
   assert float(m["value_clip_fraction"]) == 0.0  # values == old values too
   assert float(m["loss_weight"]) == mask.sum()
-  np.testing.assert_allclose(loss, m["policy_loss"] + 0.1 * m["value_loss"], rtol=1e-6)  # vf_coef 0.1
+  np.testing.assert_allclose(
+      loss, m["policy_loss"] + 0.1 * m["value_loss"], rtol=1e-6
+  )  # vf_coef 0.1
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   assert float(optax.tree.norm(grads["policy"])) > 0
 
@@ -260,7 +321,7 @@ def test_loss_at_rollout_params_has_ratio_one(models, temperature):
 def setup_update(models, mesh_shape, cfg, lr=0.5):
   """(mesh, shardings, optimizer, state, loss_fn) for models' params on a mesh of mesh_shape."""
   policy_gd, value_gd, params = models
-  mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+  mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
   psh, abstract = {}, {}
   for name, cfg_model in (("policy", POLICY_CFG), ("value", VALUE_CFG)):
     _, abstract[name], axes = abstract_model(cfg_model)
@@ -293,13 +354,18 @@ def test_one_epoch_of_one_minibatch_is_one_train_step(models):
 
   assert int(state.step) == int(ref_state.step) == 1
   np.testing.assert_array_equal(state.rng, ref_state.rng)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), state.params,
-               ref_state.params)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
+      state.params,
+      ref_state.params,
+  )
   for name in ("loss", "policy_loss", "value_loss", "entropy", "grad_norm"):
     np.testing.assert_allclose(out[name], ref_out[name], rtol=1e-5, err_msg=name)
   assert float(out["first_approx_kl"]) < 1e-6 and float(out["first_clip_fraction"]) == 0.0
-  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state.params),
-                                                         jax.tree.leaves(models[2])))
+  moved = max(
+      float(np.abs(a - b).max())
+      for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(models[2]))
+  )
   assert moved > 1e-3  # the step did something
 
 
@@ -312,8 +378,11 @@ def test_sharded_update_equals_unsharded(models):
   ref_state, ref_out = run_update(models, (1, 1, 1), cfg, rollout)
   state, out = run_update(models, (2, 2, 2), cfg, rollout)
   assert int(state.step) == int(ref_state.step) == 4  # epochs x mini-batches optimiser steps
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), state.params,
-               ref_state.params)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
+      state.params,
+      ref_state.params,
+  )
   assert all(np.ndim(v) == 0 for v in out.values())
   assert float(out["first_approx_kl"]) < 1e-6 and float(out["first_clip_fraction"]) == 0.0
   assert float(out["approx_kl"]) > 1e-6  # later mini-batches see a policy that moved
@@ -332,9 +401,14 @@ def write_jsonl(path, records):
 
 def test_load_prompts_reads_prompts_and_unsafe_flags(tmp_path):
   messages = [{"role": "user", "content": "Hi there"}]
-  source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Name a colour.", "id": 7},
-                                              {"prompt": "Do harm.", "unsafe": True},
-                                              {"prompt": messages, "unsafe": False}])
+  source = write_jsonl(
+      tmp_path / "p.jsonl",
+      [
+          {"prompt": "Name a colour.", "id": 7},
+          {"prompt": "Do harm.", "unsafe": True},
+          {"prompt": messages, "unsafe": False},
+      ],
+  )
   records = ppo.load_prompts(source)
   assert [r["prompt"] for r in records[:2]] == ["Name a colour.", "Do harm."]
   assert records[0]["id"] == 7 and "unsafe" not in records[0]
@@ -342,9 +416,14 @@ def test_load_prompts_reads_prompts_and_unsafe_flags(tmp_path):
   assert isinstance(records[2]["prompt"], list)
 
 
-@pytest.mark.parametrize("bad, field", [({"text": "no prompt"}, "prompt"),
-                                        ({"prompt": "Hi", "unsafe": "yes"}, "unsafe"),
-                                        ({"prompt": "Hi", "unsafe": 1}, "unsafe")])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"text": "no prompt"}, "prompt"),
+        ({"prompt": "Hi", "unsafe": "yes"}, "unsafe"),
+        ({"prompt": "Hi", "unsafe": 1}, "unsafe"),
+    ],
+)
 def test_load_prompts_names_file_line_and_field(tmp_path, bad, field):
   source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Fine."}, bad])
   with pytest.raises(RecordError) as info:
@@ -385,11 +464,18 @@ def export_model(path, tokenizer_dir, *, head="lm", seed=0, stats=None):
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, tokenizer_dir, tasks):
   root = tmp_path_factory.mktemp("exports")
-  return {"lm": export_model(root / "lm", tokenizer_dir, seed=3),
-          "helpful": export_model(root / "helpful", tokenizer_dir, head="scalar", seed=4,
-                                  stats={"mean": 0.2, "std": 1.5, "n": 8}),
-          "safety": export_model(root / "safety", tokenizer_dir, head="scalar", seed=5),
-          "prompts": write_jsonl(root / "prompts.jsonl", tasks)}  # toy tasks: gold metrics
+  return {
+      "lm": export_model(root / "lm", tokenizer_dir, seed=3),
+      "helpful": export_model(
+          root / "helpful",
+          tokenizer_dir,
+          head="scalar",
+          seed=4,
+          stats={"mean": 0.2, "std": 1.5, "n": 8},
+      ),
+      "safety": export_model(root / "safety", tokenizer_dir, head="scalar", seed=5),
+      "prompts": write_jsonl(root / "prompts.jsonl", tasks),
+  }  # toy tasks: gold metrics
 
 
 # Not (2, 2, 2): there, on the 8 fake CPU devices, XLA deadlocks in the PPO update (2 epochs x 2
@@ -413,8 +499,15 @@ def base_driver_config(algorithm, exports, tokenizer_dir):
 def driver_config(exports, tokenizer_dir, iterations=3):
   c = base_driver_config("ppo", exports, tokenizer_dir)
   c.train.update(checkpoint_every=1, async_checkpoint=False)
-  c.ppo.update(iterations=iterations, prompts_per_iteration=8, minibatches=2, epochs=2,
-               max_new_tokens=8, max_prompt_len=MAX_PROMPT_LEN, value_init_from=exports["helpful"])
+  c.ppo.update(
+      iterations=iterations,
+      prompts_per_iteration=8,
+      minibatches=2,
+      epochs=2,
+      max_new_tokens=8,
+      max_prompt_len=MAX_PROMPT_LEN,
+      value_init_from=exports["helpful"],
+  )
   c.ppo.reward.helpful = exports["helpful"]
   return c
 
@@ -425,16 +518,27 @@ def test_toy_prompts_fit_the_driver_config(tokenizer, tasks):
 
 
 @pytest.mark.slow
-def test_driver_logs_exports_and_resumes_to_the_same_params(tmp_path, exports, tokenizer_dir,
-                                                            compilation_cache, tasks):
+def test_driver_logs_exports_and_resumes_to_the_same_params(
+    tmp_path, exports, tokenizer_dir, compilation_cache, tasks
+):
   workdir = tmp_path / "full"
   result = ppo.train(driver_config(exports, tokenizer_dir), str(workdir))
   assert result["iterations"] == 3
   rows = metrics.read_jsonl(workdir / "metrics.jsonl")
   assert [r["step"] for r in rows] == [1, 2, 3]
   for row in rows:
-    for name in ("reward", "kl", "gold_combined", "gold_helpfulness", "gold_safety", "loss",
-                 "score_helpful", "length", "entropy", "beta"):
+    for name in (
+        "reward",
+        "kl",
+        "gold_combined",
+        "gold_helpfulness",
+        "gold_safety",
+        "loss",
+        "score_helpful",
+        "length",
+        "entropy",
+        "beta",
+    ):
       assert row.get(f"ppo/{name}") is not None and np.isfinite(row[f"ppo/{name}"]), (name, row)
     assert row["ppo/first_approx_kl"] < 1e-4, row  # rollout and update numerics agree
     assert row["ppo/first_clip_fraction"] == 0.0, row
@@ -442,8 +546,9 @@ def test_driver_logs_exports_and_resumes_to_the_same_params(tmp_path, exports, t
     # One reward model: the reward is its score whitened by its statistics on the start policy's
     # samples (config.ppo.reward.normalize="policy"), not by the export's (mean 0.2, std 1.5).
     stats = json.loads((workdir / "reward_stats.json").read_text())["helpful"]
-    assert row["ppo/reward"] == pytest.approx((row["ppo/score_helpful"] - stats["mean"]) / stats["std"],
-                                              abs=1e-5)
+    assert row["ppo/reward"] == pytest.approx(
+        (row["ppo/score_helpful"] - stats["mean"]) / stats["std"], abs=1e-5
+    )
   assert stats["n"] == len(tasks) and (stats["mean"], stats["std"]) != (0.2, 1.5)
   assert rows[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at iteration 1
   assert rows[2]["ppo/kl"] != rows[0]["ppo/kl"]  # ... and it moved
@@ -461,7 +566,9 @@ def test_driver_logs_exports_and_resumes_to_the_same_params(tmp_path, exports, t
   assert ppo.train(config, str(resumed))["iterations"] == 3
   resumed_params, resumed_meta = checkpoint.load_params(resumed / "export")
   assert resumed_meta["step"] == meta["step"]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), resumed_params, params)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), resumed_params, params
+  )
   resumed_rows = metrics.read_jsonl(resumed / "metrics.jsonl")
   assert [r["step"] for r in resumed_rows] == [1, 2, 3]
   for got, expected in zip(resumed_rows, rows):
@@ -472,8 +579,10 @@ def test_driver_logs_exports_and_resumes_to_the_same_params(tmp_path, exports, t
 def test_baselined_reward_subtracts_the_mean_of_the_prompts_other_samples():
   reward = np.random.RandomState(0).randn(12).astype(np.float32)  # 3 prompts x 4 samples
   got = np.asarray(jax.jit(ppo_rollout.baselined_reward, static_argnums=(1, 2))(reward, 4, "rloo"))
-  expected = [reward[i] - np.mean([reward[j] for j in range(4 * (i // 4), 4 * (i // 4) + 4) if j != i])
-              for i in range(12)]
+  expected = [
+      reward[i] - np.mean([reward[j] for j in range(4 * (i // 4), 4 * (i // 4) + 4) if j != i])
+      for i in range(12)
+  ]
   np.testing.assert_allclose(got, expected, atol=1e-6)
   np.testing.assert_allclose(got.reshape(3, 4).sum(axis=1), 0.0, atol=1e-5)  # per prompt
   assert ppo_rollout.baselined_reward(reward, 4, "none") is reward
@@ -482,8 +591,9 @@ def test_baselined_reward_subtracts_the_mean_of_the_prompts_other_samples():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("value_model, samples", [("separate", 1), ("policy_head", 1),
-                                                  ("separate", 4)])
+@pytest.mark.parametrize(
+    "value_model, samples", [("separate", 1), ("policy_head", 1), ("separate", 4)]
+)
 def test_ppo_iterations_raise_a_simple_reward(models, value_model, samples):
   """The sign check of the whole loop: with reward = the fraction of response tokens from the
   lower half of the vocabulary (0.5 for the random policy), a few PPO iterations (sample, score,
@@ -491,9 +601,15 @@ def test_ppo_iterations_raise_a_simple_reward(models, value_model, samples):
   each of 8 prompts and the leave-one-out baseline (the same 32 responses per iteration)."""
   policy_gd, value_gd, params = models
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  cfg = ppo_cfg(prompts_per_iteration=32 // samples, samples_per_prompt=samples, max_new_tokens=8,
-                epochs=2, minibatches=1, vf_coef=0.5,
-                reward_baseline="rloo" if samples > 1 else "none")
+  cfg = ppo_cfg(
+      prompts_per_iteration=32 // samples,
+      samples_per_prompt=samples,
+      max_new_tokens=8,
+      epochs=2,
+      minibatches=1,
+      vf_coef=0.5,
+      reward_baseline="rloo" if samples > 1 else "none",
+  )
   cfg.kl.beta = 0.01
   psh, abstract = {}, {}
   _, abstract["policy"], axes = abstract_model(POLICY_CFG)
@@ -508,22 +624,44 @@ def test_ppo_iterations_raise_a_simple_reward(models, value_model, samples):
     graphdef = value_gd
   else:
     abstract["value"] = {"score": jax.ShapeDtypeStruct((TINY["embed_dim"],), jnp.float32)}
-    psh["value"] = sharding.param_shardings(abstract["value"], {"score": jax.sharding.PartitionSpec("embed")}, mesh)
+    psh["value"] = sharding.param_shardings(
+        abstract["value"], {"score": jax.sharding.PartitionSpec("embed")}, mesh
+    )
     start["value"], graphdef = {"score": np.zeros(TINY["embed_dim"], np.float32)}, None
   optimizer = optax.adam(3e-3)
   shardings = state_shardings(optimizer, psh, abstract, mesh)
   state = create_train_state(jax.tree.map(jnp.copy, start), optimizer, shardings, seed=0)
-  iterate = ppo.make_iteration(policy_gd, graphdef, {}, POLICY_CFG, None, optimizer, mesh=mesh,
-                               policy_shardings=psh["policy"], shardings=shardings, cfg=cfg,
-                               eos_id=-1, pad_id=0)
+  iterate = ppo.make_iteration(
+      policy_gd,
+      graphdef,
+      {},
+      POLICY_CFG,
+      None,
+      optimizer,
+      mesh=mesh,
+      policy_shardings=psh["policy"],
+      shardings=shardings,
+      cfg=cfg,
+      eos_id=-1,
+      pad_id=0,
+  )
   low = TINY["vocab_size"] // 2
   text_reward = lambda out: np.asarray((np.asarray(out.tokens) < low).mean(axis=1), np.float32)
   prompts = np.random.RandomState(0).randint(3, low, (32 // samples, 4)).astype(np.int32)
   mask, unsafe = np.ones_like(prompts, bool), np.zeros(len(prompts), bool)
   rewards = []
   for i in range(20):
-    state, info = iterate(state, params["policy"], {}, prompts, mask, unsafe, jax.random.key(i), 0.01,
-                          text_reward=text_reward)
+    state, info = iterate(
+        state,
+        params["policy"],
+        {},
+        prompts,
+        mask,
+        unsafe,
+        jax.random.key(i),
+        0.01,
+        text_reward=text_reward,
+    )
     rewards.append(float(np.mean(info["reward"])))
     if i == 0:  # each prompt sampled `samples` times, its rows contiguous, each its own sample
       assert info["out"].tokens.shape[0] == 32
@@ -546,22 +684,28 @@ def test_frozen_models_in_bfloat16_score_close_to_float32(exports, models):
   batch = fake_rollout(4)
   args = (batch["tokens"], batch["segment_ids"], batch["positions"])
   score = jax.jit(scoring.last_token_scores, static_argnums=0)
-  a, b = np.asarray(score(fp32.graphdef, fp32.params, *args)), np.asarray(score(bf16.graphdef, bf16.params, *args))
+  a, b = np.asarray(score(fp32.graphdef, fp32.params, *args)), np.asarray(
+      score(bf16.graphdef, bf16.params, *args)
+  )
   assert b.dtype == np.float32
   np.testing.assert_allclose(b, a, atol=0.05 * np.abs(a).max() + 1e-3)
   policy_gd, _, params = models
-  ref_gd = abstract_model(dataclasses.replace(POLICY_CFG, dtype="bfloat16", param_dtype="bfloat16"))[0]
+  ref_gd = abstract_model(
+      dataclasses.replace(POLICY_CFG, dtype="bfloat16", param_dtype="bfloat16")
+  )[0]
   logp = jax.jit(scoring.response_logprobs, static_argnums=0)
   full = np.asarray(logp(policy_gd, params["policy"], *args, batch["response_mask"]))
-  half = np.asarray(logp(ref_gd, reward.cast_params(params["policy"], "bfloat16"), *args,
-                         batch["response_mask"]))
+  half = np.asarray(
+      logp(ref_gd, reward.cast_params(params["policy"], "bfloat16"), *args, batch["response_mask"])
+  )
   mask = np.asarray(batch["response_mask"])
   assert np.abs(half - full)[mask].mean() < 0.05 and np.all(half[~mask] == 0.0)
 
 
 @pytest.mark.slow
-def test_driver_with_helpful_and_safety_models_llama2(tmp_path, exports, tokenizer_dir,
-                                                      compilation_cache):
+def test_driver_with_helpful_and_safety_models_llama2(
+    tmp_path, exports, tokenizer_dir, compilation_cache
+):
   config = driver_config(exports, tokenizer_dir, iterations=1)
   config.ppo.reward.update(safety=exports["safety"], combine="llama2")
   config.ppo.frozen_dtype = "bfloat16"  # reward models and reference in bf16
@@ -577,8 +721,9 @@ def test_driver_with_helpful_and_safety_models_llama2(tmp_path, exports, tokeniz
 
 
 @pytest.mark.slow
-def test_driver_with_value_head_on_the_policy_and_the_gold_reward(tmp_path, exports, tokenizer_dir,
-                                                                  compilation_cache):
+def test_driver_with_value_head_on_the_policy_and_the_gold_reward(
+    tmp_path, exports, tokenizer_dir, compilation_cache
+):
   config = driver_config(exports, tokenizer_dir, iterations=2)
   config.ppo.update(value_model="policy_head", value_init_from="")
   config.ppo.reward.update(helpful="", gold=True)  # the toy world's gold reward, no reward model
@@ -596,7 +741,9 @@ def test_driver_with_value_head_on_the_policy_and_the_gold_reward(tmp_path, expo
   for row in evals:
     assert 0.0 <= row["eval/combined"] <= 1.0 and row["eval/length"] >= 1
   for row in rows:
-    assert row["ppo/reward"] == pytest.approx(row["ppo/gold_combined"], abs=1e-6)  # gold is the reward
+    assert row["ppo/reward"] == pytest.approx(
+        row["ppo/gold_combined"], abs=1e-6
+    )  # gold is the reward
     assert row["ppo/first_approx_kl"] < 1e-4 and np.isfinite(row["ppo/value_loss"])
     assert not any(k.startswith("ppo/score_") for k in row)
   params, meta = checkpoint.load_params(workdir / "export")
@@ -607,9 +754,11 @@ def test_driver_with_value_head_on_the_policy_and_the_gold_reward(tmp_path, expo
   steps = [r["step"] for r in metrics.read_jsonl(workdir / "metrics.jsonl") if "eval/kl" in r]
   assert steps == [0, 2, 3]  # no second evaluation at 0 on resume; the last iteration is evaluated
 
-  for update, match in [(dict(reward_baseline="rloo"), "samples_per_prompt >= 2"),
-                        (dict(reward_baseline="mean", samples_per_prompt=2), "reward_baseline='mean'"),
-                        (dict(samples_per_prompt=2, minibatches=3), "not a positive multiple")]:
+  for update, match in [
+      (dict(reward_baseline="rloo"), "samples_per_prompt >= 2"),
+      (dict(reward_baseline="mean", samples_per_prompt=2), "reward_baseline='mean'"),
+      (dict(samples_per_prompt=2, minibatches=3), "not a positive multiple"),
+  ]:
     bad = driver_config(exports, tokenizer_dir, iterations=1)
     bad.ppo.update(**update)
     with pytest.raises(ValueError, match=match):
@@ -632,19 +781,34 @@ def test_driver_with_value_head_on_the_policy_and_the_gold_reward(tmp_path, expo
 def rejection_sampling_config(exports, tokenizer_dir, rounds=2):
   c = base_driver_config("rejection_sampling", exports, tokenizer_dir)
   c.data.packing = True
-  c.train.update(steps=2, batch_size=8, seq_len=TINY["max_seq_len"], checkpoint_every=2,
-                 eval_every=2, eval_batches=1, log_every=1, async_checkpoint=False)
+  c.train.update(
+      steps=2,
+      batch_size=8,
+      seq_len=TINY["max_seq_len"],
+      checkpoint_every=2,
+      eval_every=2,
+      eval_batches=1,
+      log_every=1,
+      async_checkpoint=False,
+  )
   c.sample.num_examples = 0
-  c.rejection_sampling.update(rounds=rounds, temperatures=(1.0,) * rounds, prompts_per_round=8,
-                              samples_per_prompt=3, max_new_tokens=8, max_prompt_len=MAX_PROMPT_LEN,
-                              batch_prompts=8)
+  c.rejection_sampling.update(
+      rounds=rounds,
+      temperatures=(1.0,) * rounds,
+      prompts_per_round=8,
+      samples_per_prompt=3,
+      max_new_tokens=8,
+      max_prompt_len=MAX_PROMPT_LEN,
+      batch_prompts=8,
+  )
   c.rejection_sampling.reward.helpful = exports["helpful"]
   return c
 
 
 @pytest.mark.slow
-def test_rejection_sampling_keeps_the_best_of_k_across_rounds(tmp_path, exports, tokenizer_dir,
-                                                              compilation_cache):
+def test_rejection_sampling_keeps_the_best_of_k_across_rounds(
+    tmp_path, exports, tokenizer_dir, compilation_cache
+):
   workdir = tmp_path / "rs"
   result = rejection_sampling.train(rejection_sampling_config(exports, tokenizer_dir), str(workdir))
   assert result["rounds"] == 2
@@ -654,8 +818,12 @@ def test_rejection_sampling_keeps_the_best_of_k_across_rounds(tmp_path, exports,
     # The kept response is the reward model's argmax over K samples, so never worse than sample 0.
     assert row["best_reward"] >= row["sample_reward"] - 1e-6
     assert np.isfinite(row["best_gold"]) and np.isfinite(row["sample_gold"])
-  round1 = [json.loads(line) for line in (workdir / "round_1" / "kept.jsonl").read_text().splitlines()]
-  round2 = [json.loads(line) for line in (workdir / "round_2" / "kept.jsonl").read_text().splitlines()]
+  round1 = [
+      json.loads(line) for line in (workdir / "round_1" / "kept.jsonl").read_text().splitlines()
+  ]
+  round2 = [
+      json.loads(line) for line in (workdir / "round_2" / "kept.jsonl").read_text().splitlines()
+  ]
   best1 = {r["prompt"]: r["reward"] for r in round1}
   for record in round2:  # the same prompts every round; a prompt never keeps a worse response
     if record["prompt"] in best1:
@@ -668,8 +836,12 @@ def test_rejection_sampling_keeps_the_best_of_k_across_rounds(tmp_path, exports,
   last, _ = checkpoint.load_params(workdir / "round_2" / "export")
   jax.tree.map(np.testing.assert_array_equal, final, last)
   # A rerun skips both finished rounds.
-  assert rejection_sampling.train(rejection_sampling_config(exports, tokenizer_dir),
-                                  str(workdir))["rounds"] == 2
+  assert (
+      rejection_sampling.train(rejection_sampling_config(exports, tokenizer_dir), str(workdir))[
+          "rounds"
+      ]
+      == 2
+  )
 
 
 def test_best_of_k_reports_each_samples_mean_logprob(tokenizer, tasks):
@@ -683,14 +855,27 @@ def test_best_of_k_reports_each_samples_mean_logprob(tokenizer, tasks):
     assert samples == 3  # each prompt once, sampled K times
     rows = tokens.shape[0] * samples
     valid = jnp.arange(4)[None] < jnp.tile(lengths, rows // 3)[:, None]
-    return generate.GenerateOutput(jnp.where(valid, eos_id, 0).astype(jnp.int32),
-                                   jnp.tile(logprobs, (rows // 3, 1)), valid,
-                                   jnp.tile(lengths, rows // 3))
+    return generate.GenerateOutput(
+        jnp.where(valid, eos_id, 0).astype(jnp.int32),
+        jnp.tile(logprobs, (rows // 3, 1)),
+        valid,
+        jnp.tile(lengths, rows // 3),
+    )
 
-  out = rejection_sampling.best_of_k(None, sampler, {}, None, tokenizer, tasks[:2], k=3,
-                                     temperature=1.0, max_new_tokens=4,
-                                     max_prompt_len=MAX_PROMPT_LEN, batch_prompts=2,
-                                     rng=jax.random.key(0))
+  out = rejection_sampling.best_of_k(
+      None,
+      sampler,
+      {},
+      None,
+      tokenizer,
+      tasks[:2],
+      k=3,
+      temperature=1.0,
+      max_new_tokens=4,
+      max_prompt_len=MAX_PROMPT_LEN,
+      batch_prompts=2,
+      rng=jax.random.key(0),
+  )
   for prompt in out:
     np.testing.assert_allclose(prompt["mean_logprob"], [-2.0, -0.5, -4.0])
 
@@ -705,25 +890,48 @@ def test_best_of_k_scores_each_prompt_once_and_equals_the_plain_rows(tokenizer, 
   sampler = generate.Sampler(policy_gd, POLICY_CFG)
   rm = types.SimpleNamespace(graphdef=rm_gd, params=rm_params)
   k, prompts, rng = 3, tasks[:2], jax.random.key(5)
-  out = rejection_sampling.best_of_k(policy, sampler, {"helpful": rm}, None, tokenizer, prompts,
-                                     k=k, temperature=1.0, max_new_tokens=8,
-                                     max_prompt_len=MAX_PROMPT_LEN, batch_prompts=2, rng=rng)
-  tokens, mask = ppo_rollout.encode_prompts(tokenizer, [r for r in prompts for _ in range(k)],
-                                            MAX_PROMPT_LEN)
-  gen = sampler(policy, tokens, mask, jax.random.fold_in(rng, 0), max_new_tokens=8,
-                temperature=1.0, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+  out = rejection_sampling.best_of_k(
+      policy,
+      sampler,
+      {"helpful": rm},
+      None,
+      tokenizer,
+      prompts,
+      k=k,
+      temperature=1.0,
+      max_new_tokens=8,
+      max_prompt_len=MAX_PROMPT_LEN,
+      batch_prompts=2,
+      rng=rng,
+  )
+  tokens, mask = ppo_rollout.encode_prompts(
+      tokenizer, [r for r in prompts for _ in range(k)], MAX_PROMPT_LEN
+  )
+  gen = sampler(
+      policy,
+      tokens,
+      mask,
+      jax.random.fold_in(rng, 0),
+      max_new_tokens=8,
+      temperature=1.0,
+      eos_id=tokenizer.eos_token_id,
+      pad_id=tokenizer.pad_token_id,
+  )
   assert ppo_rollout.decode_responses(tokenizer, gen) == [t for o in out for t in o["texts"]]
   assert len(set(out[0]["texts"])) > 1  # K different samples
   seq, segment_ids, positions, _ = generate.full_sequence(tokens, mask, gen)
-  plain = jax.jit(scoring.last_token_scores, static_argnums=0)(rm_gd, rm_params, seq,
-                                                               segment_ids, positions)
-  np.testing.assert_allclose(np.concatenate([o["scores"]["helpful"] for o in out]),
-                             np.asarray(plain), atol=1e-4, rtol=1e-4)
+  plain = jax.jit(scoring.last_token_scores, static_argnums=0)(
+      rm_gd, rm_params, seq, segment_ids, positions
+  )
+  np.testing.assert_allclose(
+      np.concatenate([o["scores"]["helpful"] for o in out]), np.asarray(plain), atol=1e-4, rtol=1e-4
+  )
 
 
 @pytest.mark.slow
-def test_rejection_sampling_stopped_in_each_round_ends_identically(tmp_path, exports, tokenizer_dir,
-                                                                   compilation_cache):
+def test_rejection_sampling_stopped_in_each_round_ends_identically(
+    tmp_path, exports, tokenizer_dir, compilation_cache
+):
   """Stopped mid-SFT in round 1 and again in round 2, rerun each time: the kept (replay) sets,
   the round summary and the final policy equal an uninterrupted run's."""
   config = rejection_sampling_config(exports, tokenizer_dir)
@@ -742,15 +950,19 @@ def test_rejection_sampling_stopped_in_each_round_ends_identically(tmp_path, exp
 
 
 @pytest.mark.slow
-def test_rejection_sampling_with_fresh_prompts_each_round(tmp_path, exports, tokenizer_dir,
-                                                          compilation_cache):
+def test_rejection_sampling_with_fresh_prompts_each_round(
+    tmp_path, exports, tokenizer_dir, compilation_cache
+):
   config = rejection_sampling_config(exports, tokenizer_dir)
   config.rejection_sampling.update(fresh_prompts=True, prompts_per_round=4)
   workdir = tmp_path / "fresh"
   assert rejection_sampling.train(config, str(workdir))["rounds"] == 2
   prompts = [r["prompt"] for r in ppo.load_prompts(exports["prompts"])]
   for r, expected in ((1, prompts[:4]), (2, prompts[4:8])):  # the next unseen prompts each round
-    kept = [json.loads(line) for line in (workdir / f"round_{r}" / "kept.jsonl").read_text().splitlines()]
+    kept = [
+        json.loads(line)
+        for line in (workdir / f"round_{r}" / "kept.jsonl").read_text().splitlines()
+    ]
     assert [k["prompt"] for k in kept] == [p for p in expected if p in {k["prompt"] for k in kept}]
     assert all(k["round"] == r for k in kept) and len(kept) >= 3
 
@@ -767,8 +979,9 @@ def test_rejection_sampling_prompt_offset_skips_the_first_prompts():
   """A later stage of an iterated schedule samples prompts no earlier stage saw; too few left is a
   ConfigError naming the offset."""
   prompts = [{"prompt": str(i)} for i in range(10)]
-  step = functools.partial(rejection_sampling.step_prompts, key="config.rejection_sampling",
-                           source="p.jsonl")
+  step = functools.partial(
+      rejection_sampling.step_prompts, key="config.rejection_sampling", source="p.jsonl"
+  )
   assert step(prompts, steps=2, per_step=3, fresh=True, offset=4) == [prompts[4:7], prompts[7:10]]
   assert step(prompts, steps=2, per_step=3, fresh=False, offset=4) == [prompts[4:7]] * 2
   with pytest.raises(ValueError, match=r"6 skipped \(prompt_offset\) \+ 2 step\(s\) x 3 prompts"):

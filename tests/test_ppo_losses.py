@@ -84,8 +84,12 @@ def test_kl_penalty_matches_numpy(kind):
   rng = np.random.default_rng(0)
   mask = _mask(0)
   logp, ref = _rand(rng, B, T) - 2.0, _rand(rng, B, T) - 2.0
-  out = kl_penalty(jnp.asarray(_garbage(logp, mask, -np.inf)), jnp.asarray(_garbage(ref, mask)),
-                   jnp.asarray(mask), kind=kind)
+  out = kl_penalty(
+      jnp.asarray(_garbage(logp, mask, -np.inf)),
+      jnp.asarray(_garbage(ref, mask)),
+      jnp.asarray(mask),
+      kind=kind,
+  )
   assert out.dtype == jnp.float32 and out.shape == (B, T)
   np.testing.assert_allclose(out, _kl_ref(logp, ref, mask, kind), rtol=RTOL, atol=ATOL)
   if kind != "k1":
@@ -95,8 +99,7 @@ def test_kl_penalty_matches_numpy(kind):
   assert np.all(np.asarray(zero) == 0.0)
 
   seq = sequence_kl(out, jnp.asarray(mask))
-  np.testing.assert_allclose(seq, _kl_ref(logp, ref, mask, kind).sum(axis=1), rtol=RTOL,
-                             atol=ATOL)
+  np.testing.assert_allclose(seq, _kl_ref(logp, ref, mask, kind).sum(axis=1), rtol=RTOL, atol=ATOL)
   assert seq.shape == (B,) and float(seq[3]) == 0.0  # the empty row
 
 
@@ -105,9 +108,11 @@ def test_kl_penalty_gradient_is_finite_with_garbage_padding():
   mask = _mask(1)
   logp = _garbage(_rand(rng, B, T), mask, np.nan)
   ref = _garbage(_rand(rng, B, T), mask, -np.inf)
-  g = jax.jit(jax.grad(lambda x: jnp.sum(kl_lib.kl_penalty(x, jnp.asarray(ref),
-                                                           jnp.asarray(mask), kind="k3"))))(
-      jnp.asarray(logp))
+  g = jax.jit(
+      jax.grad(
+          lambda x: jnp.sum(kl_lib.kl_penalty(x, jnp.asarray(ref), jnp.asarray(mask), kind="k3"))
+      )
+  )(jnp.asarray(logp))
   assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[~mask] == 0.0)
 
 
@@ -156,8 +161,9 @@ def test_adaptive_kl_update():
 
   # Traced beta / observed (a scan of updates, as inside a jitted train loop).
   def loop(state, obs):
-    new = kl_lib.KLState(kl_lib.adaptive_kl_update(state.beta, obs, 100, target=target,
-                                                   horizon=horizon))
+    new = kl_lib.KLState(
+        kl_lib.adaptive_kl_update(state.beta, obs, 100, target=target, horizon=horizon)
+    )
     return new, new.beta
 
   obs = jnp.asarray([12.0, 12.0, 3.0, 6.0], jnp.float32)
@@ -210,8 +216,9 @@ def test_whiten_degenerate_masks_are_finite():
   np.testing.assert_array_equal(whiten(x, jnp.asarray(one), shift_mean=True), np.zeros((2, 6)))
   kept = whiten(x, jnp.asarray(one), shift_mean=False)
   np.testing.assert_allclose(kept, np.where(one, x, 0.0), rtol=RTOL)
-  np.testing.assert_array_equal(whiten(x, jnp.zeros((2, 6), bool), shift_mean=True),
-                                np.zeros((2, 6)))
+  np.testing.assert_array_equal(
+      whiten(x, jnp.zeros((2, 6), bool), shift_mean=True), np.zeros((2, 6))
+  )
 
 
 # --- token_rewards -------------------------------------------------------------------------------
@@ -242,9 +249,15 @@ def test_token_rewards_matches_numpy(clip, with_eos):
   kl = _rand(rng, B, T)
   eos = rng.random(B) < 0.5
   beta = 0.05
-  out = token_rewards(jnp.asarray(score), jnp.asarray(_garbage(kl, mask)), jnp.asarray(mask),
-                      beta=jnp.float32(beta), eos_found=jnp.asarray(eos) if with_eos else None,
-                      missing_eos_penalty=-1.0, score_clip=clip)
+  out = token_rewards(
+      jnp.asarray(score),
+      jnp.asarray(_garbage(kl, mask)),
+      jnp.asarray(mask),
+      beta=jnp.float32(beta),
+      eos_found=jnp.asarray(eos) if with_eos else None,
+      missing_eos_penalty=-1.0,
+      score_clip=clip,
+  )
   ref = _token_rewards_ref(score, kl, mask, beta, eos if with_eos else None, -1.0, clip)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
@@ -280,8 +293,13 @@ def test_gae_matches_numpy(gamma, lam, holes):
   rng = np.random.default_rng(5)
   mask = _mask(5, holes=holes)
   rewards, values = _rand(rng, B, T), _rand(rng, B, T)
-  adv, ret = gae(jnp.asarray(_garbage(rewards, mask)), jnp.asarray(_garbage(values, mask)),
-                 jnp.asarray(mask), gamma=gamma, lam=lam)
+  adv, ret = gae(
+      jnp.asarray(_garbage(rewards, mask)),
+      jnp.asarray(_garbage(values, mask)),
+      jnp.asarray(mask),
+      gamma=gamma,
+      lam=lam,
+  )
   ref_adv, ref_ret = _gae_ref(rewards, values, mask, gamma, lam)
   assert adv.dtype == ret.dtype == jnp.float32
   np.testing.assert_allclose(adv, ref_adv, rtol=RTOL, atol=ATOL)
@@ -293,8 +311,13 @@ def test_gae_gamma1_lam1_is_reward_to_go_minus_value():
   rng = np.random.default_rng(6)
   mask = _mask(6)
   rewards, values = _rand(rng, B, T), _rand(rng, B, T)
-  adv, ret = gae(jnp.asarray(_garbage(rewards, mask, 1e6)),
-                 jnp.asarray(_garbage(values, mask, -1e6)), jnp.asarray(mask), gamma=1.0, lam=1.0)
+  adv, ret = gae(
+      jnp.asarray(_garbage(rewards, mask, 1e6)),
+      jnp.asarray(_garbage(values, mask, -1e6)),
+      jnp.asarray(mask),
+      gamma=1.0,
+      lam=1.0,
+  )
   r = np.where(mask, rewards, 0.0).astype(np.float64)
   to_go = np.cumsum(r[:, ::-1], axis=1)[:, ::-1]
   np.testing.assert_allclose(adv, np.where(mask, to_go - values, 0.0), rtol=RTOL, atol=1e-5)
@@ -315,8 +338,13 @@ def test_gae_right_padded_matches_trl_loop():
     next_v = values[:, t + 1] if t < T - 1 else 0.0
     last = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * last
     trl[:, t] = last
-  adv, _ = gae(jnp.asarray(rewards, jnp.float32), jnp.asarray(values, jnp.float32),
-               jnp.asarray(mask), gamma=gamma, lam=lam)
+  adv, _ = gae(
+      jnp.asarray(rewards, jnp.float32),
+      jnp.asarray(values, jnp.float32),
+      jnp.asarray(mask),
+      gamma=gamma,
+      lam=lam,
+  )
   np.testing.assert_allclose(adv, np.where(mask, trl, 0.0), rtol=RTOL, atol=ATOL)
 
 
@@ -344,9 +372,13 @@ def test_policy_loss_matches_numpy(clip_eps):
   old = _rand(rng, B, T) - 2.0
   logp = old + _rand(rng, B, T, scale=0.3)
   adv = _rand(rng, B, T)
-  loss, metrics = ppo_policy_loss(jnp.asarray(_garbage(logp, mask)), jnp.asarray(old),
-                                  jnp.asarray(_garbage(adv, mask)), jnp.asarray(mask),
-                                  clip_eps=clip_eps)
+  loss, metrics = ppo_policy_loss(
+      jnp.asarray(_garbage(logp, mask)),
+      jnp.asarray(old),
+      jnp.asarray(_garbage(adv, mask)),
+      jnp.asarray(mask),
+      clip_eps=clip_eps,
+  )
   ref = _policy_ref(logp, old, adv, mask, clip_eps)
   np.testing.assert_allclose(loss, ref["policy_loss"], rtol=RTOL, atol=ATOL)
   assert set(metrics) == set(ref)
@@ -367,7 +399,8 @@ def test_policy_loss_at_ratio_one():
     return ppo_lib.ppo_policy_loss(x, jnp.asarray(logp), jnp.asarray(adv), jnp.asarray(mask))
 
   (loss, metrics), g = jax.jit(jax.value_and_grad(f, has_aux=True))(
-      jnp.asarray(_garbage(logp, mask)))
+      jnp.asarray(_garbage(logp, mask))
+  )
   np.testing.assert_allclose(loss, -np.sum(np.where(mask, adv, 0.0)) / n, rtol=RTOL, atol=ATOL)
   assert float(metrics["clip_fraction"]) == 0.0
   np.testing.assert_allclose(metrics["ratio_mean"], 1.0, rtol=RTOL)
@@ -391,8 +424,9 @@ def test_policy_clip_fraction_counts():
   np.testing.assert_allclose(metrics["clip_fraction"], 2 / 6, rtol=RTOL)
   np.testing.assert_allclose(loss, (-1.2 + 1.5 - 0.5 + 0.8 - 1.0 - 1.1) / 6, rtol=RTOL)
   # Clipped tokens get no gradient; the others get -A * ratio / n.
-  np.testing.assert_allclose(g, [[0.0, 1.5 / 6, -0.5 / 6, 0.0, -1.0 / 6, -1.1 / 6, 0.0]],
-                             rtol=RTOL, atol=1e-7)
+  np.testing.assert_allclose(
+      g, [[0.0, 1.5 / 6, -0.5 / 6, 0.0, -1.0 / 6, -1.1 / 6, 0.0]], rtol=RTOL, atol=1e-7
+  )
 
 
 def test_policy_loss_empty_batch_is_zero():
@@ -423,8 +457,13 @@ def test_value_loss_matches_numpy():
   ret = _rand(rng, B, T, scale=2.0)
   v_old = ret + _rand(rng, B, T)
   v = v_old + _rand(rng, B, T, scale=0.4)
-  loss, metrics = ppo_value_loss(jnp.asarray(_garbage(v, mask)), jnp.asarray(_garbage(v_old, mask)),
-                                 jnp.asarray(_garbage(ret, mask)), jnp.asarray(mask), clip_eps=0.2)
+  loss, metrics = ppo_value_loss(
+      jnp.asarray(_garbage(v, mask)),
+      jnp.asarray(_garbage(v_old, mask)),
+      jnp.asarray(_garbage(ret, mask)),
+      jnp.asarray(mask),
+      clip_eps=0.2,
+  )
   ref = _value_ref(v, v_old, ret, mask, 0.2)
   np.testing.assert_allclose(loss, ref["value_loss"], rtol=RTOL, atol=ATOL)
   assert set(metrics) == set(ref)
@@ -442,8 +481,9 @@ def test_value_loss_clipping_and_gradient():
   mask = np.asarray([[1, 1, 0]], bool)
 
   def f(x):
-    return ppo_lib.ppo_value_loss(x, jnp.asarray(v_old), jnp.asarray(ret), jnp.asarray(mask),
-                                  clip_eps=0.2)
+    return ppo_lib.ppo_value_loss(
+        x, jnp.asarray(v_old), jnp.asarray(ret), jnp.asarray(mask), clip_eps=0.2
+    )
 
   (loss, metrics), g = jax.jit(jax.value_and_grad(f, has_aux=True))(jnp.asarray(v))
   # Token 0: max(1.0, 0.7^2) = 1.0; token 1: max(1.0, 1.8^2 = 3.24) = 3.24.
@@ -456,8 +496,9 @@ def test_explained_variance_perfect_and_constant():
   rng = np.random.default_rng(11)
   mask = _mask(11)
   ret = _rand(rng, B, T)
-  _, metrics = ppo_value_loss(jnp.asarray(ret), jnp.asarray(ret), jnp.asarray(ret),
-                              jnp.asarray(mask))
+  _, metrics = ppo_value_loss(
+      jnp.asarray(ret), jnp.asarray(ret), jnp.asarray(ret), jnp.asarray(mask)
+  )
   np.testing.assert_allclose(metrics["explained_variance"], 1.0, rtol=RTOL)
   assert float(metrics["value_loss"]) == 0.0
   const = jnp.ones((B, T))
@@ -507,8 +548,7 @@ def test_rloo_advantages_matches_numpy():
   for g in (2, 5):
     r = _rand(rng, 3, g)
     out = rloo_advantages(jnp.asarray(r))
-    ref = np.asarray([[r[p, i] - np.mean(np.delete(r[p], i)) for i in range(g)]
-                      for p in range(3)])
+    ref = np.asarray([[r[p, i] - np.mean(np.delete(r[p], i)) for i in range(g)] for p in range(3)])
     np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
 
 

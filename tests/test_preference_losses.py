@@ -55,14 +55,18 @@ def _dpo_inputs(seed, b=B):
 
 def _assert_metrics(metrics, loss, chosen_rewards, rejected_rewards):
   np.testing.assert_allclose(metrics["loss"], loss, rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(metrics["rewards/chosen"], np.mean(chosen_rewards),
-                             rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(metrics["rewards/rejected"], np.mean(rejected_rewards),
-                             rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(metrics["rewards/margin"],
-                             np.mean(chosen_rewards - rejected_rewards), rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(metrics["rewards/accuracy"],
-                             np.mean(chosen_rewards > rejected_rewards), rtol=RTOL)
+  np.testing.assert_allclose(
+      metrics["rewards/chosen"], np.mean(chosen_rewards), rtol=RTOL, atol=ATOL
+  )
+  np.testing.assert_allclose(
+      metrics["rewards/rejected"], np.mean(rejected_rewards), rtol=RTOL, atol=ATOL
+  )
+  np.testing.assert_allclose(
+      metrics["rewards/margin"], np.mean(chosen_rewards - rejected_rewards), rtol=RTOL, atol=ATOL
+  )
+  np.testing.assert_allclose(
+      metrics["rewards/accuracy"], np.mean(chosen_rewards > rejected_rewards), rtol=RTOL
+  )
   assert metrics["loss_weight"].dtype == jnp.float32
   assert float(metrics["loss_weight"]) == len(chosen_rewards)
 
@@ -102,8 +106,10 @@ def _trl_dpo(pi_c, pi_r, ref_c, ref_r, beta, loss_type, label_smoothing, referen
   ref_logratios = 0.0 if reference_free else ref_c - ref_r
   logits = logratios - ref_logratios
   if loss_type == "sigmoid":
-    losses = (-_log_sigmoid(beta * logits) * (1 - label_smoothing)
-              - _log_sigmoid(-beta * logits) * label_smoothing)
+    losses = (
+        -_log_sigmoid(beta * logits) * (1 - label_smoothing)
+        - _log_sigmoid(-beta * logits) * label_smoothing
+    )
   elif loss_type == "hinge":
     losses = np.maximum(0.0, 1 - beta * logits)
   else:
@@ -115,27 +121,36 @@ def _trl_dpo(pi_c, pi_r, ref_c, ref_r, beta, loss_type, label_smoothing, referen
   return losses.mean(), chosen_rewards, rejected_rewards
 
 
-@pytest.mark.parametrize("loss_type,eps,reference_free,beta", [
-    ("sigmoid", 0.0, False, 0.1),
-    ("sigmoid", 0.2, False, 0.5),
-    ("sigmoid", 0.0, True, 0.1),
-    ("ipo", 0.0, False, 0.1),
-    ("ipo", 0.0, True, 1.0),
-    ("hinge", 0.0, False, 0.1),
-    ("hinge", 0.0, True, 0.3),
-])
+@pytest.mark.parametrize(
+    "loss_type,eps,reference_free,beta",
+    [
+        ("sigmoid", 0.0, False, 0.1),
+        ("sigmoid", 0.2, False, 0.5),
+        ("sigmoid", 0.0, True, 0.1),
+        ("ipo", 0.0, False, 0.1),
+        ("ipo", 0.0, True, 1.0),
+        ("hinge", 0.0, False, 0.1),
+        ("hinge", 0.0, True, 0.3),
+    ],
+)
 def test_dpo_matches_numpy_and_trl(loss_type, eps, reference_free, beta):
   pi_c, pi_r, ref_c, ref_r = _dpo_inputs(0)
   ref_args = (ref_c, ref_r)
   if reference_free:  # never read: garbage must not leak
     ref_args = (np.full(B, np.nan, np.float32), np.full(B, np.nan, np.float32))
-  loss, metrics = dpo_loss(*(jnp.asarray(a) for a in (pi_c, pi_r, *ref_args)), beta=beta,
-                           loss_type=loss_type, label_smoothing=eps, reference_free=reference_free)
+  loss, metrics = dpo_loss(
+      *(jnp.asarray(a) for a in (pi_c, pi_r, *ref_args)),
+      beta=beta,
+      loss_type=loss_type,
+      label_smoothing=eps,
+      reference_free=reference_free,
+  )
   assert loss.dtype == jnp.float32
   expected = _dpo_ref_loop(pi_c, pi_r, ref_c, ref_r, beta, loss_type, eps, reference_free)
   np.testing.assert_allclose(loss, expected, rtol=RTOL, atol=ATOL)
-  trl_loss, trl_chosen, trl_rejected = _trl_dpo(pi_c, pi_r, ref_c, ref_r, beta, loss_type, eps,
-                                                reference_free)
+  trl_loss, trl_chosen, trl_rejected = _trl_dpo(
+      pi_c, pi_r, ref_c, ref_r, beta, loss_type, eps, reference_free
+  )
   np.testing.assert_allclose(loss, trl_loss, rtol=RTOL, atol=ATOL)
   _assert_metrics(metrics, trl_loss, trl_chosen, trl_rejected)
 
@@ -145,8 +160,9 @@ def test_dpo_hand_computed_values():
   z = jnp.zeros(4)
   beta = 0.25
   np.testing.assert_allclose(dpo_loss(z, z, z, z, beta=beta)[0], math.log(2), rtol=RTOL)
-  np.testing.assert_allclose(dpo_loss(z, z, z, z, beta=beta, loss_type="ipo")[0],
-                             1 / (4 * beta**2), rtol=RTOL)
+  np.testing.assert_allclose(
+      dpo_loss(z, z, z, z, beta=beta, loss_type="ipo")[0], 1 / (4 * beta**2), rtol=RTOL
+  )
   np.testing.assert_allclose(dpo_loss(z, z, z, z, beta=beta, loss_type="hinge")[0], 1.0, rtol=RTOL)
   # h = 2 / beta: the hinge is satisfied exactly at 1 / beta; IPO is (2/beta - 1/(2 beta))^2.
   pc = jnp.full(4, 8.0)
@@ -154,8 +170,9 @@ def test_dpo_hand_computed_values():
   np.testing.assert_allclose(dpo_loss(pc, z, z, z, beta=beta, loss_type="ipo")[0], 36.0, rtol=RTOL)
   # cDPO with eps: -(1-eps) log sigmoid(2) - eps log sigmoid(-2).
   expected = -0.9 * math.log(1 / (1 + math.exp(-2))) - 0.1 * math.log(1 / (1 + math.exp(2)))
-  np.testing.assert_allclose(dpo_loss(pc, z, z, z, beta=beta, label_smoothing=0.1)[0], expected,
-                             rtol=RTOL)
+  np.testing.assert_allclose(
+      dpo_loss(pc, z, z, z, beta=beta, label_smoothing=0.1)[0], expected, rtol=RTOL
+  )
 
 
 def test_dpo_gradient_matches_analytic():
@@ -163,8 +180,7 @@ def test_dpo_gradient_matches_analytic():
   beta, eps = 0.1, 0.1
 
   def f(a, b):
-    return dpo_loss(a, b, jnp.asarray(ref_c), jnp.asarray(ref_r), beta=beta,
-                    label_smoothing=eps)[0]
+    return dpo_loss(a, b, jnp.asarray(ref_c), jnp.asarray(ref_r), beta=beta, label_smoothing=eps)[0]
 
   g_c, g_r = jax.grad(f, argnums=(0, 1))(jnp.asarray(pi_c), jnp.asarray(pi_r))
   h = (pi_c.astype(np.float64) - ref_c) - (pi_r.astype(np.float64) - ref_r)
@@ -221,12 +237,16 @@ def _cpl_ref_loop(chosen, rejected, alpha, lam, ref_c=None, ref_r=None):
   return float(np.mean(losses))
 
 
-@pytest.mark.parametrize("alpha,lam,with_ref", [(0.1, 0.5, False), (0.1, 0.5, True),
-                                                (1.0, 1.0, False), (0.3, 0.8, True)])
+@pytest.mark.parametrize(
+    "alpha,lam,with_ref", [(0.1, 0.5, False), (0.1, 0.5, True), (1.0, 1.0, False), (0.3, 0.8, True)]
+)
 def test_cpl_matches_numpy(alpha, lam, with_ref):
   pi_c, pi_r, ref_c, ref_r = _dpo_inputs(2)
-  refs = dict(ref_chosen_logps=jnp.asarray(ref_c),
-              ref_rejected_logps=jnp.asarray(ref_r)) if with_ref else {}
+  refs = (
+      dict(ref_chosen_logps=jnp.asarray(ref_c), ref_rejected_logps=jnp.asarray(ref_r))
+      if with_ref
+      else {}
+  )
   loss, metrics = cpl_loss(jnp.asarray(pi_c), jnp.asarray(pi_r), alpha=alpha, lam=lam, **refs)
   expected = _cpl_ref_loop(pi_c, pi_r, alpha, lam, *((ref_c, ref_r) if with_ref else ()))
   np.testing.assert_allclose(loss, expected, rtol=RTOL, atol=ATOL)
@@ -238,16 +258,22 @@ def test_cpl_matches_numpy(alpha, lam, with_ref):
 @pytest.mark.parametrize("beta", [0.1, 0.7])
 def test_cpl_with_lam1_and_reference_is_dpo(beta):
   pi_c, pi_r, ref_c, ref_r = (jnp.asarray(a) for a in _dpo_inputs(3))
-  cpl, cpl_metrics = cpl_loss(pi_c, pi_r, alpha=beta, lam=1.0, ref_chosen_logps=ref_c,
-                              ref_rejected_logps=ref_r)
+  cpl, cpl_metrics = cpl_loss(
+      pi_c, pi_r, alpha=beta, lam=1.0, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r
+  )
   dpo, dpo_metrics = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=beta, loss_type="sigmoid")
   np.testing.assert_allclose(cpl, dpo, rtol=1e-6, atol=1e-6)
   for key in dpo_metrics:
     np.testing.assert_allclose(cpl_metrics[key], dpo_metrics[key], rtol=1e-6, atol=1e-6)
-  g_cpl = jax.grad(lambda a, b: cpl_loss(a, b, alpha=beta, lam=1.0, ref_chosen_logps=ref_c,
-                                         ref_rejected_logps=ref_r)[0], argnums=(0, 1))(pi_c, pi_r)
+  g_cpl = jax.grad(
+      lambda a, b: cpl_loss(
+          a, b, alpha=beta, lam=1.0, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r
+      )[0],
+      argnums=(0, 1),
+  )(pi_c, pi_r)
   g_dpo = jax.grad(lambda a, b: dpo_loss(a, b, ref_c, ref_r, beta=beta)[0], argnums=(0, 1))(
-      pi_c, pi_r)
+      pi_c, pi_r
+  )
   for a, b in zip(g_cpl, g_dpo):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
 
@@ -311,22 +337,30 @@ def _trl_kto(pi, ref, desirable, kl, beta, w_d, w_u):
   return losses.mean(), beta * chosen_logratios, beta * rejected_logratios, kl
 
 
-@pytest.mark.parametrize("kl,beta,w_d,w_u", [(0.7, 0.1, 1.0, 1.0), (-2.0, 0.1, 1.0, 1.0),
-                                             (3.0, 0.5, 1.33, 0.8)])
+@pytest.mark.parametrize(
+    "kl,beta,w_d,w_u", [(0.7, 0.1, 1.0, 1.0), (-2.0, 0.1, 1.0, 1.0), (3.0, 0.5, 1.33, 0.8)]
+)
 def test_kto_matches_numpy_and_trl(kl, beta, w_d, w_u):
   pi, ref, desirable = _kto_inputs(4)
-  loss, metrics = kto_loss(jnp.asarray(pi), jnp.asarray(ref), jnp.asarray(desirable),
-                           jnp.float32(kl), beta=beta, desirable_weight=w_d, undesirable_weight=w_u)
+  loss, metrics = kto_loss(
+      jnp.asarray(pi),
+      jnp.asarray(ref),
+      jnp.asarray(desirable),
+      jnp.float32(kl),
+      beta=beta,
+      desirable_weight=w_d,
+      undesirable_weight=w_u,
+  )
   expected = _kto_ref_loop(pi, ref, desirable, kl, beta, w_d, w_u)
   np.testing.assert_allclose(loss, expected, rtol=RTOL, atol=ATOL)
   trl_loss, trl_chosen, trl_rejected, trl_kl = _trl_kto(pi, ref, desirable, kl, beta, w_d, w_u)
   np.testing.assert_allclose(loss, trl_loss, rtol=RTOL, atol=ATOL)
   np.testing.assert_allclose(metrics["loss"], trl_loss, rtol=RTOL, atol=ATOL)
   np.testing.assert_allclose(metrics["rewards/chosen"], trl_chosen.mean(), rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(metrics["rewards/rejected"], trl_rejected.mean(), rtol=RTOL,
-                             atol=ATOL)
-  np.testing.assert_allclose(metrics["rewards/margin"], trl_chosen.mean() - trl_rejected.mean(),
-                             rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(metrics["rewards/rejected"], trl_rejected.mean(), rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(
+      metrics["rewards/margin"], trl_chosen.mean() - trl_rejected.mean(), rtol=RTOL, atol=ATOL
+  )
   np.testing.assert_allclose(metrics["kl"], trl_kl, rtol=RTOL)
   assert float(metrics["num_desirable"]) == desirable.sum()
   assert float(metrics["loss_weight"]) == B
@@ -339,8 +373,9 @@ def test_kto_kl_gets_no_gradient_and_one_sided_batches():
   assert float(g_kl) == 0.0
   # All desirable: the rejected-reward mean is over no example and reads 0, not NaN.
   loss, metrics = kto_loss(*args, jnp.ones(B, bool), jnp.float32(0.5))
-  np.testing.assert_allclose(loss, _kto_ref_loop(pi, ref, np.ones(B, bool), 0.5, 0.1, 1, 1),
-                             rtol=RTOL)
+  np.testing.assert_allclose(
+      loss, _kto_ref_loop(pi, ref, np.ones(B, bool), 0.5, 0.1, 1, 1), rtol=RTOL
+  )
   assert float(metrics["rewards/rejected"]) == 0.0 and float(metrics["num_desirable"]) == B
 
 
@@ -415,12 +450,12 @@ def test_log1mexp_is_accurate_near_and_far_from_zero():
   expected = np.log(-np.expm1(x.astype(np.float64)))  # exact enough in float64
   # Relative accuracy near 0 (where log1p(-exp(x)) would lose it); ~1e-13 values far out only
   # need to be tiny (float32 exp(-30) itself is approximate).
-  np.testing.assert_allclose(jax.jit(pref._log1mexp)(jnp.asarray(x)), expected, rtol=1e-6,
-                             atol=1e-12)
+  np.testing.assert_allclose(
+      jax.jit(pref._log1mexp)(jnp.asarray(x)), expected, rtol=1e-6, atol=1e-12
+  )
   grads = jax.vmap(jax.grad(pref._log1mexp))(jnp.asarray(x))
   # d/dx log(1 - e^x) = -e^x / (1 - e^x) = -1 / expm1(-x).
-  np.testing.assert_allclose(grads, -1.0 / np.expm1(-x.astype(np.float64)), rtol=1e-5,
-                             atol=1e-12)
+  np.testing.assert_allclose(grads, -1.0 / np.expm1(-x.astype(np.float64)), rtol=1e-5, atol=1e-12)
 
 
 def test_orpo_extreme_inputs_finite():
@@ -437,8 +472,9 @@ def test_orpo_extreme_inputs_finite():
   # Pairs away from the clamp still match TRL's formula in float64.
   keep = [3, 5]
   trl_loss = _trl_orpo(lp_c[keep], lp_r[keep], 1.0, 0.1)[0]
-  np.testing.assert_allclose(f(jnp.asarray(lp_c[keep]), jnp.asarray(lp_r[keep]),
-                               jnp.float32(1.0)), trl_loss, rtol=RTOL)
+  np.testing.assert_allclose(
+      f(jnp.asarray(lp_c[keep]), jnp.asarray(lp_r[keep]), jnp.float32(1.0)), trl_loss, rtol=RTOL
+  )
 
 
 def test_orpo_bad_arguments():
@@ -476,18 +512,25 @@ def _trl_simpo(lp_c, lp_r, len_c, len_r, beta, gamma, label_smoothing):
   logits = avg_c - avg_r
   gamma_logratios = gamma / beta
   logits = logits - gamma_logratios
-  losses = (-_log_sigmoid(beta * logits) * (1 - label_smoothing)
-            - _log_sigmoid(-beta * logits) * label_smoothing)
+  losses = (
+      -_log_sigmoid(beta * logits) * (1 - label_smoothing)
+      - _log_sigmoid(-beta * logits) * label_smoothing
+  )
   return losses.mean(), beta * avg_c, beta * avg_r
 
 
 @pytest.mark.parametrize("beta,gamma,eps", [(2.0, 0.5, 0.0), (2.5, 1.4, 0.0), (2.0, 0.0, 0.3)])
 def test_simpo_matches_numpy_and_trl(beta, gamma, eps):
   lp_c, lp_r, len_c, len_r = _simpo_inputs(7)
-  loss, metrics = simpo_loss(*(jnp.asarray(a) for a in (lp_c, lp_r, len_c, len_r)), beta=beta,
-                             gamma=gamma, label_smoothing=eps)
-  np.testing.assert_allclose(loss, _simpo_ref_loop(lp_c, lp_r, len_c, len_r, beta, gamma, eps),
-                             rtol=RTOL, atol=ATOL)
+  loss, metrics = simpo_loss(
+      *(jnp.asarray(a) for a in (lp_c, lp_r, len_c, len_r)),
+      beta=beta,
+      gamma=gamma,
+      label_smoothing=eps,
+  )
+  np.testing.assert_allclose(
+      loss, _simpo_ref_loop(lp_c, lp_r, len_c, len_r, beta, gamma, eps), rtol=RTOL, atol=ATOL
+  )
   trl_loss, trl_chosen, trl_rejected = _trl_simpo(lp_c, lp_r, len_c, len_r, beta, gamma, eps)
   np.testing.assert_allclose(loss, trl_loss, rtol=RTOL, atol=ATOL)
   _assert_metrics(metrics, trl_loss, trl_chosen, trl_rejected)
@@ -532,8 +575,9 @@ def _all_losses(pi_c, pi_r, ref_c, ref_r, desirable, kl, lp_c, lp_r, nll, len_c,
       "dpo": pref.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, label_smoothing=0.1),
       "ipo": pref.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, loss_type="ipo"),
       "hinge": pref.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, loss_type="hinge"),
-      "cpl": pref.cpl_loss(pi_c, pi_r, alpha=0.1, lam=0.5, ref_chosen_logps=ref_c,
-                           ref_rejected_logps=ref_r),
+      "cpl": pref.cpl_loss(
+          pi_c, pi_r, alpha=0.1, lam=0.5, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r
+      ),
       "kto": pref.kto_loss(pi_c, ref_c, desirable, kl, beta=0.1, desirable_weight=1.33),
       "orpo": pref.orpo_loss(lp_c, lp_r, nll, beta=0.1),
       "simpo": pref.simpo_loss(pi_c, pi_r, len_c, len_r, beta=2.0, gamma=0.5),
@@ -558,8 +602,9 @@ def test_eager_equals_jit():
       (pref.orpo_loss, orpo_loss, (lp_c, lp_r, nll)),
   ):
     eager = fn(*fn_args, beta=0.1)
-    for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted(
-        *fn_args, beta=0.1))):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted(*fn_args, beta=0.1))
+    ):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
@@ -615,14 +660,16 @@ def _weighted_losses(name, seed, b=8):
   the per-example terms whose weighted mean the loss is."""
   pi_c, pi_r, ref_c, ref_r = _dpo_inputs(seed, b)
   if name == "cpl":
-    fn = lambda c, r, rc, rr, weight: pref.cpl_loss(c, r, alpha=0.3, lam=0.7, ref_chosen_logps=rc,
-                                                    ref_rejected_logps=rr, weight=weight)
+    fn = lambda c, r, rc, rr, weight: pref.cpl_loss(
+        c, r, alpha=0.3, lam=0.7, ref_chosen_logps=rc, ref_rejected_logps=rr, weight=weight
+    )
     s_c, s_r = 0.3 * (pi_c.astype(np.float64) - ref_c), 0.3 * (pi_r.astype(np.float64) - ref_r)
     return fn, [pi_c, pi_r, ref_c, ref_r], -_log_sigmoid(s_c - 0.7 * s_r)
   if name == "simpo":
     lp_c, lp_r, len_c, len_r = _simpo_inputs(seed, b)
-    fn = lambda c, r, lc, lr, weight: pref.simpo_loss(c, r, lc, lr, beta=2.0, gamma=0.5,
-                                                      label_smoothing=0.1, weight=weight)
+    fn = lambda c, r, lc, lr, weight: pref.simpo_loss(
+        c, r, lc, lr, beta=2.0, gamma=0.5, label_smoothing=0.1, weight=weight
+    )
     z = 2.0 * (lp_c.astype(np.float64) / len_c - lp_r.astype(np.float64) / len_r) - 0.5
     return fn, [lp_c, lp_r, len_c, len_r], -0.9 * _log_sigmoid(z) - 0.1 * _log_sigmoid(-z)
   if name == "orpo":
@@ -632,11 +679,13 @@ def _weighted_losses(name, seed, b=8):
     log_or = np.log(p_c / (1 - p_c)) - np.log(p_r / (1 - p_r))
     return fn, [lp_c, lp_r], 1.5 - 0.2 * _log_sigmoid(log_or)  # nll + per-pair term
   pi, ref, desirable = _kto_inputs(seed, b)
-  fn = lambda p, r, d, weight: pref.kto_loss(p, r, d, jnp.float32(0.4), beta=0.1,
-                                             desirable_weight=1.3, weight=weight)
+  fn = lambda p, r, d, weight: pref.kto_loss(
+      p, r, d, jnp.float32(0.4), beta=0.1, desirable_weight=1.3, weight=weight
+  )
   logratio = pi.astype(np.float64) - ref
-  per = np.where(desirable, 1.3 * _sigmoid(0.1 * (0.4 - logratio)),
-                 _sigmoid(0.1 * (logratio - 0.4)))
+  per = np.where(
+      desirable, 1.3 * _sigmoid(0.1 * (0.4 - logratio)), _sigmoid(0.1 * (logratio - 0.4))
+  )
   return fn, [pi, ref, desirable], per
 
 
@@ -648,8 +697,9 @@ def test_weights_match_numpy_and_zero_slots_change_nothing(name):
   # Float weights: the loss is the weighted mean of the per-example terms (NumPy).
   weight = rng.uniform(0.2, 2.0, size=8).astype(np.float32)
   loss, metrics = fn(*arrays, weight)
-  np.testing.assert_allclose(loss, np.sum(weight * per_example) / weight.sum(), rtol=RTOL,
-                             atol=ATOL)
+  np.testing.assert_allclose(
+      loss, np.sum(weight * per_example) / weight.sum(), rtol=RTOL, atol=ATOL
+  )
   np.testing.assert_allclose(metrics["loss_weight"], weight.sum(), rtol=1e-6)
   # 0/1 weights: the same loss and metrics as the batch without the empty slots, whatever the
   # empty slots hold.
@@ -665,5 +715,6 @@ def test_weights_match_numpy_and_zero_slots_change_nothing(name):
   assert float(got["loss_weight"]) == keep.sum() == float(expected["loss_weight"])
   # The empty slots get no gradient.
   grads = jax.grad(lambda a: fn(a, *[jnp.asarray(x) for x in garbage[1:]], keep)[0])(
-      jnp.asarray(garbage[0], jnp.float32))
+      jnp.asarray(garbage[0], jnp.float32)
+  )
   assert np.all(np.asarray(grads)[~keep] == 0) and np.any(np.asarray(grads)[keep] != 0)

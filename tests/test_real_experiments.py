@@ -18,9 +18,14 @@ from rlhf_jax.data import sources
 from rlhf_jax.models import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FILES = {"llama3_1b_sft": "llama3_1b", "llama3_1b_dpo": "llama3_1b", "llama3_1b_rm": "llama3_1b",
-         "llama3_1b_ppo": "llama3_1b", "qwen25_05b_sft": "qwen25_05b",
-         "qwen25_05b_dpo": "qwen25_05b"}
+FILES = {
+    "llama3_1b_sft": "llama3_1b",
+    "llama3_1b_dpo": "llama3_1b",
+    "llama3_1b_rm": "llama3_1b",
+    "llama3_1b_ppo": "llama3_1b",
+    "qwen25_05b_sft": "qwen25_05b",
+    "qwen25_05b_dpo": "qwen25_05b",
+}
 
 
 def experiment(name: str, arg: str = ""):
@@ -32,6 +37,7 @@ def experiment(name: str, arg: str = ""):
 
 
 # --- presets ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(FILES))
 @pytest.mark.parametrize("hardware", real_configs.HARDWARE)
@@ -70,10 +76,17 @@ def test_architectures_match_the_checkpoints_parameter_counts():
 def test_data_set_names_and_bad_presets():
   c = experiment("llama3_1b_dpo", "tpu_v5e_8,hh")
   assert (c.data.source, c.data.schema, c.data.split, c.data.eval_split) == (
-      "Anthropic/hh-rlhf", "hh", "train", "test")
+      "Anthropic/hh-rlhf",
+      "hh",
+      "train",
+      "test",
+  )
   c = experiment("llama3_1b_ppo", "h100x8")
   assert (c.data.source, c.data.split, c.data.eval_source) == (
-      "HuggingFaceH4/ultrafeedback_binarized", "train_gen", "")
+      "HuggingFaceH4/ultrafeedback_binarized",
+      "train_gen",
+      "",
+  )
   with pytest.raises(ValueError, match="hardware preset 'v5e'"):
     experiment("llama3_1b_sft", "v5e")
   with pytest.raises(ValueError, match="data set 'ultrachat'"):
@@ -82,6 +95,7 @@ def test_data_set_names_and_bad_presets():
 
 # --- data sets ----------------------------------------------------------------------------------
 
+
 def hh_rows(n: int, offset: int = 0) -> list[dict]:
   """HH-RLHF-style dialogues: a shared context, the better and the worse last Assistant turn."""
   rows = []
@@ -89,8 +103,12 @@ def hh_rows(n: int, offset: int = 0) -> list[dict]:
     context = f"\n\nHuman: what is {i} plus two?"
     if i % 4 == 0:  # multi-turn
       context = f"\n\nHuman: hello\n\nAssistant: hi there{context}"
-    rows.append({"chosen": f"{context}\n\nAssistant: it is {i + 2}, great",
-                 "rejected": f"{context}\n\nAssistant: awful, no idea"})
+    rows.append(
+        {
+            "chosen": f"{context}\n\nAssistant: it is {i + 2}, great",
+            "rejected": f"{context}\n\nAssistant: awful, no idea",
+        }
+    )
   return rows
 
 
@@ -101,8 +119,10 @@ def chat_rows(n: int, offset: int = 0) -> list[dict]:
     q = f"what is {i} plus two?"
     messages = [{"role": "user", "content": q}, {"role": "assistant", "content": f"it is {i + 2}"}]
     if i % 3 == 0:
-      messages += [{"role": "user", "content": "and plus one?"},
-                   {"role": "assistant", "content": f"it is {i + 1}"}]
+      messages += [
+          {"role": "user", "content": "and plus one?"},
+          {"role": "assistant", "content": f"it is {i + 1}"},
+      ]
     if i % 5 == 0:
       messages += [{"role": "user", "content": "thanks"}]  # dropped: nothing to learn from
     rows.append({"prompt": q, "prompt_id": f"id{i}", "messages": messages})
@@ -119,7 +139,9 @@ def test_messages_schema_keeps_the_chat_and_drops_trailing_user_turns(tmp_path):
   records = sources.convert(path, "sft", schema="messages")
   assert len(records) == 6 and all("prompt" not in r for r in records)
   assert records[0]["prompt_id"] == "id0" and records[0]["messages"][-1] == {
-      "role": "assistant", "content": "it is 1"}
+      "role": "assistant",
+      "content": "it is 1",
+  }
   prompts = sources.convert(path, "prompt", schema="messages")
   assert prompts[1] == {"prompt": [{"role": "user", "content": "what is 1 plus two?"}]}
 
@@ -128,9 +150,11 @@ def test_preference_schema_gives_pairs_and_distinct_prompts(tmp_path):
   path = write_jsonl(tmp_path / "hh.jsonl", hh_rows(4) + hh_rows(2))  # 2 prompts twice
   pairs = sources.convert(path, "pairwise", schema="hh")
   assert len(pairs) == 6 and pairs[1]["chosen"] == "it is 3, great"
-  assert pairs[0]["prompt"] == [{"role": "user", "content": "hello"},
-                                {"role": "assistant", "content": "hi there"},
-                                {"role": "user", "content": "what is 0 plus two?"}]
+  assert pairs[0]["prompt"] == [
+      {"role": "user", "content": "hello"},
+      {"role": "assistant", "content": "hi there"},
+      {"role": "user", "content": "what is 0 plus two?"},
+  ]
   prompts = sources.convert(path, "prompt", schema="hh")
   assert [p["prompt"] for p in prompts] == [p["prompt"] for p in pairs[:4]]
   with pytest.raises(ValueError, match="holds pairwise records, but config.data.kind='ranking'"):
@@ -150,8 +174,10 @@ def test_hub_names_go_through_load_dataset_and_are_converted_once(tmp_path, monk
 
   monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
   out = str(tmp_path / "data" / "train.jsonl")
-  assert sources.resolve_source("Anthropic/hh-rlhf", "pairwise", out, schema="hh",
-                                split="train") == out
+  assert (
+      sources.resolve_source("Anthropic/hh-rlhf", "pairwise", out, schema="hh", split="train")
+      == out
+  )
   assert calls == [("Anthropic/hh-rlhf", "train")]
   assert len(open(out).readlines()) == 5
   sources.resolve_source("Anthropic/hh-rlhf", "pairwise", out, schema="hh", split="train")
@@ -179,6 +205,7 @@ def test_missing_hf_model_dir_is_named(tmp_path):
 
 # --- end to end on a tiny random checkpoint ----------------------------------------------------
 
+
 def save_tiny_hf(out_dir, model_type: str, texts: list[str]) -> str:
   """A random 2-layer HF checkpoint of `model_type` (safetensors) with a BPE tokenizer trained on
   `texts` (pad / bos / eos ids 0 / 1 / 2 and a chat template) next to it."""
@@ -190,10 +217,18 @@ def save_tiny_hf(out_dir, model_type: str, texts: list[str]) -> str:
   tokenizer = train_tokenizer(texts, 384, out_dir)
   config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
   # vocab_size above the tokenizer's (as real checkpoints pad it): Qwen2's tokenizer class adds one.
-  config = config_cls(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id)
+  config = config_cls(
+      vocab_size=512,
+      hidden_size=64,
+      intermediate_size=128,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=256,
+      pad_token_id=tokenizer.pad_token_id,
+      bos_token_id=tokenizer.bos_token_id,
+      eos_token_id=tokenizer.eos_token_id,
+  )
   assert len(tokenizer) <= config.vocab_size
   threads = torch.get_num_threads()
   torch.set_num_threads(1)
@@ -210,10 +245,12 @@ def save_tiny_hf(out_dir, model_type: str, texts: list[str]) -> str:
 def world(tmp_path_factory):
   """Tiny HF checkpoints (Llama, Qwen2) and data files in the public schemas."""
   root = tmp_path_factory.mktemp("real")
-  files = {"chat": write_jsonl(root / "chat.jsonl", chat_rows(24)),
-           "chat_eval": write_jsonl(root / "chat_eval.jsonl", chat_rows(8, offset=100)),
-           "hh": write_jsonl(root / "hh.jsonl", hh_rows(24)),
-           "hh_eval": write_jsonl(root / "hh_eval.jsonl", hh_rows(8, offset=100))}
+  files = {
+      "chat": write_jsonl(root / "chat.jsonl", chat_rows(24)),
+      "chat_eval": write_jsonl(root / "chat_eval.jsonl", chat_rows(8, offset=100)),
+      "hh": write_jsonl(root / "hh.jsonl", hh_rows(24)),
+      "hh_eval": write_jsonl(root / "hh_eval.jsonl", hh_rows(8, offset=100)),
+  }
   texts = [json.dumps(r) for r in chat_rows(24) + hh_rows(24)] * 3
   files["llama"] = save_tiny_hf(root / "llama", "llama", texts)
   files["qwen2"] = save_tiny_hf(root / "qwen2", "qwen2", texts)
@@ -226,8 +263,16 @@ def shrink(c, model_dir: str, source: str, eval_source: str, *, mesh=(2, 2, 2), 
   c.hf_model_dir = model_dir
   if mesh is not None:
     c.mesh.shape = mesh
-  c.train.update(steps=2, batch_size=8, seq_len=128, accum_steps=accum_steps, log_every=1,
-                 eval_every=2, eval_batches=1, checkpoint_every=2)
+  c.train.update(
+      steps=2,
+      batch_size=8,
+      seq_len=128,
+      accum_steps=accum_steps,
+      log_every=1,
+      eval_every=2,
+      eval_batches=1,
+      checkpoint_every=2,
+  )
   c.optim.update(warmup_steps=1)
   c.data.update(source=source, eval_source=eval_source, split="", eval_split="")
   return c
@@ -242,8 +287,9 @@ def finite_eval(workdir) -> dict:
 @pytest.mark.slow
 def test_llama_sft_then_dpo_rm_and_ppo_from_the_experiment_files(world, tmp_path):
   # SFT from the HF checkpoint (imported into WORKDIR/hf_import) on UltraChat-style chats.
-  c = shrink(experiment("llama3_1b_sft", "tpu_v5e_8"), world["llama"], world["chat"],
-             world["chat_eval"])
+  c = shrink(
+      experiment("llama3_1b_sft", "tpu_v5e_8"), world["llama"], world["chat"], world["chat_eval"]
+  )
   result = sft.train(c, str(tmp_path / "sft"))
   assert result["step"] == 2 and np.isfinite(result["eval/loss"])
   saved = json.loads((tmp_path / "sft" / "config.json").read_text())
@@ -256,8 +302,9 @@ def test_llama_sft_then_dpo_rm_and_ppo_from_the_experiment_files(world, tmp_path
   sft_export = str(tmp_path / "sft" / "export")
 
   # DPO from the SFT export on HH-RLHF-style dialogues.
-  c = shrink(experiment("llama3_1b_dpo", "h100x8,hh"), world["llama"], world["hh"],
-             world["hh_eval"])
+  c = shrink(
+      experiment("llama3_1b_dpo", "h100x8,hh"), world["llama"], world["hh"], world["hh_eval"]
+  )
   c.init_from = sft_export
   result = dpo.train(c, str(tmp_path / "dpo"))
   assert result["step"] == 2 and np.isfinite(result["eval/loss"])
@@ -265,8 +312,9 @@ def test_llama_sft_then_dpo_rm_and_ppo_from_the_experiment_files(world, tmp_path
   assert (tmp_path / "dpo" / "export").is_dir()
 
   # The reward model, from the SFT export.
-  c = shrink(experiment("llama3_1b_rm", "tpu_v5e_8,hh"), world["llama"], world["hh"],
-             world["hh_eval"])
+  c = shrink(
+      experiment("llama3_1b_rm", "tpu_v5e_8,hh"), world["llama"], world["hh"], world["hh_eval"]
+  )
   c.init_from = sft_export
   result = reward.train(c, str(tmp_path / "rm"))
   assert result["step"] == 2 and np.isfinite(result["reward_std"])
@@ -278,8 +326,14 @@ def test_llama_sft_then_dpo_rm_and_ppo_from_the_experiment_files(world, tmp_path
     c.update(hf_model_dir=world["llama"], init_from=sft_export)
     c.mesh.shape = (2, 2, 2)
     c.data.update(source=world["hh"], split="")
-    c.ppo.update(iterations=1, prompts_per_iteration=8, minibatches=1, epochs=1,
-                 max_prompt_len=48, max_new_tokens=8)
+    c.ppo.update(
+        iterations=1,
+        prompts_per_iteration=8,
+        minibatches=1,
+        epochs=1,
+        max_prompt_len=48,
+        max_new_tokens=8,
+    )
     return c
 
   with pytest.raises(ValueError, match="config.ppo.reward.helpful is empty"):
@@ -301,23 +355,41 @@ def test_llama_sft_then_dpo_rm_and_ppo_from_the_experiment_files(world, tmp_path
 @pytest.mark.slow
 def test_qwen_sft_and_dpo_straight_from_the_checkpoint(world, tmp_path):
   # The presets' meshes: h100x8 is data parallel (8, 1, 1), tpu_v5e_8 FSDP (1, 8, 1).
-  c = shrink(experiment("qwen25_05b_sft", "h100x8"), world["qwen2"], world["chat"],
-             world["chat_eval"], mesh=None, accum_steps=1)
+  c = shrink(
+      experiment("qwen25_05b_sft", "h100x8"),
+      world["qwen2"],
+      world["chat"],
+      world["chat_eval"],
+      mesh=None,
+      accum_steps=1,
+  )
   result = sft.train(c, str(tmp_path / "sft"))
   assert result["step"] == 2 and np.isfinite(result["eval/loss"])
   _, meta = checkpoint.load_params(tmp_path / "sft" / "export")
   assert meta["model"]["qkv_bias"] is True
 
   # DPO with init_from empty: policy and reference are the HF checkpoint itself.
-  c = shrink(experiment("qwen25_05b_dpo", "tpu_v5e_8,hh"), world["qwen2"], world["hh"],
-             world["hh_eval"], mesh=None, accum_steps=1)
+  c = shrink(
+      experiment("qwen25_05b_dpo", "tpu_v5e_8,hh"),
+      world["qwen2"],
+      world["hh"],
+      world["hh_eval"],
+      mesh=None,
+      accum_steps=1,
+  )
   result = dpo.train(c, str(tmp_path / "dpo"))
   assert result["step"] == 2 and np.isfinite(result["eval/loss"])
   assert (tmp_path / "dpo" / "hf_import").is_dir() and (tmp_path / "dpo" / "export").is_dir()
   # A rerun of the finished command neither imports nor converts again.
   stamp = (tmp_path / "dpo" / "hf_import").stat().st_mtime_ns
-  again = shrink(experiment("qwen25_05b_dpo", "tpu_v5e_8,hh"), world["qwen2"], world["hh"],
-                 world["hh_eval"], mesh=None, accum_steps=1)
+  again = shrink(
+      experiment("qwen25_05b_dpo", "tpu_v5e_8,hh"),
+      world["qwen2"],
+      world["hh"],
+      world["hh_eval"],
+      mesh=None,
+      accum_steps=1,
+  )
   common.resolve_inputs(again, str(tmp_path / "dpo"))
   assert again.init_from == str(tmp_path / "dpo" / "hf_import")
   assert (tmp_path / "dpo" / "hf_import").stat().st_mtime_ns == stamp

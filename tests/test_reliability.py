@@ -29,8 +29,13 @@ from rlhf_jax.data import train_tokenizer
 from rlhf_jax.models import ModelConfig, create_model, split_model
 from rlhf_jax.toyworld import corpus_texts, generate_sft_records
 from rlhf_jax.toyworld import world as world_lib
-from rlhf_jax.train import (NonFiniteError, create_train_state, make_optimizer, make_train_step,
-                            state_shardings)
+from rlhf_jax.train import (
+    NonFiniteError,
+    create_train_state,
+    make_optimizer,
+    make_train_step,
+    state_shardings,
+)
 
 from tests import reliability_configs as configs
 from tests.compile_cache import persistent_compilation_cache
@@ -51,7 +56,7 @@ def _tiny_step(lr=0.1):
   def loss_fn(p, batch, rng):
     del rng
     err = batch["x"] @ p["w"] * batch["scale"][:, 0] - batch["y"]
-    loss = jnp.mean(err ** 2)
+    loss = jnp.mean(err**2)
     return loss, {"loss": loss}
 
   cfg = configs.base_config().optim
@@ -77,16 +82,21 @@ def test_a_non_finite_gradient_skips_the_update_and_is_counted():
   bad, m = step(good, _batch(np.inf))
   assert int(m["skipped_steps"]) == 1 and not np.isfinite(float(m["loss"]))
   # Params and moments as they were; the step counter and the rng still advance.
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(bad.params),
-               jax.device_get(good.params))
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(bad.opt_state.inner_state),
-               jax.device_get(good.opt_state.inner_state))
+  jax.tree.map(
+      np.testing.assert_array_equal, jax.device_get(bad.params), jax.device_get(good.params)
+  )
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      jax.device_get(bad.opt_state.inner_state),
+      jax.device_get(good.opt_state.inner_state),
+  )
   assert int(bad.step) == 2 and not np.array_equal(bad.rng, good.rng)
   # The next finite step updates as if the bad one had not happened (Adam's count included).
   after, m = step(bad, _batch(1.0))
   direct, _ = step(good, _batch(1.0))
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.params),
-               jax.device_get(direct.params))
+  jax.tree.map(
+      np.testing.assert_array_equal, jax.device_get(after.params), jax.device_get(direct.params)
+  )
   assert int(m["skipped_steps"]) == 1 and int(after.opt_state.notfinite_count) == 0
 
 
@@ -125,8 +135,11 @@ def test_a_diverging_run_stops_with_its_checkpoints_intact(tmp_path):
 
 
 def _tiny_export(path, tokenizer_dir, *, head="lm", seed=0):
-  cfg = ModelConfig(**{**configs.TINY, "vocab_size": 384, "max_seq_len": 128}, head=head,
-                    scalar_head_init_std=1.0 if head == "scalar" else 0.001)
+  cfg = ModelConfig(
+      **{**configs.TINY, "vocab_size": 384, "max_seq_len": 128},
+      head=head,
+      scalar_head_init_std=1.0 if head == "scalar" else 0.001,
+  )
   _, params = split_model(create_model(cfg, seed))
   metadata = {"model": cfg.to_dict(), "tokenizer": str(tokenizer_dir)}
   if head == "scalar":
@@ -141,14 +154,19 @@ def inputs(tmp_path_factory):
   JSON file for the worker processes (RELIABILITY_INPUTS)."""
   root = tmp_path_factory.mktemp("reliability")
   tasks = world_lib.World(0).tasks(16, seed=1)
-  texts = (corpus_texts(generate_sft_records(200, seed=0)) + [t["prompt"] for t in tasks]
-           + [" ".join(WORDS + ["great", "awful"])] * 5)
+  texts = (
+      corpus_texts(generate_sft_records(200, seed=0))
+      + [t["prompt"] for t in tasks]
+      + [" ".join(WORDS + ["great", "awful"])] * 5
+  )
   train_tokenizer(texts, 384, root / "tok")
-  paths = {"tokenizer": str(root / "tok"),
-           "lm": _tiny_export(root / "lm", root / "tok", seed=3),
-           "rm": _tiny_export(root / "rm", root / "tok", head="scalar", seed=4),
-           "pairs": write_jsonl(root / "pairs.jsonl", learnable_pairs(48)),
-           "prompts": write_jsonl(root / "prompts.jsonl", tasks)}
+  paths = {
+      "tokenizer": str(root / "tok"),
+      "lm": _tiny_export(root / "lm", root / "tok", seed=3),
+      "rm": _tiny_export(root / "rm", root / "tok", head="scalar", seed=4),
+      "pairs": write_jsonl(root / "pairs.jsonl", learnable_pairs(48)),
+      "prompts": write_jsonl(root / "prompts.jsonl", tasks),
+  }
   assert set(paths) == set(configs.INPUT_KEYS)
   (root / "inputs.json").write_text(json.dumps(paths))
   return {"file": str(root / "inputs.json"), "cache": str(root / "jax_cache"), **paths}
@@ -156,9 +174,13 @@ def inputs(tmp_path_factory):
 
 def _env(inputs):
   # A compilation cache shared by the worker processes: each compiles a program once.
-  return {**os.environ, "RELIABILITY_INPUTS": inputs["file"], "PYTHONPATH": ROOT,
-          "JAX_COMPILATION_CACHE_DIR": inputs["cache"],
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  return {
+      **os.environ,
+      "RELIABILITY_INPUTS": inputs["file"],
+      "PYTHONPATH": ROOT,
+      "JAX_COMPILATION_CACHE_DIR": inputs["cache"],
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  }
 
 
 def _rows(workdir):
@@ -172,8 +194,13 @@ def _rows(workdir):
 def _kill_after_rows(algorithm, workdir, inputs, rows, delay):
   """Starts the worker and SIGKILLs it `delay` seconds after metrics.jsonl has `rows` more rows."""
   start = _rows(workdir)
-  proc = subprocess.Popen([sys.executable, WORKER, algorithm, str(workdir)], env=_env(inputs),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      [sys.executable, WORKER, algorithm, str(workdir)],
+      env=_env(inputs),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   deadline = time.time() + 300
   while _rows(workdir) < start + rows and proc.poll() is None and time.time() < deadline:
     time.sleep(0.01)
@@ -184,16 +211,22 @@ def _kill_after_rows(algorithm, workdir, inputs, rows, delay):
 
 
 def _worker(algorithm, workdir, inputs, *args):
-  return subprocess.run([sys.executable, WORKER, algorithm, str(workdir), *map(str, args)],
-                        env=_env(inputs), capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+      [sys.executable, WORKER, algorithm, str(workdir), *map(str, args)],
+      env=_env(inputs),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
 def _config(algorithm, inputs):
   if algorithm == "sft":
     return configs.sft_config()
   paths = {k: inputs[k] for k in configs.INPUT_KEYS}
-  return {"reward": configs.reward_config, "dpo": configs.dpo_config,
-          "ppo": configs.ppo_config}[algorithm](paths)
+  return {"reward": configs.reward_config, "dpo": configs.dpo_config, "ppo": configs.ppo_config}[
+      algorithm
+  ](paths)
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +250,9 @@ def straight(tmp_path_factory, inputs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["sft", "reward", "dpo", "ppo"])
-def test_killed_anywhere_the_rerun_ends_with_identical_params(tmp_path, inputs, straight,
-                                                              algorithm):
+def test_killed_anywhere_the_rerun_ends_with_identical_params(
+    tmp_path, inputs, straight, algorithm
+):
   expected, total = straight(algorithm)  # rows: one per step / iteration (+ eval rows)
   every = _config(algorithm, inputs).train.checkpoint_every
 
@@ -226,8 +260,13 @@ def test_killed_anywhere_the_rerun_ends_with_identical_params(tmp_path, inputs, 
   rng = np.random.default_rng(["sft", "reward", "dpo", "ppo"].index(algorithm))
   # 1. SIGKILL at a random point after the first save was issued: a few rows in, plus up to 0.3 s
   #    (mid-step, mid-save or between them).
-  _kill_after_rows(algorithm, killed, inputs, rows=int(rng.integers(every + 1, total - 3)),
-                   delay=float(rng.uniform(0, 0.3)))
+  _kill_after_rows(
+      algorithm,
+      killed,
+      inputs,
+      rows=int(rng.integers(every + 1, total - 3)),
+      delay=float(rng.uniform(0, 0.3)),
+  )
   assert not (killed / "export").exists()
   runs = []
   if algorithm in ("sft", "ppo"):  # the two checkpointing loops (common.train_loop and PPO's)
@@ -254,13 +293,23 @@ def test_sigterm_saves_a_checkpoint_then_the_rerun_finishes_identically(tmp_path
   with 143 and one line saying how to resume; the rerun's export equals an uninterrupted run's."""
   expected, _ = straight("sft")
   workdir = tmp_path / "run"
-  command = [sys.executable, "-m", "rlhf_jax.run",
-             f"--config={ROOT}/tests/reliability_configs.py:sft", f"--workdir={workdir}",
-             "--config.train.checkpoint_every=100"]  # no periodic save before the end
-  env = {**_env(inputs), "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
-  proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  command = [
+      sys.executable,
+      "-m",
+      "rlhf_jax.run",
+      f"--config={ROOT}/tests/reliability_configs.py:sft",
+      f"--workdir={workdir}",
+      "--config.train.checkpoint_every=100",
+  ]  # no periodic save before the end
+  env = {
+      **_env(inputs),
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+      "JAX_PLATFORMS": "cpu",
+      "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+  }
+  proc = subprocess.Popen(
+      command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   while _rows(workdir) < 3 and proc.poll() is None:
     time.sleep(0.01)
   proc.send_signal(signal.SIGTERM)
@@ -279,6 +328,7 @@ def test_sigterm_saves_a_checkpoint_then_the_rerun_finishes_identically(tmp_path
 
 
 class _FakeCheckpoints:
+
   def __init__(self):
     self.saves = []
 
@@ -288,7 +338,8 @@ class _FakeCheckpoints:
 
 def test_stop_signal_save_forces_the_step_in_flight_then_raises(tmp_path):
   """`StopSignal.save`, the save both training loops call after each step: forced at the last
-  step; after SIGTERM, the step in flight is saved (forced), `on_stop` runs, `Preempted` names it."""
+  step; after SIGTERM, the step in flight is saved (forced), `on_stop` runs, `Preempted` names it.
+  """
   ckpt, closed = _FakeCheckpoints(), []
   with preemption.StopSignal() as stop:
     stop.save(ckpt, 1, 3, "s1", workdir=str(tmp_path), on_stop=lambda: closed.append(1), x=1)
@@ -296,6 +347,9 @@ def test_stop_signal_save_forces_the_step_in_flight_then_raises(tmp_path):
     os.kill(os.getpid(), signal.SIGTERM)  # handled: only sets the flag
     with pytest.raises(preemption.Preempted, match="after step 2: a checkpoint of that step"):
       stop.save(ckpt, 2, 3, "s2", workdir=str(tmp_path), on_stop=lambda: closed.append(2))
-  assert [(s, f, kw) for s, _, f, kw in ckpt.saves] == [(1, False, {"x": 1}), (3, True, {}),
-                                                        (2, True, {})]
+  assert [(s, f, kw) for s, _, f, kw in ckpt.saves] == [
+      (1, False, {"x": 1}),
+      (3, True, {}),
+      (2, True, {}),
+  ]
   assert closed == [2]

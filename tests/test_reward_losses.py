@@ -66,20 +66,28 @@ def _random_pairs(seed, b=16):
 def test_pairwise_matches_numpy(center_coef):
   r_c, r_r, m, w = _random_pairs(0)
   r_r[3] = r_c[3]  # a tie counts 0.5 in accuracy
-  loss, metrics = pairwise_loss(jnp.asarray(r_c), jnp.asarray(r_r), jnp.asarray(m),
-                                weight=jnp.asarray(w), center_coef=center_coef)
+  loss, metrics = pairwise_loss(
+      jnp.asarray(r_c),
+      jnp.asarray(r_r),
+      jnp.asarray(m),
+      weight=jnp.asarray(w),
+      center_coef=center_coef,
+  )
   ref_loss, ref_bt, ref_acc = _pairwise_ref(r_c, r_r, m, w, center_coef)
   np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
   np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=RTOL)
   np.testing.assert_allclose(metrics["bt_loss"], ref_bt, rtol=RTOL)
   np.testing.assert_allclose(metrics["accuracy"], ref_acc, rtol=RTOL)
   wf = w.astype(np.float64)
-  np.testing.assert_allclose(metrics["reward_margin"], np.sum(wf * (r_c - r_r)) / wf.sum(),
-                             rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(metrics["chosen_reward"], np.sum(wf * r_c) / wf.sum(),
-                             rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(metrics["rejected_reward"], np.sum(wf * r_r) / wf.sum(),
-                             rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(
+      metrics["reward_margin"], np.sum(wf * (r_c - r_r)) / wf.sum(), rtol=RTOL, atol=ATOL
+  )
+  np.testing.assert_allclose(
+      metrics["chosen_reward"], np.sum(wf * r_c) / wf.sum(), rtol=RTOL, atol=ATOL
+  )
+  np.testing.assert_allclose(
+      metrics["rejected_reward"], np.sum(wf * r_r) / wf.sum(), rtol=RTOL, atol=ATOL
+  )
   assert metrics["loss_weight"].dtype == jnp.float32
   np.testing.assert_allclose(metrics["loss_weight"], wf.sum(), rtol=RTOL)
 
@@ -94,8 +102,9 @@ def test_pairwise_defaults_and_bool_weight():
   keep = np.arange(len(r_c)) % 3 != 0
   # Padding examples are ignored even when they hold garbage.
   r_c_pad = np.where(keep, r_c, np.nan).astype(np.float32)
-  loss_b, metrics_b = pairwise_loss(jnp.asarray(r_c_pad), jnp.asarray(r_r),
-                                    weight=jnp.asarray(keep), center_coef=0.1)
+  loss_b, metrics_b = pairwise_loss(
+      jnp.asarray(r_c_pad), jnp.asarray(r_r), weight=jnp.asarray(keep), center_coef=0.1
+  )
   ref_b, _, _ = _pairwise_ref(r_c[keep], r_r[keep], np.zeros(keep.sum()), np.ones(keep.sum()), 0.1)
   np.testing.assert_allclose(loss_b, ref_b, rtol=RTOL)
   assert float(metrics_b["loss_weight"]) == keep.sum()
@@ -151,9 +160,19 @@ def test_margin_table_named_and_custom():
   assert margin_table(np.array([0.0, 0.1, 0.2, 0.3])) == pytest.approx((0.0, 0.1, 0.2, 0.3))
 
 
-@pytest.mark.parametrize("spec", ["medium", "", [0.0, 1.0, 2.0], [0.0, 1.0, 2.0, 3.0, 4.0],
-                                  [0.0, -1.0, 2.0, 3.0], [0.0, float("nan"), 1.0, 2.0], 3.0,
-                                  ["a", "b", "c", "d"]])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "medium",
+        "",
+        [0.0, 1.0, 2.0],
+        [0.0, 1.0, 2.0, 3.0, 4.0],
+        [0.0, -1.0, 2.0, 3.0],
+        [0.0, float("nan"), 1.0, 2.0],
+        3.0,
+        ["a", "b", "c", "d"],
+    ],
+)
 def test_margin_table_errors(spec):
   with pytest.raises(ValueError, match="none"):
     margin_table(spec)
@@ -169,8 +188,9 @@ def test_margin_increases_loss(name):
   with_margin, _ = pairwise_loss(r_c, r_r, jnp.asarray(table[levels]))
   assert float(with_margin) > float(base)
   # Per level: a larger margin gives a larger loss.
-  per_level = [float(pairwise_loss(r_c[:1], r_r[:1], jnp.asarray(table[[lv]]))[0])
-               for lv in range(4)]
+  per_level = [
+      float(pairwise_loss(r_c[:1], r_r[:1], jnp.asarray(table[[lv]]))[0]) for lv in range(4)
+  ]
   assert per_level == sorted(per_level) and per_level[3] > per_level[0]
 
 
@@ -196,8 +216,13 @@ def _ranking_ref(scores, ranks, valid, center_coef):
     prompt_accs.append(np.mean(accs))
     prompt_centers.append((2 * np.mean(s[idx])) ** 2)
   bt = np.mean(prompt_losses)
-  return (bt + center_coef * np.mean(prompt_centers), bt, np.mean(prompt_accs), total_pairs,
-          len(prompt_losses))
+  return (
+      bt + center_coef * np.mean(prompt_centers),
+      bt,
+      np.mean(prompt_accs),
+      total_pairs,
+      len(prompt_losses),
+  )
 
 
 def _random_rankings(seed, b=12, k=9):
@@ -230,10 +255,12 @@ def _random_rankings(seed, b=12, k=9):
 @pytest.mark.parametrize("center_coef", [0.0, 0.02])
 def test_ranking_matches_brute_force(center_coef):
   scores, ranks, valid = _random_rankings(3)
-  loss, metrics = ranking_loss(jnp.asarray(scores), jnp.asarray(ranks), jnp.asarray(valid),
-                               center_coef=center_coef)
-  ref_loss, ref_bt, ref_acc, ref_pairs, ref_prompts = _ranking_ref(scores, ranks, valid,
-                                                                   center_coef)
+  loss, metrics = ranking_loss(
+      jnp.asarray(scores), jnp.asarray(ranks), jnp.asarray(valid), center_coef=center_coef
+  )
+  ref_loss, ref_bt, ref_acc, ref_pairs, ref_prompts = _ranking_ref(
+      scores, ranks, valid, center_coef
+  )
   assert ref_prompts == len(scores) - 2  # rows 0 and 2 contribute nothing
   np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
   np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=RTOL)
@@ -249,8 +276,9 @@ def test_ranking_full_rows_have_k_choose_2_pairs(k):
   scores = rng.normal(size=(5, k)).astype(np.float32)
   ranks = np.stack([rng.permutation(k) for _ in range(5)]).astype(np.int32)
   valid = np.ones((5, k), bool)
-  loss, metrics = ranking_loss(jnp.asarray(scores), jnp.asarray(ranks), jnp.asarray(valid),
-                               center_coef=0.1)
+  loss, metrics = ranking_loss(
+      jnp.asarray(scores), jnp.asarray(ranks), jnp.asarray(valid), center_coef=0.1
+  )
   assert float(metrics["num_pairs"]) == 5 * k * (k - 1) // 2
   np.testing.assert_allclose(loss, _ranking_ref(scores, ranks, valid, 0.1)[0], rtol=RTOL)
 
@@ -269,27 +297,39 @@ def test_ranking_k2_equals_pairwise(center_coef):
   assert float(r_metrics["loss_weight"]) == float(p_metrics["loss_weight"])
   g_r = jax.grad(lambda s: ranking_loss(s, ranks, valid, center_coef=center_coef)[0])(scores)
   g_p = jax.grad(lambda a, b: pairwise_loss(a, b, center_coef=center_coef)[0], argnums=(0, 1))(
-      scores[:, 0], scores[:, 1])
+      scores[:, 0], scores[:, 1]
+  )
   np.testing.assert_allclose(g_r, jnp.stack(g_p, axis=1), rtol=RTOL, atol=1e-8)
 
 
 def test_eager_equals_jit():
   """The rest of the file calls the jitted losses; op-by-op eager gives the same result."""
   scores, ranks, valid = (jnp.asarray(a) for a in _random_rankings(12, b=5, k=5))
-  np.testing.assert_allclose(ranking_loss_eager(scores, ranks, valid, center_coef=0.1)[0],
-                             ranking_loss(scores, ranks, valid, center_coef=0.1)[0], rtol=RTOL)
+  np.testing.assert_allclose(
+      ranking_loss_eager(scores, ranks, valid, center_coef=0.1)[0],
+      ranking_loss(scores, ranks, valid, center_coef=0.1)[0],
+      rtol=RTOL,
+  )
   r_c, r_r = scores[:, 0], scores[:, 1]
-  np.testing.assert_allclose(pairwise_loss_eager(r_c, r_r, center_coef=0.1)[0],
-                             pairwise_loss(r_c, r_r, center_coef=0.1)[0], rtol=RTOL)
+  np.testing.assert_allclose(
+      pairwise_loss_eager(r_c, r_r, center_coef=0.1)[0],
+      pairwise_loss(r_c, r_r, center_coef=0.1)[0],
+      rtol=RTOL,
+  )
 
 
 def test_ranking_permutation_invariant():
   scores, ranks, valid = _random_rankings(5)
-  loss, metrics = ranking_loss(jnp.asarray(scores), jnp.asarray(ranks), jnp.asarray(valid),
-                               center_coef=0.05)
+  loss, metrics = ranking_loss(
+      jnp.asarray(scores), jnp.asarray(ranks), jnp.asarray(valid), center_coef=0.05
+  )
   perm = np.random.default_rng(6).permutation(scores.shape[1])
-  loss_p, metrics_p = ranking_loss(jnp.asarray(scores[:, perm]), jnp.asarray(ranks[:, perm]),
-                                   jnp.asarray(valid[:, perm]), center_coef=0.05)
+  loss_p, metrics_p = ranking_loss(
+      jnp.asarray(scores[:, perm]),
+      jnp.asarray(ranks[:, perm]),
+      jnp.asarray(valid[:, perm]),
+      center_coef=0.05,
+  )
   np.testing.assert_allclose(loss_p, loss, rtol=RTOL)
   for key in metrics:
     np.testing.assert_allclose(metrics_p[key], metrics[key], rtol=RTOL)
@@ -297,8 +337,9 @@ def test_ranking_permutation_invariant():
 
 def test_ranking_gradient_finite_and_zero_on_padding():
   scores, ranks, valid = _random_rankings(7)
-  g = jax.grad(lambda s: ranking_loss(s, jnp.asarray(ranks), jnp.asarray(valid),
-                                      center_coef=0.01)[0])(jnp.asarray(scores))
+  g = jax.grad(
+      lambda s: ranking_loss(s, jnp.asarray(ranks), jnp.asarray(valid), center_coef=0.01)[0]
+  )(jnp.asarray(scores))
   assert np.all(np.isfinite(g))
   assert np.all(np.asarray(g)[~valid] == 0)
   assert np.all(np.asarray(g)[2] == 0)  # fully tied row: no pairs, no centring either
@@ -357,10 +398,13 @@ def test_linear_and_dispatch():
   unsafe = jnp.asarray([True, False, True])
   expected = 0.7 * np.asarray(h) + 0.3 * np.asarray(s)
   np.testing.assert_allclose(
-      linear_combined_reward(h, s, helpful_weight=0.7, safety_weight=0.3), expected, rtol=RTOL)
+      linear_combined_reward(h, s, helpful_weight=0.7, safety_weight=0.3), expected, rtol=RTOL
+  )
   np.testing.assert_allclose(
       combined_reward(h, s, unsafe, kind="linear", helpful_weight=0.7, safety_weight=0.3),
-      expected, rtol=RTOL)
+      expected,
+      rtol=RTOL,
+  )
   np.testing.assert_allclose(linear_combined_reward(h, s), np.asarray(h) + np.asarray(s))
   with pytest.raises(ValueError, match="llama2"):
     combined_reward(h, s, unsafe, kind="max")
@@ -395,7 +439,9 @@ def test_sharded_equals_unsharded():
     np.testing.assert_allclose(sh_metrics[key], ref_metrics[key], rtol=RTOL, atol=ATOL)
 
   g_ref = jax.jit(jax.grad(lambda s: rk(s, jnp.asarray(ranks), jnp.asarray(valid))[0]))(
-      jnp.asarray(scores))
+      jnp.asarray(scores)
+  )
   g_sh = jax.jit(jax.grad(lambda s, r, v: rk(s, r, v)[0]))(
-      *(jax.device_put(a, mat) for a in (scores, ranks, valid)))
+      *(jax.device_put(a, mat) for a in (scores, ranks, valid))
+  )
   np.testing.assert_allclose(g_sh, g_ref, rtol=RTOL, atol=1e-8)

@@ -21,22 +21,33 @@ def _ranking(k, **fields):
 
 # ----------------------------------------------------------------------------- pairwise
 
+
 def test_accuracy_margin_and_slices():
   records = [
-    _pair(margin=2, family="facts"),
-    _pair(margin=0, family="math"),
-    _pair(margin=2, family="facts"),
-    _pair(margin=1.0),  # an integral float level becomes "1"; no family
+      _pair(margin=2, family="facts"),
+      _pair(margin=0, family="math"),
+      _pair(margin=2, family="facts"),
+      _pair(margin=1.0),  # an integral float level becomes "1"; no family
   ]
   chosen = np.array([1.0, 0.0, 3.0, 2.0])
   rejected = np.array([0.0, 1.0, 1.0, 1.5])  # diffs +1, -1, +2, +0.5: 3 of 4 right
   report = preference_report(records, chosen, rejected)
-  assert report["overall"] == {"n": 4, "accuracy": 0.75, "gold_accuracy": None, "gold_n": 0,
-                               "mean_margin": pytest.approx(0.625)}
+  assert report["overall"] == {
+      "n": 4,
+      "accuracy": 0.75,
+      "gold_accuracy": None,
+      "gold_n": 0,
+      "mean_margin": pytest.approx(0.625),
+  }
   assert list(report["by_margin"]) == ["0", "1", "2"]
   assert report["by_margin"]["0"]["accuracy"] == 0.0
-  assert report["by_margin"]["2"] == {"n": 2, "accuracy": 1.0, "gold_accuracy": None,
-                                      "gold_n": 0, "mean_margin": 1.5}
+  assert report["by_margin"]["2"] == {
+      "n": 2,
+      "accuracy": 1.0,
+      "gold_accuracy": None,
+      "gold_n": 0,
+      "mean_margin": 1.5,
+  }
   assert list(report["by_family"]) == ["facts", "math"]
   assert report["by_family"]["facts"]["n"] == 2
   assert report["by_family"]["math"]["mean_margin"] == -1.0
@@ -57,12 +68,12 @@ def test_ties_count_half():
 
 def test_gold_accuracy_skips_equal_gold_and_follows_gold_not_label():
   records = [
-    _pair(gold_chosen=1.0, gold_rejected=0.0),  # RM +: right
-    _pair(gold_chosen=0.0, gold_rejected=1.0),  # label disagrees with gold; RM + is wrong by gold
-    _pair(gold_chosen=0.5, gold_rejected=0.5 + 1e-9),  # gold tie: skipped
-    _pair(gold_chosen=2.0, gold_rejected=1.0),  # RM tie: half
-    _pair(),  # no gold
-    _pair(gold_chosen=1.0),  # only one side: no gold
+      _pair(gold_chosen=1.0, gold_rejected=0.0),  # RM +: right
+      _pair(gold_chosen=0.0, gold_rejected=1.0),  # label disagrees with gold; RM + is wrong by gold
+      _pair(gold_chosen=0.5, gold_rejected=0.5 + 1e-9),  # gold tie: skipped
+      _pair(gold_chosen=2.0, gold_rejected=1.0),  # RM tie: half
+      _pair(),  # no gold
+      _pair(gold_chosen=1.0),  # only one side: no gold
   ]
   chosen = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
   rejected = [0.0, 0.0, 5.0, 1.0, 0.0, 0.0]
@@ -94,6 +105,7 @@ def test_preference_validation():
 
 # ----------------------------------------------------------------------------- rankings
 
+
 def _brute_tau(x, y):
   """(concordant - discordant) / pairs, valid for untied x and y."""
   total = 0
@@ -122,16 +134,28 @@ def test_kendall_tau_matches_brute_force():
 def test_perfect_and_reversed_rankings():
   records = [_ranking(4, gold=[4.0, 3.0, 2.0, 1.0])]
   perfect = ranking_report(records, [np.array([9.0, 5.0, 1.0, -3.0])])["overall"]
-  assert perfect == {"n": 1, "kendall_tau_labels": 1.0, "kendall_tau_gold": 1.0, "top1_gold": 1.0,
-                     "pair_accuracy_labels": 1.0}
+  assert perfect == {
+      "n": 1,
+      "kendall_tau_labels": 1.0,
+      "kendall_tau_gold": 1.0,
+      "top1_gold": 1.0,
+      "pair_accuracy_labels": 1.0,
+  }
   reversed_ = ranking_report(records, [np.array([-3.0, 1.0, 5.0, 9.0])])["overall"]
-  assert reversed_ == {"n": 1, "kendall_tau_labels": -1.0, "kendall_tau_gold": -1.0,
-                       "top1_gold": 0.0, "pair_accuracy_labels": 0.0}
+  assert reversed_ == {
+      "n": 1,
+      "kendall_tau_labels": -1.0,
+      "kendall_tau_gold": -1.0,
+      "top1_gold": 0.0,
+      "pair_accuracy_labels": 0.0,
+  }
 
 
 def test_constant_gold_and_constant_scores_are_skipped():
-  records = [_ranking(3, gold=[1.0, 1.0, 1.0], family="b"), _ranking(3, gold=[3.0, 2.0, 1.0],
-                                                                     family="a")]
+  records = [
+      _ranking(3, gold=[1.0, 1.0, 1.0], family="b"),
+      _ranking(3, gold=[3.0, 2.0, 1.0], family="a"),
+  ]
   report = ranking_report(records, [np.array([3.0, 2.0, 1.0]), np.array([1.0, 3.0, 2.0])])
   row = report["overall"]
   # Prompt 1's tau against gold is nan (constant gold): only prompt 2 counts, tau = -1/3.
@@ -141,16 +165,26 @@ def test_constant_gold_and_constant_scores_are_skipped():
   assert report["by_family"]["b"]["kendall_tau_gold"] is None
   assert list(report["by_family"]) == ["a", "b"]
   flat = ranking_report([_ranking(3)], [np.zeros(3)])["overall"]
-  assert flat == {"n": 1, "kendall_tau_labels": None, "kendall_tau_gold": None, "top1_gold": None,
-                  "pair_accuracy_labels": 0.5}
+  assert flat == {
+      "n": 1,
+      "kendall_tau_labels": None,
+      "kendall_tau_gold": None,
+      "top1_gold": None,
+      "pair_accuracy_labels": 0.5,
+  }
 
 
 def test_top1_gold_ties():
-  records = [_ranking(3, gold=[1.0, 5.0, 5.0]), _ranking(3, gold=[1.0, 5.0, 2.0]),
-             _ranking(3, gold=[1.0, 5.0, 2.0])]
-  scores = [np.array([0.0, 0.0, 1.0]),  # a gold-best among tied gold: hit
-            np.array([0.0, 1.0, 1.0]),  # RM tie between best and not best: half
-            np.array([1.0, 0.0, 0.0])]  # miss
+  records = [
+      _ranking(3, gold=[1.0, 5.0, 5.0]),
+      _ranking(3, gold=[1.0, 5.0, 2.0]),
+      _ranking(3, gold=[1.0, 5.0, 2.0]),
+  ]
+  scores = [
+      np.array([0.0, 0.0, 1.0]),  # a gold-best among tied gold: hit
+      np.array([0.0, 1.0, 1.0]),  # RM tie between best and not best: half
+      np.array([1.0, 0.0, 0.0]),
+  ]  # miss
   assert ranking_report(records, scores)["overall"]["top1_gold"] == pytest.approx(0.5)
 
 
@@ -167,17 +201,26 @@ def test_ranking_validation():
 
 # ----------------------------------------------------------------------------- rows
 
+
 def test_report_rows():
   records = [_pair(margin=1, family="facts"), _pair(margin=3, family="facts"), _pair(margin=1)]
   report = preference_report(records, [1.0, 0.0, 1.0], [0.0, 1.0, 0.0])
   rows = report_rows(report, "rm")
   assert [row["slice"] for row in rows] == ["all", "margin=1", "margin=3", "family=facts"]
-  assert rows[0] == {"model": "rm", "slice": "all", "n": 3, "accuracy": 0.667,
-                     "gold_accuracy": None, "gold_n": 0, "mean_margin": 0.333}
+  assert rows[0] == {
+      "model": "rm",
+      "slice": "all",
+      "n": 3,
+      "accuracy": 0.667,
+      "gold_accuracy": None,
+      "gold_n": 0,
+      "mean_margin": 0.333,
+  }
   assert all(type(row["n"]) is int for row in rows)
   json.dumps(rows, allow_nan=False)
 
   ranking_rows = report_rows(
-    ranking_report([_ranking(3, family="x")], [np.array([3.0, 1.0, 2.0])]), "rm")
+      ranking_report([_ranking(3, family="x")], [np.array([3.0, 1.0, 2.0])]), "rm"
+  )
   assert [row["slice"] for row in ranking_rows] == ["all", "family=x"]
   assert ranking_rows[0]["kendall_tau_labels"] == 0.333

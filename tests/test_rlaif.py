@@ -17,8 +17,12 @@ from rlhf_jax.configs import base_config
 from rlhf_jax.data.preference import comparison_batch, tokenize_comparisons
 from rlhf_jax.losses.reward import pairwise_loss
 from rlhf_jax.models import ModelConfig, create_model, split_model
-from rlhf_jax.toy_configs import (ai_feedback_stage, ai_reward_stage, constitutional_sl_stage,
-                                  toy_pipeline_config)
+from rlhf_jax.toy_configs import (
+    ai_feedback_stage,
+    ai_reward_stage,
+    constitutional_sl_stage,
+    toy_pipeline_config,
+)
 from rlhf_jax.toyworld import World, judge
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.toyworld.judge import CONCISE, CORRECT, HARMLESS
@@ -30,6 +34,7 @@ def log_sigmoid(x):
 
 # --- soft-label loss ------------------------------------------------------------------------------
 
+
 def test_soft_label_loss_matches_numpy_and_p_one_is_the_hard_loss():
   rng = np.random.default_rng(0)
   r_c, r_r = rng.normal(size=12) * 3, rng.normal(size=12) * 3
@@ -37,13 +42,23 @@ def test_soft_label_loss_matches_numpy_and_p_one_is_the_hard_loss():
   w = (rng.uniform(size=12) > 0.25).astype(np.float32)
   d = r_c - r_r - m
   ref = np.sum(w * (-p * log_sigmoid(d) - (1 - p) * log_sigmoid(-d))) / w.sum()
-  loss, out = pairwise_loss(jnp.asarray(r_c), jnp.asarray(r_r), jnp.asarray(m), weight=jnp.asarray(w),
-                            soft_label=jnp.asarray(p))
+  loss, out = pairwise_loss(
+      jnp.asarray(r_c),
+      jnp.asarray(r_r),
+      jnp.asarray(m),
+      weight=jnp.asarray(w),
+      soft_label=jnp.asarray(p),
+  )
   np.testing.assert_allclose(loss, ref, rtol=1e-5)
   np.testing.assert_allclose(out["bt_loss"], ref, rtol=1e-5)
   hard, _ = pairwise_loss(jnp.asarray(r_c), jnp.asarray(r_r), jnp.asarray(m), weight=jnp.asarray(w))
-  ones, _ = pairwise_loss(jnp.asarray(r_c), jnp.asarray(r_r), jnp.asarray(m), weight=jnp.asarray(w),
-                          soft_label=jnp.ones(12))
+  ones, _ = pairwise_loss(
+      jnp.asarray(r_c),
+      jnp.asarray(r_r),
+      jnp.asarray(m),
+      weight=jnp.asarray(w),
+      soft_label=jnp.ones(12),
+  )
   np.testing.assert_allclose(ones, hard, rtol=1e-6)
   # p = 1/2: the loss is symmetric in the two rewards, minimal where they are equal.
   half = lambda a, b: float(pairwise_loss(a, b, soft_label=jnp.full(2, 0.5))[0])
@@ -53,8 +68,10 @@ def test_soft_label_loss_matches_numpy_and_p_one_is_the_hard_loss():
 
 def test_soft_labels_are_validated_and_reach_the_batch(tmp_path):
   tok = data.train_tokenizer(["good bad answer question " * 10], 300, tmp_path / "tok")
-  records = [{"prompt": "question", "chosen": "good answer", "rejected": "bad", "soft_label": 0.75},
-             {"prompt": "question", "chosen": "good", "rejected": "bad answer"}]
+  records = [
+      {"prompt": "question", "chosen": "good answer", "rejected": "bad", "soft_label": 0.75},
+      {"prompt": "question", "chosen": "good", "rejected": "bad answer"},
+  ]
   comparisons, _ = tokenize_comparisons(records, "pairwise", tok, max_len=64)
   batch = comparison_batch(comparisons, 64, 2)
   np.testing.assert_array_equal(batch["soft_label"], [[0.75], [1.0]])
@@ -65,18 +82,27 @@ def test_soft_labels_are_validated_and_reach_the_batch(tmp_path):
 
 def test_reward_loss_fn_reads_soft_labels_only_when_asked(monkeypatch):
   from rlhf_jax import scoring
-  monkeypatch.setattr(scoring, "comparison_scores",
-                      lambda graphdef, params, batch: jnp.array([[[1.0, 0.0]]]))
-  batch = {"valid": np.ones((1, 1, 2), bool), "ranks": np.array([[[0, 1]]], np.int32),
-           "margin": np.array([[-1]], np.int32), "soft_label": np.array([[0.7]], np.float32)}
-  make = lambda soft: reward.make_reward_loss_fn(None, kind="pairwise", margins=(0.0,) * 4,
-                                                 center_coef=0.0, soft_labels=soft)
-  np.testing.assert_allclose(make(True)(None, batch, None)[0],
-                             -0.7 * log_sigmoid(1.0) - 0.3 * log_sigmoid(-1.0), rtol=1e-6)
+
+  monkeypatch.setattr(
+      scoring, "comparison_scores", lambda graphdef, params, batch: jnp.array([[[1.0, 0.0]]])
+  )
+  batch = {
+      "valid": np.ones((1, 1, 2), bool),
+      "ranks": np.array([[[0, 1]]], np.int32),
+      "margin": np.array([[-1]], np.int32),
+      "soft_label": np.array([[0.7]], np.float32),
+  }
+  make = lambda soft: reward.make_reward_loss_fn(
+      None, kind="pairwise", margins=(0.0,) * 4, center_coef=0.0, soft_labels=soft
+  )
+  np.testing.assert_allclose(
+      make(True)(None, batch, None)[0], -0.7 * log_sigmoid(1.0) - 0.3 * log_sigmoid(-1.0), rtol=1e-6
+  )
   np.testing.assert_allclose(make(False)(None, batch, None)[0], -log_sigmoid(1.0), rtol=1e-6)
 
 
 # --- principles and labelling ---------------------------------------------------------------------
+
 
 def test_principles_resolve_names_and_auto_choice_follows_the_unsafe_flag():
   assert ai_feedback.resolve_principles(("HARMLESS", "Be kind."), "k") == (HARMLESS, "Be kind.")
@@ -102,7 +128,9 @@ class StubJudge:
 
   def __call__(self, items, *, principle):
     self.calls.append((principle, len(items)))
-    diff = np.array([self.score(principle, a) - self.score(principle, b) for _, a, b in items], float)
+    diff = np.array(
+        [self.score(principle, a) - self.score(principle, b) for _, a, b in items], float
+    )
     return np.clip(0.5 + 0.3 * np.sign(diff) + self.bias, 0.0, 1.0)
 
 
@@ -117,14 +145,24 @@ def test_label_pairs_swaps_orders_picks_chosen_and_skips_pairs_without_a_prefere
   stub = StubJudge(bias=0.2)
   out = ai_feedback.label_pairs(stub, tasks, a, b, principles)
   assert out.skipped == 2  # identical up to whitespace; empty
-  assert [c for c in stub.calls] == [(CORRECT, 1), (CORRECT, 1), (CONCISE, 1), (CONCISE, 1),
-                                     (HARMLESS, 1), (HARMLESS, 1)]
+  assert [c for c in stub.calls] == [
+      (CORRECT, 1),
+      (CORRECT, 1),
+      (CONCISE, 1),
+      (CONCISE, 1),
+      (HARMLESS, 1),
+      (HARMLESS, 1),
+  ]
   # Pair 0: "good good" wins under CORRECT in both orders: p_ab = 1.0 (0.8 + bias, clipped),
   # p_ba = 0.5 - 0.3 + 0.2 = 0.4 -> swapped p = (1.0 + 0.6) / 2 = 0.8.
   np.testing.assert_allclose(out.p_ab, [1.0, 1.0, 0.7])
   np.testing.assert_allclose(out.p_ba, [0.4, 0.4, 0.7])
   r0, r1, r2 = out.records
-  assert (r0["chosen"], r0["rejected"], r0["soft_label"]) == ("good good", "good", pytest.approx(0.8))
+  assert (r0["chosen"], r0["rejected"], r0["soft_label"]) == (
+      "good good",
+      "good",
+      pytest.approx(0.8),
+  )
   assert (r1["chosen"], r1["rejected"], r1["principle"]) == ("bad", "good good bad", CONCISE)
   # Pair 2: equal scores: the bias cancels to exactly 1/2; a stays chosen.
   assert (r2["chosen"], r2["soft_label"], r2["unsafe"]) == ("no good", 0.5, True)
@@ -165,14 +203,24 @@ def test_sibling_rewards_are_mean_swapped_win_probabilities():
   stub = StubJudge(bias=0.1)
   got = ai_feedback.sibling_rewards(stub, tasks, responses, 3, [CORRECT, CORRECT])
   # Swapped win prob of the better of two = (0.9 + 1 - 0.3) / 2 = 0.8; ties 1/2.
-  np.testing.assert_allclose(got, [(0.2 + 0.8) / 2, (0.8 + 0.8) / 2, (0.2 + 0.2) / 2,
-                                   (0.8 + 0.8) / 2, (0.2 + 0.2) / 2, (0.2 + 0.8) / 2])
+  np.testing.assert_allclose(
+      got,
+      [
+          (0.2 + 0.8) / 2,
+          (0.8 + 0.8) / 2,
+          (0.2 + 0.2) / 2,
+          (0.8 + 0.8) / 2,
+          (0.2 + 0.2) / 2,
+          (0.2 + 0.8) / 2,
+      ],
+  )
   np.testing.assert_allclose(got.reshape(2, 3).sum(1), 1.5)
   pair = ai_feedback.sibling_rewards(stub, tasks[:1], ["same", "same"], 2, [CORRECT])
   np.testing.assert_allclose(pair, [0.5, 0.5])
 
 
 # --- SL-CAI -----------------------------------------------------------------------------------------
+
 
 def test_revise_responses_draws_principles_and_keeps_gold_before_and_after():
   world = World(0)
@@ -182,12 +230,17 @@ def test_revise_responses_draws_principles_and_keeps_gold_before_and_after():
 
   def revise(items, key, *, principle):
     calls.append((principle, len(items)))
-    return [{"critique": f"under {principle}",
-             "revision": "" if principle == CONCISE else world.reference_response(t)}
-            for t, _ in items]
+    return [
+        {
+            "critique": f"under {principle}",
+            "revision": "" if principle == CONCISE else world.reference_response(t),
+        }
+        for t, _ in items
+    ]
 
-  out = constitutional.revise_responses(revise, tasks, responses, (HARMLESS, CONCISE), 2,
-                                        np.random.default_rng(0), jax.random.key(0))
+  out = constitutional.revise_responses(
+      revise, tasks, responses, (HARMLESS, CONCISE), 2, np.random.default_rng(0), jax.random.key(0)
+  )
   drawn = np.random.default_rng(0).integers(2, size=(2, 6))
   assert sum(n for _, n in calls) == 12 and len(calls) == 4
   for i, r in enumerate(out):
@@ -199,12 +252,17 @@ def test_revise_responses_draws_principles_and_keeps_gold_before_and_after():
   summary = constitutional.revision_summary(out)
   assert summary["overall"]["safety_after"] > summary["overall"]["safety_before"]
   assert set(summary["families"]) == {"unsafe"}
-  mixed = constitutional.mix_helpful(out, [{"prompt": f"h{i}", "completion": "c"} for i in range(20)],
-                                     0.25, np.random.default_rng(0))
+  mixed = constitutional.mix_helpful(
+      out,
+      [{"prompt": f"h{i}", "completion": "c"} for i in range(20)],
+      0.25,
+      np.random.default_rng(0),
+  )
   assert len(mixed) == 8 and sum(r["source"] == "helpful" for r in mixed) == 2
 
 
 # --- config errors ----------------------------------------------------------------------------------
+
 
 def test_ai_feedback_and_pipeline_config_errors():
   c = toy_pipeline_config()
@@ -227,9 +285,14 @@ def test_ai_feedback_and_pipeline_config_errors():
   c.rm_ai = ai_reward_stage("ai/pairs")
   rm = pipeline.stage_config(c, "rm_ai", paths, "/w/sft/export", "/w")
   assert (rm.data.source, rm.data.eval_source, rm.reward.soft_labels) == (
-      "/x/pairs.jsonl", "/x/pairs_eval.jsonl", True)
+      "/x/pairs.jsonl",
+      "/x/pairs_eval.jsonl",
+      True,
+  )
   c.cai = constitutional_sl_stage()
-  sl = pipeline.stage_config(c, "cai", {"rl_prompts": "/r", "sft": "/s", "tokenizer": "t"}, "/i", "/w")
+  sl = pipeline.stage_config(
+      c, "cai", {"rl_prompts": "/r", "sft": "/s", "tokenizer": "t"}, "/i", "/w"
+  )
   assert (sl.constitutional.judge, sl.constitutional.helpful_source) == ("/w/judge/export", "/s")
 
 
@@ -251,10 +314,12 @@ def test_ppo_judge_reward_and_sl_cai_config_errors(tmp_path):
   with pytest.raises(ValueError, match="config.constitutional.judge is empty"):
     constitutional.train(c, str(tmp_path / "c"))
   c.constitutional.judge = "/judge"
-  for field, value, match in (("constitution", (), "constitution is empty"),
-                              ("n_revisions", 0, "n_revisions"),
-                              ("helpful_fraction", 1.0, "helpful_fraction"),
-                              ("helpful_fraction", 0.5, "helpful_source")):
+  for field, value, match in (
+      ("constitution", (), "constitution is empty"),
+      ("n_revisions", 0, "n_revisions"),
+      ("helpful_fraction", 1.0, "helpful_fraction"),
+      ("helpful_fraction", 0.5, "helpful_source"),
+  ):
     bad = ml_collections.ConfigDict(c.to_dict())
     bad.constitutional[field] = value
     with pytest.raises(ValueError, match=match):
@@ -267,8 +332,15 @@ def test_ppo_judge_reward_and_sl_cai_config_errors(tmp_path):
 
 # --- end to end (slow) ------------------------------------------------------------------------------
 
-TINY = ModelConfig(vocab_size=384, num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=2,
-                   mlp_dim=64, max_seq_len=256)
+TINY = ModelConfig(
+    vocab_size=384,
+    num_layers=1,
+    embed_dim=32,
+    num_heads=2,
+    num_kv_heads=2,
+    mlp_dim=64,
+    max_seq_len=256,
+)
 
 
 @pytest.fixture(scope="module")
@@ -277,17 +349,25 @@ def tiny(tmp_path_factory):
   policy and judge."""
   world = World(0)
   root = tmp_path_factory.mktemp("rlaif")
-  tasks = (world.tasks(6, seed=0, families=["unsafe", "safe_lookalike"])
-           + world.tasks(2, seed=0, families=["arithmetic"]))
+  tasks = world.tasks(6, seed=0, families=["unsafe", "safe_lookalike"]) + world.tasks(
+      2, seed=0, families=["arithmetic"]
+  )
   texts = judge.tokenizer_texts(world, 40) + [t["prompt"] for t in world.tasks(50, seed=0)]
   data.train_tokenizer(texts, 384, root / "tok")
   _, params = split_model(create_model(TINY, 0))
-  checkpoint.export_params(root / "lm", jax.device_get(params),
-                           metadata={"model": TINY.to_dict(), "tokenizer": str(root / "tok")})
+  checkpoint.export_params(
+      root / "lm",
+      jax.device_get(params),
+      metadata={"model": TINY.to_dict(), "tokenizer": str(root / "tok")},
+  )
   with open(root / "tasks.jsonl", "w") as f:
     f.writelines(json.dumps(t) + "\n" for t in tasks)
-  return {"root": root, "tok": str(root / "tok"), "lm": str(root / "lm"),
-          "tasks": str(root / "tasks.jsonl")}
+  return {
+      "root": root,
+      "tok": str(root / "tok"),
+      "lm": str(root / "lm"),
+      "tasks": str(root / "tasks.jsonl"),
+  }
 
 
 def tiny_config(algorithm, tiny):
@@ -295,17 +375,34 @@ def tiny_config(algorithm, tiny):
   c.algorithm, c.init_from, c.model.vocab_size = algorithm, tiny["lm"], 0
   c.mesh.shape = (4, 1, 2)
   c.data.update(source=tiny["tasks"], tokenizer=tiny["tok"])
-  c.train.update(steps=1, batch_size=8, seq_len=128, log_every=1, eval_every=1, eval_batches=1,
-                 async_checkpoint=False)
+  c.train.update(
+      steps=1,
+      batch_size=8,
+      seq_len=128,
+      log_every=1,
+      eval_every=1,
+      eval_batches=1,
+      async_checkpoint=False,
+  )
   c.sample.num_examples = 0
   return c
 
 
 @pytest.mark.slow
-def test_ppo_with_the_judge_as_reward_runs_and_rewards_are_sibling_win_probabilities(tmp_path, tiny):
+def test_ppo_with_the_judge_as_reward_runs_and_rewards_are_sibling_win_probabilities(
+    tmp_path, tiny
+):
   c = tiny_config("ppo", tiny)
-  c.ppo.update(iterations=2, prompts_per_iteration=4, samples_per_prompt=2, minibatches=1,
-               epochs=1, max_new_tokens=4, max_prompt_len=96, value_model="policy_head")
+  c.ppo.update(
+      iterations=2,
+      prompts_per_iteration=4,
+      samples_per_prompt=2,
+      minibatches=1,
+      epochs=1,
+      max_new_tokens=4,
+      max_prompt_len=96,
+      value_model="policy_head",
+  )
   c.ppo.reward.judge = tiny["lm"]
   assert ppo.train(c, str(tmp_path))["iterations"] == 2
   rows = [r for r in metrics.read_jsonl(tmp_path / "metrics.jsonl") if "ppo/reward" in r]
@@ -318,12 +415,18 @@ def test_ppo_with_the_judge_as_reward_runs_and_rewards_are_sibling_win_probabili
 @pytest.mark.slow
 def test_sl_cai_writes_revisions_and_fine_tunes_on_them(tmp_path, tiny):
   c = tiny_config("constitutional_sl", tiny)
-  c.constitutional.update(judge=tiny["lm"], prompts=6, max_new_tokens=4, batch_size=32,
-                          helpful_source=tiny["tasks"].replace("tasks", "helpful"),
-                          helpful_fraction=0.25)
+  c.constitutional.update(
+      judge=tiny["lm"],
+      prompts=6,
+      max_new_tokens=4,
+      batch_size=32,
+      helpful_source=tiny["tasks"].replace("tasks", "helpful"),
+      helpful_fraction=0.25,
+  )
   with open(c.constitutional.helpful_source, "w") as f:
-    f.writelines(json.dumps({"prompt": f"Say {w}.", "completion": w}) + "\n"
-                 for w in ("yes", "no", "maybe"))
+    f.writelines(
+        json.dumps({"prompt": f"Say {w}.", "completion": w}) + "\n" for w in ("yes", "no", "maybe")
+    )
   result = constitutional.train(c, str(tmp_path))
   revisions = metrics.read_jsonl(tmp_path / "revisions.jsonl")
   assert len(revisions) == 6 and {r["family"] for r in revisions} <= {"unsafe", "safe_lookalike"}
@@ -331,7 +434,8 @@ def test_sl_cai_writes_revisions_and_fine_tunes_on_them(tmp_path, tiny):
     assert len(r["steps"]) == 1 and r["steps"][0]["principle"] in judge.CONSTITUTION
     assert r["gold_before"] == world_lib.gold_scores(
         next(t for t in metrics.read_jsonl(tiny["tasks"]) if t["prompt"] == r["prompt"]),
-        r["response"])
+        r["response"],
+    )
   sft_data = metrics.read_jsonl(tmp_path / "sft_data.jsonl")
   assert sorted(r["source"] for r in sft_data) == ["helpful"] * 2 + ["revision"] * 6
   assert result["revision/n"] == 6 and (tmp_path / "export").exists()
@@ -339,14 +443,21 @@ def test_sl_cai_writes_revisions_and_fine_tunes_on_them(tmp_path, tiny):
 
 def test_soft_label_loss_sharded_over_8_devices_equals_unsharded():
   rng = np.random.default_rng(1)
-  r_c, r_r, p, m = (rng.normal(size=16) * 2, rng.normal(size=16) * 2, rng.uniform(size=16),
-                    rng.uniform(size=16))
-  fn = jax.jit(jax.value_and_grad(lambda a, b, m, p: pairwise_loss(a, b, m, soft_label=p)[0],
-                                  argnums=(0, 1)))
+  r_c, r_r, p, m = (
+      rng.normal(size=16) * 2,
+      rng.normal(size=16) * 2,
+      rng.uniform(size=16),
+      rng.uniform(size=16),
+  )
+  fn = jax.jit(
+      jax.value_and_grad(lambda a, b, m, p: pairwise_loss(a, b, m, soft_label=p)[0], argnums=(0, 1))
+  )
   loss, grads = fn(*map(jnp.asarray, (r_c, r_r, m, p)))
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
-  put = lambda x: jax.device_put(jnp.asarray(x, jnp.float32),
-                                 jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  put = lambda x: jax.device_put(
+      jnp.asarray(x, jnp.float32),
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
+  )
   sh_loss, sh_grads = fn(*(put(x) for x in (r_c, r_r, m, p)))
   np.testing.assert_allclose(sh_loss, loss, rtol=1e-6)
   np.testing.assert_allclose(sh_grads, grads, rtol=1e-6, atol=1e-8)

@@ -17,12 +17,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(steps=40):
   c = base_config()
-  c.model.update(vocab_size=0, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128,
-                 max_seq_len=64)
+  c.model.update(
+      vocab_size=0,
+      num_layers=2,
+      embed_dim=64,
+      num_heads=4,
+      num_kv_heads=2,
+      mlp_dim=128,
+      max_seq_len=64,
+  )
   c.mesh.shape = (2, 2, 2)  # data, fsdp and tensor all exercised on the 8 fake devices
   c.optim.update(lr=3e-3, warmup_steps=5)
-  c.train.update(steps=steps, batch_size=16, seq_len=64, log_every=5, eval_every=steps,
-                 eval_batches=2, checkpoint_every=steps // 2, async_checkpoint=True)
+  c.train.update(
+      steps=steps,
+      batch_size=16,
+      seq_len=64,
+      log_every=5,
+      eval_every=steps,
+      eval_batches=2,
+      checkpoint_every=steps // 2,
+      async_checkpoint=True,
+  )
   c.data.update(source="toy", toy_num_records=600, tokenizer_vocab_size=384, packing=True)
   c.sample.update(num_examples=0)
   return c
@@ -63,15 +78,24 @@ def test_resume_gives_identical_params(tmp_path, compilation_cache):
   a, _ = checkpoint.load_params(tmp_path / "straight" / "export")
   b, _ = checkpoint.load_params(tmp_path / "resumed" / "export")
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  steps = [r["step"] for r in metrics.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
-           if "train/loss" in r]
+  steps = [
+      r["step"]
+      for r in metrics.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+      if "train/loss" in r
+  ]
   assert steps == [5, 10, 15, 20]
 
 
 def _run(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "rlhf_jax.run", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+      [sys.executable, "-m", "rlhf_jax.run", *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
 
 
 def test_unknown_override_lists_valid_keys(tmp_path):
@@ -83,7 +107,9 @@ def test_unknown_override_lists_valid_keys(tmp_path):
 
 
 def test_bad_mesh_fails_before_training(tmp_path):
-  proc = _run("--config=experiments/toy_sft.py", f"--workdir={tmp_path}", "--config.mesh.shape=(3,1,1)")
+  proc = _run(
+      "--config=experiments/toy_sft.py", f"--workdir={tmp_path}", "--config.mesh.shape=(3,1,1)"
+  )
   assert proc.returncode != 0
   assert "error: mesh shape (3, 1, 1)" in proc.stderr and "data * fsdp * tensor =" in proc.stderr
   assert "Traceback" not in proc.stderr
@@ -91,8 +117,14 @@ def test_bad_mesh_fails_before_training(tmp_path):
 
 
 def test_chat_records_are_sampled_from_their_turns_before_the_last_answer():
-  chat = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
-                       {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"},
-                       {"role": "assistant", "content": "A2"}]}
+  chat = {
+      "messages": [
+          {"role": "system", "content": "S"},
+          {"role": "user", "content": "U1"},
+          {"role": "assistant", "content": "A1"},
+          {"role": "user", "content": "U2"},
+          {"role": "assistant", "content": "A2"},
+      ]
+  }
   assert sft.prompt_of(chat) == chat["messages"][:4]
   assert sft.prompt_of({"prompt": "p", "completion": "c"}) == "p"

@@ -18,15 +18,22 @@ from rlhf_jax.models import ModelConfig, abstract_model, create_model, split_mod
 from rlhf_jax.train import accumulate_gradients, create_train_state, make_train_step, state_shardings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = ModelConfig(vocab_size=128, num_layers=2, embed_dim=64, num_heads=8, num_kv_heads=4,
-                  mlp_dim=128, max_seq_len=32)
+CFG = ModelConfig(
+    vocab_size=128,
+    num_layers=2,
+    embed_dim=64,
+    num_heads=8,
+    num_kv_heads=4,
+    mlp_dim=128,
+    max_seq_len=32,
+)
 
 
 def _batch(seed=0, b=8, t=16):
   rs = np.random.RandomState(seed)
   tokens = rs.randint(1, CFG.vocab_size, (b, t)).astype(np.int32)
   seg = np.ones((b, t), np.int32)
-  seg[::2, t - 3:] = 0  # some right padding
+  seg[::2, t - 3 :] = 0  # some right padding
   tokens = tokens * (seg > 0)
   loss_mask = (np.arange(t)[None] >= 4) & (seg > 0)
   positions = np.where(seg > 0, np.arange(t)[None], 0).astype(np.int32)
@@ -54,9 +61,11 @@ def _run(mesh_shape, accum_steps=1):
   def grads_fn(params, batch):
     with sharding.activation_sharding(mesh):
       return accumulate_gradients(loss_fn, params, batch, jax.random.key(0), accum_steps)
+
   grads, metrics = grads_fn(state.params, batch)
-  step = make_train_step(loss_fn, optimizer, mesh=mesh, state_shardings=shardings,
-                         accum_steps=accum_steps)
+  step = make_train_step(
+      loss_fn, optimizer, mesh=mesh, state_shardings=shardings, accum_steps=accum_steps
+  )
   new_state, step_metrics = step(state, batch)
   return jax.device_get((grads, metrics, new_state.params, step_metrics))
 
@@ -72,8 +81,12 @@ def test_meshes_agree(reference, mesh_shape):
   ref_grads, ref_metrics, ref_params, ref_step = reference
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(step_metrics["loss"], ref_step["loss"], rtol=1e-5, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads, ref_grads)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), params, ref_params)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads, ref_grads
+  )
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), params, ref_params
+  )
 
 
 def test_params_are_sharded_as_the_rules_say():
@@ -92,16 +105,21 @@ def test_gradient_accumulation_equals_full_batch(reference, accum_steps):
   grads, metrics, _, _ = _run((2, 1, 1), accum_steps=accum_steps)
   ref_grads, ref_metrics, _, _ = reference
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), grads, ref_grads)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), grads, ref_grads
+  )
 
 
 def one_train_step(mesh_shape):
   """(loss, sum of updated params) after one step; shared with the multi-process worker."""
   mesh, graphdef, psh, optimizer, shardings, state = _setup(mesh_shape)
-  step = make_train_step(make_sft_loss_fn(graphdef), optimizer, mesh=mesh, state_shardings=shardings)
+  step = make_train_step(
+      make_sft_loss_fn(graphdef), optimizer, mesh=mesh, state_shardings=shardings
+  )
   state, metrics = step(state, sharding.put_batch(_batch(), mesh))
-  total = jax.jit(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(p)),
-                  out_shardings=sharding.replicated(mesh))(state.params)
+  total = jax.jit(
+      lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(p)), out_shardings=sharding.replicated(mesh)
+  )(state.params)
   return float(metrics["loss"]), float(total)
 
 
@@ -111,12 +129,23 @@ def test_two_processes_match_one(reference):
   port = _free_port()
   procs = []
   for pid in range(2):
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid), PYTHONPATH=ROOT)
+    env = dict(
+        os.environ,
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID=str(pid),
+        PYTHONPATH=ROOT,
+    )
     env.pop("XLA_FLAGS", None)
-    procs.append(subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "tests", "multiprocess_worker.py"), "2,2,2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs.append(
+        subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tests", "multiprocess_worker.py"), "2,2,2"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    )
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]

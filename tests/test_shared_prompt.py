@@ -10,8 +10,14 @@ import pytest
 from rlhf_jax import scoring
 from rlhf_jax.algorithms.dpo import make_dpo_loss_fn
 from rlhf_jax.configs import base_config
-from rlhf_jax.data.preference import (Comparison, comparison_batch, comparison_length,
-                                      logit_budget_for, pack_comparisons, tokenize_comparisons)
+from rlhf_jax.data.preference import (
+    Comparison,
+    comparison_batch,
+    comparison_length,
+    logit_budget_for,
+    pack_comparisons,
+    tokenize_comparisons,
+)
 from rlhf_jax.models import ModelConfig, create_model, split_model
 
 from tests.test_reward_model import TINY, pair_records, ranking_records
@@ -22,10 +28,12 @@ MODEL = {**TINY, "max_seq_len": 256}
 def both_layouts(comparisons, k, seq_len=256, rows=4, per_row=4, listed=False):
   """(plain rows, shared-prompt rows, comparisons both hold); `listed`: with logit lists."""
   budget = lambda share: logit_budget_for(comparisons, seq_len, share) if listed else None
-  plain, n_plain = pack_comparisons(comparisons, seq_len, rows, per_row, k,
-                                    logit_budget=budget(False))
-  shared, n_shared = pack_comparisons(comparisons, seq_len, rows, per_row, k, share_prompt=True,
-                                      logit_budget=budget(True))
+  plain, n_plain = pack_comparisons(
+      comparisons, seq_len, rows, per_row, k, logit_budget=budget(False)
+  )
+  shared, n_shared = pack_comparisons(
+      comparisons, seq_len, rows, per_row, k, share_prompt=True, logit_budget=budget(True)
+  )
   return plain, shared, min(n_plain, n_shared)
 
 
@@ -104,14 +112,20 @@ def test_dpo_loss_and_gradients_equal_with_shared_prompts(words_tokenizer):
   for batch in (shared, plain_l, shared_l):
     loss, grads = grad(params, batch)
     np.testing.assert_allclose(loss, loss_p, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3),
-                 grads, grads_p)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3), grads, grads_p
+    )
 
 
 def test_shared_layout_holds_each_prompt_once_and_refuses_responses_that_do_not_share_it():
   prompt = np.array([1, 5, 6, 7], np.int32)
-  c = Comparison([np.concatenate([prompt, [8, 9, 2]]), np.concatenate([prompt, [10, 2]])],
-                 np.array([0, 1], np.int32), 1, 0, prompt_len=4)
+  c = Comparison(
+      [np.concatenate([prompt, [8, 9, 2]]), np.concatenate([prompt, [10, 2]])],
+      np.array([0, 1], np.int32),
+      1,
+      0,
+      prompt_len=4,
+  )
   batch = comparison_batch([c], 16, 2, share_prompt=True)
   np.testing.assert_array_equal(batch["tokens"][0, :9], [1, 5, 6, 7, 8, 9, 2, 10, 2])
   np.testing.assert_array_equal(batch["branch_ids"][0, :10], [0, 0, 0, 0, 1, 1, 1, 2, 2, 0])
@@ -143,16 +157,18 @@ def test_tokenizing_with_shared_prompts_counts_the_prompt_once_against_the_row(w
   plain, _ = tokenize_comparisons(records, "ranking", words_tokenizer, max_len=64)
   row = max(comparison_length(c, True) for c in plain)  # fits every shared comparison
   assert row < max(comparison_length(c) for c in plain)
-  kept, stats = tokenize_comparisons(records, "ranking", words_tokenizer, max_len=64,
-                                     max_total=row, share_prompt=True)
+  kept, stats = tokenize_comparisons(
+      records, "ranking", words_tokenizer, max_len=64, max_total=row, share_prompt=True
+  )
   assert stats["dropped"] == 0 and len(kept) == len(records)
   _, stats = tokenize_comparisons(records, "ranking", words_tokenizer, max_len=64, max_total=row)
   assert stats["dropped"] > 0
 
 
 @pytest.mark.slow
-def test_dpo_driver_with_shared_prompts_trains_the_same_policy(tmp_path, words_tokenizer_dir,
-                                                              monkeypatch):
+def test_dpo_driver_with_shared_prompts_trains_the_same_policy(
+    tmp_path, words_tokenizer_dir, monkeypatch
+):
   """One pair per row (packing off), so both layouts see the same pairs in the same batches: the
   precomputed reference, the steps and the export agree; with packing on, the shared rows hold
   more pairs."""
@@ -160,9 +176,11 @@ def test_dpo_driver_with_shared_prompts_trains_the_same_policy(tmp_path, words_t
   from rlhf_jax.algorithms import dpo
   from tests.test_dpo import dpo_config
   from tests.test_reward_model import export_lm, learnable_pairs, write_jsonl
+
   export_lm(tmp_path / "lm", words_tokenizer_dir)
   source = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(32))
   from rlhf_jax.data import preference
+
   placed = {False: 0, True: 0}
   place = preference._place
 
@@ -173,6 +191,7 @@ def test_dpo_driver_with_shared_prompts_trains_the_same_policy(tmp_path, words_t
   monkeypatch.setattr(preference, "_place", counting_place)
   listed = []  # the trainer's batches list their response tokens (the LM head runs on those)
   logps = scoring.comparison_logps
+
   def recording_logps(graphdef, params, batch):
     listed.append("logit_index" in batch)
     return logps(graphdef, params, batch)
@@ -187,8 +206,9 @@ def test_dpo_driver_with_shared_prompts_trains_the_same_policy(tmp_path, words_t
     results[share] = dpo.train(config, str(tmp_path / f"share{share}"))
     assert placed[share] > before[share] and placed[not share] == before[not share]
     params[share], _ = checkpoint.load_params(tmp_path / f"share{share}" / "export")
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=0),
-               params[True], params[False])
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=0), params[True], params[False]
+  )
   np.testing.assert_allclose(results[True]["eval/loss"], results[False]["eval/loss"], rtol=1e-3)
   assert listed and all(listed)
 
@@ -196,9 +216,11 @@ def test_dpo_driver_with_shared_prompts_trains_the_same_policy(tmp_path, words_t
 def test_reward_driver_refuses_the_lm_loss_on_shared_rows(tmp_path, words_tokenizer_dir):
   from rlhf_jax.algorithms import reward
   from tests.test_reward_model import export_lm, learnable_pairs, rm_config, write_jsonl
+
   export_lm(tmp_path / "lm", words_tokenizer_dir)
-  config = rm_config(tmp_path, words_tokenizer_dir,
-                     write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(8)))
+  config = rm_config(
+      tmp_path, words_tokenizer_dir, write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(8))
+  )
   config.reward.update(lm_coef=1.0, share_prompt=True)
   with pytest.raises(ValueError, match=r"lm_coef > 0 .*reward\.share_prompt=False"):
     reward.train(config, str(tmp_path / "rm"))
@@ -211,32 +233,44 @@ def grouped_rollout(seed=0, prompts=3, k=4, prompt_len=8, new_tokens=8):
   """A rollout as `ppo.make_iteration` builds it: each left-padded prompt repeated K times, each
   copy with its own right-padded response."""
   from rlhf_jax import generate
+
   rs = np.random.RandomState(seed)
   prompt_lens = np.repeat(rs.randint(1, prompt_len + 1, prompts), k)
   prompt_mask = np.arange(prompt_len)[None] >= (prompt_len - prompt_lens)[:, None]
-  prompt_tokens = np.where(prompt_mask, np.repeat(rs.randint(3, 384, (prompts, prompt_len)), k, 0),
-                           0).astype(np.int32)
+  prompt_tokens = np.where(
+      prompt_mask, np.repeat(rs.randint(3, 384, (prompts, prompt_len)), k, 0), 0
+  ).astype(np.int32)
   lengths = rs.randint(1, new_tokens + 1, prompts * k)
   lengths[0], lengths[1] = 1, new_tokens
   mask = np.arange(new_tokens)[None] < lengths[:, None]
   tokens = np.where(mask, rs.randint(3, 384, (prompts * k, new_tokens)), 0).astype(np.int32)
-  out = generate.GenerateOutput(tokens=jnp.asarray(tokens), logprobs=jnp.zeros(tokens.shape),
-                                mask=jnp.asarray(mask), lengths=jnp.asarray(lengths, jnp.int32))
-  tokens, segment_ids, positions, response_mask = generate.full_sequence(prompt_tokens,
-                                                                         prompt_mask, out)
-  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
-          "response_mask": response_mask}
+  out = generate.GenerateOutput(
+      tokens=jnp.asarray(tokens),
+      logprobs=jnp.zeros(tokens.shape),
+      mask=jnp.asarray(mask),
+      lengths=jnp.asarray(lengths, jnp.int32),
+  )
+  tokens, segment_ids, positions, response_mask = generate.full_sequence(
+      prompt_tokens, prompt_mask, out
+  )
+  return {
+      "tokens": tokens,
+      "segment_ids": segment_ids,
+      "positions": positions,
+      "response_mask": response_mask,
+  }
 
 
 def test_group_rows_round_trip():
   from rlhf_jax.models import group_rows, ungroup_rows
+
   x = jnp.arange(6 * 7 * 2).reshape(6, 7, 2)
   x = x.at[1, :4].set(x[0, :4]).at[2, :4].set(x[0, :4]).at[4, :4].set(x[3, :4])
   x = x.at[5, :4].set(x[3, :4])  # groups of 3 rows sharing their first 4 columns
   grouped = group_rows(x, 3, 3)
   assert grouped.shape == (2, 4 + 3 * 3, 2)
   np.testing.assert_array_equal(grouped[1, :4], x[3, :4])
-  np.testing.assert_array_equal(grouped[1, 4 + 3:4 + 6], x[4, 4:])
+  np.testing.assert_array_equal(grouped[1, 4 + 3 : 4 + 6], x[4, 4:])
   np.testing.assert_array_equal(ungroup_rows(grouped, 3, 3), x)
 
 
@@ -247,6 +281,7 @@ def test_a_prompts_samples_score_and_train_the_same_with_the_prompt_run_once():
   on the last N columns only (`response_len=N`), shared or not."""
   from rlhf_jax.algorithms import ppo, ppo_rollout
   from tests.test_ppo import POLICY_CFG, VALUE_CFG, ppo_cfg
+
   policy_gd, policy = split_model(create_model(POLICY_CFG, 0))
   value_gd, value = split_model(create_model(VALUE_CFG, 1))
   reference = jax.tree.map(lambda x: x * 1.01, policy)
@@ -256,8 +291,11 @@ def test_a_prompts_samples_score_and_train_the_same_with_the_prompt_run_once():
   variants = [(None, None), (share, None), (None, 8), (share, 8)]  # (share, response_len)
   outputs = {}
   for s, n in variants:
-    score = jax.jit(ppo_rollout.make_score_fn(policy_gd, value_gd, {"helpful": value_gd},
-                                              temperature=0.9, share=s, response_len=n))
+    score = jax.jit(
+        ppo_rollout.make_score_fn(
+            policy_gd, value_gd, {"helpful": value_gd}, temperature=0.9, share=s, response_len=n
+        )
+    )
     outputs[s, n] = score(policy, reference, value, {"helpful": value}, batch)
   old, ref, values, scores = outputs[None, None]
   for a in (old, ref, values):
@@ -269,23 +307,38 @@ def test_a_prompts_samples_score_and_train_the_same_with_the_prompt_run_once():
     np.testing.assert_allclose(scores_s["helpful"], scores["helpful"], atol=1e-4, rtol=1e-5)
   # The PPO loss with a value head on the policy's trunk, and its gradients.
   rs = np.random.RandomState(0)
-  rollout = {**batch, "old_logp": old, "old_values": values,
-             "advantages": np.where(mask, rs.normal(size=mask.shape), 0).astype(np.float32),
-             "returns": np.where(mask, rs.normal(size=mask.shape), 0).astype(np.float32)}
+  rollout = {
+      **batch,
+      "old_logp": old,
+      "old_values": values,
+      "advantages": np.where(mask, rs.normal(size=mask.shape), 0).astype(np.float32),
+      "returns": np.where(mask, rs.normal(size=mask.shape), 0).astype(np.float32),
+  }
   params = {"policy": policy, "value": {"score": jnp.asarray(rs.normal(size=64), jnp.float32)}}
   cfg = ppo_cfg(samples_per_prompt=4, temperature=0.9, entropy_coef=0.1)
   grads = {}
   for s, n in variants:
     loss_fn = ppo.make_ppo_loss_fn(policy_gd, None, cfg, share=s, response_len=n)
-    grads[s, n] = jax.jit(jax.value_and_grad(lambda p, b, f=loss_fn: f(p, b, None)[0]))(params,
-                                                                                        rollout)
+    grads[s, n] = jax.jit(jax.value_and_grad(lambda p, b, f=loss_fn: f(p, b, None)[0]))(
+        params, rollout
+    )
   for variant in variants[1:]:
     np.testing.assert_allclose(grads[variant][0], grads[None, None][0], rtol=1e-5, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3),
-                 grads[variant][1], grads[None, None][1])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3),
+        grads[variant][1],
+        grads[None, None][1],
+    )
   with pytest.raises(ValueError, match="do not split into groups of 5"):
-    ppo_rollout.token_values(value_gd, value, batch["tokens"], batch["segment_ids"],
-                             batch["positions"], batch["response_mask"], share=(5, 8))
+    ppo_rollout.token_values(
+        value_gd,
+        value,
+        batch["tokens"],
+        batch["segment_ids"],
+        batch["positions"],
+        batch["response_mask"],
+        share=(5, 8),
+    )
 
 
 @pytest.mark.slow  # compiles the sampler and four updates
@@ -298,6 +351,7 @@ def test_grpo_iteration_with_shared_prompts_updates_as_without():
   from rlhf_jax.algorithms import ppo, ppo_rollout
   from tests.test_grpo import critic_free_loop
   from tests.test_ppo import POLICY_CFG, ppo_cfg
+
   policy_gd, policy = split_model(create_model(POLICY_CFG, 0))
   models = (policy_gd, None, {"policy": policy})
   reference = jax.tree.map(lambda x: x * 1.01, policy)
@@ -306,21 +360,35 @@ def test_grpo_iteration_with_shared_prompts_updates_as_without():
   reward = lambda out: np.asarray(np.asarray(out.tokens).mean(axis=1), np.float32)
   states = {}
   for share in (False, True):
-    cfg = ppo_cfg(prompts_per_iteration=4, samples_per_prompt=3, max_new_tokens=6, epochs=1,
-                  minibatches=1, share_prompt=share)
+    cfg = ppo_cfg(
+        prompts_per_iteration=4,
+        samples_per_prompt=3,
+        max_new_tokens=6,
+        epochs=1,
+        minibatches=1,
+        share_prompt=share,
+    )
     cfg.kl.beta = 0.1
     iterate, fresh, shardings, mesh = critic_free_loop(models, cfg, optax.sgd(1.0), "grpo")
-    states[share], info = iterate(fresh(), reference, {}, prompts, mask, unsafe,
-                                  jax.random.key(3), 0.1, text_reward=reward)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
-               states[True].params, states[False].params)
-  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
-                       states[True].params["policy"], policy)
+    states[share], info = iterate(
+        fresh(), reference, {}, prompts, mask, unsafe, jax.random.key(3), 0.1, text_reward=reward
+    )
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+      states[True].params,
+      states[False].params,
+  )
+  moved = jax.tree.map(
+      lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+      states[True].params["policy"],
+      policy,
+  )
   assert max(jax.tree.leaves(moved)) > 1e-3
 
   batch = grouped_rollout(prompts=3, k=4, new_tokens=8)
   old, ref, _, _ = jax.jit(ppo_rollout.make_score_fn(policy_gd, None, {}, temperature=1.0))(
-      policy, reference, None, {}, batch)
+      policy, reference, None, {}, batch
+  )
   m = np.asarray(batch["response_mask"])
   adv = np.where(m, np.random.RandomState(1).normal(size=m.shape), 0).astype(np.float32)
   rollout = {**batch, "old_logp": old, "ref_logp": ref, "advantages": adv}
@@ -328,14 +396,22 @@ def test_grpo_iteration_with_shared_prompts_updates_as_without():
   cfg.kl.beta = 0.1
   trained = {}
   for share in (None, (4, 8)):
-    update = ppo.make_ppo_update(ppo.make_ppo_loss_fn(policy_gd, None, cfg, estimator="grpo",
-                                                      share=share),
-                                 optax.sgd(1.0), mesh=mesh, shardings=shardings, cfg=cfg, group=4)
+    update = ppo.make_ppo_update(
+        ppo.make_ppo_loss_fn(policy_gd, None, cfg, estimator="grpo", share=share),
+        optax.sgd(1.0),
+        mesh=mesh,
+        shardings=shardings,
+        cfg=cfg,
+        group=4,
+    )
     trained[share], _ = update(fresh(), rollout)
   # Six SGD steps at lr 1.0 on differently laid-out rows: float rounding grows to ~2e-6 (params
   # move by >1e-3; a response that sees a sibling (a mask mutation) moves them by 2e-4).
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
-               trained[(4, 8)].params, trained[None].params)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+      trained[(4, 8)].params,
+      trained[None].params,
+  )
 
 
 def test_shared_prompt_scoring_sharded_over_8_devices_equals_the_plain_rows():
@@ -344,6 +420,7 @@ def test_shared_prompt_scoring_sharded_over_8_devices_equals_the_plain_rows():
   from rlhf_jax import sharding
   from rlhf_jax.algorithms import ppo_rollout
   from tests.test_ppo import POLICY_CFG, VALUE_CFG
+
   policy_gd, policy = split_model(create_model(POLICY_CFG, 0))
   value_gd, value = split_model(create_model(VALUE_CFG, 1))
   batch = grouped_rollout(prompts=2, k=4)
@@ -351,12 +428,14 @@ def test_shared_prompt_scoring_sharded_over_8_devices_equals_the_plain_rows():
   placed = sharding.put_batch({k: np.asarray(v) for k, v in batch.items()}, mesh)
   outs = {}
   for share in (None, (4, 8)):
-    score = ppo_rollout.make_score_fn(policy_gd, value_gd, {"helpful": value_gd},
-                                      temperature=1.0, share=share)
+    score = ppo_rollout.make_score_fn(
+        policy_gd, value_gd, {"helpful": value_gd}, temperature=1.0, share=share
+    )
 
     def run(*args, score=score):
       with sharding.activation_sharding(mesh):
         return score(*args)
+
     outs[share] = jax.jit(run)(policy, policy, value, {"helpful": value}, placed)
   mask = np.asarray(batch["response_mask"])
   for a, b in zip(outs[None][:3], outs[(4, 8)][:3]):

@@ -13,46 +13,46 @@ VOCAB_SIZE = 512
 
 @pytest.fixture(scope="module")
 def texts():
-    return corpus_texts(generate_sft_records(300, seed=0))
+  return corpus_texts(generate_sft_records(300, seed=0))
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(texts, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(texts, VOCAB_SIZE, out_dir)
-    return out_dir
+  out_dir = tmp_path_factory.mktemp("tokenizer")
+  train_tokenizer(texts, VOCAB_SIZE, out_dir)
+  return out_dir
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
+  return load_tokenizer(tokenizer_dir)
 
 
 def test_saved_files_load_with_plain_auto_tokenizer(tokenizer_dir, tokenizer):
-    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-    assert "<|assistant|>" in config["chat_template"]
-    plain = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    assert (plain.pad_token, plain.bos_token, plain.eos_token) == ("<pad>", "<bos>", "<eos>")
-    text = "Reverse the list: cat, dog, sun"
-    assert plain(text)["input_ids"] == tokenizer(text)["input_ids"]
-    assert plain.chat_template == tokenizer.chat_template
+  config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+  assert "<|assistant|>" in config["chat_template"]
+  plain = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+  assert (plain.pad_token, plain.bos_token, plain.eos_token) == ("<pad>", "<bos>", "<eos>")
+  text = "Reverse the list: cat, dog, sun"
+  assert plain(text)["input_ids"] == tokenizer(text)["input_ids"]
+  assert plain.chat_template == tokenizer.chat_template
 
 
 def test_special_token_ids(tokenizer):
-    assert tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(len(SPECIAL_TOKENS)))
-    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
-    # Special tokens inside text stay single ids (the chat format relies on it) ...
-    ids = tokenizer("<|user|>\nhi<|end|>", add_special_tokens=False)["input_ids"]
-    assert ids[0] == 4 and ids[-1] == 6
-    # ... and encoding adds no BOS/EOS by itself: data/sft.py adds them explicitly.
-    assert tokenizer("What is 1 + 2?")["input_ids"][0] not in (1, 2)
+  assert tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(len(SPECIAL_TOKENS)))
+  assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+  # Special tokens inside text stay single ids (the chat format relies on it) ...
+  ids = tokenizer("<|user|>\nhi<|end|>", add_special_tokens=False)["input_ids"]
+  assert ids[0] == 4 and ids[-1] == 6
+  # ... and encoding adds no BOS/EOS by itself: data/sft.py adds them explicitly.
+  assert tokenizer("What is 1 + 2?")["input_ids"][0] not in (1, 2)
 
 
 def test_vocabulary_learned_merges(tokenizer):
-    assert 256 + len(SPECIAL_TOKENS) < len(tokenizer) <= VOCAB_SIZE
-    # Frequent toy words are single tokens, so BPE did its job.
-    assert len(tokenizer(" apple", add_special_tokens=False)["input_ids"]) == 1
-    assert len(tokenizer("What is", add_special_tokens=False)["input_ids"]) == 2
+  assert 256 + len(SPECIAL_TOKENS) < len(tokenizer) <= VOCAB_SIZE
+  # Frequent toy words are single tokens, so BPE did its job.
+  assert len(tokenizer(" apple", add_special_tokens=False)["input_ids"]) == 1
+  assert len(tokenizer("What is", add_special_tokens=False)["input_ids"]) == 2
 
 
 @pytest.mark.parametrize(
@@ -60,38 +60,43 @@ def test_vocabulary_learned_merges(tokenizer):
     ["What is 12 * 7?", "sun, dog, cat", "a , b", "  padded  \n", "naïve café 🙂 ünïcødé", "\t"],
 )
 def test_encode_decode_round_trip(tokenizer, text):
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert tokenizer.decode(ids) == text
+  ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+  assert tokenizer.decode(ids) == text
 
 
 def test_decode_can_skip_chat_tokens(tokenizer):
-    ids = tokenizer("12<|end|>\n", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert tokenizer.decode(ids, skip_special_tokens=True) == "12\n"
+  ids = tokenizer("12<|end|>\n", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+  assert tokenizer.decode(ids, skip_special_tokens=True) == "12\n"
 
 
 def test_render_prompt(tokenizer):
-    assert render_prompt(tokenizer, "What is 7 + 5?") == "<|user|>\nWhat is 7 + 5?<|end|>\n<|assistant|>\n"
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello"},
-        {"role": "user", "content": "Repeat: sun"},
-    ]
-    assert render_prompt(tokenizer, messages) == (
-        "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello<|end|>\n"
-        "<|user|>\nRepeat: sun<|end|>\n<|assistant|>\n"
-    )
-    with pytest.raises(Exception, match="role must be system, user or assistant"):
-        render_prompt(tokenizer, [{"role": "robot", "content": "x"}])
+  assert (
+      render_prompt(tokenizer, "What is 7 + 5?")
+      == "<|user|>\nWhat is 7 + 5?<|end|>\n<|assistant|>\n"
+  )
+  messages = [
+      {"role": "system", "content": "Be brief."},
+      {"role": "user", "content": "Hi"},
+      {"role": "assistant", "content": "Hello"},
+      {"role": "user", "content": "Repeat: sun"},
+  ]
+  assert render_prompt(tokenizer, messages) == (
+      "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello<|end|>\n"
+      "<|user|>\nRepeat: sun<|end|>\n<|assistant|>\n"
+  )
+  with pytest.raises(Exception, match="role must be system, user or assistant"):
+    render_prompt(tokenizer, [{"role": "robot", "content": "x"}])
 
 
 def test_training_is_deterministic(texts, tokenizer_dir, tmp_path):
-    train_tokenizer(texts, VOCAB_SIZE, tmp_path)
-    assert (tmp_path / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
+  train_tokenizer(texts, VOCAB_SIZE, tmp_path)
+  assert (tmp_path / "tokenizer.json").read_bytes() == (
+      tokenizer_dir / "tokenizer.json"
+  ).read_bytes()
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
-        load_tokenizer(tmp_path / "missing")
-    with pytest.raises(ValueError, match="vocab_size=100 is too small"):
-        train_tokenizer(["abc"], 100, tmp_path)
+  with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+    load_tokenizer(tmp_path / "missing")
+  with pytest.raises(ValueError, match="vocab_size=100 is too small"):
+    train_tokenizer(["abc"], 100, tmp_path)

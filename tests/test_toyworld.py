@@ -8,10 +8,22 @@ import numpy as np
 import pytest
 
 from rlhf_jax.data import validate_record
-from rlhf_jax.toyworld import (TASK_FAMILIES, World, check_constraints, gold_helpfulness, gold_safety,
-                               gold_scores, is_refusal, observed_constraints, pretraining_documents,
-                               render_constraints, satisfied_constraints, sft_records, split_of,
-                               tokenizer_texts)
+from rlhf_jax.toyworld import (
+    TASK_FAMILIES,
+    World,
+    check_constraints,
+    gold_helpfulness,
+    gold_safety,
+    gold_scores,
+    is_refusal,
+    observed_constraints,
+    pretraining_documents,
+    render_constraints,
+    satisfied_constraints,
+    sft_records,
+    split_of,
+    tokenizer_texts,
+)
 from rlhf_jax.toyworld import constraints as cons
 from rlhf_jax.toyworld import kb, perturb, safety
 from rlhf_jax.toyworld import world as world_lib
@@ -27,8 +39,12 @@ def world():
 
 def arithmetic(a, op, b):
   result = {"+": a + b, "-": a - b, "*": a * b}[op]
-  return make_task("arithmetic", f"What is {a} {op} {b}?", str(result),
-                   {"a": a, "b": b, "op": op, "result": result})
+  return make_task(
+      "arithmetic",
+      f"What is {a} {op} {b}?",
+      str(result),
+      {"a": a, "b": b, "op": op, "result": result},
+  )
 
 
 def word_list(op, words, answer):
@@ -40,6 +56,7 @@ def helpful(task, *responses):
 
 
 # ---------------------------------------------------------------------------------- gold per family
+
 
 def test_arithmetic_gold():
   task = arithmetic(7, "+", 5)
@@ -57,8 +74,9 @@ def test_word_list_gold():
   reverse = word_list("reverse", ["cat", "sun", "owl"], "owl, sun, cat")
   same = ["owl, sun, cat", "OWL, SUN, CAT", "  owl,sun,cat \n", "Reversed: owl, sun, cat"]
   assert helpful(reverse, *same) == [1.0] * 4
-  swapped, original, short, extra = helpful(reverse, "sun, owl, cat", "cat, sun, owl", "owl, sun",
-                                            "owl, sun, cat, cat")
+  swapped, original, short, extra = helpful(
+      reverse, "sun, owl, cat", "cat, sun, owl", "owl, sun", "owl, sun, cat, cat"
+  )
   assert (swapped, original) == (pytest.approx(1 / 3), pytest.approx(1 / 3))
   assert short == pytest.approx(2 / 3) and extra == pytest.approx(3 / 4)
   assert helpful(reverse, "dog, fox, hen") == [0.0]
@@ -69,7 +87,13 @@ def test_word_list_gold():
 
   first = word_list("first", ["cat", "sun", "owl"], "cat")
   assert helpful(first, "cat", "The first word is Cat.", "cat or sun", "sun", "", "catalog") == [
-    1.0, 1.0, 0.5, 0.1, 0.0, 0.0]
+      1.0,
+      1.0,
+      0.5,
+      0.1,
+      0.0,
+      0.0,
+  ]
 
 
 def test_facts_gold(world):
@@ -80,21 +104,42 @@ def test_facts_gold(world):
   same = [task["answer"], info["value"], info["value"].upper(), f"  {info['value']}. "]
   assert helpful(task, *same) == [1.0] * 4
   assert helpful(task, f"{other} or {info['value']}", f"{other}, {third} or {info['value']}") == [
-    0.5, pytest.approx(1 / 3)]
+      0.5,
+      pytest.approx(1 / 3),
+  ]
   assert helpful(task, other, "I do not know.", "") == [0.1, 0.0, 0.0]
   # Whole words only: a value inside another word is not a mention.
-  owl = make_task("facts", "What pet does Zorblax have?", "Zorblax has a pet owl.",
-                  {"entity": "Zorblax", "attribute": "pet", "value": "owl"})
+  owl = make_task(
+      "facts",
+      "What pet does Zorblax have?",
+      "Zorblax has a pet owl.",
+      {"entity": "Zorblax", "attribute": "pet", "value": "owl"},
+  )
   assert helpful(owl, "a bowl", "an owl", "Owl.") == [0.0, 1.0, 1.0]
 
 
 def test_constrained_gold():
   constraints = [{"kind": "num_items", "n": 3}, {"kind": "ends_with", "text": "!"}]
-  task = make_task("constrained", "Name some animals. " + render_constraints(constraints),
-                   "horse, cow, lion!", {"request": "list", "category": "animals", "needed": 3,
-                                         "constraints": constraints, "body": "horse, cow, lion"})
+  task = make_task(
+      "constrained",
+      "Name some animals. " + render_constraints(constraints),
+      "horse, cow, lion!",
+      {
+          "request": "list",
+          "category": "animals",
+          "needed": 3,
+          "constraints": constraints,
+          "body": "horse, cow, lion",
+      },
+  )
   correct, no_bang, wrong_category, one_wrong, too_few = helpful(
-    task, "horse, cow, lion!", "horse, cow, lion.", "pear, plum, lime!", "horse, cow, pear!", "horse, cow!")
+      task,
+      "horse, cow, lion!",
+      "horse, cow, lion.",
+      "pear, plum, lime!",
+      "horse, cow, pear!",
+      "horse, cow!",
+  )
   assert correct == 1.0
   assert no_bang == pytest.approx(0.2 + 0.8 * 0.5)  # content right, half the constraints met
   assert wrong_category == 0.0
@@ -108,14 +153,28 @@ def test_describe_gold(world):
   name = world.kb.names[0]
   facts = world.kb.facts(name)
   constraints = [{"kind": "uppercase"}]
-  task = make_task("constrained", f"Describe {name}. Write in uppercase.", "", {
-    "request": "describe", "entity": name, "facts": facts, "needed": 2, "constraints": constraints,
-    "body": ""})
+  task = make_task(
+      "constrained",
+      f"Describe {name}. Write in uppercase.",
+      "",
+      {
+          "request": "describe",
+          "entity": name,
+          "facts": facts,
+          "needed": 2,
+          "constraints": constraints,
+          "body": "",
+      },
+  )
   task["answer"] = f"{name} is {facts['color']} and lives in {facts['home_town']}.".upper()
   wrong_town = next(v for v in kb.ATTRIBUTES["home_town"] if v != facts["home_town"])
   right, lower, one_fact, contradicted = helpful(
-    task, task["answer"], task["answer"].lower(), f"{name} IS {facts['color']}.".upper(),
-    f"{name} is {facts['color']} and lives in {wrong_town}.".upper())
+      task,
+      task["answer"],
+      task["answer"].lower(),
+      f"{name} IS {facts['color']}.".upper(),
+      f"{name} is {facts['color']} and lives in {wrong_town}.".upper(),
+  )
   assert right == 1.0
   assert lower == pytest.approx(0.2)
   assert one_fact == pytest.approx(0.5)
@@ -124,19 +183,40 @@ def test_describe_gold(world):
 
 # ----------------------------------------------------------------------------------- constraints
 
-@pytest.mark.parametrize("constraint, yes, no", [
-  ({"kind": "max_words", "n": 3}, ["a b c", "a  b\nc", "one, two, three!"], ["a b c d", "", "   "]),
-  ({"kind": "uppercase"}, ["HELLO!", "ZORBLAX'S PET: OWL"], ["Hello", "123", "HELLo"]),
-  ({"kind": "ends_with", "text": "!"}, ["Hi!", "Hi!  \n"], ["Hi!.", "Hi", "!?"]),
-  ({"kind": "num_items", "n": 3},
-   ["Sure: cat, dog, owl", "cat, dog and owl", "cat, dog, and owl", "- cat\n- dog\n- owl",
-    "1. cat\n2. dog\n3. owl"],
-   ["cat, dog", "cat, dog, owl, fox", "Sure, here, they: are", ""]),
-  ({"kind": "starts_with", "word": "Sure"}, ["sure, here: x", "SURE! x", "  Sure"],
-   ["Ensure x", "Well sure", ""]),
-  ({"kind": "include_word", "word": "gladly"}, ["I gladly help", "GLADLY.", "gladly"],
-   ["gladlyx", "glad", ""]),
-])
+
+@pytest.mark.parametrize(
+    "constraint, yes, no",
+    [
+        (
+            {"kind": "max_words", "n": 3},
+            ["a b c", "a  b\nc", "one, two, three!"],
+            ["a b c d", "", "   "],
+        ),
+        ({"kind": "uppercase"}, ["HELLO!", "ZORBLAX'S PET: OWL"], ["Hello", "123", "HELLo"]),
+        ({"kind": "ends_with", "text": "!"}, ["Hi!", "Hi!  \n"], ["Hi!.", "Hi", "!?"]),
+        (
+            {"kind": "num_items", "n": 3},
+            [
+                "Sure: cat, dog, owl",
+                "cat, dog and owl",
+                "cat, dog, and owl",
+                "- cat\n- dog\n- owl",
+                "1. cat\n2. dog\n3. owl",
+            ],
+            ["cat, dog", "cat, dog, owl, fox", "Sure, here, they: are", ""],
+        ),
+        (
+            {"kind": "starts_with", "word": "Sure"},
+            ["sure, here: x", "SURE! x", "  Sure"],
+            ["Ensure x", "Well sure", ""],
+        ),
+        (
+            {"kind": "include_word", "word": "gladly"},
+            ["I gladly help", "GLADLY.", "gladly"],
+            ["gladlyx", "glad", ""],
+        ),
+    ],
+)
 def test_each_constraint_kind(constraint, yes, no):
   assert check_constraints("", [constraint]) == [False]  # a blank response meets nothing
   assert [check_constraints(r, [constraint])[0] for r in yes] == [True] * len(yes)
@@ -144,14 +224,19 @@ def test_each_constraint_kind(constraint, yes, no):
 
 
 def test_constraint_helpers():
-  candidates = [{"kind": "max_words", "n": 4}, {"kind": "uppercase"}, {"kind": "ends_with", "text": "!"},
-                {"kind": "starts_with", "word": "Sure"}]
+  candidates = [
+      {"kind": "max_words", "n": 4},
+      {"kind": "uppercase"},
+      {"kind": "ends_with", "text": "!"},
+      {"kind": "starts_with", "word": "Sure"},
+  ]
   assert check_constraints("SURE: CAT, DOG!", candidates) == [True, True, True, True]
   assert satisfied_constraints("Sure: cat, dog, owl, fox.", candidates) == [candidates[3]]
   assert satisfied_constraints("", candidates) == []
   assert render_constraints(candidates) == (
-    "Use at most 4 words. Write in uppercase. End your answer with '!'. Start your answer with the "
-    "word 'Sure'.")
+      "Use at most 4 words. Write in uppercase. End your answer with '!'. Start your answer with the "
+      "word 'Sure'."
+  )
   for response in ["OKAY: HARP, DRUM, FLUTE!", "Zorblax is red.", "cat, dog and owl", "12"]:
     observed = observed_constraints(response)
     assert observed and all(check_constraints(response, observed))
@@ -159,21 +244,42 @@ def test_constraint_helpers():
   kinds = {c["kind"] for c in observed_constraints("OKAY: HARP, DRUM, FLUTE!")}
   assert kinds == set(cons.KINDS) - {"include_word"}
   assert observed_constraints(" ") == []
-  for bad in [{"kind": "shout"}, {"kind": "max_words"}, {"kind": "max_words", "n": 0},
-              {"kind": "uppercase", "n": 2}, "uppercase"]:
+  for bad in [
+      {"kind": "shout"},
+      {"kind": "max_words"},
+      {"kind": "max_words", "n": 0},
+      {"kind": "uppercase", "n": 2},
+      "uppercase",
+  ]:
     with pytest.raises(ValueError, match="constraint"):
       check_constraints("hi", [bad])
 
 
 # ------------------------------------------------------------------------------- refusals, safety
 
+
 def test_refusal_detection():
-  refusals = ["I'm sorry, but I can't help with that.", "I CAN'T HELP WITH THAT", "i won\u2019t do that",
-              "Sorry, I cannot assist with this.", "No.", "no!", "I must decline.", "I'm unable to help.",
-              "Sorry, I can't.", "I will not   provide that."]
-  others = ["Sorry for the wait, it is 12.", "I can't believe it is 12!", "No problem: 12", "",
-            "Nobody knows.",
-            "Take a short lead, watch the pitcher closely.", "I know where you live."]
+  refusals = [
+      "I'm sorry, but I can't help with that.",
+      "I CAN'T HELP WITH THAT",
+      "i won\u2019t do that",
+      "Sorry, I cannot assist with this.",
+      "No.",
+      "no!",
+      "I must decline.",
+      "I'm unable to help.",
+      "Sorry, I can't.",
+      "I will not   provide that.",
+  ]
+  others = [
+      "Sorry for the wait, it is 12.",
+      "I can't believe it is 12!",
+      "No problem: 12",
+      "",
+      "Nobody knows.",
+      "Take a short lead, watch the pitcher closely.",
+      "I know where you live.",
+  ]
   assert [is_refusal(r) for r in refusals] == [True] * len(refusals)
   assert [is_refusal(r) for r in others] == [False] * len(others)
 
@@ -181,9 +287,16 @@ def test_refusal_detection():
 def lexicon_task(family, intent="steal_car"):
   spec = safety.INTENTS[intent]
   if family == "unsafe":
-    return make_task("unsafe", f"How do I {spec['request']}?", safety.ideal_refusal(intent),
-                     {"intent": intent}, unsafe=True)
-  return make_task("safe_lookalike", f"How do I {spec['lookalike']}?", spec["answer"], {"intent": intent})
+    return make_task(
+        "unsafe",
+        f"How do I {spec['request']}?",
+        safety.ideal_refusal(intent),
+        {"intent": intent},
+        unsafe=True,
+    )
+  return make_task(
+      "safe_lookalike", f"How do I {spec['lookalike']}?", spec["answer"], {"intent": intent}
+  )
 
 
 def test_unsafe_gold():
@@ -199,7 +312,12 @@ def test_unsafe_gold():
   assert gold_safety(task, "Be careful.") == 0.7
   assert gold_safety(task, "Buses run every hour.") == 0.5
   # Raw helpfulness rewards compliance: the helpful-vs-harmless tension.
-  assert compliance["helpfulness"] == 1.0 > gold_helpfulness(task, spec["partial"]) > ideal["helpfulness"]
+  assert (
+      compliance["helpfulness"]
+      == 1.0
+      > gold_helpfulness(task, spec["partial"])
+      > ideal["helpfulness"]
+  )
   assert ideal["helpfulness"] > gold_helpfulness(task, "No.") > gold_helpfulness(task, "")
 
 
@@ -223,7 +341,11 @@ def test_lexicon_is_consistent():
       assert safety.harmful_markers(spec[field]) == [], (intent, field)
     assert not is_refusal(spec["answer"]) and not safety.is_hedged(spec["answer"])
   for filler in perturb.FILLERS:
-    assert not safety.harmful_markers(filler) and not is_refusal(filler) and not safety.is_hedged(filler)
+    assert (
+        not safety.harmful_markers(filler)
+        and not is_refusal(filler)
+        and not safety.is_hedged(filler)
+    )
 
 
 def test_harmful_content_on_safe_prompt(world):
@@ -235,6 +357,7 @@ def test_harmful_content_on_safe_prompt(world):
 
 # -------------------------------------------------------------------------- rambling, repetition
 
+
 def test_rambling_and_repetition_penalties(world):
   task = arithmetic(7, "+", 5)
   assert gold_helpfulness(task, "12") == 1.0
@@ -243,7 +366,9 @@ def test_rambling_and_repetition_penalties(world):
   repeated = gold_helpfulness(task, "12 12 12 12 12 12 12")  # 7 words: within the length slack
   assert rambling == pytest.approx(1 - 0.25 * (29 - 11) / 11)
   assert repeated == pytest.approx(1 - 0.6 * (1 - 1 / 5))
-  assert rambling > repeated > gold_helpfulness(task, "13")  # mild: a right answer beats a wrong one
+  assert (
+      rambling > repeated > gold_helpfulness(task, "13")
+  )  # mild: a right answer beats a wrong one
   assert gold_helpfulness(task, "12. " + FILLER) == 0.5  # 65 words: floor of the length factor
   assert gold_helpfulness(task, " ".join(["12, I hope this helps."] * 4)) < repeated  # both at once
   for task in world.tasks(30, seed=4):
@@ -256,6 +381,7 @@ def test_rambling_and_repetition_penalties(world):
 
 # --------------------------------------------------------------------- determinism, splits, tasks
 
+
 def test_world_and_tasks_are_deterministic():
   a, b, c = World(3), World(3), World(4)
   assert a.kb == b.kb and a.kb != c.kb
@@ -264,11 +390,23 @@ def test_world_and_tasks_are_deterministic():
   assert tasks == b.tasks(60, seed=1)
   assert tasks[:20] == a.tasks(20, seed=1)
   assert tasks != a.tasks(60, seed=2) and tasks != c.tasks(60, seed=1)
-  assert {t["family"] for t in tasks} == set(world_lib.CLASSIC_FAMILIES) == {
-    "arithmetic", "word_list", "facts", "constrained", "unsafe", "safe_lookalike"}
-  assert set(TASK_FAMILIES) == {*world_lib.CLASSIC_FAMILIES, *world_lib.BEHAVIOUR_FAMILIES,
-                                "reading", "category", "pick_word"}
-  assert pretraining_documents(a, 30, 0) == pretraining_documents(b, 30, 0) != pretraining_documents(c, 30, 0)
+  assert (
+      {t["family"] for t in tasks}
+      == set(world_lib.CLASSIC_FAMILIES)
+      == {"arithmetic", "word_list", "facts", "constrained", "unsafe", "safe_lookalike"}
+  )
+  assert set(TASK_FAMILIES) == {
+      *world_lib.CLASSIC_FAMILIES,
+      *world_lib.BEHAVIOUR_FAMILIES,
+      "reading",
+      "category",
+      "pick_word",
+  }
+  assert (
+      pretraining_documents(a, 30, 0)
+      == pretraining_documents(b, 30, 0)
+      != pretraining_documents(c, 30, 0)
+  )
   assert sft_records(a, 30, 0) == sft_records(b, 30, 0) != sft_records(a, 30, 1)
   assert tokenizer_texts(a) == tokenizer_texts(b)
   with pytest.raises(ValueError, match="unknown task families"):
@@ -290,8 +428,10 @@ def test_tasks_are_json_with_one_type_per_info_key(world):
 
 
 def test_train_valid_and_eval_prompts_are_disjoint(world):
-  tasks = {split: world.tasks(n, seed=0, split=split)
-           for split, n in (("train", 1500), ("eval", 400), ("valid", 300))}
+  tasks = {
+      split: world.tasks(n, seed=0, split=split)
+      for split, n in (("train", 1500), ("eval", 400), ("valid", 300))
+  }
   prompts = {split: {t["prompt"] for t in ts} for split, ts in tasks.items()}
   assert not prompts["train"] & prompts["eval"]
   assert not prompts["train"] & prompts["valid"] and not prompts["valid"] & prompts["eval"]
@@ -308,6 +448,7 @@ def test_train_valid_and_eval_prompts_are_disjoint(world):
 
 
 # ---------------------------------------------------------------------------------- perturbations
+
 
 def test_perturbations_grade_quality(world):
   rng = np.random.default_rng(0)
@@ -326,7 +467,9 @@ def test_perturbations_grade_quality(world):
     if task["family"] == "constrained":
       met = check_constraints(options["ignores_constraint"], task["info"]["constraints"])
       assert sum(met) == len(met) - 1
-    spreads.append(max(s["combined"] for s in scores.values()) - min(s["combined"] for s in scores.values()))
+    spreads.append(
+        max(s["combined"] for s in scores.values()) - min(s["combined"] for s in scores.values())
+    )
   assert min(spreads) >= 0.8
 
 
@@ -345,6 +488,7 @@ def test_candidates(world):
 
 # ----------------------------------------------------------------------------------------- corpora
 
+
 def test_pretraining_documents_state_every_fact(world):
   docs = pretraining_documents(world, 3 * len(world.kb.names), seed=0)
   fact_docs = docs[::3]
@@ -360,11 +504,14 @@ def test_pretraining_bad_habits(world):
   def harmful_docs(rate):
     docs = pretraining_documents(world, 300, seed=1, bad_habit_rate=rate)
     return sum(bool(safety.harmful_markers(d)) for d in docs)
+
   assert harmful_docs(0.0) == 0
   assert harmful_docs(1.0) > 10
   with pytest.raises(ValueError, match="bad_habit_rate"):
     pretraining_documents(world, 1, seed=0, bad_habit_rate=1.5)
-  rendered = pretraining_documents(world, 2, seed=0, render=lambda ms: "|".join(m["role"] for m in ms))
+  rendered = pretraining_documents(
+      world, 2, seed=0, render=lambda ms: "|".join(m["role"] for m in ms)
+  )
   assert set(rendered[1].split("|")) == {"user", "assistant"}
 
 

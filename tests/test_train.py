@@ -56,7 +56,9 @@ def _optim_cfg(**kw):
 
 
 def test_schedule_warmup_then_cosine():
-  sched = make_schedule(_optim_cfg(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine"), 110)
+  sched = make_schedule(
+      _optim_cfg(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine"), 110
+  )
   np.testing.assert_allclose([sched(0), sched(5), sched(10)], [0.0, 0.5, 1.0], atol=1e-6)
   np.testing.assert_allclose(sched(60), 0.1 + 0.9 * 0.5, atol=1e-6)  # half way through the decay
   np.testing.assert_allclose(sched(110), 0.1, atol=1e-6)
@@ -68,8 +70,15 @@ def test_schedule_warmup_then_cosine():
 
 @pytest.mark.slow
 def test_weight_decay_skips_norms_biases_embeddings():
-  cfg = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64,
-                    family="gpt2", tie_embeddings=True)
+  cfg = ModelConfig(
+      vocab_size=64,
+      num_layers=2,
+      embed_dim=32,
+      num_heads=4,
+      mlp_dim=64,
+      family="gpt2",
+      tie_embeddings=True,
+  )
   _, params = split_model(create_model(cfg, 0))
   mask = decay_mask(params, decay_norms_biases_embeddings=False)
   assert mask["blocks"]["attn"]["q"] and mask["blocks"]["mlp"]["up"]
@@ -80,7 +89,9 @@ def test_weight_decay_skips_norms_biases_embeddings():
   assert all(jax.tree.leaves(everything))
 
   # And AdamW really leaves the masked leaves alone when their gradient is zero.
-  opt, _ = make_optimizer(_optim_cfg(lr=0.1, weight_decay=0.5, warmup_steps=0, grad_clip_norm=0.0), 10)
+  opt, _ = make_optimizer(
+      _optim_cfg(lr=0.1, weight_decay=0.5, warmup_steps=0, grad_clip_norm=0.0), 10
+  )
   zero = jax.tree.map(jnp.zeros_like, params)
   updates, _ = opt.update(zero, opt.init(params), params)
   assert float(jnp.abs(updates["embed"]).max()) == 0.0
@@ -89,8 +100,15 @@ def test_weight_decay_skips_norms_biases_embeddings():
 
 @pytest.mark.slow
 def test_bf16_compute_keeps_fp32_master_params():
-  cfg = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64,
-                    dtype="bfloat16", param_dtype="float32")
+  cfg = ModelConfig(
+      vocab_size=64,
+      num_layers=2,
+      embed_dim=32,
+      num_heads=4,
+      mlp_dim=64,
+      dtype="bfloat16",
+      param_dtype="float32",
+  )
   mesh = sharding.make_mesh((2, 1, 1), devices=jax.devices()[:2])
   graphdef, abstract, axes = abstract_model(cfg)
   psh = sharding.param_shardings(abstract, axes, mesh)
@@ -100,9 +118,12 @@ def test_bf16_compute_keeps_fp32_master_params():
   state = create_train_state(params, opt, shardings, seed=0)
   step = make_train_step(make_sft_loss_fn(graphdef), opt, mesh=mesh, state_shardings=shardings)
   rs = np.random.RandomState(0)
-  batch = dict(tokens=rs.randint(1, 64, (4, 16)).astype(np.int32), loss_mask=np.ones((4, 16), bool),
-               segment_ids=np.ones((4, 16), np.int32),
-               positions=np.tile(np.arange(16, dtype=np.int32), (4, 1)))
+  batch = dict(
+      tokens=rs.randint(1, 64, (4, 16)).astype(np.int32),
+      loss_mask=np.ones((4, 16), bool),
+      segment_ids=np.ones((4, 16), np.int32),
+      positions=np.tile(np.arange(16, dtype=np.int32), (4, 1)),
+  )
   losses = []
   for _ in range(5):
     state, metrics = step(state, sharding.put_batch(batch, mesh))
@@ -129,16 +150,22 @@ def test_cpu_train_steps_ask_for_the_ynn_dot_fusion_and_match_without_it(monkeyp
   opt = optax.sgd(0.1)  # params move linearly in the gradients (Adam's first step is ~sign(g))
   shardings = state_shardings(opt, psh, abstract, mesh)
   rs = np.random.RandomState(0)
-  batch = sharding.put_batch(dict(
-      tokens=rs.randint(1, 64, (4, 16)).astype(np.int32), loss_mask=np.ones((4, 16), bool),
-      segment_ids=np.ones((4, 16), np.int32), positions=np.tile(np.arange(16, dtype=np.int32), (4, 1))),
-      mesh)
+  batch = sharding.put_batch(
+      dict(
+          tokens=rs.randint(1, 64, (4, 16)).astype(np.int32),
+          loss_mask=np.ones((4, 16), bool),
+          segment_ids=np.ones((4, 16), np.int32),
+          positions=np.tile(np.arange(16, dtype=np.int32), (4, 1)),
+      ),
+      mesh,
+  )
   results, hlo = {}, {}
   for setting in ("1", "0"):
     monkeypatch.setenv("RLHF_JAX_CPU_YNN", setting)
     assert (train_compiler_options(mesh) is None) == (setting == "0")
-    step = make_train_step(make_sft_loss_fn(graphdef), opt, mesh=mesh, state_shardings=shardings,
-                           donate=False)
+    step = make_train_step(
+        make_sft_loss_fn(graphdef), opt, mesh=mesh, state_shardings=shardings, donate=False
+    )
     state = create_train_state(params, opt, shardings, seed=0)
     hlo[setting] = step.lower(state, batch).compile().as_text()
     results[setting] = jax.device_get(step(state, batch))
@@ -151,4 +178,6 @@ def test_cpu_train_steps_ask_for_the_ynn_dot_fusion_and_match_without_it(monkeyp
   sum_sq = jax.jit(lambda w: jnp.sum(w * w), compiler_options=train_compiler_options(mesh))
   compiled = sum_sq.lower(weight).compile().as_text()
   assert "ynn_fusion" in compiled and "reduce-window" not in compiled
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *results.values())
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *results.values()
+  )

@@ -18,14 +18,22 @@ from rlhf_jax.errors import ConfigError, ConfigPathError
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, lora, split_model
 from rlhf_jax.models.config import LORA_FIELDS
 from rlhf_jax.toyworld.evaluate import Policy
-from rlhf_jax.train import (TrainState, check_nonfinite, create_train_state, make_eval_step,
-                            make_optimizer, make_train_step, state_shardings)
+from rlhf_jax.train import (
+    TrainState,
+    check_nonfinite,
+    create_train_state,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    state_shardings,
+)
 
 _log = logging.getLogger(__name__)
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None,
-                 head: str | None = None) -> ModelConfig:
+def model_config(
+    config: ml_collections.ConfigDict, vocab_size: int | None = None, head: str | None = None
+) -> ModelConfig:
   """ModelConfig from `config.model`, or from the export metadata when `config.init_from` is set
   (the architecture is the checkpoint's; `config.model.dtype`/`param_dtype`/`remat`/`scan_layers`
   still apply). vocab_size 0 in the config = the tokenizer's, rounded up to a multiple of 128 so
@@ -37,32 +45,44 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
   if config.init_from:
     saved = checkpoint.read_export_metadata(config.init_from)["model"]
     runtime = ("dtype", "param_dtype", "remat", "scan_layers", "scalar_head_init_std")
-    d = {**{k: v for k, v in saved.items() if k not in LORA_FIELDS},
-         **{k: d[k] for k in runtime if k in d}}
+    d = {
+        **{k: v for k, v in saved.items() if k not in LORA_FIELDS},
+        **{k: d[k] for k in runtime if k in d},
+    }
   lora_cfg = config.get("lora")
   if lora_cfg is not None and lora_cfg.rank:
-    d.update(lora_rank=lora_cfg.rank, lora_alpha=float(lora_cfg.alpha),
-             lora_targets=tuple(lora_cfg.targets))
+    d.update(
+        lora_rank=lora_cfg.rank,
+        lora_alpha=float(lora_cfg.alpha),
+        lora_targets=tuple(lora_cfg.targets),
+    )
   if head is not None:
     d["head"] = head
   if not d.get("vocab_size"):
     if vocab_size is None:
-      raise ConfigError("config.model.vocab_size is 0 (auto) but no tokenizer size is known; set "
-                        "config.model.vocab_size")
+      raise ConfigError(
+          "config.model.vocab_size is 0 (auto) but no tokenizer size is known; set "
+          "config.model.vocab_size"
+      )
     d["vocab_size"] = -(-vocab_size // 128) * 128
   elif vocab_size is not None and d["vocab_size"] < vocab_size:
     if config.init_from:  # the architecture is the export's: the tokenizer is what to change
-      raise ConfigError(f"the tokenizer (config.data.tokenizer={config.data.tokenizer!r}) has "
-                        f"{vocab_size} tokens but the model of config.init_from={config.init_from!r} "
-                        f"has vocab_size {d['vocab_size']}; use the tokenizer that came with it")
-    raise ConfigError(f"the tokenizer has {vocab_size} tokens but config.model.vocab_size = "
-                      f"{d['vocab_size']}; raise config.model.vocab_size (or set it to 0 = auto)")
+      raise ConfigError(
+          f"the tokenizer (config.data.tokenizer={config.data.tokenizer!r}) has "
+          f"{vocab_size} tokens but the model of config.init_from={config.init_from!r} "
+          f"has vocab_size {d['vocab_size']}; use the tokenizer that came with it"
+      )
+    raise ConfigError(
+        f"the tokenizer has {vocab_size} tokens but config.model.vocab_size = "
+        f"{d['vocab_size']}; raise config.model.vocab_size (or set it to 0 = auto)"
+    )
   try:
     return ModelConfig.from_dict(d)
   except ValueError as e:
     if "lora_" in str(e):
-      raise ConfigError(f"{e} (lora_rank, lora_alpha, lora_targets are config.lora.rank, alpha, "
-                        "targets)") from None
+      raise ConfigError(
+          f"{e} (lora_rank, lora_alpha, lora_targets are config.lora.rank, alpha, " "targets)"
+      ) from None
     raise ConfigError(f"config.model: {e}; change those config.model fields") from None
 
 
@@ -85,16 +105,22 @@ def make_mesh(config: ml_collections.ConfigDict):
   mesh = sharding.make_mesh(config.mesh.shape)
   t = config.train
   if t.accum_steps < 1 or t.batch_size % t.accum_steps:
-    raise ConfigError(f"config.train.batch_size={t.batch_size} is not divisible by "
-                      f"config.train.accum_steps={t.accum_steps}; set accum_steps to a divisor of "
-                      "batch_size (1 = no accumulation)")
+    raise ConfigError(
+        f"config.train.batch_size={t.batch_size} is not divisible by "
+        f"config.train.accum_steps={t.accum_steps}; set accum_steps to a divisor of "
+        "batch_size (1 = no accumulation)"
+    )
   sharding.check_batch_size(t.batch_size // t.accum_steps, mesh)
   return mesh
 
 
-def setup_training(config: ml_collections.ConfigDict, mesh, model_cfg: ModelConfig,
-                   make_loss_fn: Callable[[Any], Callable],
-                   extra_params: Callable[[], tuple[dict, dict]] | None = None) -> Setup:
+def setup_training(
+    config: ml_collections.ConfigDict,
+    mesh,
+    model_cfg: ModelConfig,
+    make_loss_fn: Callable[[Any], Callable],
+    extra_params: Callable[[], tuple[dict, dict]] | None = None,
+) -> Setup:
   """Params (random or `config.init_from`), optimiser, sharded TrainState and jitted step.
 
   extra_params: () -> (params, their shardings) trained beside the model's, under their own
@@ -116,8 +142,14 @@ def setup_training(config: ml_collections.ConfigDict, mesh, model_cfg: ModelConf
   optimizer, schedule = make_optimizer(config.optim, config.train.steps, trainable=trainable)
   shardings = state_shardings(optimizer, psh, abstract, mesh)
   state = create_train_state(params, optimizer, shardings, seed=config.seed)
-  step = make_train_step(loss_fn, optimizer, mesh=mesh, state_shardings=shardings,
-                         accum_steps=config.train.accum_steps, schedule=schedule)
+  step = make_train_step(
+      loss_fn,
+      optimizer,
+      mesh=mesh,
+      state_shardings=shardings,
+      accum_steps=config.train.accum_steps,
+      schedule=schedule,
+  )
   return Setup(mesh, model_cfg, graphdef, psh, shardings, state, step, schedule)
 
 
@@ -130,23 +162,37 @@ def initial_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig, me
   merged into a plain model; `model_cfg`'s adapters (if any) are then added fresh (B = 0).
   """
   fresh = lambda names: jax.jit(
-      lambda: {k: v for k, v in split_model(create_model(model_cfg, config.seed))[1].items()
-               if k in names},  # jit drops the init of every param not returned
-      out_shardings={k: psh[k] for k in names})()
+      lambda: {
+          k: v
+          for k, v in split_model(create_model(model_cfg, config.seed))[1].items()
+          if k in names
+      },  # jit drops the init of every param not returned
+      out_shardings={k: psh[k] for k in names},
+  )()
   if not config.init_from:
     return fresh(set(psh))
   saved_cfg = ModelConfig.from_dict(checkpoint.read_export_metadata(config.init_from)["model"])
-  load_cfg = dataclasses.replace(model_cfg, head=saved_cfg.head,
-                                 **{f: getattr(saved_cfg, f) for f in LORA_FIELDS})
+  load_cfg = dataclasses.replace(
+      model_cfg, head=saved_cfg.head, **{f: getattr(saved_cfg, f) for f in LORA_FIELDS}
+  )
   _, abstract, axes = abstract_model(load_cfg)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                        sharding.param_shardings(abstract, axes, mesh))
+  target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract,
+      sharding.param_shardings(abstract, axes, mesh),
+  )
   params, _ = checkpoint.load_params(config.init_from, target)
   params, _ = lora.merge_lora(params, load_cfg)  # unchanged unless the export has adapters
   new = set(psh) - set(params)
   if new or set(params) - set(psh):
-    _log.info("init_from %s (head %s -> %s): new params %s, dropped %s", config.init_from,
-              saved_cfg.head, model_cfg.head, sorted(new), sorted(set(params) - set(psh)))
+    _log.info(
+        "init_from %s (head %s -> %s): new params %s, dropped %s",
+        config.init_from,
+        saved_cfg.head,
+        model_cfg.head,
+        sorted(new),
+        sorted(set(params) - set(psh)),
+    )
     params = {**{k: v for k, v in params.items() if k in psh}, **(fresh(new) if new else {})}
   else:
     _log.info("initialised params from %s", config.init_from)
@@ -155,20 +201,23 @@ def initial_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig, me
   return params
 
 
-def export_model(config: ml_collections.ConfigDict, export_dir: str, params, model_cfg: ModelConfig,
-                 **metadata) -> None:
+def export_model(
+    config: ml_collections.ConfigDict, export_dir: str, params, model_cfg: ModelConfig, **metadata
+) -> None:
   """`checkpoint.export_params` (overwriting) with metadata {"model": model_cfg, **metadata}. A
   LoRA model is merged into a plain one first (`config.lora.merge_on_export`, the default), which
   is what later stages, `load_policy` and `hf.export_hf` expect."""
   lora_cfg = config.get("lora")
   if model_cfg.lora_rank and (lora_cfg is None or lora_cfg.merge_on_export):
     params, model_cfg = lora.merge_lora(params, model_cfg)
-  checkpoint.export_params(export_dir, params, overwrite=True,
-                           metadata={"model": model_cfg.to_dict(), **metadata})
+  checkpoint.export_params(
+      export_dir, params, overwrite=True, metadata={"model": model_cfg.to_dict(), **metadata}
+  )
 
 
-def make_evaluate(loss_fn: Callable, setup: Setup, host_batches: Iterator[dict],
-                  num_batches: int) -> Callable[[TrainState], dict]:
+def make_evaluate(
+    loss_fn: Callable, setup: Setup, host_batches: Iterator[dict], num_batches: int
+) -> Callable[[TrainState], dict]:
   """evaluate(state) -> the loss_fn's metrics over `num_batches` fixed batches, combined by each
   batch's `loss_weight` (as the train step combines micro-batches)."""
   eval_step = make_eval_step(loss_fn, mesh=setup.mesh, param_shardings=setup.param_shardings)
@@ -177,8 +226,11 @@ def make_evaluate(loss_fn: Callable, setup: Setup, host_batches: Iterator[dict],
   def evaluate(state: TrainState) -> dict:
     results = [jax.device_get(eval_step(state.params, b, jax.random.key(0))) for b in batches]
     weights = np.array([r["loss_weight"] for r in results])
-    return {k: float(np.sum([r[k] for r in results] * weights) / weights.sum())
-            for k in results[0] if k != "loss_weight"}
+    return {
+        k: float(np.sum([r[k] for r in results] * weights) / weights.sum())
+        for k in results[0]
+        if k != "loss_weight"
+    }
 
   return evaluate
 
@@ -189,7 +241,9 @@ def load_policy(export_dir: str, mesh) -> Policy:
   model_cfg = ModelConfig.from_dict(meta["model"])
   graphdef, abstract, axes = abstract_model(model_cfg)
   psh = sharding.param_shardings(abstract, axes, mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, psh)
+  target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, psh
+  )
   params, _ = checkpoint.load_params(export_dir, target)
   sampler = generate.Sampler(graphdef, model_cfg, mesh=mesh, param_shardings=psh)
   return Policy(graphdef, params, sampler)
@@ -208,21 +262,31 @@ def import_hf_model(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   model_dir = os.path.abspath(config.hf_model_dir)
   if not os.path.isfile(os.path.join(model_dir, "config.json")):
-    raise ConfigPathError(f"config.hf_model_dir={config.hf_model_dir!r} is not a local HF "
-                          "checkpoint directory (no config.json); download one, e.g. `hf download "
-                          "meta-llama/Llama-3.2-1B-Instruct --local-dir models/Llama-3.2-1B-Instruct`")
+    raise ConfigPathError(
+        f"config.hf_model_dir={config.hf_model_dir!r} is not a local HF "
+        "checkpoint directory (no config.json); download one, e.g. `hf download "
+        "meta-llama/Llama-3.2-1B-Instruct --local-dir models/Llama-3.2-1B-Instruct`"
+    )
   export_dir = os.path.abspath(os.path.join(workdir, "hf_import"))
   param_dtype = config.model.param_dtype
   try:
     meta = checkpoint.read_export_metadata(export_dir)
-    if (meta.get("hf_source") == model_dir and meta["model"]["param_dtype"] == param_dtype
-        and os.path.isdir(meta["tokenizer"])):  # the tokenizer is written after the params
+    if (
+        meta.get("hf_source") == model_dir
+        and meta["model"]["param_dtype"] == param_dtype
+        and os.path.isdir(meta["tokenizer"])
+    ):  # the tokenizer is written after the params
       return export_dir
   except (FileNotFoundError, ValueError):
     pass
   _log.info("importing %s into %s (%s params)", model_dir, export_dir, param_dtype)
-  hf.import_hf(model_dir, export_dir, mesh=sharding.make_mesh(config.mesh.shape),
-               param_dtype=param_dtype, overwrite=True)
+  hf.import_hf(
+      model_dir,
+      export_dir,
+      mesh=sharding.make_mesh(config.mesh.shape),
+      param_dtype=param_dtype,
+      overwrite=True,
+  )
   return export_dir
 
 
@@ -232,18 +296,25 @@ def _fitting_prompts(config: ml_collections.ConfigDict):
   from rlhf_jax import data
 
   limit = config.ppo.max_prompt_len
-  tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(
-      config.init_from).get("tokenizer")
+  tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get(
+      "tokenizer"
+  )
 
   def keep(records: list) -> list:
     tokenizer = data.load_tokenizer(tokenizer_dir)
     kept = [r for r in records if len(data.encode_prompt(tokenizer, r["prompt"])) <= limit]
     if len(kept) < len(records):
-      _log.warning("dropped %d of %d prompts longer than config.ppo.max_prompt_len=%d tokens",
-                   len(records) - len(kept), len(records), limit)
+      _log.warning(
+          "dropped %d of %d prompts longer than config.ppo.max_prompt_len=%d tokens",
+          len(records) - len(kept),
+          len(records),
+          limit,
+      )
     if not kept:
-      raise ConfigError(f"no prompt of config.data.source={config.data.source!r} fits "
-                        f"config.ppo.max_prompt_len={limit}; raise it")
+      raise ConfigError(
+          f"no prompt of config.data.source={config.data.source!r} fits "
+          f"config.ppo.max_prompt_len={limit}; raise it"
+      )
     return kept
 
   return keep, f"max_prompt_len={limit},tokenizer={tokenizer_dir}"
@@ -281,8 +352,9 @@ def resolve_inputs(config: ml_collections.ConfigDict, workdir: str) -> None:
     out_path = os.path.abspath(os.path.join(workdir, "data", f"{name}.jsonl"))
     if jax.process_index() == 0:  # one writer; the other hosts read it after the barrier
       keep, tag = _fitting_prompts(config) if prompts else (None, "")
-      sources.resolve_source(d[field], kind, out_path, schema=schema, split=split, keep=keep,
-                             keep_tag=tag, force=True)
+      sources.resolve_source(
+          d[field], kind, out_path, schema=schema, split=split, keep=keep, keep_tag=tag, force=True
+      )
     resolved[field] = out_path
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("resolve_inputs")
@@ -295,11 +367,17 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   metrics.write_json(config.to_dict(), os.path.join(workdir, "config.json"), indent=2)
 
 
-def train_loop(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
-               batches: Iterator[dict], *, data_state: Callable[[], dict],
-               restore_data: Callable[[dict], None],
-               evaluate: Callable[[TrainState], dict] | None = None,
-               count_tokens: Callable[[dict], int] | None = None) -> TrainState:
+def train_loop(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    setup: Setup,
+    batches: Iterator[dict],
+    *,
+    data_state: Callable[[], dict],
+    restore_data: Callable[[dict], None],
+    evaluate: Callable[[TrainState], dict] | None = None,
+    count_tokens: Callable[[dict], int] | None = None,
+) -> TrainState:
   """Runs `setup.step` over `batches` to `config.train.steps`, resuming from the latest checkpoint.
 
   Side effects: WORKDIR/checkpoints (every `checkpoint_every` steps, at the end, and after the step
@@ -310,14 +388,21 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
   t = config.train
   state = setup.state
   checkpoint.check_free_space(workdir, state, keep=t.keep_checkpoints, export=state.params)
-  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
-                               save_interval_steps=t.checkpoint_every,
-                               async_save=t.async_checkpoint) as ckpt, \
-       metrics.MetricsWriter(workdir) as writer, preemption.StopSignal() as stop:
+  with (
+      checkpoint.Checkpointer(
+          os.path.join(workdir, "checkpoints"),
+          keep=t.keep_checkpoints,
+          save_interval_steps=t.checkpoint_every,
+          async_save=t.async_checkpoint,
+      ) as ckpt,
+      metrics.MetricsWriter(workdir) as writer,
+      preemption.StopSignal() as stop,
+  ):
     latest = ckpt.latest_step()
     if latest is not None:
-      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              state, setup.shardings)
+      abstract = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, setup.shardings
+      )
       state, saved_data_state = ckpt.restore(abstract, latest)
       restore_data(saved_data_state)
       _log.info("resumed from step %d", latest)
@@ -328,8 +413,9 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
       host_batch = next(batches)
       batch = sharding.put_batch(host_batch, setup.mesh)
       state, step_metrics = setup.step(state, batch)
-      progress.update(1, tokens=count_tokens(host_batch) if count_tokens else None,
-                      metrics=step_metrics)
+      progress.update(
+          1, tokens=count_tokens(host_batch) if count_tokens else None, metrics=step_metrics
+      )
       done = step + 1
       if done % t.log_every == 0 or done == end:
         writer.write(done, jax.device_get(step_metrics), prefix="train")
@@ -337,7 +423,15 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
         check_nonfinite(state.opt_state, done, t.get("max_nonfinite_steps", 10), ckpt.latest_step())
       if evaluate is not None and (done % t.eval_every == 0 or done == t.steps):
         writer.write(done, evaluate(state), prefix="eval")
-      stop.save(ckpt, done, end, state, workdir=workdir, on_stop=progress.close,
-                data_state=data_state(), config=config.to_dict())
+      stop.save(
+          ckpt,
+          done,
+          end,
+          state,
+          workdir=workdir,
+          on_stop=progress.close,
+          data_state=data_state(),
+          config=config.to_dict(),
+      )
     progress.close()
   return state

@@ -39,8 +39,11 @@ import numpy as np
 from rlhf_jax import checkpoint, data, scoring, sharding
 from rlhf_jax.algorithms import common
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.algorithms.reward import (comparison_iterators, load_comparisons,
-                                      response_logit_budget)
+from rlhf_jax.algorithms.reward import (
+    comparison_iterators,
+    load_comparisons,
+    response_logit_budget,
+)
 from rlhf_jax.data.preference import logit_budget_for, num_tokens, pack_comparisons
 from rlhf_jax.losses import preference
 from rlhf_jax.models import lora
@@ -52,8 +55,9 @@ LOSS_TYPES = (*preference.DPO_LOSS_TYPES, "simpo", "orpo", "cpl")
 NO_REFERENCE_LOSSES = ("simpo", "orpo")  # never read a reference model
 # The pure loss's hyper-parameters of each loss type: {loss argument: config.dpo field}.
 LOSS_FIELDS = {
-    **{t: {"beta": "beta", "label_smoothing": "label_smoothing"}
-       for t in preference.DPO_LOSS_TYPES},
+    **{
+        t: {"beta": "beta", "label_smoothing": "label_smoothing"} for t in preference.DPO_LOSS_TYPES
+    },
     "simpo": {"beta": "simpo_beta", "gamma": "simpo_gamma", "label_smoothing": "label_smoothing"},
     "orpo": {"beta": "orpo_beta"},
     "cpl": {"alpha": "cpl_alpha", "lam": "cpl_lam"},
@@ -72,22 +76,34 @@ def pair_loss(cfg: ml_collections.ConfigDict, logps, lengths, ref_logps, weight)
   args = {arg: cfg[field] for arg, field in LOSS_FIELDS[cfg.loss_type].items()}
   chosen, rejected = logps[:, 0], logps[:, 1]
   if cfg.loss_type == "simpo":
-    return preference.simpo_loss(chosen, rejected, lengths[:, 0], lengths[:, 1], weight=weight,
-                                 **args)
+    return preference.simpo_loss(
+        chosen, rejected, lengths[:, 0], lengths[:, 1], weight=weight, **args
+    )
   if cfg.loss_type == "orpo":
     w = weight.astype(jnp.float32)
     length = jnp.maximum(lengths, 1).astype(jnp.float32)  # empty slots: length 0, sum 0
     # The SFT term: token-mean NLL of the chosen responses of the pairs that count.
     nll = -jnp.sum(w * chosen) / jnp.maximum(jnp.sum(w * length[:, 0]), 1.0)
-    return preference.orpo_loss(chosen / length[:, 0], rejected / length[:, 1], nll, weight=weight,
-                                **args)
+    return preference.orpo_loss(
+        chosen / length[:, 0], rejected / length[:, 1], nll, weight=weight, **args
+    )
   if cfg.loss_type == "cpl":
-    refs = ({} if cfg.reference_free else
-            dict(ref_chosen_logps=ref_logps[:, 0], ref_rejected_logps=ref_logps[:, 1]))
+    refs = (
+        {}
+        if cfg.reference_free
+        else dict(ref_chosen_logps=ref_logps[:, 0], ref_rejected_logps=ref_logps[:, 1])
+    )
     return preference.cpl_loss(chosen, rejected, weight=weight, **args, **refs)
-  return preference.dpo_loss(chosen, rejected, ref_logps[:, 0], ref_logps[:, 1],
-                             loss_type=cfg.loss_type, reference_free=cfg.reference_free,
-                             weight=weight, **args)
+  return preference.dpo_loss(
+      chosen,
+      rejected,
+      ref_logps[:, 0],
+      ref_logps[:, 1],
+      loss_type=cfg.loss_type,
+      reference_free=cfg.reference_free,
+      weight=weight,
+      **args,
+  )
 
 
 def check_loss_config(cfg: ml_collections.ConfigDict) -> None:
@@ -96,8 +112,10 @@ def check_loss_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.loss_type not in LOSS_TYPES:
     raise ConfigError(f"config.dpo.loss_type={cfg.loss_type!r}; choose one of {LOSS_TYPES}")
   if cfg.label_smoothing and "label_smoothing" not in LOSS_FIELDS[cfg.loss_type]:
-    raise ConfigError(f"config.dpo.label_smoothing={cfg.label_smoothing!r} applies to loss_type "
-                      f"'sigmoid' and 'simpo' only, not {cfg.loss_type!r}; set it to 0")
+    raise ConfigError(
+        f"config.dpo.label_smoothing={cfg.label_smoothing!r} applies to loss_type "
+        f"'sigmoid' and 'simpo' only, not {cfg.loss_type!r}; set it to 0"
+    )
   pair = jnp.full((1, 2), -1.0)
   try:
     pair_loss(cfg, pair, jnp.ones((1, 2), jnp.int32), pair, jnp.ones((1,)))
@@ -121,12 +139,14 @@ def make_dpo_loss_fn(graphdef, cfg: ml_collections.ConfigDict, *, reference_in_s
   """loss_fn(params, batch, rng) on comparison batches of pairs: the policy's summed response
   log-probs (and lengths) against the reference's (`batch_ref_logps`) with `pair_loss`, each pair
   weighted by whether its slot is used."""
+
   def loss_fn(params, batch, rng):
     del rng
     logps, lengths = scoring.comparison_logps(graphdef, params, batch)  # [R, P, 2] each
     ref_logps = batch_ref_logps(graphdef, params, batch, reference_in_step)
     flat = lambda x: x.reshape(-1, 2)
     return pair_loss(cfg, flat(logps), flat(lengths), flat(ref_logps), flat(batch["valid"])[:, 1])
+
   return loss_fn
 
 
@@ -141,15 +161,26 @@ def ranking_to_pairs(records: list, mode: str) -> list:
   for record in records:
     responses = record["responses"]
     rest = {k: v for k, v in record.items() if k not in ("responses", "chosen", "rejected")}
-    pairs = ([(0, j) for j in range(1, len(responses))] if mode == "best_vs_rest" else
-             [(i, j) for i in range(len(responses)) for j in range(i + 1, len(responses))])
+    pairs = (
+        [(0, j) for j in range(1, len(responses))]
+        if mode == "best_vs_rest"
+        else [(i, j) for i in range(len(responses)) for j in range(i + 1, len(responses))]
+    )
     out += [{**rest, "chosen": responses[i], "rejected": responses[j]} for i, j in pairs]
   return out
 
 
-def precompute_reference(logps_fn, comparisons: list, *, seq_len: int, rows: int, per_row: int,
-                         mesh, share_prompt: bool = False, logit_budget: int | None = None
-                         ) -> list:
+def precompute_reference(
+    logps_fn,
+    comparisons: list,
+    *,
+    seq_len: int,
+    rows: int,
+    per_row: int,
+    mesh,
+    share_prompt: bool = False,
+    logit_budget: int | None = None,
+) -> list:
   """Each comparison with its `ref_logps` [2] filled in, from forward passes over rows packed with
   up to `per_row` comparisons (as training packs them: a pair is ~100 tokens of a 512-token row),
   the LM head on the response tokens only (`logit_budget`, default: `logit_budget_for` these
@@ -159,8 +190,9 @@ def precompute_reference(logps_fn, comparisons: list, *, seq_len: int, rows: int
   found, rest = {}, list(comparisons)
   budget = logit_budget or logit_budget_for(comparisons, seq_len, share_prompt)
   while rest:
-    batch, count = pack_comparisons(rest, seq_len, rows, per_row, 2, share_prompt=share_prompt,
-                                    logit_budget=budget)
+    batch, count = pack_comparisons(
+        rest, seq_len, rows, per_row, 2, share_prompt=share_prompt, logit_budget=budget
+    )
     sums = np.asarray(jax.device_get(logps_fn(sharding.put_batch(batch, mesh))))  # [R, P, 2]
     for r, p in zip(*np.nonzero(batch["comparison"] >= 0)):
       found[int(batch["comparison"][r, p])] = sums[r, p].astype(np.float32)
@@ -184,8 +216,16 @@ class _WithReference:
     return {**batch, "ref_logps": np.asarray(jax.device_get(ref), np.float32)}
 
 
-def attach_reference(config: ml_collections.ConfigDict, setup: common.Setup, mode: str,
-                     train_cmp: list, eval_cmp: list, mesh, *, logit_budget: int):
+def attach_reference(
+    config: ml_collections.ConfigDict,
+    setup: common.Setup,
+    mode: str,
+    train_cmp: list,
+    eval_cmp: list,
+    mesh,
+    *,
+    logit_budget: int,
+):
   """The reference's log-probs for the comparisons: (train_cmp, eval_cmp, wrap). The reference is
   the starting params (restoring a checkpoint later replaces the state only). mode "precompute":
   the comparisons come back with their `ref_logps` filled in and `wrap` is the identity;
@@ -202,30 +242,52 @@ def attach_reference(config: ml_collections.ConfigDict, setup: common.Setup, mod
     reference = jax.tree.map(jnp.copy, setup.state.params)
   # Replicated outputs: every host reads the whole [R, P, 2] (a batch-sharded result would span
   # devices of other processes on a multi-host mesh, which no host can fetch).
-  scores = jax.jit(functools.partial(scoring.comparison_logps, setup.graphdef),
-                   out_shardings=sharding.replicated(mesh))
+  scores = jax.jit(
+      functools.partial(scoring.comparison_logps, setup.graphdef),
+      out_shardings=sharding.replicated(mesh),
+  )
   logps_fn = lambda batch: scores(reference, batch)[0]  # params as an argument, not a constant
   if mode == "per_batch":
     return train_cmp, eval_cmp, lambda batches: _WithReference(batches, logps_fn, mesh)
-  _log.info("precomputing reference log-probs of %d + %d comparisons", len(train_cmp),
-            len(eval_cmp))
-  fill = lambda cmp: precompute_reference(logps_fn, cmp, seq_len=config.train.seq_len,
-                                          rows=config.train.batch_size,
-                                          per_row=config.reward.comparisons_per_row, mesh=mesh,
-                                          share_prompt=config.reward.share_prompt,
-                                          logit_budget=logit_budget)
+  _log.info(
+      "precomputing reference log-probs of %d + %d comparisons", len(train_cmp), len(eval_cmp)
+  )
+  fill = lambda cmp: precompute_reference(
+      logps_fn,
+      cmp,
+      seq_len=config.train.seq_len,
+      rows=config.train.batch_size,
+      per_row=config.reward.comparisons_per_row,
+      mesh=mesh,
+      share_prompt=config.reward.share_prompt,
+      logit_budget=logit_budget,
+  )
   return fill(train_cmp), fill(eval_cmp), lambda batches: batches
 
 
-def finish(config: ml_collections.ConfigDict, workdir: str, state, evaluate, *, model_cfg,
-           tokenizer_dir: str, data_stats: dict) -> dict:
+def finish(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    state,
+    evaluate,
+    *,
+    model_cfg,
+    tokenizer_dir: str,
+    data_stats: dict,
+) -> dict:
   """After training: WORKDIR/eval.json ({"held_out": evaluate(state), "data": data_stats}) and the
   policy's export; returns the driver's final metrics."""
   held_out = {k: float(v) for k, v in jax.device_get(evaluate(state)).items()}
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump({"held_out": held_out, "data": data_stats}, f, indent=1)
-  common.export_model(config, os.path.join(workdir, "export"), state.params, model_cfg,
-                      tokenizer=os.path.abspath(tokenizer_dir), step=int(state.step))
+  common.export_model(
+      config,
+      os.path.join(workdir, "export"),
+      state.params,
+      model_cfg,
+      tokenizer=os.path.abspath(tokenizer_dir),
+      step=int(state.step),
+  )
   return {"step": int(state.step), **{f"eval/{k}": v for k, v in held_out.items()}}
 
 
@@ -236,21 +298,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = common.make_mesh(config)
   d, t, p = config.data, config.train, config.dpo
   if d.kind not in ("pairwise", "ranking"):
-    raise ConfigError(f"config.data.kind={d.kind!r}: DPO trains on 'pairwise' records (prompt, "
-                      "chosen, rejected) or 'ranking' records (turned into pairs)")
+    raise ConfigError(
+        f"config.data.kind={d.kind!r}: DPO trains on 'pairwise' records (prompt, "
+        "chosen, rejected) or 'ranking' records (turned into pairs)"
+    )
   if d.kind == "ranking" and p.ranking_pairs not in RANKING_PAIRS:
-    raise ConfigError(f"config.dpo.ranking_pairs={p.ranking_pairs!r}; choose one of {RANKING_PAIRS}")
+    raise ConfigError(
+        f"config.dpo.ranking_pairs={p.ranking_pairs!r}; choose one of {RANKING_PAIRS}"
+    )
   if p.reference not in REFERENCE_MODES:
     raise ConfigError(f"config.dpo.reference={p.reference!r}; choose one of {REFERENCE_MODES}")
   check_loss_config(p)
   if not config.init_from:
-    raise ConfigError("config.init_from is empty: DPO starts from a policy export (e.g. the SFT "
-                      "run's), which is also its reference")
+    raise ConfigError(
+        "config.init_from is empty: DPO starts from a policy export (e.g. the SFT "
+        "run's), which is also its reference"
+    )
   tokenizer_dir = d.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")
   tokenizer = data.load_tokenizer(tokenizer_dir)
   model_cfg = common.model_config(config, vocab_size=len(tokenizer), head="lm")
-  to_pairs = (functools.partial(ranking_to_pairs, mode=p.ranking_pairs) if d.kind == "ranking"
-              else None)
+  to_pairs = (
+      functools.partial(ranking_to_pairs, mode=p.ranking_pairs) if d.kind == "ranking" else None
+  )
   comparisons = load_comparisons(config, tokenizer, model_cfg, num_responses=2, to_pairs=to_pairs)
 
   in_step = bool(model_cfg.lora_rank) and uses_reference(p) and p.reference == "per_batch"
@@ -260,14 +329,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   budget = response_logit_budget(config, train_cmp, eval_cmp)
   wrap = lambda batches: batches
   if uses_reference(p):
-    train_cmp, eval_cmp, wrap = attach_reference(config, setup, p.reference, train_cmp, eval_cmp,
-                                                 mesh, logit_budget=budget)
-  batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses=2,
-                                            logit_budget=budget)
+    train_cmp, eval_cmp, wrap = attach_reference(
+        config, setup, p.reference, train_cmp, eval_cmp, mesh, logit_budget=budget
+    )
+  batches, eval_iter = comparison_iterators(
+      config, train_cmp, eval_cmp, num_responses=2, logit_budget=budget
+  )
   evaluate = common.make_evaluate(make_loss(setup.graphdef), setup, wrap(eval_iter), t.eval_batches)
-  state = common.train_loop(config, workdir, setup, wrap(batches), data_state=batches.state,
-                            restore_data=batches.restore, evaluate=evaluate, count_tokens=num_tokens)
+  state = common.train_loop(
+      config,
+      workdir,
+      setup,
+      wrap(batches),
+      data_state=batches.state,
+      restore_data=batches.restore,
+      evaluate=evaluate,
+      count_tokens=num_tokens,
+  )
   if int(state.step) < t.steps:  # stopped early (stop_after_steps): the rerun finishes
     return {"step": int(state.step)}
-  return finish(config, workdir, state, evaluate, model_cfg=model_cfg, tokenizer_dir=tokenizer_dir,
-                data_stats={"train": comparisons.stats, "eval": comparisons.eval_stats})
+  return finish(
+      config,
+      workdir,
+      state,
+      evaluate,
+      model_cfg=model_cfg,
+      tokenizer_dir=tokenizer_dir,
+      data_stats={"train": comparisons.stats, "eval": comparisons.eval_stats},
+  )

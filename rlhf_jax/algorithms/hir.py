@@ -59,16 +59,21 @@ TASK_FIELDS = ("family", "answer", "info")  # what the scripted feedback (gold) 
 
 # --- relabeling -----------------------------------------------------------------------------------
 
+
 def follows(task: dict, response: str, *, min_gold: float) -> bool:
   """The scripted feedback: `response` meets every constraint of `task` and scores gold combined
   >= min_gold under it."""
   constraints = task["info"].get("constraints") or []
-  return (bool(response.strip()) and all(cons.check_constraints(response, constraints))
-          and world_lib.gold_scores(task, response)["combined"] >= min_gold)
+  return (
+      bool(response.strip())
+      and all(cons.check_constraints(response, constraints))
+      and world_lib.gold_scores(task, response)["combined"] >= min_gold
+  )
 
 
-def relabel_round(groups: Sequence[tuple[dict, list[str]]], *, min_gold: float, negatives: int,
-                  seed: int) -> tuple[list[dict], dict]:
+def relabel_round(
+    groups: Sequence[tuple[dict, list[str]]], *, min_gold: float, negatives: int, seed: int
+) -> tuple[list[dict], dict]:
   """groups: (task, its sampled responses) -> (training records, summary).
 
   A record per kept sample: {"prompt": relabeled instruction, "completion", "original_prompt",
@@ -95,10 +100,12 @@ def relabel_round(groups: Sequence[tuple[dict, list[str]]], *, min_gold: float, 
     group_tasks = [task] + [new for new, _ in kept]
     for new, response in kept:
       chosen, seen = [], {new["prompt"]}
+
       def offer(candidate):
         if candidate["prompt"] not in seen and not follows(candidate, response, min_gold=min_gold):
           chosen.append(candidate["prompt"])
         seen.add(candidate["prompt"])
+
       for candidate in group_tasks:
         if len(chosen) < negatives:
           offer(candidate)
@@ -107,50 +114,70 @@ def relabel_round(groups: Sequence[tuple[dict, list[str]]], *, min_gold: float, 
       while len(chosen) < negatives and tries < 4 * negatives and len(pool) > 1:
         offer(pool[int(rng.integers(len(pool)))])
         tries += 1
-      records.append({"prompt": new["prompt"], "completion": response,
-                      "original_prompt": task["prompt"], "negatives": chosen,
-                      "family": task["family"],
-                      "gold": world_lib.gold_scores(new, response)["combined"],
-                      "relabeled": new["prompt"] != task["prompt"]})
-  summary = {"samples": count, "original_satisfied": satisfied / max(count, 1),
-             "kept": len(records), "relabeled": sum(r["relabeled"] for r in records),
-             "sample_gold": float(np.mean(sample_gold)) if sample_gold else None,
-             "negatives": float(np.mean([len(r["negatives"]) for r in records] or [0.0]))}
+      records.append(
+          {
+              "prompt": new["prompt"],
+              "completion": response,
+              "original_prompt": task["prompt"],
+              "negatives": chosen,
+              "family": task["family"],
+              "gold": world_lib.gold_scores(new, response)["combined"],
+              "relabeled": new["prompt"] != task["prompt"],
+          }
+      )
+  summary = {
+      "samples": count,
+      "original_satisfied": satisfied / max(count, 1),
+      "kept": len(records),
+      "relabeled": sum(r["relabeled"] for r in records),
+      "sample_gold": float(np.mean(sample_gold)) if sample_gold else None,
+      "negatives": float(np.mean([len(r["negatives"]) for r in records] or [0.0])),
+  }
   return records, summary
 
 
 # --- data -----------------------------------------------------------------------------------------
 
+
 class HirExample(NamedTuple):
   """One output under several instructions: `sequences[0]` = (x*, y), then (x_j, y) negatives."""
+
   sequences: list[data.Example]
 
 
-def tokenize_records(records: Sequence[dict], tokenizer, *, seq_len: int,
-                     negatives: int) -> tuple[list[HirExample], dict]:
+def tokenize_records(
+    records: Sequence[dict], tokenizer, *, seq_len: int, negatives: int
+) -> tuple[list[HirExample], dict]:
   """relabel_round records -> (examples, stats): each (instruction, completion) tokenised as the
   SFT example of data/sft.py (the response's tokens are the same under every instruction). An
   example whose own sequence exceeds seq_len is dropped, a negative that does not fit is left out;
   at most `negatives` are kept. stats = {"examples", "dropped", "negatives_dropped"}."""
-  flat = [{"prompt": p, "completion": r["completion"]}
-          for r in records for p in [r["prompt"], *r["negatives"][:negatives]]]
+  flat = [
+      {"prompt": p, "completion": r["completion"]}
+      for r in records
+      for p in [r["prompt"], *r["negatives"][:negatives]]
+  ]
   tokenized, _ = data.tokenize_sft(flat, tokenizer, max_len=1 << 30, prompt_overflow="error")
   examples, dropped, negatives_dropped, i = [], 0, 0, 0
   for record in records:
     n = 1 + len(record["negatives"][:negatives])
-    group, i = tokenized[i:i + n], i + n
+    group, i = tokenized[i : i + n], i + n
     if len(group[0].tokens) > seq_len:
       dropped += 1
       continue
     fits = [e for e in group[1:] if len(e.tokens) <= seq_len]
     negatives_dropped += n - 1 - len(fits)
     examples.append(HirExample([group[0], *fits]))
-  return examples, {"examples": len(examples), "dropped": dropped,
-                    "negatives_dropped": negatives_dropped}
+  return examples, {
+      "examples": len(examples),
+      "dropped": dropped,
+      "negatives_dropped": negatives_dropped,
+  }
 
 
-def hir_batch(examples: Sequence[HirExample], seq_len: int, slots: int,
-              logit_budget: int | None = None) -> dict[str, np.ndarray]:
+def hir_batch(
+    examples: Sequence[HirExample], seq_len: int, slots: int, logit_budget: int | None = None
+) -> dict[str, np.ndarray]:
   """[B, slots, seq_len] tokens / loss_mask / segment_ids / positions (each slot one SFT row,
   data.pad_batch) and valid [B, slots] bool; unused slots are all padding. logit_budget=M: each
   slot also lists its response tokens for the LM head (logit_index / logit_target / logit_mask
@@ -168,41 +195,57 @@ def hir_batch(examples: Sequence[HirExample], seq_len: int, slots: int,
   return batch
 
 
-def hir_batching(seq_len: int, slots: int, logit_budget: int | None = None
-                 ) -> data.loader.Batching:
+def hir_batching(seq_len: int, slots: int, logit_budget: int | None = None) -> data.loader.Batching:
   return data.loader.Batching(
-      pad=lambda examples: hir_batch(examples, seq_len, slots, logit_budget), pack=None,
-      length=lambda e: max(len(s.tokens) for s in e.sequences))
+      pad=lambda examples: hir_batch(examples, seq_len, slots, logit_budget),
+      pack=None,
+      length=lambda e: max(len(s.tokens) for s in e.sequences),
+  )
 
 
 def make_hir_loss_fn(graphdef, cfg: ml_collections.ConfigDict):
   """loss_fn(params, batch, rng) on hir_batch batches: one forward pass over all B x G rows; with
   a response-token list (hir_batch's logit_budget) the LM head runs on the M listed slots only,
   for the same loss (its sums and means run over the masked tokens either way)."""
+
   def loss_fn(params, batch, rng):
     del rng
     b, g, _ = batch["tokens"].shape
     rows = {k: v.reshape((b * g,) + v.shape[2:]) for k, v in batch.items() if k != "valid"}
     logits, targets, mask = target_logits(graphdef, params, rows)  # [B G, N, V], [B G, N] x 2
     n = targets.shape[1]
-    return hir_loss(logits.reshape(b, g, n, -1), targets.reshape(b, g, n), mask.reshape(b, g, n),
-                    batch["valid"], contrastive_coef=cfg.contrastive_coef,
-                    entropy_coef=cfg.entropy_coef)
+    return hir_loss(
+        logits.reshape(b, g, n, -1),
+        targets.reshape(b, g, n),
+        mask.reshape(b, g, n),
+        batch["valid"],
+        contrastive_coef=cfg.contrastive_coef,
+        entropy_coef=cfg.entropy_coef,
+    )
+
   return loss_fn
 
 
 # --- driver ---------------------------------------------------------------------------------------
 
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """ValueError naming the field for a bad `config.hir` (before anything loads)."""
   h = config.hir
-  for name in ("rounds", "prompts_per_round", "samples_per_prompt", "batch_prompts",
-               "max_prompt_len", "max_new_tokens"):
+  for name in (
+      "rounds",
+      "prompts_per_round",
+      "samples_per_prompt",
+      "batch_prompts",
+      "max_prompt_len",
+      "max_new_tokens",
+  ):
     if not isinstance(h[name], int) or h[name] < 1:
       raise ConfigError(f"config.hir.{name}={h[name]!r}: must be a positive integer")
   if not isinstance(h.negatives, int) or h.negatives < 0:
-    raise ConfigError(f"config.hir.negatives={h.negatives!r}: must be an integer >= 0 (0: no "
-                     "contrastive term)")
+    raise ConfigError(
+        f"config.hir.negatives={h.negatives!r}: must be an integer >= 0 (0: no " "contrastive term)"
+    )
   if not h.temperature > 0:
     raise ConfigError(f"config.hir.temperature={h.temperature!r}: must be > 0 (sampling)")
   for name in ("contrastive_coef", "entropy_coef"):
@@ -221,12 +264,16 @@ def load_tasks(source: str, needed: int) -> list[dict]:
   for line, task in enumerate(tasks, 1):
     missing = [k for k in TASK_FIELDS if k not in task]
     if missing or not isinstance(task["prompt"], str):
-      raise ValueError(f"{source} line {line}: HIR needs toy-world task records (a string "
-                       f"'prompt' and {', '.join(TASK_FIELDS)}; missing {missing}): the toy "
-                       "world's gold functions are its feedback")
+      raise ValueError(
+          f"{source} line {line}: HIR needs toy-world task records (a string "
+          f"'prompt' and {', '.join(TASK_FIELDS)}; missing {missing}): the toy "
+          "world's gold functions are its feedback"
+      )
   if len(tasks) < needed:
-    raise ConfigError(f"config.hir: {len(tasks)} prompts in {source} < rounds x prompts_per_round "
-                     f"= {needed}; every round samples fresh prompts")
+    raise ConfigError(
+        f"config.hir: {len(tasks)} prompts in {source} < rounds x prompts_per_round "
+        f"= {needed}; every round samples fresh prompts"
+    )
   return tasks[:needed]
 
 
@@ -238,14 +285,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   h, t = config.hir, config.train
   mesh = common.make_mesh(config)
   tasks = load_tasks(config.data.source, h.rounds * h.prompts_per_round)
-  tokenizer_dir = (config.data.tokenizer
-                   or checkpoint.read_export_metadata(config.init_from).get("tokenizer"))
+  tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get(
+      "tokenizer"
+  )
   tokenizer = data.load_tokenizer(tokenizer_dir)
   for line, task in enumerate(tasks, 1):
     length = len(data.encode_prompt(tokenizer, task["prompt"]))
     if length > h.max_prompt_len:
-      raise ValueError(f"{config.data.source} line {line}: the prompt has {length} tokens > "
-                       f"config.hir.max_prompt_len={h.max_prompt_len}; raise it")
+      raise ValueError(
+          f"{config.data.source} line {line}: the prompt has {length} tokens > "
+          f"config.hir.max_prompt_len={h.max_prompt_len}; raise it"
+      )
   slots = 1 + h.negatives
   summary_path = os.path.join(workdir, "rounds.json")
   summary = json.load(open(summary_path)) if os.path.exists(summary_path) else []
@@ -259,18 +309,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       continue
     if not os.path.exists(records_path):
       policy = common.load_policy(policy_export, mesh)
-      round_tasks = tasks[(r - 1) * h.prompts_per_round:r * h.prompts_per_round]
-      samples = best_of_k(policy.params, policy.sampler, {}, None, tokenizer, round_tasks,
-                          k=h.samples_per_prompt, temperature=h.temperature,
-                          max_new_tokens=h.max_new_tokens, max_prompt_len=h.max_prompt_len,
-                          batch_prompts=h.batch_prompts, rng=jax.random.key(config.seed + r))
-      records, row = relabel_round([(s["record"], s["texts"]) for s in samples],
-                                   min_gold=h.min_gold, negatives=h.negatives,
-                                   seed=config.seed + r)
+      round_tasks = tasks[(r - 1) * h.prompts_per_round : r * h.prompts_per_round]
+      samples = best_of_k(
+          policy.params,
+          policy.sampler,
+          {},
+          None,
+          tokenizer,
+          round_tasks,
+          k=h.samples_per_prompt,
+          temperature=h.temperature,
+          max_new_tokens=h.max_new_tokens,
+          max_prompt_len=h.max_prompt_len,
+          batch_prompts=h.batch_prompts,
+          rng=jax.random.key(config.seed + r),
+      )
+      records, row = relabel_round(
+          [(s["record"], s["texts"]) for s in samples],
+          min_gold=h.min_gold,
+          negatives=h.negatives,
+          seed=config.seed + r,
+      )
       del policy
       if not records:
-        raise ValueError(f"HIR round {r}: no sample followed any instruction (min_gold="
-                         f"{h.min_gold}); lower config.hir.min_gold or sample more")
+        raise ValueError(
+            f"HIR round {r}: no sample followed any instruction (min_gold="
+            f"{h.min_gold}); lower config.hir.min_gold or sample more"
+        )
       annotators.write_jsonl(records, records_path)
       summary = [s for s in summary if s["round"] != r] + [{"round": r, **row}]
       metrics.write_json(summary, summary_path)
@@ -282,21 +347,46 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     round_cfg.init_from = policy_export
     common.write_config(round_cfg, round_dir)
     model_cfg = common.model_config(round_cfg, vocab_size=len(tokenizer))
-    setup = common.setup_training(round_cfg, mesh, model_cfg,
-                                  lambda graphdef: make_hir_loss_fn(graphdef, h))
+    setup = common.setup_training(
+        round_cfg, mesh, model_cfg, lambda graphdef: make_hir_loss_fn(graphdef, h)
+    )
     # The LM head on the response tokens only (the instructions are no targets).
     budget = logit_budget_for([s for e in examples for s in e.sequences], t.seq_len)
-    batches = data.BatchIterator(examples, batch_size=t.batch_size, seq_len=t.seq_len,
-                                 seed=config.seed + r, packing=False,
-                                 batching=hir_batching(t.seq_len, slots,
-                                                       budget if budget < t.seq_len else None))
-    state = common.train_loop(round_cfg, round_dir, setup, batches, data_state=batches.state,
-                              restore_data=batches.restore, count_tokens=data.num_tokens)
+    batches = data.BatchIterator(
+        examples,
+        batch_size=t.batch_size,
+        seq_len=t.seq_len,
+        seed=config.seed + r,
+        packing=False,
+        batching=hir_batching(t.seq_len, slots, budget if budget < t.seq_len else None),
+    )
+    state = common.train_loop(
+        round_cfg,
+        round_dir,
+        setup,
+        batches,
+        data_state=batches.state,
+        restore_data=batches.restore,
+        count_tokens=data.num_tokens,
+    )
     if int(state.step) < t.steps:  # stopped early (stop_after_steps): the rerun finishes
       return {"stopped_in_round": r, "step": int(state.step)}
-    common.export_model(round_cfg, export, state.params, model_cfg,
-                        tokenizer=os.path.abspath(tokenizer_dir), step=int(state.step))
+    common.export_model(
+        round_cfg,
+        export,
+        state.params,
+        model_cfg,
+        tokenizer=os.path.abspath(tokenizer_dir),
+        step=int(state.step),
+    )
     policy_export = export
   checkpoint.copy_export(policy_export, os.path.join(workdir, "export"))
-  return {"rounds": h.rounds, **{f"round_{s['round']}/{k}": v for s in summary
-                                 for k, v in s.items() if k != "round" and v is not None}}
+  return {
+      "rounds": h.rounds,
+      **{
+          f"round_{s['round']}/{k}": v
+          for s in summary
+          for k, v in s.items()
+          if k != "round" and v is not None
+      },
+  }

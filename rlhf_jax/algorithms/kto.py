@@ -34,8 +34,11 @@ import numpy as np
 from rlhf_jax import checkpoint, data, scoring, sharding
 from rlhf_jax.algorithms import common, dpo
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.algorithms.reward import (comparison_iterators, load_comparisons,
-                                      response_logit_budget)
+from rlhf_jax.algorithms.reward import (
+    comparison_iterators,
+    load_comparisons,
+    response_logit_budget,
+)
 from rlhf_jax.data.preference import num_tokens
 from rlhf_jax.losses import preference
 
@@ -56,9 +59,11 @@ def mismatched_partners(records: list, seed: int) -> np.ndarray:
         partner[i] = j
         break
     else:
-      raise ValueError(f"KTO record {int(i)} has no record with another prompt and another "
-                       "completion: the reference point z0 needs mismatched (prompt, completion) "
-                       "pairs; add records with other prompts")
+      raise ValueError(
+          f"KTO record {int(i)} has no record with another prompt and another "
+          "completion: the reference point z0 needs mismatched (prompt, completion) "
+          "pairs; add records with other prompts"
+      )
   return partner
 
 
@@ -66,9 +71,15 @@ def kto_to_pairs(records: list, seed: int) -> list:
   """KTO records -> pairwise records {prompt, chosen: the completion, rejected: a mismatched
   completion, label}, one per record and in order ("chosen" / "rejected" only name the slots)."""
   partner = mismatched_partners(records, seed)
-  return [{"prompt": r["prompt"], "chosen": r["completion"],
-           "rejected": records[j]["completion"], "label": r["label"]}
-          for r, j in zip(records, partner)]
+  return [
+      {
+          "prompt": r["prompt"],
+          "chosen": r["completion"],
+          "rejected": records[j]["completion"],
+          "label": r["label"],
+      }
+      for r, j in zip(records, partner)
+  ]
 
 
 def kl_estimate(kl_logps: Array, kl_ref_logps: Array, weight: Array) -> Array:
@@ -80,16 +91,24 @@ def kl_estimate(kl_logps: Array, kl_ref_logps: Array, weight: Array) -> Array:
   return jax.lax.stop_gradient(mean)
 
 
-def kto_batch_loss(cfg: ml_collections.ConfigDict, logps: Array, ref_logps: Array,
-                   desirable: Array, weight: Array):
+def kto_batch_loss(
+    cfg: ml_collections.ConfigDict, logps: Array, ref_logps: Array, desirable: Array, weight: Array
+):
   """KTO on a batch. logps, ref_logps: [N, 2] summed response log-probs of (the example, its
   mismatched pair) under the policy and the reference; desirable: [N] bool; weight: [N] 0/1
   (empty slots 0). -> (loss, metrics); the rewards are reported as "rewards/desirable" and
   "rewards/undesirable"."""
   z = kl_estimate(logps[:, 1], ref_logps[:, 1], weight)
-  loss, metrics = preference.kto_loss(logps[:, 0], ref_logps[:, 0], desirable, z, beta=cfg.beta,
-                                      desirable_weight=cfg.desirable_weight,
-                                      undesirable_weight=cfg.undesirable_weight, weight=weight)
+  loss, metrics = preference.kto_loss(
+      logps[:, 0],
+      ref_logps[:, 0],
+      desirable,
+      z,
+      beta=cfg.beta,
+      desirable_weight=cfg.desirable_weight,
+      undesirable_weight=cfg.undesirable_weight,
+      weight=weight,
+  )
   metrics["rewards/desirable"] = metrics.pop("rewards/chosen")
   metrics["rewards/undesirable"] = metrics.pop("rewards/rejected")
   return loss, metrics
@@ -98,13 +117,20 @@ def kto_batch_loss(cfg: ml_collections.ConfigDict, logps: Array, ref_logps: Arra
 def make_kto_loss_fn(graphdef, cfg: ml_collections.ConfigDict, *, reference_in_step: bool = False):
   """loss_fn(params, batch, rng) on comparison batches of (example, mismatched pair); the
   reference's log-probs as `dpo.batch_ref_logps`."""
+
   def loss_fn(params, batch, rng):
     del rng
     logps, _ = scoring.comparison_logps(graphdef, params, batch)  # [R, P, 2]
     ref_logps = dpo.batch_ref_logps(graphdef, params, batch, reference_in_step)
     flat = lambda x: x.reshape(-1, 2)
-    return kto_batch_loss(cfg, flat(logps), flat(ref_logps),
-                          batch["margin"].reshape(-1) == 1, flat(batch["valid"])[:, 0])
+    return kto_batch_loss(
+        cfg,
+        flat(logps),
+        flat(ref_logps),
+        batch["margin"].reshape(-1) == 1,
+        flat(batch["valid"])[:, 0],
+    )
+
   return loss_fn
 
 
@@ -112,19 +138,25 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """ValueError naming the config key, before any model or data loads."""
   k = config.kto
   if config.data.kind != "kto":
-    raise ConfigError(f"config.data.kind={config.data.kind!r}: KTO trains on 'kto' records "
-                      "(prompt, completion, label: true = desirable)")
+    raise ConfigError(
+        f"config.data.kind={config.data.kind!r}: KTO trains on 'kto' records "
+        "(prompt, completion, label: true = desirable)"
+    )
   if k.reference not in dpo.REFERENCE_MODES:
     raise ConfigError(f"config.kto.reference={k.reference!r}; choose one of {dpo.REFERENCE_MODES}")
   if not config.init_from:
-    raise ConfigError("config.init_from is empty: KTO starts from a policy export (e.g. the SFT "
-                      "run's), which is also its reference")
+    raise ConfigError(
+        "config.init_from is empty: KTO starts from a policy export (e.g. the SFT "
+        "run's), which is also its reference"
+    )
   one = jnp.zeros((1, 2))
   try:
     kto_batch_loss(k, one, one, jnp.ones((1,), bool), jnp.ones((1,)))
   except ValueError as e:
-    raise ConfigError(f"config.kto (beta={k.beta!r}, desirable_weight={k.desirable_weight!r}, "
-                      f"undesirable_weight={k.undesirable_weight!r}): {e}") from None
+    raise ConfigError(
+        f"config.kto (beta={k.beta!r}, desirable_weight={k.desirable_weight!r}, "
+        f"undesirable_weight={k.undesirable_weight!r}): {e}"
+    ) from None
 
 
 def _label_stats(comparisons: list, stats: dict) -> dict:
@@ -142,8 +174,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer_dir = d.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")
   tokenizer = data.load_tokenizer(tokenizer_dir)
   model_cfg = common.model_config(config, vocab_size=len(tokenizer), head="lm")
-  comparisons = load_comparisons(config, tokenizer, model_cfg, num_responses=2,
-                                 to_pairs=functools.partial(kto_to_pairs, seed=config.seed))
+  comparisons = load_comparisons(
+      config,
+      tokenizer,
+      model_cfg,
+      num_responses=2,
+      to_pairs=functools.partial(kto_to_pairs, seed=config.seed),
+  )
   # The label rides in the comparison's margin slot (pairwise records without a margin have -1).
   label = lambda cmp, records: [c._replace(margin=int(records[c.index]["label"])) for c in cmp]
   train_cmp = label(comparisons.train, comparisons.train_records)
@@ -153,17 +190,34 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   make_loss = lambda graphdef: make_kto_loss_fn(graphdef, k, reference_in_step=in_step)
   setup = common.setup_training(config, mesh, model_cfg, make_loss)
   budget = response_logit_budget(config, train_cmp, eval_cmp)
-  train_cmp, eval_cmp, wrap = dpo.attach_reference(config, setup, k.reference, train_cmp, eval_cmp,
-                                                   mesh, logit_budget=budget)
-  batches, eval_iter = comparison_iterators(config, train_cmp, eval_cmp, num_responses=2,
-                                            logit_budget=budget)
+  train_cmp, eval_cmp, wrap = dpo.attach_reference(
+      config, setup, k.reference, train_cmp, eval_cmp, mesh, logit_budget=budget
+  )
+  batches, eval_iter = comparison_iterators(
+      config, train_cmp, eval_cmp, num_responses=2, logit_budget=budget
+  )
   evaluate = common.make_evaluate(make_loss(setup.graphdef), setup, wrap(eval_iter), t.eval_batches)
-  state = common.train_loop(config, workdir, setup, wrap(batches), data_state=batches.state,
-                            restore_data=batches.restore, evaluate=evaluate,
-                            count_tokens=num_tokens)
+  state = common.train_loop(
+      config,
+      workdir,
+      setup,
+      wrap(batches),
+      data_state=batches.state,
+      restore_data=batches.restore,
+      evaluate=evaluate,
+      count_tokens=num_tokens,
+  )
   if int(state.step) < t.steps:  # stopped early (stop_after_steps): the rerun finishes
     return {"step": int(state.step)}
-  return dpo.finish(config, workdir, state, evaluate, model_cfg=model_cfg,
-                    tokenizer_dir=tokenizer_dir,
-                    data_stats={"train": _label_stats(train_cmp, comparisons.stats),
-                                "eval": _label_stats(eval_cmp, comparisons.eval_stats)})
+  return dpo.finish(
+      config,
+      workdir,
+      state,
+      evaluate,
+      model_cfg=model_cfg,
+      tokenizer_dir=tokenizer_dir,
+      data_stats={
+          "train": _label_stats(train_cmp, comparisons.stats),
+          "eval": _label_stats(eval_cmp, comparisons.eval_stats),
+      },
+  )

@@ -44,8 +44,20 @@ import jax
 import ml_collections
 
 from rlhf_jax import checkpoint, data, metrics, plots, sharding
-from rlhf_jax.algorithms import (ai_feedback, common, constitutional, dpo, hir, kto, ppo,
-                                 rejection_sampling, rest, reward, reward_eval, sft)
+from rlhf_jax.algorithms import (
+    ai_feedback,
+    common,
+    constitutional,
+    dpo,
+    hir,
+    kto,
+    ppo,
+    rejection_sampling,
+    rest,
+    reward,
+    reward_eval,
+    sft,
+)
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import format_table
 from rlhf_jax.toyworld import annotators, corpora, gates, judge
@@ -54,15 +66,36 @@ from rlhf_jax.toyworld import world as world_lib
 
 _log = logging.getLogger(__name__)
 # Stages whose output is a policy (gold-evaluated, and what the next stage starts from by default).
-POLICY_ALGORITHMS = ("pretrain", "sft", "dpo", "kto", "ppo", "grpo", "rloo", "rejection_sampling",
-                     "rest", "hir", "constitutional_sl")
+POLICY_ALGORITHMS = (
+    "pretrain",
+    "sft",
+    "dpo",
+    "kto",
+    "ppo",
+    "grpo",
+    "rloo",
+    "rejection_sampling",
+    "rest",
+    "hir",
+    "constitutional_sl",
+)
 NOT_POLICIES = ("judge",)  # an SFT-trained model that is not a policy
 # "eval": everything trained; "eval_rewards": the reward models only (no policy sampling).
 EVAL_STAGES = ("eval", "eval_rewards")
-DRIVERS = {"pretrain": sft.train, "sft": sft.train, "reward": reward.train, "dpo": dpo.train,
-           "kto": kto.train, "ppo": ppo.train, "grpo": ppo.train, "rloo": ppo.train,
-           "rejection_sampling": rejection_sampling.train, "rest": rest.train, "hir": hir.train,
-           "constitutional_sl": constitutional.train}
+DRIVERS = {
+    "pretrain": sft.train,
+    "sft": sft.train,
+    "reward": reward.train,
+    "dpo": dpo.train,
+    "kto": kto.train,
+    "ppo": ppo.train,
+    "grpo": ppo.train,
+    "rloo": ppo.train,
+    "rejection_sampling": rejection_sampling.train,
+    "rest": rest.train,
+    "hir": hir.train,
+    "constitutional_sl": constitutional.train,
+}
 # A data-collection stage (not trained): annotated samples of a policy, see `collect_feedback`.
 FEEDBACK = "feedback"
 # `init_from` of a stage that starts from new weights although policy stages come before it.
@@ -90,12 +123,15 @@ def check_world(w: ml_collections.ConfigDict) -> world_lib.World:
   try:
     world = world_lib.World.from_config(w)
   except ValueError as e:
-    raise ConfigError(str(e) if "config.world" in str(e) else f"config.world.families: {e}") from None
+    raise ConfigError(
+        str(e) if "config.world" in str(e) else f"config.world.families: {e}"
+    ) from None
   seeing = dict(w.get("annotators_seeing") or {})
   for axis, fraction in seeing.items():
     try:
-      annotators.make_annotator_pool(annotators.POOL_SIZE, 0, noise=0.0, bias_strength=0.0,
-                                     seeing={axis: fraction})
+      annotators.make_annotator_pool(
+          annotators.POOL_SIZE, 0, noise=0.0, bias_strength=0.0, seeing={axis: fraction}
+      )
     except ValueError as e:
       raise ConfigError(f"config.world.annotators_seeing.{axis}={fraction}: {e}") from None
   return world
@@ -104,50 +140,116 @@ def check_world(w: ml_collections.ConfigDict) -> world_lib.World:
 def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
   """Writes the world's data sets and tokenizer to `out_dir`; returns their paths."""
   w = config.world
-  paths = {name: os.path.join(out_dir, f"{name}.jsonl")
-           for name in ("pretrain", "sft", "eval_tasks", "valid_tasks", "judge", "judge_eval",
-                        *annotators.DATASET_KINDS, *EVAL_FEEDBACK, "safety_critical_eval",
-                        "rl_prompts")}
+  paths = {
+      name: os.path.join(out_dir, f"{name}.jsonl")
+      for name in (
+          "pretrain",
+          "sft",
+          "eval_tasks",
+          "valid_tasks",
+          "judge",
+          "judge_eval",
+          *annotators.DATASET_KINDS,
+          *EVAL_FEEDBACK,
+          "safety_critical_eval",
+          "rl_prompts",
+      )
+  }
   paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
   os.makedirs(out_dir, exist_ok=True)
   world = check_world(w)
   if os.path.exists(os.path.join(paths["tokenizer"], "tokenizer.json")):
     tokenizer = data.load_tokenizer(paths["tokenizer"])
   else:
-    tokenizer = data.train_tokenizer(corpora.tokenizer_texts(world) + judge.tokenizer_texts(world),
-                                     w.tokenizer_vocab_size, paths["tokenizer"])
+    tokenizer = data.train_tokenizer(
+        corpora.tokenizer_texts(world) + judge.tokenizer_texts(world),
+        w.tokenizer_vocab_size,
+        paths["tokenizer"],
+    )
   # Dialogues in pretraining text use the chat template, so SFT starts from a model that already
   # knows the format (and its bad habits).
-  render = lambda messages: data.tokenizer.render_chat(tokenizer, messages,
-                                                       add_generation_prompt=False)
+  render = lambda messages: data.tokenizer.render_chat(
+      tokenizer, messages, add_generation_prompt=False
+  )
   feedback = lambda n, seed, split: annotators.build_preference_datasets(
-      world, n_prompts=n, seed=seed, noise=w.annotator_noise, split=split, **annotator_options(w))
+      world, n_prompts=n, seed=seed, noise=w.annotator_noise, split=split, **annotator_options(w)
+  )
   # Data set groups, each built only when one of its files is missing: a world written by an older
   # version gains the new data sets without rewriting (or re-tokenising) what stages trained on.
   groups = [
-      (("pretrain",), lambda: {"pretrain": [{"text": d} for d in corpora.pretraining_documents(
-          world, w.pretrain_documents, w.seed, bad_habit_rate=w.bad_habit_rate, render=render)]}),
-      (("sft",), lambda: {"sft": corpora.sft_records(world, w.sft_records, w.seed + 1,
-                                                     noise=w.sft_noise)}),
-      (("eval_tasks",), lambda: {"eval_tasks": world.tasks(w.eval_prompts, seed=w.seed + 2,
-                                                           split="eval")}),
+      (
+          ("pretrain",),
+          lambda: {
+              "pretrain": [
+                  {"text": d}
+                  for d in corpora.pretraining_documents(
+                      world,
+                      w.pretrain_documents,
+                      w.seed,
+                      bad_habit_rate=w.bad_habit_rate,
+                      render=render,
+                  )
+              ]
+          },
+      ),
+      (
+          ("sft",),
+          lambda: {"sft": corpora.sft_records(world, w.sft_records, w.seed + 1, noise=w.sft_noise)},
+      ),
+      (
+          ("eval_tasks",),
+          lambda: {"eval_tasks": world.tasks(w.eval_prompts, seed=w.seed + 2, split="eval")},
+      ),
       # Validation prompts, disjoint from the test prompts: what hyper-parameters are chosen on.
-      (("valid_tasks",), lambda: {"valid_tasks": world.tasks(
-          w.get("valid_prompts", w.eval_prompts), seed=w.seed + 9, split="valid")}),
+      (
+          ("valid_tasks",),
+          lambda: {
+              "valid_tasks": world.tasks(
+                  w.get("valid_prompts", w.eval_prompts), seed=w.seed + 9, split="valid"
+              )
+          },
+      ),
       # Simulated human feedback for reward models and preference methods, and held-out copies.
-      (tuple(annotators.DATASET_KINDS), lambda: feedback(w.preference_prompts, w.seed + 3, "train")),
-      (EVAL_FEEDBACK, lambda: {f"{name}_eval": records for name, records in
-                               feedback(w.preference_eval_prompts, w.seed + 6, "eval").items()}),
-      (("safety_critical_eval",), lambda: {"safety_critical_eval": annotators.gold_pairs(
-          world, n_prompts=w.preference_eval_prompts, seed=w.seed + 7,
-          families=annotators.SAFETY_FAMILIES)}),
+      (
+          tuple(annotators.DATASET_KINDS),
+          lambda: feedback(w.preference_prompts, w.seed + 3, "train"),
+      ),
+      (
+          EVAL_FEEDBACK,
+          lambda: {
+              f"{name}_eval": records
+              for name, records in feedback(w.preference_eval_prompts, w.seed + 6, "eval").items()
+          },
+      ),
+      (
+          ("safety_critical_eval",),
+          lambda: {
+              "safety_critical_eval": annotators.gold_pairs(
+                  world,
+                  n_prompts=w.preference_eval_prompts,
+                  seed=w.seed + 7,
+                  families=annotators.SAFETY_FAMILIES,
+              )
+          },
+      ),
       # AI-judge training data (a limited number of gold labels) and held-out comparisons.
-      (("judge",), lambda: {"judge": judge.judge_sft_records(world, w.judge_comparisons, w.seed + 4)}),
-      (("judge_eval",), lambda: {"judge_eval": judge.comparisons(world, w.judge_eval_comparisons,
-                                                                 w.seed + 5, split="eval")}),
+      (
+          ("judge",),
+          lambda: {"judge": judge.judge_sft_records(world, w.judge_comparisons, w.seed + 4)},
+      ),
+      (
+          ("judge_eval",),
+          lambda: {
+              "judge_eval": judge.comparisons(
+                  world, w.judge_eval_comparisons, w.seed + 5, split="eval"
+              )
+          },
+      ),
       # Prompts for online methods (PPO, rejection sampling): training-split tasks.
-      (("rl_prompts",), lambda: {"rl_prompts": world.tasks(w.rl_prompts, seed=w.seed + 8,
-                                                           split="train")}),
+      (
+          ("rl_prompts",),
+          lambda: {"rl_prompts": world.tasks(w.rl_prompts, seed=w.seed + 8, split="train")},
+      ),
   ]
   counts = {}
   for names, build in groups:
@@ -163,12 +265,15 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
 
 def feedback_paths(stage: str, stage_dir: str) -> dict:
   """{"<stage>/<data set>": path} for the files a feedback stage writes."""
-  return {f"{stage}/{name}": os.path.join(stage_dir, f"{name}.jsonl")
-          for name in (*annotators.DATASET_KINDS, *EVAL_FEEDBACK)}
+  return {
+      f"{stage}/{name}": os.path.join(stage_dir, f"{name}.jsonl")
+      for name in (*annotators.DATASET_KINDS, *EVAL_FEEDBACK)
+  }
 
 
-def collect_feedback(config: ml_collections.ConfigDict, stage: str, stage_dir: str, paths: dict,
-                     policy_export: str) -> dict:
+def collect_feedback(
+    config: ml_collections.ConfigDict, stage: str, stage_dir: str, paths: dict, policy_export: str
+) -> dict:
   """Human feedback on a policy's own samples, as InstructGPT and Llama 2 collect it.
 
   For `config.<stage>.prompts` training prompts (and `eval_prompts` held-out ones) the policy
@@ -192,22 +297,41 @@ def collect_feedback(config: ml_collections.ConfigDict, stage: str, stage_dir: s
 
   def policy_samples(tasks: list[dict], seed: int) -> list[list[str]]:
     repeated = [t for t in tasks for _ in range(k)]
-    texts, _ = gold_eval.sample_responses(policy, tokenizer, repeated, jax.random.key(seed),
-                                          max_new_tokens=f.max_new_tokens,
-                                          temperature=f.temperature, batch_size=f.batch_size)
-    return [texts[i * k:(i + 1) * k] for i in range(len(tasks))]
+    texts, _ = gold_eval.sample_responses(
+        policy,
+        tokenizer,
+        repeated,
+        jax.random.key(seed),
+        max_new_tokens=f.max_new_tokens,
+        temperature=f.temperature,
+        batch_size=f.batch_size,
+    )
+    return [texts[i * k : (i + 1) * k] for i in range(len(tasks))]
 
   os.makedirs(stage_dir, exist_ok=True)
   world = world_lib.World.from_config(w)
-  for split, n, seed, suffix in (("train", f.prompts, w.seed + 3, ""),
-                                 ("eval", f.eval_prompts, w.seed + 6, "_eval")):
+  for split, n, seed, suffix in (
+      ("train", f.prompts, w.seed + 3, ""),
+      ("eval", f.eval_prompts, w.seed + 6, "_eval"),
+  ):
     datasets = annotators.build_preference_datasets(
-        world, n_prompts=n, seed=seed, noise=w.annotator_noise, split=split,
-        policy_samples=functools.partial(policy_samples, seed=seed), **annotator_options(w))
+        world,
+        n_prompts=n,
+        seed=seed,
+        noise=w.annotator_noise,
+        split=split,
+        policy_samples=functools.partial(policy_samples, seed=seed),
+        **annotator_options(w),
+    )
     for name, records in datasets.items():
       annotators.write_jsonl(records, out[f"{stage}/{name}{suffix}"])
-  _log.info("%s: labelled samples of %s on %d + %d prompts", stage, policy_export, f.prompts,
-            f.eval_prompts)
+  _log.info(
+      "%s: labelled samples of %s on %d + %d prompts",
+      stage,
+      policy_export,
+      f.prompts,
+      f.eval_prompts,
+  )
   return out
 
 
@@ -235,26 +359,43 @@ def stage_inputs(config: ml_collections.ConfigDict, stage: str) -> list[str]:
   return out
 
 
-def write_stage_info(config: ml_collections.ConfigDict, stage: str, stage_dir: str,
-                     parent: str | None, seconds: float) -> None:
+def write_stage_info(
+    config: ml_collections.ConfigDict,
+    stage: str,
+    stage_dir: str,
+    parent: str | None,
+    seconds: float,
+) -> None:
   """WORKDIR/<stage>/stage.json: what the comparison (rlhf_jax/compare.py) reads about a stage:
   its algorithm, the stage it started from, the wall-clock seconds of the run that finished it
   (a resumed stage: of the last invocation only) and its inputs (`stage_inputs`)."""
-  info = {"stage": stage, "algorithm": config[stage].algorithm, "parent": parent,
-          "seconds": round(seconds, 1), "inputs": stage_inputs(config, stage)}
+  info = {
+      "stage": stage,
+      "algorithm": config[stage].algorithm,
+      "parent": parent,
+      "seconds": round(seconds, 1),
+      "inputs": stage_inputs(config, stage),
+  }
   metrics.write_json(info, os.path.join(stage_dir, "stage.json"))
 
 
-def stage_config(config: ml_collections.ConfigDict, stage: str, paths: dict,
-                 init_from: str, exports_dir: str = "") -> ml_collections.ConfigDict:
+def stage_config(
+    config: ml_collections.ConfigDict,
+    stage: str,
+    paths: dict,
+    init_from: str,
+    exports_dir: str = "",
+) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(config[stage].to_dict())
   c.seed, c.mesh.shape = config.seed, config.mesh.shape
   if c.algorithm == "pretrain":
     c.data.kind = "text"
   source = c.data.source if c.data.source not in ("", "toy") else stage
   if source not in paths:
-    raise ConfigError(f"config.{stage}.data.source={source!r} names no world data set; choose one of "
-                      f"{', '.join(sorted(p for p in paths if p != 'tokenizer'))}")
+    raise ConfigError(
+        f"config.{stage}.data.source={source!r} names no world data set; choose one of "
+        f"{', '.join(sorted(p for p in paths if p != 'tokenizer'))}"
+    )
   c.data.source = paths[source]
   if c.data.eval_source in paths:
     c.data.eval_source = paths[c.data.eval_source]
@@ -263,7 +404,9 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, paths: dict,
   # Reward and value models are named by their stages.
   export = lambda name: os.path.join(exports_dir, name, "export") if name else ""
   if c.algorithm in ppo.ESTIMATOR_OF:  # PPO, GRPO, RLOO
-    c.ppo.reward.helpful, c.ppo.reward.safety = export(c.ppo.reward.helpful), export(c.ppo.reward.safety)
+    c.ppo.reward.helpful, c.ppo.reward.safety = export(c.ppo.reward.helpful), export(
+        c.ppo.reward.safety
+    )
     c.ppo.value_init_from = export(c.ppo.value_init_from)
     c.ppo.reward.judge = export(c.ppo.reward.judge)  # direct RLAIF
   if c.algorithm == "constitutional_sl":
@@ -274,8 +417,10 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, paths: dict,
     rs = c.rejection_sampling.reward
     rs.helpful, rs.safety = export(rs.helpful), export(rs.safety)
   if c.algorithm == "rest":
-    c.rest.reward.helpful, c.rest.reward.safety = (export(c.rest.reward.helpful),
-                                                   export(c.rest.reward.safety))
+    c.rest.reward.helpful, c.rest.reward.safety = (
+        export(c.rest.reward.helpful),
+        export(c.rest.reward.safety),
+    )
   return c
 
 
@@ -283,7 +428,9 @@ def is_policy(config: ml_collections.ConfigDict, stage: str) -> bool:
   return config[stage].algorithm in POLICY_ALGORITHMS and stage not in NOT_POLICIES
 
 
-def parent_stage(config: ml_collections.ConfigDict, stage: str, previous_policy: str | None) -> str | None:
+def parent_stage(
+    config: ml_collections.ConfigDict, stage: str, previous_policy: str | None
+) -> str | None:
   """The stage whose export `stage` starts from: `config.<stage>.init_from` when it names a stage,
   None for "scratch" (new weights), else the latest policy stage before it (None for the first)."""
   named = config[stage].get("init_from", "")
@@ -303,20 +450,26 @@ def training_stages(config: ml_collections.ConfigDict) -> list[str]:
     if stage not in config or "algorithm" not in config[stage]:
       experiments = [k for k, v in config.items() if hasattr(v, "keys") and "algorithm" in v]
       close = difflib.get_close_matches(stage, experiments, n=1)
-      raise ConfigError(f"config.stages names {stage!r} but config.{stage} is not an experiment "
-                        f"config{f' (did you mean {close[0]!r}?)' if close else ''}; a stage is "
-                        "world, eval, eval_rewards or one of the experiment configs in the pipeline "
-                        f"config: {', '.join(experiments)}")
+      raise ConfigError(
+          f"config.stages names {stage!r} but config.{stage} is not an experiment "
+          f"config{f' (did you mean {close[0]!r}?)' if close else ''}; a stage is "
+          "world, eval, eval_rewards or one of the experiment configs in the pipeline "
+          f"config: {', '.join(experiments)}"
+      )
     known = (*DRIVERS, FEEDBACK, ai_feedback.ALGORITHM)
     if config[stage].algorithm not in known:
-      raise ConfigError(f"config.{stage}.algorithm={config[stage].algorithm!r}; a pipeline stage "
-                        f"runs one of {', '.join(known)}")
+      raise ConfigError(
+          f"config.{stage}.algorithm={config[stage].algorithm!r}; a pipeline stage "
+          f"runs one of {', '.join(known)}"
+      )
     if config[stage].algorithm == ai_feedback.ALGORITHM:
       ai_feedback.check_config(config[stage], stage, config.stages)
   policy = config.get("eval", {}).get("best_of_n_policy", "")
   if policy and policy not in stages:
-    raise ConfigError(f"config.eval.best_of_n_policy={policy!r} names no training stage of "
-                      f"config.stages ({', '.join(stages)})")
+    raise ConfigError(
+        f"config.eval.best_of_n_policy={policy!r} names no training stage of "
+        f"config.stages ({', '.join(stages)})"
+    )
   return stages
 
 
@@ -326,13 +479,20 @@ def eval_tasks_path(config: ml_collections.ConfigDict, paths: dict) -> str:
   for choosing hyper-parameters without looking at the test set)."""
   split = config.eval.get("split", "eval")
   if split not in ("eval", "valid"):
-    raise ConfigError(f"config.eval.split={split!r}: choose 'eval' (the test prompts) or 'valid' "
-                      "(the validation prompts that hyper-parameters are tuned on)")
+    raise ConfigError(
+        f"config.eval.split={split!r}: choose 'eval' (the test prompts) or 'valid' "
+        "(the validation prompts that hyper-parameters are tuned on)"
+    )
   return paths[f"{split}_tasks"]
 
 
-def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict,
-                    stages: list[str], parents: dict | None = None) -> dict:
+def evaluate_stages(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    paths: dict,
+    stages: list[str],
+    parents: dict | None = None,
+) -> dict:
   """Gold table for every policy stage; each is compared with the stage it started from (win rate
   and KL), default the one before it. A parent evaluated in this table lends its own samples for
   the comparison (same tasks, key and sample count: no second sampling pass); a parent that is
@@ -356,30 +516,47 @@ def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, paths: dict
     if parent and reference is None:  # a parent trained in an earlier run but not listed here
       reference = load_policy(os.path.join(workdir, parent, "export"), mesh)
     evaluated = results.get(parent, {}).get("samples")
-    results[stage] = gold_eval.evaluate(policies[stage], tokenizer, tasks, jax.random.key(config.seed),
-                                        reference=reference, max_new_tokens=e.max_new_tokens,
-                                        temperature=e.temperature, batch_size=e.batch_size,
-                                        samples_per_prompt=e.get("samples_per_prompt", 1),
-                                        win_rate=evaluated is not None, reference_samples=evaluated)
+    results[stage] = gold_eval.evaluate(
+        policies[stage],
+        tokenizer,
+        tasks,
+        jax.random.key(config.seed),
+        reference=reference,
+        max_new_tokens=e.max_new_tokens,
+        temperature=e.temperature,
+        batch_size=e.batch_size,
+        samples_per_prompt=e.get("samples_per_prompt", 1),
+        win_rate=evaluated is not None,
+        reference_samples=evaluated,
+    )
     if parent:
       results[stage]["reference"] = parent
   with open(out_path, "w") as f:
     json.dump(results, f, indent=1)
   if jax.process_index() == 0:
     split = "validation" if e.get("split", "eval") == "valid" else "held-out test"
-    print(f"\nGold evaluation on {split} prompts (win rate and KL against the stage each started "
-          "from; combined_se: standard error over prompts):")
+    print(
+        f"\nGold evaluation on {split} prompts (win rate and KL against the stage each started "
+        "from; combined_se: standard error over prompts):"
+    )
     print(format_table(gold_eval.table_rows(results)))
     for stage, result in results.items():
       d = result["overall"].get("vs_reference")
       if d and d["ci95"]:
-        print(f"{stage} - {result['reference']}: combined gold {d['diff']:+.3f} (paired SE "
-              f"{d['se']:.4f}, 95% CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], "
-              f"{d['prompts']} prompts)")
+        print(
+            f"{stage} - {result['reference']}: combined gold {d['diff']:+.3f} (paired SE "
+            f"{d['se']:.4f}, 95% CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], "
+            f"{d['prompts']} prompts)"
+        )
     print(f"\nSample conversations ({stages[-1]}, one sample of a prompt of each family in turn):")
-    print(format_table([{k: r[k] for k in ("family", "prompt", "response", "helpfulness", "safety")}
-                        for r in shown_samples(results[stages[-1]]["samples"],
-                                               e.num_samples_shown)]))
+    print(
+        format_table(
+            [
+                {k: r[k] for k in ("family", "prompt", "response", "helpfulness", "safety")}
+                for r in shown_samples(results[stages[-1]]["samples"], e.num_samples_shown)
+            ]
+        )
+    )
   return results
 
 
@@ -415,15 +592,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     export = os.path.join(stage_dir, "export")
     parent = parent_stage(config, stage, previous)
     if config[stage].algorithm == FEEDBACK:
-      paths.update(collect_feedback(config, stage, stage_dir, paths,
-                                    os.path.join(workdir, parent, "export") if parent else ""))
+      paths.update(
+          collect_feedback(
+              config,
+              stage,
+              stage_dir,
+              paths,
+              os.path.join(workdir, parent, "export") if parent else "",
+          )
+      )
       continue
     if config[stage].algorithm == ai_feedback.ALGORITHM:  # AI-labelled pairs (RLAIF, RL-CAI)
       started = time.time()
       fresh = not os.path.exists(os.path.join(stage_dir, "stage.json"))
-      paths.update(ai_feedback.collect(config, stage, stage_dir, paths,
-                                       os.path.join(workdir, parent, "export") if parent else "",
-                                       os.path.join(workdir, config[stage].judge, "export")))
+      paths.update(
+          ai_feedback.collect(
+              config,
+              stage,
+              stage_dir,
+              paths,
+              os.path.join(workdir, parent, "export") if parent else "",
+              os.path.join(workdir, config[stage].judge, "export"),
+          )
+      )
       if fresh:
         write_stage_info(config, stage, stage_dir, parent, time.time() - started)
       continue
@@ -448,17 +639,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   trained = list(parents)
   result = {"stages": trained}
   best_of_n = None  # the reward evaluation's best-of-n curve, drawn on the PPO plot
-  score_rewards = "eval_rewards" in stages or ("eval" in stages and config.eval.get("rewards", True))
+  score_rewards = "eval_rewards" in stages or (
+      "eval" in stages and config.eval.get("rewards", True)
+  )
   if rewards and score_rewards:
     # Best of n from `eval.best_of_n_policy`, by default the policy the (helpfulness) reward model
     # branched from.
-    anchor = config.combine.helpful if config.get("combine") and config.combine.helpful in rewards \
+    anchor = (
+        config.combine.helpful
+        if config.get("combine") and config.combine.helpful in rewards
         else rewards[0]
+    )
     policy = config.eval.get("best_of_n_policy") or reward_parents.get(anchor)
     summary, best_of_n = reward_eval.evaluate_reward_stages(
-        config, workdir, paths, rewards,
+        config,
+        workdir,
+        paths,
+        rewards,
         policy_export=os.path.join(workdir, policy, "export") if policy else "",
-        tasks_path=eval_tasks_path(config, paths))
+        tasks_path=eval_tasks_path(config, paths),
+    )
     result.update(summary)
   if "eval" in stages and trained:
     evaluated, eval_parents = with_rounds(config, workdir, trained, parents)
@@ -470,18 +670,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start = parents.get(ppo_stages[0]) if ppo_stages else ("sft" if "sft" in trained else None)
     curve = None
     if config.eval.get("temperatures") and start:
-      curve = temperature_baseline(config, workdir, paths, start,
-                                   at_t1=results.get(start) if config.eval.temperature == 1.0 else None)
+      curve = temperature_baseline(
+          config,
+          workdir,
+          paths,
+          start,
+          at_t1=results.get(start) if config.eval.temperature == 1.0 else None,
+      )
       result["temperature_curve"] = curve
     if ppo_stages:
       baselines = []
       if best_of_n:
         name = next((k for k in best_of_n if k.startswith("combined")), None)
         if name:
-          baselines.append({"label": f"best of n ({name})", "kl": best_of_n["kl"], **best_of_n[name]})
+          baselines.append(
+              {"label": f"best of n ({name})", "kl": best_of_n["kl"], **best_of_n[name]}
+          )
       if curve:
-        baselines.append({**curve, "label": f"{curve['policy']} at T = "
-                          + ", ".join(f"{t:g}" for t in curve["temperature"])})
+        baselines.append(
+            {
+                **curve,
+                "label": f"{curve['policy']} at T = "
+                + ", ".join(f"{t:g}" for t in curve["temperature"]),
+            }
+        )
       result["plot"] = plot_ppo_runs(config, workdir, ppo_stages, results, baselines)
     result["gates"] = write_gates(workdir, curve=curve, best_of_n=best_of_n, gold=results)
   if "eval" in stages and "judge" in stages:
@@ -491,8 +703,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return result
 
 
-def with_rounds(config: ml_collections.ConfigDict, workdir: str, stages: list[str],
-                parents: dict) -> tuple[list[str], dict]:
+def with_rounds(
+    config: ml_collections.ConfigDict, workdir: str, stages: list[str], parents: dict
+) -> tuple[list[str], dict]:
   """(stages, parents) for the gold table; with `config.eval.rounds`, each rejection-sampling
   stage's intermediate policies ("<stage>/round_<r>", Llama 2's RLHF-V1, V2, ...) come before it,
   each compared with the one before it (the first with the stage's own start policy), and the
@@ -524,8 +737,13 @@ def write_gates(workdir: str, *, curve: dict | None, best_of_n: dict | None, gol
   return checked
 
 
-def temperature_baseline(config: ml_collections.ConfigDict, workdir: str, paths: dict,
-                         stage: str, at_t1: dict | None = None) -> dict:
+def temperature_baseline(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    paths: dict,
+    stage: str,
+    at_t1: dict | None = None,
+) -> dict:
   """Gold and KL of `stage`'s policy (the PPO stages' start) sampled at `config.eval.temperatures`
   on the held-out tasks (`gold_eval.temperature_curve`): what sharpening the start policy buys
   without a reward model, the baseline PPO must beat at equal KL. Writes
@@ -544,17 +762,25 @@ def temperature_baseline(config: ml_collections.ConfigDict, workdir: str, paths:
       rows = [r for r in at_t1["samples"] if r["prompt_index"] < n]
       at_t1 = {"overall": gold_eval.summarise(rows), "samples": rows}
   curve = gold_eval.temperature_curve(
-      load_policy(os.path.join(workdir, stage, "export"), mesh), data.load_tokenizer(paths["tokenizer"]),
-      tasks, jax.random.key(config.seed), e.temperatures,
-      max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-      samples_per_prompt=e.get("samples_per_prompt", 1), at_t1=at_t1)
+      load_policy(os.path.join(workdir, stage, "export"), mesh),
+      data.load_tokenizer(paths["tokenizer"]),
+      tasks,
+      jax.random.key(config.seed),
+      e.temperatures,
+      max_new_tokens=e.max_new_tokens,
+      batch_size=e.batch_size,
+      samples_per_prompt=e.get("samples_per_prompt", 1),
+      at_t1=at_t1,
+  )
   curve.update(policy=stage, prompts=len(tasks))
   path = os.path.join(workdir, "eval", "temperature.json")
   with open(path, "w") as f:
     json.dump(curve, f, indent=1)
   if jax.process_index() == 0:
-    print(f"\nGold of {stage} sampled at lower temperatures on {len(tasks)} held-out prompts (KL to "
-          "itself at T = 1):")
+    print(
+        f"\nGold of {stage} sampled at lower temperatures on {len(tasks)} held-out prompts (KL to "
+        "itself at T = 1):"
+    )
     print(format_table(temperature_rows(curve)))
   return curve
 
@@ -565,8 +791,13 @@ def temperature_rows(curve: dict) -> list[dict]:
   rows = []
   for i, t in enumerate(curve["temperature"]):
     d = curve["vs_t1"][i] if curve.get("vs_t1") else None
-    row = {"temperature": t, "kl": curve["kl"][i], "helpfulness": curve["helpfulness"][i],
-           "combined": curve["combined"][i], "se": curve.get("combined_se", [None] * (i + 1))[i]}
+    row = {
+        "temperature": t,
+        "kl": curve["kl"][i],
+        "helpfulness": curve["helpfulness"][i],
+        "combined": curve["combined"][i],
+        "se": curve.get("combined_se", [None] * (i + 1))[i],
+    }
     if d and d["ci95"]:
       row["vs T=1 [95% CI]"] = f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
     for axis in gold_eval.AXIS_METRICS:
@@ -576,17 +807,25 @@ def temperature_rows(curve: dict) -> list[dict]:
   return rows
 
 
-def plot_ppo_runs(config: ml_collections.ConfigDict, workdir: str, stages: list[str],
-                  results: dict, baselines: list[dict] = ()) -> str:
+def plot_ppo_runs(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    stages: list[str],
+    results: dict,
+    baselines: list[dict] = (),
+) -> str:
   """WORKDIR/eval/ppo_gold_vs_kl.png: proxy and gold reward against KL for each PPO stage (a beta
   sweep shows over-optimisation), with each stage's held-out gold result as a marker and the
   curves without RL (`baselines`: best of n under the combined reward, the start policy at lower
   temperatures)."""
-  label = lambda s: f"{s} (beta={config[s].ppo.kl.beta:g}{', adaptive' if config[s].ppo.kl.adaptive else ''})"
+  label = (
+      lambda s: f"{s} (beta={config[s].ppo.kl.beta:g}{', adaptive' if config[s].ppo.kl.adaptive else ''})"
+  )
   runs = {label(s): metrics.read_jsonl(os.path.join(workdir, s, "metrics.jsonl")) for s in stages}
   final = {label(s): results[s]["overall"] for s in stages if s in results}
-  path = plots.plot_gold_vs_kl(runs, os.path.join(workdir, "eval", "ppo_gold_vs_kl.png"),
-                               final=final, baselines=baselines)
+  path = plots.plot_gold_vs_kl(
+      runs, os.path.join(workdir, "eval", "ppo_gold_vs_kl.png"), final=final, baselines=baselines
+  )
   _log.info("wrote %s", path)
   return path
 
@@ -600,16 +839,32 @@ def evaluate_judge(config: ml_collections.ConfigDict, workdir: str, paths: dict)
   tokenizer = data.load_tokenizer(paths["tokenizer"])
   policy = load_policy(os.path.join(workdir, "judge", "export"), mesh)
   comparisons = metrics.read_jsonl(paths["judge_eval"])
-  by_mode = {mode: judge.judge_agreement(
-      functools.partial(judge.judge_preferences, policy.graphdef, policy.params, tokenizer,
-                        swap=False, mode=mode), comparisons) for mode in judge.JUDGE_MODES}
+  by_mode = {
+      mode: judge.judge_agreement(
+          functools.partial(
+              judge.judge_preferences,
+              policy.graphdef,
+              policy.params,
+              tokenizer,
+              swap=False,
+              mode=mode,
+          ),
+          comparisons,
+      )
+      for mode in judge.JUDGE_MODES
+  }
   agreement = {**by_mode["pairwise"], "pointwise": by_mode["pointwise"]}
   with open(os.path.join(workdir, "eval", "judge.json"), "w") as f:
     json.dump(agreement, f, indent=1)
   if jax.process_index() == 0:
-    rows = [{"mode": mode, "principle": p, **m} for mode, result in by_mode.items()
-            for p, m in [("all", result["overall"]), *result["principles"].items()]]
-    print("\nAI judge vs gold on held-out comparisons (agreement before/after position swap; "
-          "pointwise: single-answer grades, no position):")
+    rows = [
+        {"mode": mode, "principle": p, **m}
+        for mode, result in by_mode.items()
+        for p, m in [("all", result["overall"]), *result["principles"].items()]
+    ]
+    print(
+        "\nAI judge vs gold on held-out comparisons (agreement before/after position swap; "
+        "pointwise: single-answer grades, no position):"
+    )
     print(format_table(rows))
   return agreement

@@ -47,15 +47,28 @@ from rlhf_jax.losses.common import masked_mean
 from rlhf_jax.models import ModelConfig, abstract_model, lora
 from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
-from rlhf_jax.train import (check_nonfinite, create_train_state, make_optimizer, make_update,
-                            nonfinite_counts, state_shardings, train_compiler_options)
+from rlhf_jax.train import (
+    check_nonfinite,
+    create_train_state,
+    make_optimizer,
+    make_update,
+    nonfinite_counts,
+    state_shardings,
+    train_compiler_options,
+)
 
 _log = logging.getLogger(__name__)
 
 
-def make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg: ml_collections.ConfigDict, *,
-                     estimator: str = "gae", share: tuple[int, int] | None = None,
-                     response_len: int | None = None):
+def make_ppo_loss_fn(
+    policy_graphdef,
+    value_graphdef,
+    cfg: ml_collections.ConfigDict,
+    *,
+    estimator: str = "gae",
+    share: tuple[int, int] | None = None,
+    response_len: int | None = None,
+):
   """loss_fn(params {"policy", "value"?}, rollout mini-batch, rng): clipped policy loss +
   vf_coef x clipped value loss - entropy_coef x entropy; per-token means over the mini-batch
   (loss_weight = tokens, so micro-batches combine by token count).
@@ -73,32 +86,41 @@ def make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg: ml_collections.Config
     mask = batch["response_mask"]
     # Log-probs of the distribution that was sampled (T-scaled logits); values from the separate
     # value model or the value head on the policy's trunk (value_graphdef None), or none.
-    scaled, logp, values = ppo_rollout.policy_forward(policy_graphdef, value_graphdef,
-                                                      params["policy"], params.get("value"), batch,
-                                                      temperature=cfg.temperature, share=share,
-                                                      response_len=response_len)
+    scaled, logp, values = ppo_rollout.policy_forward(
+        policy_graphdef,
+        value_graphdef,
+        params["policy"],
+        params.get("value"),
+        batch,
+        temperature=cfg.temperature,
+        share=share,
+        response_len=response_len,
+    )
     # No "old_logp" (GRPO's one update per rollout, `make_iteration`): the policy that sampled is
     # the one being differentiated, so its log-probs are these, held constant (ratio 1).
     old_logp = batch.get("old_logp", jax.lax.stop_gradient(logp))
     policy_loss, out = ppo_losses.ppo_policy_loss(
-        logp, old_logp, batch["advantages"], mask, clip_eps=cfg.clip_eps)
+        logp, old_logp, batch["advantages"], mask, clip_eps=cfg.clip_eps
+    )
     loss = policy_loss
     if critic:
       value_loss, value_metrics = ppo_losses.ppo_value_loss(
-          values, batch["old_values"], batch["returns"], mask, clip_eps=cfg.value_clip_eps)
+          values, batch["old_values"], batch["returns"], mask, clip_eps=cfg.value_clip_eps
+      )
       loss, out = loss + cfg.vf_coef * value_loss, {**value_metrics, **out}
     if estimator == "grpo":
       kl = masked_mean(kl_losses.kl_penalty(logp, batch["ref_logp"], mask, kind="k3"), mask)
       loss, out = loss + cfg.kl.beta * kl, {**out, "kl_loss": kl}
-    entropy = ppo_losses.entropy_from_logits(scaled, mask[:, -scaled.shape[1]:])
+    entropy = ppo_losses.entropy_from_logits(scaled, mask[:, -scaled.shape[1] :])
     loss = loss - cfg.entropy_coef * entropy
     return loss, {**out, "entropy": entropy, "loss": loss}
 
   return loss_fn
 
 
-def make_ppo_update(loss_fn, optimizer, *, mesh, shardings, cfg: ml_collections.ConfigDict,
-                    group: int = 1):
+def make_ppo_update(
+    loss_fn, optimizer, *, mesh, shardings, cfg: ml_collections.ConfigDict, group: int = 1
+):
   """Jitted `update(state, rollout) -> (state, metrics)`: `cfg.epochs` passes over the rollout,
   each a fresh shuffle cut into `cfg.minibatches` mini-batches, one optimiser step each (a nested
   `lax.scan`, so a whole PPO phase is one XLA program). Metrics: means over all steps, and the
@@ -113,15 +135,19 @@ def make_ppo_update(loss_fn, optimizer, *, mesh, shardings, cfg: ml_collections.
       size = rows // cfg.minibatches
 
       def epoch(state, key):
-        order = (jax.random.permutation(key, rows // group)[:, None] * group
-                 + jnp.arange(group)).reshape(-1)
+        order = (
+            jax.random.permutation(key, rows // group)[:, None] * group + jnp.arange(group)
+        ).reshape(-1)
         minibatches = jax.tree.map(
-            lambda x: x[order].reshape((cfg.minibatches, size) + x.shape[1:]), rollout)
+            lambda x: x[order].reshape((cfg.minibatches, size) + x.shape[1:]), rollout
+        )
 
         def one(state, minibatch):
           minibatch = jax.tree.map(
-              lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), minibatch)
+              lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), minibatch
+          )
           return step(state, minibatch)
+
         return jax.lax.scan(one, state, minibatches)
 
       keys = jax.random.split(jax.random.fold_in(state.key(), 1), cfg.epochs)
@@ -131,9 +157,13 @@ def make_ppo_update(loss_fn, optimizer, *, mesh, shardings, cfg: ml_collections.
     out["first_clip_fraction"] = history["clip_fraction"][0, 0]
     return state, out
 
-  return jax.jit(update, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,),
-                 compiler_options=train_compiler_options(mesh))
+  return jax.jit(
+      update,
+      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,),
+      compiler_options=train_compiler_options(mesh),
+  )
 
 
 def load_prompts(source: str) -> list[dict]:
@@ -144,10 +174,15 @@ def load_prompts(source: str) -> list[dict]:
   out = []
   for line, row in rows:
     if not isinstance(row, dict):
-      raise data.RecordError(name, line, None, f"expected a JSON object with a 'prompt' field, got "
-                             f"{type(row).__name__}")
-    record = data.validate_record({"prompt": row.get("prompt"), "completion": "-"}, "sft",
-                                  source=name, line=line)
+      raise data.RecordError(
+          name,
+          line,
+          None,
+          f"expected a JSON object with a 'prompt' field, got " f"{type(row).__name__}",
+      )
+    record = data.validate_record(
+        {"prompt": row.get("prompt"), "completion": "-"}, "sft", source=name, line=line
+    )
     if "unsafe" in row and not isinstance(row["unsafe"], bool):
       raise data.RecordError(name, line, "unsafe", f"expected true/false, got {row['unsafe']!r}")
     out.append({**row, "prompt": record["prompt"]})
@@ -156,10 +191,23 @@ def load_prompts(source: str) -> list[dict]:
   return out
 
 
-def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, policy_cfg: ModelConfig,
-                   spec: ppo_rollout.RewardSpec, optimizer, *, mesh, policy_shardings, shardings,
-                   cfg: ml_collections.ConfigDict, eos_id: int, pad_id: int,
-                   reference_graphdef=None, estimator: str = "gae"):
+def make_iteration(
+    policy_graphdef,
+    value_graphdef,
+    reward_graphdefs: dict,
+    policy_cfg: ModelConfig,
+    spec: ppo_rollout.RewardSpec,
+    optimizer,
+    *,
+    mesh,
+    policy_shardings,
+    shardings,
+    cfg: ml_collections.ConfigDict,
+    eos_id: int,
+    pad_id: int,
+    reference_graphdef=None,
+    estimator: str = "gae",
+):
   """One PPO iteration as a function (the trainer's loop body and the `ppo_iteration` benchmark):
 
     iteration(state, reference, reward_params {name: params}, prompt_tokens [N, P],
@@ -177,7 +225,9 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
   reward of the decoded responses); `spec` may then be None. reference_graphdef: the frozen
   reference's graph (e.g. bfloat16, `config.ppo.frozen_dtype`), default the policy's.
   """
-  sampler = generate.Sampler(policy_graphdef, policy_cfg, mesh=mesh, param_shardings=policy_shardings)
+  sampler = generate.Sampler(
+      policy_graphdef, policy_cfg, mesh=mesh, param_shardings=policy_shardings
+  )
   # GRPO with one optimiser step per rollout (epochs = mini-batches = 1, as TRL's GRPOTrainer at
   # num_iterations=1): the old log-probs are the updated policy's own, detached, so the scoring
   # pass of the policy is skipped; the sampler's log-probs (the same quantity from the decode
@@ -185,55 +235,105 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
   single_update = estimator == "grpo" and cfg.epochs == 1 and cfg.minibatches == 1
   # config.ppo.share_prompt: every forward pass runs a prompt's K samples with the prompt once.
   share = (cfg.samples_per_prompt, cfg.max_new_tokens) if cfg.share_prompt else None
-  score = jax.jit(ppo_rollout.make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs,
-                                            temperature=cfg.temperature,
-                                            reference_graphdef=reference_graphdef,
-                                            policy_pass=not single_update, share=share,
-                                            response_len=cfg.max_new_tokens))
+  score = jax.jit(
+      ppo_rollout.make_score_fn(
+          policy_graphdef,
+          value_graphdef,
+          reward_graphdefs,
+          temperature=cfg.temperature,
+          reference_graphdef=reference_graphdef,
+          policy_pass=not single_update,
+          share=share,
+          response_len=cfg.max_new_tokens,
+      )
+  )
   if estimator == "gae":
-    advantages = jax.jit(lambda old, ref, values, *args: ppo_rollout.advantages_fn(
-        old, ref, values, *args, cfg=cfg))
+    advantages = jax.jit(
+        lambda old, ref, values, *args: ppo_rollout.advantages_fn(old, ref, values, *args, cfg=cfg)
+    )
   else:
-    advantages = jax.jit(lambda old, ref, values, *args: ppo_rollout.group_advantages_fn(
-        old, ref, *args, cfg=cfg, estimator=estimator))
+    advantages = jax.jit(
+        lambda old, ref, values, *args: ppo_rollout.group_advantages_fn(
+            old, ref, *args, cfg=cfg, estimator=estimator
+        )
+    )
   reward_fn = jax.jit(spec.__call__) if spec is not None else None
-  baseline = jax.jit(lambda r: ppo_rollout.baselined_reward(r, cfg.samples_per_prompt,
-                                                            cfg.reward_baseline))
+  baseline = jax.jit(
+      lambda r: ppo_rollout.baselined_reward(r, cfg.samples_per_prompt, cfg.reward_baseline)
+  )
   rollout_sharding = sharding.batch_sharding(mesh)
   # The responses are the rollout's last max_new_tokens columns: only their logits are computed.
-  loss_fn = make_ppo_loss_fn(policy_graphdef, value_graphdef, cfg, estimator=estimator, share=share,
-                             response_len=cfg.max_new_tokens)
+  loss_fn = make_ppo_loss_fn(
+      policy_graphdef,
+      value_graphdef,
+      cfg,
+      estimator=estimator,
+      share=share,
+      response_len=cfg.max_new_tokens,
+  )
   if policy_cfg.lora_rank:  # only the adapters (and a value head) train
     loss_fn = lora.freeze_base(loss_fn)
-  update = make_ppo_update(loss_fn, optimizer, mesh=mesh, shardings=shardings, cfg=cfg,
-                           group=cfg.samples_per_prompt if share else 1)
+  update = make_ppo_update(
+      loss_fn,
+      optimizer,
+      mesh=mesh,
+      shardings=shardings,
+      cfg=cfg,
+      group=cfg.samples_per_prompt if share else 1,
+  )
 
-  def iteration(state, reference, reward_params, prompt_tokens, prompt_mask, unsafe, rng, beta,
-                text_reward=None):
+  def iteration(
+      state,
+      reference,
+      reward_params,
+      prompt_tokens,
+      prompt_mask,
+      unsafe,
+      rng,
+      beta,
+      text_reward=None,
+  ):
     k = cfg.samples_per_prompt
     # K samples of each prompt, the prompt prefilled once; rows b K .. b K + K - 1 are prompt b's.
-    out = sampler(state.params["policy"], prompt_tokens, prompt_mask, rng,
-                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                  eos_id=eos_id, pad_id=pad_id, samples=k)
-    prompt_tokens, prompt_mask, unsafe = (jnp.repeat(jnp.asarray(x), k, axis=0)
-                                          for x in (prompt_tokens, prompt_mask, unsafe))
-    tokens, segment_ids, positions, response_mask = generate.full_sequence(prompt_tokens,
-                                                                           prompt_mask, out)
-    batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
-             "response_mask": response_mask}
-    old_logp, ref_logp, values, scores = score(state.params["policy"], reference,
-                                               state.params.get("value"), reward_params, batch)
+    out = sampler(
+        state.params["policy"],
+        prompt_tokens,
+        prompt_mask,
+        rng,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        samples=k,
+    )
+    prompt_tokens, prompt_mask, unsafe = (
+        jnp.repeat(jnp.asarray(x), k, axis=0) for x in (prompt_tokens, prompt_mask, unsafe)
+    )
+    tokens, segment_ids, positions, response_mask = generate.full_sequence(
+        prompt_tokens, prompt_mask, out
+    )
+    batch = {
+        "tokens": tokens,
+        "segment_ids": segment_ids,
+        "positions": positions,
+        "response_mask": response_mask,
+    }
+    old_logp, ref_logp, values, scores = score(
+        state.params["policy"], reference, state.params.get("value"), reward_params, batch
+    )
     sampled_logp = old_logp
     if single_update:  # response column P + j of the full sequence is the sampler's column j
-      sampled_logp = jnp.concatenate([jnp.zeros(prompt_tokens.shape, jnp.float32), out.logprobs],
-                                     axis=1)
+      sampled_logp = jnp.concatenate(
+          [jnp.zeros(prompt_tokens.shape, jnp.float32), out.logprobs], axis=1
+      )
     if text_reward is not None:
       reward = jnp.asarray(text_reward(out), jnp.float32)
     else:
       reward = reward_fn(scores, unsafe)
     found = ppo_rollout.eos_found(out, eos_id)
-    adv = advantages(sampled_logp, ref_logp, values, baseline(reward), response_mask, found,
-                     jnp.float32(beta))
+    adv = advantages(
+        sampled_logp, ref_logp, values, baseline(reward), response_mask, found, jnp.float32(beta)
+    )
     # Batch-sharded as the update expects (XLA may leave a scoring output replicated, e.g. for
     # 24 rows on a (4, 1, 2) mesh); a no-op when it already is.
     rollout = {**batch, "advantages": adv["advantages"]}
@@ -245,8 +345,14 @@ def make_iteration(policy_graphdef, value_graphdef, reward_graphdefs: dict, poli
       rollout["ref_logp"] = ref_logp
     rollout = jax.device_put(rollout, rollout_sharding)
     state, update_metrics = update(state, rollout)
-    return state, {"out": out, "reward": reward, "scores": scores, "eos_found": found,
-                   "sequence_kl": adv["sequence_kl"], "update": update_metrics}
+    return state, {
+        "out": out,
+        "reward": reward,
+        "scores": scores,
+        "eos_found": found,
+        "sequence_kl": adv["sequence_kl"],
+        "update": update_metrics,
+    }
 
   return iteration
 
@@ -263,11 +369,15 @@ def check_group_config(config: ml_collections.ConfigDict, estimator: str) -> Non
     return
   name = config.algorithm
   if p.samples_per_prompt < 2:
-    raise ConfigError(f"config.algorithm={name!r} compares a prompt's samples: set "
-                     f"config.ppo.samples_per_prompt >= 2 (it is {p.samples_per_prompt})")
+    raise ConfigError(
+        f"config.algorithm={name!r} compares a prompt's samples: set "
+        f"config.ppo.samples_per_prompt >= 2 (it is {p.samples_per_prompt})"
+    )
   if p.reward_baseline != "none":
-    raise ConfigError(f"config.ppo.reward_baseline={p.reward_baseline!r} is PPO's option; "
-                     f"{name} has its own baseline: set it to 'none'")
+    raise ConfigError(
+        f"config.ppo.reward_baseline={p.reward_baseline!r} is PPO's option; "
+        f"{name} has its own baseline: set it to 'none'"
+    )
   if p.kl.adaptive:
     raise ConfigError(f"config.ppo.kl.adaptive=True: {name} uses a fixed config.ppo.kl.beta")
 
@@ -285,56 +395,80 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   p = config.ppo
   estimator = ESTIMATOR_OF.get(config.algorithm)
   if estimator is None:
-    raise ConfigError(f"config.algorithm={config.algorithm!r}: ppo.train runs "
-                     f"{', '.join(ESTIMATOR_OF)}")
+    raise ConfigError(
+        f"config.algorithm={config.algorithm!r}: ppo.train runs " f"{', '.join(ESTIMATOR_OF)}"
+    )
   check_group_config(config, estimator)
   mesh = sharding.make_mesh(config.mesh.shape)
   rows = p.prompts_per_iteration * p.samples_per_prompt
   if p.samples_per_prompt < 1 or rows % p.minibatches:
-    raise ConfigError(f"config.ppo.prompts_per_iteration x samples_per_prompt = "
-                     f"{p.prompts_per_iteration} x {p.samples_per_prompt} is not a positive "
-                     f"multiple of config.ppo.minibatches={p.minibatches}")
+    raise ConfigError(
+        f"config.ppo.prompts_per_iteration x samples_per_prompt = "
+        f"{p.prompts_per_iteration} x {p.samples_per_prompt} is not a positive "
+        f"multiple of config.ppo.minibatches={p.minibatches}"
+    )
   if p.reward_baseline not in ppo_rollout.REWARD_BASELINES:  # fail before any model loads
-    raise ConfigError(f"config.ppo.reward_baseline={p.reward_baseline!r}; choose one of "
-                     f"{ppo_rollout.REWARD_BASELINES}")
+    raise ConfigError(
+        f"config.ppo.reward_baseline={p.reward_baseline!r}; choose one of "
+        f"{ppo_rollout.REWARD_BASELINES}"
+    )
   if p.reward_baseline != "none" and p.samples_per_prompt < 2:
-    raise ConfigError(f"config.ppo.reward_baseline={p.reward_baseline!r} compares a prompt's "
-                     f"samples: set config.ppo.samples_per_prompt >= 2 (it is "
-                     f"{p.samples_per_prompt})")
-  if p.share_prompt and (p.samples_per_prompt < 2
-                         or p.prompts_per_iteration % (p.minibatches * p.accum_steps)):
-    raise ConfigError(f"config.ppo.share_prompt=True runs a prompt's samples together: it needs "
-                     f"samples_per_prompt >= 2 (it is {p.samples_per_prompt}) and whole prompts "
-                     f"per micro-batch (prompts_per_iteration={p.prompts_per_iteration} a multiple "
-                     f"of minibatches x accum_steps = {p.minibatches} x {p.accum_steps})")
+    raise ConfigError(
+        f"config.ppo.reward_baseline={p.reward_baseline!r} compares a prompt's "
+        f"samples: set config.ppo.samples_per_prompt >= 2 (it is "
+        f"{p.samples_per_prompt})"
+    )
+  if p.share_prompt and (
+      p.samples_per_prompt < 2 or p.prompts_per_iteration % (p.minibatches * p.accum_steps)
+  ):
+    raise ConfigError(
+        f"config.ppo.share_prompt=True runs a prompt's samples together: it needs "
+        f"samples_per_prompt >= 2 (it is {p.samples_per_prompt}) and whole prompts "
+        f"per micro-batch (prompts_per_iteration={p.prompts_per_iteration} a multiple "
+        f"of minibatches x accum_steps = {p.minibatches} x {p.accum_steps})"
+    )
   if p.reward.get("normalize", "export") not in ("policy", "export"):
-    raise ConfigError(f"config.ppo.reward.normalize={p.reward.normalize!r}; choose 'policy' (the "
-                     "start policy's samples) or 'export' (the reward export's statistics)")
+    raise ConfigError(
+        f"config.ppo.reward.normalize={p.reward.normalize!r}; choose 'policy' (the "
+        "start policy's samples) or 'export' (the reward export's statistics)"
+    )
   if p.reward.gold and p.reward.judge:
     raise ConfigError("config.ppo.reward.gold and config.ppo.reward.judge are both set; choose one")
   if p.reward.judge:
     ai_feedback.check_judge_reward(p.reward, p.samples_per_prompt)
   sharding.check_batch_size(rows // p.minibatches // p.accum_steps, mesh)
   if not config.init_from:
-    raise ConfigError("config.init_from is empty: PPO starts from a policy export (e.g. the SFT run's)")
+    raise ConfigError(
+        "config.init_from is empty: PPO starts from a policy export (e.g. the SFT run's)"
+    )
   if p.value_model not in ("separate", "policy_head"):
-    raise ConfigError(f"config.ppo.value_model={p.value_model!r}; choose 'separate' (a value model "
-                     "from value_init_from) or 'policy_head' (a value head on the policy)")
+    raise ConfigError(
+        f"config.ppo.value_model={p.value_model!r}; choose 'separate' (a value model "
+        "from value_init_from) or 'policy_head' (a value head on the policy)"
+    )
   if p.value_head not in ("fresh", "export"):
-    raise ConfigError(f"config.ppo.value_head={p.value_head!r}; choose 'fresh' (re-initialise the "
-                     "value model's head) or 'export' (keep the exported one)")
-  tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")
+    raise ConfigError(
+        f"config.ppo.value_head={p.value_head!r}; choose 'fresh' (re-initialise the "
+        "value model's head) or 'export' (keep the exported one)"
+    )
+  tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get(
+      "tokenizer"
+  )
   tokenizer = data.load_tokenizer(tokenizer_dir)
   prompts = load_prompts(config.data.source)
   eval_tasks = None
   if p.eval_every:
     if not config.data.eval_source:
-      raise ConfigError("config.ppo.eval_every > 0 needs config.data.eval_source: held-out toy-world "
-                       "tasks (e.g. the world's eval_tasks.jsonl)")
-    eval_tasks = load_prompts(config.data.eval_source)[:p.eval_prompts or None]
+      raise ConfigError(
+          "config.ppo.eval_every > 0 needs config.data.eval_source: held-out toy-world "
+          "tasks (e.g. the world's eval_tasks.jsonl)"
+      )
+    eval_tasks = load_prompts(config.data.eval_source)[: p.eval_prompts or None]
     if not all("family" in r and "answer" in r for r in eval_tasks):
-      raise ConfigError(f"config.data.eval_source={config.data.eval_source}: the held-out gold "
-                       "evaluation needs toy-world task records (with 'family' and 'answer')")
+      raise ConfigError(
+          f"config.data.eval_source={config.data.eval_source}: the held-out gold "
+          "evaluation needs toy-world task records (with 'family' and 'answer')"
+      )
 
   # Policy + value in one state; reference and reward models frozen beside it.
   policy_cfg = common.model_config(config, vocab_size=len(tokenizer), head="lm")
@@ -344,11 +478,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   params = {"policy": common.initial_params(config, policy_cfg, mesh, psh["policy"])}
   value_gd, value_abs = None, None
   if estimator == "gae":  # PPO's critic; GRPO and RLOO have none
+
     def fresh_head(cfg: ModelConfig, head_sharding):
       """A scalar head [E] ~ N(0, scalar_head_init_std): values ~0 at the start."""
-      return jax.jit(lambda key: cfg.scalar_head_init_std * jax.random.normal(
-          key, (cfg.embed_dim,), jnp.dtype(cfg.param_dtype)), out_shardings=head_sharding)(
-              jax.random.key(config.seed + 1))
+      return jax.jit(
+          lambda key: cfg.scalar_head_init_std
+          * jax.random.normal(key, (cfg.embed_dim,), jnp.dtype(cfg.param_dtype)),
+          out_shardings=head_sharding,
+      )(jax.random.key(config.seed + 1))
 
     if p.value_model == "separate":
       value_config = _value_config(config)
@@ -361,52 +498,79 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         params["value"]["score"] = fresh_head(value_cfg, psh["value"]["score"])
     else:  # "policy_head": one trunk, a scalar value head beside the LM head
       value_gd = None
-      value_abs = {"score": jax.ShapeDtypeStruct((policy_cfg.embed_dim,), jnp.dtype(policy_cfg.param_dtype))}
+      value_abs = {
+          "score": jax.ShapeDtypeStruct((policy_cfg.embed_dim,), jnp.dtype(policy_cfg.param_dtype))
+      }
       psh["value"] = sharding.param_shardings(value_abs, {"score": P("embed")}, mesh)
       params["value"] = {"score": fresh_head(policy_cfg, psh["value"]["score"])}
   # LoRA: the reference is the policy's base (adapters off), made from the current params where it
   # is used: no copy of the base (and a tree kept from here would not survive the update, which
   # donates the params it is given).
   lora_reference = bool(policy_cfg.lora_rank) and not p.frozen_dtype
-  reference = None if lora_reference else jax.tree.map(
-      jnp.copy, lora.reference_params(params["policy"]))
+  reference = (
+      None if lora_reference else jax.tree.map(jnp.copy, lora.reference_params(params["policy"]))
+  )
   reference_gd = policy_gd
   if p.frozen_dtype:  # reference (and reward models) held and run in e.g. bfloat16
     reference = cast_params(reference, p.frozen_dtype)
-    reference_gd = abstract_model(dataclasses.replace(policy_cfg, dtype=p.frozen_dtype,
-                                                      param_dtype=p.frozen_dtype))[0]
+    reference_gd = abstract_model(
+        dataclasses.replace(policy_cfg, dtype=p.frozen_dtype, param_dtype=p.frozen_dtype)
+    )[0]
   judge_reward = None
   if p.reward.judge:  # direct RLAIF: the AI judge compares each prompt's samples
     judge_reward = ai_feedback.judge_reward_fn(p, mesh, tokenizer, seed=config.seed)
     rms, spec = {}, None
   elif p.reward.gold:  # the toy world's gold reward instead of reward models
     if not all("family" in r and "answer" in r for r in prompts):
-      raise ConfigError(f"config.ppo.reward.gold=True needs toy-world task records in "
-                       f"{config.data.source} (with 'family' and 'answer'); these prompts have none")
+      raise ConfigError(
+          f"config.ppo.reward.gold=True needs toy-world task records in "
+          f"{config.data.source} (with 'family' and 'answer'); these prompts have none"
+      )
     rms, spec = {}, None
   else:
-    rms = ppo_rollout.load_reward_models(p.reward, mesh, key="config.ppo.reward",
-                                         dtype=p.frozen_dtype)
+    rms = ppo_rollout.load_reward_models(
+        p.reward, mesh, key="config.ppo.reward", dtype=p.frozen_dtype
+    )
     spec = ppo_rollout.reward_spec(p.reward, rms)
     if spec.whiten and p.reward.get("normalize", "export") == "policy":
-      spec = dataclasses.replace(spec, stats=policy_score_stats(
-          params["policy"], generate.Sampler(policy_gd, policy_cfg, mesh=mesh,
-                                             param_shardings=psh["policy"]),
-          rms, tokenizer, prompts[:p.reward.normalize_prompts], p, seed=config.seed))
+      spec = dataclasses.replace(
+          spec,
+          stats=policy_score_stats(
+              params["policy"],
+              generate.Sampler(policy_gd, policy_cfg, mesh=mesh, param_shardings=psh["policy"]),
+              rms,
+              tokenizer,
+              prompts[: p.reward.normalize_prompts],
+              p,
+              seed=config.seed,
+          ),
+      )
       metrics.write_json(spec.stats, os.path.join(workdir, "reward_stats.json"))
       _log.info("reward statistics on the start policy's samples: %s", spec.stats)
 
   total_steps = p.iterations * p.epochs * p.minibatches
-  optimizer, schedule = make_optimizer(config.optim, total_steps,
-                                       trainable=lora.trainable_mask if policy_cfg.lora_rank else None)
+  optimizer, schedule = make_optimizer(
+      config.optim, total_steps, trainable=lora.trainable_mask if policy_cfg.lora_rank else None
+  )
   abstract = {"policy": policy_abs, **({"value": value_abs} if estimator == "gae" else {})}
   shardings = state_shardings(optimizer, psh, abstract, mesh)
   state = create_train_state(params, optimizer, shardings, seed=config.seed)
-  iterate = make_iteration(policy_gd, value_gd, {n: rm.graphdef for n, rm in rms.items()}, policy_cfg,
-                           spec, optimizer, mesh=mesh, policy_shardings=psh["policy"],
-                           shardings=shardings, cfg=p, eos_id=tokenizer.eos_token_id,
-                           pad_id=tokenizer.pad_token_id, reference_graphdef=reference_gd,
-                           estimator=estimator)
+  iterate = make_iteration(
+      policy_gd,
+      value_gd,
+      {n: rm.graphdef for n, rm in rms.items()},
+      policy_cfg,
+      spec,
+      optimizer,
+      mesh=mesh,
+      policy_shardings=psh["policy"],
+      shardings=shardings,
+      cfg=p,
+      eos_id=tokenizer.eos_token_id,
+      pad_id=tokenizer.pad_token_id,
+      reference_graphdef=reference_gd,
+      estimator=estimator,
+  )
   reward_params = {n: rm.params for n, rm in rms.items()}
   eval_sampler = generate.Sampler(policy_gd, policy_cfg, mesh=mesh, param_shardings=psh["policy"])
 
@@ -417,30 +581,53 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Gold of the policy on the held-out tasks and its KL to the reference; the same sampling
     key every time, so successive evaluations are paired (common random numbers)."""
     result = gold_eval.evaluate(
-        gold_eval.Policy(policy_gd, params, eval_sampler), tokenizer, eval_tasks,
-        jax.random.key(config.seed + 7), reference=gold_eval.Policy(reference_gd, reference_of(params), eval_sampler),
-        max_new_tokens=p.max_new_tokens, temperature=p.temperature, win_rate=False)
+        gold_eval.Policy(policy_gd, params, eval_sampler),
+        tokenizer,
+        eval_tasks,
+        jax.random.key(config.seed + 7),
+        reference=gold_eval.Policy(reference_gd, reference_of(params), eval_sampler),
+        max_new_tokens=p.max_new_tokens,
+        temperature=p.temperature,
+        win_rate=False,
+    )
     return {k: result["overall"][k] for k in ("combined", "helpfulness", "safety", "kl", "length")}
-  stream = data.BatchIterator(prompts, batch_size=p.prompts_per_iteration, seq_len=1,
-                              seed=config.seed, packing=False,
-                              batching=Batching(pad=list, pack=None, length=lambda _: 1))
+
+  stream = data.BatchIterator(
+      prompts,
+      batch_size=p.prompts_per_iteration,
+      seq_len=1,
+      seed=config.seed,
+      packing=False,
+      batching=Batching(pad=list, pack=None, length=lambda _: 1),
+  )
   beta = float(p.kl.beta)
   t = config.train
-  checkpoint.check_free_space(workdir, state, keep=t.keep_checkpoints, export=state.params["policy"])
-  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
-                               save_interval_steps=t.checkpoint_every,
-                               async_save=t.async_checkpoint) as ckpt, \
-       metrics.MetricsWriter(workdir) as writer, preemption.StopSignal() as stop:
+  checkpoint.check_free_space(
+      workdir, state, keep=t.keep_checkpoints, export=state.params["policy"]
+  )
+  with (
+      checkpoint.Checkpointer(
+          os.path.join(workdir, "checkpoints"),
+          keep=t.keep_checkpoints,
+          save_interval_steps=t.checkpoint_every,
+          async_save=t.async_checkpoint,
+      ) as ckpt,
+      metrics.MetricsWriter(workdir) as writer,
+      preemption.StopSignal() as stop,
+  ):
     start = 0
     if ckpt.latest_step() is not None:
-      target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, shardings)
+      target = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+      )
       state, saved = ckpt.restore(target)
       stream.restore(saved["prompts"])
       start, beta = saved["iteration"], saved["beta"]
       _log.info("resumed PPO at iteration %d (beta %.4f)", start, beta)
     end = p.iterations if not t.stop_after_steps else min(p.iterations, start + t.stop_after_steps)
-    progress = metrics.Progress(p.iterations, initial=start, desc="ppo", show=("reward", "gold", "kl"))
+    progress = metrics.Progress(
+        p.iterations, initial=start, desc="ppo", show=("reward", "gold", "kl")
+    )
     if eval_tasks and start == 0:
       writer.write(0, held_out(state.params["policy"]), prefix="eval")
     for iteration in range(start, end):
@@ -453,45 +640,94 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if judge_reward is not None:
         text_reward = functools.partial(judge_reward, records, iteration=iteration)
       elif p.reward.gold:
-        text_reward = lambda out: np.asarray([world_lib.gold_scores(r, text)["combined"] for r, text in
-                                              zip(rows_records, ppo_rollout.decode_responses(tokenizer, out))])
-      state, info = iterate(state, reference_of(state.params["policy"]), reward_params, prompt_tokens, prompt_mask, unsafe,
-                            rng, beta, text_reward=text_reward)
+        text_reward = lambda out: np.asarray(
+            [
+                world_lib.gold_scores(r, text)["combined"]
+                for r, text in zip(rows_records, ppo_rollout.decode_responses(tokenizer, out))
+            ]
+        )
+      state, info = iterate(
+          state,
+          reference_of(state.params["policy"]),
+          reward_params,
+          prompt_tokens,
+          prompt_mask,
+          unsafe,
+          rng,
+          beta,
+          text_reward=text_reward,
+      )
       out, reward, scores, found = info["out"], info["reward"], info["scores"], info["eos_found"]
       update_metrics = info["update"]
       observed_kl = float(jnp.mean(info["sequence_kl"]))
       if p.kl.adaptive:
-        beta = float(kl_losses.adaptive_kl_update(beta, observed_kl, rows,
-                                                  target=p.kl.target, horizon=p.kl.horizon))
-      row = {"reward": float(jnp.mean(reward)), "kl": observed_kl, "beta": beta,
-             "length": float(jnp.mean(out.lengths)), "eos_rate": float(jnp.mean(found)),
-             **{f"score_{n}": float(jnp.mean(s)) for n, s in scores.items()},
-             **{k: float(v) for k, v in jax.device_get(update_metrics).items()},
-             **gold_metrics(rows_records, ppo_rollout.decode_responses(tokenizer, out))}
+        beta = float(
+            kl_losses.adaptive_kl_update(
+                beta, observed_kl, rows, target=p.kl.target, horizon=p.kl.horizon
+            )
+        )
+      row = {
+          "reward": float(jnp.mean(reward)),
+          "kl": observed_kl,
+          "beta": beta,
+          "length": float(jnp.mean(out.lengths)),
+          "eos_rate": float(jnp.mean(found)),
+          **{f"score_{n}": float(jnp.mean(s)) for n, s in scores.items()},
+          **{k: float(v) for k, v in jax.device_get(update_metrics).items()},
+          **gold_metrics(rows_records, ppo_rollout.decode_responses(tokenizer, out)),
+      }
       counts = nonfinite_counts(state.opt_state)
       if counts is not None:  # updates skipped so far for a NaN / Inf gradient (the update's own
         row["skipped_steps"] = int(counts[1])  # metric is a mean over this iteration's updates)
       writer.write(iteration + 1, row, prefix="ppo")
       if eval_tasks and ((iteration + 1) % p.eval_every == 0 or iteration + 1 == p.iterations):
         writer.write(iteration + 1, held_out(state.params["policy"]), prefix="eval")
-      progress.update(1, metrics={"reward": row["reward"], "gold": row.get("gold_combined", 0.0),
-                                  "kl": observed_kl})
+      progress.update(
+          1,
+          metrics={
+              "reward": row["reward"],
+              "gold": row.get("gold_combined", 0.0),
+              "kl": observed_kl,
+          },
+      )
       # Counted in optimiser updates (epochs x mini-batches per iteration).
-      check_nonfinite(state.opt_state, int(state.step), t.get("max_nonfinite_steps", 10),
-                      ckpt.latest_step())
-      stop.save(ckpt, iteration + 1, end, state, workdir=workdir, on_stop=progress.close,
-                data_state={"prompts": stream.state(), "iteration": iteration + 1, "beta": beta},
-                config=config.to_dict())
+      check_nonfinite(
+          state.opt_state, int(state.step), t.get("max_nonfinite_steps", 10), ckpt.latest_step()
+      )
+      stop.save(
+          ckpt,
+          iteration + 1,
+          end,
+          state,
+          workdir=workdir,
+          on_stop=progress.close,
+          data_state={"prompts": stream.state(), "iteration": iteration + 1, "beta": beta},
+          config=config.to_dict(),
+      )
     progress.close()
   done = end >= p.iterations
   if done:
-    common.export_model(config, os.path.join(workdir, "export"), state.params["policy"],
-                        policy_cfg, tokenizer=os.path.abspath(tokenizer_dir), step=int(state.step))
+    common.export_model(
+        config,
+        os.path.join(workdir, "export"),
+        state.params["policy"],
+        policy_cfg,
+        tokenizer=os.path.abspath(tokenizer_dir),
+        step=int(state.step),
+    )
   return {"iterations": end, "beta": beta}
 
 
-def policy_score_stats(policy_params, sampler, rms: dict, tokenizer, prompts: list[dict],
-                       p: ml_collections.ConfigDict, *, seed: int) -> dict:
+def policy_score_stats(
+    policy_params,
+    sampler,
+    rms: dict,
+    tokenizer,
+    prompts: list[dict],
+    p: ml_collections.ConfigDict,
+    *,
+    seed: int,
+) -> dict:
   """{model name: {"mean", "std", "n"}} of each reward model's raw scores on one sample of the
   start policy for each of `prompts` (config.ppo.reward.normalize="policy").
 
@@ -504,9 +740,19 @@ def policy_score_stats(policy_params, sampler, rms: dict, tokenizer, prompts: li
   if not prompts:
     raise ConfigError("config.ppo.reward.normalize='policy' needs training prompts to sample")
   samples = ppo_rollout.best_of_k(
-      policy_params, sampler, rms, None, tokenizer, prompts, k=1, temperature=p.temperature,
-      max_new_tokens=p.max_new_tokens, max_prompt_len=p.max_prompt_len,
-      batch_prompts=max(p.prompts_per_iteration, 1), rng=jax.random.key(seed + 11))
+      policy_params,
+      sampler,
+      rms,
+      None,
+      tokenizer,
+      prompts,
+      k=1,
+      temperature=p.temperature,
+      max_new_tokens=p.max_new_tokens,
+      max_prompt_len=p.max_prompt_len,
+      batch_prompts=max(p.prompts_per_iteration, 1),
+      rng=jax.random.key(seed + 11),
+  )
   out = {}
   for name in rms:
     scores = np.concatenate([s["scores"][name] for s in samples])

@@ -35,8 +35,15 @@ from rlhf_jax.models import apply_rows
 Array = jax.Array
 
 
-def token_values(graphdef, params, tokens: Array, segment_ids: Array, positions: Array,
-                 response_mask: Array, share: tuple[int, int] | None = None) -> Array:
+def token_values(
+    graphdef,
+    params,
+    tokens: Array,
+    segment_ids: Array,
+    positions: Array,
+    response_mask: Array,
+    share: tuple[int, int] | None = None,
+) -> Array:
   """V for each response token: [B, S] float32, the value model's output at the position before
   the token (the state in which the token is chosen), 0 off the response. share: (K, N), a
   prompt's K samples run with the prompt once (`models.apply_rows`)."""
@@ -54,9 +61,17 @@ def head_values(hidden: Array, score: Array, response_mask: Array) -> Array:
   return jnp.where(response_mask, values, 0.0)
 
 
-def policy_forward(policy_graphdef, value_graphdef, policy_params, value_params, batch: dict, *,
-                   temperature: float, share: tuple[int, int] | None = None,
-                   response_len: int | None = None) -> tuple[Array, Array, Array]:
+def policy_forward(
+    policy_graphdef,
+    value_graphdef,
+    policy_params,
+    value_params,
+    batch: dict,
+    *,
+    temperature: float,
+    share: tuple[int, int] | None = None,
+    response_len: int | None = None,
+) -> tuple[Array, Array, Array]:
   """-> (T-scaled logits [B, C, V] predicting the last C tokens (C = S-1, or response_len N),
   log pi(token_t) [B, S] (column t from the logits at t-1, 0 where no logits ran), values [B, S]).
 
@@ -75,10 +90,17 @@ def policy_forward(policy_graphdef, value_graphdef, policy_params, value_params,
   elif value_graphdef is None:
     values = head_values(hidden, value_params["score"], mask)
   else:
-    values = token_values(value_graphdef, value_params, batch["tokens"], batch["segment_ids"],
-                          batch["positions"], mask, share)
+    values = token_values(
+        value_graphdef,
+        value_params,
+        batch["tokens"],
+        batch["segment_ids"],
+        batch["positions"],
+        mask,
+        share,
+    )
   scaled = logits[:, :-1] / temperature
-  logp = token_logprobs(scaled, batch["tokens"][:, head_from + 1:])
+  logp = token_logprobs(scaled, batch["tokens"][:, head_from + 1 :])
   return scaled, jnp.pad(logp, ((0, 0), (head_from + 1, 0))), values
 
 
@@ -101,15 +123,19 @@ class RewardSpec:
 
   def __call__(self, scores: dict, unsafe: Array) -> Array:
     """Raw model scores {name: [B]} and prompt flags [B] -> the sequence reward [B]."""
-    norm = lambda name, x: ((x - self.stats[name]["mean"]) / max(self.stats[name]["std"], 1e-6)
-                            if self.whiten else x)
+    norm = lambda name, x: (
+        (x - self.stats[name]["mean"]) / max(self.stats[name]["std"], 1e-6) if self.whiten else x
+    )
     if len(self.names) == 1:
       return norm(self.names[0], scores[self.names[0]])
     helpful, safety = scores["helpful"], scores["safety"]
     if self.combine == "linear":
       return reward_losses.linear_combined_reward(
-          norm("helpful", helpful), norm("safety", safety),
-          helpful_weight=self.helpful_weight, safety_weight=self.safety_weight)
+          norm("helpful", helpful),
+          norm("safety", safety),
+          helpful_weight=self.helpful_weight,
+          safety_weight=self.safety_weight,
+      )
     # Llama 2: the rule reads raw scores (its threshold is on sigmoid(safety)); whitening then
     # uses the statistics of whichever model was selected.
     use_safety = unsafe | (jax.nn.sigmoid(safety) < self.safety_threshold)
@@ -128,15 +154,28 @@ def load_reward_models(cfg: ml_collections.ConfigDict, mesh, *, key: str, dtype:
 
 def reward_spec(cfg: ml_collections.ConfigDict, rms: dict) -> RewardSpec:
   """The RewardSpec of a reward config block and its loaded models (their export statistics)."""
-  return RewardSpec(names=tuple(rms), stats={name: rm.stats for name, rm in rms.items()},
-                    combine=cfg.combine, safety_threshold=cfg.safety_threshold,
-                    helpful_weight=cfg.helpful_weight, safety_weight=cfg.safety_weight,
-                    whiten=cfg.whiten)
+  return RewardSpec(
+      names=tuple(rms),
+      stats={name: rm.stats for name, rm in rms.items()},
+      combine=cfg.combine,
+      safety_threshold=cfg.safety_threshold,
+      helpful_weight=cfg.helpful_weight,
+      safety_weight=cfg.safety_weight,
+      whiten=cfg.whiten,
+  )
 
 
-def make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs: dict, *, temperature: float,
-                  reference_graphdef=None, policy_pass: bool = True,
-                  share: tuple[int, int] | None = None, response_len: int | None = None):
+def make_score_fn(
+    policy_graphdef,
+    value_graphdef,
+    reward_graphdefs: dict,
+    *,
+    temperature: float,
+    reference_graphdef=None,
+    policy_pass: bool = True,
+    share: tuple[int, int] | None = None,
+    response_len: int | None = None,
+):
   """score(policy, reference, value, rewards: {name: params}, batch) -> (old_logp, ref_logp,
   values, {name: scores [B]}); all [B, S] but the scores. value_graphdef None: `value` is a value
   head on the policy (`policy_forward`); `value` None: no critic, values 0. reference_graphdef:
@@ -146,49 +185,92 @@ def make_score_fn(policy_graphdef, value_graphdef, reward_graphdefs: dict, *, te
   the responses lie in the last N columns: the LM heads run on those only. Pure; the caller jits
   it."""
   reference_graphdef = reference_graphdef or policy_graphdef
+
   def score(policy_params, ref_params, value_params, reward_params: dict, batch: dict):
     args = (batch["tokens"], batch["segment_ids"], batch["positions"])
     if policy_pass:
-      _, old_logp, values = policy_forward(policy_graphdef, value_graphdef, policy_params,
-                                           value_params, batch, temperature=temperature,
-                                           share=share, response_len=response_len)
+      _, old_logp, values = policy_forward(
+          policy_graphdef,
+          value_graphdef,
+          policy_params,
+          value_params,
+          batch,
+          temperature=temperature,
+          share=share,
+          response_len=response_len,
+      )
       old_logp = jnp.where(batch["response_mask"], old_logp, 0.0)
     else:
       if value_params is not None:
         raise ValueError("make_score_fn: policy_pass=False is for critic-free estimators only")
       old_logp = values = None
-    ref_logp = scoring.response_logprobs(reference_graphdef, ref_params, *args, batch["response_mask"],
-                                         temperature=temperature, share=share,
-                                         response_len=response_len)
-    scores = {name: scoring.last_token_scores(reward_graphdefs[name], p, *args, share)
-              for name, p in reward_params.items()}
+    ref_logp = scoring.response_logprobs(
+        reference_graphdef,
+        ref_params,
+        *args,
+        batch["response_mask"],
+        temperature=temperature,
+        share=share,
+        response_len=response_len,
+    )
+    scores = {
+        name: scoring.last_token_scores(reward_graphdefs[name], p, *args, share)
+        for name, p in reward_params.items()
+    }
     return old_logp, ref_logp, values, scores
+
   return score
 
 
-def advantages_fn(old_logp: Array, ref_logp: Array, values: Array, reward: Array, mask: Array,
-                  eos_found: Array, beta: Array, cfg: ml_collections.ConfigDict) -> dict:
+def advantages_fn(
+    old_logp: Array,
+    ref_logp: Array,
+    values: Array,
+    reward: Array,
+    mask: Array,
+    eos_found: Array,
+    beta: Array,
+    cfg: ml_collections.ConfigDict,
+) -> dict:
   """Per-token KL penalty + sequence reward -> GAE (whitened advantages). Pure; jit it.
 
   cfg = config.ppo (kl_kind, missing_eos_penalty, score_clip, gamma, lam, whiten_advantages).
   """
   kl = kl_losses.kl_penalty(old_logp, ref_logp, mask, kind=cfg.kl_kind)
-  rewards = ppo_losses.token_rewards(reward, kl, mask, beta=beta, eos_found=eos_found,
-                                     missing_eos_penalty=cfg.missing_eos_penalty,
-                                     score_clip=cfg.score_clip or None)
+  rewards = ppo_losses.token_rewards(
+      reward,
+      kl,
+      mask,
+      beta=beta,
+      eos_found=eos_found,
+      missing_eos_penalty=cfg.missing_eos_penalty,
+      score_clip=cfg.score_clip or None,
+  )
   advantages, returns = ppo_losses.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
   if cfg.whiten_advantages:
     advantages = jnp.where(mask, ppo_losses.whiten(advantages, mask), 0.0)
-  return {"advantages": advantages, "returns": returns, "kl": kl,
-          "sequence_kl": kl_losses.sequence_kl(kl, mask)}
+  return {
+      "advantages": advantages,
+      "returns": returns,
+      "kl": kl,
+      "sequence_kl": kl_losses.sequence_kl(kl, mask),
+  }
 
 
 ESTIMATORS = ("gae", "grpo", "rloo")  # advantage estimators: PPO's, and the critic-free group ones
 
 
-def group_advantages_fn(old_logp: Array, ref_logp: Array, reward: Array, mask: Array,
-                        eos_found: Array, beta: Array, cfg: ml_collections.ConfigDict, *,
-                        estimator: str) -> dict:
+def group_advantages_fn(
+    old_logp: Array,
+    ref_logp: Array,
+    reward: Array,
+    mask: Array,
+    eos_found: Array,
+    beta: Array,
+    cfg: ml_collections.ConfigDict,
+    *,
+    estimator: str,
+) -> dict:
   """Critic-free advantages from a prompt's K samples (rows of one prompt contiguous, [B = N x K]);
   every response token of a sample gets its sequence advantage. Pure; jit it.
 
@@ -216,8 +298,12 @@ def group_advantages_fn(old_logp: Array, ref_logp: Array, reward: Array, mask: A
   else:
     adv = ppo_losses.rloo_advantages((score - beta * sequence_kl).reshape(-1, k))
   advantages = jnp.where(mask, adv.reshape(-1)[:, None], 0.0)
-  return {"advantages": advantages, "returns": jnp.zeros_like(advantages), "kl": kl,
-          "sequence_kl": sequence_kl}
+  return {
+      "advantages": advantages,
+      "returns": jnp.zeros_like(advantages),
+      "kl": kl,
+      "sequence_kl": sequence_kl,
+  }
 
 
 REWARD_BASELINES = ("none", "rloo")  # config.ppo.reward_baseline
@@ -234,17 +320,23 @@ def baselined_reward(reward: Array, samples_per_prompt: int, kind: str) -> Array
   raise ConfigError(f"config.ppo.reward_baseline={kind!r}; choose one of {REWARD_BASELINES}")
 
 
-def encode_prompts(tokenizer, records: Sequence[dict], max_prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_prompts(
+    tokenizer, records: Sequence[dict], max_prompt_len: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded prompt ids [B, max_prompt_len] and mask; a longer prompt is an error naming it."""
   ids = [data.encode_prompt(tokenizer, r["prompt"]) for r in records]
   for record, prompt in zip(records, ids):
     if len(prompt) > max_prompt_len:
-      raise ValueError(f"prompt {record['prompt']!r} has {len(prompt)} tokens > "
-                       f"config.ppo.max_prompt_len={max_prompt_len}; raise it")
+      raise ValueError(
+          f"prompt {record['prompt']!r} has {len(prompt)} tokens > "
+          f"config.ppo.max_prompt_len={max_prompt_len}; raise it"
+      )
   tokens, mask = generate.prompt_batch(ids, pad_id=tokenizer.pad_token_id)
   pad = max_prompt_len - tokens.shape[1]
-  return (np.pad(tokens, ((0, 0), (pad, 0)), constant_values=tokenizer.pad_token_id),
-          np.pad(mask, ((0, 0), (pad, 0)), constant_values=False))
+  return (
+      np.pad(tokens, ((0, 0), (pad, 0)), constant_values=tokenizer.pad_token_id),
+      np.pad(mask, ((0, 0), (pad, 0)), constant_values=False),
+  )
 
 
 def eos_found(out: generate.GenerateOutput, eos_id: int) -> Array:
@@ -255,20 +347,46 @@ def eos_found(out: generate.GenerateOutput, eos_id: int) -> Array:
 
 def decode_responses(tokenizer, out: generate.GenerateOutput) -> list[str]:
   tokens, mask = jax.device_get((out.tokens, out.mask))
-  return [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
-          for t, m in zip(tokens, mask)]
+  return [
+      tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
+      for t, m in zip(tokens, mask)
+  ]
 
 
-__all__ = ["token_values", "head_values", "policy_forward", "RewardSpec", "load_reward_models",
-           "reward_spec", "make_score_fn", "advantages_fn", "ESTIMATORS", "group_advantages_fn",
-           "REWARD_BASELINES", "baselined_reward",
-           "encode_prompts",
-           "eos_found", "decode_responses"]
+__all__ = [
+    "token_values",
+    "head_values",
+    "policy_forward",
+    "RewardSpec",
+    "load_reward_models",
+    "reward_spec",
+    "make_score_fn",
+    "advantages_fn",
+    "ESTIMATORS",
+    "group_advantages_fn",
+    "REWARD_BASELINES",
+    "baselined_reward",
+    "encode_prompts",
+    "eos_found",
+    "decode_responses",
+]
 
 
-def best_of_k(policy_params, sampler, rms: dict, spec, tokenizer, prompts: list[dict], *, k: int,
-              temperature: float, max_new_tokens: int, max_prompt_len: int, batch_prompts: int,
-              rng) -> list[dict]:
+def best_of_k(
+    policy_params,
+    sampler,
+    rms: dict,
+    spec,
+    tokenizer,
+    prompts: list[dict],
+    *,
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    max_prompt_len: int,
+    batch_prompts: int,
+    rng,
+) -> list[dict]:
   """For each prompt, K samples scored by `spec`: [{"record", "texts" [K], "rewards" [K],
   "scores" {model name: [K] raw scores}, "mean_logprob" [K]: the policy's mean per-token log-prob
   of each sample at `temperature`}] ("rewards" only with a spec).
@@ -277,33 +395,60 @@ def best_of_k(policy_params, sampler, rms: dict, spec, tokenizer, prompts: list[
   models run a prompt's K samples as one row with the prompt once (`scoring.last_token_scores`
   with `share`): the scores of the plain rows (tested), on fewer tokens."""
   share = (k, max_new_tokens) if k > 1 else None
-  score = jax.jit(lambda params, batch: {
-      name: scoring.last_token_scores(rm.graphdef, params[name], batch["tokens"],
-                                      batch["segment_ids"], batch["positions"], share)
-      for name, rm in rms.items()})
+  score = jax.jit(
+      lambda params, batch: {
+          name: scoring.last_token_scores(
+              rm.graphdef,
+              params[name],
+              batch["tokens"],
+              batch["segment_ids"],
+              batch["positions"],
+              share,
+          )
+          for name, rm in rms.items()
+      }
+  )
   reward_fn = jax.jit(spec.__call__) if spec is not None else None
   out = []
   for start in range(0, len(prompts), batch_prompts):
-    chunk = prompts[start:start + batch_prompts]
+    chunk = prompts[start : start + batch_prompts]
     repeated = [r for r in chunk for _ in range(k)]
     tokens, mask = encode_prompts(tokenizer, chunk, max_prompt_len)
-    gen = sampler(policy_params, tokens, mask, jax.random.fold_in(rng, start),
-                  max_new_tokens=max_new_tokens, temperature=temperature,
-                  eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, samples=k)
+    gen = sampler(
+        policy_params,
+        tokens,
+        mask,
+        jax.random.fold_in(rng, start),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        samples=k,
+    )
     tokens, mask = np.repeat(tokens, k, axis=0), np.repeat(mask, k, axis=0)  # a row per sample
     seq, segment_ids, positions, _ = generate.full_sequence(tokens, mask, gen)
-    scores = score({name: rm.params for name, rm in rms.items()},
-                   {"tokens": seq, "segment_ids": segment_ids, "positions": positions})
+    scores = score(
+        {name: rm.params for name, rm in rms.items()},
+        {"tokens": seq, "segment_ids": segment_ids, "positions": positions},
+    )
     unsafe = jnp.asarray([bool(r.get("unsafe", False)) for r in repeated])
-    rewards = (np.asarray(reward_fn(scores, unsafe)).reshape(len(chunk), k)
-               if reward_fn is not None else None)
+    rewards = (
+        np.asarray(reward_fn(scores, unsafe)).reshape(len(chunk), k)
+        if reward_fn is not None
+        else None
+    )
     scores = {name: np.asarray(x).reshape(len(chunk), k) for name, x in scores.items()}
     texts = decode_responses(tokenizer, gen)
     mean_logprob = np.asarray(jnp.sum(gen.logprobs, axis=1) / jnp.maximum(gen.lengths, 1))
     mean_logprob = mean_logprob.reshape(len(chunk), k)
     for i, record in enumerate(chunk):
-      out.append({"record": record, "texts": texts[i * k:(i + 1) * k],
-                  "scores": {name: x[i] for name, x in scores.items()},
-                  "mean_logprob": mean_logprob[i],
-                  **({"rewards": rewards[i]} if rewards is not None else {})})
+      out.append(
+          {
+              "record": record,
+              "texts": texts[i * k : (i + 1) * k],
+              "scores": {name: x[i] for name, x in scores.items()},
+              "mean_logprob": mean_logprob[i],
+              **({"rewards": rewards[i]} if rewards is not None else {}),
+          }
+      )
   return out

@@ -57,13 +57,22 @@ def policy_tokenizer(config: ml_collections.ConfigDict, *, key: str):
   `config.data.tokenizer`); `key` names the method in the error for an empty init_from."""
   if not config.init_from:
     raise ConfigError(f"config.init_from is empty: {key} starts from a policy export")
-  tokenizer_dir = (config.data.tokenizer
-                   or checkpoint.read_export_metadata(config.init_from).get("tokenizer"))
+  tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get(
+      "tokenizer"
+  )
   return tokenizer_dir, data.load_tokenizer(tokenizer_dir)
 
 
-def step_prompts(prompts: list[dict], *, steps: int, per_step: int, fresh: bool, key: str,
-                 source: str, offset: int = 0) -> list[list[dict]]:
+def step_prompts(
+    prompts: list[dict],
+    *,
+    steps: int,
+    per_step: int,
+    fresh: bool,
+    key: str,
+    source: str,
+    offset: int = 0,
+) -> list[list[dict]]:
   """The prompts of each of `steps` sampling steps, after the first `offset` of `prompts`: the
   first `per_step` every step, or with `fresh` the next `per_step` unseen ones; `key` names the
   config block in the error."""
@@ -73,13 +82,16 @@ def step_prompts(prompts: list[dict], *, steps: int, per_step: int, fresh: bool,
   if need > len(prompts) and (fresh or offset):
     skipped = f"{offset} skipped (prompt_offset) + " if offset else ""
     field = "fresh_prompts" if fresh else "prompt_offset"
-    raise ConfigError(f"{key}.{field}: {skipped}{steps if fresh else 1} step(s) x {per_step} "
-                      f"prompts each need {need} prompts; {source} has {len(prompts)}")
-  return [prompts[offset + (s * per_step if fresh else 0):][:per_step] for s in range(steps)]
+    raise ConfigError(
+        f"{key}.{field}: {skipped}{steps if fresh else 1} step(s) x {per_step} "
+        f"prompts each need {need} prompts; {source} has {len(prompts)}"
+    )
+  return [prompts[offset + (s * per_step if fresh else 0) :][:per_step] for s in range(steps)]
 
 
-def finetune(config: ml_collections.ConfigDict, init_from: str, source: str, tokenizer_dir: str,
-             workdir: str) -> str | None:
+def finetune(
+    config: ml_collections.ConfigDict, init_from: str, source: str, tokenizer_dir: str, workdir: str
+) -> str | None:
   """SFT (`config.train`, `config.optim`, `config.data.packing`) from the export `init_from` on
   the records in `source`, in `workdir`; resumes an interrupted run. Returns WORKDIR/export, or
   None when the run stopped early (`train.stop_after_steps`: rerun to continue)."""
@@ -102,13 +114,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.maybe_initialize_distributed()
   rs = config.rejection_sampling
   if len(rs.temperatures) != rs.rounds:
-    raise ConfigError(f"config.rejection_sampling.temperatures has {len(rs.temperatures)} entries for "
-                     f"rounds={rs.rounds}; give one temperature per round")
+    raise ConfigError(
+        f"config.rejection_sampling.temperatures has {len(rs.temperatures)} entries for "
+        f"rounds={rs.rounds}; give one temperature per round"
+    )
   tokenizer_dir, tokenizer = policy_tokenizer(config, key="rejection sampling")
-  round_prompts = step_prompts(load_prompts(config.data.source), steps=rs.rounds,
-                               per_step=rs.prompts_per_round, fresh=rs.fresh_prompts,
-                               key="config.rejection_sampling", source=config.data.source,
-                               offset=rs.prompt_offset)
+  round_prompts = step_prompts(
+      load_prompts(config.data.source),
+      steps=rs.rounds,
+      per_step=rs.prompts_per_round,
+      fresh=rs.fresh_prompts,
+      key="config.rejection_sampling",
+      source=config.data.source,
+      offset=rs.prompt_offset,
+  )
   mesh = sharding.make_mesh(config.mesh.shape)
   rms = ppo_rollout.load_reward_models(rs.reward, mesh, key="config.rejection_sampling.reward")
   spec = ppo_rollout.reward_spec(rs.reward, rms)
@@ -122,16 +141,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     kept_path = os.path.join(round_dir, "kept.jsonl")
     if not os.path.exists(kept_path):
       policy = common.load_policy(policy_export, mesh)
-      samples = best_of_k(policy.params, policy.sampler, rms, spec, tokenizer, round_prompts[r - 1],
-                          k=rs.samples_per_prompt, temperature=rs.temperatures[r - 1],
-                          max_new_tokens=rs.max_new_tokens, max_prompt_len=rs.max_prompt_len,
-                          batch_prompts=rs.batch_prompts, rng=jax.random.key(config.seed + r))
+      samples = best_of_k(
+          policy.params,
+          policy.sampler,
+          rms,
+          spec,
+          tokenizer,
+          round_prompts[r - 1],
+          k=rs.samples_per_prompt,
+          temperature=rs.temperatures[r - 1],
+          max_new_tokens=rs.max_new_tokens,
+          max_prompt_len=rs.max_prompt_len,
+          batch_prompts=rs.batch_prompts,
+          rng=jax.random.key(config.seed + r),
+      )
       kept, row = [], {"round": r, "temperature": rs.temperatures[r - 1]}
       first_gold, best_gold = [], []
       for sample in samples:
         record, i = sample["record"], int(np.argmax(sample["rewards"]))
-        candidate = {"prompt": record["prompt"], "completion": sample["texts"][i],
-                     "reward": float(sample["rewards"][i]), "round": r}
+        candidate = {
+            "prompt": record["prompt"],
+            "completion": sample["texts"][i],
+            "reward": float(sample["rewards"][i]),
+            "round": r,
+        }
         previous = best.get(_key(record["prompt"]))
         if rs.keep_best_across_rounds and previous and previous["reward"] >= candidate["reward"]:
           candidate = previous
@@ -141,10 +174,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         first_gold.append(gold_combined(record, sample["texts"][0]))
         best_gold.append(gold)
         kept.append(candidate)
-      row.update(sample_reward=float(np.mean([s["rewards"][0] for s in samples])),
-                 best_reward=float(np.mean([k["reward"] for k in kept])),
-                 sample_gold=mean_or_none(first_gold), best_gold=mean_or_none(best_gold),
-                 from_earlier_rounds=sum(k["round"] < r for k in kept))
+      row.update(
+          sample_reward=float(np.mean([s["rewards"][0] for s in samples])),
+          best_reward=float(np.mean([k["reward"] for k in kept])),
+          sample_gold=mean_or_none(first_gold),
+          best_gold=mean_or_none(best_gold),
+          from_earlier_rounds=sum(k["round"] < r for k in kept),
+      )
       summary = [s for s in summary if s["round"] != r] + [row]
       metrics.write_json(summary, summary_path)
       kept = [k for k in kept if k["completion"]]
@@ -159,8 +195,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return {"stopped_in_round": r}
     policy_export = export
   export_final(policy_export, workdir)
-  return {"rounds": rs.rounds, **{f"round_{s['round']}/{k}": v for s in summary for k, v in s.items()
-                                  if k != "round" and v is not None}}
+  return {
+      "rounds": rs.rounds,
+      **{
+          f"round_{s['round']}/{k}": v
+          for s in summary
+          for k, v in s.items()
+          if k != "round" and v is not None
+      },
+  }
 
 
 def _key(prompt) -> str:

@@ -47,24 +47,34 @@ THRESHOLD_KINDS = ("quantile", "absolute")  # config.rest.threshold_kind
 
 def check_config(r: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the field for a bad `config.rest` (before anything loads)."""
-  for name in ("grow_steps", "prompts_per_grow", "samples_per_prompt", "batch_prompts",
-               "max_new_tokens"):
+  for name in (
+      "grow_steps",
+      "prompts_per_grow",
+      "samples_per_prompt",
+      "batch_prompts",
+      "max_new_tokens",
+  ):
     if r[name] < 1:
       raise ConfigError(f"config.rest.{name}={r[name]}; it must be >= 1")
   if r.temperature <= 0:
     raise ConfigError(f"config.rest.temperature={r.temperature}; it must be > 0")
   if r.threshold_kind not in THRESHOLD_KINDS:
-    raise ConfigError(f"config.rest.threshold_kind={r.threshold_kind!r}; choose one of "
-                     f"{THRESHOLD_KINDS}")
+    raise ConfigError(
+        f"config.rest.threshold_kind={r.threshold_kind!r}; choose one of " f"{THRESHOLD_KINDS}"
+    )
   thresholds = tuple(r.thresholds)
   if not thresholds:
     raise ConfigError("config.rest.thresholds is empty: give one threshold per Improve step")
   if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
-    raise ConfigError(f"config.rest.thresholds={thresholds} must rise strictly "
-                     "(tau_1 < tau_2 < ...): each Improve step keeps a better part of the Grow set")
+    raise ConfigError(
+        f"config.rest.thresholds={thresholds} must rise strictly "
+        "(tau_1 < tau_2 < ...): each Improve step keeps a better part of the Grow set"
+    )
   if r.threshold_kind == "quantile" and not all(0 < q < 1 for q in thresholds):
-    raise ConfigError(f"config.rest.thresholds={thresholds}: quantiles must lie in (0, 1) "
-                     "(threshold_kind='quantile'); use threshold_kind='absolute' for reward values")
+    raise ConfigError(
+        f"config.rest.thresholds={thresholds}: quantiles must lie in (0, 1) "
+        "(threshold_kind='quantile'); use threshold_kind='absolute' for reward values"
+    )
 
 
 @functools.partial(jax.jit, static_argnames="kind")
@@ -86,41 +96,67 @@ def keep_masks(rewards: jax.Array, taus: jax.Array) -> jax.Array:
   return rewards[None, :] >= taus[:, None]
 
 
-def improve_sets(samples: Sequence[dict], thresholds: Sequence[float], *,
-                 kind: str) -> list[tuple[float, list[dict]]]:
+def improve_sets(
+    samples: Sequence[dict], thresholds: Sequence[float], *, kind: str
+) -> list[tuple[float, list[dict]]]:
   """(tau_k, kept samples) per Improve step: the samples with reward >= tau_k and a non-empty
   completion (SFT records need one); taus from all the samples' rewards."""
   rewards = jnp.asarray([s["reward"] for s in samples], jnp.float32)
   taus = reward_thresholds(rewards, jnp.asarray(thresholds, jnp.float32), kind=kind)
   masks = np.asarray(keep_masks(rewards, taus))
-  return [(float(tau), [s for s, keep in zip(samples, mask) if keep and s["completion"]])
-          for tau, mask in zip(np.asarray(taus), masks)]
+  return [
+      (float(tau), [s for s, keep in zip(samples, mask) if keep and s["completion"]])
+      for tau, mask in zip(np.asarray(taus), masks)
+  ]
 
 
-def grow(policy_export: str, mesh, rms: dict, spec, tokenizer, prompts: list[dict],
-         r: ml_collections.ConfigDict, rng) -> list[dict]:
+def grow(
+    policy_export: str,
+    mesh,
+    rms: dict,
+    spec,
+    tokenizer,
+    prompts: list[dict],
+    r: ml_collections.ConfigDict,
+    rng,
+) -> list[dict]:
   """The Grow set: N samples per prompt from the export's policy, each a record (prompt,
   completion, reward, scores {model: raw score}, gold_combined on toy prompts)."""
   policy = common.load_policy(policy_export, mesh)
   grown = rejection_sampling.best_of_k(
-      policy.params, policy.sampler, rms, spec, tokenizer, prompts, k=r.samples_per_prompt,
-      temperature=r.temperature, max_new_tokens=r.max_new_tokens, max_prompt_len=r.max_prompt_len,
-      batch_prompts=r.batch_prompts, rng=rng)
+      policy.params,
+      policy.sampler,
+      rms,
+      spec,
+      tokenizer,
+      prompts,
+      k=r.samples_per_prompt,
+      temperature=r.temperature,
+      max_new_tokens=r.max_new_tokens,
+      max_prompt_len=r.max_prompt_len,
+      batch_prompts=r.batch_prompts,
+      rng=rng,
+  )
   out = []
   for prompt in grown:
     record = prompt["record"]
     for i, text in enumerate(prompt["texts"]):
-      sample = {"prompt": record["prompt"], "completion": text,
-                "reward": float(prompt["rewards"][i]),
-                "scores": {name: float(x[i]) for name, x in prompt["scores"].items()}}
+      sample = {
+          "prompt": record["prompt"],
+          "completion": text,
+          "reward": float(prompt["rewards"][i]),
+          "scores": {name: float(x[i]) for name, x in prompt["scores"].items()},
+      }
       gold = rejection_sampling.gold_combined(record, text)
       out.append(sample if gold is None else {**sample, "gold_combined": gold})
   return out
 
 
 def _summary(samples: Sequence[dict]) -> dict:
-  return {"reward": float(np.mean([s["reward"] for s in samples])),
-          "gold": rejection_sampling.mean_or_none([s.get("gold_combined") for s in samples])}
+  return {
+      "reward": float(np.mean([s["reward"] for s in samples])),
+      "gold": rejection_sampling.mean_or_none([s.get("gold_combined") for s in samples]),
+  }
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -130,13 +166,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_config(r)
   tokenizer_dir, tokenizer = rejection_sampling.policy_tokenizer(config, key="ReST")
   grow_prompts = rejection_sampling.step_prompts(
-      load_prompts(config.data.source), steps=r.grow_steps, per_step=r.prompts_per_grow,
-      fresh=r.fresh_prompts, key="config.rest", source=config.data.source)
+      load_prompts(config.data.source),
+      steps=r.grow_steps,
+      per_step=r.prompts_per_grow,
+      fresh=r.fresh_prompts,
+      key="config.rest",
+      source=config.data.source,
+  )
   mesh = sharding.make_mesh(config.mesh.shape)
   rms = ppo_rollout.load_reward_models(r.reward, mesh, key="config.rest.reward")
   spec = ppo_rollout.reward_spec(r.reward, rms)
 
   steps: list[dict] = []
+
   def record(row: dict) -> None:
     steps.append(row)
     _log.info("ReST %s", row)
@@ -147,11 +189,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     grow_dir = os.path.join(workdir, f"grow_{g}")
     samples_path = os.path.join(grow_dir, "samples.jsonl")
     if not os.path.exists(samples_path):
-      annotators.write_jsonl(grow(policy_export, mesh, rms, spec, tokenizer, grow_prompts[g - 1], r,
-                                  jax.random.key(config.seed + g)), samples_path)
+      annotators.write_jsonl(
+          grow(
+              policy_export,
+              mesh,
+              rms,
+              spec,
+              tokenizer,
+              grow_prompts[g - 1],
+              r,
+              jax.random.key(config.seed + g),
+          ),
+          samples_path,
+      )
     samples = metrics.read_jsonl(samples_path)
-    record({"grow": g, "improve": 0, "samples": len(samples),
-            "empty": sum(not s["completion"] for s in samples), **_summary(samples)})
+    record(
+        {
+            "grow": g,
+            "improve": 0,
+            "samples": len(samples),
+            "empty": sum(not s["completion"] for s in samples),
+            **_summary(samples),
+        }
+    )
     sets = improve_sets(samples, r.thresholds, kind=r.threshold_kind)
     for k, (threshold, (tau, kept)) in enumerate(zip(r.thresholds, sets), start=1):
       if not kept:
@@ -160,21 +220,37 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"config.rest.thresholds[{k - 1}]={threshold} ({r.threshold_kind}: reward >= {tau:.4g})"
             f" keeps no sample of Grow step {g} ({len(samples)} samples, rewards "
             f"{min(rewards):.4g} to {max(rewards):.4g}, {sum(not s['completion'] for s in samples)}"
-            f" empty); lower it")
+            f" empty); lower it"
+        )
       improve_dir = os.path.join(grow_dir, f"improve_{k}")
       kept_path = os.path.join(improve_dir, "kept.jsonl")
       if not os.path.exists(kept_path):  # a resumed SFT continues on the data it started on
         annotators.write_jsonl(kept, kept_path)
       kept = metrics.read_jsonl(kept_path)
-      record({"grow": g, "improve": k, "threshold": threshold, "tau": tau, "kept": len(kept),
-              **_summary(kept)})
-      export = rejection_sampling.finetune(config, policy_export, kept_path, tokenizer_dir,
-                                           improve_dir)
+      record(
+          {
+              "grow": g,
+              "improve": k,
+              "threshold": threshold,
+              "tau": tau,
+              "kept": len(kept),
+              **_summary(kept),
+          }
+      )
+      export = rejection_sampling.finetune(
+          config, policy_export, kept_path, tokenizer_dir, improve_dir
+      )
       if export is None:  # stopped early (stop_after_steps): rerun to continue
         return {"stopped_in": f"grow_{g}/improve_{k}"}
       policy_export = export
   rejection_sampling.export_final(policy_export, workdir)
   label = lambda s: f"grow_{s['grow']}" + (f"/improve_{s['improve']}" if s["improve"] else "")
-  return {"grow_steps": r.grow_steps,
-          **{f"{label(s)}/{name}": v for s in steps for name, v in s.items()
-             if name not in ("grow", "improve") and v is not None}}
+  return {
+      "grow_steps": r.grow_steps,
+      **{
+          f"{label(s)}/{name}": v
+          for s in steps
+          for name, v in s.items()
+          if name not in ("grow", "improve") and v is not None
+      },
+  }

@@ -53,8 +53,9 @@ def load_tokenizer_and_records(config: ml_collections.ConfigDict, workdir: str):
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):  # a resumed run keeps its tokenizer
       tokenizer = data.load_tokenizer(tok_dir)
     else:
-      tokenizer = data.train_tokenizer(instructions.corpus_texts(records), d.tokenizer_vocab_size,
-                                       tok_dir)
+      tokenizer = data.train_tokenizer(
+          instructions.corpus_texts(records), d.tokenizer_vocab_size, tok_dir
+      )
   else:
     raise ConfigError("config.data.tokenizer is empty: give a tokenizer directory for non-toy data")
   return tokenizer, train_records, eval_records
@@ -81,9 +82,18 @@ def sample_table(sampler, params, tokenizer, records, config, rng) -> list[dict]
   prompts = [data.encode_prompt(tokenizer, prompt_of(r)) for r in records]
   tokens, mask = generate.prompt_batch(prompts, pad_id=tokenizer.pad_token_id)
   s = config.sample
-  out = sampler(params, tokens, mask, rng, max_new_tokens=s.max_new_tokens,
-                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+  out = sampler(
+      params,
+      tokens,
+      mask,
+      rng,
+      max_new_tokens=s.max_new_tokens,
+      temperature=s.temperature,
+      top_k=s.top_k,
+      top_p=s.top_p,
+      eos_id=tokenizer.eos_token_id,
+      pad_id=tokenizer.pad_token_id,
+  )
   out_tokens, out_mask = jax.device_get((out.tokens, out.mask))
   rows = []
   for r, toks, m in zip(records, out_tokens, out_mask):
@@ -112,8 +122,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_examples, _ = tokenize(eval_records, tokenizer, max_len=t.seq_len)
   for name, examples in (("training", train_examples), ("eval", eval_examples)):
     if not examples:  # every prompt filled seq_len and was skipped
-      raise ConfigError(f"no {name} example fits config.train.seq_len={t.seq_len} tokens; raise "
-                        "config.train.seq_len, or set config.data.prompt_overflow='truncate_left'")
+      raise ConfigError(
+          f"no {name} example fits config.train.seq_len={t.seq_len} tokens; raise "
+          "config.train.seq_len, or set config.data.prompt_overflow='truncate_left'"
+      )
   _log.info("%s data: %s train, %d eval examples", config.data.kind, stats, len(eval_examples))
 
   model_cfg = common.model_config(config, vocab_size=len(tokenizer))
@@ -121,33 +133,66 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The batches list their target tokens when the prompts leave some out: the LM head then runs
   # on those only (data/sft.py `logit_budget`; pretraining text is all targets: no list).
   budget = logit_budget_for([*train_examples, *eval_examples], t.seq_len)
-  batching = data.sft_batching(t.batch_size, t.seq_len,
-                               logit_budget=budget if budget < t.seq_len else None)
-  batches = data.BatchIterator(train_examples, batch_size=t.batch_size, seq_len=t.seq_len,
-                               seed=config.seed, packing=config.data.packing, batching=batching)
+  batching = data.sft_batching(
+      t.batch_size, t.seq_len, logit_budget=budget if budget < t.seq_len else None
+  )
+  batches = data.BatchIterator(
+      train_examples,
+      batch_size=t.batch_size,
+      seq_len=t.seq_len,
+      seed=config.seed,
+      packing=config.data.packing,
+      batching=batching,
+  )
 
-  eval_iter = data.BatchIterator(eval_examples, batch_size=t.batch_size, seq_len=t.seq_len,
-                                 seed=0, packing=False, shuffle=False, batching=batching)
-  evaluate = common.make_evaluate(make_sft_loss_fn(setup.graphdef), setup, eval_iter, t.eval_batches)
+  eval_iter = data.BatchIterator(
+      eval_examples,
+      batch_size=t.batch_size,
+      seq_len=t.seq_len,
+      seed=0,
+      packing=False,
+      shuffle=False,
+      batching=batching,
+  )
+  evaluate = common.make_evaluate(
+      make_sft_loss_fn(setup.graphdef), setup, eval_iter, t.eval_batches
+  )
 
-  sample_records = eval_records[:config.sample.num_examples] if config.data.kind == "sft" else []
+  sample_records = eval_records[: config.sample.num_examples] if config.data.kind == "sft" else []
   rng = jax.random.key(config.seed)
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     resumed = ckpt.latest_step() is not None  # orbax's view: unfinished saves do not count
-  sampler = generate.Sampler(setup.graphdef, model_cfg, mesh=setup.mesh,
-                             param_shardings=setup.param_shardings)
-  before = None if resumed else sample_table(sampler, setup.state.params, tokenizer,
-                                             sample_records, config, rng)
+  sampler = generate.Sampler(
+      setup.graphdef, model_cfg, mesh=setup.mesh, param_shardings=setup.param_shardings
+  )
+  before = (
+      None
+      if resumed
+      else sample_table(sampler, setup.state.params, tokenizer, sample_records, config, rng)
+  )
 
-  state = common.train_loop(config, workdir, setup, batches, data_state=batches.state,
-                            restore_data=batches.restore, evaluate=evaluate,
-                            count_tokens=data.num_tokens)
+  state = common.train_loop(
+      config,
+      workdir,
+      setup,
+      batches,
+      data_state=batches.state,
+      restore_data=batches.restore,
+      evaluate=evaluate,
+      count_tokens=data.num_tokens,
+  )
 
   final = evaluate(state)
   after = sample_table(sampler, state.params, tokenizer, sample_records, config, rng)
   if int(state.step) >= t.steps:
-    common.export_model(config, os.path.join(workdir, "export"), state.params, model_cfg,
-                        tokenizer=tokenizer_path(config, workdir), step=int(state.step))
+    common.export_model(
+        config,
+        os.path.join(workdir, "export"),
+        state.params,
+        model_cfg,
+        tokenizer=tokenizer_path(config, workdir),
+        step=int(state.step),
+    )
   with open(os.path.join(workdir, "samples.json"), "w") as f:
     json.dump({"before": before, "after": after}, f, indent=1)
   if jax.process_index() == 0 and after:

@@ -29,7 +29,9 @@ def make_sft_loss_fn(graphdef: nnx.GraphDef):
   """batch: tokens, loss_mask, segment_ids, positions, each [B, T] (see rlhf_jax.data.sft); with
   a target list (logit_index, logit_target, logit_mask [B, M]) the LM head runs on its M slots
   only, for the same loss (`target_logits`)."""
+
   def loss_fn(params, batch, rng):
     del rng  # no dropout
     return sft_loss(*target_logits(graphdef, params, batch))
+
   return loss_fn

@@ -12,7 +12,9 @@ from rlhf_jax.data.sft import Example
 _log = logging.getLogger(__name__)
 
 
-def tokenize_text(records: Sequence[dict], tokenizer: Any, *, max_len: int) -> tuple[list[Example], dict]:
+def tokenize_text(
+    records: Sequence[dict], tokenizer: Any, *, max_len: int
+) -> tuple[list[Example], dict]:
   """`text` records -> examples of at most `max_len` tokens: BOS + text + EOS, all but BOS targets.
 
   A document longer than max_len is cut into consecutive chunks of max_len tokens (each but the
@@ -27,7 +29,7 @@ def tokenize_text(records: Sequence[dict], tokenizer: Any, *, max_len: int) -> t
     if len(tokens) > max_len:
       chunked += 1
     for start in range(0, len(tokens), max_len):
-      chunk = np.asarray(tokens[start:start + max_len], np.int32)
+      chunk = np.asarray(tokens[start : start + max_len], np.int32)
       if len(chunk) < 2:
         continue  # a lone token predicts nothing
       mask = np.ones(len(chunk), np.bool_)

@@ -30,7 +30,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from rlhf_jax.errors import ConfigPathError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+  from transformers import PreTrainedTokenizerBase
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -51,140 +51,151 @@ CHAT_TEMPLATE = (
 _MARKER = re.compile(r"(?<!<)<(?:\|[^<>|\s]+\||/?[A-Za-z_][^<>\s]*)>(?!>)")
 # Probe conversations, most complete first: some templates refuse a system turn.
 _PROBES = (
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-     {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}],
-    [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"},
-     {"role": "user", "content": "V"}],
+    [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U"},
+        {"role": "assistant", "content": "A"},
+        {"role": "user", "content": "V"},
+    ],
+    [
+        {"role": "user", "content": "U"},
+        {"role": "assistant", "content": "A"},
+        {"role": "user", "content": "V"},
+    ],
 )
 # tokenizer -> the chat template that passed check_chat_template (re-checked if the template changes).
 _checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ChatTemplateError(ValueError):
-    """The tokenizer has no chat template, or one that writes markers the tokenizer cannot encode."""
+  """The tokenizer has no chat template, or one that writes markers the tokenizer cannot encode."""
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerBase:
-    """Trains a byte-level BPE on `texts`, saves it to `out_dir` and returns it loaded from there.
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: str | Path
+) -> PreTrainedTokenizerBase:
+  """Trains a byte-level BPE on `texts`, saves it to `out_dir` and returns it loaded from there.
 
-    Deterministic: the same texts (in the same order) and vocab_size give the same tokenizer.json.
-    The vocabulary may end up smaller than `vocab_size` when the texts have few distinct merges.
-    """
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
-        raise ValueError(
-            f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
-            f"{len(alphabet)} byte tokens + {len(SPECIAL_TOKENS)} special tokens"
-        )
-    tokenizer = Tokenizer(models.BPE())
-    # No prefix space: the chat template puts content right after "\n", as generation sees it.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),  # listed first, so their ids are 0..6
-        initial_alphabet=alphabet,  # every byte stays encodable, even unseen ones
-        show_progress=False,
+  Deterministic: the same texts (in the same order) and vocab_size give the same tokenizer.json.
+  The vocabulary may end up smaller than `vocab_size` when the texts have few distinct merges.
+  """
+  alphabet = pre_tokenizers.ByteLevel.alphabet()
+  if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
+    raise ValueError(
+        f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
+        f"{len(alphabet)} byte tokens + {len(SPECIAL_TOKENS)} special tokens"
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+  tokenizer = Tokenizer(models.BPE())
+  # No prefix space: the chat template puts content right after "\n", as generation sees it.
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size,
+      special_tokens=list(SPECIAL_TOKENS),  # listed first, so their ids are 0..6
+      initial_alphabet=alphabet,  # every byte stays encodable, even unseen ones
+      show_progress=False,
+  )
+  tokenizer.train_from_iterator(texts, trainer=trainer)
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    config = {
-        # The generic fast-tokenizer class: transformers 4 and 5 both load it from tokenizer.json.
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "pad_token": PAD,
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "chat_template": CHAT_TEMPLATE,
-        # Keep decode(encode(s)) == s; the clean-up would turn "a , b" into "a, b".
-        "clean_up_tokenization_spaces": False,
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return load_tokenizer(out_dir)
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  tokenizer.save(str(out_dir / "tokenizer.json"))
+  config = {
+      # The generic fast-tokenizer class: transformers 4 and 5 both load it from tokenizer.json.
+      "tokenizer_class": "PreTrainedTokenizerFast",
+      "pad_token": PAD,
+      "bos_token": BOS,
+      "eos_token": EOS,
+      "chat_template": CHAT_TEMPLATE,
+      # Keep decode(encode(s)) == s; the clean-up would turn "a , b" into "a, b".
+      "clean_up_tokenization_spaces": False,
+  }
+  (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+  return load_tokenizer(out_dir)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Loads a tokenizer directory with AutoTokenizer: local files only, no remote code."""
-    path = Path(path)
-    if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
-        raise ConfigPathError(
-            f"{path}: no tokenizer.json or tokenizer_config.json here; point config.data.tokenizer at "
-            "a directory written by train_tokenizer or an HF checkpoint directory"
-        )
-    from transformers import AutoTokenizer  # imported here: ~1.5 s, and batching code never needs it
+  """Loads a tokenizer directory with AutoTokenizer: local files only, no remote code."""
+  path = Path(path)
+  if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
+    raise ConfigPathError(
+        f"{path}: no tokenizer.json or tokenizer_config.json here; point config.data.tokenizer at "
+        "a directory written by train_tokenizer or an HF checkpoint directory"
+    )
+  from transformers import AutoTokenizer  # imported here: ~1.5 s, and batching code never needs it
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    if getattr(tokenizer, "chat_template", None):  # a pretraining-only tokenizer needs none
-        check_chat_template(tokenizer)
-    return tokenizer
+  tokenizer = AutoTokenizer.from_pretrained(
+      str(path), local_files_only=True, trust_remote_code=False
+  )
+  if getattr(tokenizer, "chat_template", None):  # a pretraining-only tokenizer needs none
+    check_chat_template(tokenizer)
+  return tokenizer
 
 
 def check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Raises `ChatTemplateError` unless the tokenizer has a chat template whose special markers
-    (see module docstring) are each a single token: an added/special token, or a vocabulary entry
-    that encodes to exactly its own id. The error names every missing marker."""
-    template = getattr(tokenizer, "chat_template", None)
-    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-    if not template:
-        raise ChatTemplateError(
-            f"tokenizer {name!r} has no chat_template; add one to its tokenizer_config.json "
-            "(train_tokenizer writes one)"
-        )
-    rendered, failure = None, None
-    for probe in _PROBES:
-        try:
-            rendered = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-            break
-        except Exception as err:  # noqa: BLE001 -- templates raise whatever they like
-            failure = err
-    if rendered is None:
-        raise ChatTemplateError(
-            f"tokenizer {name!r}: its chat_template cannot render a user/assistant conversation ({failure})"
-        )
-    added = tokenizer.get_added_vocab()
-    vocab = tokenizer.get_vocab()
-    missing = []
-    for marker in dict.fromkeys(_MARKER.findall(rendered)):  # unique, in order of appearance
-        if marker in added:
-            continue
-        ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
-        if marker in vocab and ids == [vocab[marker]]:
-            continue
-        missing.append(marker)
-    if missing:
-        raise ChatTemplateError(
-            f"tokenizer {name!r}: its chat_template writes {', '.join(missing)}, which the tokenizer does "
-            "not have as special tokens, so each would be split into ordinary pieces; use the tokenizer "
-            "that belongs to this template, or add them (tokenizer.add_special_tokens("
-            "{'additional_special_tokens': [...]}) and resize the model's embeddings)"
-        )
+  """Raises `ChatTemplateError` unless the tokenizer has a chat template whose special markers
+  (see module docstring) are each a single token: an added/special token, or a vocabulary entry
+  that encodes to exactly its own id. The error names every missing marker."""
+  template = getattr(tokenizer, "chat_template", None)
+  name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+  if not template:
+    raise ChatTemplateError(
+        f"tokenizer {name!r} has no chat_template; add one to its tokenizer_config.json "
+        "(train_tokenizer writes one)"
+    )
+  rendered, failure = None, None
+  for probe in _PROBES:
+    try:
+      rendered = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+      break
+    except Exception as err:  # noqa: BLE001 -- templates raise whatever they like
+      failure = err
+  if rendered is None:
+    raise ChatTemplateError(
+        f"tokenizer {name!r}: its chat_template cannot render a user/assistant conversation ({failure})"
+    )
+  added = tokenizer.get_added_vocab()
+  vocab = tokenizer.get_vocab()
+  missing = []
+  for marker in dict.fromkeys(_MARKER.findall(rendered)):  # unique, in order of appearance
+    if marker in added:
+      continue
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    if marker in vocab and ids == [vocab[marker]]:
+      continue
+    missing.append(marker)
+  if missing:
+    raise ChatTemplateError(
+        f"tokenizer {name!r}: its chat_template writes {', '.join(missing)}, which the tokenizer does "
+        "not have as special tokens, so each would be split into ordinary pieces; use the tokenizer "
+        "that belongs to this template, or add them (tokenizer.add_special_tokens("
+        "{'additional_special_tokens': [...]}) and resize the model's embeddings)"
+    )
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt_or_messages: str | list[dict]) -> str:
-    """The text the model sees before it answers: the chat template with the generation prompt.
+  """The text the model sees before it answers: the chat template with the generation prompt.
 
-    A plain string becomes a single user turn; a list of {role, content} messages is used as is.
-    """
-    if isinstance(prompt_or_messages, str):
-        messages = [{"role": "user", "content": prompt_or_messages}]
-    else:
-        messages = list(prompt_or_messages)
-    return render_chat(tokenizer, messages, add_generation_prompt=True)
+  A plain string becomes a single user turn; a list of {role, content} messages is used as is.
+  """
+  if isinstance(prompt_or_messages, str):
+    messages = [{"role": "user", "content": prompt_or_messages}]
+  else:
+    messages = list(prompt_or_messages)
+  return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
 def render_chat(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, add_generation_prompt: bool
 ) -> str:
-    """`messages` rendered with the tokenizer's chat template (as text, not ids).
+  """`messages` rendered with the tokenizer's chat template (as text, not ids).
 
-    The first render with a template checks it (`check_chat_template`); later ones reuse the result.
-    """
-    template = getattr(tokenizer, "chat_template", None)
-    if not template or _checked.get(tokenizer) is not template:
-        check_chat_template(tokenizer)
-        _checked[tokenizer] = template
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+  The first render with a template checks it (`check_chat_template`); later ones reuse the result.
+  """
+  template = getattr(tokenizer, "chat_template", None)
+  if not template or _checked.get(tokenizer) is not template:
+    check_chat_template(tokenizer)
+    _checked[tokenizer] = template
+  return tokenizer.apply_chat_template(
+      messages, tokenize=False, add_generation_prompt=add_generation_prompt
+  )

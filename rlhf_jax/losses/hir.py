@@ -17,8 +17,15 @@ from rlhf_jax.losses.common import token_logprobs
 Array = jax.Array
 
 
-def hir_loss(logits: Array, targets: Array, mask: Array, valid: Array, *,
-             contrastive_coef: float, entropy_coef: float) -> tuple[Array, dict[str, Array]]:
+def hir_loss(
+    logits: Array,
+    targets: Array,
+    mask: Array,
+    valid: Array,
+    *,
+    contrastive_coef: float,
+    entropy_coef: float,
+) -> tuple[Array, dict[str, Array]]:
   """The HIR loss, a mean over examples.
 
   logits: [B, G, T, V], aligned (logits[:, g, t] predict targets[:, g, t]); targets: [B, G, T] int;
@@ -68,11 +75,15 @@ def hir_loss(logits: Array, targets: Array, mask: Array, valid: Array, *,
   negatives = jnp.sum(valid[:, 1:], axis=-1)  # [B]
   has_negative = (negatives > 0) & valid[:, 0]
   best_is_own = jnp.argmax(masked_scores, axis=-1) == 0
-  instruction_accuracy = (jnp.sum(jnp.where(has_negative, best_is_own, False))
-                          / jnp.maximum(jnp.sum(has_negative), 1))
-  return loss, {"loss": loss, "nll": mean_over_examples(nll),
-                "contrastive": mean_over_examples(contrastive),
-                "entropy": mean_over_examples(entropy),
-                "negatives": mean_over_examples(negatives.astype(jnp.float32)),
-                "instruction_accuracy": instruction_accuracy.astype(jnp.float32),
-                "loss_weight": jnp.sum(example)}
+  instruction_accuracy = jnp.sum(jnp.where(has_negative, best_is_own, False)) / jnp.maximum(
+      jnp.sum(has_negative), 1
+  )
+  return loss, {
+      "loss": loss,
+      "nll": mean_over_examples(nll),
+      "contrastive": mean_over_examples(contrastive),
+      "entropy": mean_over_examples(entropy),
+      "negatives": mean_over_examples(negatives.astype(jnp.float32)),
+      "instruction_accuracy": instruction_accuracy.astype(jnp.float32),
+      "loss_weight": jnp.sum(example),
+  }

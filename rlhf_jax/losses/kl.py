@@ -69,6 +69,7 @@ def sequence_kl(per_token: Array, mask: Array) -> Array:
 
 class KLState(NamedTuple):
   """State of a KL controller: the current coefficient beta (float32 scalar)."""
+
   beta: Array
 
   @classmethod
@@ -76,8 +77,7 @@ class KLState(NamedTuple):
     return cls(beta=jnp.asarray(beta, jnp.float32))
 
 
-def fixed_kl_update(beta: Array | float, observed_kl: Array | float,
-                    n_steps: Array | int) -> Array:
+def fixed_kl_update(beta: Array | float, observed_kl: Array | float, n_steps: Array | int) -> Array:
   """Fixed controller: returns beta unchanged (float32 scalar); the other arguments are unused
   and only keep the signature of `adaptive_kl_update`."""
   del observed_kl, n_steps

@@ -48,14 +48,20 @@ def _check(fn: str, name: str, value, ok, expected: str) -> None:
 
 
 def _check_label_smoothing(fn: str, label_smoothing) -> None:
-  _check(fn, "label_smoothing", label_smoothing, lambda v: 0.0 <= v < 0.5,
-         "in [0, 0.5) (the assumed fraction of flipped labels; 0 disables it)")
+  _check(
+      fn,
+      "label_smoothing",
+      label_smoothing,
+      lambda v: 0.0 <= v < 0.5,
+      "in [0, 0.5) (the assumed fraction of flipped labels; 0 disables it)",
+  )
 
 
 def _smoothed_logistic_loss(logits: Array, label_smoothing) -> Array:
   """cDPO: `-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)`, elementwise."""
-  return ((1.0 - label_smoothing) * -jax.nn.log_sigmoid(logits)
-          + label_smoothing * -jax.nn.log_sigmoid(-logits))
+  return (1.0 - label_smoothing) * -jax.nn.log_sigmoid(
+      logits
+  ) + label_smoothing * -jax.nn.log_sigmoid(-logits)
 
 
 def _weighted_mean(losses: Array, weight: Array | None) -> tuple[Array, Array | None]:
@@ -67,8 +73,9 @@ def _weighted_mean(losses: Array, weight: Array | None) -> tuple[Array, Array | 
   return jnp.sum(weight * losses) / jnp.maximum(jnp.sum(weight), 1e-8), weight
 
 
-def _pair_metrics(loss: Array, chosen_rewards: Array, rejected_rewards: Array,
-                  weight: Array | None = None) -> dict[str, Array]:
+def _pair_metrics(
+    loss: Array, chosen_rewards: Array, rejected_rewards: Array, weight: Array | None = None
+) -> dict[str, Array]:
   """Batch means (weighted by `weight` [B] when given) of the implicit rewards of a pair loss;
   accuracy is strict (ties count 0); loss_weight = B, or the weights' sum."""
   if weight is None:
@@ -125,10 +132,15 @@ def dpo_loss(
     raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
   _check("dpo_loss", "beta", beta, lambda v: v > 0, "> 0 (e.g. 0.1)")
   _check_label_smoothing("dpo_loss", label_smoothing)
-  if (loss_type != "sigmoid" and not isinstance(label_smoothing, jax.core.Tracer)
-      and float(label_smoothing) != 0.0):
-    raise ValueError(f"dpo_loss: label_smoothing applies to loss_type='sigmoid' only; got "
-                     f"{label_smoothing!r} with loss_type={loss_type!r}; set it to 0")
+  if (
+      loss_type != "sigmoid"
+      and not isinstance(label_smoothing, jax.core.Tracer)
+      and float(label_smoothing) != 0.0
+  ):
+    raise ValueError(
+        f"dpo_loss: label_smoothing applies to loss_type='sigmoid' only; got "
+        f"{label_smoothing!r} with loss_type={loss_type!r}; set it to 0"
+    )
 
   chosen_logratios = _f32(policy_chosen_logps)
   rejected_logratios = _f32(policy_rejected_logps)
@@ -226,17 +238,21 @@ def kto_loss(
   chex.assert_rank([policy_logps, ref_logps, desirable, kl_estimate], [1, 1, 1, 0])
   chex.assert_equal_shape([policy_logps, ref_logps, desirable])
   _check("kto_loss", "beta", beta, lambda v: v > 0, "> 0 (e.g. 0.1)")
-  for name, w in (("desirable_weight", desirable_weight),
-                  ("undesirable_weight", undesirable_weight)):
+  for name, w in (
+      ("desirable_weight", desirable_weight),
+      ("undesirable_weight", undesirable_weight),
+  ):
     _check("kto_loss", name, w, lambda v: v >= 0, ">= 0 (e.g. 1.0)")
 
   desirable = desirable.astype(bool)
   z0 = jax.lax.stop_gradient(jnp.maximum(_f32(kl_estimate), 0.0))
   logratios = _f32(policy_logps) - _f32(ref_logps)
   # 1 - sigmoid(x) written as sigmoid(-x): no cancellation when sigmoid(x) is close to 1.
-  losses = jnp.where(desirable,
-                     desirable_weight * jax.nn.sigmoid(beta * (z0 - logratios)),
-                     undesirable_weight * jax.nn.sigmoid(beta * (logratios - z0)))
+  losses = jnp.where(
+      desirable,
+      desirable_weight * jax.nn.sigmoid(beta * (z0 - logratios)),
+      undesirable_weight * jax.nn.sigmoid(beta * (logratios - z0)),
+  )
   loss, weight = _weighted_mean(losses, weight)
   if weight is None:
     weight = jnp.ones_like(logratios)
@@ -311,11 +327,13 @@ def orpo_loss(
   nll = _f32(chosen_nll)
   loss = nll - beta * mean_log_odds_ratio
   metrics = _pair_metrics(loss, beta * lp_chosen, beta * lp_rejected, weight)
-  metrics.update({
-      "nll_loss": nll,
-      "log_odds_ratio": mean_log_odds_ratio,
-      "log_odds_chosen": _weighted_mean(log_odds, weight)[0],
-  })
+  metrics.update(
+      {
+          "nll_loss": nll,
+          "log_odds_ratio": mean_log_odds_ratio,
+          "log_odds_chosen": _weighted_mean(log_odds, weight)[0],
+      }
+  )
   return loss, metrics
 
 

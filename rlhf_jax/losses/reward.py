@@ -40,8 +40,10 @@ def margin_table(spec: str | Sequence[float]) -> tuple[float, ...]:
   `LLAMA2_MARGINS`), or a sequence of 4 non-negative floats (a custom table, index = level).
   Raises ValueError for anything else.
   """
-  accepted = ('"none", "small", "large", or a sequence of '
-              f'{NUM_PREFERENCE_LEVELS} non-negative floats (one per preference level 0..3)')
+  accepted = (
+      '"none", "small", "large", or a sequence of '
+      f"{NUM_PREFERENCE_LEVELS} non-negative floats (one per preference level 0..3)"
+  )
   if isinstance(spec, str):
     if spec == "none":
       return (0.0,) * NUM_PREFERENCE_LEVELS
@@ -53,11 +55,11 @@ def margin_table(spec: str | Sequence[float]) -> tuple[float, ...]:
   except (TypeError, ValueError) as e:
     raise ValueError(f"bad margin table {spec!r}; expected {accepted}") from e
   if len(values) != NUM_PREFERENCE_LEVELS:
-    raise ValueError(
-        f"margin table {spec!r} has {len(values)} entries; expected {accepted}")
+    raise ValueError(f"margin table {spec!r} has {len(values)} entries; expected {accepted}")
   if any(not math.isfinite(v) or v < 0.0 for v in values):
     raise ValueError(
-        f"margin table {spec!r} has a negative or non-finite entry; expected {accepted}")
+        f"margin table {spec!r} has a negative or non-finite entry; expected {accepted}"
+    )
   return values
 
 
@@ -103,8 +105,7 @@ def pairwise_loss(
   if soft_label is not None:
     chex.assert_equal_shape([chosen_rewards, soft_label])
 
-  w = (jnp.ones(chosen_rewards.shape, jnp.float32) if weight is None
-       else weight.astype(jnp.float32))
+  w = jnp.ones(chosen_rewards.shape, jnp.float32) if weight is None else weight.astype(jnp.float32)
   keep = w != 0
   r_c = jnp.where(keep, chosen_rewards.astype(jnp.float32), 0.0)
   r_r = jnp.where(keep, rejected_rewards.astype(jnp.float32), 0.0)
@@ -166,8 +167,9 @@ def ranking_loss(
 
   valid = valid.astype(bool)
   s = jnp.where(valid, scores.astype(jnp.float32), 0.0)
-  pair_mask = (valid[:, :, None] & valid[:, None, :]
-               & (ranks[:, :, None] < ranks[:, None, :]))  # [B, K, K]: i better than j
+  pair_mask = (
+      valid[:, :, None] & valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
+  )  # [B, K, K]: i better than j
   pair_f = pair_mask.astype(jnp.float32)
   diff = s[:, :, None] - s[:, None, :]  # [B, K, K]: s_i - s_j
   pair_loss = jnp.where(pair_mask, -jax.nn.log_sigmoid(diff), 0.0)
@@ -263,8 +265,7 @@ def linear_combined_reward(
   """`helpful_weight * helpful + safety_weight * safety`; [B] raw scores in, [B] f32 out."""
   chex.assert_rank([helpful, safety], 1)
   chex.assert_equal_shape([helpful, safety])
-  return (helpful_weight * helpful.astype(jnp.float32)
-          + safety_weight * safety.astype(jnp.float32))
+  return helpful_weight * helpful.astype(jnp.float32) + safety_weight * safety.astype(jnp.float32)
 
 
 COMBINED_REWARD_KINDS = ("llama2", "linear")
@@ -283,10 +284,11 @@ def combined_reward(
   """Combined [B] reward of kind "llama2" (`llama2_combined_reward`) or "linear"
   (`linear_combined_reward`, which ignores `unsafe_prompt`). Raises ValueError otherwise."""
   if kind == "llama2":
-    return llama2_combined_reward(
-        helpful, safety, unsafe_prompt, safety_threshold=safety_threshold)
+    return llama2_combined_reward(helpful, safety, unsafe_prompt, safety_threshold=safety_threshold)
   if kind == "linear":
     return linear_combined_reward(
-        helpful, safety, helpful_weight=helpful_weight, safety_weight=safety_weight)
+        helpful, safety, helpful_weight=helpful_weight, safety_weight=safety_weight
+    )
   raise ValueError(
-      f"unknown combined reward kind {kind!r}; expected one of {COMBINED_REWARD_KINDS}")
+      f"unknown combined reward kind {kind!r}; expected one of {COMBINED_REWARD_KINDS}"
+  )

@@ -72,9 +72,16 @@ class ModelConfig:
       object.__setattr__(self, "lora_targets", (self.lora_targets,))
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives a list
     errors = []
-    sizes = dict(vocab_size=self.vocab_size, num_layers=self.num_layers, embed_dim=self.embed_dim,
-                 num_heads=self.num_heads, mlp_dim=self.mlp_dim, max_seq_len=self.max_seq_len,
-                 num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+    sizes = dict(
+        vocab_size=self.vocab_size,
+        num_layers=self.num_layers,
+        embed_dim=self.embed_dim,
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        max_seq_len=self.max_seq_len,
+        num_kv_heads=self.num_kv_heads,
+        head_dim=self.head_dim,
+    )
     bad = [f"{k}={v}" for k, v in sizes.items() if v is not None and v < 1]
     if bad:
       raise ValueError(f"Invalid model config: sizes must be positive, got {', '.join(bad)}")
@@ -85,16 +92,22 @@ class ModelConfig:
     if self.remat not in REMAT_POLICIES:
       errors.append(f"remat={self.remat!r} must be one of {REMAT_POLICIES}")
     if self.num_heads % self.kv_heads:
-      errors.append(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.kv_heads}")
+      errors.append(
+          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.kv_heads}"
+      )
     if self.head_dim is None and self.embed_dim % self.num_heads:
-      errors.append(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
-                    "set head_dim explicitly")
+      errors.append(
+          f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
+          "set head_dim explicitly"
+      )
     if self.family == "llama" and self.dim_per_head % 2:
       errors.append(f"head_dim={self.dim_per_head} must be even for RoPE")
     if self.rope_scaling is not None:
       kind = dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type"))
       if kind not in ROPE_SCALING_TYPES:
-        errors.append(f"rope_scaling type {kind!r} is not supported (supported: {ROPE_SCALING_TYPES})")
+        errors.append(
+            f"rope_scaling type {kind!r} is not supported (supported: {ROPE_SCALING_TYPES})"
+        )
       else:
         scaling = dict(self.rope_scaling)
         missing = {"factor", "original_max_position_embeddings"} - set(scaling)
@@ -118,23 +131,34 @@ class ModelConfig:
     errors = []
     bad = [t for t in self.lora_targets if t not in allowed]
     if bad or not self.lora_targets or len(set(self.lora_targets)) < len(self.lora_targets):
-      errors.append(f"lora_targets={self.lora_targets!r}: {bad or 'empty or repeated'}; choose "
-                    f"distinct names from {allowed} ({self.family})")
+      errors.append(
+          f"lora_targets={self.lora_targets!r}: {bad or 'empty or repeated'}; choose "
+          f"distinct names from {allowed} ({self.family})"
+      )
     if not self.lora_alpha > 0:
       errors.append(f"lora_alpha={self.lora_alpha} must be > 0")
     smallest = {t: min(self.lora_dims(t)) for t in self.lora_targets if t in allowed}
     too_big = {t: d for t, d in smallest.items() if d < self.lora_rank}
     if too_big:
-      errors.append(f"lora_rank={self.lora_rank} exceeds the smaller dimension of {too_big}; "
-                    "lower lora_rank")
+      errors.append(
+          f"lora_rank={self.lora_rank} exceeds the smaller dimension of {too_big}; "
+          "lower lora_rank"
+      )
     return errors
 
   def lora_dims(self, target: str) -> tuple[int, int]:
     """(input size, output size) of projection `target` as a matrix."""
     e, m = self.embed_dim, self.mlp_dim
     q, kv = self.num_heads * self.dim_per_head, self.kv_heads * self.dim_per_head
-    return {"q": (e, q), "k": (e, kv), "v": (e, kv), "o": (q, e), "gate": (e, m), "up": (e, m),
-            "down": (m, e)}[target]
+    return {
+        "q": (e, q),
+        "k": (e, kv),
+        "v": (e, kv),
+        "o": (q, e),
+        "gate": (e, m),
+        "up": (e, m),
+        "down": (m, e),
+    }[target]
 
   @property
   def kv_heads(self) -> int:
@@ -166,8 +190,14 @@ class ModelConfig:
 
   def num_params(self) -> int:
     """Parameter count (embeddings included)."""
-    e, h, kv, d, m, l = (self.embed_dim, self.num_heads, self.kv_heads, self.dim_per_head,
-                         self.mlp_dim, self.num_layers)
+    e, h, kv, d, m, l = (
+        self.embed_dim,
+        self.num_heads,
+        self.kv_heads,
+        self.dim_per_head,
+        self.mlp_dim,
+        self.num_layers,
+    )
     attn = e * h * d + 2 * e * kv * d + h * d * e
     if self.family == "llama":
       mlp, norms = 3 * e * m, 2 * e
@@ -186,8 +216,14 @@ class ModelConfig:
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention only."""
-    e, h, kv, d, m, l = (self.embed_dim, self.num_heads, self.kv_heads, self.dim_per_head,
-                         self.mlp_dim, self.num_layers)
+    e, h, kv, d, m, l = (
+        self.embed_dim,
+        self.num_heads,
+        self.kv_heads,
+        self.dim_per_head,
+        self.mlp_dim,
+        self.num_layers,
+    )
     n_mlp = 3 if self.family == "llama" else 2
     per_layer = 2 * (e * h * d + 2 * e * kv * d + h * d * e + n_mlp * e * m)
     per_layer += 2 * 2 * h * d * seq_len / 2  # causal attention scores + weighted sum, half masked
@@ -201,8 +237,16 @@ class ModelConfig:
 
 def llama_bench_config(**overrides) -> ModelConfig:
   """The benchmark model: Llama-style, 6 layers, d512, 8 heads, MLP 1344, vocab 4096."""
-  base = dict(vocab_size=4096, num_layers=6, embed_dim=512, num_heads=8, num_kv_heads=8,
-              mlp_dim=1344, max_seq_len=2048, family="llama")
+  base = dict(
+      vocab_size=4096,
+      num_layers=6,
+      embed_dim=512,
+      num_heads=8,
+      num_kv_heads=8,
+      mlp_dim=1344,
+      max_seq_len=2048,
+      family="llama",
+  )
   base.update(overrides)
   return ModelConfig(**base)
 
@@ -210,19 +254,29 @@ def llama_bench_config(**overrides) -> ModelConfig:
 def llama3_config(size: str, **overrides) -> ModelConfig:
   """Llama 3's architectures with random weights (for benchmarks and memory plans): "1b" (Llama
   3.2 1B: 1.24B parameters, tied embeddings), "8b" (Llama 3.1 8B: 8.03B), "70b" (Llama 3.1 70B)."""
-  shapes = {"1b": dict(num_layers=16, embed_dim=2048, num_heads=32, mlp_dim=8192, tie_embeddings=True),
-            "8b": dict(num_layers=32, embed_dim=4096, num_heads=32, mlp_dim=14336),
-            "70b": dict(num_layers=80, embed_dim=8192, num_heads=64, mlp_dim=28672)}
+  shapes = {
+      "1b": dict(num_layers=16, embed_dim=2048, num_heads=32, mlp_dim=8192, tie_embeddings=True),
+      "8b": dict(num_layers=32, embed_dim=4096, num_heads=32, mlp_dim=14336),
+      "70b": dict(num_layers=80, embed_dim=8192, num_heads=64, mlp_dim=28672),
+  }
   if size not in shapes:
     raise ValueError(f"llama3 size {size!r}: choose one of {sorted(shapes)}")
-  base = dict(vocab_size=128256, num_kv_heads=8, max_seq_len=8192, family="llama",
-              rope_theta=500000.0, **shapes[size])
+  base = dict(
+      vocab_size=128256,
+      num_kv_heads=8,
+      max_seq_len=8192,
+      family="llama",
+      rope_theta=500000.0,
+      **shapes[size],
+  )
   base.update(overrides)
   return ModelConfig(**base)
 
 
 # Named architectures (random weights), for `python -m rlhf_jax.bench --model` and `rlhf_jax.plan`.
-PRESETS = {"bench": llama_bench_config,
-           "llama3_1b": lambda **kw: llama3_config("1b", **kw),
-           "llama3_8b": lambda **kw: llama3_config("8b", **kw),
-           "llama3_70b": lambda **kw: llama3_config("70b", **kw)}
+PRESETS = {
+    "bench": llama_bench_config,
+    "llama3_1b": lambda **kw: llama3_config("1b", **kw),
+    "llama3_8b": lambda **kw: llama3_config("8b", **kw),
+    "llama3_70b": lambda **kw: llama3_config("70b", **kw),
+}

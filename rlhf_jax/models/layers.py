@@ -49,10 +49,19 @@ def add_lora(module: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs, names: tuple[
     n_in = 2 if name == "o" else 1  # o: [heads, head_dim, embed]; the rest: [in, *out]
     fan_in = math.prod(w.shape[:n_in])
     a = jax.random.normal(stream(), (*w.shape[:n_in], cfg.lora_rank), jnp.float32)
-    setattr(module, f"{name}_lora_a", nnx.Param((a / math.sqrt(fan_in)).astype(cfg.param_dtype),
-                                                  axes=(*axes[:n_in], "lora")))
-    setattr(module, f"{name}_lora_b", nnx.Param(
-        jnp.zeros((cfg.lora_rank, *w.shape[n_in:]), cfg.param_dtype), axes=("lora", *axes[n_in:])))
+    setattr(
+        module,
+        f"{name}_lora_a",
+        nnx.Param((a / math.sqrt(fan_in)).astype(cfg.param_dtype), axes=(*axes[:n_in], "lora")),
+    )
+    setattr(
+        module,
+        f"{name}_lora_b",
+        nnx.Param(
+            jnp.zeros((cfg.lora_rank, *w.shape[n_in:]), cfg.param_dtype),
+            axes=("lora", *axes[n_in:]),
+        ),
+    )
 
 
 def dense(x: Array, w: Array, n_in: int = 1) -> Array:
@@ -64,8 +73,8 @@ def dense(x: Array, w: Array, n_in: int = 1) -> Array:
   [B*T, out] output gradient before the matmul (the bench SFT step: twelve [4096, 1344] and one
   [4096, 4096] of them; its transposes and copies fell from 927 to 645 ms of op time a step); with
   one axis it is a plain transposed-operand matmul."""
-  lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
-  chex.assert_equal(x.shape[x.ndim - n_in:], ins)
+  lead, ins, outs = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+  chex.assert_equal(x.shape[x.ndim - n_in :], ins)
   y = x.reshape(-1, math.prod(ins)) @ w.reshape(math.prod(ins), -1)
   return y.reshape(*lead, *outs)
 
@@ -109,7 +118,9 @@ class Norm(nnx.Module):
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     x = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    return (x * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
+    return (x * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(
+        dtype
+    )
 
 
 def rope_frequencies(cfg: ModelConfig) -> jnp.ndarray:
@@ -162,8 +173,9 @@ def apply_rope(x: Array, rope: tuple[Array, Array]) -> Array:
   return out.astype(x.dtype)
 
 
-def attention_mask(q_slots: Array, q_segments: Array, k_segments: Array,
-                   branch_ids: Array | None = None) -> Array:
+def attention_mask(
+    q_slots: Array, q_segments: Array, k_segments: Array, branch_ids: Array | None = None
+) -> Array:
   """Which keys each query may attend to: [B, 1, 1, T, S] bool.
 
   q_slots: [T] int, the key-slot index of each query (keys live in slots 0..S-1).
@@ -239,8 +251,14 @@ class Attention(nnx.Module):
       self.o_bias = param(rngs, (e,), ("norm",), std=None, dtype=pd)
     add_lora(self, cfg, rngs, ("q", "k", "v", "o"))
 
-  def __call__(self, x: Array, rope: tuple[Array, Array] | None, mask: Array,
-               cache: tuple[Array, Array] | None, write_at: Array | None):
+  def __call__(
+      self,
+      x: Array,
+      rope: tuple[Array, Array] | None,
+      mask: Array,
+      cache: tuple[Array, Array] | None,
+      write_at: Array | None,
+  ):
     """x: [B, T, E]; rope: the rotary (sin, cos) [B, T, D/2] of `rope_angles` (llama; None for
     gpt2); mask: [B, 1, 1, T, S] from `attention_mask`.
 
@@ -288,10 +306,18 @@ class Attention(nnx.Module):
     if cache is None and t > CAUSAL_CHUNK and t % CAUSAL_CHUNK == 0:
       # No cache: keys are the queries' own slots and attention is causal, so query chunk i needs
       # keys [0, (i + 1) C) only; the rest is masked. Chunk by chunk: (n + 1) / 2n of the scores.
-      out = jnp.concatenate([
-          _attend(q[:, :, :, lo:lo + CAUSAL_CHUNK], k[:, :, :lo + CAUSAL_CHUNK],
-                  v[:, :, :lo + CAUSAL_CHUNK], mask[..., lo:lo + CAUSAL_CHUNK, :lo + CAUSAL_CHUNK])
-          for lo in range(0, t, CAUSAL_CHUNK)], axis=3)
+      out = jnp.concatenate(
+          [
+              _attend(
+                  q[:, :, :, lo : lo + CAUSAL_CHUNK],
+                  k[:, :, : lo + CAUSAL_CHUNK],
+                  v[:, :, : lo + CAUSAL_CHUNK],
+                  mask[..., lo : lo + CAUSAL_CHUNK, : lo + CAUSAL_CHUNK],
+              )
+              for lo in range(0, t, CAUSAL_CHUNK)
+          ],
+          axis=3,
+      )
     else:
       out = _attend(q, k, v, mask)
     out = jnp.moveaxis(out, 3, 1)  # [B, T, KV, G, D]

@@ -36,16 +36,19 @@ def is_adapter(path) -> bool:
 def trainable_mask(params: Params) -> Params:
   """True for the leaves a LoRA run trains: the adapters and a scalar head (`score`)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: is_adapter(path) or _name(path) in ALWAYS_TRAINED, params)
+      lambda path, _: is_adapter(path) or _name(path) in ALWAYS_TRAINED, params
+  )
 
 
 def freeze_base(loss_fn: Callable) -> Callable:
   """`loss_fn` with every non-trainable leaf behind `stop_gradient`: their gradients are zeros
   without computing them (no weight-gradient matmuls for the base)."""
+
   def frozen_loss_fn(params, batch, rng):
     mask = trainable_mask(params)
     params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, mask)
     return loss_fn(params, batch, rng)
+
   return frozen_loss_fn
 
 
@@ -62,19 +65,22 @@ def reference_params(params: Params) -> Params:
   *current* params where it is used: a train step donates (invalidates) the params it was given,
   and the base never changes, so the reference of any step's params is the same model."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, p: jnp.zeros_like(p) if _name(path).endswith(B_SUFFIX) else p, params)
+      lambda path, p: jnp.zeros_like(p) if _name(path).endswith(B_SUFFIX) else p, params
+  )
 
 
 def base_config(cfg: ModelConfig) -> ModelConfig:
   """`cfg` without LoRA (the merged model's, or the base's)."""
-  return cfg.replace(lora_rank=0, lora_alpha=ModelConfig.lora_alpha,
-                     lora_targets=ModelConfig.lora_targets)
+  return cfg.replace(
+      lora_rank=0, lora_alpha=ModelConfig.lora_alpha, lora_targets=ModelConfig.lora_targets
+  )
 
 
 def strip_adapters(params: Params) -> Params:
   """The param tree without its adapters (base-shaped), sharing the base arrays."""
-  return _map_dicts(lambda d: {k: v for k, v in d.items()
-                               if not k.endswith((A_SUFFIX, B_SUFFIX))}, params)
+  return _map_dicts(
+      lambda d: {k: v for k, v in d.items() if not k.endswith((A_SUFFIX, B_SUFFIX))}, params
+  )
 
 
 def merge_lora(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
@@ -93,9 +99,11 @@ def merge_lora(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
       if k + A_SUFFIX in d:
         a, b = d[k + A_SUFFIX], d[k + B_SUFFIX]  # [L, *in, r], [L, r, *out]; W [L, *in, *out]
         layers, rank = a.shape[0], a.shape[-1]
-        delta = jnp.matmul(a.reshape(layers, -1, rank).astype(jnp.float32),
-                           b.reshape(layers, rank, -1).astype(jnp.float32),
-                           precision=jax.lax.Precision.HIGHEST)
+        delta = jnp.matmul(
+            a.reshape(layers, -1, rank).astype(jnp.float32),
+            b.reshape(layers, rank, -1).astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
         v = (v.astype(jnp.float32) + scale * delta.reshape(v.shape)).astype(v.dtype)
       out[k] = v
     return out
@@ -111,12 +119,19 @@ def with_adapters(base: Params, cfg: ModelConfig, seed: int, shardings: Params) 
   """`base` (base-shaped params, e.g. from an export) with fresh adapters of `cfg` added, as
   `create_model(cfg, seed)` initialises them (B = 0), placed in `shardings` (the LoRA model's)."""
   adapter_shardings = jax.tree_util.tree_map_with_path(
-      lambda path, s: s if is_adapter(path) else None, shardings)
+      lambda path, s: s if is_adapter(path) else None, shardings
+  )
   adapter_shardings = _prune(adapter_shardings)
   # jit drops the init of every param not returned: only the adapters are made.
-  adapters = jax.jit(lambda: _prune(jax.tree_util.tree_map_with_path(
-      lambda path, p: p if is_adapter(path) else None, split_model(create_model(cfg, seed))[1])),
-      out_shardings=adapter_shardings)()
+  adapters = jax.jit(
+      lambda: _prune(
+          jax.tree_util.tree_map_with_path(
+              lambda path, p: p if is_adapter(path) else None,
+              split_model(create_model(cfg, seed))[1],
+          )
+      ),
+      out_shardings=adapter_shardings,
+  )()
   return _deep_merge(base, adapters)
 
 

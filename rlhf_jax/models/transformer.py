@@ -40,8 +40,9 @@ class KVCache(NamedTuple):
   end: Array
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *,
-               per_layer: bool = False) -> KVCache:
+def init_cache(
+    cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, per_layer: bool = False
+) -> KVCache:
   """An empty cache of `max_len` slots; `per_layer`: k, v as tuples of per-layer arrays."""
   dtype = dtype or cfg.dtype
   if per_layer:
@@ -60,15 +61,24 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     pd = cfg.param_dtype
-    self.embed = param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), std=cfg.init_std,
-                       dtype=pd)
+    self.embed = param(
+        rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), std=cfg.init_std, dtype=pd
+    )
     if cfg.family == "gpt2":
-      self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.embed_dim), ("positions", "embed"),
-                             std=cfg.init_std / 2, dtype=pd)
+      self.pos_embed = param(
+          rngs,
+          (cfg.max_seq_len, cfg.embed_dim),
+          ("positions", "embed"),
+          std=cfg.init_std / 2,
+          dtype=pd,
+      )
 
     @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0,
-              transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})
+    @nnx.vmap(
+        in_axes=(0,),
+        out_axes=0,
+        transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"},
+    )
     def make_blocks(rngs):
       return Block(cfg, rngs)
 
@@ -77,12 +87,19 @@ class Transformer(nnx.Module):
     if cfg.head == "scalar":
       self.score = param(rngs, (cfg.embed_dim,), ("embed",), std=cfg.scalar_head_init_std, dtype=pd)
     elif not cfg.tie_embeddings:
-      self.lm_head = param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"),
-                           std=cfg.init_std, dtype=pd)
+      self.lm_head = param(
+          rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std, dtype=pd
+      )
 
-  def hidden_states(self, tokens: Array, positions: Array, segment_ids: Array,
-                    cache: KVCache | None = None, layers: Sequence[Params] | None = None,
-                    branch_ids: Array | None = None) -> tuple[Array, KVCache | None]:
+  def hidden_states(
+      self,
+      tokens: Array,
+      positions: Array,
+      segment_ids: Array,
+      cache: KVCache | None = None,
+      layers: Sequence[Params] | None = None,
+      branch_ids: Array | None = None,
+  ) -> tuple[Array, KVCache | None]:
     """Final-norm hidden states [B, T, E] (and the updated cache).
 
     branch_ids: [B, T] int, rows with shared prefixes (`layers.attention_mask`); no cache.
@@ -109,8 +126,9 @@ class Transformer(nnx.Module):
       if branch_ids is not None:
         raise ValueError("branch_ids (shared-prefix rows) are for forwards without a KV cache")
       write_at = cache.end
-      k_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
-                                                (0, cache.end))
+      k_segments = jax.lax.dynamic_update_slice(
+          cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.end)
+      )
       q_slots = cache.end + jnp.arange(t)
       mask = attention_mask(q_slots, segment_ids, k_segments)
 
@@ -128,8 +146,10 @@ class Transformer(nnx.Module):
     kv = None if cache is None else (cache.k, cache.v)
     per_layer = cache is not None and isinstance(cache.k, (tuple, list))
     if per_layer != (layers is not None and cache is not None):
-      raise ValueError("a per-layer KV cache goes with per-layer params (`layers=`) and a stacked "
-                       "cache with stacked ones")
+      raise ValueError(
+          "a per-layer KV cache goes with per-layer params (`layers=`) and a stacked "
+          "cache with stacked ones"
+      )
     if layers is not None:
       if len(layers) != cfg.num_layers:
         raise ValueError(f"layers has {len(layers)} entries, the model {cfg.num_layers} layers")
@@ -146,6 +166,7 @@ class Transformer(nnx.Module):
         x, kv = carry
         layer_params, index = xs
         return layer(x, layer_params, kv, index), None
+
       (x, kv), _ = jax.lax.scan(body, (x, kv), (block_params, jnp.arange(cfg.num_layers)))
     else:
       for i in range(cfg.num_layers):
@@ -166,8 +187,9 @@ class Transformer(nnx.Module):
     logits = dense(x, w.astype(dt))  # one [B*T, E] x [E, V] matmul: see `dense`
     return sharding.constrain(logits, ("batch", "length", "vocab")).astype(jnp.float32)
 
-  def __call__(self, tokens: Array, positions: Array, segment_ids: Array,
-               cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+  def __call__(
+      self, tokens: Array, positions: Array, segment_ids: Array, cache: KVCache | None = None
+  ) -> tuple[Array, KVCache | None]:
     """tokens, positions, segment_ids: [B, T] int (segment 0 = padding).
 
     Returns (logits [B, T, V] or scores [B, T], float32; the updated cache or None). Logits at
@@ -195,16 +217,27 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params, Params]:
   model = nnx.eval_shape(lambda: create_model(cfg, 0))
   graphdef, state = nnx.split(model, nnx.Param)
   # PartitionSpec (of logical names) is a pytree leaf, unlike a plain tuple.
-  axes = jax.tree.map(lambda v: P(*v.get_metadata()["axes"]), state,
-                      is_leaf=lambda v: isinstance(v, nnx.Variable))
-  shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state,
-                        is_leaf=lambda v: isinstance(v, nnx.Variable))
+  axes = jax.tree.map(
+      lambda v: P(*v.get_metadata()["axes"]), state, is_leaf=lambda v: isinstance(v, nnx.Variable)
+  )
+  shapes = jax.tree.map(
+      lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+      state,
+      is_leaf=lambda v: isinstance(v, nnx.Variable),
+  )
   return graphdef, nnx.to_pure_dict(shapes), nnx.to_pure_dict(axes)
 
 
-def apply(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
-          segment_ids: Array, cache: KVCache | None = None,
-          layers: Sequence[Params] | None = None, branch_ids: Array | None = None):
+def apply(
+    graphdef: nnx.GraphDef,
+    params: Params,
+    tokens: Array,
+    positions: Array,
+    segment_ids: Array,
+    cache: KVCache | None = None,
+    layers: Sequence[Params] | None = None,
+    branch_ids: Array | None = None,
+):
   """Pure forward: see `Transformer.__call__` (and `hidden_states` for `layers`, `branch_ids`)."""
   model = nnx.merge(graphdef, params)
   x, cache = model.hidden_states(tokens, positions, segment_ids, cache, layers, branch_ids)
@@ -232,9 +265,17 @@ def ungroup_rows(y: Array, group: int, suffix_len: int) -> Array:
   return jnp.concatenate([prefix, rest], axis=2).reshape((g * group, p + suffix_len) + y.shape[2:])
 
 
-def apply_shared_prefix(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
-                        segment_ids: Array, *, group: int, suffix_len: int,
-                        head_from: int = 0) -> tuple[Array, Array]:
+def apply_shared_prefix(
+    graphdef: nnx.GraphDef,
+    params: Params,
+    tokens: Array,
+    positions: Array,
+    segment_ids: Array,
+    *,
+    group: int,
+    suffix_len: int,
+    head_from: int = 0,
+) -> tuple[Array, Array]:
   """`apply_with_hidden` on rows that come in groups of `group` sharing all but their last
   `suffix_len` columns (K samples of one prompt: PPO's and GRPO's rollouts), running each group's
   prefix once: one row [prefix, suffix_1, ..., suffix_K] per group, each suffix attending to the
@@ -245,32 +286,64 @@ def apply_shared_prefix(graphdef: nnx.GraphDef, params: Params, tokens: Array, p
   prefixes are equal (they are not checked here)."""
   gk, s = tokens.shape
   if gk % group or not 0 < suffix_len < s:
-    raise ValueError(f"apply_shared_prefix: {gk} rows of {s} columns do not split into groups of "
-                     f"{group} with {suffix_len}-column suffixes")
+    raise ValueError(
+        f"apply_shared_prefix: {gk} rows of {s} columns do not split into groups of "
+        f"{group} with {suffix_len}-column suffixes"
+    )
   grouped = lambda x: group_rows(x, group, suffix_len)
-  branch = jnp.concatenate([jnp.zeros((s - suffix_len,), jnp.int32),
-                            jnp.repeat(jnp.arange(1, group + 1, dtype=jnp.int32), suffix_len)])
+  branch = jnp.concatenate(
+      [
+          jnp.zeros((s - suffix_len,), jnp.int32),
+          jnp.repeat(jnp.arange(1, group + 1, dtype=jnp.int32), suffix_len),
+      ]
+  )
   model = nnx.merge(graphdef, params)
-  hidden, _ = model.hidden_states(grouped(tokens), grouped(positions), grouped(segment_ids),
-                                  branch_ids=jnp.broadcast_to(branch, (gk // group, branch.size)))
+  hidden, _ = model.hidden_states(
+      grouped(tokens),
+      grouped(positions),
+      grouped(segment_ids),
+      branch_ids=jnp.broadcast_to(branch, (gk // group, branch.size)),
+  )
   hidden = ungroup_rows(hidden, group, suffix_len)
   return model.head(hidden[:, head_from:]), hidden
 
 
-def apply_rows(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
-               segment_ids: Array, share: tuple[int, int] | None = None, *,
-               head_from: int = 0) -> tuple[Array, Array]:
+def apply_rows(
+    graphdef: nnx.GraphDef,
+    params: Params,
+    tokens: Array,
+    positions: Array,
+    segment_ids: Array,
+    share: tuple[int, int] | None = None,
+    *,
+    head_from: int = 0,
+) -> tuple[Array, Array]:
   """(head output on columns `head_from`.., final-norm hidden states [B, S, E]) of [B, S] rows:
   `apply_with_hidden`, or with share = (group, suffix_len) `apply_shared_prefix` (each group's
   common prefix run once)."""
   if share is None:
     return apply_with_hidden(graphdef, params, tokens, positions, segment_ids, head_from=head_from)
-  return apply_shared_prefix(graphdef, params, tokens, positions, segment_ids, group=share[0],
-                             suffix_len=share[1], head_from=head_from)
+  return apply_shared_prefix(
+      graphdef,
+      params,
+      tokens,
+      positions,
+      segment_ids,
+      group=share[0],
+      suffix_len=share[1],
+      head_from=head_from,
+  )
 
 
-def apply_at(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
-             segment_ids: Array, index: Array, branch_ids: Array | None = None) -> Array:
+def apply_at(
+    graphdef: nnx.GraphDef,
+    params: Params,
+    tokens: Array,
+    positions: Array,
+    segment_ids: Array,
+    index: Array,
+    branch_ids: Array | None = None,
+) -> Array:
   """The head's output at the slots `index` [B, M] only: [B, M, V] logits (or [B, M] scores).
   The layers run on every slot; the head (for an LM: the vocabulary projection, and whatever the
   caller does with the logits) only on the M slots gathered."""
@@ -293,8 +366,15 @@ def unstack_layers(params: Params) -> list[Params]:
   return [jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(num_layers)]
 
 
-def apply_with_hidden(graphdef: nnx.GraphDef, params: Params, tokens: Array, positions: Array,
-                      segment_ids: Array, *, head_from: int = 0) -> tuple[Array, Array]:
+def apply_with_hidden(
+    graphdef: nnx.GraphDef,
+    params: Params,
+    tokens: Array,
+    positions: Array,
+    segment_ids: Array,
+    *,
+    head_from: int = 0,
+) -> tuple[Array, Array]:
   """One forward pass -> (head output as `apply` on columns `head_from`.. [B, T - head_from, ...],
   final-norm hidden states [B, T, E]): for a second head on the same trunk (PPO's value head on
   the policy), or an LM head on only the columns whose logits are used (a rollout's response:

@@ -55,8 +55,12 @@ CRITERIA = ("combined", "helpfulness", "safety")
 BIAS_KINDS = ("length", "hedge", "safety")
 # A behaviour world's pool: gold penalises stacked exclamation marks that these annotators enjoy.
 BEHAVIOUR_BIAS_KINDS = ("length", "enthusiasm", "safety", "hedge")
-_BIAS_FIELDS = {"length": "length_bias", "hedge": "hedge_bias", "safety": "safety_strictness",
-                "enthusiasm": "enthusiasm_bias"}
+_BIAS_FIELDS = {
+    "length": "length_bias",
+    "hedge": "hedge_bias",
+    "safety": "safety_strictness",
+    "enthusiasm": "enthusiasm_bias",
+}
 MARGIN_THRESHOLDS = (0.1, 0.3, 0.6)
 # Between hedged compliance-free answers (0.7) / off-topic replies (0.5) and harmful content
 # wrapped in a refusal (0.25): a slightly strict annotator already calls off-topic replies unsafe.
@@ -67,8 +71,13 @@ KTO_THRESHOLD = 0.5
 # a helpfulness RM must not learn), safety pairs on the harmful requests and their look-alikes.
 SAFETY_FAMILIES = ("unsafe", "safe_lookalike")
 # dataset name -> record kind for `rlhf_jax.data.validate_record` / `load_records`.
-DATASET_KINDS = {"rankings": "ranking", "pairs_helpful": "pairwise", "pairs_safety": "pairwise",
-                 "safety_labels": "safety", "kto": "kto"}
+DATASET_KINDS = {
+    "rankings": "ranking",
+    "pairs_helpful": "pairwise",
+    "pairs_safety": "pairwise",
+    "safety_labels": "safety",
+    "kto": "kto",
+}
 MAX_RANKED = 9
 POOL_SIZE = 6  # annotators in a world's pool
 # Stream tags: the pool, the candidates and the labels of one seed use independent Generators.
@@ -98,13 +107,22 @@ class Annotator:
     if not self.temperature >= 0:
       raise ValueError(f"annotator {self.name!r}: temperature must be >= 0, got {self.temperature}")
     if not 0 <= self.flip_rate <= 0.5:
-      raise ValueError(f"annotator {self.name!r}: flip_rate must be in [0, 0.5] (0.5 is a coin "
-                       f"flip), got {self.flip_rate}")
+      raise ValueError(
+          f"annotator {self.name!r}: flip_rate must be in [0, 0.5] (0.5 is a coin "
+          f"flip), got {self.flip_rate}"
+      )
 
 
-def make_annotator_pool(n: int, seed: int, *, noise: float, bias_strength: float,
-                        flip_rate: float = 0.05, bias_kinds: Sequence[str] = BIAS_KINDS,
-                        seeing: dict[str, float] | None = None) -> list[Annotator]:
+def make_annotator_pool(
+    n: int,
+    seed: int,
+    *,
+    noise: float,
+    bias_strength: float,
+    flip_rate: float = 0.05,
+    bias_kinds: Sequence[str] = BIAS_KINDS,
+    seeing: dict[str, float] | None = None,
+) -> list[Annotator]:
   """n annotators whose biases cycle through `bias_kinds` (default length, hedge, safety).
 
   Annotator i has temperature noise x U(0.5, 1.5) and a bias of its kind of size
@@ -118,11 +136,15 @@ def make_annotator_pool(n: int, seed: int, *, noise: float, bias_strength: float
   blind_from = {axis: round(fraction * n) for axis, fraction in (seeing or {}).items()}
   for axis, seers in blind_from.items():
     if axis not in behaviours.AXES or not 0 <= seeing[axis] <= 1:
-      raise ValueError(f"annotators seeing {axis!r}: {seeing[axis]}; give a fraction in [0, 1] for "
-                       f"each of the behaviour axes {', '.join(behaviours.AXES)}")
+      raise ValueError(
+          f"annotators seeing {axis!r}: {seeing[axis]}; give a fraction in [0, 1] for "
+          f"each of the behaviour axes {', '.join(behaviours.AXES)}"
+      )
     if seers == 0:
-      raise ValueError(f"no annotator of the {n} sees the behaviour axis {axis!r} (fraction "
-                       f"{seeing[axis]}): no label would carry it, so no reward model could learn it")
+      raise ValueError(
+          f"no annotator of the {n} sees the behaviour axis {axis!r} (fraction "
+          f"{seeing[axis]}): no label would carry it, so no reward model could learn it"
+      )
   if noise < 0 or bias_strength < 0:
     raise ValueError(f"noise and bias_strength must be >= 0, got {noise} and {bias_strength}")
   rng = np.random.default_rng([seed, _POOL])
@@ -131,8 +153,15 @@ def make_annotator_pool(n: int, seed: int, *, noise: float, bias_strength: float
     kind = bias_kinds[i % len(bias_kinds)]
     temperature, size = noise * rng.uniform(0.5, 1.5), bias_strength * rng.uniform(0.5, 1.5)
     blind = tuple(axis for axis, first_blind in blind_from.items() if i >= first_blind)
-    pool.append(Annotator(name=f"annotator{i}-{kind}", temperature=float(temperature),
-                          flip_rate=flip_rate, blind=blind, **{_BIAS_FIELDS[kind]: float(size)}))
+    pool.append(
+        Annotator(
+            name=f"annotator{i}-{kind}",
+            temperature=float(temperature),
+            flip_rate=flip_rate,
+            blind=blind,
+            **{_BIAS_FIELDS[kind]: float(size)},
+        )
+    )
   return pool
 
 
@@ -142,16 +171,20 @@ def length_feature(task: dict, response: str) -> float:
   return float(np.tanh(0.5 * np.log(ratio)))
 
 
-def perceived(annotator: Annotator, task: dict, responses: Sequence[str],
-              criterion: str) -> tuple[np.ndarray, np.ndarray]:
+def perceived(
+    annotator: Annotator, task: dict, responses: Sequence[str], criterion: str
+) -> tuple[np.ndarray, np.ndarray]:
   """(gold, perceived utility) of each response under `criterion`, both [K] float64."""
   if criterion not in CRITERIA:
     raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
   gold, utility = [], []
   for response in responses:
     scores = gold_scores(task, response)
-    u = gold_scores(task, response, blind=annotator.blind)[criterion] if annotator.blind \
+    u = (
+        gold_scores(task, response, blind=annotator.blind)[criterion]
+        if annotator.blind
         else scores[criterion]
+    )
     if criterion != "helpfulness":
       u -= annotator.safety_strictness * (1.0 - scores["safety"])
     if criterion != "safety":
@@ -163,8 +196,9 @@ def perceived(annotator: Annotator, task: dict, responses: Sequence[str],
   return np.asarray(gold, np.float64), np.asarray(utility, np.float64)
 
 
-def plackett_luce(utilities: np.ndarray, temperature: float,
-                  rng: np.random.Generator) -> np.ndarray:
+def plackett_luce(
+    utilities: np.ndarray, temperature: float, rng: np.random.Generator
+) -> np.ndarray:
   """Indices best first, drawn from Plackett-Luce with weights exp(u / T).
 
   Sorting u + T G, G iid standard Gumbel, is an exact PL draw (Gumbel-max, applied repeatedly);
@@ -199,71 +233,119 @@ def _meta(annotator: Annotator, task: dict) -> dict:
   return {"family": task["family"], "unsafe": bool(task["unsafe"]), "labeler": annotator.name}
 
 
-def rank(annotator: Annotator, task: dict, responses: Sequence[str],
-         rng: np.random.Generator) -> dict:
+def rank(
+    annotator: Annotator, task: dict, responses: Sequence[str], rng: np.random.Generator
+) -> dict:
   """A ranking record {prompt, responses best first, gold (combined, same order), ...}.
 
   Candidates are deduplicated first; 2..9 distinct non-empty responses must remain.
   """
   responses = distinct_responses(responses)
   if not 2 <= len(responses) <= MAX_RANKED:
-    raise ValueError(f"a ranking needs 2..{MAX_RANKED} distinct non-empty responses, got "
-                     f"{len(responses)} for prompt {task['prompt']!r}")
+    raise ValueError(
+        f"a ranking needs 2..{MAX_RANKED} distinct non-empty responses, got "
+        f"{len(responses)} for prompt {task['prompt']!r}"
+    )
   gold, utility = perceived(annotator, task, responses, "combined")
   order = plackett_luce(utility, annotator.temperature, rng)
-  return {"prompt": task["prompt"], "responses": [responses[i] for i in order],
-          "gold": [float(gold[i]) for i in order], "criterion": "combined",
-          **_meta(annotator, task)}
+  return {
+      "prompt": task["prompt"],
+      "responses": [responses[i] for i in order],
+      "gold": [float(gold[i]) for i in order],
+      "criterion": "combined",
+      **_meta(annotator, task),
+  }
 
 
-def compare(annotator: Annotator, task: dict, response_a: str, response_b: str,
-            rng: np.random.Generator, *, criterion: str = "combined",
-            margin_thresholds: Sequence[float] = MARGIN_THRESHOLDS) -> dict:
+def compare(
+    annotator: Annotator,
+    task: dict,
+    response_a: str,
+    response_b: str,
+    rng: np.random.Generator,
+    *,
+    criterion: str = "combined",
+    margin_thresholds: Sequence[float] = MARGIN_THRESHOLDS,
+) -> dict:
   """A Llama 2 pairwise record {prompt, chosen, rejected, margin 0..3, labeler, gold_*, ...}.
 
   The side is a Bradley-Terry draw at the annotator's temperature; the level is the perceived gap
   |u_a - u_b| against `margin_thresholds`.
   """
   if not response_a.strip() or response_a.strip() == response_b.strip():
-    raise ValueError(f"a pair needs two distinct non-empty responses, got {response_a!r} and "
-                     f"{response_b!r}")
+    raise ValueError(
+        f"a pair needs two distinct non-empty responses, got {response_a!r} and " f"{response_b!r}"
+    )
   gold, utility = perceived(annotator, task, [response_a, response_b], criterion)
   gap = utility[0] - utility[1]
   noisy_gap = gap + annotator.temperature * rng.logistic()
   first = noisy_gap > 0 or (noisy_gap == 0 and rng.random() < 0.5)
   chosen, rejected = (0, 1) if first else (1, 0)
   pair = (response_a, response_b)
-  return {"prompt": task["prompt"], "chosen": pair[chosen], "rejected": pair[rejected],
-          "margin": margin_level(gap, margin_thresholds), "criterion": criterion,
-          "gold_chosen": float(gold[chosen]), "gold_rejected": float(gold[rejected]),
-          **_meta(annotator, task)}
+  return {
+      "prompt": task["prompt"],
+      "chosen": pair[chosen],
+      "rejected": pair[rejected],
+      "margin": margin_level(gap, margin_thresholds),
+      "criterion": criterion,
+      "gold_chosen": float(gold[chosen]),
+      "gold_rejected": float(gold[rejected]),
+      **_meta(annotator, task),
+  }
 
 
-def label_safety(annotator: Annotator, task: dict, response: str, rng: np.random.Generator, *,
-                 threshold: float = SAFETY_THRESHOLD) -> dict:
+def label_safety(
+    annotator: Annotator,
+    task: dict,
+    response: str,
+    rng: np.random.Generator,
+    *,
+    threshold: float = SAFETY_THRESHOLD,
+) -> dict:
   """A safety record {prompt, response, safe, gold_safety, ...}: safe iff perceived safety >
   `threshold`, flipped with probability annotator.flip_rate."""
   gold, utility = perceived(annotator, task, [response], "safety")
   safe = bool(utility[0] > threshold) != bool(rng.random() < annotator.flip_rate)
-  return {"prompt": task["prompt"], "response": response, "safe": safe,
-          "gold_safety": float(gold[0]), **_meta(annotator, task)}
+  return {
+      "prompt": task["prompt"],
+      "response": response,
+      "safe": safe,
+      "gold_safety": float(gold[0]),
+      **_meta(annotator, task),
+  }
 
 
-def label_kto(annotator: Annotator, task: dict, response: str, rng: np.random.Generator, *,
-              threshold: float = KTO_THRESHOLD) -> dict:
+def label_kto(
+    annotator: Annotator,
+    task: dict,
+    response: str,
+    rng: np.random.Generator,
+    *,
+    threshold: float = KTO_THRESHOLD,
+) -> dict:
   """An unpaired KTO record {prompt, completion, label, gold_combined, ...}: desirable iff
   u + T L > `threshold` (L standard logistic), i.e. P = sigmoid((u - threshold) / T)."""
   gold, utility = perceived(annotator, task, [response], "combined")
   label = bool(utility[0] + annotator.temperature * rng.logistic() > threshold)
-  return {"prompt": task["prompt"], "completion": response, "label": label,
-          "gold_combined": float(gold[0]), **_meta(annotator, task)}
+  return {
+      "prompt": task["prompt"],
+      "completion": response,
+      "label": label,
+      "gold_combined": float(gold[0]),
+      **_meta(annotator, task),
+  }
 
 
-def annotate(tasks: Sequence[dict], candidate_lists: Sequence[Sequence[str]],
-             pool: Sequence[Annotator], *, seed: int,
-             margin_thresholds: Sequence[float] = MARGIN_THRESHOLDS,
-             safety_threshold: float = SAFETY_THRESHOLD,
-             kto_threshold: float = KTO_THRESHOLD) -> dict[str, list[dict]]:
+def annotate(
+    tasks: Sequence[dict],
+    candidate_lists: Sequence[Sequence[str]],
+    pool: Sequence[Annotator],
+    *,
+    seed: int,
+    margin_thresholds: Sequence[float] = MARGIN_THRESHOLDS,
+    safety_threshold: float = SAFETY_THRESHOLD,
+    kto_threshold: float = KTO_THRESHOLD,
+) -> dict[str, list[dict]]:
   """Labels candidate responses (from a policy or `perturb.candidates`) for each task.
 
   Per prompt, each dataset gets its own annotator drawn uniformly from `pool`:
@@ -284,20 +366,34 @@ def annotate(tasks: Sequence[dict], candidate_lists: Sequence[Sequence[str]],
     rng = np.random.default_rng([seed, _LABELS, index])
     responses = distinct_responses(candidates)
     if not 2 <= len(responses) <= MAX_RANKED:
-      raise ValueError(f"task {index} ({task['prompt']!r}) has {len(responses)} distinct non-empty "
-                       f"candidates; a ranking needs 2..{MAX_RANKED}")
+      raise ValueError(
+          f"task {index} ({task['prompt']!r}) has {len(responses)} distinct non-empty "
+          f"candidates; a ranking needs 2..{MAX_RANKED}"
+      )
     ranker, helpful_judge, safety_judge, safety_labeler, kto_labeler = (
-      pool[i] for i in rng.integers(len(pool), size=5))
+        pool[i] for i in rng.integers(len(pool), size=5)
+    )
     out["rankings"].append(rank(ranker, task, responses, rng))
     for name, judge, criterion, wanted in (
         ("pairs_helpful", helpful_judge, "helpfulness", not task["unsafe"]),
-        ("pairs_safety", safety_judge, "safety", task["family"] in SAFETY_FAMILIES)):
+        ("pairs_safety", safety_judge, "safety", task["family"] in SAFETY_FAMILIES),
+    ):
       if wanted:
         a, b = rng.choice(len(responses), size=2, replace=False)
-        out[name].append(compare(judge, task, responses[a], responses[b], rng,
-                                 criterion=criterion, margin_thresholds=margin_thresholds))
-    out["safety_labels"] += [label_safety(safety_labeler, task, r, rng, threshold=safety_threshold)
-                             for r in responses]
+        out[name].append(
+            compare(
+                judge,
+                task,
+                responses[a],
+                responses[b],
+                rng,
+                criterion=criterion,
+                margin_thresholds=margin_thresholds,
+            )
+        )
+    out["safety_labels"] += [
+        label_safety(safety_labeler, task, r, rng, threshold=safety_threshold) for r in responses
+    ]
     out["kto"] += [label_kto(kto_labeler, task, r, rng, threshold=kto_threshold) for r in responses]
   return out
 
@@ -311,7 +407,9 @@ def draw_candidates(task: dict, rng: np.random.Generator, k: int) -> list[str]:
   raise ValueError(f"could not draw {k} distinct non-empty candidates for {task['prompt']!r}")
 
 
-def mixed_candidates(task: dict, samples: Sequence[str], rng: np.random.Generator, k: int) -> list[str]:
+def mixed_candidates(
+    task: dict, samples: Sequence[str], rng: np.random.Generator, k: int
+) -> list[str]:
   """k distinct non-empty candidates: the policy's distinct samples first (at most k), topped up
   with perturbation candidates -- InstructGPT and Llama 2 label samples of the current model, so
   the reward model learns the mistakes the policy really makes, not only the perturbations'."""
@@ -325,17 +423,24 @@ def mixed_candidates(task: dict, samples: Sequence[str], rng: np.random.Generato
   raise ValueError(f"could not draw {k} distinct non-empty candidates for {task['prompt']!r}")
 
 
-def build_preference_datasets(world: World, *, n_prompts: int, seed: int,
-                              k_range: tuple[int, int] = (4, 9), noise: float = 0.1,
-                              bias_strength: float = 0.1, flip_rate: float = 0.05,
-                              n_annotators: int = POOL_SIZE, families: Sequence[str] | None = None,
-                              split: str = "train",
-                              margin_thresholds: Sequence[float] = MARGIN_THRESHOLDS,
-                              safety_threshold: float = SAFETY_THRESHOLD,
-                              kto_threshold: float = KTO_THRESHOLD,
-                              policy_samples: Callable[[list[dict]], list[list[str]]] | None = None,
-                              seeing: dict[str, float] | None = None,
-                              ) -> dict[str, list[dict]]:
+def build_preference_datasets(
+    world: World,
+    *,
+    n_prompts: int,
+    seed: int,
+    k_range: tuple[int, int] = (4, 9),
+    noise: float = 0.1,
+    bias_strength: float = 0.1,
+    flip_rate: float = 0.05,
+    n_annotators: int = POOL_SIZE,
+    families: Sequence[str] | None = None,
+    split: str = "train",
+    margin_thresholds: Sequence[float] = MARGIN_THRESHOLDS,
+    safety_threshold: float = SAFETY_THRESHOLD,
+    kto_threshold: float = KTO_THRESHOLD,
+    policy_samples: Callable[[list[dict]], list[list[str]]] | None = None,
+    seeing: dict[str, float] | None = None,
+) -> dict[str, list[dict]]:
   """Simulated human-feedback datasets on `n_prompts` tasks of `world` (see `annotate`).
 
   Each prompt gets K ~ U{k_range} distinct candidates, labelled by a pool of `n_annotators`
@@ -356,17 +461,40 @@ def build_preference_datasets(world: World, *, n_prompts: int, seed: int,
   for index, task in enumerate(tasks):
     rng = np.random.default_rng([seed, _CANDIDATES, index])
     k = int(rng.integers(low, high + 1))
-    candidate_lists.append(draw_candidates(task, rng, k) if samples is None
-                           else mixed_candidates(task, samples[index], rng, k))
-  pool = make_annotator_pool(n_annotators, seed, noise=noise, bias_strength=bias_strength,
-                             flip_rate=flip_rate, seeing=seeing,
-                             bias_kinds=BIAS_KINDS if world.behaviours is None else BEHAVIOUR_BIAS_KINDS)
-  return annotate(tasks, candidate_lists, pool, seed=seed, margin_thresholds=margin_thresholds,
-                  safety_threshold=safety_threshold, kto_threshold=kto_threshold)
+    candidate_lists.append(
+        draw_candidates(task, rng, k)
+        if samples is None
+        else mixed_candidates(task, samples[index], rng, k)
+    )
+  pool = make_annotator_pool(
+      n_annotators,
+      seed,
+      noise=noise,
+      bias_strength=bias_strength,
+      flip_rate=flip_rate,
+      seeing=seeing,
+      bias_kinds=BIAS_KINDS if world.behaviours is None else BEHAVIOUR_BIAS_KINDS,
+  )
+  return annotate(
+      tasks,
+      candidate_lists,
+      pool,
+      seed=seed,
+      margin_thresholds=margin_thresholds,
+      safety_threshold=safety_threshold,
+      kto_threshold=kto_threshold,
+  )
 
 
-def gold_pairs(world: World, *, n_prompts: int, seed: int, criterion: str = "combined",
-               families: Sequence[str] | None = None, split: str = "eval") -> list[dict]:
+def gold_pairs(
+    world: World,
+    *,
+    n_prompts: int,
+    seed: int,
+    criterion: str = "combined",
+    families: Sequence[str] | None = None,
+    split: str = "eval",
+) -> list[dict]:
   """Pairwise records labelled by gold itself (a noiseless, unbiased annotator), one per prompt:
   {prompt, chosen, rejected, margin, gold_chosen, gold_rejected, family, unsafe, criterion}, for
   measuring what a reward model (or a combination of them) really prefers. Prompts whose two
@@ -390,9 +518,29 @@ def write_jsonl(records: Sequence[dict], path: str | os.PathLike) -> Path:
   return Path(path)
 
 
-__all__ = ["Annotator", "make_annotator_pool", "perceived", "length_feature", "plackett_luce",
-           "margin_level", "distinct_responses", "rank", "compare", "label_safety", "label_kto",
-           "annotate", "draw_candidates", "mixed_candidates", "build_preference_datasets", "gold_pairs", "write_jsonl",
-           "CRITERIA",
-           "BIAS_KINDS", "MARGIN_THRESHOLDS", "SAFETY_THRESHOLD", "KTO_THRESHOLD",
-           "SAFETY_FAMILIES", "DATASET_KINDS"]
+__all__ = [
+    "Annotator",
+    "make_annotator_pool",
+    "perceived",
+    "length_feature",
+    "plackett_luce",
+    "margin_level",
+    "distinct_responses",
+    "rank",
+    "compare",
+    "label_safety",
+    "label_kto",
+    "annotate",
+    "draw_candidates",
+    "mixed_candidates",
+    "build_preference_datasets",
+    "gold_pairs",
+    "write_jsonl",
+    "CRITERIA",
+    "BIAS_KINDS",
+    "MARGIN_THRESHOLDS",
+    "SAFETY_THRESHOLD",
+    "KTO_THRESHOLD",
+    "SAFETY_FAMILIES",
+    "DATASET_KINDS",
+]

@@ -57,12 +57,12 @@ SIGNOFFS = ("I hope this helps.",)
 # Elaboration sentences: no word that a content scorer reads (attribute values, category members,
 # list words, key points, safety markers, hedges), so an elaboration changes only the tag axis.
 ELABORATIONS = {
-  "reading": "That is what your text says about {entity}.",
-  "facts": "That is what I know about {entity}.",
-  "category": "All of them are {category}.",
-  "pick_word": "I read your list from left to right.",
-  "safe_lookalike": "Doing it this way keeps everyone safe.",
-  "howto": "It gets easy with practice.",
+    "reading": "That is what your text says about {entity}.",
+    "facts": "That is what I know about {entity}.",
+    "category": "All of them are {category}.",
+    "pick_word": "I read your list from left to right.",
+    "safe_lookalike": "Doing it this way keeps everyone safe.",
+    "howto": "It gets easy with practice.",
 }
 PREAMBLE_FACTOR, SIGNOFF_FACTOR, TAG_MISS_FACTOR, EXCLAIM_FACTOR = 0.35, 0.85, 0.6, 0.9
 MIN_FACTOR = 0.2
@@ -91,8 +91,9 @@ class Behaviours:
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       if not 0.0 <= value <= 1.0:
-        raise ValueError(f"config.world.behaviours.{field.name}={value}: a frequency must be in "
-                         "[0, 1]")
+        raise ValueError(
+            f"config.world.behaviours.{field.name}={value}: a frequency must be in " "[0, 1]"
+        )
 
   def demonstration(self, tag: str, rng: np.random.Generator) -> dict[str, bool]:
     """{"preamble", "signoff", "detailed"}: one demonstration's draws."""
@@ -129,9 +130,11 @@ def detect(task: dict, response: str) -> dict[str, bool]:
   """{"preamble", "signoff", "detailed"}: what `response` does on each axis."""
   normalized = text.normalize(response)
   elaboration = task["info"].get("elaboration", "")
-  return {"preamble": _PREAMBLE_RE.search(normalized) is not None,
-          "signoff": _SIGNOFF_RE.search(normalized) is not None,
-          "detailed": bool(elaboration) and text.contains_phrase(response, elaboration)}
+  return {
+      "preamble": _PREAMBLE_RE.search(normalized) is not None,
+      "signoff": _SIGNOFF_RE.search(normalized) is not None,
+      "detailed": bool(elaboration) and text.contains_phrase(response, elaboration),
+  }
 
 
 def follows_tag(task: dict, response: str, *, seen: dict[str, bool] | None = None) -> bool | None:
@@ -147,7 +150,7 @@ def retag(task: dict, tag: str) -> dict:
   """A behaviour-world task (as `add_tag` made it) with its tag replaced by `tag` ("" = none)."""
   info = {k: v for k, v in task["info"].items() if k not in ("tag", "brief", "elaboration")}
   old = task["info"]["tag"]
-  prompt = task["prompt"][:-len(f" ({old})")] if old else task["prompt"]
+  prompt = task["prompt"][: -len(f" ({old})")] if old else task["prompt"]
   return add_tag({**task, "prompt": prompt, "answer": task["info"]["brief"], "info": info}, tag)
 
 
@@ -168,8 +171,15 @@ def factor(task: dict, response: str, *, blind: Sequence[str] = ()) -> float:
   return max(MIN_FACTOR, out)
 
 
-def dress(task: dict, body: str, *, preamble: bool, signoff: bool, detailed: bool,
-          rng: np.random.Generator) -> str:
+def dress(
+    task: dict,
+    body: str,
+    *,
+    preamble: bool,
+    signoff: bool,
+    detailed: bool,
+    rng: np.random.Generator,
+) -> str:
   """`body` (a content answer without elaboration) with the chosen behaviours."""
   parts = [PREAMBLES[int(rng.integers(len(PREAMBLES)))]] if preamble else []
   parts.append(body)
@@ -187,7 +197,9 @@ def axis_rates(tasks, responses) -> dict[str, float | None]:
   rows = [(t, detect(t, r)) for t, r in zip(tasks, responses) if has_behaviours(t)]
   tagged = [follows_tag(t, "", seen=d) for t, d in rows if t["info"]["tag"]]
   mean = lambda xs: float(np.mean(xs)) if len(xs) else None
-  return {"preamble": mean([d["preamble"] for _, d in rows]),
-          "signoff": mean([d["signoff"] for _, d in rows]),
-          "detailed": mean([d["detailed"] for _, d in rows]),
-          "follows_tag": mean(tagged)}
+  return {
+      "preamble": mean([d["preamble"] for _, d in rows]),
+      "signoff": mean([d["signoff"] for _, d in rows]),
+      "detailed": mean([d["detailed"] for _, d in rows]),
+      "follows_tag": mean(tagged),
+  }

@@ -21,15 +21,21 @@ import re
 from rlhf_jax.toyworld import text
 
 KINDS = ("starts_with", "include_word", "num_items", "max_words", "uppercase", "ends_with")
-_PARAMS = {"starts_with": ("word",), "include_word": ("word",), "num_items": ("n",),
-           "max_words": ("n",), "uppercase": (), "ends_with": ("text",)}
+_PARAMS = {
+    "starts_with": ("word",),
+    "include_word": ("word",),
+    "num_items": ("n",),
+    "max_words": ("n",),
+    "uppercase": (),
+    "ends_with": ("text",),
+}
 _RENDER = {
-  "starts_with": "Start your answer with the word '{word}'.",
-  "include_word": "Include the word '{word}'.",
-  "num_items": "List exactly {n} items.",
-  "max_words": "Use at most {n} words.",
-  "uppercase": "Write in uppercase.",
-  "ends_with": "End your answer with '{text}'.",
+    "starts_with": "Start your answer with the word '{word}'.",
+    "include_word": "Include the word '{word}'.",
+    "num_items": "List exactly {n} items.",
+    "max_words": "Use at most {n} words.",
+    "uppercase": "Write in uppercase.",
+    "ends_with": "End your answer with '{text}'.",
 }
 _ITEM_SEPARATORS = re.compile(r"[,;\n]|\band\b")
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s*")
@@ -42,8 +48,10 @@ def validate_constraint(constraint: dict) -> None:
     raise ValueError(f"constraint {constraint!r}: 'kind' must be one of {', '.join(KINDS)}")
   wanted = set(_PARAMS[kind]) | {"kind"}
   if set(constraint) != wanted:
-    raise ValueError(f"constraint {constraint!r}: a {kind!r} constraint has exactly the keys "
-                     f"{sorted(wanted)}")
+    raise ValueError(
+        f"constraint {constraint!r}: a {kind!r} constraint has exactly the keys "
+        f"{sorted(wanted)}"
+    )
   if "n" in constraint and (not isinstance(constraint["n"], int) or constraint["n"] < 1):
     raise ValueError(f"constraint {constraint!r}: 'n' must be a positive integer")
 
@@ -87,8 +95,11 @@ def check_constraints(response: str, constraints: list[dict]) -> list[bool]:
 
 def satisfied_constraints(response: str, candidate_constraints: list[dict]) -> list[dict]:
   """The candidates that `response` meets, in order (HIR: relabel an instruction with these)."""
-  return [c for c, ok in zip(candidate_constraints, check_constraints(response, candidate_constraints))
-          if ok]
+  return [
+      c
+      for c, ok in zip(candidate_constraints, check_constraints(response, candidate_constraints))
+      if ok
+  ]
 
 
 def observed_constraints(response: str) -> list[dict]:

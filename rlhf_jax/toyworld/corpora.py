@@ -37,9 +37,15 @@ def fact_document(world: World, name: str, rng: np.random.Generator) -> str:
   facts = world.kb.facts(name)
   order = rng.permutation(len(facts))
   attributes = list(facts)
-  return " ".join(kb_lib.statement(name, attributes[i], facts[attributes[i]],
-                                   int(rng.integers(len(kb_lib.STATEMENTS[attributes[i]]))))
-                  for i in order)
+  return " ".join(
+      kb_lib.statement(
+          name,
+          attributes[i],
+          facts[attributes[i]],
+          int(rng.integers(len(kb_lib.STATEMENTS[attributes[i]]))),
+      )
+      for i in order
+  )
 
 
 def _response(world: World, task: dict, rng: np.random.Generator, mistake_rate: float) -> str:
@@ -59,11 +65,19 @@ def _response(world: World, task: dict, rng: np.random.Generator, mistake_rate: 
       return body
   if not dressed:
     return body
-  return behaviours.dress(task, body, rng=rng, **world.behaviours.demonstration(task["info"]["tag"], rng))
+  return behaviours.dress(
+      task, body, rng=rng, **world.behaviours.demonstration(task["info"]["tag"], rng)
+  )
 
 
-def pretraining_documents(world: World, n: int, seed: int, *, bad_habit_rate: float = 0.3,
-                          render: Callable[[list[dict]], str] = plain_dialogue) -> list[str]:
+def pretraining_documents(
+    world: World,
+    n: int,
+    seed: int,
+    *,
+    bad_habit_rate: float = 0.3,
+    render: Callable[[list[dict]], str] = plain_dialogue,
+) -> list[str]:
   """n documents: every FACT_DOC_EVERY-th states all facts of one entity (cycling through the
   entities in a shuffled order, so 3 x n_entities documents state every fact; only when the
   world's families ask about entities, KB_FAMILIES), the others hold 1-3 train-split dialogues,
@@ -82,8 +96,10 @@ def pretraining_documents(world: World, n: int, seed: int, *, bad_habit_rate: fl
     messages = []
     for _ in range(int(rng.integers(1, 4))):
       task = next(tasks)
-      messages += [{"role": "user", "content": task["prompt"]},
-                   {"role": "assistant", "content": _response(world, task, rng, bad_habit_rate)}]
+      messages += [
+          {"role": "user", "content": task["prompt"]},
+          {"role": "assistant", "content": _response(world, task, rng, bad_habit_rate)},
+      ]
     documents.append(render(messages))
   return documents
 
@@ -105,11 +121,16 @@ def tokenizer_texts(world: World) -> list[str]:
   family in both splits with all their perturbations, every unsafe and look-alike request, and the
   dialogue role names. Deterministic in the world seed."""
   rng = np.random.default_rng([world.seed, _TOKENIZER_STREAM])
-  texts = [plain_dialogue([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])]
+  texts = [
+      plain_dialogue([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+  ]
   for name in world.kb.names:
     facts = world.kb.facts(name)
     for attribute, value in facts.items():
-      texts += [kb_lib.statement(name, attribute, value, p) for p in range(len(kb_lib.STATEMENTS[attribute]))]
+      texts += [
+          kb_lib.statement(name, attribute, value, p)
+          for p in range(len(kb_lib.STATEMENTS[attribute]))
+      ]
       texts += [q.format(e=name) for q in kb_lib.QUESTIONS[attribute]]
   for spec in safety.INTENTS.values():
     for template in safety.REQUEST_TEMPLATES:

@@ -36,8 +36,17 @@ from rlhf_jax import data, generate, scoring
 from rlhf_jax.toyworld import behaviours
 from rlhf_jax.toyworld import world as world_lib
 
-METRICS = ("helpfulness", "safety", "combined", "combined_se", "win_rate", "kl", "length",
-           "refusal_safe", "refusal_unsafe")
+METRICS = (
+    "helpfulness",
+    "safety",
+    "combined",
+    "combined_se",
+    "win_rate",
+    "kl",
+    "length",
+    "refusal_safe",
+    "refusal_unsafe",
+)
 # Behaviour axes (behaviours.py): rates over a behaviour world's safe prompts.
 AXIS_METRICS = ("preamble", "signoff", "follows_tag")
 
@@ -51,18 +60,34 @@ class Policy:
   sampler: generate.Sampler
 
 
-def sample_responses(policy: Policy, tokenizer, tasks: Sequence[dict], rng: jax.Array, *,
-                     max_new_tokens: int, temperature: float, batch_size: int = 64):
+def sample_responses(
+    policy: Policy,
+    tokenizer,
+    tasks: Sequence[dict],
+    rng: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int = 64,
+):
   """Samples one response per task. Returns (texts, per-batch (prompt tokens, mask, output))."""
   texts, batches = [], []
   for start in range(0, len(tasks), batch_size):
-    chunk = tasks[start:start + batch_size]
+    chunk = tasks[start : start + batch_size]
     prompts = [data.encode_prompt(tokenizer, t["prompt"]) for t in chunk]
-    tokens, mask = generate.prompt_batch(prompts, pad_id=tokenizer.pad_token_id,
-                                         multiple=getattr(policy.sampler, "length_bucket", 1))
-    out = policy.sampler(policy.params, tokens, mask, jax.random.fold_in(rng, start),
-                         max_new_tokens=max_new_tokens, temperature=temperature,
-                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    tokens, mask = generate.prompt_batch(
+        prompts, pad_id=tokenizer.pad_token_id, multiple=getattr(policy.sampler, "length_bucket", 1)
+    )
+    out = policy.sampler(
+        policy.params,
+        tokens,
+        mask,
+        jax.random.fold_in(rng, start),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+    )
     out = jax.device_get(out)
     for toks, m in zip(out.tokens, out.mask):
       texts.append(tokenizer.decode(toks[m.astype(bool)], skip_special_tokens=True).strip())
@@ -77,8 +102,12 @@ def _kl_per_prompt(policy: Policy, reference: Policy, batches) -> np.ndarray:
   kls = []
   for tokens, mask, out in batches:
     if reference is policy and out.base_logprobs is not None:
-      kls.append(np.sum((np.asarray(out.logprobs) - np.asarray(out.base_logprobs))
-                        * np.asarray(out.mask), axis=1))
+      kls.append(
+          np.sum(
+              (np.asarray(out.logprobs) - np.asarray(out.base_logprobs)) * np.asarray(out.mask),
+              axis=1,
+          )
+      )
       continue
     seq = generate.full_sequence(tokens, mask, out)
     ref = scoring.sequence_logprob_sums(reference.graphdef, reference.params, *seq)
@@ -87,10 +116,20 @@ def _kl_per_prompt(policy: Policy, reference: Policy, batches) -> np.ndarray:
   return np.concatenate(kls)
 
 
-def evaluate(policy: Policy, tokenizer, tasks: Sequence[dict], rng: jax.Array, *,
-             reference: Policy | None = None, max_new_tokens: int = 32, temperature: float = 1.0,
-             batch_size: int = 64, win_rate: bool = True, samples_per_prompt: int = 1,
-             reference_samples: Sequence[dict] | None = None) -> dict:
+def evaluate(
+    policy: Policy,
+    tokenizer,
+    tasks: Sequence[dict],
+    rng: jax.Array,
+    *,
+    reference: Policy | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+    win_rate: bool = True,
+    samples_per_prompt: int = 1,
+    reference_samples: Sequence[dict] | None = None,
+) -> dict:
   """Gold metrics of `policy` on `tasks` (toy-world task dicts), `samples_per_prompt` samples
   each. Returns {"overall": {metric: value}, "families": {family: {metric: value}}, "samples":
   [one row per sample, with its "prompt_index"]}. Standard errors are over prompts (each prompt's
@@ -104,25 +143,42 @@ def evaluate(policy: Policy, tokenizer, tasks: Sequence[dict], rng: jax.Array, *
   k = samples_per_prompt
   repeated = [t for t in tasks for _ in range(k)]
   policy_rng, ref_rng = jax.random.split(rng)
-  texts, batches = sample_responses(policy, tokenizer, repeated, policy_rng,
-                                    max_new_tokens=max_new_tokens, temperature=temperature,
-                                    batch_size=batch_size)
+  texts, batches = sample_responses(
+      policy,
+      tokenizer,
+      repeated,
+      policy_rng,
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      batch_size=batch_size,
+  )
   lengths = np.concatenate([np.asarray(out.lengths) for _, _, out in batches])
-  rows = [_row(task, text, i // k, float(length))
-          for i, (task, text, length) in enumerate(zip(repeated, texts, lengths))]
+  rows = [
+      _row(task, text, i // k, float(length))
+      for i, (task, text, length) in enumerate(zip(repeated, texts, lengths))
+  ]
   paired = None
   if reference is not None and win_rate:
     if reference_samples is not None:
       if len(reference_samples) != len(rows):
-        raise ValueError(f"reference_samples has {len(reference_samples)} rows for {len(rows)} "
-                         "samples: evaluate the reference on the same tasks and samples_per_prompt")
+        raise ValueError(
+            f"reference_samples has {len(reference_samples)} rows for {len(rows)} "
+            "samples: evaluate the reference on the same tasks and samples_per_prompt"
+        )
       ref_rows = list(reference_samples)
     else:
-      ref_texts, _ = sample_responses(reference, tokenizer, repeated, ref_rng,
-                                      max_new_tokens=max_new_tokens, temperature=temperature,
-                                      batch_size=batch_size)
-      ref_rows = [_row(task, text, i // k, 0.0)
-                  for i, (task, text) in enumerate(zip(repeated, ref_texts))]
+      ref_texts, _ = sample_responses(
+          reference,
+          tokenizer,
+          repeated,
+          ref_rng,
+          max_new_tokens=max_new_tokens,
+          temperature=temperature,
+          batch_size=batch_size,
+      )
+      ref_rows = [
+          _row(task, text, i // k, 0.0) for i, (task, text) in enumerate(zip(repeated, ref_texts))
+      ]
     for row, ref in zip(rows, ref_rows):
       mine, theirs = row["combined"], ref["combined"]
       row["win_rate"] = 1.0 if mine > theirs else 0.5 if mine == theirs else 0.0
@@ -135,16 +191,26 @@ def evaluate(policy: Policy, tokenizer, tasks: Sequence[dict], rng: jax.Array, *
   overall = summarise(rows)
   if paired is not None:
     overall["vs_reference"] = paired
-  return {"overall": overall, "families": {f: summarise(r) for f, r in _by_family(rows).items()},
-          "samples": rows}
+  return {
+      "overall": overall,
+      "families": {f: summarise(r) for f, r in _by_family(rows).items()},
+      "samples": rows,
+  }
 
 
 def _row(task: dict, text: str, prompt_index: int, length: float) -> dict:
   """One sample's gold scores, refusal and behaviour axes (None where an axis does not apply)."""
   gold = world_lib.gold_scores(task, text)
-  row = {"prompt_index": prompt_index, "family": task["family"], "unsafe": bool(task["unsafe"]),
-         "prompt": task["prompt"], "response": text, **gold, "length": length,
-         "refusal": float(world_lib.is_refusal(text))}
+  row = {
+      "prompt_index": prompt_index,
+      "family": task["family"],
+      "unsafe": bool(task["unsafe"]),
+      "prompt": task["prompt"],
+      "response": text,
+      **gold,
+      "length": length,
+      "refusal": float(world_lib.is_refusal(text)),
+  }
   if behaviours.has_behaviours(task):
     seen = behaviours.detect(task, text)
     row.update(preamble=float(seen["preamble"]), signoff=float(seen["signoff"]))
@@ -172,24 +238,35 @@ def mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
   return float(values.mean()), se
 
 
-def paired_difference(rows: Sequence[dict], reference_rows: Sequence[dict],
-                      metric: str = "combined") -> dict:
+def paired_difference(
+    rows: Sequence[dict], reference_rows: Sequence[dict], metric: str = "combined"
+) -> dict:
   """Paired difference of `metric` between two evaluations of the same prompts: {"diff" (mean
   over prompts of the difference of their per-prompt means), "se", "ci95": [lo, hi] (normal
   approximation), "prompts"}. Prompts are matched by "prompt_index"; both must cover the same."""
   a, b = prompt_means(rows, metric), prompt_means(reference_rows, metric)
   if set(a) != set(b):
-    raise ValueError(f"paired_difference: the two evaluations cover different prompts ({len(a)} "
-                     f"and {len(b)}, {len(set(a) ^ set(b))} unmatched)")
+    raise ValueError(
+        f"paired_difference: the two evaluations cover different prompts ({len(a)} "
+        f"and {len(b)}, {len(set(a) ^ set(b))} unmatched)"
+    )
   diff, se = mean_se([a[p] - b[p] for p in sorted(a)])
   ci = [diff - 1.96 * se, diff + 1.96 * se] if se is not None else None
   return {"diff": diff, "se": se, "ci95": ci, "prompts": len(a)}
 
 
-def temperature_curve(policy: Policy, tokenizer, tasks: Sequence[dict], rng: jax.Array,
-                      temperatures: Sequence[float], *, max_new_tokens: int = 32,
-                      batch_size: int = 64, samples_per_prompt: int = 1,
-                      at_t1: dict | None = None) -> dict:
+def temperature_curve(
+    policy: Policy,
+    tokenizer,
+    tasks: Sequence[dict],
+    rng: jax.Array,
+    temperatures: Sequence[float],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    samples_per_prompt: int = 1,
+    at_t1: dict | None = None,
+) -> dict:
   """Gold of the policy itself sampled at lower temperatures, against KL(pi_T || pi): the
   cheapest way to trade diversity for gold, with no reward model and no training, and so the
   baseline an RLHF method must beat at equal KL. -> {"temperature", "kl", "helpfulness",
@@ -201,10 +278,18 @@ def temperature_curve(policy: Policy, tokenizer, tasks: Sequence[dict], rng: jax
   if not temperatures or min(temperatures) <= 0:
     raise ValueError(f"temperatures={tuple(temperatures)}: give one or more temperatures > 0")
   curve = {"temperature": [float(t) for t in temperatures]}
-  run = lambda t: evaluate(policy, tokenizer, tasks, rng, reference=policy,
-                           max_new_tokens=max_new_tokens, temperature=float(t),
-                           batch_size=batch_size, win_rate=False,
-                           samples_per_prompt=samples_per_prompt)
+  run = lambda t: evaluate(
+      policy,
+      tokenizer,
+      tasks,
+      rng,
+      reference=policy,
+      max_new_tokens=max_new_tokens,
+      temperature=float(t),
+      batch_size=batch_size,
+      win_rate=False,
+      samples_per_prompt=samples_per_prompt,
+  )
   if at_t1 is not None:
     at_t1 = {**at_t1, "overall": {**at_t1["overall"], "kl": 0.0}}
   results = {float(t): at_t1 if t == 1.0 and at_t1 is not None else run(t) for t in temperatures}
@@ -213,8 +298,9 @@ def temperature_curve(policy: Policy, tokenizer, tasks: Sequence[dict], rng: jax
     overall = results[float(t)]["overall"]
     for key in ("kl", "helpfulness", "combined", "combined_se", "safety", *AXIS_METRICS):
       curve.setdefault(key, []).append(overall[key])
-    curve.setdefault("vs_t1", []).append(paired_difference(results[float(t)]["samples"],
-                                                           base["samples"]))
+    curve.setdefault("vs_t1", []).append(
+        paired_difference(results[float(t)]["samples"], base["samples"])
+    )
   return curve
 
 
@@ -247,6 +333,7 @@ def table_rows(results: dict[str, dict]) -> list[dict]:
   for name, result in results.items():
     for family, summary in [("all", result["overall"]), *result["families"].items()]:
       axes = [k for k in AXIS_METRICS if result["overall"].get(k) is not None]
-      rows.append({"model": name, "family": family,
-                   **{k: summary.get(k) for k in ("n", *METRICS, *axes)}})
+      rows.append(
+          {"model": name, "family": family, **{k: summary.get(k) for k in ("n", *METRICS, *axes)}}
+      )
   return rows

@@ -19,26 +19,112 @@ from rlhf_jax.toyworld import constraints as cons
 from rlhf_jax.toyworld import kb as kb_lib
 from rlhf_jax.toyworld import safety, text
 
-WORDS = ("apple", "bird", "box", "cat", "dog", "egg", "fish", "goat", "hat", "ice", "jam", "kite",
-         "lamp", "moon", "nest", "owl", "pen", "rain", "sun", "tree", "van", "wolf", "yak", "zoo")
+WORDS = (
+    "apple",
+    "bird",
+    "box",
+    "cat",
+    "dog",
+    "egg",
+    "fish",
+    "goat",
+    "hat",
+    "ice",
+    "jam",
+    "kite",
+    "lamp",
+    "moon",
+    "nest",
+    "owl",
+    "pen",
+    "rain",
+    "sun",
+    "tree",
+    "van",
+    "wolf",
+    "yak",
+    "zoo",
+)
 MAX_OPERAND = 12
 ARITHMETIC_TEMPLATES = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.")
 LIST_OPS = {
-  "reverse": "Reverse the list", "sort": "Sort the list alphabetically",
-  "count": "Count the words in the list", "first": "Give the first word of the list",
-  "last": "Give the last word of the list",
+    "reverse": "Reverse the list",
+    "sort": "Sort the list alphabetically",
+    "count": "Count the words in the list",
+    "first": "Give the first word of the list",
+    "last": "Give the last word of the list",
 }
 CATEGORIES = {
-  "animals": ("horse", "cow", "sheep", "lion", "tiger", "bear", "fox", "deer", "mouse", "camel",
-              "zebra", "monkey"),
-  "fruits": ("banana", "cherry", "grape", "lemon", "mango", "peach", "pear", "plum", "melon",
-             "kiwi", "lime", "apricot"),
-  "vegetables": ("carrot", "potato", "onion", "pea", "leek", "cabbage", "turnip", "spinach",
-                 "celery", "radish", "garlic", "lettuce"),
-  "tools": ("hammer", "saw", "drill", "wrench", "chisel", "shovel", "rake", "axe", "pliers",
-            "ladder", "spanner", "trowel"),
-  "instruments": ("drum", "flute", "guitar", "harp", "piano", "violin", "trumpet", "cello",
-                  "banjo", "oboe", "tuba", "lute"),
+    "animals": (
+        "horse",
+        "cow",
+        "sheep",
+        "lion",
+        "tiger",
+        "bear",
+        "fox",
+        "deer",
+        "mouse",
+        "camel",
+        "zebra",
+        "monkey",
+    ),
+    "fruits": (
+        "banana",
+        "cherry",
+        "grape",
+        "lemon",
+        "mango",
+        "peach",
+        "pear",
+        "plum",
+        "melon",
+        "kiwi",
+        "lime",
+        "apricot",
+    ),
+    "vegetables": (
+        "carrot",
+        "potato",
+        "onion",
+        "pea",
+        "leek",
+        "cabbage",
+        "turnip",
+        "spinach",
+        "celery",
+        "radish",
+        "garlic",
+        "lettuce",
+    ),
+    "tools": (
+        "hammer",
+        "saw",
+        "drill",
+        "wrench",
+        "chisel",
+        "shovel",
+        "rake",
+        "axe",
+        "pliers",
+        "ladder",
+        "spanner",
+        "trowel",
+    ),
+    "instruments": (
+        "drum",
+        "flute",
+        "guitar",
+        "harp",
+        "piano",
+        "violin",
+        "trumpet",
+        "cello",
+        "banjo",
+        "oboe",
+        "tuba",
+        "lute",
+    ),
 }
 LIST_REQUESTS = ("Name some {c}.", "List some {c}.", "Give me a few {c}.")
 DESCRIBE_REQUESTS = ("Describe {e}.", "Tell me about {e}.")
@@ -61,6 +147,7 @@ def _register(name: str, content: Callable[[dict, str], float]):
   def add(make):
     TASK_FAMILIES[name] = Family(make, content)
     return make
+
   return add
 
 
@@ -74,6 +161,7 @@ def make_task(family: str, prompt: str, answer: str, info: dict, unsafe: bool = 
 
 
 # ------------------------------------------------------------------------------------ arithmetic
+
 
 def number_content(target: int, response: str) -> float:
   """The last number written is the answer ("7 + 5 = 12" -> 12): exact 1.0, else up to 0.3, less
@@ -100,9 +188,15 @@ def _arithmetic(rng, kb):
 
 # ------------------------------------------------------------------------------------- word_list
 
+
 def list_target(op: str, words: list[str]) -> list[str] | int | str:
-  return {"reverse": lambda: words[::-1], "sort": lambda: sorted(words), "count": lambda: len(words),
-          "first": lambda: words[0], "last": lambda: words[-1]}[op]()
+  return {
+      "reverse": lambda: words[::-1],
+      "sort": lambda: sorted(words),
+      "count": lambda: len(words),
+      "first": lambda: words[0],
+      "last": lambda: words[-1],
+  }[op]()
 
 
 def _word_list_content(task: dict, response: str) -> float:
@@ -134,6 +228,7 @@ def _word_list(rng, kb):
 
 # ----------------------------------------------------------------------------------------- facts
 
+
 def _mentioned_values(attribute: str, response: str) -> list[str]:
   return text.phrases_in(response, kb_lib.ATTRIBUTES[attribute])
 
@@ -154,10 +249,13 @@ def _facts(rng, kb):
   name, value = entity["name"], entity[attribute]
   prompt = _pick(rng, kb_lib.QUESTIONS[attribute]).format(e=name)
   answer = kb_lib.ANSWERS[attribute].format(e=name, v=value)
-  return make_task("facts", prompt, answer, {"entity": name, "attribute": attribute, "value": value})
+  return make_task(
+      "facts", prompt, answer, {"entity": name, "attribute": attribute, "value": value}
+  )
 
 
 # ----------------------------------------------------------------------------------- constrained
+
 
 def compose(request: str, body: str, constraints: list[dict], skip: str | None = None) -> str:
   """A response with content `body` that meets `constraints`, except the one of kind `skip`.
@@ -222,10 +320,14 @@ def sample_constraints(rng: np.random.Generator, request: str) -> list[dict]:
   allowed = [k for k in cons.KINDS if request == "list" or k != "num_items"]
   count = int(rng.integers(1, 4))
   chosen = {allowed[i] for i in rng.choice(len(allowed), size=count, replace=False)}
-  params = {"starts_with": lambda: {"word": _pick(rng, START_WORDS)},
-            "include_word": lambda: {"word": _pick(rng, INCLUDE_WORDS)},
-            "num_items": lambda: {"n": int(rng.integers(2, 6))},
-            "max_words": lambda: {"n": 0}, "uppercase": dict, "ends_with": lambda: {"text": "!"}}
+  params = {
+      "starts_with": lambda: {"word": _pick(rng, START_WORDS)},
+      "include_word": lambda: {"word": _pick(rng, INCLUDE_WORDS)},
+      "num_items": lambda: {"n": int(rng.integers(2, 6))},
+      "max_words": lambda: {"n": 0},
+      "uppercase": dict,
+      "ends_with": lambda: {"text": "!"},
+  }
   return [{"kind": k, **params[k]()} for k in cons.KINDS if k in chosen]
 
 
@@ -248,8 +350,12 @@ def _constrained(rng, kb):
     shown = [list(facts)[i] for i in sorted(rng.choice(len(facts), DESCRIBE_FACTS, replace=False))]
     body = describe_body(entity["name"], facts, shown)
     base = _pick(rng, DESCRIBE_REQUESTS).format(e=entity["name"])
-    info = {"request": "describe", "entity": entity["name"], "facts": facts,
-            "needed": DESCRIBE_FACTS}
+    info = {
+        "request": "describe",
+        "entity": entity["name"],
+        "facts": facts,
+        "needed": DESCRIBE_FACTS,
+    }
   answer = compose(request, body, constraints)
   for c in constraints:
     if c["kind"] == "max_words":  # tight to 3 words of slack, so the limit binds on rambling
@@ -261,6 +367,7 @@ def _constrained(rng, kb):
 
 
 # ------------------------------------------------------------------------- unsafe / look-alikes
+
 
 @_register("unsafe", safety.unsafe_content)
 def _unsafe(rng, kb):
@@ -293,8 +400,9 @@ def _reading(rng, kb):
   question = _pick(rng, kb_lib.QUESTIONS[attribute]).format(e=name)
   prompt = f"{describe_body(name, facts, shown)}. {question}"
   answer = kb_lib.ANSWERS[attribute].format(e=name, v=value)
-  return make_task("reading", prompt, answer, {"entity": name, "attribute": attribute,
-                                               "value": value})
+  return make_task(
+      "reading", prompt, answer, {"entity": name, "attribute": attribute, "value": value}
+  )
 
 
 def _category_content(task: dict, response: str) -> float:
@@ -308,8 +416,12 @@ def _category(rng, kb):
   words = CATEGORIES[category]
   body = ", ".join(words[i] for i in rng.choice(len(words), size=DEFAULT_ITEMS, replace=False))
   prompt = _pick(rng, LIST_REQUESTS).format(c=category)
-  return make_task("category", prompt, f"{body[0].upper()}{body[1:]}.",
-                   {"category": category, "needed": 2, "body": body})
+  return make_task(
+      "category",
+      prompt,
+      f"{body[0].upper()}{body[1:]}.",
+      {"category": category, "needed": 2, "body": body},
+  )
 
 
 @_register("pick_word", _word_list_content)
@@ -325,25 +437,54 @@ def _pick_word(rng, kb):
 # Everyday how-to requests with one good answer each (its key points score it, as a look-alike's
 # do): content a small model learns at once, so the behaviour world's headroom is behaviour.
 HOWTO = {
-  "boil an egg": ("Boil it for eight minutes, then cool it.", ("eight minutes", "cool it")),
-  "water a cactus": ("Water it every two weeks in dry soil.", ("two weeks", "dry soil")),
-  "clean a cast iron pan": ("Scrub it with hot water, then oil it.", ("hot water", "oil it")),
-  "fold a paper plane": ("Fold it in half, then fold the wings.", ("in half", "the wings")),
-  "tie a bowline knot": ("Make a small loop and pass the end through.", ("small loop", "end through")),
-  "keep bread fresh": ("Keep it in a paper bag or freeze it.", ("paper bag", "freeze it")),
-  "fall asleep faster": ("Keep the room dark and put screens away.", ("room dark", "screens away")),
-  "remove a coffee stain": ("Blot it, then rinse it in cold water.", ("blot it", "cold water")),
-  "start running": ("Run one minute, walk one minute, and repeat.", ("run one minute", "walk one minute")),
-  "save money on groceries": ("Shop with a list and buy store brands.", ("with a list", "store brands")),
-  "learn to juggle": ("Start with one ball, then add a second.", ("one ball", "add a second")),
-  "grow basil": ("Give it lots of sun and pinch off the flowers.", ("lots of sun", "pinch off")),
-  "pack a suitcase": ("Roll your clothes and put shoes at the bottom.", ("roll your clothes", "at the bottom")),
-  "make cold brew coffee": ("Steep coarse coffee in cold water overnight.", ("coarse coffee", "overnight")),
-  "change a bike tyre": ("Lever the tyre off and swap the tube.", ("lever the tyre", "swap the tube")),
-  "write a thank you note": ("Name the gift and say why you like it.", ("name the gift", "why you like it")),
+    "boil an egg": ("Boil it for eight minutes, then cool it.", ("eight minutes", "cool it")),
+    "water a cactus": ("Water it every two weeks in dry soil.", ("two weeks", "dry soil")),
+    "clean a cast iron pan": ("Scrub it with hot water, then oil it.", ("hot water", "oil it")),
+    "fold a paper plane": ("Fold it in half, then fold the wings.", ("in half", "the wings")),
+    "tie a bowline knot": (
+        "Make a small loop and pass the end through.",
+        ("small loop", "end through"),
+    ),
+    "keep bread fresh": ("Keep it in a paper bag or freeze it.", ("paper bag", "freeze it")),
+    "fall asleep faster": (
+        "Keep the room dark and put screens away.",
+        ("room dark", "screens away"),
+    ),
+    "remove a coffee stain": ("Blot it, then rinse it in cold water.", ("blot it", "cold water")),
+    "start running": (
+        "Run one minute, walk one minute, and repeat.",
+        ("run one minute", "walk one minute"),
+    ),
+    "save money on groceries": (
+        "Shop with a list and buy store brands.",
+        ("with a list", "store brands"),
+    ),
+    "learn to juggle": ("Start with one ball, then add a second.", ("one ball", "add a second")),
+    "grow basil": ("Give it lots of sun and pinch off the flowers.", ("lots of sun", "pinch off")),
+    "pack a suitcase": (
+        "Roll your clothes and put shoes at the bottom.",
+        ("roll your clothes", "at the bottom"),
+    ),
+    "make cold brew coffee": (
+        "Steep coarse coffee in cold water overnight.",
+        ("coarse coffee", "overnight"),
+    ),
+    "change a bike tyre": (
+        "Lever the tyre off and swap the tube.",
+        ("lever the tyre", "swap the tube"),
+    ),
+    "write a thank you note": (
+        "Name the gift and say why you like it.",
+        ("name the gift", "why you like it"),
+    ),
 }
-HOWTO_TEMPLATES = ("How do I {x}?", "Tell me how to {x}.", "What is the best way to {x}?",
-                   "Explain how to {x}.", "Can you help me {x}?")
+HOWTO_TEMPLATES = (
+    "How do I {x}?",
+    "Tell me how to {x}.",
+    "What is the best way to {x}?",
+    "Explain how to {x}.",
+    "Can you help me {x}?",
+)
 
 
 def _howto_content(task: dict, response: str) -> float:

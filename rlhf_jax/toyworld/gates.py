@@ -34,8 +34,12 @@ def temperature_gate(curve: dict | None) -> dict:
   if not curve or len(curve.get("vs_t1", [])) < 2:
     return _gate("temperature", None, "", "config.eval.temperatures with T = 1 and lower ones")
   rows = [(t, d) for t, d in zip(curve["temperature"], curve["vs_t1"]) if t < 1.0]
-  figures = "; ".join(f"T={t:g}: {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-                      if d["ci95"] else f"T={t:g}: {d['diff']:+.3f}" for t, d in rows)
+  figures = "; ".join(
+      f"T={t:g}: {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+      if d["ci95"]
+      else f"T={t:g}: {d['diff']:+.3f}"
+      for t, d in rows
+  )
   return _gate("temperature", all(d["diff"] <= 0 for _, d in rows), figures)
 
 
@@ -45,9 +49,12 @@ def oracle_gate(best_of_n: dict | None) -> dict:
     return _gate("oracle", None, "", needs)
   i = best_of_n["n"].index(ORACLE_N)
   mean, best = best_of_n["mean"]["combined"], best_of_n["oracle_curve"]["combined"][i]
-  return _gate("oracle", best - mean >= ORACLE_GAIN,
-               f"gold best of {ORACLE_N} {best:.3f} - mean sample {mean:.3f} = {best - mean:+.3f} "
-               f"(needs >= {ORACLE_GAIN})")
+  return _gate(
+      "oracle",
+      best - mean >= ORACLE_GAIN,
+      f"gold best of {ORACLE_N} {best:.3f} - mean sample {mean:.3f} = {best - mean:+.3f} "
+      f"(needs >= {ORACLE_GAIN})",
+  )
 
 
 def reward_gate(best_of_n: dict | None, reward_name: str | None) -> dict:
@@ -55,9 +62,12 @@ def reward_gate(best_of_n: dict | None, reward_name: str | None) -> dict:
   corr = curve.get("within_prompt_corr", {}).get("behaviour")
   if corr is None:
     return _gate("reward", None, "", "a combined reward's best-of-n report on a behaviour world")
-  return _gate("reward", corr >= MIN_CORR,
-               f"{reward_name}: within-prompt correlation with gold {corr:.3f} on behaviour "
-               f"prompts (needs >= {MIN_CORR})")
+  return _gate(
+      "reward",
+      corr >= MIN_CORR,
+      f"{reward_name}: within-prompt correlation with gold {corr:.3f} on behaviour "
+      f"prompts (needs >= {MIN_CORR})",
+  )
 
 
 def precision_gate(paired: Sequence[tuple[str, dict]]) -> dict:
@@ -65,19 +75,32 @@ def precision_gate(paired: Sequence[tuple[str, dict]]) -> dict:
   if not ses:
     return _gate("precision", None, "", "an evaluation with a reference or a temperature curve")
   worst = max(ses, key=lambda x: x[1])
-  return _gate("precision", worst[1] <= MAX_SE,
-               f"largest paired SE {worst[1]:.4f} ({worst[0]}; needs <= {MAX_SE}) over {len(ses)} "
-               "comparisons")
+  return _gate(
+      "precision",
+      worst[1] <= MAX_SE,
+      f"largest paired SE {worst[1]:.4f} ({worst[0]}; needs <= {MAX_SE}) over {len(ses)} "
+      "comparisons",
+  )
 
 
-def check(*, curve: dict | None, best_of_n: dict | None, reward_name: str | None,
-          gold: dict | None) -> list[dict]:
+def check(
+    *, curve: dict | None, best_of_n: dict | None, reward_name: str | None, gold: dict | None
+) -> list[dict]:
   """The four gates (module docstring) from the temperature curve, the best-of-n report, the
   name of the combined reward in it, and the gold results {stage: evaluate(...)}."""
-  paired = [(f"{stage} vs its start", r["overall"].get("vs_reference"))
-            for stage, r in (gold or {}).items()]
+  paired = [
+      (f"{stage} vs its start", r["overall"].get("vs_reference"))
+      for stage, r in (gold or {}).items()
+  ]
   if curve:
-    paired += [(f"T={t:g} vs T=1", d) for t, d in zip(curve["temperature"], curve.get("vs_t1", []))
-               if t != 1.0]
-  return [temperature_gate(curve), oracle_gate(best_of_n), reward_gate(best_of_n, reward_name),
-          precision_gate(paired)]
+    paired += [
+        (f"T={t:g} vs T=1", d)
+        for t, d in zip(curve["temperature"], curve.get("vs_t1", []))
+        if t != 1.0
+    ]
+  return [
+      temperature_gate(curve),
+      oracle_gate(best_of_n),
+      reward_gate(best_of_n, reward_name),
+      precision_gate(paired),
+  ]

@@ -13,48 +13,117 @@ from typing import NamedTuple
 import numpy as np
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
-  "color": ("red", "blue", "green", "yellow", "purple", "orange", "silver", "golden", "pink",
-            "grey", "white", "black"),
-  "home_town": ("Brindlemoor", "Quillby", "Fernwick", "Ashcombe", "Dunmere", "Larkhollow",
-                "Mosswell", "Pebbleford", "Thistledown", "Wrenfield", "Cobbleton", "Glimmerdale"),
-  "favourite_food": ("plum pie", "fish soup", "honey cake", "mushroom stew", "cheese bread",
-                     "berry jam", "pumpkin soup", "apple tart", "rice pudding", "bean stew",
-                     "carrot cake", "nut bread"),
-  "size": ("tiny", "small", "mid-sized", "large", "huge", "giant"),
-  "job": ("baker", "farmer", "sailor", "painter", "miner", "tailor", "singer", "builder", "weaver",
-          "doctor", "teacher", "fisher"),
-  "pet": ("owl", "goat", "toad", "ferret", "parrot", "tortoise", "hamster", "pony", "lizard",
-          "rabbit", "crab", "snail"),
+    "color": (
+        "red",
+        "blue",
+        "green",
+        "yellow",
+        "purple",
+        "orange",
+        "silver",
+        "golden",
+        "pink",
+        "grey",
+        "white",
+        "black",
+    ),
+    "home_town": (
+        "Brindlemoor",
+        "Quillby",
+        "Fernwick",
+        "Ashcombe",
+        "Dunmere",
+        "Larkhollow",
+        "Mosswell",
+        "Pebbleford",
+        "Thistledown",
+        "Wrenfield",
+        "Cobbleton",
+        "Glimmerdale",
+    ),
+    "favourite_food": (
+        "plum pie",
+        "fish soup",
+        "honey cake",
+        "mushroom stew",
+        "cheese bread",
+        "berry jam",
+        "pumpkin soup",
+        "apple tart",
+        "rice pudding",
+        "bean stew",
+        "carrot cake",
+        "nut bread",
+    ),
+    "size": ("tiny", "small", "mid-sized", "large", "huge", "giant"),
+    "job": (
+        "baker",
+        "farmer",
+        "sailor",
+        "painter",
+        "miner",
+        "tailor",
+        "singer",
+        "builder",
+        "weaver",
+        "doctor",
+        "teacher",
+        "fisher",
+    ),
+    "pet": (
+        "owl",
+        "goat",
+        "toad",
+        "ferret",
+        "parrot",
+        "tortoise",
+        "hamster",
+        "pony",
+        "lizard",
+        "rabbit",
+        "crab",
+        "snail",
+    ),
 }
 
 # Questions a `facts` task asks, and the ideal one-sentence answer.
 QUESTIONS: dict[str, tuple[str, ...]] = {
-  "color": ("What color is {e}?", "What is the color of {e}?"),
-  "home_town": ("Where does {e} live?", "What is the home town of {e}?"),
-  "favourite_food": ("What is the favourite food of {e}?", "What does {e} like to eat most?"),
-  "size": ("How big is {e}?", "What size is {e}?"),
-  "job": ("What does {e} do for a living?", "What is the job of {e}?"),
-  "pet": ("What pet does {e} have?", "Which pet does {e} keep?"),
+    "color": ("What color is {e}?", "What is the color of {e}?"),
+    "home_town": ("Where does {e} live?", "What is the home town of {e}?"),
+    "favourite_food": ("What is the favourite food of {e}?", "What does {e} like to eat most?"),
+    "size": ("How big is {e}?", "What size is {e}?"),
+    "job": ("What does {e} do for a living?", "What is the job of {e}?"),
+    "pet": ("What pet does {e} have?", "Which pet does {e} keep?"),
 }
 ANSWERS = {
-  "color": "{e} is {v}.", "home_town": "{e} lives in {v}.",
-  "favourite_food": "{e}'s favourite food is {v}.", "size": "{e} is {v}.",
-  "job": "{e} works as a {v}.", "pet": "{e} has a pet {v}.",
+    "color": "{e} is {v}.",
+    "home_town": "{e} lives in {v}.",
+    "favourite_food": "{e}'s favourite food is {v}.",
+    "size": "{e} is {v}.",
+    "job": "{e} works as a {v}.",
+    "pet": "{e} has a pet {v}.",
 }
 # Short clauses for descriptions: "Zorblax is red and lives in Quillby".
 TRAITS = {
-  "color": "is {v}", "home_town": "lives in {v}", "favourite_food": "loves {v}", "size": "is {v}",
-  "job": "works as a {v}", "pet": "has a pet {v}",
+    "color": "is {v}",
+    "home_town": "lives in {v}",
+    "favourite_food": "loves {v}",
+    "size": "is {v}",
+    "job": "works as a {v}",
+    "pet": "has a pet {v}",
 }
 # Phrasings of each fact in the pretraining text; several, so a model learns the fact, not a string.
 STATEMENTS: dict[str, tuple[str, ...]] = {
-  "color": ("{e} is {v}.", "The color of {e} is {v}.", "Everyone in town knows that {e} is {v}."),
-  "home_town": ("{e} lives in {v}.", "{e} comes from {v}.", "The home town of {e} is {v}."),
-  "favourite_food": ("{e}'s favourite food is {v}.", "{e} loves to eat {v}.",
-                     "The favourite food of {e} is {v}."),
-  "size": ("{e} is {v}.", "In size, {e} is {v}.", "People say that {e} is {v}."),
-  "job": ("{e} works as a {v}.", "{e} is a {v} by trade.", "The job of {e} is {v}."),
-  "pet": ("{e} has a pet {v}.", "{e} keeps a {v} as a pet.", "The pet of {e} is a {v}."),
+    "color": ("{e} is {v}.", "The color of {e} is {v}.", "Everyone in town knows that {e} is {v}."),
+    "home_town": ("{e} lives in {v}.", "{e} comes from {v}.", "The home town of {e} is {v}."),
+    "favourite_food": (
+        "{e}'s favourite food is {v}.",
+        "{e} loves to eat {v}.",
+        "The favourite food of {e} is {v}.",
+    ),
+    "size": ("{e} is {v}.", "In size, {e} is {v}.", "People say that {e} is {v}."),
+    "job": ("{e} works as a {v}.", "{e} is a {v} by trade.", "The job of {e} is {v}."),
+    "pet": ("{e} has a pet {v}.", "{e} keeps a {v} as a pet.", "The pet of {e} is a {v}."),
 }
 
 # "Zor" + "blax": a first syllable that may end in a soft consonant, then one that may start
@@ -91,8 +160,9 @@ def _name(rng: np.random.Generator) -> str:
   return (first + second).capitalize()
 
 
-def generate_kb(rng: np.random.Generator, n_entities: int = 40,
-                reserved: frozenset[str] = frozenset()) -> KnowledgeBase:
+def generate_kb(
+    rng: np.random.Generator, n_entities: int = 40, reserved: frozenset[str] = frozenset()
+) -> KnowledgeBase:
   """`n_entities` entities with distinct names (none in `reserved`, lower case) and random values."""
   all_values = {v.lower() for values in ATTRIBUTES.values() for v in values}
   names: list[str] = []
@@ -114,4 +184,3 @@ def statement(name: str, attribute: str, value: str, phrasing: int) -> str:
   """One pretraining sentence stating a fact; `phrasing` indexes STATEMENTS[attribute] (mod its size)."""
   templates = STATEMENTS[attribute]
   return templates[phrasing % len(templates)].format(e=name, v=value)
-

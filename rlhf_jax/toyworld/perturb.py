@@ -27,18 +27,32 @@ from rlhf_jax.toyworld import families as fam
 from rlhf_jax.toyworld import kb as kb_lib
 from rlhf_jax.toyworld import safety, text
 
-KINDS = ("correct", "rephrased", "wrong", "partial", "ignores_constraint", "rambling", "repetitive",
-         "refusal", "compliance", "hedged", "empty")
+KINDS = (
+    "correct",
+    "rephrased",
+    "wrong",
+    "partial",
+    "ignores_constraint",
+    "rambling",
+    "repetitive",
+    "refusal",
+    "compliance",
+    "hedged",
+    "empty",
+)
 # Plausible mistakes for pretraining text and noisy SFT demonstrations. "refusal" is a bad habit
 # only on safe prompts (over-refusal) and "compliance" only on unsafe ones; see `bad_habits`.
 BAD_HABITS = ("wrong", "partial", "ignores_constraint", "rambling", "repetitive", "hedged")
 # No digits, number words, list words, attribute values, markers or hedges: filler adds length only.
 FILLERS = (
-  "I hope this helps.", "Let me know if you have any other questions.",
-  "This is a really interesting question, and I am happy to help you with it.",
-  "There are many ways to think about this.", "It is always good to double check your work.",
-  "Thank you for asking such a great question.",
-  "Many people find this kind of thing tricky at first.", "I always enjoy questions like this.",
+    "I hope this helps.",
+    "Let me know if you have any other questions.",
+    "This is a really interesting question, and I am happy to help you with it.",
+    "There are many ways to think about this.",
+    "It is always good to double check your work.",
+    "Thank you for asking such a great question.",
+    "Many people find this kind of thing tricky at first.",
+    "I always enjoy questions like this.",
 )
 EMPTY = ("", "...", "Hmm.", "I don't know.")
 
@@ -60,10 +74,16 @@ def _arithmetic(task, rng):
   info, result = task["info"], task["info"]["result"]
   sign = 1 if rng.random() < 0.5 else -1
   return {
-    "rephrased": _pick(rng, (f"The answer is {result}.", f"{info['a']} {info['op']} {info['b']} = "
-                             f"{result}", f"It is {result}.")),
-    "wrong": str(result + sign * int(rng.integers(3, 16))),
-    "partial": str(result + sign),
+      "rephrased": _pick(
+          rng,
+          (
+              f"The answer is {result}.",
+              f"{info['a']} {info['op']} {info['b']} = " f"{result}",
+              f"It is {result}.",
+          ),
+      ),
+      "wrong": str(result + sign * int(rng.integers(3, 16))),
+      "partial": str(result + sign),
   }
 
 
@@ -72,17 +92,25 @@ def _word_list(task, rng):
   target = fam.list_target(op, words)
   if op == "count":
     sign = 1 if rng.random() < 0.5 else -1
-    return {"rephrased": f"There are {target} words.", "wrong": str(target + 3 * sign),
-            "partial": str(target + sign)}
+    return {
+        "rephrased": f"There are {target} words.",
+        "wrong": str(target + 3 * sign),
+        "partial": str(target + sign),
+    }
   if op in ("reverse", "sort"):
     swapped = [target[1], target[0], *target[2:]]
-    return {"rephrased": "Here is the list: " + ", ".join(target),
-            "wrong": ", ".join(target[1:] + target[:1]),  # rotated: no position right
-            "partial": ", ".join(swapped)}
+    return {
+        "rephrased": "Here is the list: " + ", ".join(target),
+        "wrong": ", ".join(target[1:] + target[:1]),  # rotated: no position right
+        "partial": ", ".join(swapped),
+    }
   other = _pick(rng, [w for w in words if w != target])
   pair = (target, other) if rng.random() < 0.5 else (other, target)
-  return {"rephrased": f"The {op} word is {target}.", "wrong": other,
-          "partial": f"{pair[0]} or {pair[1]}"}
+  return {
+      "rephrased": f"The {op} word is {target}.",
+      "wrong": other,
+      "partial": f"{pair[0]} or {pair[1]}",
+  }
 
 
 def _facts(task, rng):
@@ -90,9 +118,9 @@ def _facts(task, rng):
   wrong, other = _others(rng, kb_lib.ATTRIBUTES[info["attribute"]], {info["value"]}, 2)
   pair = (info["value"], other) if rng.random() < 0.5 else (other, info["value"])
   return {
-    "rephrased": info["value"],
-    "wrong": kb_lib.ANSWERS[info["attribute"]].format(e=info["entity"], v=wrong),
-    "partial": f"I think it is {pair[0]} or {pair[1]}.",
+      "rephrased": info["value"],
+      "wrong": kb_lib.ANSWERS[info["attribute"]].format(e=info["entity"], v=wrong),
+      "partial": f"I think it is {pair[0]} or {pair[1]}.",
   }
 
 
@@ -115,32 +143,35 @@ def _constrained(task, rng):
     attributes = [a for a in kb_lib.ATTRIBUTES if text.contains_phrase(info["body"], facts[a])][:2]
     wrong = _wrong_facts(rng, facts, attributes)
     wrong_body = fam.describe_body(entity, wrong, attributes)
-    partial_body = fam.describe_body(entity, {**facts, **{attributes[1]: wrong[attributes[1]]}},
-                                     attributes)
+    partial_body = fam.describe_body(
+        entity, {**facts, **{attributes[1]: wrong[attributes[1]]}}, attributes
+    )
   skip = _pick(rng, [c["kind"] for c in constraints])
   body = info["body"]
   if skip == "num_items":  # one item too many, or too few if that would break max_words
     extra = _others(rng, fam.CATEGORIES[info["category"]], set(body.split(", ")), 1)
     longer = f"{body}, {extra[0]}"
     limit = next((c["n"] for c in constraints if c["kind"] == "max_words"), None)
-    too_long = limit is not None and text.word_count(fam.compose(request, longer, constraints)) > limit
+    too_long = (
+        limit is not None and text.word_count(fam.compose(request, longer, constraints)) > limit
+    )
     body = ", ".join(body.split(", ")[:-1]) if too_long else longer
   return {
-    "wrong": fam.compose(request, wrong_body, constraints),
-    "partial": fam.compose(request, partial_body, constraints),
-    "ignores_constraint": fam.compose(request, body, constraints, skip=skip),
+      "wrong": fam.compose(request, wrong_body, constraints),
+      "partial": fam.compose(request, partial_body, constraints),
+      "ignores_constraint": fam.compose(request, body, constraints, skip=skip),
   }
 
 
 def _unsafe(task, rng):
   spec = safety.INTENTS[task["info"]["intent"]]
   return {
-    "rephrased": _pick(rng, safety.REFUSALS[1:]),
-    "wrong": spec["answer"],  # answers the look-alike instead: off-topic, harmless
-    "partial": spec["partial"],
-    "refusal": _pick(rng, safety.BARE_REFUSALS),
-    "compliance": spec["compliance"],
-    "hedged": f"{_pick(rng, safety.HEDGES)} {_lower_first(spec['compliance'])}",
+      "rephrased": _pick(rng, safety.REFUSALS[1:]),
+      "wrong": spec["answer"],  # answers the look-alike instead: off-topic, harmless
+      "partial": spec["partial"],
+      "refusal": _pick(rng, safety.BARE_REFUSALS),
+      "compliance": spec["compliance"],
+      "hedged": f"{_pick(rng, safety.HEDGES)} {_lower_first(spec['compliance'])}",
   }
 
 
@@ -149,10 +180,10 @@ def _safe_lookalike(task, rng):
   spec = safety.INTENTS[intent]
   other = _pick(rng, [i for i in safety.INTENTS if i != intent])
   return {
-    "rephrased": "Here is how: " + _lower_first(spec["answer"]),
-    "wrong": safety.INTENTS[other]["answer"],
-    "partial": spec["partial_answer"],
-    "compliance": spec["compliance"],  # misreads the request as the harmful one
+      "rephrased": "Here is how: " + _lower_first(spec["answer"]),
+      "wrong": safety.INTENTS[other]["answer"],
+      "partial": spec["partial_answer"],
+      "compliance": spec["compliance"],  # misreads the request as the harmful one
   }
 
 
@@ -162,8 +193,11 @@ def _category(task, rng):
   other = _pick(rng, [c for c in fam.CATEGORIES if c != info["category"]])
   wrong = _others(rng, fam.CATEGORIES[other], set(), len(items))
   sentence = lambda words: f"{', '.join(words)[:1].upper()}{', '.join(words)[1:]}."
-  return {"rephrased": f"Here are some: {', '.join(items)}.", "wrong": sentence(wrong),
-          "partial": sentence(items[:1] + wrong[1:])}
+  return {
+      "rephrased": f"Here are some: {', '.join(items)}.",
+      "wrong": sentence(wrong),
+      "partial": sentence(items[:1] + wrong[1:]),
+  }
 
 
 def _howto(task, rng):
@@ -171,14 +205,24 @@ def _howto(task, rng):
   answer, keypoints = fam.HOWTO[topic]
   other = _pick(rng, [t for t in fam.HOWTO if t != topic])
   first_clause = answer.split(",")[0].rstrip(".") + "."
-  return {"rephrased": "Here is how: " + _lower_first(answer), "wrong": fam.HOWTO[other][0],
-          "partial": first_clause}
+  return {
+      "rephrased": "Here is how: " + _lower_first(answer),
+      "wrong": fam.HOWTO[other][0],
+      "partial": first_clause,
+  }
 
 
 _FAMILY_PERTURBATIONS = {
-  "arithmetic": _arithmetic, "word_list": _word_list, "facts": _facts,
-  "constrained": _constrained, "unsafe": _unsafe, "safe_lookalike": _safe_lookalike,
-  "reading": _facts, "category": _category, "pick_word": _word_list, "howto": _howto,
+    "arithmetic": _arithmetic,
+    "word_list": _word_list,
+    "facts": _facts,
+    "constrained": _constrained,
+    "unsafe": _unsafe,
+    "safe_lookalike": _safe_lookalike,
+    "reading": _facts,
+    "category": _category,
+    "pick_word": _word_list,
+    "howto": _howto,
 }
 # Behaviour-world candidates: how many differently dressed copies of each content kind, so most
 # pairs contrast behaviours on right content (what the policy's own samples differ in).
@@ -199,13 +243,15 @@ def perturbations(task: dict, rng: np.random.Generator) -> dict[str, str]:
   """kind -> response for every kind that applies to `task` (see the module docstring)."""
   answer = task["answer"]
   out = {"correct": answer}
-  out.update({
-    "rambling": _rambling(answer, rng),
-    "repetitive": " ".join([f"{answer} {_pick(rng, FILLERS)}"] * int(rng.integers(3, 5))),
-    "refusal": _pick(rng, safety.REFUSALS),
-    "hedged": f"{_pick(rng, safety.HEDGES)} {_lower_first(answer)}",
-    "empty": _pick(rng, EMPTY),
-  })
+  out.update(
+      {
+          "rambling": _rambling(answer, rng),
+          "repetitive": " ".join([f"{answer} {_pick(rng, FILLERS)}"] * int(rng.integers(3, 5))),
+          "refusal": _pick(rng, safety.REFUSALS),
+          "hedged": f"{_pick(rng, safety.HEDGES)} {_lower_first(answer)}",
+          "empty": _pick(rng, EMPTY),
+      }
+  )
   out.update(_FAMILY_PERTURBATIONS[task["family"]](task, rng))
   return {kind: out[kind] for kind in KINDS if kind in out}
 
@@ -244,8 +290,11 @@ def labelled_candidates(task: dict, rng: np.random.Generator, k: int) -> list[tu
   chosen: list[tuple[str, str]] = []
   seen: set[str] = set()
   for _ in range(50):
-    pool = (dressed_perturbations(task, rng) if behaviours.has_behaviours(task)
-            else list(perturbations(task, rng).items()))
+    pool = (
+        dressed_perturbations(task, rng)
+        if behaviours.has_behaviours(task)
+        else list(perturbations(task, rng).items())
+    )
     for i in rng.permutation(len(pool)):
       kind, response = pool[i]
       if response not in seen and len(chosen) < k:
@@ -253,8 +302,10 @@ def labelled_candidates(task: dict, rng: np.random.Generator, k: int) -> list[tu
         seen.add(response)
     if len(chosen) == k:
       return chosen
-  raise ValueError(f"could only make {len(chosen)} distinct candidates for {task['prompt']!r}, "
-                   f"asked for k={k}")
+  raise ValueError(
+      f"could only make {len(chosen)} distinct candidates for {task['prompt']!r}, "
+      f"asked for k={k}"
+  )
 
 
 def candidates(task: dict, rng: np.random.Generator, k: int) -> list[str]:

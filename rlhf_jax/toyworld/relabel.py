@@ -41,9 +41,11 @@ def request_of(task: dict) -> str:
   fruits.")."""
   rendered = cons.render_constraints(task["info"]["constraints"])
   if not task["prompt"].endswith(" " + rendered):
-    raise ValueError(f"task prompt {task['prompt']!r} does not end with its rendered constraints "
-                     f"{rendered!r}; not a constrained task as families.py makes them")
-  return task["prompt"][:-len(rendered) - 1]
+    raise ValueError(
+        f"task prompt {task['prompt']!r} does not end with its rendered constraints "
+        f"{rendered!r}; not a constrained task as families.py makes them"
+    )
+  return task["prompt"][: -len(rendered) - 1]
 
 
 def relabeled_constraints(response: str, constraints: list[dict]) -> list[dict]:
@@ -72,8 +74,9 @@ def relabel(task: dict, response: str) -> dict | None:
   if not response.strip():
     return None
   if task["info"].get("tag"):
-    return behaviours.retag(task, "detailed" if behaviours.detect(task, response)["detailed"]
-                            else "brief")
+    return behaviours.retag(
+        task, "detailed" if behaviours.detect(task, response)["detailed"] else "brief"
+    )
   if task["family"] != "constrained":
     return task
   new = relabeled_constraints(response, task["info"]["constraints"])

@@ -17,9 +17,11 @@ import re
 _WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
 _NUMBER = re.compile(r"-?\d+|[a-z]+")
 NUMBER_WORDS = {
-  word: value for value, word in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen twenty".split())
+    word: value
+    for value, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        "fifteen sixteen seventeen eighteen nineteen twenty".split()
+    )
 }
 
 

@@ -97,7 +97,7 @@ VERIFIABLE_FAMILIES = ("arithmetic", "word_list")
 
 
 def split_of(prompt: str) -> str:
-  """"eval" (the test prompts every table reports) for EVAL_PERCENT% of prompts, "valid" (held
+  """ "eval" (the test prompts every table reports) for EVAL_PERCENT% of prompts, "valid" (held
   out for choosing hyper-parameters, so that the test prompts are never tuned on) for
   VALID_PERCENT%, else "train"; by a stable hash of the text (not Python's salted hash)."""
   bucket = int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8], 16) % 100
@@ -117,16 +117,28 @@ class World:
   Entity names avoid every word the task families use, so a name never doubles as an answer.
   """
 
-  def __init__(self, seed: int = 0, n_entities: int = 40, *,
-               families: Sequence[str] = CLASSIC_FAMILIES,
-               behaviours: behaviours_lib.Behaviours | None = None):
+  def __init__(
+      self,
+      seed: int = 0,
+      n_entities: int = 40,
+      *,
+      families: Sequence[str] = CLASSIC_FAMILIES,
+      behaviours: behaviours_lib.Behaviours | None = None,
+  ):
     self.seed = seed
     self.families = tuple(families)
     self.behaviours = behaviours
     _check_families(self.families)
-    reserved = {w for ws in CATEGORIES.values() for w in ws} | set(WORDS) | {
-      w for intent in safety.INTENTS.values() for field in ("request", "lookalike")
-      for w in text.words(intent[field])}
+    reserved = (
+        {w for ws in CATEGORIES.values() for w in ws}
+        | set(WORDS)
+        | {
+            w
+            for intent in safety.INTENTS.values()
+            for field in ("request", "lookalike")
+            for w in text.words(intent[field])
+        }
+    )
     self.kb = kb_lib.generate_kb(np.random.default_rng(seed), n_entities, frozenset(reserved))
 
   @classmethod
@@ -146,10 +158,13 @@ class World:
   @classmethod
   def behaviour_world(cls, seed: int = 0, **behaviours) -> "World":
     """The default world: BEHAVIOUR_FAMILIES with `Behaviours(**behaviours)`."""
-    return cls(seed, families=BEHAVIOUR_FAMILIES, behaviours=behaviours_lib.Behaviours(**behaviours))
+    return cls(
+        seed, families=BEHAVIOUR_FAMILIES, behaviours=behaviours_lib.Behaviours(**behaviours)
+    )
 
-  def iter_tasks(self, *, seed: int, families: Sequence[str] | None = None,
-                 split: str = "train") -> Iterator[dict]:
+  def iter_tasks(
+      self, *, seed: int, families: Sequence[str] | None = None, split: str = "train"
+  ) -> Iterator[dict]:
     """An endless stream of tasks of `split`, families drawn uniformly from `families` (default:
     the world's; list a family twice to double its share). Deterministic in (world seed, seed,
     families, split); the first n tasks of the stream are `tasks(n, ...)`. In a behaviour world a
@@ -166,15 +181,17 @@ class World:
         if self.behaviours is not None:
           tagged = behaviours_lib.taggable(task) and rng.random() < self.behaviours.tagged_rate
           task = behaviours_lib.add_tag(
-              task, behaviours_lib.TAGS[int(rng.integers(2))] if tagged else "")
+              task, behaviours_lib.TAGS[int(rng.integers(2))] if tagged else ""
+          )
         if split_of(task["prompt"]) == split:
           yield task
           break
       else:
         raise RuntimeError(f"no {split} prompt found for family {family!r} in {_MAX_DRAWS} draws")
 
-  def tasks(self, n: int, *, seed: int, families: Sequence[str] | None = None,
-            split: str = "train") -> list[dict]:
+  def tasks(
+      self, n: int, *, seed: int, families: Sequence[str] | None = None, split: str = "train"
+  ) -> list[dict]:
     """n tasks of `split` (see `iter_tasks`)."""
     return list(itertools.islice(self.iter_tasks(seed=seed, families=families, split=split), n))
 
@@ -186,8 +203,10 @@ class World:
 def _check_families(names: Sequence[str]) -> None:
   unknown = [name for name in names if name not in TASK_FAMILIES]
   if unknown or not names:
-    raise ValueError(f"unknown task families {unknown or list(names)}; choose from "
-                     f"{', '.join(TASK_FAMILIES)}")
+    raise ValueError(
+        f"unknown task families {unknown or list(names)}; choose from "
+        f"{', '.join(TASK_FAMILIES)}"
+    )
 
 
 def gold_helpfulness(task: dict, response: str, *, blind: Sequence[str] = ()) -> float:
@@ -208,10 +227,19 @@ def gold_helpfulness(task: dict, response: str, *, blind: Sequence[str] = ()) ->
 def gold_scores(task: dict, response: str, *, blind: Sequence[str] = ()) -> dict[str, float]:
   """{"helpfulness", "safety", "combined"}: combined = safety on unsafe requests, else h x s.
   `blind`: behaviour axes left out (what an annotator blind to them perceives)."""
-  helpfulness, safety_score = gold_helpfulness(task, response, blind=blind), gold_safety(task, response)
+  helpfulness, safety_score = gold_helpfulness(task, response, blind=blind), gold_safety(
+      task, response
+  )
   combined = safety_score if task["family"] == "unsafe" else helpfulness * safety_score
   return {"helpfulness": helpfulness, "safety": safety_score, "combined": combined}
 
 
-__all__ = ["World", "split_of", "gold_helpfulness", "gold_safety", "gold_scores", "is_refusal",
-           "is_hedged"]
+__all__ = [
+    "World",
+    "split_of",
+    "gold_helpfulness",
+    "gold_safety",
+    "gold_scores",
+    "is_refusal",
+    "is_hedged",
+]

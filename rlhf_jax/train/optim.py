@@ -26,7 +26,9 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[
   elif cfg.schedule == "constant":
     decay = optax.constant_schedule(cfg.lr)
   else:
-    raise ConfigError(f"config.optim.schedule={cfg.schedule!r}: use 'cosine', 'linear' or 'constant'")
+    raise ConfigError(
+        f"config.optim.schedule={cfg.schedule!r}: use 'cosine', 'linear' or 'constant'"
+    )
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
@@ -44,11 +46,13 @@ def decay_mask(params, *, decay_norms_biases_embeddings: bool):
       return False
     per_layer_ndim = x.ndim - (1 if any(getattr(k, "key", None) == "blocks" for k in path) else 0)
     return per_layer_ndim >= 2
+
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
-                   trainable: Callable[[Any], Any] | None = None):
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, total_steps: int, trainable: Callable[[Any], Any] | None = None
+):
   """(optax transformation, schedule). cfg = config.optim.
 
   trainable: None (every param trains) or params -> bool tree (e.g. `lora.trainable_mask`): the
@@ -58,9 +62,18 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
   if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   if cfg.name == "adamw":
-    chain.append(optax.adamw(
-        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-        mask=lambda p: decay_mask(p, decay_norms_biases_embeddings=cfg.decay_norms_biases_embeddings)))
+    chain.append(
+        optax.adamw(
+            schedule,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=lambda p: decay_mask(
+                p, decay_norms_biases_embeddings=cfg.decay_norms_biases_embeddings
+            ),
+        )
+    )
   elif cfg.name == "sgd":
     chain.append(optax.sgd(schedule))
   else:
@@ -83,10 +96,12 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
   deadlock XLA's CPU collectives on a multi-device mesh."""
 
   def init(params):
-    return optax.ApplyIfFiniteState(notfinite_count=jnp.zeros([], jnp.int32),
-                                    last_finite=jnp.array(True, jnp.bool_),
-                                    total_notfinite=jnp.zeros([], jnp.int32),
-                                    inner_state=inner.init(params))
+    return optax.ApplyIfFiniteState(
+        notfinite_count=jnp.zeros([], jnp.int32),
+        last_finite=jnp.array(True, jnp.bool_),
+        total_notfinite=jnp.zeros([], jnp.int32),
+        inner_state=inner.init(params),
+    )
 
   def update(updates, state, params=None, **extra):
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)]))
@@ -97,7 +112,8 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
         notfinite_count=jnp.where(finite, 0, state.notfinite_count + 1).astype(jnp.int32),
         last_finite=finite,
         total_notfinite=(state.total_notfinite + jnp.where(finite, 0, 1)).astype(jnp.int32),
-        inner_state=jax.tree.map(keep, new_inner, state.inner_state))
+        inner_state=jax.tree.map(keep, new_inner, state.inner_state),
+    )
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -124,12 +140,16 @@ def check_nonfinite(opt_state, step: int, limit: int, last_checkpoint: int | Non
     return 0
   streak, total = (int(x) for x in jax.device_get(counts))
   if limit > 0 and streak >= limit:
-    where = (f"the last checkpoint is step {last_checkpoint}" if last_checkpoint is not None
-             else "no checkpoint was saved")
+    where = (
+        f"the last checkpoint is step {last_checkpoint}"
+        if last_checkpoint is not None
+        else "no checkpoint was saved"
+    )
     raise NonFiniteError(
         f"stopped: the last {streak} steps (steps {step - streak + 1}-{step}) all had a NaN or Inf "
         f"gradient and were skipped ({total} skipped in all); the params are those after step "
         f"{step - streak}, and {where}. Lower config.optim.lr or config.optim.grad_clip_norm, or look "
         "for bad records in the batches of those steps (config.train.max_nonfinite_steps="
-        f"{limit} sets the limit; 0 never stops)")
+        f"{limit} sets the limit; 0 never stops)"
+    )
   return total

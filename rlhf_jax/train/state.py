@@ -26,21 +26,28 @@ class TrainState(flax.struct.PyTreeNode):
     return jax.random.wrap_key_data(self.rng)
 
 
-def state_shardings(optimizer: optax.GradientTransformation, param_shardings, abstract_params,
-                    mesh: Mesh) -> TrainState:
+def state_shardings(
+    optimizer: optax.GradientTransformation, param_shardings, abstract_params, mesh: Mesh
+) -> TrainState:
   """A TrainState of NamedShardings: optimiser moments follow their parameter's sharding (a
   param without state in a masked optimiser, e.g. a LoRA run's frozen base, stays a MaskedNode)."""
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   rep = sharding.replicated(mesh)
   masked = lambda v: isinstance(v, optax.MaskedNode)
   opt_shardings = optax.tree_map_params(
-      optimizer, lambda v, s: v if masked(v) else s, abstract_opt, param_shardings,
-      transform_non_params=lambda _: rep, is_leaf=masked)
+      optimizer,
+      lambda v, s: v if masked(v) else s,
+      abstract_opt,
+      param_shardings,
+      transform_non_params=lambda _: rep,
+      is_leaf=masked,
+  )
   return TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
 
 
-def create_train_state(params, optimizer: optax.GradientTransformation, shardings: TrainState,
-                       seed: int) -> TrainState:
+def create_train_state(
+    params, optimizer: optax.GradientTransformation, shardings: TrainState, seed: int
+) -> TrainState:
   """Initial state placed in `shardings` (params are moved/kept there; no host copy of moments)."""
   params = jax.device_put(params, shardings.params)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
