@@ -32,7 +32,7 @@ EXTRAS_REQUIRE = {
              # `make lint` (part of `make test`): the formatter and the linter, configured in pyproject.toml.
              "pyink>=26.5.1", "ruff>=0.17.6"],
     # `python -m rlhf_jax.bench --compare`: HF generate and TRL's DPO / GRPO trainers beside ours
-    # (rlhf_jax/bench_compare.py). torch exactly 2.13.0: another version pulls GBs of CUDA wheels.
+    # (rlhf_jax/bench/compare.py). torch exactly 2.13.0: another version pulls GBs of CUDA wheels.
     "compare": ["torch==2.13.0", "transformers>=5.24.0", "trl>=1.16.0"],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],

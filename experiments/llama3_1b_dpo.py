@@ -11,7 +11,7 @@ hh | shp. With `init_from` empty the policy and reference are config.hf_model_di
 precomputed over the data before training (no reference model in memory).
 """
 
-from rlhf_jax import real_configs
+from rlhf_jax.configs import real as real_configs
 
 # A row holds one pair (prompt + chosen + rejected, prompt cut from the left to fit); DPO's step is
 # the SFT step's forward + backward on those rows. plan figures: --algorithm=dpo --no_reference.

@@ -14,12 +14,12 @@ world's gold evaluation (ppo.eval_every, ppo.reward.gold) does not apply to real
 Prompts longer than ppo.max_prompt_len tokens are dropped (counted in the log).
 """
 
-from rlhf_jax import real_configs
+from rlhf_jax.configs import real as real_configs
 
 # Per iteration: prompts x 1 sample generated (KV cache: bf16), scored by policy, reference, value
 # and reward model, then `epochs` x `minibatches` updates of policy + value (fp32 params and AdamW
 # moments of both; reference and reward model held in bf16). batch_size and seq_len are a
-# mini-batch's rows and tokens (max_prompt_len + max_new_tokens), what `rlhf_jax.plan` compiles
+# mini-batch's rows and tokens (max_prompt_len + max_new_tokens), what `rlhf_jax.tools.plan` compiles
 # (the update; the rollout's sampling and scoring are not in the plan).
 SIZES = {
     # 64 prompts -> 4 mini-batches of 16 rows (2 per GPU) of 512 + 256 tokens.

@@ -8,7 +8,7 @@
 a fresh scalar head. WORKDIR/export holds the held-out score statistics PPO whitens rewards with.
 """
 
-from rlhf_jax import real_configs
+from rlhf_jax.configs import real as real_configs
 
 # A row holds one pair; the scalar head makes no vocabulary logits. plan: --algorithm=reward.
 SIZES = {

@@ -10,10 +10,10 @@ local HF checkpoint directory. The first stage of SFT -> reward model -> PPO, or
 Other checkpoint: --config.hf_model_dir=DIR. Writes WORKDIR/export (what DPO / RM / PPO start from).
 """
 
-from rlhf_jax import real_configs
+from rlhf_jax.configs import real as real_configs
 
 # Per device: params + AdamW moments (fp32, FSDP over 8) + the compiled step's temporaries, from
-# `python -m rlhf_jax.plan --config=experiments/llama3_1b_sft.py:PRESET --chip=...` (CPU compiler,
+# `python -m rlhf_jax.tools.plan --config=experiments/llama3_1b_sft.py:PRESET --chip=...` (CPU compiler,
 # 2026-11-26; README: CPU plans run ~1.3-1.6x above the measured GPU peak).
 SIZES = {
     # 8 rows of 2048 tokens per GPU per step (131k tokens per step); FSDP costs one all-gather of

@@ -10,10 +10,10 @@ local HF checkpoint directory: the first stage of SFT -> DPO (`qwen25_05b_dpo.py
 Other checkpoint: --config.hf_model_dir=DIR. Writes WORKDIR/export (what DPO starts from).
 """
 
-from rlhf_jax import real_configs
+from rlhf_jax.configs import real as real_configs
 
 # Per device: params + AdamW moments (fp32; FSDP: 1/8 of them) + the compiled step's temporaries,
-# from `python -m rlhf_jax.plan --config=experiments/qwen25_05b_sft.py:PRESET --chip=...`
+# from `python -m rlhf_jax.tools.plan --config=experiments/qwen25_05b_sft.py:PRESET --chip=...`
 # (CPU compiler, 2026-11-26; README: CPU plans run ~1.3-1.6x above the measured GPU peak).
 SIZES = {
     # 0.49B params: params + AdamW moments + gradients are ~8 GB, so each GPU holds all of them

@@ -12,7 +12,7 @@ uses 0.1). The reward models learn what the annotators prefer, so with strongly 
 the proxy keeps rising with n while gold rises less, or turns over.
 """
 
-from rlhf_jax.toy_configs import toy_pipeline_config
+from rlhf_jax.configs.toy import toy_pipeline_config
 
 BIASED = 0.5
 

@@ -13,7 +13,7 @@ annotators who like length) rank above gold's view (x0.85), the proxy keeps risi
 gold turns over after n = 2. Measured: docs/toyworld.md, "Best of n".
 """
 
-from rlhf_jax.toy_configs import rejection_sampling_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import rejection_sampling_stage, toy_pipeline_config
 
 
 def get_config():

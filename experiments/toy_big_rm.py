@@ -25,7 +25,7 @@ Measured (README, "Why the reward models cannot lead PPO to the gold"): no bette
 reward model on content (within-prompt correlation with gold: arithmetic -0.08, facts 0.41).
 """
 
-from rlhf_jax.toy_configs import ppo_stage, reward_stage, stage, toy_pipeline_config
+from rlhf_jax.configs.toy import ppo_stage, reward_stage, stage, toy_pipeline_config
 
 BIG = dict(num_layers=6, embed_dim=192, num_heads=6, num_kv_heads=3, mlp_dim=576)
 

@@ -25,7 +25,7 @@ RL-CAI (`ppo_cai`) starts from SL-CAI (`cai_sl`), so its KL and win rate are aga
 The reward models (`rm_helpful`, `rm_safety`) are trained once and shared.
 """
 
-from rlhf_jax.toy_configs import (
+from rlhf_jax.configs.toy import (
     ai_feedback_stage,
     ai_reward_stage,
     constitutional_sl_stage,

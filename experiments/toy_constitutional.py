@@ -12,7 +12,7 @@ the Llama 2 combination, with the human-feedback helpfulness model (helpfulness 
 as in the paper).
 """
 
-from rlhf_jax.toy_configs import (
+from rlhf_jax.configs.toy import (
     ai_feedback_stage,
     ai_reward_stage,
     constitutional_sl_stage,

@@ -9,7 +9,7 @@ Reuses the quickstart's world, pretrain and SFT stages. Variants by override, e.
 `--config.dpo.dpo.beta=0.3`, `--config.dpo.dpo.reference=per_batch`.
 """
 
-from rlhf_jax.toy_configs import dpo_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import dpo_stage, toy_pipeline_config
 
 
 def get_config():

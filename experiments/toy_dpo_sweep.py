@@ -21,7 +21,7 @@ annotators' thumbs up / down of the same samples: lr 1e-5 +0.008 (KL 0.01), beta
 (KL 1.9; at beta 0.1 it diverged in the comparison, KL 8.2): toy_compare.py's "kto" uses beta 0.3.
 """
 
-from rlhf_jax.toy_configs import dpo_stage, kto_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import dpo_stage, kto_stage, toy_pipeline_config
 
 SOURCE = "feedback/rankings"
 # name -> (loss_type, beta, label_smoothing, steps)

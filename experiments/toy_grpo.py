@@ -10,7 +10,7 @@ Reuses the quickstart's world, pretrain, SFT and reward-model stages. Variants b
 `--config.grpo.ppo.scale_rewards=False` (Dr. GRPO), `--config.stages=...` without "rloo".
 """
 
-from rlhf_jax.toy_configs import group_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import group_stage, toy_pipeline_config
 
 
 def get_config():

@@ -13,7 +13,7 @@ override, e.g. `--config.hir.hir.contrastive_coef=0` (relabeled SFT only),
 `--config.hir.hir.negatives=0`.
 """
 
-from rlhf_jax.toy_configs import hir_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import hir_stage, toy_pipeline_config
 
 
 def get_config():

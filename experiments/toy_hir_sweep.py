@@ -9,7 +9,7 @@ ignore (the SFT model follows it half the time) and HIR relabels to the tag each
       --config.eval.split=valid
 """
 
-from rlhf_jax.toy_configs import hir_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import hir_stage, toy_pipeline_config
 
 # name -> (rounds, steps per round, lr)
 VARIANTS = {"hir_r2_s24": (2, 24, 1e-4), "hir_r3_s64": (3, 64, 1e-4), "hir": (3, 64, 3e-4)}

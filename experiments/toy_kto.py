@@ -9,7 +9,7 @@ Reuses the quickstart's world, pretrain and SFT stages. Variants by override, e.
 `--config.kto.kto.reference=per_batch`, `--config.kto.optim.lr=1e-4`.
 """
 
-from rlhf_jax.toy_configs import kto_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import kto_stage, toy_pipeline_config
 
 
 def get_config():

@@ -21,7 +21,12 @@ of the latest policy's samples are what Llama 2 collected each week for exactly 
 The gold table shows SFT, V1 (against SFT), V2 (against V1), V3 (against V2) and PPO (against V3).
 """
 
-from rlhf_jax.toy_configs import ppo_stage, rejection_sampling_stage, reward_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import (
+    ppo_stage,
+    rejection_sampling_stage,
+    reward_stage,
+    toy_pipeline_config,
+)
 
 ROUNDS = 3
 PROMPTS = 512  # per round, each round after the prompts of the rounds before it

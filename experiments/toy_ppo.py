@@ -7,7 +7,7 @@ With the quickstart's workdir the world, pretrain, SFT and reward-model stages a
 gold table then shows SFT and PPO side by side (win rate and KL of PPO against SFT).
 """
 
-from rlhf_jax.toy_configs import toy_pipeline_config
+from rlhf_jax.configs.toy import toy_pipeline_config
 
 
 def get_config():

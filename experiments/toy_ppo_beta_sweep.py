@@ -13,7 +13,7 @@ beta (`ppo/beta`) and the KL it steers (`ppo/kl`) at every iteration. "ppo_gold_
 against the gold reward itself (an oracle reward model): the upper bound for the sweep.
 """
 
-from rlhf_jax.toy_configs import ppo_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import ppo_stage, toy_pipeline_config
 
 BETAS = {"ppo": 0.3, "ppo_beta_0p1": 0.1, "ppo_beta_0p03": 0.03, "ppo_beta_0p01": 0.01}
 ITERATIONS = 120

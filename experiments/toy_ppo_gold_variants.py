@@ -8,7 +8,7 @@ same tasks and sampling key (`eval/*` rows); the eval stage adds the temperature
 SFT model sampled at T < 1) to WORKDIR/eval/ppo_gold_vs_kl.png.
 """
 
-from rlhf_jax.toy_configs import ppo_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import ppo_stage, toy_pipeline_config
 
 # name: (iterations, lr, prompts per iteration, samples per prompt, epochs)
 VARIANTS = {

@@ -18,7 +18,7 @@ Held-out gold and KL are logged every 10 iterations (`eval/*` rows of each stage
 the same 256 tasks and key at every evaluation, iteration 0 = the SFT model).
 """
 
-from rlhf_jax.toy_configs import group_stage, ppo_stage, reward_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import group_stage, ppo_stage, reward_stage, toy_pipeline_config
 
 ITERATIONS = 30
 PROMPTS = 512

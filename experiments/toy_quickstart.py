@@ -10,7 +10,7 @@ proxy/gold-vs-KL plot (WORKDIR/eval/ppo_gold_vs_kl.png). 8m19s on a 2-core CPU (
 Stages cache their outputs in WORKDIR/<stage>: a rerun skips finished stages.
 """
 
-from rlhf_jax.toy_configs import ppo_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import ppo_stage, toy_pipeline_config
 
 
 def get_config():

@@ -10,7 +10,7 @@ before it (`eval.rounds`). The reward models stay the first round's throughout; 
 schedule, which retrains them on each round's samples, see experiments/toy_llama2_pipeline.py.
 """
 
-from rlhf_jax.toy_configs import toy_pipeline_config
+from rlhf_jax.configs.toy import toy_pipeline_config
 
 
 def get_config():

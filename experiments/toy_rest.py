@@ -12,7 +12,7 @@ threshold, the kept count and the kept set's reward and gold. Variants by overri
 `--config.rest.train.steps=32`.
 """
 
-from rlhf_jax.toy_configs import rest_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import rest_stage, toy_pipeline_config
 
 
 def get_config():

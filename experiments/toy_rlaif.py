@@ -10,7 +10,7 @@ it labelled) -> rm_ai -> ppo_rlaif -> eval. `:direct` adds direct RLAIF, ppo_rla
 no reward model, the judge comparing each prompt's two samples (`ppo.reward.judge`).
 """
 
-from rlhf_jax.toy_configs import ai_feedback_stage, ai_reward_stage, ppo_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import ai_feedback_stage, ai_reward_stage, ppo_stage, toy_pipeline_config
 
 
 def get_config(arg=None):

@@ -7,7 +7,7 @@ With the quickstart's workdir the world, pretrain and SFT stages are reused. Pri
 the model's scores against the annotators' and the gold orderings on held-out rankings.
 """
 
-from rlhf_jax.toy_configs import reward_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import reward_stage, toy_pipeline_config
 
 
 def get_config():

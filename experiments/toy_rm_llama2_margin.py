@@ -7,7 +7,7 @@ Trains three reward models from the same SFT model on the same data and steps (m
 "small" = {0, 1/3, 2/3, 1}, "large" = {0, 1, 2, 3}) and prints held-out accuracy by margin level.
 """
 
-from rlhf_jax.toy_configs import reward_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import reward_stage, toy_pipeline_config
 
 
 def get_config():

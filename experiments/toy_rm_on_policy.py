@@ -9,7 +9,7 @@ reward tables then show both pairs of models; the best-of-n table says which one
 SFT samples by gold -- the samples PPO and rejection sampling will optimise over.
 """
 
-from rlhf_jax.toy_configs import reward_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import reward_stage, toy_pipeline_config
 
 
 def get_config():

@@ -14,7 +14,7 @@ The reward evaluation then reports their within-prompt correlation with gold by 
 best of n on the SFT policy's samples, to compare with the unregularised models' rows.
 """
 
-from rlhf_jax.toy_configs import reward_stage, toy_pipeline_config
+from rlhf_jax.configs.toy import reward_stage, toy_pipeline_config
 
 LM_COEF = 1.0
 

@@ -8,7 +8,7 @@ Prints each model's and the combination's Kendall tau against gold on held-out r
 accuracy on gold-labelled pairs of unsafe and look-alike prompts.
 """
 
-from rlhf_jax.toy_configs import toy_pipeline_config
+from rlhf_jax.configs.toy import toy_pipeline_config
 
 
 def get_config():

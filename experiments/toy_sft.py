@@ -3,7 +3,7 @@
 About a minute on 2 CPU cores. `make quickstart` runs it and prints generations before and after.
 """
 
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
 
 
 def get_config():

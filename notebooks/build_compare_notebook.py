@@ -35,7 +35,8 @@ import os
 import pandas as pd
 from IPython.display import Image, display
 
-from rlhf_jax import compare, metrics
+from rlhf_jax.evaluation import compare
+from rlhf_jax.train import metrics
 
 ROOT = os.path.abspath(os.path.join(os.getcwd(), "..")) if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
 WORKDIR = os.environ.get("RLHF_COMPARE_WORKDIR", os.path.join(ROOT, "runs", "compare"))

@@ -1,7 +1,7 @@
 """Errors caused by the user's input, which `rlhf_jax.run` prints as one message without a traceback.
 
 Data records raise `rlhf_jax.data.RecordError` (file:line: field), meshes
-`rlhf_jax.sharding.ShardingConfigError`, work directories `rlhf_jax.checkpoint.WorkdirError`;
+`rlhf_jax.sharding.ShardingConfigError`, work directories `rlhf_jax.train.checkpoint.WorkdirError`;
 everything else a user can get wrong in a config raises `ConfigError`, whose message names the
 config key (`config.train.accum_steps=3`) or the file a key points at, and what to change.
 """

@@ -4,7 +4,7 @@
 
 Loads `get_config()` from the experiment file, applies `--config.*` overrides (unknown keys fail
 with the list of valid ones), writes the resolved config to WORKDIR/config.json and runs the driver
-named by `config.algorithm`. Rerunning the same command resumes from the latest checkpoint.
+registered under `config.algorithm` (rlhf_jax/algorithms/registry.py). Rerunning the same command resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -20,29 +20,14 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rlhf_jax import preemption, sharding
-from rlhf_jax.checkpoint import WorkdirError, check_workdir_writable
+from rlhf_jax import sharding
+from rlhf_jax.algorithms import registry
 from rlhf_jax.data.records import RecordError
 from rlhf_jax.data.tokenizer import ChatTemplateError
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.train import preemption
+from rlhf_jax.train.checkpoint import WorkdirError, check_workdir_writable
 from rlhf_jax.train.optim import NonFiniteError
-
-# Drivers by `config.algorithm`: "module:function(config, workdir) -> dict of final metrics".
-ALGORITHMS = {
-    "sft": "rlhf_jax.algorithms.sft:train",
-    "pretrain": "rlhf_jax.algorithms.sft:train",  # same driver, config.data.kind="text"
-    "reward": "rlhf_jax.algorithms.reward:train",  # pairwise / ranking reward models
-    "dpo": "rlhf_jax.algorithms.dpo:train",  # DPO / IPO / cDPO / hinge / SimPO / ORPO / CPL on pairs
-    "kto": "rlhf_jax.algorithms.kto:train",  # KTO on unpaired desirable / undesirable responses
-    "ppo": "rlhf_jax.algorithms.ppo:train",  # PPO against reward models
-    "grpo": "rlhf_jax.algorithms.ppo:train",  # GRPO: group-normalised, KL in the loss, no critic
-    "rloo": "rlhf_jax.algorithms.ppo:train",  # RLOO: leave-one-out baseline, KL in the reward
-    "rejection_sampling": "rlhf_jax.algorithms.rejection_sampling:train",  # Llama 2 best-of-K + SFT
-    "rest": "rlhf_jax.algorithms.rest:train",  # ReST: Grow (sample) + Improve (SFT above thresholds)
-    "constitutional_sl": "rlhf_jax.algorithms.constitutional:train",  # SL-CAI: critique, revise, SFT
-    "hir": "rlhf_jax.algorithms.hir:train",  # hindsight instruction relabeling (no RM, no RL)
-    "pipeline": "rlhf_jax.algorithms.pipeline:run",  # toy world -> pretrain -> SFT -> gold eval
-}
 
 # Errors caused by the user's config or data, shown as one message without a traceback.
 # tests/test_bad_inputs.py lists the cases.
@@ -98,15 +83,8 @@ def check_overrides(argv: list[str]) -> None:
 
 
 def resolve_driver(name: str):
-  if name not in ALGORITHMS:
-    close = difflib.get_close_matches(str(name), ALGORITHMS, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(
-        f"config.algorithm={name!r} is not known{hint}; set it to one of "
-        f"{', '.join(sorted(ALGORITHMS))}"
-    )
-  module, fn = ALGORITHMS[name].split(":")
-  return getattr(importlib.import_module(module), fn)
+  """The driver of `config.algorithm == name` (rlhf_jax/algorithms/registry.py)."""
+  return registry.get(name).train
 
 
 def enable_compilation_cache(config, workdir: str) -> str | None:

@@ -22,7 +22,8 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rlhf_jax import checkpoint, run  # noqa: E402
+from rlhf_jax import run
+from rlhf_jax.train import checkpoint  # noqa: E402
 from tests.reliability_configs import get_config  # noqa: E402
 
 logging.basicConfig(level=logging.WARNING)

@@ -1,6 +1,6 @@
 """Configs shared by the multi-host test and its worker processes (tests/multihost_run.py)."""
 
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
 
 STEPS = 8
 

@@ -12,7 +12,7 @@ Every run checkpoints often and logs every step, so a kill lands between many sa
 import json
 import os
 
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
 
 STEPS = 12
 INPUT_KEYS = ("tokenizer", "lm", "pairs", "prompts", "rm")

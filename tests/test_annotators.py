@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax.data import load_records, validate_record
-from rlhf_jax.toyworld import World, gold_scores
+from rlhf_jax.toyworld import World, gold_scores, perturb
 from rlhf_jax.toyworld import annotators as ann
-from rlhf_jax.toyworld import perturb
 
 NEUTRAL = ann.Annotator("neutral", temperature=0.0)
 

@@ -32,13 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import checkpoint, configs, data, errors, run, sharding, toy_configs
+from rlhf_jax import data, errors, run, sharding
 from rlhf_jax.algorithms import common, dpo, pipeline
+from rlhf_jax.configs import base as configs
+from rlhf_jax.configs import toy as toy_configs
 from rlhf_jax.data import RecordError
 from rlhf_jax.models import ModelConfig, abstract_model
-from rlhf_jax.train import make_optimizer
+from rlhf_jax.train import checkpoint, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ConfigError, ConfigPathError = errors.ConfigError, errors.ConfigPathError
@@ -167,7 +170,7 @@ HF_TINY = ModelConfig(
 
 @functools.cache
 def _hf_checkpoint() -> Path:
-  from rlhf_jax import hf
+  from rlhf_jax.hf import checkpoints as hf
 
   root = Path(tempfile.mkdtemp(prefix="bad_inputs_hf_"))
   atexit.register(shutil.rmtree, root, True)

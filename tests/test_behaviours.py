@@ -4,8 +4,8 @@ annotators who see (or do not see) each axis, and the gates."""
 import numpy as np
 import pytest
 
+from rlhf_jax.evaluation import gold as gold_eval
 from rlhf_jax.toyworld import annotators, behaviours, corpora, gates, perturb
-from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import families as fam
 from rlhf_jax.toyworld import world as world_lib
 
@@ -159,8 +159,8 @@ def test_annotators_blind_to_an_axis_and_enthusiasm(tasks):
 
 def test_a_world_config_that_makes_a_gate_impossible_names_its_field():
   from rlhf_jax.algorithms import pipeline
+  from rlhf_jax.configs.toy import toy_pipeline_config
   from rlhf_jax.errors import ConfigError
-  from rlhf_jax.toy_configs import toy_pipeline_config
 
   c = toy_pipeline_config()
   assert pipeline.check_world(c.world).behaviours == behaviours.Behaviours()

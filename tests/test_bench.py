@@ -4,7 +4,7 @@ in `python -m rlhf_jax.bench`, never in tests."""
 import numpy as np
 import pytest
 
-from rlhf_jax import bench
+from rlhf_jax.bench import suite as bench
 from rlhf_jax.models import llama_bench_config
 
 
@@ -98,7 +98,7 @@ def test_grpo_iteration_record(tiny):
 
 
 def test_compare_tokenizer_has_one_id_per_word():
-  from rlhf_jax import bench_compare  # imports neither torch nor trl
+  from rlhf_jax.bench import compare as bench_compare  # imports neither torch nor trl
 
   tok = bench_compare.word_tokenizer(16)
   assert tok("w4 w5 w15 ")["input_ids"] == [4, 5, 15]  # no BOS: n words are n tokens
@@ -110,7 +110,7 @@ def test_compare_tokenizer_has_one_id_per_word():
 def test_compare_rounds_alternate_sides_and_report_the_median_ratio():
   """`paired`: each round measures both sides, ours first in even rounds and theirs first in odd
   ones; the ratio is the median of the rounds' own ratios (not of the two sides' medians)."""
-  from rlhf_jax import bench_compare  # imports neither torch nor trl
+  from rlhf_jax.bench import compare as bench_compare  # imports neither torch nor trl
 
   calls = []
   ours = iter([10.0, 30.0, 20.0])
@@ -167,7 +167,7 @@ def test_compare_rounds_alternate_sides_and_report_the_median_ratio():
 @pytest.mark.slow  # exports, compiles ours and runs HF generate, TRL DPO and GRPO trainers
 def test_compare_with_hf_and_trl(tmp_path):
   pytest.importorskip("trl", reason="bench --compare needs trl: pip install -e .[compare]")
-  from rlhf_jax import bench_compare
+  from rlhf_jax.bench import compare as bench_compare
 
   records = list(
       bench_compare.compare(

@@ -8,10 +8,11 @@ import numpy as np
 import optax
 import pytest
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax.checkpoint import Checkpointer, export_params, load_params
+from rlhf_jax.train import checkpoint as ckpt_lib
+from rlhf_jax.train.checkpoint import Checkpointer, export_params, load_params
 
 
 @struct.dataclass
@@ -192,7 +193,7 @@ def test_unreadable_latest_falls_back_to_the_previous_step(tmp_path, caplog, dam
     else:
       f.unlink()
   with Checkpointer(tmp_path) as ckpt:
-    with caplog.at_level("WARNING", logger="rlhf_jax.checkpoint"):
+    with caplog.at_level("WARNING", logger="rlhf_jax.train.checkpoint"):
       state, data_state = ckpt.restore(_abstract(_state(mesh), mesh))
     assert int(state.step) == 1 and data_state == {"offset": 1}
     _assert_trees_equal(_to_host(state.params), _to_host(_state(mesh, 1).params))

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from rlhf_jax import compare
 from rlhf_jax.algorithms import pipeline
+from rlhf_jax.evaluation import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "compare_alignment_methods.ipynb")
@@ -191,6 +191,7 @@ def test_every_method_starts_from_sft_and_names_its_inputs():
 def test_notebook_source_is_built_from_its_script():
   """The committed notebook's cells are the build script's (outputs aside)."""
   import importlib.util
+
   import nbformat
 
   spec = importlib.util.spec_from_file_location(

@@ -538,9 +538,10 @@ def test_target_lists_give_the_same_sft_loss_and_gradients(tokenizer):
   """Batches that list their target tokens (`logit_budget`): the LM head on those slots only,
   the same loss, metrics and gradients as every slot's logits; on one device and sharded."""
   import jax
+
   from rlhf_jax import sharding
-  from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
   from rlhf_jax.data.sft import logit_budget_for
+  from rlhf_jax.losses.sft import make_sft_loss_fn
   from rlhf_jax.models import ModelConfig, create_model, split_model
 
   examples, _ = tokenize_sft(generate_sft_records(40, seed=3), tokenizer, max_len=64)

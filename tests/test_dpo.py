@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, metrics, scoring, sharding
+from rlhf_jax import scoring, sharding
 from rlhf_jax.algorithms import dpo
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
 from rlhf_jax.data.preference import comparison_batch, pack_comparisons, tokenize_comparisons
 from rlhf_jax.losses import preference
 from rlhf_jax.models import ModelConfig, create_model, split_model
-
+from rlhf_jax.train import checkpoint, metrics
 from tests.test_reward_model import TINY, export_lm, learnable_pairs, pair_records, write_jsonl
 
 

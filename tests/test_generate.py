@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import scoring, sharding
 from rlhf_jax import generate as generate_lib
+from rlhf_jax import scoring, sharding
 from rlhf_jax.generate import Sampler, full_sequence, generate, prompt_batch, sample_token
 from rlhf_jax.models import ModelConfig, abstract_model, apply
 

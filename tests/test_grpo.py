@@ -8,10 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import checkpoint, generate, metrics, sharding
+from rlhf_jax import generate, sharding
 from rlhf_jax.algorithms import ppo, ppo_rollout
 from rlhf_jax.models import abstract_model
-from rlhf_jax.train import create_train_state, state_shardings
+from rlhf_jax.train import checkpoint, create_train_state, metrics, state_shardings
 from tests.test_ppo import (
     POLICY_CFG,
     TINY,

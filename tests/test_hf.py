@@ -17,9 +17,11 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from rlhf_jax import checkpoint, generate, hf, sharding
+from rlhf_jax import generate, sharding
 from rlhf_jax.data.tokenizer import ChatTemplateError
+from rlhf_jax.hf import checkpoints as hf
 from rlhf_jax.models import ModelConfig, abstract_model, apply, positions_from_mask
+from rlhf_jax.train import checkpoint
 
 VOCAB = 256
 LLAMA = dict(

@@ -9,16 +9,15 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, metrics
-from rlhf_jax.data import encode_prompt
 from rlhf_jax.algorithms import hir
+from rlhf_jax.configs.toy import hir_stage
+from rlhf_jax.data import encode_prompt
 from rlhf_jax.losses import hir as hir_losses
 from rlhf_jax.models import ModelConfig, create_model, split_model
-from rlhf_jax.toy_configs import hir_stage
 from rlhf_jax.toyworld import World, check_constraints, render_constraints
 from rlhf_jax.toyworld.families import make_task
 from rlhf_jax.toyworld.relabel import relabel
-
+from rlhf_jax.train import checkpoint, metrics
 from tests.test_reward_model import TINY, write_jsonl
 
 # --- loss -----------------------------------------------------------------------------------------

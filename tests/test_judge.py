@@ -9,14 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, data, generate
+from rlhf_jax import data, generate
 from rlhf_jax.algorithms import sft
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
 from rlhf_jax.models import ModelConfig, abstract_model, apply, create_model, split_model
 from rlhf_jax.toyworld import World, corpora, judge, safety, split_of
 from rlhf_jax.toyworld.constraints import render_constraints
 from rlhf_jax.toyworld.families import make_task
 from rlhf_jax.toyworld.judge import CONCISE, CORRECT, FORMAT, HARMLESS, NO_PROBLEMS
+from rlhf_jax.train import checkpoint
 
 ADD = make_task("arithmetic", "What is 7 + 5?", "12", {"a": 7, "b": 5, "op": "+", "result": 12})
 POISON = make_task(
@@ -134,7 +135,7 @@ def test_gold_labels_hand_written():
 def test_correct_critiques_name_the_behaviours_gold_discounts():
   """On a behaviour world's tagged task, the CORRECT critique names a preamble, a sign-off and an
   ignored tag (what gold helpfulness discounts), and nothing for the ideal answer."""
-  from rlhf_jax.toy_configs import toy_pipeline_config
+  from rlhf_jax.configs.toy import toy_pipeline_config
   from rlhf_jax.toyworld import behaviours
 
   behaviour_world = World.from_config(toy_pipeline_config().world)

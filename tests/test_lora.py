@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import checkpoint, hf, metrics, sharding
+from rlhf_jax import sharding
 from rlhf_jax.algorithms import common, dpo, ppo, sft
-from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
+from rlhf_jax.hf import checkpoints as hf
+from rlhf_jax.losses.sft import make_sft_loss_fn
 from rlhf_jax.models import ModelConfig, abstract_model, apply, create_model, lora, split_model
-
+from rlhf_jax.train import checkpoint, metrics
 from tests.test_ppo import driver_config, exports, tasks, tokenizer_dir  # noqa: F401 (fixtures)
 from tests.test_reward_model import TINY, export_lm, learnable_pairs, write_jsonl
 

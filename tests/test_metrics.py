@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from rlhf_jax import metrics as metrics_lib
-from rlhf_jax.metrics import MetricsWriter, Progress, format_table, read_jsonl
+from rlhf_jax.train import metrics as metrics_lib
+from rlhf_jax.train.metrics import MetricsWriter, Progress, format_table, read_jsonl
 
 
 def _tensorboard_scalars(logdir):

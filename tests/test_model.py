@@ -777,6 +777,7 @@ def test_attention_normalising_after_the_value_contraction_matches_softmax(monke
   gives). Its compiled backward transposes no score-sized array (written over [B, KV, G, T, S],
   as the plain formula is, XLA:CPU transposes three)."""
   import re
+
   from rlhf_jax.models.layers import _MASK_VALUE, _attend
 
   rs = np.random.RandomState(31)
@@ -830,6 +831,7 @@ def test_rope_angles_from_the_table_equal_computed_ones_and_sin_runs_once(monkey
   NaN), and the compiled forward evaluates sine in one fusion, not once per layer (XLA:CPU fuses
   sin computed from positions into every layer's RoPE, as the forced-off run shows)."""
   import re
+
   from rlhf_jax.models import transformer as transformer_module
   from rlhf_jax.models.layers import rope_angles
 
@@ -863,6 +865,7 @@ def test_dense_equals_tensordot_and_weight_gradients_transpose_no_output_gradien
   same product written with [B, T] contracting axes made XLA:CPU transpose each output gradient
   into [out, B*T] first (the bench SFT step: ~280 ms of its transposes and copies)."""
   import re
+
   from rlhf_jax.models import layers as layers_module
   from rlhf_jax.models import transformer as transformer_module
   from rlhf_jax.models.layers import dense

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint
 from rlhf_jax.algorithms import dpo, sft
+from rlhf_jax.train import checkpoint
 from tests.multihost_configs import STEPS, dpo_config, sft_config
 from tests.test_reward_model import export_lm, learnable_pairs, write_jsonl
 

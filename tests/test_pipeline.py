@@ -7,11 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import data, metrics
-from rlhf_jax.algorithms import ai_feedback, pipeline, reward_eval
+from rlhf_jax import data
+from rlhf_jax.algorithms import ai_feedback, pipeline
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.toyworld import evaluate as gold_eval
+from rlhf_jax.evaluation import gold as gold_eval
+from rlhf_jax.evaluation import reward_eval
 from rlhf_jax.toyworld import split_of
+from rlhf_jax.train import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -233,7 +235,7 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
 
   # The method comparison reads this workdir (stage records, gold, the temperature baseline), and
   # its notebook runs top to bottom on it.
-  from rlhf_jax import compare
+  from rlhf_jax.evaluation import compare
   from tests.test_compare import execute_notebook, outputs_text
 
   rows = {r["method"]: r for r in compare.method_rows(str(tmp_path))}
@@ -378,7 +380,7 @@ def test_summaries_split_refusals_by_prompt_safety():
 
 
 def test_best_of_n_gold_matches_a_loop():
-  from rlhf_jax.algorithms import reward_eval
+  from rlhf_jax.evaluation import reward_eval
 
   rs = np.random.RandomState(0)
   gold, rewards = rs.rand(5, 8), rs.randn(5, 8)
@@ -461,8 +463,7 @@ def test_best_of_n_drift_picks_from_the_second_rejection_sampling_round():
 
 
 def test_best_of_n_plot_draws_gold_and_proxy_of_every_reward(tmp_path):
-  from rlhf_jax import plots
-  from rlhf_jax.algorithms import reward_eval
+  from rlhf_jax.evaluation import plots, reward_eval
 
   rs = np.random.RandomState(0)
   gold, rewards = rs.rand(20, 16), rs.randn(20, 16)
@@ -493,7 +494,7 @@ def test_best_of_n_plot_draws_gold_and_proxy_of_every_reward(tmp_path):
 
 
 def test_within_prompt_corr_ignores_prompt_difficulty():
-  from rlhf_jax.algorithms import reward_eval
+  from rlhf_jax.evaluation import reward_eval
 
   rs = np.random.RandomState(0)
   gold = rs.rand(6, 4)
@@ -525,7 +526,7 @@ def test_temperature_curve_needs_positive_temperatures():
 
 
 def test_gold_vs_kl_plot(tmp_path):
-  from rlhf_jax import plots
+  from rlhf_jax.evaluation import plots
 
   np.testing.assert_allclose(plots.smooth([1.0, 2.0, 3.0, 4.0], 2), [1.0, 1.5, 2.5, 3.5])
   rows = [

@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import plan as plan_lib
 from rlhf_jax import sharding
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
 from rlhf_jax.models import abstract_model, create_model, llama_bench_config, split_model
+from rlhf_jax.tools import plan as plan_lib
 from rlhf_jax.train import create_train_state, make_optimizer, state_shardings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,7 +147,7 @@ def test_cli_plans_on_fake_devices_and_exits_3_when_it_does_not_fit():
   base = [
       sys.executable,
       "-m",
-      "rlhf_jax.plan",
+      "rlhf_jax.tools.plan",
       "--model=bench",
       "--devices=16",
       "--mesh=2,4,2",

@@ -12,17 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 import pytest
+from flax import nnx
 
-from rlhf_jax import checkpoint, generate, metrics, scoring, sharding
+from rlhf_jax import generate, scoring, sharding
 from rlhf_jax.algorithms import ppo, ppo_rollout, rejection_sampling, reward
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
 from rlhf_jax.data import RecordError, encode_prompt, load_tokenizer, train_tokenizer
 from rlhf_jax.models import ModelConfig, abstract_model, apply, create_model, split_model
 from rlhf_jax.toyworld import corpus_texts, generate_sft_records
 from rlhf_jax.toyworld import world as world_lib
-from rlhf_jax.train import create_train_state, make_train_step, state_shardings
+from rlhf_jax.train import checkpoint, create_train_state, make_train_step, metrics, state_shardings
 
 TINY = dict(
     vocab_size=384,

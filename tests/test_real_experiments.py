@@ -12,10 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, metrics, real_configs, sharding
+from rlhf_jax import sharding
 from rlhf_jax.algorithms import common, dpo, ppo, reward, sft
+from rlhf_jax.configs import real as real_configs
 from rlhf_jax.data import sources
 from rlhf_jax.models import ModelConfig
+from rlhf_jax.train import checkpoint, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = {

@@ -23,7 +23,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from rlhf_jax import checkpoint, metrics, preemption, run, sharding
+from rlhf_jax import run, sharding
 from rlhf_jax.algorithms import sft
 from rlhf_jax.data import train_tokenizer
 from rlhf_jax.models import ModelConfig, create_model, split_model
@@ -31,12 +31,14 @@ from rlhf_jax.toyworld import corpus_texts, generate_sft_records
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.train import (
     NonFiniteError,
+    checkpoint,
     create_train_state,
     make_optimizer,
     make_train_step,
+    metrics,
+    preemption,
     state_shardings,
 )
-
 from tests import reliability_configs as configs
 from tests.compile_cache import persistent_compilation_cache
 from tests.test_reward_model import WORDS, learnable_pairs, write_jsonl

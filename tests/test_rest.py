@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, metrics
 from rlhf_jax.algorithms import pipeline, rest
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
+from rlhf_jax.train import checkpoint, metrics
 from tests.test_ppo import (
     MAX_PROMPT_LEN,
     TINY,

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rlhf_jax.losses.reward import (
     LLAMA2_MARGINS,
@@ -16,9 +17,13 @@ from rlhf_jax.losses.reward import (
     linear_combined_reward,
     llama2_combined_reward,
     margin_table,
-    pairwise_loss as pairwise_loss_eager,
-    ranking_loss as ranking_loss_eager,
     whiten,
+)
+from rlhf_jax.losses.reward import (
+    pairwise_loss as pairwise_loss_eager,
+)
+from rlhf_jax.losses.reward import (
+    ranking_loss as ranking_loss_eager,
 )
 
 RTOL = 1e-6

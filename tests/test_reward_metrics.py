@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from rlhf_jax.reward_metrics import preference_report, ranking_report, report_rows
+from rlhf_jax.evaluation.reward_metrics import preference_report, ranking_report, report_rows
 
 
 def _pair(**fields):

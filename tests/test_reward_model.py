@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, metrics, scoring, sharding
+from rlhf_jax import scoring, sharding
 from rlhf_jax.algorithms import common, reward
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
 from rlhf_jax.data import BatchIterator, RecordError
 from rlhf_jax.data.preference import (
     comparison_batching,
@@ -22,6 +22,7 @@ from rlhf_jax.data.preference import (
 )
 from rlhf_jax.losses.reward import margin_table, pairwise_loss, ranking_loss
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, split_model
+from rlhf_jax.train import checkpoint, metrics
 
 TINY = dict(
     vocab_size=384,

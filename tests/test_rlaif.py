@@ -11,21 +11,22 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, data, metrics
+from rlhf_jax import data
 from rlhf_jax.algorithms import ai_feedback, constitutional, pipeline, ppo, reward
-from rlhf_jax.configs import base_config
-from rlhf_jax.data.preference import comparison_batch, tokenize_comparisons
-from rlhf_jax.losses.reward import pairwise_loss
-from rlhf_jax.models import ModelConfig, create_model, split_model
-from rlhf_jax.toy_configs import (
+from rlhf_jax.configs.base import base_config
+from rlhf_jax.configs.toy import (
     ai_feedback_stage,
     ai_reward_stage,
     constitutional_sl_stage,
     toy_pipeline_config,
 )
+from rlhf_jax.data.preference import comparison_batch, tokenize_comparisons
+from rlhf_jax.losses.reward import pairwise_loss
+from rlhf_jax.models import ModelConfig, create_model, split_model
 from rlhf_jax.toyworld import World, judge
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.toyworld.judge import CONCISE, CORRECT, HARMLESS
+from rlhf_jax.train import checkpoint, metrics
 
 
 def log_sigmoid(x):

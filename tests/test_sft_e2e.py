@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, metrics
 from rlhf_jax.algorithms import sft
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
+from rlhf_jax.train import checkpoint, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,9 +13,14 @@ import optax
 import pytest
 
 from rlhf_jax import sharding
-from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
+from rlhf_jax.losses.sft import make_sft_loss_fn
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, split_model
-from rlhf_jax.train import accumulate_gradients, create_train_state, make_train_step, state_shardings
+from rlhf_jax.train import (
+    accumulate_gradients,
+    create_train_state,
+    make_train_step,
+    state_shardings,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig(

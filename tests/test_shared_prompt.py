@@ -9,7 +9,7 @@ import pytest
 
 from rlhf_jax import scoring
 from rlhf_jax.algorithms.dpo import make_dpo_loss_fn
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
 from rlhf_jax.data.preference import (
     Comparison,
     comparison_batch,
@@ -19,7 +19,6 @@ from rlhf_jax.data.preference import (
     tokenize_comparisons,
 )
 from rlhf_jax.models import ModelConfig, create_model, split_model
-
 from tests.test_reward_model import TINY, pair_records, ranking_records
 
 MODEL = {**TINY, "max_seq_len": 256}
@@ -172,8 +171,8 @@ def test_dpo_driver_with_shared_prompts_trains_the_same_policy(
   """One pair per row (packing off), so both layouts see the same pairs in the same batches: the
   precomputed reference, the steps and the export agree; with packing on, the shared rows hold
   more pairs."""
-  from rlhf_jax import checkpoint
   from rlhf_jax.algorithms import dpo
+  from rlhf_jax.train import checkpoint
   from tests.test_dpo import dpo_config
   from tests.test_reward_model import export_lm, learnable_pairs, write_jsonl
 
@@ -348,6 +347,7 @@ def test_grpo_iteration_with_shared_prompts_updates_as_without():
   (`make_ppo_update(group=K)`), the shared loss trains the same params: every mini-batch holds
   whole groups."""
   import optax
+
   from rlhf_jax.algorithms import ppo, ppo_rollout
   from tests.test_grpo import critic_free_loop
   from tests.test_ppo import POLICY_CFG, ppo_cfg

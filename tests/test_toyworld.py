@@ -16,16 +16,18 @@ from rlhf_jax.toyworld import (
     gold_safety,
     gold_scores,
     is_refusal,
+    kb,
     observed_constraints,
+    perturb,
     pretraining_documents,
     render_constraints,
+    safety,
     satisfied_constraints,
     sft_records,
     split_of,
     tokenizer_texts,
 )
 from rlhf_jax.toyworld import constraints as cons
-from rlhf_jax.toyworld import kb, perturb, safety
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.toyworld.families import make_task
 

@@ -7,13 +7,17 @@ import optax
 import pytest
 
 from rlhf_jax import sharding
-from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
 from rlhf_jax.losses.common import shift_for_next_token, token_logprobs
-from rlhf_jax.losses.sft import sft_loss
+from rlhf_jax.losses.sft import make_sft_loss_fn, sft_loss
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, split_model
-from rlhf_jax.train import create_train_state, make_optimizer, make_schedule, make_train_step
-from rlhf_jax.train import state_shardings
+from rlhf_jax.train import (
+    create_train_state,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+    state_shardings,
+)
 from rlhf_jax.train.optim import decay_mask
 
 

@@ -39,12 +39,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import data, metrics, sharding
+from rlhf_jax import data, sharding
 from rlhf_jax.algorithms import common, ppo_rollout
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.evaluation import gold as gold_eval
 from rlhf_jax.toyworld import annotators, judge
-from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
+from rlhf_jax.train import metrics
 
 _log = logging.getLogger(__name__)
 ALGORITHM = "ai_feedback"

@@ -13,18 +13,21 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rlhf_jax import checkpoint, generate, metrics, preemption, sharding
+from rlhf_jax import generate, sharding
 from rlhf_jax.errors import ConfigError, ConfigPathError
+from rlhf_jax.evaluation.gold import Policy
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, lora, split_model
 from rlhf_jax.models.config import LORA_FIELDS
-from rlhf_jax.toyworld.evaluate import Policy
 from rlhf_jax.train import (
     TrainState,
     check_nonfinite,
+    checkpoint,
     create_train_state,
     make_eval_step,
     make_optimizer,
     make_train_step,
+    metrics,
+    preemption,
     state_shardings,
 )
 
@@ -98,6 +101,21 @@ class Setup:
   state: TrainState
   step: Callable
   schedule: Callable
+
+
+def start_run(
+    config: ml_collections.ConfigDict, workdir: str, *, write: bool = True, train_batch: bool = True
+):
+  """The opening every driver shares; returns the mesh. Checks WORKDIR can be written, joins the
+  other hosts (multi-host), writes WORKDIR/config.json with its inputs resolved (`write_config`;
+  write=False where an inner SFT run writes its own) and makes the mesh, checked against
+  `config.train`'s batch (`make_mesh`; train_batch=False where the driver's batches are not
+  `config.train.batch_size` rows)."""
+  checkpoint.check_workdir_writable(workdir)
+  sharding.maybe_initialize_distributed()
+  if write:
+    write_config(config, workdir)
+  return make_mesh(config) if train_batch else sharding.make_mesh(config.mesh.shape)
 
 
 def make_mesh(config: ml_collections.ConfigDict):
@@ -258,7 +276,9 @@ def import_hf_model(config: ml_collections.ConfigDict, workdir: str) -> str:
   pad token ensured, in hf_import/tokenizer), in `config.model.param_dtype`, sharded on the
   config's mesh while it loads. Idempotent: an import of the same directory in the same dtype is
   reused (a resumed run does not convert the checkpoint again)."""
-  from rlhf_jax import hf  # imports safetensors and transformers' tokenizers: only when needed
+  from rlhf_jax.hf import (
+      checkpoints as hf,  # imports safetensors and transformers' tokenizers: only when needed
+  )
 
   model_dir = os.path.abspath(config.hf_model_dir)
   if not os.path.isfile(os.path.join(model_dir, "config.json")):

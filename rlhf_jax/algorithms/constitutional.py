@@ -27,13 +27,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, data, metrics, sharding
-from rlhf_jax.algorithms import ai_feedback, common, sft
+from rlhf_jax import data
+from rlhf_jax.algorithms import ai_feedback, common, registry, sft
 from rlhf_jax.algorithms.ppo import load_prompts
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.evaluation import gold as gold_eval
 from rlhf_jax.toyworld import annotators, judge
-from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
+from rlhf_jax.train import checkpoint, metrics
 
 _log = logging.getLogger(__name__)
 # revise(items [(task, response)], rng, *, principle) -> [{"critique", "revision"}], e.g.
@@ -161,8 +162,14 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return constitution
 
 
+@registry.register(
+    "constitutional_sl",
+    policy=True,
+    stage_fields=("constitutional.judge",),
+    data_fields=("constitutional.helpful_source",),
+)
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  checkpoint.check_workdir_writable(workdir)
+  mesh = common.start_run(config, workdir, write=False, train_batch=False)
   c = config.constitutional
   constitution = check_config(config)
   revisions_path = os.path.join(workdir, "revisions.jsonl")
@@ -178,7 +185,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"config.data.source={config.data.source}: SL-CAI needs toy-world task "
           f"records of families {tuple(c.families)} (with 'family' and 'answer')"
       )
-    mesh = sharding.make_mesh(config.mesh.shape)
     tokenizer = data.load_tokenizer(
         config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")
     )

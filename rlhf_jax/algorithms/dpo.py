@@ -36,17 +36,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, data, scoring, sharding
-from rlhf_jax.algorithms import common
-from rlhf_jax.errors import ConfigError
+from rlhf_jax import data, scoring, sharding
+from rlhf_jax.algorithms import common, registry
 from rlhf_jax.algorithms.reward import (
     comparison_iterators,
     load_comparisons,
     response_logit_budget,
 )
 from rlhf_jax.data.preference import logit_budget_for, num_tokens, pack_comparisons
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.losses import preference
 from rlhf_jax.models import lora
+from rlhf_jax.train import checkpoint
 
 _log = logging.getLogger(__name__)
 
@@ -291,11 +292,9 @@ def finish(
   return {"step": int(state.step), **{f"eval/{k}": v for k, v in held_out.items()}}
 
 
+@registry.register("dpo", policy=True)
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  checkpoint.check_workdir_writable(workdir)
-  sharding.maybe_initialize_distributed()
-  common.write_config(config, workdir)
-  mesh = common.make_mesh(config)
+  mesh = common.start_run(config, workdir)
   d, t, p = config.data, config.train, config.dpo
   if d.kind not in ("pairwise", "ranking"):
     raise ConfigError(

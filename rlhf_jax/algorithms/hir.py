@@ -40,18 +40,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, data, metrics, sharding
-from rlhf_jax.algorithms import common
+from rlhf_jax import data
+from rlhf_jax.algorithms import common, registry
 from rlhf_jax.algorithms.ppo import load_prompts
 from rlhf_jax.algorithms.rejection_sampling import best_of_k
-from rlhf_jax.algorithms.sft_loss import target_logits
 from rlhf_jax.data.sft import logit_budget_for
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.losses.hir import hir_loss
+from rlhf_jax.losses.sft import target_logits
 from rlhf_jax.toyworld import annotators
 from rlhf_jax.toyworld import constraints as cons
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.toyworld.relabel import relabel
+from rlhf_jax.train import checkpoint, metrics
 
 _log = logging.getLogger(__name__)
 TASK_FIELDS = ("family", "answer", "info")  # what the scripted feedback (gold) reads
@@ -277,13 +278,11 @@ def load_tasks(source: str, needed: int) -> list[dict]:
   return tasks[:needed]
 
 
+@registry.register("hir", policy=True)
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  checkpoint.check_workdir_writable(workdir)
-  sharding.maybe_initialize_distributed()
   check_config(config)
-  common.write_config(config, workdir)
+  mesh = common.start_run(config, workdir)
   h, t = config.hir, config.train
-  mesh = common.make_mesh(config)
   tasks = load_tasks(config.data.source, h.rounds * h.prompts_per_round)
   tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get(
       "tokenizer"

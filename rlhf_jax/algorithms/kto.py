@@ -31,16 +31,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, data, scoring, sharding
-from rlhf_jax.algorithms import common, dpo
-from rlhf_jax.errors import ConfigError
+from rlhf_jax import data, scoring
+from rlhf_jax.algorithms import common, dpo, registry
 from rlhf_jax.algorithms.reward import (
     comparison_iterators,
     load_comparisons,
     response_logit_budget,
 )
 from rlhf_jax.data.preference import num_tokens
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.losses import preference
+from rlhf_jax.train import checkpoint
 
 Array = jax.Array
 
@@ -164,11 +165,9 @@ def _label_stats(comparisons: list, stats: dict) -> dict:
   return {**stats, "desirable": desirable, "undesirable": len(comparisons) - desirable}
 
 
+@registry.register("kto", policy=True)
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  checkpoint.check_workdir_writable(workdir)
-  sharding.maybe_initialize_distributed()
-  common.write_config(config, workdir)
-  mesh = common.make_mesh(config)
+  mesh = common.start_run(config, workdir)
   check_config(config)
   d, t, k = config.data, config.train, config.kto
   tokenizer_dir = d.tokenizer or checkpoint.read_export_metadata(config.init_from).get("tokenizer")

@@ -43,59 +43,25 @@ import time
 import jax
 import ml_collections
 
-from rlhf_jax import checkpoint, data, metrics, plots, sharding
+from rlhf_jax import data, sharding
 from rlhf_jax.algorithms import (
     ai_feedback,
     common,
-    constitutional,
-    dpo,
-    hir,
-    kto,
     ppo,
-    rejection_sampling,
-    rest,
-    reward,
-    reward_eval,
-    sft,
+    registry,
 )
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.metrics import format_table
+from rlhf_jax.evaluation import gold as gold_eval
+from rlhf_jax.evaluation import plots, reward_eval
 from rlhf_jax.toyworld import annotators, corpora, gates, judge
-from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
+from rlhf_jax.train import metrics
+from rlhf_jax.train.metrics import format_table
 
 _log = logging.getLogger(__name__)
-# Stages whose output is a policy (gold-evaluated, and what the next stage starts from by default).
-POLICY_ALGORITHMS = (
-    "pretrain",
-    "sft",
-    "dpo",
-    "kto",
-    "ppo",
-    "grpo",
-    "rloo",
-    "rejection_sampling",
-    "rest",
-    "hir",
-    "constitutional_sl",
-)
 NOT_POLICIES = ("judge",)  # an SFT-trained model that is not a policy
 # "eval": everything trained; "eval_rewards": the reward models only (no policy sampling).
 EVAL_STAGES = ("eval", "eval_rewards")
-DRIVERS = {
-    "pretrain": sft.train,
-    "sft": sft.train,
-    "reward": reward.train,
-    "dpo": dpo.train,
-    "kto": kto.train,
-    "ppo": ppo.train,
-    "grpo": ppo.train,
-    "rloo": ppo.train,
-    "rejection_sampling": rejection_sampling.train,
-    "rest": rest.train,
-    "hir": hir.train,
-    "constitutional_sl": constitutional.train,
-}
 # A data-collection stage (not trained): annotated samples of a policy, see `collect_feedback`.
 FEEDBACK = "feedback"
 # `init_from` of a stage that starts from new weights although policy stages come before it.
@@ -366,7 +332,7 @@ def write_stage_info(
     parent: str | None,
     seconds: float,
 ) -> None:
-  """WORKDIR/<stage>/stage.json: what the comparison (rlhf_jax/compare.py) reads about a stage:
+  """WORKDIR/<stage>/stage.json: what the comparison (rlhf_jax/evaluation/compare.py) reads about a stage:
   its algorithm, the stage it started from, the wall-clock seconds of the run that finished it
   (a resumed stage: of the last invocation only) and its inputs (`stage_inputs`)."""
   info = {
@@ -388,8 +354,9 @@ def stage_config(
 ) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(config[stage].to_dict())
   c.seed, c.mesh.shape = config.seed, config.mesh.shape
-  if c.algorithm == "pretrain":
-    c.data.kind = "text"
+  entry = registry.get(c.algorithm)
+  if entry.data_kind:
+    c.data.kind = entry.data_kind
   source = c.data.source if c.data.source not in ("", "toy") else stage
   if source not in paths:
     raise ConfigError(
@@ -401,31 +368,20 @@ def stage_config(
     c.data.eval_source = paths[c.data.eval_source]
   c.data.tokenizer = paths["tokenizer"]
   c.init_from = init_from
-  # Reward and value models are named by their stages.
-  export = lambda name: os.path.join(exports_dir, name, "export") if name else ""
-  if c.algorithm in ppo.ESTIMATOR_OF:  # PPO, GRPO, RLOO
-    c.ppo.reward.helpful, c.ppo.reward.safety = export(c.ppo.reward.helpful), export(
-        c.ppo.reward.safety
-    )
-    c.ppo.value_init_from = export(c.ppo.value_init_from)
-    c.ppo.reward.judge = export(c.ppo.reward.judge)  # direct RLAIF
-  if c.algorithm == "constitutional_sl":
-    c.constitutional.judge = export(c.constitutional.judge)
-    if c.constitutional.helpful_source in paths:
-      c.constitutional.helpful_source = paths[c.constitutional.helpful_source]
-  if c.algorithm == "rejection_sampling":
-    rs = c.rejection_sampling.reward
-    rs.helpful, rs.safety = export(rs.helpful), export(rs.safety)
-  if c.algorithm == "rest":
-    c.rest.reward.helpful, c.rest.reward.safety = (
-        export(c.rest.reward.helpful),
-        export(c.rest.reward.safety),
-    )
+  # Fields naming other stages (reward and value models, judges) become their exports; fields
+  # naming a world data set its path.
+  for field in entry.stage_fields:
+    name = registry.get_field(c, field)
+    registry.set_field(c, field, os.path.join(exports_dir, name, "export") if name else "")
+  for field in entry.data_fields:
+    if registry.get_field(c, field) in paths:
+      registry.set_field(c, field, paths[registry.get_field(c, field)])
   return c
 
 
 def is_policy(config: ml_collections.ConfigDict, stage: str) -> bool:
-  return config[stage].algorithm in POLICY_ALGORITHMS and stage not in NOT_POLICIES
+  entry = registry.algorithms().get(config[stage].algorithm)
+  return entry is not None and entry.policy and stage not in NOT_POLICIES
 
 
 def parent_stage(
@@ -456,7 +412,8 @@ def training_stages(config: ml_collections.ConfigDict) -> list[str]:
           "world, eval, eval_rewards or one of the experiment configs in the pipeline "
           f"config: {', '.join(experiments)}"
       )
-    known = (*DRIVERS, FEEDBACK, ai_feedback.ALGORITHM)
+    drivers = [name for name, a in registry.algorithms().items() if a.pipeline_stage]
+    known = (*drivers, FEEDBACK, ai_feedback.ALGORITHM)
     if config[stage].algorithm not in known:
       raise ConfigError(
           f"config.{stage}.algorithm={config[stage].algorithm!r}; a pipeline stage "
@@ -577,10 +534,10 @@ def shown_samples(rows: list[dict], n: int) -> list[dict]:
   return out
 
 
+@registry.register("pipeline", policy=False, pipeline_stage=False)
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  checkpoint.check_workdir_writable(workdir)
-  sharding.maybe_initialize_distributed()
-  sharding.make_mesh(config.mesh.shape)  # a bad mesh fails before any stage runs
+  # A bad mesh fails before any stage runs; each stage writes its own config.
+  common.start_run(config, workdir, write=False, train_batch=False)
   stages = list(config.stages)
   training = training_stages(config)
   paths = build_world(config, os.path.join(workdir, "world"))
@@ -626,7 +583,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       init_from = os.path.join(workdir, parent, "export") if parent else ""
       stage_cfg = stage_config(config, stage, paths, init_from, exports_dir=workdir)
       started = time.time()
-      DRIVERS[stage_cfg.algorithm](stage_cfg, stage_dir)
+      registry.get(stage_cfg.algorithm).train(stage_cfg, stage_dir)
       if not os.path.exists(export):  # stopped early (stop_after_steps): rerun to continue
         return {"stopped_in": stage}
       write_stage_info(config, stage, stage_dir, parent, time.time() - started)

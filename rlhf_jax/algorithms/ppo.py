@@ -36,23 +36,26 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import checkpoint, data, generate, metrics, preemption, sharding
-from rlhf_jax.algorithms import ai_feedback, common, ppo_rollout
+from rlhf_jax import data, generate, sharding
+from rlhf_jax.algorithms import ai_feedback, common, ppo_rollout, registry
 from rlhf_jax.algorithms.reward import cast_params
 from rlhf_jax.data.loader import Batching
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.evaluation import gold as gold_eval
 from rlhf_jax.losses import kl as kl_losses
 from rlhf_jax.losses import ppo as ppo_losses
 from rlhf_jax.losses.common import masked_mean
 from rlhf_jax.models import ModelConfig, abstract_model, lora
-from rlhf_jax.toyworld import evaluate as gold_eval
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.train import (
     check_nonfinite,
+    checkpoint,
     create_train_state,
     make_optimizer,
     make_update,
+    metrics,
     nonfinite_counts,
+    preemption,
     state_shardings,
     train_compiler_options,
 )
@@ -360,6 +363,13 @@ def make_iteration(
 # config.algorithm -> advantage estimator. PPO, GRPO and RLOO share the `config.ppo` block and this
 # driver: GRPO and RLOO are PPO's loop without a critic (ppo_rollout.group_advantages_fn).
 ESTIMATOR_OF = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo"}
+# Config fields naming other stages (a pipeline resolves them to those stages' exports).
+_PPO_STAGE_FIELDS = (
+    "ppo.reward.helpful",
+    "ppo.reward.safety",
+    "ppo.reward.judge",
+    "ppo.value_init_from",
+)
 
 
 def check_group_config(config: ml_collections.ConfigDict, estimator: str) -> None:
@@ -388,10 +398,11 @@ def _value_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return c
 
 
+@registry.register("ppo", policy=True, stage_fields=_PPO_STAGE_FIELDS)
+@registry.register("grpo", policy=True, stage_fields=_PPO_STAGE_FIELDS)
+@registry.register("rloo", policy=True, stage_fields=_PPO_STAGE_FIELDS)
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  checkpoint.check_workdir_writable(workdir)
-  sharding.maybe_initialize_distributed()
-  common.write_config(config, workdir)
+  mesh = common.start_run(config, workdir, train_batch=False)
   p = config.ppo
   estimator = ESTIMATOR_OF.get(config.algorithm)
   if estimator is None:
@@ -399,7 +410,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"config.algorithm={config.algorithm!r}: ppo.train runs " f"{', '.join(ESTIMATOR_OF)}"
     )
   check_group_config(config, estimator)
-  mesh = sharding.make_mesh(config.mesh.shape)
   rows = p.prompts_per_iteration * p.samples_per_prompt
   if p.samples_per_prompt < 1 or rows % p.minibatches:
     raise ConfigError(

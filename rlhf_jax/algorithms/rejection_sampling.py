@@ -25,13 +25,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, data, metrics, sharding
-from rlhf_jax.algorithms import common, ppo_rollout, sft
+from rlhf_jax import data
+from rlhf_jax.algorithms import common, ppo_rollout, registry, sft
 from rlhf_jax.algorithms.ppo import load_prompts
 from rlhf_jax.algorithms.ppo_rollout import best_of_k
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.toyworld import annotators
 from rlhf_jax.toyworld import world as world_lib
+from rlhf_jax.train import checkpoint, metrics
 
 _log = logging.getLogger(__name__)
 
@@ -109,9 +110,13 @@ def export_final(policy_export: str, workdir: str) -> None:
   checkpoint.copy_export(policy_export, os.path.join(workdir, "export"))
 
 
+@registry.register(
+    "rejection_sampling",
+    policy=True,
+    stage_fields=("rejection_sampling.reward.helpful", "rejection_sampling.reward.safety"),
+)
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  checkpoint.check_workdir_writable(workdir)
-  sharding.maybe_initialize_distributed()
+  mesh = common.start_run(config, workdir, write=False, train_batch=False)
   rs = config.rejection_sampling
   if len(rs.temperatures) != rs.rounds:
     raise ConfigError(
@@ -128,7 +133,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       source=config.data.source,
       offset=rs.prompt_offset,
   )
-  mesh = sharding.make_mesh(config.mesh.shape)
   rms = ppo_rollout.load_reward_models(rs.reward, mesh, key="config.rejection_sampling.reward")
   spec = ppo_rollout.reward_spec(rs.reward, rms)
 

@@ -35,11 +35,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, metrics, sharding
-from rlhf_jax.algorithms import common, ppo_rollout, rejection_sampling
+from rlhf_jax.algorithms import common, ppo_rollout, registry, rejection_sampling
 from rlhf_jax.algorithms.ppo import load_prompts
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.toyworld import annotators
+from rlhf_jax.train import metrics
 
 _log = logging.getLogger(__name__)
 THRESHOLD_KINDS = ("quantile", "absolute")  # config.rest.threshold_kind
@@ -159,9 +159,9 @@ def _summary(samples: Sequence[dict]) -> dict:
   }
 
 
+@registry.register("rest", policy=True, stage_fields=("rest.reward.helpful", "rest.reward.safety"))
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  checkpoint.check_workdir_writable(workdir)
-  sharding.maybe_initialize_distributed()
+  mesh = common.start_run(config, workdir, write=False, train_batch=False)
   r = config.rest
   check_config(r)
   tokenizer_dir, tokenizer = rejection_sampling.policy_tokenizer(config, key="ReST")
@@ -173,7 +173,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       key="config.rest",
       source=config.data.source,
   )
-  mesh = sharding.make_mesh(config.mesh.shape)
   rms = ppo_rollout.load_reward_models(r.reward, mesh, key="config.rest.reward")
   spec = ppo_rollout.reward_spec(r.reward, rms)
 

@@ -27,9 +27,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import checkpoint, data, reward_metrics, scoring, sharding
-from rlhf_jax.algorithms import common
-from rlhf_jax.errors import ConfigError
+from rlhf_jax import data, scoring, sharding
+from rlhf_jax.algorithms import common, registry
 from rlhf_jax.data.preference import (
     comparison_batch,
     comparison_batching,
@@ -39,11 +38,14 @@ from rlhf_jax.data.preference import (
     tokenize_comparisons,
 )
 from rlhf_jax.data.records import MAX_RANKED
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.evaluation import reward_metrics
 from rlhf_jax.losses import reward as reward_losses
 from rlhf_jax.losses.common import masked_mean, token_logprobs
-from rlhf_jax.metrics import format_table
 from rlhf_jax.models import ModelConfig, abstract_model, apply_with_hidden
 from rlhf_jax.models.layers import dense
+from rlhf_jax.train import checkpoint
+from rlhf_jax.train.metrics import format_table
 
 _log = logging.getLogger(__name__)
 
@@ -417,11 +419,9 @@ def comparison_iterators(
   return batches, eval_iter
 
 
+@registry.register("reward", policy=False)
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  checkpoint.check_workdir_writable(workdir)
-  sharding.maybe_initialize_distributed()
-  common.write_config(config, workdir)
-  mesh = common.make_mesh(config)
+  mesh = common.start_run(config, workdir)
   d, t, r = config.data, config.train, config.reward
   kind = d.kind
   if kind not in ("pairwise", "ranking"):

@@ -19,14 +19,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, data, generate, sharding
-from rlhf_jax.algorithms import common
-from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
+from rlhf_jax import data, generate
+from rlhf_jax.algorithms import common, registry
 from rlhf_jax.data.sft import logit_budget_for
 from rlhf_jax.data.text import tokenize_text
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.metrics import format_table
+from rlhf_jax.losses.sft import make_sft_loss_fn
 from rlhf_jax.toyworld import instructions
+from rlhf_jax.train import checkpoint
+from rlhf_jax.train.metrics import format_table
 
 _log = logging.getLogger(__name__)
 
@@ -107,11 +108,10 @@ def sample_table(sampler, params, tokenizer, records, config, rng) -> list[dict]
   return rows
 
 
+@registry.register("sft", policy=True)
+@registry.register("pretrain", policy=True, data_kind="text")
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  checkpoint.check_workdir_writable(workdir)
-  sharding.maybe_initialize_distributed()
-  common.write_config(config, workdir)
-  mesh = common.make_mesh(config)
+  mesh = common.start_run(config, workdir)
   tokenizer, train_records, eval_records = load_tokenizer_and_records(config, workdir)
   t = config.train
   if config.data.kind == "text":

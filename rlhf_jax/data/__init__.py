@@ -4,7 +4,6 @@ docstring for formats."""
 from rlhf_jax.data.loader import BatchIterator, num_tokens, sft_batching
 from rlhf_jax.data.public import SCHEMAS, detect_schema, load_preferences, shp_margin
 from rlhf_jax.data.records import KINDS, RecordError, load_records, read_rows, validate_record
-from rlhf_jax.data.sources import resolve_source
 from rlhf_jax.data.sft import (
     PROMPT_OVERFLOW_POLICIES,
     Example,
@@ -13,6 +12,7 @@ from rlhf_jax.data.sft import (
     pad_batch,
     tokenize_sft,
 )
+from rlhf_jax.data.sources import resolve_source
 from rlhf_jax.data.tokenizer import (
     SPECIAL_TOKENS,
     ChatTemplateError,

@@ -1,6 +1,6 @@
 """Data records: load JSONL files or HF `datasets`, validate every record, return plain dicts.
 
-Kinds and their fields (DESIGN.md):
+Kinds and their fields (docs/design.md, "Data records"):
 
     text      text
     sft       prompt, completion  -- or messages: [{role: system|user|assistant, content}, ...]

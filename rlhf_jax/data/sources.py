@@ -29,9 +29,9 @@ import os
 from typing import Any
 
 from rlhf_jax.data.public import SCHEMAS, load_preferences
-from rlhf_jax.metrics import write_json, write_jsonl
 from rlhf_jax.data.records import RecordError, load_records, read_rows, validate_record
 from rlhf_jax.errors import ConfigPathError
+from rlhf_jax.train.metrics import write_json, write_jsonl
 
 _log = logging.getLogger(__name__)
 

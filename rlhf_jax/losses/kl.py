@@ -1,4 +1,4 @@
-"""Per-token KL estimators and KL-coefficient controllers (see ALGORITHMS.md, "PPO for language
+"""Per-token KL estimators and KL-coefficient controllers (see docs/algorithms.md, "PPO for language
 models").
 
 - `kl_penalty`: per-token estimate of KL(pi || pi_ref) from the log-probs of the sampled tokens,

@@ -1,4 +1,4 @@
-"""PPO for language models and the advantages of the online group methods (see ALGORITHMS.md,
+"""PPO for language models and the advantages of the online group methods (see docs/algorithms.md,
 "PPO for language models" and "Online group methods").
 
 Rollout side (no gradient):

@@ -1,4 +1,4 @@
-"""Offline preference losses on sequence log-probs (see ALGORITHMS.md, "DPO and relatives" and
+"""Offline preference losses on sequence log-probs (see docs/algorithms.md, "DPO and relatives" and
 "CPL").
 
 - `dpo_loss`: DPO (Rafailov et al. 2023) with conservative label smoothing (cDPO), IPO (Azar et al.

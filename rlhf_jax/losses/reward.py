@@ -1,4 +1,4 @@
-"""Reward-model losses and reward combination (see ALGORITHMS.md, "Reward model").
+"""Reward-model losses and reward combination (see docs/algorithms.md, "Reward model").
 
 - `pairwise_loss`: Bradley-Terry on (chosen, rejected) pairs, with the optional Llama 2 margin
   `m(level)` and the optional centring regulariser `eta * (r_c + r_r)^2`.

@@ -13,10 +13,10 @@ from rlhf_jax.models.transformer import (
     apply_with_hidden,
     create_model,
     group_rows,
-    ungroup_rows,
     init_cache,
     positions_from_mask,
     split_model,
+    ungroup_rows,
     unstack_layers,
 )
 

@@ -273,7 +273,7 @@ def llama3_config(size: str, **overrides) -> ModelConfig:
   return ModelConfig(**base)
 
 
-# Named architectures (random weights), for `python -m rlhf_jax.bench --model` and `rlhf_jax.plan`.
+# Named architectures (random weights), for `python -m rlhf_jax.bench --model` and `rlhf_jax.tools.plan`.
 PRESETS = {
     "bench": llama_bench_config,
     "llama3_1b": lambda **kw: llama3_config("1b", **kw),

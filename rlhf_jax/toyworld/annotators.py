@@ -1,5 +1,5 @@
 """Simulated annotators: noisy, biased human labels made from gold scores, in the InstructGPT and
-Llama 2 record formats (DESIGN.md), so reward models and preference methods train on labels whose
+Llama 2 record formats (docs/design.md, "Data records"), so reward models and preference methods train on labels whose
 errors we know exactly.
 
 An `Annotator` is a random-utility labeler. Its *perceived utility* of a response y to a task x
@@ -46,10 +46,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rlhf_jax import metrics
 from rlhf_jax.toyworld import behaviours, perturb, text
 from rlhf_jax.toyworld.safety import is_hedged
 from rlhf_jax.toyworld.world import World, gold_scores
+from rlhf_jax.train import metrics
 
 CRITERIA = ("combined", "helpfulness", "safety")
 BIAS_KINDS = ("length", "hedge", "safety")

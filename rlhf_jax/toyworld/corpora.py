@@ -17,8 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from rlhf_jax.toyworld import kb as kb_lib
 from rlhf_jax.toyworld import behaviours, perturb, safety
+from rlhf_jax.toyworld import kb as kb_lib
 from rlhf_jax.toyworld.families import LIST_OPS
 from rlhf_jax.toyworld.world import VERIFIABLE_FAMILIES, World
 

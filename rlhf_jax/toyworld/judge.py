@@ -50,9 +50,8 @@ from flax import nnx
 
 from rlhf_jax import data, generate
 from rlhf_jax.models import positions_from_mask
-from rlhf_jax.toyworld import behaviours
+from rlhf_jax.toyworld import behaviours, perturb, safety, text
 from rlhf_jax.toyworld import constraints as cons
-from rlhf_jax.toyworld import perturb, safety, text
 from rlhf_jax.toyworld.families import TASK_FAMILIES
 from rlhf_jax.toyworld.world import SPLITS, World, gold_helpfulness
 

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlhf_jax.toyworld import behaviours
+from rlhf_jax.toyworld import behaviours, safety, text
 from rlhf_jax.toyworld import families as fam
 from rlhf_jax.toyworld import kb as kb_lib
-from rlhf_jax.toyworld import safety, text
 
 KINDS = (
     "correct",

@@ -1,9 +1,9 @@
 """Memory planner: will a run fit? Compiles the train step ahead of time on a (fake) mesh and reports
 per-device bytes, without allocating a single parameter.
 
-  python -m rlhf_jax.plan --model=llama3_8b --devices=8 --mesh=1,8,1 --batch=8 --seq_len=4096 \\
+  python -m rlhf_jax.tools.plan --model=llama3_8b --devices=8 --mesh=1,8,1 --batch=8 --seq_len=4096 \\
       --algorithm=dpo --chip=h100
-  python -m rlhf_jax.plan --config=experiments/toy_sft.py --devices=8      # a config's model/batch/mesh
+  python -m rlhf_jax.tools.plan --config=experiments/toy_sft.py --devices=8      # a config's model/batch/mesh
 
 On a machine with fewer devices than `--devices` (this CPU), the planner runs on N fake CPU devices
 (`--xla_force_host_platform_device_count`), so a 256-chip plan is made on a laptop. Per device:
@@ -61,10 +61,10 @@ from rlhf_jax import sharding  # noqa: E402
 from rlhf_jax.algorithms.dpo import make_dpo_loss_fn  # noqa: E402
 from rlhf_jax.algorithms.ppo import make_ppo_loss_fn, make_ppo_update  # noqa: E402
 from rlhf_jax.algorithms.reward import make_reward_loss_fn  # noqa: E402
-from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn  # noqa: E402
-from rlhf_jax.configs import base_config  # noqa: E402
+from rlhf_jax.configs.base import base_config  # noqa: E402
 from rlhf_jax.data.sft import budget_from_share  # noqa: E402
 from rlhf_jax.losses.reward import margin_table  # noqa: E402
+from rlhf_jax.losses.sft import make_sft_loss_fn  # noqa: E402
 from rlhf_jax.models import ModelConfig, abstract_model  # noqa: E402
 from rlhf_jax.models.config import PRESETS  # noqa: E402
 from rlhf_jax.train import make_optimizer, make_train_step, state_shardings  # noqa: E402
@@ -493,7 +493,7 @@ def main(argv):
     if len(devices) < _DEVICES.value:
       raise app.UsageError(
           f"--devices={_DEVICES.value} but only {len(devices)} are present; run "
-          "`python -m rlhf_jax.plan` directly (it creates fake CPU devices)"
+          "`python -m rlhf_jax.tools.plan` directly (it creates fake CPU devices)"
       )
     devices = devices[: _DEVICES.value]
   mesh = sharding.make_mesh(mesh_shape, devices)

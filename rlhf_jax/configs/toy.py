@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
 from rlhf_jax.toyworld import world as world_lib
 
 # Two layers, unrolled: the behaviour world's content is canned answers a small model learns in

@@ -12,7 +12,7 @@ and a transpose (`_Layout`): q_proj [H*D, E] -> q [E, H, D]; GPT-2's fused Conv1
 -> q, k, v [E, H, D]; our layers are stacked on a leading axis, HF's are named `layers.{i}`.
 `export_hf` writes the inverse, atomically; load -> export -> load is bit-exact.
 
-The config.json mapping lives in `rlhf_jax.hf_config` (re-exported here).
+The config.json mapping lives in `rlhf_jax.hf.config` (re-exported here).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from safetensors.numpy import save_file
 
 from rlhf_jax import sharding
 from rlhf_jax.errors import ConfigError, ConfigPathError
-from rlhf_jax.hf_config import ARCHITECTURES, config_from_hf, config_to_hf
+from rlhf_jax.hf.config import ARCHITECTURES, config_from_hf, config_to_hf
 from rlhf_jax.models import ModelConfig, abstract_model, lora
 
 __all__ = [
@@ -574,7 +574,7 @@ def import_hf(
 ) -> Path:
   """Converts an HF checkpoint into our params export (what `config.init_from` reads), with its
   tokenizer (pad token ensured) in `export_dir/tokenizer`, named by the metadata."""
-  from rlhf_jax import checkpoint
+  from rlhf_jax.train import checkpoint
 
   vocab_size = _read_model_config(Path(model_dir))[1].vocab_size
   tokenizer = load_hf_tokenizer(model_dir)  # checked before the (slow) weights are read

@@ -28,12 +28,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import data, plots, reward_metrics, sharding
+from rlhf_jax import data, sharding
 from rlhf_jax.algorithms import common, ppo_rollout, rejection_sampling, reward
+from rlhf_jax.evaluation import plots, reward_metrics
+from rlhf_jax.losses import reward as reward_losses
 from rlhf_jax.toyworld import behaviours
 from rlhf_jax.toyworld import world as world_lib
-from rlhf_jax.losses import reward as reward_losses
-from rlhf_jax.metrics import format_table, read_jsonl
+from rlhf_jax.train.metrics import format_table, read_jsonl
 
 
 def combine_scores(

@@ -44,7 +44,9 @@ from typing import Iterator
 
 import numpy as np
 
-from rlhf_jax import bench, hf, sharding
+from rlhf_jax import sharding
+from rlhf_jax.bench import suite as bench
+from rlhf_jax.hf import checkpoints as hf
 from rlhf_jax.models import ModelConfig
 
 # Special tokens of the word-level tokenizer, ids 0..3; words "w4".."w{V-1}" follow.

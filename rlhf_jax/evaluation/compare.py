@@ -19,7 +19,7 @@ import json
 import os
 from typing import Sequence
 
-from rlhf_jax.toyworld import evaluate as gold_eval
+from rlhf_jax.evaluation import gold as gold_eval
 
 # Gold metrics of every row, and the behaviour world's axis rates (None on other worlds).
 GOLD_KEYS = (

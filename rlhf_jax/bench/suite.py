@@ -25,7 +25,7 @@ FLOP/s by the fp32 (or bf16) matmul peak measured here, first, on the same devic
   grpo_iteration {completions_per_s, ...}                one GRPO iteration: no value model, k3 KL
                                                           to the reference in the loss, one update
 `--compare` runs generate, dpo_step and grpo_iteration beside HF `generate`, TRL's `DPOTrainer`
-and `GRPOTrainer` on the same weights (rlhf_jax/bench_compare.py; `pip install -e .[compare]`).
+and `GRPOTrainer` on the same weights (rlhf_jax/bench/compare.py; `pip install -e .[compare]`).
 The model is the Llama-style L6 d512 h8 MLP1344 vocab4096 config (`--model=bench`) unless
 `--model=llama3_1b` (Llama-3.2-1B's shape: L16 d2048 h32 kv8 MLP8192 vocab128256, tied embeddings,
 random weights) or `--model=tiny` (L2 d64, vocab 128: a smoke test of the code paths) is chosen.
@@ -46,24 +46,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import platform
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 
 from rlhf_jax import scoring, sharding
 from rlhf_jax.algorithms.dpo import make_dpo_loss_fn
 from rlhf_jax.algorithms.reward import make_reward_loss_fn
-from rlhf_jax.algorithms.sft_loss import make_sft_loss_fn
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
 from rlhf_jax.data.preference import Comparison, logit_budget_for, pack_comparisons
 from rlhf_jax.losses.reward import margin_table
-from rlhf_jax.models import ModelConfig, abstract_model, create_model, llama_bench_config, split_model
+from rlhf_jax.losses.sft import make_sft_loss_fn
+from rlhf_jax.models import (
+    ModelConfig,
+    abstract_model,
+    create_model,
+    llama_bench_config,
+    split_model,
+)
 from rlhf_jax.models.config import PRESETS
 from rlhf_jax.train import create_train_state, make_optimizer, make_train_step, state_shardings
 
@@ -78,113 +80,6 @@ BENCHES = (
     "hbm_bandwidth",
     "decode",
 )
-_ONLY = flags.DEFINE_list(
-    "only",
-    [
-        "matmul_peak",
-        "sft_step",
-        "rm_step",
-        "dpo_step",
-        "generate",
-        "ppo_iteration",
-        "grpo_iteration",
-    ],
-    "Benchmarks to run.",
-)
-_MODEL = flags.DEFINE_enum(
-    "model",
-    "bench",
-    ["bench", "llama3_1b", "tiny"],
-    "bench: L6 d512 vocab 4096; llama3_1b: Llama-3.2-1B's shape, random "
-    "weights; tiny: L2 d64 vocab 128, to smoke-test the code paths.",
-)
-_COMPARE = flags.DEFINE_bool(
-    "compare",
-    False,
-    "Run generate, dpo_step and grpo_iteration beside HF "
-    "generate, TRL DPOTrainer and GRPOTrainer (ignores --only; needs the "
-    "`compare` extra).",
-)
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_PARAM_DTYPE = flags.DEFINE_enum(
-    "param_dtype",
-    "float32",
-    ["float32", "bfloat16"],
-    "Storage dtype of the parameters (bfloat16 for the decode bench).",
-)
-_REMAT = flags.DEFINE_enum(
-    "remat",
-    "none",
-    ["none", "full", "dots", "dots_no_batch"],
-    "Rematerialisation policy of each layer in the train steps.",
-)
-_MATMUL_N = flags.DEFINE_integer(
-    "matmul_n",
-    2048,
-    "Side of the square matmul that measures the peak "
-    "(2048 on CPU; 8192 to reach a GPU's peak).",
-)
-_DECODE_BATCH = flags.DEFINE_integer("decode_batch", 1, "Batch size of the decode bench.")
-_SFT_BATCH = flags.DEFINE_integer("sft_batch", 8, "Sequences per SFT step.")
-_SFT_SEQ = flags.DEFINE_integer("sft_seq_len", 512, "Tokens per sequence in the SFT step.")
-_GEN_BATCHES = flags.DEFINE_list("gen_batch", ["8", "64"], "Batch sizes for generation.")
-_PROMPT = flags.DEFINE_integer("prompt_len", 64, "Prompt length for generation.")
-_NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens per generation.")
-_RL_PROMPTS = flags.DEFINE_integer("rl_prompts", 2, "Prompts per PPO iteration.")
-_RL_SAMPLES = flags.DEFINE_integer("rl_samples", 4, "Samples per prompt in a PPO iteration.")
-_RL_NEW = flags.DEFINE_integer("rl_new_tokens", 64, "New tokens per PPO sample.")
-_RL_EPOCHS = flags.DEFINE_integer("rl_epochs", 1, "PPO epochs per iteration (x 1 mini-batch).")
-_GRPO_BETA = flags.DEFINE_float(
-    "grpo_kl_beta", 0.04, "GRPO's k3 KL coefficient (> 0: a reference)."
-)
-_COMPARE_ROUNDS = flags.DEFINE_integer(
-    "compare_rounds",
-    1,
-    "--compare: measure each workload on both sides this many times, in "
-    "alternating order, and report the median of the rounds' ratios (and their range).",
-)
-_TORCH_THREADS = flags.DEFINE_integer(
-    "torch_threads",
-    0,
-    "--compare: torch's intra-op threads " "(0: the cores this process may use, as XLA).",
-)
-_DPO_SEQUENCE = flags.DEFINE_integer(
-    "dpo_sequence_len",
-    128,
-    "Tokens per DPO sequence (prompt + "
-    "response) and per rm_step sequence; pairs of them are packed "
-    "into --sft_seq_len rows.",
-)
-_DPO_SHARE = flags.DEFINE_bool(
-    "dpo_share_prompt",
-    True,
-    "DPO rows hold each pair's prompt once "
-    "(config.reward.share_prompt); the default run also times the "
-    "per-step-reference step without it.",
-)
-_DPO_LIST = flags.DEFINE_bool(
-    "dpo_list_logits",
-    True,
-    "DPO batches list their response tokens "
-    "(as the trainer's): the LM head runs on those only, not on the "
-    "prompts' tokens.",
-)
-_RL_SHARE = flags.DEFINE_bool(
-    "rl_share_prompt",
-    True,
-    "ppo_iteration / grpo_iteration with "
-    "config.ppo.share_prompt (a prompt's samples run with the prompt "
-    "once); the default run also times GRPO without it.",
-)
-_SCAN = flags.DEFINE_bool(
-    "scan_layers",
-    False,
-    "Run the layers with lax.scan (the trainer's "
-    "default) instead of unrolled: unrolled train steps were 3-26% faster on "
-    "the 6-layer bench model on CPU, at about the same compile time.",
-)
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (after one warm-up).")
-_OUT = flags.DEFINE_string("out", "", "Also append the records to this JSONL file.")
 
 
 def timed(fn, repeats: int, reduce=np.median, warmup_s: float = 0.0) -> float:
@@ -670,7 +565,7 @@ def grpo_iteration(
 
 
 # bench -> (the record's headline figure, its unit); the summary table's columns.
-_FIGURES = {
+FIGURES = {
     "matmul_peak": ("gflops", "GFLOP/s"),
     "hbm_bandwidth": ("gbps", "GB/s"),
     "sft_step": ("tokens_per_s", "tokens/s"),
@@ -712,7 +607,7 @@ def summary_table(records: list[dict]) -> str:
   )
   lines = [header, "-" * len(header)]
   for r in records:
-    key, unit = _FIGURES.get(r["bench"], (None, ""))
+    key, unit = FIGURES.get(r["bench"], (None, ""))
     figure = f"{r[key]:>10.1f}" if key in r else f"{'':>10}"
     mfu = f"{r['mfu']:>5.2f}" if "mfu" in r else f"{'':>5}"
     memory = r.get("peak_bytes", r.get("peak_rss_bytes"))
@@ -757,165 +652,3 @@ MODELS = {
     },
     "tiny": {"config": tiny_config, "name": "llama L2 d64 h4 kv2 mlp128 v128"},
 }
-
-
-def main(argv):
-  del argv
-  unknown = sorted(set(_ONLY.value) - set(BENCHES))
-  if unknown:
-    raise app.UsageError(f"--only: unknown benchmarks {unknown}; choose from {list(BENCHES)}")
-  model = MODELS[_MODEL.value]
-  cfg = model["config"](dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, remat=_REMAT.value)
-  cfg = dataclasses.replace(cfg, scan_layers=_SCAN.value)
-  env = {
-      "backend": jax.default_backend(),
-      "devices": jax.device_count(),
-      "device_kind": jax.devices()[0].device_kind,
-      "machine": platform.machine(),
-      "jax": jax.__version__,
-      "model": model["name"],
-      "dtype": _DTYPE.value,
-      "param_dtype": _PARAM_DTYPE.value,
-      "scan_layers": _SCAN.value,
-  }
-  records = []
-
-  def emit(name, record):
-    record = {"bench": name, **record, **env}
-    records.append(record)
-    print(json.dumps(record), flush=True)
-
-  if _COMPARE.value:
-    from rlhf_jax import bench_compare  # the only module that imports torch, transformers and trl
-
-    compared = []
-    for name, record in bench_compare.compare(
-        cfg,
-        gen_batches=[int(b) for b in _GEN_BATCHES.value],
-        prompt_len=_PROMPT.value,
-        new_tokens=_NEW.value,
-        dpo_rows=_SFT_BATCH.value,
-        dpo_seq_len=_SFT_SEQ.value,
-        dpo_sequence_len=_DPO_SEQUENCE.value,
-        dpo_share_prompt=_DPO_SHARE.value,
-        dpo_list_logits=_DPO_LIST.value,
-        rl_share_prompt=_RL_SHARE.value,
-        rl_prompts=_RL_PROMPTS.value,
-        rl_samples=_RL_SAMPLES.value,
-        rl_new_tokens=_RL_NEW.value,
-        kl_beta=_GRPO_BETA.value,
-        repeats=_REPEATS.value,
-        rounds=_COMPARE_ROUNDS.value,
-        torch_threads=_TORCH_THREADS.value or None,
-    ):
-      emit(name, record)
-      if name == "compare":
-        compared.append(record)
-    print(bench_compare.table(compared), flush=True)
-  only = () if _COMPARE.value else _ONLY.value
-  peak = None
-  if "matmul_peak" in only:
-    peak = measured(matmul_peak, _DTYPE.value, _REPEATS.value, n=_MATMUL_N.value)
-    emit("matmul_peak", peak)
-    peak = peak["gflops"]
-  if "sft_step" in only:
-    emit(
-        "sft_step", measured(sft_step, cfg, _SFT_BATCH.value, _SFT_SEQ.value, _REPEATS.value, peak)
-    )
-  if "rm_step" in only:
-    emit(
-        "rm_step",
-        measured(
-            rm_step,
-            cfg,
-            _SFT_BATCH.value,
-            _SFT_SEQ.value,
-            _REPEATS.value,
-            peak,
-            response_len=_DPO_SEQUENCE.value,
-        ),
-    )
-  if "dpo_step" in only:
-    runs = [("per_step", _DPO_SHARE.value), ("precomputed", _DPO_SHARE.value)]
-    if _DPO_SHARE.value:
-      runs.append(("per_step", False))  # what sharing the prompt buys
-    for reference, share in runs:
-      emit(
-          "dpo_step",
-          measured(
-              dpo_step,
-              cfg,
-              _SFT_BATCH.value,
-              _SFT_SEQ.value,
-              _REPEATS.value,
-              peak,
-              sequence_len=_DPO_SEQUENCE.value,
-              prompt_len=_PROMPT.value,
-              reference=reference,
-              share_prompt=share,
-              list_logits=_DPO_LIST.value,
-          ),
-      )
-  if "generate" in only:
-    for b in _GEN_BATCHES.value:
-      emit(
-          "generate",
-          measured(generate_bench, cfg, int(b), _PROMPT.value, _NEW.value, _REPEATS.value),
-      )
-  if "ppo_iteration" in only:
-    emit(
-        "ppo_iteration",
-        measured(
-            ppo_iteration,
-            cfg,
-            _RL_PROMPTS.value,
-            _RL_SAMPLES.value,
-            _PROMPT.value,
-            _RL_NEW.value,
-            _RL_EPOCHS.value,
-            _REPEATS.value,
-            share_prompt=_RL_SHARE.value,
-        ),
-    )
-  if "grpo_iteration" in only:
-    # With shared prompts, also the unshared iteration: what sharing buys.
-    for share in ([True, False] if _RL_SHARE.value else [False]):
-      emit(
-          "grpo_iteration",
-          measured(
-              grpo_iteration,
-              cfg,
-              _RL_PROMPTS.value,
-              _RL_SAMPLES.value,
-              _PROMPT.value,
-              _RL_NEW.value,
-              _REPEATS.value,
-              kl_beta=_GRPO_BETA.value,
-              share_prompt=share,
-          ),
-      )
-  bandwidth = None
-  if "hbm_bandwidth" in only:
-    bandwidth = measured(hbm_bandwidth, _REPEATS.value)
-    emit("hbm_bandwidth", bandwidth)
-    bandwidth = bandwidth["gbps"]
-  if "decode" in only:
-    emit(
-        "decode",
-        measured(
-            decode, cfg, _DECODE_BATCH.value, _PROMPT.value, _NEW.value, _REPEATS.value, bandwidth
-        ),
-    )
-  if only:
-    print(summary_table([r for r in records if r["bench"] in _FIGURES]), flush=True)
-  if _OUT.value:
-    with open(_OUT.value, "a") as f:
-      for r in records:
-        f.write(json.dumps(r) + "\n")
-
-
-if __name__ == "__main__":
-  # bench_compare imports rlhf_jax.bench: make that this module, not a second copy (which would
-  # define every flag again).
-  sys.modules.setdefault("rlhf_jax.bench", sys.modules[__name__])
-  app.run(main)

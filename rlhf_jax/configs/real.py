@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from rlhf_jax.configs import base_config
+from rlhf_jax.configs.base import base_config
 from rlhf_jax.models.config import llama3_config
 
 HARDWARE = ("h100x8", "tpu_v5e_8")
@@ -23,7 +23,7 @@ DEFAULT_HARDWARE = "h100x8"
 
 # Architectures as the checkpoints' config.json describe them. A run takes the architecture from the
 # imported checkpoint (only dtype, param_dtype, remat and scan_layers of config.model apply); these
-# fields let `python -m rlhf_jax.plan --config=experiments/FILE.py:PRESET` plan the run without it.
+# fields let `python -m rlhf_jax.tools.plan --config=experiments/FILE.py:PRESET` plan the run without it.
 # (Llama 3.2's llama3 RoPE scaling is left out: it changes no shape.)
 MODELS = {
     "llama3_1b": dict(

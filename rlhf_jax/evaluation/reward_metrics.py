@@ -4,7 +4,7 @@ Score the held-out records with any reward model first, then:
 
     report = preference_report(pairs, chosen_scores, rejected_scores)
     report = ranking_report(rankings, [scores_of_record_i, ...])
-    print(format_table(report_rows(report, "rm-1.3b")))   # rlhf_jax.metrics.format_table
+    print(format_table(report_rows(report, "rm-1.3b")))   # rlhf_jax.train.metrics.format_table
 
 Pairwise records are {prompt, chosen, rejected, optional margin (int 0..3), optional family,
 optional gold_chosen / gold_rejected (the simulator's true quality of each response)}. Ranking
@@ -260,7 +260,7 @@ def report_rows(report: Mapping[str, Any], name: str) -> list[dict]:
 
   One row for "all", then one per margin ("margin=2") and per family ("family=facts"), in the
   report's order: {"model": name, "slice": ..., **row} with floats rounded to 3 decimals (ints
-  and None unchanged). Print with `rlhf_jax.metrics.format_table`, or dump as JSON; rows of
+  and None unchanged). Print with `rlhf_jax.train.metrics.format_table`, or dump as JSON; rows of
   several models concatenate into one table.
   """
 

@@ -122,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
       )
   )
 
-  # Reward models (algorithm "reward", data.kind "pairwise" | "ranking"; ALGORITHMS.md).
+  # Reward models (algorithm "reward", data.kind "pairwise" | "ranking"; docs/algorithms.md).
   c.reward = ml_collections.ConfigDict(
       dict(
           margins="none",  # Llama 2 margin by preference level: "none" | "small" | "large" | 4 floats
@@ -177,7 +177,7 @@ def base_config() -> ml_collections.ConfigDict:
       )
   )
 
-  # PPO (algorithm "ppo"; ALGORITHMS.md). data.source = prompt records ({"prompt", "unsafe"?}).
+  # PPO (algorithm "ppo"; docs/algorithms.md). data.source = prompt records ({"prompt", "unsafe"?}).
   # GRPO and RLOO (algorithm "grpo" | "rloo") run the same driver and read this block too: no value
   # model (value_* and vf_coef unused), samples_per_prompt >= 2, a fixed kl.beta (GRPO: coefficient
   # of the k3 KL in the loss, 0.04 in the paper; RLOO: of the summed `kl_kind` KL in the reward).

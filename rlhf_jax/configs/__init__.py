@@ -1,0 +1,2 @@
+"""Experiment configs: the base config every experiment starts from (`base`), the toy world's
+pipeline stages (`toy`) and the real models' (`real`)."""

@@ -1,0 +1,2 @@
+"""Hugging Face interop: config translation (`config`) and checkpoint import / export
+(`checkpoints`)."""
