@@ -14,7 +14,7 @@ from rlhf_jax.configs import real as real_configs
 
 # Per device: params + AdamW moments (fp32, FSDP over 8) + the compiled step's temporaries, from
 # `python -m rlhf_jax.tools.plan --config=experiments/llama3_1b_sft.py:PRESET --chip=...` (CPU compiler,
-# 2026-11-26; README: CPU plans run ~1.3-1.6x above the measured GPU peak).
+# 2026-11-26; docs/real_models.md: CPU plans run ~1.3-1.6x above the measured GPU peak).
 SIZES = {
     # 8 rows of 2048 tokens per GPU per step (131k tokens per step); FSDP costs one all-gather of
     # each layer per pass over NVLink, cheap next to 8 x 2048 tokens of matmuls.

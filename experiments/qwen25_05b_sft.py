@@ -14,7 +14,7 @@ from rlhf_jax.configs import real as real_configs
 
 # Per device: params + AdamW moments (fp32; FSDP: 1/8 of them) + the compiled step's temporaries,
 # from `python -m rlhf_jax.tools.plan --config=experiments/qwen25_05b_sft.py:PRESET --chip=...`
-# (CPU compiler, 2026-11-26; README: CPU plans run ~1.3-1.6x above the measured GPU peak).
+# (CPU compiler, 2026-11-26; docs/real_models.md: CPU plans run ~1.3-1.6x above the measured GPU peak).
 SIZES = {
     # 0.49B params: params + AdamW moments + gradients are ~8 GB, so each GPU holds all of them
     # (pure data parallelism: no per-layer all-gathers) and 8 rows of 2048 tokens.

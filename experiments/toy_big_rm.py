@@ -5,7 +5,7 @@ raise gold helpfulness?
 
 Why: the toy policy (4 layers, width 128) gets arithmetic right 14% of the time, and reward models
 started from it order one prompt's samples by gold only where safety decides (within-prompt
-correlation 0.85 on unsafe and look-alike prompts, about 0 on arithmetic and word lists, README
+correlation 0.85 on unsafe and look-alike prompts, about 0 on arithmetic and word lists, docs/toyworld.md
 "PPO and rejection sampling"). A reward model cannot judge what its trunk cannot compute, so this
 experiment pretrains a second trunk from scratch (6 layers, width 192: about 3x the policy's
 parameters, the InstructGPT / Llama 2 practice of a reward model at least as large as the policy),
@@ -21,7 +21,7 @@ fine-tunes it on the SFT data, and trains the two reward models from it:
 The reward evaluation's best of n uses the small SFT policy's samples (`eval.best_of_n_policy`), so
 its table compares the small and the big reward models on the samples PPO will see.
 
-Measured (README, "Why the reward models cannot lead PPO to the gold"): no better than the small
+Measured (docs/toyworld.md, "Why the reward models cannot lead PPO to the gold"): no better than the small
 reward model on content (within-prompt correlation with gold: arithmetic -0.08, facts 0.41).
 """
 

@@ -14,7 +14,7 @@ from rlhf_jax.configs.toy import dpo_stage, toy_pipeline_config
 
 def get_config():
   c = toy_pipeline_config()
-  # beta 0.3: the best of README's DPO table (0.570 combined at KL 0.23 to SFT).
+  # beta 0.3: the best of the DPO table in docs/results.md (0.570 combined at KL 0.23 to SFT).
   # `dpo_stage("pairs_helpful", kind="pairwise")`: helpfulness pairs only (unlearns refusals).
   c.dpo = dpo_stage(beta=0.3)
   c.stages = ("world", "pretrain", "sft", "dpo", "eval")

@@ -1,5 +1,5 @@
 """How much PPO itself can do: PPO from the SFT model against the toy world's gold reward (an
-oracle reward model), at the batch sizes, learning rates and baselines of README's table.
+oracle reward model), at the batch sizes, learning rates and baselines of docs/toyworld.md's table.
 
   python -m rlhf_jax.run --config=experiments/toy_ppo_gold_variants.py --workdir=runs/quickstart
 

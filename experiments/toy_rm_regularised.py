@@ -6,7 +6,7 @@ loss, the trunk keeps predicting the chosen responses' tokens through the SFT mo
 
 Why: the toy reward models order the SFT policy's samples by gold only where safety decides;
 on facts, word lists and arithmetic they are near chance within a prompt, while the SFT model's
-own log-probs order the same samples better (README, "The policy's own confidence knows more than
+own log-probs order the same samples better (docs/toyworld.md, "The policy's own confidence knows more than
 the reward models"). Pairwise training on a few thousand pairs is free to overwrite what the
 trunk knew; the regulariser asks it to keep it. Stages (beside the on-policy pair):
   rm_helpful_lm, rm_safety_lm   the same data, steps and learning rate, lm_coef = `LM_COEF`

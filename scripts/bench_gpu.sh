@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark suite on one GPU, as recorded in README "Benchmarks" (GPU rows). Each step has its
+# The benchmark suite on one GPU, as recorded in docs/benchmarks.md ("On a GPU"). Each step has its
 # own time limit so that one failure does not lose the others. Records are appended to $OUT_DIR/bench.jsonl.
 #   OUT_DIR=/tmp/gpu bash scripts/bench_gpu.sh
 set -u

@@ -1,7 +1,7 @@
 """The memory planner: per-device bytes of params and optimizer state are exact (checked against a
 real train state on the same mesh), frozen models and algorithms count what they hold, activations
 respond to batch and remat, and the CLI plans on fake devices and says when a plan does not fit.
-How close the compiled activations are to a GPU's measured peak is recorded in README ("Memory
+How close the compiled activations are to a GPU's measured peak is recorded in docs/real_models.md ("Memory
 planner"), not tested: no GPU here."""
 
 import json

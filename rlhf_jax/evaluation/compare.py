@@ -10,7 +10,7 @@ Reads, all written by the pipeline (algorithms/pipeline.py):
                                  stages it needed that are not policies (reward models, judge, ...)
 
 `method_rows` is what `notebooks/compare_alignment_methods.ipynb` tabulates and plots and what
-the README's comparison table is made from; `plot_methods` draws it.
+docs/results.md's comparison table is made from; `plot_methods` draws it.
 """
 
 from __future__ import annotations

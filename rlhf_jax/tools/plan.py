@@ -25,7 +25,7 @@ On a machine with fewer devices than `--devices` (this CPU), the planner runs on
                 runtime and fragmentation)
 
 The activations come from the CPU compiler when planning on CPU; GPU and TPU compilers fuse
-differently, so treat them as an estimate (README "Memory planner" has a check against a measured
+differently, so treat them as an estimate (docs/real_models.md, "Memory planner" has a check against a measured
 GPU peak). Exits 0 when the plan fits, 3 when it does not.
 """
 

@@ -150,7 +150,7 @@ def train_compiler_options(mesh: Mesh) -> dict | None:
   every dot and every reduction (experimental in jaxlib 0.10; by default XLA sends only some dots
   there, and its reductions).
 
-  Alternating bench runs on the 2-core CPU (README, "Against PyTorch"): sft_step, rm_step and
+  Alternating bench runs on the 2-core CPU (docs/benchmarks.md, "Against PyTorch"): sft_step, rm_step and
   dpo_step 10-60% faster over two sessions' measurements. Not for forward-only programs (set
   process-wide it slowed plain matmuls), and not on a mesh of several CPU devices: there
   YNNPACK's threads starve the collectives of XLA's host devices, and the step aborts on a
