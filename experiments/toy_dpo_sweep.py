@@ -43,8 +43,9 @@ OTHERS = ("kto_on", "kto_on_lr1em5", "kto_on_beta0p3", "simpo_on", "cpl_on", "or
 def get_config():
   c = toy_pipeline_config()
   for name, (loss_type, beta, smoothing, steps) in VARIANTS.items():
-    c[name] = dpo_stage(SOURCE, beta=beta, loss_type=loss_type, steps=steps)
-    c[name].dpo.update(label_smoothing=smoothing, reference="per_batch")
+    smoothing = {"label_smoothing": smoothing} if loss_type == "sigmoid" else {}
+    c[name] = dpo_stage(SOURCE, loss_type=loss_type, steps=steps, beta=beta, **smoothing)
+    c[name].dpo.reference = "per_batch"
   # The off-policy reference: DPO on the world's rankings of perturbation candidates (toy_compare's
   # "dpo" before this sweep chose on-policy pairs at beta 0.1).
   c.dpo_perturbations = dpo_stage(beta=0.3)
@@ -57,8 +58,8 @@ def get_config():
   for name in ("kto_on", "kto_on_lr1em5", "kto_on_beta0p3"):
     c[name].kto.reference = "per_batch"
   c.simpo_on = dpo_stage(SOURCE, loss_type="simpo", lr=5e-5)
-  c.cpl_on = dpo_stage(SOURCE, loss_type="cpl")
-  c.cpl_on.dpo.update(cpl_alpha=0.3, reference="per_batch")
+  c.cpl_on = dpo_stage(SOURCE, loss_type="cpl", alpha=0.3)
+  c.cpl_on.dpo.reference = "per_batch"
   c.orpo_on = dpo_stage(SOURCE, loss_type="orpo")
   c.eval.rewards = False  # the gold table only
   c.stages = (

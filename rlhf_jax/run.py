@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from rlhf_jax import sharding
 from rlhf_jax.algorithms import registry
+from rlhf_jax.configs.base import RENAMED
 from rlhf_jax.data.records import RecordError
 from rlhf_jax.data.tokenizer import ChatTemplateError
 from rlhf_jax.errors import ConfigError
@@ -55,6 +56,15 @@ def flat_keys(config, prefix: str = "") -> list[str]:
   return keys
 
 
+def renamed_key(key: str) -> str | None:
+  """The new spelling of an override key that names a moved field (configs/base.RENAMED), keeping
+  a pipeline stage's prefix ("dpo.dpo.beta" -> "dpo.dpo.sigmoid.beta ..."); None if not moved."""
+  for old, new in RENAMED.items():
+    if key == old or key.endswith("." + old):
+      return key[: len(key) - len(old)] + new
+  return None
+
+
 def check_overrides(argv: list[str]) -> None:
   """Fails early, naming the valid keys, if a `--config.KEY=...` override names no field."""
   config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
@@ -68,6 +78,9 @@ def check_overrides(argv: list[str]) -> None:
     if arg.startswith("--config.") or arg.startswith("--noconfig."):
       key = arg.split("=", 1)[0].split("config.", 1)[1]
       if key not in valid:
+        moved = renamed_key(key)
+        if moved:
+          sys.exit(f"error: --config.{key} has moved: it is now --config.{moved} ({config_path})")
         close = difflib.get_close_matches(key, valid, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         # The fields next to the bad one (its section's, or the top level's): one paragraph.

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -387,6 +388,50 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   metrics.write_json(config.to_dict(), os.path.join(workdir, "config.json"), indent=2)
 
 
+@dataclasses.dataclass
+class Run:
+  """An open training run (`checkpointed`): its checkpointer, metrics writer and SIGTERM handler,
+  the state restored from the latest checkpoint (or the one given), and the data state saved with
+  that checkpoint (None on a fresh start)."""
+
+  ckpt: checkpoint.Checkpointer
+  writer: metrics.MetricsWriter
+  stop: preemption.StopSignal
+  state: TrainState
+  saved: dict | None
+
+
+@contextlib.contextmanager
+def checkpointed(
+    config: ml_collections.ConfigDict, workdir: str, state: TrainState, shardings, *, export
+) -> Iterator[Run]:
+  """Opens what every training loop shares: checks the disk has room for the checkpoints and the
+  export (`export`: the params that will be exported), opens WORKDIR/checkpoints
+  (`config.train.checkpoint_every`, `keep_checkpoints`, `async_checkpoint`), WORKDIR/metrics.jsonl
+  + tb, and the SIGTERM handler, and restores the latest checkpoint if there is one."""
+  t = config.train
+  checkpoint.check_free_space(workdir, state, keep=t.keep_checkpoints, export=export)
+  with (
+      checkpoint.Checkpointer(
+          os.path.join(workdir, "checkpoints"),
+          keep=t.keep_checkpoints,
+          save_interval_steps=t.checkpoint_every,
+          async_save=t.async_checkpoint,
+      ) as ckpt,
+      metrics.MetricsWriter(workdir) as writer,
+      preemption.StopSignal() as stop,
+  ):
+    saved = None
+    latest = ckpt.latest_step()
+    if latest is not None:
+      abstract = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+      )
+      state, saved = ckpt.restore(abstract, latest)
+      _log.info("resumed from step %d", latest)
+    yield Run(ckpt, writer, stop, state, saved)
+
+
 def train_loop(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -406,26 +451,12 @@ def train_loop(
   a progress bar. `stop_after_steps` > 0 ends this invocation early (the next one resumes).
   """
   t = config.train
-  state = setup.state
-  checkpoint.check_free_space(workdir, state, keep=t.keep_checkpoints, export=state.params)
-  with (
-      checkpoint.Checkpointer(
-          os.path.join(workdir, "checkpoints"),
-          keep=t.keep_checkpoints,
-          save_interval_steps=t.checkpoint_every,
-          async_save=t.async_checkpoint,
-      ) as ckpt,
-      metrics.MetricsWriter(workdir) as writer,
-      preemption.StopSignal() as stop,
-  ):
-    latest = ckpt.latest_step()
-    if latest is not None:
-      abstract = jax.tree.map(
-          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, setup.shardings
-      )
-      state, saved_data_state = ckpt.restore(abstract, latest)
-      restore_data(saved_data_state)
-      _log.info("resumed from step %d", latest)
+  with checkpointed(
+      config, workdir, setup.state, setup.shardings, export=setup.state.params
+  ) as run:
+    state = run.state
+    if run.saved is not None:
+      restore_data(run.saved)
     start = int(state.step)
     end = t.steps if not t.stop_after_steps else min(t.steps, start + t.stop_after_steps)
     progress = metrics.Progress(t.steps, initial=start, desc=config.algorithm, show=("loss",))
@@ -438,13 +469,15 @@ def train_loop(
       )
       done = step + 1
       if done % t.log_every == 0 or done == end:
-        writer.write(done, jax.device_get(step_metrics), prefix="train")
+        run.writer.write(done, jax.device_get(step_metrics), prefix="train")
         # Before this step's save: a diverged run stops with its earlier checkpoints as they were.
-        check_nonfinite(state.opt_state, done, t.get("max_nonfinite_steps", 10), ckpt.latest_step())
+        check_nonfinite(
+            state.opt_state, done, t.get("max_nonfinite_steps", 10), run.ckpt.latest_step()
+        )
       if evaluate is not None and (done % t.eval_every == 0 or done == t.steps):
-        writer.write(done, evaluate(state), prefix="eval")
-      stop.save(
-          ckpt,
+        run.writer.write(done, evaluate(state), prefix="eval")
+      run.stop.save(
+          run.ckpt,
           done,
           end,
           state,

@@ -45,83 +45,67 @@ from rlhf_jax.algorithms.reward import (
 )
 from rlhf_jax.data.preference import logit_budget_for, num_tokens, pack_comparisons
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.losses import preference
+from rlhf_jax.losses import registry as loss_registry
 from rlhf_jax.models import lora
 from rlhf_jax.train import checkpoint
 
 _log = logging.getLogger(__name__)
 
 REFERENCE_MODES = ("precompute", "per_batch")
-LOSS_TYPES = (*preference.DPO_LOSS_TYPES, "simpo", "orpo", "cpl")
-NO_REFERENCE_LOSSES = ("simpo", "orpo")  # never read a reference model
-# The pure loss's hyper-parameters of each loss type: {loss argument: config.dpo field}.
-LOSS_FIELDS = {
-    **{
-        t: {"beta": "beta", "label_smoothing": "label_smoothing"} for t in preference.DPO_LOSS_TYPES
-    },
-    "simpo": {"beta": "simpo_beta", "gamma": "simpo_gamma", "label_smoothing": "label_smoothing"},
-    "orpo": {"beta": "orpo_beta"},
-    "cpl": {"alpha": "cpl_alpha", "lam": "cpl_lam"},
-}
 
 
 def uses_reference(cfg: ml_collections.ConfigDict) -> bool:
   """Whether `config.dpo` needs the reference's log-probs (precomputed or per batch)."""
-  return not cfg.reference_free and cfg.loss_type not in NO_REFERENCE_LOSSES
+  return not cfg.reference_free and loss_registry.get_pair_loss(cfg.loss_type).reference
 
 
 def pair_loss(cfg: ml_collections.ConfigDict, logps, lengths, ref_logps, weight):
-  """The loss `cfg.loss_type` on pairs. logps, ref_logps: [N, 2] summed response log-probs
-  (chosen, rejected) of the policy and the reference (read only if `uses_reference(cfg)`);
+  """The registered pair loss `cfg.loss_type` (losses/registry.py) with its hyper-parameters,
+  `cfg[cfg.loss_type]`, on pairs. logps, ref_logps: [N, 2] summed response log-probs (chosen,
+  rejected) of the policy and the reference (read only if `uses_reference(cfg)`, else zeros);
   lengths: [N, 2] response token counts; weight: [N] 0/1 (empty slots 0). -> (loss, metrics)."""
-  args = {arg: cfg[field] for arg, field in LOSS_FIELDS[cfg.loss_type].items()}
-  chosen, rejected = logps[:, 0], logps[:, 1]
-  if cfg.loss_type == "simpo":
-    return preference.simpo_loss(
-        chosen, rejected, lengths[:, 0], lengths[:, 1], weight=weight, **args
-    )
-  if cfg.loss_type == "orpo":
-    w = weight.astype(jnp.float32)
-    length = jnp.maximum(lengths, 1).astype(jnp.float32)  # empty slots: length 0, sum 0
-    # The SFT term: token-mean NLL of the chosen responses of the pairs that count.
-    nll = -jnp.sum(w * chosen) / jnp.maximum(jnp.sum(w * length[:, 0]), 1.0)
-    return preference.orpo_loss(
-        chosen / length[:, 0], rejected / length[:, 1], nll, weight=weight, **args
-    )
-  if cfg.loss_type == "cpl":
-    refs = (
-        {}
-        if cfg.reference_free
-        else dict(ref_chosen_logps=ref_logps[:, 0], ref_rejected_logps=ref_logps[:, 1])
-    )
-    return preference.cpl_loss(chosen, rejected, weight=weight, **args, **refs)
-  return preference.dpo_loss(
-      chosen,
-      rejected,
-      ref_logps[:, 0],
-      ref_logps[:, 1],
-      loss_type=cfg.loss_type,
-      reference_free=cfg.reference_free,
-      weight=weight,
-      **args,
+  entry = loss_registry.get_pair_loss(cfg.loss_type)
+  refs = ref_logps if uses_reference(cfg) else jnp.zeros_like(logps)
+  pairs = loss_registry.PairLogps(
+      chosen=logps[:, 0],
+      rejected=logps[:, 1],
+      ref_chosen=refs[:, 0],
+      ref_rejected=refs[:, 1],
+      chosen_len=lengths[:, 0],
+      rejected_len=lengths[:, 1],
+      weight=weight.astype(jnp.float32),
   )
+  return entry.fn(pairs, **cfg[cfg.loss_type].to_dict())
 
 
 def check_loss_config(cfg: ml_collections.ConfigDict) -> None:
-  """ValueError naming the `config.dpo` fields when the loss type or its hyper-parameters are
-  invalid: the pure loss checks them on a one-pair batch, before any model loads."""
-  if cfg.loss_type not in LOSS_TYPES:
-    raise ConfigError(f"config.dpo.loss_type={cfg.loss_type!r}; choose one of {LOSS_TYPES}")
-  if cfg.label_smoothing and "label_smoothing" not in LOSS_FIELDS[cfg.loss_type]:
+  """ConfigError naming the `config.dpo` fields when the loss type is not registered or its
+  hyper-parameters are invalid: the pure loss checks them on a one-pair batch, before any model
+  loads."""
+  losses = loss_registry.pair_losses()
+  if cfg.loss_type not in losses:
     raise ConfigError(
-        f"config.dpo.label_smoothing={cfg.label_smoothing!r} applies to loss_type "
-        f"'sigmoid' and 'simpo' only, not {cfg.loss_type!r}; set it to 0"
+        f"config.dpo.loss_type={cfg.loss_type!r}; choose one of {', '.join(sorted(losses))} "
+        "(or register a pair loss: losses/registry.py)"
+    )
+  if cfg.loss_type not in cfg:
+    raise ConfigError(
+        f"config.dpo.{cfg.loss_type} is missing: the loss {cfg.loss_type!r} was registered after "
+        "the config was made; register it before calling base_config()"
+    )
+  unknown = set(cfg[cfg.loss_type]) - set(losses[cfg.loss_type].defaults)
+  if unknown:
+    raise ConfigError(
+        f"config.dpo.{cfg.loss_type}.{sorted(unknown)[0]} is not a hyper-parameter of the "
+        f"{cfg.loss_type!r} loss ({', '.join(losses[cfg.loss_type].defaults)})"
     )
   pair = jnp.full((1, 2), -1.0)
   try:
     pair_loss(cfg, pair, jnp.ones((1, 2), jnp.int32), pair, jnp.ones((1,)))
-  except ValueError as e:
-    fields = ", ".join(f"config.dpo.{f}={cfg[f]!r}" for f in LOSS_FIELDS[cfg.loss_type].values())
+  except (ValueError, TypeError) as e:
+    fields = ", ".join(
+        f"config.dpo.{cfg.loss_type}.{k}={v!r}" for k, v in cfg[cfg.loss_type].items()
+    )
     raise ConfigError(f"{fields} (loss_type={cfg.loss_type!r}): {e}") from None
 
 

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import logging
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,6 @@ from rlhf_jax.train import (
     make_update,
     metrics,
     nonfinite_counts,
-    preemption,
     state_shardings,
     train_compiler_options,
 )
@@ -398,16 +398,14 @@ def _value_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return c
 
 
-@registry.register("ppo", policy=True, stage_fields=_PPO_STAGE_FIELDS)
-@registry.register("grpo", policy=True, stage_fields=_PPO_STAGE_FIELDS)
-@registry.register("rloo", policy=True, stage_fields=_PPO_STAGE_FIELDS)
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  mesh = common.start_run(config, workdir, train_batch=False)
+def check_config(config: ml_collections.ConfigDict) -> str:
+  """The advantage estimator of `config.algorithm` ("gae", "grpo", "rloo"), after checking the
+  `config.ppo` block; ConfigError naming the field otherwise. Nothing is loaded."""
   p = config.ppo
   estimator = ESTIMATOR_OF.get(config.algorithm)
   if estimator is None:
     raise ConfigError(
-        f"config.algorithm={config.algorithm!r}: ppo.train runs " f"{', '.join(ESTIMATOR_OF)}"
+        f"config.algorithm={config.algorithm!r}: ppo.train runs {', '.join(ESTIMATOR_OF)}"
     )
   check_group_config(config, estimator)
   rows = p.prompts_per_iteration * p.samples_per_prompt
@@ -417,7 +415,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"{p.prompts_per_iteration} x {p.samples_per_prompt} is not a positive "
         f"multiple of config.ppo.minibatches={p.minibatches}"
     )
-  if p.reward_baseline not in ppo_rollout.REWARD_BASELINES:  # fail before any model loads
+  if p.reward_baseline not in ppo_rollout.REWARD_BASELINES:
     raise ConfigError(
         f"config.ppo.reward_baseline={p.reward_baseline!r}; choose one of "
         f"{ppo_rollout.REWARD_BASELINES}"
@@ -446,7 +444,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError("config.ppo.reward.gold and config.ppo.reward.judge are both set; choose one")
   if p.reward.judge:
     ai_feedback.check_judge_reward(p.reward, p.samples_per_prompt)
-  sharding.check_batch_size(rows // p.minibatches // p.accum_steps, mesh)
   if not config.init_from:
     raise ConfigError(
         "config.init_from is empty: PPO starts from a policy export (e.g. the SFT run's)"
@@ -461,61 +458,86 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"config.ppo.value_head={p.value_head!r}; choose 'fresh' (re-initialise the "
         "value model's head) or 'export' (keep the exported one)"
     )
-  tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get(
-      "tokenizer"
-  )
-  tokenizer = data.load_tokenizer(tokenizer_dir)
-  prompts = load_prompts(config.data.source)
-  eval_tasks = None
-  if p.eval_every:
-    if not config.data.eval_source:
-      raise ConfigError(
-          "config.ppo.eval_every > 0 needs config.data.eval_source: held-out toy-world "
-          "tasks (e.g. the world's eval_tasks.jsonl)"
-      )
-    eval_tasks = load_prompts(config.data.eval_source)[: p.eval_prompts or None]
-    if not all("family" in r and "answer" in r for r in eval_tasks):
-      raise ConfigError(
-          f"config.data.eval_source={config.data.eval_source}: the held-out gold "
-          "evaluation needs toy-world task records (with 'family' and 'answer')"
-      )
+  return estimator
 
-  # Policy + value in one state; reference and reward models frozen beside it.
-  policy_cfg = common.model_config(config, vocab_size=len(tokenizer), head="lm")
+
+def load_eval_tasks(config: ml_collections.ConfigDict) -> list[dict] | None:
+  """The held-out toy-world tasks of `config.ppo.eval_every` (None when it is 0)."""
+  p = config.ppo
+  if not p.eval_every:
+    return None
+  if not config.data.eval_source:
+    raise ConfigError(
+        "config.ppo.eval_every > 0 needs config.data.eval_source: held-out toy-world "
+        "tasks (e.g. the world's eval_tasks.jsonl)"
+    )
+  tasks = load_prompts(config.data.eval_source)[: p.eval_prompts or None]
+  if not all("family" in r and "answer" in r for r in tasks):
+    raise ConfigError(
+        f"config.data.eval_source={config.data.eval_source}: the held-out gold "
+        "evaluation needs toy-world task records (with 'family' and 'answer')"
+    )
+  return tasks
+
+
+@dataclasses.dataclass
+class Models:
+  """PPO's models: the trained params {"policy", "value"?} with their shardings and abstract
+  shapes, the policy's config and graphdefs, and the frozen reference (None with a LoRA policy:
+  its base, adapters off, `reference_of`)."""
+
+  policy_cfg: ModelConfig
+  policy_gd: Any
+  value_gd: Any
+  params: dict
+  shardings: dict
+  abstract: dict
+  reference: Any
+  reference_gd: Any
+
+  def reference_of(self, policy_params):
+    """The reference's params: the frozen copy, or a LoRA policy's base (made from the current
+    params where it is used: a tree kept from the start would not survive the update, which
+    donates the params it is given)."""
+    return lora.reference_params(policy_params) if self.reference is None else self.reference
+
+
+def _fresh_head(cfg: ModelConfig, head_sharding, seed: int):
+  """A scalar head [E] ~ N(0, scalar_head_init_std): values ~0 at the start."""
+  return jax.jit(
+      lambda key: cfg.scalar_head_init_std
+      * jax.random.normal(key, (cfg.embed_dim,), jnp.dtype(cfg.param_dtype)),
+      out_shardings=head_sharding,
+  )(jax.random.key(seed))
+
+
+def build_models(
+    config: ml_collections.ConfigDict, mesh, vocab_size: int, estimator: str
+) -> Models:
+  """The policy (and PPO's critic: a separate scalar-head model, or a value head on the policy)
+  from their exports, and the reference (optionally held in `config.ppo.frozen_dtype`)."""
+  p = config.ppo
+  policy_cfg = common.model_config(config, vocab_size=vocab_size, head="lm")
   sharding.validate_model_mesh(policy_cfg, mesh)
   policy_gd, policy_abs, policy_axes = abstract_model(policy_cfg)
   psh = {"policy": sharding.param_shardings(policy_abs, policy_axes, mesh)}
   params = {"policy": common.initial_params(config, policy_cfg, mesh, psh["policy"])}
-  value_gd, value_abs = None, None
-  if estimator == "gae":  # PPO's critic; GRPO and RLOO have none
-
-    def fresh_head(cfg: ModelConfig, head_sharding):
-      """A scalar head [E] ~ N(0, scalar_head_init_std): values ~0 at the start."""
-      return jax.jit(
-          lambda key: cfg.scalar_head_init_std
-          * jax.random.normal(key, (cfg.embed_dim,), jnp.dtype(cfg.param_dtype)),
-          out_shardings=head_sharding,
-      )(jax.random.key(config.seed + 1))
-
-    if p.value_model == "separate":
-      value_config = _value_config(config)
-      value_cfg = common.model_config(value_config, vocab_size=len(tokenizer), head="scalar")
-      sharding.validate_model_mesh(value_cfg, mesh)
-      value_gd, value_abs, value_axes = abstract_model(value_cfg)
-      psh["value"] = sharding.param_shardings(value_abs, value_axes, mesh)
-      params["value"] = common.initial_params(value_config, value_cfg, mesh, psh["value"])
-      if p.value_head == "fresh":  # keep the export's trunk, not its head
-        params["value"]["score"] = fresh_head(value_cfg, psh["value"]["score"])
-    else:  # "policy_head": one trunk, a scalar value head beside the LM head
-      value_gd = None
-      value_abs = {
-          "score": jax.ShapeDtypeStruct((policy_cfg.embed_dim,), jnp.dtype(policy_cfg.param_dtype))
-      }
-      psh["value"] = sharding.param_shardings(value_abs, {"score": P("embed")}, mesh)
-      params["value"] = {"score": fresh_head(policy_cfg, psh["value"]["score"])}
-  # LoRA: the reference is the policy's base (adapters off), made from the current params where it
-  # is used: no copy of the base (and a tree kept from here would not survive the update, which
-  # donates the params it is given).
+  abstract = {"policy": policy_abs}
+  value_gd = None
+  if estimator == "gae" and p.value_model == "separate":  # GRPO and RLOO have no critic
+    value_config = _value_config(config)
+    value_cfg = common.model_config(value_config, vocab_size=vocab_size, head="scalar")
+    sharding.validate_model_mesh(value_cfg, mesh)
+    value_gd, abstract["value"], value_axes = abstract_model(value_cfg)
+    psh["value"] = sharding.param_shardings(abstract["value"], value_axes, mesh)
+    params["value"] = common.initial_params(value_config, value_cfg, mesh, psh["value"])
+    if p.value_head == "fresh":  # keep the export's trunk, not its head
+      params["value"]["score"] = _fresh_head(value_cfg, psh["value"]["score"], config.seed + 1)
+  elif estimator == "gae":  # "policy_head": one trunk, a scalar value head beside the LM head
+    dtype = jnp.dtype(policy_cfg.param_dtype)
+    abstract["value"] = {"score": jax.ShapeDtypeStruct((policy_cfg.embed_dim,), dtype)}
+    psh["value"] = sharding.param_shardings(abstract["value"], {"score": P("embed")}, mesh)
+    params["value"] = {"score": _fresh_head(policy_cfg, psh["value"]["score"], config.seed + 1)}
   lora_reference = bool(policy_cfg.lora_rank) and not p.frozen_dtype
   reference = (
       None if lora_reference else jax.tree.map(jnp.copy, lora.reference_params(params["policy"]))
@@ -526,186 +548,204 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     reference_gd = abstract_model(
         dataclasses.replace(policy_cfg, dtype=p.frozen_dtype, param_dtype=p.frozen_dtype)
     )[0]
-  judge_reward = None
+  return Models(policy_cfg, policy_gd, value_gd, params, psh, abstract, reference, reference_gd)
+
+
+def build_reward(
+    config: ml_collections.ConfigDict, mesh, tokenizer, prompts: list[dict], models: Models, workdir
+):
+  """(reward models {name: RewardModel}, their RewardSpec, a judge's reward function): an AI
+  judge's (direct RLAIF), the toy world's gold (no models), or the reward models' combination,
+  whitened by their scores on the start policy's samples (`config.ppo.reward.normalize`)."""
+  p = config.ppo
   if p.reward.judge:  # direct RLAIF: the AI judge compares each prompt's samples
-    judge_reward = ai_feedback.judge_reward_fn(p, mesh, tokenizer, seed=config.seed)
-    rms, spec = {}, None
-  elif p.reward.gold:  # the toy world's gold reward instead of reward models
+    return {}, None, ai_feedback.judge_reward_fn(p, mesh, tokenizer, seed=config.seed)
+  if p.reward.gold:  # the toy world's gold reward instead of reward models
     if not all("family" in r and "answer" in r for r in prompts):
       raise ConfigError(
           f"config.ppo.reward.gold=True needs toy-world task records in "
           f"{config.data.source} (with 'family' and 'answer'); these prompts have none"
       )
-    rms, spec = {}, None
-  else:
-    rms = ppo_rollout.load_reward_models(
-        p.reward, mesh, key="config.ppo.reward", dtype=p.frozen_dtype
-    )
-    spec = ppo_rollout.reward_spec(p.reward, rms)
-    if spec.whiten and p.reward.get("normalize", "export") == "policy":
-      spec = dataclasses.replace(
-          spec,
-          stats=policy_score_stats(
-              params["policy"],
-              generate.Sampler(policy_gd, policy_cfg, mesh=mesh, param_shardings=psh["policy"]),
-              rms,
-              tokenizer,
-              prompts[: p.reward.normalize_prompts],
-              p,
-              seed=config.seed,
-          ),
-      )
-      metrics.write_json(spec.stats, os.path.join(workdir, "reward_stats.json"))
-      _log.info("reward statistics on the start policy's samples: %s", spec.stats)
-
-  total_steps = p.iterations * p.epochs * p.minibatches
-  optimizer, schedule = make_optimizer(
-      config.optim, total_steps, trainable=lora.trainable_mask if policy_cfg.lora_rank else None
+    return {}, None, None
+  rms = ppo_rollout.load_reward_models(
+      p.reward, mesh, key="config.ppo.reward", dtype=p.frozen_dtype
   )
-  abstract = {"policy": policy_abs, **({"value": value_abs} if estimator == "gae" else {})}
-  shardings = state_shardings(optimizer, psh, abstract, mesh)
-  state = create_train_state(params, optimizer, shardings, seed=config.seed)
+  spec = ppo_rollout.reward_spec(p.reward, rms)
+  if spec.whiten and p.reward.get("normalize", "export") == "policy":
+    sampler = generate.Sampler(
+        models.policy_gd, models.policy_cfg, mesh=mesh, param_shardings=models.shardings["policy"]
+    )
+    stats = policy_score_stats(
+        models.params["policy"],
+        sampler,
+        rms,
+        tokenizer,
+        prompts[: p.reward.normalize_prompts],
+        p,
+        seed=config.seed,
+    )
+    spec = dataclasses.replace(spec, stats=stats)
+    metrics.write_json(spec.stats, os.path.join(workdir, "reward_stats.json"))
+    _log.info("reward statistics on the start policy's samples: %s", spec.stats)
+  return rms, spec, None
+
+
+@registry.register("ppo", policy=True, stage_fields=_PPO_STAGE_FIELDS)
+@registry.register("grpo", policy=True, stage_fields=_PPO_STAGE_FIELDS)
+@registry.register("rloo", policy=True, stage_fields=_PPO_STAGE_FIELDS)
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """PPO, GRPO or RLOO (`config.algorithm`) from `config.init_from` against reward models (or the
+  gold reward, or an AI judge) on the prompts of `config.data.source`; resumes from the latest
+  checkpoint; exports the policy when every iteration is done. -> {"iterations", "beta"}."""
+  mesh = common.start_run(config, workdir, train_batch=False)
+  p = config.ppo
+  estimator = check_config(config)
+  rows = p.prompts_per_iteration * p.samples_per_prompt
+  sharding.check_batch_size(rows // p.minibatches // p.accum_steps, mesh)
+  tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get(
+      "tokenizer"
+  )
+  tokenizer = data.load_tokenizer(tokenizer_dir)
+  prompts = load_prompts(config.data.source)
+  eval_tasks = load_eval_tasks(config)
+  models = build_models(config, mesh, len(tokenizer), estimator)
+  rms, spec, judge_reward = build_reward(config, mesh, tokenizer, prompts, models, workdir)
+  total_steps = p.iterations * p.epochs * p.minibatches
+  trainable = lora.trainable_mask if models.policy_cfg.lora_rank else None
+  optimizer, _ = make_optimizer(config.optim, total_steps, trainable=trainable)
+  shardings = state_shardings(optimizer, models.shardings, models.abstract, mesh)
+  state = create_train_state(models.params, optimizer, shardings, seed=config.seed)
+  models.params = None  # the state holds them now (and its update donates them)
   iterate = make_iteration(
-      policy_gd,
-      value_gd,
+      models.policy_gd,
+      models.value_gd,
       {n: rm.graphdef for n, rm in rms.items()},
-      policy_cfg,
+      models.policy_cfg,
       spec,
       optimizer,
       mesh=mesh,
-      policy_shardings=psh["policy"],
+      policy_shardings=models.shardings["policy"],
       shardings=shardings,
       cfg=p,
       eos_id=tokenizer.eos_token_id,
       pad_id=tokenizer.pad_token_id,
-      reference_graphdef=reference_gd,
+      reference_graphdef=models.reference_gd,
       estimator=estimator,
   )
-  reward_params = {n: rm.params for n, rm in rms.items()}
-  eval_sampler = generate.Sampler(policy_gd, policy_cfg, mesh=mesh, param_shardings=psh["policy"])
+  loop = Loop(
+      iterate=iterate,
+      models=models,
+      tokenizer=tokenizer,
+      prompts=prompts,
+      eval_tasks=eval_tasks,
+      reward_params={n: rm.params for n, rm in rms.items()},
+      judge_reward=judge_reward,
+      eval_sampler=generate.Sampler(
+          models.policy_gd,
+          models.policy_cfg,
+          mesh=mesh,
+          param_shardings=models.shardings["policy"],
+      ),
+  )
+  state, end, beta = run_iterations(config, workdir, loop, state, shardings)
+  if end >= p.iterations:
+    common.export_model(
+        config,
+        os.path.join(workdir, "export"),
+        state.params["policy"],
+        models.policy_cfg,
+        tokenizer=os.path.abspath(tokenizer_dir),
+        step=int(state.step),
+    )
+  return {"iterations": end, "beta": beta}
 
-  def reference_of(policy_params):
-    return lora.reference_params(policy_params) if lora_reference else reference
 
-  def held_out(params) -> dict:
+@dataclasses.dataclass
+class Loop:
+  """What PPO's iterations need beside the train state (`run_iterations`)."""
+
+  iterate: Callable
+  models: Models
+  tokenizer: Any
+  prompts: list[dict]
+  eval_tasks: list[dict] | None
+  reward_params: dict
+  judge_reward: Callable | None
+  eval_sampler: Any
+
+  def held_out(self, config: ml_collections.ConfigDict, params) -> dict:
     """Gold of the policy on the held-out tasks and its KL to the reference; the same sampling
     key every time, so successive evaluations are paired (common random numbers)."""
+    m = self.models
     result = gold_eval.evaluate(
-        gold_eval.Policy(policy_gd, params, eval_sampler),
-        tokenizer,
-        eval_tasks,
+        gold_eval.Policy(m.policy_gd, params, self.eval_sampler),
+        self.tokenizer,
+        self.eval_tasks,
         jax.random.key(config.seed + 7),
-        reference=gold_eval.Policy(reference_gd, reference_of(params), eval_sampler),
-        max_new_tokens=p.max_new_tokens,
-        temperature=p.temperature,
+        reference=gold_eval.Policy(m.reference_gd, m.reference_of(params), self.eval_sampler),
+        max_new_tokens=config.ppo.max_new_tokens,
+        temperature=config.ppo.temperature,
         win_rate=False,
     )
     return {k: result["overall"][k] for k in ("combined", "helpfulness", "safety", "kl", "length")}
 
+  def text_reward(self, config, records: list[dict], iteration: int) -> Callable | None:
+    """A reward of the decoded responses in place of the reward models (judge or gold), or None."""
+    if self.judge_reward is not None:
+      return functools.partial(self.judge_reward, records, iteration=iteration)
+    if not config.ppo.reward.gold:
+      return None
+    rows = [r for r in records for _ in range(config.ppo.samples_per_prompt)]
+    return lambda out: np.asarray(
+        [
+            world_lib.gold_scores(r, text)["combined"]
+            for r, text in zip(rows, ppo_rollout.decode_responses(self.tokenizer, out))
+        ]
+    )
+
+
+def run_iterations(config: ml_collections.ConfigDict, workdir: str, loop: Loop, state, shardings):
+  """PPO's loop from the latest checkpoint to `config.ppo.iterations` (or `stop_after_steps` more):
+  rollout and update (`loop.iterate`), the adaptive KL coefficient, metrics (WORKDIR/metrics.jsonl,
+  TensorBoard, progress bar), held-out gold every `eval_every`, checkpoints and SIGTERM as
+  `common.checkpointed` does them. -> (state, the iteration it stopped at, beta)."""
+  p, t = config.ppo, config.train
   stream = data.BatchIterator(
-      prompts,
+      loop.prompts,
       batch_size=p.prompts_per_iteration,
       seq_len=1,
       seed=config.seed,
       packing=False,
       batching=Batching(pad=list, pack=None, length=lambda _: 1),
   )
-  beta = float(p.kl.beta)
-  t = config.train
-  checkpoint.check_free_space(
-      workdir, state, keep=t.keep_checkpoints, export=state.params["policy"]
-  )
-  with (
-      checkpoint.Checkpointer(
-          os.path.join(workdir, "checkpoints"),
-          keep=t.keep_checkpoints,
-          save_interval_steps=t.checkpoint_every,
-          async_save=t.async_checkpoint,
-      ) as ckpt,
-      metrics.MetricsWriter(workdir) as writer,
-      preemption.StopSignal() as stop,
-  ):
-    start = 0
-    if ckpt.latest_step() is not None:
-      target = jax.tree.map(
-          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-      )
-      state, saved = ckpt.restore(target)
-      stream.restore(saved["prompts"])
-      start, beta = saved["iteration"], saved["beta"]
+  with common.checkpointed(config, workdir, state, shardings, export=state.params["policy"]) as run:
+    state, start, beta = run.state, 0, float(p.kl.beta)
+    if run.saved is not None:
+      stream.restore(run.saved["prompts"])
+      start, beta = run.saved["iteration"], run.saved["beta"]
       _log.info("resumed PPO at iteration %d (beta %.4f)", start, beta)
     end = p.iterations if not t.stop_after_steps else min(p.iterations, start + t.stop_after_steps)
     progress = metrics.Progress(
         p.iterations, initial=start, desc="ppo", show=("reward", "gold", "kl")
     )
-    if eval_tasks and start == 0:
-      writer.write(0, held_out(state.params["policy"]), prefix="eval")
+    if loop.eval_tasks and start == 0:
+      run.writer.write(0, loop.held_out(config, state.params["policy"]), prefix="eval")
     for iteration in range(start, end):
-      records = next(stream)
-      rng = jax.random.fold_in(jax.random.key(config.seed), iteration)
-      prompt_tokens, prompt_mask = ppo_rollout.encode_prompts(tokenizer, records, p.max_prompt_len)
-      unsafe = np.asarray([bool(r.get("unsafe", False)) for r in records])
-      rows_records = [r for r in records for _ in range(p.samples_per_prompt)]  # as the rollout
-      text_reward = None  # a reward of the decoded responses in place of the reward models
-      if judge_reward is not None:
-        text_reward = functools.partial(judge_reward, records, iteration=iteration)
-      elif p.reward.gold:
-        text_reward = lambda out: np.asarray(
-            [
-                world_lib.gold_scores(r, text)["combined"]
-                for r, text in zip(rows_records, ppo_rollout.decode_responses(tokenizer, out))
-            ]
+      state, row = ppo_iteration(config, loop, state, next(stream), iteration, beta)
+      beta = row["beta"]
+      run.writer.write(iteration + 1, row, prefix="ppo")
+      if loop.eval_tasks and ((iteration + 1) % p.eval_every == 0 or iteration + 1 == p.iterations):
+        run.writer.write(
+            iteration + 1, loop.held_out(config, state.params["policy"]), prefix="eval"
         )
-      state, info = iterate(
-          state,
-          reference_of(state.params["policy"]),
-          reward_params,
-          prompt_tokens,
-          prompt_mask,
-          unsafe,
-          rng,
-          beta,
-          text_reward=text_reward,
-      )
-      out, reward, scores, found = info["out"], info["reward"], info["scores"], info["eos_found"]
-      update_metrics = info["update"]
-      observed_kl = float(jnp.mean(info["sequence_kl"]))
-      if p.kl.adaptive:
-        beta = float(
-            kl_losses.adaptive_kl_update(
-                beta, observed_kl, rows, target=p.kl.target, horizon=p.kl.horizon
-            )
-        )
-      row = {
-          "reward": float(jnp.mean(reward)),
-          "kl": observed_kl,
-          "beta": beta,
-          "length": float(jnp.mean(out.lengths)),
-          "eos_rate": float(jnp.mean(found)),
-          **{f"score_{n}": float(jnp.mean(s)) for n, s in scores.items()},
-          **{k: float(v) for k, v in jax.device_get(update_metrics).items()},
-          **gold_metrics(rows_records, ppo_rollout.decode_responses(tokenizer, out)),
-      }
-      counts = nonfinite_counts(state.opt_state)
-      if counts is not None:  # updates skipped so far for a NaN / Inf gradient (the update's own
-        row["skipped_steps"] = int(counts[1])  # metric is a mean over this iteration's updates)
-      writer.write(iteration + 1, row, prefix="ppo")
-      if eval_tasks and ((iteration + 1) % p.eval_every == 0 or iteration + 1 == p.iterations):
-        writer.write(iteration + 1, held_out(state.params["policy"]), prefix="eval")
-      progress.update(
-          1,
-          metrics={
-              "reward": row["reward"],
-              "gold": row.get("gold_combined", 0.0),
-              "kl": observed_kl,
-          },
-      )
+      shown = {"reward": row["reward"], "gold": row.get("gold_combined", 0.0), "kl": row["kl"]}
+      progress.update(1, metrics=shown)
       # Counted in optimiser updates (epochs x mini-batches per iteration).
       check_nonfinite(
-          state.opt_state, int(state.step), t.get("max_nonfinite_steps", 10), ckpt.latest_step()
+          state.opt_state, int(state.step), t.get("max_nonfinite_steps", 10), run.ckpt.latest_step()
       )
-      stop.save(
-          ckpt,
+      run.stop.save(
+          run.ckpt,
           iteration + 1,
           end,
           state,
@@ -715,17 +755,52 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           config=config.to_dict(),
       )
     progress.close()
-  done = end >= p.iterations
-  if done:
-    common.export_model(
-        config,
-        os.path.join(workdir, "export"),
-        state.params["policy"],
-        policy_cfg,
-        tokenizer=os.path.abspath(tokenizer_dir),
-        step=int(state.step),
+  return state, end, beta
+
+
+def ppo_iteration(config, loop: Loop, state, records: list[dict], iteration: int, beta: float):
+  """One iteration on a batch of prompt records: rollout, rewards, the updates (`loop.iterate`),
+  then the adaptive KL coefficient. -> (state, the iteration's metrics row, its "beta" the next
+  iteration's)."""
+  p, tokenizer = config.ppo, loop.tokenizer
+  rng = jax.random.fold_in(jax.random.key(config.seed), iteration)
+  prompt_tokens, prompt_mask = ppo_rollout.encode_prompts(tokenizer, records, p.max_prompt_len)
+  unsafe = np.asarray([bool(r.get("unsafe", False)) for r in records])
+  state, info = loop.iterate(
+      state,
+      loop.models.reference_of(state.params["policy"]),
+      loop.reward_params,
+      prompt_tokens,
+      prompt_mask,
+      unsafe,
+      rng,
+      beta,
+      text_reward=loop.text_reward(config, records, iteration),
+  )
+  out, reward, found = info["out"], info["reward"], info["eos_found"]
+  observed_kl = float(jnp.mean(info["sequence_kl"]))
+  if p.kl.adaptive:
+    rows = p.prompts_per_iteration * p.samples_per_prompt
+    beta = float(
+        kl_losses.adaptive_kl_update(
+            beta, observed_kl, rows, target=p.kl.target, horizon=p.kl.horizon
+        )
     )
-  return {"iterations": end, "beta": beta}
+  rows_records = [r for r in records for _ in range(p.samples_per_prompt)]  # as the rollout
+  row = {
+      "reward": float(jnp.mean(reward)),
+      "kl": observed_kl,
+      "beta": beta,
+      "length": float(jnp.mean(out.lengths)),
+      "eos_rate": float(jnp.mean(found)),
+      **{f"score_{n}": float(jnp.mean(s)) for n, s in info["scores"].items()},
+      **{k: float(v) for k, v in jax.device_get(info["update"]).items()},
+      **gold_metrics(rows_records, ppo_rollout.decode_responses(tokenizer, out)),
+  }
+  counts = nonfinite_counts(state.opt_state)
+  if counts is not None:  # updates skipped so far for a NaN / Inf gradient (the update's own
+    row["skipped_steps"] = int(counts[1])  # metric is a mean over this iteration's updates)
+  return state, row
 
 
 def policy_score_stats(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from rlhf_jax.losses import registry as loss_registry
 from rlhf_jax.models.config import ModelConfig
 
 # The reward-model block of the methods that score samples (rejection sampling, ReST; PPO adds
@@ -20,6 +21,19 @@ REWARD_MODELS = dict(
     safety_weight=1.0,
     whiten=True,
 )
+
+
+# Fields that moved, by their old dotted name (the end of an override key; a pipeline's keys start
+# with the stage's name): the runner's error for an old spelling names the new one.
+RENAMED = {
+    "dpo.beta": "dpo.sigmoid.beta (DPO; dpo.ipo.beta for IPO, dpo.hinge.beta for hinge)",
+    "dpo.label_smoothing": "dpo.sigmoid.label_smoothing (cDPO; dpo.simpo.label_smoothing)",
+    "dpo.simpo_beta": "dpo.simpo.beta",
+    "dpo.simpo_gamma": "dpo.simpo.gamma",
+    "dpo.orpo_beta": "dpo.orpo.beta",
+    "dpo.cpl_alpha": "dpo.cpl.alpha",
+    "dpo.cpl_lam": "dpo.cpl.lam",
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -140,30 +154,18 @@ def base_config() -> ml_collections.ConfigDict:
       )
   )
 
-  # DPO and relatives (algorithm "dpo"; data.kind "pairwise"; losses/preference.py).
+  # DPO and relatives (algorithm "dpo"; data.kind "pairwise" | "ranking"). The pair loss is
+  # `loss_type`, one of the registered losses (losses/registry.py; built in: "sigmoid" = DPO, cDPO
+  # with label_smoothing > 0 | "ipo" | "hinge" | "simpo" | "orpo" | "cpl"), and each loss's
+  # hyper-parameters are its own block: `--config.dpo.sigmoid.beta=0.3`, `config.dpo.cpl.alpha`.
   c.dpo = ml_collections.ConfigDict(
       dict(
-          # "sigmoid" (DPO; cDPO with label_smoothing) | "ipo" | "hinge" | "simpo" | "orpo" | "cpl"
           loss_type="sigmoid",
-          beta=0.1,  # sigmoid / ipo / hinge
-          label_smoothing=0.0,  # cDPO / SimPO: the assumed fraction of flipped labels, in [0, 0.5)
           reference_free=False,  # True: no reference model (its log-probs taken as 0)
           reference="precompute",  # "precompute": reference log-probs once over the data before
           # training | "per_batch": a reference forward pass every batch
           ranking_pairs="best_vs_rest",  # data.kind "ranking": "best_vs_rest" (K - 1 pairs) | "all"
-          # loss_type "simpo" (SimPO, no reference model): margin `simpo_beta (l_c - l_r) - simpo_gamma`
-          # of length-averaged log-probs l (Meng et al. 2024: beta 2.0-2.5, gamma / beta ~ 0.5);
-          # label_smoothing applies too.
-          simpo_beta=2.0,
-          simpo_gamma=0.5,
-          # loss_type "orpo" (ORPO, no reference model): chosen NLL + orpo_beta * odds-ratio term (the
-          # paper's lambda, TRL's beta).
-          orpo_beta=0.1,
-          # loss_type "cpl" (CPL): the advantage temperature alpha of `alpha sum log pi` (with the
-          # reference as a prior unless reference_free) and the conservative bias lambda in (0, 1]
-          # (1 with the reference = DPO with beta = alpha).
-          cpl_alpha=0.1,
-          cpl_lam=0.5,
+          **{name: dict(loss.defaults) for name, loss in loss_registry.pair_losses().items()},
       )
   )
 

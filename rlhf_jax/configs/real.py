@@ -164,6 +164,7 @@ def dpo_recipe(model: str, sizes: dict, arg: str | None) -> ml_collections.Confi
   c.data.update(kind="pairwise", packing=False)
   c.train.steps = 950
   c.optim.update(lr=5e-7, warmup_steps=95)
-  c.dpo.update(loss_type="sigmoid", beta=0.1, reference="precompute")
+  c.dpo.update(loss_type="sigmoid", reference="precompute")
+  c.dpo.sigmoid.beta = 0.1
   c.sample.num_examples = 0
   return c

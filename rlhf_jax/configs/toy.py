@@ -78,22 +78,30 @@ def dpo_stage(
     *,
     kind: str = "ranking",
     steps: int = 150,
-    beta: float = 0.1,
     lr: float = 5e-5,
     loss_type: str = "sigmoid",
     init_from: str = "sft",
     seq_len: int = 512,
     batch_size: int = 8,
+    **loss_hparams,
 ) -> ml_collections.ConfigDict:
   """DPO (or IPO / cDPO / hinge) from the SFT model on a world preference set (held out:
   `<source>_eval`; default the combined-criterion rankings as best-vs-rest pairs), rows packed
-  with whole pairs as for the reward models; the reference's log-probs are precomputed once."""
+  with whole pairs as for the reward models; the reference's log-probs are precomputed once.
+  `loss_hparams` (e.g. beta=0.3) set the loss's own block, `dpo.<loss_type>`."""
   s = stage("dpo", lr=lr, warmup=10, steps=steps, seq_len=seq_len, log_every=10)
   s.init_from = init_from
   s.data.update(kind=kind, source=source, eval_source=f"{source}_eval")
   s.train.update(batch_size=batch_size)
   s.reward.update(comparisons_per_row=6)  # pairs per packed row
-  s.dpo.update(beta=beta, loss_type=loss_type)
+  s.dpo.loss_type = loss_type
+  unknown = set(loss_hparams) - set(s.dpo[loss_type])
+  if unknown:
+    raise ValueError(
+        f"dpo_stage: {sorted(unknown)} are not hyper-parameters of the {loss_type!r} loss "
+        f"({', '.join(s.dpo[loss_type])})"
+    )
+  s.dpo[loss_type].update(loss_hparams)  # e.g. beta=0.3: config.<stage>.dpo.<loss_type>.beta
   return s
 
 

@@ -7,6 +7,8 @@
 - `kto_loss`: KTO (Ethayarajh et al. 2024) on unpaired desirable / undesirable examples.
 - `orpo_loss`: ORPO (Hong et al. 2024): SFT NLL plus the odds-ratio term, no reference model.
 - `simpo_loss`: SimPO (Meng et al. 2024): length-normalised margin loss, no reference model.
+- The pair losses that `config.dpo.loss_type` selects (sigmoid, ipo, hinge, simpo, orpo, cpl),
+  registered at the end of this module (losses/registry.py).
 
 Inputs are per-sequence log-probs, [B] float (any float dtype, the maths is float32): the sum over a
 response's tokens of log pi(y_t | x, y_<t), or its length-average where a function says so. Each
@@ -23,6 +25,8 @@ import math
 import chex
 import jax
 import jax.numpy as jnp
+
+from rlhf_jax.losses.registry import PairLogps, register_pair_loss
 
 Array = jax.Array
 
@@ -375,3 +379,73 @@ def simpo_loss(
   losses = _smoothed_logistic_loss(chosen_rewards - rejected_rewards - gamma, label_smoothing)
   loss, weight = _weighted_mean(losses, weight)
   return loss, _pair_metrics(loss, chosen_rewards, rejected_rewards, weight)
+
+
+# The pair losses of `config.dpo.loss_type` (losses/registry.py): each maps a batch of pairs to one
+# of the losses above; its keyword defaults are its config block, `config.dpo.<name>`.
+
+
+@register_pair_loss("sigmoid", beta=0.1, label_smoothing=0.0)
+def sigmoid_pair_loss(pairs: PairLogps, *, beta, label_smoothing):
+  """DPO (Rafailov et al. 2023); cDPO with label_smoothing > 0: `dpo_loss(loss_type="sigmoid")`."""
+  return dpo_loss(
+      *pairs[:4],
+      beta=beta,
+      label_smoothing=label_smoothing,
+      loss_type="sigmoid",
+      weight=pairs.weight,
+  )
+
+
+@register_pair_loss("ipo", beta=0.1)
+def ipo_pair_loss(pairs: PairLogps, *, beta):
+  """IPO (Azar et al. 2023), beta the regulariser tau: `dpo_loss(loss_type="ipo")`."""
+  return dpo_loss(*pairs[:4], beta=beta, loss_type="ipo", weight=pairs.weight)
+
+
+@register_pair_loss("hinge", beta=0.1)
+def hinge_pair_loss(pairs: PairLogps, *, beta):
+  """SLiC-style hinge on the DPO margin: `dpo_loss(loss_type="hinge")`."""
+  return dpo_loss(*pairs[:4], beta=beta, loss_type="hinge", weight=pairs.weight)
+
+
+@register_pair_loss("simpo", reference=False, beta=2.0, gamma=0.5, label_smoothing=0.0)
+def simpo_pair_loss(pairs: PairLogps, *, beta, gamma, label_smoothing):
+  """SimPO (Meng et al. 2024), no reference model: `simpo_loss`."""
+  return simpo_loss(
+      pairs.chosen,
+      pairs.rejected,
+      pairs.chosen_len,
+      pairs.rejected_len,
+      beta=beta,
+      gamma=gamma,
+      label_smoothing=label_smoothing,
+      weight=pairs.weight,
+  )
+
+
+@register_pair_loss("orpo", reference=False, beta=0.1)
+def orpo_pair_loss(pairs: PairLogps, *, beta):
+  """ORPO (Hong et al. 2024), no reference model: `orpo_loss` with the SFT term the token-mean NLL
+  of the chosen responses of the pairs that count."""
+  w = _f32(pairs.weight)
+  chosen_len = jnp.maximum(pairs.chosen_len, 1).astype(jnp.float32)  # empty slots: length 0
+  rejected_len = jnp.maximum(pairs.rejected_len, 1).astype(jnp.float32)
+  nll = -jnp.sum(w * _f32(pairs.chosen)) / jnp.maximum(jnp.sum(w * chosen_len), 1.0)
+  return orpo_loss(
+      pairs.chosen / chosen_len, pairs.rejected / rejected_len, nll, beta=beta, weight=pairs.weight
+  )
+
+
+@register_pair_loss("cpl", alpha=0.1, lam=0.5)
+def cpl_pair_loss(pairs: PairLogps, *, alpha, lam):
+  """CPL (Hejna et al. 2023) with the reference as a prior (zeros when reference-free): `cpl_loss`."""
+  return cpl_loss(
+      pairs.chosen,
+      pairs.rejected,
+      alpha=alpha,
+      lam=lam,
+      ref_chosen_logps=pairs.ref_chosen,
+      ref_rejected_logps=pairs.ref_rejected,
+      weight=pairs.weight,
+  )
