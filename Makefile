@@ -20,13 +20,13 @@ test: $(STAMP) lint
 	$(PY) -m pytest -n 2 --dist loadfile -q --durations=25 -o faulthandler_timeout=900 tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow" tests
+	$(PY) -m pytest -n 2 --dist loadfile -q tests/unit
 
 # Formatting (pyink: 2-space indentation, 100 columns) and lint (ruff), configured in pyproject.toml.
 LINTED := rlhf_jax tests experiments scripts notebooks
 lint: $(STAMP)
 	$(PY) -m pyink --check --quiet $(LINTED)
-	$(PY) -m ruff check --quiet rlhf_jax experiments scripts notebooks
+	$(PY) -m ruff check --quiet $(LINTED)
 
 format: $(STAMP)
 	$(PY) -m pyink --quiet $(LINTED)

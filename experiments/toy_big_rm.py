@@ -45,8 +45,8 @@ def get_config():
   c.rm_safety_big.init_from = "sft_big"
   c.combine.update(helpful="rm_helpful_big", safety="rm_safety_big")
   c.ppo_big_rm = ppo_stage(iterations=60, beta=0.3, init_from="sft")
-  c.ppo_big_rm.ppo.reward.update(helpful="rm_helpful_big", safety="rm_safety_big")
-  c.ppo_big_rm.ppo.value_init_from = "rm_helpful_big"
+  c.ppo_big_rm.reward.update(helpful="rm_helpful_big", safety="rm_safety_big")
+  c.ppo_big_rm.value_init_from = "rm_helpful_big"
   c.eval.best_of_n_policy = "sft"
   c.stages = (
       "world",

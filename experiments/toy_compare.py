@@ -76,7 +76,7 @@ def get_config(arg=None):
   c.rloo = group_stage("rloo", beta=0.05, init_from="sft")
   c.rejection_sampling = rejection_sampling_stage(rounds=2, prompts=256)
   c.rejection_sampling.init_from = "sft"
-  c.rejection_sampling.rejection_sampling.fresh_prompts = True
+  c.rejection_sampling.fresh_prompts = True
   c.rest = rest_stage(init_from="sft")
   # The DPO family trains on the annotators' rankings of the SFT model's own samples ("feedback":
   # 4 per prompt, best-vs-rest pairs; KTO on their thumbs up / down of the same samples), as the
@@ -96,20 +96,20 @@ def get_config(arg=None):
   c.simpo = dpo_stage(FEEDBACK, loss_type="simpo", lr=5e-5)  # 10x DPO's lr: at 5e-6 it barely moved
   c.orpo = dpo_stage(FEEDBACK, loss_type="orpo")
   for name in ("dpo", "cdpo", "ipo", "cpl"):
-    c[name].dpo.reference = "per_batch"
-  c.kto.kto.reference = "per_batch"
+    c[name].reference = "per_batch"
+  c.kto.reference = "per_batch"
   c.hir = hir_stage()
   c.judge.init_from = "sft"  # not the latest policy stage before it
   c.ai_feedback = ai_feedback_stage(judge="judge", prompts=2000, eval_prompts=200, init_from="sft")
   c.rm_ai = ai_reward_stage("ai_feedback/pairs", steps=150)
   c.rm_ai.init_from = "sft"
   c.ppo_rlaif = ppo_stage(iterations=120, init_from="sft")
-  c.ppo_rlaif.ppo.update(value_init_from="rm_ai")
-  c.ppo_rlaif.ppo.reward.update(helpful="rm_ai", safety="")
+  c.ppo_rlaif.update(value_init_from="rm_ai")
+  c.ppo_rlaif.reward.update(helpful="rm_ai", safety="")
   # Direct RLAIF: no reward model, the judge compares each prompt's two samples (as many samples).
   c.ppo_rlaif_direct = ppo_stage(iterations=60, init_from="sft")
-  c.ppo_rlaif_direct.ppo.update(samples_per_prompt=2, value_init_from="")
-  c.ppo_rlaif_direct.ppo.reward.update(helpful="", safety="", judge="judge")
+  c.ppo_rlaif_direct.update(samples_per_prompt=2, value_init_from="")
+  c.ppo_rlaif_direct.reward.update(helpful="", safety="", judge="judge")
   c.cai_sl = constitutional_sl_stage(judge="judge", init_from="sft")
   # RL-CAI: the judge's harmlessness labels on SL-CAI's samples of red-team prompts -> a safety
   # reward model beside the human-data helpfulness one -> PPO from SL-CAI.
@@ -124,7 +124,7 @@ def get_config(arg=None):
   c.rm_cai = ai_reward_stage("cai_feedback/pairs", steps=100)
   c.rm_cai.init_from = "cai_sl"
   c.ppo_cai = ppo_stage(iterations=120, init_from="cai_sl")
-  c.ppo_cai.ppo.reward.update(helpful="rm_helpful", safety="rm_cai", combine="llama2")
+  c.ppo_cai.reward.update(helpful="rm_helpful", safety="rm_cai", combine="llama2")
   c.eval.rewards = False  # the reward models' own reports: experiments/toy_quickstart.py has them
   methods = CORE if arg == "core" else (*CORE, *AI_FEEDBACK)
   c.stages = ("world", "pretrain", "sft", "rm_helpful", "rm_safety", *methods, "eval")

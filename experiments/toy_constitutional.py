@@ -4,7 +4,7 @@
 
 SL-CAI (cai_sl): the SFT model answers red-team prompts (unsafe requests and safe look-alikes),
 the AI judge critiques and revises each answer under a principle drawn from
-`cai_sl.constitutional.constitution`; SFT on the revisions mixed with helpful SFT data
+`cai_sl.constitution`; SFT on the revisions mixed with helpful SFT data
 (WORKDIR/cai_sl/revisions.jsonl has gold safety before and after revision). RL-CAI: the judge
 labels pairs of the SL-CAI model's samples on red-team prompts under HARMLESS (cai_feedback), a
 harmlessness reward model learns them (rm_cai), and PPO from SL-CAI uses it as the safety model of
@@ -34,7 +34,7 @@ def get_config():
   )
   c.rm_cai = ai_reward_stage("cai_feedback/pairs", steps=100)
   c.ppo_cai = ppo_stage(init_from="cai_sl")
-  c.ppo_cai.ppo.reward.update(helpful="rm_helpful", safety="rm_cai", combine="llama2")
+  c.ppo_cai.reward.update(helpful="rm_helpful", safety="rm_cai", combine="llama2")
   c.stages = (
       "world",
       "pretrain",

@@ -5,8 +5,8 @@ alternative to RLHF's reward models + PPO.
   python -m rlhf_jax.run --config=experiments/toy_dpo.py --workdir=runs/quickstart
 
 Reuses the quickstart's world, pretrain and SFT stages. Variants by override, e.g.
-`--config.dpo.dpo.loss_type=ipo`, `--config.dpo.dpo.sigmoid.label_smoothing=0.1` (cDPO),
-`--config.dpo.dpo.sigmoid.beta=0.3`, `--config.dpo.dpo.reference=per_batch`.
+`--config.dpo.loss_type=ipo`, `--config.dpo.sigmoid.label_smoothing=0.1` (cDPO),
+`--config.dpo.sigmoid.beta=0.3`, `--config.dpo.reference=per_batch`.
 """
 
 from rlhf_jax.configs.toy import dpo_stage, toy_pipeline_config

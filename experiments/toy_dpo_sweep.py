@@ -45,21 +45,21 @@ def get_config():
   for name, (loss_type, beta, smoothing, steps) in VARIANTS.items():
     smoothing = {"label_smoothing": smoothing} if loss_type == "sigmoid" else {}
     c[name] = dpo_stage(SOURCE, loss_type=loss_type, steps=steps, beta=beta, **smoothing)
-    c[name].dpo.reference = "per_batch"
+    c[name].reference = "per_batch"
   # The off-policy reference: DPO on the world's rankings of perturbation candidates (toy_compare's
   # "dpo" before this sweep chose on-policy pairs at beta 0.1).
   c.dpo_perturbations = dpo_stage(beta=0.3)
-  c.dpo_perturbations.dpo.reference = "per_batch"
+  c.dpo_perturbations.reference = "per_batch"
   c.kto_on = kto_stage("feedback/kto")
   # KTO diverged at lr 5e-5 on the SFT model's samples (toy_compare.py: KL 8.2, -0.079): a smaller
   # step, or a larger beta (a tighter hold on the reference).
   c.kto_on_lr1em5 = kto_stage("feedback/kto", lr=1e-5)
   c.kto_on_beta0p3 = kto_stage("feedback/kto", beta=0.3)
   for name in ("kto_on", "kto_on_lr1em5", "kto_on_beta0p3"):
-    c[name].kto.reference = "per_batch"
+    c[name].reference = "per_batch"
   c.simpo_on = dpo_stage(SOURCE, loss_type="simpo", lr=5e-5)
   c.cpl_on = dpo_stage(SOURCE, loss_type="cpl", alpha=0.3)
-  c.cpl_on.dpo.reference = "per_batch"
+  c.cpl_on.reference = "per_batch"
   c.orpo_on = dpo_stage(SOURCE, loss_type="orpo")
   c.eval.rewards = False  # the gold table only
   c.stages = (

@@ -6,8 +6,8 @@ KL to SFT in the loss; RLOO: leave-one-out mean, KL in the reward). Then the gol
   python -m rlhf_jax.run --config=experiments/toy_grpo.py --workdir=runs/quickstart
 
 Reuses the quickstart's world, pretrain, SFT and reward-model stages. Variants by override, e.g.
-`--config.grpo.ppo.reward.gold=True` (the toy world's gold reward: an oracle),
-`--config.grpo.ppo.scale_rewards=False` (Dr. GRPO), `--config.stages=...` without "rloo".
+`--config.grpo.reward.gold=True` (the toy world's gold reward: an oracle),
+`--config.grpo.scale_rewards=False` (Dr. GRPO), `--config.stages=...` without "rloo".
 """
 
 from rlhf_jax.configs.toy import group_stage, toy_pipeline_config

@@ -9,8 +9,8 @@ contrastive term over instructions + an entropy bonus.
 Reuses the quickstart's world, pretrain and SFT stages. WORKDIR/hir/rounds.json has, per round,
 the fraction of samples that already followed their original instruction and the relabeled count;
 WORKDIR/hir/round_<r>/relabeled.jsonl the training pairs with their negatives. Variants by
-override, e.g. `--config.hir.hir.contrastive_coef=0` (relabeled SFT only),
-`--config.hir.hir.negatives=0`.
+override, e.g. `--config.hir.contrastive_coef=0` (relabeled SFT only),
+`--config.hir.negatives=0`.
 """
 
 from rlhf_jax.configs.toy import hir_stage, toy_pipeline_config

@@ -5,8 +5,8 @@ without pairs.
   python -m rlhf_jax.run --config=experiments/toy_kto.py --workdir=runs/quickstart
 
 Reuses the quickstart's world, pretrain and SFT stages. Variants by override, e.g.
-`--config.kto.kto.beta=0.3`, `--config.kto.kto.undesirable_weight=1.5`,
-`--config.kto.kto.reference=per_batch`, `--config.kto.optim.lr=1e-4`.
+`--config.kto.beta=0.3`, `--config.kto.undesirable_weight=1.5`,
+`--config.kto.reference=per_batch`, `--config.kto.optim.lr=1e-4`.
 """
 
 from rlhf_jax.configs.toy import kto_stage, toy_pipeline_config

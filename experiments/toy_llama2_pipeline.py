@@ -49,12 +49,12 @@ def get_config():
     name = f"rs_v{r}"
     c[name] = rejection_sampling_stage(rounds=1, prompts=PROMPTS)
     c[name].init_from = policy
-    c[name].rejection_sampling.update(prompt_offset=(r - 1) * PROMPTS)
-    c[name].rejection_sampling.reward.helpful = rm
+    c[name].update(prompt_offset=(r - 1) * PROMPTS)
+    c[name].reward.helpful = rm
     stages.append(name)
     policy = name
   c.ppo_after_rs = ppo_stage(init_from=policy)
-  c.ppo_after_rs.ppo.reward.helpful = rm
-  c.ppo_after_rs.ppo.value_init_from = rm
+  c.ppo_after_rs.reward.helpful = rm
+  c.ppo_after_rs.value_init_from = rm
   c.stages = (*stages, "ppo_after_rs", "eval")
   return c

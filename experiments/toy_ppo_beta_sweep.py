@@ -28,9 +28,9 @@ def get_config():
   for name, beta in BETAS.items():
     c[name] = ppo_stage(iterations=ITERATIONS, beta=beta, init_from="sft")
   c.ppo_adaptive = ppo_stage(iterations=ITERATIONS, beta=0.1, init_from="sft")
-  c.ppo_adaptive.ppo.kl.update(adaptive=True, target=ADAPTIVE_TARGET, horizon=ADAPTIVE_HORIZON)
+  c.ppo_adaptive.kl.update(adaptive=True, target=ADAPTIVE_TARGET, horizon=ADAPTIVE_HORIZON)
   c.ppo_gold_reward = ppo_stage(iterations=ITERATIONS, beta=0.05, init_from="sft")
-  c.ppo_gold_reward.ppo.reward.gold = True
+  c.ppo_gold_reward.reward.gold = True
   c.stages = (
       "world",
       "pretrain",

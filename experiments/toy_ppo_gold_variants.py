@@ -24,8 +24,8 @@ def get_config():
   c = toy_pipeline_config()
   for name, (iterations, lr, prompts, samples, epochs) in VARIANTS.items():
     s = ppo_stage(beta=0.05, lr=lr, iterations=iterations, init_from="sft")
-    s.ppo.reward.gold = True
-    s.ppo.update(
+    s.reward.gold = True
+    s.update(
         prompts_per_iteration=prompts,
         samples_per_prompt=samples,
         epochs=epochs,

@@ -27,11 +27,11 @@ PROMPTS = 512
 def big_ppo(*, beta: float, gold: bool = False, lr: float = 5e-5, on_policy_rms: bool = False):
   s = ppo_stage(iterations=ITERATIONS, beta=beta, lr=lr, init_from="sft")
   # Mini-batches of 128 rows, 2 epochs: 8 updates per iteration.
-  s.ppo.update(prompts_per_iteration=PROMPTS, epochs=2, minibatches=4, eval_every=10)
-  s.ppo.reward.gold = gold
+  s.update(prompts_per_iteration=PROMPTS, epochs=2, minibatches=4, eval_every=10)
+  s.reward.gold = gold
   if on_policy_rms:
-    s.ppo.reward.update(helpful="rm_helpful_on_policy", safety="rm_safety_on_policy")
-    s.ppo.value_init_from = "rm_helpful_on_policy"
+    s.reward.update(helpful="rm_helpful_on_policy", safety="rm_safety_on_policy")
+    s.value_init_from = "rm_helpful_on_policy"
   return s
 
 
@@ -43,8 +43,8 @@ def get_config():
   c.grpo_gold_128x8 = group_stage(
       "grpo", iterations=ITERATIONS, prompts=128, samples=8, init_from="sft"
   )
-  c.grpo_gold_128x8.ppo.update(minibatches=4, eval_every=10)
-  c.grpo_gold_128x8.ppo.reward.gold = True
+  c.grpo_gold_128x8.update(minibatches=4, eval_every=10)
+  c.grpo_gold_128x8.reward.gold = True
   c.rm_helpful_on_policy = reward_stage("feedback/pairs_helpful", steps=300)
   c.rm_safety_on_policy = reward_stage("feedback/pairs_safety", steps=200)
   c.ppo_op_512_b0p3 = big_ppo(beta=0.3, on_policy_rms=True)

@@ -8,7 +8,7 @@ reward quantiles 0.5 / 0.75 / 0.9, each from the previous one; then the gold eva
 Reuses the quickstart's world, pretrain, SFT and reward-model stages. WORKDIR/rest/steps.json has,
 per Grow step, the reward and gold of the policy's own samples and, per Improve step, its
 threshold, the kept count and the kept set's reward and gold. Variants by override, e.g.
-`--config.rest.rest.thresholds='(0.5, 0.9)'`, `--config.rest.rest.grow_steps=3`,
+`--config.rest.thresholds='(0.5, 0.9)'`, `--config.rest.grow_steps=3`,
 `--config.rest.train.steps=32`.
 """
 

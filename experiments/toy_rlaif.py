@@ -18,15 +18,15 @@ def get_config(arg=None):
   c.ai_feedback = ai_feedback_stage(judge="judge", prompts=2000, eval_prompts=200)
   c.rm_ai = ai_reward_stage("ai_feedback/pairs", steps=150)
   c.ppo_rlaif = ppo_stage(init_from="sft")
-  c.ppo_rlaif.ppo.update(value_init_from="rm_ai")
-  c.ppo_rlaif.ppo.reward.update(helpful="rm_ai", safety="")
+  c.ppo_rlaif.update(value_init_from="rm_ai")
+  c.ppo_rlaif.reward.update(helpful="rm_ai", safety="")
   stages = ["world", "pretrain", "sft", "judge", "ai_feedback", "rm_ai", "ppo_rlaif"]
   if arg == "direct":
     c.ppo_rlaif_direct = ppo_stage(init_from="sft")
-    c.ppo_rlaif_direct.ppo.update(
+    c.ppo_rlaif_direct.update(
         samples_per_prompt=2, prompts_per_iteration=16, reward_baseline="none", value_init_from=""
     )
-    c.ppo_rlaif_direct.ppo.reward.update(helpful="", safety="", judge="judge")
+    c.ppo_rlaif_direct.reward.update(helpful="", safety="", judge="judge")
     stages.append("ppo_rlaif_direct")
   c.stages = (*stages, "eval")
   return c

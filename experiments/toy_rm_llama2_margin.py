@@ -14,6 +14,6 @@ def get_config():
   c = toy_pipeline_config()
   c.stages = ("world", "pretrain", "sft", "rm_plain", "rm_helpful", "rm_large", "eval_rewards")
   c.rm_plain = reward_stage("pairs_helpful", margins="none")
-  c.rm_helpful.reward.margins = "small"  # the quickstart's helpfulness RM
+  c.rm_helpful.margins = "small"  # the quickstart's helpfulness RM
   c.rm_large = reward_stage("pairs_helpful", margins="large")
   return c

@@ -1,5 +1,5 @@
 """Reward models that stay language models: the on-policy reward models of `toy_rm_on_policy.py`
-trained with the GRM regulariser (Yang et al. 2024, `config.reward.lm_coef`): beside the pairwise
+trained with the GRM regulariser (Yang et al. 2024, `lm_coef` of a reward stage): beside the pairwise
 loss, the trunk keeps predicting the chosen responses' tokens through the SFT model's LM head.
 
   python -m rlhf_jax.run --config=experiments/toy_rm_regularised.py --workdir=runs/quickstart
@@ -26,7 +26,7 @@ def get_config():
   c.rm_helpful_lm = reward_stage("feedback/pairs_helpful", steps=150)
   c.rm_safety_lm = reward_stage("feedback/pairs_safety", steps=100)
   for s in (c.rm_helpful_lm, c.rm_safety_lm):
-    s.reward.lm_coef = LM_COEF
+    s.lm_coef = LM_COEF
   c.combine.update(helpful="rm_helpful_lm", safety="rm_safety_lm")
   c.eval.best_of_n_policy = "sft"
   c.stages = (

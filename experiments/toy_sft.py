@@ -7,8 +7,7 @@ from rlhf_jax.configs.base import base_config
 
 
 def get_config():
-  c = base_config()
-  c.algorithm = "sft"
+  c = base_config("sft")
   c.model.update(
       vocab_size=0,  # 0 = the toy tokenizer's size, rounded up to a multiple of 128
       num_layers=4,

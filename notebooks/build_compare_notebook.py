@@ -5,7 +5,7 @@ outputs saved in the notebook):
   .venv/bin/python notebooks/build_compare_notebook.py                        # cells only
   .venv/bin/python notebooks/build_compare_notebook.py --execute runs/compare  # and outputs
 
-(tests/test_compare.py runs it on a reduced workdir)."""
+(tests/integration/evaluation/test_compare.py runs it on a reduced workdir)."""
 
 import os
 

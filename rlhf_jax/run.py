@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 from rlhf_jax import sharding
 from rlhf_jax.algorithms import registry
-from rlhf_jax.configs.base import RENAMED
+from rlhf_jax.configs.base import METHOD_BLOCKS, RENAMED
 from rlhf_jax.data.records import RecordError
 from rlhf_jax.data.tokenizer import ChatTemplateError
 from rlhf_jax.errors import ConfigError
@@ -31,7 +31,7 @@ from rlhf_jax.train.checkpoint import WorkdirError, check_workdir_writable
 from rlhf_jax.train.optim import NonFiniteError
 
 # Errors caused by the user's config or data, shown as one message without a traceback.
-# tests/test_bad_inputs.py lists the cases.
+# tests/unit/test_bad_inputs.py lists the cases.
 # A run stopped by its non-finite guard is not bad input, but its message is all there is to say.
 USER_ERRORS = (
     sharding.ShardingConfigError,
@@ -56,12 +56,22 @@ def flat_keys(config, prefix: str = "") -> list[str]:
   return keys
 
 
-def renamed_key(key: str) -> str | None:
-  """The new spelling of an override key that names a moved field (configs/base.RENAMED), keeping
-  a pipeline stage's prefix ("dpo.dpo.beta" -> "dpo.dpo.sigmoid.beta ..."); None if not moved."""
-  for old, new in RENAMED.items():
-    if key == old or key.endswith("." + old):
-      return key[: len(key) - len(old)] + new
+def moved_key(key: str, valid: list[str]) -> str | None:
+  """The current spelling of an override key written the old way, if it names a valid field: a
+  pipeline stage's own method block nested ("dpo.dpo.reference" -> "dpo.reference"; stages are
+  flat now), or a DPO hyper-parameter that moved into its loss's block ("dpo.beta" ->
+  "dpo.sigmoid.beta"). None if the key is not one of those."""
+  parts = key.split(".")
+  if len(parts) >= 3 and parts[1] in METHOD_BLOCKS:
+    flat = ".".join(parts[:1] + parts[2:])
+    if flat in valid:
+      return flat
+    parts = flat.split(".")
+  if parts[-1] in RENAMED:
+    new, note = RENAMED[parts[-1]]
+    candidate = ".".join(parts[:-1] + [new])
+    if candidate in valid:
+      return candidate + (f" ({note})" if note else "")
   return None
 
 
@@ -78,7 +88,7 @@ def check_overrides(argv: list[str]) -> None:
     if arg.startswith("--config.") or arg.startswith("--noconfig."):
       key = arg.split("=", 1)[0].split("config.", 1)[1]
       if key not in valid:
-        moved = renamed_key(key)
+        moved = moved_key(key, valid)
         if moved:
           sys.exit(f"error: --config.{key} has moved: it is now --config.{moved} ({config_path})")
         close = difflib.get_close_matches(key, valid, n=3)

@@ -167,6 +167,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     policy=True,
     stage_fields=("constitutional.judge",),
     data_fields=("constitutional.helpful_source",),
+    blocks=("constitutional",),
 )
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = common.start_run(config, workdir, write=False, train_batch=False)

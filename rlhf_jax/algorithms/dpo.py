@@ -83,6 +83,13 @@ def check_loss_config(cfg: ml_collections.ConfigDict) -> None:
   hyper-parameters are invalid: the pure loss checks them on a one-pair batch, before any model
   loads."""
   losses = loss_registry.pair_losses()
+  options = {"loss_type", "reference_free", "reference", "ranking_pairs"}
+  stray = sorted(set(cfg) - options - set(losses))
+  if stray:  # e.g. `config.dpo.beta` set in code: it would be silently ignored
+    raise ConfigError(
+        f"config.dpo.{stray[0]} is not a DPO option; a loss's hyper-parameters are in its own "
+        f"block (config.dpo.{cfg.loss_type}: {', '.join(cfg.get(cfg.loss_type, {}))})"
+    )
   if cfg.loss_type not in losses:
     raise ConfigError(
         f"config.dpo.loss_type={cfg.loss_type!r}; choose one of {', '.join(sorted(losses))} "
@@ -276,7 +283,7 @@ def finish(
   return {"step": int(state.step), **{f"eval/{k}": v for k, v in held_out.items()}}
 
 
-@registry.register("dpo", policy=True)
+@registry.register("dpo", policy=True, blocks=("dpo", "reward"))
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = common.start_run(config, workdir)
   d, t, p = config.data, config.train, config.dpo

@@ -278,7 +278,7 @@ def load_tasks(source: str, needed: int) -> list[dict]:
   return tasks[:needed]
 
 
-@registry.register("hir", policy=True)
+@registry.register("hir", policy=True, blocks=("hir",))
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_config(config)
   mesh = common.start_run(config, workdir)

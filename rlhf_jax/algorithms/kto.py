@@ -165,7 +165,7 @@ def _label_stats(comparisons: list, stats: dict) -> dict:
   return {**stats, "desirable": desirable, "undesirable": len(comparisons) - desirable}
 
 
-@registry.register("kto", policy=True)
+@registry.register("kto", policy=True, blocks=("kto", "reward"))
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = common.start_run(config, workdir)
   check_config(config)

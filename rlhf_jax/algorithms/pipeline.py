@@ -50,6 +50,7 @@ from rlhf_jax.algorithms import (
     ppo,
     registry,
 )
+from rlhf_jax.configs.base import driver_config
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.evaluation import gold as gold_eval
 from rlhf_jax.evaluation import plots, reward_eval
@@ -352,7 +353,7 @@ def stage_config(
     init_from: str,
     exports_dir: str = "",
 ) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(config[stage].to_dict())
+  c = driver_config(config[stage], stage)
   c.seed, c.mesh.shape = config.seed, config.mesh.shape
   entry = registry.get(c.algorithm)
   if entry.data_kind:
@@ -673,7 +674,7 @@ def with_rounds(
   for stage in stages:
     if config[stage].algorithm == "rejection_sampling":
       previous = parents.get(stage)
-      for r in range(1, config[stage].rejection_sampling.rounds):
+      for r in range(1, config[stage].rounds):
         name = f"{stage}/round_{r}"
         if os.path.exists(os.path.join(workdir, name, "export")):
           out.append(name)
@@ -776,7 +777,7 @@ def plot_ppo_runs(
   curves without RL (`baselines`: best of n under the combined reward, the start policy at lower
   temperatures)."""
   label = (
-      lambda s: f"{s} (beta={config[s].ppo.kl.beta:g}{', adaptive' if config[s].ppo.kl.adaptive else ''})"
+      lambda s: f"{s} (beta={config[s].kl.beta:g}{', adaptive' if config[s].kl.adaptive else ''})"
   )
   runs = {label(s): metrics.read_jsonl(os.path.join(workdir, s, "metrics.jsonl")) for s in stages}
   final = {label(s): results[s]["overall"] for s in stages if s in results}

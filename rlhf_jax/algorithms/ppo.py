@@ -590,9 +590,9 @@ def build_reward(
   return rms, spec, None
 
 
-@registry.register("ppo", policy=True, stage_fields=_PPO_STAGE_FIELDS)
-@registry.register("grpo", policy=True, stage_fields=_PPO_STAGE_FIELDS)
-@registry.register("rloo", policy=True, stage_fields=_PPO_STAGE_FIELDS)
+@registry.register("ppo", policy=True, stage_fields=_PPO_STAGE_FIELDS, blocks=("ppo",))
+@registry.register("grpo", policy=True, stage_fields=_PPO_STAGE_FIELDS, blocks=("ppo",))
+@registry.register("rloo", policy=True, stage_fields=_PPO_STAGE_FIELDS, blocks=("ppo",))
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """PPO, GRPO or RLOO (`config.algorithm`) from `config.init_from` against reward models (or the
   gold reward, or an AI judge) on the prompts of `config.data.source`; resumes from the latest

@@ -41,6 +41,9 @@ class Algorithm:
     replaces each that does by the data set's path.
   data_kind: if set, the record kind the driver reads (`config.data.kind` is set to it).
   pipeline_stage: whether a pipeline may run it as a stage.
+  blocks: the method blocks of the config it reads (`configs/base.METHOD_BLOCKS`), its own first:
+    `base_config(name)` holds only these, and a pipeline stage holds its own block's fields at
+    its top level (`--config.<stage>.beta`, not `--config.<stage>.dpo.beta`).
   """
 
   name: str
@@ -50,6 +53,11 @@ class Algorithm:
   data_fields: tuple[str, ...] = ()
   data_kind: str | None = None
   pipeline_stage: bool = True
+  blocks: tuple[str, ...] = ()
+
+  @property
+  def own_block(self) -> str | None:
+    return self.blocks[0] if self.blocks else None
 
 
 _REGISTRY: dict[str, Algorithm] = {}
@@ -64,6 +72,7 @@ def register(
     data_fields: tuple[str, ...] = (),
     data_kind: str | None = None,
     pipeline_stage: bool = True,
+    blocks: tuple[str, ...] = (),
 ) -> Callable[[Driver], Driver]:
   """Decorator: registers `train` as the driver of `config.algorithm == name` (see `Algorithm`).
   Registering a name twice is an error unless it is the same function (a module reloaded)."""
@@ -77,9 +86,10 @@ def register(
         data_fields=tuple(data_fields),
         data_kind=data_kind,
         pipeline_stage=pipeline_stage,
+        blocks=tuple(blocks),
     )
     old = _REGISTRY.get(name)
-    if old is not None and _qualname(old.train) != _qualname(train):
+    if old is not None and _origin(old.train) != _origin(train):
       raise ValueError(
           f"algorithm {name!r} is registered twice: by {_qualname(old.train)} and {_qualname(train)}"
       )
@@ -96,6 +106,13 @@ def unregister(name: str) -> None:
 
 def _qualname(fn: Callable) -> str:
   return f"{fn.__module__}.{fn.__qualname__}"
+
+
+def _origin(fn: Callable) -> tuple[str, str]:
+  """Where a function is defined: a module loaded twice (an experiment file is read by the
+  override check and by the config flag, under two module names) defines the same functions."""
+  code = getattr(fn, "__code__", None)
+  return (code.co_filename if code else fn.__module__, fn.__qualname__)
 
 
 def _load_builtin() -> None:

@@ -114,6 +114,7 @@ def export_final(policy_export: str, workdir: str) -> None:
     "rejection_sampling",
     policy=True,
     stage_fields=("rejection_sampling.reward.helpful", "rejection_sampling.reward.safety"),
+    blocks=("rejection_sampling",),
 )
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = common.start_run(config, workdir, write=False, train_batch=False)

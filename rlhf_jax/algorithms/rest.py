@@ -159,7 +159,12 @@ def _summary(samples: Sequence[dict]) -> dict:
   }
 
 
-@registry.register("rest", policy=True, stage_fields=("rest.reward.helpful", "rest.reward.safety"))
+@registry.register(
+    "rest",
+    policy=True,
+    stage_fields=("rest.reward.helpful", "rest.reward.safety"),
+    blocks=("rest",),
+)
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = common.start_run(config, workdir, write=False, train_batch=False)
   r = config.rest

@@ -419,7 +419,7 @@ def comparison_iterators(
   return batches, eval_iter
 
 
-@registry.register("reward", policy=False)
+@registry.register("reward", policy=False, blocks=("reward",))
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = common.start_run(config, workdir)
   d, t, r = config.data, config.train, config.reward

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from rlhf_jax.algorithms import registry
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.losses import registry as loss_registry
 from rlhf_jax.models.config import ModelConfig
 
@@ -23,22 +25,38 @@ REWARD_MODELS = dict(
 )
 
 
-# Fields that moved, by their old dotted name (the end of an override key; a pipeline's keys start
-# with the stage's name): the runner's error for an old spelling names the new one.
+# Fields of config.dpo that moved into their loss's own block: old name -> (new name, a note).
 RENAMED = {
-    "dpo.beta": "dpo.sigmoid.beta (DPO; dpo.ipo.beta for IPO, dpo.hinge.beta for hinge)",
-    "dpo.label_smoothing": "dpo.sigmoid.label_smoothing (cDPO; dpo.simpo.label_smoothing)",
-    "dpo.simpo_beta": "dpo.simpo.beta",
-    "dpo.simpo_gamma": "dpo.simpo.gamma",
-    "dpo.orpo_beta": "dpo.orpo.beta",
-    "dpo.cpl_alpha": "dpo.cpl.alpha",
-    "dpo.cpl_lam": "dpo.cpl.lam",
+    "beta": ("sigmoid.beta", "DPO's; ipo.beta for IPO, hinge.beta for hinge"),
+    "label_smoothing": ("sigmoid.label_smoothing", "cDPO's; simpo.label_smoothing for SimPO"),
+    "simpo_beta": ("simpo.beta", ""),
+    "simpo_gamma": ("simpo.gamma", ""),
+    "orpo_beta": ("orpo.beta", ""),
+    "cpl_alpha": ("cpl.alpha", ""),
+    "cpl_lam": ("cpl.lam", ""),
 }
 
 
-def base_config() -> ml_collections.ConfigDict:
+# The blocks that belong to methods (each algorithm declares the ones it reads: registry `blocks`);
+# every other block (model, lora, mesh, optim, train, data, sample) is shared.
+METHOD_BLOCKS = (
+    "reward",
+    "dpo",
+    "kto",
+    "ppo",
+    "rejection_sampling",
+    "rest",
+    "constitutional",
+    "hir",
+)
+
+
+def base_config(algorithm: str = "") -> ml_collections.ConfigDict:
+  """The base experiment config. `algorithm` "": every method's block (a config any driver can
+  read); a registered algorithm: `config.algorithm` set to it, and of the method blocks only those
+  it reads (rlhf_jax/algorithms/registry.py), so its overrides list no other method's fields."""
   c = ml_collections.ConfigDict()
-  c.algorithm = "sft"  # which driver in rlhf_jax.algorithms runs this config
+  c.algorithm = "sft"  # which registered driver (rlhf_jax/algorithms/registry.py) runs this config
   c.seed = 0
   # JAX's persistent compilation cache (programs that took >= 1 s to compile are stored and
   # reloaded; run.enable_compilation_cache): "" = off, "workdir" = WORKDIR/jax_cache, else a
@@ -334,4 +352,43 @@ def base_config() -> ml_collections.ConfigDict:
           top_p=1.0,
       )
   )
+  if algorithm:
+    keep = registry.get(algorithm).blocks
+    for block in METHOD_BLOCKS:
+      if block not in keep:
+        del c[block]
+    c.algorithm = algorithm
   return c
+
+
+def flat_stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A pipeline stage from an experiment config: its algorithm's own block's fields moved to the
+  top level (`stage.beta`, not `stage.dpo.beta`); `driver_config` undoes it."""
+  block = registry.get(config.algorithm).own_block
+  if block is None:
+    return config
+  d = config.to_dict()
+  fields = d.pop(block)
+  clash = sorted(set(fields) & set(d))
+  if clash:
+    raise ValueError(f"config.{block} fields {clash} clash with top-level fields of the config")
+  return ml_collections.ConfigDict({**d, **fields})
+
+
+def driver_config(stage: ml_collections.ConfigDict, name: str = "") -> ml_collections.ConfigDict:
+  """The experiment config a driver reads from a flat pipeline stage (`flat_stage`): the fields of
+  its algorithm's own block nested back under the block. A field that belongs neither to the
+  shared config nor to the block is a ConfigError naming `config.<name>.<field>`."""
+  full = base_config(stage.algorithm)
+  block = registry.get(stage.algorithm).own_block
+  d = stage.to_dict()
+  if block is not None:
+    d[block] = {k: d.pop(k) for k in list(full[block]) if k in d}
+  unknown = sorted(set(d) - set(full))
+  if unknown:
+    raise ConfigError(
+        f"config.{name or 'stage'}.{unknown[0]} is not a field of a {stage.algorithm!r} stage; its "
+        f"fields are {', '.join(k for k in full if k != block)}"
+        + (f" and those of config.{block}: {', '.join(full[block])}" if block else "")
+    )
+  return ml_collections.ConfigDict(d)

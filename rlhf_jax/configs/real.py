@@ -104,8 +104,7 @@ def real_config(
 ) -> ml_collections.ConfigDict:
   """A base config for `algorithm` on `model` with a preset's `sizes` (mesh, batch_size, seq_len,
   accum_steps, remat) and a `DATASETS` entry."""
-  c = base_config()
-  c.algorithm = algorithm
+  c = base_config(algorithm)
   c.hf_model_dir = MODELS[model]["hf_model_dir"]
   # bf16 compute (the MXU / tensor cores' rate), fp32 params and AdamW moments: with FSDP over
   # 8 chips a 1.24B model's params + moments are 1.24e9 x 12 B / 8 = 1.9 GB per chip, so bf16

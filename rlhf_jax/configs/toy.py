@@ -1,7 +1,9 @@
 """The toy-world pipeline config that the toy experiments (`experiments/toy_*.py`) start from.
 
-Every stage is a full experiment config (`base_config()`), nested in the pipeline config; an
-experiment picks `stages` and overrides fields. Stages cache in WORKDIR/<stage>, so experiments run
+Every stage is an experiment config of its algorithm (`base_config(algorithm)`) with the fields of
+the algorithm's own block at its top level (`flat_stage`: `config.dpo.beta`, `config.ppo.kl.beta`,
+not `config.dpo.dpo.beta`), nested in the pipeline config; an experiment picks `stages` and
+overrides fields. Stages cache in WORKDIR/<stage>, so experiments run
 with the quickstart's workdir reuse its world, pretrained and SFT models.
 """
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from rlhf_jax.configs.base import base_config
+from rlhf_jax.configs.base import base_config, flat_stage
 from rlhf_jax.toyworld import world as world_lib
 
 # Two layers, unrolled: the behaviour world's content is canned answers a small model learns in
@@ -32,8 +34,7 @@ def stage(
 ) -> ml_collections.ConfigDict:
   """A training stage on the toy model. Later stages take the architecture from the previous export;
   dtypes, remat etc. come from `model`."""
-  s = base_config()
-  s.algorithm = algorithm
+  s = base_config(algorithm)
   s.model.update(**MODEL)
   s.optim.update(lr=lr, warmup_steps=warmup, weight_decay=0.01)
   s.train.update(
@@ -46,7 +47,7 @@ def stage(
   )
   s.data.update(packing=True)
   s.sample.update(num_examples=0)
-  return s
+  return flat_stage(s)
 
 
 def reward_stage(
@@ -67,7 +68,7 @@ def reward_stage(
   s = stage("reward", lr=1e-4, warmup=10, steps=steps, seq_len=seq_len, log_every=10)
   s.data.update(kind=kind, source=source, eval_source=f"{source}_eval")
   s.train.update(batch_size=batch_size)
-  s.reward.update(
+  s.update(
       margins=margins if kind == "pairwise" else "none", center_coef=0.01, comparisons_per_row=6
   )
   return s
@@ -88,20 +89,20 @@ def dpo_stage(
   """DPO (or IPO / cDPO / hinge) from the SFT model on a world preference set (held out:
   `<source>_eval`; default the combined-criterion rankings as best-vs-rest pairs), rows packed
   with whole pairs as for the reward models; the reference's log-probs are precomputed once.
-  `loss_hparams` (e.g. beta=0.3) set the loss's own block, `dpo.<loss_type>`."""
+  `loss_hparams` (e.g. beta=0.3) set the loss's own block, `<stage>.<loss_type>`."""
   s = stage("dpo", lr=lr, warmup=10, steps=steps, seq_len=seq_len, log_every=10)
   s.init_from = init_from
   s.data.update(kind=kind, source=source, eval_source=f"{source}_eval")
   s.train.update(batch_size=batch_size)
   s.reward.update(comparisons_per_row=6)  # pairs per packed row
-  s.dpo.loss_type = loss_type
-  unknown = set(loss_hparams) - set(s.dpo[loss_type])
+  s.loss_type = loss_type
+  unknown = set(loss_hparams) - set(s[loss_type])
   if unknown:
     raise ValueError(
         f"dpo_stage: {sorted(unknown)} are not hyper-parameters of the {loss_type!r} loss "
-        f"({', '.join(s.dpo[loss_type])})"
+        f"({', '.join(s[loss_type])})"
     )
-  s.dpo[loss_type].update(loss_hparams)  # e.g. beta=0.3: config.<stage>.dpo.<loss_type>.beta
+  s[loss_type].update(loss_hparams)  # e.g. beta=0.3: config.<stage>.<loss_type>.beta
   return s
 
 
@@ -125,7 +126,7 @@ def kto_stage(
   s.data.update(kind="kto", source=source, eval_source=f"{source}_eval")
   s.train.update(batch_size=batch_size)
   s.reward.update(comparisons_per_row=6)  # examples (with their mismatched pairs) per packed row
-  s.kto.update(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+  s.update(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
   return s
 
 
@@ -143,7 +144,7 @@ def ppo_stage(
       source="rl_prompts", eval_source="valid_tasks"
   )  # its gold curve: validation prompts
   s.train.update(checkpoint_every=10)
-  s.ppo.update(
+  s.update(
       eval_every=10,
       eval_prompts=128,
       iterations=iterations,
@@ -154,8 +155,8 @@ def ppo_stage(
       minibatches=2,
       value_init_from="rm_helpful",
   )
-  s.ppo.kl.update(beta=beta)
-  s.ppo.reward.update(helpful="rm_helpful", safety="rm_safety", combine="llama2")
+  s.kl.update(beta=beta)
+  s.reward.update(helpful="rm_helpful", safety="rm_safety", combine="llama2")
   return s
 
 
@@ -176,7 +177,7 @@ def group_stage(
   s = ppo_stage(iterations=iterations, beta=beta, lr=lr, init_from=init_from)
   s.algorithm = algorithm
   # share_prompt: each prompt runs once for its samples in every forward pass (the same numbers).
-  s.ppo.update(
+  s.update(
       prompts_per_iteration=prompts,
       samples_per_prompt=samples,
       epochs=2,
@@ -195,13 +196,13 @@ def rejection_sampling_stage(
   s = stage("rejection_sampling", lr=3e-4, warmup=5, steps=steps, seq_len=128, log_every=10)
   s.data.update(source="rl_prompts")
   s.train.update(eval_batches=1)
-  s.rejection_sampling.update(
+  s.update(
       rounds=rounds,
       samples_per_prompt=samples,
       prompts_per_round=prompts,
       temperatures=(1.0,) * rounds,
   )
-  s.rejection_sampling.reward.update(helpful="rm_helpful", safety="rm_safety", combine="llama2")
+  s.reward.update(helpful="rm_helpful", safety="rm_safety", combine="llama2")
   return s
 
 
@@ -222,7 +223,7 @@ def rest_stage(
   s.init_from = init_from
   s.data.update(source="rl_prompts")
   s.train.update(eval_batches=1)
-  s.rest.update(
+  s.update(
       grow_steps=grow_steps,
       prompts_per_grow=prompts,
       samples_per_prompt=samples,
@@ -230,7 +231,7 @@ def rest_stage(
       thresholds=thresholds,
       threshold_kind="quantile",
   )
-  s.rest.reward.update(helpful="rm_helpful", safety="rm_safety", combine="llama2")
+  s.reward.update(helpful="rm_helpful", safety="rm_safety", combine="llama2")
   return s
 
 
@@ -270,7 +271,7 @@ def ai_reward_stage(source: str, *, steps: int = 150) -> ml_collections.ConfigDi
   """A reward model on an ai_feedback stage's pairs (`source` = "<stage>/pairs"), trained on the
   judge's soft labels, no margins."""
   s = reward_stage(source, steps=steps, margins="none")
-  s.reward.soft_labels = True
+  s.soft_labels = True
   return s
 
 
@@ -290,7 +291,7 @@ def constitutional_sl_stage(
   s.init_from = init_from
   s.data.update(source="rl_prompts")
   s.train.update(eval_batches=1)
-  s.constitutional.update(
+  s.update(
       judge=judge,
       prompts=prompts,
       n_revisions=n_revisions,
@@ -321,7 +322,7 @@ def hir_stage(
   s.init_from = init_from
   s.data.update(source="rl_prompts", packing=False)
   s.train.update(batch_size=16, checkpoint_every=steps)
-  s.hir.update(
+  s.update(
       rounds=rounds,
       prompts_per_round=prompts,
       samples_per_prompt=samples,

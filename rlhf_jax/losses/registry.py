@@ -74,7 +74,10 @@ def register_pair_loss(
           f"keyword-only arguments of {fn.__qualname__}, {sorted(keyword)}"
       )
     old = _PAIR_LOSSES.get(name)
-    if old is not None and old.fn.__qualname__ != fn.__qualname__:
+    if old is not None and (old.fn.__code__.co_filename, old.fn.__qualname__) != (
+        fn.__code__.co_filename,
+        fn.__qualname__,
+    ):
       raise ValueError(f"pair loss {name!r} is registered twice")
     doc = (inspect.getdoc(fn) or "").split("\n\n")[0]
     _PAIR_LOSSES[name] = PairLoss(name, fn, dict(defaults), reference, doc)

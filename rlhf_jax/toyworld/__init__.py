@@ -50,7 +50,7 @@ __all__ = [
     "pretraining_documents",
     "sft_records",
     "tokenizer_texts",
-    # the older exact-match suite (rlhf_jax/algorithms/sft.py, tests/test_data.py)
+    # the older exact-match suite (rlhf_jax/algorithms/sft.py, tests/unit/data/test_data.py)
     "FAMILIES",
     "corpus_texts",
     "generate_sft_records",

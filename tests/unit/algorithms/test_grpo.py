@@ -1,0 +1,120 @@
+"""GRPO and RLOO: the PPO driver without a critic. Group advantages against a NumPy loop, GRPO's
+k3 KL term in the loss, the loop raises a simple reward, and the driver runs, exports the policy
+alone and resumes; its config errors come before any model loads.
+
+The end-to-end tests (marked slow, or over ~5 s on CPU) are in
+tests/integration/algorithms/test_grpo.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.algorithms import ppo, ppo_rollout
+from tests.helpers.ppo import (
+    group_config,
+    ppo_cfg,
+)
+
+
+def group_inputs(seed=0, prompts=3, k=4, cols=10):
+  rs = np.random.RandomState(seed)
+  rows = prompts * k
+  mask = np.zeros((rows, cols), bool)
+  for b in range(rows):  # responses at different offsets and lengths (padding at both ends)
+    start = rs.randint(0, 4)
+    mask[b, start : start + rs.randint(1, cols - start)] = True
+  old = rs.normal(size=(rows, cols)).astype(np.float32)
+  ref = (old + 0.3 * rs.normal(size=(rows, cols))).astype(np.float32)
+  reward = rs.normal(size=rows).astype(np.float32)
+  found = rs.rand(rows) > 0.3
+  return old, ref, reward, mask, found
+
+
+@pytest.mark.parametrize("estimator, scale", [("grpo", True), ("grpo", False), ("rloo", True)])
+def test_group_advantages_match_a_numpy_loop(estimator, scale):
+  old, ref, reward, mask, found = group_inputs()
+  cfg = ppo_cfg(
+      samples_per_prompt=4,
+      missing_eos_penalty=-0.5,
+      score_clip=1.5,
+      kl_kind="k1",
+      scale_rewards=scale,
+  )
+  beta = 0.2
+  out = jax.jit(lambda *a: ppo_rollout.group_advantages_fn(*a, cfg=cfg, estimator=estimator))(
+      old, ref, reward, mask, found, jnp.float32(beta)
+  )
+  seq_kl = np.array([np.sum((old[b] - ref[b])[mask[b]]) for b in range(len(reward))])
+  score = np.clip(reward.astype(np.float64), -1.5, 1.5) + np.where(found, 0.0, -0.5)
+  expected = np.zeros(len(reward))
+  for p in range(3):
+    idx = list(range(4 * p, 4 * p + 4))
+    if estimator == "grpo":
+      s = score[idx]
+      expected[idx] = (s - s.mean()) / (
+          (s.std(ddof=1) if scale else 1.0) + (1e-6 if scale else 0.0)
+      )
+    else:
+      s = score[idx] - beta * seq_kl[idx]
+      expected[idx] = [s[i] - np.mean(np.delete(s, i)) for i in range(4)]
+  np.testing.assert_allclose(out["sequence_kl"], seq_kl, atol=1e-5)
+  adv = np.asarray(out["advantages"])
+  np.testing.assert_allclose(adv, np.where(mask, expected[:, None], 0.0), atol=1e-5)
+  assert not np.any(out["returns"])
+  with pytest.raises(ValueError, match="estimator='gae'"):
+    ppo_rollout.group_advantages_fn(old, ref, reward, mask, found, beta, cfg, estimator="gae")
+
+
+@pytest.mark.parametrize(
+    "algorithm, update, match",
+    [
+        ("grpo", dict(samples_per_prompt=1), "samples_per_prompt >= 2"),
+        ("rloo", dict(reward_baseline="rloo"), "has its own baseline"),
+        ("grpo", dict(kl=dict(adaptive=True)), "fixed config.ppo.kl.beta"),
+        (
+            "ppo",
+            dict(share_prompt=True, samples_per_prompt=1),
+            r"share_prompt=True .* samples_per_prompt >= 2 \(it is 1\)",
+        ),
+        (
+            "grpo",
+            dict(share_prompt=True, minibatches=8),
+            r"share_prompt=True .* a multiple of minibatches x accum_steps = 8 x 1",
+        ),
+    ],
+)
+def test_group_config_errors_come_before_any_model_loads(tmp_path, algorithm, update, match):
+  config = group_config(
+      {"lm": str(tmp_path / "missing"), "prompts": str(tmp_path / "none.jsonl"), "helpful": ""},
+      tmp_path,
+      algorithm,
+  )
+  config.ppo.update(update)
+  with pytest.raises(ValueError, match=match):
+    ppo.train(config, str(tmp_path / "run"))
+
+
+def test_unknown_algorithm_is_refused_by_the_ppo_driver(tmp_path):
+  config = group_config({"lm": "", "prompts": "", "helpful": ""}, tmp_path, "a2c")
+  with pytest.raises(ValueError, match="ppo.train runs ppo, grpo, rloo"):
+    ppo.train(config, str(tmp_path / "run"))
+
+
+def test_group_advantages_sharded_over_8_devices_equal_unsharded():
+  """Rows (whole groups of 4) split over the devices: the same advantages as on one device."""
+  old, ref, reward, mask, found = group_inputs(prompts=8, k=4)
+  cfg = ppo_cfg(samples_per_prompt=4)
+  fn = jax.jit(lambda *a: ppo_rollout.group_advantages_fn(*a, cfg=cfg, estimator="grpo"))
+  want = fn(old, ref, reward, mask, found, jnp.float32(0.1))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  put = lambda x: jax.device_put(
+      x,
+      jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec("data", *([None] * (x.ndim - 1)))
+      ),
+  )
+  got = fn(*(put(x) for x in (old, ref, reward, mask, found)), jnp.float32(0.1))
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
