@@ -295,7 +295,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"{config.data.source} line {line}: the prompt has {length} tokens > "
           f"config.hir.max_prompt_len={h.max_prompt_len}; raise it"
       )
-  slots = 1 + h.negatives
   summary_path = os.path.join(workdir, "rounds.json")
   summary = json.load(open(summary_path)) if os.path.exists(summary_path) else []
   policy_export = config.init_from
@@ -307,77 +306,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       policy_export = export
       continue
     if not os.path.exists(records_path):
-      policy = common.load_policy(policy_export, mesh)
       round_tasks = tasks[(r - 1) * h.prompts_per_round : r * h.prompts_per_round]
-      samples = best_of_k(
-          policy.params,
-          policy.sampler,
-          {},
-          None,
-          tokenizer,
-          round_tasks,
-          k=h.samples_per_prompt,
-          temperature=h.temperature,
-          max_new_tokens=h.max_new_tokens,
-          max_prompt_len=h.max_prompt_len,
-          batch_prompts=h.batch_prompts,
-          rng=jax.random.key(config.seed + r),
-      )
-      records, row = relabel_round(
-          [(s["record"], s["texts"]) for s in samples],
-          min_gold=h.min_gold,
-          negatives=h.negatives,
-          seed=config.seed + r,
-      )
-      del policy
-      if not records:
-        raise ValueError(
-            f"HIR round {r}: no sample followed any instruction (min_gold="
-            f"{h.min_gold}); lower config.hir.min_gold or sample more"
-        )
-      annotators.write_jsonl(records, records_path)
+      row = collect_round(config, mesh, tokenizer, round_tasks, policy_export, r, records_path)
       summary = [s for s in summary if s["round"] != r] + [{"round": r, **row}]
       metrics.write_json(summary, summary_path)
       _log.info("HIR round %d: %s", r, row)
-    records = metrics.read_jsonl(records_path)
-    examples, stats = tokenize_records(records, tokenizer, seq_len=t.seq_len, negatives=h.negatives)
-    _log.info("HIR round %d data: %s", r, stats)
     round_cfg = ml_collections.ConfigDict(config.to_dict())
     round_cfg.init_from = policy_export
-    common.write_config(round_cfg, round_dir)
-    model_cfg = common.model_config(round_cfg, vocab_size=len(tokenizer))
-    setup = common.setup_training(
-        round_cfg, mesh, model_cfg, lambda graphdef: make_hir_loss_fn(graphdef, h)
-    )
-    # The LM head on the response tokens only (the instructions are no targets).
-    budget = logit_budget_for([s for e in examples for s in e.sequences], t.seq_len)
-    batches = data.BatchIterator(
-        examples,
-        batch_size=t.batch_size,
-        seq_len=t.seq_len,
-        seed=config.seed + r,
-        packing=False,
-        batching=hir_batching(t.seq_len, slots, budget if budget < t.seq_len else None),
-    )
-    state = common.train_loop(
-        round_cfg,
-        round_dir,
-        setup,
-        batches,
-        data_state=batches.state,
-        restore_data=batches.restore,
-        count_tokens=data.num_tokens,
-    )
-    if int(state.step) < t.steps:  # stopped early (stop_after_steps): the rerun finishes
-      return {"stopped_in_round": r, "step": int(state.step)}
-    common.export_model(
-        round_cfg,
-        export,
-        state.params,
-        model_cfg,
-        tokenizer=os.path.abspath(tokenizer_dir),
-        step=int(state.step),
-    )
+    step = train_round(round_cfg, mesh, tokenizer, tokenizer_dir, records_path, round_dir, r)
+    if step < t.steps:  # stopped early (stop_after_steps): the rerun finishes
+      return {"stopped_in_round": r, "step": step}
     policy_export = export
   checkpoint.copy_export(policy_export, os.path.join(workdir, "export"))
   return {
@@ -389,3 +327,96 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           if k != "round" and v is not None
       },
   }
+
+
+def collect_round(
+    config: ml_collections.ConfigDict,
+    mesh,
+    tokenizer,
+    tasks: list[dict],
+    policy_export: str,
+    r: int,
+    records_path: str,
+) -> dict:
+  """Round `r`'s online sampling and relabeling: `samples_per_prompt` responses of the policy to
+  each task, relabeled by the world's checkers; writes `records_path`. -> the round's summary."""
+  h = config.hir
+  policy = common.load_policy(policy_export, mesh)
+  samples = best_of_k(
+      policy.params,
+      policy.sampler,
+      {},
+      None,
+      tokenizer,
+      tasks,
+      k=h.samples_per_prompt,
+      temperature=h.temperature,
+      max_new_tokens=h.max_new_tokens,
+      max_prompt_len=h.max_prompt_len,
+      batch_prompts=h.batch_prompts,
+      rng=jax.random.key(config.seed + r),
+  )
+  records, row = relabel_round(
+      [(s["record"], s["texts"]) for s in samples],
+      min_gold=h.min_gold,
+      negatives=h.negatives,
+      seed=config.seed + r,
+  )
+  if not records:
+    raise ValueError(
+        f"HIR round {r}: no sample followed any instruction (min_gold="
+        f"{h.min_gold}); lower config.hir.min_gold or sample more"
+    )
+  annotators.write_jsonl(records, records_path)
+  return row
+
+
+def train_round(
+    round_cfg: ml_collections.ConfigDict,
+    mesh,
+    tokenizer,
+    tokenizer_dir: str,
+    records_path: str,
+    round_dir: str,
+    r: int,
+) -> int:
+  """Round `r`'s offline training on its relabeled records, from `round_cfg.init_from`, resuming in
+  `round_dir`; exports ROUND_DIR/export when all `train.steps` are done. -> the step reached."""
+  h, t = round_cfg.hir, round_cfg.train
+  records = metrics.read_jsonl(records_path)
+  examples, stats = tokenize_records(records, tokenizer, seq_len=t.seq_len, negatives=h.negatives)
+  _log.info("HIR round %d data: %s", r, stats)
+  common.write_config(round_cfg, round_dir)
+  model_cfg = common.model_config(round_cfg, vocab_size=len(tokenizer))
+  setup = common.setup_training(
+      round_cfg, mesh, model_cfg, lambda graphdef: make_hir_loss_fn(graphdef, h)
+  )
+  # The LM head on the response tokens only (the instructions are no targets).
+  budget = logit_budget_for([s for e in examples for s in e.sequences], t.seq_len)
+  batches = data.BatchIterator(
+      examples,
+      batch_size=t.batch_size,
+      seq_len=t.seq_len,
+      seed=round_cfg.seed + r,
+      packing=False,
+      batching=hir_batching(t.seq_len, 1 + h.negatives, budget if budget < t.seq_len else None),
+  )
+  state = common.train_loop(
+      round_cfg,
+      round_dir,
+      setup,
+      batches,
+      data_state=batches.state,
+      restore_data=batches.restore,
+      count_tokens=data.num_tokens,
+  )
+  if int(state.step) >= t.steps:
+    common.export_model(
+        round_cfg,
+        os.path.join(round_dir, "export"),
+        state.params,
+        model_cfg,
+        tokenizer=os.path.abspath(tokenizer_dir),
+        step=int(state.step),
+    )
+  return int(state.step)

@@ -33,6 +33,7 @@ the pipeline fills in their data paths, tokenizer, `init_from` chain, seed and m
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import json
@@ -537,41 +538,50 @@ def shown_samples(rows: list[dict], n: int) -> list[dict]:
 
 @registry.register("pipeline", policy=False, pipeline_stage=False)
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs `config.stages` in order in WORKDIR/<stage> (finished stages are skipped, a stopped one
+  resumes), then the evaluations they name. -> the final metrics ({"stopped_in": stage} when a
+  stage stopped early)."""
   # A bad mesh fails before any stage runs; each stage writes its own config.
   common.start_run(config, workdir, write=False, train_batch=False)
-  stages = list(config.stages)
   training = training_stages(config)
   paths = build_world(config, os.path.join(workdir, "world"))
   if config.get("eval"):
     eval_tasks_path(config, paths)  # a bad config.eval.split fails before any training
-  previous, parents, rewards, reward_parents = None, {}, [], {}
+  done = run_stages(config, workdir, training, paths)
+  if done.stopped_in:
+    return {"stopped_in": done.stopped_in}
+  return evaluate_pipeline(config, workdir, paths, done)
+
+
+@dataclasses.dataclass
+class Trained:
+  """What `run_stages` trained: each policy stage's parent (in order), the reward stages and
+  theirs, or the stage that stopped early."""
+
+  parents: dict = dataclasses.field(default_factory=dict)
+  rewards: list = dataclasses.field(default_factory=list)
+  reward_parents: dict = dataclasses.field(default_factory=dict)
+  stopped_in: str | None = None
+
+
+def run_stages(config: ml_collections.ConfigDict, workdir: str, training: list, paths: dict):
+  """Runs the training stages (data collection, AI feedback, drivers) in order; `paths` gains the
+  data sets the collection stages write. -> Trained."""
+  done, previous = Trained(), None
   for stage in training:
     stage_dir = os.path.join(workdir, stage)
     export = os.path.join(stage_dir, "export")
     parent = parent_stage(config, stage, previous)
+    parent_export = os.path.join(workdir, parent, "export") if parent else ""
     if config[stage].algorithm == FEEDBACK:
-      paths.update(
-          collect_feedback(
-              config,
-              stage,
-              stage_dir,
-              paths,
-              os.path.join(workdir, parent, "export") if parent else "",
-          )
-      )
+      paths.update(collect_feedback(config, stage, stage_dir, paths, parent_export))
       continue
     if config[stage].algorithm == ai_feedback.ALGORITHM:  # AI-labelled pairs (RLAIF, RL-CAI)
       started = time.time()
       fresh = not os.path.exists(os.path.join(stage_dir, "stage.json"))
+      judge_export = os.path.join(workdir, config[stage].judge, "export")
       paths.update(
-          ai_feedback.collect(
-              config,
-              stage,
-              stage_dir,
-              paths,
-              os.path.join(workdir, parent, "export") if parent else "",
-              os.path.join(workdir, config[stage].judge, "export"),
-          )
+          ai_feedback.collect(config, stage, stage_dir, paths, parent_export, judge_export)
       )
       if fresh:
         write_stage_info(config, stage, stage_dir, parent, time.time() - started)
@@ -581,83 +591,100 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
       _log.info("stage %s: training in %s (from %s)", stage, stage_dir, parent or "scratch")
       os.makedirs(stage_dir, exist_ok=True)
-      init_from = os.path.join(workdir, parent, "export") if parent else ""
-      stage_cfg = stage_config(config, stage, paths, init_from, exports_dir=workdir)
+      stage_cfg = stage_config(config, stage, paths, parent_export, exports_dir=workdir)
       started = time.time()
       registry.get(stage_cfg.algorithm).train(stage_cfg, stage_dir)
       if not os.path.exists(export):  # stopped early (stop_after_steps): rerun to continue
-        return {"stopped_in": stage}
+        done.stopped_in = stage
+        return done
       write_stage_info(config, stage, stage_dir, parent, time.time() - started)
     if is_policy(config, stage):
       previous = stage
-      parents[stage] = parent
+      done.parents[stage] = parent
     elif config[stage].algorithm == "reward":
-      rewards.append(stage)
-      reward_parents[stage] = parent
-  trained = list(parents)
+      done.rewards.append(stage)
+      done.reward_parents[stage] = parent
+  return done
+
+
+def evaluate_pipeline(
+    config: ml_collections.ConfigDict, workdir: str, paths: dict, done: Trained
+) -> dict:
+  """The evaluations `config.stages` names: the reward models (`eval_rewards`, or `eval` with
+  `eval.rewards`), every trained policy's gold (`eval`) with the temperature baseline, the PPO
+  plot and the gates, the judge's agreement. -> the final metrics."""
+  stages, trained, parents = list(config.stages), list(done.parents), done.parents
   result = {"stages": trained}
   best_of_n = None  # the reward evaluation's best-of-n curve, drawn on the PPO plot
   score_rewards = "eval_rewards" in stages or (
       "eval" in stages and config.eval.get("rewards", True)
   )
-  if rewards and score_rewards:
+  if done.rewards and score_rewards:
     # Best of n from `eval.best_of_n_policy`, by default the policy the (helpfulness) reward model
     # branched from.
     anchor = (
         config.combine.helpful
-        if config.get("combine") and config.combine.helpful in rewards
-        else rewards[0]
+        if config.get("combine") and config.combine.helpful in done.rewards
+        else done.rewards[0]
     )
-    policy = config.eval.get("best_of_n_policy") or reward_parents.get(anchor)
+    policy = config.eval.get("best_of_n_policy") or done.reward_parents.get(anchor)
     summary, best_of_n = reward_eval.evaluate_reward_stages(
         config,
         workdir,
         paths,
-        rewards,
+        done.rewards,
         policy_export=os.path.join(workdir, policy, "export") if policy else "",
         tasks_path=eval_tasks_path(config, paths),
     )
     result.update(summary)
   if "eval" in stages and trained:
-    evaluated, eval_parents = with_rounds(config, workdir, trained, parents)
-    results = evaluate_stages(config, workdir, paths, evaluated, eval_parents)
-    result.update({f"{s}/{k}": v for s, r in results.items() for k, v in r["overall"].items()})
-    ppo_stages = [s for s in trained if config[s].algorithm in ppo.ESTIMATOR_OF]  # + GRPO, RLOO
-    # The temperature curve of the PPO stages' start policy (else of the SFT model): the baseline
-    # without a reward model or training that every method has to beat at equal KL.
-    start = parents.get(ppo_stages[0]) if ppo_stages else ("sft" if "sft" in trained else None)
-    curve = None
-    if config.eval.get("temperatures") and start:
-      curve = temperature_baseline(
-          config,
-          workdir,
-          paths,
-          start,
-          at_t1=results.get(start) if config.eval.temperature == 1.0 else None,
-      )
-      result["temperature_curve"] = curve
-    if ppo_stages:
-      baselines = []
-      if best_of_n:
-        name = next((k for k in best_of_n if k.startswith("combined")), None)
-        if name:
-          baselines.append(
-              {"label": f"best of n ({name})", "kl": best_of_n["kl"], **best_of_n[name]}
-          )
-      if curve:
-        baselines.append(
-            {
-                **curve,
-                "label": f"{curve['policy']} at T = "
-                + ", ".join(f"{t:g}" for t in curve["temperature"]),
-            }
-        )
-      result["plot"] = plot_ppo_runs(config, workdir, ppo_stages, results, baselines)
-    result["gates"] = write_gates(workdir, curve=curve, best_of_n=best_of_n, gold=results)
+    result.update(evaluate_policies(config, workdir, paths, parents, best_of_n))
   if "eval" in stages and "judge" in stages:
     agreement = evaluate_judge(config, workdir, paths)
     result.update({f"judge/{k}": v for k, v in agreement["overall"].items()})
     result["judge/pointwise_agreement"] = agreement["pointwise"]["overall"]["agreement_swapped"]
+  return result
+
+
+def evaluate_policies(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    paths: dict,
+    parents: dict,
+    best_of_n: dict | None,
+) -> dict:
+  """Gold of every trained policy (and rejection sampling's rounds) against its parent, the
+  temperature baseline of the PPO stages' start policy (else SFT's), the gold-vs-KL plot and the
+  gates. -> the final metrics' part of them."""
+  trained, result = list(parents), {}
+  evaluated, eval_parents = with_rounds(config, workdir, trained, parents)
+  results = evaluate_stages(config, workdir, paths, evaluated, eval_parents)
+  result.update({f"{s}/{k}": v for s, r in results.items() for k, v in r["overall"].items()})
+  ppo_stages = [s for s in trained if config[s].algorithm in ppo.ESTIMATOR_OF]  # + GRPO, RLOO
+  # The temperature curve of the PPO stages' start policy (else of the SFT model): the baseline
+  # without a reward model or training that every method has to beat at equal KL.
+  start = parents.get(ppo_stages[0]) if ppo_stages else ("sft" if "sft" in trained else None)
+  curve = None
+  if config.eval.get("temperatures") and start:
+    curve = temperature_baseline(
+        config,
+        workdir,
+        paths,
+        start,
+        at_t1=results.get(start) if config.eval.temperature == 1.0 else None,
+    )
+    result["temperature_curve"] = curve
+  if ppo_stages:
+    baselines = []
+    if best_of_n:
+      name = next((k for k in best_of_n if k.startswith("combined")), None)
+      if name:
+        baselines.append({"label": f"best of n ({name})", "kl": best_of_n["kl"], **best_of_n[name]})
+    if curve:
+      temperatures = ", ".join(f"{t:g}" for t in curve["temperature"])
+      baselines.append({**curve, "label": f"{curve['policy']} at T = {temperatures}"})
+    result["plot"] = plot_ppo_runs(config, workdir, ppo_stages, results, baselines)
+  result["gates"] = write_gates(workdir, curve=curve, best_of_n=best_of_n, gold=results)
   return result
 
 

@@ -419,11 +419,10 @@ def comparison_iterators(
   return batches, eval_iter
 
 
-@registry.register("reward", policy=False, blocks=("reward",))
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  mesh = common.start_run(config, workdir)
-  d, t, r = config.data, config.train, config.reward
-  kind = d.kind
+def check_config(config: ml_collections.ConfigDict):
+  """The margin table of `config.reward.margins`, after checking the reward block against the
+  data kind; ConfigError naming the field otherwise. Nothing is loaded."""
+  kind, r = config.data.kind, config.reward
   if kind not in ("pairwise", "ranking"):
     raise ConfigError(
         f"config.data.kind={kind!r}: a reward model trains on 'pairwise' or 'ranking' records"
@@ -439,6 +438,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "config.reward.margins applies to pairwise data (Llama 2); rankings have no "
         "preference levels: set config.reward.margins='none'"
     )
+  if r.lm_coef < 0:
+    raise ConfigError(f"config.reward.lm_coef={r.lm_coef} must be >= 0")
+  if r.lm_coef and r.share_prompt:
+    raise ConfigError(
+        "config.reward.lm_coef > 0 reads the next-token loss along each row, which "
+        "rows with shared prompts break at every response start: set "
+        "config.reward.share_prompt=False"
+    )
+  return margins
+
+
+@registry.register("reward", policy=False, blocks=("reward",))
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  mesh = common.start_run(config, workdir)
+  d, t, r = config.data, config.train, config.reward
+  kind, margins = d.kind, check_config(config)
   tokenizer_dir = d.tokenizer or (
       config.init_from and checkpoint.read_export_metadata(config.init_from).get("tokenizer")
   )
@@ -466,14 +481,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "config.reward.soft_labels=True trains on each pair's P(chosen better)",
     )
 
-  if r.lm_coef < 0:
-    raise ConfigError(f"config.reward.lm_coef={r.lm_coef} must be >= 0")
-  if r.lm_coef and r.share_prompt:
-    raise ConfigError(
-        "config.reward.lm_coef > 0 reads the next-token loss along each row, which "
-        "rows with shared prompts break at every response start: set "
-        "config.reward.share_prompt=False"
-    )
   make_loss = functools.partial(
       make_reward_loss_fn,
       kind=kind,
@@ -504,6 +511,38 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if int(state.step) < t.steps:  # stopped early (stop_after_steps): the rerun finishes
     return {"step": int(state.step)}
 
+  return finish(
+      config,
+      workdir,
+      setup,
+      state,
+      model_cfg,
+      eval_records,
+      eval_cmp,
+      num_responses,
+      margins,
+      tokenizer_dir,
+      data_stats={"train": stats, "eval": eval_stats},
+  )
+
+
+def finish(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    setup,
+    state,
+    model_cfg: ModelConfig,
+    eval_records: list[dict],
+    eval_cmp: list,
+    num_responses: int,
+    margins,
+    tokenizer_dir: str,
+    *,
+    data_stats: dict,
+) -> dict:
+  """After training: the held-out report (accuracy by margin level and family, or Kendall tau),
+  the scores' statistics (PPO whitens by them), the export, WORKDIR/eval.json and the table."""
+  t, kind = config.train, config.data.kind
   params = model_params(state.params)
   rm = RewardModel(setup.graphdef, params, model_cfg, setup.mesh, {})
   scores = score_comparisons(rm, eval_cmp, t.seq_len, num_responses, t.batch_size)
@@ -522,7 +561,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(
-        {"report": result_report, "stats": rm.stats, "data": {"train": stats, "eval": eval_stats}},
+        {"report": result_report, "stats": rm.stats, "data": data_stats},
         f,
         indent=1,
     )
