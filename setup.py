@@ -25,8 +25,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # nbclient + ipykernel: a test executes notebooks/compare_alignment_methods.ipynb.
-    # torch: the reference for HF checkpoint parity (tests/test_hf.py); never imported by rlhf_jax.
-    # trl (+ accelerate, ~1.5 MB, seconds): tests/test_bench.py runs `bench --compare` at a tiny size.
+    # torch: the reference for HF checkpoint parity (tests/integration/hf/test_checkpoints.py); never imported by rlhf_jax.
+    # trl (+ accelerate, ~1.5 MB, seconds): tests/integration/bench/test_suite.py runs `bench --compare` at a tiny size.
     "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0", "nbclient>=0.11.0", "nbformat>=5.11.1",
              "ipykernel>=7.4.0", "torch==2.13.0", "trl>=1.16.0",
              # `make lint` (part of `make test`): the formatter and the linter, configured in pyproject.toml.

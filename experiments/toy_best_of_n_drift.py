@@ -10,7 +10,7 @@ The policy is two rounds of rejection sampling against the quickstart's reward m
 From the SFT model, best of n rises to n = 16 (experiments/toy_best_of_n.py); from V2, whose
 samples carry the sign-offs that the reward models (trained on perturbation candidates, with
 annotators who like length) rank above gold's view (x0.85), the proxy keeps rising with n while
-gold turns over after n = 2. Measured: docs/toyworld.md, "Best of n".
+gold turns over after n = 2. Measured: docs/toyworld.md, "Best of n to 16, and biased annotators".
 """
 
 from rlhf_jax.configs.toy import rejection_sampling_stage, toy_pipeline_config

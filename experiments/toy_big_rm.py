@@ -3,10 +3,9 @@ raise gold helpfulness?
 
   python -m rlhf_jax.run --config=experiments/toy_big_rm.py --workdir=runs/bigtrunk
 
-Why: the toy policy (4 layers, width 128) gets arithmetic right 14% of the time, and reward models
-started from it order one prompt's samples by gold only where safety decides (within-prompt
-correlation 0.85 on unsafe and look-alike prompts, about 0 on arithmetic and word lists, docs/toyworld.md
-"PPO and rejection sampling"). A reward model cannot judge what its trunk cannot compute, so this
+Why: the toy policy (4 layers, width 128) rarely gets arithmetic right, and reward models started
+from it order one prompt's samples by gold only where safety decides, not on arithmetic or word
+lists (docs/toyworld.md, "PPO and rejection sampling (earlier world)"). A reward model cannot judge what its trunk cannot compute, so this
 experiment pretrains a second trunk from scratch (6 layers, width 192: about 3x the policy's
 parameters, the InstructGPT / Llama 2 practice of a reward model at least as large as the policy),
 fine-tunes it on the SFT data, and trains the two reward models from it:
@@ -21,8 +20,7 @@ fine-tunes it on the SFT data, and trains the two reward models from it:
 The reward evaluation's best of n uses the small SFT policy's samples (`eval.best_of_n_policy`), so
 its table compares the small and the big reward models on the samples PPO will see.
 
-Measured (docs/toyworld.md, "Why the reward models cannot lead PPO to the gold"): no better than the small
-reward model on content (within-prompt correlation with gold: arithmetic -0.08, facts 0.41).
+What it found: docs/toyworld.md, "Why the reward models cannot lead PPO to the gold".
 """
 
 from rlhf_jax.configs.toy import ppo_stage, reward_stage, stage, toy_pipeline_config

@@ -84,14 +84,14 @@ def get_config(arg=None):
   # (experiments/toy_dpo_sweep.py). The reference's log-probs per batch: 150 steps see a fraction
   # of the pairs, so precomputing them over the whole set would cost more than it saves.
   # DPO and cDPO: beta 0.3 and 300 steps, chosen on the validation prompts among beta 0.1 / 0.3 x
-  # 150 / 300 steps (experiments/toy_dpo_sweep.py: +0.254 / +0.247 / +0.289 / +0.329).
+  # 150 / 300 steps (experiments/toy_dpo_sweep.py; docs/toyworld.md, "DPO family on policy samples").
   c.dpo = dpo_stage(FEEDBACK, beta=0.3, steps=300)
   # cDPO: 10% of the labels assumed flipped.
   c.cdpo = dpo_stage(FEEDBACK, beta=0.3, label_smoothing=0.1, steps=300)
   c.ipo = dpo_stage(FEEDBACK, loss_type="ipo", beta=0.1)  # IPO's tau
   c.cpl = dpo_stage(FEEDBACK, loss_type="cpl", alpha=0.3)
-  # KTO: beta 0.3, chosen on the validation prompts (+0.152; at beta 0.1 it diverged, KL 8.2, and
-  # at lr 1e-5 it barely moved, +0.008).
+  # KTO: beta 0.3, chosen on the validation prompts (at beta 0.1 it diverged; at lr 1e-5 it barely
+  # moved).
   c.kto = kto_stage("feedback/kto", beta=0.3)
   c.simpo = dpo_stage(FEEDBACK, loss_type="simpo", lr=5e-5)  # 10x DPO's lr: at 5e-6 it barely moved
   c.orpo = dpo_stage(FEEDBACK, loss_type="orpo")

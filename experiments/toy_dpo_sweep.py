@@ -14,11 +14,8 @@ instead of the world stage's rankings of perturbation candidates ("dpo_perturbat
 ranking becomes its best-vs-rest pairs. All variants: 8 packed rows a step, lr 5e-5, from SFT,
 the reference's log-probs per batch.
 
-Measured on the validation prompts (2026-12-06, the committed defaults' SFT model, 1,024 x 4):
-beta 0.1 / 0.3 at 150 steps +0.254 / +0.247 (KL 1.18 / 0.96), at 300 steps +0.289 / **+0.329**
-(KL 3.27 / 1.77): toy_compare.py's "dpo" and "cdpo" use beta 0.3 and 300 steps. KTO on the
-annotators' thumbs up / down of the same samples: lr 1e-5 +0.008 (KL 0.01), beta 0.3 +0.152
-(KL 1.9; at beta 0.1 it diverged in the comparison, KL 8.2): toy_compare.py's "kto" uses beta 0.3.
+What it chose (toy_compare.py's "dpo" and "cdpo": beta 0.3, 300 steps; "kto": beta 0.3) and the
+validation figures behind the choice: docs/toyworld.md, "DPO family on policy samples".
 """
 
 from rlhf_jax.configs.toy import dpo_stage, kto_stage, toy_pipeline_config

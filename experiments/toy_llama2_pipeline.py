@@ -13,10 +13,11 @@ combination of it and the safety model, on 512 prompts no earlier round saw, is 
 samples. The safety model is trained once: the SFT model already refuses ~97% of unsafe requests.
 
 Why the reward models are retrained: with the first round's models throughout
-(`experiments/toy_rejection_sampling.py`, 3 rounds), the third round's best of 8 had *lower* gold
-than a random sample of V2 (0.609 vs 0.682): the models, trained on perturbation candidates, liked
-a sign-off that gold penalises, and V2's samples sat where the models had seen no labels. Labels
-of the latest policy's samples are what Llama 2 collected each week for exactly this reason.
+(`experiments/toy_rejection_sampling.py`, 3 rounds), the third round's best of 8 scored *lower*
+gold than a random sample of V2: the models, trained on perturbation candidates, liked a sign-off
+that gold penalises, and V2's samples sat where the models had seen no labels (docs/toyworld.md,
+"Rejection sampling rounds and PPO after them"). Labels of the latest policy's samples are what
+Llama 2 collected each week for exactly this reason.
 
 The gold table shows SFT, V1 (against SFT), V2 (against V1), V3 (against V2) and PPO (against V3).
 """

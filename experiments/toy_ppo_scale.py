@@ -3,7 +3,7 @@
   python -m rlhf_jax.run --config=experiments/toy_ppo_scale.py --workdir=runs/quickstart
 
 Every stage starts from the quickstart's SFT model. On the 2-core CPU an iteration of 512 prompts
-takes minutes; on one GPU about a second (docs/toyworld.md, "PPO at scale"). The question each stage answers:
+takes minutes; on one GPU about a second (docs/toyworld.md, "PPO at scale, on a GPU"). The question each stage answers:
   ppo_gold_512    PPO on the gold reward (an oracle reward model): does a large batch find the
                   sharpening (SFT at T = 0.7 beats SFT at T = 1 by +0.07 gold) that 32 prompts
                   per iteration did not?

@@ -5,7 +5,7 @@ the SFT model against their Llama 2 combination, then print the reward models' h
 alone and combined (and the gold of their best-of-n picks), the gold table of SFT and PPO (4
 samples of each of 1,024 held-out prompts, standard errors, PPO's paired difference to SFT), the
 SFT model's temperature curve, the gates (WORKDIR/eval/gates.json), sample conversations, and the
-proxy/gold-vs-KL plot (WORKDIR/eval/ppo_gold_vs_kl.png). 8m19s on a 2-core CPU (measured 2026-12-06).
+proxy/gold-vs-KL plot (WORKDIR/eval/ppo_gold_vs_kl.png). About 8 minutes on a 2-core CPU (docs/results.md, "Quickstart").
 
 Stages cache their outputs in WORKDIR/<stage>: a rerun skips finished stages.
 """
@@ -16,7 +16,8 @@ from rlhf_jax.configs.toy import ppo_stage, toy_pipeline_config
 def get_config():
   c = toy_pipeline_config()
   c.stages = ("world", "pretrain", "sft", "rm_helpful", "rm_safety", "ppo", "eval")
-  c.ppo = ppo_stage(iterations=30)  # measured: +0.250 gold at 30 iterations, +0.274 at 40
+  # 30 iterations fit the 10-minute budget; 40 gain little (docs/toyworld.md, "Measured").
+  c.ppo = ppo_stage(iterations=30)
   c.eval.skip = ("pretrain",)  # the gold table compares SFT with PPO; pretraining is the means
   # The reward report's best of n = 1, 2, 4 SFT samples of 512 test prompts (the oracle gate reads
   # n = 4; experiments/toy_best_of_n.py goes to n = 16), the temperature curve on the first 512

@@ -134,6 +134,23 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
         w.tokenizer_vocab_size,
         paths["tokenizer"],
     )
+  groups = _world_datasets(world, w, tokenizer)
+  counts = {}
+  for names, build in groups:
+    if all(os.path.exists(paths[name]) for name in names):
+      continue
+    for name, records in build().items():
+      annotators.write_jsonl(records, paths[name])  # atomic: never a half-written data file
+      counts[name] = len(records)
+  if counts:
+    _log.info("world: wrote %s", counts)
+  return paths
+
+
+def _world_datasets(world, w: ml_collections.ConfigDict, tokenizer) -> list:
+  """[(file names, build() -> {name: records})]: the world's data set groups. Each is built only
+  when one of its files is missing (`build_world`): a world written by an older version gains the
+  new data sets without rewriting (or re-tokenising) what stages trained on."""
   # Dialogues in pretraining text use the chat template, so SFT starts from a model that already
   # knows the format (and its bad habits).
   render = lambda messages: data.tokenizer.render_chat(
@@ -142,40 +159,29 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
   feedback = lambda n, seed, split: annotators.build_preference_datasets(
       world, n_prompts=n, seed=seed, noise=w.annotator_noise, split=split, **annotator_options(w)
   )
-  # Data set groups, each built only when one of its files is missing: a world written by an older
-  # version gains the new data sets without rewriting (or re-tokenising) what stages trained on.
-  groups = [
-      (
-          ("pretrain",),
-          lambda: {
-              "pretrain": [
-                  {"text": d}
-                  for d in corpora.pretraining_documents(
-                      world,
-                      w.pretrain_documents,
-                      w.seed,
-                      bad_habit_rate=w.bad_habit_rate,
-                      render=render,
-                  )
-              ]
-          },
-      ),
-      (
-          ("sft",),
-          lambda: {"sft": corpora.sft_records(world, w.sft_records, w.seed + 1, noise=w.sft_noise)},
-      ),
-      (
-          ("eval_tasks",),
-          lambda: {"eval_tasks": world.tasks(w.eval_prompts, seed=w.seed + 2, split="eval")},
-      ),
-      # Validation prompts, disjoint from the test prompts: what hyper-parameters are chosen on.
-      (
-          ("valid_tasks",),
-          lambda: {
-              "valid_tasks": world.tasks(
-                  w.get("valid_prompts", w.eval_prompts), seed=w.seed + 9, split="valid"
+  one = lambda name, build: ((name,), lambda: {name: build()})
+  return [
+      one(
+          "pretrain",
+          lambda: [
+              {"text": d}
+              for d in corpora.pretraining_documents(
+                  world,
+                  w.pretrain_documents,
+                  w.seed,
+                  bad_habit_rate=w.bad_habit_rate,
+                  render=render,
               )
-          },
+          ],
+      ),
+      one("sft", lambda: corpora.sft_records(world, w.sft_records, w.seed + 1, noise=w.sft_noise)),
+      one("eval_tasks", lambda: world.tasks(w.eval_prompts, seed=w.seed + 2, split="eval")),
+      # Validation prompts, disjoint from the test prompts: what hyper-parameters are chosen on.
+      one(
+          "valid_tasks",
+          lambda: world.tasks(
+              w.get("valid_prompts", w.eval_prompts), seed=w.seed + 9, split="valid"
+          ),
       ),
       # Simulated human feedback for reward models and preference methods, and held-out copies.
       (
@@ -189,46 +195,24 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
               for name, records in feedback(w.preference_eval_prompts, w.seed + 6, "eval").items()
           },
       ),
-      (
-          ("safety_critical_eval",),
-          lambda: {
-              "safety_critical_eval": annotators.gold_pairs(
-                  world,
-                  n_prompts=w.preference_eval_prompts,
-                  seed=w.seed + 7,
-                  families=annotators.SAFETY_FAMILIES,
-              )
-          },
+      one(
+          "safety_critical_eval",
+          lambda: annotators.gold_pairs(
+              world,
+              n_prompts=w.preference_eval_prompts,
+              seed=w.seed + 7,
+              families=annotators.SAFETY_FAMILIES,
+          ),
       ),
       # AI-judge training data (a limited number of gold labels) and held-out comparisons.
-      (
-          ("judge",),
-          lambda: {"judge": judge.judge_sft_records(world, w.judge_comparisons, w.seed + 4)},
-      ),
-      (
-          ("judge_eval",),
-          lambda: {
-              "judge_eval": judge.comparisons(
-                  world, w.judge_eval_comparisons, w.seed + 5, split="eval"
-              )
-          },
+      one("judge", lambda: judge.judge_sft_records(world, w.judge_comparisons, w.seed + 4)),
+      one(
+          "judge_eval",
+          lambda: judge.comparisons(world, w.judge_eval_comparisons, w.seed + 5, split="eval"),
       ),
       # Prompts for online methods (PPO, rejection sampling): training-split tasks.
-      (
-          ("rl_prompts",),
-          lambda: {"rl_prompts": world.tasks(w.rl_prompts, seed=w.seed + 8, split="train")},
-      ),
+      one("rl_prompts", lambda: world.tasks(w.rl_prompts, seed=w.seed + 8, split="train")),
   ]
-  counts = {}
-  for names, build in groups:
-    if all(os.path.exists(paths[name]) for name in names):
-      continue
-    for name, records in build().items():
-      annotators.write_jsonl(records, paths[name])  # atomic: never a half-written data file
-      counts[name] = len(records)
-  if counts:
-    _log.info("world: wrote %s", counts)
-  return paths
 
 
 def feedback_paths(stage: str, stage_dir: str) -> dict:

@@ -238,6 +238,189 @@ def make_iteration(
   single_update = estimator == "grpo" and cfg.epochs == 1 and cfg.minibatches == 1
   # config.ppo.share_prompt: every forward pass runs a prompt's K samples with the prompt once.
   share = (cfg.samples_per_prompt, cfg.max_new_tokens) if cfg.share_prompt else None
+  score, advantages, baseline = _rollout_fns(
+      policy_graphdef,
+      value_graphdef,
+      reward_graphdefs,
+      cfg,
+      reference_graphdef=reference_graphdef,
+      estimator=estimator,
+      single_update=single_update,
+      share=share,
+  )
+  reward_fn = jax.jit(spec.__call__) if spec is not None else None
+  update = _update_fn(
+      policy_graphdef,
+      value_graphdef,
+      policy_cfg,
+      optimizer,
+      mesh=mesh,
+      shardings=shardings,
+      cfg=cfg,
+      estimator=estimator,
+      share=share,
+  )
+  return _Iteration(
+      sampler=sampler,
+      score=score,
+      advantages=advantages,
+      baseline=baseline,
+      reward_fn=reward_fn,
+      update=update,
+      rollout_sharding=sharding.batch_sharding(mesh),
+      cfg=cfg,
+      eos_id=eos_id,
+      pad_id=pad_id,
+      estimator=estimator,
+      single_update=single_update,
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Iteration:
+  """`make_iteration`'s function: its jitted programs and the settings they share."""
+
+  sampler: Any
+  score: Callable
+  advantages: Callable
+  baseline: Callable
+  reward_fn: Callable | None
+  update: Callable
+  rollout_sharding: Any
+  cfg: ml_collections.ConfigDict
+  eos_id: int
+  pad_id: int
+  estimator: str
+  single_update: bool
+
+  def __call__(
+      self,
+      state,
+      reference,
+      reward_params,
+      prompt_tokens,
+      prompt_mask,
+      unsafe,
+      rng,
+      beta,
+      text_reward=None,
+  ):
+    cfg, k = self.cfg, self.cfg.samples_per_prompt
+    # K samples of each prompt, the prompt prefilled once; rows b K .. b K + K - 1 are prompt b's.
+    out = self.sampler(
+        state.params["policy"],
+        prompt_tokens,
+        prompt_mask,
+        rng,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        eos_id=self.eos_id,
+        pad_id=self.pad_id,
+        samples=k,
+    )
+    prompt_tokens, prompt_mask, unsafe = (
+        jnp.repeat(jnp.asarray(x), k, axis=0) for x in (prompt_tokens, prompt_mask, unsafe)
+    )
+    batch = dict(
+        zip(
+            ("tokens", "segment_ids", "positions", "response_mask"),
+            generate.full_sequence(prompt_tokens, prompt_mask, out),
+        )
+    )
+    old_logp, ref_logp, values, scores = self.score(
+        state.params["policy"], reference, state.params.get("value"), reward_params, batch
+    )
+    sampled_logp = old_logp
+    if self.single_update:  # response column P + j of the full sequence is the sampler's column j
+      sampled_logp = jnp.concatenate(
+          [jnp.zeros(prompt_tokens.shape, jnp.float32), out.logprobs], axis=1
+      )
+    if text_reward is not None:
+      reward = jnp.asarray(text_reward(out), jnp.float32)
+    else:
+      reward = self.reward_fn(scores, unsafe)
+    found = ppo_rollout.eos_found(out, self.eos_id)
+    adv = self.advantages(
+        sampled_logp,
+        ref_logp,
+        values,
+        self.baseline(reward),
+        batch["response_mask"],
+        found,
+        jnp.float32(beta),
+    )
+    rollout = {**batch, "advantages": adv["advantages"]}
+    if not self.single_update:
+      rollout["old_logp"] = old_logp
+    if self.estimator == "gae":
+      rollout.update(old_values=values, returns=adv["returns"])
+    elif self.estimator == "grpo":  # its KL term is in the loss
+      rollout["ref_logp"] = ref_logp
+    # Batch-sharded as the update expects (XLA may leave a scoring output replicated, e.g. for
+    # 24 rows on a (4, 1, 2) mesh); a no-op when it already is.
+    state, update_metrics = self.update(state, jax.device_put(rollout, self.rollout_sharding))
+    return state, {
+        "out": out,
+        "reward": reward,
+        "scores": scores,
+        "eos_found": found,
+        "sequence_kl": adv["sequence_kl"],
+        "update": update_metrics,
+    }
+
+
+def _update_fn(
+    policy_graphdef,
+    value_graphdef,
+    policy_cfg: ModelConfig,
+    optimizer,
+    *,
+    mesh,
+    shardings,
+    cfg: ml_collections.ConfigDict,
+    estimator: str,
+    share,
+):
+  """The iteration's jitted `cfg.epochs` x `cfg.minibatches` update (`make_ppo_update`) of the
+  estimator's loss; with LoRA only the adapters (and a value head) train."""
+  # The responses are the rollout's last max_new_tokens columns: only their logits are computed.
+  loss_fn = make_ppo_loss_fn(
+      policy_graphdef,
+      value_graphdef,
+      cfg,
+      estimator=estimator,
+      share=share,
+      response_len=cfg.max_new_tokens,
+  )
+  if policy_cfg.lora_rank:  # only the adapters (and a value head) train
+    loss_fn = lora.freeze_base(loss_fn)
+  return make_ppo_update(
+      loss_fn,
+      optimizer,
+      mesh=mesh,
+      shardings=shardings,
+      cfg=cfg,
+      group=cfg.samples_per_prompt if share else 1,
+  )
+
+
+def _rollout_fns(
+    policy_graphdef,
+    value_graphdef,
+    reward_graphdefs: dict,
+    cfg: ml_collections.ConfigDict,
+    *,
+    reference_graphdef,
+    estimator: str,
+    single_update: bool,
+    share,
+):
+  """The iteration's jitted rollout programs: (score, advantages, baseline).
+
+  score(policy, reference, value, reward_params, batch) -> (old_logp, ref_logp, values, scores);
+  advantages(old_logp, ref_logp, values, reward [B], response_mask, eos_found, beta) -> GAE
+  (estimator "gae") or the group estimators' dict; baseline(reward [B]) -> [B] relative to the
+  prompt's other samples (`cfg.reward_baseline`)."""
   score = jax.jit(
       ppo_rollout.make_score_fn(
           policy_graphdef,
@@ -260,104 +443,10 @@ def make_iteration(
             old, ref, *args, cfg=cfg, estimator=estimator
         )
     )
-  reward_fn = jax.jit(spec.__call__) if spec is not None else None
   baseline = jax.jit(
       lambda r: ppo_rollout.baselined_reward(r, cfg.samples_per_prompt, cfg.reward_baseline)
   )
-  rollout_sharding = sharding.batch_sharding(mesh)
-  # The responses are the rollout's last max_new_tokens columns: only their logits are computed.
-  loss_fn = make_ppo_loss_fn(
-      policy_graphdef,
-      value_graphdef,
-      cfg,
-      estimator=estimator,
-      share=share,
-      response_len=cfg.max_new_tokens,
-  )
-  if policy_cfg.lora_rank:  # only the adapters (and a value head) train
-    loss_fn = lora.freeze_base(loss_fn)
-  update = make_ppo_update(
-      loss_fn,
-      optimizer,
-      mesh=mesh,
-      shardings=shardings,
-      cfg=cfg,
-      group=cfg.samples_per_prompt if share else 1,
-  )
-
-  def iteration(
-      state,
-      reference,
-      reward_params,
-      prompt_tokens,
-      prompt_mask,
-      unsafe,
-      rng,
-      beta,
-      text_reward=None,
-  ):
-    k = cfg.samples_per_prompt
-    # K samples of each prompt, the prompt prefilled once; rows b K .. b K + K - 1 are prompt b's.
-    out = sampler(
-        state.params["policy"],
-        prompt_tokens,
-        prompt_mask,
-        rng,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        samples=k,
-    )
-    prompt_tokens, prompt_mask, unsafe = (
-        jnp.repeat(jnp.asarray(x), k, axis=0) for x in (prompt_tokens, prompt_mask, unsafe)
-    )
-    tokens, segment_ids, positions, response_mask = generate.full_sequence(
-        prompt_tokens, prompt_mask, out
-    )
-    batch = {
-        "tokens": tokens,
-        "segment_ids": segment_ids,
-        "positions": positions,
-        "response_mask": response_mask,
-    }
-    old_logp, ref_logp, values, scores = score(
-        state.params["policy"], reference, state.params.get("value"), reward_params, batch
-    )
-    sampled_logp = old_logp
-    if single_update:  # response column P + j of the full sequence is the sampler's column j
-      sampled_logp = jnp.concatenate(
-          [jnp.zeros(prompt_tokens.shape, jnp.float32), out.logprobs], axis=1
-      )
-    if text_reward is not None:
-      reward = jnp.asarray(text_reward(out), jnp.float32)
-    else:
-      reward = reward_fn(scores, unsafe)
-    found = ppo_rollout.eos_found(out, eos_id)
-    adv = advantages(
-        sampled_logp, ref_logp, values, baseline(reward), response_mask, found, jnp.float32(beta)
-    )
-    # Batch-sharded as the update expects (XLA may leave a scoring output replicated, e.g. for
-    # 24 rows on a (4, 1, 2) mesh); a no-op when it already is.
-    rollout = {**batch, "advantages": adv["advantages"]}
-    if not single_update:
-      rollout["old_logp"] = old_logp
-    if estimator == "gae":
-      rollout.update(old_values=values, returns=adv["returns"])
-    elif estimator == "grpo":  # its KL term is in the loss
-      rollout["ref_logp"] = ref_logp
-    rollout = jax.device_put(rollout, rollout_sharding)
-    state, update_metrics = update(state, rollout)
-    return state, {
-        "out": out,
-        "reward": reward,
-        "scores": scores,
-        "eos_found": found,
-        "sequence_kl": adv["sequence_kl"],
-        "update": update_metrics,
-    }
-
-  return iteration
+  return score, advantages, baseline
 
 
 # config.algorithm -> advantage estimator. PPO, GRPO and RLOO share the `config.ppo` block and this

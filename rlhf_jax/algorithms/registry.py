@@ -24,6 +24,7 @@ from typing import Any, Callable
 import ml_collections
 
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.losses.registry import origin, qualname
 
 Driver = Callable[[ml_collections.ConfigDict, str], dict]
 
@@ -89,9 +90,9 @@ def register(
         blocks=tuple(blocks),
     )
     old = _REGISTRY.get(name)
-    if old is not None and _origin(old.train) != _origin(train):
+    if old is not None and origin(old.train) != origin(train):
       raise ValueError(
-          f"algorithm {name!r} is registered twice: by {_qualname(old.train)} and {_qualname(train)}"
+          f"algorithm {name!r} is registered twice: by {qualname(old.train)} and {qualname(train)}"
       )
     _REGISTRY[name] = entry
     return train
@@ -102,17 +103,6 @@ def register(
 def unregister(name: str) -> None:
   """Removes an entry (tests register throwaway algorithms)."""
   _REGISTRY.pop(name, None)
-
-
-def _qualname(fn: Callable) -> str:
-  return f"{fn.__module__}.{fn.__qualname__}"
-
-
-def _origin(fn: Callable) -> tuple[str, str]:
-  """Where a function is defined: a module loaded twice (an experiment file is read by the
-  override check and by the config flag, under two module names) defines the same functions."""
-  code = getattr(fn, "__code__", None)
-  return (code.co_filename if code else fn.__module__, fn.__qualname__)
 
 
 def _load_builtin() -> None:

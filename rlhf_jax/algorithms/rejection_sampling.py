@@ -117,6 +117,10 @@ def export_final(policy_export: str, workdir: str) -> None:
     blocks=("rejection_sampling",),
 )
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Llama 2's iterated rejection sampling: each round samples `samples_per_prompt` responses per
+  prompt from the current policy, keeps the reward model's best (`round_<r>/kept.jsonl`) and
+  fine-tunes on them (`finetune`); the next round samples from that model. Rounds already
+  sampled or trained are skipped on a rerun. Returns the per-round summary (`rounds.json`)."""
   mesh = common.start_run(config, workdir, write=False, train_batch=False)
   rs = config.rejection_sampling
   if len(rs.temperatures) != rs.rounds:
@@ -160,32 +164,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           batch_prompts=rs.batch_prompts,
           rng=jax.random.key(config.seed + r),
       )
-      kept, row = [], {"round": r, "temperature": rs.temperatures[r - 1]}
-      first_gold, best_gold = [], []
-      for sample in samples:
-        record, i = sample["record"], int(np.argmax(sample["rewards"]))
-        candidate = {
-            "prompt": record["prompt"],
-            "completion": sample["texts"][i],
-            "reward": float(sample["rewards"][i]),
-            "round": r,
-        }
-        previous = best.get(_key(record["prompt"]))
-        if rs.keep_best_across_rounds and previous and previous["reward"] >= candidate["reward"]:
-          candidate = previous
-        gold = gold_combined(record, candidate["completion"])
-        if gold is not None:
-          candidate = {**candidate, "gold_combined": gold}
-        first_gold.append(gold_combined(record, sample["texts"][0]))
-        best_gold.append(gold)
-        kept.append(candidate)
-      row.update(
-          sample_reward=float(np.mean([s["rewards"][0] for s in samples])),
-          best_reward=float(np.mean([k["reward"] for k in kept])),
-          sample_gold=mean_or_none(first_gold),
-          best_gold=mean_or_none(best_gold),
-          from_earlier_rounds=sum(k["round"] < r for k in kept),
-      )
+      kept, row = _keep_best(samples, best, r, across_rounds=rs.keep_best_across_rounds)
+      row = {"round": r, "temperature": rs.temperatures[r - 1], **row}
       summary = [s for s in summary if s["round"] != r] + [row]
       metrics.write_json(summary, summary_path)
       kept = [k for k in kept if k["completion"]]
@@ -209,6 +189,39 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           if k != "round" and v is not None
       },
   }
+
+
+def _keep_best(samples: list, best: dict, r: int, *, across_rounds: bool) -> tuple[list, dict]:
+  """Round r's kept records (each prompt's highest-reward sample, or the best of an earlier round
+  when `across_rounds` and it scored higher; `best`: prompt key -> kept record) and the round's
+  summary: mean reward and gold of the first sample and of the kept ones."""
+  kept = []
+  first_gold, best_gold = [], []
+  for sample in samples:
+    record, i = sample["record"], int(np.argmax(sample["rewards"]))
+    candidate = {
+        "prompt": record["prompt"],
+        "completion": sample["texts"][i],
+        "reward": float(sample["rewards"][i]),
+        "round": r,
+    }
+    previous = best.get(_key(record["prompt"]))
+    if across_rounds and previous and previous["reward"] >= candidate["reward"]:
+      candidate = previous
+    gold = gold_combined(record, candidate["completion"])
+    if gold is not None:
+      candidate = {**candidate, "gold_combined": gold}
+    first_gold.append(gold_combined(record, sample["texts"][0]))
+    best_gold.append(gold)
+    kept.append(candidate)
+  row = dict(
+      sample_reward=float(np.mean([s["rewards"][0] for s in samples])),
+      best_reward=float(np.mean([k["reward"] for k in kept])),
+      sample_gold=mean_or_none(first_gold),
+      best_gold=mean_or_none(best_gold),
+      from_earlier_rounds=sum(k["round"] < r for k in kept),
+  )
+  return kept, row
 
 
 def _key(prompt) -> str:

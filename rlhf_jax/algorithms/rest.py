@@ -166,6 +166,10 @@ def _summary(samples: Sequence[dict]) -> dict:
     blocks=("rest",),
 )
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """ReST (Gulcehre et al. 2023): each Grow step samples the current policy on fresh prompts and
+  scores the samples with the reward model (`grow_<g>/samples.jsonl`); each Improve step
+  fine-tunes on the samples above a rising threshold (`grow_<g>/improve_<k>/`). Finished steps are
+  skipped on a rerun. Returns each step's summary (`steps.json`)."""
   mesh = common.start_run(config, workdir, write=False, train_batch=False)
   r = config.rest
   check_config(r)
@@ -193,19 +197,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     grow_dir = os.path.join(workdir, f"grow_{g}")
     samples_path = os.path.join(grow_dir, "samples.jsonl")
     if not os.path.exists(samples_path):
-      annotators.write_jsonl(
-          grow(
-              policy_export,
-              mesh,
-              rms,
-              spec,
-              tokenizer,
-              grow_prompts[g - 1],
-              r,
-              jax.random.key(config.seed + g),
-          ),
-          samples_path,
-      )
+      rng = jax.random.key(config.seed + g)
+      samples = grow(policy_export, mesh, rms, spec, tokenizer, grow_prompts[g - 1], r, rng)
+      annotators.write_jsonl(samples, samples_path)
     samples = metrics.read_jsonl(samples_path)
     record(
         {
@@ -219,13 +213,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sets = improve_sets(samples, r.thresholds, kind=r.threshold_kind)
     for k, (threshold, (tau, kept)) in enumerate(zip(r.thresholds, sets), start=1):
       if not kept:
-        rewards = [s["reward"] for s in samples]
-        raise ValueError(
-            f"config.rest.thresholds[{k - 1}]={threshold} ({r.threshold_kind}: reward >= {tau:.4g})"
-            f" keeps no sample of Grow step {g} ({len(samples)} samples, rewards "
-            f"{min(rewards):.4g} to {max(rewards):.4g}, {sum(not s['completion'] for s in samples)}"
-            f" empty); lower it"
-        )
+        raise _nothing_kept(r, k, threshold, tau, g, samples)
       improve_dir = os.path.join(grow_dir, f"improve_{k}")
       kept_path = os.path.join(improve_dir, "kept.jsonl")
       if not os.path.exists(kept_path):  # a resumed SFT continues on the data it started on
@@ -258,3 +246,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           if name not in ("grow", "improve") and v is not None
       },
   }
+
+
+def _nothing_kept(r, k: int, threshold, tau: float, g: int, samples: list) -> ValueError:
+  """The error for Improve step k of Grow step g keeping no sample: the threshold, the rewards."""
+  rewards = [s["reward"] for s in samples]
+  return ValueError(
+      f"config.rest.thresholds[{k - 1}]={threshold} ({r.threshold_kind}: reward >= {tau:.4g})"
+      f" keeps no sample of Grow step {g} ({len(samples)} samples, rewards "
+      f"{min(rewards):.4g} to {max(rewards):.4g}, {sum(not s['completion'] for s in samples)}"
+      f" empty); lower it"
+  )

@@ -111,49 +111,19 @@ def sample_table(sampler, params, tokenizer, records, config, rng) -> list[dict]
 @registry.register("sft", policy=True)
 @registry.register("pretrain", policy=True, data_kind="text")
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Supervised fine-tuning on prompt/completion records (loss on the completion's tokens), or
+  next-token pretraining on text records (`config.data.kind="text"`); resumable. Writes
+  `export/` once `config.train.steps` are done and `samples.json` (greedy generations before and
+  after); returns {"step", "eval/<metric>", ["samples/exact_match"]}."""
   mesh = common.start_run(config, workdir)
   tokenizer, train_records, eval_records = load_tokenizer_and_records(config, workdir)
   t = config.train
-  if config.data.kind == "text":
-    tokenize = tokenize_text
-  else:
-    tokenize = functools.partial(data.tokenize_sft, prompt_overflow=config.data.prompt_overflow)
-  train_examples, stats = tokenize(train_records, tokenizer, max_len=t.seq_len)
-  eval_examples, _ = tokenize(eval_records, tokenizer, max_len=t.seq_len)
-  for name, examples in (("training", train_examples), ("eval", eval_examples)):
-    if not examples:  # every prompt filled seq_len and was skipped
-      raise ConfigError(
-          f"no {name} example fits config.train.seq_len={t.seq_len} tokens; raise "
-          "config.train.seq_len, or set config.data.prompt_overflow='truncate_left'"
-      )
-  _log.info("%s data: %s train, %d eval examples", config.data.kind, stats, len(eval_examples))
-
+  train_examples, eval_examples = _tokenize(config, tokenizer, train_records, eval_records)
   model_cfg = common.model_config(config, vocab_size=len(tokenizer))
   setup = common.setup_training(config, mesh, model_cfg, make_sft_loss_fn)
   # The batches list their target tokens when the prompts leave some out: the LM head then runs
   # on those only (data/sft.py `logit_budget`; pretraining text is all targets: no list).
-  budget = logit_budget_for([*train_examples, *eval_examples], t.seq_len)
-  batching = data.sft_batching(
-      t.batch_size, t.seq_len, logit_budget=budget if budget < t.seq_len else None
-  )
-  batches = data.BatchIterator(
-      train_examples,
-      batch_size=t.batch_size,
-      seq_len=t.seq_len,
-      seed=config.seed,
-      packing=config.data.packing,
-      batching=batching,
-  )
-
-  eval_iter = data.BatchIterator(
-      eval_examples,
-      batch_size=t.batch_size,
-      seq_len=t.seq_len,
-      seed=0,
-      packing=False,
-      shuffle=False,
-      batching=batching,
-  )
+  batches, eval_iter = _batch_iterators(config, train_examples, eval_examples)
   evaluate = common.make_evaluate(
       make_sft_loss_fn(setup.graphdef), setup, eval_iter, t.eval_batches
   )
@@ -193,13 +163,67 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tokenizer=tokenizer_path(config, workdir),
         step=int(state.step),
     )
+  _write_samples(workdir, before, after)
+  result = {"step": int(state.step), **{f"eval/{k}": v for k, v in final.items()}}
+  if after and "correct" in after[0]:
+    result["samples/exact_match"] = float(np.mean([r["correct"] for r in after]))
+  return result
+
+
+def _tokenize(config, tokenizer, train_records: list, eval_records: list) -> tuple[list, list]:
+  """(train examples, eval examples) of `config.data.kind` ("sft" or "text") within
+  `config.train.seq_len`; a ConfigError when none fits."""
+  t = config.train
+  if config.data.kind == "text":
+    tokenize = tokenize_text
+  else:
+    tokenize = functools.partial(data.tokenize_sft, prompt_overflow=config.data.prompt_overflow)
+  train_examples, stats = tokenize(train_records, tokenizer, max_len=t.seq_len)
+  eval_examples, _ = tokenize(eval_records, tokenizer, max_len=t.seq_len)
+  for name, examples in (("training", train_examples), ("eval", eval_examples)):
+    if not examples:  # every prompt filled seq_len and was skipped
+      raise ConfigError(
+          f"no {name} example fits config.train.seq_len={t.seq_len} tokens; raise "
+          "config.train.seq_len, or set config.data.prompt_overflow='truncate_left'"
+      )
+  _log.info("%s data: %s train, %d eval examples", config.data.kind, stats, len(eval_examples))
+  return train_examples, eval_examples
+
+
+def _batch_iterators(config, train_examples: list, eval_examples: list):
+  """(training batches, eval batches): the SFT batch layout, listing target tokens when the
+  prompts leave some out."""
+  t = config.train
+  budget = logit_budget_for([*train_examples, *eval_examples], t.seq_len)
+  batching = data.sft_batching(
+      t.batch_size, t.seq_len, logit_budget=budget if budget < t.seq_len else None
+  )
+  batches = data.BatchIterator(
+      train_examples,
+      batch_size=t.batch_size,
+      seq_len=t.seq_len,
+      seed=config.seed,
+      packing=config.data.packing,
+      batching=batching,
+  )
+
+  eval_iter = data.BatchIterator(
+      eval_examples,
+      batch_size=t.batch_size,
+      seq_len=t.seq_len,
+      seed=0,
+      packing=False,
+      shuffle=False,
+      batching=batching,
+  )
+  return batches, eval_iter
+
+
+def _write_samples(workdir: str, before: list | None, after: list) -> None:
+  """samples.json, and the before / after generations printed on process 0."""
   with open(os.path.join(workdir, "samples.json"), "w") as f:
     json.dump({"before": before, "after": after}, f, indent=1)
   if jax.process_index() == 0 and after:
     if before is not None:
       print("\nGenerations before training:\n" + format_table(before))
     print("\nGenerations after training:\n" + format_table(after))
-  result = {"step": int(state.step), **{f"eval/{k}": v for k, v in final.items()}}
-  if after and "correct" in after[0]:
-    result["samples/exact_match"] = float(np.mean([r["correct"] for r in after]))
-  return result

@@ -623,9 +623,13 @@ def summary_table(records: list[dict]) -> str:
 def measured(bench_fn, *args, **kwargs) -> dict:
   """bench_fn(*args, **kwargs)'s record with its peak memory (`peak_memory`) added, and on a host
   backend the resident set when it started (`rss_start_bytes`: the runtime, earlier benchmarks'
-  compiled programs) to read the peak against."""
+  compiled programs) to read the peak against.
+
+  The start is the high-water mark just after the reset, not VmRSS: the kernel keeps its RSS
+  counters per CPU and reads them approximately, so a VmRSS read can exceed a later VmHWM by a few
+  pages; two reads of the same mark are ordered (it only rises until the next reset)."""
   reset_peak_memory()
-  start = _proc_status_bytes("VmRSS")
+  start = _proc_status_bytes("VmHWM")
   record = bench_fn(*args, **kwargs)
   record.update(peak_memory())
   if "peak_rss_bytes" in record and start is not None:

@@ -27,6 +27,19 @@ import jax
 Array = jax.Array
 
 
+def qualname(fn: Callable) -> str:
+  return f"{fn.__module__}.{fn.__qualname__}"
+
+
+def origin(fn: Callable) -> tuple[str, str]:
+  """Where a function is defined, for the registries' "registered twice" check (this one and
+  rlhf_jax.algorithms.registry's): a module loaded twice (an experiment file is read by the
+  override check and by the config flag, under two module names) defines the same functions, which
+  is no conflict."""
+  code = getattr(fn, "__code__", None)
+  return (code.co_filename if code else fn.__module__, fn.__qualname__)
+
+
 class PairLogps(NamedTuple):
   """A batch of N preference pairs, all [N]: summed response log-probs of the chosen and the
   rejected response under the policy (`chosen`, `rejected`) and the reference (`ref_chosen`,
@@ -74,11 +87,10 @@ def register_pair_loss(
           f"keyword-only arguments of {fn.__qualname__}, {sorted(keyword)}"
       )
     old = _PAIR_LOSSES.get(name)
-    if old is not None and (old.fn.__code__.co_filename, old.fn.__qualname__) != (
-        fn.__code__.co_filename,
-        fn.__qualname__,
-    ):
-      raise ValueError(f"pair loss {name!r} is registered twice")
+    if old is not None and origin(old.fn) != origin(fn):
+      raise ValueError(
+          f"pair loss {name!r} is registered twice: by {qualname(old.fn)} and {qualname(fn)}"
+      )
     doc = (inspect.getdoc(fn) or "").split("\n\n")[0]
     _PAIR_LOSSES[name] = PairLoss(name, fn, dict(defaults), reference, doc)
     return fn

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import scoring
-from rlhf_jax.configs.base import base_config
 from rlhf_jax.models import ModelConfig, create_model, split_model
 from rlhf_jax.train import checkpoint
+from tests.helpers.configs import pairwise_data, run_config
 
 TINY = dict(
     vocab_size=384,
@@ -97,31 +97,24 @@ def write_jsonl(path, records):
   return str(path)
 
 
-def rm_config(tmp_path, words_tokenizer_dir, source, kind="pairwise", steps=30):
-  c = base_config()
-  c.algorithm = "reward"
-  c.init_from = str(tmp_path / "lm")
-  c.model.vocab_size = 0
-  c.mesh.shape = (2, 2, 2)
-  c.optim.update(lr=3e-3, warmup_steps=3)
-  c.train.update(
+def _driver_config(algorithm, tmp_path, words_tokenizer_dir, source, kind, steps):
+  """A 30-step run of `algorithm` from the tiny LM export at tmp_path/lm on the words pairs."""
+  c = run_config(
+      algorithm,
       steps=steps,
       batch_size=8,
       seq_len=128,
       log_every=10,
-      eval_every=steps,
-      eval_batches=1,
       checkpoint_every=steps,
       async_checkpoint=False,
+      warmup_steps=3,
   )
-  c.data.update(
-      kind=kind,
-      source=source,
-      tokenizer=str(words_tokenizer_dir),
-      eval_fraction=0.25,
-      packing=True,
-      prompt_overflow="skip",
-  )
+  c.init_from = str(tmp_path / "lm")
+  return pairwise_data(c, source, str(words_tokenizer_dir), kind=kind)
+
+
+def rm_config(tmp_path, words_tokenizer_dir, source, kind="pairwise", steps=30):
+  c = _driver_config("reward", tmp_path, words_tokenizer_dir, source, kind, steps)
   c.reward.update(
       margins="small" if kind == "pairwise" else "none",
       center_coef=0.01,
@@ -154,30 +147,7 @@ def learnable_pairs(n, seed=0):
 
 
 def dpo_config(tmp_path, words_tokenizer_dir, source, steps=30, reference="precompute"):
-  c = base_config()
-  c.algorithm = "dpo"
-  c.init_from = str(tmp_path / "lm")
-  c.model.vocab_size = 0
-  c.mesh.shape = (2, 2, 2)
-  c.optim.update(lr=3e-3, warmup_steps=3)
-  c.train.update(
-      steps=steps,
-      batch_size=8,
-      seq_len=128,
-      log_every=10,
-      eval_every=steps,
-      eval_batches=1,
-      checkpoint_every=steps,
-      async_checkpoint=False,
-  )
-  c.data.update(
-      kind="pairwise",
-      source=source,
-      tokenizer=str(words_tokenizer_dir),
-      eval_fraction=0.25,
-      packing=True,
-      prompt_overflow="skip",
-  )
+  c = _driver_config("dpo", tmp_path, words_tokenizer_dir, source, "pairwise", steps)
   c.reward.comparisons_per_row = 3
   c.dpo.reference = reference
   c.dpo.sigmoid.beta = 0.5

@@ -104,3 +104,62 @@ def test_no_internal_notes(page: Path):
 def test_readme_is_short():
   lines = len(README.read_text().splitlines())
   assert lines <= MAX_README_LINES, f"README.md has {lines} lines (at most {MAX_README_LINES})"
+
+
+# A pointer from code or docs into a page's section: docs/toyworld.md, "Best of n to 16" (the
+# quoted text starts a heading, or a paragraph's bold lead, of that page). Wrapped lines and
+# comment markers are joined first.
+SECTION_REF = re.compile(r"((?:docs/[\w/]+|README)\.md),\s+\"([^\"]+)\"")
+SOURCE_DIRS = ("rlhf_jax", "experiments", "scripts", "notebooks", "tests")
+
+
+def source_files() -> list[Path]:
+  files = [
+      p for d in SOURCE_DIRS for p in sorted((ROOT / d).rglob("*")) if p.suffix in (".py", ".ipynb")
+  ]
+  return [p for p in files if "__pycache__" not in p.parts]
+
+
+def section_refs(text: str) -> list[tuple[str, str]]:
+  """(page, quoted section) pairs named in `text`, across wrapped lines and `#` comments."""
+  joined = " ".join(re.sub(r"^\s*#+\s?", "", line).strip() for line in text.splitlines())
+  return SECTION_REF.findall(joined)
+
+
+def section_titles(page: Path) -> list[str]:
+  """A page's headings and bold paragraph leads, in words without Markdown markup."""
+  text = FENCE.sub("", page.read_text())
+  titles = re.findall(r"^#+\s+(.+?)\s*$", text, re.M)
+  titles += re.findall(r"^(?:- )?\*\*(.+?)\*\*", text, re.M | re.S)
+  return [" ".join(t.replace("`", "").split()) for t in titles]
+
+
+def test_section_ref_parser():
+  text = 'x (docs/toyworld.md,\n  # "Best of n\n  # to 16") and README.md, "Set-up" but not docs/a.md "x"'
+  assert section_refs(text) == [("docs/toyworld.md", "Best of n to 16"), ("README.md", "Set-up")]
+
+
+def test_section_references_name_sections_that_exist():
+  """A docstring, comment or page that sends the reader to a section names one that exists."""
+  files = [p for p in source_files() if p.name != "test_docs.py"] + markdown_files()
+  broken, checked = [], 0
+  for path in files:
+    for page, title in section_refs(path.read_text()):
+      target = ROOT / page
+      title, checked = " ".join(title.replace("`", "").split()), checked + 1
+      if not target.exists() or not any(t.startswith(title) for t in section_titles(target)):
+        broken.append(f'{path.relative_to(ROOT)}: {page}, "{title}"')
+  assert not broken, "references to missing sections:\n" + "\n".join(broken)
+  assert checked >= 15  # the pattern still finds the references (18 when written)
+
+
+def test_sources_do_not_mention_internal_notes():
+  """Docstrings and comments point users at docs/, never at notes outside the repository."""
+  found = [
+      f"{p.relative_to(ROOT)}: {word}"
+      for p in source_files()
+      if p.name != "test_docs.py"
+      for word in FORBIDDEN
+      if word in p.read_text()
+  ]
+  assert not found, found

@@ -108,11 +108,17 @@ def test_rm_step_refuses_rows_that_are_not_whole_pairs(tiny):
 
 def test_peak_memory_reads_the_host_high_water_mark(monkeypatch, tmp_path):
   status, clear = tmp_path / "status", tmp_path / "clear_refs"
-  status.write_text("Name:\tpython\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n")
+  status.write_text("Name:\tpython\nVmHWM:\t  1024 kB\nVmRSS:\t  1000 kB\n")
   monkeypatch.setattr(bench, "_PROC_STATUS", str(status))
   monkeypatch.setattr(bench, "_PROC_CLEAR_REFS", str(clear))
-  record = bench.measured(lambda: {"x": 1})
+
+  def bench_fn():  # the benchmark's arrays raise the mark, then are freed
+    status.write_text("Name:\tpython\nVmHWM:\t  2048 kB\nVmRSS:\t  1010 kB\n")
+    return {"x": 1}
+
+  record = bench.measured(bench_fn)
   assert clear.read_text() == "5"  # the kernel's "reset the peak RSS" request
+  # The start is the mark when the window opened (VmHWM), the peak the mark when it closed.
   assert record == {"x": 1, "peak_rss_bytes": 2048 * 1024, "rss_start_bytes": 1024 * 1024}
   status.unlink()  # not Linux: nothing to report, nothing raised
   monkeypatch.setattr(bench, "_PROC_CLEAR_REFS", str(tmp_path / "missing" / "clear_refs"))

@@ -33,6 +33,25 @@ def test_defaults_must_name_exactly_the_keyword_arguments():
     registry.get_pair_loss("sigmod")
 
 
+def test_a_name_registered_twice_by_two_functions_is_an_error():
+  def loss(pairs, *, beta):
+    return 0.0, {}
+
+  def other(pairs, *, beta):
+    return 1.0, {}
+
+  registry.register_pair_loss("test_twice", beta=0.1)(loss)
+  try:
+    registry.register_pair_loss("test_twice", beta=0.1)(loss)  # the same function: fine
+    with pytest.raises(
+        ValueError, match=r"'test_twice' is registered twice: by .*\.loss and .*other"
+    ):
+      registry.register_pair_loss("test_twice", beta=0.1)(other)
+    assert registry.get_pair_loss("test_twice").fn is loss
+  finally:
+    registry.unregister_pair_loss("test_twice")
+
+
 def _pairs(n=6, seed=0):
   rng = np.random.default_rng(seed)
   lengths = jnp.asarray(rng.integers(1, 9, (n, 2)), jnp.int32)
