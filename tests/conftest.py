@@ -4,10 +4,10 @@ fixtures and never another test module)."""
 
 import os
 
-# Must happen before jax is imported anywhere.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from tests.helpers import xla_flags  # noqa: E402 (plain constants: imports no jax)
+
+# Must happen before jax is imported anywhere; worker processes inherit them.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

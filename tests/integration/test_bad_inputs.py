@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, xla_flags
 from tests.helpers.bad_inputs import SFT, assert_nothing_half_written, jsonl
 
 # --- the same mistakes through the command line ---------------------------------------------------
@@ -20,7 +20,7 @@ from tests.helpers.bad_inputs import SFT, assert_nothing_half_written, jsonl
 def cli(tmp: Path, *args: str) -> subprocess.CompletedProcess:
   env = {
       **os.environ,
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+      "XLA_FLAGS": xla_flags(8),
       "JAX_PLATFORMS": "cpu",
   }
   return subprocess.run(

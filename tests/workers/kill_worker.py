@@ -14,15 +14,17 @@ import os
 import signal
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the repository: rlhf_jax and tests
+from tests.helpers import xla_flags  # noqa: E402 (imports no jax)
+
+os.environ["XLA_FLAGS"] = xla_flags(8)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)  # the repository: rlhf_jax and tests
 from rlhf_jax import run  # noqa: E402
 from rlhf_jax.train import checkpoint  # noqa: E402
 from tests.workers.reliability_configs import get_config  # noqa: E402

@@ -5,7 +5,11 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the repository: rlhf_jax and tests
+from tests.helpers import xla_flags  # noqa: E402 (imports no jax)
+
+os.environ["XLA_FLAGS"] = xla_flags(4)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
@@ -18,7 +22,6 @@ from rlhf_jax import sharding  # noqa: E402
 assert (
     sharding.maybe_initialize_distributed()
 )  # from JAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from tests.helpers.sharding import one_train_step  # noqa: E402
 
 loss, checksum = one_train_step(tuple(int(x) for x in sys.argv[1].split(",")))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.bench import suite as bench
+from tests.helpers import xla_flags
 from tests.helpers.bench import build_tiny
 
 
@@ -170,7 +171,7 @@ def test_cli_writes_records_and_prints_the_table(tmp_path):
   import sys
 
   out = tmp_path / "bench.jsonl"
-  env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a benchmark run has
+  env = {**os.environ, "XLA_FLAGS": xla_flags(1)}  # one CPU device, as a benchmark run has
   proc = subprocess.run(
       [
           sys.executable,

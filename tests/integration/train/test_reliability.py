@@ -36,7 +36,7 @@ from rlhf_jax.train import (
     metrics,
     preemption,
 )
-from tests.helpers import ROOT
+from tests.helpers import ROOT, xla_flags
 from tests.helpers.compile_cache import persistent_compilation_cache
 from tests.helpers.preference import WORDS, learnable_pairs, write_jsonl
 from tests.workers import reliability_configs as configs
@@ -239,7 +239,7 @@ def test_sigterm_saves_a_checkpoint_then_the_rerun_finishes_identically(tmp_path
   ]  # no periodic save before the end
   env = {
       **_env(inputs),
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+      "XLA_FLAGS": xla_flags(8),
       "JAX_PLATFORMS": "cpu",
       "JAX_DEFAULT_MATMUL_PRECISION": "highest",
   }
