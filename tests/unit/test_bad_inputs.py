@@ -582,8 +582,8 @@ CASES = [
         resume_with_other_shape,
         ConfigError,
         (
-            "{tmp}/checkpoints/1 does not match",
-            "another model or optimiser config",
+            "{tmp}/checkpoints/1 was saved by a run with another model or optimiser config",
+            "in the checkpoint but",  # names the first array whose shape differs
             "use a new --workdir",
         ),
     ),
