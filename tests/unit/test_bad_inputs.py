@@ -491,6 +491,19 @@ CASES = [
         ),
     ),
     Case(
+        "gpt2_seq_len_beyond_positions",
+        "trained a GPT-2 model on sequences longer than its learned positions",
+        lambda tmp: common.model_config(
+            sft_config(model__family="gpt2", model__max_seq_len=32, train__seq_len=64),
+            vocab_size=300,
+        ),
+        ConfigError,
+        (
+            "config.train.seq_len=64 exceeds the model's max_seq_len=32",
+            "lower config.train.seq_len",
+        ),
+    ),
+    Case(
         "heads_not_dividing_embed",
         "chose num_heads that does not divide embed_dim",
         lambda tmp: common.model_config(
