@@ -49,6 +49,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from rlhf_jax.data import files as file_io
 from rlhf_jax.errors import ConfigError, ConfigPathError
 
 PyTree = Any
@@ -533,25 +534,30 @@ def load_params(
         f"directories written by export_params); found: {found}"
     )
   checkpointer = _export_checkpointer()
+  fix = "export it again (rerun the stage that wrote it)"
   try:
+    with file_io.reading(f"params export {path}", fix=fix):  # the params' names and shapes
+      saved_tree = checkpointer.metadata(path).item_metadata[_PARAMS]
+      if saved_tree is None:
+        raise FileNotFoundError(f"{path / _PARAMS}: no readable metadata")
     if abstract_params is None:
       # PyTreeRestore (unlike StandardRestore) can ask for numpy leaves without a target.
-      saved_tree = checkpointer.metadata(path).item_metadata[_PARAMS]
       as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_tree)
       params_args = ocp.args.PyTreeRestore(restore_args=as_numpy)
     else:
       _require_shardings("abstract_params", abstract_params)
+      mismatch = _shape_mismatch(
+          _dotted_shapes(saved_tree), _dotted_shapes(abstract_params), "the export", "the model"
+      )
+      if mismatch:
+        raise ConfigError(
+            f"params export {path} does not match abstract_params: {mismatch}; its params do not "
+            "fit the model its metadata (or config.model) describes: re-export it"
+        )
       params_args = ocp.args.StandardRestore(abstract_params)
     args = ocp.args.Composite(**{_PARAMS: params_args, _METADATA: ocp.args.JsonRestore()})
-    try:
+    with file_io.reading(f"params export {path}", fix=fix):
       restored = checkpointer.restore(path, args=args)
-    except ValueError as e:
-      saved_tree = checkpointer.metadata(path).item_metadata[_PARAMS]
-      raise ConfigError(
-          f"params export {path} does not match abstract_params: "
-          f"{_first_mismatch(saved_tree, abstract_params) or e}; its params do not fit the "
-          "model its metadata (or config.model) describes: re-export it"
-      ) from e
   finally:
     checkpointer.close()
   return restored[_PARAMS], restored[_METADATA]
@@ -577,36 +583,21 @@ def _dotted_shapes(tree: PyTree) -> dict[str, tuple]:
   return {".".join(name(k) for k in path): shape(leaf) for path, leaf in leaves}
 
 
-def _shape_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple]) -> str | None:
+def _shape_mismatch(
+    saved: dict[str, tuple],
+    wanted: dict[str, tuple],
+    saved_in: str = "the checkpoint",
+    wanted_in: str = "this run",
+) -> str | None:
   """The arrays only one side has, or the first whose shape differs; None if they match."""
   only_saved, only_wanted = sorted(saved.keys() - wanted.keys()), sorted(
       wanted.keys() - saved.keys()
   )
   if only_saved or only_wanted:
-    return f"arrays only in the checkpoint: {only_saved[:3]}; only in this run: {only_wanted[:3]}"
+    return f"arrays only in {saved_in}: {only_saved[:3]}; only in {wanted_in}: {only_wanted[:3]}"
   for key, shape in saved.items():
     if shape != wanted[key]:
-      return f"{key} has shape {shape} in the checkpoint but {wanted[key]} in this run"
-  return None
-
-
-def _first_mismatch(saved_tree: PyTree, abstract: PyTree) -> str | None:
-  """The params only one tree has, or the first one whose shape differs; None if none (orbax's
-  own message names neither the param nor a fix)."""
-
-  def shapes(tree):
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(k): tuple(leaf.shape) for k, leaf in leaves}
-
-  saved, wanted = shapes(saved_tree), shapes(abstract)
-  only_saved, only_wanted = sorted(saved.keys() - wanted.keys()), sorted(
-      wanted.keys() - saved.keys()
-  )
-  if only_saved or only_wanted:
-    return f"params only in the export: {only_saved[:3]}; only in the model: {only_wanted[:3]}"
-  for key, shape in saved.items():
-    if shape != wanted[key]:
-      return f"param {key} has shape {shape} in the export but {wanted[key]} in the model"
+      return f"{key} has shape {shape} in {saved_in} but {wanted[key]} in {wanted_in}"
   return None
 
 

@@ -207,6 +207,37 @@ def import_hf(tmp: Path, model_dir: Path | str):
   return common.import_hf_model(sft_config(hf_model_dir=str(model_dir)), str(tmp / "run"))
 
 
+def truncated(path: Path) -> Path:
+  """`path` cut to a third of its size, as an interrupted download or copy leaves it."""
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+  return path
+
+
+def truncated_hf(tmp: Path, name: str) -> Path:
+  model_dir = hf_checkpoint(tmp)
+  truncated(model_dir / name)
+  return model_dir
+
+
+def truncated_export_params(tmp: Path) -> str:
+  """An SFT export whose largest params file was cut short, used as init_from."""
+  exported = Path(str(export(tmp, shape=(4096,))))
+  largest = max(
+      (f for f in (exported / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size
+  )
+  truncated(largest)
+  return str(exported)
+
+
+def empty_file(path: Path) -> Path:
+  path.write_text("")
+  return path
+
+
+def load_params_into(path: str):
+  return checkpoint.load_params(path, {"w": replicated((4096,))})
+
+
 PAIR = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I refuse."}
 
 CASES = [
@@ -585,7 +616,7 @@ CASES = [
         ConfigError,
         (
             "{tmp}/export does not match",
-            "param ['w'] has shape (4,) in the export but (8,)",
+            "w has shape (4,) in the export but (8,) in the model",
             "re-export it",
         ),
     ),
@@ -601,6 +632,49 @@ CASES = [
         ),
     ),
     # Hugging Face checkpoint directories: safetensors only; the message names the file / tensor.
+    # Files cut short or garbled (an interrupted download or copy): one line naming the file.
+    Case(
+        "hf_config_json_truncated",
+        "a download of config.json was cut short",
+        lambda tmp: import_hf(tmp, truncated_hf(tmp, "config.json")),
+        ConfigError,
+        ("{tmp}/hf/config.json", "not valid JSON"),
+    ),
+    Case(
+        "hf_safetensors_truncated",
+        "a download of model.safetensors was cut short",
+        lambda tmp: import_hf(tmp, truncated_hf(tmp, "model.safetensors")),
+        ConfigError,
+        ("{tmp}/hf/model.safetensors", "download it again"),
+    ),
+    Case(
+        "hf_tokenizer_json_truncated",
+        "a download of tokenizer.json was cut short",
+        lambda tmp: data.load_tokenizer(truncated_hf(tmp, "tokenizer.json")),
+        ConfigError,
+        ("{tmp}/hf/tokenizer.json is not valid JSON (line", "copy the tokenizer's files again"),
+    ),
+    Case(
+        "export_params_truncated",
+        "used an export whose params file was cut short as init_from",
+        lambda tmp: load_params_into(truncated_export_params(tmp)),
+        ConfigError,
+        ("params export {tmp}/export", "cannot be read", "export it again"),
+    ),
+    Case(
+        "empty_json_data_file",
+        "pointed config.data.source at an empty .json file",
+        lambda tmp: data.load_records(empty_file(tmp / "data.json"), "sft"),
+        RecordError,
+        ("{tmp}/data.json: no records found (the file is empty)",),
+    ),
+    Case(
+        "data_source_is_a_directory",
+        "pointed config.data.source at a directory",
+        lambda tmp: data.load_records((tmp / "data.jsonl").mkdir() or tmp / "data.jsonl", "sft"),
+        ConfigError,
+        ("{tmp}/data.jsonl", "is a directory"),
+    ),
     Case(
         "hf_no_config_json",
         "downloaded the weights but not config.json",
