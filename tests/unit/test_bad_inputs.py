@@ -375,6 +375,30 @@ CASES = [
         ("{tmp}/data.jsonl:2: field 'completion': missing",),
     ),
     Case(
+        "all_records_held_out",
+        "ran SFT on a file so small that the eval split takes every record",
+        with_file(
+            lambda tmp: jsonl(tmp, SFT),
+            run_driver(data__source="{tmp}/data.jsonl", data__tokenizer="{tmp}"),
+        ),
+        ConfigError,
+        ("config.data.eval_fraction=0.05 holds out all 1 records", "config.data.eval_source"),
+    ),
+    Case(
+        "optim_lr_negative",
+        "set a negative learning rate",
+        run_driver(optim__lr=-1.0),
+        ConfigError,
+        ("config.optim.lr=-1.0 is out of range: must be a finite number > 0",),
+    ),
+    Case(
+        "log_every_zero",
+        "set train.log_every to 0",
+        run_driver(train__log_every=0),
+        ConfigError,
+        ("config.train.log_every=0 is out of range: must be a whole number >= 1",),
+    ),
+    Case(
         "unknown_data_kind",
         "set config.data.kind to a method name instead of a record kind",
         with_file(
