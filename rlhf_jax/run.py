@@ -23,12 +23,14 @@ from ml_collections import config_flags
 from rlhf_jax import sharding
 from rlhf_jax.algorithms import registry
 from rlhf_jax.configs.base import METHOD_BLOCKS, RENAMED
+from rlhf_jax.configs.ranges import check_ranges
 from rlhf_jax.data.records import RecordError
 from rlhf_jax.data.tokenizer import ChatTemplateError
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.train import preemption
 from rlhf_jax.train.checkpoint import WorkdirError, check_workdir_writable
 from rlhf_jax.train.optim import NonFiniteError
+from rlhf_jax.train.workdir_lock import workdir_lock
 
 # Errors caused by the user's config or data, shown as one message without a traceback.
 # tests/unit/test_bad_inputs.py lists the cases.
@@ -138,14 +140,16 @@ def main(argv):
   config = _CONFIG.value
   try:
     driver = resolve_driver(config.algorithm)  # before the workdir: a typo leaves nothing behind
+    check_ranges(config)  # every numeric field in its range, before anything is written
     check_workdir_writable(_WORKDIR.value)
-    enable_compilation_cache(config, _WORKDIR.value)
-    result = driver(config, _WORKDIR.value)
+    with workdir_lock(_WORKDIR.value):  # a second run in this workdir stops here, naming this one
+      enable_compilation_cache(config, _WORKDIR.value)
+      result = driver(config, _WORKDIR.value)
   except USER_ERRORS as e:  # bad input: the message says what to fix; a traceback would bury it
     sys.exit(f"error: {e}")
-  except preemption.Preempted as e:  # SIGTERM: checkpointed; the scheduler sees "ended by SIGTERM"
+  except preemption.Preempted as e:  # SIGTERM / Ctrl-C: checkpointed; exit 143 / 130 as a shell
     print(e, file=sys.stderr)
-    sys.exit(preemption.EXIT_STATUS)
+    sys.exit(e.exit_status)
   print(json.dumps({"final": result}, default=float))
 
 

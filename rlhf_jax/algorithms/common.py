@@ -15,6 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rlhf_jax import generate, sharding
+from rlhf_jax.configs.ranges import check_ranges
 from rlhf_jax.errors import ConfigError, ConfigPathError
 from rlhf_jax.evaluation.gold import Policy
 from rlhf_jax.models import ModelConfig, abstract_model, create_model, lora, split_model
@@ -81,13 +82,23 @@ def model_config(
         f"{d['vocab_size']}; raise config.model.vocab_size (or set it to 0 = auto)"
     )
   try:
-    return ModelConfig.from_dict(d)
+    model_cfg = ModelConfig.from_dict(d)
   except ValueError as e:
     if "lora_" in str(e):
       raise ConfigError(
           f"{e} (lora_rank, lora_alpha, lora_targets are config.lora.rank, alpha, " "targets)"
       ) from None
     raise ConfigError(f"config.model: {e}; change those config.model fields") from None
+  seq_len = config.train.seq_len if "train" in config else 0
+  if model_cfg.family == "gpt2" and seq_len > model_cfg.max_seq_len:
+    # Learned positions past the table would be gathered out of range (NaN), not an error.
+    source = f"config.init_from={config.init_from!r}" if config.init_from else "config.model"
+    raise ConfigError(
+        f"config.train.seq_len={seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}"
+        f" ({source}: GPT-2 family models have learned positions up to it); lower "
+        "config.train.seq_len"
+    )
+  return model_cfg
 
 
 @dataclasses.dataclass
@@ -111,7 +122,8 @@ def start_run(
   other hosts (multi-host), writes WORKDIR/config.json with its inputs resolved (`write_config`;
   write=False where an inner SFT run writes its own) and makes the mesh, checked against
   `config.train`'s batch (`make_mesh`; train_batch=False where the driver's batches are not
-  `config.train.batch_size` rows)."""
+  `config.train.batch_size` rows). Every numeric field is range-checked first (`check_ranges`)."""
+  check_ranges(config)
   checkpoint.check_workdir_writable(workdir)
   sharding.maybe_initialize_distributed()
   if write:
@@ -408,7 +420,8 @@ def checkpointed(
   """Opens what every training loop shares: checks the disk has room for the checkpoints and the
   export (`export`: the params that will be exported), opens WORKDIR/checkpoints
   (`config.train.checkpoint_every`, `keep_checkpoints`, `async_checkpoint`), WORKDIR/metrics.jsonl
-  + tb, and the SIGTERM handler, and restores the latest checkpoint if there is one."""
+  + tb, and the SIGTERM handler, and restores the newest checkpoint that reads back intact, if
+  there is one (`Checkpointer.restore`)."""
   t = config.train
   checkpoint.check_free_space(workdir, state, keep=t.keep_checkpoints, export=export)
   with (
@@ -422,13 +435,13 @@ def checkpointed(
       preemption.StopSignal() as stop,
   ):
     saved = None
-    latest = ckpt.latest_step()
-    if latest is not None:
+    if ckpt.latest_step() is not None:
       abstract = jax.tree.map(
           lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
       )
-      state, saved = ckpt.restore(abstract, latest)
-      _log.info("resumed from step %d", latest)
+      # The newest step that reads back intact; unreadable or changed newer ones are set aside.
+      state, saved = ckpt.restore(abstract)
+      _log.info("resumed from step %d", ckpt.latest_step())
     yield Run(ckpt, writer, stop, state, saved)
 
 

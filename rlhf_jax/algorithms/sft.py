@@ -45,6 +45,12 @@ def load_tokenizer_and_records(config: ml_collections.ConfigDict, workdir: str):
     eval_records = data.load_records(d.eval_source, d.kind, split=d.split or None)
   else:
     n_eval = max(1, int(len(records) * d.eval_fraction))
+    if n_eval >= len(records):
+      raise ConfigError(
+          f"config.data.eval_fraction={d.eval_fraction} holds out all {len(records)} records of "
+          f"config.data.source={d.source!r} for evaluation, leaving none to train on; lower it, "
+          "add records, or give held-out records in config.data.eval_source"
+      )
     train_records, eval_records = records[:-n_eval], records[-n_eval:]
 
   if d.tokenizer:
@@ -76,6 +82,23 @@ def prompt_of(record: dict) -> str | list[dict]:
   return messages[:last]
 
 
+def sample_prompts(records: list, tokenizer, config) -> list[dict]:
+  """The first `config.sample.num_examples` records whose prompt the data policy keeps (shorter
+  than `config.train.seq_len` tokens, as `tokenize_sft` requires), for the before / after table:
+  an over-long or huge prompt is passed over, never sampled."""
+  chosen, limit = [], config.train.seq_len
+  for r in records:
+    if len(chosen) >= config.sample.num_examples:
+      break
+    prompt = prompt_of(r)
+    text = prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt)
+    if len(text) > 64 * limit:  # far more characters than tokens fit: not worth tokenising
+      continue
+    if len(data.encode_prompt(tokenizer, prompt)) < limit:
+      chosen.append(r)
+  return chosen
+
+
 def sample_table(sampler, params, tokenizer, records, config, rng) -> list[dict]:
   """Generates for `records` and scores toy records (exact match). Returns rows for a table."""
   if not records:
@@ -101,7 +124,7 @@ def sample_table(sampler, params, tokenizer, records, config, rng) -> list[dict]
     text = tokenizer.decode(toks[m.astype(bool)], skip_special_tokens=True).strip()
     prompt = prompt_of(r)
     row = {"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"], "response": text}
-    if "family" in r:
+    if config.data.source == "toy":  # a toy-world task: scored (a user's `family` is metadata)
       row["reference"] = r["completion"]
       row["correct"] = instructions.score(r, text)
     rows.append(row)
@@ -128,7 +151,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       make_sft_loss_fn(setup.graphdef), setup, eval_iter, t.eval_batches
   )
 
-  sample_records = eval_records[: config.sample.num_examples] if config.data.kind == "sft" else []
+  sample_records = (
+      sample_prompts(eval_records, tokenizer, config) if config.data.kind == "sft" else []
+  )
   rng = jax.random.key(config.seed)
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     resumed = ckpt.latest_step() is not None  # orbax's view: unfinished saves do not count

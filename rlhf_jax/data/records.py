@@ -301,6 +301,12 @@ def read_rows(
         f"{source}: no such file or directory; point config.data.source (or eval_source) at an "
         "existing file"
     )
+  if path.is_dir() and path.suffix in (".jsonl", *_DATASETS_BUILDERS):
+    raise ConfigError(
+        f"{source} is a directory, not a {path.suffix} file; point config.data.source at the file"
+    )
+  if path.suffix in _DATASETS_BUILDERS and path.is_file() and path.stat().st_size == 0:
+    raise RecordError(source, None, None, "no records found (the file is empty)")
   if path.suffix == ".jsonl":
     if split is not None:
       raise ConfigError(

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from rlhf_jax.data import files
 from rlhf_jax.errors import ConfigPathError
 
 if TYPE_CHECKING:
@@ -124,9 +125,14 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     )
   from transformers import AutoTokenizer  # imported here: ~1.5 s, and batching code never needs it
 
-  tokenizer = AutoTokenizer.from_pretrained(
-      str(path), local_files_only=True, trust_remote_code=False
-  )
+  fix = "copy the tokenizer's files again (or train it again)"
+  for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    if (path / name).is_file():  # a cut-short file is named, not left to the loader's traceback
+      files.read_json(path / name, fix=fix)
+  with files.reading(path, fix=fix):
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(path), local_files_only=True, trust_remote_code=False
+    )
   if getattr(tokenizer, "chat_template", None):  # a pretraining-only tokenizer needs none
     check_chat_template(tokenizer)
   return tokenizer

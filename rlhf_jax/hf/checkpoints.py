@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from rlhf_jax import sharding
+from rlhf_jax.data import files as file_io
 from rlhf_jax.errors import ConfigError, ConfigPathError
 from rlhf_jax.hf.config import ARCHITECTURES, config_from_hf, config_to_hf
 from rlhf_jax.models import ModelConfig, abstract_model, lora
@@ -206,11 +207,12 @@ def _read_slice(reader, name: str, index: tuple[slice, ...]) -> np.ndarray:
 def _weight_files(model_dir: Path) -> dict[str, Path]:
   """HF tensor name -> safetensors file, from model.safetensors or its sharded index."""
   if (model_dir / "model.safetensors").is_file():
-    with safe_open(model_dir / "model.safetensors", framework="numpy") as f:
-      return {name: model_dir / "model.safetensors" for name in f.keys()}
+    weights = model_dir / "model.safetensors"
+    with file_io.reading(weights, fix="download it again"), safe_open(weights, "numpy") as f:
+      return {name: weights for name in f.keys()}
   index = model_dir / "model.safetensors.index.json"
   if index.is_file():
-    weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map = file_io.read_json(index, fix="download it again")["weight_map"]
     missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
     if missing:
       raise ConfigPathError(
@@ -241,7 +243,9 @@ def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
         f"{model_dir} is not a local HF checkpoint directory (no config.json); download one with "
         "`hf download <repo_id> --local-dir DIR` and pass DIR"
     )
-  return json.loads((model_dir / "config.json").read_text())
+  return file_io.read_json(
+      model_dir / "config.json", fix="download the checkpoint's config.json again"
+  )
 
 
 def _read_model_config(model_dir: Path) -> tuple[dict[str, Any], ModelConfig]:
@@ -301,7 +305,10 @@ def load_hf(
   shardings = sharding.param_shardings(abstract, axes, mesh)
 
   with ExitStack() as stack:
-    handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in set(files.values())}
+    handles = {}
+    for f in sorted(set(files.values())):
+      with file_io.reading(f, fix="download it again"):
+        handles[f] = stack.enter_context(safe_open(f, framework="numpy"))
     slices = {}
     reader = lambda name: slices.setdefault(name, handles[files[name]].get_slice(name))
     expected = {n: lay.hf_shape for lay in layouts for n in _hf_names(lay, cfg.num_layers)}

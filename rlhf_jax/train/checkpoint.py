@@ -22,7 +22,11 @@ one when that step is saved again.
 
 A step that finished saving but no longer reads back (a file truncated or deleted afterwards, a
 disk error) is not trusted either: `Checkpointer.restore` without a step falls back to the newest
-step that reads, with a warning, and renames the unreadable ones to ``<step>.corrupt-<id>``.
+step that reads, with a warning, and renames the unreadable ones to ``<step>.corrupt-<id>``. Bytes
+changed in place (a disk or copy error that leaves every file readable) are caught too: each step
+stores a fingerprint of every state leaf (``fingerprint/``, JSON: a position-weighted uint32 sum
+of the leaf's bits, computed on device, `fingerprint`), and a restored leaf whose fingerprint
+differs makes the step unreadable.
 
 Random keys: the state may hold either typed keys (``jax.random.key``) or raw uint32 keys
 (``jax.random.PRNGKey``); orbax 0.12.8 stores both and restores each as it was saved.
@@ -45,12 +49,13 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from rlhf_jax.data import files as file_io
 from rlhf_jax.errors import ConfigError, ConfigPathError
 
 PyTree = Any
 _log = logging.getLogger(__name__)
 
-_STATE, _DATA_STATE, _CONFIG = "state", "data_state", "config"
+_STATE, _DATA_STATE, _CONFIG, _FINGERPRINT = "state", "data_state", "config", "fingerprint"
 _PARAMS, _METADATA = "params", "metadata"
 
 
@@ -147,6 +152,42 @@ def _require_shardings(name: str, abstract: PyTree) -> None:
       )
 
 
+class CorruptCheckpointError(ValueError):
+  """A saved step reads back with bytes that differ from what was saved."""
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  """uint32 []: sum over the leaf's bit patterns w_i of (w_i ^ (i * 0x9E3779B1)) * (2 i + 1), mod
+  2^32. Integer sums are exact in any order, so every sharding of a leaf gives the same number; a
+  changed word or two swapped words change it (unless a multiple of 2^32 cancels out)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  x = jax.numpy.asarray(x)
+  if x.dtype == bool:
+    words = x.astype(jax.numpy.uint32)
+  else:
+    unsigned = {1: jax.numpy.uint8, 2: jax.numpy.uint16, 4: jax.numpy.uint32, 8: jax.numpy.uint64}
+    words = jax.lax.bitcast_convert_type(x, unsigned[x.dtype.itemsize])
+    if x.dtype.itemsize == 8:  # two words each
+      words = jax.lax.bitcast_convert_type(words, jax.numpy.uint32)
+  words = words.reshape(-1).astype(jax.numpy.uint32)
+  i = jax.lax.iota(jax.numpy.uint32, words.shape[0])
+  return jax.numpy.sum((words ^ (i * np.uint32(0x9E3779B1))) * (2 * i + 1), dtype=jax.numpy.uint32)
+
+
+@jax.jit
+def _fingerprints(tree: PyTree) -> list:
+  return [_leaf_fingerprint(x) for x in jax.tree.leaves(tree)]
+
+
+def fingerprint(tree: PyTree) -> dict[str, int]:
+  """{leaf path: uint32 fingerprint} of a pytree of arrays (`_leaf_fingerprint`; computed on
+  device, one small transfer). Saved with every checkpoint step and checked on restore."""
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  values = jax.device_get(_fingerprints(tree))
+  return {p: int(v) for p, v in zip(paths, values)}
+
+
 class Checkpointer:
   """Saves and restores the train state, data position and config of one run.
 
@@ -195,6 +236,7 @@ class Checkpointer:
             _STATE: ocp.StandardCheckpointHandler(),
             _DATA_STATE: ocp.JsonCheckpointHandler(),
             _CONFIG: ocp.JsonCheckpointHandler(),
+            _FINGERPRINT: ocp.JsonCheckpointHandler(),
         },
         options=options,
     )
@@ -225,7 +267,11 @@ class Checkpointer:
     if not (force or self._manager.should_save(step)):
       return False
     _require_json_dict("data_state", data_state)
-    items = {_STATE: ocp.args.StandardSave(state), _DATA_STATE: ocp.args.JsonSave(data_state)}
+    items = {
+        _STATE: ocp.args.StandardSave(state),
+        _DATA_STATE: ocp.args.JsonSave(data_state),
+        _FINGERPRINT: ocp.args.JsonSave(fingerprint(state)),
+    }
     if config is not None:
       _require_json_dict("config", config)
       items[_CONFIG] = ocp.args.JsonSave(config)
@@ -276,22 +322,17 @@ class Checkpointer:
   def _restore_latest_readable(self, abstract_state: PyTree) -> tuple[PyTree, dict]:
     """The newest step that reads back; a step that fails to read (a file truncated or lost
     after its save finished) is set aside as ``<step>.corrupt`` with a warning, and the one
-    before it is tried. If none reads, the newest step's error is raised (a state that does
-    not match `abstract_state` fails on every step, and so still names the mismatch)."""
+    before it is tried. If none reads, the newest step's error is raised. A state that does not
+    match `abstract_state` (another model or optimiser config) is a ConfigError at once."""
     self._resolve_step(None)  # waits for pending saves; raises if there is no step at all
     steps = self.all_steps()
     first_error = None
     for step in reversed(steps):
       try:
         restored = self._restore_step(abstract_state, step)
-      except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many kinds
+      except CorruptCheckpointError as e:  # a config mismatch is raised as it is: every step has it
         first_error = first_error or e
-        _log.warning(
-            "checkpoint %s cannot be read (%s: %s); trying the one before it",
-            self.directory / str(step),
-            type(e).__name__,
-            str(e)[:300],
-        )
+        _log.warning("%s; trying the one before it", e)
         continue
       if first_error is not None:
         self._set_aside([s for s in steps if s > step])
@@ -313,6 +354,23 @@ class Checkpointer:
 
   def _restore_step(self, abstract_state: PyTree, step: int) -> tuple[PyTree, dict]:
     _require_shardings("abstract_state", abstract_state)
+    where = self.directory / str(step)
+    try:  # the saved arrays' names and shapes (metadata only: no array is read)
+      metadata = self._manager.item_metadata(step)[_STATE]
+      if metadata is None:  # orbax found the item but could not read its metadata
+        raise FileNotFoundError(f"{where / _STATE}: no readable metadata")
+      saved = _dotted_shapes(metadata)
+    except Exception as e:  # noqa: BLE001 -- a truncated or missing metadata file
+      raise CorruptCheckpointError(
+          f"checkpoint {where}: its metadata cannot be read ({type(e).__name__}: {str(e)[:200]})"
+      ) from e
+    mismatch = _shape_mismatch(saved, _dotted_shapes(abstract_state))
+    if mismatch:
+      raise ConfigError(
+          f"checkpoint {where} was saved by a run with another model or optimiser config "
+          f"({mismatch}): resume with the config it was saved with ({where / _CONFIG}) or use a "
+          "new --workdir"
+      )
     args = ocp.args.Composite(
         **{
             _STATE: ocp.args.StandardRestore(abstract_state),
@@ -321,13 +379,44 @@ class Checkpointer:
     )
     try:
       restored = self._manager.restore(step, args=args)
-    except ValueError as e:
-      raise ConfigError(
-          f"checkpoint {self.directory / str(step)} does not match abstract_state: {e}; it was "
-          "saved by a run with another model or optimiser config: resume with the config it "
-          f"was saved with (in {self.directory / str(step) / _CONFIG}) or use a new --workdir"
+    except Exception as e:  # noqa: BLE001 -- tensorstore / orbax raise many kinds for bad files
+      raise CorruptCheckpointError(
+          f"checkpoint {where} cannot be read ({type(e).__name__}: {str(e)[:200]})"
       ) from e
-    return restored[_STATE], restored[_DATA_STATE]
+    state = restored[_STATE]
+    kinds = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+    if jax.tree.structure(state) != jax.tree.structure(abstract_state) or kinds(state) != kinds(
+        abstract_state
+    ):  # e.g. a typed random key read back as raw key data: its array metadata was lost
+      raise CorruptCheckpointError(
+          f"checkpoint {where} reads back with other array types than were saved"
+      )
+    self._check_fingerprint(step, state)
+    return state, restored[_DATA_STATE]
+
+  def _check_fingerprint(self, step: int, state: PyTree) -> None:
+    """Raises CorruptCheckpointError naming the leaves whose bytes changed since `step` was saved
+    (steps saved before fingerprints existed are not checked)."""
+    where = self.directory / str(step)
+    if not (where / _FINGERPRINT).exists():
+      return  # saved before fingerprints existed
+    try:
+      saved = self._manager.restore(
+          step, args=ocp.args.Composite(**{_FINGERPRINT: ocp.args.JsonRestore()})
+      )[_FINGERPRINT]
+      if not isinstance(saved, dict):
+        raise TypeError(f"expected a JSON object, got {type(saved).__name__}")
+    except Exception as e:  # noqa: BLE001 -- a truncated or garbled JSON file
+      raise CorruptCheckpointError(
+          f"checkpoint {where}: its fingerprint cannot be read ({type(e).__name__}: {str(e)[:200]})"
+      ) from e
+    now = fingerprint(state)
+    changed = [path for path, value in saved.items() if now.get(path) != value]
+    if changed:
+      raise CorruptCheckpointError(
+          f"checkpoint {self.directory / str(step)}: {len(changed)} array(s) read back different "
+          f"from what was saved (e.g. {changed[0]}): its files were changed after the save"
+      )
 
   def restore_config(self, step: int | None = None) -> dict | None:
     """The config dict saved with `step` (default: latest), or None if none was saved."""
@@ -445,47 +534,70 @@ def load_params(
         f"directories written by export_params); found: {found}"
     )
   checkpointer = _export_checkpointer()
+  fix = "export it again (rerun the stage that wrote it)"
   try:
+    with file_io.reading(f"params export {path}", fix=fix):  # the params' names and shapes
+      saved_tree = checkpointer.metadata(path).item_metadata[_PARAMS]
+      if saved_tree is None:
+        raise FileNotFoundError(f"{path / _PARAMS}: no readable metadata")
     if abstract_params is None:
       # PyTreeRestore (unlike StandardRestore) can ask for numpy leaves without a target.
-      saved_tree = checkpointer.metadata(path).item_metadata[_PARAMS]
       as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_tree)
       params_args = ocp.args.PyTreeRestore(restore_args=as_numpy)
     else:
       _require_shardings("abstract_params", abstract_params)
+      mismatch = _shape_mismatch(
+          _dotted_shapes(saved_tree), _dotted_shapes(abstract_params), "the export", "the model"
+      )
+      if mismatch:
+        raise ConfigError(
+            f"params export {path} does not match abstract_params: {mismatch}; its params do not "
+            "fit the model its metadata (or config.model) describes: re-export it"
+        )
       params_args = ocp.args.StandardRestore(abstract_params)
     args = ocp.args.Composite(**{_PARAMS: params_args, _METADATA: ocp.args.JsonRestore()})
-    try:
+    with file_io.reading(f"params export {path}", fix=fix):
       restored = checkpointer.restore(path, args=args)
-    except ValueError as e:
-      saved_tree = checkpointer.metadata(path).item_metadata[_PARAMS]
-      raise ConfigError(
-          f"params export {path} does not match abstract_params: "
-          f"{_first_mismatch(saved_tree, abstract_params) or e}; its params do not fit the "
-          "model its metadata (or config.model) describes: re-export it"
-      ) from e
   finally:
     checkpointer.close()
   return restored[_PARAMS], restored[_METADATA]
 
 
-def _first_mismatch(saved_tree: PyTree, abstract: PyTree) -> str | None:
-  """The params only one tree has, or the first one whose shape differs; None if none (orbax's
-  own message names neither the param nor a fix)."""
+def _dotted_shapes(tree: PyTree) -> dict[str, tuple]:
+  """{"opt_state.0.mu.w": shape} of a state pytree or of orbax's metadata of a saved one (which
+  names its arrays the same way)."""
 
-  def shapes(tree):
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(k): tuple(leaf.shape) for k, leaf in leaves}
+  def name(key) -> str:
+    for attr in ("key", "idx", "name"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
 
-  saved, wanted = shapes(saved_tree), shapes(abstract)
+  def shape(leaf) -> tuple:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      return tuple(jax.eval_shape(jax.random.key_data, leaf).shape)  # saved as its key data
+    return tuple(leaf.shape)
+
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {".".join(name(k) for k in path): shape(leaf) for path, leaf in leaves}
+
+
+def _shape_mismatch(
+    saved: dict[str, tuple],
+    wanted: dict[str, tuple],
+    saved_in: str = "the checkpoint",
+    wanted_in: str = "this run",
+) -> str | None:
+  """The arrays only one side has, or the first whose shape differs; None if they match."""
   only_saved, only_wanted = sorted(saved.keys() - wanted.keys()), sorted(
       wanted.keys() - saved.keys()
   )
   if only_saved or only_wanted:
-    return f"params only in the export: {only_saved[:3]}; only in the model: {only_wanted[:3]}"
+    return f"arrays only in {saved_in}: {only_saved[:3]}; only in {wanted_in}: {only_wanted[:3]}"
   for key, shape in saved.items():
     if shape != wanted[key]:
-      return f"param {key} has shape {shape} in the export but {wanted[key]} in the model"
+      return f"{key} has shape {shape} in {saved_in} but {wanted[key]} in {wanted_in}"
   return None
 
 

@@ -207,6 +207,37 @@ def import_hf(tmp: Path, model_dir: Path | str):
   return common.import_hf_model(sft_config(hf_model_dir=str(model_dir)), str(tmp / "run"))
 
 
+def truncated(path: Path) -> Path:
+  """`path` cut to a third of its size, as an interrupted download or copy leaves it."""
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+  return path
+
+
+def truncated_hf(tmp: Path, name: str) -> Path:
+  model_dir = hf_checkpoint(tmp)
+  truncated(model_dir / name)
+  return model_dir
+
+
+def truncated_export_params(tmp: Path) -> str:
+  """An SFT export whose largest params file was cut short, used as init_from."""
+  exported = Path(str(export(tmp, shape=(4096,))))
+  largest = max(
+      (f for f in (exported / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size
+  )
+  truncated(largest)
+  return str(exported)
+
+
+def empty_file(path: Path) -> Path:
+  path.write_text("")
+  return path
+
+
+def load_params_into(path: str):
+  return checkpoint.load_params(path, {"w": replicated((4096,))})
+
+
 PAIR = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I refuse."}
 
 CASES = [
@@ -342,6 +373,30 @@ CASES = [
         ),
         RecordError,
         ("{tmp}/data.jsonl:2: field 'completion': missing",),
+    ),
+    Case(
+        "all_records_held_out",
+        "ran SFT on a file so small that the eval split takes every record",
+        with_file(
+            lambda tmp: jsonl(tmp, SFT),
+            run_driver(data__source="{tmp}/data.jsonl", data__tokenizer="{tmp}"),
+        ),
+        ConfigError,
+        ("config.data.eval_fraction=0.05 holds out all 1 records", "config.data.eval_source"),
+    ),
+    Case(
+        "optim_lr_negative",
+        "set a negative learning rate",
+        run_driver(optim__lr=-1.0),
+        ConfigError,
+        ("config.optim.lr=-1.0 is out of range: must be a finite number > 0",),
+    ),
+    Case(
+        "log_every_zero",
+        "set train.log_every to 0",
+        run_driver(train__log_every=0),
+        ConfigError,
+        ("config.train.log_every=0 is out of range: must be a whole number >= 1",),
     ),
     Case(
         "unknown_data_kind",
@@ -491,6 +546,19 @@ CASES = [
         ),
     ),
     Case(
+        "gpt2_seq_len_beyond_positions",
+        "trained a GPT-2 model on sequences longer than its learned positions",
+        lambda tmp: common.model_config(
+            sft_config(model__family="gpt2", model__max_seq_len=32, train__seq_len=64),
+            vocab_size=300,
+        ),
+        ConfigError,
+        (
+            "config.train.seq_len=64 exceeds the model's max_seq_len=32",
+            "lower config.train.seq_len",
+        ),
+    ),
+    Case(
         "heads_not_dividing_embed",
         "chose num_heads that does not divide embed_dim",
         lambda tmp: common.model_config(
@@ -572,7 +640,7 @@ CASES = [
         ConfigError,
         (
             "{tmp}/export does not match",
-            "param ['w'] has shape (4,) in the export but (8,)",
+            "w has shape (4,) in the export but (8,) in the model",
             "re-export it",
         ),
     ),
@@ -582,12 +650,55 @@ CASES = [
         resume_with_other_shape,
         ConfigError,
         (
-            "{tmp}/checkpoints/1 does not match",
-            "another model or optimiser config",
+            "{tmp}/checkpoints/1 was saved by a run with another model or optimiser config",
+            "in the checkpoint but",  # names the first array whose shape differs
             "use a new --workdir",
         ),
     ),
     # Hugging Face checkpoint directories: safetensors only; the message names the file / tensor.
+    # Files cut short or garbled (an interrupted download or copy): one line naming the file.
+    Case(
+        "hf_config_json_truncated",
+        "a download of config.json was cut short",
+        lambda tmp: import_hf(tmp, truncated_hf(tmp, "config.json")),
+        ConfigError,
+        ("{tmp}/hf/config.json", "not valid JSON"),
+    ),
+    Case(
+        "hf_safetensors_truncated",
+        "a download of model.safetensors was cut short",
+        lambda tmp: import_hf(tmp, truncated_hf(tmp, "model.safetensors")),
+        ConfigError,
+        ("{tmp}/hf/model.safetensors", "download it again"),
+    ),
+    Case(
+        "hf_tokenizer_json_truncated",
+        "a download of tokenizer.json was cut short",
+        lambda tmp: data.load_tokenizer(truncated_hf(tmp, "tokenizer.json")),
+        ConfigError,
+        ("{tmp}/hf/tokenizer.json is not valid JSON (line", "copy the tokenizer's files again"),
+    ),
+    Case(
+        "export_params_truncated",
+        "used an export whose params file was cut short as init_from",
+        lambda tmp: load_params_into(truncated_export_params(tmp)),
+        ConfigError,
+        ("params export {tmp}/export", "cannot be read", "export it again"),
+    ),
+    Case(
+        "empty_json_data_file",
+        "pointed config.data.source at an empty .json file",
+        lambda tmp: data.load_records(empty_file(tmp / "data.json"), "sft"),
+        RecordError,
+        ("{tmp}/data.json: no records found (the file is empty)",),
+    ),
+    Case(
+        "data_source_is_a_directory",
+        "pointed config.data.source at a directory",
+        lambda tmp: data.load_records((tmp / "data.jsonl").mkdir() or tmp / "data.jsonl", "sft"),
+        ConfigError,
+        ("{tmp}/data.jsonl", "is a directory"),
+    ),
     Case(
         "hf_no_config_json",
         "downloaded the weights but not config.json",

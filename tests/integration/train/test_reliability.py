@@ -6,7 +6,9 @@ Kill anywhere (SFT, reward model, DPO, PPO): the same command runs three times i
 (tests/workers/kill_worker.py): the first is SIGKILLed at a random step (seeded), the second kills
 itself while its first asynchronous checkpoint save is being written, the third runs to the end. Its
 export must equal, bit for bit, that of one uninterrupted run: data order, rng, optimiser state and
-PPO's KL coefficient all come back from the checkpoint.
+PPO's KL coefficient all come back from the checkpoint. Then (SFT, DPO, PPO) the newest checkpoint
+is truncated, deleted or overwritten in place and the export removed: the rerun resumes from the
+step before and ends identical again.
 
 Here: the end-to-end tests (marked slow, or over ~5 s on CPU); the quick ones are in
 tests/unit/train/test_reliability.py.
@@ -14,6 +16,7 @@ tests/unit/train/test_reliability.py.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,6 +221,41 @@ def test_killed_anywhere_the_rerun_ends_with_identical_params(
     assert "resumed" in resumed.stderr, resumed.stderr[-3000:]
   got, _ = checkpoint.load_params(killed / "export")
   jax.tree.map(np.testing.assert_array_equal, got, expected)
+  if algorithm == "reward":
+    return
+  # 4. The newest checkpoint damaged after the run (a disk or copy error; truncated, deleted or
+  #    overwritten in place: the last leaves every file readable), the export removed: the rerun
+  #    sets the step aside, resumes from the one before, and ends identical again.
+  how = {"sft": "truncate", "dpo": "delete", "ppo": "overwrite"}[algorithm]
+  steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(steps) >= 2, steps
+  arrays = [
+      f for f in (killed / "checkpoints" / str(steps[-1]) / "state").rglob("*") if f.is_file()
+  ]
+  _damage(max(arrays, key=lambda f: f.stat().st_size), how)
+  shutil.rmtree(killed / "export")
+  rerun = _worker(algorithm, killed, inputs)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert (
+      "trying the one before it" in rerun.stderr
+      and f"resumed from step {steps[-2]}" in rerun.stderr
+  )
+  assert list((killed / "checkpoints").glob(f"{steps[-1]}.corrupt-*"))
+  got, _ = checkpoint.load_params(killed / "export")
+  jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+
+def _damage(path, how):
+  data = path.read_bytes()
+  if how == "truncate":
+    path.write_bytes(data[: len(data) // 3])
+  elif how == "delete":
+    path.unlink()
+  else:  # same size, 4 KiB of other bytes in the middle
+    n, start = min(4096, len(data)), max(0, len(data) // 2 - 2048)
+    path.write_bytes(
+        data[:start] + bytes(b ^ 0x5A for b in data[start : start + n]) + data[start + n :]
+    )
 
 
 # ---------------------------------------------------------------- SIGTERM

@@ -5,6 +5,7 @@ tests/integration/train/test_checkpoint.py.
 """
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -210,12 +211,71 @@ def test_unreadable_latest_falls_back_to_the_previous_step(tmp_path, caplog, dam
     assert int(state.step) == 2 and data_state == {"offset": 2}
 
 
+def _damage(path, how: str) -> None:
+  """Truncates `path` to a third, deletes it, or overwrites up to 4 KiB in its middle with
+  random bytes (same size: every file still reads, only the bytes are wrong)."""
+  data = path.read_bytes()
+  if how == "truncate":
+    path.write_bytes(data[: len(data) // 3])
+  elif how == "delete":
+    path.unlink()
+  else:
+    n = min(4096, len(data))
+    start = (len(data) - n) // 2
+    garbage = np.random.default_rng(len(data)).bytes(n)
+    if garbage == data[start : start + n]:  # cannot happen for n > 0, but never a no-op
+      garbage = bytes(b ^ 0xFF for b in garbage)
+    path.write_bytes(data[:start] + garbage + data[start + n :])
+
+
+def test_any_damaged_file_of_the_latest_step_never_restores_wrong_values(tmp_path):
+  """Every file of the newest step, truncated, deleted or overwritten in place: the restore gives
+  either that step exactly (the file was not needed) or the step before exactly (the damaged step
+  set aside), never other values and never an error; a changed array is caught by the
+  fingerprint saved with it."""
+  mesh = _mesh((8, 1))
+  template = tmp_path / "template"
+  with Checkpointer(template, async_save=False) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, _state(mesh, step), data_state={"offset": step}, config={"step": step})
+  files = sorted(f.relative_to(template / "2") for f in (template / "2").rglob("*") if f.is_file())
+  assert {f.parts[0] for f in files} >= {"state", "data_state", "config", "fingerprint"}
+  outcomes = {}
+  for i, name in enumerate(files):
+    for how in ("truncate", "delete", "overwrite"):
+      if how != "delete" and (template / "2" / name).stat().st_size == 0:
+        continue
+      run = tmp_path / f"run{i}_{how}"
+      shutil.copytree(template, run)
+      _damage(run / "2" / name, how)
+      with Checkpointer(run) as ckpt:
+        state, data_state = ckpt.restore(_abstract(_state(mesh), mesh))
+      step = int(state.step)
+      assert step in (1, 2) and data_state == {"offset": step}, (name, how)
+      try:
+        _assert_trees_equal(state, _state(mesh, step))
+      except AssertionError as e:
+        raise AssertionError(f"{name} {how}: {str(e)[:300]}") from None
+      outcomes[(str(name), how)] = step
+  # The data position and the fingerprints are always needed: damage there always falls back.
+  for (name, how), step in outcomes.items():
+    if name in ("fingerprint/metadata", "data_state/metadata"):
+      assert step == 1, (name, how)
+  # The silent case: the arrays' largest data file overwritten in place still reads, and only the
+  # fingerprint tells.
+  largest = max(
+      (f for f in files if f.parts[0] == "state"), key=lambda f: (template / "2" / f).stat().st_size
+  )
+  assert outcomes[(str(largest), "overwrite")] == 1
+
+
 def test_every_step_unreadable_raises_the_newest_error(tmp_path):
   mesh = _mesh((8, 1))
   with Checkpointer(tmp_path, async_save=False) as ckpt:
     ckpt.save(1, _state(mesh, 1), data_state={})
-    # A state that does not match fails on every step: the mismatch is what the user sees.
-    with pytest.raises(ValueError, match="does not match abstract_state"):
+    # A state that does not match is another config, not a damaged step: raised at once, naming
+    # the first array that differs, and nothing is set aside.
+    with pytest.raises(ValueError, match=r"another model or optimiser config \(arrays only in the"):
       ckpt.restore(_abstract(_state(mesh), mesh).params)
     assert ckpt.all_steps() == [1]  # nothing set aside
 
@@ -233,8 +293,14 @@ def test_restore_errors_are_clear(tmp_path):
     no_sharding = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), no_sharding)
     with pytest.raises(ValueError, match=r"abstract_state\.step has no sharding"):
       ckpt.restore(no_sharding)
-    with pytest.raises(ValueError, match="does not match abstract_state"):
+    with pytest.raises(ValueError, match="another model or optimiser config"):
       ckpt.restore(_abstract(_state(mesh), mesh).params)
+    wider = _abstract(_state(mesh), mesh)
+    wider = wider.replace(step=jax.ShapeDtypeStruct((2,), jnp.int32, sharding=wider.step.sharding))
+    with pytest.raises(
+        ValueError, match=r"step has shape \(\) in the checkpoint but \(2,\) in this"
+    ):
+      ckpt.restore(wider)
     with pytest.raises(ValueError, match="data_state is not JSON-serialisable"):
       ckpt.save(2, _state(mesh), data_state={"offset": object()})
     with pytest.raises(ValueError, match="config must be a dict"):
@@ -307,3 +373,22 @@ def test_read_only_workdir_fails_early(tmp_path):
       ckpt_lib.check_workdir_writable(read_only)
   finally:
     read_only.chmod(0o700)
+
+
+def test_fingerprint_is_layout_free_and_sees_one_changed_bit_or_two_swapped_values():
+  a, b = _state(_mesh((8, 1)), 3), _state(_mesh((2, 4)), 3)
+  b = b.replace(
+      params=jax.tree.map(lambda x: jax.device_put(x, NamedSharding(_mesh((2, 4)), P())), b.params)
+  )
+  assert ckpt_lib.fingerprint(a) == ckpt_lib.fingerprint(b)
+  w = np.asarray(a.params["layer"]["w"])
+  flipped = w.copy()
+  flipped.view(np.uint32)[3, 5] ^= 1 << 7  # one mantissa bit
+  swapped = w.copy()
+  swapped[0, 1], swapped[2, 3] = w[2, 3], w[0, 1]
+  for changed in (flipped, swapped):
+    c = a.replace(params={**a.params, "layer": {**a.params["layer"], "w": jnp.asarray(changed)}})
+    before, after = ckpt_lib.fingerprint(a), ckpt_lib.fingerprint(c)
+    assert [k for k in before if before[k] != after[k]] == [".params['layer']['w']"]
+  bf16 = ckpt_lib.fingerprint({"x": jnp.ones((4,), jnp.bfloat16), "k": jax.random.key(0)})
+  assert set(bf16) == {"['x']", "['k']"} and all(0 <= v < 2**32 for v in bf16.values())

@@ -120,3 +120,24 @@ def test_stop_signal_save_forces_the_step_in_flight_then_raises(tmp_path):
       (2, True, {}),
   ]
   assert closed == [2]
+
+
+def test_ctrl_c_saves_like_sigterm_and_a_second_one_stops_at_once(tmp_path):
+  """SIGINT (Ctrl-C) in a training loop: the step in flight is saved and `Preempted` carries exit
+  status 130 (a shell's for SIGINT; SIGTERM's is 143); a second Ctrl-C raises KeyboardInterrupt
+  at once. The handlers that were installed before come back afterwards."""
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  ckpt = _FakeCheckpoints()
+  with preemption.StopSignal() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(preemption.Preempted, match="stopped by SIGINT after step 1") as stopped:
+      stop.save(ckpt, 1, 3, "s1", workdir=str(tmp_path))
+    assert stopped.value.exit_status == 130 and ckpt.saves[-1][2]  # forced
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+  with preemption.StopSignal() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(preemption.Preempted, match=r"SIGTERM \(preemption\)") as stopped:
+      stop.save(ckpt, 1, 3, "s1", workdir=str(tmp_path))
+  assert stopped.value.exit_status == preemption.EXIT_STATUS == 143
