@@ -3,12 +3,16 @@
 `check_ranges(config)` walks the whole config (a pipeline's stages included) and raises one
 ConfigError naming the first field outside its range, its value and the range:
 
-  config.optim.lr=-1.0 is out of range: must be > 0
+  config.optim.lr=-1.0 is out of range: must be a finite number > 0
 
 A field's rule is looked up by its parent block and name first (`("train", "eval_every")`), then by
 its name alone, so a stage's copy of a block (`ppo_adaptive.kl.beta`) gets the block's rule. A
 numeric field with no rule is an error of this module, not of the user's config: the test that
-walks every experiment file's config (tests/unit/configs/test_ranges.py) finds it.
+walks every experiment file's config (tests/unit/configs/test_ranges.py) finds it. The one
+exception: a DPO-family loss's own block (`config.dpo.<loss_type>.*`, any registered loss, a
+user's too) is checked by that loss's own hyper-parameter checks (`dpo.check_loss_config`), since
+its fields mean what the loss says (`lam` is DPO-Positive's penalty weight, CPL's conservative
+weight).
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ RULES: dict[str, Range] = {
     **dict.fromkeys(
         (
             "lr eps init_std scalar_head_init_std norm_eps rope_theta clip_eps value_clip_eps "
-            "target alpha beta desirable_weight undesirable_weight"
+            "target alpha beta"
         ).split(),
         POSITIVE,
     ),
@@ -120,7 +124,7 @@ RULES: dict[str, Range] = {
         (
             "annotator_noise center_coef contrastive_coef entropy_coef grad_clip_norm "
             "helpful_weight lm_coef safety_weight score_clip temperature revision_temperature "
-            "vf_coef weight_decay"
+            "vf_coef weight_decay desirable_weight undesirable_weight"
         ).split(),
         NON_NEGATIVE,
     ),
@@ -132,12 +136,22 @@ RULES: dict[str, Range] = {
 BLOCK_RULES: dict[tuple[str, str], Range] = {
     ("train", "eval_every"): COUNT,  # the trainer evaluates every N steps (PPO's: 0 = never)
     ("kl", "beta"): NON_NEGATIVE,  # PPO's KL coefficient: 0 = no penalty
-    ("orpo", "beta"): NON_NEGATIVE,  # ORPO's odds-ratio weight: 0 = plain SFT
 }
 
 
+def loss_block(path: tuple[str, ...]) -> bool:
+  """Whether `path` is a field of a registered pair loss's block (`dpo.<loss_type>.<field>`, or
+  `<stage>.<loss_type>.<field>` in a pipeline's flat DPO stage)."""
+  from rlhf_jax.losses import registry  # the built-in losses register on import
+
+  return len(path) >= 2 and path[-2] in registry.pair_losses()  # in a flat stage too
+
+
 def rule(path: tuple[str, ...]) -> Range | None:
-  """The range of the field at `path` (e.g. ("ppo", "kl", "beta")), or None if it has none."""
+  """The range of the field at `path` (e.g. ("ppo", "kl", "beta")), or None if it has none (a
+  pair loss's own fields: `loss_block`)."""
+  if loss_block(path):
+    return None
   if len(path) >= 2 and (path[-2], path[-1]) in BLOCK_RULES:
     return BLOCK_RULES[(path[-2], path[-1])]
   return RULES.get(path[-1])

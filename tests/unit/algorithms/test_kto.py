@@ -83,8 +83,12 @@ def test_z0_is_the_clamped_mean_of_the_mismatched_pairs_and_gets_no_gradient():
     [
         (dict(kind="pairwise"), "config.data.kind='pairwise': KTO trains on 'kto'"),
         (dict(reference="cached"), "config.kto.reference='cached'"),
-        (dict(beta=0.0), r"config.kto \(beta=0.0.*beta must be > 0"),
-        (dict(undesirable_weight=-1.0), "undesirable_weight must be >= 0"),
+        # Every numeric field's range is checked first (rlhf_jax/configs/ranges.py).
+        (dict(beta=0.0), r"config.kto.beta=0.0 is out of range: must be a finite number > 0"),
+        (
+            dict(undesirable_weight=-1.0),
+            "config.kto.undesirable_weight=-1.0 is out of range: must be a finite number >= 0",
+        ),
     ],
 )
 def test_kto_driver_rejects_bad_configs_before_loading(

@@ -37,9 +37,13 @@ def test_range_rules():
   assert ranges.Range(0, 1, hi_open=True).describe() == "a finite number >= 0 and < 1"
   assert ranges.rule(("stage", "train", "eval_every")) == ranges.COUNT
   assert ranges.rule(("ppo", "eval_every")) == ranges.OPTIONAL_COUNT  # PPO's 0 = never
-  assert ranges.rule(("ppo", "kl", "beta")).contains(0) and not ranges.rule(
-      ("dpo", "beta")
-  ).contains(0)
+  assert ranges.rule(("ppo", "kl", "beta")).contains(0)
+  assert not ranges.rule(("kto", "beta")).contains(0)
+  # A DPO-family loss's own fields are its own checks' (a registered loss's `lam` may be 50).
+  assert ranges.loss_block(("dpo", "cpl", "lam")) and ranges.loss_block(
+      ("dpo_on", "sigmoid", "beta")
+  )
+  assert ranges.rule(("dpo", "cpl", "lam")) is None and not ranges.loss_block(("ppo", "lam"))
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
@@ -49,6 +53,7 @@ def test_every_numeric_field_of_every_experiment_is_range_checked(path):
   config = _load(path)
   ranges.check_ranges(config)
   fields = list(ranges.numeric_fields(config))
+  fields = [(p, v) for p, v in fields if not ranges.loss_block(p)]  # the losses' own checks
   unruled = sorted(".".join(p) for p, _ in fields if ranges.rule(p) is None)
   assert (
       not unruled
