@@ -131,6 +131,33 @@ def start_run(
   return make_mesh(config) if train_batch else sharding.make_mesh(config.mesh.shape)
 
 
+def batch_iterators(config: ml_collections.ConfigDict, train: list, held_out: list, batching):
+  """(training batches, eval batches) of `config.train.batch_size` rows of `seq_len` in the
+  `batching` layout: training shuffled (seed `config.seed`) and packed if `config.data.packing`;
+  eval in order, unpacked, the same every time."""
+  from rlhf_jax import data  # as in resolve_inputs: the drivers import it anyway
+
+  t = config.train
+  batches = data.BatchIterator(
+      train,
+      batch_size=t.batch_size,
+      seq_len=t.seq_len,
+      seed=config.seed,
+      packing=config.data.packing,
+      batching=batching,
+  )
+  eval_iter = data.BatchIterator(
+      held_out,
+      batch_size=t.batch_size,
+      seq_len=t.seq_len,
+      seed=0,
+      packing=False,
+      shuffle=False,
+      batching=batching,
+  )
+  return batches, eval_iter
+
+
 def make_mesh(config: ml_collections.ConfigDict):
   """The mesh, checked against the batch settings: call first, so a bad config fails at once."""
   mesh = sharding.make_mesh(config.mesh.shape)

@@ -399,24 +399,7 @@ def comparison_iterators(
       share_prompt=config.reward.share_prompt,
       logit_budget=logit_budget,
   )
-  batches = data.BatchIterator(
-      train,
-      batch_size=t.batch_size,
-      seq_len=t.seq_len,
-      seed=config.seed,
-      packing=d.packing,
-      batching=batching,
-  )
-  eval_iter = data.BatchIterator(
-      held_out,
-      batch_size=t.batch_size,
-      seq_len=t.seq_len,
-      seed=0,
-      packing=False,
-      shuffle=False,
-      batching=batching,
-  )
-  return batches, eval_iter
+  return common.batch_iterators(config, train, held_out, batching)
 
 
 def check_config(config: ml_collections.ConfigDict):

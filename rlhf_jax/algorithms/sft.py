@@ -223,25 +223,7 @@ def _batch_iterators(config, train_examples: list, eval_examples: list):
   batching = data.sft_batching(
       t.batch_size, t.seq_len, logit_budget=budget if budget < t.seq_len else None
   )
-  batches = data.BatchIterator(
-      train_examples,
-      batch_size=t.batch_size,
-      seq_len=t.seq_len,
-      seed=config.seed,
-      packing=config.data.packing,
-      batching=batching,
-  )
-
-  eval_iter = data.BatchIterator(
-      eval_examples,
-      batch_size=t.batch_size,
-      seq_len=t.seq_len,
-      seed=0,
-      packing=False,
-      shuffle=False,
-      batching=batching,
-  )
-  return batches, eval_iter
+  return common.batch_iterators(config, train_examples, eval_examples, batching)
 
 
 def _write_samples(workdir: str, before: list | None, after: list) -> None:

@@ -41,6 +41,7 @@ from rlhf_jax.models import ModelConfig, abstract_model
 from rlhf_jax.train import checkpoint, make_optimizer
 from tests.helpers import ROOT_PATH as ROOT
 from tests.helpers.bad_inputs import SFT, assert_nothing_half_written, jsonl
+from tests.helpers.configs import TINY_MODEL
 
 ConfigError, ConfigPathError = errors.ConfigError, errors.ConfigPathError
 ShardingConfigError = sharding.ShardingConfigError
@@ -64,15 +65,7 @@ def sft_config(**overrides) -> Any:
   """A small SFT experiment (tests/helpers/sft.py's sizes) with `--config.a.b=value`-style
   overrides given as a__b=value."""
   c = configs.base_config()
-  c.model.update(
-      vocab_size=0,
-      num_layers=2,
-      embed_dim=64,
-      num_heads=4,
-      num_kv_heads=2,
-      mlp_dim=128,
-      max_seq_len=64,
-  )
+  c.model.update(TINY_MODEL)
   c.train.update(steps=4, batch_size=16, seq_len=64, checkpoint_every=2, async_checkpoint=False)
   c.data.update(source="toy", toy_num_records=60, tokenizer_vocab_size=300)
   c.sample.update(num_examples=0)

@@ -13,18 +13,11 @@ import json
 import os
 
 from rlhf_jax.configs.base import base_config
+from tests.helpers.configs import TINY_MODEL
 
 STEPS = 12
 INPUT_KEYS = ("tokenizer", "lm", "pairs", "prompts", "rm")
-TINY = dict(
-    vocab_size=0,
-    num_layers=2,
-    embed_dim=64,
-    num_heads=4,
-    num_kv_heads=2,
-    mlp_dim=128,
-    max_seq_len=64,
-)
+TINY = TINY_MODEL
 
 
 def _common(c, *, steps=STEPS, batch_size=8, seq_len=64):
