@@ -46,6 +46,9 @@ USER_ERRORS = (
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/NAME.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
+_DEBUG = flags.DEFINE_bool(
+    "debug", False, "Show the traceback of a user error too (normally one `error:` line)."
+)
 
 
 def flat_keys(config, prefix: str = "") -> list[str]:
@@ -146,6 +149,8 @@ def main(argv):
       enable_compilation_cache(config, _WORKDIR.value)
       result = driver(config, _WORKDIR.value)
   except USER_ERRORS as e:  # bad input: the message says what to fix; a traceback would bury it
+    if _DEBUG.value:
+      raise
     sys.exit(f"error: {e}")
   except preemption.Preempted as e:  # SIGTERM / Ctrl-C: checkpointed; exit 143 / 130 as a shell
     print(e, file=sys.stderr)

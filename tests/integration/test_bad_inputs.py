@@ -79,3 +79,10 @@ def test_cli_prints_one_error_line_and_no_traceback(tmp_path, args, says, workdi
     assert fragment.format(tmp=tmp_path) in errors_shown[0], result.stderr
   assert (tmp_path / "run").exists() == workdir_made
   assert_nothing_half_written(tmp_path)
+
+
+def test_debug_flag_shows_the_traceback_of_a_user_error(tmp_path):
+  """`--debug`: the same user error, with its traceback (for a bug report); without it, one line."""
+  shown = cli(tmp_path, "--config.algorithm=dpoo", "--debug")
+  assert shown.returncode != 0 and "Traceback" in shown.stderr
+  assert "ConfigError: config.algorithm='dpoo' is not known" in shown.stderr
