@@ -11,17 +11,9 @@ import numpy as np
 from rlhf_jax import scoring
 from rlhf_jax.models import ModelConfig, create_model, split_model
 from rlhf_jax.train import checkpoint
-from tests.helpers.configs import pairwise_data, run_config
+from tests.helpers.configs import TINY_MODEL, pairwise_data, run_config
 
-TINY = dict(
-    vocab_size=384,
-    num_layers=2,
-    embed_dim=64,
-    num_heads=4,
-    num_kv_heads=2,
-    mlp_dim=128,
-    max_seq_len=64,
-)
+TINY = {**TINY_MODEL, "vocab_size": 384}
 WORDS = ["sun", "moon", "star", "red", "blue", "cat", "dog", "tree", "rain", "snow", "fish", "bird"]
 
 

@@ -13,32 +13,30 @@ import json
 import os
 
 from rlhf_jax.configs.base import base_config
-from tests.helpers.configs import TINY_MODEL
+from tests.helpers.configs import TINY_MODEL, pairwise_data, run_config
 
 STEPS = 12
 INPUT_KEYS = ("tokenizer", "lm", "pairs", "prompts", "rm")
 TINY = TINY_MODEL
 
 
-def _common(c, *, steps=STEPS, batch_size=8, seq_len=64):
-  c.mesh.shape = (2, 2, 2)
-  c.optim.update(lr=3e-3, warmup_steps=2)
-  c.train.update(
-      steps=steps,
+def _common(algorithm, *, batch_size=8, seq_len=64):
+  c = run_config(
+      algorithm,
+      steps=STEPS,
       batch_size=batch_size,
       seq_len=seq_len,
       log_every=1,
-      eval_every=steps,
-      eval_batches=1,
       checkpoint_every=3,
-      keep_checkpoints=2,
       async_checkpoint=True,
+      warmup_steps=2,
   )
+  c.train.keep_checkpoints = 2
   return c
 
 
 def sft_config():
-  c = _common(base_config(), batch_size=16)
+  c = _common("sft", batch_size=16)
   c.model.update(**TINY)
   c.data.update(source="toy", toy_num_records=200, tokenizer_vocab_size=384, packing=True)
   c.sample.update(num_examples=0)
@@ -46,18 +44,8 @@ def sft_config():
 
 
 def _pairs_config(algorithm, inputs):
-  c = _common(base_config(), seq_len=128)
-  c.algorithm = algorithm
+  c = pairwise_data(_common(algorithm, seq_len=128), inputs["pairs"], inputs["tokenizer"])
   c.init_from = inputs["lm"]
-  c.model.vocab_size = 0
-  c.data.update(
-      kind="pairwise",
-      source=inputs["pairs"],
-      tokenizer=inputs["tokenizer"],
-      eval_fraction=0.25,
-      packing=True,
-      prompt_overflow="skip",
-  )
   c.reward.comparisons_per_row = 3
   return c
 

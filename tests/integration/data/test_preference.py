@@ -18,6 +18,7 @@ from rlhf_jax.data.preference import (
     pack_comparisons,
 )
 from rlhf_jax.models import ModelConfig, create_model, split_model
+from tests.helpers.preference import TINY
 from tests.helpers.preference_data import (
     build_many,
     build_mixed,
@@ -48,13 +49,7 @@ def many(tokenizer):
 def test_packed_scores_equal_unpacked_and_alone(mixed, many, family):
   # A large head init so scores are O(1) and the tolerance means something.
   cfg = ModelConfig(
-      vocab_size=384,
-      num_layers=2,
-      embed_dim=64,
-      num_heads=4,
-      num_kv_heads=2,
-      mlp_dim=128,
-      max_seq_len=64,
+      **TINY,
       family=family,
       tie_embeddings=family == "gpt2",
       head="scalar",
