@@ -34,12 +34,13 @@ Random keys: the state may hold either typed keys (``jax.random.key``) or raw ui
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -186,6 +187,18 @@ def fingerprint(tree: PyTree) -> dict[str, int]:
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
   values = jax.device_get(_fingerprints(tree))
   return {p: int(v) for p, v in zip(paths, values)}
+
+
+@contextlib.contextmanager
+def _unreadable(what: str) -> Iterator[None]:
+  """Turns any error raised while reading a saved step into CorruptCheckpointError("<what> cannot
+  be read (<error>)"): tensorstore, orbax and json raise many kinds for a damaged file."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001
+    raise CorruptCheckpointError(
+        f"{what} cannot be read ({type(e).__name__}: {str(e)[:200]})"
+    ) from e
 
 
 class Checkpointer:
@@ -355,15 +368,11 @@ class Checkpointer:
   def _restore_step(self, abstract_state: PyTree, step: int) -> tuple[PyTree, dict]:
     _require_shardings("abstract_state", abstract_state)
     where = self.directory / str(step)
-    try:  # the saved arrays' names and shapes (metadata only: no array is read)
+    with _unreadable(f"checkpoint {where}: its metadata"):  # names and shapes: no array is read
       metadata = self._manager.item_metadata(step)[_STATE]
       if metadata is None:  # orbax found the item but could not read its metadata
         raise FileNotFoundError(f"{where / _STATE}: no readable metadata")
       saved = _dotted_shapes(metadata)
-    except Exception as e:  # noqa: BLE001 -- a truncated or missing metadata file
-      raise CorruptCheckpointError(
-          f"checkpoint {where}: its metadata cannot be read ({type(e).__name__}: {str(e)[:200]})"
-      ) from e
     mismatch = _shape_mismatch(saved, _dotted_shapes(abstract_state))
     if mismatch:
       raise ConfigError(
@@ -377,12 +386,8 @@ class Checkpointer:
             _DATA_STATE: ocp.args.JsonRestore(),
         }
     )
-    try:
+    with _unreadable(f"checkpoint {where}"):
       restored = self._manager.restore(step, args=args)
-    except Exception as e:  # noqa: BLE001 -- tensorstore / orbax raise many kinds for bad files
-      raise CorruptCheckpointError(
-          f"checkpoint {where} cannot be read ({type(e).__name__}: {str(e)[:200]})"
-      ) from e
     state = restored[_STATE]
     kinds = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
     if jax.tree.structure(state) != jax.tree.structure(abstract_state) or kinds(state) != kinds(
@@ -400,21 +405,17 @@ class Checkpointer:
     where = self.directory / str(step)
     if not (where / _FINGERPRINT).exists():
       return  # saved before fingerprints existed
-    try:
+    with _unreadable(f"checkpoint {where}: its fingerprint"):
       saved = self._manager.restore(
           step, args=ocp.args.Composite(**{_FINGERPRINT: ocp.args.JsonRestore()})
       )[_FINGERPRINT]
       if not isinstance(saved, dict):
         raise TypeError(f"expected a JSON object, got {type(saved).__name__}")
-    except Exception as e:  # noqa: BLE001 -- a truncated or garbled JSON file
-      raise CorruptCheckpointError(
-          f"checkpoint {where}: its fingerprint cannot be read ({type(e).__name__}: {str(e)[:200]})"
-      ) from e
     now = fingerprint(state)
     changed = [path for path, value in saved.items() if now.get(path) != value]
     if changed:
       raise CorruptCheckpointError(
-          f"checkpoint {self.directory / str(step)}: {len(changed)} array(s) read back different "
+          f"checkpoint {where}: {len(changed)} array(s) read back different "
           f"from what was saved (e.g. {changed[0]}): its files were changed after the save"
       )
 
