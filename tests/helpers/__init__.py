@@ -19,9 +19,14 @@ ROOT_PATH = Path(ROOT)
 
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS for a test process (tests/conftest.py and every worker): `devices` fake CPU devices,
-  and LLVM's backend at -O1. The tests' programs are tiny and much of their time is XLA's compiler:
-  against the default -O2, a 6-step SFT run took 27 s -> 22 s and a 150-step one 34 s -> 28 s
-  (2-core VM, one run each); -O0 compiles a little faster still but runs the steps ~2x slower
-  (19 s and 35 s). The numbers are the same at any level (no fast-math). Benchmarks never run
-  under it."""
-  return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"
+  LLVM's backend at -O0, and XLA's older elemental emitters instead of its MLIR fusion emitters.
+  The tests' programs are tiny and most of their time is XLA's compiler: measured on the whole
+  suite (2-core VM, one run each, same day), the sum of test durations was 1,647 s with the
+  defaults at -O1, 1,233 s with the elemental emitters at -O1 and 932 s with them at -O0 (wall
+  850 s -> 493 s). -O0 runs the steps slower: a test that trains ~400 steps (the tiny judge) went
+  29 s -> 67 s, every other test got faster. The numbers are the same either way (no fast-math;
+  bit-for-bit tests compare runs under the same flags). Benchmarks never run under them."""
+  return (
+      f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
+      "--xla_cpu_use_fusion_emitters=false"
+  )
