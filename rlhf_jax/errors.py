@@ -14,6 +14,10 @@ class ConfigError(ValueError):
   the key needs (an export, an HF checkpoint). The message names the key or file and the fix."""
 
 
+class DamagedFileError(ConfigError):
+  """A file exists but cannot be read as what it should be (cut short, garbled, empty)."""
+
+
 class ConfigPathError(ConfigError, FileNotFoundError):
   """A file or directory a config key names is missing, or lacks the files the key needs. Also a
   FileNotFoundError, which code that probes for an optional path catches."""

@@ -18,7 +18,6 @@ checkpoints/, metrics.jsonl and export/.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from typing import Callable, Sequence
@@ -30,6 +29,7 @@ import numpy as np
 from rlhf_jax import data
 from rlhf_jax.algorithms import ai_feedback, common, registry, sft
 from rlhf_jax.algorithms.ppo import load_prompts
+from rlhf_jax.data import files
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.evaluation import gold as gold_eval
 from rlhf_jax.toyworld import annotators, judge
@@ -232,8 +232,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         o["helpfulness_before"],
         o["helpfulness_after"],
     )
-  with open(summary_path) as f:
-    summary = json.load(f)
+  summary = files.read_json(summary_path, fix=files.REWRITE)
   helpful = data.load_records(c.helpful_source, "sft") if c.helpful_fraction > 0 else []
   sft_records = mix_helpful(
       metrics.read_jsonl(revisions_path),

@@ -31,7 +31,6 @@ finished rounds and resumes an interrupted one from its checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import NamedTuple, Sequence
@@ -44,6 +43,7 @@ from rlhf_jax import data
 from rlhf_jax.algorithms import common, registry
 from rlhf_jax.algorithms.ppo import load_prompts
 from rlhf_jax.algorithms.rejection_sampling import best_of_k
+from rlhf_jax.data import files
 from rlhf_jax.data.sft import logit_budget_for
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.losses.hir import hir_loss
@@ -296,7 +296,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"config.hir.max_prompt_len={h.max_prompt_len}; raise it"
       )
   summary_path = os.path.join(workdir, "rounds.json")
-  summary = json.load(open(summary_path)) if os.path.exists(summary_path) else []
+  summary = files.read_json(summary_path, fix=files.REWRITE) if os.path.exists(summary_path) else []
   policy_export = config.init_from
   for r in range(1, h.rounds + 1):
     round_dir = os.path.join(workdir, f"round_{r}")

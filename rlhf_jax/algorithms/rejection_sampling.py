@@ -29,6 +29,7 @@ from rlhf_jax import data
 from rlhf_jax.algorithms import common, ppo_rollout, registry, sft
 from rlhf_jax.algorithms.ppo import load_prompts
 from rlhf_jax.algorithms.ppo_rollout import best_of_k
+from rlhf_jax.data import files
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.toyworld import annotators
 from rlhf_jax.toyworld import world as world_lib
@@ -142,7 +143,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   spec = ppo_rollout.reward_spec(rs.reward, rms)
 
   summary_path = os.path.join(workdir, "rounds.json")
-  summary = json.load(open(summary_path)) if os.path.exists(summary_path) else []
+  summary = files.read_json(summary_path, fix=files.REWRITE) if os.path.exists(summary_path) else []
   best: dict[str, dict] = {}  # prompt -> the best kept record so far (across rounds)
   policy_export = config.init_from
   for r in range(1, rs.rounds + 1):

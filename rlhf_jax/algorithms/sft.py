@@ -10,10 +10,10 @@ samples.json (generations before/after training with their scores).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -32,17 +32,27 @@ from rlhf_jax.train.metrics import format_table
 _log = logging.getLogger(__name__)
 
 
-def load_tokenizer_and_records(config: ml_collections.ConfigDict, workdir: str):
+class Records(NamedTuple):
+  """Records of one split, and where each came from ('FILE:LINE'; None for the toy world's)."""
+
+  records: list[dict]
+  where: list[str] | None
+
+
+def load_tokenizer_and_records(
+    config: ml_collections.ConfigDict, workdir: str
+) -> tuple[Any, Records, Records]:
   """(tokenizer, train records, eval records) for `config.data`."""
   d = config.data
   if d.source == "toy":
     families = list(d.toy_families) or None
     records = instructions.generate_sft_records(d.toy_num_records, config.seed, families)
+    where = None
   else:
-    records = data.load_records(d.source, d.kind, split=d.split or None)
+    records, where = data.load_located_records(d.source, d.kind, split=d.split or None)
   if d.eval_source:
-    train_records = records
-    eval_records = data.load_records(d.eval_source, d.kind, split=d.split or None)
+    train = Records(records, where)
+    evals = Records(*data.load_located_records(d.eval_source, d.kind, split=d.split or None))
   else:
     n_eval = max(1, int(len(records) * d.eval_fraction))
     if n_eval >= len(records):
@@ -51,7 +61,8 @@ def load_tokenizer_and_records(config: ml_collections.ConfigDict, workdir: str):
           f"config.data.source={d.source!r} for evaluation, leaving none to train on; lower it, "
           "add records, or give held-out records in config.data.eval_source"
       )
-    train_records, eval_records = records[:-n_eval], records[-n_eval:]
+    train = Records(records[:-n_eval], where and where[:-n_eval])
+    evals = Records(records[-n_eval:], where and where[-n_eval:])
 
   if d.tokenizer:
     tokenizer = data.load_tokenizer(d.tokenizer)
@@ -65,7 +76,7 @@ def load_tokenizer_and_records(config: ml_collections.ConfigDict, workdir: str):
       )
   else:
     raise ConfigError("config.data.tokenizer is empty: give a tokenizer directory for non-toy data")
-  return tokenizer, train_records, eval_records
+  return tokenizer, train, evals
 
 
 def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -139,9 +150,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   `export/` once `config.train.steps` are done and `samples.json` (greedy generations before and
   after); returns {"step", "eval/<metric>", ["samples/exact_match"]}."""
   mesh = common.start_run(config, workdir)
-  tokenizer, train_records, eval_records = load_tokenizer_and_records(config, workdir)
+  tokenizer, train_split, eval_split = load_tokenizer_and_records(config, workdir)
   t = config.train
-  train_examples, eval_examples = _tokenize(config, tokenizer, train_records, eval_records)
+  train_examples, eval_examples = _tokenize(config, tokenizer, train_split, eval_split)
   model_cfg = common.model_config(config, vocab_size=len(tokenizer))
   setup = common.setup_training(config, mesh, model_cfg, make_sft_loss_fn)
   # The batches list their target tokens when the prompts leave some out: the LM head then runs
@@ -152,7 +163,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
 
   sample_records = (
-      sample_prompts(eval_records, tokenizer, config) if config.data.kind == "sft" else []
+      sample_prompts(eval_split.records, tokenizer, config) if config.data.kind == "sft" else []
   )
   rng = jax.random.key(config.seed)
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
@@ -195,16 +206,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return result
 
 
-def _tokenize(config, tokenizer, train_records: list, eval_records: list) -> tuple[list, list]:
+def _tokenize(config, tokenizer, train: Records, evals: Records) -> tuple[list, list]:
   """(train examples, eval examples) of `config.data.kind` ("sft" or "text") within
   `config.train.seq_len`; a ConfigError when none fits."""
   t = config.train
-  if config.data.kind == "text":
-    tokenize = tokenize_text
-  else:
-    tokenize = functools.partial(data.tokenize_sft, prompt_overflow=config.data.prompt_overflow)
-  train_examples, stats = tokenize(train_records, tokenizer, max_len=t.seq_len)
-  eval_examples, _ = tokenize(eval_records, tokenizer, max_len=t.seq_len)
+
+  def tokenize(split: Records):
+    if config.data.kind == "text":
+      return tokenize_text(split.records, tokenizer, max_len=t.seq_len)
+    return data.tokenize_sft(
+        split.records,
+        tokenizer,
+        max_len=t.seq_len,
+        prompt_overflow=config.data.prompt_overflow,
+        where=split.where,
+        max_len_key="config.train.seq_len",
+    )
+
+  train_examples, stats = tokenize(train)
+  eval_examples, _ = tokenize(evals)
   for name, examples in (("training", train_examples), ("eval", eval_examples)):
     if not examples:  # every prompt filled seq_len and was skipped
       raise ConfigError(

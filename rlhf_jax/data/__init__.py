@@ -3,7 +3,14 @@ docstring for formats."""
 
 from rlhf_jax.data.loader import BatchIterator, num_tokens, sft_batching
 from rlhf_jax.data.public import SCHEMAS, detect_schema, load_preferences, shp_margin
-from rlhf_jax.data.records import KINDS, RecordError, load_records, read_rows, validate_record
+from rlhf_jax.data.records import (
+    KINDS,
+    RecordError,
+    load_located_records,
+    load_records,
+    read_rows,
+    validate_record,
+)
 from rlhf_jax.data.sft import (
     PROMPT_OVERFLOW_POLICIES,
     Example,
@@ -35,6 +42,7 @@ __all__ = [
     "detect_schema",
     "encode_prompt",
     "load_preferences",
+    "load_located_records",
     "load_records",
     "load_tokenizer",
     "num_tokens",

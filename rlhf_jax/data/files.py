@@ -18,11 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlhf_jax.errors import ConfigError, ConfigPathError
+from rlhf_jax.errors import ConfigError, ConfigPathError, DamagedFileError
 
+__all__ = ["REWRITE", "DamagedFileError", "check_file", "read_json", "reading"]
 
-class DamagedFileError(ConfigError):
-  """A file exists but cannot be read as what it should be."""
+# The fix for a damaged file that a run wrote into its workdir (a stage's summary, a cache stamp).
+REWRITE = "delete it and rerun: the stage that wrote it writes it again"
 
 
 @contextlib.contextmanager

@@ -265,9 +265,29 @@ def validate_record(record: Any, kind: str, *, source: str, line: int | None) ->
 
 
 def _missing(record: dict, name: str, kind: str) -> str:
-  problem = f"missing; a record of kind '{kind}' needs {_describe(kind)}"
+  problem = f"missing; a record of kind '{kind}' (config.data.kind) needs {_describe(kind)}"
   typo = difflib.get_close_matches(name, [str(key) for key in record], n=1, cutoff=0.75)
-  return problem + (f" (found '{typo[0]}': rename it to '{name}'?)" if typo else "")
+  if typo:
+    return problem + f" (found '{typo[0]}': rename it to '{name}'?)"
+  other = _kind_of(record)
+  if other is not None and other != kind:
+    return (
+        problem + f"; it has the fields of a '{other}' record: if the file holds those, set "
+        f"config.data.kind='{other}' and an algorithm that trains on them"
+    )
+  return problem
+
+
+def _kind_of(record: dict) -> str | None:
+  """The kind whose required fields `record` has, the one needing most fields first; None if
+  none."""
+  candidates = [
+      (sum(required for _, required in schema.values()), kind)
+      for kind, schemas in KINDS.items()
+      for schema in schemas
+      if all(record.get(n) is not None for n, (_, required) in schema.items() if required)
+  ]
+  return max(candidates)[1] if candidates else None
 
 
 def load_records(path_or_dataset: Any, kind: str, *, split: str | None = None) -> list[dict]:
@@ -282,6 +302,14 @@ def load_records(path_or_dataset: Any, kind: str, *, split: str | None = None) -
       this function itself never downloads).
   `split` selects a split of a DatasetDict (optional when it has exactly one).
   """
+  return load_located_records(path_or_dataset, kind, split=split)[0]
+
+
+def load_located_records(
+    path_or_dataset: Any, kind: str, *, split: str | None = None
+) -> tuple[list[dict], list[str]]:
+  """`load_records`, and where each record is ('data/train.jsonl:17'; a dataset's 1-based row
+  number after its name), for messages about a record found wrong later (e.g. too long)."""
   numbered_rows, source = read_rows(path_or_dataset, split=split)
   return _validate_all(numbered_rows, kind, source)
 
@@ -376,8 +404,13 @@ def _read_jsonl(path: Path, source: str) -> Iterable[tuple[int, Any]]:
         ) from None
 
 
-def _validate_all(numbered_rows: Iterable[tuple[int, Any]], kind: str, source: str) -> list[dict]:
-  records = [validate_record(row, kind, source=source, line=line) for line, row in numbered_rows]
+def _validate_all(
+    numbered_rows: Iterable[tuple[int, Any]], kind: str, source: str
+) -> tuple[list[dict], list[str]]:
+  records, where = [], []
+  for line, row in numbered_rows:
+    records.append(validate_record(row, kind, source=source, line=line))
+    where.append(f"{source}:{line}")
   if not records:
     raise RecordError(
         source,
@@ -386,4 +419,4 @@ def _validate_all(numbered_rows: Iterable[tuple[int, Any]], kind: str, source: s
         "no records found (the file is empty or has only blank lines); "
         "point the config at a file with one record per line",
     )
-  return records
+  return records, where

@@ -20,7 +20,8 @@ headers and the context); the *response* is the rest (for a multi-turn record, l
 leaves no room for a single target, by policy:
 
     "skip" (default)  drop the record; counted in stats["dropped"] and logged
-    "error"           raise RecordError naming records[i], the prompt and response lengths and max_len
+    "error"           raise RecordError naming the record (its file and line when `where` gives
+                      them), the prompt and response lengths and max_len
     "truncate_left"   cut the prompt from the left, keeping BOS and its last tokens (so the assistant
                       header stays), so that the example fits: the prompt keeps
                       max(max_len - response_len, max_len // 2) tokens, BOS included -- the response
@@ -103,16 +104,27 @@ def _pieces(tokenizer: Any, messages: list[dict]) -> list[tuple[str, bool]]:
 
 
 def tokenize_sft(
-    records: Sequence[dict], tokenizer: Any, *, max_len: int, prompt_overflow: str = "skip"
+    records: Sequence[dict],
+    tokenizer: Any,
+    *,
+    max_len: int,
+    prompt_overflow: str = "skip",
+    where: Sequence[str] | None = None,
+    max_len_key: str | None = None,
 ) -> tuple[list[Example], dict]:
   """sft records -> (examples, stats), each example at most `max_len` tokens.
 
-  Records are validated first (`validate_record(kind='sft')`; errors name `records[i]`), so an empty
-  completion is an error, never an example that teaches an empty answer. `prompt_overflow` is the
-  policy for prompts of max_len tokens or more (module docstring): "skip", "error" or
-  "truncate_left". stats = {"examples", "dropped", "truncated", "left_truncated"}; one warning is
-  logged when anything was dropped or cut.
+  Records are validated first (`validate_record(kind='sft')`), so an empty completion is an error,
+  never an example that teaches an empty answer. Errors name `where[i]` (e.g. 'train.jsonl:17',
+  from `load_located_records`), or `records[i]` without it; `max_len_key` is the config key that
+  set max_len (e.g. 'config.train.seq_len'), named in them. `prompt_overflow` is the policy for
+  prompts of max_len tokens or more (module docstring): "skip", "error" or "truncate_left".
+  stats = {"examples", "dropped", "truncated", "left_truncated"}; one warning is logged when
+  anything was dropped or cut.
   """
+  if where is not None and len(where) != len(records):
+    raise ValueError(f"where has {len(where)} entries for {len(records)} records")
+  where = [f"records[{i}]" for i in range(len(records))] if where is None else where
   if prompt_overflow not in PROMPT_OVERFLOW_POLICIES:
     policies = ", ".join(map(repr, PROMPT_OVERFLOW_POLICIES))
     raise ConfigError(
@@ -123,9 +135,7 @@ def tokenize_sft(
         f"max_len={max_len}: an example needs at least 2 tokens (a BOS/prompt and a target); "
         "raise config.train.seq_len"
     )
-  records = [
-      validate_record(r, "sft", source=f"records[{i}]", line=None) for i, r in enumerate(records)
-  ]
+  records = [validate_record(r, "sft", source=w, line=None) for w, r in zip(where, records)]
   all_pieces = [_pieces(tokenizer, _conversation(record)) for record in records]
   texts = [text for pieces in all_pieces for text, _ in pieces]
   # One batched call: the Rust tokenizer encodes the whole list in parallel.
@@ -147,13 +157,18 @@ def tokenize_sft(
     prompt_len = mask.index(True)  # validation guarantees a non-empty assistant turn
     response_len = len(tokens) - prompt_len
     if prompt_len >= max_len and prompt_overflow == "error":
+      limit, policy = (
+          (max_len_key, "set config.data.prompt_overflow")
+          if max_len_key
+          else ("max_len", "pass prompt_overflow")
+      )
       raise RecordError(
-          f"records[{index}]",
+          where[index],
           None,
           "prompt",
-          f"{prompt_len} prompt tokens (BOS and chat template included) >= max_len={max_len}, "
-          f"leaving no room for its {response_len} response tokens; raise max_len, shorten the "
-          "prompt, or pass prompt_overflow='truncate_left' (keep its end) or 'skip'",
+          f"{prompt_len} prompt tokens (BOS and chat template included) >= {limit}={max_len}, "
+          f"leaving no room for its {response_len} response tokens; raise {limit}, shorten the "
+          f"prompt, or {policy}='truncate_left' (keep its end) or 'skip'",
       )
     if prompt_len >= max_len and prompt_overflow == "skip":
       dropped += 1

@@ -28,6 +28,7 @@ import logging
 import os
 from typing import Any
 
+from rlhf_jax.data.files import read_json
 from rlhf_jax.data.public import SCHEMAS, load_preferences
 from rlhf_jax.data.records import RecordError, load_records, read_rows, validate_record
 from rlhf_jax.errors import ConfigPathError
@@ -217,8 +218,7 @@ def resolve_source(
   }  # a local file edited
   stamp_path = out_path + ".source.json"
   if os.path.exists(out_path) and os.path.exists(stamp_path):
-    with open(stamp_path) as f:
-      saved = json.load(f)
+    saved = read_json(stamp_path, fix=f"delete it and {out_path}: they are made again")
     if {k: saved.get(k) for k in stamp} == stamp:
       return out_path
   records = convert(source, kind, schema=schema, split=split)

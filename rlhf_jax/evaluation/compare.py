@@ -15,10 +15,10 @@ docs/results.md's comparison table is made from; `plot_methods` draws it.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
+from rlhf_jax.data import files
 from rlhf_jax.evaluation import gold as gold_eval
 
 # Gold metrics of every row, and the behaviour world's axis rates (None on other worlds).
@@ -40,8 +40,7 @@ def read_stage_info(workdir: str, stage: str) -> dict:
   path = os.path.join(workdir, stage, "stage.json")
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(path, fix=files.REWRITE)
 
 
 def method_rows(workdir: str, *, baseline: str = "sft") -> list[dict]:
@@ -59,8 +58,7 @@ def method_rows(workdir: str, *, baseline: str = "sft") -> list[dict]:
         "with an 'eval' stage first (python -m rlhf_jax.run "
         "--config=experiments/toy_compare.py --workdir=...)"
     )
-  with open(gold_path) as f:
-    gold = json.load(f)
+  gold = files.read_json(gold_path, fix=files.REWRITE)
   base = gold.get(baseline, {}).get("overall", {}).get("combined")
   rows = []
   for stage, result in gold.items():
@@ -97,8 +95,7 @@ def method_rows(workdir: str, *, baseline: str = "sft") -> list[dict]:
     )
   temperature_path = os.path.join(workdir, "eval", "temperature.json")
   if os.path.exists(temperature_path):
-    with open(temperature_path) as f:
-      curve = json.load(f)
+    curve = files.read_json(temperature_path, fix=files.REWRITE)
     for i, t in enumerate(curve["temperature"]):
       rows.append(
           {

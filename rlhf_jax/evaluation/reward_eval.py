@@ -30,6 +30,7 @@ import numpy as np
 
 from rlhf_jax import data, sharding
 from rlhf_jax.algorithms import common, ppo_rollout, rejection_sampling, reward
+from rlhf_jax.data import files
 from rlhf_jax.evaluation import plots, reward_metrics
 from rlhf_jax.losses import reward as reward_losses
 from rlhf_jax.toyworld import behaviours
@@ -185,8 +186,7 @@ def evaluate_reward_stages(
   results, scored, stats, rms = {}, {}, {}, {}
   for stage in stages:
     rm = rms[stage] = reward.load_reward_model(os.path.join(workdir, stage, "export"), mesh)
-    with open(os.path.join(workdir, stage, "eval.json")) as f:
-      own = json.load(f)["report"]
+    own = files.read_json(os.path.join(workdir, stage, "eval.json"), fix=files.REWRITE)["report"]
     ranked = reward.score_records(rm, tokenizer, rankings, "ranking")
     pairs = reward.score_records(rm, tokenizer, critical, "pairwise")
     scored[stage] = (ranked, pairs)

@@ -20,6 +20,8 @@ import numpy as np
 import tqdm
 from tqdm.std import EMA
 
+from rlhf_jax.errors import DamagedFileError
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
 
@@ -146,7 +148,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
   """Every record of a JSONL file, in order (``null`` stays None).
 
   A last line without a newline that does not parse is skipped: that is a write cut short by a
-  kill. Any other bad line raises a ValueError naming the file and line.
+  kill. Any other bad line raises a DamagedFileError (a user error) naming the file and line.
   """
   with open(path, encoding="utf-8") as f:
     lines = f.readlines()
@@ -159,7 +161,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     except json.JSONDecodeError as e:
       if number == len(lines) and not line.endswith("\n"):
         break
-      raise ValueError(f"{path}:{number}: not valid JSON ({e})") from e
+      raise DamagedFileError(
+          f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}): the file was damaged; "
+          "restore it, or delete it and rerun the stage that wrote it"
+      ) from None
   return records
 
 

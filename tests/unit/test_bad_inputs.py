@@ -37,8 +37,10 @@ from rlhf_jax.algorithms import common, dpo, pipeline
 from rlhf_jax.configs import base as configs
 from rlhf_jax.configs import toy as toy_configs
 from rlhf_jax.data import RecordError
+from rlhf_jax.data.files import DamagedFileError
+from rlhf_jax.evaluation import compare
 from rlhf_jax.models import ModelConfig, abstract_model
-from rlhf_jax.train import checkpoint, make_optimizer
+from rlhf_jax.train import checkpoint, make_optimizer, metrics
 from tests.helpers import ROOT_PATH as ROOT
 from tests.helpers.bad_inputs import SFT, assert_nothing_half_written, jsonl
 from tests.helpers.configs import TINY_MODEL
@@ -366,6 +368,69 @@ CASES = [
         ),
         RecordError,
         ("{tmp}/data.jsonl:2: field 'completion': missing",),
+    ),
+    Case(
+        "sft_on_pairwise_data",
+        "ran SFT (config.data.kind='sft') on a file of preference pairs",
+        with_file(
+            lambda tmp: jsonl(tmp, PAIR, PAIR),
+            run_driver(data__source="{tmp}/data.jsonl", data__tokenizer="unused"),
+        ),
+        RecordError,
+        (
+            "{tmp}/data.jsonl:1: field 'completion': missing",
+            "it has the fields of a 'pairwise' record",
+            "set config.data.kind='pairwise'",
+        ),
+    ),
+    Case(
+        "prompt_longer_than_seq_len",
+        "set config.data.prompt_overflow='error' and gave a prompt longer than seq_len on line 3",
+        lambda tmp: run_driver(
+            data__source=jsonl(
+                tmp, SFT, SFT, {"prompt": "the lazy dog " * 40, "completion": "ok"}, *[SFT] * 20
+            ),
+            data__tokenizer=str(_hf_checkpoint()),
+            data__prompt_overflow="error",
+        )(tmp),
+        RecordError,
+        (
+            "{tmp}/data.jsonl:3: field 'prompt':",
+            ">= config.train.seq_len=64",
+            "set config.data.prompt_overflow='truncate_left'",
+        ),
+    ),
+    # Files a run wrote into its workdir, damaged by hand or by the disk.
+    Case(
+        "workdir_gold_json_damaged",
+        "compared methods on a workdir whose eval/gold.json was cut short",
+        lambda tmp: (
+            (tmp / "run" / "eval").mkdir(parents=True),
+            (tmp / "run" / "eval" / "gold.json").write_text('{"sft": {"overall": '),
+            compare.method_rows(str(tmp / "run")),
+        ),
+        DamagedFileError,
+        ("{tmp}/run/eval/gold.json is not valid JSON (line 1", "delete it and rerun"),
+    ),
+    Case(
+        "workdir_stage_json_damaged",
+        "read a pipeline stage's record (stage.json) holding garbage",
+        lambda tmp: (
+            (tmp / "run" / "sft").mkdir(parents=True),
+            (tmp / "run" / "sft" / "stage.json").write_bytes(b"\x00\xff" * 20),
+            compare.read_stage_info(str(tmp / "run"), "sft"),
+        ),
+        DamagedFileError,
+        ("{tmp}/run/sft/stage.json is not UTF-8 text", "delete it and rerun"),
+    ),
+    Case(
+        "workdir_jsonl_damaged",
+        "edited a run's metrics.jsonl and broke a line in the middle",
+        lambda tmp: metrics.read_jsonl(
+            jsonl(tmp, '{"step": 1,', {"step": 2}, name="metrics.jsonl")
+        ),
+        DamagedFileError,
+        ("{tmp}/metrics.jsonl:1: not valid JSON", "delete it and rerun the stage that wrote it"),
     ),
     Case(
         "all_records_held_out",

@@ -109,7 +109,20 @@ MALFORMED = [
     (
         "sft",
         {"prompt": "p"},
-        r"field 'completion': missing; a record of kind 'sft' needs \(prompt, completion",
+        r"field 'completion': missing; a record of kind 'sft' \(config.data.kind\) needs \(prompt, "
+        r"completion",
+    ),
+    # A record of another kind names the kind its fields fit and the config key to set.
+    (
+        "sft",
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        r"field 'completion': missing; .* it has the fields of a 'pairwise' record: if the file "
+        r"holds those, set config.data.kind='pairwise'",
+    ),
+    (
+        "pairwise",
+        {"prompt": "p", "completion": "a", "label": True},
+        r"field 'chosen': missing; .*'kto' record: .*config.data.kind='kto'",
     ),
     ("text", {"txt": "hello"}, r"field 'text': missing; .*\(found 'txt': rename it to 'text'\?\)"),
     (

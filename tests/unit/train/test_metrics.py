@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+from rlhf_jax.errors import DamagedFileError
 from rlhf_jax.train import metrics as metrics_lib
 from rlhf_jax.train.metrics import MetricsWriter, Progress, format_table, read_jsonl
 
@@ -70,7 +71,7 @@ def test_resumed_run_appends_after_a_truncated_line(tmp_path):
   with MetricsWriter(tmp_path, tensorboard=False) as writer:
     writer.write(2, {"loss": 1.5})
   assert path.read_text().splitlines()[-1] == '{"step": 2, "train/loss": 1.5}'
-  with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not valid JSON"):
+  with pytest.raises(DamagedFileError, match=r"metrics\.jsonl:2: not valid JSON"):
     read_jsonl(path)  # the cut line is now in the middle: that is corruption, not a kill
 
 
