@@ -499,32 +499,34 @@ def train_loop(
       restore_data(run.saved)
     start = int(state.step)
     end = t.steps if not t.stop_after_steps else min(t.steps, start + t.stop_after_steps)
-    progress = metrics.Progress(t.steps, initial=start, desc=config.algorithm, show=("loss",))
-    for step in range(start, end):
-      host_batch = next(batches)
-      batch = sharding.put_batch(host_batch, setup.mesh)
-      state, step_metrics = setup.step(state, batch)
-      progress.update(
-          1, tokens=count_tokens(host_batch) if count_tokens else None, metrics=step_metrics
-      )
-      done = step + 1
-      if done % t.log_every == 0 or done == end:
-        run.writer.write(done, jax.device_get(step_metrics), prefix="train")
-        # Before this step's save: a diverged run stops with its earlier checkpoints as they were.
-        check_nonfinite(
-            state.opt_state, done, t.get("max_nonfinite_steps", 10), run.ckpt.latest_step()
+    # Closed however the loop ends: an error then prints on its own line, after the bar.
+    with metrics.Progress(
+        t.steps, initial=start, desc=config.algorithm, show=("loss",)
+    ) as progress:
+      for step in range(start, end):
+        host_batch = next(batches)
+        batch = sharding.put_batch(host_batch, setup.mesh)
+        state, step_metrics = setup.step(state, batch)
+        progress.update(
+            1, tokens=count_tokens(host_batch) if count_tokens else None, metrics=step_metrics
         )
-      if evaluate is not None and (done % t.eval_every == 0 or done == t.steps):
-        run.writer.write(done, evaluate(state), prefix="eval")
-      run.stop.save(
-          run.ckpt,
-          done,
-          end,
-          state,
-          workdir=workdir,
-          on_stop=progress.close,
-          data_state=data_state(),
-          config=config.to_dict(),
-      )
-    progress.close()
+        done = step + 1
+        if done % t.log_every == 0 or done == end:
+          run.writer.write(done, jax.device_get(step_metrics), prefix="train")
+          # Before this step's save: a diverged run stops with its earlier checkpoints as they were.
+          check_nonfinite(
+              state.opt_state, done, t.get("max_nonfinite_steps", 10), run.ckpt.latest_step()
+          )
+        if evaluate is not None and (done % t.eval_every == 0 or done == t.steps):
+          run.writer.write(done, evaluate(state), prefix="eval")
+        run.stop.save(
+            run.ckpt,
+            done,
+            end,
+            state,
+            workdir=workdir,
+            on_stop=progress.close,
+            data_state=data_state(),
+            config=config.to_dict(),
+        )
   return state

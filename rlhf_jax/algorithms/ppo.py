@@ -814,36 +814,40 @@ def run_iterations(config: ml_collections.ConfigDict, workdir: str, loop: Loop, 
       start, beta = run.saved["iteration"], run.saved["beta"]
       _log.info("resumed PPO at iteration %d (beta %.4f)", start, beta)
     end = p.iterations if not t.stop_after_steps else min(p.iterations, start + t.stop_after_steps)
-    progress = metrics.Progress(
+    with metrics.Progress(  # closed however the loop ends: an error prints after the bar
         p.iterations, initial=start, desc="ppo", show=("reward", "gold", "kl")
-    )
-    if loop.eval_tasks and start == 0:
-      run.writer.write(0, loop.held_out(config, state.params["policy"]), prefix="eval")
-    for iteration in range(start, end):
-      state, row = ppo_iteration(config, loop, state, next(stream), iteration, beta)
-      beta = row["beta"]
-      run.writer.write(iteration + 1, row, prefix="ppo")
-      if loop.eval_tasks and ((iteration + 1) % p.eval_every == 0 or iteration + 1 == p.iterations):
-        run.writer.write(
-            iteration + 1, loop.held_out(config, state.params["policy"]), prefix="eval"
+    ) as progress:
+      if loop.eval_tasks and start == 0:
+        run.writer.write(0, loop.held_out(config, state.params["policy"]), prefix="eval")
+      for iteration in range(start, end):
+        state, row = ppo_iteration(config, loop, state, next(stream), iteration, beta)
+        beta = row["beta"]
+        run.writer.write(iteration + 1, row, prefix="ppo")
+        if loop.eval_tasks and (
+            (iteration + 1) % p.eval_every == 0 or iteration + 1 == p.iterations
+        ):
+          run.writer.write(
+              iteration + 1, loop.held_out(config, state.params["policy"]), prefix="eval"
+          )
+        shown = {"reward": row["reward"], "gold": row.get("gold_combined", 0.0), "kl": row["kl"]}
+        progress.update(1, metrics=shown)
+        # Counted in optimiser updates (epochs x mini-batches per iteration).
+        check_nonfinite(
+            state.opt_state,
+            int(state.step),
+            t.get("max_nonfinite_steps", 10),
+            run.ckpt.latest_step(),
         )
-      shown = {"reward": row["reward"], "gold": row.get("gold_combined", 0.0), "kl": row["kl"]}
-      progress.update(1, metrics=shown)
-      # Counted in optimiser updates (epochs x mini-batches per iteration).
-      check_nonfinite(
-          state.opt_state, int(state.step), t.get("max_nonfinite_steps", 10), run.ckpt.latest_step()
-      )
-      run.stop.save(
-          run.ckpt,
-          iteration + 1,
-          end,
-          state,
-          workdir=workdir,
-          on_stop=progress.close,
-          data_state={"prompts": stream.state(), "iteration": iteration + 1, "beta": beta},
-          config=config.to_dict(),
-      )
-    progress.close()
+        run.stop.save(
+            run.ckpt,
+            iteration + 1,
+            end,
+            state,
+            workdir=workdir,
+            on_stop=progress.close,
+            data_state={"prompts": stream.state(), "iteration": iteration + 1, "beta": beta},
+            config=config.to_dict(),
+        )
   return state, end, beta
 
 

@@ -136,6 +136,7 @@ RULES: dict[str, Range] = {
 BLOCK_RULES: dict[tuple[str, str], Range] = {
     ("train", "eval_every"): COUNT,  # the trainer evaluates every N steps (PPO's: 0 = never)
     ("kl", "beta"): NON_NEGATIVE,  # PPO's KL coefficient: 0 = no penalty
+    ("train", "seq_len"): Range(2, integer=True),  # a row holds a prompt token and a target
 }
 
 

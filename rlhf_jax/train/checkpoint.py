@@ -196,9 +196,8 @@ def _unreadable(what: str) -> Iterator[None]:
   try:
     yield
   except Exception as e:  # noqa: BLE001
-    raise CorruptCheckpointError(
-        f"{what} cannot be read ({type(e).__name__}: {str(e)[:200]})"
-    ) from e
+    complaint = (str(e).strip().splitlines() or [""])[0][:200]
+    raise CorruptCheckpointError(f"{what} cannot be read ({type(e).__name__}: {complaint})") from e
 
 
 class Checkpointer:
@@ -327,6 +326,7 @@ class Checkpointer:
     Raises:
       FileNotFoundError: no such step (the message lists the available ones).
       ValueError: a leaf has no sharding, or the tree/shapes do not match the checkpoint.
+      WorkdirError: `step` is None and no saved step reads back.
     """
     if step is None:
       return self._restore_latest_readable(abstract_state)
@@ -335,8 +335,10 @@ class Checkpointer:
   def _restore_latest_readable(self, abstract_state: PyTree) -> tuple[PyTree, dict]:
     """The newest step that reads back; a step that fails to read (a file truncated or lost
     after its save finished) is set aside as ``<step>.corrupt`` with a warning, and the one
-    before it is tried. If none reads, the newest step's error is raised. A state that does not
-    match `abstract_state` (another model or optimiser config) is a ConfigError at once."""
+    before it is tried. If none reads, a WorkdirError says so and sets nothing aside: losing
+    every step is the user's call (restore a copy, or move the folder away to start over). A state
+    that does not match `abstract_state` (another model or optimiser config) is a ConfigError at
+    once."""
     self._resolve_step(None)  # waits for pending saves; raises if there is no step at all
     steps = self.all_steps()
     first_error = None
@@ -351,7 +353,11 @@ class Checkpointer:
         self._set_aside([s for s in steps if s > step])
         _log.warning("resumed from step %d: the newer checkpoints could not be read", step)
       return restored
-    raise first_error
+    raise WorkdirError(
+        f"no checkpoint in {self.directory} can be read (steps {', '.join(map(str, steps))}; "
+        f"the newest: {first_error}): restore them from a copy, or move {self.directory} away "
+        "to start the run over"
+    ) from first_error
 
   def _set_aside(self, steps: list[int]) -> None:
     """Renames unreadable step directories to ``<step>.corrupt`` (kept for inspection; orbax's

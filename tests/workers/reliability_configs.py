@@ -3,7 +3,7 @@ worker processes (tests/workers/kill_worker.py); also an experiment file for the
 
   python -m rlhf_jax.run --config=tests/workers/reliability_configs.py:sft --workdir=W
 
-`get_config(name)` takes "sft" (toy data, needs nothing) or "reward" / "dpo" / "ppo", whose input
+`get_config(name)` takes "sft" (toy data, needs nothing), "table" (the reliability table's run) or "reward" / "dpo" / "ppo", whose input
 paths (`INPUT_KEYS`: tokenizer, LM export, pairs, prompts, reward-model export) come from the JSON
 file named by the RELIABILITY_INPUTS environment variable.
 Every run checkpoints often and logs every step, so a kill lands between many saves.
@@ -87,9 +87,32 @@ def ppo_config(inputs, iterations=8):
   return c
 
 
+def table_config():
+  """The reliability table's run (tests/integration/train/test_fault_table.py): tiny SFT, 4 steps,
+  a checkpoint every 2, on the data file and tokenizer that --config.data.source and
+  --config.data.tokenizer name."""
+  c = run_config(
+      "sft",
+      steps=4,
+      batch_size=8,
+      seq_len=64,
+      log_every=1,
+      checkpoint_every=2,
+      async_checkpoint=True,
+      warmup_steps=1,
+  )
+  c.model.update(**TINY)
+  c.train.keep_checkpoints = 2
+  c.data.update(eval_fraction=0.1)
+  c.sample.update(num_examples=0)
+  return c
+
+
 def get_config(name="sft"):
   if name == "sft":
     return sft_config()
+  if name == "table":
+    return table_config()
   with open(os.environ["RELIABILITY_INPUTS"]) as f:
     inputs = json.load(f)
   return {"reward": reward_config, "dpo": dpo_config, "ppo": ppo_config}[name](inputs)
