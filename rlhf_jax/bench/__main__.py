@@ -182,6 +182,8 @@ def main(argv):
     peak = suite.measured(suite.matmul_peak, _DTYPE.value, _REPEATS.value, n=_MATMUL_N.value)
     emit("matmul_peak", peak)
     peak = peak["gflops"]
+  if "checkpoint" in only:
+    emit("checkpoint", suite.measured(suite.checkpoint_bench, cfg, _REPEATS.value))
   if "sft_step" in only:
     emit(
         "sft_step",

@@ -24,6 +24,9 @@ FLOP/s by the fp32 (or bf16) matmul peak measured here, first, on the same devic
                                                           train step on log-probs in the batch)
   grpo_iteration {completions_per_s, ...}                one GRPO iteration: no value model, k3 KL
                                                           to the reference in the loss, one update
+  checkpoint   {save_s, restore_s, fingerprint_s, ...}   a train state (params + AdamW moments)
+                                                          saved synchronously and restored; the
+                                                          integrity fingerprint's share of each
 `--compare` runs generate, dpo_step and grpo_iteration beside HF `generate`, TRL's `DPOTrainer`
 and `GRPOTrainer` on the same weights (rlhf_jax/bench/compare.py; `pip install -e .[compare]`).
 The model is the Llama-style L6 d512 h8 MLP1344 vocab4096 config (`--model=bench`) unless
@@ -79,6 +82,7 @@ BENCHES = (
     "grpo_iteration",
     "hbm_bandwidth",
     "decode",
+    "checkpoint",
 )
 
 
@@ -575,7 +579,53 @@ FIGURES = {
     "decode": ("new_tokens_per_s", "new tokens/s"),
     "ppo_iteration": ("completions_per_s", "completions/s"),
     "grpo_iteration": ("completions_per_s", "completions/s"),
+    "checkpoint": ("save_gbps", "GB/s saved"),
 }
+
+
+def checkpoint_bench(cfg: ModelConfig, repeats: int, directory: str | None = None) -> dict:
+  """Saves a train state of `cfg` (params and AdamW's two moments) synchronously and restores it,
+  `repeats` times each, and times the fingerprint that every save writes and every restore checks
+  (`train.checkpoint.fingerprint`): its share of a save and of a restore is what integrity costs.
+  `directory`: where to write (default: a temporary directory, removed after)."""
+  import shutil
+  import tempfile
+
+  from rlhf_jax.train import checkpoint
+
+  mesh = sharding.make_mesh((-1, 1, 1))
+  _, abstract, psh, params = random_model(cfg, mesh)
+  optimizer, _ = make_optimizer(base_config().optim, 1000)
+  shardings = state_shardings(optimizer, psh, abstract, mesh)
+  state = create_train_state(params, optimizer, shardings, seed=0)
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
+  nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  fingerprint_s = timed(lambda: checkpoint.fingerprint(state), repeats, warmup_s=0.5)
+  root = directory or tempfile.mkdtemp(prefix="rlhf_jax_bench_ckpt_")
+  steps = iter(range(1, 1_000_000))
+  try:
+    with checkpoint.Checkpointer(root, async_save=False, keep=2) as ckpt:
+
+      def save():
+        ckpt.save(next(steps), state, data_state={}, force=True)
+        ckpt.wait()
+
+      save_s = timed(save, repeats)
+      restore_s = timed(lambda: jax.block_until_ready(ckpt.restore(target)), repeats)
+  finally:
+    if directory is None:
+      shutil.rmtree(root, ignore_errors=True)
+  return {
+      "state_bytes": int(nbytes),
+      "save_s": save_s,
+      "restore_s": restore_s,
+      "fingerprint_s": fingerprint_s,
+      "fingerprint_share_of_save": fingerprint_s / save_s,
+      "fingerprint_share_of_restore": fingerprint_s / restore_s,
+      "save_gbps": nbytes / save_s / 1e9,
+  }
 
 
 def _setting(r: dict) -> str:
@@ -595,6 +645,10 @@ def _setting(r: dict) -> str:
     parts.append("shared" if r["share_prompt"] else "unshared")
   if r.get("bandwidth_fraction") is not None:
     parts.append(f"{r['bandwidth_fraction']:.2f} of limit")
+  if "fingerprint_share_of_save" in r:
+    parts.append(
+        f"{r['state_bytes'] / 1e6:.0f} MB, fingerprint {r['fingerprint_share_of_save']:.1%}"
+    )
   return ", ".join(parts)
 
 

@@ -5,6 +5,7 @@ Here: the end-to-end tests (marked slow, or over ~5 s on CPU); the quick ones ar
 tests/unit/bench/test_suite.py.
 """
 
+import jax
 import numpy as np
 import pytest
 
@@ -27,6 +28,23 @@ def test_train_step_and_generate_records(tiny):
   assert rm["pairs_per_s"] == pytest.approx(8 * 2 / rm["step_s"]) and "mfu" not in rm
   gen = bench.generate_bench(tiny, batch=8, prompt_len=8, new_tokens=8, repeats=1)
   assert gen["new_tokens_per_s"] == pytest.approx(64 / gen["seconds"])
+
+
+def test_checkpoint_record(tiny, tmp_path):
+  record = bench.checkpoint_bench(tiny, repeats=2, directory=str(tmp_path))
+  # params + AdamW's two moments (float32) and a few scalars
+  n_params = sum(
+      x.size
+      for x in jax.tree.leaves(bench.random_model(tiny, bench.sharding.make_mesh((-1, 1, 1)))[3])
+  )
+  assert 3 * 4 * n_params <= record["state_bytes"] < 3 * 4 * n_params + 1024
+  assert record["save_gbps"] == pytest.approx(record["state_bytes"] / record["save_s"] / 1e9)
+  assert (
+      0
+      < record["fingerprint_share_of_save"]
+      == pytest.approx(record["fingerprint_s"] / record["save_s"])
+  )
+  assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit())[-2:] == [2, 3]
 
 
 @pytest.mark.slow  # compiles sampler, scoring and update (~40 s)

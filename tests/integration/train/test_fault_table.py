@@ -320,6 +320,14 @@ def set_mode(path: str, mode: int) -> Callable[[Path, Path], None]:
   return lambda tmp, _: os.chmod(tmp / path, mode)
 
 
+def huge_first_held_out_prompt(tmp: Path, _: Path) -> None:
+  """The first held-out record (the sample table's first pick) replaced by a 1 MB prompt; the
+  training split is unchanged."""
+  lines = (tmp / "data.jsonl").read_bytes().splitlines()
+  lines[-9] = json.dumps({"prompt": "word " * 200_000, "completion": "ok"}).encode()  # 96 x 0.1
+  (tmp / "data.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+
+
 SFT_PAIR = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I refuse."}
 LONG = {"prompt": "the lazy dog " * 60, "completion": "ok"}
 
@@ -476,6 +484,13 @@ ROWS = [
         ("{tmp}/data.jsonl", "no records found"),
         damage=damaged("data.jsonl", "empty"),
         fix=put_back_inputs,
+    ),
+    Row(
+        "json_data_empty",
+        "gave an empty .json data file",
+        ("{tmp}/data.json", "no records found (the file is empty)"),
+        ("--config.data.source={tmp}/data.json",),
+        damage=lambda tmp, _: (tmp / "data.json").write_text(""),
     ),
     Row(
         "data_cut_short",
@@ -675,6 +690,24 @@ ROWS = [
         saves=True,
     ),
     # --- faults the run recovers from by itself (status 0, identical without a fix) --------------
+    Row(
+        "records_with_metadata",
+        "kept a 'family' field (metadata) in every record",
+        (),
+        damage=lambda tmp, _: metrics.write_jsonl(
+            [{**r, "family": "arithmetic"} for r in metrics.read_jsonl(tmp / "data.jsonl")],
+            tmp / "data.jsonl",
+        ),
+        status=0,
+    ),
+    Row(
+        "huge_prompt_in_the_sample_table",
+        "asked for a before / after sample table with a 1 MB prompt among the held-out records",
+        (),
+        ("--config.sample.num_examples=2",),
+        damage=huge_first_held_out_prompt,
+        status=0,
+    ),
     Row(
         "lock_left_by_a_killed_run",
         "rerun after a kill that left its lock file",
