@@ -43,8 +43,9 @@ from rlhf_jax.data import train_tokenizer
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.toyworld import corpus_texts, generate_sft_records
 from rlhf_jax.train import checkpoint, metrics
-from tests.helpers import ROOT
+from tests.helpers import ROOT, faults
 from tests.helpers.compile_cache import persistent_compilation_cache
+from tests.helpers.configs import TINY_MODEL
 
 pytestmark = pytest.mark.slow
 
@@ -196,20 +197,8 @@ def partial_run(tmp: Path, done: Path) -> None:
 
 
 def checkpoint_file(tmp: Path, step: int, how: str) -> None:
-  """The largest array file of checkpoint `step` in {tmp}/run: truncated, deleted or 4 KiB of it
-  overwritten in place (every file still readable)."""
-  files = [f for f in (tmp / "run" / "checkpoints" / str(step) / "state").rglob("*") if f.is_file()]
-  path = max(files, key=lambda f: f.stat().st_size)
-  data = path.read_bytes()
-  if how == "truncate":
-    path.write_bytes(data[: len(data) // 3])
-  elif how == "delete":
-    path.unlink()
-  else:
-    n, start = min(4096, len(data)), max(0, len(data) // 2 - 2048)
-    path.write_bytes(
-        data[:start] + bytes(b ^ 0x5A for b in data[start : start + n]) + data[start + n :]
-    )
+  """The largest array file of checkpoint `step` in {tmp}/run, damaged (`faults.damage`)."""
+  faults.damage(faults.largest_file(tmp / "run" / "checkpoints" / str(step) / "state"), how)
 
 
 def finished_then(how: str) -> Callable[[Path, Path], None]:
@@ -242,15 +231,7 @@ def export_of(tmp: Path, name: str = "other_export", **model) -> str:
   return str(tmp / name)
 
 
-TINY_FIELDS = dict(
-    vocab_size=384,
-    num_layers=2,
-    embed_dim=64,
-    num_heads=4,
-    num_kv_heads=2,
-    mlp_dim=128,
-    max_seq_len=64,
-)
+TINY_FIELDS = {**TINY_MODEL, "vocab_size": 384}  # the table's tokenizer's vocabulary
 
 
 def held_lock(tmp: Path, _: Path) -> None:
@@ -629,16 +610,9 @@ ROWS = [
         ("--config.init_from={tmp}/other_export",),
         damage=then(
             make_export(),
-            lambda tmp, _: [
-                cut(str(f.relative_to(tmp / "other_export")))(tmp / "other_export")
-                for f in [
-                    max(
-                        (f for f in (tmp / "other_export" / "params").rglob("*") if f.is_file()),
-                        key=lambda f: f.stat().st_size,
-                    )
-                ]
-            ]
-            and None,
+            lambda tmp, _: faults.damage(
+                faults.largest_file(tmp / "other_export" / "params"), "truncate"
+            ),
         ),
     ),
     Row(

@@ -39,7 +39,7 @@ from rlhf_jax.train import (
     metrics,
     preemption,
 )
-from tests.helpers import ROOT, xla_flags
+from tests.helpers import ROOT, faults, xla_flags
 from tests.helpers.compile_cache import persistent_compilation_cache
 from tests.helpers.preference import WORDS, learnable_pairs, write_jsonl
 from tests.workers import reliability_configs as configs
@@ -229,10 +229,7 @@ def test_killed_anywhere_the_rerun_ends_with_identical_params(
   how = {"sft": "truncate", "dpo": "delete", "ppo": "overwrite"}[algorithm]
   steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
   assert len(steps) >= 2, steps
-  arrays = [
-      f for f in (killed / "checkpoints" / str(steps[-1]) / "state").rglob("*") if f.is_file()
-  ]
-  _damage(max(arrays, key=lambda f: f.stat().st_size), how)
+  faults.damage(faults.largest_file(killed / "checkpoints" / str(steps[-1]) / "state"), how)
   shutil.rmtree(killed / "export")
   rerun = _worker(algorithm, killed, inputs)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -243,19 +240,6 @@ def test_killed_anywhere_the_rerun_ends_with_identical_params(
   assert list((killed / "checkpoints").glob(f"{steps[-1]}.corrupt-*"))
   got, _ = checkpoint.load_params(killed / "export")
   jax.tree.map(np.testing.assert_array_equal, got, expected)
-
-
-def _damage(path, how):
-  data = path.read_bytes()
-  if how == "truncate":
-    path.write_bytes(data[: len(data) // 3])
-  elif how == "delete":
-    path.unlink()
-  else:  # same size, 4 KiB of other bytes in the middle
-    n, start = min(4096, len(data)), max(0, len(data) // 2 - 2048)
-    path.write_bytes(
-        data[:start] + bytes(b ^ 0x5A for b in data[start : start + n]) + data[start + n :]
-    )
 
 
 # ---------------------------------------------------------------- SIGTERM

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from rlhf_jax.train import checkpoint as ckpt_lib
 from rlhf_jax.train.checkpoint import Checkpointer, export_params, load_params
+from tests.helpers import faults
 
 
 @struct.dataclass
@@ -211,23 +212,6 @@ def test_unreadable_latest_falls_back_to_the_previous_step(tmp_path, caplog, dam
     assert int(state.step) == 2 and data_state == {"offset": 2}
 
 
-def _damage(path, how: str) -> None:
-  """Truncates `path` to a third, deletes it, or overwrites up to 4 KiB in its middle with
-  random bytes (same size: every file still reads, only the bytes are wrong)."""
-  data = path.read_bytes()
-  if how == "truncate":
-    path.write_bytes(data[: len(data) // 3])
-  elif how == "delete":
-    path.unlink()
-  else:
-    n = min(4096, len(data))
-    start = (len(data) - n) // 2
-    garbage = np.random.default_rng(len(data)).bytes(n)
-    if garbage == data[start : start + n]:  # cannot happen for n > 0, but never a no-op
-      garbage = bytes(b ^ 0xFF for b in garbage)
-    path.write_bytes(data[:start] + garbage + data[start + n :])
-
-
 def test_any_damaged_file_of_the_latest_step_never_restores_wrong_values(tmp_path):
   """Every file of the newest step, truncated, deleted or overwritten in place: the restore gives
   either that step exactly (the file was not needed) or the step before exactly (the damaged step
@@ -242,12 +226,12 @@ def test_any_damaged_file_of_the_latest_step_never_restores_wrong_values(tmp_pat
   assert {f.parts[0] for f in files} >= {"state", "data_state", "config", "fingerprint"}
   outcomes = {}
   for i, name in enumerate(files):
-    for how in ("truncate", "delete", "overwrite"):
+    for how in faults.HOW:
       if how != "delete" and (template / "2" / name).stat().st_size == 0:
         continue
       run = tmp_path / f"run{i}_{how}"
       shutil.copytree(template, run)
-      _damage(run / "2" / name, how)
+      faults.damage(run / "2" / name, how)
       with Checkpointer(run) as ckpt:
         state, data_state = ckpt.restore(_abstract(_state(mesh), mesh))
       step = int(state.step)
