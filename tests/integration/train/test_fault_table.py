@@ -163,27 +163,9 @@ def data_lines(*lines) -> Callable[[Path, Path], None]:
   return damage
 
 
-def line_count(tmp: Path) -> int:
-  return len((tmp / "data.jsonl").read_bytes().splitlines())
-
-
 def damaged(path: str, how: str) -> Callable[[Path, Path], None]:
-  """Damages {tmp}/path: "truncate" (cut to a third), "garbage" (random bytes), "empty",
-  "delete", "dir" (a directory in its place)."""
-
-  def damage(tmp: Path, _: Path) -> None:
-    target = tmp / path
-    data = target.read_bytes() if target.is_file() else b""
-    if how in ("delete", "dir"):
-      target.unlink()
-      if how == "dir":
-        target.mkdir()
-    else:
-      target.write_bytes(
-          {"truncate": data[: len(data) // 3], "garbage": bytes(range(256)) * 8, "empty": b""}[how]
-      )
-
-  return damage
+  """Damages {tmp}/path (`faults.damage`)."""
+  return lambda tmp, _: faults.damage(tmp / path, how)
 
 
 def partial_run(tmp: Path, done: Path) -> None:
@@ -217,21 +199,31 @@ def all_damaged(tmp: Path, done: Path) -> None:
   checkpoint_file(tmp, 4, "truncate")
 
 
-def export_of(tmp: Path, name: str = "other_export", **model) -> str:
-  """A params export (zeros) of a tiny model shaped by `model` (ModelConfig fields), with the
-  row's tokenizer."""
+TINY_FIELDS = {**TINY_MODEL, "vocab_size": 384}  # the table's tokenizer's vocabulary
+
+
+def zero_params(cfg: ModelConfig):
   from rlhf_jax.models import abstract_model
 
-  cfg = ModelConfig(**{**TINY_FIELDS, **model})
   _, abstract, _ = abstract_model(cfg)
-  zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-  checkpoint.export_params(
-      tmp / name, zeros, metadata={"model": cfg.to_dict(), "tokenizer": str(tmp / "tok")}
-  )
-  return str(tmp / name)
+  return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
 
 
-TINY_FIELDS = {**TINY_MODEL, "vocab_size": 384}  # the table's tokenizer's vocabulary
+def damaged_export(part: str) -> Callable[[Path, Path], None]:
+  """A params export (zeros) of the tiny model in {tmp}/other_export whose `part` is cut short
+  (a file, or the largest file under a folder)."""
+
+  def damage(tmp: Path, _: Path) -> None:
+    cfg = ModelConfig(**TINY_FIELDS)
+    checkpoint.export_params(
+        tmp / "other_export",
+        zero_params(cfg),
+        metadata={"model": cfg.to_dict(), "tokenizer": str(tmp / "tok")},
+    )
+    target = tmp / "other_export" / part
+    faults.damage(faults.largest_file(target) if target.is_dir() else target, "truncate")
+
+  return damage
 
 
 def held_lock(tmp: Path, _: Path) -> None:
@@ -263,42 +255,19 @@ def stale_lock(tmp: Path, done: Path) -> None:
   )
 
 
-def make_export(**model) -> Callable[[Path, Path], None]:
-  return lambda tmp, _: export_of(tmp, **model)
-
-
-def then(*steps_: Callable[[Path, Path], None]) -> Callable[[Path, Path], None]:
-  return lambda tmp, other: [step(tmp, other) for step in steps_] and None
-
-
-def hf_dir(edit: Callable[[Path], None]) -> Callable[[Path, Path], None]:
-  """A tiny HF checkpoint in {tmp}/hf (config.json, model.safetensors, the tokenizer), then
-  `edit(hf_dir)`."""
+def damaged_hf(name: str) -> Callable[[Path, Path], None]:
+  """A tiny HF checkpoint in {tmp}/hf (config.json, model.safetensors, the tokenizer) whose file
+  `name` is cut short."""
 
   def damage(tmp: Path, _: Path) -> None:
     from rlhf_jax.data import load_tokenizer
     from rlhf_jax.hf import checkpoints as hf
-    from rlhf_jax.models import abstract_model
 
     cfg = ModelConfig(**TINY_FIELDS)
-    _, abstract, _ = abstract_model(cfg)
-    zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-    hf.export_hf(zeros, cfg, tmp / "hf", tokenizer=load_tokenizer(tmp / "tok"))
-    edit(tmp / "hf")
+    hf.export_hf(zero_params(cfg), cfg, tmp / "hf", tokenizer=load_tokenizer(tmp / "tok"))
+    faults.damage(tmp / "hf" / name, "truncate")
 
   return damage
-
-
-def cut(name: str) -> Callable[[Path], None]:
-  def edit(folder: Path) -> None:
-    data = (folder / name).read_bytes()
-    (folder / name).write_bytes(data[: len(data) // 3])
-
-  return edit
-
-
-def set_mode(path: str, mode: int) -> Callable[[Path, Path], None]:
-  return lambda tmp, _: os.chmod(tmp / path, mode)
 
 
 def huge_first_held_out_prompt(tmp: Path, _: Path) -> None:
@@ -601,33 +570,28 @@ ROWS = [
         "has an export whose metadata was cut short",
         ("{tmp}/other_export/metadata/metadata", "not valid JSON"),
         ("--config.init_from={tmp}/other_export",),
-        damage=then(make_export(), lambda tmp, _: cut("metadata/metadata")(tmp / "other_export")),
+        damage=damaged_export("metadata/metadata"),
     ),
     Row(
         "init_from_params_damaged",
         "has an export whose params were cut short",
         ("{tmp}/other_export",),
         ("--config.init_from={tmp}/other_export",),
-        damage=then(
-            make_export(),
-            lambda tmp, _: faults.damage(
-                faults.largest_file(tmp / "other_export" / "params"), "truncate"
-            ),
-        ),
+        damage=damaged_export("params"),
     ),
     Row(
         "hf_config_cut",
         "copied an HF checkpoint's config.json only partly",
         ("{tmp}/hf/config.json", "not valid JSON"),
         ("--config.hf_model_dir={tmp}/hf",),
-        damage=hf_dir(cut("config.json")),
+        damage=damaged_hf("config.json"),
     ),
     Row(
         "hf_weights_cut",
         "copied an HF checkpoint's model.safetensors only partly",
         ("{tmp}/hf/model.safetensors",),
         ("--config.hf_model_dir={tmp}/hf",),
-        damage=hf_dir(cut("model.safetensors")),
+        damage=damaged_hf("model.safetensors"),
     ),
     # --- the workdir -----------------------------------------------------------------------------
     Row(
