@@ -181,6 +181,15 @@ def random_model(cfg: ModelConfig, mesh, seed: int = 0):
   return graphdef, abstract, psh, params
 
 
+def random_train_state(cfg: ModelConfig, mesh):
+  """(graphdef, optimizer, state shardings, train state): a random model of `cfg` with
+  base_config's AdamW state, laid out on `mesh`."""
+  graphdef, abstract, psh, params = random_model(cfg, mesh)
+  optimizer, _ = make_optimizer(base_config().optim, 1000)
+  shardings = state_shardings(optimizer, psh, abstract, mesh)
+  return graphdef, optimizer, shardings, create_train_state(params, optimizer, shardings, seed=0)
+
+
 def train_step_bench(
     cfg: ModelConfig,
     make_loss_fn,
@@ -201,13 +210,9 @@ def train_step_bench(
   B x T (a batch's logit list); the model FLOPs count the head's on those only.
   """
   mesh = sharding.make_mesh((-1, 1, 1))
-  graphdef, abstract, psh, params = random_model(cfg, mesh)
+  graphdef, optimizer, shardings, state = random_train_state(cfg, mesh)
   # A copy: the step donates the params it is given.
-  reference = jax.tree.map(jnp.copy, params) if make_add_reference else None
-  config = base_config()
-  optimizer, schedule = make_optimizer(config.optim, 1000)
-  shardings = state_shardings(optimizer, psh, abstract, mesh)
-  state = create_train_state(params, optimizer, shardings, seed=0)
+  reference = jax.tree.map(jnp.copy, state.params) if make_add_reference else None
   step = make_train_step(make_loss_fn(graphdef), optimizer, mesh=mesh, state_shardings=shardings)
   data = sharding.put_batch(host, mesh)
   add_reference = make_add_reference(graphdef, mesh) if make_add_reference else None
@@ -593,11 +598,7 @@ def checkpoint_bench(cfg: ModelConfig, repeats: int, directory: str | None = Non
 
   from rlhf_jax.train import checkpoint
 
-  mesh = sharding.make_mesh((-1, 1, 1))
-  _, abstract, psh, params = random_model(cfg, mesh)
-  optimizer, _ = make_optimizer(base_config().optim, 1000)
-  shardings = state_shardings(optimizer, psh, abstract, mesh)
-  state = create_train_state(params, optimizer, shardings, seed=0)
+  _, _, _, state = random_train_state(cfg, sharding.make_mesh((-1, 1, 1)))
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
   )

@@ -20,7 +20,7 @@ from typing import Any
 
 from rlhf_jax.errors import ConfigError, ConfigPathError, DamagedFileError
 
-__all__ = ["REWRITE", "DamagedFileError", "check_file", "read_json", "reading"]
+__all__ = ["REWRITE", "DamagedFileError", "check_file", "complaint", "read_json", "reading"]
 
 # The fix for a damaged file that a run wrote into its workdir (a stage's summary, a cache stamp).
 REWRITE = "delete it and rerun: the stage that wrote it writes it again"
@@ -36,11 +36,15 @@ def reading(path: str | os.PathLike, *, fix: str) -> Iterator[None]:
   except (ConfigError, KeyboardInterrupt):
     raise
   except Exception as e:  # noqa: BLE001 -- parsers raise anything for a damaged file
-    complaint = (str(e).strip().splitlines() or [""])[0][:200]
     raise DamagedFileError(
-        f"{path} cannot be read ({type(e).__name__}: {complaint}): it may be cut short or "
-        f"damaged; {fix}"
+        f"{path} cannot be read ({complaint(e)}): it may be cut short or damaged; {fix}"
     ) from e
+
+
+def complaint(e: BaseException) -> str:
+  """'<type>: <first line of its message>' (at most 200 characters of it): what a reader said
+  about a damaged file, for a one-line message."""
+  return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def read_json(path: str | os.PathLike, *, fix: str) -> Any:

@@ -196,8 +196,7 @@ def _unreadable(what: str) -> Iterator[None]:
   try:
     yield
   except Exception as e:  # noqa: BLE001
-    complaint = (str(e).strip().splitlines() or [""])[0][:200]
-    raise CorruptCheckpointError(f"{what} cannot be read ({type(e).__name__}: {complaint})") from e
+    raise CorruptCheckpointError(f"{what} cannot be read ({file_io.complaint(e)})") from e
 
 
 class Checkpointer:
