@@ -14,14 +14,12 @@ two answers, not to score one; a fixed reference stops giving signal once the po
 every prompt (p -> 1 everywhere), while siblings stay as good as the policy; and the rewards of
 a prompt's samples sum to k / 2, so the prompt's difficulty cancels as with an RLOO baseline.
 
-Judge modes (`judge_mode`, `judge.judge_preferences`): "pointwise" (the default) reads the judge's
-single-answer grade of each response, log p(its critique starts "No problems."), and compares two
-by Bradley-Terry, sigmoid(s_a - s_b); "pairwise" is RLAIF's comparison prompt with position
-swapping. Measured on the toy world's 200 held-out comparisons, the same judge (SFT model tuned 200
-steps on 600 comparisons' records) agrees with gold 0.74 pointwise vs 0.62 pairwise after swapping
-(0.53 in one order; it answered "A" 89% of the time). A grade has no position to be biased by;
-that a small model also finds one response's problems more easily than it weighs two side by
-side is our reading, not measured apart.
+Judge modes (`judge_mode`, `judge.judge_preferences`): "score" (the default) reads the judge's
+expected 0-9 grade of each response alone and compares two by Bradley-Terry, sigmoid(s_a - s_b);
+"pointwise" grades by log p(its critique starts "No problems."), which tells a response with a
+problem from one without but not one problem from three; "pairwise" is RLAIF's comparison prompt
+with position swapping. A grade has no position to be biased by. How each agrees with gold on the
+toy world: docs/toyworld.md, "RLAIF and Constitutional AI".
 
 Principles: `()` = Constitutional AI / Llama 2's split, HARMLESS on prompts flagged unsafe and
 CORRECT elsewhere; otherwise one drawn uniformly per prompt from the list. A principle is a name

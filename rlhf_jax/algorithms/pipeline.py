@@ -626,7 +626,8 @@ def evaluate_pipeline(
   if "eval" in stages and "judge" in stages:
     agreement = evaluate_judge(config, workdir, paths)
     result.update({f"judge/{k}": v for k, v in agreement["overall"].items()})
-    result["judge/pointwise_agreement"] = agreement["pointwise"]["overall"]["agreement_swapped"]
+    for mode in judge.GRADED_MODES:
+      result[f"judge/{mode}_agreement"] = agreement[mode]["overall"]["agreement_swapped"]
   return result
 
 
@@ -800,10 +801,10 @@ def plot_ppo_runs(
 
 
 def evaluate_judge(config: ml_collections.ConfigDict, workdir: str, paths: dict) -> dict:
-  """The judge's agreement with gold on held-out comparisons, read both ways: "pairwise" (before
-  and after position swapping) and "pointwise" (single-answer grades; its swapped and single-order
-  figures are equal). WORKDIR/eval/judge.json: the pairwise result with the pointwise one under
-  "pointwise"; returns the same."""
+  """The judge's agreement with gold on held-out comparisons, read in each of `judge.JUDGE_MODES`:
+  "pairwise" (before and after position swapping), "pointwise" and "score" (single-answer grades;
+  their swapped and single-order figures are equal). WORKDIR/eval/judge.json: the pairwise result
+  with the graded ones under "pointwise" and "score"; returns the same."""
   mesh = sharding.make_mesh(config.mesh.shape)
   tokenizer = data.load_tokenizer(paths["tokenizer"])
   policy = load_policy(os.path.join(workdir, "judge", "export"), mesh)
@@ -822,7 +823,7 @@ def evaluate_judge(config: ml_collections.ConfigDict, workdir: str, paths: dict)
       )
       for mode in judge.JUDGE_MODES
   }
-  agreement = {**by_mode["pairwise"], "pointwise": by_mode["pointwise"]}
+  agreement = {**by_mode["pairwise"], **{mode: by_mode[mode] for mode in judge.GRADED_MODES}}
   with open(os.path.join(workdir, "eval", "judge.json"), "w") as f:
     json.dump(agreement, f, indent=1)
   if jax.process_index() == 0:
@@ -833,7 +834,7 @@ def evaluate_judge(config: ml_collections.ConfigDict, workdir: str, paths: dict)
     ]
     print(
         "\nAI judge vs gold on held-out comparisons (agreement before/after position swap; "
-        "pointwise: single-answer grades, no position):"
+        "pointwise, score: single-answer grades, no position):"
     )
     print(format_table(rows))
   return agreement

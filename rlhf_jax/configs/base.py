@@ -244,14 +244,15 @@ def base_config(algorithm: str = "") -> ml_collections.ConfigDict:
           # on one sample of the start policy for each of the first normalize_prompts training
           # prompts: the reward has mean 0, std 1 where PPO starts, so kl.beta means the same for
           # any reward model) | "export" (the export's held-out candidate responses).
-          # judge_mode: "pointwise" (each sample's single-answer grade) | "pairwise" (RLAIF's
-          # comparison prompt, position-swapped); algorithms/ai_feedback.py.
+          # judge_mode: "score" (each sample's expected 0-9 grade) | "pointwise" (log p(its
+          # critique starts "No problems.")) | "pairwise" (RLAIF's comparison prompt,
+          # position-swapped); algorithms/ai_feedback.py.
           reward=dict(
               REWARD_MODELS,
               gold=False,
               judge="",
               judge_principles=(),
-              judge_mode="pointwise",
+              judge_mode="score",
               normalize="policy",
               normalize_prompts=256,
           ),

@@ -243,12 +243,13 @@ def ai_feedback_stage(
     principles: tuple = (),
     families: tuple = (),
     init_from: str = "",
-    judge_mode: str = "pointwise",
+    judge_mode: str = "score",
 ) -> ml_collections.ConfigDict:
   """RLAIF's data stage (algorithms/ai_feedback.py): two samples per prompt of the latest policy (or
   `init_from`'s) on `prompts` training tasks of `families` (() = all), labelled by the judge stage
   `judge` under `principles` (() = HARMLESS on unsafe prompts, else CORRECT; names or texts), read
-  as `judge_mode` ("pointwise" single-answer grades | "pairwise" position-swapped comparisons)."""
+  as `judge_mode` ("score": expected 0-9 grades | "pointwise": log p(no problems) | "pairwise":
+  position-swapped comparisons)."""
   return ml_collections.ConfigDict(
       dict(
           algorithm="ai_feedback",
@@ -385,9 +386,8 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   # (measured: SFT gold 0.447 / 0.441, T = 0.85 -0.009 / -0.009), the second in 2/3 of the time.
   c.sft = stage("sft", lr=2e-3, warmup=10, steps=200, seq_len=128, log_every=10)
   # The AI judge (add "judge" to stages): SFT from the SFT model on judge records. 2,000 labelled
-  # comparisons (10,000 records: both orders, two critiques, a revision) and 400 steps: its
-  # pointwise agreement with gold on held-out comparisons 0.84 (600 and 200 steps: 0.74; pairwise
-  # after swapping 0.62).
+  # comparisons (14,000 records: both orders, two critiques, a revision, two grades) and 400
+  # steps; its agreement with gold: docs/toyworld.md, "RLAIF and Constitutional AI".
   c.judge = stage("sft", lr=1e-3, warmup=10, steps=400, seq_len=256, log_every=20)
   # Annotated samples of the SFT model (add "feedback" to stages after sft; reward stages read
   # "feedback/pairs_helpful" etc.): on-policy preference data, as InstructGPT and Llama 2 collect.

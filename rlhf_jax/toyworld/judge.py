@@ -11,30 +11,34 @@ gold measured:
 | FORMAT   | fraction of the task's constraints met | constrained |
 | CONCISE  | -log2(words / ideal words), 0 when no longer than the ideal | all |
 
-Two responses whose scores differ by less than the principle's `min_gap` are a tie: no label.
+Two responses whose scores differ by less than the principle's `min_gap` are a tie: no label. A
+response's *grade* under a principle is round(9 x its score on [0, 1]) (`gold_grade`).
 
-Prompts (`comparison_prompt`, `critique_prompt`, `revision_prompt`) are user turns of the chat
-template; the judge answers a comparison with the single token "A" or "B". `judge_sft_records`
-writes them as SFT records for the LM driver (`algorithms/sft.py`), so a judge is trained like
-any other SFT stage, from an SFT export.
+The labelled comparisons (`comparisons`) pair perturbations of a task's ideal answer (wrong,
+partial, rambling, hedged, refusing, ...); on a behaviour world each is dressed as the annotators'
+candidates are (a preamble, a sign-off, an elaboration at 50% each), so the judge sees what gold
+discounts there.
 
-Reading a preference (RLAIF, Lee et al. 2023): one forward pass over the comparison prompt; the
-soft label is the softmax over the log-probs of the "A" and "B" tokens at the last prompt position.
-Position-swap debiasing scores (a, b) and (b, a) and averages p = (p_ab + 1 - p_ba) / 2, so a judge
-that always says "A" ends at 0.5 instead of being right half the time by luck.
+Prompts (`comparison_prompt`, `critique_prompt`, `score_prompt`, `revision_prompt`) are user turns
+of the chat template; the judge answers a comparison with the single token "A" or "B" and a score
+prompt with one digit. `judge_sft_records` writes them as SFT records for the LM driver
+(`algorithms/sft.py`), so a judge is trained like any other SFT stage, from an SFT export.
 
-Reading a preference pointwise (single-answer grading, `judge_preferences(mode="pointwise")`):
-each response's grade is log p(its critique starts "No problems."), one forward pass per response
-with no second response in the prompt, and p(a better) = sigmoid(grade_a - grade_b). CORRECT
-critiques name what gold discounts (wrong or partial content, refusing, hedging, rambling,
-repeating, and on a behaviour world a preamble, a sign-off, an ignored "(brief)" / "(detailed)"
-tag), so the grade can learn them.
+Reading a preference (`judge_preferences`), three modes:
+- "pairwise" (RLAIF, Lee et al. 2023): one forward pass over the comparison prompt; the soft label
+  is the softmax over the log-probs of the "A" and "B" tokens at the last prompt position.
+  Position-swap debiasing scores (a, b) and (b, a) and averages p = (p_ab + 1 - p_ba) / 2, so a
+  judge that always says "A" ends at 0.5 instead of being right half the time by luck.
+- "pointwise" (single-answer grading, Zheng et al. 2023): each response's grade is log p(its
+  critique starts "No problems."), one forward pass per response, and p(a better) =
+  sigmoid(grade_a - grade_b). It tells a response with a problem from one without, not one
+  problem from three.
+- "score" (the configs' default; single-answer grading with a rating, read as G-Eval's probability-weighted
+  score, Liu et al. 2023): each response's grade is the judge's expected digit after its score
+  prompt, so responses that all have problems are still ordered by how much gold discounts them.
 
-Measured (2 CPU cores, 200 held-out comparisons of the behaviour world, 4 principles): the SFT
-model fine-tuned 200 steps on the records of 600 comparisons agrees with gold 0.53 pairwise in one
-order, 0.62 after swapping (it answers "A" 89% of the time), and 0.74 pointwise; 400 steps on
-2,000 comparisons (with the behaviour critiques) 0.84 pointwise (CORRECT 0.68, HARMLESS 0.94,
-FORMAT 0.80, CONCISE 0.94). Zero-shot, the SFT model always answers "B".
+How often each agrees with gold, on held-out comparisons and on pairs of policy samples:
+docs/toyworld.md, "RLAIF and Constitutional AI". Zero-shot, the SFT model always answers "B".
 """
 
 from __future__ import annotations
@@ -62,8 +66,9 @@ CONCISE = "Prefer the more concise response."
 CONSTITUTION = (CORRECT, HARMLESS, FORMAT, CONCISE)
 
 ANSWERS = ("A", "B")
-RECORD_KINDS = ("compare", "critique", "revise")
+RECORD_KINDS = ("compare", "critique", "revise", "score")
 NO_PROBLEMS = "No problems."
+GRADES = tuple("0123456789")  # a "score" record's completion: one token each
 # Judge prompts cut responses to this many words (every ideal answer is shorter), so two rambling
 # responses fit a small model's context; the " ..." left in their place says "this one is long".
 MAX_SHOWN_WORDS = 32
@@ -142,7 +147,8 @@ def _broken_constraints(task: dict, response: str) -> list[dict]:
 
 
 def _format_score(task: dict, response: str) -> float:
-  return 1.0 - len(_broken_constraints(task, response)) / len(task["info"]["constraints"])
+  constraints = task["info"].get("constraints") or []
+  return 1.0 - len(_broken_constraints(task, response)) / len(constraints) if constraints else 1.0
 
 
 def _format_problems(task: dict, response: str) -> list[str]:
@@ -171,13 +177,17 @@ class Labeller(NamedTuple):
   problems: Callable[[dict, str], list[str]]  # (task, response) -> templated critique sentences
   families: tuple[str, ...]  # task families on which comparisons are labelled
   min_gap: float  # smaller score differences are ties
+  unit: Callable[[float], float] = float  # the score mapped onto [0, 1] (1 = follows it fully)
 
 
 LABELLERS: dict[str, Labeller] = {
     CORRECT: Labeller(gold_helpfulness, _correct_problems, _SAFE_FAMILIES, 0.25),
     HARMLESS: Labeller(safety.gold_safety, _harmless_problems, ("unsafe", "safe_lookalike"), 0.25),
     FORMAT: Labeller(_format_score, _format_problems, ("constrained",), 0.3),
-    CONCISE: Labeller(_concise_score, _concise_problems, tuple(TASK_FAMILIES), _CONCISE_GAP),
+    # 2 ** score = ideal words / words (at most 1): 1 at or under the ideal length, 1/2 at twice it.
+    CONCISE: Labeller(
+        _concise_score, _concise_problems, tuple(TASK_FAMILIES), _CONCISE_GAP, lambda s: 2.0**s
+    ),
 }
 
 
@@ -211,6 +221,14 @@ def gold_critique(principle: str, task: dict, response: str, *, behaviour: bool 
   return " ".join(problems) or NO_PROBLEMS
 
 
+def gold_grade(principle: str, task: dict, response: str) -> int:
+  """The gold grade 0..9 of `response` under `principle` on any task: round(9 x the principle's
+  gold score on [0, 1]) (`Labeller.unit`): a "score" record's completion."""
+  labeller = _labeller(principle)
+  unit = labeller.unit(labeller.score(task, response))
+  return int(np.clip(np.rint(9.0 * unit), 0, 9))
+
+
 # --- prompts --------------------------------------------------------------------------------------
 
 
@@ -235,6 +253,13 @@ def critique_prompt(principle: str, request: str, response: str) -> str:
   )
 
 
+def score_prompt(principle: str, request: str, response: str) -> str:
+  return (
+      f"Principle: {principle}\nRequest: {request}\nResponse: {shown(response)}\n"
+      "Grade the response under the principle from 0 to 9."
+  )
+
+
 def revision_prompt(principle: str, request: str, response: str, critique: str) -> str:
   return (
       f"Principle: {principle}\nRequest: {request}\nResponse: {shown(response)}\n"
@@ -252,13 +277,18 @@ def comparisons(
     *,
     principles: Sequence[str] = CONSTITUTION,
     split: str = "train",
+    dressed: bool = True,
 ) -> list[dict]:
   """n gold-labelled comparisons, principles in turn, on `split` tasks of the principle's families.
 
   Each is {"task", "principle", "response_a", "response_b", "kind_a", "kind_b", "label"}: two
-  perturbations (`perturb.perturbations`) of the task with a gold label under the principle (no
-  ties), drawn uniformly among such pairs, in random order (label 1.0 = A better). Deterministic in
-  (world seed, seed, principles, split); train and eval splits share no prompt.
+  perturbations of the task with a gold label under the principle (no ties), drawn uniformly among
+  such pairs, in random order (label 1.0 = A better). The perturbations of a behaviour world's task
+  are `perturb.dressed_perturbations` (each content kind with a preamble, a sign-off and an
+  elaboration drawn at 50% each, as the annotators' candidates are), so the judge sees the
+  behaviours gold discounts; dressed=False: `perturb.perturbations` alone (never a preamble: what
+  the tokenizer's texts were built from). Deterministic in (world seed, seed, principles, split,
+  dressed); train and eval splits share no prompt.
   """
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -274,7 +304,10 @@ def comparisons(
     principle = principles[i % len(principles)]
     while True:
       task = next(streams[principle])
-      options = list(perturb.perturbations(task, rng).items())
+      if dressed and behaviours.has_behaviours(task):
+        options = perturb.dressed_perturbations(task, rng)
+      else:
+        options = list(perturb.perturbations(task, rng).items())
       pairs = [
           (x, y)
           for j, x in enumerate(options)
@@ -308,22 +341,24 @@ def judge_sft_records(
     principles: Sequence[str] = CONSTITUTION,
     kinds: Sequence[str] = RECORD_KINDS,
     behaviour_critiques: bool = True,
+    dressed: bool = True,
 ) -> list[dict]:
   """SFT records {prompt, completion, kind, principle, family} from n labelled train comparisons.
 
-  Each comparison gives up to 5 records, of the `kinds` asked for: "compare" in both orders
+  Each comparison gives up to 7 records, of the `kinds` asked for: "compare" in both orders
   (completion "A"/"B", so neither position is the usual answer), a "critique" of each response
-  (`gold_critique`), and a "revise" of the worse one, whose completion is the task's ideal answer
-  (which follows every principle). A judge for RLAIF alone needs only "compare": its answer is one
+  (`gold_critique`), a "revise" of the worse one, whose completion is the task's ideal answer
+  (which follows every principle), and a "score" of each response (its `gold_grade`, one digit). A judge for RLAIF alone needs only "compare": its answer is one
   token per record, so critiques and revisions would otherwise take most of the gradient.
-  behaviour_critiques=False: critiques without the behaviour-axis sentences (`gold_critique`).
-  JSON-serialisable; deterministic in (world seed, n, seed, principles).
+  behaviour_critiques=False: critiques without the behaviour-axis sentences (`gold_critique`);
+  dressed: as in `comparisons`. JSON-serialisable; deterministic in (world seed, n, seed,
+  principles, dressed).
   """
   unknown = sorted(set(kinds) - set(RECORD_KINDS))
   if unknown or not kinds:
     raise ValueError(f"kinds {list(kinds)}: choose one or more of {RECORD_KINDS}")
   records = []
-  for c in comparisons(world, n, seed, principles=principles, split="train"):
+  for c in comparisons(world, n, seed, principles=principles, split="train", dressed=dressed):
     task, principle, a, b = c["task"], c["principle"], c["response_a"], c["response_b"]
     request, better_first = task["prompt"], c["label"] == 1.0
     meta = {"principle": principle, "family": task["family"]}
@@ -359,6 +394,15 @@ def judge_sft_records(
             "kind": "revise",
             **meta,
         },
+        *(
+            {
+                "prompt": score_prompt(principle, request, r),
+                "completion": GRADES[gold_grade(principle, task, r)],
+                "kind": "score",
+                **meta,
+            }
+            for r in (a, b)
+        ),
     ]
     records += [r for r in made if r["kind"] in kinds]
   return records
@@ -367,12 +411,18 @@ def judge_sft_records(
 def tokenizer_texts(world: World, n: int = 100) -> list[str]:
   """Judge prompts and completions to add to the tokenizer's training texts, so the judge's
   framing ("Principle:", "Response A:", critiques) gets merges at its real frequency."""
-  # Without the behaviour critiques, which came later: the world's tokenizer (and every model and
-  # result measured on it) stays what it was; their words are in its vocabulary already.
-  return [
-      f"{r['prompt']}\n{r['completion']}"
-      for r in judge_sft_records(world, n, _TOKENIZER_SEED, behaviour_critiques=False)
-  ]
+  # As the judge's records first were (no behaviour critiques, no score records, undressed
+  # responses): the world's tokenizer (and every model and result measured on it) stays what it
+  # was; the later records' words are in its vocabulary already.
+  records = judge_sft_records(
+      world,
+      n,
+      _TOKENIZER_SEED,
+      kinds=("compare", "critique", "revise"),
+      behaviour_critiques=False,
+      dressed=False,
+  )
+  return [f"{r['prompt']}\n{r['completion']}" for r in records]
 
 
 # --- reading preferences --------------------------------------------------------------------------
@@ -476,17 +526,34 @@ def judge_scores(
     *,
     principle: str,
     batch_size: int = 64,
+    mode: str = "pointwise",
 ) -> np.ndarray:
-  """Single-answer grading: [N] log p(the judge's critique of `response` under `principle` starts
-  "No problems.") for items (task, response). One forward pass per response, no second response
-  in the prompt, so no position to be biased by (Zheng et al. 2023's single-answer grading)."""
+  """Single-answer grading: [N] float64 grades of items (task, response) under `principle`, one
+  forward pass per response with no second response in the prompt, so no position to be biased by
+  (Zheng et al. 2023's single-answer grading).
+
+  mode "pointwise": log p(the judge's critique starts "No problems."), which tells a response
+  with a problem from one without but not one problem from three. mode "score": the judge's
+  expected grade sum_k k p(k | `score_prompt`), k = 0..9, p renormalised over the ten grade
+  tokens (the probability-weighted score of G-Eval, Liu et al. 2023), which orders responses that
+  all have problems by how much gold discounts them.
+  """
+  if mode not in GRADED_MODES:
+    raise ValueError(f"grading mode {mode!r}: choose one of {GRADED_MODES}")
   if batch_size % ROW_BUCKET:
     raise ValueError(f"batch_size={batch_size} must be a multiple of {ROW_BUCKET}")
-  prompts = [critique_prompt(principle, t["prompt"], r) for t, r in items]
+  if mode == "pointwise":
+    prompts = [critique_prompt(principle, t["prompt"], r) for t, r in items]
+    logp = _answer_logprobs(
+        graphdef, params, tokenizer, prompts, [no_problems_token_id(tokenizer)], batch_size
+    )
+    return logp[:, 0].astype(np.float64)
+  prompts = [score_prompt(principle, t["prompt"], r) for t, r in items]
   logp = _answer_logprobs(
-      graphdef, params, tokenizer, prompts, [no_problems_token_id(tokenizer)], batch_size
-  )
-  return logp[:, 0].astype(np.float64)
+      graphdef, params, tokenizer, prompts, answer_token_ids(tokenizer, GRADES), batch_size
+  ).astype(np.float64)
+  p = np.exp(logp - logp.max(axis=1, keepdims=True))
+  return (p / p.sum(axis=1, keepdims=True)) @ np.arange(len(GRADES), dtype=np.float64)
 
 
 def swap_debias(p_ab, p_ba) -> np.ndarray:
@@ -497,7 +564,8 @@ def swap_debias(p_ab, p_ba) -> np.ndarray:
   return (p_ab + 1.0 - p_ba) / 2.0
 
 
-JUDGE_MODES = ("pairwise", "pointwise")
+GRADED_MODES = ("pointwise", "score")  # modes that grade each response alone (`judge_scores`)
+JUDGE_MODES = ("pairwise", *GRADED_MODES)
 
 
 def judge_preferences(
@@ -514,9 +582,10 @@ def judge_preferences(
   """p(response_a better follows `principle`) [N] for items (task, response_a, response_b).
 
   mode "pairwise" (RLAIF): the comparison prompt's soft label p(A); swap=False: in the order
-  given; swap=True: position-swap debiased (`swap_debias`), two forward passes. mode "pointwise":
-  sigmoid(s_a - s_b) of the two responses' `judge_scores` (Bradley-Terry on single-answer grades),
-  which no order changes (`swap` is moot: p(b, a) = 1 - p(a, b) exactly). Batches are padded to
+  given; swap=True: position-swap debiased (`swap_debias`), two forward passes. modes "pointwise"
+  and "score": sigmoid(s_a - s_b) of the two responses' `judge_scores` in that mode (Bradley-Terry
+  on single-answer grades; each distinct response graded once), which no order changes (`swap` is
+  moot: p(b, a) = 1 - p(a, b) exactly). Batches are padded to
   multiples of ROW_BUCKET rows and LENGTH_BUCKET tokens, so one compiled forward serves many
   calls. `principle` may be any text; the judge knows the ones it was trained on.
   """
@@ -524,7 +593,7 @@ def judge_preferences(
     raise ValueError(f"judge mode {mode!r}: choose one of {JUDGE_MODES}")
   if batch_size % ROW_BUCKET:
     raise ValueError(f"batch_size={batch_size} must be a multiple of {ROW_BUCKET}")
-  if mode == "pointwise":
+  if mode in GRADED_MODES:
     graded = {(str(t["prompt"]), r): (t, r) for t, a, b in items for r in (a, b)}  # each once
     grades = dict(
         zip(
@@ -536,6 +605,7 @@ def judge_preferences(
                 list(graded.values()),
                 principle=principle,
                 batch_size=batch_size,
+                mode=mode,
             ),
         )
     )

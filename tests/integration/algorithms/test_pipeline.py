@@ -144,9 +144,10 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
       0.0 <= agreement["agreement_single"] <= 1.0 and 0.0 <= agreement["agreement_swapped"] <= 1.0
   )
   assert "AI judge vs gold" in out and 0.0 <= result["judge/position_bias"] <= 1.0
-  pointwise = json.loads((tmp_path / "eval" / "judge.json").read_text())["pointwise"]["overall"]
-  assert pointwise["n"] == 16 and pointwise["position_bias"] == pytest.approx(0.5)  # no position
-  assert result["judge/pointwise_agreement"] == pointwise["agreement_swapped"]
+  for mode in ("pointwise", "score"):
+    graded = json.loads((tmp_path / "eval" / "judge.json").read_text())[mode]["overall"]
+    assert graded["n"] == 16 and graded["position_bias"] == pytest.approx(0.5)  # no position
+    assert result[f"judge/{mode}_agreement"] == graded["agreement_swapped"]
   # The SFT stage started from the pretrain export and its data came from the world stage.
   sft_config = json.loads((tmp_path / "sft" / "config.json").read_text())
   assert sft_config["init_from"].endswith(os.path.join("pretrain", "export"))

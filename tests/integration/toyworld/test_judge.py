@@ -153,6 +153,34 @@ def test_pointwise_preferences_are_bradley_terry_on_single_answer_grades(
     judge.judge_preferences(graphdef, params, tokenizer, items, principle=CORRECT, mode="both")
 
 
+@pytest.mark.slow
+def test_score_mode_grades_are_expected_digits(tiny_model, tokenizer, world):
+  """mode "score": each response's grade is sum_k k p(k) over the ten grade tokens after its score
+  prompt, renormalised over them (as an unbatched forward computes it); p(a over b) =
+  sigmoid(grade_a - grade_b), the same in either order."""
+  _, graphdef, params = tiny_model
+  comps = judge.comparisons(world, 5, seed=2, principles=(CORRECT,), split="eval")
+  items = [(c["task"], c["response_a"], c["response_b"]) for c in comps]
+  tokens = judge.answer_token_ids(tokenizer, judge.GRADES)
+  graded = [(t, r) for t, a, b in items for r in (a, b)]
+  grades = judge.judge_scores(graphdef, params, tokenizer, graded, principle=CORRECT, mode="score")
+  expected = []
+  for t, r in graded:
+    prompt = judge.score_prompt(CORRECT, t["prompt"], r)
+    p = np.exp([_plain_logp(graphdef, params, tokenizer, prompt, k) for k in tokens])
+    expected.append(float(p @ np.arange(10) / p.sum()))
+  np.testing.assert_allclose(grades, expected, atol=1e-4)
+  assert np.all((grades >= 0) & (grades <= 9))
+  p = judge.judge_preferences(graphdef, params, tokenizer, items, principle=CORRECT, mode="score")
+  np.testing.assert_allclose(p, 1 / (1 + np.exp(-(grades[0::2] - grades[1::2]))), atol=1e-6)
+  reverse = judge.judge_preferences(
+      graphdef, params, tokenizer, [(t, b, a) for t, a, b in items], principle=CORRECT, mode="score"
+  )
+  np.testing.assert_allclose(p + reverse, 1.0, atol=1e-9)
+  with pytest.raises(ValueError, match="grading mode 'pairwise'"):
+    judge.judge_scores(graphdef, params, tokenizer, graded, principle=CORRECT, mode="pairwise")
+
+
 # --- critique and revision ------------------------------------------------------------------------
 
 

@@ -51,15 +51,22 @@ def test_records_format_and_determinism(world):
   assert records == judge.judge_sft_records(world, 24, seed=3)
   assert records != judge.judge_sft_records(world, 24, seed=4)
   assert json.loads(json.dumps(records)) == records
-  assert len(records) == 5 * 24
+  assert len(records) == 7 * 24
   for r in records:
     data.validate_record(r, "sft", source="judge", line=None)
     assert r["prompt"].startswith(f"Principle: {r['principle']}\nRequest: ")
     assert split_of(r["prompt"].split("\n")[1][len("Request: ") :]) == "train"
   kinds = [r["kind"] for r in records]
-  assert kinds[:5] == ["compare", "compare", "critique", "critique", "revise"]
+  assert kinds[:7] == ["compare", "compare", "critique", "critique", "revise", "score", "score"]
   assert {r["principle"] for r in records} == set(judge.CONSTITUTION)
-  for first, second in zip(records[0::5], records[1::5]):  # the two orders of one comparison
+  comps = judge.comparisons(world, 24, seed=3)
+  for c, score_a, score_b in zip(comps, records[5::7], records[6::7]):
+    for r, response in ((score_a, c["response_a"]), (score_b, c["response_b"])):
+      assert r["prompt"] == judge.score_prompt(c["principle"], c["task"]["prompt"], response)
+      assert r["completion"] == str(judge.gold_grade(c["principle"], c["task"], response))
+    better, worse = (score_a, score_b) if c["label"] == 1.0 else (score_b, score_a)
+    assert better["completion"] >= worse["completion"]  # grades never contradict the label
+  for first, second in zip(records[0::7], records[1::7]):  # the two orders of one comparison
     assert first["prompt"].endswith("Which response better follows the principle? Answer A or B.")
     assert {first["completion"], second["completion"]} == {"A", "B"}
     a, b = (first["prompt"].split(f"\nResponse {x}: ")[1].split("\n")[0] for x in "AB")
@@ -89,6 +96,28 @@ def test_comparisons_are_gold_labelled_and_split(world):
 
 
 # --- gold labellers and critiques ----------------------------------------------------------------
+
+
+def test_behaviour_world_comparisons_carry_the_behaviours_gold_discounts():
+  """On the behaviour world the judge's comparisons are dressed as the annotators' candidates are
+  (a preamble, a sign-off at ~50%), so it can learn what gold discounts; undressed ones never
+  carry a preamble. The tokenizer's texts are the undressed records without scores or behaviour
+  critiques, pinned: a change there changes the tokenizer and with it every toy model."""
+  import hashlib
+
+  from rlhf_jax.configs.toy import toy_pipeline_config
+
+  behaviour_world = World.from_config(toy_pipeline_config().world)
+
+  def preamble_rate(comps):
+    responses = [c[f"response_{x}"] for c in comps for x in "ab"]
+    return np.mean([r.startswith("Sure, I'd be happy to help") for r in responses])
+
+  dressed = judge.comparisons(behaviour_world, 80, seed=1, principles=(CORRECT,))
+  assert 0.2 < preamble_rate(dressed) < 0.8
+  assert preamble_rate(judge.comparisons(behaviour_world, 80, seed=1, dressed=False)) == 0.0
+  texts = judge.tokenizer_texts(behaviour_world)
+  assert hashlib.md5("\n".join(texts).encode()).hexdigest() == "2059e50ce1af914ea6ba5d1478090172"
 
 
 def test_gold_labels_hand_written():
@@ -145,6 +174,37 @@ def test_correct_critiques_name_the_behaviours_gold_discounts():
   assert not any(p in t for t in texts for p in (judge.PREAMBLE_PROBLEM, judge.SIGNOFF_PROBLEM))
   records = judge.judge_sft_records(behaviour_world, 40, seed=12345)
   assert any(judge.PREAMBLE_PROBLEM in r["completion"] for r in records)  # training data has them
+
+
+def test_gold_grades_hand_written():
+  """round(9 x the principle's gold score on [0, 1]); a behaviour world's preamble (x0.35) and
+  sign-off (x0.85) show in the CORRECT grade, which a critique's first token cannot tell apart."""
+  from rlhf_jax.configs.toy import toy_pipeline_config
+  from rlhf_jax.toyworld import behaviours
+
+  grade = judge.gold_grade
+  assert grade(CORRECT, ADD, "12") == 9 and grade(CORRECT, ADD, "15") <= 1  # near: partial credit
+  assert grade(CONCISE, ADD, "12") == 9
+  assert grade(CONCISE, ADD, RAMBLE) < 9
+  assert grade(FORMAT, ANIMALS, "horse, cow, lion!") == 9
+  assert grade(FORMAT, ANIMALS, "horse, cow, lion.") == 4  # half the constraints: rint(4.5)
+  assert grade(FORMAT, ADD, "12") == 9  # no constraints: nothing to break
+  assert grade(HARMLESS, POISON, POISON["answer"]) == 9
+  assert grade(HARMLESS, POISON, safety.INTENTS["poison_dog"]["compliance"]) < 3
+  behaviour_world = World.from_config(toy_pipeline_config().world)
+  task = next(
+      t
+      for t in behaviour_world.tasks(50, seed=1)
+      if behaviours.has_behaviours(t) and t["info"]["tag"] == ""
+  )
+  dress = lambda **kw: behaviours.dress(
+      task, task["info"]["brief"], rng=np.random.default_rng(0), detailed=False, **kw
+  )
+  assert grade(CORRECT, task, dress(preamble=False, signoff=False)) == 9
+  assert grade(CORRECT, task, dress(preamble=False, signoff=True)) == 8  # 9 x 0.85
+  assert grade(CORRECT, task, dress(preamble=True, signoff=False)) == 3  # 9 x 0.35
+  with pytest.raises(ValueError, match="no gold labeller"):
+    grade("Prefer the funnier response.", ADD, "12")
 
 
 def test_gold_critiques_hand_written():
