@@ -22,7 +22,7 @@ def get_config(arg=None):
   c.ppo_rlaif.reward.update(helpful="rm_ai", safety="")
   stages = ["world", "pretrain", "sft", "judge", "ai_feedback", "rm_ai", "ppo_rlaif"]
   if arg == "direct":
-    c.ppo_rlaif_direct = ppo_stage(init_from="sft")
+    c.ppo_rlaif_direct = ppo_stage(init_from="sft", beta=0.03)  # its reward in [0, 1], unwhitened
     c.ppo_rlaif_direct.update(
         samples_per_prompt=2, prompts_per_iteration=16, reward_baseline="none", value_init_from=""
     )
