@@ -121,7 +121,7 @@ pd.DataFrame(agreement).T if agreement else "no AI-feedback stage in this workdi
         "markdown",
         """The judge read two ways on the world's held-out gold-labelled comparisons (`judge_mode`):
 RLAIF's pairwise comparison prompt (one order, and position-swapped) and single-answer grades
-(pointwise, which no order changes).""",
+(pointwise: log p(no problems); score: the expected 0-9 grade), which no order changes.""",
     ),
     (
         "code",
@@ -129,7 +129,7 @@ RLAIF's pairwise comparison prompt (one order, and position-swapped) and single-
 if os.path.exists(path):
     with open(path) as f:
         judged = json.load(f)
-    modes = {"pairwise": judged["overall"], **({"pointwise": judged["pointwise"]["overall"]} if "pointwise" in judged else {})}
+    modes = {"pairwise": judged["overall"], **{m: judged[m]["overall"] for m in ("pointwise", "score") if m in judged}}
     display(pd.DataFrame(modes).T.round(3))
 else:
     print("no judge evaluation in this workdir")""",
