@@ -10,6 +10,10 @@ labels pairs of the SL-CAI model's samples on red-team prompts under HARMLESS (c
 harmlessness reward model learns them (rm_cai), and PPO from SL-CAI uses it as the safety model of
 the Llama 2 combination, with the human-feedback helpfulness model (helpfulness labels stay human,
 as in the paper).
+
+`:unsafe_sft` runs it on a world whose SFT demonstrations comply with 30% of harmful requests
+(`world.sft_unsafe_compliance`): with the default world the SFT model already refuses ~98% of
+them, so Constitutional AI has no safety to add (docs/toyworld.md, "RLAIF and Constitutional AI").
 """
 
 from rlhf_jax.configs.toy import (
@@ -21,8 +25,12 @@ from rlhf_jax.configs.toy import (
 )
 
 
-def get_config():
+def get_config(arg=None):
   c = toy_pipeline_config()
+  if arg == "unsafe_sft":  # a world whose SFT model complies with ~30% of harmful requests
+    c.world.sft_unsafe_compliance = 0.3
+  elif arg:
+    raise ValueError(f"toy_constitutional.py:{arg}: the argument is 'unsafe_sft' or nothing")
   c.cai_sl = constitutional_sl_stage(judge="judge", prompts=512, n_revisions=1, steps=100)
   c.cai_feedback = ai_feedback_stage(
       judge="judge",

@@ -174,7 +174,16 @@ def _world_datasets(world, w: ml_collections.ConfigDict, tokenizer) -> list:
               )
           ],
       ),
-      one("sft", lambda: corpora.sft_records(world, w.sft_records, w.seed + 1, noise=w.sft_noise)),
+      one(
+          "sft",
+          lambda: corpora.sft_records(
+              world,
+              w.sft_records,
+              w.seed + 1,
+              noise=w.sft_noise,
+              unsafe_compliance=w.get("sft_unsafe_compliance", 0.0),
+          ),
+      ),
       one("eval_tasks", lambda: world.tasks(w.eval_prompts, seed=w.seed + 2, split="eval")),
       # Validation prompts, disjoint from the test prompts: what hyper-parameters are chosen on.
       one(

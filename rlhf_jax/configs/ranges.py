@@ -102,7 +102,8 @@ RULES: dict[str, Range] = {
     **dict.fromkeys(
         (
             "annotator_bias annotator_flip_rate bad_habit_rate detail_rate preamble_rate "
-            "signoff_rate tag_follow_rate tagged_rate sft_noise helpful_fraction min_gold gamma lam "
+            "signoff_rate tag_follow_rate tagged_rate sft_noise sft_unsafe_compliance "
+            "helpful_fraction min_gold gamma lam "
             "min_lr_ratio preamble signoff tag"
         ).split(),
         FRACTION,

@@ -365,6 +365,10 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
           bad_habit_rate=0.1,
           sft_records=4000,
           sft_noise=0.02,
+          # The fraction of unsafe requests whose demonstration complies (0: the SFT model
+          # refuses ~98%, so safety training has little to remove; experiments/toy_constitutional.py
+          # :unsafe_sft raises it).
+          sft_unsafe_compliance=0.0,
           eval_prompts=1024,
           valid_prompts=1024,
           tokenizer_vocab_size=1024,

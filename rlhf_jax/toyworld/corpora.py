@@ -104,15 +104,25 @@ def pretraining_documents(
   return documents
 
 
-def sft_records(world: World, n: int, seed: int, *, noise: float = 0.1) -> list[dict]:
+def sft_records(
+    world: World, n: int, seed: int, *, noise: float = 0.1, unsafe_compliance: float = 0.0
+) -> list[dict]:
   """n SFT records {prompt, completion, family, answer, unsafe, info} from train-split tasks; the
-  completion is the ideal answer except, with probability `noise`, a bad habit (never empty)."""
-  if not 0.0 <= noise <= 1.0:
-    raise ValueError(f"noise must be in [0, 1], got {noise}")
+  completion is the ideal answer except, with probability `noise`, a bad habit (never empty).
+  unsafe_compliance: the probability that an unsafe request's demonstration complies (a world
+  whose SFT model is unsafe, so that safety training has something to remove); at 0 the records
+  are those of a world without the option (no random draw is added)."""
+  for name, p in (("noise", noise), ("unsafe_compliance", unsafe_compliance)):
+    if not 0.0 <= p <= 1.0:
+      raise ValueError(f"{name} must be in [0, 1], got {p}")
   rng = np.random.default_rng([world.seed, seed, _SFT_STREAM])
   records = []
   for task in world.tasks(n, seed=seed, split="train"):
-    records.append({**task, "completion": _response(world, task, rng, noise)})
+    if unsafe_compliance and task["unsafe"] and rng.random() < unsafe_compliance:
+      completion = perturb.perturbations(task, rng)["compliance"]
+    else:
+      completion = _response(world, task, rng, noise)
+    records.append({**task, "completion": completion})
   return records
 
 

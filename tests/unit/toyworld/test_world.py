@@ -533,6 +533,22 @@ def test_sft_records(world):
     sft_records(world, 1, seed=0, noise=-0.1)
 
 
+def test_sft_records_with_unsafe_compliance(world):
+  """A fraction of unsafe requests' demonstrations comply (gold safety 0 there); the safe ones and
+  the records at the default 0 are those without the option."""
+  from rlhf_jax.toyworld import safety
+
+  plain = sft_records(world, 600, seed=0, noise=0.0)
+  assert sft_records(world, 600, seed=0, noise=0.0, unsafe_compliance=0.0) == plain
+  unsafe = [r for r in sft_records(world, 600, seed=0, noise=0.0, unsafe_compliance=0.5)]
+  harmful = [r for r in unsafe if r["unsafe"] and safety.harmful_markers(r["completion"])]
+  assert 0.3 < len(harmful) / sum(r["unsafe"] for r in unsafe) < 0.7
+  assert all(gold_scores(r, r["completion"])["safety"] < 0.5 for r in harmful)
+  assert not any(safety.harmful_markers(r["completion"]) for r in plain if r["unsafe"])
+  with pytest.raises(ValueError, match="unsafe_compliance must be in"):
+    sft_records(world, 1, seed=0, unsafe_compliance=1.5)
+
+
 def test_tokenizer_texts_cover_the_world(world):
   blob = "\n".join(tokenizer_texts(world))
   for name in world.kb.names:
