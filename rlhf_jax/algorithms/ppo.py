@@ -38,14 +38,13 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import data, generate, sharding
-from rlhf_jax.algorithms import ai_feedback, common, ppo_rollout, registry
+from rlhf_jax.algorithms import ai_feedback, common, ppo_rollout, registry, reward_functions
 from rlhf_jax.algorithms.reward import cast_params
 from rlhf_jax.data.loader import Batching
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.evaluation import gold as gold_eval
 from rlhf_jax.losses import kl as kl_losses
 from rlhf_jax.losses import ppo as ppo_losses
-from rlhf_jax.losses.common import masked_mean
 from rlhf_jax.models import ModelConfig, abstract_model, lora
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.train import (
@@ -74,7 +73,7 @@ def make_ppo_loss_fn(
 ):
   """loss_fn(params {"policy", "value"?}, rollout mini-batch, rng): clipped policy loss +
   vf_coef x clipped value loss - entropy_coef x entropy; per-token means over the mini-batch
-  (loss_weight = tokens, so micro-batches combine by token count).
+  (loss_weight: `aggregate_loss`'s weight, so micro-batches combine by it).
 
   estimator "grpo": no critic (params without "value", no value loss) and `cfg.kl.beta x k3`
   KL to the reference (the rollout's "ref_logp") added to the loss, as GRPO does; "rloo": no
@@ -102,8 +101,16 @@ def make_ppo_loss_fn(
     # No "old_logp" (GRPO's one update per rollout, `make_iteration`): the policy that sampled is
     # the one being differentiated, so its log-probs are these, held constant (ratio 1).
     old_logp = batch.get("old_logp", jax.lax.stop_gradient(logp))
-    policy_loss, out = ppo_losses.ppo_policy_loss(
-        logp, old_logp, batch["advantages"], mask, clip_eps=cfg.clip_eps
+    policy_loss, out = ppo_losses.clipped_policy_loss(
+        logp,
+        old_logp,
+        batch["advantages"],
+        mask,
+        eps_low=cfg.clip_eps,
+        eps_high=cfg.clip_eps_high or cfg.clip_eps,
+        importance=cfg.importance_level,
+        aggregation=cfg.loss_aggregation,
+        max_len=cfg.max_new_tokens,
     )
     loss = policy_loss
     if critic:
@@ -111,8 +118,13 @@ def make_ppo_loss_fn(
           values, batch["old_values"], batch["returns"], mask, clip_eps=cfg.value_clip_eps
       )
       loss, out = loss + cfg.vf_coef * value_loss, {**value_metrics, **out}
-    if estimator == "grpo":
-      kl = masked_mean(kl_losses.kl_penalty(logp, batch["ref_logp"], mask, kind="k3"), mask)
+    if estimator == "grpo":  # aggregated as the policy loss, so micro-batches weigh alike
+      kl, _ = ppo_losses.aggregate_loss(
+          kl_losses.kl_penalty(logp, batch["ref_logp"], mask, kind="k3"),
+          mask,
+          cfg.loss_aggregation,
+          max_len=cfg.max_new_tokens,
+      )
       loss, out = loss + cfg.kl.beta * kl, {**out, "kl_loss": kl}
     entropy = ppo_losses.entropy_from_logits(scaled, mask[:, -scaled.shape[1] :])
     loss = loss - cfg.entropy_coef * entropy
@@ -335,10 +347,11 @@ class _Iteration:
       sampled_logp = jnp.concatenate(
           [jnp.zeros(prompt_tokens.shape, jnp.float32), out.logprobs], axis=1
       )
+    # Reward models' combination, a reward of the decoded texts (judge, gold, reward functions),
+    # or both added.
+    reward = self.reward_fn(scores, unsafe) if self.reward_fn is not None else 0.0
     if text_reward is not None:
-      reward = jnp.asarray(text_reward(out), jnp.float32)
-    else:
-      reward = self.reward_fn(scores, unsafe)
+      reward = reward + jnp.asarray(text_reward(out), jnp.float32)
     found = ppo_rollout.eos_found(out, self.eos_id)
     adv = self.advantages(
         sampled_logp,
@@ -481,6 +494,37 @@ def check_group_config(config: ml_collections.ConfigDict, estimator: str) -> Non
     raise ConfigError(f"config.ppo.kl.adaptive=True: {name} uses a fixed config.ppo.kl.beta")
 
 
+def check_policy_loss_config(p: ml_collections.ConfigDict, estimator: str) -> None:
+  """The surrogate's options in `config.ppo` (clip-higher, aggregation, importance level, overlong
+  penalty): ConfigError naming the field."""
+  if p.clip_eps_high and p.clip_eps_high < p.clip_eps:
+    raise ConfigError(
+        f"config.ppo.clip_eps_high={p.clip_eps_high} is below config.ppo.clip_eps={p.clip_eps} "
+        "(eps_low): clip-higher only widens the upper side; set it >= clip_eps, or 0 for "
+        "clip_eps itself"
+    )
+  if p.loss_aggregation not in ppo_losses.LOSS_AGGREGATIONS:
+    raise ConfigError(
+        f"config.ppo.loss_aggregation={p.loss_aggregation!r}; choose one of "
+        f"{ppo_losses.LOSS_AGGREGATIONS}"
+    )
+  if p.importance_level not in ppo_losses.IMPORTANCE_LEVELS:
+    raise ConfigError(
+        f"config.ppo.importance_level={p.importance_level!r}; choose one of "
+        f"{ppo_losses.IMPORTANCE_LEVELS}"
+    )
+  if p.importance_level == "sequence" and estimator == "gae":
+    raise ConfigError(
+        "config.ppo.importance_level='sequence' (GSPO) weighs a whole sample by one ratio, which "
+        "needs one advantage per sample: use it with algorithm 'grpo' or 'rloo'"
+    )
+  if p.overlong_buffer > p.max_new_tokens:
+    raise ConfigError(
+        f"config.ppo.overlong_buffer={p.overlong_buffer} exceeds config.ppo.max_new_tokens="
+        f"{p.max_new_tokens}: the penalty ramps over the last overlong_buffer tokens of the budget"
+    )
+
+
 def _value_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(config.to_dict())
   c.init_from = config.ppo.value_init_from or config.init_from
@@ -497,6 +541,15 @@ def check_config(config: ml_collections.ConfigDict) -> str:
         f"config.algorithm={config.algorithm!r}: ppo.train runs {', '.join(ESTIMATOR_OF)}"
     )
   check_group_config(config, estimator)
+  check_policy_loss_config(p, estimator)
+  if reward_functions.from_config(p.reward, key="config.ppo.reward") and (
+      p.reward.judge or p.reward.gold
+  ):
+    raise ConfigError(
+        "config.ppo.reward.functions is set beside config.ppo.reward."
+        f"{'judge' if p.reward.judge else 'gold'}: choose one reward (the gold reward is also "
+        "the function rlhf_jax.toyworld.verifiers:gold)"
+    )
   rows = p.prompts_per_iteration * p.samples_per_prompt
   if p.samples_per_prompt < 1 or rows % p.minibatches:
     raise ConfigError(
@@ -643,10 +696,13 @@ def build_models(
 def build_reward(
     config: ml_collections.ConfigDict, mesh, tokenizer, prompts: list[dict], models: Models, workdir
 ):
-  """(reward models {name: RewardModel}, their RewardSpec, a judge's reward function): an AI
-  judge's (direct RLAIF), the toy world's gold (no models), or the reward models' combination,
-  whitened by their scores on the start policy's samples (`config.ppo.reward.normalize`)."""
+  """(reward models {name: RewardModel}, their RewardSpec, a reward of the decoded texts or None):
+  an AI judge's (direct RLAIF), the toy world's gold (no models), or the reward models'
+  combination, whitened by their scores on the start policy's samples
+  (`config.ppo.reward.normalize`), and/or the reward functions `config.ppo.reward.functions`
+  (added to the models' reward; `function_reward`)."""
   p = config.ppo
+  functions = reward_functions.from_config(p.reward, key="config.ppo.reward")
   if p.reward.judge:  # direct RLAIF: the AI judge compares each prompt's samples
     return {}, None, ai_feedback.judge_reward_fn(p, mesh, tokenizer, seed=config.seed)
   if p.reward.gold:  # the toy world's gold reward instead of reward models
@@ -659,6 +715,9 @@ def build_reward(
   rms = ppo_rollout.load_reward_models(
       p.reward, mesh, key="config.ppo.reward", dtype=p.frozen_dtype
   )
+  text_reward = function_reward(functions, tokenizer, p.samples_per_prompt) if functions else None
+  if not rms:  # reward functions alone
+    return {}, None, text_reward
   spec = ppo_rollout.reward_spec(p.reward, rms)
   if spec.whiten and p.reward.get("normalize", "export") == "policy":
     sampler = generate.Sampler(
@@ -676,7 +735,19 @@ def build_reward(
     spec = dataclasses.replace(spec, stats=stats)
     metrics.write_json(spec.stats, os.path.join(workdir, "reward_stats.json"))
     _log.info("reward statistics on the start policy's samples: %s", spec.stats)
-  return rms, spec, None
+  return rms, spec, text_reward
+
+
+def function_reward(functions: reward_functions.RewardFunctions, tokenizer, samples: int):
+  """reward(records, out, *, iteration) -> [records x samples] the weighted reward functions of
+  the rollout's decoded samples (task-major, as the rollout)."""
+
+  def reward(records: list[dict], out, *, iteration: int) -> np.ndarray:
+    del iteration
+    rows = [r for r in records for _ in range(samples)]
+    return functions(rows, ppo_rollout.decode_responses(tokenizer, out))
+
+  return reward
 
 
 @registry.register("ppo", policy=True, stage_fields=_PPO_STAGE_FIELDS, blocks=("ppo",))
@@ -698,7 +769,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   prompts = load_prompts(config.data.source)
   eval_tasks = load_eval_tasks(config)
   models = build_models(config, mesh, len(tokenizer), estimator)
-  rms, spec, judge_reward = build_reward(config, mesh, tokenizer, prompts, models, workdir)
+  rms, spec, text_reward_fn = build_reward(config, mesh, tokenizer, prompts, models, workdir)
   total_steps = p.iterations * p.epochs * p.minibatches
   trainable = lora.trainable_mask if models.policy_cfg.lora_rank else None
   optimizer, _ = make_optimizer(config.optim, total_steps, trainable=trainable)
@@ -728,7 +799,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       prompts=prompts,
       eval_tasks=eval_tasks,
       reward_params={n: rm.params for n, rm in rms.items()},
-      judge_reward=judge_reward,
+      text_reward_fn=text_reward_fn,
       eval_sampler=generate.Sampler(
           models.policy_gd,
           models.policy_cfg,
@@ -759,7 +830,7 @@ class Loop:
   prompts: list[dict]
   eval_tasks: list[dict] | None
   reward_params: dict
-  judge_reward: Callable | None
+  text_reward_fn: Callable | None  # reward(records, out, *, iteration): judge or functions
   eval_sampler: Any
 
   def held_out(self, config: ml_collections.ConfigDict, params) -> dict:
@@ -779,9 +850,10 @@ class Loop:
     return {k: result["overall"][k] for k in ("combined", "helpfulness", "safety", "kl", "length")}
 
   def text_reward(self, config, records: list[dict], iteration: int) -> Callable | None:
-    """A reward of the decoded responses in place of the reward models (judge or gold), or None."""
-    if self.judge_reward is not None:
-      return functools.partial(self.judge_reward, records, iteration=iteration)
+    """A reward of the decoded responses (judge, reward functions or gold; added to the reward
+    models' where there are any), or None."""
+    if self.text_reward_fn is not None:
+      return functools.partial(self.text_reward_fn, records, iteration=iteration)
     if not config.ppo.reward.gold:
       return None
     rows = [r for r in records for _ in range(config.ppo.samples_per_prompt)]

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import data, generate, scoring
+from rlhf_jax.algorithms import reward_functions
 from rlhf_jax.algorithms.reward import load_reward_model
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.losses import kl as kl_losses
@@ -148,12 +149,20 @@ def load_reward_models(cfg: ml_collections.ConfigDict, mesh, *, key: str, dtype:
   holds them in that dtype."""
   exports = {name: cfg[name] for name in ("helpful", "safety") if cfg[name]}
   if "helpful" not in exports:
-    raise ConfigError(f"{key}.helpful is empty: give a reward-model export")
+    if cfg.get("functions") and not exports:
+      return {}  # reward functions alone
+    raise ConfigError(
+        f"{key}.helpful is empty: give a reward-model export (or reward functions alone: "
+        f"{key}.functions)"
+    )
   return {name: load_reward_model(path, mesh, dtype=dtype) for name, path in exports.items()}
 
 
-def reward_spec(cfg: ml_collections.ConfigDict, rms: dict) -> RewardSpec:
-  """The RewardSpec of a reward config block and its loaded models (their export statistics)."""
+def reward_spec(cfg: ml_collections.ConfigDict, rms: dict) -> RewardSpec | None:
+  """The RewardSpec of a reward config block and its loaded models (their export statistics);
+  None without models (reward functions alone)."""
+  if not rms:
+    return None
   return RewardSpec(
       names=tuple(rms),
       stats={name: rm.stats for name, rm in rms.items()},
@@ -234,11 +243,12 @@ def advantages_fn(
 ) -> dict:
   """Per-token KL penalty + sequence reward -> GAE (whitened advantages). Pure; jit it.
 
-  cfg = config.ppo (kl_kind, missing_eos_penalty, score_clip, gamma, lam, whiten_advantages).
+  cfg = config.ppo (kl_kind, missing_eos_penalty, score_clip, gamma, lam, whiten_advantages,
+  overlong_buffer / overlong_penalty: `with_overlong_penalty`).
   """
   kl = kl_losses.kl_penalty(old_logp, ref_logp, mask, kind=cfg.kl_kind)
   rewards = ppo_losses.token_rewards(
-      reward,
+      with_overlong_penalty(reward, mask, cfg),
       kl,
       mask,
       beta=beta,
@@ -260,6 +270,21 @@ def advantages_fn(
 ESTIMATORS = ("gae", "grpo", "rloo")  # advantage estimators: PPO's, and the critic-free group ones
 
 
+def with_overlong_penalty(reward: Array, mask: Array, cfg: ml_collections.ConfigDict) -> Array:
+  """reward [B] plus DAPO's soft overlong penalty of each response's length (`mask` [B, S] summed)
+  under `cfg.overlong_buffer` / `cfg.overlong_penalty` (losses/ppo.py, `overlong_penalty`);
+  unchanged when the buffer is 0."""
+  if not cfg.get("overlong_buffer", 0):
+    return reward
+  lengths = jnp.sum(mask.astype(jnp.int32), axis=1)
+  return reward.astype(jnp.float32) + ppo_losses.overlong_penalty(
+      lengths,
+      max_len=cfg.max_new_tokens,
+      buffer=cfg.overlong_buffer,
+      factor=cfg.overlong_penalty,
+  )
+
+
 def group_advantages_fn(
     old_logp: Array,
     ref_logp: Array,
@@ -274,8 +299,9 @@ def group_advantages_fn(
   """Critic-free advantages from a prompt's K samples (rows of one prompt contiguous, [B = N x K]);
   every response token of a sample gets its sequence advantage. Pure; jit it.
 
-  The sequence score is `reward` [B] plus `cfg.missing_eos_penalty` where no EOS was sampled
-  (clipped to `cfg.score_clip` first, as PPO's `token_rewards`), then:
+  The sequence score is `reward` [B] (plus DAPO's overlong penalty, `with_overlong_penalty`) plus
+  `cfg.missing_eos_penalty` where no EOS was sampled (clipped to `cfg.score_clip` first, as PPO's
+  `token_rewards`), then:
   - "grpo" (Shao et al. 2024): `(s - mean_K s) / (std_K s + eps)` (`cfg.scale_rewards=False`:
     only centred, Dr. GRPO); the KL to the reference is *not* in the reward (GRPO puts
     `beta * k3` in the loss, `make_ppo_loss_fn`).
@@ -289,7 +315,7 @@ def group_advantages_fn(
   k = cfg.samples_per_prompt
   kl = kl_losses.kl_penalty(old_logp, ref_logp, mask, kind=cfg.kl_kind)
   sequence_kl = kl_losses.sequence_kl(kl, mask)
-  score = reward.astype(jnp.float32)
+  score = with_overlong_penalty(reward, mask, cfg).astype(jnp.float32)
   if cfg.score_clip:
     score = jnp.clip(score, -cfg.score_clip, cfg.score_clip)
   score = score + jnp.where(eos_found, 0.0, jnp.float32(cfg.missing_eos_penalty))
@@ -386,10 +412,12 @@ def best_of_k(
     max_prompt_len: int,
     batch_prompts: int,
     rng,
+    functions: reward_functions.RewardFunctions = reward_functions.NONE,
 ) -> list[dict]:
-  """For each prompt, K samples scored by `spec`: [{"record", "texts" [K], "rewards" [K],
-  "scores" {model name: [K] raw scores}, "mean_logprob" [K]: the policy's mean per-token log-prob
-  of each sample at `temperature`}] ("rewards" only with a spec).
+  """For each prompt, K samples scored by `spec` and/or the reward `functions` (added): [{"record",
+  "texts" [K], "rewards" [K], "scores" {model name: [K] raw scores}, "mean_logprob" [K]: the
+  policy's mean per-token log-prob of each sample at `temperature`}] ("rewards" only with a spec
+  or functions).
 
   Each prompt is prefilled once for its K samples (`Sampler(..., samples=K)`), and the reward
   models run a prompt's K samples as one row with the prompt once (`scoring.last_token_scores`
@@ -427,9 +455,13 @@ def best_of_k(
     )
     tokens, mask = np.repeat(tokens, k, axis=0), np.repeat(mask, k, axis=0)  # a row per sample
     seq, segment_ids, positions, _ = generate.full_sequence(tokens, mask, gen)
-    scores = score(
-        {name: rm.params for name, rm in rms.items()},
-        {"tokens": seq, "segment_ids": segment_ids, "positions": positions},
+    scores = (
+        score(
+            {name: rm.params for name, rm in rms.items()},
+            {"tokens": seq, "segment_ids": segment_ids, "positions": positions},
+        )
+        if rms
+        else {}
     )
     unsafe = jnp.asarray([bool(r.get("unsafe", False)) for r in repeated])
     rewards = (
@@ -439,6 +471,9 @@ def best_of_k(
     )
     scores = {name: np.asarray(x).reshape(len(chunk), k) for name, x in scores.items()}
     texts = decode_responses(tokenizer, gen)
+    if functions:
+      extra = functions(repeated, texts).reshape(len(chunk), k)
+      rewards = extra if rewards is None else rewards + extra
     mean_logprob = np.asarray(jnp.sum(gen.logprobs, axis=1) / jnp.maximum(gen.lengths, 1))
     mean_logprob = mean_logprob.reshape(len(chunk), k)
     for i, record in enumerate(chunk):

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import data
-from rlhf_jax.algorithms import common, ppo_rollout, registry, sft
+from rlhf_jax.algorithms import common, ppo_rollout, registry, reward_functions, sft
 from rlhf_jax.algorithms.ppo import load_prompts
 from rlhf_jax.algorithms.ppo_rollout import best_of_k
 from rlhf_jax.data import files
@@ -139,6 +139,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       source=config.data.source,
       offset=rs.prompt_offset,
   )
+  functions = reward_functions.from_config(rs.reward, key="config.rejection_sampling.reward")
   rms = ppo_rollout.load_reward_models(rs.reward, mesh, key="config.rejection_sampling.reward")
   spec = ppo_rollout.reward_spec(rs.reward, rms)
 
@@ -164,6 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           max_prompt_len=rs.max_prompt_len,
           batch_prompts=rs.batch_prompts,
           rng=jax.random.key(config.seed + r),
+          functions=functions,
       )
       kept, row = _keep_best(samples, best, r, across_rounds=rs.keep_best_across_rounds)
       row = {"round": r, "temperature": rs.temperatures[r - 1], **row}

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax.algorithms import common, ppo_rollout, registry, rejection_sampling
+from rlhf_jax.algorithms import common, ppo_rollout, registry, rejection_sampling, reward_functions
 from rlhf_jax.algorithms.ppo import load_prompts
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.toyworld import annotators
@@ -119,9 +119,11 @@ def grow(
     prompts: list[dict],
     r: ml_collections.ConfigDict,
     rng,
+    functions: reward_functions.RewardFunctions = reward_functions.NONE,
 ) -> list[dict]:
   """The Grow set: N samples per prompt from the export's policy, each a record (prompt,
-  completion, reward, scores {model: raw score}, gold_combined on toy prompts)."""
+  completion, reward, scores {model: raw score}, gold_combined on toy prompts); the reward is the
+  reward models' and/or the reward `functions`' (added)."""
   policy = common.load_policy(policy_export, mesh)
   grown = rejection_sampling.best_of_k(
       policy.params,
@@ -136,6 +138,7 @@ def grow(
       max_prompt_len=r.max_prompt_len,
       batch_prompts=r.batch_prompts,
       rng=rng,
+      functions=functions,
   )
   out = []
   for prompt in grown:
@@ -182,6 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       key="config.rest",
       source=config.data.source,
   )
+  functions = reward_functions.from_config(r.reward, key="config.rest.reward")
   rms = ppo_rollout.load_reward_models(r.reward, mesh, key="config.rest.reward")
   spec = ppo_rollout.reward_spec(r.reward, rms)
 
@@ -198,7 +202,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     samples_path = os.path.join(grow_dir, "samples.jsonl")
     if not os.path.exists(samples_path):
       rng = jax.random.key(config.seed + g)
-      samples = grow(policy_export, mesh, rms, spec, tokenizer, grow_prompts[g - 1], r, rng)
+      samples = grow(
+          policy_export,
+          mesh,
+          rms,
+          spec,
+          tokenizer,
+          grow_prompts[g - 1],
+          r,
+          rng,
+          functions=functions,
+      )
       annotators.write_jsonl(samples, samples_path)
     samples = metrics.read_jsonl(samples_path)
     record(

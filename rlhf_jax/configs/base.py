@@ -13,7 +13,9 @@ from rlhf_jax.losses import registry as loss_registry
 from rlhf_jax.models.config import ModelConfig
 
 # The reward-model block of the methods that score samples (rejection sampling, ReST; PPO adds
-# its own options): exports, their combination (losses/reward.py) and whitening.
+# its own options): exports, their combination (losses/reward.py) and whitening; reward functions
+# ("package.module:function" or "file.py:function", algorithms/reward_functions.py) in place of
+# the models or added to their reward, weighted by function_weights (empty: 1 each).
 REWARD_MODELS = dict(
     helpful="",
     safety="",
@@ -22,6 +24,8 @@ REWARD_MODELS = dict(
     helpful_weight=1.0,
     safety_weight=1.0,
     whiten=True,
+    functions=(),
+    function_weights=(),
 )
 
 
@@ -220,7 +224,19 @@ def base_config(algorithm: str = "") -> ml_collections.ConfigDict:
           epochs=4,  # passes over each rollout
           minibatches=4,  # optimiser steps per pass (divides prompts x samples)
           accum_steps=1,  # micro-batches per mini-batch
-          clip_eps=0.2,
+          clip_eps=0.2,  # the ratio's clip range [1 - clip_eps, 1 + clip_eps_high]
+          clip_eps_high=0.0,  # 0: = clip_eps (symmetric, PPO / GRPO); DAPO's clip-higher: 0.28
+          # How the per-token losses reduce (losses/ppo.py, aggregate_loss): "token-mean" (PPO,
+          # DAPO) | "seq-mean-token-mean" (GRPO) | "seq-mean-token-sum" | "seq-mean-token-sum-norm"
+          # (Dr. GRPO: token sums / max_new_tokens).
+          loss_aggregation="token-mean",
+          # "token" (PPO, GRPO, DAPO) | "sequence" (GSPO: one length-normalised ratio per sample;
+          # GRPO / RLOO only).
+          importance_level="token",
+          # DAPO's soft overlong punishment, added to the reward: 0 up to max_new_tokens -
+          # overlong_buffer tokens, then down to -overlong_penalty at max_new_tokens (0 = off).
+          overlong_buffer=0,
+          overlong_penalty=1.0,
           value_clip_eps=0.2,
           vf_coef=0.1,
           entropy_coef=0.0,

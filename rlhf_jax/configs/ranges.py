@@ -93,7 +93,8 @@ RULES: dict[str, Range] = {
     **dict.fromkeys(
         (
             "best_of_n_prompts eval_every negatives normalize_prompts num_examples "
-            "num_samples_shown prompt_offset rank reward_records seed stop_after_steps "
+            "num_samples_shown overlong_buffer prompt_offset rank reward_records seed "
+            "stop_after_steps "
             "temperature_prompts top_k vocab_size warmup_steps"
         ).split(),
         OPTIONAL_COUNT,
@@ -123,7 +124,8 @@ RULES: dict[str, Range] = {
     ),
     **dict.fromkeys(
         (
-            "annotator_noise center_coef contrastive_coef entropy_coef grad_clip_norm "
+            "annotator_noise center_coef clip_eps_high contrastive_coef entropy_coef grad_clip_norm "
+            "overlong_penalty "
             "helpful_weight lm_coef safety_weight score_clip temperature revision_temperature "
             "vf_coef weight_decay desirable_weight undesirable_weight"
         ).split(),

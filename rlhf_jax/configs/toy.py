@@ -160,6 +160,26 @@ def ppo_stage(
   return s
 
 
+# The GRPO family's variants as `config.ppo` settings (docs/algorithms.md, "Online group methods").
+# GRPO here is the paper's advantage with DAPO's token-mean loss (`loss_aggregation`'s default).
+GROUP_VARIANTS = {
+    "grpo": {},
+    # DAPO (Yu et al. 2025): clip-higher, token-level loss, soft overlong punishment (the last 8
+    # tokens of the 48-token budget), no KL term.
+    "dapo": dict(clip_eps_high=0.28, overlong_buffer=8, overlong_penalty=1.0, kl=dict(beta=0.0)),
+    # Dr. GRPO (Liu et al. 2025): no std scaling, token sums over the fixed budget.
+    "dr_grpo": dict(scale_rewards=False, loss_aggregation="seq-mean-token-sum-norm"),
+    # GSPO (Zheng et al. 2025): one length-normalised ratio per sample, clipped to its paper's
+    # narrow range, sequence-mean loss.
+    "gspo": dict(
+        importance_level="sequence",
+        loss_aggregation="seq-mean-token-mean",
+        clip_eps=3e-4,
+        clip_eps_high=4e-4,
+    ),
+}
+
+
 def group_stage(
     algorithm: str = "grpo",
     *,
@@ -169,11 +189,14 @@ def group_stage(
     beta: float = 0.04,
     lr: float = 5e-5,
     init_from: str = "",
+    variant: str = "grpo",
 ) -> ml_collections.ConfigDict:
   """GRPO or RLOO (`algorithm`) from the latest policy against the Llama 2 combination of the two
   reward models: `prompts` x `samples` responses per iteration (64 at the defaults; the PPO stage
   samples 32), no value model; GRPO's beta weighs the k3 KL in its loss, RLOO's the summed KL in
-  its reward."""
+  its reward. variant: a GRPO variant of `GROUP_VARIANTS` ("dapo", "dr_grpo", "gspo")."""
+  if variant not in GROUP_VARIANTS:
+    raise ValueError(f"GRPO variant {variant!r}: choose one of {list(GROUP_VARIANTS)}")
   s = ppo_stage(iterations=iterations, beta=beta, lr=lr, init_from=init_from)
   s.algorithm = algorithm
   # share_prompt: each prompt runs once for its samples in every forward pass (the same numbers).
@@ -185,6 +208,7 @@ def group_stage(
       value_init_from="",
       share_prompt=True,
   )
+  s.update(GROUP_VARIANTS[variant])
   return s
 
 

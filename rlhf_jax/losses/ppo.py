@@ -10,8 +10,11 @@ Rollout side (no gradient):
 - `grpo_advantages`, `rloo_advantages`: per-sample advantages from groups of G samples per prompt.
 
 Update side (differentiable):
-- `ppo_policy_loss`: clipped-ratio surrogate; `ppo_value_loss`: clipped value loss;
+- `clipped_policy_loss`: the clipped surrogate with the GRPO family's choices (DAPO's decoupled
+  clip range, GSPO's sequence-level importance weight, `aggregate_loss`'s reductions);
+  `ppo_policy_loss`: PPO's symmetric token-level case; `ppo_value_loss`: clipped value loss;
   `entropy_from_logits`: masked mean entropy for an optional entropy bonus.
+- `overlong_penalty`: DAPO's soft length penalty on the reward.
 
 Conventions. Response tensors are [B, T], aligned per token: `logp[b, t]` is the log-prob of
 response token `t` (the logits that produced it sit one position earlier in the model's output;
@@ -160,6 +163,122 @@ def gae(
   return advantages, returns
 
 
+LOSS_AGGREGATIONS = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+
+def aggregate_loss(
+    per_token: Array, mask: Array, mode: str = "token-mean", *, max_len: int | None = None
+) -> tuple[Array, Array]:
+  """A per-token loss [B, T] reduced to a scalar, as the GRPO-family papers name the choices.
+
+  - "token-mean" (DAPO, PPO's usual): sum over every response token of the batch / their count:
+    each token weighs the same, so a long response's tokens are not diluted.
+  - "seq-mean-token-mean" (GRPO, Shao et al. 2024): the mean over sequences of each sequence's
+    token mean: each response weighs the same, whatever its length.
+  - "seq-mean-token-sum": the mean over sequences of each sequence's token sum.
+  - "seq-mean-token-sum-norm" (Dr. GRPO, Liu et al. 2025): token sums divided by the constant
+    `max_len` (the generation budget) instead of each response's own length, mean over sequences:
+    no length normalisation that favours long wrong answers or short right ones.
+
+  mask: [B, T] bool response mask; rows without a response token are left out of the sequence
+  means. Returns (loss, weight): weight is the token count for "token-mean" and the count of
+  non-empty sequences otherwise (float32), so micro-batches combine by it into the mini-batch's
+  loss. ValueError for an unknown mode or a "-norm" mode without max_len >= 1.
+  """
+  if mode not in LOSS_AGGREGATIONS:
+    raise ValueError(f"loss aggregation {mode!r}: choose one of {LOSS_AGGREGATIONS}")
+  chex.assert_equal_shape([per_token, mask])
+  mask = mask.astype(bool)
+  x = jnp.where(mask, _f32(per_token), 0.0)
+  if mode == "token-mean":
+    return masked_mean(x, mask), jnp.sum(mask.astype(jnp.float32))
+  tokens = jnp.sum(mask.astype(jnp.float32), axis=1)
+  rows = tokens > 0
+  sums = jnp.sum(x, axis=1)
+  if mode == "seq-mean-token-mean":
+    per_row = sums / jnp.maximum(tokens, 1.0)
+  elif mode == "seq-mean-token-sum":
+    per_row = sums
+  else:
+    if not max_len or max_len < 1:
+      raise ValueError(f"loss aggregation {mode!r} divides by the generation budget: max_len >= 1")
+    per_row = sums / float(max_len)
+  return masked_mean(per_row, rows), jnp.sum(rows.astype(jnp.float32))
+
+
+def clipped_policy_loss(
+    logp: Array,
+    old_logp: Array,
+    advantages: Array,
+    mask: Array,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    importance: str = "token",
+    aggregation: str = "token-mean",
+    max_len: int | None = None,
+) -> tuple[Array, dict[str, Array]]:
+  """The clipped surrogate of PPO and of the GRPO family, with its variants' choices.
+
+  logp: [B, T] log-probs of the sampled tokens under the current policy (differentiable);
+  old_logp: [B, T] the same under the rollout policy (a constant); advantages: [B, T] (constant:
+  GAE advantages, or a sequence advantage broadcast over its tokens); mask: [B, T] bool.
+
+  Per token, `max(-A * w, -A * clip(w, 1 - eps_low, 1 + eps_high))`, reduced by `aggregate_loss`
+  (`aggregation`, `max_len`), where the importance weight w is
+  - importance "token" (PPO, GRPO, DAPO): `w_t = exp(logp_t - old_logp_t)`;
+  - importance "sequence" (GSPO, Zheng et al. 2025): one weight per sequence, the length-normalised
+    ratio `s = exp(mean_t (logp_t - old_logp_t))`, clipped as a whole (every token of the sequence
+    shares it; with "seq-mean-token-mean" the loss is GSPO's mean over sequences).
+  eps_high None = eps_low (symmetric, PPO); DAPO's clip-higher decouples them (0.2 / 0.28).
+
+  At w = 1 the loss is -aggregate(A). Metrics: "policy_loss", "clip_fraction" (tokens where the
+  clipped term is strictly larger: the clip zeroes their gradient), "clip_low_fraction" /
+  "clip_high_fraction" (of those, w below 1 - eps_low with A < 0 / above 1 + eps_high with A > 0),
+  "approx_kl" (token mean of `(r - 1) - log r`, r the token ratio: the k3 estimate of
+  KL(pi_old || pi)), "ratio_mean" (token mean of w), "loss_weight" (`aggregate_loss`'s weight).
+  A batch with no response token gives loss 0.
+  """
+  eps_high = eps_low if eps_high is None else eps_high
+  if importance not in IMPORTANCE_LEVELS:
+    raise ValueError(f"importance {importance!r}: choose one of {IMPORTANCE_LEVELS}")
+  concrete = all(isinstance(e, (int, float)) for e in (eps_low, eps_high))  # not traced
+  if concrete and (eps_low < 0 or eps_high < eps_low):
+    raise ValueError(f"clip ranges need 0 <= eps_low <= eps_high, got {eps_low} and {eps_high}")
+  chex.assert_rank([logp, old_logp, advantages, mask], 2)
+  chex.assert_equal_shape([logp, old_logp, advantages, mask])
+  mask = mask.astype(bool)
+  log_ratio = jnp.where(mask, _f32(logp) - _f32(old_logp), 0.0)
+  adv = jnp.where(mask, _f32(advantages), 0.0)
+  if importance == "sequence":
+    seq_log_ratio = masked_mean(log_ratio, mask, axis=1)
+    weight = jnp.broadcast_to(jnp.exp(seq_log_ratio)[:, None], log_ratio.shape)
+  else:
+    weight = jnp.exp(log_ratio)
+  pg1 = -adv * weight
+  pg2 = -adv * jnp.clip(weight, 1.0 - eps_low, 1.0 + eps_high)
+  loss, loss_weight = aggregate_loss(jnp.maximum(pg1, pg2), mask, aggregation, max_len=max_len)
+  sg_weight = jax.lax.stop_gradient(weight)
+  sg_log_ratio = jax.lax.stop_gradient(log_ratio)
+  clipped = pg2 > pg1
+  metrics = {
+      "policy_loss": loss,
+      "clip_fraction": masked_mean(clipped.astype(jnp.float32), mask),
+      "clip_low_fraction": masked_mean((clipped & (adv < 0)).astype(jnp.float32), mask),
+      "clip_high_fraction": masked_mean((clipped & (adv > 0)).astype(jnp.float32), mask),
+      "approx_kl": masked_mean((jnp.exp(sg_log_ratio) - 1.0) - sg_log_ratio, mask),
+      "ratio_mean": masked_mean(sg_weight, mask),
+      "loss_weight": loss_weight,
+  }
+  return loss, metrics
+
+
 def ppo_policy_loss(
     logp: Array,
     old_logp: Array,
@@ -168,40 +287,33 @@ def ppo_policy_loss(
     *,
     clip_eps: float = 0.2,
 ) -> tuple[Array, dict[str, Array]]:
-  """PPO clipped surrogate, mean over the response tokens of the batch.
-
-  logp: [B, T] log-probs of the sampled tokens under the current policy (differentiable);
-  old_logp: [B, T] the same under the rollout policy (a constant); advantages: [B, T] (constant,
-  usually whitened GAE advantages, or a sequence advantage broadcast over the tokens for
-  GRPO/RLOO); mask: [B, T] bool response mask. clip_eps: epsilon of the ratio clip.
+  """PPO clipped surrogate, mean over the response tokens of the batch: `clipped_policy_loss`
+  with the symmetric clip `clip_eps`, token importance weights and "token-mean".
 
   `ratio = exp(logp - old_logp)`; loss = masked mean of
   `max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))`. At ratio 1 it equals -mean(A) and its
-  gradient w.r.t. logp is -A / n_tokens. Returns (loss, metrics) with metrics "policy_loss",
-  "clip_fraction" (fraction of tokens where the clipped term is strictly larger, i.e. the clip
-  zeroes the gradient), "approx_kl" (masked mean of `(ratio - 1) - log ratio`, the k3 estimate of
-  KL(pi_old || pi)), "ratio_mean", and "loss_weight" (token count, float32). A batch with no
-  response token gives loss 0.
+  gradient w.r.t. logp is -A / n_tokens. Shapes and metrics as `clipped_policy_loss`
+  ("loss_weight" = token count).
   """
-  chex.assert_rank([logp, old_logp, advantages, mask], 2)
-  chex.assert_equal_shape([logp, old_logp, advantages, mask])
-  mask = mask.astype(bool)
-  log_ratio = jnp.where(mask, _f32(logp) - _f32(old_logp), 0.0)
-  adv = jnp.where(mask, _f32(advantages), 0.0)
-  ratio = jnp.exp(log_ratio)
-  pg1 = -adv * ratio
-  pg2 = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-  loss = masked_mean(jnp.maximum(pg1, pg2), mask)
-  sg_ratio = jax.lax.stop_gradient(ratio)
-  sg_log_ratio = jax.lax.stop_gradient(log_ratio)
-  metrics = {
-      "policy_loss": loss,
-      "clip_fraction": masked_mean((pg2 > pg1).astype(jnp.float32), mask),
-      "approx_kl": masked_mean((sg_ratio - 1.0) - sg_log_ratio, mask),
-      "ratio_mean": masked_mean(sg_ratio, mask),
-      "loss_weight": jnp.sum(mask.astype(jnp.float32)),
-  }
-  return loss, metrics
+  return clipped_policy_loss(logp, old_logp, advantages, mask, eps_low=clip_eps)
+
+
+def overlong_penalty(lengths: Array, *, max_len: int, buffer: int, factor: float = 1.0) -> Array:
+  """DAPO's soft overlong punishment (Yu et al. 2025), added to a response's reward; [B] -> [B].
+
+  lengths: [B] response lengths in tokens (EOS included); max_len: the generation budget L_max;
+  buffer: L_cache, the last tokens of the budget over which the penalty ramps. 0 up to
+  L_max - L_cache, then linearly down to -factor at L_max: `factor * ((L_max - L_cache) - len) /
+  L_cache`, and -factor beyond L_max (a truncated response). buffer 0: no penalty (zeros).
+  """
+  if buffer < 0 or buffer > max_len:
+    raise ValueError(f"overlong buffer {buffer} must lie in [0, max_len={max_len}]")
+  lengths = _f32(lengths)
+  if buffer == 0:
+    return jnp.zeros_like(lengths)
+  start = float(max_len - buffer)
+  ramp = (start - lengths) / float(buffer)
+  return float(factor) * jnp.where(lengths <= start, 0.0, jnp.where(lengths <= max_len, ramp, -1.0))
 
 
 def _masked_var(x: Array, mask: Array) -> Array:

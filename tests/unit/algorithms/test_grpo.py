@@ -83,6 +83,15 @@ def test_group_advantages_match_a_numpy_loop(estimator, scale):
             dict(share_prompt=True, minibatches=8),
             r"share_prompt=True .* a multiple of minibatches x accum_steps = 8 x 1",
         ),
+        (
+            "grpo",
+            dict(clip_eps_high=0.1),
+            r"config.ppo.clip_eps_high=0.1 is below config.ppo.clip_eps=0.2 \(eps_low\)",
+        ),
+        ("grpo", dict(loss_aggregation="seq-sum"), r"config.ppo.loss_aggregation='seq-sum'"),
+        ("grpo", dict(importance_level="group"), r"config.ppo.importance_level='group'"),
+        ("ppo", dict(importance_level="sequence"), r"'sequence' \(GSPO\) .* 'grpo' or 'rloo'"),
+        ("grpo", dict(overlong_buffer=100), r"config.ppo.overlong_buffer=100 exceeds"),
     ],
 )
 def test_group_config_errors_come_before_any_model_loads(tmp_path, algorithm, update, match):
@@ -94,6 +103,29 @@ def test_group_config_errors_come_before_any_model_loads(tmp_path, algorithm, up
   config.ppo.update(update)
   with pytest.raises(ValueError, match=match):
     ppo.train(config, str(tmp_path / "run"))
+
+
+def test_overlong_penalty_enters_the_group_score():
+  """DAPO's soft overlong punishment is added to the reward before the group statistics: with
+  max_new_tokens 10 and a buffer of 4, a 9-token response loses 0.75 x factor."""
+  old, ref, reward, mask, found = group_inputs()
+  cfg = ppo_cfg(samples_per_prompt=4, scale_rewards=False, max_new_tokens=10)
+  plain = ppo_rollout.group_advantages_fn(
+      old, ref, reward, mask, found, jnp.float32(0.0), cfg, estimator="grpo"
+  )
+  cfg.update(overlong_buffer=4, overlong_penalty=2.0)
+  penalised = ppo_rollout.group_advantages_fn(
+      old, ref, reward, mask, found, jnp.float32(0.0), cfg, estimator="grpo"
+  )
+  lengths = mask.sum(axis=1)
+  penalty = 2.0 * np.where(lengths <= 6, 0.0, (6 - lengths) / 4)
+  centred = (penalty - penalty.reshape(-1, 4).mean(axis=1).repeat(4))[:, None]
+  np.testing.assert_allclose(
+      np.asarray(penalised["advantages"]) - np.asarray(plain["advantages"]),
+      np.where(mask, centred, 0.0),
+      atol=1e-5,
+  )
+  assert np.any(lengths > 6)
 
 
 def test_unknown_algorithm_is_refused_by_the_ppo_driver(tmp_path):

@@ -360,6 +360,8 @@ def _policy_ref(logp, old, adv, mask, eps):
   return {
       "policy_loss": np.sum(np.maximum(pg1, pg2) * m) / n,
       "clip_fraction": np.sum((pg2 > pg1) * m) / n,
+      "clip_low_fraction": np.sum((pg2 > pg1) * (adv < 0) * m) / n,
+      "clip_high_fraction": np.sum((pg2 > pg1) * (adv > 0) * m) / n,
       "approx_kl": np.sum(((ratio - 1) - np.log(ratio)) * m) / n,
       "ratio_mean": np.sum(ratio * m) / n,
       "loss_weight": n,
@@ -434,6 +436,157 @@ def test_policy_loss_empty_batch_is_zero():
   z = jnp.zeros((2, 4))
   loss, metrics = ppo_policy_loss(z, z, z + 1.0, z > 0)
   assert float(loss) == 0.0 and float(metrics["loss_weight"]) == 0.0
+
+
+# --- the GRPO family's surrogate: clip-higher, GSPO, loss aggregation, overlong penalty ------------
+
+clipped_policy_loss = jax.jit(
+    ppo_lib.clipped_policy_loss, static_argnames=("importance", "aggregation", "max_len")
+)
+
+
+def _family_ref(logp, old, adv, mask, *, eps_low, eps_high, importance, aggregation, max_len):
+  """The papers' objectives as loops over sequences (float64): DAPO (token-mean), GRPO
+  (seq-mean-token-mean), Dr. GRPO (token sums / L_max), GSPO (one clipped length-normalised ratio
+  per sequence)."""
+  terms, lengths = [], []
+  for i in range(len(mask)):
+    m = mask[i]
+    if not m.any():
+      continue
+    log_r = logp[i][m].astype(np.float64) - old[i][m]
+    a = adv[i][m].astype(np.float64)
+    w = np.exp(np.full_like(log_r, log_r.mean())) if importance == "sequence" else np.exp(log_r)
+    terms.append(-np.minimum(w * a, np.clip(w, 1 - eps_low, 1 + eps_high) * a))
+    lengths.append(m.sum())
+  if aggregation == "token-mean":
+    return np.concatenate(terms).sum() / sum(lengths)
+  per_seq = {
+      "seq-mean-token-mean": [t.mean() for t in terms],
+      "seq-mean-token-sum": [t.sum() for t in terms],
+      "seq-mean-token-sum-norm": [t.sum() / max_len for t in terms],
+  }[aggregation]
+  return np.mean(per_seq)
+
+
+@pytest.mark.parametrize("importance", ppo_lib.IMPORTANCE_LEVELS)
+@pytest.mark.parametrize("aggregation", ppo_lib.LOSS_AGGREGATIONS)
+def test_clipped_policy_loss_matches_the_papers(importance, aggregation):
+  rng = np.random.default_rng(21)
+  mask = _mask(21)
+  old = _rand(rng, B, T) - 2.0
+  logp = old + _rand(rng, B, T, scale=0.3)
+  adv = np.repeat(_rand(rng, B, 1), T, axis=1)  # a sequence advantage on every token
+  kw = dict(eps_low=0.2, eps_high=0.28, importance=importance, aggregation=aggregation, max_len=T)
+  loss, metrics = clipped_policy_loss(
+      jnp.asarray(_garbage(logp, mask)),
+      jnp.asarray(old),
+      jnp.asarray(_garbage(adv, mask)),
+      jnp.asarray(mask),
+      **kw,
+  )
+  np.testing.assert_allclose(loss, _family_ref(logp, old, adv, mask, **kw), rtol=RTOL, atol=ATOL)
+  rows = mask.any(axis=1).sum()
+  assert float(metrics["loss_weight"]) == (mask.sum() if aggregation == "token-mean" else rows)
+  assert 0.0 < float(metrics["clip_fraction"]) < 1.0
+  np.testing.assert_allclose(
+      metrics["clip_fraction"],
+      metrics["clip_low_fraction"] + metrics["clip_high_fraction"],
+      rtol=RTOL,
+  )
+
+
+def test_clip_higher_only_widens_the_upper_side():
+  """(A, ratio) = (+1, 1.25): clipped at eps 0.2, not at eps_high 0.28; (-1, 0.75): clipped at
+  eps_low 0.2 either way."""
+  ratio = np.asarray([[1.25, 0.75]], np.float32)
+  adv = np.asarray([[1.0, -1.0]], np.float32)
+  mask = np.ones_like(ratio, bool)
+  args = (jnp.asarray(np.log(ratio)), jnp.zeros_like(ratio), jnp.asarray(adv), jnp.asarray(mask))
+  _, symmetric = clipped_policy_loss(*args, eps_low=0.2)
+  _, decoupled = clipped_policy_loss(*args, eps_low=0.2, eps_high=0.28)
+  assert (
+      float(symmetric["clip_high_fraction"]) == 0.5 and float(decoupled["clip_high_fraction"]) == 0
+  )
+  assert float(symmetric["clip_low_fraction"]) == float(decoupled["clip_low_fraction"]) == 0.5
+
+
+def test_gspo_gradient_is_the_sequence_ratio_spread_over_its_tokens():
+  """Unclipped, d loss / d logp_it = -A_i s_i / |y_i| / G (GSPO's gradient, seq-mean-token-mean);
+  a clipped sequence gets none."""
+  rng = np.random.default_rng(22)
+  mask = _mask(22)
+  old = _rand(rng, B, T) - 2.0
+  logp = old + _rand(rng, B, T, scale=0.05)
+  adv = np.repeat(_rand(rng, B, 1), T, axis=1)
+
+  def f(x):
+    return ppo_lib.clipped_policy_loss(
+        x,
+        jnp.asarray(old),
+        jnp.asarray(adv),
+        jnp.asarray(mask),
+        eps_low=0.2,
+        importance="sequence",
+        aggregation="seq-mean-token-mean",
+    )[0]
+
+  g = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(_garbage(logp, mask))))
+  lengths = mask.sum(axis=1)
+  s = np.exp(np.where(mask, logp - old, 0.0).sum(axis=1) / np.maximum(lengths, 1))
+  assert np.all(np.abs(s - 1) < 0.2)  # nothing clipped at this scale
+  expected = -adv[:, 0] * s / np.maximum(lengths, 1) / mask.any(axis=1).sum()
+  np.testing.assert_allclose(g, np.where(mask, expected[:, None], 0.0), rtol=1e-4, atol=1e-7)
+
+
+def test_micro_batches_combine_by_loss_weight():
+  """Each aggregation's (loss, weight) of two halves, weighted, is the whole batch's loss."""
+  rng = np.random.default_rng(23)
+  mask = _mask(23)
+  old = _rand(rng, B, T) - 2.0
+  logp = old + _rand(rng, B, T, scale=0.3)
+  adv = _rand(rng, B, T)
+  for aggregation in ppo_lib.LOSS_AGGREGATIONS:
+    kw = dict(eps_low=0.2, aggregation=aggregation, max_len=T)
+    parts = [
+        clipped_policy_loss(
+            jnp.asarray(logp[h]),
+            jnp.asarray(old[h]),
+            jnp.asarray(adv[h]),
+            jnp.asarray(mask[h]),
+            **kw,
+        )
+        for h in (slice(0, B // 2), slice(B // 2, B))
+    ]
+    whole, _ = clipped_policy_loss(
+        jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask), **kw
+    )
+    weights = [float(m["loss_weight"]) for _, m in parts]
+    combined = sum(float(l) * w for (l, _), w in zip(parts, weights)) / sum(weights)
+    np.testing.assert_allclose(combined, whole, rtol=RTOL, atol=ATOL, err_msg=aggregation)
+
+
+def test_clipped_policy_loss_bad_options():
+  z = jnp.zeros((2, 4))
+  with pytest.raises(ValueError, match="0 <= eps_low <= eps_high, got 0.2 and 0.1"):
+    ppo_lib.clipped_policy_loss(z, z, z, z > 0, eps_low=0.2, eps_high=0.1)
+  with pytest.raises(ValueError, match="importance 'group'"):
+    ppo_lib.clipped_policy_loss(z, z, z, z > 0, importance="group")
+  with pytest.raises(ValueError, match="loss aggregation 'seq-sum'"):
+    ppo_lib.clipped_policy_loss(z, z, z, z > 0, aggregation="seq-sum")
+  with pytest.raises(ValueError, match="max_len >= 1"):
+    ppo_lib.clipped_policy_loss(z, z, z, z > 0, aggregation="seq-mean-token-sum-norm")
+
+
+def test_overlong_penalty_is_dapos_ramp():
+  lengths = jnp.asarray([0, 10, 12, 14, 16, 17])
+  np.testing.assert_allclose(
+      ppo_lib.overlong_penalty(lengths, max_len=16, buffer=4, factor=0.5),
+      [0.0, 0.0, 0.0, -0.25, -0.5, -0.5],
+  )
+  assert not np.any(ppo_lib.overlong_penalty(lengths, max_len=16, buffer=0))
+  with pytest.raises(ValueError, match="overlong buffer 20"):
+    ppo_lib.overlong_penalty(lengths, max_len=16, buffer=20)
 
 
 # --- ppo_value_loss ------------------------------------------------------------------------------
