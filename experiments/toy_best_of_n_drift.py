@@ -8,9 +8,10 @@ draws gold and each reward's own score of its pick (the proxy) against sqrt(KL(b
 The policy is two rounds of rejection sampling against the quickstart's reward models (the same
 512 prompts, best kept across rounds: `rs_frozen`, V2 of experiments/toy_rejection_sampling.py).
 From the SFT model, best of n rises to n = 16 (experiments/toy_best_of_n.py); from V2, whose
-samples carry the sign-offs that the reward models (trained on perturbation candidates, with
-annotators who like length) rank above gold's view (x0.85), the proxy keeps rising with n while
-gold turns over after n = 2. Measured: docs/toyworld.md, "Best of n to 16, and biased annotators".
+samples carry the sign-offs that the reward models (trained on perturbation candidates) rank
+above gold's view (x0.85), the proxy keeps rising with n while gold turns over after n = 2, with
+unbiased annotators too (`--config.world.annotator_bias=0.0`). Measured: docs/toyworld.md, "Best
+of n to 16, and biased annotators".
 """
 
 from rlhf_jax.configs.toy import rejection_sampling_stage, toy_pipeline_config
