@@ -316,10 +316,54 @@ class _Iteration:
       rng,
       beta,
       text_reward=None,
+      refill: Callable | None = None,
   ):
+    """Rollout, rewards, advantages and the updates on one batch of prompts. refill (DAPO's
+    dynamic sampling, `cfg.dynamic_sampling`): refill() -> (prompt_tokens, prompt_mask, unsafe,
+    text_reward) of the next batch of prompts, sampled while fewer than the batch's groups have
+    rewards that differ (`_dynamic_batch`)."""
+    r = self._rollout(
+        state, reference, reward_params, prompt_tokens, prompt_mask, unsafe, rng, text_reward
+    )
+    dynamic = None
+    if self.cfg.get("dynamic_sampling", False) and refill is not None:
+      r, dynamic = self._dynamic_batch(r, state, reference, reward_params, rng, refill)
+    adv = self.advantages(
+        r["sampled_logp"],
+        r["ref_logp"],
+        r["values"],
+        self.baseline(r["reward"]),
+        r["batch"]["response_mask"],
+        r["found"],
+        jnp.float32(beta),
+    )
+    rollout = {**r["batch"], "advantages": adv["advantages"]}
+    if not self.single_update:
+      rollout["old_logp"] = r["old_logp"]
+    if self.estimator == "gae":
+      rollout.update(old_values=r["values"], returns=adv["returns"])
+    elif self.estimator == "grpo":  # its KL term is in the loss
+      rollout["ref_logp"] = r["ref_logp"]
+    # Batch-sharded as the update expects (XLA may leave a scoring output replicated, e.g. for
+    # 24 rows on a (4, 1, 2) mesh); a no-op when it already is.
+    state, update_metrics = self.update(state, jax.device_put(rollout, self.rollout_sharding))
+    return state, {
+        "out": r["out"],
+        "reward": r["reward"],
+        "scores": r["scores"],
+        "eos_found": r["found"],
+        "sequence_kl": adv["sequence_kl"],
+        "update": update_metrics,
+        "dynamic": dynamic,
+    }
+
+  def _rollout(
+      self, state, reference, reward_params, prompt_tokens, prompt_mask, unsafe, rng, text_reward
+  ) -> dict:
+    """K samples of each prompt, their log-probs, values, scores and rewards: every array [B =
+    prompts x K, ...] (rows b K .. b K + K - 1 are prompt b's)."""
     cfg, k = self.cfg, self.cfg.samples_per_prompt
-    # K samples of each prompt, the prompt prefilled once; rows b K .. b K + K - 1 are prompt b's.
-    out = self.sampler(
+    out = self.sampler(  # the prompt prefilled once for its K samples
         state.params["policy"],
         prompt_tokens,
         prompt_mask,
@@ -352,34 +396,60 @@ class _Iteration:
     reward = self.reward_fn(scores, unsafe) if self.reward_fn is not None else 0.0
     if text_reward is not None:
       reward = reward + jnp.asarray(text_reward(out), jnp.float32)
-    found = ppo_rollout.eos_found(out, self.eos_id)
-    adv = self.advantages(
-        sampled_logp,
-        ref_logp,
-        values,
-        self.baseline(reward),
-        batch["response_mask"],
-        found,
-        jnp.float32(beta),
-    )
-    rollout = {**batch, "advantages": adv["advantages"]}
-    if not self.single_update:
-      rollout["old_logp"] = old_logp
-    if self.estimator == "gae":
-      rollout.update(old_values=values, returns=adv["returns"])
-    elif self.estimator == "grpo":  # its KL term is in the loss
-      rollout["ref_logp"] = ref_logp
-    # Batch-sharded as the update expects (XLA may leave a scoring output replicated, e.g. for
-    # 24 rows on a (4, 1, 2) mesh); a no-op when it already is.
-    state, update_metrics = self.update(state, jax.device_put(rollout, self.rollout_sharding))
-    return state, {
+    return {
+        "batch": batch,
         "out": out,
-        "reward": reward,
+        "old_logp": old_logp,
+        "sampled_logp": sampled_logp,
+        "ref_logp": ref_logp,
+        "values": values,
         "scores": scores,
-        "eos_found": found,
-        "sequence_kl": adv["sequence_kl"],
-        "update": update_metrics,
+        "reward": jnp.asarray(reward, jnp.float32),
+        "found": ppo_rollout.eos_found(out, self.eos_id),
     }
+
+  def _dynamic_batch(self, r, state, reference, reward_params, rng, refill) -> tuple[dict, dict]:
+    """DAPO's dynamic sampling: keep the groups whose K rewards are not all equal (the others
+    have zero advantage and no gradient), sample further batches of prompts (`refill`) until as
+    many groups as the batch holds are kept or `cfg.dynamic_sampling_rounds` rollouts are done,
+    then fill what is still missing with dropped groups (zero advantage: shapes stay fixed).
+    Returns (the rollout of the chosen groups, {"rounds", "kept": kept groups / sampled groups,
+    "filled": groups filled with equal rewards, "groups": [(rollout, group)] chosen})."""
+    k = self.cfg.samples_per_prompt
+    groups = int(r["reward"].shape[0]) // k
+    rollouts, kept, dropped = [r], [], []
+
+    def sort(index: int, rollout: dict) -> None:
+      rewards = np.asarray(rollout["reward"]).reshape(groups, k)
+      varied = rewards.max(axis=1) - rewards.min(axis=1) > 1e-6
+      kept.extend((index, g) for g in np.flatnonzero(varied))
+      dropped.extend((index, g) for g in np.flatnonzero(~varied))
+
+    sort(0, r)
+    while len(kept) < groups and len(rollouts) < self.cfg.dynamic_sampling_rounds:
+      prompt_tokens, prompt_mask, unsafe, text_reward = refill()
+      more = self._rollout(
+          state,
+          reference,
+          reward_params,
+          prompt_tokens,
+          prompt_mask,
+          unsafe,
+          jax.random.fold_in(rng, len(rollouts)),
+          text_reward,
+      )
+      rollouts.append(more)
+      sort(len(rollouts) - 1, more)
+    chosen = (kept + dropped)[:groups]
+    stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *rollouts)
+    rows = np.asarray([(i * groups + g) * k + j for i, g in chosen for j in range(k)])
+    info = {
+        "rounds": len(rollouts),
+        "kept": len(kept) / (groups * len(rollouts)),
+        "filled": max(0, groups - len(kept)),
+        "groups": chosen,
+    }
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), stacked), info
 
 
 def _update_fn(
@@ -517,6 +587,11 @@ def check_policy_loss_config(p: ml_collections.ConfigDict, estimator: str) -> No
     raise ConfigError(
         "config.ppo.importance_level='sequence' (GSPO) weighs a whole sample by one ratio, which "
         "needs one advantage per sample: use it with algorithm 'grpo' or 'rloo'"
+    )
+  if p.dynamic_sampling and estimator == "gae":
+    raise ConfigError(
+        "config.ppo.dynamic_sampling=True drops groups of a prompt's samples whose rewards are "
+        "all equal: use it with algorithm 'grpo' or 'rloo'"
     )
   if p.overlong_buffer > p.max_new_tokens:
     raise ConfigError(
@@ -892,7 +967,9 @@ def run_iterations(config: ml_collections.ConfigDict, workdir: str, loop: Loop, 
       if loop.eval_tasks and start == 0:
         run.writer.write(0, loop.held_out(config, state.params["policy"]), prefix="eval")
       for iteration in range(start, end):
-        state, row = ppo_iteration(config, loop, state, next(stream), iteration, beta)
+        state, row = ppo_iteration(
+            config, loop, state, next(stream), iteration, beta, more=lambda: next(stream)
+        )
         beta = row["beta"]
         run.writer.write(iteration + 1, row, prefix="ppo")
         if loop.eval_tasks and (
@@ -923,14 +1000,33 @@ def run_iterations(config: ml_collections.ConfigDict, workdir: str, loop: Loop, 
   return state, end, beta
 
 
-def ppo_iteration(config, loop: Loop, state, records: list[dict], iteration: int, beta: float):
+def ppo_iteration(
+    config,
+    loop: Loop,
+    state,
+    records: list[dict],
+    iteration: int,
+    beta: float,
+    more: Callable[[], list[dict]] | None = None,
+):
   """One iteration on a batch of prompt records: rollout, rewards, the updates (`loop.iterate`),
-  then the adaptive KL coefficient. -> (state, the iteration's metrics row, its "beta" the next
-  iteration's)."""
+  then the adaptive KL coefficient. more() -> the next batch of prompt records, for DAPO's
+  dynamic sampling (`config.ppo.dynamic_sampling`). -> (state, the iteration's metrics row, its
+  "beta" the next iteration's)."""
   p, tokenizer = config.ppo, loop.tokenizer
   rng = jax.random.fold_in(jax.random.key(config.seed), iteration)
-  prompt_tokens, prompt_mask = ppo_rollout.encode_prompts(tokenizer, records, p.max_prompt_len)
-  unsafe = np.asarray([bool(r.get("unsafe", False)) for r in records])
+  batches = [records]
+
+  def prepare(batch: list[dict]):
+    prompt_tokens, prompt_mask = ppo_rollout.encode_prompts(tokenizer, batch, p.max_prompt_len)
+    unsafe = np.asarray([bool(r.get("unsafe", False)) for r in batch])
+    return prompt_tokens, prompt_mask, unsafe, loop.text_reward(config, batch, iteration)
+
+  def refill():
+    batches.append(more())
+    return prepare(batches[-1])
+
+  prompt_tokens, prompt_mask, unsafe, text_reward = prepare(records)
   state, info = loop.iterate(
       state,
       loop.models.reference_of(state.params["policy"]),
@@ -940,8 +1036,12 @@ def ppo_iteration(config, loop: Loop, state, records: list[dict], iteration: int
       unsafe,
       rng,
       beta,
-      text_reward=loop.text_reward(config, records, iteration),
+      text_reward=text_reward,
+      refill=refill if more is not None and p.dynamic_sampling else None,
   )
+  dynamic = info["dynamic"]
+  if dynamic is not None:  # the groups trained on, from whichever batch each came
+    records = [batches[i][g] for i, g in dynamic["groups"]]
   out, reward, found = info["out"], info["reward"], info["eos_found"]
   observed_kl = float(jnp.mean(info["sequence_kl"]))
   if p.kl.adaptive:
@@ -953,6 +1053,11 @@ def ppo_iteration(config, loop: Loop, state, records: list[dict], iteration: int
     )
   rows_records = [r for r in records for _ in range(p.samples_per_prompt)]  # as the rollout
   row = {
+      **(
+          {f"dynamic_{k}": float(dynamic[k]) for k in ("rounds", "kept", "filled")}
+          if dynamic is not None
+          else {}
+      ),
       "reward": float(jnp.mean(reward)),
       "kl": observed_kl,
       "beta": beta,

@@ -237,6 +237,11 @@ def base_config(algorithm: str = "") -> ml_collections.ConfigDict:
           # overlong_buffer tokens, then down to -overlong_penalty at max_new_tokens (0 = off).
           overlong_buffer=0,
           overlong_penalty=1.0,
+          # DAPO's dynamic sampling (GRPO / RLOO): groups whose rewards are all equal (no
+          # gradient) are dropped and further prompts sampled until the batch is full, at most
+          # dynamic_sampling_rounds rollouts per iteration (then filled with dropped groups).
+          dynamic_sampling=False,
+          dynamic_sampling_rounds=4,
           value_clip_eps=0.2,
           vf_coef=0.1,
           entropy_coef=0.0,

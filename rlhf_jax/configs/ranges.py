@@ -77,7 +77,8 @@ RULES: dict[str, Range] = {
     # Counts, sizes, steps and intervals.
     **dict.fromkeys(
         (
-            "accum_steps batch_prompts batch_size checkpoint_every comparisons_per_row embed_dim "
+            "accum_steps batch_prompts batch_size checkpoint_every comparisons_per_row "
+            "dynamic_sampling_rounds embed_dim "
             "epochs eval_batches grow_steps iterations judge_batch_size keep_checkpoints log_every "
             "max_new_tokens max_nonfinite_steps max_prompt_len max_seq_len minibatches mlp_dim "
             "n_revisions num_heads num_kv_heads num_layers prompts_per_grow prompts_per_iteration "

@@ -165,8 +165,14 @@ def ppo_stage(
 GROUP_VARIANTS = {
     "grpo": {},
     # DAPO (Yu et al. 2025): clip-higher, token-level loss, soft overlong punishment (the last 8
-    # tokens of the 48-token budget), no KL term.
-    "dapo": dict(clip_eps_high=0.28, overlong_buffer=8, overlong_penalty=1.0, kl=dict(beta=0.0)),
+    # tokens of the 48-token budget), dynamic sampling, no KL term.
+    "dapo": dict(
+        clip_eps_high=0.28,
+        overlong_buffer=8,
+        overlong_penalty=1.0,
+        dynamic_sampling=True,
+        kl=dict(beta=0.0),
+    ),
     # Dr. GRPO (Liu et al. 2025): no std scaling, token sums over the fixed budget.
     "dr_grpo": dict(scale_rewards=False, loss_aggregation="seq-mean-token-sum-norm"),
     # GSPO (Zheng et al. 2025): one length-normalised ratio per sample, clipped to its paper's

@@ -197,3 +197,43 @@ def test_grpo_driver_logs_exports_the_policy_alone_and_resumes(
   config.ppo.iterations = 3
   assert ppo.train(config, str(workdir))["iterations"] == 3
   assert [r["step"] for r in metrics.read_jsonl(workdir / "metrics.jsonl")] == [1, 2, 3]
+
+
+PARITY = """
+def parity(prompts, completions, family, **_):
+  # Constant on arithmetic prompts (their groups hold no signal), varied elsewhere.
+  return [0.0 if f == "arithmetic" else float(len(c) % 2) for c, f in zip(completions, family)]
+"""
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_refills_the_batch_and_resumes_bit_identically(
+    tmp_path, exports, tokenizer_dir, compilation_cache
+):
+  """GRPO with DAPO's dynamic sampling on a reward that is constant on arithmetic prompts: those
+  groups are dropped and further prompts sampled; a run stopped after iteration 2 and resumed
+  ends where an uninterrupted run does (the prompt stream's extra batches are in the checkpoint)."""
+  fns = tmp_path / "parity.py"
+  fns.write_text(PARITY)
+
+  def config():
+    c = group_config(exports, tokenizer_dir, "grpo", iterations=3)
+    c.ppo.update(dynamic_sampling=True, dynamic_sampling_rounds=3)
+    c.ppo.reward.update(helpful="", functions=(f"{fns}:parity",))
+    return c
+
+  straight = tmp_path / "straight"
+  ppo.train(config(), str(straight))
+  rows = metrics.read_jsonl(straight / "metrics.jsonl")
+  assert all(1 <= r["ppo/dynamic_rounds"] <= 3 for r in rows)
+  assert any(r["ppo/dynamic_kept"] < 1.0 for r in rows)  # some groups were constant
+  assert all(r["ppo/dynamic_rounds"] > 1 or r["ppo/dynamic_kept"] == 1.0 for r in rows)
+  stopped = tmp_path / "stopped"
+  c = config()
+  c.train.stop_after_steps = 2
+  ppo.train(c, str(stopped))
+  assert [r["step"] for r in metrics.read_jsonl(stopped / "metrics.jsonl")] == [1, 2]
+  ppo.train(config(), str(stopped))
+  a, _ = checkpoint.load_params(straight / "export")
+  b, _ = checkpoint.load_params(stopped / "export")
+  jax.tree.map(np.testing.assert_array_equal, a, b)

@@ -92,6 +92,7 @@ def test_group_advantages_match_a_numpy_loop(estimator, scale):
         ("grpo", dict(importance_level="group"), r"config.ppo.importance_level='group'"),
         ("ppo", dict(importance_level="sequence"), r"'sequence' \(GSPO\) .* 'grpo' or 'rloo'"),
         ("grpo", dict(overlong_buffer=100), r"config.ppo.overlong_buffer=100 exceeds"),
+        ("ppo", dict(dynamic_sampling=True), r"dynamic_sampling=True .* 'grpo' or 'rloo'"),
     ],
 )
 def test_group_config_errors_come_before_any_model_loads(tmp_path, algorithm, update, match):
@@ -150,3 +151,48 @@ def test_group_advantages_sharded_over_8_devices_equal_unsharded():
   got = fn(*(put(x) for x in (old, ref, reward, mask, found)), jnp.float32(0.1))
   for key in want:
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_dynamic_sampling_keeps_groups_whose_rewards_differ():
+  """DAPO's dynamic sampling on stub rollouts of 3 prompts x 2 samples: groups with equal rewards
+  are dropped, further batches sampled until 3 groups differ (or the rounds run out, then the
+  dropped ones fill the batch), and every array is gathered by the chosen rows."""
+  from types import SimpleNamespace
+
+  # Rewards of successive rollouts: group rewards (a, b) per prompt; equal = no gradient.
+  batches = [
+      [(1.0, 1.0), (0.0, 1.0), (2.0, 2.0)],  # keeps group 1
+      [(0.5, 0.5), (3.0, 1.0), (4.0, 4.0)],  # keeps group 1
+      [(7.0, 8.0), (9.0, 9.0), (6.0, 5.0)],  # keeps groups 0 and 2 (one needed)
+  ]
+
+  def rollout(index):
+    reward = jnp.asarray(batches[index], jnp.float32).reshape(-1)
+    return {"reward": reward, "tag": jnp.full((6, 2), index), "values": None}
+
+  calls = []
+
+  def fake(rounds):
+    def _rollout(*args):
+      calls.append(args)
+      return rollout(len(calls))
+
+    return SimpleNamespace(
+        cfg=ppo_cfg(samples_per_prompt=2, dynamic_sampling=True, dynamic_sampling_rounds=rounds),
+        _rollout=_rollout,
+    )
+
+  r, info = ppo._Iteration._dynamic_batch(
+      fake(4), rollout(0), None, None, None, jax.random.key(0), lambda: (None, None, None, None)
+  )
+  assert info["rounds"] == 3 and info["filled"] == 0 and info["groups"] == [(0, 1), (1, 1), (2, 0)]
+  np.testing.assert_array_equal(r["reward"], [0.0, 1.0, 3.0, 1.0, 7.0, 8.0])
+  np.testing.assert_array_equal(r["tag"][:, 0], [0, 0, 1, 1, 2, 2])
+  assert r["values"] is None and info["kept"] == pytest.approx(4 / 9)
+  calls.clear()
+  r, info = ppo._Iteration._dynamic_batch(
+      fake(2), rollout(0), None, None, None, jax.random.key(0), lambda: (None, None, None, None)
+  )  # two rollouts: two groups differ, one dropped group fills the batch
+  assert info["rounds"] == 2 and info["filled"] == 1
+  assert info["groups"] == [(0, 1), (1, 1), (0, 0)]
+  np.testing.assert_array_equal(r["reward"], [0.0, 1.0, 3.0, 1.0, 1.0, 1.0])
