@@ -478,6 +478,8 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
   # each against the round before it).
   # skip: trained stages the gold table does not sample (a stage started from one of them gets
   # its KL, not a win rate). best_of_n_prompts: the first N held-out tasks (0 = all).
+  # best_of_n_functions: reward functions ("pkg.module:fn" or "file.py:fn") that also pick a best
+  # of n each, beside the reward models (algorithms/reward_functions.py).
   c.eval = ml_collections.ConfigDict(
       dict(
           split="eval",
@@ -491,6 +493,7 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
           best_of_n_prompts=0,
           reward_records=0,
           best_of_n_policy="",
+          best_of_n_functions=(),
           temperatures=(1.0, 0.85, 0.7, 0.5),
           temperature_prompts=0,
           rewards=True,

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import data, sharding
-from rlhf_jax.algorithms import common, ppo_rollout, rejection_sampling, reward
+from rlhf_jax.algorithms import common, ppo_rollout, rejection_sampling, reward, reward_functions
 from rlhf_jax.data import files
 from rlhf_jax.evaluation import plots, reward_metrics
 from rlhf_jax.losses import reward as reward_losses
@@ -96,6 +96,7 @@ def best_of_n_report(
     rng,
     max_prompt_len: int = 128,
     batch_prompts: int = 32,
+    functions: reward_functions.RewardFunctions = reward_functions.NONE,
 ) -> dict:
   """{"n": ns, "kl": [...], "prompts", "mean": {...}, "oracle": {...}, reward name:
   {"combined" [..], "helpfulness" [..], "safety" [..], "within_prompt_corr": {family: r}}}: gold
@@ -105,7 +106,8 @@ def best_of_n_report(
   each sample (`LIKELIHOOD`), the selection a confident policy makes without any reward model.
 
   rms: {model name: RewardModel}; rewards: {reward name: (RewardSpec, {spec role: model name})},
-  e.g. {"combined": (spec, {"helpful": "rm_helpful", "safety": "rm_safety"})}.
+  e.g. {"combined": (spec, {"helpful": "rm_helpful", "safety": "rm_safety"})}; functions: reward
+  functions, each a reward of its own (named as configured).
   """
   k = max(ns)
   samples = rejection_sampling.best_of_k(
@@ -159,6 +161,12 @@ def best_of_n_report(
   for name, (spec, roles) in rewards.items():
     scores = {role: np.stack([s["scores"][roles[role]] for s in samples]) for role in spec.names}
     out[name] = curve(np.asarray(spec(scores, unsafe)))
+  if functions:
+    per_function = functions.scores(
+        [s["record"] for s in samples for _ in range(k)], [t for s in samples for t in s["texts"]]
+    )
+    for name, values in per_function.items():
+      out[name] = curve(values.reshape(len(samples), k))
   # No reward model: the policy's own mean log-prob of each sample (at the sampling temperature).
   out[LIKELIHOOD] = curve(np.stack([s["mean_logprob"] for s in samples]))
   return out
@@ -247,6 +255,10 @@ def evaluate_reward_stages(
         max_new_tokens=e.max_new_tokens,
         temperature=e.temperature,
         rng=jax.random.key(config.seed + 1),
+        functions=reward_functions.from_config(
+            ml_collections.ConfigDict({"functions": tuple(e.get("best_of_n_functions", ()))}),
+            key="config.eval.best_of_n",
+        ),
     )
     results["best_of_n"] = {"policy": policy_export, **report}
   out_dir = os.path.join(workdir, "eval")

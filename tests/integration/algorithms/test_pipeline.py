@@ -33,6 +33,9 @@ def shrink(c, stage: str, steps: int, seq_len: int) -> None:
   )
 
 
+GOLD_FUNCTION = "rlhf_jax.toyworld.verifiers:gold"
+
+
 def tiny_pipeline_config(name: str = "toy_quickstart"):
   c = experiment_config(name)
   c.mesh.shape = (2, 2, 2)
@@ -74,6 +77,7 @@ def tiny_pipeline_config(name: str = "toy_quickstart"):
       best_of_n=(1, 2, 4),
       temperatures=(1.0, 0.5),
       best_of_n_prompts=16,
+      best_of_n_functions=(GOLD_FUNCTION,),
   )
   return c
 
@@ -190,6 +194,8 @@ def test_quickstart_pipeline_runs_and_caches_stages(tmp_path, capsys):
   oracle = best_of_n["oracle_curve"]["combined"]
   assert oracle[0] == pytest.approx(best_of_n["mean"]["combined"])
   assert np.all(np.diff(oracle) >= -1e-12)  # never falls with n (equal steps differ by rounding)
+  # A reward function picks too: the gold function's best of n is the oracle's.
+  np.testing.assert_allclose(best_of_n[GOLD_FUNCTION]["combined"], oracle, atol=1e-12)
   for name in ("rm_helpful", "rm_safety", "combined (llama2)", reward_eval.LIKELIHOOD):
     curve = best_of_n[name]["combined"]
     assert curve[0] == pytest.approx(best_of_n["mean"]["combined"])
