@@ -46,6 +46,7 @@ from rlhf_jax.evaluation import gold as gold_eval
 from rlhf_jax.losses import kl as kl_losses
 from rlhf_jax.losses import ppo as ppo_losses
 from rlhf_jax.models import ModelConfig, abstract_model, lora
+from rlhf_jax.toyworld import verifiers
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.train import (
     check_nonfinite,
@@ -617,9 +618,7 @@ def check_config(config: ml_collections.ConfigDict) -> str:
     )
   check_group_config(config, estimator)
   check_policy_loss_config(p, estimator)
-  if reward_functions.from_config(p.reward, key="config.ppo.reward") and (
-      p.reward.judge or p.reward.gold
-  ):
+  if p.reward.get("functions") and (p.reward.judge or p.reward.gold):
     raise ConfigError(
         "config.ppo.reward.functions is set beside config.ppo.reward."
         f"{'judge' if p.reward.judge else 'gold'}: choose one reward (the gold reward is also "
@@ -769,15 +768,20 @@ def build_models(
 
 
 def build_reward(
-    config: ml_collections.ConfigDict, mesh, tokenizer, prompts: list[dict], models: Models, workdir
+    config: ml_collections.ConfigDict,
+    mesh,
+    tokenizer,
+    prompts: list[dict],
+    models: Models,
+    workdir,
+    functions: reward_functions.RewardFunctions = reward_functions.NONE,
 ):
   """(reward models {name: RewardModel}, their RewardSpec, a reward of the decoded texts or None):
   an AI judge's (direct RLAIF), the toy world's gold (no models), or the reward models'
   combination, whitened by their scores on the start policy's samples
-  (`config.ppo.reward.normalize`), and/or the reward functions `config.ppo.reward.functions`
-  (added to the models' reward; `function_reward`)."""
+  (`config.ppo.reward.normalize`), and/or the reward `functions` loaded from
+  `config.ppo.reward.functions` (added to the models' reward; `function_reward`)."""
   p = config.ppo
-  functions = reward_functions.from_config(p.reward, key="config.ppo.reward")
   if p.reward.judge:  # direct RLAIF: the AI judge compares each prompt's samples
     return {}, None, ai_feedback.judge_reward_fn(p, mesh, tokenizer, seed=config.seed)
   if p.reward.gold:  # the toy world's gold reward instead of reward models
@@ -786,7 +790,8 @@ def build_reward(
           f"config.ppo.reward.gold=True needs toy-world task records in "
           f"{config.data.source} (with 'family' and 'answer'); these prompts have none"
       )
-    return {}, None, None
+    functions = reward_functions.RewardFunctions((verifiers.gold,), (1.0,), ("gold",))
+    return {}, None, function_reward(functions, tokenizer, p.samples_per_prompt)
   rms = ppo_rollout.load_reward_models(
       p.reward, mesh, key="config.ppo.reward", dtype=p.frozen_dtype
   )
@@ -835,6 +840,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = common.start_run(config, workdir, train_batch=False)
   p = config.ppo
   estimator = check_config(config)
+  functions = reward_functions.from_config(p.reward, key="config.ppo.reward")  # before any model
   rows = p.prompts_per_iteration * p.samples_per_prompt
   sharding.check_batch_size(rows // p.minibatches // p.accum_steps, mesh)
   tokenizer_dir = config.data.tokenizer or checkpoint.read_export_metadata(config.init_from).get(
@@ -844,7 +850,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   prompts = load_prompts(config.data.source)
   eval_tasks = load_eval_tasks(config)
   models = build_models(config, mesh, len(tokenizer), estimator)
-  rms, spec, text_reward_fn = build_reward(config, mesh, tokenizer, prompts, models, workdir)
+  rms, spec, text_reward_fn = build_reward(
+      config, mesh, tokenizer, prompts, models, workdir, functions
+  )
   total_steps = p.iterations * p.epochs * p.minibatches
   trainable = lora.trainable_mask if models.policy_cfg.lora_rank else None
   optimizer, _ = make_optimizer(config.optim, total_steps, trainable=trainable)
@@ -924,20 +932,12 @@ class Loop:
     )
     return {k: result["overall"][k] for k in ("combined", "helpfulness", "safety", "kl", "length")}
 
-  def text_reward(self, config, records: list[dict], iteration: int) -> Callable | None:
+  def text_reward(self, records: list[dict], iteration: int) -> Callable | None:
     """A reward of the decoded responses (judge, reward functions or gold; added to the reward
     models' where there are any), or None."""
-    if self.text_reward_fn is not None:
-      return functools.partial(self.text_reward_fn, records, iteration=iteration)
-    if not config.ppo.reward.gold:
+    if self.text_reward_fn is None:
       return None
-    rows = [r for r in records for _ in range(config.ppo.samples_per_prompt)]
-    return lambda out: np.asarray(
-        [
-            world_lib.gold_scores(r, text)["combined"]
-            for r, text in zip(rows, ppo_rollout.decode_responses(self.tokenizer, out))
-        ]
-    )
+    return functools.partial(self.text_reward_fn, records, iteration=iteration)
 
 
 def run_iterations(config: ml_collections.ConfigDict, workdir: str, loop: Loop, state, shardings):
@@ -1020,7 +1020,7 @@ def ppo_iteration(
   def prepare(batch: list[dict]):
     prompt_tokens, prompt_mask = ppo_rollout.encode_prompts(tokenizer, batch, p.max_prompt_len)
     unsafe = np.asarray([bool(r.get("unsafe", False)) for r in batch])
-    return prompt_tokens, prompt_mask, unsafe, loop.text_reward(config, batch, iteration)
+    return prompt_tokens, prompt_mask, unsafe, loop.text_reward(batch, iteration)
 
   def refill():
     batches.append(more())

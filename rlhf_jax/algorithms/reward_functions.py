@@ -170,10 +170,15 @@ def _at_fault(name, fn, prompts, completions, fields, error: Exception) -> Rewar
 def from_config(cfg, *, key: str) -> RewardFunctions:
   """The reward functions of a reward config block (`cfg.functions`, `cfg.function_weights`);
   `key` names the block in errors ("config.ppo.reward"). Empty when none are named."""
-  if isinstance(cfg.get("functions", ()), str):
-    raise ConfigError(f"{key}.functions={cfg.functions!r}: give a list, e.g. ('my_module:score',)")
-  specs = tuple(cfg.get("functions", ()) or ())
-  weights = tuple(cfg.get("function_weights", ()) or ())
+  return load(cfg.get("functions", ()), cfg.get("function_weights", ()), key=key)
+
+
+def load(specs: Sequence[str], weights: Sequence[float] = (), *, key: str) -> RewardFunctions:
+  """The reward functions `specs` names, weighted by `weights` (empty: 1 each); `key` names their
+  config block in errors (`{key}.functions`, `{key}.function_weights`)."""
+  if isinstance(specs, str):
+    raise ConfigError(f"{key}.functions={specs!r}: give a list, e.g. ('my_module:score',)")
+  specs, weights = tuple(specs or ()), tuple(weights or ())
   if weights and len(weights) != len(specs):
     raise ConfigError(
         f"{key}.function_weights has {len(weights)} entries for {len(specs)} functions; give one "

@@ -255,9 +255,8 @@ def evaluate_reward_stages(
         max_new_tokens=e.max_new_tokens,
         temperature=e.temperature,
         rng=jax.random.key(config.seed + 1),
-        functions=reward_functions.from_config(
-            ml_collections.ConfigDict({"functions": tuple(e.get("best_of_n_functions", ()))}),
-            key="config.eval.best_of_n",
+        functions=reward_functions.load(
+            e.get("best_of_n_functions", ()), key="config.eval.best_of_n"
         ),
     )
     results["best_of_n"] = {"policy": policy_export, **report}

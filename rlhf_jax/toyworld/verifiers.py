@@ -75,10 +75,12 @@ def gold(
     *,
     family: Sequence[str],
     answer: Sequence[str],
-    info: Sequence[dict],
+    info: Sequence[dict] | None = None,
     unsafe: Sequence[bool] | None = None,
     **_,
 ) -> list[float]:
-  """The world's combined gold score of each completion (an oracle reward)."""
+  """The world's combined gold score of each completion (an oracle reward; PPO's
+  `reward.gold=True` is this function)."""
+  info = info if info is not None else [None] * len(prompts)
   tasks = _tasks(prompts, family, answer, info, unsafe)
   return [gold_scores(t, c)["combined"] for t, c in zip(tasks, completions)]
