@@ -682,13 +682,18 @@ def measured(bench_fn, *args, **kwargs) -> dict:
 
   The start is the high-water mark just after the reset, not VmRSS: the kernel keeps its RSS
   counters per CPU and reads them approximately, so a VmRSS read can exceed a later VmHWM by a few
-  pages; two reads of the same mark are ordered (it only rises until the next reset)."""
+  pages. Nor is the mark itself monotone between reads: the kernel reports max(its stored mark,
+  the current RSS) but stores the mark only at some events (unmapping, exit), so a read taken
+  while RSS is high can exceed a later one after memory was freed (a clean-clone CI run saw it).
+  The window's peak is therefore the larger of the two reads: the process held `start` bytes
+  inside it."""
   reset_peak_memory()
   start = _proc_status_bytes("VmHWM")
   record = bench_fn(*args, **kwargs)
   record.update(peak_memory())
   if "peak_rss_bytes" in record and start is not None:
     record["rss_start_bytes"] = start
+    record["peak_rss_bytes"] = max(record["peak_rss_bytes"], start)
   return record
 
 

@@ -120,6 +120,14 @@ def test_peak_memory_reads_the_host_high_water_mark(monkeypatch, tmp_path):
   assert clear.read_text() == "5"  # the kernel's "reset the peak RSS" request
   # The start is the mark when the window opened (VmHWM), the peak the mark when it closed.
   assert record == {"x": 1, "peak_rss_bytes": 2048 * 1024, "rss_start_bytes": 1024 * 1024}
+
+  def freeing_fn():  # the mark read lower at the end than at the start (memory freed meanwhile)
+    status.write_text("Name:\tpython\nVmHWM:\t  900 kB\nVmRSS:\t  900 kB\n")
+    return {"x": 2}
+
+  status.write_text("Name:\tpython\nVmHWM:\t  1024 kB\nVmRSS:\t  1000 kB\n")
+  record = bench.measured(freeing_fn)
+  assert record == {"x": 2, "peak_rss_bytes": 1024 * 1024, "rss_start_bytes": 1024 * 1024}
   status.unlink()  # not Linux: nothing to report, nothing raised
   monkeypatch.setattr(bench, "_PROC_CLEAR_REFS", str(tmp_path / "missing" / "clear_refs"))
   assert bench.measured(lambda: {"x": 1}) == {"x": 1}
