@@ -21,3 +21,10 @@ class DamagedFileError(ConfigError):
 class ConfigPathError(ConfigError, FileNotFoundError):
   """A file or directory a config key names is missing, or lacks the files the key needs. Also a
   FileNotFoundError, which code that probes for an optional path catches."""
+
+
+class ToolArgumentError(ValueError):
+  """A tool (algorithms/environments.py) was called with arguments it cannot use ("seven * 2" for
+  a calculator): the model's mistake, not the tool's. The environment turns it into an error
+  observation the model reads; any other exception a tool raises stops the run, naming the tool
+  and the record."""
