@@ -56,6 +56,16 @@ class GenerateOutput(NamedTuple):
   mask: Array
   lengths: Array
   base_logprobs: Array | None = None
+  tool_mask: Array | None = None  # [B, N] bool, multi-turn rollouts: tokens the environment wrote
+
+
+def model_mask(out: GenerateOutput) -> Array:
+  """[B, N] bool: the response tokens the model chose (`out.mask` less `out.tool_mask`, the tool
+  messages and turn headers an environment wrote into a multi-turn rollout). What losses, KL and
+  log-prob sums count."""
+  if out.tool_mask is None:
+    return out.mask
+  return jnp.logical_and(out.mask, jnp.logical_not(out.tool_mask))
 
 
 # --- sampling ------------------------------------------------------------------------------------
@@ -177,6 +187,34 @@ def _grow_cache(cache: KVCache, slots: int) -> KVCache:
   )
 
 
+def _prefill(
+    model, layers, prompt_tokens: Array, prompt_mask: Array, slots: int, samples: int
+) -> tuple[KVCache, Array, Array]:
+  """Writes all prompt columns but the last into a fresh per-layer cache of `slots` slots (the
+  decode loop feeds the last one like a sampled token), each prompt once, then repeats each row
+  `samples` times. Returns (cache, last prompt token [B K], its position [B K]: -1 for an empty
+  prompt)."""
+  prompts, prompt_len = prompt_tokens.shape
+  cache = _constrain_cache(init_cache(model.cfg, prompts, slots, per_layer=True))
+  if prompt_len > 1:
+    context = prompt_mask[:, :-1]
+    _, cache = model.hidden_states(
+        prompt_tokens[:, :-1],
+        positions_from_mask(context),
+        context.astype(jnp.int32),
+        cache,
+        layers,
+    )
+  last_token = prompt_tokens[:, -1]
+  last_position = prompt_mask.sum(axis=1).astype(jnp.int32) - 1  # of the last prompt token
+  if samples > 1:
+    cache = _repeat_rows(cache, samples)
+    last_token, last_position = (
+        jnp.repeat(x, samples, axis=0) for x in (last_token, last_position)
+    )
+  return cache, last_token, last_position
+
+
 def _decode(
     graphdef: nnx.GraphDef,
     params,
@@ -230,23 +268,9 @@ def _decode(
       * jnp.dtype(cfg.dtype).itemsize
   )
   ends = decode_phases(n, cache_bytes)
-  cache = _constrain_cache(init_cache(cfg, prompts, prompt_len - 1 + ends[0], per_layer=True))
-  if prompt_len > 1:
-    context = prompt_mask[:, :-1]
-    _, cache = model.hidden_states(
-        prompt_tokens[:, :-1],
-        positions_from_mask(context),
-        context.astype(jnp.int32),
-        cache,
-        layers,
-    )
-  last_token = prompt_tokens[:, -1]
-  last_position = prompt_mask.sum(axis=1).astype(jnp.int32) - 1  # of the last prompt token
-  if samples > 1:
-    cache = _repeat_rows(cache, samples)
-    last_token, last_position = (
-        jnp.repeat(x, samples, axis=0) for x in (last_token, last_position)
-    )
+  cache, last_token, last_position = _prefill(
+      model, layers, prompt_tokens, prompt_mask, prompt_len - 1 + ends[0], samples
+  )
 
   def body(state: _LoopState) -> _LoopState:
     positions = jnp.maximum(last_position + state.step, 0)[:, None]
@@ -304,6 +328,228 @@ def _decode(
     state = jax.lax.while_loop(lambda s, end=end: (s.step < end) & ~jnp.all(s.done), body, state)
   mask = jnp.arange(n)[None, :] < state.lengths[:, None]
   return GenerateOutput(state.tokens, state.logprobs, mask, state.lengths, state.base_logprobs)
+
+
+# --- multi-turn decoding (tool calls): a loop that pauses and resumes on its KV cache ------------
+
+
+class TurnState(NamedTuple):
+  """The decode state of a multi-turn rollout between its turns (device arrays, `TurnSampler`).
+
+  Rows decode until they emit EOS (done) or a tool-call stop token (paused); the host then runs
+  the tools and queues each paused row's tool message, which the next `resume` feeds through the
+  model before the row samples again, so nothing is prefilled twice. A row's tokens are written
+  at its own length (no gaps); the cache's slots are shared steps, and a step in which a row is
+  not live writes an empty slot (segment 0) that its later tokens never attend to.
+
+  step: [] int32 steps run (cache slots used after the prefill); last: [B] the token to feed
+  next; last_position: [B] the last prompt token's position (-1: an empty prompt);
+  tokens / logprobs / base_logprobs: [B, N]; forced: [B, N] bool, tokens taken from the queue;
+  lengths: [B] tokens written; done, paused: [B] bool; queue: [B, F] int32 tokens to feed
+  before sampling again, queue_len / queue_pos: [B] int32.
+  """
+
+  step: Array
+  last: Array
+  last_position: Array
+  cache: KVCache
+  tokens: Array
+  logprobs: Array
+  base_logprobs: Array
+  forced: Array
+  lengths: Array
+  done: Array
+  paused: Array
+  queue: Array
+  queue_len: Array
+  queue_pos: Array
+
+
+def _turn_loop(
+    graphdef,
+    params,
+    layers,
+    state: TurnState,
+    rng: Array,
+    temperature: Array,
+    eos_ids: Array,
+    stop_ids: Array,
+    pad_id: Array,
+    *,
+    max_steps: int,
+    top_k: int,
+    top_p: float,
+) -> TurnState:
+  """Decodes until every row is done or paused, or `max_steps` steps (the cache's slots) ran."""
+  batch, n = state.tokens.shape
+  queue_size = state.queue.shape[1]
+  columns = jnp.arange(n)[None, :]
+
+  def live_rows(s: TurnState) -> Array:
+    return ~(s.done | s.paused)
+
+  def body(s: TurnState) -> TurnState:
+    live = live_rows(s)
+    # A row feeds `last` at its own position; a row that is not live writes an empty slot.
+    positions = jnp.maximum(s.last_position + s.lengths, 0)[:, None]
+    logits, cache = apply(
+        graphdef,
+        params,
+        s.last[:, None],
+        positions,
+        live.astype(jnp.int32)[:, None],
+        s.cache,
+        layers,
+    )
+    logits = logits[:, 0]
+    sampled = sample_token(
+        logits, jax.random.fold_in(rng, s.step), temperature=temperature, top_k=top_k, top_p=top_p
+    )
+    forced = s.queue_pos < s.queue_len
+    queued = jnp.take_along_axis(s.queue, jnp.minimum(s.queue_pos, queue_size - 1)[:, None], 1)
+    token = jnp.where(forced, queued[:, 0], sampled)
+    chosen = live & ~forced
+    logprob = jnp.where(chosen, _token_logprobs(logits, token, temperature), 0.0)
+    base_logprob = jnp.where(chosen, _token_logprobs(logits, token, jnp.ones((), jnp.float32)), 0.0)
+    write = live[:, None] & (columns == s.lengths[:, None])  # [B, N]: the row's next column
+    lengths = s.lengths + live.astype(jnp.int32)
+    done = s.done | (chosen & jnp.isin(token, eos_ids)) | (live & (lengths >= n))
+    paused = (s.paused | (chosen & jnp.isin(token, stop_ids))) & ~done
+    return TurnState(
+        step=s.step + 1,
+        last=jnp.where(live, token, s.last),
+        last_position=s.last_position,
+        cache=_constrain_cache(cache),
+        tokens=jnp.where(write, token[:, None], s.tokens),
+        logprobs=jnp.where(write, logprob[:, None], s.logprobs),
+        base_logprobs=jnp.where(write, base_logprob[:, None], s.base_logprobs),
+        forced=jnp.where(write, forced[:, None], s.forced),
+        lengths=lengths,
+        done=done,
+        paused=paused,
+        queue=s.queue,
+        queue_len=s.queue_len,
+        queue_pos=s.queue_pos + (live & forced).astype(jnp.int32),
+    )
+
+  del batch, pad_id  # rows that never start keep their pad-filled columns
+  return jax.lax.while_loop(lambda s: (s.step < max_steps) & jnp.any(live_rows(s)), body, state)
+
+
+def _start_turns(
+    graphdef,
+    params,
+    prompt_tokens: Array,
+    prompt_mask: Array,
+    rng: Array,
+    temperature: Array,
+    eos_ids: Array,
+    stop_ids: Array,
+    pad_id: Array,
+    *,
+    max_new_tokens: int,
+    max_steps: int,
+    queue_size: int,
+    top_k: int,
+    top_p: float,
+    samples: int,
+) -> TurnState:
+  """Prefill, then the first turn (`_turn_loop`). The cache holds P - 1 + max_steps slots."""
+  prompts, prompt_len = prompt_tokens.shape
+  batch, n = prompts * samples, max_new_tokens
+  prompt_tokens = sharding.constrain(prompt_tokens.astype(jnp.int32), ("batch", "length"))
+  prompt_mask = sharding.constrain(prompt_mask.astype(bool), ("batch", "length"))
+  temperature = jnp.asarray(temperature, jnp.float32)
+  pad_id = jnp.asarray(pad_id, jnp.int32)
+  model = nnx.merge(graphdef, params)
+  layers = unstack_layers(params)
+  cache, last_token, last_position = _prefill(
+      model, layers, prompt_tokens, prompt_mask, prompt_len - 1 + max_steps, samples
+  )
+  zeros = jnp.zeros((batch,), jnp.int32)
+  state = TurnState(
+      step=jnp.zeros((), jnp.int32),
+      last=last_token,
+      last_position=last_position,
+      cache=cache,
+      tokens=jnp.full((batch, n), pad_id, jnp.int32),
+      logprobs=jnp.zeros((batch, n), jnp.float32),
+      base_logprobs=jnp.zeros((batch, n), jnp.float32),
+      forced=jnp.zeros((batch, n), bool),
+      lengths=zeros,
+      done=last_position < 0,  # an empty prompt (a bucket's dummy row) generates nothing
+      paused=jnp.zeros((batch,), bool),
+      queue=jnp.full((batch, queue_size), pad_id, jnp.int32),
+      queue_len=zeros,
+      queue_pos=zeros,
+  )
+  return _turn_loop(
+      graphdef,
+      params,
+      layers,
+      state,
+      rng,
+      temperature,
+      eos_ids,
+      stop_ids,
+      pad_id,
+      max_steps=max_steps,
+      top_k=top_k,
+      top_p=top_p,
+  )
+
+
+def _resume_turns(
+    graphdef,
+    params,
+    state: TurnState,
+    queue: Array,
+    queue_len: Array,
+    end: Array,
+    rng: Array,
+    temperature: Array,
+    eos_ids: Array,
+    stop_ids: Array,
+    pad_id: Array,
+    *,
+    max_steps: int,
+    top_k: int,
+    top_p: float,
+) -> TurnState:
+  """The next turn: paused rows with a queue (queue [B, F], queue_len [B]) feed it and sample on;
+  rows marked `end` [B] bool are done. The same key `rng` as the first turn: steps fold in their
+  own index, so every step draws afresh."""
+  resumed = state.paused & (queue_len > 0) & ~end
+  state = state._replace(
+      queue=jnp.where(resumed[:, None], queue.astype(jnp.int32), state.queue),
+      queue_len=jnp.where(resumed, queue_len.astype(jnp.int32), state.queue_len),
+      queue_pos=jnp.where(resumed, 0, state.queue_pos),
+      done=state.done | (state.paused & ~resumed) | end,
+      paused=jnp.zeros_like(state.paused),
+  )
+  return _turn_loop(
+      graphdef,
+      params,
+      unstack_layers(params),
+      state,
+      rng,
+      jnp.asarray(temperature, jnp.float32),
+      eos_ids,
+      stop_ids,
+      jnp.asarray(pad_id, jnp.int32),
+      max_steps=max_steps,
+      top_k=top_k,
+      top_p=top_p,
+  )
+
+
+def turn_output(state: TurnState) -> GenerateOutput:
+  """The rollout so far as a `GenerateOutput` whose `tool_mask` marks the queued tokens."""
+  n = state.tokens.shape[1]
+  mask = jnp.arange(n)[None, :] < state.lengths[:, None]
+  return GenerateOutput(
+      state.tokens, state.logprobs, mask, state.lengths, state.base_logprobs, state.forced & mask
+  )
 
 
 # --- public entry points --------------------------------------------------------------------------
@@ -576,21 +822,179 @@ class Sampler:
         cfg=self.config,
         samples=samples,
     )
+    batch = prompt_tokens.shape[0]
+    params, tokens, mask = self._place(params, prompt_tokens, prompt_mask, pad_id)
+    fn = self._function((max_new_tokens, top_k, float(top_p), int(samples)))
+    out = fn(
+        params, tokens, mask, rng, np.float32(temperature), _eos_array(eos_id), np.int32(pad_id)
+    )
+    if tokens.shape[0] != batch:  # the dummy prompts' samples are the last rows
+      out = jax.tree.map(lambda x: x[: batch * samples], out)
+    return out
+
+  def _place(self, params, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, pad_id: int):
+    """(params, tokens, mask) bucketed (`buckets`: dummy rows below, padding on the left) and
+    placed on the mesh."""
     batch, prompt_len = prompt_tokens.shape
     b_bucket, p_bucket = self.buckets(batch, prompt_len)
-    pad = ((0, b_bucket - batch), (p_bucket - prompt_len, 0))  # dummy rows below, padding left
+    pad = ((0, b_bucket - batch), (p_bucket - prompt_len, 0))
     tokens = np.pad(prompt_tokens, pad, constant_values=pad_id)
     mask = np.pad(prompt_mask, pad, constant_values=False)
-    temperature = np.float32(temperature)
     if self.mesh is not None:
       placed = sharding.put_batch({"tokens": tokens, "mask": mask}, self.mesh, self.rules)
       tokens, mask = placed["tokens"], placed["mask"]
       params = jax.device_put(params, self.param_shardings)  # no-op when already placed
-    fn = self._function((max_new_tokens, top_k, float(top_p), int(samples)))
-    out = fn(params, tokens, mask, rng, temperature, _eos_array(eos_id), np.int32(pad_id))
-    if b_bucket != batch:  # the dummy prompts' samples are the last rows
-      out = GenerateOutput(*(x[: batch * samples] for x in out))
-    return out
+    return params, tokens, mask
+
+
+class TurnSampler(Sampler):
+  """The device half of multi-turn rollouts (tool calls): `start` prefills the prompts and decodes
+  until each row emits EOS or a tool-call stop token; `resume` feeds each paused row's queued
+  tokens (a tool message and the next turn's header) through the model, on the same KV cache, and
+  samples on. The host half (`algorithms/environments.py`: parse the call, run the tool, tokenise
+  its message) runs between the calls, so a rollout of T tool calls is T + 1 calls.
+
+  Shapes are fixed by (batch and prompt buckets, max_new_tokens N, max_steps S, queue_size F), so
+  every turn of every iteration reuses one compiled `start` and one `resume`. N bounds a row's
+  response (its sampled and queued tokens together); S bounds the decode steps of all turns
+  together (the cache has P - 1 + S slots; a row that is not live during a step still spends that
+  step's slot), S >= N. A row still live when S steps have run is cut there, as one that reaches N.
+  Rows that never call a tool draw exactly the tokens `Sampler` draws (same keys, positions and
+  cache contents).
+  """
+
+  def start(
+      self,
+      params,
+      prompt_tokens,
+      prompt_mask,
+      rng: Array,
+      *,
+      max_new_tokens: int,
+      max_steps: int,
+      queue_size: int,
+      eos_id: int | Sequence[int],
+      stop_id: int | Sequence[int],
+      temperature=1.0,
+      top_k: int = 0,
+      top_p: float = 1.0,
+      pad_id: int = 0,
+      samples: int = 1,
+  ) -> TurnState:
+    """The first turn of [B, P] host prompts (`Sampler.__call__`'s contract); the state's rows
+    are the bucketed batch's (B x samples real rows first)."""
+    prompt_tokens = np.asarray(prompt_tokens, np.int32)
+    prompt_mask = np.asarray(prompt_mask, bool)
+    _check_inputs(
+        prompt_tokens,
+        prompt_mask,
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        top_p=top_p,
+        temperature=temperature,
+        cfg=self.config,
+        samples=samples,
+    )
+    if max_steps < max_new_tokens or queue_size < 1:
+      raise ValueError(
+          f"max_steps={max_steps} must be >= max_new_tokens={max_new_tokens} and "
+          f"queue_size={queue_size} >= 1"
+      )
+    params, tokens, mask = self._place(params, prompt_tokens, prompt_mask, pad_id)
+    fn = self._turn_function(
+        ("start", max_new_tokens, max_steps, queue_size, top_k, float(top_p), int(samples))
+    )
+    return fn(
+        params,
+        tokens,
+        mask,
+        rng,
+        np.float32(temperature),
+        _eos_array(eos_id),
+        _eos_array(stop_id),
+        np.int32(pad_id),
+    )
+
+  def resume(
+      self,
+      params,
+      state: TurnState,
+      queue,
+      queue_len,
+      end,
+      rng: Array,
+      *,
+      max_steps: int,
+      eos_id: int | Sequence[int],
+      stop_id: int | Sequence[int],
+      temperature=1.0,
+      top_k: int = 0,
+      top_p: float = 1.0,
+      pad_id: int = 0,
+  ) -> TurnState:
+    """The next turn. queue: [R, F] int32 tokens for each paused row to feed (queue_len [R] of
+    them; 0 or end [R] True: the row is done), R = the state's rows. Same rng as `start`."""
+    queue = np.asarray(queue, np.int32)
+    rows, size = state.queue.shape
+    if queue.shape != (rows, size):
+      raise ValueError(f"queue has shape {queue.shape}; the state's is {(rows, size)}")
+    if self.mesh is not None:
+      params = jax.device_put(params, self.param_shardings)
+    fn = self._turn_function(("resume", max_steps, top_k, float(top_p)))
+    return fn(
+        params,
+        state,
+        queue,
+        np.asarray(queue_len, np.int32),
+        np.asarray(end, bool),
+        rng,
+        np.float32(temperature),
+        _eos_array(eos_id),
+        _eos_array(stop_id),
+        np.int32(pad_id),
+    )
+
+  def _turn_function(self, static: tuple):
+    key = (*self._key, static)
+    self._used.add(key)
+    if key in _COMPILED:
+      return _COMPILED[key]
+    graphdef, mesh, rules = self.graphdef, self.mesh, self.rules
+
+    if static[0] == "start":
+      _, max_new_tokens, max_steps, queue_size, top_k, top_p, samples = static
+
+      def run(params, prompt_tokens, prompt_mask, *args):
+        _TRACES[key] += 1
+        with sharding.activation_sharding(mesh, rules):
+          return _start_turns(
+              graphdef,
+              params,
+              prompt_tokens,
+              prompt_mask,
+              *args,
+              max_new_tokens=max_new_tokens,
+              max_steps=max_steps,
+              queue_size=queue_size,
+              top_k=top_k,
+              top_p=top_p,
+              samples=samples,
+          )
+
+    else:
+      _, max_steps, top_k, top_p = static
+
+      def run(params, state, *args):
+        _TRACES[key] += 1
+        with sharding.activation_sharding(mesh, rules):
+          return _resume_turns(
+              graphdef, params, state, *args, max_steps=max_steps, top_k=top_k, top_p=top_p
+          )
+
+    fn = jax.jit(run)
+    _COMPILED[key] = fn
+    _TRACES[key] = 0
+    return fn
 
 
 # Samplers' jitted functions, shared by model graph, mesh, rules, parameter shardings and the
