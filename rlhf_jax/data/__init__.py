@@ -22,6 +22,8 @@ from rlhf_jax.data.sft import (
 from rlhf_jax.data.sources import resolve_source
 from rlhf_jax.data.tokenizer import (
     SPECIAL_TOKENS,
+    TOOL_CHAT_TEMPLATE,
+    TOOL_TOKENS,
     ChatTemplateError,
     check_chat_template,
     load_tokenizer,
@@ -38,6 +40,8 @@ __all__ = [
     "RecordError",
     "SCHEMAS",
     "SPECIAL_TOKENS",
+    "TOOL_CHAT_TEMPLATE",
+    "TOOL_TOKENS",
     "check_chat_template",
     "detect_schema",
     "encode_prompt",

@@ -3,7 +3,7 @@
 Kinds and their fields (docs/design.md, "Data records"):
 
     text      text
-    sft       prompt, completion  -- or messages: [{role: system|user|assistant, content}, ...]
+    sft       prompt, completion  -- or messages: [{role: system|user|assistant|tool, content}, ...]
     pairwise  prompt, chosen, rejected, optional margin (int 0..3), optional labeler, optional
               soft_label (float in [0, 1]: P(chosen better), e.g. an AI judge's; RLAIF)
     ranking   prompt, responses (2..9 distinct strings, best first)
@@ -11,7 +11,9 @@ Kinds and their fields (docs/design.md, "Data records"):
     safety    prompt, response, safe (bool)
 
 `prompt` is a string or, for multi-turn contexts, a list of chat messages. An `sft` messages record
-must end with an assistant turn (the text the model learns to write).
+must end with an assistant turn (the text the model learns to write). A "tool" message holds a tool's
+result, which the assistant's previous turn called for (toyworld/tools.py); it renders only with a
+chat template that allows the role (`data.tokenizer.TOOL_CHAT_TEMPLATE`).
 
 Texts (prompts, completions, responses, message contents) must be non-empty; whitespace-only counts as
 empty. The two responses of a pair, and the responses of a ranking, must differ (compared without
@@ -39,7 +41,7 @@ from typing import Any, Callable, Iterable
 
 from rlhf_jax.errors import ConfigError, ConfigPathError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MAX_MARGIN = 3
 MIN_RANKED, MAX_RANKED = 2, 9
 # Local files that `datasets.load_dataset` reads with a packaged builder (no hub access).

@@ -6,10 +6,19 @@ the code treats toy and real tokenizers alike.
 
 Special tokens and ids: <pad>=0, <bos>=1, <eos>=2, <|system|>=3, <|user|>=4, <|assistant|>=5,
 <|end|>=6. Encoding never adds BOS/EOS by itself; callers add them explicitly (see data/sft.py).
+A tool-enabled tokenizer (`train_tokenizer(..., tools=True)`) adds <tool_call>=7, </tool_call>=8,
+<|tool|>=9 (TOOL_TOKENS) and the chat template TOOL_CHAT_TEMPLATE, which allows a "tool" role.
 
 Chat format, one line per turn header:
 
     <|user|>\\nWhat is 7 + 5?<|end|>\\n<|assistant|>\\n12<|end|>\\n
+
+With tools, an assistant turn may be one call, `<tool_call>NAME: ARGUMENTS</tool_call>` (generation
+stops after `</tool_call>`); the tool's result is a "tool" turn, and the assistant goes on in a new
+turn (toyworld/tools.py):
+
+    <|user|>\\nWhat is 7 * 5?<|end|>\\n<|assistant|>\\n<tool_call>calculator: 7 * 5</tool_call><|end|>\\n
+    <|tool|>\\n35<|end|>\\n<|assistant|>\\n35<|end|>\\n
 
 Any tokenizer's chat template is checked before use (`check_chat_template`, run by `load_tokenizer`
 and on the first render with each template): every special-looking marker the template writes
@@ -35,16 +44,28 @@ if TYPE_CHECKING:
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+# Only in a tool-enabled tokenizer, right after SPECIAL_TOKENS (ids 7, 8, 9).
+TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<|tool|>")
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
-    "{{ raise_exception('role must be system, user or assistant, got ' + message['role']) }}"
-    "{%- endif -%}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
-)
+
+def _chat_template(roles: tuple[str, ...]) -> str:
+  """The chat template that renders each message as `<|role|>\\ncontent<|end|>\\n` and refuses
+  any role outside `roles`."""
+  allowed = ", ".join(roles[:-1]) + " or " + roles[-1]
+  return (
+      "{%- for message in messages -%}"
+      f"{{%- if message['role'] not in {list(roles)} -%}}"
+      f"{{{{ raise_exception('role must be {allowed}, got ' + message['role']) }}}}"
+      "{%- endif -%}"
+      "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+      "{%- endfor -%}"
+      "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
+  )
+
+
+CHAT_TEMPLATE = _chat_template(("system", "user", "assistant"))
+# CHAT_TEMPLATE with tool results: {"role": "tool", "content": "35"} -> "<|tool|>\\n35<|end|>\\n".
+TOOL_CHAT_TEMPLATE = _chat_template(("system", "user", "assistant", "tool"))
 
 
 # `<|name|>` (ChatML, Llama 3, Phi, ours) and `<name>` / `</name>` (Gemma, Llama 2's `<s>`) markers,
@@ -64,6 +85,14 @@ _PROBES = (
         {"role": "user", "content": "V"},
     ],
 )
+# Also rendered for TOOL_CHAT_TEMPLATE, so that its tool markers are checked too (other templates
+# may render a "tool" turn with markers their tokenizer lacks and never uses).
+_TOOL_PROBE = [
+    {"role": "user", "content": "U"},
+    {"role": "assistant", "content": "<tool_call>T: X</tool_call>"},
+    {"role": "tool", "content": "R"},
+    {"role": "assistant", "content": "A"},
+]
 # tokenizer -> the chat template that passed check_chat_template (re-checked if the template changes).
 _checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -73,18 +102,21 @@ class ChatTemplateError(ValueError):
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, out_dir: str | Path
+    texts: Iterable[str], vocab_size: int, out_dir: str | Path, *, tools: bool = False
 ) -> PreTrainedTokenizerBase:
   """Trains a byte-level BPE on `texts`, saves it to `out_dir` and returns it loaded from there.
 
   Deterministic: the same texts (in the same order) and vocab_size give the same tokenizer.json.
   The vocabulary may end up smaller than `vocab_size` when the texts have few distinct merges.
+  tools: also the special tokens TOOL_TOKENS (ids 7, 8, 9) and the chat template
+  TOOL_CHAT_TEMPLATE; without, the files are exactly those of a tokenizer without the option.
   """
+  special = SPECIAL_TOKENS + TOOL_TOKENS if tools else SPECIAL_TOKENS
   alphabet = pre_tokenizers.ByteLevel.alphabet()
-  if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
+  if vocab_size < len(alphabet) + len(special):
     raise ValueError(
         f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
-        f"{len(alphabet)} byte tokens + {len(SPECIAL_TOKENS)} special tokens"
+        f"{len(alphabet)} byte tokens + {len(special)} special tokens"
     )
   tokenizer = Tokenizer(models.BPE())
   # No prefix space: the chat template puts content right after "\n", as generation sees it.
@@ -92,7 +124,7 @@ def train_tokenizer(
   tokenizer.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
       vocab_size=vocab_size,
-      special_tokens=list(SPECIAL_TOKENS),  # listed first, so their ids are 0..6
+      special_tokens=list(special),  # listed first, so their ids are 0..6 (0..9 with tools)
       initial_alphabet=alphabet,  # every byte stays encodable, even unseen ones
       show_progress=False,
   )
@@ -107,7 +139,7 @@ def train_tokenizer(
       "pad_token": PAD,
       "bos_token": BOS,
       "eos_token": EOS,
-      "chat_template": CHAT_TEMPLATE,
+      "chat_template": TOOL_CHAT_TEMPLATE if tools else CHAT_TEMPLATE,
       # Keep decode(encode(s)) == s; the clean-up would turn "a , b" into "a, b".
       "clean_up_tokenization_spaces": False,
   }
@@ -160,6 +192,8 @@ def check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
     raise ChatTemplateError(
         f"tokenizer {name!r}: its chat_template cannot render a user/assistant conversation ({failure})"
     )
+  if template == TOOL_CHAT_TEMPLATE:
+    rendered += tokenizer.apply_chat_template(_TOOL_PROBE, tokenize=False)
   added = tokenizer.get_added_vocab()
   vocab = tokenizer.get_vocab()
   missing = []

@@ -227,6 +227,24 @@ def test_valid_records_are_normalised(tmp_path):
     load_records(write_jsonl(tmp_path / "empty.jsonl", ["\n"]), "text")
 
 
+def test_sft_messages_may_hold_tool_results_but_end_with_the_assistant():
+  chat = [
+      {"role": "user", "content": "What is 7 * 5?"},
+      {"role": "assistant", "content": "<tool_call>calculator: 7 * 5</tool_call>"},
+      {"role": "tool", "content": "35"},
+      {"role": "assistant", "content": "35"},
+  ]
+  record = {"messages": chat, "family": "arithmetic"}
+  assert validate_record(record, "sft", source="x", line=1) == record
+  with pytest.raises(RecordError, match=r"the last message is from 'tool'; an sft conversation"):
+    validate_record({"messages": chat[:3]}, "sft", source="x", line=1)
+  bad = [{**chat[0], "role": "robot"}, *chat[1:]]
+  with pytest.raises(
+      RecordError, match=r"'messages\[0\]\.role': expected one of system, user, assistant, tool"
+  ):
+    validate_record({"messages": bad}, "sft", source="x", line=1)
+
+
 def test_hf_json_file_via_load_dataset(tmp_path):
   path = tmp_path / "pairs.json"  # a JSON array: read by datasets.load_dataset("json", ...)
   rows = [{**GOOD_PAIR, "margin": 3}, {"prompt": "q", "chosen": "c", "rejected": "d"}]
