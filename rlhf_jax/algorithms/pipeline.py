@@ -56,6 +56,7 @@ from rlhf_jax.errors import ConfigError
 from rlhf_jax.evaluation import gold as gold_eval
 from rlhf_jax.evaluation import plots, reward_eval
 from rlhf_jax.toyworld import annotators, corpora, gates, judge
+from rlhf_jax.toyworld import tools as world_tools
 from rlhf_jax.toyworld import world as world_lib
 from rlhf_jax.train import metrics
 from rlhf_jax.train.metrics import format_table
@@ -86,14 +87,32 @@ def annotator_options(w: ml_collections.ConfigDict) -> dict:
 
 def check_world(w: ml_collections.ConfigDict) -> world_lib.World:
   """The world of `config.world`, or a ConfigError naming the field that makes it impossible:
-  a behaviour frequency outside [0, 1], an unknown family, or a behaviour axis that no annotator
-  sees (no label would carry it)."""
+  a behaviour frequency outside [0, 1], an unknown family, a behaviour axis that no annotator
+  sees (no label would carry it), an unknown tool, or a tool demonstration rate outside [0, 1] or
+  above 0 without tools."""
   try:
     world = world_lib.World.from_config(w)
   except ValueError as e:
     raise ConfigError(
         str(e) if "config.world" in str(e) else f"config.world.families: {e}"
     ) from None
+  names, rate = tuple(w.get("tools", ())), w.get("tool_demo_rate", 0.0)
+  unknown = [name for name in names if name not in world_tools.TOOL_NAMES]
+  if unknown:
+    raise ConfigError(
+        f"config.world.tools={names}: unknown tools {unknown}; choose from "
+        f"{', '.join(world_tools.TOOL_NAMES)}"
+    )
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+    raise ConfigError(
+        f"config.world.tool_demo_rate={rate!r}: must be a fraction in [0, 1] (of the arithmetic "
+        "and facts demonstrations that use a tool)"
+    )
+  if rate > 0 and not names:
+    raise ConfigError(
+        f"config.world.tool_demo_rate={rate} demonstrates tools, but config.world.tools is empty; "
+        f"name some of {', '.join(world_tools.TOOL_NAMES)} or set the rate to 0"
+    )
   seeing = dict(w.get("annotators_seeing") or {})
   for axis, fraction in seeing.items():
     try:
@@ -126,13 +145,20 @@ def build_world(config: ml_collections.ConfigDict, out_dir: str) -> dict:
   paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
   os.makedirs(out_dir, exist_ok=True)
   world = check_world(w)
+  uses_tools = bool(w.get("tools", ()))
   if os.path.exists(os.path.join(paths["tokenizer"], "tokenizer.json")):
     tokenizer = data.load_tokenizer(paths["tokenizer"])
+    if uses_tools and not set(data.TOOL_TOKENS) <= set(tokenizer.get_added_vocab()):
+      raise ConfigError(
+          f"config.world.tools={tuple(w.tools)}, but the world's tokenizer {paths['tokenizer']} was "
+          "trained without tools; use a new workdir (or delete its world directory) to rebuild it"
+      )
   else:
     tokenizer = data.train_tokenizer(
         corpora.tokenizer_texts(world) + judge.tokenizer_texts(world),
         w.tokenizer_vocab_size,
         paths["tokenizer"],
+        tools=uses_tools,
     )
   groups = _world_datasets(world, w, tokenizer)
   counts = {}
@@ -182,6 +208,8 @@ def _world_datasets(world, w: ml_collections.ConfigDict, tokenizer) -> list:
               w.seed + 1,
               noise=w.sft_noise,
               unsafe_compliance=w.get("sft_unsafe_compliance", 0.0),
+              tool_demo_rate=w.get("tool_demo_rate", 0.0),
+              tools=tuple(w.get("tools", ())),
           ),
       ),
       one("eval_tasks", lambda: world.tasks(w.eval_prompts, seed=w.seed + 2, split="eval")),

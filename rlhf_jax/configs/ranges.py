@@ -105,6 +105,7 @@ RULES: dict[str, Range] = {
         (
             "annotator_bias annotator_flip_rate bad_habit_rate detail_rate preamble_rate "
             "signoff_rate tag_follow_rate tagged_rate sft_noise sft_unsafe_compliance "
+            "tool_demo_rate "
             "helpful_fraction min_gold gamma lam "
             "min_lr_ratio preamble signoff tag"
         ).split(),

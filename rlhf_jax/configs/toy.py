@@ -399,6 +399,12 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
           # refuses ~98%, so safety training has little to remove; experiments/toy_constitutional.py
           # :unsafe_sft raises it).
           sft_unsafe_compliance=0.0,
+          # Tools the world offers (names of toyworld.tools.TOOL_NAMES: "calculator", "lookup"):
+          # the tokenizer gains the tool-call tokens and its chat template the "tool" role. The
+          # fraction of the arithmetic / facts SFT demonstrations that call the calculator / the
+          # lookup is tool_demo_rate (0: none; the other records stay as without tools).
+          tools=(),
+          tool_demo_rate=0.0,
           eval_prompts=1024,
           valid_prompts=1024,
           tokenizer_vocab_size=1024,

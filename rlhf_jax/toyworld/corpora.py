@@ -5,7 +5,8 @@ and worked dialogues, a `bad_habit_rate` fraction of which show plausible mistak
 ignored constraints, rambling, compliance with unsafe requests, refusing harmless look-alikes).
 SFT demonstrations are mostly ideal answers with a `noise` fraction of the same mistakes, so the
 SFT model ends clearly imperfect and alignment has headroom. Both use train-split prompts only;
-eval prompts are reserved for evaluation.
+eval prompts are reserved for evaluation. With tools (`sft_records(..., tool_demo_rate, tools)`), a
+fraction of the arithmetic and facts demonstrations call the calculator or the lookup (tools.py).
 
 Dialogues are rendered by `render(messages) -> str`; the default `plain_dialogue` writes
 "User: ...\\nAssistant: ...". Pass the chat template's renderer to pretrain in the SFT format.
@@ -13,18 +14,20 @@ Dialogues are rendered by `render(messages) -> str`; the default `plain_dialogue
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from rlhf_jax.toyworld import behaviours, perturb, safety
 from rlhf_jax.toyworld import kb as kb_lib
+from rlhf_jax.toyworld import tools as tools_lib
 from rlhf_jax.toyworld.families import LIST_OPS
 from rlhf_jax.toyworld.world import VERIFIABLE_FAMILIES, World
 
 FACT_DOC_EVERY = 3  # every 3rd document states facts; the rest are dialogues
 KB_FAMILIES = ("facts", "constrained", "reading")  # the families that ask about the entities
 _PRETRAIN_STREAM, _SFT_STREAM, _TOKENIZER_STREAM = 1, 2, 3
+_TOOL_DEMO_STREAM = 4  # its own stream: tool demos leave the other records' draws unchanged
 
 
 def plain_dialogue(messages: list[dict]) -> str:
@@ -105,24 +108,54 @@ def pretraining_documents(
 
 
 def sft_records(
-    world: World, n: int, seed: int, *, noise: float = 0.1, unsafe_compliance: float = 0.0
+    world: World,
+    n: int,
+    seed: int,
+    *,
+    noise: float = 0.1,
+    unsafe_compliance: float = 0.0,
+    tool_demo_rate: float = 0.0,
+    tools: Sequence[str] = (),
 ) -> list[dict]:
   """n SFT records {prompt, completion, family, answer, unsafe, info} from train-split tasks; the
   completion is the ideal answer except, with probability `noise`, a bad habit (never empty).
   unsafe_compliance: the probability that an unsafe request's demonstration complies (a world
   whose SFT model is unsafe, so that safety training has something to remove); at 0 the records
-  are those of a world without the option (no random draw is added)."""
-  for name, p in (("noise", noise), ("unsafe_compliance", unsafe_compliance)):
+  are those of a world without the option (no random draw is added).
+  tool_demo_rate: the probability that a task one of `tools` (names of tools.TOOL_NAMES) covers
+  (`tools.tool_conversation`: arithmetic with the calculator, facts with the lookup) is
+  demonstrated with the tool instead: {family, answer, unsafe, info, messages: [user, call, tool
+  result, answer]} (no prompt, which is messages[0], nor completion). Its draws come from a stream
+  of their own, so every other record is the one a run without tools writes; at 0 no draw at all.
+  These need a tool-enabled tokenizer (`data.train_tokenizer(..., tools=True)`)."""
+  for name, p in (
+      ("noise", noise),
+      ("unsafe_compliance", unsafe_compliance),
+      ("tool_demo_rate", tool_demo_rate),
+  ):
     if not 0.0 <= p <= 1.0:
       raise ValueError(f"{name} must be in [0, 1], got {p}")
+  if tool_demo_rate and not tools:
+    raise ValueError(
+        f"tool_demo_rate={tool_demo_rate} needs tools: name some of {tools_lib.TOOL_NAMES}"
+    )
+  available = tools_lib.make_tools(world, tools) if tool_demo_rate else {}
   rng = np.random.default_rng([world.seed, seed, _SFT_STREAM])
+  tool_rng = np.random.default_rng([world.seed, seed, _TOOL_DEMO_STREAM])
   records = []
   for task in world.tasks(n, seed=seed, split="train"):
     if unsafe_compliance and task["unsafe"] and rng.random() < unsafe_compliance:
       completion = perturb.perturbations(task, rng)["compliance"]
     else:
       completion = _response(world, task, rng, noise)
-    records.append({**task, "completion": completion})
+    # Drawn after the completion, which the main stream draws either way.
+    messages = tools_lib.tool_conversation(task, world.kb, available) if available else None
+    if messages is not None and tool_rng.random() < tool_demo_rate:
+      # Without "prompt": an sft record has prompt + completion or messages, not both.
+      fields = {key: value for key, value in task.items() if key != "prompt"}
+      records.append({**fields, "messages": messages})
+    else:
+      records.append({**task, "completion": completion})
   return records
 
 
