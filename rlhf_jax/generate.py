@@ -68,6 +68,17 @@ def model_mask(out: GenerateOutput) -> Array:
   return jnp.logical_and(out.mask, jnp.logical_not(out.tool_mask))
 
 
+def answer_mask(out: GenerateOutput) -> np.ndarray:
+  """[B, N] bool (host): each row's final answer, the response tokens after the environment's last
+  message (all of `out.mask` for a single-turn output). What the user reads and rewards score."""
+  mask = np.asarray(jax.device_get(out.mask), bool)
+  if out.tool_mask is None:
+    return mask
+  tool = np.asarray(jax.device_get(out.tool_mask), bool)
+  last = np.where(tool.any(1), tool.shape[1] - 1 - np.argmax(tool[:, ::-1], axis=1), -1)
+  return mask & (np.arange(mask.shape[1])[None, :] > last[:, None])
+
+
 # --- sampling ------------------------------------------------------------------------------------
 
 

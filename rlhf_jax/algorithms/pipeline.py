@@ -44,10 +44,11 @@ import time
 import jax
 import ml_collections
 
-from rlhf_jax import data, sharding
+from rlhf_jax import data, generate, sharding
 from rlhf_jax.algorithms import (
     ai_feedback,
     common,
+    environments,
     ppo,
     registry,
 )
@@ -399,6 +400,8 @@ def stage_config(
   for field in entry.data_fields:
     if registry.get_field(c, field) in paths:
       registry.set_field(c, field, paths[registry.get_field(c, field)])
+  if "ppo" in c and c.ppo.get("tools"):  # the toy world's tools are built on its world
+    c.ppo.world = config.world
   return c
 
 
@@ -489,12 +492,15 @@ def evaluate_stages(
   tokenizer = data.load_tokenizer(paths["tokenizer"])
   tasks = metrics.read_jsonl(eval_tasks_path(config, paths))
   results, policies = {}, {}
+  load = lambda stage: with_tools(
+      config, load_policy(os.path.join(workdir, stage, "export"), mesh), tokenizer
+  )
   for stage in stages:
-    policies[stage] = load_policy(os.path.join(workdir, stage, "export"), mesh)
+    policies[stage] = load(stage)
     parent = parents.get(stage)
     reference = policies.get(parent) if parent else None
     if parent and reference is None:  # a parent trained in an earlier run but not listed here
-      reference = load_policy(os.path.join(workdir, parent, "export"), mesh)
+      reference = load(parent)
     evaluated = results.get(parent, {}).get("samples")
     results[stage] = gold_eval.evaluate(
         policies[stage],
@@ -668,6 +674,28 @@ def evaluate_pipeline(
   return result
 
 
+def with_tools(config: ml_collections.ConfigDict, policy, tokenizer):
+  """`policy` sampling multi-turn rollouts with `config.eval.tools` (the toy world's tools, or
+  functions) when set: every policy of the gold table answers with the tools available."""
+  e = config.eval
+  if not e.get("tools"):
+    return policy
+  tools = environments.load_tools(e.tools, tokenizer, world=config.world, key="config.eval.tools")
+  sampler = generate.TurnSampler(
+      policy.graphdef,
+      policy.sampler.config,
+      mesh=policy.sampler.mesh,
+      param_shardings=policy.sampler.param_shardings,
+  )
+  tool_sampler = environments.ToolSampler(
+      sampler,
+      tools,
+      max_turns=e.get("max_turns", 2),
+      queue_size=e.get("tool_message_tokens", 32),
+  )
+  return dataclasses.replace(policy, sampler=tool_sampler)
+
+
 def evaluate_policies(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -768,9 +796,10 @@ def temperature_baseline(
     if at_t1 is not None:
       rows = [r for r in at_t1["samples"] if r["prompt_index"] < n]
       at_t1 = {"overall": gold_eval.summarise(rows), "samples": rows}
+  tokenizer = data.load_tokenizer(paths["tokenizer"])
   curve = gold_eval.temperature_curve(
-      load_policy(os.path.join(workdir, stage, "export"), mesh),
-      data.load_tokenizer(paths["tokenizer"]),
+      with_tools(config, load_policy(os.path.join(workdir, stage, "export"), mesh), tokenizer),
+      tokenizer,
       tasks,
       jax.random.key(config.seed),
       e.temperatures,

@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,14 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import data, generate, sharding
-from rlhf_jax.algorithms import ai_feedback, common, ppo_rollout, registry, reward_functions
+from rlhf_jax.algorithms import (
+    ai_feedback,
+    common,
+    environments,
+    ppo_rollout,
+    registry,
+    reward_functions,
+)
 from rlhf_jax.algorithms.reward import cast_params
 from rlhf_jax.data.loader import Batching
 from rlhf_jax.errors import ConfigError
@@ -223,6 +230,7 @@ def make_iteration(
     pad_id: int,
     reference_graphdef=None,
     estimator: str = "gae",
+    tools: environments.Tools | None = None,
 ):
   """One PPO iteration as a function (the trainer's loop body and the `ppo_iteration` benchmark):
 
@@ -240,10 +248,11 @@ def make_iteration(
   `text_reward(out) -> [B]`, when given, replaces the reward models (e.g. the toy world's gold
   reward of the decoded responses); `spec` may then be None. reference_graphdef: the frozen
   reference's graph (e.g. bfloat16, `config.ppo.frozen_dtype`), default the policy's.
+  tools: multi-turn rollouts (`cfg.tools`): the environment and the tool format; the iteration
+  then needs the prompts' `records`, and the environment's tokens are left out of the losses.
   """
-  sampler = generate.Sampler(
-      policy_graphdef, policy_cfg, mesh=mesh, param_shardings=policy_shardings
-  )
+  sampler_class = generate.Sampler if tools is None else generate.TurnSampler
+  sampler = sampler_class(policy_graphdef, policy_cfg, mesh=mesh, param_shardings=policy_shardings)
   # GRPO with one optimiser step per rollout (epochs = mini-batches = 1, as TRL's GRPOTrainer at
   # num_iterations=1): the old log-probs are the updated policy's own, detached, so the scoring
   # pass of the policy is skipped; the sampler's log-probs (the same quantity from the decode
@@ -286,6 +295,7 @@ def make_iteration(
       pad_id=pad_id,
       estimator=estimator,
       single_update=single_update,
+      tools=tools,
   )
 
 
@@ -305,6 +315,7 @@ class _Iteration:
   pad_id: int
   estimator: str
   single_update: bool
+  tools: environments.Tools | None = None
 
   def __call__(
       self,
@@ -318,13 +329,23 @@ class _Iteration:
       beta,
       text_reward=None,
       refill: Callable | None = None,
+      records: Sequence[dict] | None = None,
   ):
     """Rollout, rewards, advantages and the updates on one batch of prompts. refill (DAPO's
     dynamic sampling, `cfg.dynamic_sampling`): refill() -> (prompt_tokens, prompt_mask, unsafe,
-    text_reward) of the next batch of prompts, sampled while fewer than the batch's groups have
-    rewards that differ (`_dynamic_batch`)."""
+    text_reward, records) of the next batch of prompts, sampled while fewer than the batch's
+    groups have rewards that differ (`_dynamic_batch`). records: the prompts' records (the
+    environment of a multi-turn rollout reads them)."""
     r = self._rollout(
-        state, reference, reward_params, prompt_tokens, prompt_mask, unsafe, rng, text_reward
+        state,
+        reference,
+        reward_params,
+        prompt_tokens,
+        prompt_mask,
+        unsafe,
+        rng,
+        text_reward,
+        records,
     )
     dynamic = None
     if self.cfg.get("dynamic_sampling", False) and refill is not None:
@@ -350,6 +371,7 @@ class _Iteration:
     state, update_metrics = self.update(state, jax.device_put(rollout, self.rollout_sharding))
     return state, {
         "out": r["out"],
+        "episodes": r.get("episodes"),
         "reward": r["reward"],
         "scores": r["scores"],
         "eos_found": r["found"],
@@ -359,22 +381,55 @@ class _Iteration:
     }
 
   def _rollout(
-      self, state, reference, reward_params, prompt_tokens, prompt_mask, unsafe, rng, text_reward
+      self,
+      state,
+      reference,
+      reward_params,
+      prompt_tokens,
+      prompt_mask,
+      unsafe,
+      rng,
+      text_reward,
+      records=None,
   ) -> dict:
     """K samples of each prompt, their log-probs, values, scores and rewards: every array [B =
-    prompts x K, ...] (rows b K .. b K + K - 1 are prompt b's)."""
+    prompts x K, ...] (rows b K .. b K + K - 1 are prompt b's). With tools, multi-turn rollouts:
+    "episodes" (one per row), the environment's rewards added, its tokens out of the mask."""
     cfg, k = self.cfg, self.cfg.samples_per_prompt
-    out = self.sampler(  # the prompt prefilled once for its K samples
-        state.params["policy"],
-        prompt_tokens,
-        prompt_mask,
-        rng,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        eos_id=self.eos_id,
-        pad_id=self.pad_id,
-        samples=k,
-    )
+    episodes = None
+    if self.tools is not None:
+      if records is None:
+        raise ValueError("a multi-turn rollout needs the prompts' records")
+      out, episodes = environments.rollout(
+          self.sampler,
+          state.params["policy"],
+          prompt_tokens,
+          prompt_mask,
+          records,
+          rng,
+          env=self.tools.env,
+          tool_format=self.tools.format,
+          max_turns=cfg.max_turns,
+          max_new_tokens=cfg.max_new_tokens,
+          queue_size=cfg.tool_message_tokens,
+          max_steps=cfg.max_decode_steps,
+          eos_id=self.eos_id,
+          pad_id=self.pad_id,
+          temperature=cfg.temperature,
+          samples=k,
+      )
+    else:
+      out = self.sampler(  # the prompt prefilled once for its K samples
+          state.params["policy"],
+          prompt_tokens,
+          prompt_mask,
+          rng,
+          max_new_tokens=cfg.max_new_tokens,
+          temperature=cfg.temperature,
+          eos_id=self.eos_id,
+          pad_id=self.pad_id,
+          samples=k,
+      )
     prompt_tokens, prompt_mask, unsafe = (
         jnp.repeat(jnp.asarray(x), k, axis=0) for x in (prompt_tokens, prompt_mask, unsafe)
     )
@@ -384,6 +439,10 @@ class _Iteration:
             generate.full_sequence(prompt_tokens, prompt_mask, out),
         )
     )
+    if out.tool_mask is not None:  # the environment's tokens: read by the model, not trained on
+      batch["response_mask"] = jnp.concatenate(
+          [jnp.zeros(prompt_mask.shape, bool), generate.model_mask(out)], axis=1
+      )
     old_logp, ref_logp, values, scores = self.score(
         state.params["policy"], reference, state.params.get("value"), reward_params, batch
     )
@@ -397,7 +456,10 @@ class _Iteration:
     reward = self.reward_fn(scores, unsafe) if self.reward_fn is not None else 0.0
     if text_reward is not None:
       reward = reward + jnp.asarray(text_reward(out), jnp.float32)
+    if episodes is not None:  # per-turn rewards of the environment
+      reward = reward + jnp.asarray([e.reward for e in episodes], jnp.float32)
     return {
+        "episodes": episodes,
         "batch": batch,
         "out": out,
         "old_logp": old_logp,
@@ -428,7 +490,7 @@ class _Iteration:
 
     sort(0, r)
     while len(kept) < groups and len(rollouts) < self.cfg.dynamic_sampling_rounds:
-      prompt_tokens, prompt_mask, unsafe, text_reward = refill()
+      prompt_tokens, prompt_mask, unsafe, text_reward, records = refill()
       more = self._rollout(
           state,
           reference,
@@ -438,10 +500,12 @@ class _Iteration:
           unsafe,
           jax.random.fold_in(rng, len(rollouts)),
           text_reward,
+          records,
       )
       rollouts.append(more)
       sort(len(rollouts) - 1, more)
     chosen = (kept + dropped)[:groups]
+    episodes = [rollout.pop("episodes", None) for rollout in rollouts]
     stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *rollouts)
     rows = np.asarray([(i * groups + g) * k + j for i, g in chosen for j in range(k)])
     info = {
@@ -450,7 +514,11 @@ class _Iteration:
         "filled": max(0, groups - len(kept)),
         "groups": chosen,
     }
-    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), stacked), info
+    chosen_rollout = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), stacked)
+    if episodes[0] is not None:
+      every = [e for batch in episodes for e in batch]
+      chosen_rollout["episodes"] = [every[row] for row in rows]
+    return chosen_rollout, info
 
 
 def _update_fn(
@@ -669,6 +737,18 @@ def check_config(config: ml_collections.ConfigDict) -> str:
         f"config.ppo.value_model={p.value_model!r}; choose 'separate' (a value model "
         "from value_init_from) or 'policy_head' (a value head on the policy)"
     )
+  if p.get("tools"):
+    if p.max_turns < 1:
+      raise ConfigError(
+          f"config.ppo.max_turns={p.max_turns}: with config.ppo.tools a sample may call a tool "
+          "at least once (set max_turns >= 1, or tools=() for one-turn rollouts)"
+      )
+    if p.max_decode_steps and p.max_decode_steps < p.max_new_tokens:
+      raise ConfigError(
+          f"config.ppo.max_decode_steps={p.max_decode_steps} is below max_new_tokens="
+          f"{p.max_new_tokens}: the turns' decode steps must cover a whole response (0 = "
+          "(max_turns + 1) x max_new_tokens)"
+      )
   if p.value_head not in ("fresh", "export"):
     raise ConfigError(
         f"config.ppo.value_head={p.value_head!r}; choose 'fresh' (re-initialise the "
@@ -847,6 +927,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "tokenizer"
   )
   tokenizer = data.load_tokenizer(tokenizer_dir)
+  tools = None
+  if p.get("tools"):  # before any model: a bad tool or template fails fast
+    tools = environments.load_tools(
+        p.tools, tokenizer, world=p.get("world"), key="config.ppo.tools"
+    )
   prompts = load_prompts(config.data.source)
   eval_tasks = load_eval_tasks(config)
   models = build_models(config, mesh, len(tokenizer), estimator)
@@ -874,7 +959,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pad_id=tokenizer.pad_token_id,
       reference_graphdef=models.reference_gd,
       estimator=estimator,
+      tools=tools,
   )
+  eval_sampler = generate.Sampler(
+      models.policy_gd, models.policy_cfg, mesh=mesh, param_shardings=models.shardings["policy"]
+  )
+  if tools is not None:  # held-out gold of the answers after the tools' help
+    eval_sampler = environments.ToolSampler(
+        iterate.sampler,
+        tools,
+        max_turns=p.max_turns,
+        queue_size=p.tool_message_tokens,
+        max_steps=p.max_decode_steps,
+    )
   loop = Loop(
       iterate=iterate,
       models=models,
@@ -883,12 +980,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       eval_tasks=eval_tasks,
       reward_params={n: rm.params for n, rm in rms.items()},
       text_reward_fn=text_reward_fn,
-      eval_sampler=generate.Sampler(
-          models.policy_gd,
-          models.policy_cfg,
-          mesh=mesh,
-          param_shardings=models.shardings["policy"],
-      ),
+      eval_sampler=eval_sampler,
   )
   state, end, beta = run_iterations(config, workdir, loop, state, shardings)
   if end >= p.iterations:
@@ -920,6 +1012,8 @@ class Loop:
     """Gold of the policy on the held-out tasks and its KL to the reference; the same sampling
     key every time, so successive evaluations are paired (common random numbers)."""
     m = self.models
+    if isinstance(self.eval_sampler, environments.ToolSampler):
+      self.eval_sampler.reset_episodes()
     result = gold_eval.evaluate(
         gold_eval.Policy(m.policy_gd, params, self.eval_sampler),
         self.tokenizer,
@@ -930,7 +1024,13 @@ class Loop:
         temperature=config.ppo.temperature,
         win_rate=False,
     )
-    return {k: result["overall"][k] for k in ("combined", "helpfulness", "safety", "kl", "length")}
+    row = {k: result["overall"][k] for k in ("combined", "helpfulness", "safety", "kl", "length")}
+    for family, values in result["families"].items():
+      row[f"{family}_helpfulness"] = values["helpfulness"]
+    if isinstance(self.eval_sampler, environments.ToolSampler):  # policy rows, then reference's
+      episodes = self.eval_sampler.episodes[: len(self.eval_tasks)]
+      row.update({f"tool_{k}": v for k, v in environments.tool_metrics(episodes).items()})
+    return row
 
   def text_reward(self, records: list[dict], iteration: int) -> Callable | None:
     """A reward of the decoded responses (judge, reward functions or gold; added to the reward
@@ -1020,13 +1120,13 @@ def ppo_iteration(
   def prepare(batch: list[dict]):
     prompt_tokens, prompt_mask = ppo_rollout.encode_prompts(tokenizer, batch, p.max_prompt_len)
     unsafe = np.asarray([bool(r.get("unsafe", False)) for r in batch])
-    return prompt_tokens, prompt_mask, unsafe, loop.text_reward(batch, iteration)
+    return prompt_tokens, prompt_mask, unsafe, loop.text_reward(batch, iteration), batch
 
   def refill():
     batches.append(more())
     return prepare(batches[-1])
 
-  prompt_tokens, prompt_mask, unsafe, text_reward = prepare(records)
+  prompt_tokens, prompt_mask, unsafe, text_reward, _ = prepare(records)
   state, info = loop.iterate(
       state,
       loop.models.reference_of(state.params["policy"]),
@@ -1038,6 +1138,7 @@ def ppo_iteration(
       beta,
       text_reward=text_reward,
       refill=refill if more is not None and p.dynamic_sampling else None,
+      records=records,
   )
   dynamic = info["dynamic"]
   if dynamic is not None:  # the groups trained on, from whichever batch each came
@@ -1067,6 +1168,9 @@ def ppo_iteration(
       **{k: float(v) for k, v in jax.device_get(info["update"]).items()},
       **gold_metrics(rows_records, ppo_rollout.decode_responses(tokenizer, out)),
   }
+  if info.get("episodes") is not None:
+    tools = environments.tool_metrics(info["episodes"])
+    row.update({f"tool_{k}": v for k, v in tools.items()})
   counts = nonfinite_counts(state.opt_state)
   if counts is not None:  # updates skipped so far for a NaN / Inf gradient (the update's own
     row["skipped_steps"] = int(counts[1])  # metric is a mean over this iteration's updates)

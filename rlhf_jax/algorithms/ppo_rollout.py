@@ -372,11 +372,10 @@ def eos_found(out: generate.GenerateOutput, eos_id: int) -> Array:
 
 
 def decode_responses(tokenizer, out: generate.GenerateOutput) -> list[str]:
-  tokens, mask = jax.device_get((out.tokens, out.mask))
-  return [
-      tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
-      for t, m in zip(tokens, mask)
-  ]
+  """Each row's response text, special tokens dropped; in a multi-turn rollout (`out.tool_mask`)
+  the final answer: the tokens after the environment's last message."""
+  tokens, mask = jax.device_get(out.tokens), generate.answer_mask(out)
+  return [tokenizer.decode(t[m], skip_special_tokens=True).strip() for t, m in zip(tokens, mask)]
 
 
 __all__ = [

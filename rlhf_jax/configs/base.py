@@ -242,6 +242,17 @@ def base_config(algorithm: str = "") -> ml_collections.ConfigDict:
           # dynamic_sampling_rounds rollouts per iteration (then filled with dropped groups).
           dynamic_sampling=False,
           dynamic_sampling_rounds=4,
+          # Multi-turn rollouts with tools (algorithms/environments.py): the toy world's tools by
+          # name ("calculator", "lookup") or functions "pkg.module:fn" / "file.py:fn" as
+          # fn(arguments, *, record) -> str; () = one turn. max_turns: tool calls per sample;
+          # tool_message_tokens: the most tokens one tool message takes (content cut to fit);
+          # max_decode_steps: decode steps of all turns together (0 = (max_turns + 1) x
+          # max_new_tokens, never cuts); world: the toy tools' world (a pipeline sets it).
+          tools=(),
+          max_turns=2,
+          tool_message_tokens=32,
+          max_decode_steps=0,
+          world=None,
           value_clip_eps=0.2,
           vf_coef=0.1,
           entropy_coef=0.0,

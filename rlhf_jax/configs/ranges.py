@@ -78,7 +78,7 @@ RULES: dict[str, Range] = {
     **dict.fromkeys(
         (
             "accum_steps batch_prompts batch_size checkpoint_every comparisons_per_row "
-            "dynamic_sampling_rounds embed_dim "
+            "dynamic_sampling_rounds embed_dim max_operand tool_message_tokens "
             "epochs eval_batches grow_steps iterations judge_batch_size keep_checkpoints log_every "
             "max_new_tokens max_nonfinite_steps max_prompt_len max_seq_len minibatches mlp_dim "
             "n_revisions num_heads num_kv_heads num_layers prompts_per_grow prompts_per_iteration "
@@ -93,7 +93,8 @@ RULES: dict[str, Range] = {
     # 0 = off, auto or none.
     **dict.fromkeys(
         (
-            "best_of_n_prompts eval_every negatives normalize_prompts num_examples "
+            "best_of_n_prompts eval_every max_decode_steps max_turns negatives normalize_prompts "
+            "num_examples "
             "num_samples_shown overlong_buffer prompt_offset rank reward_records seed "
             "stop_after_steps "
             "temperature_prompts top_k vocab_size warmup_steps"

@@ -405,6 +405,9 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
           # lookup is tool_demo_rate (0: none; the other records stay as without tools).
           tools=(),
           tool_demo_rate=0.0,
+          # The arithmetic family's operands are 0..max_operand (12: 507 problems, which a model
+          # memorises from enough demonstrations; 99: it has to compute, or call a calculator).
+          max_operand=12,
           eval_prompts=1024,
           valid_prompts=1024,
           tokenizer_vocab_size=1024,
@@ -500,6 +503,12 @@ def toy_pipeline_config() -> ml_collections.ConfigDict:
           reward_records=0,
           best_of_n_policy="",
           best_of_n_functions=(),
+          # Tools every policy of the gold table may call (algorithms/environments.py; the toy
+          # world's "calculator" / "lookup" or "pkg.module:fn"; () = none), at most max_turns
+          # calls per answer, a tool message at most tool_message_tokens tokens.
+          tools=(),
+          max_turns=2,
+          tool_message_tokens=32,
           temperatures=(1.0, 0.85, 0.7, 0.5),
           temperature_prompts=0,
           rewards=True,

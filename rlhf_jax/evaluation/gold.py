@@ -78,6 +78,8 @@ def sample_responses(
     tokens, mask = generate.prompt_batch(
         prompts, pad_id=tokenizer.pad_token_id, multiple=getattr(policy.sampler, "length_bucket", 1)
     )
+    # A multi-turn (tool) sampler reads the tasks: its environment answers them.
+    extra = {"records": chunk} if getattr(policy.sampler, "takes_records", False) else {}
     out = policy.sampler(
         policy.params,
         tokens,
@@ -87,10 +89,11 @@ def sample_responses(
         temperature=temperature,
         eos_id=tokenizer.eos_token_id,
         pad_id=tokenizer.pad_token_id,
+        **extra,
     )
     out = jax.device_get(out)
-    for toks, m in zip(out.tokens, out.mask):
-      texts.append(tokenizer.decode(toks[m.astype(bool)], skip_special_tokens=True).strip())
+    for toks, m in zip(out.tokens, generate.answer_mask(out)):
+      texts.append(tokenizer.decode(toks[m], skip_special_tokens=True).strip())
     batches.append((tokens, mask, out))
   return texts, batches
 
@@ -101,17 +104,17 @@ def _kl_per_prompt(policy: Policy, reference: Policy, batches) -> np.ndarray:
   so no second forward pass is run."""
   kls = []
   for tokens, mask, out in batches:
+    chosen = np.asarray(generate.model_mask(out))  # a tool's tokens are no one's choice
     if reference is policy and out.base_logprobs is not None:
       kls.append(
-          np.sum(
-              (np.asarray(out.logprobs) - np.asarray(out.base_logprobs)) * np.asarray(out.mask),
-              axis=1,
-          )
+          np.sum((np.asarray(out.logprobs) - np.asarray(out.base_logprobs)) * chosen, axis=1)
       )
       continue
     seq = generate.full_sequence(tokens, mask, out)
+    if out.tool_mask is not None:
+      seq = (*seq[:3], np.concatenate([np.zeros(np.shape(mask), bool), chosen], axis=1))
     ref = scoring.sequence_logprob_sums(reference.graphdef, reference.params, *seq)
-    pol = np.sum(np.asarray(out.logprobs) * np.asarray(out.mask), axis=1)
+    pol = np.sum(np.asarray(out.logprobs) * chosen, axis=1)
     kls.append(pol - np.asarray(ref))
   return np.concatenate(kls)
 

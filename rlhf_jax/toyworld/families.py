@@ -178,8 +178,8 @@ def _arithmetic_content(task: dict, response: str) -> float:
 
 
 @_register("arithmetic", _arithmetic_content)
-def _arithmetic(rng, kb):
-  a, b = (int(x) for x in rng.integers(0, MAX_OPERAND + 1, size=2))
+def _arithmetic(rng, kb, *, max_operand: int = MAX_OPERAND):
+  a, b = (int(x) for x in rng.integers(0, max_operand + 1, size=2))
   op = _pick(rng, "+-*")
   result = {"+": a + b, "-": a - b, "*": a * b}[op]
   prompt = _pick(rng, ARITHMETIC_TEMPLATES).format(a=a, op=op, b=b)

@@ -75,7 +75,7 @@ import numpy as np
 from rlhf_jax.toyworld import behaviours as behaviours_lib
 from rlhf_jax.toyworld import kb as kb_lib
 from rlhf_jax.toyworld import safety, text
-from rlhf_jax.toyworld.families import CATEGORIES, TASK_FAMILIES, WORDS
+from rlhf_jax.toyworld.families import CATEGORIES, MAX_OPERAND, TASK_FAMILIES, WORDS
 from rlhf_jax.toyworld.safety import gold_safety, is_hedged, is_refusal
 
 SPLITS = ("train", "eval", "valid")
@@ -124,10 +124,19 @@ class World:
       *,
       families: Sequence[str] = CLASSIC_FAMILIES,
       behaviours: behaviours_lib.Behaviours | None = None,
+      max_operand: int = MAX_OPERAND,
   ):
     self.seed = seed
     self.families = tuple(families)
     self.behaviours = behaviours
+    if isinstance(max_operand, bool) or not isinstance(max_operand, int) or max_operand < 1:
+      raise ValueError(f"config.world.max_operand={max_operand!r}: must be a whole number >= 1")
+    # The arithmetic family's operands 0..max_operand (12: small enough to memorise its 507
+    # problems; 99: a model must compute, or call a calculator). Only a non-default value is
+    # passed, so the default world's draws are unchanged.
+    self._options = (
+        {"arithmetic": {"max_operand": max_operand}} if max_operand != MAX_OPERAND else {}
+    )
     _check_families(self.families)
     reserved = (
         {w for ws in CATEGORIES.values() for w in ws}
@@ -153,7 +162,12 @@ class World:
       fields = ", ".join(f.name for f in dataclasses.fields(behaviours_lib.Behaviours))
       raise ValueError(f"config.world.behaviours: {e}; its fields are enabled, {fields}") from None
     families = tuple(world_config.get("families") or CLASSIC_FAMILIES)
-    return cls(world_config.seed, families=families, behaviours=behaviours)
+    return cls(
+        world_config.seed,
+        families=families,
+        behaviours=behaviours,
+        max_operand=world_config.get("max_operand", MAX_OPERAND),
+    )
 
   @classmethod
   def behaviour_world(cls, seed: int = 0, **behaviours) -> "World":
@@ -177,7 +191,7 @@ class World:
     while True:
       family = names[int(rng.integers(len(names)))]
       for _ in range(_MAX_DRAWS):
-        task = TASK_FAMILIES[family].make(rng, self.kb)
+        task = TASK_FAMILIES[family].make(rng, self.kb, **self._options.get(family, {}))
         if self.behaviours is not None:
           tagged = behaviours_lib.taggable(task) and rng.random() < self.behaviours.tagged_rate
           task = behaviours_lib.add_tag(

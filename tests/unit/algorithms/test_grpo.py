@@ -93,6 +93,12 @@ def test_group_advantages_match_a_numpy_loop(estimator, scale):
         ("ppo", dict(importance_level="sequence"), r"'sequence' \(GSPO\) .* 'grpo' or 'rloo'"),
         ("grpo", dict(overlong_buffer=100), r"config.ppo.overlong_buffer=100 exceeds"),
         ("ppo", dict(dynamic_sampling=True), r"dynamic_sampling=True .* 'grpo' or 'rloo'"),
+        ("grpo", dict(tools=("calculator",), max_turns=0), r"config.ppo.max_turns=0: with"),
+        (
+            "grpo",
+            dict(tools=("calculator",), max_decode_steps=4),
+            r"config.ppo.max_decode_steps=4 is below max_new_tokens",
+        ),
     ],
 )
 def test_group_config_errors_come_before_any_model_loads(tmp_path, algorithm, update, match):
@@ -183,7 +189,7 @@ def test_dynamic_sampling_keeps_groups_whose_rewards_differ():
     )
 
   r, info = ppo._Iteration._dynamic_batch(
-      fake(4), rollout(0), None, None, None, jax.random.key(0), lambda: (None, None, None, None)
+      fake(4), rollout(0), None, None, None, jax.random.key(0), lambda: (None,) * 5
   )
   assert info["rounds"] == 3 and info["filled"] == 0 and info["groups"] == [(0, 1), (1, 1), (2, 0)]
   np.testing.assert_array_equal(r["reward"], [0.0, 1.0, 3.0, 1.0, 7.0, 8.0])
@@ -191,7 +197,7 @@ def test_dynamic_sampling_keeps_groups_whose_rewards_differ():
   assert r["values"] is None and info["kept"] == pytest.approx(4 / 9)
   calls.clear()
   r, info = ppo._Iteration._dynamic_batch(
-      fake(2), rollout(0), None, None, None, jax.random.key(0), lambda: (None, None, None, None)
+      fake(2), rollout(0), None, None, None, jax.random.key(0), lambda: (None,) * 5
   )  # two rollouts: two groups differ, one dropped group fills the batch
   assert info["rounds"] == 2 and info["filled"] == 1
   assert info["groups"] == [(0, 1), (1, 1), (0, 0)]
