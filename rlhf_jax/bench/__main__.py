@@ -23,6 +23,7 @@ _ONLY = flags.DEFINE_list(
         "generate",
         "ppo_iteration",
         "grpo_iteration",
+        "grpo_multiturn_iteration",
     ],
     "Benchmarks to run.",
 )
@@ -263,6 +264,20 @@ def main(argv):
               share_prompt=share,
           ),
       )
+  if "grpo_multiturn_iteration" in only:
+    emit(
+        "grpo_multiturn_iteration",
+        suite.measured(
+            suite.grpo_multiturn_iteration,
+            cfg,
+            _RL_PROMPTS.value,
+            _RL_SAMPLES.value,
+            _PROMPT.value,
+            _RL_NEW.value,
+            _REPEATS.value,
+            kl_beta=_GRPO_BETA.value,
+        ),
+    )
   bandwidth = None
   if "hbm_bandwidth" in only:
     bandwidth = suite.measured(suite.hbm_bandwidth, _REPEATS.value)

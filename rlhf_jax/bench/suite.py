@@ -24,6 +24,9 @@ FLOP/s by the fp32 (or bf16) matmul peak measured here, first, on the same devic
                                                           train step on log-probs in the batch)
   grpo_iteration {completions_per_s, ...}                one GRPO iteration: no value model, k3 KL
                                                           to the reference in the loss, one update
+  grpo_multiturn_iteration {completions_per_s, turns, ...} the same with multi-turn rollouts: rows
+                                                          pause at a tool call, the host answers,
+                                                          the sampler resumes on its KV cache
   checkpoint   {save_s, restore_s, fingerprint_s, ...}   a train state (params + AdamW moments)
                                                           saved synchronously and restored; the
                                                           integrity fingerprint's share of each
@@ -80,6 +83,7 @@ BENCHES = (
     "generate",
     "ppo_iteration",
     "grpo_iteration",
+    "grpo_multiturn_iteration",
     "hbm_bandwidth",
     "decode",
     "checkpoint",
@@ -463,12 +467,14 @@ def ppo_iteration(
     estimator: str = "gae",
     kl_beta: float = 0.05,
     share_prompt: bool = False,
+    tools=None,
 ) -> dict:
   """A whole PPO iteration (algorithms/ppo.make_iteration, as the trainer runs it) on random
   models of the bench shape: policy, frozen reference, one reward model and (estimator "gae") a
   value model. estimator "grpo": GRPO, no value model and `kl_beta` x k3 KL to the reference in
   the loss (`grpo_iteration`). share_prompt: config.ppo.share_prompt (each prompt run once per
-  forward pass for its samples)."""
+  forward pass for its samples). tools: `environments.Tools` for multi-turn rollouts
+  (`grpo_multiturn_iteration`), with p.max_turns / tool_message_tokens as set by `tools_setting`."""
   from rlhf_jax.algorithms import ppo, ppo_rollout
 
   mesh = sharding.make_mesh((-1, 1, 1))
@@ -493,6 +499,9 @@ def ppo_iteration(
       minibatches=1,
       share_prompt=share_prompt,
   )
+  if tools is not None:
+    p.update(max_turns=tools.max_turns, tool_message_tokens=tools.message_tokens)
+    tools = tools.tools
   p.kl.beta = kl_beta
   optimizer, _ = make_optimizer(config.optim, 1000)
   shardings = state_shardings(optimizer, psh, abstract, mesh)
@@ -513,18 +522,29 @@ def ppo_iteration(
       eos_id=-1,
       pad_id=0,
       estimator=estimator,
+      tools=tools,
   )
   rs = np.random.RandomState(0)
   prompt = rs.randint(3, cfg.vocab_size, (prompts, prompt_len)).astype(np.int32)
   mask, unsafe = np.ones_like(prompt, bool), np.zeros(len(prompt), bool)
-  calls = [0]
+  calls, records, turns = [0], [{"prompt": ""}] * prompts, []
 
   def run():
     calls[0] += 1
     holder[0], info = iterate(
-        holder[0], reference, reward_params, prompt, mask, unsafe, jax.random.key(calls[0]), kl_beta
+        holder[0],
+        reference,
+        reward_params,
+        prompt,
+        mask,
+        unsafe,
+        jax.random.key(calls[0]),
+        kl_beta,
+        records=records,
     )
-    jax.block_until_ready((holder[0].params, info))
+    jax.block_until_ready((holder[0].params, info["update"]))
+    if info["episodes"] is not None:
+      turns.append(np.mean([len(e.calls) for e in info["episodes"]]))
 
   # The first call compiles sampler, scoring, advantages and update.
   first, seconds = first_and_timed(run, repeats)
@@ -543,7 +563,78 @@ def ppo_iteration(
       "first_iteration_s": first,
       "completions_per_s": completions / seconds,
       "new_tokens_per_s": completions * new_tokens / seconds,
+      **({"tool_calls_per_sample": float(np.mean(turns))} if turns else {}),
   }
+
+
+@dataclasses.dataclass(frozen=True)
+class _BenchTools:
+  """A tool setting for the benchmark: environments.Tools plus its max_turns and message size."""
+
+  tools: object
+  max_turns: int
+  message_tokens: int
+
+
+class _BenchFormat:
+  """The tool format of a random-weight benchmark: a row "calls" when it samples one of
+  `stop_ids` (a share of the vocabulary sized so that a row calls about every
+  new_tokens / (max_turns + 1) tokens), and every tool message is `message_tokens` fixed ids."""
+
+  start, end = "<call>", "</call>"
+
+  def __init__(self, stop_ids, message_tokens: int):
+    self.stop_id, self.message = list(stop_ids), [3] * message_tokens
+    self.overhead = 1
+    self.tokenizer = type("NoText", (), {"decode": staticmethod(lambda ids, **_: "")})()
+
+  def message_tokens(self, content: str, limit: int | None = None) -> list[int]:
+    return self.message[:limit]
+
+
+class _BenchEnvironment:
+
+  def step(self, record, messages):
+    from rlhf_jax.algorithms.environments import Observation
+
+    return Observation("result")
+
+
+def grpo_multiturn_iteration(
+    cfg: ModelConfig,
+    prompts: int,
+    samples: int,
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    kl_beta: float = 0.04,
+    max_turns: int = 2,
+    message_tokens: int = 8,
+) -> dict:
+  """`grpo_iteration` with multi-turn rollouts (algorithms/environments.py): each sample may call
+  a "tool" up to `max_turns` times; a call pauses its row, the host answers every paused row with a
+  `message_tokens`-token message and the sampler resumes on the same KV cache. Random weights
+  never write a real call, so a row calls when it samples one of a set of token ids (a share of
+  the vocabulary of about (max_turns + 1) / new_tokens); `tool_calls_per_sample` reports how many
+  it made. Compare completions/s with `grpo_iteration`'s (same shapes, one turn)."""
+  from rlhf_jax.algorithms import environments
+
+  share = min(0.5, (max_turns + 1) / max(new_tokens, 1))
+  stop_ids = range(4, 4 + max(1, int(share * (cfg.vocab_size - 4))))
+  tools = environments.Tools(_BenchEnvironment(), _BenchFormat(stop_ids, message_tokens))
+  record = ppo_iteration(
+      cfg,
+      prompts,
+      samples,
+      prompt_len,
+      new_tokens,
+      epochs=1,
+      repeats=repeats,
+      estimator="grpo",
+      kl_beta=kl_beta,
+      tools=_BenchTools(tools, max_turns, message_tokens),
+  )
+  return {**record, "max_turns": max_turns, "message_tokens": message_tokens}
 
 
 def grpo_iteration(
@@ -584,6 +675,7 @@ FIGURES = {
     "decode": ("new_tokens_per_s", "new tokens/s"),
     "ppo_iteration": ("completions_per_s", "completions/s"),
     "grpo_iteration": ("completions_per_s", "completions/s"),
+    "grpo_multiturn_iteration": ("completions_per_s", "completions/s"),
     "checkpoint": ("save_gbps", "GB/s saved"),
 }
 

@@ -103,6 +103,16 @@ def test_grpo_iteration_record(tiny):
   assert record["completions_per_s"] == pytest.approx(8 / record["iteration_s"])
 
 
+@pytest.mark.slow  # compiles the turn sampler's start and resume, scoring and update
+def test_grpo_multiturn_iteration_record(tiny):
+  record = bench.grpo_multiturn_iteration(
+      tiny, prompts=2, samples=4, prompt_len=8, new_tokens=16, repeats=1, max_turns=2
+  )
+  assert (record["estimator"], record["max_turns"], record["message_tokens"]) == ("grpo", 2, 8)
+  assert 0 < record["tool_calls_per_sample"] <= 2  # rows did pause, answer and resume
+  assert record["completions_per_s"] == pytest.approx(8 / record["iteration_s"])
+
+
 @pytest.mark.slow  # exports, compiles ours and runs HF generate, TRL DPO and GRPO trainers
 def test_compare_with_hf_and_trl(tmp_path):
   pytest.importorskip("trl", reason="bench --compare needs trl: pip install -e .[compare]")

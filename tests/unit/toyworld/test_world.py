@@ -558,3 +558,17 @@ def test_tokenizer_texts_cover_the_world(world):
   for spec in safety.INTENTS.values():
     assert spec["compliance"] in blob and spec["answer"] in blob and spec["lookalike"] in blob
   assert all(r in blob for r in safety.REFUSALS) and "User:" in blob and "Assistant:" in blob
+
+
+def test_max_operand_widens_arithmetic_and_leaves_the_default_world_alone():
+  default = World(0).tasks(200, seed=1)
+  assert World(0, max_operand=12).tasks(200, seed=1) == default  # the default value: same draws
+  operands = lambda tasks: [
+      x for t in tasks if t["family"] == "arithmetic" for x in (t["info"]["a"], t["info"]["b"])
+  ]
+  assert max(operands(default)) <= 12
+  wide = World(0, families=("arithmetic",), max_operand=99).tasks(200, seed=1)
+  assert 90 <= max(operands(wide)) <= 99 and min(operands(wide)) >= 0
+  assert all(t["answer"] == str(t["info"]["result"]) for t in wide)
+  with pytest.raises(ValueError, match=r"config.world.max_operand=0: must be a whole number"):
+    World(0, max_operand=0)
