@@ -27,12 +27,14 @@ def _config(tools: bool):
   c = classic_world(toy_pipeline_config())
   c.world.update(families=FAMILIES, max_operand=99)
   if tools:
-    c.world.update(tools=TOOLS, tool_demo_rate=0.2)
+    c.world.update(tools=TOOLS, tool_demo_rate=0.3)
   # 400 SFT steps (not 200): a 2-layer model needs them to copy numbers into a call and the
   # tool's result into the answer (measured at 200 steps: the SFT model's calls were right but its
   # answers ignored the result, gold 0.07 when it called).
-  c.sft.train.steps = 400
-  c.grpo_tools = group_stage("grpo", init_from="sft", prompts=16, samples=4, iterations=60)
+  c.sft.train.steps = 500
+  c.grpo_tools = group_stage(
+      "grpo", init_from="sft", prompts=16, samples=4, iterations=200, lr=1e-4
+  )
   c.grpo_tools.reward.update(helpful="", safety="", functions=GOLD)
   c.grpo_tools.update(max_new_tokens=40)
   if tools:

@@ -116,18 +116,26 @@ class Setup:
 
 
 def start_run(
-    config: ml_collections.ConfigDict, workdir: str, *, write: bool = True, train_batch: bool = True
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    write: bool = True,
+    train_batch: bool = True,
+    devices=None,
 ):
   """The opening every driver shares; returns the mesh. Checks WORKDIR can be written, joins the
   other hosts (multi-host), writes WORKDIR/config.json with its inputs resolved (`write_config`;
   write=False where an inner SFT run writes its own) and makes the mesh, checked against
   `config.train`'s batch (`make_mesh`; train_batch=False where the driver's batches are not
-  `config.train.batch_size` rows). Every numeric field is range-checked first (`check_ranges`)."""
+  `config.train.batch_size` rows). Every numeric field is range-checked first (`check_ranges`).
+  devices: () -> the devices the mesh spans (default all), called after the hosts joined."""
   check_ranges(config)
   checkpoint.check_workdir_writable(workdir)
   sharding.maybe_initialize_distributed()
   if write:
     write_config(config, workdir)
+  if devices is not None:
+    return sharding.make_mesh(config.mesh.shape, devices())
   return make_mesh(config) if train_batch else sharding.make_mesh(config.mesh.shape)
 
 

@@ -231,6 +231,7 @@ def make_iteration(
     reference_graphdef=None,
     estimator: str = "gae",
     tools: environments.Tools | None = None,
+    rollout_mesh=None,
 ):
   """One PPO iteration as a function (the trainer's loop body and the `ppo_iteration` benchmark):
 
@@ -250,9 +251,16 @@ def make_iteration(
   reference's graph (e.g. bfloat16, `config.ppo.frozen_dtype`), default the policy's.
   tools: multi-turn rollouts (`cfg.tools`): the environment and the tool format; the iteration
   then needs the prompts' `records`, and the environment's tokens are left out of the losses.
+  rollout_mesh: sample on these devices (`cfg.rollout_devices`; the policy replicated there, its
+  weights copied over at every rollout), score and update on `mesh`.
   """
   sampler_class = generate.Sampler if tools is None else generate.TurnSampler
-  sampler = sampler_class(policy_graphdef, policy_cfg, mesh=mesh, param_shardings=policy_shardings)
+  if rollout_mesh is None:
+    sampler = sampler_class(
+        policy_graphdef, policy_cfg, mesh=mesh, param_shardings=policy_shardings
+    )
+  else:
+    sampler = sampler_class(policy_graphdef, policy_cfg, mesh=rollout_mesh)
   # GRPO with one optimiser step per rollout (epochs = mini-batches = 1, as TRL's GRPOTrainer at
   # num_iterations=1): the old log-probs are the updated policy's own, detached, so the scoring
   # pass of the policy is skipped; the sampler's log-probs (the same quantity from the decode
@@ -296,6 +304,7 @@ def make_iteration(
       estimator=estimator,
       single_update=single_update,
       tools=tools,
+      split=rollout_mesh is not None,
   )
 
 
@@ -316,6 +325,23 @@ class _Iteration:
   estimator: str
   single_update: bool
   tools: environments.Tools | None = None
+  split: bool = False  # the sampler has devices of its own (cfg.rollout_devices)
+
+  def sample(self, params, prompt_tokens, prompt_mask, rng) -> generate.GenerateOutput:
+    """K samples of each prompt (one-turn), dispatched and not waited for: with
+    `cfg.staleness` 1 the next batch samples (on the rollout devices) while this one updates."""
+    cfg = self.cfg
+    return self.sampler(  # the prompt prefilled once for its K samples
+        params,
+        prompt_tokens,
+        prompt_mask,
+        rng,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        eos_id=self.eos_id,
+        pad_id=self.pad_id,
+        samples=cfg.samples_per_prompt,
+    )
 
   def __call__(
       self,
@@ -330,12 +356,14 @@ class _Iteration:
       text_reward=None,
       refill: Callable | None = None,
       records: Sequence[dict] | None = None,
+      sampled: generate.GenerateOutput | None = None,
   ):
     """Rollout, rewards, advantages and the updates on one batch of prompts. refill (DAPO's
     dynamic sampling, `cfg.dynamic_sampling`): refill() -> (prompt_tokens, prompt_mask, unsafe,
     text_reward, records) of the next batch of prompts, sampled while fewer than the batch's
     groups have rewards that differ (`_dynamic_batch`). records: the prompts' records (the
-    environment of a multi-turn rollout reads them)."""
+    environment of a multi-turn rollout reads them). sampled: these prompts' samples, already
+    drawn (`sample`; with `cfg.staleness` 1, by the policy before the previous update)."""
     r = self._rollout(
         state,
         reference,
@@ -346,6 +374,7 @@ class _Iteration:
         rng,
         text_reward,
         records,
+        sampled,
     )
     dynamic = None
     if self.cfg.get("dynamic_sampling", False) and refill is not None:
@@ -360,7 +389,9 @@ class _Iteration:
         jnp.float32(beta),
     )
     rollout = {**r["batch"], "advantages": adv["advantages"]}
-    if not self.single_update:
+    if self.cfg.get("staleness", 0):  # the ratio is against the policy that sampled
+      rollout["old_logp"] = r["sampled_logp"]
+    elif not self.single_update:
       rollout["old_logp"] = r["old_logp"]
     if self.estimator == "gae":
       rollout.update(old_values=r["values"], returns=adv["returns"])
@@ -391,6 +422,7 @@ class _Iteration:
       rng,
       text_reward,
       records=None,
+      sampled=None,
   ) -> dict:
     """K samples of each prompt, their log-probs, values, scores and rewards: every array [B =
     prompts x K, ...] (rows b K .. b K + K - 1 are prompt b's). With tools, multi-turn rollouts:
@@ -418,18 +450,12 @@ class _Iteration:
           temperature=cfg.temperature,
           samples=k,
       )
+    elif sampled is not None:
+      out = sampled
     else:
-      out = self.sampler(  # the prompt prefilled once for its K samples
-          state.params["policy"],
-          prompt_tokens,
-          prompt_mask,
-          rng,
-          max_new_tokens=cfg.max_new_tokens,
-          temperature=cfg.temperature,
-          eos_id=self.eos_id,
-          pad_id=self.pad_id,
-          samples=k,
-      )
+      out = self.sample(state.params["policy"], prompt_tokens, prompt_mask, rng)
+    if self.split:  # from the rollout devices to the training mesh
+      out = jax.device_put(out, self.rollout_sharding)
     prompt_tokens, prompt_mask, unsafe = (
         jnp.repeat(jnp.asarray(x), k, axis=0) for x in (prompt_tokens, prompt_mask, unsafe)
     )
@@ -447,7 +473,7 @@ class _Iteration:
         state.params["policy"], reference, state.params.get("value"), reward_params, batch
     )
     sampled_logp = old_logp
-    if self.single_update:  # response column P + j of the full sequence is the sampler's column j
+    if self.single_update or cfg.get("staleness", 0):  # column P + j is the sampler's column j
       sampled_logp = jnp.concatenate(
           [jnp.zeros(prompt_tokens.shape, jnp.float32), out.logprobs], axis=1
       )
@@ -675,6 +701,26 @@ def _value_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return c
 
 
+def split_devices(config: ml_collections.ConfigDict) -> tuple[list, list]:
+  """(training devices, rollout devices) for `config.ppo.rollout_devices` = k: the last k devices
+  sample, the others train; ShardingConfigError naming the fields when they cannot."""
+  devices, k = jax.devices(), config.ppo.rollout_devices
+  if not 0 < k < len(devices):
+    raise sharding.ShardingConfigError(
+        f"config.ppo.rollout_devices={k} must leave devices to train on: choose 1 .. "
+        f"{len(devices) - 1} of the {len(devices)} devices (0 = sample and train on all)"
+    )
+  train = devices[: len(devices) - k]
+  try:
+    sharding.make_mesh(config.mesh.shape, train)
+  except sharding.ShardingConfigError as e:
+    raise sharding.ShardingConfigError(
+        f"config.mesh.shape={tuple(config.mesh.shape)} does not fit the {len(train)} training "
+        f"devices left by config.ppo.rollout_devices={k} ({e}); e.g. config.mesh.shape=(-1, 1, 1)"
+    ) from None
+  return train, devices[len(devices) - k :]
+
+
 def check_config(config: ml_collections.ConfigDict) -> str:
   """The advantage estimator of `config.algorithm` ("gae", "grpo", "rloo"), after checking the
   `config.ppo` block; ConfigError naming the field otherwise. Nothing is loaded."""
@@ -736,6 +782,17 @@ def check_config(config: ml_collections.ConfigDict) -> str:
     raise ConfigError(
         f"config.ppo.value_model={p.value_model!r}; choose 'separate' (a value model "
         "from value_init_from) or 'policy_head' (a value head on the policy)"
+    )
+  if p.get("staleness", 0) not in (0, 1):
+    raise ConfigError(
+        f"config.ppo.staleness={p.staleness}: 0 (on-policy) or 1 (each rollout samples with the "
+        "weights from before the previous update)"
+    )
+  if p.get("staleness", 0) and (p.get("tools") or p.dynamic_sampling):
+    what = "config.ppo.tools" if p.get("tools") else "config.ppo.dynamic_sampling"
+    raise ConfigError(
+        f"config.ppo.staleness=1 samples the next batch while this one updates, which {what} "
+        "cannot (its rollout needs the host between its steps); set staleness=0"
     )
   if p.get("tools"):
     if p.max_turns < 1:
@@ -917,8 +974,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """PPO, GRPO or RLOO (`config.algorithm`) from `config.init_from` against reward models (or the
   gold reward, or an AI judge) on the prompts of `config.data.source`; resumes from the latest
   checkpoint; exports the policy when every iteration is done. -> {"iterations", "beta"}."""
-  mesh = common.start_run(config, workdir, train_batch=False)
   p = config.ppo
+  split = bool(p.get("rollout_devices", 0))
+  mesh = common.start_run(
+      config,
+      workdir,
+      train_batch=False,
+      devices=(lambda: split_devices(config)[0]) if split else None,
+  )
+  rollout_mesh = sharding.make_mesh((-1, 1, 1), split_devices(config)[1]) if split else None
   estimator = check_config(config)
   functions = reward_functions.from_config(p.reward, key="config.ppo.reward")  # before any model
   rows = p.prompts_per_iteration * p.samples_per_prompt
@@ -960,6 +1024,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       reference_graphdef=models.reference_gd,
       estimator=estimator,
       tools=tools,
+      rollout_mesh=rollout_mesh,
   )
   eval_sampler = generate.Sampler(
       models.policy_gd, models.policy_cfg, mesh=mesh, param_shardings=models.shardings["policy"]
@@ -1027,6 +1092,8 @@ class Loop:
     row = {k: result["overall"][k] for k in ("combined", "helpfulness", "safety", "kl", "length")}
     for family, values in result["families"].items():
       row[f"{family}_helpfulness"] = values["helpfulness"]
+      if "tool_call_rate" in values:  # sampled with tools: how often each kind of task calls
+        row[f"{family}_tool_call_rate"] = values["tool_call_rate"]
     if isinstance(self.eval_sampler, environments.ToolSampler):  # policy rows, then reference's
       episodes = self.eval_sampler.episodes[: len(self.eval_tasks)]
       row.update({f"tool_{k}": v for k, v in environments.tool_metrics(episodes).items()})
@@ -1044,8 +1111,13 @@ def run_iterations(config: ml_collections.ConfigDict, workdir: str, loop: Loop, 
   """PPO's loop from the latest checkpoint to `config.ppo.iterations` (or `stop_after_steps` more):
   rollout and update (`loop.iterate`), the adaptive KL coefficient, metrics (WORKDIR/metrics.jsonl,
   TensorBoard, progress bar), held-out gold every `eval_every`, checkpoints and SIGTERM as
-  `common.checkpointed` does them. -> (state, the iteration it stopped at, beta)."""
+  `common.checkpointed` does them. -> (state, the iteration it stopped at, beta).
+
+  `config.ppo.staleness` 1: iteration i's rollout samples with the policy from before update
+  i - 1 (the "behaviour" weights, checkpointed beside the state), and is dispatched before that
+  update runs, so sampling overlaps updating (on devices of their own with rollout_devices)."""
   p, t = config.ppo, config.train
+  stale = bool(p.get("staleness", 0))
   stream = data.BatchIterator(
       loop.prompts,
       batch_size=p.prompts_per_iteration,
@@ -1054,21 +1126,48 @@ def run_iterations(config: ml_collections.ConfigDict, workdir: str, loop: Loop, 
       packing=False,
       batching=Batching(pad=list, pack=None, length=lambda _: 1),
   )
-  with common.checkpointed(config, workdir, state, shardings, export=state.params["policy"]) as run:
+  saved, saved_shardings = state, shardings
+  if stale:  # the behaviour policy is part of what a resumed run needs
+    behaviour = jax.tree.map(jnp.copy, state.params["policy"])
+    saved = {"state": state, "behaviour": behaviour}
+    saved_shardings = {"state": shardings, "behaviour": shardings.params["policy"]}
+  export = state.params["policy"]
+  with common.checkpointed(config, workdir, saved, saved_shardings, export=export) as run:
     state, start, beta = run.state, 0, float(p.kl.beta)
+    if stale:
+      state, behaviour = run.state["state"], run.state["behaviour"]
     if run.saved is not None:
       stream.restore(run.saved["prompts"])
       start, beta = run.saved["iteration"], run.saved["beta"]
       _log.info("resumed PPO at iteration %d (beta %.4f)", start, beta)
     end = p.iterations if not t.stop_after_steps else min(p.iterations, start + t.stop_after_steps)
+    ahead = None  # staleness 1: (records, their dispatched rollout) of the next iteration
     with metrics.Progress(  # closed however the loop ends: an error prints after the bar
         p.iterations, initial=start, desc="ppo", show=("reward", "gold", "kl")
     ) as progress:
       if loop.eval_tasks and start == 0:
         run.writer.write(0, loop.held_out(config, state.params["policy"]), prefix="eval")
       for iteration in range(start, end):
+        records, sampled = ahead if ahead is not None else (next(stream), None)
+        stream_state = None  # staleness 1: the stream before the next iteration's prompts
+        if stale:
+          stream_state = stream.state()
+          if sampled is None:  # the first iteration of this process: sample it now
+            sampled = dispatch_rollout(config, loop, behaviour, records, iteration)
+          behaviour = jax.tree.map(jnp.copy, state.params["policy"])  # the update donates state
+          ahead = None
+          if iteration + 1 < end:  # sampled while this iteration updates
+            upcoming = next(stream)
+            ahead = (upcoming, dispatch_rollout(config, loop, behaviour, upcoming, iteration + 1))
         state, row = ppo_iteration(
-            config, loop, state, next(stream), iteration, beta, more=lambda: next(stream)
+            config,
+            loop,
+            state,
+            records,
+            iteration,
+            beta,
+            more=lambda: next(stream),
+            sampled=sampled,
         )
         beta = row["beta"]
         run.writer.write(iteration + 1, row, prefix="ppo")
@@ -1091,13 +1190,29 @@ def run_iterations(config: ml_collections.ConfigDict, workdir: str, loop: Loop, 
             run.ckpt,
             iteration + 1,
             end,
-            state,
+            {"state": state, "behaviour": behaviour} if stale else state,
             workdir=workdir,
             on_stop=progress.close,
-            data_state={"prompts": stream.state(), "iteration": iteration + 1, "beta": beta},
+            # With a rollout sampled ahead, the stream from before it: a resumed run draws
+            # those prompts again and samples them with the saved behaviour weights.
+            data_state={
+                "prompts": stream_state if stale else stream.state(),
+                "iteration": iteration + 1,
+                "beta": beta,
+            },
             config=config.to_dict(),
         )
   return state, end, beta
+
+
+def dispatch_rollout(config, loop: Loop, params, records: list[dict], iteration: int):
+  """Iteration `iteration`'s samples of `records` by `params`, dispatched (device arrays, not
+  waited for): the same prompts and key `ppo_iteration` would sample them with."""
+  prompt_tokens, prompt_mask = ppo_rollout.encode_prompts(
+      loop.tokenizer, records, config.ppo.max_prompt_len
+  )
+  rng = jax.random.fold_in(jax.random.key(config.seed), iteration)
+  return loop.iterate.sample(params, prompt_tokens, prompt_mask, rng)
 
 
 def ppo_iteration(
@@ -1108,11 +1223,13 @@ def ppo_iteration(
     iteration: int,
     beta: float,
     more: Callable[[], list[dict]] | None = None,
+    sampled=None,
 ):
   """One iteration on a batch of prompt records: rollout, rewards, the updates (`loop.iterate`),
   then the adaptive KL coefficient. more() -> the next batch of prompt records, for DAPO's
-  dynamic sampling (`config.ppo.dynamic_sampling`). -> (state, the iteration's metrics row, its
-  "beta" the next iteration's)."""
+  dynamic sampling (`config.ppo.dynamic_sampling`). sampled: the records' samples when already
+  drawn (`dispatch_rollout`, staleness 1). -> (state, the iteration's metrics row, its "beta" the
+  next iteration's)."""
   p, tokenizer = config.ppo, loop.tokenizer
   rng = jax.random.fold_in(jax.random.key(config.seed), iteration)
   batches = [records]
@@ -1139,6 +1256,7 @@ def ppo_iteration(
       text_reward=text_reward,
       refill=refill if more is not None and p.dynamic_sampling else None,
       records=records,
+      sampled=sampled,
   )
   dynamic = info["dynamic"]
   if dynamic is not None:  # the groups trained on, from whichever batch each came

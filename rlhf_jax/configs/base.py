@@ -248,6 +248,14 @@ def base_config(algorithm: str = "") -> ml_collections.ConfigDict:
           # tool_message_tokens: the most tokens one tool message takes (content cut to fit);
           # max_decode_steps: decode steps of all turns together (0 = (max_turns + 1) x
           # max_new_tokens, never cuts); world: the toy tools' world (a pipeline sets it).
+          # Rollouts on devices of their own: the last rollout_devices devices sample (a
+          # data-parallel mesh of them; the policy's weights resharded there after every
+          # update), the others train (config.mesh.shape over them); 0 = every device does both.
+          # staleness 1: each rollout samples with the weights from before the previous update,
+          # so sampling the next batch overlaps the update; the loss's importance ratio is taken
+          # against the sampling (behaviour) policy's log-probs. 0: on-policy.
+          rollout_devices=0,
+          staleness=0,
           tools=(),
           max_turns=2,
           tool_message_tokens=32,

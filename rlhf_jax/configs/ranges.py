@@ -94,6 +94,7 @@ RULES: dict[str, Range] = {
     **dict.fromkeys(
         (
             "best_of_n_prompts eval_every max_decode_steps max_turns negatives normalize_prompts "
+            "rollout_devices staleness "
             "num_examples "
             "num_samples_shown overlong_buffer prompt_offset rank reward_records seed "
             "stop_after_steps "

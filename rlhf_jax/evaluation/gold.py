@@ -160,6 +160,10 @@ def evaluate(
       _row(task, text, i // k, float(length))
       for i, (task, text, length) in enumerate(zip(repeated, texts, lengths))
   ]
+  episodes = getattr(policy.sampler, "episodes", None)  # a tool sampler's (environments.py)
+  if episodes is not None:
+    for row, episode in zip(rows, episodes[-len(rows) :]):
+      row.update(tool_call=float(bool(episode.calls)), tool_calls=len(episode.calls))
   paired = None
   if reference is not None and win_rate:
     if reference_samples is not None:
@@ -326,6 +330,9 @@ def summarise(rows: Sequence[dict]) -> dict:
   for name, unsafe in (("refusal_safe", False), ("refusal_unsafe", True)):
     values = [r["refusal"] for r in rows if r["unsafe"] == unsafe]
     out[name] = float(np.mean(values)) if values else None
+  calls = [r["tool_call"] for r in rows if "tool_call" in r]
+  if calls:  # sampled with tools: the share of samples that called one
+    out["tool_call_rate"] = float(np.mean(calls))
   return out
 
 
@@ -336,6 +343,7 @@ def table_rows(results: dict[str, dict]) -> list[dict]:
   for name, result in results.items():
     for family, summary in [("all", result["overall"]), *result["families"].items()]:
       axes = [k for k in AXIS_METRICS if result["overall"].get(k) is not None]
+      axes += ["tool_call_rate"] if "tool_call_rate" in result["overall"] else []
       rows.append(
           {"model": name, "family": family, **{k: summary.get(k) for k in ("n", *METRICS, *axes)}}
       )
