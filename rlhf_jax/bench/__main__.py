@@ -112,6 +112,12 @@ _RL_SHARE = flags.DEFINE_bool(
     "config.ppo.share_prompt (a prompt's samples run with the prompt "
     "once); the default run also times GRPO without it.",
 )
+_RL_SPLIT = flags.DEFINE_integer(
+    "rl_rollout_devices",
+    0,
+    "grpo_iteration also with this many devices sampling apart from the training devices "
+    "(config.ppo.rollout_devices), at staleness 0 and 1; 0 = not run.",
+)
 _SCAN = flags.DEFINE_bool(
     "scan_layers",
     False,
@@ -262,6 +268,25 @@ def main(argv):
               _REPEATS.value,
               kl_beta=_GRPO_BETA.value,
               share_prompt=share,
+          ),
+      )
+  if "grpo_iteration" in only and _RL_SPLIT.value:
+    # Rollouts on devices of their own, on-policy and one step off-policy, beside the colocated
+    # iteration above (unshared, as these are).
+    for staleness in (0, 1):
+      emit(
+          "grpo_iteration",
+          suite.measured(
+              suite.grpo_iteration,
+              cfg,
+              _RL_PROMPTS.value,
+              _RL_SAMPLES.value,
+              _PROMPT.value,
+              _RL_NEW.value,
+              _REPEATS.value,
+              kl_beta=_GRPO_BETA.value,
+              rollout_devices=_RL_SPLIT.value,
+              staleness=staleness,
           ),
       )
   if "grpo_multiturn_iteration" in only:

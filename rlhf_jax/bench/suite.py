@@ -468,16 +468,26 @@ def ppo_iteration(
     kl_beta: float = 0.05,
     share_prompt: bool = False,
     tools=None,
+    rollout_devices: int = 0,
+    staleness: int = 0,
 ) -> dict:
   """A whole PPO iteration (algorithms/ppo.make_iteration, as the trainer runs it) on random
   models of the bench shape: policy, frozen reference, one reward model and (estimator "gae") a
   value model. estimator "grpo": GRPO, no value model and `kl_beta` x k3 KL to the reference in
   the loss (`grpo_iteration`). share_prompt: config.ppo.share_prompt (each prompt run once per
   forward pass for its samples). tools: `environments.Tools` for multi-turn rollouts
-  (`grpo_multiturn_iteration`), with p.max_turns / tool_message_tokens as set by `tools_setting`."""
+  (`grpo_multiturn_iteration`), with p.max_turns / tool_message_tokens as set by `tools_setting`.
+  rollout_devices k > 0: the last k devices sample, the others train (config.ppo.rollout_devices);
+  staleness 1: each iteration's rollout was dispatched before the previous update with the
+  weights from before it (config.ppo.staleness), so sampling overlaps the update."""
   from rlhf_jax.algorithms import ppo, ppo_rollout
 
-  mesh = sharding.make_mesh((-1, 1, 1))
+  devices = jax.devices()
+  train_devices = devices[: len(devices) - rollout_devices]
+  mesh = sharding.make_mesh((-1, 1, 1), train_devices)
+  rollout_mesh = None
+  if rollout_devices:
+    rollout_mesh = sharding.make_mesh((-1, 1, 1), devices[len(devices) - rollout_devices :])
   value_cfg = dataclasses.replace(cfg, head="scalar")
   policy_gd, policy_abs, policy_psh, policy = random_model(cfg, mesh, seed=0)
   psh, params, abstract = {"policy": policy_psh}, {"policy": policy}, {"policy": policy_abs}
@@ -498,6 +508,7 @@ def ppo_iteration(
       epochs=epochs,
       minibatches=1,
       share_prompt=share_prompt,
+      staleness=staleness,
   )
   if tools is not None:
     p.update(max_turns=tools.max_turns, tool_message_tokens=tools.message_tokens)
@@ -523,14 +534,22 @@ def ppo_iteration(
       pad_id=0,
       estimator=estimator,
       tools=tools,
+      rollout_mesh=rollout_mesh,
   )
   rs = np.random.RandomState(0)
   prompt = rs.randint(3, cfg.vocab_size, (prompts, prompt_len)).astype(np.int32)
   mask, unsafe = np.ones_like(prompt, bool), np.zeros(len(prompt), bool)
-  calls, records, turns = [0], [{"prompt": ""}] * prompts, []
+  calls, records, turns, ahead = [0], [{"prompt": ""}] * prompts, [], [None]
 
   def run():
     calls[0] += 1
+    sampled = None
+    if staleness:  # this rollout came from the weights before the last update; the next one
+      sampled = ahead[0] or iterate.sample(  # is dispatched now, before this update runs
+          holder[0].params["policy"], prompt, mask, jax.random.key(calls[0])
+      )
+      behaviour = jax.tree.map(jnp.copy, holder[0].params["policy"])
+      ahead[0] = iterate.sample(behaviour, prompt, mask, jax.random.key(calls[0] + 1))
     holder[0], info = iterate(
         holder[0],
         reference,
@@ -541,6 +560,7 @@ def ppo_iteration(
         jax.random.key(calls[0]),
         kl_beta,
         records=records,
+        sampled=sampled,
     )
     jax.block_until_ready((holder[0].params, info["update"]))
     if info["episodes"] is not None:
@@ -559,6 +579,8 @@ def ppo_iteration(
       "estimator": estimator,
       "kl_beta": kl_beta,
       "share_prompt": share_prompt,
+      "rollout_devices": rollout_devices,
+      "staleness": staleness,
       "iteration_s": seconds,
       "first_iteration_s": first,
       "completions_per_s": completions / seconds,
@@ -646,10 +668,13 @@ def grpo_iteration(
     repeats: int,
     kl_beta: float = 0.04,
     share_prompt: bool = False,
+    rollout_devices: int = 0,
+    staleness: int = 0,
 ) -> dict:
   """One GRPO iteration (TRL GRPOTrainer's step with num_iterations=1): sample prompts x samples,
   score (policy, reference, one reward model), group-normalised advantages, one update of the
-  policy with `kl_beta` x k3 KL to the reference in the loss. No value model."""
+  policy with `kl_beta` x k3 KL to the reference in the loss. No value model. rollout_devices,
+  staleness: sampling on devices of its own, one step off-policy (`ppo_iteration`)."""
   return ppo_iteration(
       cfg,
       prompts,
@@ -661,6 +686,8 @@ def grpo_iteration(
       estimator="grpo",
       kl_beta=kl_beta,
       share_prompt=share_prompt,
+      rollout_devices=rollout_devices,
+      staleness=staleness,
   )
 
 
@@ -736,6 +763,8 @@ def _setting(r: dict) -> str:
     parts.append(f"ref {r['reference']}")
   if "share_prompt" in r:
     parts.append("shared" if r["share_prompt"] else "unshared")
+  if r.get("rollout_devices"):
+    parts.append(f"{r['rollout_devices']} rollout devices, staleness {r['staleness']}")
   if r.get("bandwidth_fraction") is not None:
     parts.append(f"{r['bandwidth_fraction']:.2f} of limit")
   if "fingerprint_share_of_save" in r:

@@ -103,6 +103,24 @@ def test_grpo_iteration_record(tiny):
   assert record["completions_per_s"] == pytest.approx(8 / record["iteration_s"])
 
 
+@pytest.mark.slow  # compiles the sampler on 4 devices, scoring and update on the other 4
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_grpo_iteration_with_rollouts_on_their_own_devices(tiny, staleness):
+  record = bench.grpo_iteration(
+      tiny,
+      prompts=2,
+      samples=4,
+      prompt_len=8,
+      new_tokens=8,
+      repeats=2,
+      rollout_devices=4,
+      staleness=staleness,
+  )
+  assert (record["rollout_devices"], record["staleness"]) == (4, staleness)
+  assert record["completions_per_s"] == pytest.approx(8 / record["iteration_s"])
+  assert "4 rollout devices, staleness" in bench._setting(record)
+
+
 @pytest.mark.slow  # compiles the turn sampler's start and resume, scoring and update
 def test_grpo_multiturn_iteration_record(tiny):
   record = bench.grpo_multiturn_iteration(
