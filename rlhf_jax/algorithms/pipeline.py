@@ -711,6 +711,14 @@ def evaluate_policies(
   results = evaluate_stages(config, workdir, paths, evaluated, eval_parents)
   result.update({f"{s}/{k}": v for s, r in results.items() for k, v in r["overall"].items()})
   ppo_stages = [s for s in trained if config[s].algorithm in ppo.ESTIMATOR_OF]  # + GRPO, RLOO
+  tool_stages = [s for s in ppo_stages if config[s].get("tools")]
+  if tool_stages:  # how often each family calls, and its accuracy, over training
+    path = plots.plot_tool_use(
+        {s: metrics.read_jsonl(os.path.join(workdir, s, "metrics.jsonl")) for s in tool_stages},
+        os.path.join(workdir, "eval", "tool_use.png"),
+        families=tuple(dict.fromkeys(config.world.families)),
+    )
+    _log.info("wrote %s", path)
   # The temperature curve of the PPO stages' start policy (else of the SFT model): the baseline
   # without a reward model or training that every method has to beat at equal KL.
   start = parents.get(ppo_stages[0]) if ppo_stages else ("sft" if "sft" in trained else None)

@@ -3,7 +3,8 @@
 `plot_gold_vs_kl` draws reward over-optimisation (Gao et al. 2022): for each PPO run, the proxy
 reward (what the reward model says) and the gold reward (what the toy world says) against the KL
 to the reference. With a weak KL penalty the proxy keeps rising while gold peaks and falls.
-`plot_best_of_n` draws the same for best-of-n selection against sqrt(KL).
+`plot_best_of_n` draws the same for best-of-n selection against sqrt(KL). `plot_tool_use` draws how
+often each task family calls a tool, and its accuracy, over a run with tools.
 """
 
 from __future__ import annotations
@@ -159,6 +160,40 @@ def plot_best_of_n(report: Mapping, path: str | os.PathLike) -> str:
   return _save(fig, path)
 
 
+def plot_tool_use(
+    runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike, families: Sequence[str]
+) -> str:
+  """Tool use over training: for each run (label -> its metrics.jsonl rows), the held-out share of
+  each family's samples that called a tool (left; `eval/<family>_tool_call_rate`, absent for a run
+  without tools) and the family's gold helpfulness (right; `eval/<family>_helpfulness`, its
+  accuracy), against the iteration. Writes a PNG to `path`, returns it."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  styles = ("-o", "--s", ":^", "-.v")
+  for i, (label, rows) in enumerate(runs.items()):
+    for j, family in enumerate(families):
+      for ax, key in zip(axes, (f"eval/{family}_tool_call_rate", f"eval/{family}_helpfulness")):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+          x, y = zip(*points)
+          ax.plot(
+              x, y, styles[i % len(styles)], color=f"C{j}", markersize=3, label=f"{label}: {family}"
+          )
+  axes[0].set_title("samples that call a tool (held-out prompts)", fontsize=9)
+  axes[1].set_title("gold helpfulness of the answer (held-out prompts)", fontsize=9)
+  for ax in axes:
+    ax.set_xlabel("iteration")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle("Tool use over training")
+  return _save(fig, path)
+
+
 def _save(fig, path: str | os.PathLike) -> str:
   """Writes `fig` as a PNG to `path` (its directory created), closes it, returns the path."""
   import matplotlib.pyplot as plt
@@ -171,4 +206,4 @@ def _save(fig, path: str | os.PathLike) -> str:
   return path
 
 
-__all__ = ["smooth", "plot_gold_vs_kl", "plot_best_of_n"]
+__all__ = ["smooth", "plot_gold_vs_kl", "plot_best_of_n", "plot_tool_use"]
