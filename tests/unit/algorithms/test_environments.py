@@ -103,9 +103,7 @@ def test_tool_format_from_the_chat_template(tokenizers):
   with pytest.raises(ValueError, match=r"has no tool-call format: <tool_call> is \d+ tokens"):
     envs.ToolFormat(without)
   with pytest.raises(ConfigError, match=r"^config.ppo.tools: tokenizer .* has no tool-call format"):
-    envs.load_tools(("calculator",), without, world=None, key="config.ppo.tools") if False else (
-        envs.load_tools((f"{__name__}:_calculator",), without, key="config.ppo.tools")
-    )
+    envs.load_tools((f"{__name__}:_calculator",), without, key="config.ppo.tools")
 
 
 def test_tool_format_needs_a_tool_role(tokenizers):
