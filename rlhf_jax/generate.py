@@ -821,20 +821,18 @@ class Sampler:
   ) -> GenerateOutput:
     """Same contract as `generate`; prompts are host arrays [B, P]. Returns [B x samples, N]
     outputs (prompt b's samples at rows b x samples ...: each prompt prefilled once)."""
-    prompt_tokens = np.asarray(prompt_tokens, np.int32)
-    prompt_mask = np.asarray(prompt_mask, bool)
-    _check_inputs(
+    batch = len(prompt_tokens)
+    params, tokens, mask = self._place(
+        params,
         prompt_tokens,
         prompt_mask,
+        pad_id,
         max_new_tokens=max_new_tokens,
         top_k=top_k,
         top_p=top_p,
         temperature=temperature,
-        cfg=self.config,
         samples=samples,
     )
-    batch = prompt_tokens.shape[0]
-    params, tokens, mask = self._place(params, prompt_tokens, prompt_mask, pad_id)
     fn = self._function((max_new_tokens, top_k, float(top_p), int(samples)))
     out = fn(
         params, tokens, mask, rng, np.float32(temperature), _eos_array(eos_id), np.int32(pad_id)
@@ -843,9 +841,13 @@ class Sampler:
       out = jax.tree.map(lambda x: x[: batch * samples], out)
     return out
 
-  def _place(self, params, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, pad_id: int):
-    """(params, tokens, mask) bucketed (`buckets`: dummy rows below, padding on the left) and
-    placed on the mesh."""
+  def _place(self, params, prompt_tokens, prompt_mask, pad_id: int, **checked):
+    """(params, tokens, mask): host prompts checked (`_check_inputs` with the decoding arguments
+    `checked`), bucketed (`buckets`: dummy rows below, padding on the left) and placed on the
+    mesh."""
+    prompt_tokens = np.asarray(prompt_tokens, np.int32)
+    prompt_mask = np.asarray(prompt_mask, bool)
+    _check_inputs(prompt_tokens, prompt_mask, cfg=self.config, **checked)
     batch, prompt_len = prompt_tokens.shape
     b_bucket, p_bucket = self.buckets(batch, prompt_len)
     pad = ((0, b_bucket - batch), (p_bucket - prompt_len, 0))
@@ -894,24 +896,22 @@ class TurnSampler(Sampler):
   ) -> TurnState:
     """The first turn of [B, P] host prompts (`Sampler.__call__`'s contract); the state's rows
     are the bucketed batch's (B x samples real rows first)."""
-    prompt_tokens = np.asarray(prompt_tokens, np.int32)
-    prompt_mask = np.asarray(prompt_mask, bool)
-    _check_inputs(
-        prompt_tokens,
-        prompt_mask,
-        max_new_tokens=max_new_tokens,
-        top_k=top_k,
-        top_p=top_p,
-        temperature=temperature,
-        cfg=self.config,
-        samples=samples,
-    )
     if max_steps < max_new_tokens or queue_size < 1:
       raise ValueError(
           f"max_steps={max_steps} must be >= max_new_tokens={max_new_tokens} and "
           f"queue_size={queue_size} >= 1"
       )
-    params, tokens, mask = self._place(params, prompt_tokens, prompt_mask, pad_id)
+    params, tokens, mask = self._place(
+        params,
+        prompt_tokens,
+        prompt_mask,
+        pad_id,
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        top_p=top_p,
+        temperature=temperature,
+        samples=samples,
+    )
     fn = self._turn_function(
         ("start", max_new_tokens, max_steps, queue_size, top_k, float(top_p), int(samples))
     )

@@ -473,23 +473,12 @@ class ToolSampler:
   def reset_episodes(self) -> None:
     self.episodes = []
 
-  def __call__(
-      self,
-      params,
-      prompt_tokens,
-      prompt_mask,
-      rng: jax.Array,
-      *,
-      records: Sequence[dict],
-      max_new_tokens: int,
-      eos_id: int,
-      pad_id: int = 0,
-      temperature: float = 1.0,
-      samples: int = 1,
-      top_k: int = 0,
-      top_p: float = 1.0,
-  ) -> generate.GenerateOutput:
-    out, episodes = rollout(
+  def rollout(
+      self, params, prompt_tokens, prompt_mask, records: Sequence[dict], rng: jax.Array, **decode
+  ) -> tuple[generate.GenerateOutput, list[Episode]]:
+    """(output, episodes) of `rollout` with this sampler's tools and limits; `decode`: its
+    max_new_tokens, eos_id, pad_id, temperature, samples, top_k, top_p."""
+    return rollout(
         self.sampler,
         params,
         prompt_tokens,
@@ -499,15 +488,14 @@ class ToolSampler:
         env=self.tools.env,
         tool_format=self.tools.format,
         max_turns=self.max_turns,
-        max_new_tokens=max_new_tokens,
         queue_size=self.queue_size,
         max_steps=self.max_steps,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        temperature=temperature,
-        samples=samples,
-        top_k=top_k,
-        top_p=top_p,
+        **decode,
     )
+
+  def __call__(
+      self, params, prompt_tokens, prompt_mask, rng: jax.Array, *, records: Sequence[dict], **decode
+  ) -> generate.GenerateOutput:
+    out, episodes = self.rollout(params, prompt_tokens, prompt_mask, records, rng, **decode)
     self.episodes += episodes
     return out

@@ -261,6 +261,14 @@ def make_iteration(
     )
   else:
     sampler = sampler_class(policy_graphdef, policy_cfg, mesh=rollout_mesh)
+  if tools is not None:
+    sampler = environments.ToolSampler(
+        sampler,
+        tools,
+        max_turns=cfg.max_turns,
+        queue_size=cfg.tool_message_tokens,
+        max_steps=cfg.max_decode_steps,
+    )
   # GRPO with one optimiser step per rollout (epochs = mini-batches = 1, as TRL's GRPOTrainer at
   # num_iterations=1): the old log-probs are the updated policy's own, detached, so the scoring
   # pass of the policy is skipped; the sampler's log-probs (the same quantity from the decode
@@ -303,7 +311,6 @@ def make_iteration(
       pad_id=pad_id,
       estimator=estimator,
       single_update=single_update,
-      tools=tools,
       split=rollout_mesh is not None,
   )
 
@@ -324,7 +331,6 @@ class _Iteration:
   pad_id: int
   estimator: str
   single_update: bool
-  tools: environments.Tools | None = None
   split: bool = False  # the sampler has devices of its own (cfg.rollout_devices)
 
   def sample(self, params, prompt_tokens, prompt_mask, rng) -> generate.GenerateOutput:
@@ -429,22 +435,16 @@ class _Iteration:
     "episodes" (one per row), the environment's rewards added, its tokens out of the mask."""
     cfg, k = self.cfg, self.cfg.samples_per_prompt
     episodes = None
-    if self.tools is not None:
+    if isinstance(self.sampler, environments.ToolSampler):
       if records is None:
         raise ValueError("a multi-turn rollout needs the prompts' records")
-      out, episodes = environments.rollout(
-          self.sampler,
+      out, episodes = self.sampler.rollout(
           state.params["policy"],
           prompt_tokens,
           prompt_mask,
           records,
           rng,
-          env=self.tools.env,
-          tool_format=self.tools.format,
-          max_turns=cfg.max_turns,
           max_new_tokens=cfg.max_new_tokens,
-          queue_size=cfg.tool_message_tokens,
-          max_steps=cfg.max_decode_steps,
           eos_id=self.eos_id,
           pad_id=self.pad_id,
           temperature=cfg.temperature,
@@ -1030,13 +1030,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       models.policy_gd, models.policy_cfg, mesh=mesh, param_shardings=models.shardings["policy"]
   )
   if tools is not None:  # held-out gold of the answers after the tools' help
-    eval_sampler = environments.ToolSampler(
-        iterate.sampler,
-        tools,
-        max_turns=p.max_turns,
-        queue_size=p.tool_message_tokens,
-        max_steps=p.max_decode_steps,
-    )
+    eval_sampler = iterate.sampler
   loop = Loop(
       iterate=iterate,
       models=models,

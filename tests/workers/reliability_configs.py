@@ -87,6 +87,15 @@ def ppo_config(inputs, iterations=8):
   return c
 
 
+def ppo_stale_config(inputs, iterations=8):
+  """PPO sampling on 4 devices of its own, one step off-policy: its checkpoints also hold the
+  behaviour weights, and the prompt stream from before the batch sampled ahead."""
+  c = ppo_config(inputs, iterations)
+  c.mesh.shape = (2, 1, 2)  # the 4 training devices
+  c.ppo.update(rollout_devices=4, staleness=1)
+  return c
+
+
 def table_config():
   """The reliability table's run (tests/integration/train/test_fault_table.py): tiny SFT, 4 steps,
   a checkpoint every 2, on the data file and tokenizer that --config.data.source and
@@ -115,4 +124,9 @@ def get_config(name="sft"):
     return table_config()
   with open(os.environ["RELIABILITY_INPUTS"]) as f:
     inputs = json.load(f)
-  return {"reward": reward_config, "dpo": dpo_config, "ppo": ppo_config}[name](inputs)
+  return {
+      "reward": reward_config,
+      "dpo": dpo_config,
+      "ppo": ppo_config,
+      "ppo_stale": ppo_stale_config,
+  }[name](inputs)

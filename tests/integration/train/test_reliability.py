@@ -163,9 +163,12 @@ def _config(algorithm, inputs):
   if algorithm == "sft":
     return configs.sft_config()
   paths = {k: inputs[k] for k in configs.INPUT_KEYS}
-  return {"reward": configs.reward_config, "dpo": configs.dpo_config, "ppo": configs.ppo_config}[
-      algorithm
-  ](paths)
+  return {
+      "reward": configs.reward_config,
+      "dpo": configs.dpo_config,
+      "ppo": configs.ppo_config,
+      "ppo_stale": configs.ppo_stale_config,  # rollout devices of its own, one step off-policy
+  }[algorithm](paths)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +191,7 @@ def straight(tmp_path_factory, inputs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["sft", "reward", "dpo", "ppo"])
+@pytest.mark.parametrize("algorithm", ["sft", "reward", "dpo", "ppo", "ppo_stale"])
 def test_killed_anywhere_the_rerun_ends_with_identical_params(
     tmp_path, inputs, straight, algorithm
 ):
@@ -196,7 +199,7 @@ def test_killed_anywhere_the_rerun_ends_with_identical_params(
   every = _config(algorithm, inputs).train.checkpoint_every
 
   killed = tmp_path / "killed"
-  rng = np.random.default_rng(["sft", "reward", "dpo", "ppo"].index(algorithm))
+  rng = np.random.default_rng(["sft", "reward", "dpo", "ppo", "ppo_stale"].index(algorithm))
   # 1. SIGKILL at a random point after the first save was issued: a few rows in, plus up to 0.3 s
   #    (mid-step, mid-save or between them).
   _kill_after_rows(
@@ -221,7 +224,7 @@ def test_killed_anywhere_the_rerun_ends_with_identical_params(
     assert "resumed" in resumed.stderr, resumed.stderr[-3000:]
   got, _ = checkpoint.load_params(killed / "export")
   jax.tree.map(np.testing.assert_array_equal, got, expected)
-  if algorithm == "reward":
+  if algorithm in ("reward", "ppo_stale"):
     return
   # 4. The newest checkpoint damaged after the run (a disk or copy error; truncated, deleted or
   #    overwritten in place: the last leaves every file readable), the export removed: the rerun

@@ -253,6 +253,9 @@ def test_the_environments_tokens_are_left_out_of_the_losses(monkeypatch):
   )
   episodes = [envs.Episode(reward=r) for r in (0.5, 0.0, -1.0, 0.0)]
   monkeypatch.setattr(envs, "rollout", lambda *args, **kw: (out, episodes))
+  tool_sampler = envs.ToolSampler(
+      type("Turns", (), {"length_bucket": 1})(), envs.Tools(None, None), max_turns=1, queue_size=8
+  )
   seen = {}
 
   def score(policy, reference, value, reward_params, batch):
@@ -261,9 +264,9 @@ def test_the_environments_tokens_are_left_out_of_the_losses(monkeypatch):
     return zeros, zeros, zeros, {}
 
   iteration = ppo._Iteration(
-      sampler=None, score=score, advantages=None, baseline=None, reward_fn=None, update=None,
+      sampler=tool_sampler, score=score, advantages=None, baseline=None, reward_fn=None, update=None,
       rollout_sharding=None, cfg=ppo_cfg(samples_per_prompt=2, max_new_tokens=n), eos_id=2,
-      pad_id=0, estimator="grpo", single_update=False, tools=envs.Tools(None, None),
+      pad_id=0, estimator="grpo", single_update=False,
   )  # fmt: skip
   state = type("State", (), {"params": {"policy": None}})()
   prompts = np.ones((2, p), np.int32)
