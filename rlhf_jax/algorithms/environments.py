@@ -283,8 +283,8 @@ def rollout(
     raise ValueError(f"{len(records)} records for {len(prompt_tokens)} prompts")
   if tool_format.overhead >= queue_size:
     raise ConfigError(
-        f"queue_size={queue_size} tokens cannot hold a tool message: the chat template alone "
-        f"writes {tool_format.overhead}; raise it"
+        f"a tool message of at most {queue_size} tokens (config.ppo.tool_message_tokens) cannot "
+        f"hold the {tool_format.overhead} tokens the chat template writes around it; raise it"
     )
   max_steps = max_steps or (max_turns + 1) * max_new_tokens
   decode = dict(
@@ -311,7 +311,7 @@ def rollout(
   turn_start = np.zeros(real, np.int64)
   calls = np.zeros(real, np.int64)
   open_rows = np.ones(real, bool)  # the episode is still running
-  decode_text = lambda ids, skip: sampler_decode(tool_format.tokenizer, ids, skip)
+  decode_text = lambda ids, skip: turn_text(tool_format.tokenizer, ids, skip)
   while True:  # at most max_turns + 1 passes: each resume follows a row's call
     tokens, lengths, paused, done = jax.device_get(
         (state.tokens, state.lengths, state.paused, state.done)
@@ -361,7 +361,7 @@ def rollout(
   return jax.tree.map(lambda x: x[:real], out), episodes
 
 
-def sampler_decode(tokenizer, ids, skip: bool) -> str:
+def turn_text(tokenizer, ids, skip: bool) -> str:
   """A turn's text; with skip, special tokens dropped (a final answer) and stripped."""
   text = tokenizer.decode(np.asarray(ids, np.int64).tolist(), skip_special_tokens=skip)
   return text.strip() if skip else text

@@ -279,3 +279,15 @@ def test_the_environments_tokens_are_left_out_of_the_losses(monkeypatch):
   np.testing.assert_array_equal(seen["segment_ids"][:, p:], mask)  # still attended to
   np.testing.assert_allclose(r["reward"], [0.5, 0.0, -1.0, 0.0])
   assert r["episodes"] is episodes
+
+
+def test_a_tool_message_budget_below_the_templates_own_tokens_is_refused(tokenizers):
+  tok, _ = tokenizers
+  fmt = envs.ToolFormat(tok)
+  with pytest.raises(ConfigError, match=r"config.ppo.tool_message_tokens\) cannot hold the \d+"):
+    envs.rollout(
+        ScriptedSampler([[[]]], tok.eos_token_id, fmt.stop_id, n=8), None,
+        np.ones((1, 2), np.int32), np.ones((1, 2), bool), [{"prompt": "q"}], jax.random.key(0),
+        env=envs.ToolEnvironment(TOOLS), tool_format=fmt, max_turns=1, max_new_tokens=8,
+        queue_size=fmt.overhead, eos_id=tok.eos_token_id, pad_id=0,
+    )  # fmt: skip
