@@ -944,7 +944,8 @@ class TurnSampler(Sampler):
       pad_id: int = 0,
   ) -> TurnState:
     """The next turn. queue: [R, F] int32 tokens for each paused row to feed (queue_len [R] of
-    them; 0 or end [R] True: the row is done), R = the state's rows. Same rng as `start`."""
+    them; 0 or end [R] True: the row is done), R = the state's rows. Same rng as `start`. The
+    state is donated (its buffers are reused): read what you need from it before."""
     queue = np.asarray(queue, np.int32)
     rows, size = state.queue.shape
     if queue.shape != (rows, size):
@@ -1002,7 +1003,8 @@ class TurnSampler(Sampler):
               graphdef, params, state, *args, max_steps=max_steps, top_k=top_k, top_p=top_p
           )
 
-    fn = jax.jit(run)
+    # resume donates the state: its KV cache is the largest buffer and is rewritten in place.
+    fn = jax.jit(run, donate_argnums=(1,) if static[0] == "resume" else ())
     _COMPILED[key] = fn
     _TRACES[key] = 0
     return fn
