@@ -385,14 +385,14 @@ def _turn_loop(
     temperature: Array,
     eos_ids: Array,
     stop_ids: Array,
-    pad_id: Array,
     *,
     max_steps: int,
     top_k: int,
     top_p: float,
 ) -> TurnState:
-  """Decodes until every row is done or paused, or `max_steps` steps (the cache's slots) ran."""
-  batch, n = state.tokens.shape
+  """Decodes until every row is done or paused, or `max_steps` steps (the cache's slots) ran.
+  Rows that never start keep their pad-filled columns."""
+  n = state.tokens.shape[1]
   queue_size = state.queue.shape[1]
   columns = jnp.arange(n)[None, :]
 
@@ -443,7 +443,6 @@ def _turn_loop(
         queue_pos=s.queue_pos + (live & forced).astype(jnp.int32),
     )
 
-  del batch, pad_id  # rows that never start keep their pad-filled columns
   return jax.lax.while_loop(lambda s: (s.step < max_steps) & jnp.any(live_rows(s)), body, state)
 
 
@@ -503,7 +502,6 @@ def _start_turns(
       temperature,
       eos_ids,
       stop_ids,
-      pad_id,
       max_steps=max_steps,
       top_k=top_k,
       top_p=top_p,
@@ -521,7 +519,6 @@ def _resume_turns(
     temperature: Array,
     eos_ids: Array,
     stop_ids: Array,
-    pad_id: Array,
     *,
     max_steps: int,
     top_k: int,
@@ -547,7 +544,6 @@ def _resume_turns(
       jnp.asarray(temperature, jnp.float32),
       eos_ids,
       stop_ids,
-      jnp.asarray(pad_id, jnp.int32),
       max_steps=max_steps,
       top_k=top_k,
       top_p=top_p,
@@ -941,7 +937,6 @@ class TurnSampler(Sampler):
       temperature=1.0,
       top_k: int = 0,
       top_p: float = 1.0,
-      pad_id: int = 0,
   ) -> TurnState:
     """The next turn. queue: [R, F] int32 tokens for each paused row to feed (queue_len [R] of
     them; 0 or end [R] True: the row is done), R = the state's rows. Same rng as `start`. The
@@ -963,7 +958,6 @@ class TurnSampler(Sampler):
         np.float32(temperature),
         _eos_array(eos_id),
         _eos_array(stop_id),
-        np.int32(pad_id),
     )
 
   def _turn_function(self, static: tuple):

@@ -294,7 +294,6 @@ def rollout(
       temperature=temperature,
       top_k=top_k,
       top_p=top_p,
-      pad_id=pad_id,
   )
   state = sampler.start(
       params,
@@ -304,6 +303,7 @@ def rollout(
       max_new_tokens=max_new_tokens,
       queue_size=queue_size,
       samples=samples,
+      pad_id=pad_id,
       **decode,
   )
   real = len(records) * samples
