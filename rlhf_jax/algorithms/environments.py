@@ -182,14 +182,17 @@ class ToolFormat:
           f"tokenizer {name!r} has no tool format in its chat template: it drops the content of "
           f"a {TOOL_ROLE!r} message; use a template with a tool role"
       )
-    self._before, self._after = after.split(self._CONTENT)
-    self.overhead = len(self.message_tokens(""))
+    # The template's text around a tool message, tokenised once (it is the same for every call).
+    self._before, self._after = (self._encode(text) for text in after.split(self._CONTENT))
+    self.overhead = len(self._before) + len(self._after)
+
+  def _encode(self, text: str) -> list[int]:
+    return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
   def message_tokens(self, content: str, limit: int | None = None) -> list[int]:
     """The ids written after a call for a tool message `content`; with `limit`, the content is
     cut (from its end) so that the whole fits in `limit` tokens."""
-    encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]
-    before, body, after = encode(self._before), encode(content), encode(self._after)
+    before, body, after = self._before, self._encode(content), self._after
     if limit is not None:
       body = body[: max(0, limit - len(before) - len(after))]
     return before + body + after
