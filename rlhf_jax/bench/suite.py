@@ -468,6 +468,8 @@ def ppo_iteration(
     kl_beta: float = 0.05,
     share_prompt: bool = False,
     tools=None,
+    max_turns: int = 2,
+    message_tokens: int = 8,
     rollout_devices: int = 0,
     staleness: int = 0,
 ) -> dict:
@@ -476,7 +478,7 @@ def ppo_iteration(
   value model. estimator "grpo": GRPO, no value model and `kl_beta` x k3 KL to the reference in
   the loss (`grpo_iteration`). share_prompt: config.ppo.share_prompt (each prompt run once per
   forward pass for its samples). tools: `environments.Tools` for multi-turn rollouts
-  (`grpo_multiturn_iteration`), with p.max_turns / tool_message_tokens as set by `tools_setting`.
+  (`grpo_multiturn_iteration`) of at most `max_turns` calls and `message_tokens`-token messages.
   rollout_devices k > 0: the last k devices sample, the others train (config.ppo.rollout_devices);
   staleness 1: each iteration's rollout was dispatched before the previous update with the
   weights from before it (config.ppo.staleness), so sampling overlaps the update."""
@@ -511,8 +513,7 @@ def ppo_iteration(
       staleness=staleness,
   )
   if tools is not None:
-    p.update(max_turns=tools.max_turns, tool_message_tokens=tools.message_tokens)
-    tools = tools.tools
+    p.update(max_turns=max_turns, tool_message_tokens=message_tokens)
   p.kl.beta = kl_beta
   optimizer, _ = make_optimizer(config.optim, 1000)
   shardings = state_shardings(optimizer, psh, abstract, mesh)
@@ -589,15 +590,6 @@ def ppo_iteration(
   }
 
 
-@dataclasses.dataclass(frozen=True)
-class _BenchTools:
-  """A tool setting for the benchmark: environments.Tools plus its max_turns and message size."""
-
-  tools: object
-  max_turns: int
-  message_tokens: int
-
-
 class _BenchFormat:
   """The tool format of a random-weight benchmark: a row "calls" when it samples one of
   `stop_ids` (a share of the vocabulary sized so that a row calls about every
@@ -654,7 +646,9 @@ def grpo_multiturn_iteration(
       repeats=repeats,
       estimator="grpo",
       kl_beta=kl_beta,
-      tools=_BenchTools(tools, max_turns, message_tokens),
+      tools=tools,
+      max_turns=max_turns,
+      message_tokens=message_tokens,
   )
   return {**record, "max_turns": max_turns, "message_tokens": message_tokens}
 
